@@ -1,0 +1,81 @@
+"""The encoder/decoder contract, declared once.
+
+Imported by the model (imedsam_train), the exporter (imedsam_export) and the runtime (imedsam_deploy),
+so names, layouts and preprocessing never get retyped. Pure Python: no numpy, no torch.
+
+Coordinate convention (everywhere): a query point is (x, y) in [-1, 1]; -1 is the left/top *edge* of the
+image and +1 the right/bottom edge, so the centre of output pixel (i, j) of an H x W output is
+x = (2j + 1) / W - 1, y = (2i + 1) / H - 1 (``grid_sample(..., align_corners=False)``).
+Boxes are (x0, y0, x1, y1) in the pixel frame of the model input (0 .. INPUT_SIZE), i.e. the original
+image's box scaled by INPUT_SIZE / width and INPUT_SIZE / height.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# --- preprocessing (the released code feeds RGB / 255 with no mean/std normalisation) ---
+DEFAULT_INPUT_SIZE: Final = 384
+COLOR_ORDER: Final = "RGB"
+PIXEL_SCALE: Final = 1.0 / 255.0
+# The image is stretched to INPUT_SIZE x INPUT_SIZE (aspect ratio not kept), bilinear, so that normalised
+# query coordinates map linearly onto the original image.
+RESIZE_MODE: Final = "stretch"
+RESIZE_INTERPOLATION: Final = "linear"
+
+
+def preprocessing_manifest(input_size: int) -> dict[str, object]:
+    """The preprocessing declaration written into every artifact manifest."""
+    return {
+        "input_size": input_size,
+        "color_order": COLOR_ORDER,
+        "pixel_scale": PIXEL_SCALE,
+        "mean": None,
+        "std": None,
+        "resize": RESIZE_MODE,
+        "interpolation": RESIZE_INTERPOLATION,
+        "layout": "NCHW",
+        "dtype": "float32",
+        "box_frame": "model-input pixels (x0, y0, x1, y1)",
+        "coord_frame": "normalised [-1, 1], (x, y), align_corners=False",
+    }
+
+
+# --- graph I/O names ---
+ENC_IN_IMAGE: Final = "image"  # (B, 3, S, S) float32, RGB * PIXEL_SCALE
+ENC_OUT_EMBEDDING: Final = "image_embedding"  # (B, C, S/16, S/16)
+DEC_IN_EMBEDDING: Final = "image_embedding"  # (B, C, h, w)
+DEC_IN_BOXES: Final = "boxes"  # (B, 4) float32, model-input pixel frame
+DEC_IN_COORDS: Final = "coords"  # (B, N, 2) float32 in [-1, 1]
+DEC_OUT_COARSE: Final = "coarse_logits"  # (B, K, N) one channel per class
+DEC_OUT_FINE: Final = "fine_logits"  # (B, K, N)
+DEC_OUT_UNCERTAINTY: Final = "uncertainty"  # (B, K, N), >= 0
+
+ENCODER_INPUTS: Final = (ENC_IN_IMAGE,)
+ENCODER_OUTPUTS: Final = (ENC_OUT_EMBEDDING,)
+DECODER_INPUTS: Final = (DEC_IN_EMBEDDING, DEC_IN_BOXES, DEC_IN_COORDS)
+DECODER_OUTPUTS: Final = (DEC_OUT_COARSE, DEC_OUT_FINE, DEC_OUT_UNCERTAINTY)
+
+# Dynamic axis names used in the ONNX graphs and the TensorRT optimisation profile.
+AXIS_BATCH: Final = "batch"
+AXIS_POINTS: Final = "points"
+
+# --- artifact layout ---
+MANIFEST_NAME: Final = "manifest.json"
+ENCODER_ONNX: Final = "encoder.onnx"
+DECODER_ONNX: Final = "decoder.onnx"
+ENCODER_ONNX_FP16: Final = "encoder.fp16.onnx"
+DECODER_ONNX_FP16: Final = "decoder.fp16.onnx"
+MANIFEST_FORMAT: Final = "imedsam-artifact"
+MANIFEST_VERSION: Final = 1
+
+# --- uncertainty-guided sampling defaults (paper / released code) ---
+DEFAULT_REFINE_FRACTION: Final = 0.125
+
+
+def refine_count(n_points: int, fraction: float) -> int:
+    """Number of points the fine INR refines among n_points: ceil(fraction * n), at least 1 when n > 0."""
+    if n_points <= 0:
+        return 0
+    k = -(-int(round(fraction * n_points * 1e6)) // 1_000_000)  # ceil without float drift
+    return max(1, min(n_points, k))

@@ -1,0 +1,1 @@
+"""imedsam export: LoRA merge, encoder/decoder ONNX graphs, TensorRT engines, parity checks."""

@@ -1,0 +1,3 @@
+"""imedsam training package (PyTorch): model, data, losses, metrics, training and evaluation."""
+
+__version__ = "0.1.0"

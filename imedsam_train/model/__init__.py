@@ -1,0 +1,6 @@
+"""Model definitions (no I/O here; loading lives in imedsam_train.build and imedsam_train.checkpoint)."""
+
+from imedsam_train.model.imedsam import IMedSAM, grid_coords, to_maps
+from imedsam_train.model.inr import PointPredictions, ugs_merge
+
+__all__ = ["IMedSAM", "PointPredictions", "grid_coords", "to_maps", "ugs_merge"]

@@ -1,0 +1,144 @@
+"""SAM's ViT image encoder with LoRA on qkv and the frequency adapter.
+
+Parameter names match segment-anything's ``ImageEncoderViT`` so official (and MedSAM) checkpoints load
+as they are; the adapters add ``blocks.i.attn.qkv.lora_*`` and ``blocks.i.freq.*``.
+"""
+
+from __future__ import annotations
+
+import torch
+from segment_anything.modeling.common import LayerNorm2d, MLPBlock
+from segment_anything.modeling.image_encoder import PatchEmbed, window_partition, window_unpartition
+from torch import nn
+
+from imedsam_train.config import EncoderConfig, FrequencyConfig, LoraConfig
+from imedsam_train.model.frequency import FrequencyAdapter, spectrum
+from imedsam_train.model.lora import LoRAQKV
+
+
+def relative_index(size: int) -> torch.Tensor:
+    """(size, size) index into a (2*size-1, C) relative-position table; static, so computed once.
+
+    segment-anything recomputes it every call with CPU ``arange``s, which breaks CUDA-graph capture.
+    """
+    coords = torch.arange(size)
+    return (coords[:, None] - coords[None, :] + (size - 1)).long()
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, size: int, lora: LoraConfig) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = head_dim**-0.5
+        self.qkv: nn.Linear = (
+            LoRAQKV(dim, lora.rank, gate=lora.gate) if lora.enabled else nn.Linear(dim, 3 * dim)
+        )
+        self.proj = nn.Linear(dim, dim)
+        self.rel_pos_h = nn.Parameter(torch.zeros(2 * size - 1, head_dim))
+        self.rel_pos_w = nn.Parameter(torch.zeros(2 * size - 1, head_dim))
+        self.rel_index: torch.Tensor
+        self.register_buffer("rel_index", relative_index(size), persistent=False)
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        B, H, W, C = x.shape
+        qkv = self.qkv(x, gate) if isinstance(self.qkv, LoRAQKV) else self.qkv(x)
+        qkv = qkv.reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, B * self.num_heads, H * W, -1).unbind(0)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        # decomposed relative position bias (MViTv2), as in segment-anything
+        rh = self.rel_pos_h[self.rel_index]  # (H, H, c)
+        rw = self.rel_pos_w[self.rel_index]  # (W, W, c)
+        r_q = q.reshape(B * self.num_heads, H, W, -1)
+        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rh)
+        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rw)
+        attn = (attn.view(-1, H, W, H, W) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).view(
+            -1, H * W, H * W
+        )
+        attn = attn.softmax(dim=-1)
+        x = (attn @ v).view(B, self.num_heads, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
+        return self.proj(x)
+
+
+class Block(nn.Module):
+    """x = x + attn(n1(x)); f = fa(f); x = x + mlp(n2(x)) + scale * f."""
+
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float, window_size: int, grid: int,
+        lora: LoraConfig, freq: FrequencyConfig,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, window_size if window_size > 0 else grid, lora)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLPBlock(embedding_dim=dim, mlp_dim=int(dim * mlp_ratio), act=nn.GELU)
+        self.window_size = window_size
+        self.freq = FrequencyAdapter(dim, freq.hidden) if freq.enabled else None
+        self.freq_scale = freq.scale
+
+    def forward(self, x: torch.Tensor, f: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        shortcut = x
+        gate = None
+        qkv = self.attn.qkv
+        if isinstance(qkv, LoRAQKV) and qkv.gate is not None and not qkv.merged:
+            gate = qkv.gate_value(x)  # (B,)
+        h = self.norm1(x)
+        if self.window_size > 0:
+            H, W = h.shape[1], h.shape[2]
+            h, pad_hw = window_partition(h, self.window_size)
+            if gate is not None:
+                gate = gate.repeat_interleave(h.shape[0] // x.shape[0])
+            h = self.attn(h, gate)
+            h = window_unpartition(h, self.window_size, pad_hw, (H, W))
+        else:
+            h = self.attn(h, gate)
+        x = shortcut + h
+        out = x + self.mlp(self.norm2(x))
+        if self.freq is not None and f is not None:
+            f = self.freq(f)
+            out = out + self.freq_scale * f
+        return out, f
+
+
+class ImageEncoder(nn.Module):
+    """Image (B, 3, S, S) in [0, 1] -> embedding (B, out_chans, S/16, S/16)."""
+
+    def __init__(self, cfg: EncoderConfig, input_size: int, lora: LoraConfig, freq: FrequencyConfig) -> None:
+        super().__init__()
+        grid = input_size // cfg.patch_size
+        self.input_size, self.grid = input_size, grid
+        self.freq_cfg = freq
+        self.patch_embed = PatchEmbed(
+            kernel_size=(cfg.patch_size, cfg.patch_size), stride=(cfg.patch_size, cfg.patch_size),
+            in_chans=3, embed_dim=cfg.embed_dim,
+        )
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, cfg.embed_dim))
+        self.blocks = nn.ModuleList(
+            Block(
+                cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio,
+                0 if i in cfg.global_attn_indexes else cfg.window_size, grid, lora, freq,
+            )
+            for i in range(cfg.depth)
+        )
+        self.neck = nn.Sequential(
+            nn.Conv2d(cfg.embed_dim, cfg.out_chans, kernel_size=1, bias=False),
+            LayerNorm2d(cfg.out_chans),
+            nn.Conv2d(cfg.out_chans, cfg.out_chans, kernel_size=3, padding=1, bias=False),
+            LayerNorm2d(cfg.out_chans),
+        )
+
+    def frequency_spectrum(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S) normalised spectrum; the exporter swaps this for DFT matrix products."""
+        return spectrum(image, self.freq_cfg.channel, self.freq_cfg.mode)
+
+    def frequency_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """The spectrum through the (frozen) patch embedding and position table: (B, g, g, C)."""
+        s = self.frequency_spectrum(image).to(image.dtype)
+        return self.patch_embed(s.expand(-1, 3, -1, -1)) + self.pos_embed
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(image) + self.pos_embed
+        f = self.frequency_tokens(image) if self.freq_cfg.enabled else None
+        for blk in self.blocks:
+            x, f = blk(x, f)
+        return self.neck(x.permute(0, 3, 1, 2))

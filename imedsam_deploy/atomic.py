@@ -12,12 +12,43 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from imedsam_deploy.errors import UserError
+
+
+def check_writable_parent(path: str | os.PathLike[str]) -> None:
+    """Refuse (UserError naming ``path``) an output whose folder cannot be created or written.
+
+    Commands call this before expensive work, so e.g. ``--out a_file/x`` fails at once, not after an export.
+    """
+    final = Path(path)
+    anc = final.parent
+    while not anc.exists() and anc != anc.parent:  # exists() is False below a regular file, too
+        anc = anc.parent
+    if not anc.is_dir():
+        raise UserError(f"{final}: cannot be created, {anc} is not a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise UserError(f"{final}: cannot be created, folder {anc} is not writable")
+
+
+def _make_parent(final: Path) -> None:
+    check_writable_parent(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{final}: cannot create its folder ({e.strerror or type(e).__name__})") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temp file path beside ``path``; on success it is fsynced and renamed onto ``path``."""
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(final)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -25,6 +56,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        # mkstemp creates 0600; give the file the mode a plain open() would (0666 minus the umask)
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, final)
     finally:
         if tmp_path.exists():
@@ -46,7 +79,7 @@ def atomic_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Iterato
     final = Path(path)
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final}: already exists (use --force to overwrite)")
-    final.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         yield tmp

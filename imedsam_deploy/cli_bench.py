@@ -1,18 +1,115 @@
-"""``imedsam-bench``: Benchmark the exported model per stage and backend."""
+"""``imedsam-bench``: latency and throughput per stage and per backend, optionally against the reference."""
 
 from __future__ import annotations
 
-import typer
+from pathlib import Path
 
-from imedsam_deploy.cli_common import fail, run_app
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from imedsam_deploy.atomic import check_writable_parent
+from imedsam_deploy.cli_common import guarded, run_app
+from imedsam_deploy.errors import UserError
+from imedsam_deploy.sparse import SparseConfig
 
 app = typer.Typer(add_completion=False, help="Benchmark the exported model per stage and backend.")
+MODELS = ("vit_b", "vit_l", "vit_h", "tiny")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def _not_built() -> None:
-    """Not built yet."""
-    fail("imedsam-bench is not built yet (issue #6)")
+def _parse_box(text: str | None) -> tuple[float, float, float, float] | None:
+    if text is None:
+        return None
+    try:
+        v = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        v = ()
+    if len(v) != 4:
+        raise UserError(f"--box {text!r}: expected x0,y0,x1,y1")
+    return v  # type: ignore[return-value]
+
+
+@app.command()
+@guarded
+def bench(
+    artifact: Path | None = typer.Argument(None, help="Artifact folder (default: the latest export)."),
+    backend: list[str] | None = typer.Option(None, "--backend", "-b",
+                                             help="Backend(s) (repeatable; default: every one available here)."),
+    precision: str | None = typer.Option(None, help="fp32 | fp16 | bf16 (default: each backend's own)."),
+    batch: list[int] | None = typer.Option(None, "--batch", help="Images per frame (repeatable). [1]"),
+    out_size: list[int] | None = typer.Option(None, "--out-size", help="Output side in pixels (repeatable). [input size]"),
+    points: int | None = typer.Option(None, "--points", help="Decoder points per call (chunk size)."),
+    query: list[str] | None = typer.Option(None, "--query", help="full | box | sparse (repeatable). [sparse, box]"),
+    reference: bool = typer.Option(False, "--reference", help="Also time the released code's compute (PyTorch)."),
+    model: str | None = typer.Option(None, "--model", help="Benchmark this architecture (random weights, exported "
+                                     "on the fly and cached) when no artifact of that size exists."),
+    input_size: int = typer.Option(384, help="Input size for --model."),
+    image: Path | None = typer.Option(None, help="Benchmark on this image (default: a synthetic one)."),
+    box: str | None = typer.Option(None, help="Box x0,y0,x1,y1 on --image (default: its central 37%)."),
+    warmup: int = typer.Option(1, min=0),
+    repeat: int = typer.Option(10, min=1),
+    threads: int | None = typer.Option(None, help="CPU threads (ONNX Runtime and the PyTorch reference)."),
+    margin: float | None = typer.Option(None, help="Box margin (fraction of the box) for box/sparse queries."),
+    sparse_stride: int = typer.Option(8, help="Initial lattice stride of the sparse planner."),
+    out: Path = typer.Option(Path("runs/bench"), help="Folder for bench.json / bench.csv / bench.png."),
+    json_path: Path | None = typer.Option(None, "--json", help="JSON report path (default OUT/bench.json)."),
+) -> None:
+    """Warm up, time repeated frames, print a table; write JSON, CSV and a PNG plot."""
+    from imedsam_deploy import bench as B
+
+    console = Console(stderr=True)
+    log = console.print
+    if model is not None and model not in MODELS:
+        raise UserError(f"--model {model!r}: choose one of {', '.join(MODELS)}")
+    if precision is not None and precision not in ("fp32", "fp16", "bf16"):
+        raise UserError(f"--precision {precision!r}: choose fp32, fp16 or bf16")
+    if image is not None and not image.is_file():
+        raise UserError(f"{image}: no such image")
+    # refuse an output that cannot be written now, not after the whole benchmark
+    check_writable_parent(out / "bench.csv")
+    if json_path is not None:
+        check_writable_parent(json_path)
+    in_process = None
+    if artifact is None:
+        artifact = B.latest_artifact_of(model)
+        if artifact is None:
+            if model is None:
+                raise UserError("no artifact found under runs/*/export: run imedsam-export first, or pass "
+                                "ARTIFACT or --model vit_b")
+            artifact, in_process = B.random_artifact(model, input_size, log)
+        else:
+            log(f"artifact: {artifact}")
+    elif not artifact.is_dir():
+        raise UserError(f"{artifact}: not an artifact folder")
+    opts = B.BenchOptions(
+        backends=list(backend) if backend else None, precision=precision,
+        batches=tuple(batch or (1,)), out_sizes=tuple(out_size or (0,)),
+        queries=tuple(query or ("sparse", "box")), chunk=points, warmup=warmup, repeat=repeat,
+        margin=margin if margin is not None else B.DEFAULT_MARGIN,
+        sparse=SparseConfig(stride=sparse_stride), reference=reference, threads=threads,
+    )
+    if any(b < 1 for b in opts.batches) or any(o < 0 for o in opts.out_sizes):
+        raise UserError("--batch must be >= 1 and --out-size >= 1")
+    inputs_for = None
+    if image is not None:
+        the_box = _parse_box(box)
+        inputs_for = lambda size, n: B.file_inputs(image, the_box, n)  # noqa: E731
+    report = B.run_bench(artifact, opts, model=in_process, inputs_for=inputs_for, log=log)
+    if image is not None:
+        report["settings"]["image"] = str(image)
+    jpath = json_path or out / "bench.json"
+    out.mkdir(parents=True, exist_ok=True)
+    B.write_outputs(report, jpath, out / "bench.csv", out / "bench.png")
+    rows = B.table(report)
+    t = Table(title=f"imedsam-bench: {report['model']} at {report['input_size']}, {report['artifact']}")
+    for h in rows[0]:
+        t.add_column(h, justify="right" if h not in ("backend", "query") else "left")
+    for r in rows[1:]:
+        t.add_row(*r)
+    Console(width=max(Console().width, 170)).print(t)  # wide enough for every column when piped
+    for name, why in report["skipped"].items():
+        typer.echo(f"skipped {name}: {why}")
+    typer.echo(f"wrote {jpath}, {out / 'bench.csv'}, {out / 'bench.png'}")
 
 
 def main() -> None:

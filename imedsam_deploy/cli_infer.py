@@ -1,18 +1,176 @@
-"""``imedsam-infer``: Segment images, videos and CT volumes with an exported artifact."""
+"""``imedsam-infer``: segment images, videos and CT volumes with an exported artifact (torch-free)."""
 
 from __future__ import annotations
 
+import re
+import time
+from pathlib import Path
+from typing import Any
+
 import typer
 
-from imedsam_deploy.cli_common import fail, run_app
+from imedsam_deploy.cli_common import guarded, run_app
+from imedsam_deploy.errors import UserError
+from imedsam_deploy.runtime import DEFAULT_QUERY
 
 app = typer.Typer(add_completion=False, help="Segment images, videos and CT volumes with an exported artifact.")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def _not_built() -> None:
-    """Not built yet."""
-    fail("imedsam-infer is not built yet (issue #5)")
+def _parse_out_size(text: str | None) -> tuple[int, int] | int | None:
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", text)
+    if not m or int(m.group(1)) <= 0 or (m.group(2) is not None and int(m.group(2)) <= 0):
+        raise UserError(f"--out-size {text!r}: expected N (long side) or WxH, positive integers")
+    if int(m.group(1)) > 16384 or (m.group(2) and int(m.group(2)) > 16384):
+        raise UserError(f"--out-size {text!r}: at most 16384 pixels a side")
+    return (int(m.group(1)), int(m.group(2))) if m.group(2) else int(m.group(1))
+
+
+def _parse_window(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        level, width = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"--window {text!r}: expected LEVEL,WIDTH (e.g. 40,400)") from None
+    if not width > 0:
+        raise UserError(f"--window {text!r}: width must be positive")
+    return level - width / 2, level + width / 2
+
+
+def _prepare_out(out: Path, force: bool) -> None:
+    from imedsam_deploy.atomic import check_writable_parent
+
+    check_writable_parent(out)  # e.g. --out under a regular file: refused before the artifact loads
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"{out}: folder exists and is not empty (use --force to replace it)")
+
+
+@app.command()
+@guarded
+def infer(
+    input: Path = typer.Argument(..., help="Image, folder of images, video (anything OpenCV reads) or .nii/.nii.gz volume."),
+    box: list[str] = typer.Option(None, "--box", help="x0,y0,x1,y1 in input pixels; repeat for several objects."),
+    boxes: Path | None = typer.Option(None, "--boxes", help="CSV (frame,x0,y0,x1,y1[,object]) or JSON boxes per frame/slice/image."),
+    artifact: Path | None = typer.Option(None, "--artifact", help="Artifact folder (default: the newest runs/*/export)."),
+    out: Path | None = typer.Option(None, "--out", help="Output folder (default: runs/infer/<input name>)."),
+    backend: str = typer.Option("auto", "--backend", help="auto|ort-cpu|ort-cuda|ort-trt|tensorrt|torch-cuda."),
+    precision: str | None = typer.Option(None, "--precision", help="fp32|fp16 graphs/engines (default: the backend's)."),
+    out_size: str | None = typer.Option(None, "--out-size", help="Mask size: N (long side) or WxH (default: the input's)."),
+    query: str = typer.Option(DEFAULT_QUERY, "--query", help="full: decode every pixel; box: only the box plus --margin (rest background, faster)."),
+    margin: float = typer.Option(0.25, "--margin", help="Box-query margin, a fraction of the box size per side."),
+    chunk: int = typer.Option(32768, "--chunk", help="Query points per decoder call (bounds memory)."),
+    min_confidence: float = typer.Option(0.6, "--min-confidence", help="Video: a mask below this mean probability means lost."),
+    window: str | None = typer.Option(None, "--window", help="Volumes: intensity window LEVEL,WIDTH (default: CT 40,400, else percentiles)."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Segment the objects in the given boxes; writes masks, an overlay and per-frame results into --out."""
+    from imedsam_deploy import backends as bk
+    from imedsam_deploy.boxes import load_boxes_file, parse_box
+    from imedsam_deploy.infer import Prompts, detect_input
+
+    # --- everything that can be refused is checked before a file is written ---
+    if backend not in bk.CHOICES:
+        raise UserError(f"--backend {backend!r}: choose one of {', '.join(bk.CHOICES)}")
+    if query not in ("box", "full"):
+        raise UserError(f"--query {query!r}: choose box or full")
+    if not 0 <= margin <= 10:
+        raise UserError(f"--margin {margin}: expected a fraction between 0 and 10")
+    if chunk < 1:
+        raise UserError(f"--chunk {chunk}: must be positive")
+    if precision not in (None, "fp32", "fp16", "bf16"):
+        raise UserError(f"--precision {precision!r}: choose fp32 or fp16")
+    size = _parse_out_size(out_size)
+    win = _parse_window(window)
+    prompts = Prompts([parse_box(b) for b in (box or [])], load_boxes_file(boxes) if boxes is not None else None)
+    if not prompts.boxes and prompts.table is None:
+        raise UserError("no prompt: give --box x0,y0,x1,y1 (repeatable) or --boxes FILE")
+    spec = detect_input(input)
+    out_dir = out if out is not None else Path("runs") / "infer" / input.name.split(".")[0]
+    _prepare_out(out_dir, force)
+    _run(spec, prompts, artifact, out_dir, backend, precision, size, query, margin, chunk, min_confidence, win, quiet)
+
+
+def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, backend_name: str, precision: str | None,
+         size: Any, query: Any, margin: float, chunk: int, min_conf: float, win: Any, quiet: bool) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from imedsam_deploy import backends as bk
+    from imedsam_deploy.atomic import atomic_dir
+    from imedsam_deploy.boxes import validate_box
+    from imedsam_deploy.infer import iter_frames_count, run_images, run_video, run_volume
+    from imedsam_deploy.manifest import load_artifact
+    from imedsam_deploy.outputs import OutputSet
+    from imedsam_deploy.paths import latest_artifact
+    from imedsam_deploy.runtime import Segmenter
+    from imedsam_deploy.tracking import TrackConfig
+    from imedsam_deploy.video import VideoReader, read_image
+    from imedsam_deploy.volume import load_volume
+
+    console = Console(stderr=True)
+    reader = VideoReader(spec.path) if spec.kind == "video" else None
+    vol = load_volume(spec.path, win) if spec.kind == "volume" else None
+    try:
+        hw: tuple[int, int] | None
+        if spec.kind == "image":
+            first = read_image(spec.path)
+            hw = (int(first.shape[0]), int(first.shape[1]))
+        else:
+            hw = (reader.height, reader.width) if reader is not None else vol.slice_hw if vol is not None else None
+        if hw is not None:  # refuse a bad --box before loading anything (folders: checked per image)
+            for i, b in enumerate(prompts.boxes):
+                validate_box(b, hw, f"{spec.path} --box {i + 1}")
+        if artifact_dir is None:
+            artifact_dir = latest_artifact()
+            if artifact_dir is None:
+                raise UserError("no artifact found under runs/*/export: pass --artifact DIR (see imedsam-export)")
+        art = load_artifact(artifact_dir)
+        be, how = bk.open_backend(backend_name, art, precision)
+        console.print(how, highlight=False, markup=False)
+        seg = Segmenter(be, art, query=query, margin=margin, chunk=chunk)
+        total = iter_frames_count(spec, reader, vol)
+        t0 = time.perf_counter()
+        with atomic_dir(out_dir, overwrite=True) as stage, be, Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[fps]} fps"), TimeElapsedColumn(), console=console, disable=quiet,
+        ) as bar:
+            task = bar.add_task(escape(spec.path.name), total=total, fps="-")
+
+            def progress(done: int) -> None:
+                dt = time.perf_counter() - t0
+                bar.update(task, completed=done, fps=f"{done / dt:.1f}" if dt > 0 else "-")
+
+            if spec.kind in ("image", "folder"):
+                outs = OutputSet(stage, "images")
+                info = run_images(seg, spec, prompts, outs, size, progress)
+            elif spec.kind == "video":
+                assert reader is not None
+                suffix = ".avi" if spec.path.suffix.lower() == ".avi" else ".mp4"
+                outs = OutputSet(stage, "video", reader.fps, (reader.width, reader.height), video_suffix=suffix)
+                info = run_video(seg, reader, prompts, outs, size, TrackConfig(min_confidence=min_conf), progress)
+            else:
+                assert vol is not None
+                outs = OutputSet(stage, "volume", mask_pngs=False)
+                info = run_volume(seg, vol, prompts, outs, size, progress)
+            elapsed = time.perf_counter() - t0
+            summary = {"input": str(spec.path), "kind": spec.kind, "artifact": str(art.path),
+                       "backend": be.description, "query": query, "margin": margin, **info,
+                       "seconds": round(elapsed, 3), "fps": round(info["frames"] / elapsed, 3) if elapsed else None}
+            outs.finish(summary)
+        for ev in outs.events:
+            console.print(f"object {ev['object'] + 1} {ev['event']} at frame {ev['frame']}"
+                          + (f" ({ev['reason']})" if "reason" in ev else ""), highlight=False, markup=False)
+        console.print(f"{info['frames']} frames in {elapsed:.1f} s ({info['frames'] / max(elapsed, 1e-9):.1f} fps) "
+                      f"-> {out_dir}", highlight=False, markup=False)
+    finally:
+        if reader is not None:
+            reader.close()
 
 
 def main() -> None:

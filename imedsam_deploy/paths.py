@@ -58,4 +58,6 @@ def latest_artifact(root: Path | None = None) -> Path | None:
     if not base.is_dir():
         return None
     found = [m.parent for m in base.glob(f"*/*/{MANIFEST_NAME}")] + [m.parent for m in base.glob(f"*/{MANIFEST_NAME}")]
+    # skip hidden folders: atomic_dir's staging (.export.*.tmp) and replaced (.export.old) artifacts
+    found = [d for d in found if not any(part.startswith(".") for part in d.relative_to(base).parts)]
     return max(found, key=lambda p: (p / MANIFEST_NAME).stat().st_mtime) if found else None

@@ -1,18 +1,45 @@
-"""``imedsam-export``: Export a checkpoint to ONNX / TensorRT artifacts."""
+"""``imedsam-export``: a checkpoint -> a verified artifact folder (ONNX graphs, manifest, engines, Triton)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
-from imedsam_deploy.cli_common import fail, run_app
+from imedsam_deploy.cli_common import guarded, run_app
 
 app = typer.Typer(add_completion=False, help="Export a checkpoint to ONNX / TensorRT artifacts.")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def _not_built() -> None:
-    """Not built yet."""
-    fail("imedsam-export is not built yet (issue #4)")
+@app.command()
+@guarded
+def export(
+    checkpoint: Annotated[Path | None, typer.Argument(
+        help="imedsam checkpoint (.pt); default: the latest run's best, else the shipped model")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="artifact folder; default: <run>/export beside the checkpoint (./runs/shipped/export "
+                      "for the shipped model)")] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="also write fp16 graphs (fp32 islands kept)")] = False,
+    max_points: Annotated[int, typer.Option("--max-points", help="max query points per decoder call")] = 65536,
+    batch: Annotated[int, typer.Option("--batch", help="max boxes/images per call")] = 8,
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset: 18 (tested) or 19")] = 18,
+    engine: Annotated[bool, typer.Option("--engine", help="build TensorRT engines (needs TensorRT + GPU)")] = False,
+    triton: Annotated[bool, typer.Option("--triton", help="also write a Triton model repository")] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing artifact folder")] = False,
+    sam_checkpoint: Annotated[Path | None, typer.Option(
+        "--sam-checkpoint", help="the SAM weights a fine-tuned checkpoint was trained from")] = None,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="skip the ONNX Runtime parity checks")] = False,
+) -> None:
+    """Fold LoRA and BatchNorm, export encoder.onnx + decoder.onnx, verify them, write manifest.json."""
+    from imedsam_export.api import export_artifact
+
+    folder = export_artifact(
+        checkpoint, out, fp16=fp16, max_points=max_points, batch=batch, opset=opset, engine=engine,
+        triton=triton, force=force, verify=not no_verify, sam_checkpoint=sam_checkpoint,
+        log=lambda msg: typer.echo(msg),
+    )
+    typer.echo(f"artifact: {folder}")
 
 
 def main() -> None:

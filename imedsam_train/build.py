@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,9 @@ def safe_torch_load(path: str | Path) -> Any:
     if not p.is_file():
         raise UserError(f"{p}: no such file")
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. the multi-line legacy-pickle warning: our error says it in one line
+            warnings.simplefilter("ignore")
+            return torch.load(p, map_location="cpu", weights_only=True)
     except (zipfile.BadZipFile, EOFError, RuntimeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{p}: truncated or not a PyTorch checkpoint ({msg})") from None

@@ -27,19 +27,24 @@ def model_payload(model: IMedSAM, base_sha256: str | None, base_name: str | None
 
     Without a base checkpoint every used weight is stored (frozen ones too: they are the random init).
     """
-    params = dict(model.named_parameters())
-    state = {
-        k: v.detach().cpu().clone()
-        for k, v in model.state_dict().items()
-        if not k.startswith(UNUSED_PREFIXES)
-        and (k not in params or base_sha256 is None or params[k].requires_grad)
-    }
+    keep = stored_keys(model, with_base=base_sha256 is not None)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in keep}
     return {
         "format": FORMAT,
         "version": VERSION,
         "config": model.cfg.to_dict(),
         "model": state,
         "base": None if base_sha256 is None else {"sha256": base_sha256, "file": base_name},
+    }
+
+
+def stored_keys(model: IMedSAM, with_base: bool) -> set[str]:
+    """The state-dict keys a checkpoint holds: every used weight, or (fine-tuned from a base SAM file) the
+    trainable parameters and all buffers, the frozen rest coming from that file."""
+    params = dict(model.named_parameters())
+    return {
+        k for k in model.state_dict()
+        if not k.startswith(UNUSED_PREFIXES) and (k not in params or not with_base or params[k].requires_grad)
     }
 
 
@@ -84,13 +89,25 @@ def load_checkpoint(
                 f"{sam_checkpoint}: sha256 {digest[:12]}… is not the base this checkpoint was trained on "
                 f"({base['sha256'][:12]}…)"
             )
-    model, _ = build_from_config(cfg, sam_checkpoint if base is not None else None)
+    try:
+        model, _ = build_from_config(cfg, sam_checkpoint if base is not None else None)
+    except UserError as e:  # e.g. "input size -3 is not a multiple ...": say which file holds that config
+        raise UserError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+    except (ValueError, TypeError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: invalid model config ({msg})") from None
     state = model.state_dict()
     for k, v in ck["model"].items():
         if k not in state:
             raise UserError(f"{path}: unexpected weight '{k}' for its own config")
         if not isinstance(v, torch.Tensor) or v.shape != state[k].shape:
             raise UserError(f"{path}: weight '{k}' has the wrong shape")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise UserError(f"{path}: weight '{k}' holds NaN or infinite values")
+    # strict=False only because frozen base weights come from the SAM file; everything else must be there
+    missing = sorted(stored_keys(model, with_base=base is not None) - ck["model"].keys())
+    if missing:
+        raise UserError(f"{path}: {len(missing)} weight(s) missing, e.g. '{missing[0]}' (incomplete checkpoint)")
     model.load_state_dict(ck["model"], strict=False)
     model.eval()
     return model, ck

@@ -51,6 +51,150 @@ def info(
     typer.echo(format_report(m.parameter_report()))
 
 
+# --- training commands (kvasir, bcv, folder): one option set, one code path ---
+
+DATA_ENV = "IMEDSAM_DATA"
+ModelOpt = Annotated[str, typer.Option("--model", help="builder: tiny, vit_b, vit_l, vit_h")]
+SamOpt = Annotated[Path | None, typer.Option("--sam-checkpoint", help="official SAM/MedSAM weights (paper freeze policy); none: train every weight from scratch")]
+SizeOpt = Annotated[int, typer.Option("--input-size", help="model input size (multiple of 16)")]
+EpochsOpt = Annotated[int, typer.Option("--epochs")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="per process (per GPU under torchrun)")]
+LrOpt = Annotated[float, typer.Option("--lr", help="learning rate of the INR decoder")]
+LrRestOpt = Annotated[float | None, typer.Option("--lr-rest", help="learning rate of everything else [default: 5e-5 with --sam-checkpoint, else --lr]")]
+SeedOpt = Annotated[int, typer.Option("--seed")]
+NameOpt = Annotated[str | None, typer.Option("--name", help="run name: runs/<name>/ [default: the command's name]")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue runs/<name>/checkpoints/last.pt")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda")]
+PointsOpt = Annotated[int, typer.Option("--points", help="query points per image and step (half near the mask boundary); 0 = every pixel")]
+JitterOpt = Annotated[float | None, typer.Option("--box-jitter", help="training box jitter, model-input px per side [default: 20 px at 384, scaled]")]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="data-loading processes")]
+PreDataOpt = Annotated[Path | None, typer.Option("--pretrain-data", help="folder (images/, masks/) to train on first")]
+PreSplitOpt = Annotated[Path | None, typer.Option("--pretrain-split", help="stem list for --pretrain-data")]
+PreEpochsOpt = Annotated[int, typer.Option("--pretrain-epochs", help="first N epochs on --pretrain-data")]
+AmpOpt = Annotated[bool, typer.Option("--amp/--no-amp", help="mixed precision (CUDA only)")]
+WarmupOpt = Annotated[int, typer.Option("--warmup-steps")]
+InitOpt = Annotated[Path | None, typer.Option("--init-from", help="start from this imedsam checkpoint's weights (fresh optimizer and schedule)")]
+ThreadsOpt = Annotated[int, typer.Option("--threads", help="CPU threads for torch (0: torch's default); 1 is fastest on a shared CPU")]
+
+
+def default_data(name: str) -> tuple[Path, list[Path]]:
+    """$IMEDSAM_DATA/<name> if set, else ./data/<name>; returns (choice, places looked)."""
+    import os
+
+    looked = []
+    env = os.environ.get(DATA_ENV)
+    if env:
+        looked.append(Path(env) / name)
+    looked.append(Path("data") / name)
+    for p in looked:
+        if p.is_dir():
+            return p, looked
+    return looked[0], looked
+
+
+def resolve_data(path: Path | None, name: str, hint: str) -> Path:
+    from imedsam_deploy.errors import UserError
+
+    if path is not None:
+        if not path.is_dir():
+            raise UserError(f"{path}: data folder not found")
+        return path
+    found, looked = default_data(name)
+    if not found.is_dir():
+        raise UserError(f"{name} not found; looked in {', '.join(str(p.resolve()) for p in looked)}. "
+                        f"{hint} Put it there, set ${DATA_ENV}, or pass the folder as an argument")
+    return found
+
+
+def _run(train_ds, val_ds, name, model, sam_checkpoint, input_size, epochs, batch_size, lr, lr_rest, seed,  # type: ignore[no-untyped-def]
+         resume, device, points, box_jitter, workers, pretrain_data, pretrain_split, pretrain_epochs, amp,
+         warmup_steps, threads=0, init_from=None) -> None:
+    from imedsam_train.data import folder_dataset
+    from imedsam_train.train import Reporter, TrainConfig, train
+
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+    cfg = TrainConfig(
+        name=name, model=model, input_size=input_size, epochs=epochs, batch_size=batch_size, lr=lr,
+        lr_rest=lr_rest, seed=seed, points=points, jitter_px=box_jitter, workers=workers,
+        pretrain_epochs=pretrain_epochs if pretrain_data else 0, amp=amp, warmup_steps=warmup_steps,
+        sam_checkpoint=str(sam_checkpoint) if sam_checkpoint else None,
+        init_from=str(init_from) if init_from else None,
+    )
+    pre = folder_dataset(pretrain_data, pretrain_split) if pretrain_data else None
+    summary = train(cfg, train_ds, val_ds, pre, resume=resume, device=device, reporter=Reporter(echo=typer.echo))
+    typer.echo(f"done: best val Dice {summary['best_val_dice']:.2f} at epoch {summary['best_epoch']}; "
+               f"skipped {summary['skipped']}; checkpoint {summary['checkpoint']}")
+
+
+@app.command()
+@guarded
+def kvasir(
+    path: Annotated[Path | None, typer.Argument(help="Kvasir-Sessile (or Kvasir-SEG) folder [default: $IMEDSAM_DATA/Kvasir-Sessile, then ./data/Kvasir-Sessile]")] = None,
+    train_split: Annotated[str, typer.Option(help="split name (splits/<name>.txt) or stem-list file")] = "train",
+    val_split: Annotated[str, typer.Option(help="validation split: selects the best checkpoint")] = "val",
+    name: NameOpt = None, model: ModelOpt = "tiny", sam_checkpoint: SamOpt = None, input_size: SizeOpt = 384,
+    epochs: EpochsOpt = 100, batch_size: BatchOpt = 1, lr: LrOpt = 1e-3, lr_rest: LrRestOpt = None,
+    seed: SeedOpt = 0, resume: ResumeOpt = False, device: DeviceOpt = "auto", points: PointsOpt = 4096,
+    box_jitter: JitterOpt = None, workers: WorkersOpt = 1, pretrain_data: PreDataOpt = None,
+    pretrain_split: PreSplitOpt = None, pretrain_epochs: PreEpochsOpt = 0, amp: AmpOpt = True,
+    warmup_steps: WarmupOpt = 50, threads: ThreadsOpt = 0, init_from: InitOpt = None,
+) -> None:
+    """Train on Kvasir-Sessile: images/, masks/, splits/{train,val,test}.txt (best chosen on val)."""
+    from imedsam_train.data import kvasir_dataset
+
+    root = resolve_data(path, "Kvasir-Sessile", "Kvasir-Sessile: images/, masks/ and splits/ (see README).")
+    _run(kvasir_dataset(root, train_split), kvasir_dataset(root, val_split), name or "kvasir", model,
+         sam_checkpoint, input_size, epochs, batch_size, lr, lr_rest, seed, resume, device, points, box_jitter,
+         workers, pretrain_data, pretrain_split, pretrain_epochs, amp, warmup_steps, threads, init_from)
+
+
+@app.command()
+@guarded
+def bcv(
+    path: Annotated[Path | None, typer.Argument(help="BCV/Synapse NIfTI folder [default: $IMEDSAM_DATA/BCV, then ./data/BCV]")] = None,
+    train_split: Annotated[str, typer.Option(help="case list (splits/<name>.txt or a file)")] = "train",
+    val_split: Annotated[str, typer.Option(help="validation case list")] = "val",
+    name: NameOpt = None, model: ModelOpt = "tiny", sam_checkpoint: SamOpt = None, input_size: SizeOpt = 384,
+    epochs: EpochsOpt = 100, batch_size: BatchOpt = 1, lr: LrOpt = 1e-3, lr_rest: LrRestOpt = None,
+    seed: SeedOpt = 0, resume: ResumeOpt = False, device: DeviceOpt = "auto", points: PointsOpt = 4096,
+    box_jitter: JitterOpt = None, workers: WorkersOpt = 1, amp: AmpOpt = True, warmup_steps: WarmupOpt = 50,
+    threads: ThreadsOpt = 0,
+) -> None:
+    """Train on BCV/Synapse CT: axial slices, HU window, 13 organs, one box per organ per slice."""
+    from imedsam_train.data.volumes import bcv_dataset
+
+    root = resolve_data(path, "BCV", "BCV/Synapse: img/imgNNNN.nii.gz + label/labelNNNN.nii.gz and splits/.")
+    _run(bcv_dataset(root, train_split), bcv_dataset(root, val_split), name or "bcv", model, sam_checkpoint,
+         input_size, epochs, batch_size, lr, lr_rest, seed, resume, device, points, box_jitter, workers,
+         None, None, 0, amp, warmup_steps, threads)
+
+
+@app.command()
+@guarded
+def folder(
+    path: Annotated[Path, typer.Argument(help="folder with images/ and masks/ (matching stems)")],
+    train_split: Annotated[str | None, typer.Option(help="stem list [default: PATH/splits/train.txt, else a seeded 85/15 split saved in runs/<name>/splits/]")] = None,
+    val_split: Annotated[str | None, typer.Option(help="stem list [default: PATH/splits/val.txt]")] = None,
+    name: NameOpt = None, model: ModelOpt = "tiny", sam_checkpoint: SamOpt = None, input_size: SizeOpt = 384,
+    epochs: EpochsOpt = 100, batch_size: BatchOpt = 1, lr: LrOpt = 1e-3, lr_rest: LrRestOpt = None,
+    seed: SeedOpt = 0, resume: ResumeOpt = False, device: DeviceOpt = "auto", points: PointsOpt = 4096,
+    box_jitter: JitterOpt = None, workers: WorkersOpt = 1, pretrain_data: PreDataOpt = None,
+    pretrain_split: PreSplitOpt = None, pretrain_epochs: PreEpochsOpt = 0, amp: AmpOpt = True,
+    warmup_steps: WarmupOpt = 50, threads: ThreadsOpt = 0, init_from: InitOpt = None,
+) -> None:
+    """Train on any image/mask folder pair (jpg, png, tif; masks binarised > 127)."""
+    from imedsam_deploy.paths import run_dir
+    from imedsam_train.data.folder import folder_dataset, seeded_split
+
+    tr, va = seeded_split(path, train_split, val_split, seed, run_dir(name or path.name) / "splits")
+    _run(folder_dataset(path, tr), folder_dataset(path, va), name or path.name, model, sam_checkpoint,
+         input_size, epochs, batch_size, lr, lr_rest, seed, resume, device, points, box_jitter, workers,
+         pretrain_data, pretrain_split, pretrain_epochs, amp, warmup_steps, threads, init_from)
+
+
 def main() -> None:
     run_app(app)
 

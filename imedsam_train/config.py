@@ -59,6 +59,10 @@ class DecoderConfig:
     mc_samples: int = 2  # T, MC-dropout passes at training time
     dropout: float = 0.5
     refine_fraction: float = DEFAULT_REFINE_FRACTION  # K
+    # Also give the box as a dense prompt (the filled box rasterised on SAM's mask-prompt grid, through
+    # SAM's own mask_downscaling). Not in the paper (off for the SAM sizes): a from-scratch model has no
+    # pretrained box understanding, and this makes "inside the box" visible to every image token.
+    box_mask_prompt: bool = False
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,7 @@ def tiny_config(input_size: int = DEFAULT_INPUT_SIZE, num_classes: int = 1) -> M
         coarse_hidden=(128, 64),
         coarse_feature=32,
         fine_hidden=(64, 64, 32),
+        box_mask_prompt=True,
     )
     return ModelConfig(
         name="tiny", input_size=input_size, num_classes=num_classes, encoder=enc, decoder=dec, trainable="all"

@@ -1,19 +1,164 @@
-"""``imedsam-eval``: Evaluate a checkpoint (Dice, IoU, HD95) beside box baselines."""
+"""``imedsam-eval``: a checkpoint's Dice / IoU / HD95 / HD beside the box and ellipse baselines."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
 
-from imedsam_deploy.cli_common import fail, run_app
+from imedsam_deploy.cli_common import guarded, run_app
 
 app = typer.Typer(add_completion=False, help="Evaluate a checkpoint (Dice, IoU, HD95) beside box baselines.")
 
+KINDS = ("auto", "folder", "organ-png", "cvc", "bcv")
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def _not_built() -> None:
-    """Not built yet."""
-    fail("imedsam-eval is not built yet (issue #3)")
+
+def load_data(data: Path, kind: str, split: Path | None) -> Any:
+    """A dataset of the given kind; auto: NIfTI -> bcv, CVC layout -> cvc, <stem>_<organ>_<k> masks -> organ-png,
+    else images/ + masks/ with matching stems."""
+    from imedsam_deploy.errors import UserError
+    from imedsam_train.data import cvc_dataset, folder_dataset
+    from imedsam_train.data.organ_png import looks_like_organ_png, organ_png_dataset
+    from imedsam_train.data.volumes import bcv_dataset
+
+    if kind not in KINDS:
+        raise UserError(f"--kind {kind}: choose one of {', '.join(KINDS)}")
+    if not data.is_dir():
+        raise UserError(f"{data}: data folder not found")
+    if kind == "auto":
+        if any(data.glob("*/*.nii*")):
+            kind = "bcv"
+        elif (data / "Original").is_dir() or (data / "PNG").is_dir():
+            kind = "cvc"
+        elif (data / "images").is_dir() and (data / "masks").is_dir():
+            # organ-png only when such names exist: else a missing mask is reported as one (naming the image)
+            kind = "organ-png" if looks_like_organ_png(data) else "folder"
+        else:
+            raise UserError(f"{data}: no images/ + masks/ (or CVC-ClinicDB / NIfTI) layout found")
+    if kind == "bcv":
+        return bcv_dataset(data, split)
+    if kind == "cvc":
+        return cvc_dataset(data, split)
+    if kind == "organ-png":
+        return organ_png_dataset(data, split=split)
+    return folder_dataset(data, split)
+
+
+def class_mapping(model_classes: list[str], data_classes: list[str], source: str) -> list[int]:
+    """Model output channel for each data class: by name, or channel 0 for a one-class model."""
+    from imedsam_deploy.errors import UserError
+
+    if len(model_classes) == 1:
+        return [0] * len(data_classes)
+    missing = [c for c in data_classes if c not in model_classes]
+    if missing:
+        raise UserError(f"{source}: classes {missing} are not among the model's {model_classes}")
+    return [model_classes.index(c) for c in data_classes]
+
+
+def cases_csv(res: Any) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["stem", "class", "dice", "iou", "hd95", "hd", "box_dice", "ellipse_dice"])
+    for c in res.cases:
+        m = c.metrics
+        w.writerow([c.stem, res.class_names[c.cls], f"{m['dice']:.4f}", f"{m['iou']:.4f}", f"{m['hd95']:.4f}",
+                    f"{m['hd']:.4f}", f"{c.baselines['box']['dice']:.4f}", f"{c.baselines['ellipse']['dice']:.4f}"])
+    return buf.getvalue()
+
+
+def _no_nan(x: Any) -> Any:
+    """Strict JSON: NaN (an undefined distance, e.g. an empty prediction) becomes null."""
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_no_nan(v) for v in x]
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if isinstance(x, float) and math.isnan(x) else f"{x:.2f}"
+
+
+@app.command()
+@guarded
+def main_cmd(
+    checkpoint: Annotated[Path | None, typer.Argument(help="checkpoint [default: newest run's best.pt, else the shipped model]")] = None,
+    data: Annotated[Path, typer.Option("--data", help="dataset folder: images/ + masks/ (matching stems), AMOS-style, CVC-ClinicDB or BCV NIfTI")] = Path("data/sample/kvasir-sessile"),
+    split: Annotated[Path | None, typer.Option("--split", help="stem list file (one stem a line)")] = None,
+    box_jitter: Annotated[float, typer.Option("--box-jitter", help="push each box side out by U(0, PX) original-image pixels")] = 0.0,
+    seed: Annotated[int, typer.Option("--seed", help="seed of the box jitter")] = 0,
+    out_size: Annotated[int | None, typer.Option("--out-size", help="output resolution (128, 384, 896 ...) [default: the model input size]")] = None,
+    kind: Annotated[str, typer.Option("--kind", help="auto, folder, organ-png, cvc, bcv")] = "auto",
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the summary JSON here (CSV and PNG sheet beside it)")] = None,
+    csv_out: Annotated[Path | None, typer.Option("--csv", help="per-case CSV [default: beside --json]")] = None,
+    sheet: Annotated[Path | None, typer.Option("--sheet", help="best/worst contour PNG [default: beside --json]")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda")] = "auto",
+    sam_checkpoint: Annotated[Path | None, typer.Option("--sam-checkpoint", help="the SAM base file of a checkpoint fine-tuned from SAM")] = None,
+) -> None:
+    """Score CHECKPOINT on --data: Dice (mean ± std, %), IoU, HD95 and Hausdorff (output pixels), per class,
+    with the box-filled and inscribed-ellipse baselines on the same boxes."""
+    import torch
+
+    from imedsam_deploy.atomic import atomic_write_text, check_writable_parent
+    from imedsam_deploy.errors import UserError
+    from imedsam_train.checkpoint import load_checkpoint
+    from imedsam_train.evaluate import evaluate
+    from imedsam_train.plots import case_sheet
+    from imedsam_train.weights import default_checkpoint
+
+    if out_size is not None and (out_size < 8 or out_size > 4096):
+        raise UserError(f"--out-size {out_size}: expected 8 .. 4096")
+    if box_jitter < 0:
+        raise UserError(f"--box-jitter {box_jitter}: must be >= 0")
+    if json_out is not None:
+        csv_out = csv_out or json_out.with_suffix(".csv")
+        sheet = sheet or json_out.with_suffix(".png")
+    # Unwritable outputs fail now, in one line, not after the whole evaluation.
+    for out in (json_out, csv_out, sheet):
+        if out is not None:
+            if out.is_dir():
+                raise UserError(f"{out}: is a folder; name the output file")
+            check_writable_parent(out)
+    ck_path = checkpoint or default_checkpoint()
+    model, raw = load_checkpoint(ck_path, sam_checkpoint)
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    model.to(dev)
+    ds = load_data(data, kind, split)
+    model_classes = list(raw.get("classes") or [f"class{k}" for k in range(model.cfg.num_classes)])
+    mapping = class_mapping(model_classes, ds.class_names, str(data))
+    typer.echo(f"checkpoint: {ck_path}\ndata: {data} ({len(ds.records)} images, classes {ds.class_names})")
+    res = evaluate(model, ds, out_size, box_jitter, seed, channel_map=mapping)
+    if not res.cases:
+        raise UserError(f"{data}: no image with a non-empty mask to evaluate")
+    summary: dict[str, Any] = {"checkpoint": str(ck_path), "data": str(data), "split": str(split) if split else None,
+                               "input_size": model.cfg.input_size, **res.summary()}
+    m = summary["metrics"]
+    typer.echo(f"n={summary['n']}  out {res.out_size}px  box jitter 0-{box_jitter:g}px (seed {seed})")
+    typer.echo(f"model    Dice {_fmt(m['dice']['mean'])} ± {_fmt(m['dice']['std'])}  IoU {_fmt(m['iou']['mean'])}  "
+               f"HD95 {_fmt(m['hd95']['mean'])}  HD {_fmt(m['hd']['mean'])}")
+    for b, bm in summary["baseline_metrics"].items():
+        typer.echo(f"{b:<8} Dice {_fmt(bm['dice']['mean'])} ± {_fmt(bm['dice']['std'])}  IoU {_fmt(bm['iou']['mean'])}  "
+                   f"HD95 {_fmt(bm['hd95']['mean'])}  HD {_fmt(bm['hd']['mean'])}")
+    for name, pc in summary.get("per_class", {}).items():
+        typer.echo(f"  {name:<24} n={pc['n']:<4} Dice {_fmt(pc['dice']['mean'])}  ellipse {_fmt(pc['baselines']['ellipse'])}")
+    if csv_out is not None:
+        atomic_write_text(csv_out, cases_csv(res))
+    if sheet is not None:
+        case_sheet(res.cases, sheet, title=f"{Path(ck_path).name} on {data.name}")
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps(_no_nan(summary), indent=2, allow_nan=False) + "\n")
+        typer.echo(f"wrote {json_out}")
 
 
 def main() -> None:
     run_app(app)
+
+
+if __name__ == "__main__":
+    main()

@@ -236,3 +236,26 @@ def test_vit_b_trainable_parameters_in_paper_range():
     model, _ = build("vit_b")
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert 1_500_000 <= n <= 1_700_000, n
+
+
+def test_box_mask_prompt_rasterises_the_box_and_conditions_features():
+    model = tiny().eval()
+    assert model.cfg.decoder.box_mask_prompt  # the tiny (from-scratch) preset uses it; SAM sizes do not
+    assert not preset("vit_b").decoder.box_mask_prompt
+    boxes = torch.tensor([[16.0, 32, 64, 96], [0, 0, 128, 128]])
+    m = model.box_mask(boxes)
+    assert m.shape == (2, 1, 32, 32)
+    cell = 128 / 32  # cell centres at (i + 0.5) * 4
+    inside = m[0, 0] > 0
+    ys, xs = torch.nonzero(inside, as_tuple=True)
+    assert (xs.min() + 0.5) * cell >= 16 and (xs.max() + 0.5) * cell <= 64
+    assert (ys.min() + 0.5) * cell >= 32 and (ys.max() + 0.5) * cell <= 96
+    assert int(inside.sum()) == 12 * 16 and bool((m[1] > 0).all())
+    emb = torch.randn(1, 64, 8, 8)
+    with torch.no_grad():
+        up_a, _ = model.decoder_features(emb, boxes[:1])
+        plain = IMedSAM(preset("tiny", input_size=S).replace(
+            decoder=preset("tiny").decoder.__class__(**{**model.cfg.decoder.__dict__, "box_mask_prompt": False})))
+        plain.load_state_dict(model.state_dict())
+        up_b, _ = plain.eval().decoder_features(emb, boxes[:1])
+    assert not torch.allclose(up_a, up_b)  # the dense prompt reaches the features

@@ -107,7 +107,8 @@ class IMedSAM(nn.Module):
 
         boxes: (B, 4) in the model-input pixel frame, one per embedding row.
         """
-        sparse, dense = self.prompt_encoder(points=None, boxes=boxes, masks=None)
+        masks = self.box_mask(boxes) if self.cfg.decoder.box_mask_prompt else None
+        sparse, dense = self.prompt_encoder(points=None, boxes=boxes, masks=masks)
         md = self.mask_decoder
         tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
         tokens = torch.cat([tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], dim=1)
@@ -117,6 +118,16 @@ class IMedSAM(nn.Module):
         _, src = md.transformer(src, pe.expand(b, -1, -1, -1), tokens)
         up = md.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
         return up, pe
+
+    def box_mask(self, boxes: torch.Tensor) -> torch.Tensor:
+        """The boxes as dense mask prompts (B, 1, 4g, 4g): +1 at cells whose centre is inside, -1 outside."""
+        m = self.prompt_encoder.mask_input_size[0]
+        c = (torch.arange(m, device=boxes.device, dtype=torch.float32) + 0.5) * (self.cfg.input_size / m)
+        b = boxes.float()
+        in_x = (c[None, :] >= b[:, 0:1]) & (c[None, :] <= b[:, 2:3])  # (B, m)
+        in_y = (c[None, :] >= b[:, 1:2]) & (c[None, :] <= b[:, 3:4])
+        inside = in_y[:, :, None] & in_x[:, None, :]
+        return (inside.float() * 2 - 1)[:, None]
 
     def point_features(self, up: torch.Tensor, pe: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """INR input at each query point: (B, N, C/8 + C + fourier). coords (B, N, 2) in [-1, 1]."""

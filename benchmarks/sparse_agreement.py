@@ -1,0 +1,108 @@
+"""Agreement of the sparse planner (imedsam_deploy/sparse.py) with the full-grid output on real images.
+
+    python -m benchmarks.sparse_agreement CHECKPOINT --data DIR [--split FILE] [--out-size 384] [--limit 39]
+
+For each image (its ground-truth mask gives the tight box): the exact full-grid output (global UGS top-K),
+restricted to the box + margin region the runtime queries, against the sparse planner at several strides.
+Reports the pixel agreement inside the box (min / mean over images), the Dice between the two masks and the
+fraction of the region's pixels the planner queried. The decoder is the PyTorch model's ``decode_dense``
+(the function the exported decoder computes), so this measures the planner, not a backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("--data", type=Path, required=True, help="folder with images/ and masks/")
+    ap.add_argument("--split", type=Path, default=None, help="file of stems, one a line")
+    ap.add_argument("--out-size", type=int, default=384)
+    ap.add_argument("--strides", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--margin", type=float, default=0.25, help="box margin as a fraction of the box")
+    ap.add_argument("--limit", type=int, default=39)
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args(argv)
+
+    import cv2
+    import torch
+
+    from imedsam_deploy.preprocess import box_region, box_to_model, to_model_input
+    from imedsam_deploy.sparse import SparseConfig, dense_decode, sparse_decode
+    from imedsam_train.checkpoint import load_checkpoint
+
+    torch.set_num_threads(2)
+    model, _ = load_checkpoint(a.checkpoint)
+    s = model.cfg.input_size
+    frac = model.cfg.decoder.refine_fraction
+    stems = (a.split.read_text().split() if a.split else sorted(p.stem for p in (a.data / "images").iterdir()))[: a.limit]
+    osz = a.out_size
+    rows = []
+    for stem in stems:
+        img_p = next((a.data / "images").glob(f"{stem}.*"))
+        msk_p = next((a.data / "masks").glob(f"{stem}.*"))
+        bgr, gray = cv2.imread(str(img_p), cv2.IMREAD_COLOR), cv2.imread(str(msk_p), cv2.IMREAD_GRAYSCALE)
+        if bgr is None or gray is None:
+            sys.exit(f"{img_p} / {msk_p}: unreadable")
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        gt = np.asarray(gray) > 127
+        ys, xs = np.nonzero(gt)
+        if ys.size == 0:
+            continue
+        h, w = gt.shape
+        box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
+        with torch.no_grad():
+            emb = model.encode(torch.from_numpy(to_model_input(rgb, s))[None])
+        mbox = torch.from_numpy(box_to_model(box[None], (h, w), s))
+
+        def decode(coords: np.ndarray, emb: torch.Tensor = emb, mbox: torch.Tensor = mbox
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            with torch.no_grad():
+                c, f, u = model.decode_dense(emb, mbox, torch.from_numpy(coords)[None])
+            return c[0].numpy(), f[0].numpy(), u[0].numpy()
+
+        reg = box_region(box, (h, w), (osz, osz), a.margin)
+        region = (reg.r0, reg.r1, reg.c0, reg.c1)
+        dense = dense_decode(decode, (osz, osz), frac, region)
+        bo = box * [osz / w, osz / h, osz / w, osz / h]
+        r0, r1, c0, c1 = int(np.floor(bo[1])), int(np.ceil(bo[3])), int(np.floor(bo[0])), int(np.ceil(bo[2]))
+        row = {"stem": stem, "box_fraction": float((bo[2] - bo[0]) * (bo[3] - bo[1]) / osz**2),
+               "region_fraction": reg.size / osz**2}
+        for st in a.strides:
+            res = sparse_decode(decode, (osz, osz), frac, region, SparseConfig(stride=st))
+            inter = np.logical_and(res.mask, dense).sum()
+            den = res.mask.sum() + dense.sum()
+            row[f"s{st}"] = {
+                "in_box": float((res.mask[:, r0:r1, c0:c1] == dense[:, r0:r1, c0:c1]).mean()),
+                "dice": float(2 * inter / den) if den else 1.0,
+                "queried_of_region": res.queried / max(1, reg.size),
+                "queried_of_image": res.queried / osz**2,
+            }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    summary = {"checkpoint": str(a.checkpoint), "images": len(rows), "out_size": osz, "margin": a.margin}
+    for st in a.strides:
+        ib = np.array([r[f"s{st}"]["in_box"] for r in rows])
+        summary[f"s{st}"] = {
+            "in_box_mean": float(ib.mean()), "in_box_min": float(ib.min()),
+            "images_below_99.5": int((ib < 0.995).sum()),
+            "dice_mean": float(np.mean([r[f"s{st}"]["dice"] for r in rows])),
+            "queried_of_region_mean": float(np.mean([r[f"s{st}"]["queried_of_region"] for r in rows])),
+            "queried_of_image_mean": float(np.mean([r[f"s{st}"]["queried_of_image"] for r in rows])),
+        }
+    summary["region_fraction_mean"] = float(np.mean([r["region_fraction"] for r in rows]))
+    print(json.dumps(summary, indent=1))
+    if a.json:
+        a.json.write_text(json.dumps({"summary": summary, "images": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

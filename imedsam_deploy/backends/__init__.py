@@ -1,0 +1,77 @@
+"""Backend registry: names, availability probes and the ``auto`` choice (fastest first).
+
+Modules are imported lazily, so a missing optional dependency (tensorrt, cuda-python, onnxruntime-gpu,
+torch) only matters for the backend that needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from imedsam_deploy.backends.base import Backend
+from imedsam_deploy.errors import UserError
+from imedsam_deploy.manifest import Artifact
+
+# name -> (module, its ``provider`` argument); ``auto`` tries them in this order (fastest first).
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "tensorrt": ("imedsam_deploy.backends.tensorrt", ""),
+    "ort-trt": ("imedsam_deploy.backends.ort", "trt"),
+    "ort-cuda": ("imedsam_deploy.backends.ort", "cuda"),
+    "torch-cuda": ("imedsam_deploy.backends.torch_cuda", ""),
+    "ort-cpu": ("imedsam_deploy.backends.ort", "cpu"),
+}
+NAMES = tuple(_REGISTRY)
+CHOICES = ("auto", *NAMES)
+
+
+def _module(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(_REGISTRY[name][0])
+    except ModuleNotFoundError as e:
+        if e.name == _REGISTRY[name][0]:
+            return None  # the backend module itself is not part of this install
+        raise
+
+
+def probe(name: str, artifact: Artifact) -> str | None:
+    """None if backend ``name`` can run ``artifact`` here, else a one-line reason."""
+    if name not in _REGISTRY:
+        return f"unknown backend {name!r} (choose from {', '.join(CHOICES)})"
+    mod = _module(name)
+    if mod is None:
+        return f"backend {name} is not part of this install"
+    provider = _REGISTRY[name][1]
+    try:
+        reason: str | None = mod.probe(artifact, provider) if provider else mod.probe(artifact)
+    except ImportError as e:  # an optional dependency that is present but broken, or blocked
+        return f"cannot import {e.name or 'a dependency'}"
+    return reason
+
+
+def open_backend(name: str, artifact: Artifact, precision: str | None = None) -> tuple[Backend, str]:
+    """Open backend ``name`` (or the fastest usable one for ``auto``). Returns it and a line saying why."""
+    if name == "auto":
+        skipped: dict[str, str] = {}
+        for cand in NAMES:
+            reason = probe(cand, artifact)
+            if reason is None:
+                chosen, _ = open_backend(cand, artifact, precision)
+                note = f" (unavailable here: {', '.join(skipped)})" if skipped else ""
+                return chosen, f"backend auto -> {chosen.description}{note}"
+            skipped[cand] = reason
+        why = "; ".join(f"{k}: {v}" for k, v in skipped.items())
+        raise UserError(f"{artifact.path}: no backend can run this artifact here ({why})")
+    reason = probe(name, artifact)
+    if reason is not None:
+        raise UserError(f"backend {name}: {reason}")
+    mod = _module(name)
+    assert mod is not None
+    provider = _REGISTRY[name][1]
+    backend: Backend = (
+        mod.create(artifact, provider, precision=precision) if provider else mod.create(artifact, precision=precision)
+    )
+    return backend, f"backend {backend.description}"
+
+
+__all__ = ["Backend", "CHOICES", "NAMES", "open_backend", "probe"]

@@ -1,0 +1,59 @@
+"""One interface for every inference backend (ONNX Runtime, TensorRT, and an optional torch backend).
+
+A backend module under ``imedsam_deploy.backends`` provides:
+
+    probe(artifact: Artifact) -> str | None     # None when usable here, else a one-line reason
+    create(artifact: Artifact, precision: str | None = None) -> Backend
+
+and its ``Backend`` subclass implements ``encode`` and ``decode`` on numpy arrays (float32, the contract's
+layouts). An embedding handle returned by ``encode`` is opaque to the runtime (a numpy array, an ONNX
+Runtime OrtValue on the device, a TensorRT device buffer...); it stays valid until the next ``encode``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+Embedding = Any  # opaque per-image handle, only passed back to the backend that made it
+
+
+class Backend(abc.ABC):
+    """Runs the two exported graphs. The runtime (``Segmenter``) does preprocessing, chunking and UGS."""
+
+    #: short name shown to the user, e.g. "ort-cpu"
+    name: str = "?"
+
+    def __init__(self, max_batch: int, max_points: int) -> None:
+        self.max_batch = max_batch  # most rows one encode/decode call takes
+        self.max_points = max_points  # most query points one decode call takes
+
+    @property
+    def description(self) -> str:
+        """One line naming the engine/provider actually in use (printed by the CLIs)."""
+        return self.name
+
+    @abc.abstractmethod
+    def encode(self, images: np.ndarray) -> Sequence[Embedding]:
+        """images (B, 3, S, S) float32 (RGB x PIXEL_SCALE) -> one embedding handle per image, B <= max_batch."""
+
+    @abc.abstractmethod
+    def decode(
+        self, embedding: Embedding, boxes: np.ndarray, coords: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Decode B boxes on ONE image: boxes (B, 4) model-input pixels, coords (B, N, 2) in [-1, 1].
+
+        Returns (coarse, fine, uncertainty), each (B, K, N) float32 numpy. B <= max_batch, N <= max_points.
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release device memory and sessions."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,202 @@
+"""PyTorch CUDA backend: the fast GPU path where TensorRT is not installed.
+
+torch (and the model / export code) is imported only when this backend is chosen, so the runtime stays
+torch-free otherwise. What it does (DESIGN §2-3):
+- LoRA merged and BatchNorm folded (``imedsam_export.merge.merge_for_export``, verified there);
+- the decoder is the exporter's ``DecoderGraph`` (positional map's first layer precomputed, Gather-based
+  bilinear taps, Fourier encoding from raw coordinates): the same function as the ONNX decoder;
+- the FFT runs on the device (``torch.fft`` in the model's spectrum, fp32 whatever the autocast state);
+- bf16 (or fp16) autocast with fp32 islands: FFT and Fourier encoding (forced fp32 in the model code),
+  LayerNorm and softmax (fp32 under CUDA autocast), the closed-form uncertainty (forced fp32 here, its
+  ranking picks the refined points);
+- the relative-position gather index is a precomputed buffer (model code), so capture works;
+- encoder and decoder are each captured in one CUDA graph per input shape and replayed.
+
+Weights: an artifact holds ONNX graphs, not PyTorch weights, so ``create`` needs the checkpoint the artifact
+was exported from (manifest ``source.checkpoint``, or the ``IMEDSAM_TORCH_CHECKPOINT`` variable);
+``TorchBackend(model)`` takes an in-process model (benchmarks, tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imedsam_deploy.backends.base import Backend, Embedding
+from imedsam_deploy.errors import UserError
+from imedsam_deploy.manifest import Artifact
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+CHECKPOINT_ENV = "IMEDSAM_TORCH_CHECKPOINT"
+
+
+def _no_cuda_reason() -> str | None:
+    if importlib.util.find_spec("torch") is None:
+        return "torch is not installed (pip install 'imedsam[train]')"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA device visible to torch (torch.cuda.is_available() is False)"
+    return None
+
+
+def source_checkpoint(artifact: Artifact) -> Path | None:
+    """The PyTorch checkpoint behind ``artifact``: $IMEDSAM_TORCH_CHECKPOINT, else manifest source.checkpoint."""
+    env = os.environ.get(CHECKPOINT_ENV)
+    if env:
+        return Path(env)
+    src = artifact.manifest.get("source")
+    ck = src.get("checkpoint") if isinstance(src, dict) else None
+    if not ck:
+        return None
+    p = Path(ck)
+    return p if p.is_absolute() else artifact.path / p
+
+
+def probe(artifact: Artifact) -> str | None:
+    reason = _no_cuda_reason()
+    if reason:
+        return reason
+    ck = source_checkpoint(artifact)
+    if ck is None or not ck.is_file():
+        return f"needs the PyTorch checkpoint the artifact came from (set {CHECKPOINT_ENV})"
+    return None
+
+
+def create(artifact: Artifact, precision: str | None = None) -> TorchBackend:
+    reason = probe(artifact)
+    if reason:
+        raise UserError(f"backend torch-cuda: {reason}")
+    from imedsam_train.checkpoint import load_checkpoint
+
+    ck = source_checkpoint(artifact)
+    assert ck is not None
+    model, _ = load_checkpoint(ck)
+    return TorchBackend(model, "cuda", precision or "bf16", max_batch=artifact.max_batch,
+                        max_points=artifact.max_points)
+
+
+class TorchBackend(Backend):
+    """``Backend`` over an in-process IMedSAM. device "cuda" is the product; "cpu" (fp32, no graphs) is the
+    same code path for tests and as a CPU comparison."""
+
+    def __init__(
+        self, model: Any, device: str = "cuda", precision: str = "bf16", cuda_graphs: bool | None = None,
+        max_batch: int = 8, max_points: int = 65536,
+    ) -> None:
+        super().__init__(max_batch, max_points)
+        if precision not in PRECISIONS:
+            raise UserError(f"backend torch: precision {precision!r} not one of {', '.join(PRECISIONS)}")
+        if device.startswith("cuda"):
+            reason = _no_cuda_reason()
+            if reason:
+                raise UserError(f"backend torch-cuda: {reason}")
+        import torch
+        from torch import nn
+
+        from imedsam_export.graphs import DecoderGraph
+        from imedsam_export.merge import merge_for_export
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self.name = "torch-cuda" if self.device.type == "cuda" else "torch-cpu"
+        self.precision = precision
+        self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        self.use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if self.use_graphs and self.device.type != "cuda":
+            raise UserError("backend torch: CUDA graphs need a CUDA device")
+        if any(p.device.type != "cpu" for p in model.parameters()):  # the folding check runs on the CPU
+            import copy
+
+            model = copy.deepcopy(model).cpu()
+        folded, _ = merge_for_export(model)  # LoRA merged, BatchNorm folded, verified against model
+        folded = folded.to(self.device).eval()
+        self.model = folded
+        decoder = DecoderGraph(folded)
+
+        class _Fp32(nn.Module):  # an fp32 island inside autocast
+            def __init__(self, inner: nn.Module) -> None:
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, *xs: Any) -> Any:
+                with torch.autocast(device_type=xs[0].device.type, enabled=False):
+                    return self.inner(*(x.float() for x in xs))
+
+        decoder.uncertainty = _Fp32(decoder.uncertainty)  # type: ignore[assignment]
+        self.decoder = decoder.to(self.device).eval()
+        self._graphs: dict[tuple[Any, ...], tuple[Any, list[Any], Any]] = {}
+        self.num_classes = folded.cfg.num_classes
+
+    @property
+    def description(self) -> str:
+        gpu = f" on {self.torch.cuda.get_device_name(self.device)}" if self.device.type == "cuda" else ""
+        graphs = ", CUDA graphs" if self.use_graphs else ""
+        return f"{self.name} ({self.precision}{graphs}){gpu}"
+
+    # --- plumbing ---
+    def _autocast(self) -> Any:
+        t = self.torch
+        if self.amp_dtype is None:
+            return t.autocast(device_type=self.device.type, enabled=False)
+        return t.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _run(self, key: tuple[Any, ...], fn: Callable[..., Any], inputs: list[Any]) -> Any:
+        """fn(*inputs) under autocast; on CUDA with graphs, captured once per input shape, then replayed."""
+        t = self.torch
+        with t.inference_mode():
+            if not self.use_graphs:
+                with self._autocast():
+                    return fn(*inputs)
+            entry = self._graphs.get(key)
+            if entry is None:
+                static_in = [x.clone() for x in inputs]
+                side = t.cuda.Stream()
+                side.wait_stream(t.cuda.current_stream())
+                with t.cuda.stream(side), self._autocast():
+                    for _ in range(2):  # warm-up: cuFFT plans, cuBLAS handles, autotuning
+                        fn(*static_in)
+                t.cuda.current_stream().wait_stream(side)
+                graph = t.cuda.CUDAGraph()
+                with t.cuda.graph(graph), self._autocast():
+                    static_out = fn(*static_in)
+                entry = (graph, static_in, static_out)
+                self._graphs[key] = entry
+            graph, static_in, static_out = entry
+            for dst, src in zip(static_in, inputs, strict=True):
+                dst.copy_(src)
+            graph.replay()
+            return static_out
+
+    def _tensor(self, a: np.ndarray) -> Any:
+        return self.torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(self.device, non_blocking=True)
+
+    # --- Backend interface ---
+    def encode(self, images: np.ndarray) -> Sequence[Embedding]:
+        x = self._tensor(images)
+        emb = self._run(("enc", tuple(x.shape)), lambda im: self.model.encode(im).float(), [x])
+        return [emb[i : i + 1] for i in range(emb.shape[0])]
+
+    def decode(
+        self, embedding: Embedding, boxes: np.ndarray, coords: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        b = boxes.shape[0]
+        emb = embedding.expand(b, -1, -1, -1) if embedding.shape[0] != b else embedding
+        bx, cc = self._tensor(boxes), self._tensor(coords)
+
+        def dec(e: Any, bb: Any, c: Any) -> tuple[Any, Any, Any]:
+            return tuple(o.float() for o in self.decoder(e, bb, c))  # type: ignore[return-value]
+
+        outs = self._run(("dec", tuple(emb.shape), tuple(cc.shape)), dec, [emb.contiguous(), bx, cc])
+        c, f, u = (o.cpu().numpy() for o in outs)
+        return c, f, u
+
+    def close(self) -> None:
+        self._graphs.clear()
+        if self.device.type == "cuda":
+            self.torch.cuda.empty_cache()

@@ -1,0 +1,631 @@
+"""Latency and throughput of the deploy runtime, per stage and per backend (``imedsam-bench``).
+
+One *frame* = ``batch`` images with one box each, from RGB uint8 to masks at the output size:
+preprocess (stretch-resize, scale), encoder (one batched call, split at the artifact's max batch),
+decoder (every backend.decode call, chunked) and postprocess (UGS merge, sparse planning, mask assembly).
+Each configuration is warmed up, then timed ``repeat`` times; p50/p95/p99 per stage and end to end.
+
+Query modes (see ``runtime`` and ``sparse``): ``full`` decodes every output pixel; ``box`` only the box
+plus a margin (the runtime's default); ``sparse`` the box plus margin, multiresolution (``sparse.py``).
+
+With ``reference`` the released code's compute (``benchmarks/reference.py``, eager PyTorch fp32, same
+weights) runs on the same inputs, interleaved with ours repeat by repeat (a shared CPU drifts: the ratio
+of interleaved runs is what is reported), and every row gets ``speedup_vs_reference`` and the pixel
+agreement of its mask with the reference's (inside the box, and over the whole output).
+
+Memory: ``peak_rss_mb`` is the process's peak resident set during a configuration's frames (the kernel's
+VmHWM is reset before each frame). With ``reference`` the process also holds the PyTorch model and the
+heap the reference freed but glibc kept, so measure memory without it.
+
+torch and imedsam_export are imported only inside the functions that need them (reference, ``--model``,
+the torch backends): the runtime itself stays torch-free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imedsam_deploy import backends as registry
+from imedsam_deploy.atomic import atomic_path, atomic_write_text
+from imedsam_deploy.backends.base import Backend, Embedding
+from imedsam_deploy.contract import refine_count
+from imedsam_deploy.errors import UserError
+from imedsam_deploy.manifest import Artifact, load_artifact
+from imedsam_deploy.preprocess import Region, box_region, box_to_model, region_coords, to_model_input
+from imedsam_deploy.runtime import DEFAULT_CHUNK, DEFAULT_MARGIN, ugs_merge
+from imedsam_deploy.sparse import SparseConfig, sparse_decode
+
+STAGES = ("preprocess", "encoder", "decoder", "postprocess")
+QUERIES = ("full", "box", "sparse")
+CACHE_ENV = "IMEDSAM_CACHE"
+RANDOM_SEED = 0
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class BenchOptions:
+    backends: list[str] | None = None  # None: every backend available here
+    precision: str | None = None  # None: each backend's default (ONNX Runtime fp32, torch-cuda bf16)
+    batches: tuple[int, ...] = (1,)
+    out_sizes: tuple[int, ...] = (0,)  # 0: the artifact's input size
+    queries: tuple[str, ...] = ("sparse", "box")
+    chunk: int | None = None  # decoder points per call (None: runtime default, capped at max_points)
+    warmup: int = 1
+    repeat: int = 10
+    margin: float = DEFAULT_MARGIN
+    sparse: SparseConfig = field(default_factory=SparseConfig)
+    reference: bool = False
+    threads: int | None = None
+
+
+@dataclass
+class Inputs:
+    images: list[np.ndarray]  # RGB uint8
+    boxes: list[np.ndarray]  # (4,) image pixels, one per image
+
+
+@dataclass
+class Timings:
+    stages: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in STAGES})
+    total: list[float] = field(default_factory=list)
+    points: int = 0
+    decoder_s: float = 0.0
+
+
+# ---------------------------------------------------------------- inputs
+def synthetic_inputs(size: int, batch: int, seed: int = 0) -> Inputs:
+    """Deterministic smooth RGB images with one bright blob each, and a box around the blob (~14% of the
+    image, Kvasir-Sessile's mean box area)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    imgs, boxes = [], []
+    for _ in range(batch):
+        cx, cy = rng.uniform(0.35, 0.65, 2)
+        r = 0.15
+        blob = np.exp(-(((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * (r / 1.5) ** 2)))
+        base = 0.35 + 0.1 * np.sin(6 * xx + rng.uniform(0, 6)) * np.cos(5 * yy)
+        rgb = np.stack([base + 0.5 * blob, base * 0.7 + 0.2 * blob, base * 0.5], axis=-1)
+        imgs.append((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+        half = 0.187 * size
+        boxes.append(np.array([cx * size - half, cy * size - half, cx * size + half, cy * size + half]))
+    return Inputs(imgs, boxes)
+
+
+def file_inputs(path: Path, box: tuple[float, float, float, float] | None, batch: int) -> Inputs:
+    from imedsam_deploy.boxes import fmt_box
+    from imedsam_deploy.video import read_image
+
+    rgb = read_image(path)  # the runtime's reader: refuses truncated files (cv2.imread half-decodes them)
+    h, w = rgb.shape[:2]
+    b = np.array(box if box is not None else (0.3 * w, 0.3 * h, 0.67 * w, 0.67 * h), dtype=np.float64)
+    if not (np.all(np.isfinite(b)) and 0 <= b[0] < b[2] <= w and 0 <= b[1] < b[3] <= h):
+        raise UserError(f"{path}: box {fmt_box(b)} is not inside the {w}x{h} image with positive area")
+    return Inputs([rgb] * batch, [b] * batch)
+
+
+# ---------------------------------------------------------------- statistics / machine
+def percentiles(xs: list[float]) -> dict[str, float]:
+    a = np.asarray(xs, dtype=np.float64)
+    return {"p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
+            "p99": float(np.percentile(a, 99)), "mean": float(a.mean()), "n": int(a.size)}
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS counter (VmHWM) so each row reports its own peak (Linux only)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
+                            "cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine()}
+    try:
+        import onnxruntime as ort
+
+        info["onnxruntime"] = ort.__version__
+    except ImportError:
+        pass
+    return info
+
+
+# ---------------------------------------------------------------- frame runner
+def _sync(backend: Backend) -> Callable[[], None]:
+    torch = getattr(backend, "torch", None)
+    dev = getattr(backend, "device", None)
+    if torch is not None and getattr(dev, "type", None) == "cuda":
+        return lambda: torch.cuda.synchronize(dev)
+    return lambda: None
+
+
+class FrameRunner:
+    """Runs one frame on one backend in one query mode, recording stage times."""
+
+    def __init__(self, backend: Backend, input_size: int, num_classes: int, fraction: float,
+                 opts: BenchOptions) -> None:
+        self.backend, self.s, self.k_cls, self.fraction, self.opts = backend, input_size, num_classes, fraction, opts
+        self.chunk = max(1, min(opts.chunk or DEFAULT_CHUNK, backend.max_points))
+        self.sync = _sync(backend)
+
+    def region(self, query: str, box: np.ndarray, image_hw: tuple[int, int], out_hw: tuple[int, int]) -> Region:
+        if query == "full":
+            return Region(0, 0, out_hw[0], out_hw[1])
+        return box_region(box, image_hw, out_hw, self.opts.margin)
+
+    def run(self, inputs: Inputs, out_hw: tuple[int, int], query: str, t: Timings | None) -> list[np.ndarray]:
+        """Masks (K, H, W) bool per image; stage times appended to ``t`` (when given)."""
+        t0 = time.perf_counter()
+        batch = np.stack([to_model_input(im, self.s) for im in inputs.images])
+        t1 = time.perf_counter()
+        embs: list[Embedding] = []
+        mb = self.backend.max_batch
+        for i in range(0, len(batch), mb):
+            embs.extend(self.backend.encode(batch[i : i + mb]))
+        self.sync()
+        t2 = time.perf_counter()
+        dec_s = 0.0
+        points = 0
+        masks = []
+        for emb, im, box in zip(embs, inputs.images, inputs.boxes, strict=True):
+            hw = (int(im.shape[0]), int(im.shape[1]))
+            mbox = box_to_model(np.asarray(box)[None], hw, self.s)
+
+            def decode(coords: np.ndarray, emb: Embedding = emb, mbox: np.ndarray = mbox) -> tuple[np.ndarray, ...]:
+                nonlocal dec_s, points
+                d0 = time.perf_counter()
+                n = coords.shape[0]
+                out = [np.empty((self.k_cls, n), np.float32) for _ in range(3)]
+                for s in range(0, n, self.chunk):
+                    e = min(n, s + self.chunk)
+                    res = self.backend.decode(emb, mbox, coords[None, s:e])
+                    for o, r in zip(out, res, strict=True):
+                        o[:, s:e] = r[0]
+                points += n
+                dec_s += time.perf_counter() - d0
+                return tuple(out)
+
+            region = self.region(query, box, hw, out_hw)
+            if query == "sparse":
+                r = (region.r0, region.r1, region.c0, region.c1)
+                masks.append(sparse_decode(decode, out_hw, self.fraction, r, self.opts.sparse).mask)  # type: ignore[arg-type]
+            else:
+                coarse, fine, unc = decode(region_coords(region, *out_hw))
+                merged = ugs_merge(coarse, fine, unc, refine_count(out_hw[0] * out_hw[1], self.fraction))
+                m = np.zeros((self.k_cls, *out_hw), dtype=bool)
+                m[:, region.r0 : region.r1, region.c0 : region.c1] = (merged > 0).reshape(self.k_cls, *region.shape)
+                masks.append(m)
+        t3 = time.perf_counter()
+        if t is not None:
+            t.stages["preprocess"].append((t1 - t0) * 1e3)
+            t.stages["encoder"].append((t2 - t1) * 1e3)
+            t.stages["decoder"].append(dec_s * 1e3)
+            t.stages["postprocess"].append((t3 - t2 - dec_s) * 1e3)
+            t.total.append((t3 - t0) * 1e3)
+            t.points += points
+            t.decoder_s += dec_s
+        return masks
+
+
+# ---------------------------------------------------------------- reference (torch, lazy)
+def load_reference_module() -> Any:
+    """``benchmarks/reference.py`` (a repository file, not part of the installed package)."""
+    try:
+        return importlib.import_module("benchmarks.reference")
+    except ImportError:
+        pass
+    path = Path(os.environ.get("IMEDSAM_REFERENCE", REPO_ROOT / "benchmarks" / "reference.py"))
+    if not path.is_file():
+        raise UserError(f"{path}: the reference implementation is not here (it lives in the repository's "
+                        "benchmarks/ folder; set IMEDSAM_REFERENCE to its path)")
+    spec = importlib.util.spec_from_file_location("imedsam_bench_reference", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class ReferenceRunner:
+    """The released code's compute on the same inputs (eager fp32 on ``device``)."""
+
+    def __init__(self, model: Any, device: str) -> None:
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self.ref = load_reference_module().ReferenceIMedSAM(model.to(self.device).eval())
+        self.s = model.cfg.input_size
+
+    def run(self, inputs: Inputs, out_hw: tuple[int, int], times: list[float] | None) -> list[np.ndarray]:
+        torch = self.torch
+        t0 = time.perf_counter()
+        x = torch.from_numpy(np.stack([to_model_input(im, self.s) for im in inputs.images])).to(self.device)
+        boxes = np.concatenate([box_to_model(np.asarray(b)[None], im.shape[:2], self.s)
+                                for b, im in zip(inputs.boxes, inputs.images, strict=True)])
+        logits = self.ref(x, torch.from_numpy(boxes).to(self.device), out_hw)
+        masks = (logits > 0).reshape(logits.shape[0], logits.shape[1], *out_hw).cpu().numpy()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if times is not None:
+            times.append((time.perf_counter() - t0) * 1e3)
+        return list(masks)
+
+
+def agreement(ours: np.ndarray, ref: np.ndarray, box: np.ndarray, image_hw: tuple[int, int]) -> dict[str, float]:
+    """Pixel agreement inside the box (output frame) and overall, and the Dice of the two masks."""
+    out_h, out_w = ours.shape[-2:]
+    h, w = image_hw
+    x0, y0, x1, y1 = box
+    c0, c1 = int(np.floor(x0 * out_w / w)), int(np.ceil(x1 * out_w / w))
+    r0, r1 = int(np.floor(y0 * out_h / h)), int(np.ceil(y1 * out_h / h))
+    inside = (ours[..., r0:r1, c0:c1] == ref[..., r0:r1, c0:c1]).mean()
+    inter = np.logical_and(ours, ref).sum()
+    denom = ours.sum() + ref.sum()
+    return {"pixel_in_box": float(inside), "pixel_all": float((ours == ref).mean()),
+            "dice": float(2 * inter / denom) if denom else 1.0}
+
+
+# ---------------------------------------------------------------- model / artifact resolution
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "imedsam"))
+
+
+def random_model(name: str, input_size: int) -> Any:
+    """The named architecture with deterministic random weights (seed RANDOM_SEED), eval mode."""
+    import torch
+
+    from imedsam_train.build import build
+
+    torch.manual_seed(RANDOM_SEED)
+    model, _ = build(name, input_size=input_size)
+    return model.eval()
+
+
+def _fingerprint(model: Any) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().flatten()[:64].cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def random_artifact(name: str, input_size: int, log: Callable[[str], None]) -> tuple[Path, Any]:
+    """Export (once; cached under $IMEDSAM_CACHE or ~/.cache/imedsam) the random-weight ``name`` model."""
+    model = random_model(name, input_size)
+    fp = _fingerprint(model)
+    out = cache_dir() / "bench" / f"{name}-{input_size}-{fp}"
+    if (out / "manifest.json").is_file():
+        log(f"random-weight {name} artifact (cached): {out}")
+        return out, model
+    try:
+        from imedsam_export.api import export_artifact
+    except ImportError as e:
+        raise UserError(f"--model {name} needs the exporter (pip install 'imedsam[train]'): {e}") from None
+    log(f"exporting random-weight {name} at {input_size} to {out} (once) ...")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    export_artifact(None, out, model=model, force=True)
+    return out, model
+
+
+def latest_artifact_of(name: str | None) -> Path | None:
+    from imedsam_deploy.paths import latest_artifact
+
+    art = latest_artifact()
+    if art is None or name is None:
+        return art
+    try:
+        m = json.loads((art / "manifest.json").read_text())
+        return art if m.get("model", {}).get("name") == name else None
+    except (OSError, ValueError):
+        return None
+
+
+def torch_model_for(artifact: Artifact) -> Any:
+    """The PyTorch model behind an artifact (for the reference): its source checkpoint."""
+    from imedsam_deploy.backends.torch_cuda import CHECKPOINT_ENV, source_checkpoint
+
+    ck = source_checkpoint(artifact)
+    if ck is None or not ck.is_file():
+        raise UserError(f"{artifact.path}: --reference needs the PyTorch checkpoint the artifact was exported "
+                        f"from (manifest source.checkpoint, or set {CHECKPOINT_ENV}); or use --model")
+    from imedsam_train.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(ck)
+    return model.eval()
+
+
+# ---------------------------------------------------------------- backends
+def open_backends(artifact: Artifact, names: list[str] | None, precision: str | None, model: Any | None,
+                  threads: int | None, log: Callable[[str], None]) -> tuple[list[Backend], dict[str, str]]:
+    """Open the requested backends (default: every registry backend usable here). Returns (opened, skipped)."""
+    opened: list[Backend] = []
+    skipped: dict[str, str] = {}
+    wanted = names or list(registry.NAMES)
+    for name in wanted:
+        if name in ("torch-cuda", "torch-cpu") and model is not None:
+            try:
+                from imedsam_deploy.backends.torch_cuda import TorchBackend
+
+                dev = "cuda" if name == "torch-cuda" else "cpu"
+                prec = "fp32" if dev == "cpu" else (precision or "bf16")
+                opened.append(TorchBackend(model, dev, prec, max_batch=artifact.max_batch,
+                                           max_points=artifact.max_points))
+            except UserError as e:
+                skipped[name] = str(e)
+            continue
+        if name == "torch-cpu":
+            skipped[name] = "needs an in-process model (--model)"
+            continue
+        if name not in registry.NAMES:
+            raise UserError(f"unknown backend {name!r} (choose from {', '.join((*registry.NAMES, 'torch-cpu'))})")
+        reason = registry.probe(name, artifact)
+        if reason is not None:
+            skipped[name] = reason
+            continue
+        try:
+            if name == "ort-cpu" and threads:
+                from imedsam_deploy.backends.ort import OrtBackend
+
+                opened.append(OrtBackend(artifact, "cpu", precision or "fp32", threads=threads))
+            else:
+                be, _ = registry.open_backend(name, artifact, precision)
+                opened.append(be)
+        except UserError as e:
+            skipped[name] = str(e)
+    for n, why in skipped.items():
+        log(f"skipped {n}: {why}")
+    if not opened:
+        raise UserError(f"{artifact.path}: no backend could run here ({'; '.join(f'{k}: {v}' for k, v in skipped.items())})")
+    return opened, skipped
+
+
+# ---------------------------------------------------------------- the benchmark
+def run_bench(artifact_path: Path, opts: BenchOptions, model: Any | None = None,
+              inputs_for: Callable[[int, int], Inputs] | None = None,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Benchmark ``artifact_path``; ``model`` (the same weights, in-process) enables torch backends and the
+    reference without a checkpoint. Returns the JSON-able report."""
+    artifact = load_artifact(artifact_path)
+    s = artifact.input_size
+    if opts.threads:
+        os.environ.setdefault("OMP_NUM_THREADS", str(opts.threads))
+    for q in opts.queries:
+        if q not in QUERIES:
+            raise UserError(f"query mode {q!r} not one of {', '.join(QUERIES)}")
+    backends, skipped = open_backends(artifact, opts.backends, opts.precision, model, opts.threads, log)
+    ref = None
+    ref_model = None
+    if opts.reference:
+        ref_model = model if model is not None else torch_model_for(artifact)
+        import torch
+
+        if opts.threads:
+            torch.set_num_threads(opts.threads)
+        ref = ReferenceRunner(ref_model, "cuda" if torch.cuda.is_available() else "cpu")
+    make_inputs = inputs_for or (lambda size, batch: synthetic_inputs(size, batch))
+    results: list[dict[str, Any]] = []
+    reference_rows: list[dict[str, Any]] = []
+    for batch in opts.batches:
+        for out_size in opts.out_sizes:
+            osz = out_size or s
+            out_hw = (osz, osz)
+            inputs = make_inputs(s, batch)
+            runners = [(b, q, FrameRunner(b, s, artifact.num_classes, artifact.refine_fraction, opts))
+                       for b in backends for q in opts.queries]
+            timings = [Timings() for _ in runners]
+            ref_times: list[float] = []
+            ref_masks = None
+            peaks: list[float] = [0.0] * len(runners)
+            gpu_peaks: list[float | None] = [None] * len(runners)
+            for i in range(opts.warmup + opts.repeat):
+                timed = i >= opts.warmup
+                for j, (be, q, fr) in enumerate(runners):
+                    reset_peak_rss()
+                    torch_mod: Any = getattr(be, "torch", None)
+                    on_gpu = torch_mod is not None and getattr(be, "device", None).type == "cuda"  # type: ignore[union-attr]
+                    if on_gpu:
+                        torch_mod.cuda.reset_peak_memory_stats()
+                    fr.run(inputs, out_hw, q, timings[j] if timed else None)
+                    peaks[j] = max(peaks[j], peak_rss_mb())
+                    if on_gpu:
+                        gpu_peaks[j] = max(gpu_peaks[j] or 0.0, torch_mod.cuda.max_memory_allocated() / 2**20)
+                if ref is not None and (timed or i == 0):
+                    # the reference is slow: one warm-up pass at most, then interleaved with ours
+                    masks = ref.run(inputs, out_hw, ref_times if timed else None)
+                    ref_masks = ref_masks if ref_masks is not None else masks
+            ref_e2e = percentiles(ref_times) if ref_times else None
+            if ref_e2e is not None:
+                reference_rows.append({"batch": batch, "out_size": osz, "e2e_ms": ref_e2e,
+                                       "fps": batch / ref_e2e["p50"] * 1e3})
+            for j, (be, q, fr) in enumerate(runners):
+                t = timings[j]
+                e2e = percentiles(t.total)
+                row: dict[str, Any] = {
+                    "backend": be.name, "description": be.description, "precision": getattr(be, "precision", opts.precision),
+                    "query": q, "batch": batch, "out_size": osz,
+                    "stages_ms": {st: percentiles(t.stages[st]) for st in STAGES}, "e2e_ms": e2e,
+                    "fps": batch / e2e["p50"] * 1e3,
+                    "decoder_points_per_frame": t.points / max(1, len(t.total)),
+                    "decoder_points_per_s": t.points / t.decoder_s if t.decoder_s > 0 else None,
+                    "peak_rss_mb": peaks[j], "gpu_peak_mb": gpu_peaks[j],
+                }
+                if ref_e2e is not None and ref_masks is not None:
+                    row["reference_e2e_p50_ms"] = ref_e2e["p50"]
+                    # ratio of the interleaved per-repeat times (robust to CPU drift), and of the p50s
+                    ratios = [a / b for a, b in zip(ref_times, t.total, strict=False)]
+                    row["speedup_vs_reference"] = float(np.median(ratios))
+                    row["speedup_p50_ratio"] = ref_e2e["p50"] / e2e["p50"]
+                    ours = fr.run(inputs, out_hw, q, None)
+                    agrees = [agreement(o, r, b, im.shape[:2])
+                              for o, r, b, im in zip(ours, ref_masks, inputs.boxes, inputs.images, strict=True)]
+                    row["agreement"] = {k: float(np.mean([a[k] for a in agrees])) for k in agrees[0]}
+                results.append(row)
+                log(_row_line(row))
+    for b in backends:
+        b.close()
+    report: dict[str, Any] = {
+        "format": "imedsam-bench", "version": 1,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(), "artifact": str(artifact.path), "model": artifact.manifest.get("model", {}).get("name"),
+        "input_size": s,
+        "settings": {"precision": opts.precision, "batches": list(opts.batches),
+                     "out_sizes": [o or s for o in opts.out_sizes], "queries": list(opts.queries),
+                     "chunk": opts.chunk or DEFAULT_CHUNK, "warmup": opts.warmup, "repeat": opts.repeat,
+                     "margin": opts.margin, "sparse": opts.sparse.__dict__, "threads": opts.threads,
+                     "reference_device": str(ref.device) if ref else None},
+        "skipped": skipped, "results": results, "reference": reference_rows,
+        "backends": summarise(results),
+    }
+    return report
+
+
+def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per backend: its fastest row at the first (batch, out_size): e2e p50, speed-up, agreement."""
+    out: dict[str, Any] = {}
+    if not results:
+        return out
+    first = (results[0]["batch"], results[0]["out_size"])
+    for r in results:
+        if (r["batch"], r["out_size"]) != first:
+            continue
+        cur = out.get(r["backend"])
+        if cur is None or r["e2e_ms"]["p50"] < cur["e2e_p50_ms"]:
+            out[r["backend"]] = {
+                "query": r["query"], "batch": r["batch"], "out_size": r["out_size"],
+                "e2e_p50_ms": r["e2e_ms"]["p50"], "fps": r["fps"],
+                "speedup_vs_reference": r.get("speedup_vs_reference"),
+                "pixel_agreement": (r.get("agreement") or {}).get("pixel_in_box"),
+                "agreement": r.get("agreement"),
+            }
+    return out
+
+
+def _row_line(r: dict[str, Any]) -> str:
+    st = " ".join(f"{k[:3]} {r['stages_ms'][k]['p50']:.1f}" for k in STAGES)
+    extra = ""
+    if "speedup_vs_reference" in r:
+        extra = f"  x{r['speedup_vs_reference']:.1f} vs ref, agree {100 * r['agreement']['pixel_in_box']:.2f}% in box"
+    return (f"{r['backend']:<10} {r['query']:<6} b{r['batch']:<3} {r['out_size']:>5}^2  e2e p50 "
+            f"{r['e2e_ms']['p50']:.1f} ms ({st}){extra}")
+
+
+# ---------------------------------------------------------------- outputs
+def table(report: dict[str, Any]) -> list[list[str]]:
+    rows = [["backend", "query", "batch", "out", "pre", "enc", "dec", "post", "e2e p50", "p95", "p99", "fps",
+             "Mpts/s", "rss MB", "speedup", "agree box"]]
+    for r in report["results"]:
+        st = r["stages_ms"]
+        pts = r["decoder_points_per_s"]
+        rows.append([
+            r["backend"], r["query"], str(r["batch"]), str(r["out_size"]),
+            *(f"{st[k]['p50']:.1f}" for k in STAGES),
+            f"{r['e2e_ms']['p50']:.1f}", f"{r['e2e_ms']['p95']:.1f}", f"{r['e2e_ms']['p99']:.1f}", f"{r['fps']:.1f}",
+            f"{pts / 1e6:.2f}" if pts else "-", f"{r['peak_rss_mb']:.0f}",
+            f"{r['speedup_vs_reference']:.1f}x" if r.get("speedup_vs_reference") else "-",
+            f"{100 * r['agreement']['pixel_in_box']:.2f}%" if r.get("agreement") else "-",
+        ])
+    for ref in report["reference"]:
+        rows.append(["reference", "full", str(ref["batch"]), str(ref["out_size"]), "", "", "", "",
+                     f"{ref['e2e_ms']['p50']:.1f}", f"{ref['e2e_ms']['p95']:.1f}", f"{ref['e2e_ms']['p99']:.1f}",
+                     f"{ref['fps']:.2f}", "-", "-", "1.0x", "100%"])
+    return rows
+
+
+def csv_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for r in report["results"]:
+        row: dict[str, Any] = {k: r[k] for k in ("backend", "precision", "query", "batch", "out_size", "fps",
+                                                 "decoder_points_per_frame", "decoder_points_per_s",
+                                                 "peak_rss_mb", "gpu_peak_mb")}
+        for st in STAGES:
+            for p in ("p50", "p95", "p99"):
+                row[f"{st}_{p}_ms"] = r["stages_ms"][st][p]
+        for p in ("p50", "p95", "p99"):
+            row[f"e2e_{p}_ms"] = r["e2e_ms"][p]
+        row["speedup_vs_reference"] = r.get("speedup_vs_reference")
+        row["pixel_agreement_in_box"] = (r.get("agreement") or {}).get("pixel_in_box")
+        out.append(row)
+    return out
+
+
+def write_outputs(report: dict[str, Any], json_path: Path | None, csv_path: Path | None,
+                  png_path: Path | None) -> None:
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
+    if csv_path is not None:
+        rows = csv_rows(report)
+        with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
+            if rows:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+    if png_path is not None:
+        plot(report, png_path)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Left: stacked per-stage p50 per backend/query (first batch and output size). Right: e2e p50 vs output
+    size per backend/query (first batch), with the reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = report["results"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    if res:
+        b0, o0 = res[0]["batch"], res[0]["out_size"]
+        sel = [r for r in res if r["batch"] == b0 and r["out_size"] == o0]
+        labels = [f"{r['backend']}\n{r['query']}" for r in sel]
+        bottom = np.zeros(len(sel))
+        for st in STAGES:
+            v = np.array([r["stages_ms"][st]["p50"] for r in sel])
+            a1.bar(labels, v, bottom=bottom, label=st)
+            bottom += v
+        a1.set_ylabel("ms (p50)")
+        a1.set_title(f"latency per stage, batch {b0}, {o0}x{o0} output")
+        a1.legend()
+        keys = sorted({(r["backend"], r["query"]) for r in res if r["batch"] == b0})
+        for k in keys:
+            pts = sorted((r["out_size"], r["e2e_ms"]["p50"]) for r in res if r["batch"] == b0 and (r["backend"], r["query"]) == k)
+            a2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{k[0]} {k[1]}")
+        refs = sorted((r["out_size"], r["e2e_ms"]["p50"]) for r in report["reference"] if r["batch"] == b0)
+        if refs:
+            a2.plot([p[0] for p in refs], [p[1] for p in refs], marker="s", color="k", label="reference")
+        a2.set_xlabel("output size (pixels per side)")
+        a2.set_ylabel("end-to-end ms (p50)")
+        a2.set_yscale("log")
+        a2.set_title(f"latency vs output size, batch {b0}")
+        a2.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+__all__ = ["BenchOptions", "Inputs", "run_bench", "synthetic_inputs", "file_inputs", "write_outputs", "table",
+           "random_artifact", "random_model", "latest_artifact_of", "agreement"]

@@ -1,0 +1,232 @@
+"""Run a ``Segmenter`` over an image, a folder of images, a video or a NIfTI volume into an ``OutputSet``.
+
+Inputs are checked (readable, has frames, boxes inside the image) before anything is decoded; the CLI
+stages the outputs in a temporary folder, so an error part-way leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imedsam_deploy._cv import cv2
+from imedsam_deploy.boxes import BoxTable, fmt_box, lookup, validate_box
+from imedsam_deploy.errors import UserError
+from imedsam_deploy.outputs import Layer, OutputSet, Record
+from imedsam_deploy.runtime import ObjectMask, Segmenter, sigmoid
+from imedsam_deploy.tracking import Track, TrackConfig
+from imedsam_deploy.video import IMAGE_EXTS, VIDEO_EXTS, VideoReader, read_image
+from imedsam_deploy.volume import Volume, is_nifti, save_labels
+
+Progress = Callable[[int], None]  # called with the number of frames done
+
+
+@dataclass
+class Prompts:
+    boxes: list[np.ndarray]  # --box, objects 0..n-1 (first frame of a video, every image / slice otherwise)
+    table: BoxTable | None = None  # --boxes
+
+    def for_frame(self, index: int, name: str | None, first_only: bool) -> dict[int, np.ndarray]:
+        given: dict[int, np.ndarray] = {}
+        if not first_only or index == 0:
+            given.update(enumerate(self.boxes))
+        if self.table is not None:
+            given.update(lookup(self.table, index, name))
+        return given
+
+
+@dataclass
+class InputSpec:
+    kind: str  # image | folder | video | volume
+    path: Path
+    files: list[Path] = field(default_factory=list)
+
+
+def detect_input(path: Path) -> InputSpec:
+    if not path.exists():
+        raise UserError(f"{path}: input does not exist")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+        if not files:
+            raise UserError(f"{path}: folder holds no images ({', '.join(sorted(IMAGE_EXTS))})")
+        return InputSpec("folder", path, files)
+    if is_nifti(path):
+        return InputSpec("volume", path)
+    suffix = path.suffix.lower()
+    if suffix in VIDEO_EXTS:
+        return InputSpec("video", path)
+    if suffix in IMAGE_EXTS:
+        return InputSpec("image", path, [path])
+    raise UserError(f"{path}: unknown input type (expected an image, a folder of images, a video or a .nii/.nii.gz)")
+
+
+def out_shape(image_hw: tuple[int, int], out_size: tuple[int, int] | int | None) -> tuple[int, int]:
+    """Output (H, W): the input's size, N on the long side (aspect kept), or an explicit (W, H)."""
+    h, w = image_hw
+    if out_size is None:
+        return h, w
+    if isinstance(out_size, tuple):
+        return out_size[1], out_size[0]
+    s = out_size / max(h, w)
+    return max(1, round(h * s)), max(1, round(w * s))
+
+
+def _to_image(mask: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
+    if mask.shape == image_hw:
+        return mask
+    return cv2.resize(mask.astype(np.uint8), image_hw[::-1], interpolation=cv2.INTER_NEAREST).astype(bool)
+
+
+def _records(frame: int, name: str, objs: dict[int, ObjectMask], status: dict[int, str], masks: dict[int, list[np.ndarray]],
+             enc_ms: float, dec_ms: float, notes: dict[int, str]) -> list[Record]:
+    out = []
+    for obj, om in objs.items():
+        for c in range(om.num_classes):
+            x0, y0, x1, y1 = (float(v) for v in om.box)
+            rm = om.region_mask()[c]
+            mp = float(sigmoid(om.logits[c][rm]).mean()) if rm.any() else 0.0
+            out.append(Record(frame, name, obj, c, status[obj], x0, y0, x1, y1, int(masks[obj][c].sum()), mp,
+                              om.queried, enc_ms + dec_ms, enc_ms, dec_ms, notes.get(obj, "")))
+    return out
+
+
+def _layers(objs: dict[int, ObjectMask], status: dict[int, str], masks: dict[int, list[np.ndarray]]) -> list[Layer]:
+    layers = []
+    for obj, om in objs.items():
+        for c in range(om.num_classes):
+            tag = f"{obj + 1}" + (f".{c}" if om.num_classes > 1 else "") + (" lost" if status[obj] == "lost" else "")
+            layers.append(Layer(obj, masks[obj][c], om.box, status[obj], tag))
+    return layers
+
+
+def _class_masks(om: ObjectMask, keep: bool) -> list[np.ndarray]:
+    return [om.mask(c) if keep else np.zeros(om.out_hw, bool) for c in range(om.num_classes)]
+
+
+def run_images(seg: Segmenter, spec: InputSpec, prompts: Prompts, outs: OutputSet,
+               out_size: tuple[int, int] | int | None, progress: Progress) -> dict[str, Any]:
+    frames = 0
+    for i, path in enumerate(spec.files):
+        rgb = read_image(path)
+        hw = (int(rgb.shape[0]), int(rgb.shape[1]))
+        given = prompts.for_frame(i, path.name, first_only=False)
+        for obj, b in given.items():
+            validate_box(b, hw, f"{path} object {obj}")
+        ohw = out_shape(hw, out_size)
+        objs: dict[int, ObjectMask] = {}
+        enc_ms = dec_ms = 0.0
+        if given:
+            (emb,), enc_ms = seg.embed([rgb])
+            t = time.perf_counter()
+            objs = {obj: seg.decode_box(emb, b, hw, ohw) for obj, b in sorted(given.items())}
+            dec_ms = (time.perf_counter() - t) * 1e3
+        status = dict.fromkeys(objs, "given")
+        masks = {obj: _class_masks(om, True) for obj, om in objs.items()}
+        outs.add_frame(path.stem, rgb, ohw, _layers(objs, status, masks),
+                       _records(i, path.name, objs, status, masks, enc_ms, dec_ms, {}))
+        frames += 1
+        progress(frames)
+    return {"frames": frames}
+
+
+def run_video(seg: Segmenter, reader: VideoReader, prompts: Prompts, outs: OutputSet,
+              out_size: tuple[int, int] | int | None, track_cfg: TrackConfig, progress: Progress) -> dict[str, Any]:
+    hw = (reader.height, reader.width)
+    ohw = out_shape(hw, out_size)
+    tracks: dict[int, Track] = {}
+    frames = 0
+    for t, rgb in enumerate(reader):
+        given = prompts.for_frame(t, None, first_only=True)
+        for obj, b in given.items():
+            validate_box(b, hw, f"{reader.path} frame {t} object {obj}")
+            tracks.setdefault(obj, Track(obj, track_cfg)).give(b)
+        active = {obj: tr for obj, tr in sorted(tracks.items()) if tr.box is not None}
+        objs: dict[int, ObjectMask] = {}
+        enc_ms = dec_ms = 0.0
+        if active:
+            (emb,), enc_ms = seg.embed([rgb])
+            tt = time.perf_counter()
+            objs = {obj: seg.decode_box(emb, tr.box, hw, ohw) for obj, tr in active.items() if tr.box is not None}
+            dec_ms = (time.perf_counter() - tt) * 1e3
+        status: dict[int, str] = {}
+        notes: dict[int, str] = {}
+        masks: dict[int, list[np.ndarray]] = {}
+        for obj, om in objs.items():
+            tr = tracks[obj]
+            was = tr.status
+            st = tr.observe(_to_image(om.mask(), hw), om.mean_probability, given=obj in given)
+            status[obj] = st
+            if st == "lost":
+                notes[obj] = tr.lost_reason
+                if was != "lost":
+                    outs.events.append({"frame": t, "object": obj, "event": "lost", "reason": tr.lost_reason,
+                                        "box": fmt_box(om.box)})
+            elif was == "lost" and t > 0 and st == "tracked":
+                outs.events.append({"frame": t, "object": obj, "event": "found", "box": fmt_box(om.box)})
+            masks[obj] = _class_masks(om, keep=st != "lost")  # a lost object's mask is not reported
+        outs.add_frame(f"{t:06d}", rgb, ohw, _layers(objs, status, masks),
+                       _records(t, f"{t:06d}", objs, status, masks, enc_ms, dec_ms, notes))
+        frames += 1
+        progress(frames)
+    return {"frames": frames, "fps": reader.fps, "size": [reader.width, reader.height]}
+
+
+def run_volume(seg: Segmenter, vol: Volume, prompts: Prompts, outs: OutputSet,
+               out_size: tuple[int, int] | int | None, progress: Progress) -> dict[str, Any]:
+    hw = vol.slice_hw
+    if out_size is not None and out_shape(hw, out_size) != hw:
+        raise UserError(f"{vol.path}: --out-size is not supported for volumes (the mask keeps the voxel grid)")
+    per_slice = [prompts.for_frame(z, None, first_only=False) for z in range(vol.num_slices)]
+    for z, given in enumerate(per_slice):
+        for obj, b in given.items():
+            validate_box(b, hw, f"{vol.path} slice {z} object {obj}")
+    if prompts.table is not None:
+        bad = [k for k in prompts.table if not isinstance(k, int) or not 0 <= k < vol.num_slices]
+        if bad:
+            raise UserError(f"{vol.path}: --boxes names slice {bad[0]!r}, the volume has slices 0..{vol.num_slices - 1}")
+    labels = np.zeros((vol.num_slices, *hw), np.uint8)
+    segmented = 0
+    channels = 0
+    for z, given in enumerate(per_slice):
+        if given:
+            rgb = vol.slice_rgb(z)
+            (emb,), enc_ms = seg.embed([rgb])
+            t = time.perf_counter()
+            objs = {obj: seg.decode_box(emb, b, hw, hw) for obj, b in sorted(given.items())}
+            dec_ms = (time.perf_counter() - t) * 1e3
+            status = dict.fromkeys(objs, "given")
+            masks = {obj: _class_masks(om, True) for obj, om in objs.items()}
+            flat = [m for obj in sorted(masks) for m in masks[obj]]
+            channels = max(channels, len(flat))
+            labels[z] = np.where(labels[z] == 0, _labels_nd(flat, hw), labels[z])
+            outs.add_frame(f"slice_{z:04d}", rgb, hw, _layers(objs, status, masks),
+                           _records(z, f"slice_{z:04d}", objs, status, masks, enc_ms, dec_ms, {}))
+            segmented += 1
+        progress(z + 1)
+    if channels == 1:
+        labels = (labels > 0).astype(np.uint8)  # one object: a 0/1 label volume
+    save_labels(vol, labels, outs.root / "mask.nii.gz")
+    return {"frames": vol.num_slices, "segmented_slices": segmented}
+
+
+def _labels_nd(masks: list[np.ndarray], hw: tuple[int, int]) -> np.ndarray:
+    lab = np.zeros(hw, np.uint8)
+    for i, m in enumerate(masks):
+        lab[m & (lab == 0)] = i + 1
+    return lab
+
+
+def iter_frames_count(spec: InputSpec, reader: VideoReader | None, vol: Volume | None) -> int | None:
+    if spec.kind in ("image", "folder"):
+        return len(spec.files)
+    if reader is not None:
+        return reader.frame_count or None
+    if vol is not None:
+        return vol.num_slices
+    return None
+

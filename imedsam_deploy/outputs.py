@@ -1,0 +1,140 @@
+"""What ``imedsam-infer`` writes: mask PNGs (or a NIfTI label volume), overlays and per-frame results.
+
+    masks/<name>.png        one per image / video frame: 0/255 for one object, else object number 1..n
+                            (the first object wins where masks overlap); at --out-size
+    overlay/<name>.png      images and volume slices: filled contours over the input
+    overlay.mp4 (.avi)      videos: the input's size, frame rate and frame count
+    mask.nii.gz             volumes: labels on the input's voxel grid
+    results.csv / .json     one row per frame and object: box, status, area, mean probability, latency
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imedsam_deploy._cv import cv2
+from imedsam_deploy.video import VideoWriter, write_image
+
+# RGB, distinct on endoscopy and CT backgrounds
+PALETTE = [(0, 255, 128), (255, 64, 64), (64, 160, 255), (255, 220, 0), (220, 80, 255), (0, 230, 230)]
+LOST_COLOR = (160, 160, 160)
+FIELDS = ["frame", "name", "object", "class", "status", "x0", "y0", "x1", "y1", "area", "mean_probability",
+          "queried_points", "latency_ms", "encode_ms", "decode_ms", "note"]
+
+
+@dataclass
+class Record:
+    frame: int
+    name: str
+    object: int
+    cls: int
+    status: str
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    area: int
+    mean_probability: float
+    queried_points: int
+    latency_ms: float
+    encode_ms: float
+    decode_ms: float
+    note: str = ""
+
+    def row(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["class"] = d.pop("cls")
+        for k in ("mean_probability", "latency_ms", "encode_ms", "decode_ms"):
+            d[k] = round(float(d[k]), 4)
+        for k in ("x0", "y0", "x1", "y1"):
+            d[k] = round(float(d[k]), 2)
+        return {k: d[k] for k in FIELDS}
+
+
+@dataclass
+class Layer:
+    """One drawn/stored mask: an object (and class) on one frame, at the output size."""
+
+    obj: int
+    mask: np.ndarray  # (h, w) bool at the output size
+    box: np.ndarray  # image pixels
+    status: str
+    label: str
+
+
+def label_image(masks: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    """uint8: 0/255 for a single mask, mask number 1..n for several (the first one wins on overlap)."""
+    lab = np.zeros(shape, np.uint8)
+    if len(masks) == 1:
+        lab[masks[0]] = 255
+        return lab
+    for i, m in enumerate(masks):
+        lab[m & (lab == 0)] = i + 1
+    return lab
+
+
+def draw_overlay(rgb: np.ndarray, layers: list[Layer], alpha: float = 0.4) -> np.ndarray:
+    """Filled contours (translucent), their outlines, the prompt boxes and labels over an RGB frame."""
+    h, w = rgb.shape[:2]
+    fill = rgb.copy()
+    outlines = []
+    for layer in layers:
+        color = LOST_COLOR if layer.status == "lost" else PALETTE[layer.obj % len(PALETTE)]
+        m = layer.mask
+        if m.shape != (h, w):
+            m = cv2.resize(m.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+        contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(fill, contours, -1, color, thickness=cv2.FILLED)
+        outlines.append((contours, color, layer))
+    out = cv2.addWeighted(fill, alpha, rgb, 1 - alpha, 0)
+    for contours, color, layer in outlines:
+        cv2.drawContours(out, contours, -1, color, thickness=2)
+        x0, y0, x1, y1 = (int(round(v)) for v in layer.box)
+        cv2.rectangle(out, (x0, y0), (max(x0, x1 - 1), max(y0, y1 - 1)), color, 1)
+        cv2.putText(out, layer.label, (x0 + 2, max(12, y0 - 4)), cv2.FONT_HERSHEY_SIMPLEX, 0.45, color, 1, cv2.LINE_AA)
+    return out
+
+
+class OutputSet:
+    """Writes into ``root`` (a staging folder the CLI renames into place when everything succeeded)."""
+
+    def __init__(self, root: Path, kind: str, fps: float | None = None, size: tuple[int, int] | None = None,
+                 video_suffix: str = ".mp4", mask_pngs: bool = True) -> None:
+        self.root, self.kind, self.mask_pngs = root, kind, mask_pngs
+        self.records: list[Record] = []
+        self.events: list[dict[str, Any]] = []
+        self.video: VideoWriter | None = None
+        if mask_pngs:
+            (root / "masks").mkdir(parents=True, exist_ok=True)
+        if kind == "video":
+            assert fps is not None and size is not None
+            self.video = VideoWriter(root / f"overlay{video_suffix}", fps, *size)
+        else:
+            (root / "overlay").mkdir(parents=True, exist_ok=True)
+
+    def add_frame(self, name: str, rgb: np.ndarray, out_hw: tuple[int, int], layers: list[Layer],
+                  records: list[Record], draw: bool = True) -> None:
+        if self.mask_pngs:
+            write_image(self.root / "masks" / f"{name}.png", label_image([ly.mask for ly in layers], out_hw))
+        self.records.extend(records)
+        if self.video is not None:
+            self.video.write(draw_overlay(rgb, layers))
+        elif draw:
+            write_image(self.root / "overlay" / f"{name}.png", draw_overlay(rgb, layers))
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        if self.video is not None:
+            self.video.close()
+        rows = [r.row() for r in self.records]
+        with open(self.root / "results.csv", "w", newline="", encoding="utf-8") as f:
+            wr = csv.DictWriter(f, fieldnames=FIELDS)
+            wr.writeheader()
+            wr.writerows(rows)
+        doc = {**summary, "events": self.events, "records": rows}
+        (self.root / "results.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")

@@ -1,0 +1,92 @@
+"""Numpy twin of the model's preprocessing and query grid (constants from ``contract``).
+
+stretch-resize to S x S with cv2 INTER_LINEAR, RGB, x PIXEL_SCALE, NCHW float32; boxes scaled to the
+model-input frame; pixel-centre coordinates in [-1, 1] (align_corners=False), row-major, (x, y).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from imedsam_deploy import contract
+from imedsam_deploy._cv import cv2
+
+_INTERP = {"linear": cv2.INTER_LINEAR}
+
+
+def to_model_input(rgb: np.ndarray, input_size: int) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (3, S, S) float32 in [0, 1]."""
+    resized = cv2.resize(rgb, (input_size, input_size), interpolation=_INTERP[contract.RESIZE_INTERPOLATION])
+    x = resized.astype(np.float32) * np.float32(contract.PIXEL_SCALE)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def box_to_model(box: np.ndarray, image_hw: tuple[int, int], input_size: int) -> np.ndarray:
+    """(..., 4) boxes in image pixels -> the model-input pixel frame (the stretch's per-axis scale)."""
+    h, w = image_hw
+    scale = np.array([input_size / w, input_size / h, input_size / w, input_size / h], dtype=np.float64)
+    return (np.asarray(box, dtype=np.float64) * scale).astype(np.float32)
+
+
+def axis_centres(n: int) -> np.ndarray:
+    """Pixel-centre coordinates of n samples along one axis, float32, as the torch twin computes them."""
+    return (np.float32(2) * np.arange(n, dtype=np.float32) + np.float32(1)) / np.float32(n) - np.float32(1)
+
+
+def grid_coords(height: int, width: int) -> np.ndarray:
+    """(H*W, 2) float32 (x, y) of every output pixel centre, row-major (= imedsam_train.model.grid_coords)."""
+    return region_coords(Region(0, 0, height, width), height, width)
+
+
+@dataclass(frozen=True)
+class Region:
+    """Rows [r0, r1) and columns [c0, c1) of an output grid."""
+
+    r0: int
+    c0: int
+    r1: int
+    c1: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.r1 - self.r0, self.c1 - self.c0
+
+    @property
+    def size(self) -> int:
+        return max(0, self.r1 - self.r0) * max(0, self.c1 - self.c0)
+
+
+def region_coords(region: Region, height: int, width: int) -> np.ndarray:
+    """Coordinates of the pixels of ``region`` of an H x W grid, (n, 2) float32, row-major."""
+    xs = axis_centres(width)[region.c0 : region.c1]
+    ys = axis_centres(height)[region.r0 : region.r1]
+    gx, gy = np.meshgrid(xs, ys, indexing="xy")
+    return np.stack([gx, gy], axis=-1).reshape(-1, 2)
+
+
+def region_chunk_coords(region: Region, height: int, width: int, start: int, stop: int) -> np.ndarray:
+    """Rows start..stop-1 of ``region_coords(region, height, width)``, without building the whole array."""
+    idx = np.arange(start, stop)
+    rw = region.c1 - region.c0
+    xs = axis_centres(width)[region.c0 + idx % rw]
+    ys = axis_centres(height)[region.r0 + idx // rw]
+    return np.stack([xs, ys], axis=-1)
+
+
+def box_region(box: np.ndarray, image_hw: tuple[int, int], out_hw: tuple[int, int], margin: float,
+               min_margin_px: float = 4.0) -> Region:
+    """The output pixels within ``box`` (image pixels) grown by ``margin`` x its size (at least min_margin_px)."""
+    h, w = image_hw
+    oh, ow = out_hw
+    x0, y0, x1, y1 = (float(v) for v in box)
+    mx = max(margin * (x1 - x0), min_margin_px)
+    my = max(margin * (y1 - y0), min_margin_px)
+    sx, sy = ow / w, oh / h
+    c0 = max(0, math.floor((x0 - mx) * sx))
+    c1 = min(ow, math.ceil((x1 + mx) * sx))
+    r0 = max(0, math.floor((y0 - my) * sy))
+    r1 = min(oh, math.ceil((y1 + my) * sy))
+    return Region(r0, c0, max(r0, r1), max(c0, c1))

@@ -1,0 +1,169 @@
+"""The segmentation runtime on top of a backend: one embedding per image, chunked box-local queries, UGS.
+
+Query modes:
+- ``full`` (default): every output pixel is decoded: the reference the export is checked against.
+- ``box``: only the output pixels inside the box grown by ``margin`` are decoded; every other
+  pixel is background. The UGS refine count is the full grid's, ``refine_count(H*W, fraction)`` (capped at
+  the queried points), so the fine INR refines the same number of points as a full-grid query would: when
+  the full grid's most uncertain points all lie in the region the two modes agree exactly inside it.
+Queries go through the decoder in chunks of at most ``chunk`` points, so memory stays bounded for any
+output size; the UGS merge is done after, over all of a box's points, so chunking never changes a result.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from imedsam_deploy.backends.base import Backend, Embedding
+from imedsam_deploy.contract import refine_count
+from imedsam_deploy.manifest import Artifact
+from imedsam_deploy.preprocess import Region, box_region, box_to_model, region_chunk_coords, to_model_input
+
+QueryMode = Literal["box", "full"]
+DEFAULT_QUERY: QueryMode = "full"  # box mode is not identical to the reference (see the module docstring)
+DEFAULT_MARGIN = 0.25  # fraction of the box's width/height added on each side in ``box`` mode
+DEFAULT_CHUNK = 32768  # query points per decoder call (bounded memory for any output size)
+
+
+def ugs_merge(coarse: np.ndarray, fine: np.ndarray, unc: np.ndarray, k: int) -> np.ndarray:
+    """(K, N) arrays: the fine logit at each class's k most uncertain points, the coarse one elsewhere."""
+    merged = coarse.copy()
+    n = coarse.shape[-1]
+    k = min(k, n)
+    if k <= 0:
+        return merged
+    for c in range(coarse.shape[0]):
+        idx = np.arange(n) if k == n else np.argpartition(unc[c], n - k)[n - k :]
+        merged[c, idx] = fine[c, idx]
+    return merged
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)  # overflow-free logistic
+
+
+@dataclass
+class ObjectMask:
+    """One box's result at the output size. Values live on ``region``; everything outside is background."""
+
+    box: np.ndarray  # (4,) image pixels
+    out_hw: tuple[int, int]
+    region: Region
+    logits: np.ndarray  # (K, rh, rw) merged (UGS) logits on the region
+    queried: int  # points sent to the decoder
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.logits.shape[0])
+
+    def region_mask(self) -> np.ndarray:
+        return self.logits > 0
+
+    def mask(self, cls: int | None = None) -> np.ndarray:
+        """(H, W) bool at the output size: class ``cls``, or the union over classes when None."""
+        full = np.zeros(self.out_hw, dtype=bool)
+        rm = self.region_mask()
+        r = self.region
+        full[r.r0 : r.r1, r.c0 : r.c1] = rm.any(axis=0) if cls is None else rm[cls]
+        return full
+
+    def probability(self) -> np.ndarray:
+        """(K, H, W) float32 sigmoid of the merged logit; 0 outside the queried region."""
+        full = np.zeros((self.num_classes, *self.out_hw), dtype=np.float32)
+        r = self.region
+        full[:, r.r0 : r.r1, r.c0 : r.c1] = sigmoid(self.logits)
+        return full
+
+    @property
+    def area(self) -> int:
+        return int(self.region_mask().any(axis=0).sum())
+
+    @property
+    def mean_probability(self) -> float:
+        """Mean foreground probability over the mask (its confidence); 0 for an empty mask."""
+        rm = self.region_mask()
+        if not rm.any():
+            return 0.0
+        return float(sigmoid(self.logits)[rm].mean())
+
+
+@dataclass
+class FrameResult:
+    objects: list[ObjectMask]
+    image_hw: tuple[int, int]
+    out_hw: tuple[int, int]
+    encode_ms: float = 0.0
+    decode_ms: float = 0.0
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def latency_ms(self) -> float:
+        return self.encode_ms + self.decode_ms
+
+
+class Segmenter:
+    """Segment boxes on images with an exported artifact through one backend."""
+
+    def __init__(self, backend: Backend, artifact: Artifact, query: QueryMode = DEFAULT_QUERY,
+                 margin: float = DEFAULT_MARGIN, chunk: int = DEFAULT_CHUNK) -> None:
+        if query not in ("box", "full"):
+            raise ValueError(f"query mode {query!r}")
+        self.backend, self.artifact = backend, artifact
+        self.query, self.margin = query, margin
+        self.chunk = max(1, min(chunk, backend.max_points))
+        self.s = artifact.input_size
+        self.fraction = artifact.refine_fraction
+
+    # --- encoder ---
+    def embed(self, images: list[np.ndarray]) -> tuple[list[Embedding], float]:
+        """RGB uint8 images -> one embedding handle each (batched up to max_batch), and the time in ms."""
+        t = time.perf_counter()
+        out: list[Embedding] = []
+        for i in range(0, len(images), self.backend.max_batch):
+            batch = np.stack([to_model_input(im, self.s) for im in images[i : i + self.backend.max_batch]])
+            out.extend(self.backend.encode(batch))
+        return out, (time.perf_counter() - t) * 1e3
+
+    # --- decoder ---
+    def region_for(self, box: np.ndarray, image_hw: tuple[int, int], out_hw: tuple[int, int]) -> Region:
+        if self.query == "full":
+            return Region(0, 0, out_hw[0], out_hw[1])
+        return box_region(box, image_hw, out_hw, self.margin)
+
+    def decode_box(self, embedding: Embedding, box: np.ndarray, image_hw: tuple[int, int],
+                   out_hw: tuple[int, int]) -> ObjectMask:
+        region = self.region_for(box, image_hw, out_hw)
+        n = region.size
+        k_cls = self.artifact.num_classes
+        coarse = np.empty((k_cls, n), np.float32)
+        fine = np.empty((k_cls, n), np.float32)
+        unc = np.empty((k_cls, n), np.float32)
+        mbox = box_to_model(np.asarray(box)[None], image_hw, self.s)
+        for s in range(0, n, self.chunk):
+            e = min(n, s + self.chunk)
+            coords = region_chunk_coords(region, out_hw[0], out_hw[1], s, e)  # built per chunk: bounded memory
+            c, f, u = self.backend.decode(embedding, mbox, coords[None])
+            coarse[:, s:e], fine[:, s:e], unc[:, s:e] = c[0], f[0], u[0]
+        # The refine count is the full output grid's in both modes (see the module docstring).
+        k = refine_count(out_hw[0] * out_hw[1], self.fraction)
+        merged = ugs_merge(coarse, fine, unc, k)
+        rh, rw = region.shape
+        return ObjectMask(np.asarray(box, np.float64), out_hw, region, merged.reshape(k_cls, rh, rw), n)
+
+    def segment_embedded(self, embedding: Embedding, image_hw: tuple[int, int], boxes: np.ndarray,
+                         out_hw: tuple[int, int] | None = None) -> tuple[list[ObjectMask], float]:
+        t = time.perf_counter()
+        out_hw = out_hw or image_hw
+        objs = [self.decode_box(embedding, b, image_hw, out_hw) for b in np.asarray(boxes, np.float64).reshape(-1, 4)]
+        return objs, (time.perf_counter() - t) * 1e3
+
+    def segment(self, rgb: np.ndarray, boxes: np.ndarray, out_hw: tuple[int, int] | None = None) -> FrameResult:
+        """Segment every box on one RGB image: the embedding is computed once and reused for every box."""
+        (emb,), enc_ms = self.embed([rgb])
+        hw = (int(rgb.shape[0]), int(rgb.shape[1]))
+        objs, dec_ms = self.segment_embedded(emb, hw, boxes, out_hw)
+        return FrameResult(objs, hw, out_hw or hw, enc_ms, dec_ms)

@@ -1,0 +1,87 @@
+"""Video and image I/O through OpenCV (RGB in memory, BGR on disk)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from imedsam_deploy._cv import cv2, quiet_stderr
+from imedsam_deploy.errors import UserError
+
+VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".mpg", ".mpeg", ".wmv", ".webm", ".ogv", ".flv"}
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def read_image(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB, or a one-line UserError."""
+    if not path.is_file():
+        raise UserError(f"{path}: file does not exist")
+    data = np.fromfile(str(path), dtype=np.uint8)
+    with quiet_stderr():  # libpng's own "libpng error: ..." line; ours below names the file
+        img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if img is None:
+        raise UserError(f"{path}: not a readable image")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def write_image(path: Path, rgb_or_gray: np.ndarray) -> None:
+    img = rgb_or_gray if rgb_or_gray.ndim == 2 else cv2.cvtColor(rgb_or_gray, cv2.COLOR_RGB2BGR)
+    if not cv2.imwrite(str(path), img):
+        raise UserError(f"{path}: cannot write image")
+
+
+class VideoReader:
+    """Frames of a video as RGB arrays. Refuses files OpenCV cannot open and videos without frames."""
+
+    def __init__(self, path: Path) -> None:
+        if not path.is_file():
+            raise UserError(f"{path}: file does not exist")
+        self.path = path
+        self.cap = cv2.VideoCapture(str(path))
+        if not self.cap.isOpened():
+            raise UserError(f"{path}: not a video OpenCV can read")
+        ok, frame = self.cap.read()
+        if not ok or frame is None:
+            self.cap.release()
+            raise UserError(f"{path}: video has no frames")
+        self._first: np.ndarray | None = frame
+        self.height, self.width = frame.shape[:2]
+        fps = self.cap.get(cv2.CAP_PROP_FPS)
+        self.fps = float(fps) if fps and fps > 0 else 25.0
+        self.frame_count = int(self.cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)  # container estimate
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield cv2.cvtColor(first, cv2.COLOR_BGR2RGB)
+        while True:
+            ok, frame = self.cap.read()
+            if not ok or frame is None:
+                return
+            yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+
+    def close(self) -> None:
+        self.cap.release()
+
+
+class VideoWriter:
+    """An RGB frame sink with the input's size and frame rate (mp4v in .mp4, MJPG in .avi)."""
+
+    def __init__(self, path: Path, fps: float, width: int, height: int) -> None:
+        fourcc = cv2.VideoWriter.fourcc(*("MJPG" if path.suffix.lower() == ".avi" else "mp4v"))
+        self.path = path
+        self.size = (width, height)
+        self.writer = cv2.VideoWriter(str(path), fourcc, fps, (width, height))
+        if not self.writer.isOpened():
+            raise UserError(f"{path}: OpenCV cannot write this video format")
+        self.frames = 0
+
+    def write(self, rgb: np.ndarray) -> None:
+        assert rgb.shape[1::-1] == self.size, (rgb.shape, self.size)
+        self.writer.write(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        self.frames += 1
+
+    def close(self) -> None:
+        self.writer.release()

@@ -1,0 +1,85 @@
+"""NIfTI volumes (nibabel): axial slices as RGB images for the model, label volumes back out.
+
+Slice z is shown as an image with x = the first voxel axis (columns) and y = the second (rows), so a box
+``x0,y0,x1,y1`` on slice z covers voxels i in [x0, x1), j in [y0, y1) of ``data[:, :, z]``. Intensities are
+windowed to 8 bits: a CT soft-tissue window (level 40, width 400 HU) when the volume looks like CT
+(values below -500), else its 0.5-99.5 percentile range; ``--window L,W`` overrides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imedsam_deploy.errors import UserError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+@dataclass
+class Volume:
+    path: Path
+    data: np.ndarray  # (X, Y, Z) float32
+    affine: np.ndarray
+    header: Any
+    window: tuple[float, float]  # (low, high) intensities mapped to 0..255
+
+    @property
+    def num_slices(self) -> int:
+        return int(self.data.shape[2])
+
+    @property
+    def slice_hw(self) -> tuple[int, int]:
+        return int(self.data.shape[1]), int(self.data.shape[0])
+
+    def slice_rgb(self, z: int) -> np.ndarray:
+        """(Y, X, 3) uint8 RGB of slice z (grey replicated)."""
+        lo, hi = self.window
+        s = self.data[:, :, z].T
+        g = np.clip((s - lo) / max(hi - lo, 1e-6) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(g[:, :, None], 3, axis=2)
+
+
+def auto_window(data: np.ndarray) -> tuple[float, float]:
+    if float(np.min(data)) < -500:  # Hounsfield units
+        return 40 - 200.0, 40 + 200.0
+    lo, hi = np.percentile(data, [0.5, 99.5])
+    return float(lo), float(hi) if hi > lo else float(lo) + 1.0
+
+
+def load_volume(path: Path, window: tuple[float, float] | None = None) -> Volume:
+    import nibabel as nib
+
+    if not path.is_file():
+        raise UserError(f"{path}: file does not exist")
+    try:
+        img: Any = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as e:  # nibabel raises several types for corrupt files
+        raise UserError(f"{path}: not a readable NIfTI volume ({type(e).__name__})") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3 or min(data.shape) < 1:
+        raise UserError(f"{path}: expected a 3-D volume, got shape {data.shape}")
+    if not np.isfinite(data).all():
+        data = np.nan_to_num(data)
+    return Volume(path, data, np.asarray(img.affine), img.header, window or auto_window(data))
+
+
+def save_labels(vol: Volume, labels: np.ndarray, path: Path) -> None:
+    """labels (Z, Y, X) uint8 -> a NIfTI label volume with the input's grid (affine and header)."""
+    import nibabel as nib
+
+    out = np.ascontiguousarray(labels.transpose(2, 1, 0)).astype(np.uint8)  # back to (X, Y, Z)
+    hdr = vol.header.copy()
+    hdr.set_data_dtype(np.uint8)
+    img = nib.Nifti1Image(out, vol.affine, hdr)
+    img.header.set_slope_inter(1, 0)
+    nib.save(img, str(path))

@@ -1,0 +1,173 @@
+"""The two exported graphs as ``nn.Module``s over a folded model (see ``merge.merge_for_export``).
+
+EncoderGraph: image -> image embedding, the FFT replaced by DFT matrix products.
+DecoderGraph: (embedding, boxes, raw coords) -> coarse, fine and uncertainty per point, (B, K, N) each,
+with these exact rewrites of ``IMedSAM.decode_dense`` (checked against it by the exporter and the tests):
+- bilinear sampling is expressed with Gather (no ``GridSample``: TensorRT 10.13's GridSample is broken at
+  opset 20, and the op's modes changed between opsets), same convention as ``grid_sample(align_corners=False,
+  padding_mode="zeros")``;
+- sampling is linear, so the first INR layers' weights for the image-independent positional map are
+  applied to the low-resolution map once (W interp(P) = interp(W P)): a constant (g*g, H1) table replaces a
+  C-wide sample and a C x H1 matmul per point;
+- the Fourier encoding is computed in-graph from the raw coordinates.
+The decoder returns coarse logits, fine logits *at every point* and the uncertainty rather than the merged
+prediction: UGS refines the top ceil(12.5% N) points by uncertainty over the whole query, a global choice that
+a chunked decoder cannot make; the runtime merges after gathering all chunks, so chunking never changes a mask.
+The first-layer rewrite is not applied to the box-dependent upscaled map: it has C/8 channels (32 for vit_b)
+against H1 = 1024 + 256 first-layer outputs, so sampling it first is cheaper for any N below its 4g x 4g pixels.
+Submodules ``PointTaps``, ``FourierFeatures``, ``PointUncertainty`` and ``DFTSpectrum`` are the fp32
+islands of the fp16 graphs (selected by class name in ``fp16.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from imedsam_export.dft import DFTSpectrum
+from imedsam_train.model import IMedSAM
+from imedsam_train.model.fourier import fourier_dim, fourier_encode
+
+
+class EncoderGraph(nn.Module):
+    """image (B, 3, S, S) in [0, 1] -> image_embedding (B, C, S/16, S/16)."""
+
+    def __init__(self, model: IMedSAM) -> None:
+        super().__init__()
+        enc = model.image_encoder
+        self.encoder = enc
+        fq = model.cfg.frequency
+        self.dft = DFTSpectrum(model.cfg.input_size, fq.channel, fq.mode)
+        # instance attribute shadows the method: the encoder's own forward now calls the DFT module
+        object.__setattr__(enc, "frequency_spectrum", self.dft)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.encoder(image)
+
+
+class PointTaps(nn.Module):
+    """Bilinear taps of ``grid_sample(align_corners=False, padding_mode='zeros')``: (idx, weight), (B, N, 4).
+
+    idx indexes the row-major flattened H x W map; taps outside the map get weight 0 (index clamped).
+    Computed in fp32 from the raw coordinates.
+    """
+
+    def __init__(self, height: int, width: int) -> None:
+        super().__init__()
+        self.height, self.width = height, width
+
+    def forward(self, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = coords.float()
+        ix = ((c[..., 0] + 1) * self.width - 1) * 0.5
+        iy = ((c[..., 1] + 1) * self.height - 1) * 0.5
+        x0, y0 = torch.floor(ix), torch.floor(iy)
+        wx1, wy1 = ix - x0, iy - y0
+        xs = torch.stack([x0, x0 + 1, x0, x0 + 1], dim=-1)
+        ys = torch.stack([y0, y0, y0 + 1, y0 + 1], dim=-1)
+        wx = torch.stack([1 - wx1, wx1, 1 - wx1, wx1], dim=-1)
+        wy = torch.stack([1 - wy1, 1 - wy1, wy1, wy1], dim=-1)
+        inside = (xs >= 0) & (xs <= self.width - 1) & (ys >= 0) & (ys <= self.height - 1)
+        w = wx * wy * inside.to(wx.dtype)
+        xi = xs.clamp(0, self.width - 1).long()
+        yi = ys.clamp(0, self.height - 1).long()
+        return yi * self.width + xi, w
+
+
+def gather_taps(rows: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """rows (R, C) table, idx/w (B, N, 4) -> (B, N, C) = sum_k w_k rows[idx_k]."""
+    B, N, _ = idx.shape
+    g = rows[idx.reshape(-1)].reshape(B, N, 4, rows.shape[-1])
+    return (g * w.to(rows.dtype)[..., None]).sum(dim=2)
+
+
+class FourierFeatures(nn.Module):
+    """gamma(p) in fp32 (phases up to 2^9 pi: fp16 would be wrong by ~1)."""
+
+    def __init__(self, levels: int, include_input: bool) -> None:
+        super().__init__()
+        self.levels, self.include_input = levels, include_input
+
+    def forward(self, coords: torch.Tensor) -> torch.Tensor:
+        return fourier_encode(coords.float(), self.levels, self.include_input)
+
+
+class PointUncertainty(nn.Module):
+    """The closed-form MC-dropout uncertainty of ``INR.coarse_eval``, (B, N, K), in fp32.
+
+    (s(1-s))^2 * p/(1-p) * sum_i w_i^2 h_i^2 underflows fp16, and its ranking picks the refined points.
+    """
+
+    def __init__(self, head_weight: torch.Tensor, p: float) -> None:
+        super().__init__()
+        self.w2: torch.Tensor
+        self.register_buffer("w2", ((p / (1.0 - p)) * head_weight * head_weight).t().contiguous())
+
+    def forward(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        h = h.float()
+        s = torch.sigmoid(logits.float())
+        return (s * (1 - s)) ** 2 * ((h * h) @ self.w2)
+
+
+class DecoderGraph(nn.Module):
+    """(image_embedding (B,C,g,g), boxes (B,4), coords (B,N,2)) -> coarse, fine, uncertainty (B,K,N).
+
+    Needs a folded model (``merge_for_export``): the INR trunks are Linear -> ReLU chains.
+    """
+
+    def __init__(self, model: IMedSAM) -> None:
+        super().__init__()
+        cfg, dec = model.cfg, model.cfg.decoder
+        self.model = model
+        inr = model.inr
+        c_lin = [m for m in inr.coarse_trunk if isinstance(m, nn.Linear)]
+        f_lin = [m for m in inr.fine_trunk if isinstance(m, nn.Linear)]
+        if len(c_lin) * 2 != len(inr.coarse_trunk) or len(f_lin) * 2 != len(inr.fine_trunk):
+            raise ValueError("DecoderGraph needs INR trunks folded to Linear -> ReLU (merge_for_export)")
+        d = cfg.encoder.out_chans
+        cu, cp, fg = d // 8, d, fourier_dim(dec.fourier_levels, dec.fourier_include_input)
+        g = cfg.grid_size
+        self.K = cfg.num_classes
+        self.taps_up = PointTaps(4 * g, 4 * g)
+        self.taps_pe = PointTaps(g, g)
+        self.fourier = FourierFeatures(dec.fourier_levels, dec.fourier_include_input)
+        w1c, w1f = c_lin[0].weight, f_lin[0].weight  # (H1c, cu+cp+fg), (H1f, cu+cp+fg+F)
+        self.h1c = w1c.shape[0]
+        with torch.no_grad():
+            pe = model.prompt_encoder.get_dense_pe()[0].flatten(1).t()  # (g*g, cp), image independent
+            w_pe = torch.cat([w1c[:, cu : cu + cp], w1f[:, cu : cu + cp]], dim=0)  # (H1c+H1f, cp)
+            self.pe_table: torch.Tensor
+            self.register_buffer("pe_table", pe @ w_pe.t())  # (g*g, H1c+H1f)
+        # first layers of both trunks on the up-map features and on gamma, one matmul each
+        self.first_up = nn.Linear(cu, w1c.shape[0] + w1f.shape[0], bias=False)
+        self.first_gamma = nn.Linear(fg, w1c.shape[0] + w1f.shape[0])
+        self.first_cfeat = nn.Linear(w1f.shape[1] - cu - cp - fg, w1f.shape[0], bias=False)
+        with torch.no_grad():
+            self.first_up.weight.copy_(torch.cat([w1c[:, :cu], w1f[:, :cu]], dim=0))
+            self.first_gamma.weight.copy_(torch.cat([w1c[:, cu + cp :], w1f[:, cu + cp : cu + cp + fg]], dim=0))
+            self.first_gamma.bias.copy_(torch.cat([c_lin[0].bias, f_lin[0].bias]))
+            self.first_cfeat.weight.copy_(w1f[:, cu + cp + fg :])
+        self.coarse_rest = nn.Sequential(*list(inr.coarse_trunk)[2:])
+        self.fine_rest = nn.Sequential(*list(inr.fine_trunk)[2:])
+        self.coarse_head, self.fine_head = inr.coarse_head, inr.fine_head
+        self.uncertainty = PointUncertainty(inr.coarse_head.weight[: self.K].detach(), inr.p)
+
+    def forward(
+        self, image_embedding: torch.Tensor, boxes: torch.Tensor, coords: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        up, _ = self.model.decoder_features(image_embedding, boxes)  # (B, C/8, 4g, 4g)
+        B = up.shape[0]
+        up_rows = up.flatten(2).transpose(1, 2).reshape(-1, up.shape[1])  # (B*4g*4g, C/8)
+        idx, w = self.taps_up(coords)
+        offset = (torch.arange(B, device=idx.device) * (up.shape[2] * up.shape[3]))[:, None, None]
+        f_up = gather_taps(up_rows, idx + offset, w)  # (B, N, C/8)
+        idx_pe, w_pe = self.taps_pe(coords)
+        first = self.first_up(f_up) + gather_taps(self.pe_table, idx_pe, w_pe) + self.first_gamma(
+            self.fourier(coords)
+        )
+        first_c, first_f = first[..., : self.h1c], first[..., self.h1c :]
+        h = self.coarse_rest(torch.relu(first_c))
+        out = self.coarse_head(h)
+        logits, cfeat = out[..., : self.K], out[..., self.K :]
+        unc = self.uncertainty(h, logits)
+        fine = self.fine_head(self.fine_rest(torch.relu(first_f + self.first_cfeat(cfeat))))
+        return logits.transpose(1, 2), fine.transpose(1, 2), unc.transpose(1, 2)

@@ -1,0 +1,244 @@
+"""Parity of the exported graphs (ONNX Runtime, CPU) against the unmodified PyTorch model.
+
+Random inputs, then real Kvasir-Sessile images (the sample bundled with the repository, when present):
+fp32 logits within 1e-3 absolute and >= 99.9% identical mask pixels after the UGS merge; the fp16 graphs'
+Dice against the ground truth within 0.5 points of the fp32 graphs'. Every figure goes into the manifest.
+
+fp16 caveat: ONNX Runtime's CPU provider runs fp16 nodes that lack a CPU fp16 kernel in fp32 (it inserts
+Casts and drops redundant pairs), so its fp16 figures bound the error of fp16 *weights and storage*, not of
+fp16 arithmetic: an fp16 graph with no fp32 islands at all still looks fine there. For small models the
+export also runs the fp16 graphs through ``onnx.reference`` (numpy, every op computed and rounded in its
+declared dtype, like a GPU would), which does expose overflow; that figure ("fp16_reference") is checked too.
+GPU figures come from the TensorRT engines.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from imedsam_deploy import contract as C
+from imedsam_train.model import IMedSAM, grid_coords, ugs_merge
+
+FP32_LOGIT_TOL = 1e-3
+MASK_AGREEMENT_MIN = 0.999
+FP16_DICE_TOL = 0.5  # Dice points (%)
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample" / "kvasir-sessile"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+@dataclass
+class RealSample:
+    name: str
+    image: np.ndarray  # (3, S, S) float32, contract preprocessing
+    box: np.ndarray  # (4,) float32, model-input pixels
+    mask: np.ndarray | None  # (S, S) bool, ground truth resized to the model input (None: random image)
+
+
+# onnx.reference is plain numpy (fp16 matmuls without BLAS): only for models about the size of "tiny"
+REFERENCE_MAX_WIDTH = 256
+REFERENCE_MAX_INPUT = 256
+REFERENCE_IMAGES = 2
+
+
+def reference_session(path: Path) -> Any:
+    """A numpy session computing every op in its declared dtype (same ``run`` signature as ORT)."""
+    from onnx.reference import ReferenceEvaluator
+
+    return ReferenceEvaluator(str(path))
+
+
+def session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def preprocess(rgb: np.ndarray, size: int) -> np.ndarray:
+    """The contract's preprocessing (what the runtime does): stretch resize, RGB, x / 255, NCHW."""
+    import cv2
+
+    x = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_LINEAR).astype(np.float32) * C.PIXEL_SCALE
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def load_real_samples(size: int, limit: int, root: Path = SAMPLE_DIR) -> list[RealSample]:
+    """Test-split images of the bundled sample (image, tight mask box, mask), or [] when it is absent."""
+    import cv2
+
+    split = root / "splits" / "test.txt"
+    if not split.is_file():
+        return []
+    out: list[RealSample] = []
+    for stem in split.read_text().split():
+        img_p = next((p for p in (root / "images").glob(f"{stem}.*") if p.suffix.lower() in IMAGE_SUFFIXES), None)
+        msk_p = next((p for p in (root / "masks").glob(f"{stem}.*") if p.suffix.lower() in IMAGE_SUFFIXES), None)
+        if img_p is None or msk_p is None:
+            continue
+        bgr = cv2.imread(str(img_p), cv2.IMREAD_COLOR)
+        m = cv2.imread(str(msk_p), cv2.IMREAD_GRAYSCALE)
+        if bgr is None or m is None:
+            continue
+        h, w = m.shape
+        ys, xs = np.nonzero(m > 127)
+        if xs.size == 0:
+            continue
+        box = np.array([xs.min() * size / w, ys.min() * size / h, (xs.max() + 1) * size / w,
+                        (ys.max() + 1) * size / h], dtype=np.float32)
+        mask = cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST) > 127
+        out.append(RealSample(stem, preprocess(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), size), box, mask))
+        if len(out) >= limit:
+            break
+    return out
+
+
+def random_samples(size: int, count: int, seed: int = 0) -> list[RealSample]:
+    """Fallback when the sample data is absent: smooth random images, a central box, no ground truth."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        small = rng.uniform(0, 255, size=(8, 8, 3)).astype(np.uint8)
+        rgb = cv2.resize(small, (size, size), interpolation=cv2.INTER_CUBIC)
+        box = np.array([0.2, 0.25, 0.75, 0.8], dtype=np.float32) * size
+        out.append(RealSample(f"random{i}", preprocess(rgb, size), box, None))
+    return out
+
+
+def run_decoder(sess: Any, emb: np.ndarray, boxes: np.ndarray, coords: np.ndarray, max_points: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decoder over N points in chunks of max_points (as the runtime does); outputs (B, K, N) float32."""
+    parts: list[list[np.ndarray]] = [[], [], []]
+    for i in range(0, coords.shape[1], max_points):
+        outs = sess.run(list(C.DECODER_OUTPUTS), {C.DEC_IN_EMBEDDING: emb, C.DEC_IN_BOXES: boxes,
+                                                  C.DEC_IN_COORDS: np.ascontiguousarray(coords[:, i:i + max_points])})
+        for p, o in zip(parts, outs, strict=True):
+            p.append(np.asarray(o, dtype=np.float32))
+    c, f, u = (np.concatenate(p, axis=-1) for p in parts)
+    return c, f, u
+
+
+def _maxdiff(a: np.ndarray, b: torch.Tensor | np.ndarray) -> float:
+    bb = b.detach().numpy() if isinstance(b, torch.Tensor) else b
+    return float(np.abs(a.astype(np.float64) - bb.astype(np.float64)).max())
+
+
+def _merged(c: np.ndarray, f: np.ndarray, u: np.ndarray, fraction: float) -> np.ndarray:
+    return ugs_merge(torch.from_numpy(c), torch.from_numpy(f), torch.from_numpy(u), fraction).numpy()
+
+
+def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    inter = float(np.logical_and(pred, gt).sum())
+    denom = float(pred.sum() + gt.sum())
+    return 100.0 * (2 * inter / denom if denom else 1.0)
+
+
+@torch.no_grad()
+def verify_random(model: IMedSAM, enc_path: Path, dec_path: Path, max_batch: int, max_points: int,
+                  seed: int = 0) -> dict[str, Any]:
+    """fp32 graphs vs PyTorch on random images / boxes / coords, at N = 1, a middle N and N = max_points."""
+    cfg = model.cfg
+    s = cfg.input_size
+    g = torch.Generator().manual_seed(seed)
+    enc, dec = session(enc_path), session(dec_path)
+    b = min(2, max_batch)
+    image = torch.rand(b, 3, s, s, generator=g)
+    emb_ref = model.encode(image)
+    emb = enc.run(None, {C.ENC_IN_IMAGE: image.numpy()})[0]
+    res: dict[str, Any] = {"encoder_max_abs_diff": _maxdiff(emb, emb_ref)}
+    x0 = torch.rand(max_batch, 2, generator=g) * 0.5 * s
+    boxes = torch.cat([x0, x0 + 0.1 * s + torch.rand(max_batch, 2, generator=g) * 0.4 * s], dim=1)
+    emb_b = emb_ref.repeat(math.ceil(max_batch / b), 1, 1, 1)[:max_batch]
+    worst = 0.0
+    cases = sorted({(1, 1), (max_batch, min(max_points, 1000)), (1, max_points)})
+    for bb, n in cases:
+        coords = torch.rand(bb, n, 2, generator=g) * 2.2 - 1.1  # a little outside [-1, 1]: zero padding
+        ref = model.decode_dense(emb_b[:bb], boxes[:bb], coords)
+        outs = dec.run(list(C.DECODER_OUTPUTS), {C.DEC_IN_EMBEDDING: emb_b[:bb].numpy(),
+                                                 C.DEC_IN_BOXES: boxes[:bb].numpy(), C.DEC_IN_COORDS: coords.numpy()})
+        for o, r in zip(outs[:2], ref[:2], strict=True):
+            worst = max(worst, _maxdiff(o, r))
+        res[f"decoder_uncertainty_max_abs_diff_b{bb}_n{n}"] = _maxdiff(outs[2], ref[2])
+    res["decoder_logit_max_abs_diff"] = worst
+    res["cases"] = [list(c) for c in cases]
+    return res
+
+
+@torch.no_grad()
+def verify_real(model: IMedSAM, graphs: dict[str, tuple[Path, Path]], max_points: int, limit: int = 4,
+                samples: list[RealSample] | None = None) -> dict[str, Any]:
+    """Full-grid predictions on real images for each precision's graphs vs PyTorch (fp32)."""
+    cfg = model.cfg
+    s = cfg.input_size
+    source = "data/sample/kvasir-sessile (test split)"
+    samples = load_real_samples(s, limit) if samples is None else samples
+    if not samples:  # Dice then compares with the PyTorch fp32 masks
+        samples, source = random_samples(s, limit), "random images (bundled sample absent)"
+    coords = grid_coords(s, s)[None].numpy()
+    frac = cfg.decoder.refine_fraction
+    res: dict[str, Any] = {"images": len(samples), "source": source,
+                           "names": [x.name for x in samples], "output_size": [s, s]}
+    ref_masks, gts = [], []
+    ref_logits = []
+    for x in samples:
+        emb = model.encode(torch.from_numpy(x.image)[None])
+        c, f, u = model.decode_dense(emb, torch.from_numpy(x.box)[None], torch.from_numpy(coords))
+        ref_logits.append((c.numpy(), f.numpy()))
+        ref_masks.append(ugs_merge(c, f, u, frac).numpy()[0, 0].reshape(s, s) > 0)
+        gts.append(x.mask if x.mask is not None else ref_masks[-1])
+    res["dice_pytorch"] = float(np.mean([_dice(m, t) for m, t in zip(ref_masks, gts, strict=True)]))
+    runs: list[tuple[str, Any, Any, int]] = [(p, session(e), session(d), len(samples)) for p, (e, d) in graphs.items()]
+    small = cfg.encoder.embed_dim <= REFERENCE_MAX_WIDTH and s <= REFERENCE_MAX_INPUT
+    if "fp16" in graphs and small:
+        e, d = graphs["fp16"]
+        runs.append(("fp16_reference", reference_session(e), reference_session(d), REFERENCE_IMAGES))
+    for prec, enc, dec, count in runs:
+        masks, worst = [], 0.0
+        for x, (rc, rf) in list(zip(samples, ref_logits, strict=True))[:count]:
+            emb = enc.run(None, {C.ENC_IN_IMAGE: x.image[None]})[0].astype(np.float32)
+            oc, of, ou = run_decoder(dec, emb, x.box[None], coords, max_points)
+            worst = max(worst, _maxdiff(oc, rc), _maxdiff(of, rf))
+            masks.append(_merged(oc, of, ou, frac)[0, 0].reshape(s, s) > 0)
+        n = len(masks)
+        agree = float(np.mean([np.mean(m == r) for m, r in zip(masks, ref_masks[:n], strict=True)]))
+        res[prec] = {
+            "images": n,
+            "runner": "onnx.reference (numpy, per-op dtypes)" if prec.endswith("_reference")
+            else "onnxruntime CPUExecutionProvider",
+            "logit_max_abs_diff": worst,
+            "mask_agreement": agree,
+            "dice": float(np.mean([_dice(m, t) for m, t in zip(masks, gts[:n], strict=True)])),
+            "dice_fp32_same_images": float(np.mean([_dice(m, t) for m, t in zip(ref_masks[:n], gts[:n], strict=True)])),
+            "dice_vs_pytorch": float(np.mean([_dice(m, r) for m, r in zip(masks, ref_masks[:n], strict=True)])),
+        }
+    return res
+
+
+def check(parity: dict[str, Any]) -> list[str]:
+    """Failed criteria (empty when the export passes)."""
+    bad: list[str] = []
+    rnd = parity["random"]
+    if rnd["encoder_max_abs_diff"] > FP32_LOGIT_TOL or rnd["decoder_logit_max_abs_diff"] > FP32_LOGIT_TOL:
+        bad.append(f"fp32 random-input max abs diff {max(rnd['encoder_max_abs_diff'], rnd['decoder_logit_max_abs_diff']):.2e}"
+                   f" > {FP32_LOGIT_TOL}")
+    real = parity["real"]
+    if real.get("images") and "fp32" in real:
+        fp32 = real["fp32"]
+        if fp32["logit_max_abs_diff"] > FP32_LOGIT_TOL:
+            bad.append(f"fp32 real-image logit max abs diff {fp32['logit_max_abs_diff']:.2e} > {FP32_LOGIT_TOL}")
+        if fp32["mask_agreement"] < MASK_AGREEMENT_MIN:
+            bad.append(f"fp32 mask agreement {fp32['mask_agreement']:.5f} < {MASK_AGREEMENT_MIN}")
+        for prec in ("fp16", "fp16_reference"):
+            r = real.get(prec)
+            if r is not None and not abs(r["dice"] - r["dice_fp32_same_images"]) <= FP16_DICE_TOL:
+                bad.append(f"{prec} Dice {r['dice']:.2f} vs fp32 {r['dice_fp32_same_images']:.2f}: "
+                           f"more than {FP16_DICE_TOL} points apart")
+    return bad

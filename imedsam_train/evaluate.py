@@ -1,0 +1,157 @@
+"""Evaluation: the model and the two box baselines on the same (optionally jittered) boxes.
+
+Frames. Boxes are computed from the full-resolution mask and jittered there (each side out by
+U(0, J) original-image pixels, seeded by (seed, stem, class)); the model sees the image stretched to its
+input size S with the box scaled accordingly; predictions are rendered at ``out_size`` x ``out_size``
+(default S) and scored against the mask resized to that size, so HD95/HD are in output pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+
+from imedsam_train.baselines import BASELINES
+from imedsam_train.data.boxes import jitter_box, mask_box, scale_box, stable_seed
+from imedsam_train.data.records import Dataset
+from imedsam_train.metrics import all_metrics, summarise
+from imedsam_train.model import IMedSAM, grid_coords, ugs_merge
+
+METRICS = ("dice", "iou", "hd95", "hd")
+
+
+@dataclass
+class Case:
+    stem: str
+    cls: int
+    image: torch.Tensor  # (3, S, S) uint8, the model input
+    gt: np.ndarray  # (O, O) bool
+    box: np.ndarray  # (x0, y0, x1, y1) in original-image pixels (already jittered)
+    orig_size: tuple[int, int]  # (H, W)
+
+
+@dataclass
+class CaseResult:
+    stem: str
+    cls: int
+    pred: np.ndarray
+    gt: np.ndarray
+    box_out: np.ndarray
+    image: np.ndarray  # (O, O, 3) uint8 for figures
+    metrics: dict[str, float]
+    baselines: dict[str, dict[str, float]]
+
+
+@dataclass
+class EvalResult:
+    cases: list[CaseResult]
+    class_names: list[str]
+    out_size: int
+    box_jitter: float
+    seed: int
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, object]:
+        """JSON-ready: n, dice (mean %), per-metric mean/std, baselines, per-class breakdown."""
+        out: dict[str, object] = {"n": len(self.cases), "out_size": self.out_size, "box_jitter": self.box_jitter,
+                                  "seed": self.seed, "skipped": dict(self.skipped)}
+        model = {m: summarise([c.metrics[m] for c in self.cases]) for m in METRICS}
+        out["dice"] = model["dice"]["mean"]
+        out["metrics"] = model
+        out["baselines"] = {b: summarise([c.baselines[b]["dice"] for c in self.cases])["mean"] for b in BASELINES}
+        out["baseline_metrics"] = {
+            b: {m: summarise([c.baselines[b][m] for c in self.cases]) for m in METRICS} for b in BASELINES
+        }
+        if len(self.class_names) > 1:
+            per: dict[str, object] = {}
+            for k, name in enumerate(self.class_names):
+                cs = [c for c in self.cases if c.cls == k]
+                if cs:
+                    per[name] = {"n": len(cs), **{m: summarise([c.metrics[m] for c in cs]) for m in METRICS},
+                                 "baselines": {b: summarise([c.baselines[b]["dice"] for c in cs])["mean"]
+                                               for b in BASELINES}}
+            out["per_class"] = per
+        return out
+
+
+def resize_mask(m: np.ndarray, size: int) -> np.ndarray:
+    return cv2.resize(m.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR) >= 0.5
+
+
+def cases_from_dataset(
+    ds: Dataset, input_size: int, out_size: int, box_jitter: float, seed: int,
+    skipped: dict[str, int] | None = None,
+) -> Iterator[Case]:
+    """One case per non-empty (image, class) mask; empty masks are counted in ``skipped['empty_mask']``."""
+    for rec in ds.records:
+        s = rec.load()
+        h, w = s.image.shape[:2]
+        img = torch.from_numpy(cv2.resize(s.image, (input_size, input_size), interpolation=cv2.INTER_LINEAR))
+        img = img.permute(2, 0, 1).contiguous()
+        for cls, m in s.masks:
+            tight = mask_box(m)
+            if tight is None:
+                if skipped is not None:
+                    skipped["empty_mask"] = skipped.get("empty_mask", 0) + 1
+                continue
+            box = jitter_box(tight, box_jitter, w, h, np.random.default_rng(stable_seed(seed, s.stem, cls)))
+            yield Case(s.stem, cls, img, resize_mask(m, out_size), box, (h, w))
+
+
+@torch.no_grad()
+def predict_logits(
+    model: IMedSAM, image: torch.Tensor, box: torch.Tensor, out_size: int, chunk: int = 1 << 16
+) -> torch.Tensor:
+    """Eval-mode full-grid prediction (K, O*O): dense decode in point chunks, UGS merged over all points.
+
+    Equal to ``model(image, box, out_size=...)`` in eval mode; chunking keeps memory flat at 896².
+    """
+    dev = next(model.parameters()).device
+    emb = model.encode(image.to(dev))
+    coords = grid_coords(out_size, out_size, dev)
+    parts = [model.decode_dense(emb, box.to(dev), coords[i : i + chunk][None]) for i in range(0, len(coords), chunk)]
+    coarse, fine, unc = (torch.cat([p[j] for p in parts], dim=-1) for j in range(3))
+    return ugs_merge(coarse, fine, unc, model.cfg.decoder.refine_fraction)[0].float().cpu()
+
+
+def run_cases(model: IMedSAM, cases: Iterable[Case], out_size: int,
+              progress: Callable[[int], None] | None = None,
+              channel_map: list[int] | None = None) -> list[CaseResult]:
+    """channel_map: model output channel of each data class (default: the same index)."""
+    model.eval()
+    s = model.cfg.input_size
+    results = []
+    for n, c in enumerate(cases):
+        h, w = c.orig_size
+        box_in = torch.from_numpy(scale_box(c.box, s / w, s / h)).float()[None]
+        image = (c.image.float() / 255.0)[None]
+        logits = predict_logits(model, image, box_in, out_size)[channel_map[c.cls] if channel_map else c.cls]
+        pred = (logits > 0).numpy().reshape(out_size, out_size)
+        box_out = scale_box(c.box, out_size / w, out_size / h)
+        base = {name: all_metrics(fn(box_out, out_size, out_size), c.gt) for name, fn in BASELINES.items()}
+        img_out = cv2.resize(c.image.permute(1, 2, 0).numpy(), (out_size, out_size), interpolation=cv2.INTER_LINEAR)
+        results.append(CaseResult(c.stem, c.cls, pred, c.gt, box_out, img_out, all_metrics(pred, c.gt), base))
+        if progress:
+            progress(n + 1)
+    return results
+
+
+def evaluate(
+    model: IMedSAM, ds: Dataset, out_size: int | None = None, box_jitter: float = 0.0, seed: int = 0,
+    progress: Callable[[int], None] | None = None, channel_map: list[int] | None = None,
+) -> EvalResult:
+    o = out_size or model.cfg.input_size
+    skipped = dict(ds.skipped)
+    cases = cases_from_dataset(ds, model.cfg.input_size, o, box_jitter, seed, skipped)
+    res = run_cases(model, cases, o, progress, channel_map)
+    return EvalResult(res, ds.class_names, o, box_jitter, seed, skipped)
+
+
+def mean_dice(results: list[CaseResult]) -> float:
+    v = [r.metrics["dice"] for r in results]
+    return float(np.mean(v)) if v else math.nan

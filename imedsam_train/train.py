@@ -1,0 +1,435 @@
+"""The training loop: seeded, resumable, atomic checkpoints every epoch, DDP through ``torchrun``.
+
+Reproducibility. Every random draw is derived from (seed, epoch, ...): the data order, each item's
+augmentation / box jitter / query points (``TrainSet``), and the global torch RNG (dropout) reseeded at
+the start of each epoch. A run resumed from ``last.pt`` (end of epoch e) therefore replays epoch e+1
+exactly: on CPU the final weights equal an uninterrupted run's. RNG states are saved too (as tensors and
+lists, loadable with ``weights_only=True``) and restored on resume.
+
+Several GPUs: ``torchrun --nproc_per_node 8 -m imedsam_train.cli kvasir ...``; each rank takes every
+world_size-th item of the epoch order (batch size is per GPU), rank 0 validates, logs and saves.
+Plain ``python``/``imedsam-train`` (world size 1, CPU or one GPU) runs the same code without a process group.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from imedsam_deploy.atomic import atomic_write_text, check_writable_parent
+from imedsam_deploy.errors import UserError
+from imedsam_deploy.paths import BEST_CHECKPOINT, CHECKPOINT_DIR, LAST_CHECKPOINT, run_dir
+from imedsam_train.build import build
+from imedsam_train.checkpoint import model_payload, save_checkpoint
+from imedsam_train.data.boxes import stable_seed
+from imedsam_train.data.records import Dataset
+from imedsam_train.data.training_set import TrainSet, cache_dataset
+from imedsam_train.evaluate import Case, cases_from_dataset, mean_dice, run_cases
+from imedsam_train.losses import imedsam_loss
+from imedsam_train.model import IMedSAM
+
+LOG_NAME = "log.csv"
+CURVE_NAME = "curve.png"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a run (stored in the checkpoint; a resume must not change it)."""
+
+    name: str = "run"
+    model: str = "tiny"
+    input_size: int = 384
+    epochs: int = 100
+    batch_size: int = 1  # per process (per GPU under torchrun)
+    lr: float = 1e-3  # INR
+    lr_rest: float | None = None  # everything else; None: 5e-5 with a SAM checkpoint, = lr from scratch
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    seed: int = 0
+    points: int = 4096  # query points per item (0 = every pixel); half near the mask boundary
+    jitter_px: float | None = None  # train box jitter, model-input px; None: 20 px at 384 scaled to S
+    val_jitter: float = 20.0  # validation box jitter, original-image px (selection metric)
+    pretrain_epochs: int = 0  # the first N epochs draw from the pretraining data
+    workers: int = 1
+    amp: bool = True  # used on CUDA only
+    sam_checkpoint: str | None = None
+    init_from: str | None = None  # start from this imedsam checkpoint's weights (a fresh schedule)
+
+    def resolved_lr_rest(self) -> float:
+        if self.lr_rest is not None:
+            return self.lr_rest
+        return 5e-5 if self.sam_checkpoint else self.lr
+
+    def resolved_jitter(self) -> float:
+        return self.jitter_px if self.jitter_px is not None else 20.0 * self.input_size / 384
+
+
+# --- RNG state as weights_only-loadable values ---
+
+def rng_state() -> dict[str, Any]:
+    _, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    version, pstate, gauss = random.getstate()
+    st: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": {"version": int(version), "state": torch.tensor(pstate, dtype=torch.int64), "gauss": gauss},
+    }
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    n = st["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = st["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+# --- distributed ---
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Dist:
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return Dist()
+    import torch.distributed as dist
+
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    if use_cuda:
+        torch.cuda.set_device(d.local)
+    return d
+
+
+def pick_device(device: str, d: Dist) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA GPU is available")
+        return torch.device("cuda", d.local)
+    return torch.device(device)
+
+
+class _Step(nn.Module):
+    """Tuple-returning wrapper so DDP can trace which outputs carry gradients."""
+
+    def __init__(self, model: IMedSAM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor, boxes: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.model(image, boxes, coords)
+        return p.coarse, p.fine
+
+
+# --- schedule ---
+
+def lr_lambda_factory(total_steps: int, warmup: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t))  # cosine to 2% of the peak
+
+    return f
+
+
+def param_groups(model: IMedSAM, lr_inr: float, lr_rest: float) -> list[dict[str, Any]]:
+    inr = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("inr.")]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("inr.")]
+    return [{"params": inr, "lr": lr_inr, "name": "inr"}, {"params": rest, "lr": lr_rest, "name": "rest"}]
+
+
+def write_log(path: Path, history: list[dict[str, Any]]) -> None:
+    if not history:
+        return
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(history[0]))
+    w.writeheader()
+    w.writerows(history)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _collate_threads(_: int) -> None:
+    torch.set_num_threads(1)  # workers share the few cores with the main process
+
+
+@dataclass
+class Reporter:
+    """Where progress goes (the CLI passes a rich console; tests pass nothing)."""
+
+    echo: Callable[[str], None] = print
+    progress: bool = True
+
+
+def train(
+    cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset, pretrain_ds: Dataset | None = None,
+    root: Path | None = None, resume: bool = False, device: str = "auto", reporter: Reporter | None = None,
+    stop_after_steps: int | None = None,
+) -> dict[str, Any]:
+    """Train; returns a summary (run dir, best epoch and val Dice, skipped counts)."""
+    rep = reporter or Reporter()
+    d = init_distributed(device)
+    dev = pick_device(device, d)
+    amp = cfg.amp and dev.type == "cuda"
+    out = run_dir(cfg.name, root)
+    ck_dir = out / CHECKPOINT_DIR
+    last_path, best_path = ck_dir / LAST_CHECKPOINT, ck_dir / BEST_CHECKPOINT
+    if last_path.exists() and not resume:
+        raise UserError(f"{out}: run already exists; pass --resume to continue it or choose another --name")
+    if resume and not last_path.exists():
+        raise UserError(f"{last_path}: nothing to resume (no checkpoint yet)")
+    if cfg.pretrain_epochs and pretrain_ds is None:
+        raise UserError("--pretrain-epochs needs --pretrain-data")
+    if train_ds.class_names != val_ds.class_names:
+        raise UserError(f"{val_ds.source}: classes {val_ds.class_names} differ from training {train_ds.class_names}")
+    check_writable_parent(last_path)  # e.g. ./runs a regular file: refused now, not after an epoch
+
+    torch.manual_seed(cfg.seed)
+    trainable = "adapters" if cfg.sam_checkpoint else "all"
+    ck: dict[str, Any] = {}
+    try:
+        # Resume and --init-from rebuild the architecture the checkpoint stores (presets may have changed since).
+        if resume:
+            model, ck, base_sha = _resume_model(last_path, cfg, list(train_ds.class_names))
+        elif cfg.init_from:
+            model, base_sha = _init_model(Path(cfg.init_from), cfg, len(train_ds.class_names), trainable)
+        else:
+            model, base_sha = build(cfg.model, cfg.input_size, len(train_ds.class_names), cfg.sam_checkpoint,
+                                    trainable=trainable)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    model.to(dev)
+
+    # Data: cached at the model's input size once; empty masks are skipped and counted.
+    t0 = time.time()
+    train_cache, empty_train = cache_dataset(train_ds, cfg.input_size)
+    pre_cache, empty_pre = (cache_dataset(pretrain_ds, cfg.input_size) if pretrain_ds is not None else ([], 0))
+    if not train_cache:
+        raise UserError(f"{train_ds.source}: no training image has a non-empty mask")
+    skipped = {"empty_mask_train": empty_train + train_ds.skipped.get("empty_mask", 0),
+               "empty_mask_pretrain": empty_pre}
+    val_skip: dict[str, int] = {}
+    val_cases: list[Case] = []
+    if d.main:
+        val_cases = list(cases_from_dataset(val_ds, cfg.input_size, cfg.input_size, cfg.val_jitter, cfg.seed, val_skip))
+    skipped["empty_mask_val"] = val_skip.get("empty_mask", 0)
+    jit = cfg.resolved_jitter()
+    sets = {"train": TrainSet(train_cache, cfg.input_size, cfg.seed, cfg.points, jit)}
+    if pre_cache:
+        sets["pretrain"] = TrainSet(pre_cache, cfg.input_size, cfg.seed, cfg.points, jit)
+    if d.main:
+        rep.echo(f"data: train {len(sets['train'])} items, pretrain {len(sets.get('pretrain', []))}, "
+                 f"val {len(val_cases)}; skipped {skipped}; loaded in {time.time() - t0:.0f}s")
+        _make_dir(ck_dir)  # after the data checks: a refused dataset leaves no run folder behind
+
+    def stage(epoch: int) -> str:
+        return "pretrain" if epoch < cfg.pretrain_epochs else "train"
+
+    per_step = cfg.batch_size * d.world
+    steps_of = [math.ceil(len(sets[stage(e)]) / per_step) for e in range(cfg.epochs)]
+    opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.resolved_lr_rest()), weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda_factory(sum(steps_of), cfg.warmup_steps))
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+
+    start_epoch, history = 0, []
+    best = {"epoch": -1, "val_dice": -1.0}
+    if resume:
+        tr = ck["train"]
+        opt.load_state_dict(tr["optimizer"])
+        sched.load_state_dict(tr["scheduler"])
+        scaler.load_state_dict(tr["scaler"])
+        set_rng_state(tr["rng"])
+        start_epoch, history, best = tr["epoch"] + 1, list(tr["history"]), dict(tr["best"])
+        if d.main:
+            rep.echo(f"resumed {last_path} at epoch {start_epoch}")
+
+    step_mod: nn.Module = _Step(model)
+    if d.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        step_mod = DDP(step_mod, device_ids=[d.local] if dev.type == "cuda" else None, find_unused_parameters=True)
+
+    steps_done = 0
+    for epoch in range(start_epoch, cfg.epochs):
+        st = stage(epoch)
+        ds = sets[st]
+        ds.set_epoch(epoch)
+        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(stable_seed(cfg.seed, "order", epoch)))
+        mine = order[d.rank :: d.world].tolist()
+        batches = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=cfg.workers,
+                                             worker_init_fn=_collate_threads if cfg.workers else None)
+        torch.manual_seed(stable_seed(cfg.seed, "torch", epoch, d.rank))  # dropout draws of this epoch
+        model.train()
+        sums = np.zeros(3)
+        t_epoch, n_img = time.time(), 0
+        prog = _progress(rep, d.main, f"epoch {epoch + 1}/{cfg.epochs} [{st}]", len(batches))
+        for batch in loader:
+            image = batch["image"].to(dev, non_blocking=True)
+            with torch.autocast(dev.type, dtype=torch.float16, enabled=amp):
+                coarse, fine = step_mod(image, batch["box"].to(dev), batch["coords"].to(dev))
+            loss, lc, lf = imedsam_loss(coarse, fine, batch["labels"].to(dev), batch["cls"].to(dev), epoch)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            sums += [loss.item(), lc.item(), lf.item()]
+            n_img += image.shape[0]
+            steps_done += 1
+            prog.advance(loss.item(), n_img / max(time.time() - t_epoch, 1e-9))
+            if stop_after_steps is not None and steps_done >= stop_after_steps:
+                prog.close()
+                return {"stopped": True, "run": str(out)}
+        prog.close()
+        n_b = max(len(batches), 1)
+        if d.world > 1:
+            import torch.distributed as dist
+
+            t = torch.tensor(sums, device=dev)
+            dist.all_reduce(t)
+            sums = t.cpu().numpy() / d.world
+        if d.main:
+            t_val = time.time()
+            # Validated: every epoch on the target data and the last pretraining one (pretraining epochs
+            # are long; their val scores are not candidates worth the time).
+            validate = st == "train" or epoch == cfg.pretrain_epochs - 1
+            vd = mean_dice(run_cases(model, val_cases, cfg.input_size)) if validate else math.nan
+            # plain floats: numpy scalars would make the checkpoint unloadable with weights_only=True
+            row = {"epoch": epoch + 1, "stage": st, "loss": float(sums[0] / n_b),
+                   "loss_coarse": float(sums[1] / n_b), "loss_fine": float(sums[2] / n_b), "val_dice": float(vd),
+                   "lr_inr": float(opt.param_groups[0]["lr"]), "lr_rest": float(opt.param_groups[1]["lr"]),
+                   "images_per_s": float(n_img * d.world / max(t_val - t_epoch, 1e-9)),
+                   "seconds": float(time.time() - t_epoch)}
+            history.append(row)
+            improved = vd > best["val_dice"]
+            if improved:
+                best = {"epoch": epoch + 1, "val_dice": vd}
+            payload = model_payload(model, base_sha, Path(cfg.sam_checkpoint).name if cfg.sam_checkpoint else None)
+            payload["classes"] = list(train_ds.class_names)  # output channel names, for evaluation by name
+            meta = {"epoch": epoch, "val_dice": vd, "config": asdict(cfg), "best": dict(best)}
+            if improved:  # best first: a kill between the two writes replays this epoch from the previous last
+                save_checkpoint(best_path, {**payload, "train_meta": meta})
+            save_checkpoint(last_path, {**payload, "train": {
+                **meta, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict(), "rng": rng_state(), "history": history}})
+            write_log(out / LOG_NAME, history)
+            _curve(out / CURVE_NAME, history)
+            rep.echo(f"epoch {epoch + 1}/{cfg.epochs} [{st}] loss {row['loss']:.4f} val Dice {vd:.2f} "
+                     f"best {best['val_dice']:.2f}@{best['epoch']} "
+                     f"{row['images_per_s']:.1f} img/s {row['seconds']:.0f}s")
+        if d.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+    return {"run": str(out), "best_epoch": best["epoch"], "best_val_dice": best["val_dice"],
+            "skipped": skipped, "epochs": cfg.epochs, "checkpoint": str(best_path)}
+
+
+def _make_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{path}: cannot create the run folder ({e.strerror or type(e).__name__})") from None
+
+
+def _check_same_model(path: Path, flag: str, model: IMedSAM, cfg: TrainConfig, num_classes: int) -> None:
+    mc = model.cfg
+    if (mc.name, mc.input_size, mc.num_classes) != (cfg.model, cfg.input_size, num_classes):
+        raise UserError(f"{path}: {flag} holds a {mc.name} model at {mc.input_size} px with "
+                        f"{mc.num_classes} classes; this run asks for {cfg.model} at {cfg.input_size} px "
+                        f"with {num_classes}")
+
+
+def _resume_model(path: Path, cfg: TrainConfig, classes: list[str]) -> tuple[IMedSAM, dict[str, Any], str | None]:
+    """The run's model rebuilt from ``last.pt``'s stored config and weights (never today's preset), after
+    checking the run is resumed with its original settings and classes."""
+    from imedsam_train.checkpoint import load_checkpoint
+
+    model, ck = load_checkpoint(path, cfg.sam_checkpoint)
+    tr = ck.get("train")
+    if not isinstance(tr, dict) or "optimizer" not in tr or not isinstance(tr.get("config"), dict):
+        raise UserError(f"{path}: not a resumable training checkpoint")
+    if tr["config"] != asdict(cfg):
+        diff = sorted(k for k in asdict(cfg) if tr["config"].get(k) != asdict(cfg)[k])
+        raise UserError(f"{path}: --resume with different settings ({', '.join(diff)}); use the original ones")
+    _check_same_model(path, "--resume", model, cfg, len(classes))
+    stored = ck.get("classes")
+    if stored is not None and list(stored) != classes:
+        raise UserError(f"{path}: the run was trained on classes {list(stored)}, the data now has {classes}")
+    base = ck.get("base")
+    return model, ck, base["sha256"] if base else None
+
+
+def _init_model(path: Path, cfg: TrainConfig, num_classes: int, trainable: str) -> tuple[IMedSAM, str | None]:
+    """Rebuild another run's model from its own checkpoint, to start this run from its weights."""
+    from imedsam_train.checkpoint import load_checkpoint
+
+    model, ck = load_checkpoint(path, cfg.sam_checkpoint)
+    _check_same_model(path, "--init-from", model, cfg, num_classes)
+    model.cfg = model.cfg.replace(trainable=trainable)  # type: ignore[misc]
+    model.apply_freeze_policy()
+    base = ck.get("base")
+    return model, base["sha256"] if base else None
+
+
+def _curve(path: Path, history: list[dict[str, Any]]) -> None:
+    from imedsam_train.plots import training_curve
+
+    training_curve(history, path)
+
+
+class _Prog:
+    def __init__(self, rep: Reporter, enabled: bool, desc: str, total: int) -> None:
+        self.p: Any = None
+        if enabled and rep.progress:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                              TextColumn("loss {task.fields[loss]:.4f}  {task.fields[speed]:.1f} img/s"),
+                              TimeRemainingColumn(), transient=True)
+            self.p.start()
+            self.task = self.p.add_task(desc, total=total, loss=float("nan"), speed=0.0)
+
+    def advance(self, loss: float, speed: float) -> None:
+        if self.p is not None:
+            self.p.update(self.task, advance=1, loss=loss, speed=speed)
+
+    def close(self) -> None:
+        if self.p is not None:
+            self.p.stop()
+            self.p = None
+
+
+def _progress(rep: Reporter, enabled: bool, desc: str, total: int) -> _Prog:
+    return _Prog(rep, enabled, desc, total)

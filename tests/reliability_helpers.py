@@ -1,0 +1,120 @@
+"""Shared pieces of the reliability suite (issue #7): one tiny exported model per session, corrupt-file
+makers, and the assertion every bad input must pass (one-line error, non-zero exit, nothing left behind)."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tests.conftest import REPO, SAMPLE_DATA, SHARED_DATA
+
+S = 64  # tiny model input size
+VIDEO = SHARED_DATA / "colonoscopy-video" / "video_coloscopy.mp4"
+SAMPLE_IMAGES = sorted((SAMPLE_DATA / "images").iterdir())
+IMAGE = SAMPLE_IMAGES[0]  # 320 x 254 JPEG
+GOOD_BOX = "60,50,200,180"
+
+_cache: dict[str, Any] = {}  # one export per session, shared by every reliability module
+
+
+def tiny_model(seed: int = 0) -> Any:
+    import torch
+
+    from imedsam_train.build import build
+
+    torch.manual_seed(seed)
+    model, _ = build("tiny", input_size=S)
+    return model.eval()
+
+
+def tiny_checkpoint(tmp_path_factory: Any) -> Path:
+    """An imedsam checkpoint of the seeded random tiny model."""
+    if "ckpt" not in _cache:
+        from imedsam_train.checkpoint import model_payload, save_checkpoint
+
+        path = tmp_path_factory.mktemp("rel_ckpt") / "tiny.pt"
+        save_checkpoint(path, model_payload(tiny_model(), None))
+        _cache["ckpt"] = path
+    return _cache["ckpt"]
+
+
+def tiny_artifact(tmp_path_factory: Any) -> Path:
+    """The seeded random tiny model exported once per session (ONNX fp32, no parity run: speed)."""
+    if "art" not in _cache:
+        from imedsam_export.api import export_artifact
+
+        out = tmp_path_factory.mktemp("rel_art") / "art"
+        _cache["art"] = Path(export_artifact(None, out, model=tiny_model(), max_points=4096, batch=2, verify=False))
+    return _cache["art"]
+
+
+# --- the contract every refusal must meet ---
+
+def assert_one_line_error(res: Any, *needles: str) -> str:
+    """A CliRunner result that refused: exit 2, no exception escaped, the output ends with exactly one
+    ``error:`` line that contains every needle (typically the input's name and the problem)."""
+    exc = res.exception
+    assert exc is None or isinstance(exc, SystemExit), f"escaped {type(exc).__name__}: {exc}\n{res.output}"
+    assert res.exit_code == 2, f"exit {res.exit_code}\n{res.output}"
+    assert "Traceback" not in res.output, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], res.output
+    for n in needles:
+        assert n.lower() in errors[0].lower(), f"{n!r} not in {errors[0]!r}"
+    return errors[0]
+
+
+def assert_nothing_left(folder: Path, also: list[Path] | None = None) -> None:
+    """``folder`` is absent or empty, and no staging folder/file (``.<name>.*.tmp``) sits beside it."""
+    assert not folder.exists() or not any(folder.iterdir()), sorted(p.name for p in folder.rglob("*"))
+    parent = folder.parent
+    if parent.is_dir():
+        staged = [p.name for p in parent.iterdir() if p.name.startswith(f".{folder.name}.")]
+        assert not staged, staged
+    for p in also or []:
+        assert not p.exists(), p
+
+
+def console_script(name: str, args: list[str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """Run an installed console script (its real entry point) in a subprocess."""
+    module, func = {
+        "imedsam-train": ("imedsam_train.cli", "main"), "imedsam-eval": ("imedsam_train.eval_cli", "main"),
+        "imedsam-export": ("imedsam_export.cli", "main"), "imedsam-infer": ("imedsam_deploy.cli_infer", "main"),
+        "imedsam-bench": ("imedsam_deploy.cli_bench", "main"),
+    }[name]
+    code = f"import sys; from {module} import {func}; sys.argv[0] = {name!r}; {func}()"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# --- corrupt files ---
+
+def truncated(data: bytes, fraction: float = 0.4) -> bytes:
+    return data[: max(1, int(len(data) * fraction))]
+
+
+def garbage(n: int, seed: int, magic: bytes = b"") -> bytes:
+    return magic + np.random.default_rng(seed).bytes(n)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares ``width x height`` pixels but holds no image data (a "huge" image in 45 bytes)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+__all__ = ["GOOD_BOX", "IMAGE", "S", "SAMPLE_DATA", "SAMPLE_IMAGES", "VIDEO", "assert_nothing_left",
+           "assert_one_line_error", "console_script", "garbage", "png_header_only", "tiny_artifact",
+           "tiny_checkpoint", "tiny_model", "truncated"]

@@ -1,0 +1,232 @@
+"""Benchmark suite (issue #6): the reference is our function computed the slow way, the sparse planner's
+agreement, the torch backend's CPU path, and imedsam-bench's documented outputs. Never asserts timings."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from benchmarks.reference import ReferenceIMedSAM, host_spectrum
+from imedsam_deploy.cli_bench import app
+from imedsam_deploy.errors import UserError
+from imedsam_deploy.sparse import SparseConfig, box_region, dense_decode, sparse_decode
+from imedsam_train.checkpoint import model_payload, save_checkpoint
+from imedsam_train.config import LoraConfig, preset
+from imedsam_train.model import IMedSAM
+from imedsam_train.model.frequency import spectrum
+from imedsam_train.model.lora import LoRAQKV
+
+from .conftest import SAMPLE_DATA, read_mask, read_rgb
+
+S = 128
+SR = 64  # reference-equality tests run smaller: the comparison is exact at any size
+
+
+def tiny(seed: int = 0, size: int = S, **kw) -> IMedSAM:
+    torch.manual_seed(seed)
+    m = IMedSAM(preset("tiny", input_size=size).replace(**kw)).eval()
+    with torch.no_grad():  # non-zero LoRA updates: the reference computes them unmerged
+        for mod in m.modules():
+            if isinstance(mod, LoRAQKV):
+                mod.lora_b_q.normal_(0, 0.05)
+                mod.lora_b_v.normal_(0, 0.05)
+    return m
+
+
+def sample(i: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A real Kvasir-Sessile image, its mask and the mask's tight box (image pixels)."""
+    stem = sorted(p.stem for p in (SAMPLE_DATA / "images").iterdir())[i]
+    rgb = read_rgb(SAMPLE_DATA / "images" / f"{stem}.jpg")
+    mask = read_mask(next((SAMPLE_DATA / "masks").glob(f"{stem}.*")))
+    ys, xs = np.nonzero(mask)
+    return rgb, mask, np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
+
+
+# ---------------------------------------------------------------- reference
+@pytest.mark.parametrize("gate", [False, True])
+def test_reference_computes_the_same_function_as_the_model(gate):
+    model = tiny(size=SR, lora=LoraConfig(rank=4, gate=gate))
+    if gate:
+        with torch.no_grad():
+            for mod in model.modules():
+                if isinstance(mod, LoRAQKV) and mod.gate is not None:
+                    mod.gate.bias.fill_(0.7)
+    ref = ReferenceIMedSAM(model)
+    img = torch.rand(2, 3, SR, SR)
+    boxes = torch.tensor([[5.0, 6, 45, 50], [15, 2, 60, 30]])
+    with torch.no_grad():
+        ours = model(img, boxes, out_size=(80, 96)).fine
+        theirs = ref(img, boxes, (80, 96))
+        # the host numpy FFT is the device FFT's twin
+        torch.testing.assert_close(host_spectrum(img, 0), spectrum(img, 0), atol=1e-5, rtol=1e-4)
+    assert theirs.shape == ours.shape == (2, 1, 80 * 96)
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    assert ((theirs > 0) == (ours > 0)).float().mean() == 1.0
+
+
+# ---------------------------------------------------------------- sparse planner
+def _torch_decode(model: IMedSAM, image: np.ndarray, box_model: np.ndarray):
+    with torch.no_grad():
+        emb = model.encode(torch.from_numpy(image)[None])
+    b = torch.from_numpy(box_model[None].astype(np.float32))
+
+    def decode(coords: np.ndarray):
+        with torch.no_grad():
+            c, f, u = model.decode_dense(emb, b, torch.from_numpy(coords)[None])
+        return c[0].numpy(), f[0].numpy(), u[0].numpy()
+
+    return decode
+
+
+def test_sparse_planner_is_exact_on_a_smooth_field_and_queries_few_points():
+    def decode(c: np.ndarray):
+        r = np.hypot(c[:, 0] - 0.1, c[:, 1] + 0.05)
+        coarse = 10 * (0.3 - r)[None]
+        fine = coarse + np.where(r < 0.31, 0.5, -0.5)[None]  # heads disagree only in a thin ring
+        return coarse.astype(np.float32), fine.astype(np.float32), np.exp(-coarse**2).astype(np.float32)
+
+    size = (384, 384)
+    region = box_region((100, 90, 300, 280), size, 16)
+    dense = dense_decode(decode, size, 0.125, region)
+    res = sparse_decode(decode, size, 0.125, region, SparseConfig(stride=8, dilate=1))
+    assert res.mask.shape == dense.shape == (1, 384, 384)
+    assert (res.mask == dense).all()
+    assert dense.sum() > 5000
+    assert res.queried < 0.2 * res.region_pixels
+
+
+def test_sparse_planner_agreement_on_a_real_image_tiny_model():
+    """Random-weight tiny model on a real Kvasir image: a box-shaped mask with speckled edges (high
+    Fourier frequencies, no training), the planner's worst case. Stated threshold: >= 99% of the pixels
+    inside the box agree with the full grid at stride 4, querying under half of the region."""
+    from imedsam_deploy.preprocess import box_to_model, to_model_input
+
+    model = tiny(seed=0)
+    rgb, _, box = sample(0)
+    h, w = rgb.shape[:2]
+    decode = _torch_decode(model, to_model_input(rgb, S), box_to_model(box[None], (h, w), S)[0])
+    out = (128, 128)
+    bo = box * [out[1] / w, out[0] / h, out[1] / w, out[0] / h]
+    region = box_region(tuple(bo), out, 8)
+    dense = dense_decode(decode, out, 0.125, region)
+    res = sparse_decode(decode, out, 0.125, region, SparseConfig(stride=4, dilate=1))
+    r0, r1, c0, c1 = int(bo[1]), int(np.ceil(bo[3])), int(bo[0]), int(np.ceil(bo[2]))
+    inside = (res.mask[:, r0:r1, c0:c1] == dense[:, r0:r1, c0:c1]).mean()
+    assert inside >= 0.99, inside
+    assert res.queried < 0.5 * res.region_pixels
+    assert not res.mask[:, : region[0]].any()  # outside the region: background, never queried
+
+
+# ---------------------------------------------------------------- torch backend (CPU path)
+def test_torch_backend_cpu_path_matches_the_model():
+    from imedsam_deploy.backends.torch_cuda import TorchBackend
+
+    model = tiny()
+    be = TorchBackend(model, device="cpu", precision="fp32")
+    img = np.random.default_rng(0).random((2, 3, S, S), dtype=np.float32)
+    embs = be.encode(img)
+    assert len(embs) == 2
+    boxes = np.array([[10, 12, 90, 100]], np.float32)
+    coords = np.random.default_rng(1).uniform(-1, 1, (1, 300, 2)).astype(np.float32)
+    c, f, u = be.decode(embs[1], boxes, coords)
+    with torch.no_grad():
+        emb = model.encode(torch.from_numpy(img))
+        rc, rf, ru = model.decode_dense(emb[1:], torch.from_numpy(boxes), torch.from_numpy(coords))
+    np.testing.assert_allclose(embs[1].numpy(), emb[1:].numpy(), atol=1e-4)
+    np.testing.assert_allclose(c, rc.numpy(), atol=1e-4)
+    np.testing.assert_allclose(f, rf.numpy(), atol=1e-4)
+    np.testing.assert_allclose(u, ru.numpy(), rtol=1e-3, atol=1e-7)
+    with pytest.raises(UserError, match="CUDA graphs"):
+        TorchBackend(model, device="cpu", cuda_graphs=True)
+
+
+def test_torch_cuda_backend_refuses_clearly_without_cuda():
+    from imedsam_deploy.backends.torch_cuda import TorchBackend
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the no-CUDA error path cannot be exercised here")
+    with pytest.raises(UserError, match="no CUDA device"):
+        TorchBackend(tiny(), device="cuda")
+
+
+# ---------------------------------------------------------------- imedsam-bench CLI
+@pytest.fixture(scope="module")
+def tiny_artifact(tmp_path_factory) -> Path:
+    """A tiny (64 px) model exported from a checkpoint, so the manifest names its PyTorch weights."""
+    from imedsam_export.api import export_artifact
+
+    root = tmp_path_factory.mktemp("bench")
+    model = tiny(size=64)
+    ck = root / "tiny.pt"
+    save_checkpoint(ck, model_payload(model, None))
+    return export_artifact(ck, root / "art", verify=False, max_points=4096, batch=2)
+
+
+STAGE_KEYS = {"p50", "p95", "p99"}
+
+
+def test_bench_cli_reference_json(tiny_artifact, tmp_path):
+    out = tmp_path / "o"
+    js = tmp_path / "r.json"
+    res = CliRunner().invoke(app, [
+        str(tiny_artifact), "--backend", "ort-cpu", "--query", "full", "--query", "sparse", "--query", "box",
+        "--out-size", "64", "--out-size", "96", "--repeat", "2", "--warmup", "0", "--reference",
+        "--json", str(js), "--out", str(out), "--threads", "2",
+    ])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(js.read_text())
+    assert {r["query"] for r in rep["results"]} == {"full", "sparse", "box"}
+    assert {r["out_size"] for r in rep["results"]} == {64, 96}
+    for r in rep["results"]:
+        assert set(r["stages_ms"]) == {"preprocess", "encoder", "decoder", "postprocess"}
+        assert all(set(v) >= STAGE_KEYS for v in r["stages_ms"].values())
+        assert r["fps"] > 0 and r["decoder_points_per_s"] > 0 and r["peak_rss_mb"] > 0
+        assert r["speedup_vs_reference"] > 0
+        assert 0.0 <= r["agreement"]["pixel_in_box"] <= 1.0
+        if r["query"] == "full":  # the same function, ONNX vs eager: identical masks up to fp32 rounding
+            assert r["agreement"]["pixel_all"] >= 0.995
+        if r["query"] == "box":
+            assert r["decoder_points_per_frame"] < r["out_size"] ** 2  # the box restriction queried less
+    summary = rep["backends"]["ort-cpu"]
+    assert {"e2e_p50_ms", "speedup_vs_reference", "pixel_agreement"} <= set(summary)
+    assert rep["reference"] and rep["reference"][0]["e2e_ms"]["p50"] > 0
+    assert (out / "bench.csv").read_text().startswith("backend,")
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_cli_no_arguments_uses_latest_artifact_and_reports_skips(tiny_artifact, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, [])
+    assert res.exit_code == 2 and "no artifact" in res.output
+    shutil.copytree(tiny_artifact, tmp_path / "runs" / "demo" / "export")
+    res = CliRunner().invoke(app, ["--repeat", "1", "--warmup", "0", "--query", "sparse"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "runs" / "bench" / "bench.json").read_text())
+    assert rep["artifact"].endswith("export")
+    ran = {r["backend"] for r in rep["results"]}
+    assert "ort-cpu" in ran
+    # every registry backend either ran or is listed with its reason
+    from imedsam_deploy.backends import NAMES
+
+    assert set(NAMES) <= ran | set(rep["skipped"])
+    assert all(isinstance(v, str) and v for v in rep["skipped"].values())
+    if "tensorrt" in rep["skipped"]:
+        assert "skipped tensorrt" in res.output
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--precision", "fp8"], "--precision"),
+    (["--model", "vit_z"], "--model"),
+    (["--query", "dense"], "query mode"),
+    (["--image", "/nonexistent.png"], "no such image"),
+])
+def test_bench_cli_bad_input_is_one_line(tiny_artifact, args, msg):
+    res = CliRunner().invoke(app, [str(tiny_artifact), "--repeat", "1", *args])
+    assert res.exit_code == 2
+    assert msg in res.output and "Traceback" not in res.output

@@ -1,0 +1,194 @@
+"""Evaluation: metrics against brute force, the box baselines, the imedsam-eval CLI (JSON/CSV/PNG,
+jitter, output size, default checkpoint), multi-class mapping, and the shipped model's quality."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from imedsam_train.baselines import box_mask, ellipse_mask
+from imedsam_train.build import build
+from imedsam_train.checkpoint import model_payload, save_checkpoint
+from imedsam_train.eval_cli import app
+from imedsam_train.evaluate import predict_logits
+from imedsam_train.metrics import all_metrics, dice, hausdorff, iou
+from tests.conftest import SAMPLE_DATA, read_mask
+
+TEST_SPLIT = SAMPLE_DATA / "splits" / "test.txt"
+
+
+@pytest.fixture(scope="module")
+def random_ckpt(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    m, _ = build("tiny", input_size=64)
+    p = tmp_path_factory.mktemp("ck") / "tiny64.pt"
+    save_checkpoint(p, model_payload(m, None))
+    return p
+
+
+def _brute_hd(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    from scipy import ndimage
+
+    def surf(m):
+        return np.argwhere(m & ~ndimage.binary_erosion(m, np.ones((3, 3), bool), border_value=0))
+
+    pa, pb = surf(a), surf(b)
+    d = np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1))
+    ab, ba = d.min(1), d.min(0)
+    return max(np.percentile(ab, 95), np.percentile(ba, 95)), max(ab.max(), ba.max())
+
+
+def test_metrics_against_hand_and_brute_force():
+    a = np.zeros((40, 40), bool)
+    a[10:20, 10:20] = True
+    b = np.roll(a, 3, axis=1)
+    assert dice(a, b) == pytest.approx(200 * 70 / 200)
+    assert iou(a, b) == pytest.approx(100 * 70 / 130)
+    hd95, hd = hausdorff(a, b)
+    assert hd == pytest.approx(3.0)
+    rng = np.random.default_rng(0)
+    from scipy import ndimage
+
+    for _ in range(3):
+        x = ndimage.binary_dilation(rng.random((48, 48)) > 0.985, iterations=3)  # a few blobs
+        y = ndimage.binary_dilation(x, iterations=2) ^ (rng.random((48, 48)) > 0.97)
+        assert x.any() and y.any()
+        got = hausdorff(x, y)
+        want = _brute_hd(x, y)
+        assert got[0] == pytest.approx(want[0]) and got[1] == pytest.approx(want[1])
+    m = all_metrics(np.zeros((8, 8), bool), a[:8, :8] | True)
+    assert m["dice"] == 0 and math.isnan(m["hd95"])
+
+
+def test_baselines():
+    box = np.array([10.0, 5.0, 50.0, 25.0])
+    bm, em = box_mask(box, 40, 60), ellipse_mask(box, 40, 60)
+    assert bm.sum() == 40 * 20
+    assert (em & ~bm).sum() == 0
+    assert em.sum() / bm.sum() == pytest.approx(math.pi / 4, abs=0.02)
+
+
+def test_chunked_prediction_equals_the_model_forward(random_ckpt):
+    from imedsam_train.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(random_ckpt)
+    img = torch.rand(1, 3, 64, 64)
+    box = torch.tensor([[8.0, 10.0, 40.0, 50.0]])
+    with torch.no_grad():
+        ref = model(img, box, out_size=(48, 48)).fine[0]
+    got = predict_logits(model, img, box, 48, chunk=500)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def _eval(args: list[str]) -> tuple[int, str]:
+    res = CliRunner().invoke(app, args)
+    return res.exit_code, res.output
+
+
+def test_eval_cli_json_csv_png_and_baselines(random_ckpt, tmp_path):
+    out = tmp_path / "tight.json"
+    code, text = _eval([str(random_ckpt), "--data", str(SAMPLE_DATA), "--split", str(TEST_SPLIT), "--json", str(out)])
+    assert code == 0, text
+    s = json.loads(out.read_text())
+    assert s["n"] == 8 and 0 <= s["dice"] <= 100 and set(s["baselines"]) == {"box", "ellipse"}
+    # independent check of the box baseline with tight boxes, at the model's 64 px output
+    import cv2
+
+    want = []
+    for stem in TEST_SPLIT.read_text().split():
+        m = read_mask(SAMPLE_DATA / "masks" / f"{stem}.png")
+        h, w = m.shape
+        ys, xs = np.nonzero(m)
+        box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]) * [64 / w, 64 / h, 64 / w, 64 / h]
+        gt = cv2.resize(m.astype(np.float32), (64, 64), interpolation=cv2.INTER_LINEAR) >= 0.5
+        want.append(dice(box_mask(box, 64, 64), gt))
+    assert s["baselines"]["box"] == pytest.approx(float(np.mean(want)))
+    rows = out.with_suffix(".csv").read_text().splitlines()
+    assert len(rows) == 9 and rows[0].startswith("stem,class,dice")
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+    jit = tmp_path / "jit.json"
+    code, text = _eval([str(random_ckpt), "--data", str(SAMPLE_DATA), "--split", str(TEST_SPLIT),
+                        "--box-jitter", "20", "--seed", "3", "--out-size", "96", "--json", str(jit)])
+    assert code == 0, text
+    j = json.loads(jit.read_text())
+    assert j["out_size"] == 96 and j["box_jitter"] == 20
+    assert j["baselines"]["box"] < s["baselines"]["box"]  # looser boxes, worse box baseline
+    code, _ = _eval([str(random_ckpt), "--data", str(SAMPLE_DATA), "--split", str(TEST_SPLIT),
+                     "--box-jitter", "20", "--seed", "3", "--out-size", "96", "--json", str(tmp_path / "again.json")])
+    assert json.loads((tmp_path / "again.json").read_text())["dice"] == j["dice"]  # seeded
+
+
+def test_eval_cli_refusals(random_ckpt, tmp_path):
+    code, text = _eval([str(random_ckpt), "--data", str(tmp_path / "missing")])
+    assert code == 2 and "missing" in text
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    code, text = _eval([str(bad), "--data", str(SAMPLE_DATA)])
+    assert code == 2 and "bad.pt" in text
+    code, text = _eval([str(random_ckpt), "--data", str(SAMPLE_DATA), "--box-jitter", "-1"])
+    assert code == 2
+
+
+def test_multiclass_organ_pngs_by_name(tmp_path, shared_data):
+    torch.manual_seed(0)
+    m, _ = build("tiny", input_size=64, num_classes=3)
+    p = tmp_path / "organs.pt"
+    save_checkpoint(p, {**model_payload(m, None), "classes": ["spleen", "liver", "aorta"]})
+    out = tmp_path / "o.json"
+    code, text = _eval([str(p), "--data", str(shared_data / "ct-slices-amos-totalseg"), "--json", str(out)])
+    assert code == 2 and "not among the model's" in text  # AMOS has organs the model does not know
+    sub = tmp_path / "amos"
+    (sub / "images").mkdir(parents=True)
+    (sub / "masks").mkdir()
+    src = shared_data / "ct-slices-amos-totalseg"
+    for f in src.glob("images/amos_0006_90.png"):
+        (sub / "images" / f.name).write_bytes(f.read_bytes())
+    for f in src.glob("masks/amos_0006_90_*"):
+        if any(o in f.name for o in ("liver", "spleen")):
+            (sub / "masks" / f.name).write_bytes(f.read_bytes())
+    code, text = _eval([str(p), "--data", str(sub), "--json", str(out)])
+    assert code == 0, text
+    s = json.loads(out.read_text())
+    assert s["n"] == 2 and set(s["per_class"]) == {"liver", "spleen"}
+
+
+def test_default_checkpoint_is_the_newest_run_then_the_shipped_model(random_ckpt, tmp_path, monkeypatch):
+    from imedsam_train.weights import default_checkpoint, shipped_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    assert default_checkpoint() == shipped_checkpoint()
+    run = tmp_path / "runs" / "x" / "checkpoints"
+    run.mkdir(parents=True)
+    (run / "best.pt").write_bytes(random_ckpt.read_bytes())
+    assert default_checkpoint() == Path("runs/x/checkpoints/best.pt").resolve() or \
+        default_checkpoint().resolve() == (run / "best.pt").resolve()
+    code, text = _eval(["--data", str(SAMPLE_DATA), "--split", str(TEST_SPLIT)])
+    assert code == 0 and "runs/x/checkpoints/best.pt" in text
+
+
+def test_shipped_model_beats_the_ellipse_under_jittered_boxes(tmp_path, monkeypatch):
+    """The shipped checkpoint (trained on Kvasir-Sessile train) on the bundled sample's held-out stems."""
+    from imedsam_train.checkpoint import load_checkpoint
+    from imedsam_train.weights import shipped_checkpoint
+
+    ck = shipped_checkpoint()
+    assert ck.stat().st_size <= 5 * 2**20
+    model, raw = load_checkpoint(ck)
+    assert model.cfg.name == "tiny"
+    monkeypatch.chdir(tmp_path)  # no runs here: the shipped model is the default
+    held = tmp_path / "held.txt"
+    stems = (SAMPLE_DATA / "splits" / "val.txt").read_text().split() + TEST_SPLIT.read_text().split()
+    held.write_text("\n".join(stems) + "\n")
+    out = tmp_path / "s.json"
+    code, text = _eval(["--data", str(SAMPLE_DATA), "--split", str(held), "--box-jitter", "20", "--json", str(out)])
+    assert code == 0, text
+    s = json.loads(out.read_text())
+    assert s["n"] == 16
+    assert s["dice"] > s["baselines"]["ellipse"], s

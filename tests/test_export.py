@@ -1,0 +1,335 @@
+"""imedsam-export (issue #4): one tiny export through the CLI (fp16, --engine, --triton), then checks."""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from imedsam_deploy import contract as C
+from imedsam_export.cli import app
+from imedsam_export.dft import DFTSpectrum
+from imedsam_export.fp16 import FP32_MODULES, FP32_OPS, node_classes
+from imedsam_export.graphs import DecoderGraph, EncoderGraph
+from imedsam_export.merge import fold_mlp, merge_for_export
+from imedsam_export.onnx_export import DEFAULT_OPSET, default_opset, graph_ops
+from imedsam_train.build import sha256_file
+from imedsam_train.checkpoint import model_payload, save_checkpoint
+from imedsam_train.model import grid_coords
+from imedsam_train.model.frequency import spectrum
+
+from .export_helpers import S, tiny_model
+
+MAX_POINTS, BATCH = 256, 2  # 64 x 64 grids: 16 chunks per image
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("export")
+    model = tiny_model()
+    ckpt = root / "runs" / "r1" / "checkpoints" / "best.pt"
+    save_checkpoint(ckpt, model_payload(model, None))
+    art = root / "art"
+    res = CliRunner().invoke(app, [str(ckpt), "--out", str(art), "--fp16", "--max-points", str(MAX_POINTS),
+                                   "--batch", str(BATCH), "--engine", "--triton"])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((art / C.MANIFEST_NAME).read_text())
+    return model, art, manifest, res.output
+
+
+def _run(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _feeds(b: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(b, 64, S // 16, S // 16, generator=g)
+    x0 = torch.rand(b, 2, generator=g) * S / 2
+    boxes = torch.cat([x0, x0 + 8 + torch.rand(b, 2, generator=g) * S / 3], dim=1)
+    return emb, boxes, torch.rand(b, n, 2, generator=g) * 2.2 - 1.1
+
+
+# --- pieces, no export ---
+
+@pytest.mark.parametrize("size", [15, 64, 96])
+def test_dft_matmul_matches_torch_fft(size):
+    x = torch.rand(2, 3, size, size)
+    got = DFTSpectrum(size, channel=1)(x)
+    torch.testing.assert_close(got, spectrum(x, 1, "amplitude"), atol=1e-5, rtol=0)
+
+
+def test_batchnorm_fold_is_exact():
+    model = tiny_model()
+    folded, n = fold_mlp(model.inr.coarse_trunk)
+    assert n == 2 and not any(isinstance(m, torch.nn.BatchNorm1d) for m in folded)
+    x = torch.randn(50, model.inr.coarse_trunk[0].in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model.inr.coarse_trunk(x), atol=1e-5, rtol=1e-5)
+
+
+def test_graphs_match_the_model_and_leave_it_untouched():
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded, report = merge_for_export(model)
+    assert report.lora_merged_layers == model.cfg.encoder.depth and report.batchnorm_folded == 5
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    emb, boxes, coords = _feeds(2, 300, seed=1)  # some coords outside [-1, 1]: zero padding
+    image = torch.rand(2, 3, S, S)
+    with torch.no_grad():
+        torch.testing.assert_close(EncoderGraph(folded)(image), model.encode(image), atol=1e-4, rtol=0)
+        got = DecoderGraph(folded)(emb, boxes, coords)
+        ref = model.decode_dense(emb, boxes, coords)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_graph_with_several_classes():
+    from imedsam_train.config import preset
+    from imedsam_train.model import IMedSAM
+
+    torch.manual_seed(3)
+    model = IMedSAM(preset("tiny", input_size=S, num_classes=3)).eval()
+    folded, _ = merge_for_export(model)
+    emb, boxes, coords = _feeds(2, 100, seed=2)
+    with torch.no_grad():
+        got = DecoderGraph(folded)(emb, boxes, coords)
+        ref = model.decode_dense(emb, boxes, coords)
+    for a, b in zip(got, ref, strict=True):
+        assert a.shape == (2, 3, 100)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# --- the exported artifact ---
+
+def test_cli_says_engines_skipped_in_one_line(exported):
+    _, art, manifest, output = exported
+    try:
+        import tensorrt  # noqa: F401
+        has_trt = torch.cuda.is_available()
+    except ImportError:
+        has_trt = False
+    if has_trt:
+        assert (art / manifest["engines"]["fp16"]["encoder"]).is_file()
+    else:
+        lines = [ln for ln in output.splitlines() if "engines skipped" in ln]
+        assert len(lines) == 1 and "engines" not in manifest and manifest["engines_skipped"] == lines[0]
+    assert f"artifact: {art}" in output
+
+
+def test_manifest_contract_and_hashes(exported):
+    model, art, m, _ = exported
+    assert m["format"] == C.MANIFEST_FORMAT and m["version"] == C.MANIFEST_VERSION
+    assert m["opset"] == DEFAULT_OPSET == 18
+    assert m["input_size"] == S and m["embedding_shape"] == [64, S // 16, S // 16] and m["num_classes"] == 1
+    assert m["preprocessing"] == C.preprocessing_manifest(S)
+    assert m["max_points"] == MAX_POINTS and m["max_batch"] == BATCH
+    assert m["model"] == model.cfg.to_dict()
+    assert m["graphs"] == {"fp32": {"encoder": C.ENCODER_ONNX, "decoder": C.DECODER_ONNX},
+                           "fp16": {"encoder": C.ENCODER_ONNX_FP16, "decoder": C.DECODER_ONNX_FP16}}
+    enc, dec = m["io"]["encoder"], m["io"]["decoder"]
+    assert [i["name"] for i in enc["inputs"]] == list(C.ENCODER_INPUTS)
+    assert enc["inputs"][0]["shape"] == [C.AXIS_BATCH, 3, S, S]
+    assert [o["name"] for o in enc["outputs"]] == list(C.ENCODER_OUTPUTS)
+    assert [i["name"] for i in dec["inputs"]] == list(C.DECODER_INPUTS)
+    assert dec["inputs"][2]["shape"] == [C.AXIS_BATCH, C.AXIS_POINTS, 2]
+    assert [o["name"] for o in dec["outputs"]] == list(C.DECODER_OUTPUTS)
+    assert dec["outputs"][0]["shape"] == [C.AXIS_BATCH, 1, C.AXIS_POINTS]
+    assert all(t["dtype"] == "float32" for g in (enc, dec) for t in g["inputs"] + g["outputs"])
+    on_disk = {p.relative_to(art).as_posix() for p in art.rglob("*") if p.is_file()} - {C.MANIFEST_NAME}
+    assert set(m["files"]) == on_disk
+    for name, info in m["files"].items():
+        assert sha256_file(art / name) == info["sha256"] and (art / name).stat().st_size == info["bytes"]
+    assert m["source"]["sha256"] == sha256_file(m["source"]["checkpoint"])
+
+
+def test_parity_recorded_and_within_tolerance(exported):
+    *_, m = exported[:3]
+    p = m["parity"]
+    assert p["passed"] and p["verified"]
+    assert p["random"]["encoder_max_abs_diff"] < 1e-3 and p["random"]["decoder_logit_max_abs_diff"] < 1e-3
+    assert [1, MAX_POINTS] in p["random"]["cases"] and [BATCH, min(1000, MAX_POINTS)] in p["random"]["cases"]
+    real = p["real"]
+    assert real["images"] == 4 and real["source"].startswith("data/sample")
+    assert real["fp32"]["logit_max_abs_diff"] < 1e-3 and real["fp32"]["mask_agreement"] >= 0.999
+    for prec in ("fp16", "fp16_reference"):  # ORT CPU, and numpy with true per-op fp16 arithmetic
+        assert abs(real[prec]["dice"] - real[prec]["dice_fp32_same_images"]) <= 0.5
+        assert real[prec]["mask_agreement"] >= 0.99
+    assert real["fp16_reference"]["runner"].startswith("onnx.reference")
+
+
+def test_no_dft_or_gridsample_and_opset_pinned(exported):
+    _, art, m, _ = exported
+    for prec in ("fp32", "fp16"):
+        for name in m["graphs"][prec].values():
+            ops = graph_ops(art / name)
+            assert not ops & {"DFT", "STFT", "GridSample"}, (name, ops)
+            assert "MatMul" in ops and default_opset(art / name) == 18
+
+
+def test_onnx_runs_at_n1_nmax_and_batch(exported):
+    model, art, _, _ = exported
+    image = torch.rand(BATCH, 3, S, S)
+    (emb,) = _run(art / C.ENCODER_ONNX, {C.ENC_IN_IMAGE: image.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(emb, model.encode(image).numpy(), atol=1e-4)
+    for b, n in ((1, 1), (BATCH, MAX_POINTS), (1, MAX_POINTS)):
+        e, boxes, coords = _feeds(b, n, seed=b * 1000 + n)
+        outs = _run(art / C.DECODER_ONNX, {C.DEC_IN_EMBEDDING: e.numpy(), C.DEC_IN_BOXES: boxes.numpy(),
+                                           C.DEC_IN_COORDS: coords.numpy()})
+        with torch.no_grad():
+            ref = model.decode_dense(e, boxes, coords)
+        for o, r in zip(outs, ref, strict=True):
+            assert o.shape == (b, 1, n)
+            np.testing.assert_allclose(o, r.numpy(), atol=1e-4)
+
+
+def _dtypes(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    vals = list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)
+    return {v.name: v.type.tensor_type.elem_type for v in vals}
+
+
+@pytest.mark.parametrize("graph", ["encoder", "decoder"])
+def test_fp16_graph_keeps_islands_in_fp32(exported, graph):
+    _, art, m, _ = exported
+    half = onnx.load(str(art / m["graphs"]["fp16"][graph]))
+    types = _dtypes(half)
+    F32, F16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    islands = {cls: 0 for cls in FP32_MODULES}
+    n_ops = dict.fromkeys(FP32_OPS, 0)
+    for node in half.graph.node:
+        cls = next((c for c in FP32_MODULES if c in node_classes(node)), None)
+        if cls is None and node.op_type not in FP32_OPS:
+            continue
+        if cls:
+            islands[cls] += 1
+        else:
+            n_ops[node.op_type] += 1
+        for name in list(node.input) + list(node.output):
+            assert types.get(name) != F16, (node.name, node.op_type, name)
+    if graph == "encoder":
+        assert islands["imedsam_export.dft.DFTSpectrum"] > 5 and n_ops["LayerNormalization"] > 0
+        assert n_ops["Softmax"] > 0
+    else:
+        for cls in ("PointTaps", "FourierFeatures", "PointUncertainty"):
+            assert islands[f"imedsam_export.graphs.{cls}"] > 0, cls
+        assert n_ops["Sin"] > 0 and n_ops["Softmax"] > 0
+    # the bulk of the compute is fp16
+    mm = [n for n in half.graph.node if n.op_type == "MatMul"]
+    assert sum(types.get(n.output[0]) == F16 for n in mm) > len(mm) / 2
+    assert all(types[o.name] == F32 for o in half.graph.output)
+
+
+def test_fp16_pipeline_close_to_fp32(exported):
+    _, art, m, _ = exported
+    image = torch.rand(1, 3, S, S).numpy()
+    (e32,) = _run(art / C.ENCODER_ONNX, {C.ENC_IN_IMAGE: image})
+    (e16,) = _run(art / C.ENCODER_ONNX_FP16, {C.ENC_IN_IMAGE: image})
+    assert e16.dtype == np.float32
+    assert np.abs(e16 - e32).max() < 0.05 * np.abs(e32).max()
+    coords = grid_coords(S, S)[None].numpy()
+    feeds = {C.DEC_IN_EMBEDDING: e32, C.DEC_IN_BOXES: np.array([[8, 10, 50, 44]], np.float32),
+             C.DEC_IN_COORDS: coords[:, :MAX_POINTS]}
+    o32 = _run(art / C.DECODER_ONNX, feeds)
+    o16 = _run(art / C.DECODER_ONNX_FP16, feeds)
+    for a, b in zip(o32[:2], o16[:2], strict=True):
+        assert np.abs(a - b).max() < 0.02
+
+
+def test_triton_repository_layout_and_configs(exported):
+    _, art, m, _ = exported
+    root = art / m["triton"]
+    emb = m["embedding_shape"]
+    enc_cfg = (root / "imedsam_encoder" / "config.pbtxt").read_text()
+    dec_cfg = (root / "imedsam_decoder" / "config.pbtxt").read_text()
+    ens_cfg = (root / "imedsam" / "config.pbtxt").read_text()
+    engines = m.get("engines")
+    model_file = "model.plan" if engines else "model.onnx"
+    for name, cfg, graph in (("imedsam_encoder", enc_cfg, "encoder"), ("imedsam_decoder", dec_cfg, "decoder")):
+        src = art / (engines["fp16"][graph] if engines else m["graphs"]["fp16"][graph])
+        assert sha256_file(root / name / "1" / model_file) == sha256_file(src)
+        assert f'name: "{name}"' in cfg and f"max_batch_size: {BATCH}" in cfg
+        assert "dynamic_batching" in cfg and "KIND_GPU" in cfg
+    assert f'{{ name: "image" data_type: TYPE_FP32 dims: [ 3, {S}, {S} ] }}' in enc_cfg
+    assert f'{{ name: "image_embedding" data_type: TYPE_FP32 dims: [ {", ".join(map(str, emb))} ] }}' in dec_cfg
+    assert '{ name: "coords" data_type: TYPE_FP32 dims: [ -1, 2 ] }' in dec_cfg
+    for out in C.DECODER_OUTPUTS:
+        assert f'{{ name: "{out}" data_type: TYPE_FP32 dims: [ 1, -1 ] }}' in dec_cfg
+    assert 'platform: "ensemble"' in ens_cfg and ens_cfg.index("imedsam_encoder") < ens_cfg.index("imedsam_decoder")
+    assert (root / "imedsam" / "1").is_dir()
+    ast.parse((root / "client_example.py").read_text())
+
+
+@pytest.mark.skipif(shutil.which("tritonserver") is None, reason="tritonserver is not installed here")
+def test_triton_repository_serves(exported, tmp_path):
+    _, art, m, _ = exported
+    proc = subprocess.Popen(["tritonserver", "--model-repository", str(art / m["triton"]), "--exit-on-error=true"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        import time
+        import urllib.request
+
+        for _ in range(120):
+            try:
+                if urllib.request.urlopen("http://localhost:8000/v2/health/ready").status == 200:
+                    break
+            except OSError:
+                time.sleep(1)
+        status = urllib.request.urlopen("http://localhost:8000/v2/models/imedsam/ready").status
+        assert status == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the overflow under test
+def test_plain_fp16_cast_would_break_the_encoder(exported, tmp_path, monkeypatch):
+    # The same pass with no fp32 islands: the DFT's squared magnitudes (~4e6 at 64 x 64) overflow fp16.
+    # onnx.reference computes each op in its declared dtype (as a GPU does); ORT CPU would hide it by
+    # running fp16 nodes without CPU kernels in fp32.
+    from onnx.reference import ReferenceEvaluator
+
+    from imedsam_export import fp16
+
+    _, art, _, _ = exported
+    monkeypatch.setattr(fp16, "FP32_OPS", ())
+    monkeypatch.setattr(fp16, "FP32_MODULES", ())
+    plain, counts = fp16.to_fp16(onnx.load(str(art / C.ENCODER_ONNX)))
+    assert counts["fp32_island_nodes"] == 0
+    image = torch.rand(1, 3, S, S).numpy()
+    (ref,) = _run(art / C.ENCODER_ONNX, {C.ENC_IN_IMAGE: image})
+    (bad,) = ReferenceEvaluator(plain).run(None, {C.ENC_IN_IMAGE: image})
+    (good,) = ReferenceEvaluator(str(art / C.ENCODER_ONNX_FP16)).run(None, {C.ENC_IN_IMAGE: image})
+    assert not np.isfinite(bad).all()
+    assert np.isfinite(good).all() and np.abs(good - ref).max() < 0.05 * np.abs(ref).max()
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_engines_build_and_load(exported, tmp_path):
+    trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed here")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU for TensorRT")
+    from imedsam_export.tensorrt_build import build_engines
+
+    model, art, m, _ = exported
+    folder = tmp_path / "art"
+    shutil.copytree(art, folder)
+    entry = build_engines(folder, m["graphs"], model.cfg, BATCH, MAX_POINTS, print)
+    assert entry is not None
+    e = entry["fp16"]
+    assert e["onnx_sha256"]["decoder"] == sha256_file(folder / C.DECODER_ONNX_FP16)
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine((folder / e["decoder"]).read_bytes())
+    names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+    assert names == set(C.DECODER_INPUTS) | set(C.DECODER_OUTPUTS)
+    assert tuple(engine.get_tensor_profile_shape(C.DEC_IN_COORDS, 0)[2]) == (BATCH, MAX_POINTS, 2)

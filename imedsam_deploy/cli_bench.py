@@ -58,7 +58,10 @@ def bench(
     from imedsam_deploy import bench as B
 
     console = Console(stderr=True)
-    log = console.print
+
+    def log(msg: str) -> None:
+        # plain text: messages carry pip extras like 'imedsam[tensorrt]' that rich would read as markup
+        console.print(msg, markup=False, highlight=False)
     if model is not None and model not in MODELS:
         raise UserError(f"--model {model!r}: choose one of {', '.join(MODELS)}")
     if precision is not None and precision not in ("fp32", "fp16", "bf16"):

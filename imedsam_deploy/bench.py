@@ -247,32 +247,6 @@ def load_reference_module() -> Any:
     return mod
 
 
-class ReferenceRunner:
-    """The released code's compute on the same inputs (eager fp32 on ``device``)."""
-
-    def __init__(self, model: Any, device: str) -> None:
-        import torch
-
-        self.torch = torch
-        self.device = torch.device(device)
-        self.ref = load_reference_module().ReferenceIMedSAM(model.to(self.device).eval())
-        self.s = model.cfg.input_size
-
-    def run(self, inputs: Inputs, out_hw: tuple[int, int], times: list[float] | None) -> list[np.ndarray]:
-        torch = self.torch
-        t0 = time.perf_counter()
-        x = torch.from_numpy(np.stack([to_model_input(im, self.s) for im in inputs.images])).to(self.device)
-        boxes = np.concatenate([box_to_model(np.asarray(b)[None], im.shape[:2], self.s)
-                                for b, im in zip(inputs.boxes, inputs.images, strict=True)])
-        logits = self.ref(x, torch.from_numpy(boxes).to(self.device), out_hw)
-        masks = (logits > 0).reshape(logits.shape[0], logits.shape[1], *out_hw).cpu().numpy()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        if times is not None:
-            times.append((time.perf_counter() - t0) * 1e3)
-        return list(masks)
-
-
 def agreement(ours: np.ndarray, ref: np.ndarray, box: np.ndarray, image_hw: tuple[int, int]) -> dict[str, float]:
     """Pixel agreement inside the box (output frame) and overall, and the Dice of the two masks."""
     out_h, out_w = ours.shape[-2:]
@@ -288,47 +262,15 @@ def agreement(ours: np.ndarray, ref: np.ndarray, box: np.ndarray, image_hw: tupl
 
 
 # ---------------------------------------------------------------- model / artifact resolution
+def random_artifact(name: str, input_size: int, log: Callable[[str], None]) -> tuple[Path, Any]:
+    """See ``backends.torch_models.random_artifact`` (torch is imported only there, only when asked)."""
+    from imedsam_deploy.backends.torch_models import random_artifact as _random_artifact
+
+    return _random_artifact(name, input_size, log)
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "imedsam"))
-
-
-def random_model(name: str, input_size: int) -> Any:
-    """The named architecture with deterministic random weights (seed RANDOM_SEED), eval mode."""
-    import torch
-
-    from imedsam_train.build import build
-
-    torch.manual_seed(RANDOM_SEED)
-    model, _ = build(name, input_size=input_size)
-    return model.eval()
-
-
-def _fingerprint(model: Any) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().float().flatten()[:64].cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def random_artifact(name: str, input_size: int, log: Callable[[str], None]) -> tuple[Path, Any]:
-    """Export (once; cached under $IMEDSAM_CACHE or ~/.cache/imedsam) the random-weight ``name`` model."""
-    model = random_model(name, input_size)
-    fp = _fingerprint(model)
-    out = cache_dir() / "bench" / f"{name}-{input_size}-{fp}"
-    if (out / "manifest.json").is_file():
-        log(f"random-weight {name} artifact (cached): {out}")
-        return out, model
-    try:
-        from imedsam_export.api import export_artifact
-    except ImportError as e:
-        raise UserError(f"--model {name} needs the exporter (pip install 'imedsam[train]'): {e}") from None
-    log(f"exporting random-weight {name} at {input_size} to {out} (once) ...")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    export_artifact(None, out, model=model, force=True)
-    return out, model
 
 
 def latest_artifact_of(name: str | None) -> Path | None:
@@ -342,20 +284,6 @@ def latest_artifact_of(name: str | None) -> Path | None:
         return art if m.get("model", {}).get("name") == name else None
     except (OSError, ValueError):
         return None
-
-
-def torch_model_for(artifact: Artifact) -> Any:
-    """The PyTorch model behind an artifact (for the reference): its source checkpoint."""
-    from imedsam_deploy.backends.torch_cuda import CHECKPOINT_ENV, source_checkpoint
-
-    ck = source_checkpoint(artifact)
-    if ck is None or not ck.is_file():
-        raise UserError(f"{artifact.path}: --reference needs the PyTorch checkpoint the artifact was exported "
-                        f"from (manifest source.checkpoint, or set {CHECKPOINT_ENV}); or use --model")
-    from imedsam_train.checkpoint import load_checkpoint
-
-    model, _ = load_checkpoint(ck)
-    return model.eval()
 
 
 # ---------------------------------------------------------------- backends
@@ -420,12 +348,10 @@ def run_bench(artifact_path: Path, opts: BenchOptions, model: Any | None = None,
     ref = None
     ref_model = None
     if opts.reference:
-        ref_model = model if model is not None else torch_model_for(artifact)
-        import torch
+        from imedsam_deploy.backends.torch_models import reference_runner, torch_model_for
 
-        if opts.threads:
-            torch.set_num_threads(opts.threads)
-        ref = ReferenceRunner(ref_model, "cuda" if torch.cuda.is_available() else "cpu")
+        ref_model = model if model is not None else torch_model_for(artifact)
+        ref = reference_runner(ref_model, opts.threads)
     make_inputs = inputs_for or (lambda size, batch: synthetic_inputs(size, batch))
     results: list[dict[str, Any]] = []
     reference_rows: list[dict[str, Any]] = []
@@ -628,4 +554,4 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 __all__ = ["BenchOptions", "Inputs", "run_bench", "synthetic_inputs", "file_inputs", "write_outputs", "table",
-           "random_artifact", "random_model", "latest_artifact_of", "agreement"]
+           "random_artifact", "latest_artifact_of", "agreement"]

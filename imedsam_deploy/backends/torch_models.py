@@ -1,0 +1,102 @@
+"""The PyTorch side of imedsam-bench: the released-code reference runner and random-weight / checkpoint models.
+
+Lives under backends/torch* because it imports torch (and imedsam_train / imedsam_export): the runtime
+imports this module only when ``--reference`` or ``--model`` is asked for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from imedsam_deploy.bench import RANDOM_SEED, Inputs, cache_dir, load_reference_module
+from imedsam_deploy.errors import UserError
+from imedsam_deploy.manifest import Artifact
+from imedsam_deploy.preprocess import box_to_model, to_model_input
+
+
+class ReferenceRunner:
+    """The released code's compute on the same inputs (eager fp32 on ``device``)."""
+
+    def __init__(self, model: Any, device: str) -> None:
+        self.torch = torch
+        self.device = torch.device(device)
+        self.ref = load_reference_module().ReferenceIMedSAM(model.to(self.device).eval())
+        self.s = model.cfg.input_size
+
+    def run(self, inputs: Inputs, out_hw: tuple[int, int], times: list[float] | None) -> list[np.ndarray]:
+        torch = self.torch
+        t0 = time.perf_counter()
+        x = torch.from_numpy(np.stack([to_model_input(im, self.s) for im in inputs.images])).to(self.device)
+        boxes = np.concatenate([box_to_model(np.asarray(b)[None], im.shape[:2], self.s)
+                                for b, im in zip(inputs.boxes, inputs.images, strict=True)])
+        logits = self.ref(x, torch.from_numpy(boxes).to(self.device), out_hw)
+        masks = (logits > 0).reshape(logits.shape[0], logits.shape[1], *out_hw).cpu().numpy()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if times is not None:
+            times.append((time.perf_counter() - t0) * 1e3)
+        return list(masks)
+
+
+def random_model(name: str, input_size: int) -> Any:
+    """The named architecture with deterministic random weights (seed RANDOM_SEED), eval mode."""
+    from imedsam_train.build import build
+
+    torch.manual_seed(RANDOM_SEED)
+    model, _ = build(name, input_size=input_size)
+    return model.eval()
+
+
+def _fingerprint(model: Any) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().flatten()[:64].cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def random_artifact(name: str, input_size: int, log: Callable[[str], None]) -> tuple[Path, Any]:
+    """Export (once; cached under $IMEDSAM_CACHE or ~/.cache/imedsam) the random-weight ``name`` model."""
+    model = random_model(name, input_size)
+    fp = _fingerprint(model)
+    out = cache_dir() / "bench" / f"{name}-{input_size}-{fp}"
+    if (out / "manifest.json").is_file():
+        log(f"random-weight {name} artifact (cached): {out}")
+        return out, model
+    try:
+        from imedsam_export.api import export_artifact
+    except ImportError as e:
+        raise UserError(f"--model {name} needs the exporter (pip install 'imedsam[train]'): {e}") from None
+    log(f"exporting random-weight {name} at {input_size} to {out} (once) ...")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    export_artifact(None, out, model=model, force=True)
+    return out, model
+
+
+def torch_model_for(artifact: Artifact) -> Any:
+    """The PyTorch model behind an artifact (for the reference): its source checkpoint."""
+    from imedsam_deploy.backends.torch_cuda import CHECKPOINT_ENV, source_checkpoint
+
+    ck = source_checkpoint(artifact)
+    if ck is None or not ck.is_file():
+        raise UserError(f"{artifact.path}: --reference needs the PyTorch checkpoint the artifact was exported "
+                        f"from (manifest source.checkpoint, or set {CHECKPOINT_ENV}); or use --model")
+    from imedsam_train.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(ck)
+    return model.eval()
+
+
+def reference_runner(model: Any, threads: int | None) -> ReferenceRunner:
+    """The reference on CUDA when available, else on the CPU with ``threads`` torch threads."""
+    if threads:
+        torch.set_num_threads(threads)
+    return ReferenceRunner(model, "cuda" if torch.cuda.is_available() else "cpu")

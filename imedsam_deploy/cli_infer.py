@@ -11,7 +11,7 @@ import typer
 
 from imedsam_deploy.cli_common import guarded, run_app
 from imedsam_deploy.errors import UserError
-from imedsam_deploy.runtime import DEFAULT_QUERY
+from imedsam_deploy.runtime import DEFAULT_QUERY, QUERY_MODES
 
 app = typer.Typer(add_completion=False, help="Segment images, videos and CT volumes with an exported artifact.")
 
@@ -60,7 +60,7 @@ def infer(
     backend: str = typer.Option("auto", "--backend", help="auto|ort-cpu|ort-cuda|ort-trt|tensorrt|torch-cuda."),
     precision: str | None = typer.Option(None, "--precision", help="fp32|fp16 graphs/engines (default: the backend's)."),
     out_size: str | None = typer.Option(None, "--out-size", help="Mask size: N (long side) or WxH (default: the input's)."),
-    query: str = typer.Option(DEFAULT_QUERY, "--query", help="full: decode every pixel; box: only the box plus --margin (rest background, faster)."),
+    query: str = typer.Option(DEFAULT_QUERY, "--query", help="full: decode every pixel; box: only the box plus --margin (rest background, faster); sparse: box plus margin at multiple resolutions (fastest, near-exact)."),
     margin: float = typer.Option(0.25, "--margin", help="Box-query margin, a fraction of the box size per side."),
     chunk: int = typer.Option(32768, "--chunk", help="Query points per decoder call (bounds memory)."),
     min_confidence: float = typer.Option(0.6, "--min-confidence", help="Video: a mask below this mean probability means lost."),
@@ -76,8 +76,8 @@ def infer(
     # --- everything that can be refused is checked before a file is written ---
     if backend not in bk.CHOICES:
         raise UserError(f"--backend {backend!r}: choose one of {', '.join(bk.CHOICES)}")
-    if query not in ("box", "full"):
-        raise UserError(f"--query {query!r}: choose box or full")
+    if query not in QUERY_MODES:
+        raise UserError(f"--query {query!r}: choose one of {', '.join(QUERY_MODES)}")
     if not 0 <= margin <= 10:
         raise UserError(f"--margin {margin}: expected a fraction between 0 and 10")
     if chunk < 1:

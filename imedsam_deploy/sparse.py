@@ -49,6 +49,9 @@ class SparseResult:
     queried: int  # decoder points evaluated (region lattice levels + threshold lattice)
     region_pixels: int
     tau: np.ndarray  # (K,) estimated UGS threshold
+    # (K, h, w) merged logits on the region: the decoder's at evaluated pixels, the bilinear interpolation of
+    # their cell's (sign-agreeing) corners at filled ones, so ``logits > 0`` is exactly the region's mask
+    logits: np.ndarray | None = None
 
 
 def pixel_coords(rows: np.ndarray, cols: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -145,9 +148,10 @@ def sparse_decode(
     amb = np.zeros((he, we), dtype=bool)
     tau: np.ndarray | None = None
     dec: np.ndarray | None = None
+    val: np.ndarray | None = None
 
     def evaluate(sel: np.ndarray) -> None:
-        nonlocal queried, tau, dec
+        nonlocal queried, tau, dec, val
         ys, xs = np.nonzero(sel & ~known) if h > 0 and w > 0 else (np.zeros(0, int), np.zeros(0, int))
         coords = pixel_coords(r0 + np.minimum(ys, h - 1), c0 + np.minimum(xs, w - 1), H, W)
         first = tau is None
@@ -161,9 +165,11 @@ def sparse_decode(
             kt = refine_count(n_t, fraction)
             tau = -np.sort(-unc[:, :n_t], axis=1)[:, kt - 1]
             dec = np.zeros((unc.shape[0], he, we), dtype=bool)
+            val = np.zeros((unc.shape[0], he, we), dtype=np.float32)
             coarse, fine, unc = coarse[:, n_t:], fine[:, n_t:], unc[:, n_t:]
-        assert tau is not None and dec is not None
+        assert tau is not None and dec is not None and val is not None
         dec[:, ys, xs] = merge_decision(coarse, fine, unc, tau)
+        val[:, ys, xs] = np.where(unc >= tau[:, None], fine, coarse)
         a = np.zeros(ys.size, dtype=bool)
         if cfg.refine_on_head_disagreement:
             a |= ((coarse > 0) != (fine > 0)).any(axis=0)
@@ -203,6 +209,8 @@ def sparse_decode(
                 corner = np.repeat(np.repeat(dec[:, :-1:s, :-1:s], s, 1), s, 2)
                 corner = np.pad(corner, ((0, 0), *pad), mode="edge")
                 dec[:, fill] = corner[:, fill]
+                assert val is not None
+                _fill_logits(val, dec, fill, s)
             if not active.any():
                 break
             if s == 1:
@@ -215,7 +223,27 @@ def sparse_decode(
             s //= 2
             cand = np.repeat(np.repeat(active, 2, axis=0), 2, axis=1)
 
-    assert tau is not None and dec is not None
+    assert tau is not None and dec is not None and val is not None
     mask = np.zeros((tau.shape[0], H, W), dtype=bool)
     mask[:, r0:r1, c0:c1] = dec[:, :h, :w]
-    return SparseResult(mask, queried, h * w, tau)
+    return SparseResult(mask, queried, h * w, tau, val[:, :h, :w].copy())
+
+
+def _fill_logits(val: np.ndarray, dec: np.ndarray, fill: np.ndarray, s: int) -> None:
+    """Logits of filled pixels: bilinear in their stride-``s`` cell's corner logits, clamped to the decision.
+
+    A settled cell's corners agree in sign, so the interpolation already has the decision's sign; the clamp
+    only guards exact zeros, keeping ``val > 0`` identical to ``dec``.
+    """
+    fy, fx = np.nonzero(fill)
+    if fy.size == 0:
+        return
+    nr, nc = (val.shape[1] - 1) // s, (val.shape[2] - 1) // s
+    ci, cj = np.minimum(fy // s, nr - 1), np.minimum(fx // s, nc - 1)
+    wy, wx = (fy - ci * s) / s, (fx - cj * s) / s
+    y0, x0 = ci * s, cj * s
+    y1, x1 = y0 + s, x0 + s
+    v = ((1 - wy) * (1 - wx) * val[:, y0, x0] + (1 - wy) * wx * val[:, y0, x1]
+         + wy * (1 - wx) * val[:, y1, x0] + wy * wx * val[:, y1, x1]).astype(np.float32)
+    d = dec[:, fy, fx]
+    val[:, fy, fx] = np.where(d, np.maximum(v, 1e-6), np.minimum(v, 0.0))

@@ -230,3 +230,21 @@ def test_bench_cli_bad_input_is_one_line(tiny_artifact, args, msg):
     res = CliRunner().invoke(app, [str(tiny_artifact), "--repeat", "1", *args])
     assert res.exit_code == 2
     assert msg in res.output and "Traceback" not in res.output
+
+
+def test_sparse_logits_carry_the_decision_on_a_smooth_field():
+    """SparseResult.logits > 0 equals the returned mask on the region; queried pixels keep true logits."""
+    from imedsam_deploy.sparse import sparse_decode as _sd
+
+    H, W = 96, 120
+
+    def decode(coords):
+        x, y = coords[:, 0], coords[:, 1]
+        z = (0.5 - (x / 0.5) ** 2 - (y / 0.4) ** 2)[None].astype(np.float32)
+        return z, z + 0.01, np.abs(z) * 0 + 1e-3
+
+    r = (10, 80, 15, 100)
+    res = _sd(decode, (H, W), 0.125, r)
+    assert res.logits is not None and res.logits.shape == (1, 70, 85)
+    assert np.array_equal(res.logits > 0, res.mask[:, 10:80, 15:100])
+    assert res.queried < 70 * 85

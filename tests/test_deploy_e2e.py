@@ -315,3 +315,39 @@ def test_one_embedding_per_image_for_several_boxes(exported, tmp_path):
     png = cv2.imread(str(out / "masks" / f"{img.stem}.png"), cv2.IMREAD_GRAYSCALE)
     assert set(np.unique(png)) <= {0, 1, 2} and not png[:, 305:].any()  # box + the 4 px minimum margin
     assert [row["object"] for row in json.loads((out / "results.json").read_text())["records"]] == [0, 1]
+
+
+def test_sparse_query_agrees_with_the_full_grid_and_queries_fewer_points(exported):
+    """The near-exact multiresolution path: mask == (logits > 0), few points, high in-region agreement.
+
+    The fixture model is untrained (speckled, box-shaped masks: the planner's worst case), so the stated
+    threshold here is 97% of region pixels at the default stride; on the trained tiny model it is 99.95%
+    (benchmarks/RESULTS.md, sparse planner agreement)."""
+    _, art = exported
+    full = _segmenter(art, "ort-cpu", query="full")
+    sparse = _segmenter(art, "ort-cpu", query="sparse", margin=0.25)
+    for _, rgb, box in _samples(2):
+        f = full.segment(rgb, box[None], out_hw=(192, 224)).objects[0]
+        s = sparse.segment(rgb, box[None], out_hw=(192, 224)).objects[0]
+        r = s.region
+        assert s.logits.shape == (1, *r.shape) and np.isfinite(s.logits).all()
+        assert s.queried < r.size  # fewer decoder points than the region has pixels
+        fm, sm = f.mask(), s.mask()
+        assert not sm[: r.r0].any() and not sm[r.r1 :].any() and not sm[:, : r.c0].any() and not sm[:, r.c1 :].any()
+        agree = (fm[r.r0 : r.r1, r.c0 : r.c1] == sm[r.r0 : r.r1, r.c0 : r.c1]).mean()
+        assert agree >= 0.97, agree
+        assert np.array_equal(s.logits > 0, sm[r.r0 : r.r1, r.c0 : r.c1][None])
+        assert 0.0 <= s.mean_probability <= 1.0
+
+
+def test_cli_sparse_query_writes_outputs(exported, tmp_path):
+    _, art = exported
+    img, rgb, box = _samples(1)[0]
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, [str(img), "--box", ",".join(str(int(v)) for v in box), "--artifact", str(art),
+                                   "--out", str(out), "--backend", "ort-cpu", "--query", "sparse", "-q"])
+    assert res.exit_code == 0, res.output
+    assert (out / "results.csv").is_file() and list((out / "masks").glob("*.png"))
+    bad = CliRunner().invoke(app, [str(img), "--box", "1,1,5,5", "--artifact", str(art), "--out",
+                                   str(tmp_path / "o2"), "--query", "dense"])
+    assert bad.exit_code == 2 and "full, box, sparse" in bad.output

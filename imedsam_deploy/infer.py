@@ -108,6 +108,16 @@ def _class_masks(om: ObjectMask, keep: bool) -> list[np.ndarray]:
     return [om.mask(c) if keep else np.zeros(om.out_hw, bool) for c in range(om.num_classes)]
 
 
+def _segment_given(seg: Segmenter, rgb: np.ndarray, given: dict[int, np.ndarray], hw: tuple[int, int],
+                   ohw: tuple[int, int]) -> tuple[dict[int, ObjectMask], dict[int, list[np.ndarray]], float, float]:
+    """Every given box on one image (one embedding for all): objects, their class masks, encode/decode ms."""
+    (emb,), enc_ms = seg.embed([rgb])
+    t = time.perf_counter()
+    objs = {obj: seg.decode_box(emb, b, hw, ohw) for obj, b in sorted(given.items())}
+    dec_ms = (time.perf_counter() - t) * 1e3
+    return objs, {obj: _class_masks(om, True) for obj, om in objs.items()}, enc_ms, dec_ms
+
+
 def run_images(seg: Segmenter, spec: InputSpec, prompts: Prompts, outs: OutputSet,
                out_size: tuple[int, int] | int | None, progress: Progress) -> dict[str, Any]:
     frames = 0
@@ -119,14 +129,11 @@ def run_images(seg: Segmenter, spec: InputSpec, prompts: Prompts, outs: OutputSe
             validate_box(b, hw, f"{path} object {obj}")
         ohw = out_shape(hw, out_size)
         objs: dict[int, ObjectMask] = {}
+        masks: dict[int, list[np.ndarray]] = {}
         enc_ms = dec_ms = 0.0
         if given:
-            (emb,), enc_ms = seg.embed([rgb])
-            t = time.perf_counter()
-            objs = {obj: seg.decode_box(emb, b, hw, ohw) for obj, b in sorted(given.items())}
-            dec_ms = (time.perf_counter() - t) * 1e3
+            objs, masks, enc_ms, dec_ms = _segment_given(seg, rgb, given, hw, ohw)
         status = dict.fromkeys(objs, "given")
-        masks = {obj: _class_masks(om, True) for obj, om in objs.items()}
         outs.add_frame(path.stem, rgb, ohw, _layers(objs, status, masks),
                        _records(i, path.name, objs, status, masks, enc_ms, dec_ms, {}))
         frames += 1
@@ -195,12 +202,8 @@ def run_volume(seg: Segmenter, vol: Volume, prompts: Prompts, outs: OutputSet,
     for z, given in enumerate(per_slice):
         if given:
             rgb = vol.slice_rgb(z)
-            (emb,), enc_ms = seg.embed([rgb])
-            t = time.perf_counter()
-            objs = {obj: seg.decode_box(emb, b, hw, hw) for obj, b in sorted(given.items())}
-            dec_ms = (time.perf_counter() - t) * 1e3
+            objs, masks, enc_ms, dec_ms = _segment_given(seg, rgb, given, hw, hw)
             status = dict.fromkeys(objs, "given")
-            masks = {obj: _class_masks(om, True) for obj, om in objs.items()}
             flat = [m for obj in sorted(masks) for m in masks[obj]]
             channels = max(channels, len(flat))
             labels[z] = np.where(labels[z] == 0, _labels_nd(flat, hw), labels[z])

@@ -40,3 +40,24 @@ def read_mask(path: Path) -> np.ndarray:
     m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     assert m is not None, path
     return m > 127
+
+
+REAL_VIDEO = SHARED_DATA / "colonoscopy-video" / "video_coloscopy.mp4"
+
+
+def cut_video(path: Path, frames: int, source: Path = REAL_VIDEO) -> Path:
+    """The first ``frames`` frames of the real colonoscopy clip, as a near-lossless MJPG AVI at ``path``."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(source))
+    size = (int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 30.0, size)
+    try:
+        for _ in range(frames):
+            ok, frame = cap.read()
+            assert ok, f"{source}: fewer than {frames} frames"
+            w.write(frame)
+    finally:
+        w.release()
+        cap.release()
+    return path

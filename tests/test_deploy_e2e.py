@@ -31,7 +31,7 @@ from imedsam_export.api import export_artifact
 from imedsam_export.verify import FP32_LOGIT_TOL, MASK_AGREEMENT_MIN
 from imedsam_train.build import build
 
-from .conftest import REPO, SAMPLE_DATA, SHARED_DATA, read_mask
+from .conftest import REPO, SAMPLE_DATA, SHARED_DATA, cut_video, read_mask
 
 S = 128
 VIDEO = SHARED_DATA / "colonoscopy-video" / "video_coloscopy.mp4"
@@ -153,16 +153,7 @@ def test_cli_on_a_folder_of_real_images(exported, tmp_path):
 @pytest.fixture(scope="module")
 def video_cut(tmp_path_factory) -> Path:
     """The first 24 frames of the real colonoscopy video (MJPG AVI, near-lossless)."""
-    path = tmp_path_factory.mktemp("video") / "cut.avi"
-    cap = cv2.VideoCapture(str(VIDEO))
-    w = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 30.0, (470, 410))
-    for _ in range(24):
-        ok, frame = cap.read()
-        assert ok
-        w.write(frame)
-    w.release()
-    cap.release()
-    return path
+    return cut_video(tmp_path_factory.mktemp("video") / "cut.avi", 24, VIDEO)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -26,6 +25,7 @@ from imedsam_deploy.manifest import load_artifact
 from imedsam_deploy.paths import BEST_CHECKPOINT, CHECKPOINT_DIR, LAST_CHECKPOINT, latest_artifact
 from imedsam_train.build import safe_torch_load
 from imedsam_train.cli import app as train_app
+from tests.conftest import cut_video
 from tests.reliability_helpers import (
     REPO,
     SAMPLE_DATA,
@@ -181,16 +181,7 @@ def test_export_killed_midway_leaves_no_complete_looking_artifact(tmp_path_facto
 @pytest.fixture(scope="module")
 def video_cut(tmp_path_factory) -> Path:
     """60 frames of the real colonoscopy video (MJPG AVI)."""
-    path = tmp_path_factory.mktemp("rel_video") / "cut.avi"
-    cap = cv2.VideoCapture(str(VIDEO))
-    w = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 30.0, (470, 410))
-    for _ in range(60):
-        ok, frame = cap.read()
-        assert ok
-        w.write(frame)
-    w.release()
-    cap.release()
-    return path
+    return cut_video(tmp_path_factory.mktemp("rel_video") / "cut.avi", 60, VIDEO)
 
 
 def test_inference_killed_midway_leaves_no_complete_looking_output(tmp_path_factory, tmp_path, video_cut):

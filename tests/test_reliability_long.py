@@ -16,9 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import cv2
 import pytest
 
+from tests.conftest import cut_video
 from tests.reliability_helpers import GOOD_BOX, REPO, SAMPLE_IMAGES, VIDEO, tiny_artifact
 
 MAX_GROWTH_MB = 50.0
@@ -41,15 +41,7 @@ def _check(res: dict, frames: int) -> None:
 
 def _cut(path: Path, frames: int) -> Path:
     """The first ``frames`` frames of the real clip (MJPG AVI)."""
-    cap = cv2.VideoCapture(str(VIDEO))
-    w = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 30.0, (470, 410))
-    for _ in range(frames):
-        ok, frame = cap.read()
-        assert ok
-        w.write(frame)
-    w.release()
-    cap.release()
-    return path
+    return cut_video(path, frames, VIDEO)
 
 
 def test_short_looped_video_keeps_memory_flat(tmp_path_factory, tmp_path):

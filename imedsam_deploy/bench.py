@@ -315,10 +315,12 @@ def open_backends(artifact: Artifact, names: list[str] | None, precision: str | 
             skipped[name] = reason
             continue
         try:
-            if name == "ort-cpu" and threads:
+            if name == "ort-cpu":
                 from imedsam_deploy.backends.ort import OrtBackend
 
-                opened.append(OrtBackend(artifact, "cpu", precision or "fp32", threads=threads))
+                # with no --precision, the int8 encoder (the fastest CPU path) runs beside fp32 when exported
+                precs = [precision] if precision else ["fp32", *(["int8"] if "int8" in artifact.graphs else [])]
+                opened.extend(OrtBackend(artifact, "cpu", p, threads=threads) for p in precs)
             else:
                 be, _ = registry.open_backend(name, artifact, precision)
                 opened.append(be)
@@ -441,7 +443,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         cur = out.get(r["backend"])
         if cur is None or r["e2e_ms"]["p50"] < cur["e2e_p50_ms"]:
             out[r["backend"]] = {
-                "query": r["query"], "batch": r["batch"], "out_size": r["out_size"],
+                "precision": r.get("precision"), "query": r["query"], "batch": r["batch"], "out_size": r["out_size"],
                 "e2e_p50_ms": r["e2e_ms"]["p50"], "fps": r["fps"],
                 "speedup_vs_reference": r.get("speedup_vs_reference"),
                 "pixel_agreement": (r.get("agreement") or {}).get("pixel_in_box"),
@@ -450,12 +452,17 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def label(r: dict[str, Any]) -> str:
+    """A result row's backend and precision, e.g. 'ort-cpu int8'."""
+    return f"{r['backend']} {r['precision']}" if r.get("precision") else str(r["backend"])
+
+
 def _row_line(r: dict[str, Any]) -> str:
     st = " ".join(f"{k[:3]} {r['stages_ms'][k]['p50']:.1f}" for k in STAGES)
     extra = ""
     if "speedup_vs_reference" in r:
         extra = f"  x{r['speedup_vs_reference']:.1f} vs ref, agree {100 * r['agreement']['pixel_in_box']:.2f}% in box"
-    return (f"{r['backend']:<10} {r['query']:<6} b{r['batch']:<3} {r['out_size']:>5}^2  e2e p50 "
+    return (f"{label(r):<15} {r['query']:<6} b{r['batch']:<3} {r['out_size']:>5}^2  e2e p50 "
             f"{r['e2e_ms']['p50']:.1f} ms ({st}){extra}")
 
 
@@ -467,7 +474,7 @@ def table(report: dict[str, Any]) -> list[list[str]]:
         st = r["stages_ms"]
         pts = r["decoder_points_per_s"]
         rows.append([
-            r["backend"], r["query"], str(r["batch"]), str(r["out_size"]),
+            label(r), r["query"], str(r["batch"]), str(r["out_size"]),
             *(f"{st[k]['p50']:.1f}" for k in STAGES),
             f"{r['e2e_ms']['p50']:.1f}", f"{r['e2e_ms']['p95']:.1f}", f"{r['e2e_ms']['p99']:.1f}", f"{r['fps']:.1f}",
             f"{pts / 1e6:.2f}" if pts else "-", f"{r['peak_rss_mb']:.0f}",
@@ -526,7 +533,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     if res:
         b0, o0 = res[0]["batch"], res[0]["out_size"]
         sel = [r for r in res if r["batch"] == b0 and r["out_size"] == o0]
-        labels = [f"{r['backend']}\n{r['query']}" for r in sel]
+        labels = [f"{label(r)}\n{r['query']}" for r in sel]
         bottom = np.zeros(len(sel))
         for st in STAGES:
             v = np.array([r["stages_ms"][st]["p50"] for r in sel])
@@ -535,9 +542,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
         a1.set_ylabel("ms (p50)")
         a1.set_title(f"latency per stage, batch {b0}, {o0}x{o0} output")
         a1.legend()
-        keys = sorted({(r["backend"], r["query"]) for r in res if r["batch"] == b0})
+        keys = sorted({(label(r), r["query"]) for r in res if r["batch"] == b0})
         for k in keys:
-            pts = sorted((r["out_size"], r["e2e_ms"]["p50"]) for r in res if r["batch"] == b0 and (r["backend"], r["query"]) == k)
+            pts = sorted((r["out_size"], r["e2e_ms"]["p50"]) for r in res if r["batch"] == b0 and (label(r), r["query"]) == k)
             a2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{k[0]} {k[1]}")
         refs = sorted((r["out_size"], r["e2e_ms"]["p50"]) for r in report["reference"] if r["batch"] == b0)
         if refs:

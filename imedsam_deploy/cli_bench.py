@@ -10,6 +10,7 @@ from rich.table import Table
 
 from imedsam_deploy.atomic import check_writable_parent
 from imedsam_deploy.cli_common import guarded, run_app
+from imedsam_deploy.contract import PRECISIONS
 from imedsam_deploy.errors import UserError
 from imedsam_deploy.sparse import SparseConfig
 
@@ -35,7 +36,7 @@ def bench(
     artifact: Path | None = typer.Argument(None, help="Artifact folder (default: the latest export)."),
     backend: list[str] | None = typer.Option(None, "--backend", "-b",
                                              help="Backend(s) (repeatable; default: every one available here)."),
-    precision: str | None = typer.Option(None, help="fp32 | fp16 | bf16 (default: each backend's own)."),
+    precision: str | None = typer.Option(None, help="fp32 | fp16 | bf16 | int8 (default: each backend's own; ort-cpu also runs int8 when exported)."),
     batch: list[int] | None = typer.Option(None, "--batch", help="Images per frame (repeatable). [1]"),
     out_size: list[int] | None = typer.Option(None, "--out-size", help="Output side in pixels (repeatable). [input size]"),
     points: int | None = typer.Option(None, "--points", help="Decoder points per call (chunk size)."),
@@ -64,8 +65,8 @@ def bench(
         console.print(msg, markup=False, highlight=False)
     if model is not None and model not in MODELS:
         raise UserError(f"--model {model!r}: choose one of {', '.join(MODELS)}")
-    if precision is not None and precision not in ("fp32", "fp16", "bf16"):
-        raise UserError(f"--precision {precision!r}: choose fp32, fp16 or bf16")
+    if precision is not None and precision not in PRECISIONS:
+        raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if image is not None and not image.is_file():
         raise UserError(f"{image}: no such image")
     # refuse an output that cannot be written now, not after the whole benchmark

@@ -10,6 +10,7 @@ from typing import Any
 import typer
 
 from imedsam_deploy.cli_common import guarded, run_app
+from imedsam_deploy.contract import PRECISIONS
 from imedsam_deploy.errors import UserError
 from imedsam_deploy.runtime import DEFAULT_QUERY, QUERY_MODES
 
@@ -58,7 +59,7 @@ def infer(
     artifact: Path | None = typer.Option(None, "--artifact", help="Artifact folder (default: the newest runs/*/export)."),
     out: Path | None = typer.Option(None, "--out", help="Output folder (default: runs/infer/<input name>)."),
     backend: str = typer.Option("auto", "--backend", help="auto|ort-cpu|ort-cuda|ort-trt|tensorrt|torch-cuda."),
-    precision: str | None = typer.Option(None, "--precision", help="fp32|fp16 graphs/engines (default: the backend's)."),
+    precision: str | None = typer.Option(None, "--precision", help="fp32|fp16|bf16|int8 (int8: the int8 encoder on ort-cpu; default: the backend's)."),
     out_size: str | None = typer.Option(None, "--out-size", help="Mask size: N (long side) or WxH (default: the input's)."),
     query: str = typer.Option(DEFAULT_QUERY, "--query", help="full: decode every pixel; box: only the box plus --margin (rest background, faster); sparse: box plus margin at multiple resolutions (fastest, near-exact)."),
     margin: float = typer.Option(0.25, "--margin", help="Box-query margin, a fraction of the box size per side."),
@@ -82,8 +83,8 @@ def infer(
         raise UserError(f"--margin {margin}: expected a fraction between 0 and 10")
     if chunk < 1:
         raise UserError(f"--chunk {chunk}: must be positive")
-    if precision not in (None, "fp32", "fp16", "bf16"):
-        raise UserError(f"--precision {precision!r}: choose fp32 or fp16")
+    if precision is not None and precision not in PRECISIONS:
+        raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     size = _parse_out_size(out_size)
     win = _parse_window(window)
     prompts = Prompts([parse_box(b) for b in (box or [])], load_boxes_file(boxes) if boxes is not None else None)

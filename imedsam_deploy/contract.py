@@ -66,6 +66,9 @@ ENCODER_ONNX: Final = "encoder.onnx"
 DECODER_ONNX: Final = "decoder.onnx"
 ENCODER_ONNX_FP16: Final = "encoder.fp16.onnx"
 DECODER_ONNX_FP16: Final = "decoder.fp16.onnx"
+ENCODER_ONNX_INT8: Final = "encoder.int8.onnx"  # CPU only; pairs with the fp32 decoder
+# precisions an artifact can hold; "int8" = int8-weight encoder (ONNX Runtime CPU) + fp32 decoder
+PRECISIONS: Final = ("fp32", "fp16", "bf16", "int8")
 MANIFEST_FORMAT: Final = "imedsam-artifact"
 MANIFEST_VERSION: Final = 1
 

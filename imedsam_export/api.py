@@ -22,6 +22,7 @@ from imedsam_deploy.paths import EXPORT_DIR, RUNS_DIR, latest_checkpoint
 from imedsam_export import verify as V
 from imedsam_export.fp16 import convert_fp16
 from imedsam_export.graphs import DecoderGraph, EncoderGraph
+from imedsam_export.int8 import quantize_int8
 from imedsam_export.manifest import build_manifest, write_manifest
 from imedsam_export.merge import merge_for_export
 from imedsam_export.onnx_export import DEFAULT_OPSET, check_opset, export_decoder, export_encoder
@@ -87,6 +88,7 @@ def export_artifact(
     *,
     model: IMedSAM | None = None,
     fp16: bool = False,
+    int8: bool = False,
     max_points: int = DEFAULT_MAX_POINTS,
     batch: int = DEFAULT_BATCH,
     opset: int = DEFAULT_OPSET,
@@ -145,9 +147,15 @@ def export_artifact(
             fp16_report["encoder"] = convert_fp16(enc_p, tmp / C.ENCODER_ONNX_FP16)
             fp16_report["decoder"] = convert_fp16(dec_p, tmp / C.DECODER_ONNX_FP16)
             say(f"wrote {C.ENCODER_ONNX_FP16}, {C.DECODER_ONNX_FP16}")
+        int8_report: dict[str, Any] = {}
+        if int8:
+            graphs["int8"] = {"encoder": C.ENCODER_ONNX_INT8, "decoder": C.DECODER_ONNX}
+            int8_report = quantize_int8(enc_p, tmp / C.ENCODER_ONNX_INT8)
+            say(f"wrote {C.ENCODER_ONNX_INT8} ({int8_report['quantized_matmuls']} weight matrices in int8)")
         parity: dict[str, Any] = {"verified": verify, "tolerances": {
             "fp32_logit_abs": V.FP32_LOGIT_TOL, "mask_agreement_min": V.MASK_AGREEMENT_MIN,
-            "fp16_dice_points": V.FP16_DICE_TOL}}
+            "fp16_dice_points": V.FP16_DICE_TOL,
+            "int8_dice_points": V.INT8_DICE_TOL, "int8_mask_agreement_min": V.INT8_MASK_AGREEMENT_MIN}}
         if verify:
             with torch.no_grad():
                 parity["random"] = V.verify_random(model, enc_p, dec_p, batch, max_points)
@@ -182,7 +190,7 @@ def export_artifact(
             say(f"wrote Triton model repository {triton_dir}/")
         manifest = build_manifest(
             tmp, cfg, opset=opset, max_points=max_points, max_batch=batch, graphs=graphs, parity=parity,
-            merge={**merge_report.to_dict(), "fp16": fp16_report}, engines=engines, source=source,
+            merge={**merge_report.to_dict(), "fp16": fp16_report, "int8": int8_report}, engines=engines, source=source,
             triton=triton_dir,
         )
         if engines_skipped:
@@ -196,7 +204,7 @@ def _parity_line(parity: dict[str, Any]) -> str:
     rnd, real = parity["random"], parity["real"]
     parts = [f"parity: random max|diff| enc {rnd['encoder_max_abs_diff']:.1e} dec {rnd['decoder_logit_max_abs_diff']:.1e}"]
     if real.get("images"):
-        for prec in ("fp32", "fp16", "fp16_reference"):
+        for prec in ("fp32", "fp16", "fp16_reference", "int8"):
             if prec in real:
                 r = real[prec]
                 parts.append(f"{prec} on {r['images']} images: max|diff| {r['logit_max_abs_diff']:.1e}, "

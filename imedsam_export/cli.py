@@ -21,6 +21,8 @@ def export(
         "--out", help="artifact folder; default: <run>/export beside the checkpoint (./runs/shipped/export "
                       "for the shipped model)")] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="also write fp16 graphs (fp32 islands kept)")] = False,
+    int8: Annotated[bool, typer.Option(
+        "--int8", help="also write an int8 encoder for ONNX Runtime on CPUs (checked against fp32)")] = False,
     max_points: Annotated[int, typer.Option("--max-points", help="max query points per decoder call")] = 65536,
     batch: Annotated[int, typer.Option("--batch", help="max boxes/images per call")] = 8,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset: 18 (tested) or 19")] = 18,
@@ -35,7 +37,7 @@ def export(
     from imedsam_export.api import export_artifact
 
     folder = export_artifact(
-        checkpoint, out, fp16=fp16, max_points=max_points, batch=batch, opset=opset, engine=engine,
+        checkpoint, out, fp16=fp16, int8=int8, max_points=max_points, batch=batch, opset=opset, engine=engine,
         triton=triton, force=force, verify=not no_verify, sam_checkpoint=sam_checkpoint,
         log=lambda msg: typer.echo(msg),
     )

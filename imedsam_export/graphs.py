@@ -6,20 +6,24 @@ with these exact rewrites of ``IMedSAM.decode_dense`` (checked against it by the
 - bilinear sampling is expressed with Gather (no ``GridSample``: TensorRT 10.13's GridSample is broken at
   opset 20, and the op's modes changed between opsets), same convention as ``grid_sample(align_corners=False,
   padding_mode="zeros")``;
-- sampling is linear, so the first INR layers' weights for the image-independent positional map are
-  applied to the low-resolution map once (W interp(P) = interp(W P)): a constant (g*g, H1) table replaces a
-  C-wide sample and a C x H1 matmul per point;
-- the Fourier encoding is computed in-graph from the raw coordinates.
+- the Fourier encoding is computed in-graph from the raw coordinates;
+- both trunks' first layers run as one matmul over the concatenated point features, and the fine trunk's
+  coarse-feature part as a second one (the concatenation [input, coarse feature] is never built).
 The decoder returns coarse logits, fine logits *at every point* and the uncertainty rather than the merged
 prediction: UGS refines the top ceil(12.5% N) points by uncertainty over the whole query, a global choice that
 a chunked decoder cannot make; the runtime merges after gathering all chunks, so chunking never changes a mask.
-The first-layer rewrite is not applied to the box-dependent upscaled map: it has C/8 channels (32 for vit_b)
-against H1 = 1024 + 256 first-layer outputs, so sampling it first is cheaper for any N below its 4g x 4g pixels.
+Not applied, measured: DESIGN's "first layer on the low-resolution maps, then sample" (W interp(P) =
+interp(W P)) for the image-independent positional map. It turns a 256-wide sample and a 256 x 1280 matmul per
+point into a 1280-wide sample, and four taps of 1280 floats cost more memory traffic than the matmul saves:
+on ONNX Runtime CPU (vit_b, 4,096 points, 2 threads) the gather, tap weighting and sum took 90 of 310 ms,
+against ~35 ms for sampling the 256-wide map and multiplying. (The same holds for the 32-wide up-map.)
 Submodules ``PointTaps``, ``FourierFeatures``, ``PointUncertainty`` and ``DFTSpectrum`` are the fp32
 islands of the fp16 graphs (selected by class name in ``fp16.py``).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -28,6 +32,26 @@ from imedsam_export.dft import DFTSpectrum
 from imedsam_train.model import IMedSAM
 from imedsam_train.model.fourier import fourier_dim, fourier_encode
 
+SQRT2 = math.sqrt(2.0)
+
+
+class FusableGELU(nn.Module):
+    """The exact (erf) GELU, written in the op order ONNX Runtime's GeluFusion matches: Div(x, sqrt 2), Erf,
+    Add 1, Mul x, Mul 0.5. torch's own ``gelu`` exports as ``x * (0.5 * (1 + erf))``, which it does not
+    match, leaving five elementwise passes over each MLP's 4C-wide activation instead of one fused kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * (torch.erf(x / SQRT2) + 1.0)) * 0.5
+
+
+def use_fusable_gelu(module: nn.Module) -> int:
+    """Replace every exact ``nn.GELU`` under ``module`` by ``FusableGELU``; returns how many."""
+    swaps = [(parent, name) for parent in module.modules() for name, child in parent.named_children()
+             if isinstance(child, nn.GELU) and child.approximate == "none"]
+    for parent, name in swaps:
+        setattr(parent, name, FusableGELU())
+    return len(swaps)
+
 
 class EncoderGraph(nn.Module):
     """image (B, 3, S, S) in [0, 1] -> image_embedding (B, C, S/16, S/16)."""
@@ -35,6 +59,7 @@ class EncoderGraph(nn.Module):
     def __init__(self, model: IMedSAM) -> None:
         super().__init__()
         enc = model.image_encoder
+        use_fusable_gelu(enc)
         self.encoder = enc
         fq = model.cfg.frequency
         self.dft = DFTSpectrum(model.cfg.input_size, fq.channel, fq.mode)
@@ -132,20 +157,17 @@ class DecoderGraph(nn.Module):
         self.fourier = FourierFeatures(dec.fourier_levels, dec.fourier_include_input)
         w1c, w1f = c_lin[0].weight, f_lin[0].weight  # (H1c, cu+cp+fg), (H1f, cu+cp+fg+F)
         self.h1c = w1c.shape[0]
+        n_in = cu + cp + fg
         with torch.no_grad():
-            pe = model.prompt_encoder.get_dense_pe()[0].flatten(1).t()  # (g*g, cp), image independent
-            w_pe = torch.cat([w1c[:, cu : cu + cp], w1f[:, cu : cu + cp]], dim=0)  # (H1c+H1f, cp)
-            self.pe_table: torch.Tensor
-            self.register_buffer("pe_table", pe @ w_pe.t())  # (g*g, H1c+H1f)
-        # first layers of both trunks on the up-map features and on gamma, one matmul each
-        self.first_up = nn.Linear(cu, w1c.shape[0] + w1f.shape[0], bias=False)
-        self.first_gamma = nn.Linear(fg, w1c.shape[0] + w1f.shape[0])
-        self.first_cfeat = nn.Linear(w1f.shape[1] - cu - cp - fg, w1f.shape[0], bias=False)
+            self.pe_rows: torch.Tensor  # SAM's dense positional map, image independent: (g*g, cp)
+            self.register_buffer("pe_rows", model.prompt_encoder.get_dense_pe()[0].flatten(1).t().contiguous())
+        # the first layers of both trunks over [up-map sample, positional sample, gamma]: one matmul
+        self.first = nn.Linear(n_in, w1c.shape[0] + w1f.shape[0])
+        self.first_cfeat = nn.Linear(w1f.shape[1] - n_in, w1f.shape[0], bias=False)
         with torch.no_grad():
-            self.first_up.weight.copy_(torch.cat([w1c[:, :cu], w1f[:, :cu]], dim=0))
-            self.first_gamma.weight.copy_(torch.cat([w1c[:, cu + cp :], w1f[:, cu + cp : cu + cp + fg]], dim=0))
-            self.first_gamma.bias.copy_(torch.cat([c_lin[0].bias, f_lin[0].bias]))
-            self.first_cfeat.weight.copy_(w1f[:, cu + cp + fg :])
+            self.first.weight.copy_(torch.cat([w1c, w1f[:, :n_in]], dim=0))
+            self.first.bias.copy_(torch.cat([c_lin[0].bias, f_lin[0].bias]))
+            self.first_cfeat.weight.copy_(w1f[:, n_in:])
         self.coarse_rest = nn.Sequential(*list(inr.coarse_trunk)[2:])
         self.fine_rest = nn.Sequential(*list(inr.fine_trunk)[2:])
         self.coarse_head, self.fine_head = inr.coarse_head, inr.fine_head
@@ -161,9 +183,8 @@ class DecoderGraph(nn.Module):
         offset = (torch.arange(B, device=idx.device) * (up.shape[2] * up.shape[3]))[:, None, None]
         f_up = gather_taps(up_rows, idx + offset, w)  # (B, N, C/8)
         idx_pe, w_pe = self.taps_pe(coords)
-        first = self.first_up(f_up) + gather_taps(self.pe_table, idx_pe, w_pe) + self.first_gamma(
-            self.fourier(coords)
-        )
+        f_pe = gather_taps(self.pe_rows, idx_pe, w_pe)  # (B, N, C)
+        first = self.first(torch.cat([f_up, f_pe, self.fourier(coords).to(f_up.dtype)], dim=-1))
         first_c, first_f = first[..., : self.h1c], first[..., self.h1c :]
         h = self.coarse_rest(torch.relu(first_c))
         out = self.coarse_head(h)

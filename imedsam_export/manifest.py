@@ -72,7 +72,9 @@ def build_manifest(folder: Path, cfg: ModelConfig, *, opset: int, max_points: in
         "precision": {"fp32": "float32 throughout",
                       "fp16": "float16 with float32 islands: LayerNormalization, Softmax, LayerNorm2d, the DFT "
                               "spectrum, the prompt encoder's random-Fourier positional encoding, the point "
-                              "sampling taps, the Fourier encoding and the uncertainty; graph I/O float32"},
+                              "sampling taps, the Fourier encoding and the uncertainty; graph I/O float32",
+                      "int8": "encoder with int8 weight matrices (7-bit range) and uint8 activations quantised "
+                              "per tensor at run time (ONNX Runtime CPU); the fp32 decoder; graph I/O float32"},
         "io": {"encoder": graph_io(folder / fp32["encoder"]), "decoder": graph_io(folder / fp32["decoder"])},
         "decoder_outputs": "coarse, fine (at every point) and uncertainty; the runtime applies the UGS merge",
         "merge": merge,

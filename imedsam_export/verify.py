@@ -28,6 +28,9 @@ from imedsam_train.model import IMedSAM, grid_coords, ugs_merge
 FP32_LOGIT_TOL = 1e-3
 MASK_AGREEMENT_MIN = 0.999
 FP16_DICE_TOL = 0.5  # Dice points (%)
+# int8 encoder (dynamic quantisation): masks vs PyTorch fp32 and Dice vs the fp32 graphs on the same images
+INT8_MASK_AGREEMENT_MIN = 0.99
+INT8_DICE_TOL = 1.0  # Dice points (%)
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample" / "kvasir-sessile"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
@@ -241,4 +244,11 @@ def check(parity: dict[str, Any]) -> list[str]:
             if r is not None and not abs(r["dice"] - r["dice_fp32_same_images"]) <= FP16_DICE_TOL:
                 bad.append(f"{prec} Dice {r['dice']:.2f} vs fp32 {r['dice_fp32_same_images']:.2f}: "
                            f"more than {FP16_DICE_TOL} points apart")
+        r = real.get("int8")
+        if r is not None:
+            if not abs(r["dice"] - r["dice_fp32_same_images"]) <= INT8_DICE_TOL:
+                bad.append(f"int8 Dice {r['dice']:.2f} vs fp32 {r['dice_fp32_same_images']:.2f}: "
+                           f"more than {INT8_DICE_TOL} points apart")
+            if not r["mask_agreement"] >= INT8_MASK_AGREEMENT_MIN:
+                bad.append(f"int8 mask agreement {r['mask_agreement']:.5f} < {INT8_MASK_AGREEMENT_MIN}")
     return bad

@@ -165,7 +165,7 @@ def tiny_artifact(tmp_path_factory) -> Path:
     model = tiny(size=64)
     ck = root / "tiny.pt"
     save_checkpoint(ck, model_payload(model, None))
-    return export_artifact(ck, root / "art", verify=False, max_points=4096, batch=2)
+    return export_artifact(ck, root / "art", verify=False, max_points=4096, batch=2, int8=True)
 
 
 STAGE_KEYS = {"p50", "p95", "p99"}
@@ -183,6 +183,8 @@ def test_bench_cli_reference_json(tiny_artifact, tmp_path):
     rep = json.loads(js.read_text())
     assert {r["query"] for r in rep["results"]} == {"full", "sparse", "box"}
     assert {r["out_size"] for r in rep["results"]} == {64, 96}
+    # no --precision: ort-cpu runs the int8 encoder beside fp32, each timed against the reference
+    assert {r["precision"] for r in rep["results"]} == {"fp32", "int8"}
     for r in rep["results"]:
         assert set(r["stages_ms"]) == {"preprocess", "encoder", "decoder", "postprocess"}
         assert all(set(v) >= STAGE_KEYS for v in r["stages_ms"].values())
@@ -194,7 +196,7 @@ def test_bench_cli_reference_json(tiny_artifact, tmp_path):
         if r["query"] == "box":
             assert r["decoder_points_per_frame"] < r["out_size"] ** 2  # the box restriction queried less
     summary = rep["backends"]["ort-cpu"]
-    assert {"e2e_p50_ms", "speedup_vs_reference", "pixel_agreement"} <= set(summary)
+    assert {"e2e_p50_ms", "speedup_vs_reference", "pixel_agreement", "precision"} <= set(summary)
     assert rep["reference"] and rep["reference"][0]["e2e_ms"]["p50"] > 0
     assert (out / "bench.csv").read_text().startswith("backend,")
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"

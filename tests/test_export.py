@@ -39,7 +39,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory):
     ckpt = root / "runs" / "r1" / "checkpoints" / "best.pt"
     save_checkpoint(ckpt, model_payload(model, None))
     art = root / "art"
-    res = CliRunner().invoke(app, [str(ckpt), "--out", str(art), "--fp16", "--max-points", str(MAX_POINTS),
+    res = CliRunner().invoke(app, [str(ckpt), "--out", str(art), "--fp16", "--int8", "--max-points", str(MAX_POINTS),
                                    "--batch", str(BATCH), "--engine", "--triton"])
     assert res.exit_code == 0, res.output
     manifest = json.loads((art / C.MANIFEST_NAME).read_text())
@@ -135,7 +135,8 @@ def test_manifest_contract_and_hashes(exported):
     assert m["max_points"] == MAX_POINTS and m["max_batch"] == BATCH
     assert m["model"] == model.cfg.to_dict()
     assert m["graphs"] == {"fp32": {"encoder": C.ENCODER_ONNX, "decoder": C.DECODER_ONNX},
-                           "fp16": {"encoder": C.ENCODER_ONNX_FP16, "decoder": C.DECODER_ONNX_FP16}}
+                           "fp16": {"encoder": C.ENCODER_ONNX_FP16, "decoder": C.DECODER_ONNX_FP16},
+                           "int8": {"encoder": C.ENCODER_ONNX_INT8, "decoder": C.DECODER_ONNX}}
     enc, dec = m["io"]["encoder"], m["io"]["decoder"]
     assert [i["name"] for i in enc["inputs"]] == list(C.ENCODER_INPUTS)
     assert enc["inputs"][0]["shape"] == [C.AXIS_BATCH, 3, S, S]
@@ -165,6 +166,84 @@ def test_parity_recorded_and_within_tolerance(exported):
         assert abs(real[prec]["dice"] - real[prec]["dice_fp32_same_images"]) <= 0.5
         assert real[prec]["mask_agreement"] >= 0.99
     assert real["fp16_reference"]["runner"].startswith("onnx.reference")
+    i8 = real["int8"]  # the int8 encoder with the fp32 decoder
+    assert abs(i8["dice"] - i8["dice_fp32_same_images"]) <= 1.0 and i8["mask_agreement"] >= 0.99
+
+
+def test_int8_encoder_quantises_the_vit_matrices_only(exported):
+    model, art, m, _ = exported
+    q = onnx.load(str(art / C.ENCODER_ONNX_INT8))
+    ops = [n.op_type for n in q.graph.node]
+    blocks = len(model.image_encoder.blocks)
+    # qkv, proj and the two MLP layers of every block; the frequency adapters' 4-wide bottlenecks stay float
+    assert ops.count("MatMulInteger") == 4 * blocks == m["merge"]["int8"]["quantized_matmuls"]
+    # the DFT matrices (an fp32 island) stay float32 and feed plain MatMuls
+    dft = [n for n in q.graph.node if "DFTSpectrum" in node_classes(n) and n.op_type == "MatMul"]
+    assert len(dft) == 6
+    inits = {t.name: t for t in q.graph.initializer}
+    assert all(inits[i].data_type == onnx.TensorProto.FLOAT for n in dft for i in n.input if i in inits)
+
+
+def test_int8_encoder_close_to_fp32_on_real_images(exported):
+    from imedsam_export.verify import load_real_samples
+
+    _, art, _, _ = exported
+    samples = load_real_samples(S, 4)
+    assert samples
+    for x in samples:
+        (e32,) = _run(art / C.ENCODER_ONNX, {C.ENC_IN_IMAGE: x.image[None]})
+        (e8,) = _run(art / C.ENCODER_ONNX_INT8, {C.ENC_IN_IMAGE: x.image[None]})
+        assert e8.dtype == np.float32
+        assert np.linalg.norm(e8 - e32) / np.linalg.norm(e32) < 0.03
+
+
+def test_int8_runtime_on_cpu_only_and_masks_agree(exported):
+    from imedsam_deploy.backends.ort import OrtBackend
+    from imedsam_deploy.errors import UserError
+    from imedsam_deploy.manifest import load_artifact
+    from imedsam_deploy.runtime import Segmenter
+    from imedsam_export.verify import load_real_samples
+
+    art = load_artifact(exported[1])
+    with pytest.raises(UserError, match="int8 graphs are for ONNX Runtime's CPU provider"):
+        OrtBackend(art, "cuda", "int8")
+    seg8, seg32 = (Segmenter(OrtBackend(art, "cpu", p), art) for p in ("int8", "fp32"))
+    for x in load_real_samples(S, 3):
+        rgb = np.ascontiguousarray((x.image.transpose(1, 2, 0) * 255).round().astype(np.uint8))
+        m8 = seg8.segment(rgb, x.box[None].astype(np.float64)).objects[0].mask()
+        m32 = seg32.segment(rgb, x.box[None].astype(np.float64)).objects[0].mask()
+        assert m8.shape == m32.shape == (S, S)
+        assert (m8 == m32).mean() >= 0.99
+
+
+def test_fusable_gelu_is_exact_and_fused_by_onnxruntime(tmp_path):
+    from imedsam_export.graphs import FusableGELU, use_fusable_gelu
+    from imedsam_export.onnx_export import _export
+
+    x = torch.randn(10000) * 4
+    torch.testing.assert_close(FusableGELU()(x), torch.nn.functional.gelu(x), atol=1e-6, rtol=1e-6)
+    mlp = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.GELU(), torch.nn.Linear(128, 32)).eval()
+    assert use_fusable_gelu(mlp) == 1 and isinstance(mlp[1], FusableGELU)
+    path = tmp_path / "mlp.onnx"
+    _export(mlp, (torch.randn(2, 5, 32),), path, ("x",), ("y",), None, DEFAULT_OPSET)
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert "Erf" not in fused and {"Gelu", "BiasGelu", "FastGelu"} & set(fused), fused
+
+
+def test_check_refuses_int8_past_its_tolerances():
+    from imedsam_export.verify import check
+
+    def parity(dice: float, agree: float) -> dict:
+        ok = {"logit_max_abs_diff": 0.0, "mask_agreement": 1.0, "dice": 80.0, "dice_fp32_same_images": 80.0}
+        return {"random": {"encoder_max_abs_diff": 0.0, "decoder_logit_max_abs_diff": 0.0},
+                "real": {"images": 4, "fp32": ok, "int8": {**ok, "dice": dice, "mask_agreement": agree}}}
+
+    assert check(parity(79.5, 0.995)) == []
+    assert any("int8 Dice" in b for b in check(parity(78.5, 0.995)))
+    assert any("int8 mask agreement" in b for b in check(parity(80.0, 0.98)))
 
 
 def test_no_dft_or_gridsample_and_opset_pinned(exported):

@@ -57,6 +57,9 @@ class OrtBackend(Backend):
         self.name = f"ort-{provider}"
         self.provider = PROVIDERS[provider]
         self.precision = precision = precision or "fp32"
+        if precision == "int8" and provider != "cpu":
+            raise UserError(f"{artifact.path}: int8 graphs are for ONNX Runtime's CPU provider "
+                            f"(dynamic MatMulInteger); use fp16 on GPUs")
         self.device = "cpu" if provider == "cpu" else "cuda"
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

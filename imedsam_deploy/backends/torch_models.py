@@ -44,6 +44,12 @@ class ReferenceRunner:
         return list(masks)
 
 
+# Bumped whenever the exported graphs change for the same weights (a stale cached export would be timed).
+# 2: windowed attention without the padding tokens' qkv/proj, relative-position bias folded into the logits'
+#    matmul, fusable GELU, int8 encoder. 3: decoder samples the 256-wide positional map, one first-layer matmul.
+EXPORT_REVISION = 3
+
+
 def random_model(name: str, input_size: int) -> Any:
     """The named architecture with deterministic random weights (seed RANDOM_SEED), eval mode."""
     from imedsam_train.build import build
@@ -67,7 +73,7 @@ def random_artifact(name: str, input_size: int, log: Callable[[str], None]) -> t
     """Export (once; cached under $IMEDSAM_CACHE or ~/.cache/imedsam) the random-weight ``name`` model."""
     model = random_model(name, input_size)
     fp = _fingerprint(model)
-    out = cache_dir() / "bench" / f"{name}-{input_size}-{fp}"
+    out = cache_dir() / "bench" / f"{name}-{input_size}-{fp}-r{EXPORT_REVISION}"
     if (out / "manifest.json").is_file():
         log(f"random-weight {name} artifact (cached): {out}")
         return out, model
@@ -77,7 +83,7 @@ def random_artifact(name: str, input_size: int, log: Callable[[str], None]) -> t
         raise UserError(f"--model {name} needs the exporter (pip install 'imedsam[train]'): {e}") from None
     log(f"exporting random-weight {name} at {input_size} to {out} (once) ...")
     out.parent.mkdir(parents=True, exist_ok=True)
-    export_artifact(None, out, model=model, force=True)
+    export_artifact(None, out, model=model, int8=True, force=True)
     return out, model
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -36,7 +35,8 @@ class FrequencyAdapter(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.down = nn.Linear(dim, hidden)
         self.up = nn.Linear(hidden, dim)
+        self.act: nn.Module = nn.GELU()  # a module, so the exporter can swap in its fusable twin
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         z = self.norm(f)
-        return z + self.up(F.gelu(self.down(z)))
+        return z + self.up(self.act(self.down(z)))

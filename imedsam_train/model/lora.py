@@ -52,9 +52,10 @@ class LoRAQKV(nn.Linear):
         assert self.gate is not None
         return self.gate(block_input.mean(dim=(1, 2)))[:, 0]
 
-    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B', H, W, C). gate: (B',) scalars from ``gate_value`` (repeated per window), gated mode only."""
-        out = F.linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None, bias: bool = True) -> torch.Tensor:
+        """x: (B, ..., C). gate: (B,) scalars from ``gate_value``, gated mode only. bias=False leaves the
+        frozen bias out (the windowed attention adds it after padding)."""
+        out = F.linear(x, self.weight, self.bias if bias else None)
         if self.merged:
             return out
         upd = F.linear(x, self.delta_weight())

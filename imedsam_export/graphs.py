@@ -12,11 +12,12 @@ with these exact rewrites of ``IMedSAM.decode_dense`` (checked against it by the
 The decoder returns coarse logits, fine logits *at every point* and the uncertainty rather than the merged
 prediction: UGS refines the top ceil(12.5% N) points by uncertainty over the whole query, a global choice that
 a chunked decoder cannot make; the runtime merges after gathering all chunks, so chunking never changes a mask.
-Not applied, measured: DESIGN's "first layer on the low-resolution maps, then sample" (W interp(P) =
-interp(W P)) for the image-independent positional map. It turns a 256-wide sample and a 256 x 1280 matmul per
-point into a 1280-wide sample, and four taps of 1280 floats cost more memory traffic than the matmul saves:
-on ONNX Runtime CPU (vit_b, 4,096 points, 2 threads) the gather, tap weighting and sum took 90 of 310 ms,
-against ~35 ms for sampling the 256-wide map and multiplying. (The same holds for the 32-wide up-map.)
+Not applied: DESIGN's "first layer on the low-resolution maps, then sample" (W interp(P) = interp(W P))
+for the image-independent positional map. It trades a 256-wide sample and a 256 x 1280 matmul per point for a
+1280-wide sample: four taps of 1280 floats per point, 3 GB of gathered fp32 (plus the weighted copy) for the
+147k points of a 384^2 grid, where the matmul is 66 GMAC, a fraction of a millisecond on a GPU's tensor
+cores. Measured on ONNX Runtime CPU (vit_b, 8,192 points, 2 threads, 30 interleaved runs) the two are within
+5% (the table 5% faster there); the narrow sample is kept for the GPU paths' memory traffic.
 Submodules ``PointTaps``, ``FourierFeatures``, ``PointUncertainty`` and ``DFTSpectrum`` are the fp32
 islands of the fp16 graphs (selected by class name in ``fp16.py``).
 """

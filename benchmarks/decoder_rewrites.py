@@ -6,8 +6,8 @@ Steps, each timed on the CPU (per-point INR work only; the box-conditioned featu
   A. reference: T = 2 MC passes, each recomputing the whole coarse trunk (the released code), fine INR on
      the top 12.5%;
   B. shared trunk: one coarse trunk, closed-form uncertainty, fine INR at every point (``decode_dense``);
-  C. + BatchNorm folded + first-layer rewrite for the positional map (W interp(P) = interp(W P), a
-     precomputed table) + Gather bilinear taps: the exporter's ``DecoderGraph`` (PyTorch);
+  C. + BatchNorm folded, both trunks' first layers as one matmul, Gather bilinear taps: the exporter's
+     ``DecoderGraph`` (PyTorch; see its docstring for the positional-map table it measured and dropped);
   D. the exported ONNX decoder on ONNX Runtime (``--artifact``; includes the per-call two-way transformer).
 Every step's logits are compared with B (max abs difference), so each rewrite is shown to be exact.
 """
@@ -102,23 +102,11 @@ def main(argv: list[str] | None = None) -> int:
 
         def step_c() -> torch.Tensor:
             # DecoderGraph.forward minus its decoder_features call (timed apart: same in every step)
-            from imedsam_export.graphs import gather_taps
-
-            rows_up = up_f.flatten(2).transpose(1, 2).reshape(-1, up_f.shape[1])
-            idx, w = dg.taps_up(coords)
-            f_up = gather_taps(rows_up, idx, w)
-            idx_pe, w_pe = dg.taps_pe(coords)
-            first = dg.first_up(f_up) + gather_taps(dg.pe_table, idx_pe, w_pe) + dg.first_gamma(dg.fourier(coords))
-            fc, ff = first[..., : dg.h1c], first[..., dg.h1c :]
-            h = dg.coarse_rest(torch.relu(fc))
-            o = dg.coarse_head(h)
-            lg, cf = o[..., :1], o[..., 1:]
-            un = dg.uncertainty(h, lg)
-            fi = dg.fine_head(dg.fine_rest(torch.relu(ff + dg.first_cfeat(cf))))
-            return ugs_merge(lg.transpose(1, 2), fi.transpose(1, 2), un.transpose(1, 2), frac)
+            lg, fi, un = dg.point_outputs(up_f, coords)
+            return ugs_merge(lg, fi, un, frac)
 
         out_c, t_c = best(step_c)
-        rows.append({"step": "C + BN folded, positional-map first layer precomputed, Gather taps (DecoderGraph)",
+        rows.append({"step": "C + BN folded, one first-layer matmul, Gather taps (DecoderGraph)",
                      "ms": t_c, "max_abs_diff_vs_B": float((out_c - out_b).abs().max())})
         _, t_feat = best(lambda: model.decoder_features(emb, box))
         rows.append({"step": "(per box, every step) prompt encoder + two-way transformer + upscaling", "ms": t_feat})

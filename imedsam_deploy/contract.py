@@ -55,6 +55,12 @@ ENCODER_INPUTS: Final = (ENC_IN_IMAGE,)
 ENCODER_OUTPUTS: Final = (ENC_OUT_EMBEDDING,)
 DECODER_INPUTS: Final = (DEC_IN_EMBEDDING, DEC_IN_BOXES, DEC_IN_COORDS)
 DECODER_OUTPUTS: Final = (DEC_OUT_COARSE, DEC_OUT_FINE, DEC_OUT_UNCERTAINTY)
+# The decoder split in two (optional, fp32 / int8 artifacts; ONNX Runtime uses it): the box-conditioned part
+# (prompt encoder, two-way transformer, upscaling) runs once per box, the per-point part once per chunk.
+DEC_BOX_FEATURES: Final = "box_features"  # (B, C/8, 4h, 4w)
+PROMPT_INPUTS: Final = (DEC_IN_EMBEDDING, DEC_IN_BOXES)
+PROMPT_OUTPUTS: Final = (DEC_BOX_FEATURES,)
+POINTS_INPUTS: Final = (DEC_BOX_FEATURES, DEC_IN_COORDS)
 
 # Dynamic axis names used in the ONNX graphs and the TensorRT optimisation profile.
 AXIS_BATCH: Final = "batch"
@@ -67,6 +73,8 @@ DECODER_ONNX: Final = "decoder.onnx"
 ENCODER_ONNX_FP16: Final = "encoder.fp16.onnx"
 DECODER_ONNX_FP16: Final = "decoder.fp16.onnx"
 ENCODER_ONNX_INT8: Final = "encoder.int8.onnx"  # CPU only; pairs with the fp32 decoder
+DECODER_PROMPT_ONNX: Final = "decoder_prompt.onnx"  # the decoder split in two (see PROMPT_INPUTS)
+DECODER_POINTS_ONNX: Final = "decoder_points.onnx"
 # precisions an artifact can hold; "int8" = int8-weight encoder (ONNX Runtime CPU) + fp32 decoder
 PRECISIONS: Final = ("fp32", "fp16", "bf16", "int8")
 MANIFEST_FORMAT: Final = "imedsam-artifact"

@@ -16,6 +16,7 @@ from typing import Any
 from imedsam_deploy import contract
 from imedsam_deploy.errors import UserError
 
+SPLIT_PARTS = ("decoder_prompt", "decoder_points")
 _REQUIRED = ("input_size", "embedding_shape", "num_classes", "refine_fraction", "max_points", "max_batch",
              "graphs", "files")
 
@@ -45,6 +46,9 @@ class Artifact:
 
     def file(self, name: str) -> Path:
         return self.path / name
+
+    def has_split_decoder(self, precision: str = "fp32") -> bool:
+        return all(p in self.graphs.get(precision, {}) for p in SPLIT_PARTS)
 
     def graph(self, part: str, precision: str = "fp32") -> Path:
         if precision not in self.graphs:
@@ -99,6 +103,9 @@ def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
         for part in ("encoder", "decoder"):
             name = g.get(part) if isinstance(g, dict) else None
             if not isinstance(name, str) or name not in files:
+                raise _bad(mpath, f"{prec} {part} graph is not listed in the manifest's files")
+        for part in SPLIT_PARTS:  # optional: the decoder split per box / per point
+            if part in g and g[part] not in files:
                 raise _bad(mpath, f"{prec} {part} graph is not listed in the manifest's files")
     engines = m.get("engines") or {}
     for prec, entry in engines.items():

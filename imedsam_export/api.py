@@ -25,7 +25,13 @@ from imedsam_export.graphs import DecoderGraph, EncoderGraph
 from imedsam_export.int8 import quantize_int8
 from imedsam_export.manifest import build_manifest, write_manifest
 from imedsam_export.merge import merge_for_export
-from imedsam_export.onnx_export import DEFAULT_OPSET, check_opset, export_decoder, export_encoder
+from imedsam_export.onnx_export import (
+    DEFAULT_OPSET,
+    check_opset,
+    export_decoder,
+    export_encoder,
+    export_split_decoder,
+)
 from imedsam_train.build import sha256_file
 from imedsam_train.checkpoint import load_checkpoint
 from imedsam_train.model import IMedSAM
@@ -133,7 +139,8 @@ def export_artifact(
         f"{merge_report.batchnorm_folded} BatchNorms (max diff {max(merge_report.encoder_max_abs_diff, merge_report.decoder_max_abs_diff):.1e})")
     g = cfg.grid_size
     emb_shape = (cfg.encoder.out_chans, g, g)
-    graphs: dict[str, dict[str, str]] = {"fp32": {"encoder": C.ENCODER_ONNX, "decoder": C.DECODER_ONNX}}
+    split = {"decoder_prompt": C.DECODER_PROMPT_ONNX, "decoder_points": C.DECODER_POINTS_ONNX}
+    graphs: dict[str, dict[str, str]] = {"fp32": {"encoder": C.ENCODER_ONNX, "decoder": C.DECODER_ONNX, **split}}
     with atomic_dir(out, overwrite=force) as tmp:
         enc_p, dec_p = tmp / C.ENCODER_ONNX, tmp / C.DECODER_ONNX
         # the traced dynamic axes need a range of at least 2; the manifest declares the requested maxima
@@ -141,6 +148,9 @@ def export_artifact(
         say(f"wrote {C.ENCODER_ONNX}")
         export_decoder(DecoderGraph(folded), dec_p, emb_shape, cfg.input_size, max(batch, 2), max(max_points, 2), opset)
         say(f"wrote {C.DECODER_ONNX}")
+        export_split_decoder(DecoderGraph(folded), tmp / C.DECODER_PROMPT_ONNX, tmp / C.DECODER_POINTS_ONNX,
+                             emb_shape, cfg.input_size, max(batch, 2), max(max_points, 2), opset)
+        say(f"wrote {C.DECODER_PROMPT_ONNX}, {C.DECODER_POINTS_ONNX} (the decoder split per box / per point)")
         fp16_report: dict[str, Any] = {}
         if fp16:
             graphs["fp16"] = {"encoder": C.ENCODER_ONNX_FP16, "decoder": C.DECODER_ONNX_FP16}
@@ -149,7 +159,7 @@ def export_artifact(
             say(f"wrote {C.ENCODER_ONNX_FP16}, {C.DECODER_ONNX_FP16}")
         int8_report: dict[str, Any] = {}
         if int8:
-            graphs["int8"] = {"encoder": C.ENCODER_ONNX_INT8, "decoder": C.DECODER_ONNX}
+            graphs["int8"] = {"encoder": C.ENCODER_ONNX_INT8, "decoder": C.DECODER_ONNX, **split}
             int8_report = quantize_int8(enc_p, tmp / C.ENCODER_ONNX_INT8)
             say(f"wrote {C.ENCODER_ONNX_INT8} ({int8_report['quantized_matmuls']} weight matrices in int8)")
         parity: dict[str, Any] = {"verified": verify, "tolerances": {
@@ -159,6 +169,9 @@ def export_artifact(
         if verify:
             with torch.no_grad():
                 parity["random"] = V.verify_random(model, enc_p, dec_p, batch, max_points)
+                parity["random"]["split_decoder_max_abs_diff"] = V.verify_split(
+                    dec_p, tmp / C.DECODER_PROMPT_ONNX, tmp / C.DECODER_POINTS_ONNX, emb_shape, cfg.input_size,
+                    batch, max_points)
                 paths = {p: (tmp / f["encoder"], tmp / f["decoder"]) for p, f in graphs.items()}
                 parity["real"] = V.verify_real(model, paths, max_points, limit=real_images)
             failed = V.check(parity)

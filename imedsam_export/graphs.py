@@ -178,6 +178,18 @@ class DecoderGraph(nn.Module):
         self, image_embedding: torch.Tensor, boxes: torch.Tensor, coords: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         up, _ = self.model.decoder_features(image_embedding, boxes)  # (B, C/8, 4g, 4g)
+        return self.point_outputs(up, coords)
+
+    def prompt_graph(self) -> nn.Module:
+        """(image_embedding, boxes) -> box_features: the part that depends on the box only."""
+        return _PromptGraph(self)
+
+    def points_graph(self) -> nn.Module:
+        """(box_features, coords) -> coarse, fine, uncertainty: the per-point part."""
+        return _PointsGraph(self)
+
+    def point_outputs(self, up: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The per-point part: box-conditioned up-map (B, C/8, 4g, 4g), coords (B, N, 2) -> (B, K, N) x 3."""
         B = up.shape[0]
         up_rows = up.flatten(2).transpose(1, 2).reshape(-1, up.shape[1])  # (B*4g*4g, C/8)
         idx, w = self.taps_up(coords)
@@ -193,3 +205,21 @@ class DecoderGraph(nn.Module):
         unc = self.uncertainty(h, logits)
         fine = self.fine_head(self.fine_rest(torch.relu(first_f + self.first_cfeat(cfeat))))
         return logits.transpose(1, 2), fine.transpose(1, 2), unc.transpose(1, 2)
+
+
+class _PromptGraph(nn.Module):
+    def __init__(self, decoder: DecoderGraph) -> None:
+        super().__init__()
+        self.model = decoder.model
+
+    def forward(self, image_embedding: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        return self.model.decoder_features(image_embedding, boxes)[0]
+
+
+class _PointsGraph(nn.Module):
+    def __init__(self, decoder: DecoderGraph) -> None:
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, box_features: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.decoder.point_outputs(box_features, coords)

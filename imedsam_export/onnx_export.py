@@ -70,6 +70,25 @@ def export_decoder(graph: DecoderGraph, path: Path, embedding_shape: tuple[int, 
             opset)
 
 
+def export_split_decoder(graph: DecoderGraph, prompt_path: Path, points_path: Path,
+                         embedding_shape: tuple[int, int, int], input_size: int, max_batch: int, max_points: int,
+                         opset: int) -> None:
+    """The decoder in two graphs: (embedding, boxes) -> box_features and (box_features, coords) -> outputs."""
+    batch = torch.export.Dim(C.AXIS_BATCH, min=1, max=max_batch)
+    points = torch.export.Dim(C.AXIS_POINTS, min=1, max=max_points)
+    b, n = min(2, max_batch), min(max(2, max_points // 2), max_points)
+    emb = torch.randn(b, *embedding_shape)
+    boxes = torch.tensor([[0.1, 0.1, 0.8, 0.9], [0.2, 0.3, 0.9, 0.7]])[:b] * input_size
+    prompt = graph.prompt_graph().eval()
+    _export(prompt, (emb, boxes), prompt_path, C.PROMPT_INPUTS, C.PROMPT_OUTPUTS,
+            {C.DEC_IN_EMBEDDING: {0: batch}, C.DEC_IN_BOXES: {0: batch}}, opset)
+    with torch.no_grad():
+        feats = prompt(emb, boxes)
+    coords = torch.rand(b, n, 2) * 2 - 1
+    _export(graph.points_graph().eval(), (feats, coords), points_path, C.POINTS_INPUTS, C.DECODER_OUTPUTS,
+            {C.DEC_BOX_FEATURES: {0: batch}, C.DEC_IN_COORDS: {0: batch, 1: points}}, opset)
+
+
 def graph_ops(path: Path) -> set[str]:
     model = onnx.load(str(path), load_external_data=False)
     ops = {n.op_type for n in model.graph.node}

@@ -72,11 +72,11 @@ def preprocess(rgb: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-def load_real_samples(size: int, limit: int, root: Path = SAMPLE_DIR) -> list[RealSample]:
+def load_real_samples(size: int, limit: int, root: Path = SAMPLE_DIR, split: Path | None = None) -> list[RealSample]:
     """Test-split images of the bundled sample (image, tight mask box, mask), or [] when it is absent."""
     import cv2
 
-    split = root / "splits" / "test.txt"
+    split = split or root / "splits" / "test.txt"
     if not split.is_file():
         return []
     out: list[RealSample] = []
@@ -225,6 +225,24 @@ def verify_real(model: IMedSAM, graphs: dict[str, tuple[Path, Path]], max_points
     return res
 
 
+def verify_split(dec_path: Path, prompt_path: Path, points_path: Path, embedding_shape: tuple[int, int, int],
+                 input_size: int, max_batch: int, max_points: int, seed: int = 1) -> float:
+    """Max abs difference between points(prompt(e, b), c) and the one-graph decoder(e, b, c), random inputs."""
+    rng = np.random.default_rng(seed)
+    dec, prompt, points = session(dec_path), session(prompt_path), session(points_path)
+    worst = 0.0
+    for b, n in sorted({(1, 1), (max_batch, min(max_points, 1000)), (1, max_points)}):
+        emb = rng.standard_normal((b, *embedding_shape)).astype(np.float32)
+        x0 = rng.uniform(0, 0.5, (b, 2)) * input_size
+        boxes = np.concatenate([x0, x0 + rng.uniform(0.1, 0.5, (b, 2)) * input_size], axis=1).astype(np.float32)
+        coords = rng.uniform(-1.1, 1.1, (b, n, 2)).astype(np.float32)
+        ref = dec.run(list(C.DECODER_OUTPUTS), {C.DEC_IN_EMBEDDING: emb, C.DEC_IN_BOXES: boxes, C.DEC_IN_COORDS: coords})
+        (feats,) = prompt.run(list(C.PROMPT_OUTPUTS), {C.DEC_IN_EMBEDDING: emb, C.DEC_IN_BOXES: boxes})
+        got = points.run(list(C.DECODER_OUTPUTS), {C.DEC_BOX_FEATURES: feats, C.DEC_IN_COORDS: coords})
+        worst = max(worst, *(_maxdiff(g, r) for g, r in zip(got, ref, strict=True)))
+    return worst
+
+
 def check(parity: dict[str, Any]) -> list[str]:
     """Failed criteria (empty when the export passes)."""
     bad: list[str] = []
@@ -232,6 +250,8 @@ def check(parity: dict[str, Any]) -> list[str]:
     if rnd["encoder_max_abs_diff"] > FP32_LOGIT_TOL or rnd["decoder_logit_max_abs_diff"] > FP32_LOGIT_TOL:
         bad.append(f"fp32 random-input max abs diff {max(rnd['encoder_max_abs_diff'], rnd['decoder_logit_max_abs_diff']):.2e}"
                    f" > {FP32_LOGIT_TOL}")
+    if rnd.get("split_decoder_max_abs_diff", 0.0) > FP32_LOGIT_TOL:
+        bad.append(f"split decoder vs one-graph decoder max abs diff {rnd['split_decoder_max_abs_diff']:.2e} > {FP32_LOGIT_TOL}")
     real = parity["real"]
     if real.get("images") and "fp32" in real:
         fp32 = real["fp32"]

@@ -134,9 +134,10 @@ def test_manifest_contract_and_hashes(exported):
     assert m["preprocessing"] == C.preprocessing_manifest(S)
     assert m["max_points"] == MAX_POINTS and m["max_batch"] == BATCH
     assert m["model"] == model.cfg.to_dict()
-    assert m["graphs"] == {"fp32": {"encoder": C.ENCODER_ONNX, "decoder": C.DECODER_ONNX},
+    split = {"decoder_prompt": C.DECODER_PROMPT_ONNX, "decoder_points": C.DECODER_POINTS_ONNX}
+    assert m["graphs"] == {"fp32": {"encoder": C.ENCODER_ONNX, "decoder": C.DECODER_ONNX, **split},
                            "fp16": {"encoder": C.ENCODER_ONNX_FP16, "decoder": C.DECODER_ONNX_FP16},
-                           "int8": {"encoder": C.ENCODER_ONNX_INT8, "decoder": C.DECODER_ONNX}}
+                           "int8": {"encoder": C.ENCODER_ONNX_INT8, "decoder": C.DECODER_ONNX, **split}}
     enc, dec = m["io"]["encoder"], m["io"]["decoder"]
     assert [i["name"] for i in enc["inputs"]] == list(C.ENCODER_INPUTS)
     assert enc["inputs"][0]["shape"] == [C.AXIS_BATCH, 3, S, S]
@@ -158,6 +159,7 @@ def test_parity_recorded_and_within_tolerance(exported):
     p = m["parity"]
     assert p["passed"] and p["verified"]
     assert p["random"]["encoder_max_abs_diff"] < 1e-3 and p["random"]["decoder_logit_max_abs_diff"] < 1e-3
+    assert p["random"]["split_decoder_max_abs_diff"] < 1e-5  # the same ops, cut at the box features
     assert [1, MAX_POINTS] in p["random"]["cases"] and [BATCH, min(1000, MAX_POINTS)] in p["random"]["cases"]
     real = p["real"]
     assert real["images"] == 4 and real["source"].startswith("data/sample")
@@ -231,6 +233,32 @@ def test_fusable_gelu_is_exact_and_fused_by_onnxruntime(tmp_path):
     ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     fused = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
     assert "Erf" not in fused and {"Gelu", "BiasGelu", "FastGelu"} & set(fused), fused
+
+
+def test_split_decoder_runs_the_box_part_once_per_box(exported):
+    """ONNX Runtime uses the split decoder: the box-conditioned part once per (embedding, box), the per-point
+    part per chunk; outputs equal the one-graph decoder's."""
+    from imedsam_deploy.backends.ort import OrtBackend
+    from imedsam_deploy.manifest import load_artifact
+
+    art = load_artifact(exported[1])
+    split = OrtBackend(art, "cpu", "fp32")
+    assert split.split and set(split.sessions) == {"encoder", "decoder_prompt", "decoder_points"}
+    calls = []
+    orig = split.sessions["decoder_prompt"].run_with_iobinding
+    split.sessions["decoder_prompt"].run_with_iobinding = lambda io: (calls.append(1), orig(io))[1]
+    (emb,) = split.encode(torch.rand(1, 3, S, S).numpy())
+    boxes = np.array([[8, 10, 50, 44]], np.float32)
+    coords = grid_coords(S, S)[None].numpy()
+    one = ort.InferenceSession(str(art.graph("decoder")), providers=["CPUExecutionProvider"])
+    ref = one.run(None, {C.DEC_IN_EMBEDDING: emb, C.DEC_IN_BOXES: boxes, C.DEC_IN_COORDS: coords})
+    parts = [split.decode(emb, boxes, coords[:, i:i + 1000]) for i in range(0, coords.shape[1], 1000)]
+    assert len(calls) == 1  # five chunks, one box pass
+    for k in range(3):
+        np.testing.assert_allclose(np.concatenate([p[k] for p in parts], axis=-1), ref[k], atol=1e-5)
+    split.decode(emb, boxes + 1, coords[:, :10])  # another box: recomputed
+    split.decode(emb.copy(), boxes + 1, coords[:, :10])  # another embedding object: recomputed
+    assert len(calls) == 3
 
 
 def test_check_refuses_int8_past_its_tolerances():

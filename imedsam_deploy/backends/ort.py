@@ -67,7 +67,13 @@ class OrtBackend(Backend):
         if threads:
             so.intra_op_num_threads = threads
         self.sessions = {}
-        for part in ("encoder", "decoder"):
+        # the decoder split per box / per point where the artifact has it: the box-conditioned part
+        # (prompt encoder, two-way transformer, upscaling) then runs once per box instead of once per chunk
+        # (not under the TensorRT provider, whose optimisation profiles are written for the one-graph decoder)
+        self.split = provider != "trt" and artifact.has_split_decoder(precision)
+        parts = ("encoder", "decoder_prompt", "decoder_points") if self.split else ("encoder", "decoder")
+        self._box_cache: tuple[Any, np.ndarray, Any] | None = None
+        for part in parts:
             path = artifact.graph(part, precision)
             providers: list[Any] = [self.provider]
             if provider == "trt":
@@ -114,16 +120,44 @@ class OrtBackend(Backend):
         emb = out.numpy()
         return [self.ort.OrtValue.ortvalue_from_numpy(emb[i : i + 1].copy(), self.device, 0) for i in range(len(emb))]
 
-    def decode(self, embedding: Embedding, boxes: np.ndarray, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        b = boxes.shape[0]
-        if b > 1:  # one row per box: repeat the image's embedding
-            host = embedding if isinstance(embedding, np.ndarray) else embedding.numpy()
-            embedding = np.repeat(host, b, axis=0)
-        sess = self.sessions["decoder"]
+    def box_features(self, embedding: Embedding, boxes: np.ndarray) -> Any:
+        """The split decoder's per-box part, memoised for the last (embedding object, boxes) pair: the
+        runtime decodes a box's points in several chunks (and the sparse planner in several levels). Keyed on
+        the embedding's identity: embeddings are never modified in place."""
+        c = self._box_cache
+        if c is not None and c[0] is embedding and np.array_equal(c[1], boxes):
+            return c[2]
+        emb = self._repeat(embedding, boxes.shape[0])
+        sess = self.sessions["decoder_prompt"]
         io = sess.io_binding()
-        self._bind_input(io, "decoder", contract.DEC_IN_EMBEDDING, embedding)
-        self._bind_input(io, "decoder", contract.DEC_IN_BOXES, boxes)
-        self._bind_input(io, "decoder", contract.DEC_IN_COORDS, coords)
+        self._bind_input(io, "decoder_prompt", contract.DEC_IN_EMBEDDING, emb)
+        self._bind_input(io, "decoder_prompt", contract.DEC_IN_BOXES, boxes)
+        io.bind_output(contract.DEC_BOX_FEATURES, self.device)
+        sess.run_with_iobinding(io)
+        out = io.get_outputs()[0]
+        feats = out.numpy() if self.device == "cpu" else out
+        self._box_cache = (embedding, boxes.copy(), feats)
+        return feats
+
+    def _repeat(self, embedding: Embedding, b: int) -> Embedding:
+        if b == 1:
+            return embedding
+        host = embedding if isinstance(embedding, np.ndarray) else embedding.numpy()
+        return np.repeat(host, b, axis=0)  # one row per box
+
+    def decode(self, embedding: Embedding, boxes: np.ndarray, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.split:
+            part = "decoder_points"
+            sess = self.sessions[part]
+            io = sess.io_binding()
+            self._bind_input(io, part, contract.DEC_BOX_FEATURES, self.box_features(embedding, boxes))
+        else:
+            part = "decoder"
+            sess = self.sessions[part]
+            io = sess.io_binding()
+            self._bind_input(io, part, contract.DEC_IN_EMBEDDING, self._repeat(embedding, boxes.shape[0]))
+            self._bind_input(io, part, contract.DEC_IN_BOXES, boxes)
+        self._bind_input(io, part, contract.DEC_IN_COORDS, coords)
         for name in contract.DECODER_OUTPUTS:
             io.bind_output(name, "cpu")
         sess.run_with_iobinding(io)

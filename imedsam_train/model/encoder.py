@@ -70,8 +70,10 @@ class Attention(nn.Module):
         rh = self.rel_pos_h[self.rel_index]  # (H, H, c)
         rw = self.rel_pos_w[self.rel_index]  # (W, W, c)
         r_q = q.reshape(B * self.num_heads, H, W, -1)
-        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rh).reshape(B * self.num_heads, H * W, H)
-        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rw).reshape(B * self.num_heads, H * W, W)
+        # einsum("bhwc,hkc->bhwk") and einsum("bhwc,wkc->bhwk") as broadcast batched matmuls (ONNX Runtime's
+        # Einsum kernel is slower than MatMul for these shapes)
+        rel_h = (r_q @ rh.transpose(1, 2)).reshape(B * self.num_heads, H * W, H)
+        rel_w = (r_q.transpose(1, 2) @ rw.transpose(1, 2)).transpose(1, 2).reshape(B * self.num_heads, H * W, W)
         q_ext = torch.cat([q * self.scale, rel_h, rel_w], dim=-1)
         k_ext = torch.cat([k, self.key_onehot.to(k.dtype).expand(k.shape[0], -1, -1)], dim=-1)
         attn = q_ext @ k_ext.transpose(-2, -1)

@@ -47,8 +47,8 @@ class ReferenceRunner:
 # Bumped whenever the exported graphs change for the same weights (a stale cached export would be timed).
 # 2: windowed attention without the padding tokens' qkv/proj, relative-position bias folded into the logits'
 #    matmul, fusable GELU, int8 encoder. 3: decoder samples the 256-wide positional map, one first-layer matmul.
-# 4: the decoder also split per box / per point; relative-position einsums as batched matmuls.
-EXPORT_REVISION = 4
+# 4: the decoder also split per box / per point. 5: relative-position einsums as batched matmuls.
+EXPORT_REVISION = 5
 
 
 def random_model(name: str, input_size: int) -> Any:

@@ -20,8 +20,8 @@ echo "== 2/5 evaluate the shipped model on the sample's test split, jittered box
 imedsam-eval "$SHIPPED" --data "$SAMPLE" --split "$SAMPLE/splits/test.txt" --box-jitter 20 --seed 0 \
   --json "$OUT/eval.json"
 
-echo "== 3/5 export the shipped model (ONNX, fp32 + fp16, verified against PyTorch)"
-imedsam-export "$SHIPPED" --out "$OUT/export" --fp16 --max-points 65536 --batch 4 --force
+echo "== 3/5 export the shipped model (ONNX, fp32 + fp16 + int8 CPU encoder, verified against PyTorch)"
+imedsam-export "$SHIPPED" --out "$OUT/export" --fp16 --int8 --max-points 65536 --batch 4 --force
 
 echo "== 4/5 infer on the sample's test images (boxes from their masks, as a detector would give)"
 python - "$SAMPLE" "$OUT/boxes.json" <<'PY'

@@ -209,19 +209,28 @@ def _consistent(a: Path, name: str, data: bytes) -> None:
 
 
 @pytest.mark.parametrize("what", ["garbage", "truncated"])
-def test_corrupt_onnx_matching_its_manifest_is_refused(art, tmp_path, what):
+@pytest.mark.parametrize("name", ["decoder_points.onnx", "decoder.onnx"])
+def test_corrupt_onnx_matching_its_manifest_is_refused(art, tmp_path, what, name):
+    """A corrupt graph that the ONNX Runtime CPU backend runs: the split decoder's per-point part, or the
+    one-graph decoder of an artifact without the split (an older export)."""
     bad = tmp_path / "art"
     shutil.copytree(art, bad)
-    data = (bad / "decoder.onnx").read_bytes()
-    _consistent(bad, "decoder.onnx", garbage(4000, 13) if what == "garbage" else data[: len(data) // 2])
+    if name == "decoder.onnx":
+        m = json.loads((bad / "manifest.json").read_text())
+        for g in m["graphs"].values():
+            for part in ("decoder_prompt", "decoder_points"):
+                g.pop(part, None)
+        (bad / "manifest.json").write_text(json.dumps(m))
+    data = (bad / name).read_bytes()
+    _consistent(bad, name, garbage(4000, 13) if what == "garbage" else data[: len(data) // 2])
     out = tmp_path / "out"
     res = runner.invoke(infer_app, [str(IMAGE), "--box", GOOD_BOX, "--artifact", str(bad), "--out", str(out),
                                     "--backend", "ort-cpu", "-q"])
-    assert_one_line_error(res, "decoder.onnx")
+    assert_one_line_error(res, name)
     assert_nothing_left(out)
     res = runner.invoke(bench_app, [str(bad), "-b", "ort-cpu", "--repeat", "1", "--warmup", "0",
                                     "--out", str(tmp_path / "bench")])
-    assert_one_line_error(res, "decoder.onnx")
+    assert_one_line_error(res, name)
 
 
 def test_garbage_engine_is_refused_or_ignored_cleanly(art, tmp_path):

@@ -32,7 +32,7 @@ import os
 import platform
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,15 +42,14 @@ import numpy as np
 from imedsam_deploy import backends as registry
 from imedsam_deploy.atomic import atomic_path, atomic_write_text
 from imedsam_deploy.backends.base import Backend, Embedding
-from imedsam_deploy.contract import refine_count
 from imedsam_deploy.errors import UserError
 from imedsam_deploy.manifest import Artifact, load_artifact
-from imedsam_deploy.preprocess import Region, box_region, box_to_model, region_coords, to_model_input
-from imedsam_deploy.runtime import DEFAULT_CHUNK, DEFAULT_MARGIN, ugs_merge
-from imedsam_deploy.sparse import SparseConfig, sparse_decode
+from imedsam_deploy.preprocess import to_model_input
+from imedsam_deploy.runtime import DEFAULT_CHUNK, DEFAULT_MARGIN, QUERY_MODES, Segmenter
+from imedsam_deploy.sparse import SparseConfig
 
 STAGES = ("preprocess", "encoder", "decoder", "postprocess")
-QUERIES = ("full", "box", "sparse")
+QUERIES = QUERY_MODES
 CACHE_ENV = "IMEDSAM_CACHE"
 RANDOM_SEED = 0
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -161,22 +160,43 @@ def _sync(backend: Backend) -> Callable[[], None]:
     return lambda: None
 
 
+class TimedDecode(Backend):
+    """A backend whose ``decode`` calls are timed: the decoder stage is the time spent inside them (the
+    sparse planner's and the UGS merge's numpy work around them is postprocessing)."""
+
+    def __init__(self, inner: Backend, sync: Callable[[], None]) -> None:
+        super().__init__(inner.max_batch, inner.max_points)
+        self.inner, self.sync, self.seconds = inner, sync, 0.0
+        self.name = inner.name
+
+    def encode(self, images: np.ndarray) -> Sequence[Embedding]:
+        return self.inner.encode(images)
+
+    def decode(self, embedding: Embedding, boxes: np.ndarray, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        t = time.perf_counter()
+        out = self.inner.decode(embedding, boxes, coords)
+        self.sync()
+        self.seconds += time.perf_counter() - t
+        return out
+
+
 class FrameRunner:
-    """Runs one frame on one backend in one query mode, recording stage times."""
+    """Runs one frame on one backend in one query mode through the runtime's ``Segmenter``, recording stage
+    times: what is timed is what ``imedsam-infer`` runs."""
 
-    def __init__(self, backend: Backend, input_size: int, num_classes: int, fraction: float,
-                 opts: BenchOptions) -> None:
-        self.backend, self.s, self.k_cls, self.fraction, self.opts = backend, input_size, num_classes, fraction, opts
-        self.chunk = max(1, min(opts.chunk or DEFAULT_CHUNK, backend.max_points))
+    def __init__(self, backend: Backend, artifact: Artifact, opts: BenchOptions) -> None:
+        self.backend, self.s, self.k_cls, self.opts = backend, artifact.input_size, artifact.num_classes, opts
         self.sync = _sync(backend)
-
-    def region(self, query: str, box: np.ndarray, image_hw: tuple[int, int], out_hw: tuple[int, int]) -> Region:
-        if query == "full":
-            return Region(0, 0, out_hw[0], out_hw[1])
-        return box_region(box, image_hw, out_hw, self.opts.margin)
+        self.timed = TimedDecode(backend, self.sync)
+        self.segmenters: dict[str, Segmenter] = {}
+        for q in QUERIES:
+            seg = Segmenter(self.timed, artifact, query=q, margin=opts.margin, chunk=opts.chunk or DEFAULT_CHUNK)
+            seg.sparse_cfg = opts.sparse
+            self.segmenters[q] = seg
 
     def run(self, inputs: Inputs, out_hw: tuple[int, int], query: str, t: Timings | None) -> list[np.ndarray]:
         """Masks (K, H, W) bool per image; stage times appended to ``t`` (when given)."""
+        seg = self.segmenters[query]
         t0 = time.perf_counter()
         batch = np.stack([to_model_input(im, self.s) for im in inputs.images])
         t1 = time.perf_counter()
@@ -186,38 +206,19 @@ class FrameRunner:
             embs.extend(self.backend.encode(batch[i : i + mb]))
         self.sync()
         t2 = time.perf_counter()
-        dec_s = 0.0
+        self.timed.seconds = 0.0
         points = 0
         masks = []
         for emb, im, box in zip(embs, inputs.images, inputs.boxes, strict=True):
             hw = (int(im.shape[0]), int(im.shape[1]))
-            mbox = box_to_model(np.asarray(box)[None], hw, self.s)
-
-            def decode(coords: np.ndarray, emb: Embedding = emb, mbox: np.ndarray = mbox) -> tuple[np.ndarray, ...]:
-                nonlocal dec_s, points
-                d0 = time.perf_counter()
-                n = coords.shape[0]
-                out = [np.empty((self.k_cls, n), np.float32) for _ in range(3)]
-                for s in range(0, n, self.chunk):
-                    e = min(n, s + self.chunk)
-                    res = self.backend.decode(emb, mbox, coords[None, s:e])
-                    for o, r in zip(out, res, strict=True):
-                        o[:, s:e] = r[0]
-                points += n
-                dec_s += time.perf_counter() - d0
-                return tuple(out)
-
-            region = self.region(query, box, hw, out_hw)
-            if query == "sparse":
-                r = (region.r0, region.r1, region.c0, region.c1)
-                masks.append(sparse_decode(decode, out_hw, self.fraction, r, self.opts.sparse).mask)  # type: ignore[arg-type]
-            else:
-                coarse, fine, unc = decode(region_coords(region, *out_hw))
-                merged = ugs_merge(coarse, fine, unc, refine_count(out_hw[0] * out_hw[1], self.fraction))
-                m = np.zeros((self.k_cls, *out_hw), dtype=bool)
-                m[:, region.r0 : region.r1, region.c0 : region.c1] = (merged > 0).reshape(self.k_cls, *region.shape)
-                masks.append(m)
+            obj = seg.decode_box(emb, np.asarray(box, np.float64), hw, out_hw)
+            m = np.zeros((self.k_cls, *out_hw), dtype=bool)
+            r = obj.region
+            m[:, r.r0 : r.r1, r.c0 : r.c1] = obj.logits > 0
+            masks.append(m)
+            points += obj.queried
         t3 = time.perf_counter()
+        dec_s = self.timed.seconds
         if t is not None:
             t.stages["preprocess"].append((t1 - t0) * 1e3)
             t.stages["encoder"].append((t2 - t1) * 1e3)
@@ -362,7 +363,7 @@ def run_bench(artifact_path: Path, opts: BenchOptions, model: Any | None = None,
             osz = out_size or s
             out_hw = (osz, osz)
             inputs = make_inputs(s, batch)
-            runners = [(b, q, FrameRunner(b, s, artifact.num_classes, artifact.refine_fraction, opts))
+            runners = [(b, q, FrameRunner(b, artifact, opts))
                        for b in backends for q in opts.queries]
             timings = [Timings() for _ in runners]
             ref_times: list[float] = []

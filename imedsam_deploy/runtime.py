@@ -29,7 +29,7 @@ from imedsam_deploy.preprocess import Region, box_region, box_to_model, region_c
 from imedsam_deploy.sparse import SparseConfig, sparse_decode
 
 QueryMode = Literal["box", "full", "sparse"]
-QUERY_MODES: tuple[str, ...] = ("full", "box", "sparse")
+QUERY_MODES: tuple[QueryMode, ...] = ("full", "box", "sparse")
 DEFAULT_QUERY: QueryMode = "full"  # box mode is not identical to the reference (see the module docstring)
 DEFAULT_MARGIN = 0.25  # fraction of the box's width/height added on each side in ``box`` mode
 DEFAULT_CHUNK = 32768  # query points per decoder call (bounded memory for any output size)

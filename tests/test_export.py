@@ -244,6 +244,9 @@ def test_split_decoder_runs_the_box_part_once_per_box(exported):
     art = load_artifact(exported[1])
     split = OrtBackend(art, "cpu", "fp32")
     assert split.split and set(split.sessions) == {"encoder", "decoder_prompt", "decoder_points"}
+    # the sessions' thread pools stop spinning after each run (the encoder's would slow the decoder's)
+    for sess in split.sessions.values():
+        assert sess.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
     calls = []
     orig = split.sessions["decoder_prompt"].run_with_iobinding
     split.sessions["decoder_prompt"].run_with_iobinding = lambda io: (calls.append(1), orig(io))[1]

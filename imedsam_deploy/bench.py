@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -45,7 +45,7 @@ from imedsam_deploy.backends.base import Backend, Embedding
 from imedsam_deploy.errors import UserError
 from imedsam_deploy.manifest import Artifact, load_artifact
 from imedsam_deploy.preprocess import to_model_input
-from imedsam_deploy.runtime import DEFAULT_CHUNK, DEFAULT_MARGIN, QUERY_MODES, Segmenter
+from imedsam_deploy.runtime import DEFAULT_CHUNK, DEFAULT_MARGIN, QUERY_MODES, QueryMode, Segmenter
 from imedsam_deploy.sparse import SparseConfig
 
 STAGES = ("preprocess", "encoder", "decoder", "postprocess")
@@ -184,19 +184,16 @@ class FrameRunner:
     """Runs one frame on one backend in one query mode through the runtime's ``Segmenter``, recording stage
     times: what is timed is what ``imedsam-infer`` runs."""
 
-    def __init__(self, backend: Backend, artifact: Artifact, opts: BenchOptions) -> None:
-        self.backend, self.s, self.k_cls, self.opts = backend, artifact.input_size, artifact.num_classes, opts
+    def __init__(self, backend: Backend, artifact: Artifact, query: QueryMode, opts: BenchOptions) -> None:
+        self.backend, self.s, self.k_cls = backend, artifact.input_size, artifact.num_classes
         self.sync = _sync(backend)
         self.timed = TimedDecode(backend, self.sync)
-        self.segmenters: dict[str, Segmenter] = {}
-        for q in QUERIES:
-            seg = Segmenter(self.timed, artifact, query=q, margin=opts.margin, chunk=opts.chunk or DEFAULT_CHUNK)
-            seg.sparse_cfg = opts.sparse
-            self.segmenters[q] = seg
+        self.seg = Segmenter(self.timed, artifact, query=query, margin=opts.margin, chunk=opts.chunk or DEFAULT_CHUNK)
+        self.seg.sparse_cfg = opts.sparse
 
-    def run(self, inputs: Inputs, out_hw: tuple[int, int], query: str, t: Timings | None) -> list[np.ndarray]:
+    def run(self, inputs: Inputs, out_hw: tuple[int, int], t: Timings | None) -> list[np.ndarray]:
         """Masks (K, H, W) bool per image; stage times appended to ``t`` (when given)."""
-        seg = self.segmenters[query]
+        seg = self.seg
         t0 = time.perf_counter()
         batch = np.stack([to_model_input(im, self.s) for im in inputs.images])
         t1 = time.perf_counter()
@@ -363,7 +360,7 @@ def run_bench(artifact_path: Path, opts: BenchOptions, model: Any | None = None,
             osz = out_size or s
             out_hw = (osz, osz)
             inputs = make_inputs(s, batch)
-            runners = [(b, q, FrameRunner(b, artifact, opts))
+            runners = [(b, q, FrameRunner(b, artifact, cast(QueryMode, q), opts))  # queries checked above
                        for b in backends for q in opts.queries]
             timings = [Timings() for _ in runners]
             ref_times: list[float] = []
@@ -372,13 +369,13 @@ def run_bench(artifact_path: Path, opts: BenchOptions, model: Any | None = None,
             gpu_peaks: list[float | None] = [None] * len(runners)
             for i in range(opts.warmup + opts.repeat):
                 timed = i >= opts.warmup
-                for j, (be, q, fr) in enumerate(runners):
+                for j, (be, _q, fr) in enumerate(runners):
                     reset_peak_rss()
                     torch_mod: Any = getattr(be, "torch", None)
                     on_gpu = torch_mod is not None and getattr(be, "device", None).type == "cuda"  # type: ignore[union-attr]
                     if on_gpu:
                         torch_mod.cuda.reset_peak_memory_stats()
-                    fr.run(inputs, out_hw, q, timings[j] if timed else None)
+                    fr.run(inputs, out_hw, timings[j] if timed else None)
                     peaks[j] = max(peaks[j], peak_rss_mb())
                     if on_gpu:
                         gpu_peaks[j] = max(gpu_peaks[j] or 0.0, torch_mod.cuda.max_memory_allocated() / 2**20)
@@ -408,7 +405,7 @@ def run_bench(artifact_path: Path, opts: BenchOptions, model: Any | None = None,
                     ratios = [a / b for a, b in zip(ref_times, t.total, strict=False)]
                     row["speedup_vs_reference"] = float(np.median(ratios))
                     row["speedup_p50_ratio"] = ref_e2e["p50"] / e2e["p50"]
-                    ours = fr.run(inputs, out_hw, q, None)
+                    ours = fr.run(inputs, out_hw, None)
                     agrees = [agreement(o, r, b, im.shape[:2])
                               for o, r, b, im in zip(ours, ref_masks, inputs.boxes, inputs.images, strict=True)]
                     row["agreement"] = {k: float(np.mean([a[k] for a in agrees])) for k in agrees[0]}

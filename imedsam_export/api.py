@@ -168,10 +168,9 @@ def export_artifact(
             "int8_dice_points": V.INT8_DICE_TOL, "int8_mask_agreement_min": V.INT8_MASK_AGREEMENT_MIN}}
         if verify:
             with torch.no_grad():
-                parity["random"] = V.verify_random(model, enc_p, dec_p, batch, max_points)
-                parity["random"]["split_decoder_max_abs_diff"] = V.verify_split(
-                    dec_p, tmp / C.DECODER_PROMPT_ONNX, tmp / C.DECODER_POINTS_ONNX, emb_shape, cfg.input_size,
-                    batch, max_points)
+                parity["random"] = V.verify_random(
+                    model, enc_p, dec_p, batch, max_points,
+                    split=(tmp / C.DECODER_PROMPT_ONNX, tmp / C.DECODER_POINTS_ONNX))
                 paths = {p: (tmp / f["encoder"], tmp / f["decoder"]) for p, f in graphs.items()}
                 parity["real"] = V.verify_real(model, paths, max_points, limit=real_images)
             failed = V.check(parity)

@@ -14,6 +14,7 @@ import io
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -56,15 +57,21 @@ def export_encoder(graph: EncoderGraph, path: Path, input_size: int, max_batch: 
             {C.ENC_IN_IMAGE: {0: batch}}, opset)
 
 
-def export_decoder(graph: DecoderGraph, path: Path, embedding_shape: tuple[int, int, int], input_size: int,
-                   max_batch: int, max_points: int, opset: int) -> None:
+def _decoder_examples(embedding_shape: tuple[int, int, int], input_size: int, max_batch: int, max_points: int
+                      ) -> tuple[Any, Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(batch Dim, points Dim, embedding, boxes, coords) for tracing either form of the decoder."""
     batch = torch.export.Dim(C.AXIS_BATCH, min=1, max=max_batch)
     points = torch.export.Dim(C.AXIS_POINTS, min=1, max=max_points)
     # example sizes other than 0/1 so that torch.export keeps the axes symbolic (callers pass maxima >= 2)
     b, n = min(2, max_batch), min(max(2, max_points // 2), max_points)
     emb = torch.randn(b, *embedding_shape)
     boxes = torch.tensor([[0.1, 0.1, 0.8, 0.9], [0.2, 0.3, 0.9, 0.7]])[:b] * input_size
-    coords = torch.rand(b, n, 2) * 2 - 1
+    return batch, points, emb, boxes, torch.rand(b, n, 2) * 2 - 1
+
+
+def export_decoder(graph: DecoderGraph, path: Path, embedding_shape: tuple[int, int, int], input_size: int,
+                   max_batch: int, max_points: int, opset: int) -> None:
+    batch, points, emb, boxes, coords = _decoder_examples(embedding_shape, input_size, max_batch, max_points)
     _export(graph.eval(), (emb, boxes, coords), path, C.DECODER_INPUTS, C.DECODER_OUTPUTS,
             {C.DEC_IN_EMBEDDING: {0: batch}, C.DEC_IN_BOXES: {0: batch}, C.DEC_IN_COORDS: {0: batch, 1: points}},
             opset)
@@ -74,17 +81,12 @@ def export_split_decoder(graph: DecoderGraph, prompt_path: Path, points_path: Pa
                          embedding_shape: tuple[int, int, int], input_size: int, max_batch: int, max_points: int,
                          opset: int) -> None:
     """The decoder in two graphs: (embedding, boxes) -> box_features and (box_features, coords) -> outputs."""
-    batch = torch.export.Dim(C.AXIS_BATCH, min=1, max=max_batch)
-    points = torch.export.Dim(C.AXIS_POINTS, min=1, max=max_points)
-    b, n = min(2, max_batch), min(max(2, max_points // 2), max_points)
-    emb = torch.randn(b, *embedding_shape)
-    boxes = torch.tensor([[0.1, 0.1, 0.8, 0.9], [0.2, 0.3, 0.9, 0.7]])[:b] * input_size
+    batch, points, emb, boxes, coords = _decoder_examples(embedding_shape, input_size, max_batch, max_points)
     prompt = graph.prompt_graph().eval()
     _export(prompt, (emb, boxes), prompt_path, C.PROMPT_INPUTS, C.PROMPT_OUTPUTS,
             {C.DEC_IN_EMBEDDING: {0: batch}, C.DEC_IN_BOXES: {0: batch}}, opset)
     with torch.no_grad():
         feats = prompt(emb, boxes)
-    coords = torch.rand(b, n, 2) * 2 - 1
     _export(graph.points_graph().eval(), (feats, coords), points_path, C.POINTS_INPUTS, C.DECODER_OUTPUTS,
             {C.DEC_BOX_FEATURES: {0: batch}, C.DEC_IN_COORDS: {0: batch, 1: points}}, opset)
 

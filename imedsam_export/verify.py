@@ -146,12 +146,17 @@ def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
 
 @torch.no_grad()
 def verify_random(model: IMedSAM, enc_path: Path, dec_path: Path, max_batch: int, max_points: int,
-                  seed: int = 0) -> dict[str, Any]:
-    """fp32 graphs vs PyTorch on random images / boxes / coords, at N = 1, a middle N and N = max_points."""
+                  seed: int = 0, split: tuple[Path, Path] | None = None) -> dict[str, Any]:
+    """fp32 graphs vs PyTorch on random images / boxes / coords, at N = 1, a middle N and N = max_points.
+
+    ``split`` (decoder_prompt, decoder_points): the decoder cut in two, compared with the one-graph decoder
+    on the same inputs (``split_decoder_max_abs_diff``)."""
     cfg = model.cfg
     s = cfg.input_size
     g = torch.Generator().manual_seed(seed)
     enc, dec = session(enc_path), session(dec_path)
+    prompt, points = (session(split[0]), session(split[1])) if split is not None else (None, None)
+    split_worst = 0.0
     b = min(2, max_batch)
     image = torch.rand(b, 3, s, s, generator=g)
     emb_ref = model.encode(image)
@@ -170,7 +175,14 @@ def verify_random(model: IMedSAM, enc_path: Path, dec_path: Path, max_batch: int
         for o, r in zip(outs[:2], ref[:2], strict=True):
             worst = max(worst, _maxdiff(o, r))
         res[f"decoder_uncertainty_max_abs_diff_b{bb}_n{n}"] = _maxdiff(outs[2], ref[2])
+        if prompt is not None and points is not None:
+            (feats,) = prompt.run(list(C.PROMPT_OUTPUTS), {C.DEC_IN_EMBEDDING: emb_b[:bb].numpy(),
+                                                           C.DEC_IN_BOXES: boxes[:bb].numpy()})
+            got = points.run(list(C.DECODER_OUTPUTS), {C.DEC_BOX_FEATURES: feats, C.DEC_IN_COORDS: coords.numpy()})
+            split_worst = max(split_worst, *(_maxdiff(g_, o) for g_, o in zip(got, outs, strict=True)))
     res["decoder_logit_max_abs_diff"] = worst
+    if split is not None:
+        res["split_decoder_max_abs_diff"] = split_worst
     res["cases"] = [list(c) for c in cases]
     return res
 
@@ -223,24 +235,6 @@ def verify_real(model: IMedSAM, graphs: dict[str, tuple[Path, Path]], max_points
             "dice_vs_pytorch": float(np.mean([_dice(m, r) for m, r in zip(masks, ref_masks[:n], strict=True)])),
         }
     return res
-
-
-def verify_split(dec_path: Path, prompt_path: Path, points_path: Path, embedding_shape: tuple[int, int, int],
-                 input_size: int, max_batch: int, max_points: int, seed: int = 1) -> float:
-    """Max abs difference between points(prompt(e, b), c) and the one-graph decoder(e, b, c), random inputs."""
-    rng = np.random.default_rng(seed)
-    dec, prompt, points = session(dec_path), session(prompt_path), session(points_path)
-    worst = 0.0
-    for b, n in sorted({(1, 1), (max_batch, min(max_points, 1000)), (1, max_points)}):
-        emb = rng.standard_normal((b, *embedding_shape)).astype(np.float32)
-        x0 = rng.uniform(0, 0.5, (b, 2)) * input_size
-        boxes = np.concatenate([x0, x0 + rng.uniform(0.1, 0.5, (b, 2)) * input_size], axis=1).astype(np.float32)
-        coords = rng.uniform(-1.1, 1.1, (b, n, 2)).astype(np.float32)
-        ref = dec.run(list(C.DECODER_OUTPUTS), {C.DEC_IN_EMBEDDING: emb, C.DEC_IN_BOXES: boxes, C.DEC_IN_COORDS: coords})
-        (feats,) = prompt.run(list(C.PROMPT_OUTPUTS), {C.DEC_IN_EMBEDDING: emb, C.DEC_IN_BOXES: boxes})
-        got = points.run(list(C.DECODER_OUTPUTS), {C.DEC_BOX_FEATURES: feats, C.DEC_IN_COORDS: coords})
-        worst = max(worst, *(_maxdiff(g, r) for g, r in zip(got, ref, strict=True)))
-    return worst
 
 
 def check(parity: dict[str, Any]) -> list[str]:

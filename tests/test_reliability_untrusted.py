@@ -188,15 +188,20 @@ TAMPER = [_flip_byte, _truncate, _delete, _swap, _edit_manifest_hash, _manifest_
 def test_tampered_artifact_is_refused_by_infer_and_bench(art, tmp_path, tamper):
     bad = tmp_path / "art"
     shutil.copytree(art, bad)
-    problem = tamper(bad)
+    _refused_by_infer_and_bench(bad, tmp_path, tamper(bad))
+
+
+def _refused_by_infer_and_bench(bad: Path, tmp_path: Path, needle: str) -> None:
+    """imedsam-infer and imedsam-bench on ort-cpu both refuse ``bad`` in one line naming ``needle`` and leave
+    no output behind."""
     out = tmp_path / "out"
     res = runner.invoke(infer_app, [str(IMAGE), "--box", GOOD_BOX, "--artifact", str(bad), "--out", str(out),
                                     "--backend", "ort-cpu", "-q"])
-    assert_one_line_error(res, problem)
+    assert_one_line_error(res, needle)
     assert_nothing_left(out)
     res = runner.invoke(bench_app, [str(bad), "-b", "ort-cpu", "--repeat", "1", "--warmup", "0",
                                     "--out", str(tmp_path / "bench")])
-    assert_one_line_error(res, problem)
+    assert_one_line_error(res, needle)
     assert_nothing_left(tmp_path / "bench")
 
 
@@ -223,14 +228,7 @@ def test_corrupt_onnx_matching_its_manifest_is_refused(art, tmp_path, what, name
         (bad / "manifest.json").write_text(json.dumps(m))
     data = (bad / name).read_bytes()
     _consistent(bad, name, garbage(4000, 13) if what == "garbage" else data[: len(data) // 2])
-    out = tmp_path / "out"
-    res = runner.invoke(infer_app, [str(IMAGE), "--box", GOOD_BOX, "--artifact", str(bad), "--out", str(out),
-                                    "--backend", "ort-cpu", "-q"])
-    assert_one_line_error(res, name)
-    assert_nothing_left(out)
-    res = runner.invoke(bench_app, [str(bad), "-b", "ort-cpu", "--repeat", "1", "--warmup", "0",
-                                    "--out", str(tmp_path / "bench")])
-    assert_one_line_error(res, name)
+    _refused_by_infer_and_bench(bad, tmp_path, name)
 
 
 def test_garbage_engine_is_refused_or_ignored_cleanly(art, tmp_path):

@@ -204,13 +204,8 @@ def sparse_decode(
             # (each pixel belongs to the cell it is top-left of; the far edges take their neighbour's)
             settled = cand & ~active
             if settled.any():
-                pad = ((0, 1), (0, 1))
-                fill = np.pad(np.repeat(np.repeat(settled, s, 0), s, 1), pad, mode="edge") & ~known
-                corner = np.repeat(np.repeat(dec[:, :-1:s, :-1:s], s, 1), s, 2)
-                corner = np.pad(corner, ((0, 0), *pad), mode="edge")
-                dec[:, fill] = corner[:, fill]
                 assert val is not None
-                _fill_logits(val, dec, fill, s)
+                _fill_settled(dec, val, settled, s)
             if not active.any():
                 break
             if s == 1:
@@ -229,21 +224,44 @@ def sparse_decode(
     return SparseResult(mask, queried, h * w, tau, val[:, :h, :w].copy())
 
 
-def _fill_logits(val: np.ndarray, dec: np.ndarray, fill: np.ndarray, s: int) -> None:
-    """Logits of filled pixels: bilinear in their stride-``s`` cell's corner logits, clamped to the decision.
+def _fill_settled(dec: np.ndarray, val: np.ndarray, settled: np.ndarray, s: int) -> None:
+    """Fill the settled stride-``s`` cells from their corners (evaluated, and agreeing in decision).
 
-    A settled cell's corners agree in sign, so the interpolation already has the decision's sign; the clamp
-    only guards exact zeros, keeping ``val > 0`` identical to ``dec``.
+    Each pixel belongs to the cell it is top-left of, the lattice's far edges to the last cells; inside a
+    settled cell only the top-left corner has been evaluated (finer lattices never reach a settled cell).
+    Decision: the corners' common one. Logit: bilinear in the corner logits (the corners agree in sign, so it
+    has the decision's sign; the clamp only guards exact zeros, keeping ``val > 0`` identical to ``dec``).
+    Written through block views of the region, so the work scales with the filled pixels, with no per-pixel
+    index arrays.
     """
-    fy, fx = np.nonzero(fill)
-    if fy.size == 0:
-        return
-    nr, nc = (val.shape[1] - 1) // s, (val.shape[2] - 1) // s
-    ci, cj = np.minimum(fy // s, nr - 1), np.minimum(fx // s, nc - 1)
-    wy, wx = (fy - ci * s) / s, (fx - cj * s) / s
-    y0, x0 = ci * s, cj * s
-    y1, x1 = y0 + s, x0 + s
-    v = ((1 - wy) * (1 - wx) * val[:, y0, x0] + (1 - wy) * wx * val[:, y0, x1]
-         + wy * (1 - wx) * val[:, y1, x0] + wy * wx * val[:, y1, x1]).astype(np.float32)
-    d = dec[:, fy, fx]
-    val[:, fy, fx] = np.where(d, np.maximum(v, 1e-6), np.minimum(v, 0.0))
+    if s == 1:
+        return  # a 1-pixel cell is its evaluated corner
+    k, nr, nc = dec.shape[0], settled.shape[0], settled.shape[1]
+    lat_v, lat_d = val[:, ::s, ::s], dec[:, ::s, ::s]  # (K, nr + 1, nc + 1) views
+    v00, v01 = lat_v[:, :-1, :-1][:, settled], lat_v[:, :-1, 1:][:, settled]  # (K, n) copies
+    v10, v11 = lat_v[:, 1:, :-1][:, settled], lat_v[:, 1:, 1:][:, settled]
+    d = lat_d[:, :-1, :-1][:, settled]
+    t = np.arange(s) / s
+    ty, tx = t[:, None], t[None, :]
+
+    def clamp(v: np.ndarray, dd: np.ndarray) -> np.ndarray:
+        v = v.astype(np.float32)
+        return np.where(dd, np.maximum(v, 1e-6), np.minimum(v, 0.0))
+
+    top = (1 - tx) * v00[..., None, None] + tx * v01[..., None, None]
+    bottom = (1 - tx) * v10[..., None, None] + tx * v11[..., None, None]
+    blocks_v = val[:, : nr * s, : nc * s].reshape(k, nr, s, nc, s).transpose(0, 1, 3, 2, 4)  # views
+    blocks_d = dec[:, : nr * s, : nc * s].reshape(k, nr, s, nc, s).transpose(0, 1, 3, 2, 4)
+    blocks_v[:, settled] = clamp((1 - ty) * top + ty * bottom, d[..., None, None])
+    blocks_d[:, settled] = d[..., None, None]
+    lat_v[:, :-1, :-1][:, settled] = v00  # the evaluated corner keeps its own logit
+    # far edges: the last row of pixels belongs to the last row of cells (weight 1 on their lower corners),
+    # the last column to the last column of cells; offset 0 is an evaluated corner
+    edges = ((settled[-1], lat_v[:, -1], lat_d[:, -2, :-1], val[:, nr * s, : nc * s], dec[:, nr * s, : nc * s], nc),
+             (settled[:, -1], lat_v[:, :, -1], lat_d[:, :-1, -2], val[:, : nr * s, nc * s], dec[:, : nr * s, nc * s], nr))
+    for sel, line, corner_d, px_v, px_d, n in edges:
+        if sel.any():
+            lo, hi = line[:, :-1][:, sel][..., None], line[:, 1:][:, sel][..., None]
+            dd = corner_d[:, sel][..., None]
+            px_v.reshape(k, n, s)[:, sel, 1:] = clamp((1 - t) * lo + t * hi, dd)[..., 1:]
+            px_d.reshape(k, n, s)[:, sel, 1:] = dd

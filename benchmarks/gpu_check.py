@@ -1,29 +1,36 @@
-"""One-call GPU check (H100 / H200): correctness and timing of our PyTorch CUDA path against the reference.
+"""One-call GPU check (H100 / H200): correctness and timing of our PyTorch CUDA paths against the reference.
 
 Run from the repository root, in one call, on a machine with a CUDA GPU:
 
     python -m benchmarks.gpu_check            # vit_b, random weights, 384^2 input; writes $OUT/gpu_check.json
 
-What it does (every figure from this run, reference and ours interleaved on the same inputs):
-1. correctness: the reference (released code's compute, eager fp32), our torch-cuda backend in fp32 and in
-   bf16 (fp32 islands) and the fused one-graph forward, all at 384^2 on a real-looking image and box:
-   pixel agreement inside the box and Dice against the reference;
-2. timing, batch 1 / 8 / 32 and output 384^2 / 896^2: the reference (the released code runs batch 1, so a
-   batch is a loop of single images), our backend path (encode, then chunked full-grid decode per image,
-   CUDA graphs, bf16), and at batch 1 the fused path (encoder + decoder + UGS merge in ONE CUDA graph,
-   mask left on the device). Device-side timing: CUDA events around each frame.
-Prints a short table last. ``--device cpu --model tiny --quick`` exercises the same code on a CPU.
+Variants, each timed on the same inputs in the same process, interleaved run by run (device-side timing:
+CUDA events around each frame):
+- ``reference``: the released code's compute, eager fp32, one image at a time (benchmarks/reference.py);
+- ``full``: our torch-cuda backend (bf16 with fp32 islands, CUDA graphs): batched encode, full-grid
+  decode in chunks, UGS merge on the host;
+- ``fused``: encoder + full-grid decoder + on-device UGS merge in ONE CUDA graph, mask left on the device
+  (batch 1);
+- ``sparse`` / ``box``: what ``imedsam-infer --backend torch-cuda`` runs: the runtime's Segmenter (via the
+  bench's FrameRunner) in the sparse and box query modes, numpy planner included;
+- ``*+compile``: the same with every captured function compiled by ``torch.compile`` (inductor) first
+  (batch 1; compilation happens in the warm-up and is not timed, but counts against the time budget).
+Correctness (384^2 output, batch 1): every variant's mask against the reference's, pixel agreement inside
+the box and Dice. The JSON is rewritten after every row, so a run cut short keeps what it measured, and rows
+are ordered by importance (batch 1 first); ``--budget-s`` skips what would not fit. A variant that fails
+(out of memory, a compile error) is reported in its row and the run goes on.
+``--device cpu --model tiny --quick`` exercises the same code on a CPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--ref-repeat", type=int, default=3)
+    ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile variants")
+    ap.add_argument("--budget-s", type=float, default=480.0, help="skip rows that start after this many seconds")
     ap.add_argument("--quick", action="store_true", help="few repeats (CPU dry run)")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_check"))
     a = ap.parse_args(argv)
@@ -55,12 +64,15 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.reference import ReferenceIMedSAM
+    from imedsam_deploy.atomic import atomic_write_text
     from imedsam_deploy.backends.torch_cuda import TorchBackend
-    from imedsam_deploy.bench import agreement, synthetic_inputs
+    from imedsam_deploy.bench import BenchOptions, FrameRunner, Inputs, Timings, agreement, synthetic_inputs
     from imedsam_deploy.contract import refine_count
+    from imedsam_deploy.manifest import Artifact
     from imedsam_deploy.preprocess import box_to_model, grid_coords, to_model_input
     from imedsam_train.build import build
 
+    t_start = time.perf_counter()
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device visible to torch")
@@ -78,31 +90,51 @@ def main(argv: list[str] | None = None) -> int:
         if cuda:
             torch.cuda.synchronize(dev)
 
-    def timed(fn: Any) -> tuple[Any, float]:
+    def timed(fn: Callable[[], Any]) -> float:
         sync()
         if cuda:
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             e0.record()
-            out = fn()
+            fn()
             e1.record()
             e1.synchronize()
-            return out, e0.elapsed_time(e1)
+            return float(e0.elapsed_time(e1))
         t0 = time.perf_counter()
-        out = fn()
-        return out, (time.perf_counter() - t0) * 1e3
+        fn()
+        return (time.perf_counter() - t0) * 1e3
 
     torch.manual_seed(0)
     model, _ = build(a.model, input_size=a.input_size)
     model = model.eval()
     S = a.input_size
     maxb = max(a.batches)
-    ours = {p: TorchBackend(model, a.device, p, max_batch=maxb, max_points=65536) for p in ("fp32", "bf16")}
-    ref = ReferenceIMedSAM(model.to(dev))
-    fraction = model.cfg.decoder.refine_fraction
+    cfg = model.cfg
+    # the runtime reads these from an artifact's manifest; the model gives them here (no export needed)
+    art = Artifact(path=Path("."), manifest={}, input_size=S,
+                   embedding_shape=(cfg.encoder.out_chans, cfg.grid_size, cfg.grid_size),
+                   num_classes=cfg.num_classes, refine_fraction=cfg.decoder.refine_fraction,
+                   max_points=65536, max_batch=maxb, graphs={})
+    opts = BenchOptions()
+    fraction = cfg.decoder.refine_fraction
 
-    def ours_frame(be: TorchBackend, imgs: np.ndarray, boxes: np.ndarray, out: int) -> list[np.ndarray]:
+    def backend(precision: str, compile: bool = False) -> TorchBackend:
+        return TorchBackend(model, a.device, precision, max_batch=maxb, max_points=65536, compile=compile)
+
+    ours = {"fp32": backend("fp32"), "bf16": backend("bf16")}
+    if not a.no_compile:
+        ours["bf16+compile"] = backend("bf16", compile=True)
+    ref = ReferenceIMedSAM(model.to(dev))
+
+    def prepared(inp: Inputs) -> tuple[np.ndarray, np.ndarray]:
+        imgs = np.stack([to_model_input(im, S) for im in inp.images])
+        boxes = np.concatenate([box_to_model(b[None], im.shape[:2], S)
+                                for b, im in zip(inp.boxes, inp.images, strict=True)])
+        return imgs, boxes
+
+    def full_frame(be: TorchBackend, inp: Inputs, out: int) -> list[np.ndarray]:
         """Backend path: batched encode, then per image full-grid decode in chunks, global UGS merge."""
-        embs = be.encode(imgs)
+        imgs, boxes = prepared(inp)
+        embs = [e for s in range(0, len(imgs), maxb) for e in be.encode(imgs[s : s + maxb])]
         coords = grid_coords(out, out)
         k = refine_count(out * out, fraction)
         masks = []
@@ -116,104 +148,152 @@ def main(argv: list[str] | None = None) -> int:
             masks.append((merged > 0).reshape(-1, out, out))
         return masks
 
-    def ref_frame(imgs: np.ndarray, boxes: np.ndarray, out: int) -> list[np.ndarray]:
+    def ref_frame(inp: Inputs, out: int) -> list[np.ndarray]:
+        imgs, boxes = prepared(inp)
         res = []
         for i in range(len(imgs)):  # the released code infers one image at a time
             x = torch.from_numpy(imgs[i : i + 1]).to(dev)
             lg = ref(x, torch.from_numpy(boxes[i : i + 1]).to(dev), (out, out))
-            res.append((lg > 0).reshape(-1, out, out).cpu().numpy()[0:1].reshape(-1, out, out))
+            res.append((lg > 0).reshape(-1, out, out).cpu().numpy())
         return res
 
-    # fused: encoder + full-grid decoder + on-device UGS merge in one CUDA graph (batch 1)
-    be16 = ours["bf16"]
-    def fused_fn(img: Any, box: Any, coords: Any) -> Any:
-        emb = be16.model.encode(img)
-        c, f, u = be16.decoder(emb, box, coords)
-        k = refine_count(coords.shape[1], fraction)
-        idx = u.float().topk(k, dim=-1).indices
-        return c.float().scatter(-1, idx, f.float().gather(-1, idx)) > 0
+    def fused_runner(be: TorchBackend) -> Callable[[Inputs, int], Any]:
+        """Encoder + full-grid decoder + on-device UGS merge in one CUDA graph (batch 1)."""
+        def fn(img: Any, box: Any, coords: Any) -> Any:
+            emb = be.model.encode(img)
+            c, f, u = be.decoder(emb, box, coords)
+            k = refine_count(coords.shape[1], fraction)
+            idx = u.float().topk(k, dim=-1).indices
+            return c.float().scatter(-1, idx, f.float().gather(-1, idx)) > 0
 
-    def fused(img_np: np.ndarray, box_np: np.ndarray, out: int) -> Any:
-        coords = torch.from_numpy(grid_coords(out, out))[None].to(dev)
-        x, b = torch.from_numpy(img_np).to(dev), torch.from_numpy(box_np).to(dev)
-        return be16._run(("fused", out), fused_fn, [x, b, coords])
+        graph_fn = torch.compile(fn, fullgraph=True, dynamic=False) if be.compiled else fn
 
-    results: list[dict[str, Any]] = []
-    # ---- 1. correctness at the input size
-    inp = synthetic_inputs(S, 1, seed=1)
-    imgs = np.stack([to_model_input(im, S) for im in inp.images])
-    boxes = np.concatenate([box_to_model(b[None], im.shape[:2], S) for b, im in zip(inp.boxes, inp.images, strict=True)])
-    r_mask = ref_frame(imgs, boxes, S)[0]
-    checks: dict[str, Any] = {}
-    for p, be in ours.items():
-        m = ours_frame(be, imgs, boxes, S)[0]
-        checks[f"backend_{p}"] = agreement(m, r_mask, inp.boxes[0], inp.images[0].shape[:2])
-    fm = fused(imgs, boxes, S).reshape(-1, S, S).cpu().numpy()
-    checks["fused_bf16"] = agreement(fm, r_mask, inp.boxes[0], inp.images[0].shape[:2])
-    for k, v in checks.items():
-        print(f"correctness {k}: in-box agreement {100 * v['pixel_in_box']:.3f}%, all {100 * v['pixel_all']:.3f}%, "
-              f"Dice {v['dice']:.4f}", flush=True)
+        def run(inp: Inputs, out: int) -> Any:
+            imgs, boxes = prepared(inp)
+            coords = torch.from_numpy(grid_coords(out, out))[None].to(dev)
+            x, b = torch.from_numpy(imgs).to(dev), torch.from_numpy(boxes).to(dev)
+            return be._run(("fused", out), graph_fn, [x, b, coords])
+        return run
 
-    # ---- 2. timing
-    for out in a.sizes:
-        for bsz in a.batches:
-            inp = synthetic_inputs(S, bsz, seed=2)
-            imgs = np.stack([to_model_input(im, S) for im in inp.images])
-            boxes = np.concatenate([box_to_model(b[None], im.shape[:2], S)
-                                    for b, im in zip(inp.boxes, inp.images, strict=True)])
-            row: dict[str, Any] = {"out_size": out, "batch": bsz}
-            t_ours: list[float] = []
-            t_fused: list[float] = []
-            t_ref: list[float] = []
-            try:
-                for _w in range(2):  # warm-up (graph capture) for ours
-                    ours_frame(be16, imgs, boxes, out)
-                    if bsz == 1:
-                        fused(imgs, boxes, out)
-                ref_frame(imgs[:1], boxes[:1], out)
-                run_ours = functools.partial(ours_frame, be16, imgs, boxes, out)
-                run_fused = functools.partial(fused, imgs, boxes, out)
-                run_ref = functools.partial(ref_frame, imgs, boxes, out)
-                for i in range(a.repeat):
-                    t_ours.append(timed(run_ours)[1])
-                    if bsz == 1:
-                        t_fused.append(timed(run_fused)[1])
-                    if i < a.ref_repeat:
-                        t_ref.append(timed(run_ref)[1])
-            except torch.OutOfMemoryError as e:  # report, keep going
-                row["error"] = f"out of memory: {str(e).splitlines()[0]}"
-                torch.cuda.empty_cache()
-            for name, ts in (("ours_backend_bf16", t_ours), ("ours_fused_bf16", t_fused), ("reference_fp32", t_ref)):
-                if ts:
-                    row[name] = {"p50_ms": float(np.median(ts)), "min_ms": float(np.min(ts)),
-                                 "per_image_ms": float(np.median(ts)) / bsz, "n": len(ts)}
-            if t_ref and t_ours:
-                row["speedup_backend"] = row["reference_fp32"]["p50_ms"] / row["ours_backend_bf16"]["p50_ms"]
-            if t_ref and t_fused:
-                row["speedup_fused"] = row["reference_fp32"]["p50_ms"] / row["ours_fused_bf16"]["p50_ms"]
-            if cuda:
-                row["gpu_peak_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
-            results.append(row)
-            print(f"timing {json.dumps(row)}", flush=True)
+    runners = {p: (FrameRunner(be, art, "sparse", opts), FrameRunner(be, art, "box", opts))
+               for p, be in ours.items() if p != "fp32"}
+    fused = {p: fused_runner(ours[p]) for p in runners}
+    stage_t: dict[str, Timings] = {}
 
-    report = {"info": info, "correctness": checks, "timing": results,
-              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    def variants(bsz: int, out: int) -> dict[str, Callable[[Inputs], Any]]:
+        """name -> frame function over Inputs (the reference is added by the caller)."""
+        v: dict[str, Callable[[Inputs], Any]] = {"full bf16": lambda inp: full_frame(ours["bf16"], inp, out)}
+        for p, (sp, bx) in runners.items():
+            if p != "bf16" and bsz != 1:
+                continue  # compiled variants: batch 1 only (each batch size is its own compilation)
+            v[f"sparse {p}"] = lambda inp, r=sp, n=f"sparse {p}": r.run(inp, (out, out), stage_t.get(n))
+            v[f"box {p}"] = lambda inp, r=bx, n=f"box {p}": r.run(inp, (out, out), stage_t.get(n))
+            if bsz == 1:
+                v[f"fused {p}"] = lambda inp, f=fused[p]: f(inp, out)
+        return v
+
+    results: dict[str, Any] = {"info": info, "correctness": {}, "timing": []}
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
 
-    print(f"\n== gpu_check on {info['device']} ({a.model}, {S}^2 input, random weights) ==")
-    print(f"{'out':>5} {'batch':>5} {'reference ms':>13} {'ours ms':>9} {'fused ms':>9} {'x ref':>7} {'x fused':>8}")
-    def g(r: dict[str, Any], key: str) -> str:
-        return f"{r[key]['p50_ms']:.2f}" if key in r else "-"
+    def save() -> None:
+        results["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+        results["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        atomic_write_text(out_dir / "gpu_check.json", json.dumps(results, indent=2) + "\n")
 
-    for r in results:
-        sb = f"{r['speedup_backend']:.1f}" if "speedup_backend" in r else "-"
-        sf = f"{r['speedup_fused']:.1f}" if "speedup_fused" in r else "-"
-        print(f"{r['out_size']:>5} {r['batch']:>5} {g(r, 'reference_fp32'):>13} {g(r, 'ours_backend_bf16'):>9} "
-              f"{g(r, 'ours_fused_bf16'):>9} {sb:>7} {sf:>8}{'  ' + r['error'] if 'error' in r else ''}")
+    def as_masks(m: Any) -> np.ndarray:
+        return (m[0] if isinstance(m, list) else m.reshape(-1, S, S).cpu().numpy()).reshape(-1, S, S)
+
+    # ---- 1. correctness at the input size, batch 1
+    inp = synthetic_inputs(S, 1, seed=1)
+    r_mask = ref_frame(inp, S)[0]
+    checks = results["correctness"]
+    cases: dict[str, Callable[[Inputs], Any]] = {"full fp32": lambda i: full_frame(ours["fp32"], i, S)}
+    cases.update(variants(1, S))
+    for name, fn in cases.items():
+        try:
+            checks[name] = agreement(as_masks(fn(inp)), r_mask, inp.boxes[0], inp.images[0].shape[:2])
+            v = checks[name]
+            print(f"correctness {name}: in-box agreement {100 * v['pixel_in_box']:.3f}%, "
+                  f"all {100 * v['pixel_all']:.3f}%, Dice {v['dice']:.4f}", flush=True)
+        except Exception as e:  # report and go on: one broken variant must not cost the run
+            checks[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+            print(f"correctness {name}: FAILED {checks[name]['error']}", flush=True)
+    save()
+
+    # ---- 2. timing, most important rows first
+    rows = sorted(((o, b) for b in a.batches for o in a.sizes), key=lambda ob: (ob[1], ob[0]))
+    for out, bsz in rows:
+        row: dict[str, Any] = {"out_size": out, "batch": bsz}
+        if time.perf_counter() - t_start > a.budget_s:
+            row["skipped"] = f"time budget ({a.budget_s:.0f} s) spent"
+            results["timing"].append(row)
+            print(f"timing {json.dumps(row)}", flush=True)
+            continue
+        inp = synthetic_inputs(S, bsz, seed=2)
+        fns = {k: f for k, f in variants(bsz, out).items() if "error" not in checks.get(k, {})}
+        fns["reference fp32"] = lambda i, o=out: ref_frame(i, o)
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        errors: dict[str, str] = {}
+        for name in list(fns):  # warm-up: graph capture, compilation, cuFFT plans
+            try:
+                for _ in range(1 if name.startswith("reference") else 2):
+                    fns[name](inp)
+            except Exception as e:
+                errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                del fns[name]
+                if cuda:
+                    torch.cuda.empty_cache()
+        for i in range(a.repeat):
+            for name, fn in fns.items():
+                if name.startswith("reference") and i >= a.ref_repeat:
+                    continue
+                stage_t[name] = stage_t.get(name) or Timings()
+                times[name].append(timed(lambda fn=fn, inp=inp: fn(inp)))
+        ref_ms = float(np.median(times["reference fp32"])) if times.get("reference fp32") else None
+        for name, ts in times.items():
+            if not ts:
+                continue
+            p50 = float(np.median(ts))
+            cell: dict[str, Any] = {"p50_ms": p50, "min_ms": float(np.min(ts)), "per_image_ms": p50 / bsz,
+                                    "n": len(ts)}
+            if ref_ms is not None and not name.startswith("reference"):
+                cell["speedup_vs_reference"] = ref_ms / p50
+            st = stage_t.pop(name, None)
+            if st is not None and st.total:
+                cell["stages_p50_ms"] = {k: float(np.median(v)) for k, v in st.stages.items() if v}
+                cell["points_per_frame"] = st.points / len(st.total)
+            row[name] = cell
+        if errors:
+            row["errors"] = errors
+        if cuda:
+            row["gpu_peak_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+        results["timing"].append(row)
+        save()
+        print(f"timing {json.dumps(row)}", flush=True)
+
+    save()
+    print(f"\n== gpu_check on {info['device']} ({a.model}, {S}^2 input, random weights, "
+          f"{results['elapsed_s']:.0f} s) ==")
+    print(f"{'out':>5} {'batch':>5} {'variant':<20} {'p50 ms':>9} {'per img':>9} {'x ref':>7}  stages p50 ms")
+    for r in results["timing"]:
+        if "skipped" in r:
+            print(f"{r['out_size']:>5} {r['batch']:>5} skipped: {r['skipped']}")
+            continue
+        for name, c in r.items():
+            if not isinstance(c, dict) or "p50_ms" not in c:
+                continue
+            sx = f"{c['speedup_vs_reference']:.1f}" if "speedup_vs_reference" in c else "-"
+            stages = " ".join(f"{k[:3]} {v:.2f}" for k, v in c.get("stages_p50_ms", {}).items())
+            print(f"{r['out_size']:>5} {r['batch']:>5} {name:<20} {c['p50_ms']:>9.2f} {c['per_image_ms']:>9.2f} "
+                  f"{sx:>7}  {stages}")
+        for name, err in r.get("errors", {}).items():
+            print(f"{r['out_size']:>5} {r['batch']:>5} {name:<20} FAILED {err}")
     for k, v in checks.items():
-        print(f"agreement {k}: {100 * v['pixel_in_box']:.3f}% in box, Dice {v['dice']:.4f}")
+        if "error" in v:
+            print(f"agreement {k}: FAILED {v['error']}")
+        else:
+            print(f"agreement {k}: {100 * v['pixel_in_box']:.3f}% in box, Dice {v['dice']:.4f}")
     print(f"wrote {out_dir / 'gpu_check.json'}")
     return 0
 

@@ -101,6 +101,55 @@ def test_sparse_planner_is_exact_on_a_smooth_field_and_queries_few_points():
     assert res.queried < 0.2 * res.region_pixels
 
 
+def test_sparse_fill_matches_a_per_pixel_oracle(monkeypatch):
+    """The block-view fill of settled cells against a per-pixel loop over its documented rule, on every
+    call of random planner runs (odd region sizes, several strides, dilations and classes)."""
+    from imedsam_deploy import sparse
+
+    real = sparse._fill_settled
+    calls = {"n": 0, "filled": 0}
+
+    def checked(dec: np.ndarray, val: np.ndarray, settled: np.ndarray, s: int) -> None:
+        d0, v0 = dec.copy(), val.copy()
+        real(dec, val, settled, s)
+        want_d, want_v = d0.copy(), v0.copy()
+        nr, nc = settled.shape
+        for a, b in zip(*np.nonzero(settled), strict=True):
+            y0, x0 = a * s, b * s
+            for dy in range(s + (a == nr - 1)):  # the far edges belong to the last cells
+                for dx in range(s + (b == nc - 1)):
+                    if (dy, dx) in ((0, 0), (s, s), (0, s), (s, 0)):
+                        continue  # lattice points: evaluated
+                    ty, tx = dy / s, dx / s
+                    v = ((1 - ty) * (1 - tx) * v0[:, y0, x0] + (1 - ty) * tx * v0[:, y0, x0 + s]
+                         + ty * (1 - tx) * v0[:, y0 + s, x0] + ty * tx * v0[:, y0 + s, x0 + s])
+                    dd = d0[:, y0, x0]
+                    want_d[:, y0 + dy, x0 + dx] = dd
+                    want_v[:, y0 + dy, x0 + dx] = np.where(dd, np.maximum(v, 1e-6), np.minimum(v, 0.0))
+                    calls["filled"] += 1
+        np.testing.assert_array_equal(dec, want_d)
+        np.testing.assert_allclose(val, want_v, rtol=1e-6, atol=1e-6)
+        assert ((val > 0) == dec).all() or not settled.any()
+        calls["n"] += 1
+
+    monkeypatch.setattr(sparse, "_fill_settled", checked)
+    rng = np.random.default_rng(0)
+    for trial in range(12):
+        H, W, K = int(rng.integers(20, 90)), int(rng.integers(20, 90)), 1 + trial % 2
+        cx, cy, rad = rng.uniform(-0.4, 0.4), rng.uniform(-0.4, 0.4), rng.uniform(0.15, 0.5)
+
+        def decode(c: np.ndarray, cx=cx, cy=cy, rad=rad, K=K):
+            lg = np.stack([(rad - np.hypot(c[:, 0] - cx, c[:, 1] - cy - 0.1 * k)) * 20
+                           + 0.5 * np.sin(9 * c[:, 0]) for k in range(K)])
+            return lg.astype(np.float32), (lg + 0.2 * np.sin(7 * c[:, 1])).astype(np.float32), np.exp(-lg**2)
+        r0, c0 = int(rng.integers(0, H // 3)), int(rng.integers(0, W // 3))
+        region = (r0, int(rng.integers(r0 + 2, H + 1)), c0, int(rng.integers(c0 + 2, W + 1)))
+        cfg = SparseConfig(stride=int(rng.choice([2, 4, 8])), dilate=int(rng.integers(0, 2)))
+        res = sparse_decode(decode, (H, W), 0.125, region, cfg)
+        assert res.logits is not None and ((res.logits > 0) == res.mask[:, r0 : region[1], c0 : region[3]]).all()
+    assert calls["n"] > 10 and calls["filled"] > 1000  # the oracle really ran
+
+
 def test_sparse_planner_agreement_on_a_real_image_tiny_model():
     """Random-weight tiny model on a real Kvasir image: a box-shaped mask with speckled edges (high
     Fourier frequencies, no training), the planner's worst case. Stated threshold: >= 99% of the pixels
@@ -144,6 +193,61 @@ def test_torch_backend_cpu_path_matches_the_model():
     np.testing.assert_allclose(u, ru.numpy(), rtol=1e-3, atol=1e-7)
     with pytest.raises(UserError, match="CUDA graphs"):
         TorchBackend(model, device="cpu", cuda_graphs=True)
+
+
+def test_point_bucket_bounds_the_captured_shapes():
+    from imedsam_deploy.backends.torch_cuda import POINT_BUCKET_MIN, point_bucket
+
+    got = {n: point_bucket(n, 65536) for n in [*range(1, 65537, 97), 1024, 1025, 65535, 65536]}
+    assert all(b >= n for n, b in got.items())  # room for every point
+    assert all(b < 2 * n or b == POINT_BUCKET_MIN for n, b in got.items())  # at most 2x padding
+    assert set(got.values()) == {POINT_BUCKET_MIN << i for i in range(7)}  # 7 graphs for any N <= 65536
+    assert point_bucket(3000, 3000) == 3000  # capped at max_points
+    with pytest.raises(ValueError, match="max_points"):
+        point_bucket(3001, 3000)
+
+
+def test_torch_backend_padded_split_decode_is_exact_and_memoises_the_box_part():
+    from imedsam_deploy.backends.torch_cuda import TorchBackend
+
+    model = tiny()
+    plain = TorchBackend(model, device="cpu", precision="fp32")
+    padded = TorchBackend(model, device="cpu", precision="fp32", bucket_points=True)
+    keys: list[tuple] = []
+    run = padded._run
+    padded._run = lambda key, fn, inputs: keys.append(key) or run(key, fn, inputs)  # type: ignore[method-assign]
+    img = np.random.default_rng(0).random((1, 3, S, S), dtype=np.float32)
+    e_plain, e_pad = plain.encode(img)[0], padded.encode(img)[0]
+    box = np.array([[10, 12, 90, 100]], np.float32)
+    for n in (1, 300, 1500, 4000):
+        coords = np.random.default_rng(n).uniform(-1, 1, (1, n, 2)).astype(np.float32)
+        for a, b in zip(plain.decode(e_plain, box, coords), padded.decode(e_pad, box, coords), strict=True):
+            assert b.shape == (1, model.cfg.num_classes, n)
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    point_shapes = {k[2][1] for k in keys if k[0] == "points"}
+    assert point_shapes == {1024, 2048, 4096}  # 1 and 300 share the smallest bucket
+    assert [k[0] for k in keys].count("prompt") == 1  # one box part for four decodes of the same box
+    padded.decode(e_pad, box + 1, coords[:, :10])  # another box: the box part runs again
+    padded.decode(padded.encode(img)[0], box + 1, coords[:, :10])  # a new embedding: again
+    assert [k[0] for k in keys].count("prompt") == 3
+
+
+def test_torch_backend_compiles_whole_graphs():
+    """compile=... captures each function whole (fullgraph=True: a graph break is an error), and the
+    compiled backend computes the same as the eager one. aot_eager: the capture without code generation."""
+    from imedsam_deploy.backends.torch_cuda import TorchBackend
+
+    model = tiny()
+    eager = TorchBackend(model, device="cpu", precision="fp32")
+    comp = TorchBackend(model, device="cpu", precision="fp32", compile="aot_eager")
+    assert "torch.compile" in comp.description and "torch.compile" not in eager.description
+    img = np.random.default_rng(0).random((1, 3, S, S), dtype=np.float32)
+    box = np.array([[10, 12, 90, 100]], np.float32)
+    coords = np.random.default_rng(1).uniform(-1, 1, (1, 500, 2)).astype(np.float32)
+    ea, ca = eager.encode(img)[0], comp.encode(img)[0]
+    np.testing.assert_allclose(ca.numpy(), ea.numpy(), atol=1e-5)
+    for a, b in zip(eager.decode(ea, box, coords), comp.decode(ca, box, coords), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
 
 
 def test_torch_cuda_backend_refuses_clearly_without_cuda():

@@ -10,7 +10,14 @@ torch-free otherwise. What it does (DESIGN §2-3):
   LayerNorm and softmax (fp32 under CUDA autocast), the closed-form uncertainty (forced fp32 here, its
   ranking picks the refined points);
 - the relative-position gather index is a precomputed buffer (model code), so capture works;
-- encoder and decoder are each captured in one CUDA graph per input shape and replayed.
+- the decoder runs split like the ONNX Runtime backend's: the box part (prompt encoder, two-way transformer,
+  upsampling) once per (embedding, boxes), memoised, then the per-point part per chunk or planner level;
+- encoder, box part and per-point part are each captured in one CUDA graph per input shape and replayed;
+  the point count is padded up to a power of two (``point_bucket``), so a video's varying regions and the
+  sparse planner's levels replay a handful of graphs instead of capturing one per distinct count (each
+  capture costs milliseconds and keeps its own memory pool);
+- optionally (``compile=True`` or IMEDSAM_TORCH_COMPILE=1) each captured function is first compiled by
+  ``torch.compile`` (inductor: fused elementwise kernels, autotuned GEMMs), still replayed as a CUDA graph.
 
 Weights: an artifact holds ONNX graphs, not PyTorch weights, so ``create`` needs the checkpoint the artifact
 was exported from (manifest ``source.checkpoint``, or the ``IMEDSAM_TORCH_CHECKPOINT`` variable);
@@ -33,6 +40,16 @@ from imedsam_deploy.manifest import Artifact
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 CHECKPOINT_ENV = "IMEDSAM_TORCH_CHECKPOINT"
+COMPILE_ENV = "IMEDSAM_TORCH_COMPILE"
+POINT_BUCKET_MIN = 1024  # the smallest padded decode: below it a graph replay costs the same whatever N
+
+
+def point_bucket(n: int, max_points: int) -> int:
+    """The point count a decode of ``n`` points runs at: the next power of two, at least POINT_BUCKET_MIN,
+    at most ``max_points``. Points are independent in the per-point decoder, so padding is exact."""
+    if n > max_points:
+        raise ValueError(f"{n} points exceed max_points {max_points}")
+    return min(max_points, max(POINT_BUCKET_MIN, 1 << max(0, n - 1).bit_length()))
 
 
 def _no_cuda_reason() -> str | None:
@@ -78,16 +95,18 @@ def create(artifact: Artifact, precision: str | None = None) -> TorchBackend:
     assert ck is not None
     model, _ = load_checkpoint(ck)
     return TorchBackend(model, "cuda", precision or "bf16", max_batch=artifact.max_batch,
-                        max_points=artifact.max_points)
+                        max_points=artifact.max_points, compile=os.environ.get(COMPILE_ENV, "") not in ("", "0"))
 
 
 class TorchBackend(Backend):
     """``Backend`` over an in-process IMedSAM. device "cuda" is the product; "cpu" (fp32, no graphs) is the
-    same code path for tests and as a CPU comparison."""
+    same code path for tests and as a CPU comparison. ``bucket_points`` (default: with CUDA graphs or compile) pads
+    decodes to ``point_bucket`` sizes. ``compile``: True compiles with inductor; a string names another
+    ``torch.compile`` backend (tests use "aot_eager": the same whole-graph capture, no code generation)."""
 
     def __init__(
         self, model: Any, device: str = "cuda", precision: str = "bf16", cuda_graphs: bool | None = None,
-        max_batch: int = 8, max_points: int = 65536,
+        max_batch: int = 8, max_points: int = 65536, compile: bool | str = False, bucket_points: bool | None = None,
     ) -> None:
         super().__init__(max_batch, max_points)
         if precision not in PRECISIONS:
@@ -132,12 +151,38 @@ class TorchBackend(Backend):
         self.decoder = decoder.to(self.device).eval()
         self._graphs: dict[tuple[Any, ...], tuple[Any, list[Any], Any]] = {}
         self.num_classes = folded.cfg.num_classes
+        self.compiled = bool(compile)
+        # graphs and compiled code are both per shape: bucket the point count for either
+        self.bucket_points = (self.use_graphs or self.compiled) if bucket_points is None else bucket_points
+        self._box_cache: tuple[Any, np.ndarray, Any] | None = None
+        dec = self.decoder
+
+        def encode_fn(im: Any) -> Any:
+            return self.model.encode(im).float()
+
+        def prompt_fn(e: Any, bb: Any) -> Any:
+            return self.model.decoder_features(e, bb)[0]
+
+        def points_fn(up: Any, c: Any) -> tuple[Any, Any, Any]:
+            return tuple(o.float() for o in dec.point_outputs(up, c))  # type: ignore[return-value]
+
+        fns: dict[str, Callable[..., Any]] = {"enc": encode_fn, "prompt": prompt_fn, "points": points_fn}
+        if compile:
+            # static shapes: every (batch, bucket) is its own specialisation, captured once like the graphs
+            import torch._dynamo
+
+            # each (batch, bucket) shape is its own specialisation: allow more than dynamo's default 8
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            backend = compile if isinstance(compile, str) else "inductor"
+            fns = {k: torch.compile(f, fullgraph=True, dynamic=False, backend=backend) for k, f in fns.items()}
+        self._fns = fns
 
     @property
     def description(self) -> str:
         gpu = f" on {self.torch.cuda.get_device_name(self.device)}" if self.device.type == "cuda" else ""
         graphs = ", CUDA graphs" if self.use_graphs else ""
-        return f"{self.name} ({self.precision}{graphs}){gpu}"
+        compiled = ", torch.compile" if self.compiled else ""
+        return f"{self.name} ({self.precision}{graphs}{compiled}){gpu}"
 
     # --- plumbing ---
     def _autocast(self) -> Any:
@@ -179,24 +224,38 @@ class TorchBackend(Backend):
     # --- Backend interface ---
     def encode(self, images: np.ndarray) -> Sequence[Embedding]:
         x = self._tensor(images)
-        emb = self._run(("enc", tuple(x.shape)), lambda im: self.model.encode(im).float(), [x])
+        emb = self._run(("enc", tuple(x.shape)), self._fns["enc"], [x])
         return [emb[i : i + 1] for i in range(emb.shape[0])]
+
+    def box_features(self, embedding: Embedding, boxes: np.ndarray) -> Any:
+        """The box part, memoised for the last (embedding object, boxes) pair, as in the ONNX Runtime backend:
+        a box's points come in several chunks or planner levels. Keyed on the embedding's identity (``encode``
+        returns new handles each call; a replayed graph's output is only overwritten by the next miss)."""
+        c = self._box_cache
+        if c is not None and c[0] is embedding and np.array_equal(c[1], boxes):
+            return c[2]
+        b = boxes.shape[0]
+        emb = embedding.expand(b, -1, -1, -1) if embedding.shape[0] != b else embedding
+        up = self._run(("prompt", tuple(emb.shape)), self._fns["prompt"], [emb.contiguous(), self._tensor(boxes)])
+        self._box_cache = (embedding, boxes.copy(), up)
+        return up
 
     def decode(
         self, embedding: Embedding, boxes: np.ndarray, coords: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        b = boxes.shape[0]
-        emb = embedding.expand(b, -1, -1, -1) if embedding.shape[0] != b else embedding
-        bx, cc = self._tensor(boxes), self._tensor(coords)
-
-        def dec(e: Any, bb: Any, c: Any) -> tuple[Any, Any, Any]:
-            return tuple(o.float() for o in self.decoder(e, bb, c))  # type: ignore[return-value]
-
-        outs = self._run(("dec", tuple(emb.shape), tuple(cc.shape)), dec, [emb.contiguous(), bx, cc])
-        c, f, u = (o.cpu().numpy() for o in outs)
+        up = self.box_features(embedding, boxes)
+        n = coords.shape[1]
+        if self.bucket_points:
+            padded = np.zeros((coords.shape[0], point_bucket(n, self.max_points), 2), np.float32)
+            padded[:, :n] = coords  # padding points sit at the centre: valid, and dropped below
+            coords = padded
+        cc = self._tensor(coords)
+        outs = self._run(("points", tuple(up.shape), tuple(cc.shape)), self._fns["points"], [up, cc])
+        c, f, u = (o[..., :n].cpu().numpy() for o in outs)
         return c, f, u
 
     def close(self) -> None:
         self._graphs.clear()
+        self._box_cache = None
         if self.device.type == "cuda":
             self.torch.cuda.empty_cache()

@@ -13,9 +13,10 @@ torch-free otherwise. What it does (DESIGN §2-3):
 - the decoder runs split like the ONNX Runtime backend's: the box part (prompt encoder, two-way transformer,
   upsampling) once per (embedding, boxes), memoised, then the per-point part per chunk or planner level;
 - encoder, box part and per-point part are each captured in one CUDA graph per input shape and replayed;
-  the point count is padded up to a power of two (``point_bucket``), so a video's varying regions and the
-  sparse planner's levels replay a handful of graphs instead of capturing one per distinct count (each
-  capture costs milliseconds and keeps its own memory pool);
+  the point count is padded up to a quarter octave (``point_bucket``), so a video's varying regions and the
+  sparse planner's levels replay a bounded set of graphs instead of capturing one per distinct count (each
+  capture costs milliseconds); the per-point graphs share one memory pool, since each one's outputs are
+  copied to the host right after its replay, so the set costs the memory of the largest;
 - optionally (``compile=True`` or IMEDSAM_TORCH_COMPILE=1) each captured function is first compiled by
   ``torch.compile`` (inductor: fused elementwise kernels, autotuned GEMMs), still replayed as a CUDA graph.
 
@@ -45,11 +46,16 @@ POINT_BUCKET_MIN = 1024  # the smallest padded decode: below it a graph replay c
 
 
 def point_bucket(n: int, max_points: int) -> int:
-    """The point count a decode of ``n`` points runs at: the next power of two, at least POINT_BUCKET_MIN,
-    at most ``max_points``. Points are independent in the per-point decoder, so padding is exact."""
+    """The point count a decode of ``n`` points runs at: rounded up to a quarter octave (1024, 1280, 1536,
+    1792, 2048, 2560, ...), so padding wastes under 25% and 65536 points need 25 graphs; at least
+    POINT_BUCKET_MIN, at most ``max_points``. Points are independent in the per-point decoder: padding is
+    exact."""
     if n > max_points:
         raise ValueError(f"{n} points exceed max_points {max_points}")
-    return min(max_points, max(POINT_BUCKET_MIN, 1 << max(0, n - 1).bit_length()))
+    if n <= POINT_BUCKET_MIN:
+        return min(max_points, POINT_BUCKET_MIN)
+    step = 1 << ((n - 1).bit_length() - 3)  # n in (4 step, 8 step]
+    return min(max_points, -(-n // step) * step)
 
 
 def _no_cuda_reason() -> str | None:
@@ -155,6 +161,7 @@ class TorchBackend(Backend):
         # graphs and compiled code are both per shape: bucket the point count for either
         self.bucket_points = (self.use_graphs or self.compiled) if bucket_points is None else bucket_points
         self._box_cache: tuple[Any, np.ndarray, Any] | None = None
+        self._points_pool: Any = None
         dec = self.decoder
 
         def encode_fn(im: Any) -> Any:
@@ -208,7 +215,12 @@ class TorchBackend(Backend):
                         fn(*static_in)
                 t.cuda.current_stream().wait_stream(side)
                 graph = t.cuda.CUDAGraph()
-                with t.cuda.graph(graph), self._autocast():
+                pool = None
+                if key[0] == "points":  # outputs read right after each replay: sharing their pool is safe
+                    if self._points_pool is None:
+                        self._points_pool = t.cuda.graph_pool_handle()
+                    pool = self._points_pool
+                with t.cuda.graph(graph, pool=pool), self._autocast():
                     static_out = fn(*static_in)
                 entry = (graph, static_in, static_out)
                 self._graphs[key] = entry

@@ -150,9 +150,14 @@ def sparse_decode(
     dec: np.ndarray | None = None
     val: np.ndarray | None = None
 
-    def evaluate(sel: np.ndarray) -> None:
+    def evaluate(sel: np.ndarray, s: int = 1) -> None:
+        """Decode the not yet known points of ``sel``, a selection on the stride-``s`` lattice."""
         nonlocal queried, tau, dec, val
-        ys, xs = np.nonzero(sel & ~known) if h > 0 and w > 0 else (np.zeros(0, int), np.zeros(0, int))
+        if h > 0 and w > 0:
+            ys, xs = np.nonzero(sel & ~known[::s, ::s])
+            ys, xs = ys * s, xs * s
+        else:
+            ys, xs = np.zeros(0, int), np.zeros(0, int)
         coords = pixel_coords(r0 + np.minimum(ys, h - 1), c0 + np.minimum(xs, w - 1), H, W)
         first = tau is None
         if first:
@@ -188,9 +193,7 @@ def sparse_decode(
         s = stride
         cand = np.ones(((he - 1) // s, (we - 1) // s), dtype=bool)
         while True:
-            lat = np.zeros((he, we), dtype=bool)
-            lat[::s, ::s] = _corner_any(cand)
-            evaluate(lat)
+            evaluate(_corner_any(cand), s)
             assert dec is not None
             d = dec[:, ::s, ::s]
             a = amb[::s, ::s]
@@ -210,9 +213,7 @@ def sparse_decode(
                 break
             if s == 1:
                 # cells switched on by the dilation at the last level: their corners are their pixels
-                lat[:] = False
-                lat[::1, ::1] = _corner_any(active)
-                evaluate(lat)
+                evaluate(_corner_any(active))
                 break
             # cells switched on by the dilation get their corners evaluated with the next level's lattice
             s //= 2
@@ -242,17 +243,20 @@ def _fill_settled(dec: np.ndarray, val: np.ndarray, settled: np.ndarray, s: int)
     v10, v11 = lat_v[:, 1:, :-1][:, settled], lat_v[:, 1:, 1:][:, settled]
     d = lat_d[:, :-1, :-1][:, settled]
     t = np.arange(s) / s
-    ty, tx = t[:, None], t[None, :]
 
-    def clamp(v: np.ndarray, dd: np.ndarray) -> np.ndarray:
-        v = v.astype(np.float32)
-        return np.where(dd, np.maximum(v, 1e-6), np.minimum(v, 0.0))
+    def clamp(v: np.ndarray, dd: np.ndarray) -> np.ndarray:  # in place; dd broadcasts against v
+        np.maximum(v, np.float32(1e-6), out=v, where=dd)
+        np.minimum(v, np.float32(0.0), out=v, where=~dd)
+        return v
 
-    top = (1 - tx) * v00[..., None, None] + tx * v01[..., None, None]
-    bottom = (1 - tx) * v10[..., None, None] + tx * v11[..., None, None]
+    # bilinear = lerp along x on the top and bottom edges, then along y: one pass over the filled pixels
+    top = ((1 - t) * v00[..., None] + t * v01[..., None]).astype(np.float32)  # (K, n, s): small
+    bottom = ((1 - t) * v10[..., None] + t * v11[..., None]).astype(np.float32)
+    ty = t.astype(np.float32)[:, None]
+    v = top[:, :, None, :] + ty * (bottom - top)[:, :, None, :]  # (K, n, s, s) float32
     blocks_v = val[:, : nr * s, : nc * s].reshape(k, nr, s, nc, s).transpose(0, 1, 3, 2, 4)  # views
     blocks_d = dec[:, : nr * s, : nc * s].reshape(k, nr, s, nc, s).transpose(0, 1, 3, 2, 4)
-    blocks_v[:, settled] = clamp((1 - ty) * top + ty * bottom, d[..., None, None])
+    blocks_v[:, settled] = clamp(v, d[..., None, None])
     blocks_d[:, settled] = d[..., None, None]
     lat_v[:, :-1, :-1][:, settled] = v00  # the evaluated corner keeps its own logit
     # far edges: the last row of pixels belongs to the last row of cells (weight 1 on their lower corners),
@@ -263,5 +267,5 @@ def _fill_settled(dec: np.ndarray, val: np.ndarray, settled: np.ndarray, s: int)
         if sel.any():
             lo, hi = line[:, :-1][:, sel][..., None], line[:, 1:][:, sel][..., None]
             dd = corner_d[:, sel][..., None]
-            px_v.reshape(k, n, s)[:, sel, 1:] = clamp((1 - t) * lo + t * hi, dd)[..., 1:]
+            px_v.reshape(k, n, s)[:, sel, 1:] = clamp(((1 - t) * lo + t * hi).astype(np.float32), dd)[..., 1:]
             px_d.reshape(k, n, s)[:, sel, 1:] = dd

@@ -12,7 +12,8 @@ CUDA events around each frame):
 - ``fused``: encoder + full-grid decoder + on-device UGS merge in ONE CUDA graph, mask left on the device
   (batch 1);
 - ``sparse`` / ``box``: what ``imedsam-infer --backend torch-cuda`` runs: the runtime's Segmenter (via the
-  bench's FrameRunner) in the sparse and box query modes, numpy planner included;
+  bench's FrameRunner) in the sparse and box query modes; sparse runs its planner on the device (one CUDA
+  graph per box), ``sparse host`` the numpy planner with a host round trip per level;
 - ``*+compile``: the same with every captured function compiled by ``torch.compile`` (inductor) first
   (batch 1; compilation happens in the warm-up and is not timed, but counts against the time budget).
 Correctness (384^2 output, batch 1): every variant's mask against the reference's, pixel agreement inside
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     fraction = cfg.decoder.refine_fraction
 
     def backend(precision: str, compile: bool = False) -> TorchBackend:
-        return TorchBackend(model, a.device, precision, max_batch=maxb, max_points=65536, compile=compile)
+        return TorchBackend(model, a.device, precision, max_batch=maxb, max_points=65536, compile=compile,
+                            device_planner=True)
 
     ours = {"fp32": backend("fp32"), "bf16": backend("bf16")}
     if not a.no_compile:
@@ -180,6 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     fused = {p: fused_runner(ours[p]) for p in runners}
     stage_t: dict[str, Timings] = {}
 
+    def host_planner(r: FrameRunner, inp: Inputs, out: int) -> list[np.ndarray]:
+        """The sparse mode with the numpy planner (a host round trip per level), for comparison."""
+        be = ours["bf16"]
+        be.device_planner = False
+        try:
+            return r.run(inp, (out, out), stage_t.get("sparse bf16 host"))
+        finally:
+            be.device_planner = True
+
     def variants(bsz: int, out: int) -> dict[str, Callable[[Inputs], Any]]:
         """name -> frame function over Inputs (the reference is added by the caller)."""
         v: dict[str, Callable[[Inputs], Any]] = {"full bf16": lambda inp: full_frame(ours["bf16"], inp, out)}
@@ -187,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             if p != "bf16" and bsz != 1:
                 continue  # compiled variants: batch 1 only (each batch size is its own compilation)
             v[f"sparse {p}"] = lambda inp, r=sp, n=f"sparse {p}": r.run(inp, (out, out), stage_t.get(n))
+            if p == "bf16":
+                v["sparse bf16 host"] = lambda inp, r=sp: host_planner(r, inp, out)
             v[f"box {p}"] = lambda inp, r=bx, n=f"box {p}": r.run(inp, (out, out), stage_t.get(n))
             if bsz == 1:
                 v[f"fused {p}"] = lambda inp, f=fused[p]: f(inp, out)
@@ -235,15 +248,17 @@ def main(argv: list[str] | None = None) -> int:
         fns["reference fp32"] = lambda i, o=out: ref_frame(i, o)
         times: dict[str, list[float]] = {k: [] for k in fns}
         errors: dict[str, str] = {}
-        for name in list(fns):  # warm-up: graph capture, compilation, cuFFT plans
+        fallbacks0 = {p: be.planner_fallbacks for p, be in ours.items()}
+        for name in list(fns):  # warm-up: graph capture, compilation, cuFFT plans, planner budgets
             try:
-                for _ in range(1 if name.startswith("reference") else 2):
+                for _ in range(1 if name.startswith("reference") else 5 if name.startswith("sparse") else 2):
                     fns[name](inp)
             except Exception as e:
                 errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 del fns[name]
                 if cuda:
                     torch.cuda.empty_cache()
+        fallbacks1 = {p: be.planner_fallbacks for p, be in ours.items()}
         for i in range(a.repeat):
             for name, fn in fns.items():
                 if name.startswith("reference") and i >= a.ref_repeat:
@@ -266,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
             row[name] = cell
         if errors:
             row["errors"] = errors
+        # boxes the device planner handed to the host planner (over budget) in warm-up / timed runs
+        row["planner_fallbacks"] = {p: [fallbacks1[p] - fallbacks0[p], be.planner_fallbacks - fallbacks1[p]]
+                                    for p, be in ours.items()}
         if cuda:
             row["gpu_peak_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
         results["timing"].append(row)

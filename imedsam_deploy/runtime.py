@@ -156,6 +156,10 @@ class Segmenter:
         region = self.region_for(box, image_hw, out_hw)
         if self.query == "sparse":
             mbox_s = box_to_model(np.asarray(box)[None], image_hw, self.s)
+            rows_cols = (region.r0, region.r1, region.c0, region.c1)
+            on_device = self.backend.sparse_region(embedding, mbox_s, rows_cols, out_hw, self.fraction, self.sparse_cfg)
+            if on_device is not None:  # the same planner, run by the backend (torch-cuda: one CUDA graph)
+                return ObjectMask(np.asarray(box, np.float64), out_hw, region, on_device[0], on_device[1])
             res = sparse_decode(lambda c: self._decode_points(embedding, mbox_s, c),  # type: ignore[arg-type,return-value]
                                 out_hw, self.fraction, (region.r0, region.r1, region.c0, region.c1), self.sparse_cfg)
             logits = res.logits if res.logits is not None else np.zeros(

@@ -49,6 +49,15 @@ class Backend(abc.ABC):
         Returns (coarse, fine, uncertainty), each (B, K, N) float32 numpy. B <= max_batch, N <= max_points.
         """
 
+    def sparse_region(
+        self, embedding: Embedding, boxes: np.ndarray, region: tuple[int, int, int, int], out_hw: tuple[int, int],
+        fraction: float, cfg: Any,
+    ) -> tuple[np.ndarray, int] | None:
+        """Optional: the sparse query mode's planner run by the backend itself (``sparse.sparse_decode``'s
+        decisions) for one box (boxes (1, 4), model-input pixels) on output rows/cols ``region`` = (r0, r1,
+        c0, c1): (logits (K, h, w), points queried). None: the runtime runs the host planner instead."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release device memory and sessions."""
 

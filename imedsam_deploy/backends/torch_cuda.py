@@ -108,11 +108,14 @@ class TorchBackend(Backend):
     """``Backend`` over an in-process IMedSAM. device "cuda" is the product; "cpu" (fp32, no graphs) is the
     same code path for tests and as a CPU comparison. ``bucket_points`` (default: with CUDA graphs or compile) pads
     decodes to ``point_bucket`` sizes. ``compile``: True compiles with inductor; a string names another
-    ``torch.compile`` backend (tests use "aot_eager": the same whole-graph capture, no code generation)."""
+    ``torch.compile`` backend (tests use "aot_eager": the same whole-graph capture, no code generation).
+    ``device_planner`` (default: on CUDA) runs the sparse query mode's planner on the device
+    (``torch_sparse.DevicePlanner``), one graph per box instead of a host round trip per level."""
 
     def __init__(
         self, model: Any, device: str = "cuda", precision: str = "bf16", cuda_graphs: bool | None = None,
         max_batch: int = 8, max_points: int = 65536, compile: bool | str = False, bucket_points: bool | None = None,
+        device_planner: bool | None = None,
     ) -> None:
         super().__init__(max_batch, max_points)
         if precision not in PRECISIONS:
@@ -183,6 +186,9 @@ class TorchBackend(Backend):
             backend = compile if isinstance(compile, str) else "inductor"
             fns = {k: torch.compile(f, fullgraph=True, dynamic=False, backend=backend) for k, f in fns.items()}
         self._fns = fns
+        self.device_planner = self.device.type == "cuda" if device_planner is None else device_planner
+        self._planners: dict[tuple[Any, ...], Any] = {}
+        self.planner_fallbacks = 0  # boxes the device planner handed back to the host planner (over budget)
 
     @property
     def description(self) -> str:
@@ -266,8 +272,43 @@ class TorchBackend(Backend):
         c, f, u = (o[..., :n].cpu().numpy() for o in outs)
         return c, f, u
 
+    def sparse_region(
+        self, embedding: Embedding, boxes: np.ndarray, region: tuple[int, int, int, int], out_hw: tuple[int, int],
+        fraction: float, cfg: Any,
+    ) -> tuple[np.ndarray, int] | None:
+        """The sparse planner on the device: (logits (K, h, w), points queried), or None where the host
+        planner must run (planner off, a region it does not handle, or a level over its point budget: the
+        budgets then double for the next box, one graph replacing the other)."""
+        if not self.device_planner:
+            return None
+        from imedsam_deploy.backends.torch_sparse import DevicePlanner
+
+        r0, r1, c0, c1 = region
+        pkey = (tuple(out_hw), fraction, cfg)
+        planner = self._planners.get(pkey)
+        if planner is None:
+            planner = self._planners[pkey] = DevicePlanner(out_hw, fraction, cfg, self.device)
+        if not planner.usable(r1 - r0, c1 - c0):
+            return None
+        up = self.box_features(embedding, boxes)
+        points = self._fns["points"]
+
+        def plan(u: Any, reg: Any) -> tuple[Any, ...]:
+            return planner.plan(lambda c: tuple(o[0] for o in points(u, c[None])), reg)  # type: ignore[no-any-return]
+
+        reg = self.torch.tensor([r0, r1 - r0, c0, c1 - c0], dtype=self.torch.int64).to(self.device)
+        gkey = ("sparse", tuple(up.shape), pkey, tuple(planner.caps.values()))
+        val, _, queried, overflow = self._run(gkey, plan, [up, reg])
+        if bool(overflow):  # this box needs more points than the budgets: host planner now, larger budgets next
+            self._graphs.pop(gkey, None)
+            planner.grow()
+            self.planner_fallbacks += 1
+            return None
+        return val[:, : r1 - r0, : c1 - c0].cpu().numpy(), int(queried)
+
     def close(self) -> None:
         self._graphs.clear()
         self._box_cache = None
+        self._planners.clear()
         if self.device.type == "cuda":
             self.torch.cuda.empty_cache()

@@ -1,0 +1,143 @@
+"""The sparse planner on the device (imedsam_deploy/backends/torch_sparse.py) against the host planner.
+
+Run here on the CPU (the same torch code the CUDA graph captures): identical decisions, query counts and
+(within float32 rounding) logits; a level over its point budget is reported, never silently different.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from imedsam_deploy.backends import torch_sparse
+from imedsam_deploy.backends.torch_sparse import DevicePlanner
+from imedsam_deploy.sparse import SparseConfig, sparse_decode
+
+from .conftest import SAMPLE_DATA, read_rgb
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _field(rng: np.random.Generator, k: int):
+    """A smooth random field per class with wavy edges and heads that disagree near them (numpy, float64
+    inside, float32 out), and the same values as torch tensors for the device planner."""
+    cx, cy, rad, fr = rng.uniform(-0.5, 0.5), rng.uniform(-0.5, 0.5), rng.uniform(0.1, 0.6), rng.uniform(3, 30)
+
+    def dec(c: np.ndarray):
+        x, y = c[:, 0].astype(np.float64), c[:, 1].astype(np.float64)
+        lg = np.stack([(rad - np.hypot(x - cx, y - cy + 0.1 * i)) * 20 + 0.5 * np.sin(fr * x) * np.cos(fr * y)
+                       for i in range(k)])
+        return (lg.astype(np.float32), (lg + 0.2 * np.sin(7 * y)).astype(np.float32),
+                (np.exp(-lg**2) + 0.01 * np.cos(9 * x)).astype(np.float32))
+
+    def tdec(c: torch.Tensor):
+        return tuple(torch.from_numpy(o) for o in dec(c.numpy()))
+
+    return dec, tdec
+
+
+def test_device_planner_makes_the_host_planners_decisions():
+    rng = np.random.default_rng(0)
+    compared = 0
+    for _ in range(60):
+        H, W, K = int(rng.integers(20, 140)), int(rng.integers(20, 140)), int(rng.integers(1, 3))
+        dec, tdec = _field(rng, K)
+        r0, c0 = int(rng.integers(0, H // 2)), int(rng.integers(0, W // 2))
+        r1, c1 = int(rng.integers(r0 + 1, H + 1)), int(rng.integers(c0 + 1, W + 1))
+        cfg = SparseConfig(stride=int(rng.choice([2, 4, 8, 16])), dilate=int(rng.integers(0, 3)),
+                           logit_band=float(rng.choice([0.0, 0.5])))
+        planner = DevicePlanner((H, W), 0.125, cfg, "cpu")
+        h, w = r1 - r0, c1 - c0
+        if not planner.usable(h, w):
+            assert min(h, w) <= 1 or max(h, w) - 1 < cfg.stride  # only regions the host handles differently
+            continue
+        host = sparse_decode(dec, (H, W), 0.125, (r0, r1, c0, c1), cfg)
+        val, d, queried, overflow = planner.plan(tdec, torch.tensor([r0, h, c0, w]))
+        assert not bool(overflow)
+        assert host.logits is not None
+        np.testing.assert_array_equal(d[:, :h, :w].numpy(), host.mask[:, r0:r1, c0:c1])
+        assert int(queried) == host.queried
+        np.testing.assert_allclose(val[:, :h, :w].numpy(), host.logits, rtol=1e-5, atol=1e-6)
+        assert ((val[:, :h, :w] > 0) == d[:, :h, :w]).all()
+        compared += 1
+    assert compared >= 45
+
+
+def test_device_planner_flags_a_level_over_its_budget():
+    rng = np.random.default_rng(3)
+    dec, tdec = _field(rng, 1)
+    cfg = SparseConfig()
+    host = sparse_decode(dec, (256, 256), 0.125, (0, 256, 0, 256), cfg)
+    tight = DevicePlanner((256, 256), 0.125, cfg, "cpu", cap_per_side=1)  # 1024 points per level (CAP_UNIT)
+    roomy = DevicePlanner((256, 256), 0.125, cfg, "cpu")
+    assert host.queried > 1024 + tight.n_t + 33 * 33  # more than the tight planner may evaluate
+    assert bool(tight.plan(tdec, torch.tensor([0, 256, 0, 256]))[3])
+    val, d, q, overflow = roomy.plan(tdec, torch.tensor([0, 256, 0, 256]))
+    assert not bool(overflow) and int(q) == host.queried
+    np.testing.assert_array_equal(d.numpy()[:, :256, :256], host.mask)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from imedsam_deploy.manifest import Artifact
+    from imedsam_train.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(REPO / "imedsam_train" / "weights" / "imedsam_tiny_kvasir.pt")
+    cfg = model.cfg
+    art = Artifact(path=Path("."), manifest={}, input_size=cfg.input_size,
+                   embedding_shape=(cfg.encoder.out_chans, cfg.grid_size, cfg.grid_size), num_classes=cfg.num_classes,
+                   refine_fraction=cfg.decoder.refine_fraction, max_points=65536, max_batch=1, graphs={})
+    return model, art
+
+
+@pytest.mark.parametrize("out", [(384, 384), (200, 300)])
+def test_segmenter_sparse_on_the_device_equals_the_host_planner(shipped, out, monkeypatch):
+    """The shipped model on a real image through the runtime: the torch backend's device planner gives
+    the host planner's mask; a box over its budget falls back to the host planner, same mask again."""
+    from imedsam_deploy.backends.torch_cuda import TorchBackend
+    from imedsam_deploy.runtime import Segmenter
+
+    model, art = shipped
+    stem = sorted(p.stem for p in (SAMPLE_DATA / "images").iterdir())[0]
+    rgb = read_rgb(SAMPLE_DATA / "images" / f"{stem}.jpg")
+    h, w = rgb.shape[:2]
+    box = np.array([[0.3 * w, 0.3 * h, 0.7 * w, 0.65 * h]])
+    masks, queried = {}, {}
+    for name, dp in (("host", False), ("device", True)):
+        seg = Segmenter(TorchBackend(model, "cpu", "fp32", device_planner=dp), art, query="sparse")
+        obj = seg.segment(rgb, box, out).objects[0]
+        masks[name], queried[name] = obj.mask(), obj.queried
+    assert (masks["device"] == masks["host"]).mean() >= 0.9999
+    assert masks["host"].sum() > 100  # a real mask, not an empty one on both sides
+    assert abs(queried["device"] - queried["host"]) <= 0.001 * queried["host"]
+    # over budget: sparse_region answers None, the runtime's host planner runs, and the budgets grow until
+    # the device planner fits the box
+    monkeypatch.setattr(torch_sparse, "CAP_PER_SIDE", 1)
+    monkeypatch.setattr(torch_sparse, "CAP_UNIT", 64)
+    be = TorchBackend(model, "cpu", "fp32", device_planner=True)
+    answers: list = []
+    inner = be.sparse_region
+    be.sparse_region = lambda *a: answers.append(inner(*a)) or answers[-1]  # type: ignore[method-assign]
+    seg = Segmenter(be, art, query="sparse")
+    for _ in range(8):
+        obj = seg.segment(rgb, box, out).objects[0]
+        assert obj.queried == queried["host"] or answers[-1] is not None
+        assert (obj.mask() == masks["host"]).mean() >= 0.9999
+    assert answers[0] is None  # declined at first (over budget) ...
+    assert answers[-1] is not None  # ... then grown to fit
+    assert be.planner_fallbacks == answers.count(None) > 0
+
+
+def test_device_planner_traces_as_one_graph():
+    """No host synchronisation inside (an .item(), a data-dependent shape): torch.compile(fullgraph=True)
+    would stop at one, as CUDA-graph capture would. The traced planner computes the same."""
+    rng = np.random.default_rng(5)
+    _, tdec = _field(rng, 1)
+    planner = DevicePlanner((96, 96), 0.125, SparseConfig(), "cpu")
+    region = torch.tensor([10, 60, 12, 70])
+    traced = torch.compile(lambda reg: planner.plan(tdec, reg), fullgraph=True, backend="aot_eager")
+    for got, want in zip(traced(region), planner.plan(tdec, region), strict=True):
+        assert torch.equal(got, want)

@@ -16,10 +16,11 @@ CUDA events around each frame):
   graph per box), ``sparse host`` the numpy planner with a host round trip per level;
 - ``*+compile``: the same with every captured function compiled by ``torch.compile`` (inductor) first
   (batch 1; compilation happens in the warm-up and is not timed, but counts against the time budget).
-Correctness (384^2 output, batch 1): every variant's mask against the reference's, pixel agreement inside
-the box and Dice. The JSON is rewritten after every row, so a run cut short keeps what it measured, and rows
-are ordered by importance (batch 1 first); ``--budget-s`` skips what would not fit. A variant that fails
-(out of memory, a compile error) is reported in its row and the run goes on.
+Agreement: in every row, each variant's masks against the reference's on the same inputs (pixels inside the
+box, Dice), plus an fp32 check first. The JSON is rewritten after every row, so a run cut short keeps what
+it measured; rows are ordered by importance (batch 1 first, the compiled variants last) and ``--budget-s``
+skips what would not fit. A variant that fails (out of memory, a compile error) is reported in its row and
+the run goes on.
 ``--device cpu --model tiny --quick`` exercises the same code on a CPU.
 """
 
@@ -191,12 +192,15 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             be.device_planner = True
 
-    def variants(bsz: int, out: int) -> dict[str, Callable[[Inputs], Any]]:
-        """name -> frame function over Inputs (the reference is added by the caller)."""
-        v: dict[str, Callable[[Inputs], Any]] = {"full bf16": lambda inp: full_frame(ours["bf16"], inp, out)}
+    def variants(bsz: int, out: int, compiled: bool) -> dict[str, Callable[[Inputs], Any]]:
+        """name -> frame function over Inputs (the reference is added by the caller). Compiled variants come
+        in rows of their own, last, at batch 1 (each shape is its own compilation, minutes on vit_b)."""
+        v: dict[str, Callable[[Inputs], Any]] = {}
+        if not compiled:
+            v["full bf16"] = lambda inp: full_frame(ours["bf16"], inp, out)
         for p, (sp, bx) in runners.items():
-            if p != "bf16" and bsz != 1:
-                continue  # compiled variants: batch 1 only (each batch size is its own compilation)
+            if p.endswith("+compile") != compiled:
+                continue
             v[f"sparse {p}"] = lambda inp, r=sp, n=f"sparse {p}": r.run(inp, (out, out), stage_t.get(n))
             if p == "bf16":
                 v["sparse bf16 host"] = lambda inp, r=sp: host_planner(r, inp, out)
@@ -214,47 +218,50 @@ def main(argv: list[str] | None = None) -> int:
         results["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         atomic_write_text(out_dir / "gpu_check.json", json.dumps(results, indent=2) + "\n")
 
-    def as_masks(m: Any) -> np.ndarray:
-        return (m[0] if isinstance(m, list) else m.reshape(-1, S, S).cpu().numpy()).reshape(-1, S, S)
+    def as_masks(m: Any, out: int) -> list[np.ndarray]:
+        if isinstance(m, list):
+            return [x.reshape(-1, out, out) for x in m]
+        return [x.reshape(-1, out, out) for x in m.cpu().numpy()]  # the fused graph's (B, K, N) on the device
 
-    # ---- 1. correctness at the input size, batch 1
+    def failure(e: BaseException) -> str:
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+    # ---- 1. fp32 correctness at the input size, batch 1 (every variant's agreement is in its timing rows)
     inp = synthetic_inputs(S, 1, seed=1)
-    r_mask = ref_frame(inp, S)[0]
     checks = results["correctness"]
-    cases: dict[str, Callable[[Inputs], Any]] = {"full fp32": lambda i: full_frame(ours["fp32"], i, S)}
-    cases.update(variants(1, S))
-    for name, fn in cases.items():
-        try:
-            checks[name] = agreement(as_masks(fn(inp)), r_mask, inp.boxes[0], inp.images[0].shape[:2])
-            v = checks[name]
-            print(f"correctness {name}: in-box agreement {100 * v['pixel_in_box']:.3f}%, "
-                  f"all {100 * v['pixel_all']:.3f}%, Dice {v['dice']:.4f}", flush=True)
-        except Exception as e:  # report and go on: one broken variant must not cost the run
-            checks[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-            print(f"correctness {name}: FAILED {checks[name]['error']}", flush=True)
+    try:
+        checks["full fp32"] = agreement(as_masks(full_frame(ours["fp32"], inp, S), S)[0], ref_frame(inp, S)[0],
+                                        inp.boxes[0], inp.images[0].shape[:2])
+        print(f"correctness full fp32: {json.dumps(checks['full fp32'])}", flush=True)
+    except Exception as e:
+        checks["full fp32"] = {"error": failure(e)}
     save()
 
-    # ---- 2. timing, most important rows first
-    rows = sorted(((o, b) for b in a.batches for o in a.sizes), key=lambda ob: (ob[1], ob[0]))
-    for out, bsz in rows:
-        row: dict[str, Any] = {"out_size": out, "batch": bsz}
-        if time.perf_counter() - t_start > a.budget_s:
+    # ---- 2. timing, most important rows first: batch 1, then the batches, then the compiled variants
+    rows = [(o, b, False) for b in sorted(a.batches) for o in sorted(a.sizes)]
+    if not a.no_compile:
+        rows += [(o, 1, True) for o in sorted(a.sizes)]
+    for out, bsz, compiled in rows:
+        row: dict[str, Any] = {"out_size": out, "batch": bsz, "compiled": compiled}
+        left = a.budget_s - (time.perf_counter() - t_start)
+        if left < (180 if compiled else 0):  # a compiled row compiles first: give it room
             row["skipped"] = f"time budget ({a.budget_s:.0f} s) spent"
             results["timing"].append(row)
             print(f"timing {json.dumps(row)}", flush=True)
             continue
         inp = synthetic_inputs(S, bsz, seed=2)
-        fns = {k: f for k, f in variants(bsz, out).items() if "error" not in checks.get(k, {})}
+        fns = variants(bsz, out, compiled)
         fns["reference fp32"] = lambda i, o=out: ref_frame(i, o)
         times: dict[str, list[float]] = {k: [] for k in fns}
+        masks: dict[str, list[np.ndarray]] = {}
         errors: dict[str, str] = {}
         fallbacks0 = {p: be.planner_fallbacks for p, be in ours.items()}
         for name in list(fns):  # warm-up: graph capture, compilation, cuFFT plans, planner budgets
             try:
                 for _ in range(1 if name.startswith("reference") else 5 if name.startswith("sparse") else 2):
-                    fns[name](inp)
-            except Exception as e:
-                errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    masks[name] = as_masks(fns[name](inp), out)
+            except Exception as e:  # report and go on: one broken variant must not cost the run
+                errors[name] = failure(e)
                 del fns[name]
                 if cuda:
                     torch.cuda.empty_cache()
@@ -274,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
                                     "n": len(ts)}
             if ref_ms is not None and not name.startswith("reference"):
                 cell["speedup_vs_reference"] = ref_ms / p50
+            if "reference fp32" in masks and not name.startswith("reference"):
+                ag = [agreement(m, r, bx, im.shape[:2]) for m, r, bx, im
+                      in zip(masks[name], masks["reference fp32"], inp.boxes, inp.images, strict=True)]
+                cell["agreement"] = {k: float(np.mean([g[k] for g in ag])) for k in ag[0]}
             st = stage_t.pop(name, None)
             if st is not None and st.total:
                 cell["stages_p50_ms"] = {k: float(np.median(v)) for k, v in st.stages.items() if v}
@@ -293,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     save()
     print(f"\n== gpu_check on {info['device']} ({a.model}, {S}^2 input, random weights, "
           f"{results['elapsed_s']:.0f} s) ==")
-    print(f"{'out':>5} {'batch':>5} {'variant':<20} {'p50 ms':>9} {'per img':>9} {'x ref':>7}  stages p50 ms")
+    print(f"{'out':>5} {'batch':>5} {'variant':<22} {'p50 ms':>9} {'per img':>9} {'x ref':>7} {'in-box %':>9}  stages p50 ms")
     for r in results["timing"]:
         if "skipped" in r:
             print(f"{r['out_size']:>5} {r['batch']:>5} skipped: {r['skipped']}")
@@ -302,16 +313,15 @@ def main(argv: list[str] | None = None) -> int:
             if not isinstance(c, dict) or "p50_ms" not in c:
                 continue
             sx = f"{c['speedup_vs_reference']:.1f}" if "speedup_vs_reference" in c else "-"
+            ag = f"{100 * c['agreement']['pixel_in_box']:.2f}" if "agreement" in c else "-"
             stages = " ".join(f"{k[:3]} {v:.2f}" for k, v in c.get("stages_p50_ms", {}).items())
-            print(f"{r['out_size']:>5} {r['batch']:>5} {name:<20} {c['p50_ms']:>9.2f} {c['per_image_ms']:>9.2f} "
-                  f"{sx:>7}  {stages}")
+            print(f"{r['out_size']:>5} {r['batch']:>5} {name:<22} {c['p50_ms']:>9.2f} {c['per_image_ms']:>9.2f} "
+                  f"{sx:>7} {ag:>9}  {stages}")
         for name, err in r.get("errors", {}).items():
-            print(f"{r['out_size']:>5} {r['batch']:>5} {name:<20} FAILED {err}")
+            print(f"{r['out_size']:>5} {r['batch']:>5} {name:<22} FAILED {err}")
     for k, v in checks.items():
-        if "error" in v:
-            print(f"agreement {k}: FAILED {v['error']}")
-        else:
-            print(f"agreement {k}: {100 * v['pixel_in_box']:.3f}% in box, Dice {v['dice']:.4f}")
+        print(f"correctness {k}: " + (f"FAILED {v['error']}" if "error" in v else
+                                      f"{100 * v['pixel_in_box']:.3f}% in box, Dice {v['dice']:.4f}"))
     print(f"wrote {out_dir / 'gpu_check.json'}")
     return 0
 

@@ -132,7 +132,7 @@ def measure(artifact: Path, video: Path, frames: int, box: tuple[float, float, f
             info = run_video(seg, reader, prompts, outs, out_size,  # type: ignore[arg-type]  # duck-typed reader
                              TrackConfig(min_confidence=0.0), progress)
             outs.finish({"frames": info["frames"]})
-        model_ms = [r.latency_ms for r in outs.records]
+        model_ms = [float(r["latency_ms"]) for r in outs.records()]
         written = len(list((out_dir / "masks").glob("*.png")))
     finally:
         if tmp is not None:

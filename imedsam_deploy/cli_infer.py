@@ -147,23 +147,31 @@ def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, back
                 dt = time.perf_counter() - t0
                 bar.update(task, completed=done, fps=f"{done / dt:.1f}" if dt > 0 else "-")
 
-            if spec.kind in ("image", "folder"):
-                outs = OutputSet(stage, "images")
-                info = run_images(seg, spec, prompts, outs, size, progress)
-            elif spec.kind == "video":
+            if spec.kind == "video":
                 assert reader is not None
                 suffix = ".avi" if spec.path.suffix.lower() == ".avi" else ".mp4"
                 outs = OutputSet(stage, "video", reader.fps, (reader.width, reader.height), video_suffix=suffix)
-                info = run_video(seg, reader, prompts, outs, size, TrackConfig(min_confidence=min_conf), progress)
             else:
-                assert vol is not None
-                outs = OutputSet(stage, "volume", mask_pngs=False)
-                info = run_volume(seg, vol, prompts, outs, size, progress)
-            elapsed = time.perf_counter() - t0
-            summary = {"input": str(spec.path), "kind": spec.kind, "artifact": str(art.path),
-                       "backend": be.description, "query": query, "margin": margin, **info,
-                       "seconds": round(elapsed, 3), "fps": round(info["frames"] / elapsed, 3) if elapsed else None}
-            outs.finish(summary)
+                outs = OutputSet(stage, "images" if spec.kind in ("image", "folder") else "volume",
+                                 mask_pngs=spec.kind != "volume")
+            try:
+                if spec.kind in ("image", "folder"):
+                    info = run_images(seg, spec, prompts, outs, size, progress)
+                elif spec.kind == "video":
+                    assert reader is not None
+                    info = run_video(seg, reader, prompts, outs, size, TrackConfig(min_confidence=min_conf),
+                                     progress)
+                else:
+                    assert vol is not None
+                    info = run_volume(seg, vol, prompts, outs, size, progress)
+                elapsed = time.perf_counter() - t0
+                summary = {"input": str(spec.path), "kind": spec.kind, "artifact": str(art.path),
+                           "backend": be.description, "query": query, "margin": margin, **info,
+                           "seconds": round(elapsed, 3),
+                           "fps": round(info["frames"] / elapsed, 3) if elapsed else None}
+                outs.finish(summary)
+            finally:
+                outs.close()  # a failed run's open files (the staging folder is then discarded)
         for ev in outs.events:
             console.print(f"object {ev['object'] + 1} {ev['event']} at frame {ev['frame']}"
                           + (f" ({ev['reason']})" if "reason" in ev else ""), highlight=False, markup=False)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -102,13 +103,22 @@ def draw_overlay(rgb: np.ndarray, layers: list[Layer], alpha: float = 0.4) -> np
 
 
 class OutputSet:
-    """Writes into ``root`` (a staging folder the CLI renames into place when everything succeeded)."""
+    """Writes into ``root`` (a staging folder the CLI renames into place when everything succeeded).
+
+    Per-frame records are streamed as they come, to two scratch files: CSV rows that ``finish`` renames to
+    results.csv, and JSON lines it copies into results.json line by line. Memory stays flat however long a
+    video runs (only the rare lost/found ``events`` are kept), and neither results file exists before the run
+    is complete. ``close`` releases the files of a run that failed.
+    """
+
+    RECORDS_SCRATCH = ".records.jsonl"
+    CSV_SCRATCH = ".results.csv.part"
 
     def __init__(self, root: Path, kind: str, fps: float | None = None, size: tuple[int, int] | None = None,
                  video_suffix: str = ".mp4", mask_pngs: bool = True) -> None:
         self.root, self.kind, self.mask_pngs = root, kind, mask_pngs
-        self.records: list[Record] = []
         self.events: list[dict[str, Any]] = []
+        self.count = 0  # records written
         self.video: VideoWriter | None = None
         if mask_pngs:
             (root / "masks").mkdir(parents=True, exist_ok=True)
@@ -117,24 +127,64 @@ class OutputSet:
             self.video = VideoWriter(root / f"overlay{video_suffix}", fps, *size)
         else:
             (root / "overlay").mkdir(parents=True, exist_ok=True)
+        self._csv_file: IO[str] | None = open(root / self.CSV_SCRATCH, "w", newline="", encoding="utf-8")  # noqa: SIM115
+        self._csv = csv.DictWriter(self._csv_file, fieldnames=FIELDS)
+        self._csv.writeheader()
+        self._jsonl: IO[str] | None = open(root / self.RECORDS_SCRATCH, "w", encoding="utf-8")  # noqa: SIM115
 
     def add_frame(self, name: str, rgb: np.ndarray, out_hw: tuple[int, int], layers: list[Layer],
                   records: list[Record], draw: bool = True) -> None:
         if self.mask_pngs:
             write_image(self.root / "masks" / f"{name}.png", label_image([ly.mask for ly in layers], out_hw))
-        self.records.extend(records)
+        assert self._csv_file is not None and self._jsonl is not None, "OutputSet already finished"
+        for r in records:
+            row = r.row()
+            self._csv.writerow(row)
+            self._jsonl.write(json.dumps(row) + "\n")
+        self.count += len(records)
         if self.video is not None:
             self.video.write(draw_overlay(rgb, layers))
         elif draw:
             write_image(self.root / "overlay" / f"{name}.png", draw_overlay(rgb, layers))
 
+    def records(self) -> Iterator[dict[str, Any]]:
+        """The rows written so far (read back from the scratch file: nothing is held in memory)."""
+        if self._jsonl is not None:
+            self._jsonl.flush()
+        path = self.root / self.RECORDS_SCRATCH
+        if not path.exists():
+            path = self.root / "results.json"
+            yield from json.loads(path.read_text(encoding="utf-8"))["records"]
+            return
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)
+
     def finish(self, summary: dict[str, Any]) -> None:
+        """Close the video and results.csv; write results.json: ``summary``, ``events``, then ``records``."""
         if self.video is not None:
             self.video.close()
-        rows = [r.row() for r in self.records]
-        with open(self.root / "results.csv", "w", newline="", encoding="utf-8") as f:
-            wr = csv.DictWriter(f, fieldnames=FIELDS)
-            wr.writeheader()
-            wr.writerows(rows)
-        doc = {**summary, "events": self.events, "records": rows}
-        (self.root / "results.json").write_text(json.dumps(doc, indent=1), encoding="utf-8")
+            self.video = None
+        assert self._csv_file is not None and self._jsonl is not None, "OutputSet already finished"
+        self._csv_file.close()
+        self._jsonl.close()
+        self._csv_file = self._jsonl = None
+        (self.root / self.CSV_SCRATCH).replace(self.root / "results.csv")
+        head = json.dumps({**summary, "events": self.events}, indent=1)
+        scratch = self.root / self.RECORDS_SCRATCH
+        with open(self.root / "results.json", "w", encoding="utf-8") as out, open(scratch, encoding="utf-8") as src:
+            out.write(head[:-2] + ',\n "records": [')  # head ends with "\n}": reopen the object
+            for i, line in enumerate(src):
+                out.write(("\n  " if i == 0 else ",\n  ") + line.rstrip("\n"))
+            out.write("\n ]\n}\n")
+        scratch.unlink()
+
+    def close(self) -> None:
+        """Release the open files (a failed run: the CLI discards the staging folder)."""
+        for f in (self._csv_file, self._jsonl):
+            if f is not None:
+                f.close()
+        self._csv_file = self._jsonl = None
+        if self.video is not None:
+            self.video.close()
+            self.video = None

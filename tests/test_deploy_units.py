@@ -162,8 +162,35 @@ def test_label_image_and_overlay(tmp_path):
     outs.finish({"backend": "test"})
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["records"][0]["area"] == int(a.sum())
+    assert doc["backend"] == "test" and doc["events"] == []
     assert (tmp_path / "results.csv").read_text().splitlines()[0].startswith("frame,name,object,class,status")
     assert (cv2.imread(str(tmp_path / "masks" / "x.png"), 0) > 0).sum() == a.sum()
+
+
+def test_output_set_streams_records_and_keeps_nothing_per_frame(tmp_path):
+    """Records go to results.csv and a scratch file as they come (a long stream's memory stays flat);
+    finish writes a results.json with the summary, the events and every record, and removes the scratch."""
+    outs = OutputSet(tmp_path, "images")
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    m = np.zeros((20, 30), bool)
+    for i in range(300):
+        recs = [Record(i, f"f{i}", k, 0, "tracked", 1, 2, 3, 4, i + k, 0.5, 10, 1.0 + i, 0.5, 0.5) for k in range(2)]
+        outs.add_frame(f"f{i:03d}", rgb, (20, 30), [Layer(0, m, np.array([1, 2, 3, 4]), "tracked", "1")], recs,
+                       draw=False)
+    assert outs.count == 600
+    assert not any(isinstance(v, list) and len(v) > 0 for v in vars(outs).values())  # no per-frame state
+    assert [r["frame"] for r in outs.records()][-2:] == [299, 299]  # readable before finish
+    assert not (tmp_path / "results.csv").exists() and not (tmp_path / "results.json").exists()  # not yet
+    outs.events.append({"frame": 7, "object": 1, "event": "lost"})
+    outs.finish({"frames": 300, "note": "a \"quoted\" summary"})
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["frames"] == 300 and doc["events"][0]["frame"] == 7 and len(doc["records"]) == 600
+    assert doc["records"][123] == Record(61, "f61", 1, 0, "tracked", 1, 2, 3, 4, 62, 0.5, 10, 62.0, 0.5, 0.5).row()
+    with open(tmp_path / "results.csv", newline="") as f:
+        assert len(f.read().splitlines()) == 601
+    assert not (tmp_path / OutputSet.RECORDS_SCRATCH).exists() and not (tmp_path / OutputSet.CSV_SCRATCH).exists()
+    assert [r["frame"] for r in outs.records()][:2] == [0, 0]  # and from results.json after finish
+    outs.close()  # idempotent after finish
 
 
 # --- video I/O on the real colonoscopy video ---

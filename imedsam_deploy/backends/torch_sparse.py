@@ -48,15 +48,11 @@ def _corner_any(cells: torch.Tensor) -> torch.Tensor:
     return F.max_pool2d(p, 2, stride=1)[0, 0] > 0
 
 
-def _dilate(a: torch.Tensor, n: int) -> torch.Tensor:
-    """4-neighbour dilation, ``n`` times (``sparse._dilate``)."""
+def _dilate(a: torch.Tensor, n: int, cross: torch.Tensor) -> torch.Tensor:
+    """4-neighbour dilation, ``n`` times (``sparse._dilate``): a convolution with a 3 x 3 cross (made outside
+    the captured function: a host tensor copied to the device during capture would break it)."""
     for _ in range(n):
-        b = a.clone()
-        b[1:] |= a[:-1]
-        b[:-1] |= a[1:]
-        b[:, 1:] |= a[:, :-1]
-        b[:, :-1] |= a[:, 1:]
-        a = b
+        a = F.conv2d(a[None, None].float(), cross, padding=1)[0, 0] > 0
     return a
 
 
@@ -76,6 +72,7 @@ class DevicePlanner:
         tr = torch.arange(ts // 2, H, ts, device=self.device)
         tc = torch.arange(ts // 2, W, ts, device=self.device)
         gr, gc = torch.meshgrid(tr, tc, indexing="ij")
+        self.cross = torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 0.0]], device=self.device)[None, None]
         self.t_coords = _pixel_coords(gr.reshape(-1), gc.reshape(-1), H, W)
         self.n_t = self.t_coords.shape[0]
         self.kt = refine_count(self.n_t, fraction)
@@ -176,7 +173,7 @@ class DevicePlanner:
                         | (d[:, :-1, :-1] != d[:, 1:, 1:])).any(dim=0)
             ambiguous = am[:-1, :-1] | am[1:, :-1] | am[:-1, 1:] | am[1:, 1:]
             valid = cells_valid(s)
-            active = _dilate(cand & (disagree | ambiguous), cfg.dilate) & valid
+            active = _dilate(cand & (disagree | ambiguous), cfg.dilate, self.cross) & valid
             settled = cand & ~active
             if s > 1:
                 self._fill(dec, val, settled, s, he, we)

@@ -131,13 +131,26 @@ def test_segmenter_sparse_on_the_device_equals_the_host_planner(shipped, out, mo
     assert be.planner_fallbacks == answers.count(None) > 0
 
 
-def test_device_planner_traces_as_one_graph():
-    """No host synchronisation inside (an .item(), a data-dependent shape): torch.compile(fullgraph=True)
-    would stop at one, as CUDA-graph capture would. The traced planner computes the same."""
-    rng = np.random.default_rng(5)
-    _, tdec = _field(rng, 1)
+def test_device_planner_is_capturable(monkeypatch):
+    """What CUDA-graph capture forbids, checked on the CPU: no host synchronisation (an .item(), a
+    data-dependent shape) -- torch.compile(fullgraph=True) stops at one -- and no host data copied to the
+    device (torch.tensor / as_tensor / from_numpy inside the planner). The traced planner computes the same."""
+    def field(c: torch.Tensor):
+        lg = ((0.3 - torch.hypot(c[:, 0] - 0.05, c[:, 1])) * 20 + 0.4 * torch.sin(15 * c[:, 0]))[None]
+        return lg, lg + 0.1 * torch.cos(9 * c[:, 1]), torch.exp(-lg * lg)
+
     planner = DevicePlanner((96, 96), 0.125, SparseConfig(), "cpu")
     region = torch.tensor([10, 60, 12, 70])
-    traced = torch.compile(lambda reg: planner.plan(tdec, reg), fullgraph=True, backend="aot_eager")
-    for got, want in zip(traced(region), planner.plan(tdec, region), strict=True):
-        assert torch.equal(got, want)
+    want = planner.plan(field, region)
+
+    def refuse(*a, **k):
+        raise AssertionError("host data copied to the device inside the planner")
+
+    with monkeypatch.context() as m:
+        for name in ("tensor", "as_tensor", "from_numpy"):
+            m.setattr(torch, name, refuse)
+        again = planner.plan(field, region)
+    traced = torch.compile(lambda reg: planner.plan(field, reg), fullgraph=True, backend="aot_eager")
+    for got, same, w in zip(traced(region), again, want, strict=True):
+        assert torch.equal(got, w) and torch.equal(same, w)
+    assert int(want[2]) > 0 and want[1].any()  # a real plan, not an empty one

@@ -233,6 +233,32 @@ def test_torch_backend_padded_split_decode_is_exact_and_memoises_the_box_part():
     assert [k[0] for k in keys].count("prompt") == 3
 
 
+def test_torch_backend_captured_functions_copy_nothing_from_the_host(monkeypatch):
+    """The functions torch-cuda captures in CUDA graphs (encoder, box part, per-point part) create no tensor
+    from host data: a host-to-device copy during capture is an error there. Checked on the CPU by refusing
+    torch.tensor / as_tensor / from_numpy while they run."""
+    from imedsam_deploy.backends.torch_cuda import TorchBackend
+
+    be = TorchBackend(tiny(), device="cpu", precision="fp32")
+
+    def refuse(*a, **k):
+        raise AssertionError("host data copied to the device inside a captured function")
+
+    calls = []
+    for key, fn in list(be._fns.items()):
+        def guarded(*args, fn=fn, key=key):
+            calls.append(key)
+            with monkeypatch.context() as m:
+                for name in ("tensor", "as_tensor", "from_numpy"):
+                    m.setattr(torch, name, refuse)
+                return fn(*args)
+        be._fns[key] = guarded
+    img = np.random.default_rng(0).random((1, 3, S, S), dtype=np.float32)
+    coords = np.random.default_rng(1).uniform(-1, 1, (1, 50, 2)).astype(np.float32)
+    be.decode(be.encode(img)[0], np.array([[10, 12, 90, 100]], np.float32), coords)
+    assert calls == ["enc", "prompt", "points"]
+
+
 def test_torch_backend_compiles_whole_graphs():
     """compile=... captures each function whole (fullgraph=True: a graph break is an error), and the
     compiled backend computes the same as the eager one. aot_eager: the capture without code generation."""

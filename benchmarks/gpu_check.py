@@ -7,13 +7,14 @@ Run from the repository root, in one call, on a machine with a CUDA GPU:
 Variants, each timed on the same inputs in the same process, interleaved run by run (device-side timing:
 CUDA events around each frame):
 - ``reference``: the released code's compute, eager fp32, one image at a time (benchmarks/reference.py);
-- ``full``: our torch-cuda backend (bf16 with fp32 islands, CUDA graphs): batched encode, full-grid
-  decode in chunks, UGS merge on the host;
+- ``full``: our torch-cuda backend (bf16 with fp32 islands, CUDA graphs) through the runtime: batched
+  encode, full-grid decode in chunks, UGS merge on the device (an fp32 run with the host merge checks it
+  first);
 - ``fused``: encoder + full-grid decoder + on-device UGS merge in ONE CUDA graph, mask left on the device
   (batch 1);
-- ``sparse`` / ``box``: what ``imedsam-infer --backend torch-cuda`` runs: the runtime's Segmenter (via the
-  bench's FrameRunner) in the sparse and box query modes; sparse runs its planner on the device (one CUDA
-  graph per box), ``sparse host`` the numpy planner with a host round trip per level;
+- ``sparse`` / ``box``: what ``imedsam-infer --backend torch-cuda`` runs (as ``full`` does): the runtime's
+  Segmenter (via the bench's FrameRunner) in the sparse and box query modes; sparse runs its planner on
+  the device (one CUDA graph per box), ``sparse host`` the numpy planner with a host round trip per level;
 - ``*+compile``: the same with every captured function compiled by ``torch.compile`` (inductor) first
   (batch 1; compilation happens in the warm-up and is not timed, but counts against the time budget).
 Agreement: in every row, each variant's masks against the reference's on the same inputs (pixels inside the
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def backend(precision: str, compile: bool = False) -> TorchBackend:
         return TorchBackend(model, a.device, precision, max_batch=maxb, max_points=65536, compile=compile,
-                            device_planner=True)
+                            device_planner=True, device_merge=True)  # also in a CPU dry run
 
     ours = {"fp32": backend("fp32"), "bf16": backend("bf16")}
     if not a.no_compile:
@@ -178,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             return be._run(("fused", out), graph_fn, [x, b, coords])
         return run
 
-    runners = {p: (FrameRunner(be, art, "sparse", opts), FrameRunner(be, art, "box", opts))
-               for p, be in ours.items() if p != "fp32"}
+    runners = {p: (FrameRunner(be, art, "sparse", opts), FrameRunner(be, art, "box", opts),
+                   FrameRunner(be, art, "full", opts)) for p, be in ours.items() if p != "fp32"}
     fused = {p: fused_runner(ours[p]) for p in runners}
     stage_t: dict[str, Timings] = {}
 
@@ -196,11 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         """name -> frame function over Inputs (the reference is added by the caller). Compiled variants come
         in rows of their own, last, at batch 1 (each shape is its own compilation, minutes on vit_b)."""
         v: dict[str, Callable[[Inputs], Any]] = {}
-        if not compiled:
-            v["full bf16"] = lambda inp: full_frame(ours["bf16"], inp, out)
-        for p, (sp, bx) in runners.items():
+        for p, (sp, bx, fu) in runners.items():
             if p.endswith("+compile") != compiled:
                 continue
+            v[f"full {p}"] = lambda inp, r=fu, n=f"full {p}": r.run(inp, (out, out), stage_t.get(n))
             v[f"sparse {p}"] = lambda inp, r=sp, n=f"sparse {p}": r.run(inp, (out, out), stage_t.get(n))
             if p == "bf16":
                 v["sparse bf16 host"] = lambda inp, r=sp: host_planner(r, inp, out)

@@ -167,18 +167,22 @@ class Segmenter:
             return ObjectMask(np.asarray(box, np.float64), out_hw, region, logits, res.queried)
         n = region.size
         k_cls = self.artifact.num_classes
-        coarse = np.empty((k_cls, n), np.float32)
-        fine = np.empty((k_cls, n), np.float32)
-        unc = np.empty((k_cls, n), np.float32)
         mbox = box_to_model(np.asarray(box)[None], image_hw, self.s)
-        for s in range(0, n, self.chunk):
-            e = min(n, s + self.chunk)
-            coords = region_chunk_coords(region, out_hw[0], out_hw[1], s, e)  # built per chunk: bounded memory
-            c, f, u = self.backend.decode(embedding, mbox, coords[None])
-            coarse[:, s:e], fine[:, s:e], unc[:, s:e] = c[0], f[0], u[0]
         # The refine count is the full output grid's in both modes (see the module docstring).
         k = refine_count(out_hw[0] * out_hw[1], self.fraction)
-        merged = ugs_merge(coarse, fine, unc, k)
+        chunks = (region_chunk_coords(region, out_hw[0], out_hw[1], s, min(n, s + self.chunk))
+                  for s in range(0, n, self.chunk))  # built per chunk: bounded memory
+        merged = self.backend.decode_merged(embedding, mbox, chunks, n, k)  # torch-cuda: merged on the GPU
+        if merged is None:
+            coarse = np.empty((k_cls, n), np.float32)
+            fine = np.empty((k_cls, n), np.float32)
+            unc = np.empty((k_cls, n), np.float32)
+            for s in range(0, n, self.chunk):
+                e = min(n, s + self.chunk)
+                coords = region_chunk_coords(region, out_hw[0], out_hw[1], s, e)
+                c, f, u = self.backend.decode(embedding, mbox, coords[None])
+                coarse[:, s:e], fine[:, s:e], unc[:, s:e] = c[0], f[0], u[0]
+            merged = ugs_merge(coarse, fine, unc, k)
         rh, rw = region.shape
         return ObjectMask(np.asarray(box, np.float64), out_hw, region, merged.reshape(k_cls, rh, rw), n)
 

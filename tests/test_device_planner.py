@@ -1,7 +1,7 @@
-"""The sparse planner on the device (imedsam_deploy/backends/torch_sparse.py) against the host planner.
-
-Run here on the CPU (the same torch code the CUDA graph captures): identical decisions, query counts and
-(within float32 rounding) logits; a level over its point budget is reported, never silently different.
+"""torch-cuda's on-device paths against the runtime's host ones, run here on the CPU (the same torch code the
+CUDA graphs capture): the sparse planner on the device (imedsam_deploy/backends/torch_sparse.py; identical
+decisions, query counts and, within float32 rounding, logits; a level over its point budget is reported,
+never silently different) and the UGS merge on the device for the full and box modes.
 """
 
 from __future__ import annotations
@@ -154,3 +154,32 @@ def test_device_planner_is_capturable(monkeypatch):
     for got, same, w in zip(traced(region), again, want, strict=True):
         assert torch.equal(got, w) and torch.equal(same, w)
     assert int(want[2]) > 0 and want[1].any()  # a real plan, not an empty one
+
+
+@pytest.mark.parametrize("query", ["full", "box"])
+def test_segmenter_merges_on_the_device_as_on_the_host(shipped, query):
+    """full / box modes with the torch backend keeping the decoder outputs on the device and merging there
+    (topk) vs the runtime's host merge (argpartition): the same logits, in several chunks per box."""
+    from imedsam_deploy.backends.torch_cuda import TorchBackend
+    from imedsam_deploy.runtime import Segmenter
+
+    model, art = shipped
+    stem = sorted(p.stem for p in (SAMPLE_DATA / "images").iterdir())[1]
+    rgb = read_rgb(SAMPLE_DATA / "images" / f"{stem}.jpg")
+    h, w = rgb.shape[:2]
+    box = np.array([[0.25 * w, 0.3 * h, 0.7 * w, 0.7 * h]])
+    out = {}
+    for dm in (False, True):
+        be = TorchBackend(model, "cpu", "fp32", device_merge=dm)
+        calls = []
+        inner = be.decode_merged
+        be.decode_merged = lambda *a, inner=inner, calls=calls: calls.append(inner(*a)) or calls[-1]  # type: ignore[method-assign]
+        seg = Segmenter(be, art, query=query, chunk=3000)
+        obj = seg.segment(rgb, box, (160, 200)).objects[0]
+        assert len(calls) == 1 and (calls[0] is not None) == dm  # merged on the device only when asked
+        assert obj.logits.shape[-2:] == obj.region.shape
+        out[dm] = obj
+    assert out[True].region.size > 2 * 3000  # several chunks
+    np.testing.assert_array_equal(out[True].mask(), out[False].mask())
+    np.testing.assert_allclose(out[True].logits, out[False].logits, rtol=1e-5, atol=1e-5)
+    assert out[True].mask().sum() > 50

@@ -13,7 +13,7 @@ Runtime OrtValue on the device, a TensorRT device buffer...); it stays valid unt
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -56,6 +56,13 @@ class Backend(abc.ABC):
         """Optional: the sparse query mode's planner run by the backend itself (``sparse.sparse_decode``'s
         decisions) for one box (boxes (1, 4), model-input pixels) on output rows/cols ``region`` = (r0, r1,
         c0, c1): (logits (K, h, w), points queried). None: the runtime runs the host planner instead."""
+        return None
+
+    def decode_merged(self, embedding: Embedding, boxes: np.ndarray, chunks: Iterable[np.ndarray], n: int,
+                      k: int) -> np.ndarray | None:
+        """Optional: decode one box (boxes (1, 4)) at the ``n`` points that ``chunks`` ((m, 2) coords each)
+        hold, and UGS-merge them where the outputs are: (K, n) logits, the fine one at each class's k most
+        uncertain points, the coarse one elsewhere (``runtime.ugs_merge``). None: the runtime merges."""
         return None
 
     def close(self) -> None:  # noqa: B027 - optional hook

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,12 +110,14 @@ class TorchBackend(Backend):
     decodes to ``point_bucket`` sizes. ``compile``: True compiles with inductor; a string names another
     ``torch.compile`` backend (tests use "aot_eager": the same whole-graph capture, no code generation).
     ``device_planner`` (default: on CUDA) runs the sparse query mode's planner on the device
-    (``torch_sparse.DevicePlanner``), one graph per box instead of a host round trip per level."""
+    (``torch_sparse.DevicePlanner``), one graph per box instead of a host round trip per level;
+    ``device_merge`` (default: on CUDA) keeps the full and box modes' decoder outputs on the device and does
+    the UGS merge there."""
 
     def __init__(
         self, model: Any, device: str = "cuda", precision: str = "bf16", cuda_graphs: bool | None = None,
         max_batch: int = 8, max_points: int = 65536, compile: bool | str = False, bucket_points: bool | None = None,
-        device_planner: bool | None = None,
+        device_planner: bool | None = None, device_merge: bool | None = None,
     ) -> None:
         super().__init__(max_batch, max_points)
         if precision not in PRECISIONS:
@@ -187,6 +189,7 @@ class TorchBackend(Backend):
             fns = {k: torch.compile(f, fullgraph=True, dynamic=False, backend=backend) for k, f in fns.items()}
         self._fns = fns
         self.device_planner = self.device.type == "cuda" if device_planner is None else device_planner
+        self.device_merge = self.device.type == "cuda" if device_merge is None else device_merge
         self._planners: dict[tuple[Any, ...], Any] = {}
         self.planner_fallbacks = 0  # boxes the device planner handed back to the host planner (over budget)
 
@@ -258,10 +261,9 @@ class TorchBackend(Backend):
         self._box_cache = (embedding, boxes.copy(), up)
         return up
 
-    def decode(
-        self, embedding: Embedding, boxes: np.ndarray, coords: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        up = self.box_features(embedding, boxes)
+    def _points(self, up: Any, coords: np.ndarray) -> tuple[Any, Any, Any]:
+        """The per-point part on the device: (B, K, N) tensors, views of a graph's outputs (valid until its
+        next replay)."""
         n = coords.shape[1]
         if self.bucket_points:
             padded = np.zeros((coords.shape[0], point_bucket(n, self.max_points), 2), np.float32)
@@ -269,8 +271,37 @@ class TorchBackend(Backend):
             coords = padded
         cc = self._tensor(coords)
         outs = self._run(("points", tuple(up.shape), tuple(cc.shape)), self._fns["points"], [up, cc])
-        c, f, u = (o[..., :n].cpu().numpy() for o in outs)
+        return outs[0][..., :n], outs[1][..., :n], outs[2][..., :n]
+
+    def decode(
+        self, embedding: Embedding, boxes: np.ndarray, coords: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        c, f, u = (o.cpu().numpy() for o in self._points(self.box_features(embedding, boxes), coords))
         return c, f, u
+
+    def decode_merged(self, embedding: Embedding, boxes: np.ndarray, chunks: Iterable[np.ndarray], n: int,
+                      k: int) -> np.ndarray | None:
+        """All of one box's points decoded into device buffers and UGS-merged there (``topk``): only the
+        merged logits cross to the host, instead of three float arrays and a host ``argpartition``."""
+        if not self.device_merge:
+            return None
+        t = self.torch
+        up = self.box_features(embedding, boxes)
+        bufs = [t.empty((self.num_classes, n), dtype=t.float32, device=self.device) for _ in range(3)]
+        s = 0
+        for coords in chunks:
+            m = coords.shape[0]
+            for buf, o in zip(bufs, self._points(up, coords[None]), strict=True):
+                buf[:, s : s + m].copy_(o[0])
+            s += m
+        if s != n:
+            raise ValueError(f"decode_merged: chunks hold {s} points, expected {n}")
+        coarse, fine, unc = bufs
+        k = min(k, n)
+        if k > 0:
+            idx = t.topk(unc, k, dim=1).indices
+            coarse.scatter_(1, idx, fine.gather(1, idx))
+        return coarse.cpu().numpy()  # type: ignore[no-any-return]
 
     def sparse_region(
         self, embedding: Embedding, boxes: np.ndarray, region: tuple[int, int, int, int], out_hw: tuple[int, int],

@@ -124,7 +124,7 @@ class DevicePlanner:
             if cap is None or cap >= need.numel():
                 idx, flag = torch.arange(need.numel(), device=dev), need
             else:
-                top = torch.topk(need.to(torch.uint8), cap, sorted=False)
+                top = torch.topk(need.float(), cap, sorted=False)  # float: topk has kernels for it everywhere
                 idx, flag = top.indices, top.values > 0
                 overflow = overflow | (need.sum() > cap)
             ys, xs = torch.div(idx, nlc, rounding_mode="floor") * s, (idx % nlc) * s

@@ -161,7 +161,7 @@ class Segmenter:
             if on_device is not None:  # the same planner, run by the backend (torch-cuda: one CUDA graph)
                 return ObjectMask(np.asarray(box, np.float64), out_hw, region, on_device[0], on_device[1])
             res = sparse_decode(lambda c: self._decode_points(embedding, mbox_s, c),  # type: ignore[arg-type,return-value]
-                                out_hw, self.fraction, (region.r0, region.r1, region.c0, region.c1), self.sparse_cfg)
+                                out_hw, self.fraction, rows_cols, self.sparse_cfg)
             logits = res.logits if res.logits is not None else np.zeros(
                 (self.artifact.num_classes, *region.shape), np.float32)
             return ObjectMask(np.asarray(box, np.float64), out_hw, region, logits, res.queried)
@@ -173,15 +173,14 @@ class Segmenter:
         chunks = (region_chunk_coords(region, out_hw[0], out_hw[1], s, min(n, s + self.chunk))
                   for s in range(0, n, self.chunk))  # built per chunk: bounded memory
         merged = self.backend.decode_merged(embedding, mbox, chunks, n, k)  # torch-cuda: merged on the GPU
-        if merged is None:
-            coarse = np.empty((k_cls, n), np.float32)
-            fine = np.empty((k_cls, n), np.float32)
-            unc = np.empty((k_cls, n), np.float32)
-            for s in range(0, n, self.chunk):
-                e = min(n, s + self.chunk)
-                coords = region_chunk_coords(region, out_hw[0], out_hw[1], s, e)
+        if merged is None:  # (the backend declined without touching ``chunks``)
+            coarse, fine, unc = (np.empty((k_cls, n), np.float32) for _ in range(3))
+            s = 0
+            for coords in chunks:
+                e = s + coords.shape[0]
                 c, f, u = self.backend.decode(embedding, mbox, coords[None])
                 coarse[:, s:e], fine[:, s:e], unc[:, s:e] = c[0], f[0], u[0]
+                s = e
             merged = ugs_merge(coarse, fine, unc, k)
         rh, rw = region.shape
         return ObjectMask(np.asarray(box, np.float64), out_hw, region, merged.reshape(k_cls, rh, rw), n)

@@ -62,7 +62,8 @@ class Backend(abc.ABC):
                       k: int) -> np.ndarray | None:
         """Optional: decode one box (boxes (1, 4)) at the ``n`` points that ``chunks`` ((m, 2) coords each)
         hold, and UGS-merge them where the outputs are: (K, n) logits, the fine one at each class's k most
-        uncertain points, the coarse one elsewhere (``runtime.ugs_merge``). None: the runtime merges."""
+        uncertain points, the coarse one elsewhere (``runtime.ugs_merge``). None (without consuming ``chunks``):
+        the runtime decodes and merges on the host."""
         return None
 
     def close(self) -> None:  # noqa: B027 - optional hook

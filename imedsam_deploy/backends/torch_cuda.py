@@ -16,7 +16,10 @@ torch-free otherwise. What it does (DESIGN §2-3):
   the point count is padded up to a quarter octave (``point_bucket``), so a video's varying regions and the
   sparse planner's levels replay a bounded set of graphs instead of capturing one per distinct count (each
   capture costs milliseconds); the per-point graphs share one memory pool, since each one's outputs are
-  copied to the host right after its replay, so the set costs the memory of the largest;
+  copied out right after its replay (to the host, or to the merge buffers), so the set costs the memory of
+  the largest;
+- the sparse mode's planner runs on the device (``torch_sparse.DevicePlanner``: one graph per box), and the
+  full and box modes UGS-merge on the device: only final logits are copied to the host;
 - optionally (``compile=True`` or IMEDSAM_TORCH_COMPILE=1) each captured function is first compiled by
   ``torch.compile`` (inductor: fused elementwise kernels, autotuned GEMMs), still replayed as a CUDA graph.
 
@@ -180,7 +183,6 @@ class TorchBackend(Backend):
 
         fns: dict[str, Callable[..., Any]] = {"enc": encode_fn, "prompt": prompt_fn, "points": points_fn}
         if compile:
-            # static shapes: every (batch, bucket) is its own specialisation, captured once like the graphs
             import torch._dynamo
 
             # each (batch, bucket) shape is its own specialisation: allow more than dynamo's default 8
@@ -225,7 +227,7 @@ class TorchBackend(Backend):
                 t.cuda.current_stream().wait_stream(side)
                 graph = t.cuda.CUDAGraph()
                 pool = None
-                if key[0] == "points":  # outputs read right after each replay: sharing their pool is safe
+                if key[0] == "points":  # outputs copied out right after each replay: sharing a pool is safe
                     if self._points_pool is None:
                         self._points_pool = t.cuda.graph_pool_handle()
                     pool = self._points_pool

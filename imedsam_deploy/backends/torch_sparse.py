@@ -82,13 +82,17 @@ class DevicePlanner:
             s //= 2
         self.levels = levels
         side, per_side, unit = max(H, W), cap_per_side or CAP_PER_SIDE, CAP_UNIT
-        self.caps = {s: min(((self.GH - 1) // s + 1) * ((self.GW - 1) // s + 1),
-                            max(unit, -(-per_side * side // s // unit) * unit)) for s in levels}
+        self.caps = {s: min(self.lattice_points(s), max(unit, -(-per_side * side // s // unit) * unit))
+                     for s in levels}
+
+    def lattice_points(self, s: int) -> int:
+        """Points of the grid's stride-``s`` lattice: the most a level can need."""
+        return ((self.GH - 1) // s + 1) * ((self.GW - 1) // s + 1)
 
     def grow(self) -> None:
         """Double every later level's point budget (up to its whole lattice): after an overflow, so a video
         whose boxes need more points settles on a budget that fits them."""
-        self.caps = {s: min(((self.GH - 1) // s + 1) * ((self.GW - 1) // s + 1), 2 * c) for s, c in self.caps.items()}
+        self.caps = {s: min(self.lattice_points(s), 2 * c) for s, c in self.caps.items()}
 
     def usable(self, h: int, w: int) -> bool:
         """Whether the host planner would use this planner's initial stride on an h x w region (it uses a

@@ -11,7 +11,7 @@ CUDA events around each frame):
   encode, full-grid decode in chunks, UGS merge on the device (an fp32 run with the host merge checks it
   first);
 - ``fused``: encoder + full-grid decoder + on-device UGS merge in ONE CUDA graph, mask left on the device
-  (batch 1);
+  (batch 1); ``fused-sparse``: encoder + box part + the device sparse planner in ONE CUDA graph (batch 1);
 - ``sparse`` / ``box``: what ``imedsam-infer --backend torch-cuda`` runs (as ``full`` does): the runtime's
   Segmenter (via the bench's FrameRunner) in the sparse and box query modes; sparse runs its planner on
   the device (one CUDA graph per box), ``sparse host`` the numpy planner with a host round trip per level;
@@ -69,10 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.reference import ReferenceIMedSAM
     from imedsam_deploy.atomic import atomic_write_text
     from imedsam_deploy.backends.torch_cuda import TorchBackend
+    from imedsam_deploy.backends.torch_sparse import DevicePlanner
     from imedsam_deploy.bench import BenchOptions, FrameRunner, Inputs, Timings, agreement, synthetic_inputs
     from imedsam_deploy.contract import refine_count
     from imedsam_deploy.manifest import Artifact
     from imedsam_deploy.preprocess import box_to_model, grid_coords, to_model_input
+    from imedsam_deploy.runtime import Segmenter
     from imedsam_train.build import build
 
     t_start = time.perf_counter()
@@ -179,9 +181,45 @@ def main(argv: list[str] | None = None) -> int:
             return be._run(("fused", out), graph_fn, [x, b, coords])
         return run
 
+    def fused_sparse_runner(be: TorchBackend, seg: Segmenter) -> Callable[[Inputs, int], Any]:
+        """Encoder + box part + the device sparse planner in one CUDA graph (batch 1, one box): the whole
+        frame is one replay; the host prepares the image and takes back the region's decisions."""
+        planners: dict[int, DevicePlanner] = {}
+
+        def run(inp: Inputs, out: int) -> list[np.ndarray]:
+            imgs, boxes = prepared(inp)
+            img = inp.images[0]
+            region = seg.region_for(np.asarray(inp.boxes[0], np.float64), img.shape[:2], (out, out))
+            h, w = region.shape
+            planner = planners.get(out)
+            if planner is None:
+                planner = planners[out] = DevicePlanner((out, out), fraction, seg.sparse_cfg, dev)
+            if not planner.usable(h, w):
+                raise ValueError(f"a {h} x {w} region is planned on the host")
+
+            def fn(x: Any, b: Any, reg: Any) -> tuple[Any, ...]:
+                up = be.model.decoder_features(be.model.encode(x), b)[0]
+                return planner.plan(lambda c: tuple(o[0].float() for o in be.decoder.point_outputs(up, c[None])), reg)
+
+            graph_fn = torch.compile(fn, fullgraph=True, dynamic=False) if be.compiled else fn
+            reg = torch.tensor([region.r0, h, region.c0, w], dtype=torch.int64).to(dev)
+            x, b = torch.from_numpy(imgs).to(dev), torch.from_numpy(boxes).to(dev)
+            key = ("fused-sparse", out, tuple(planner.caps.values()))
+            _, d, _, overflow = be._run(key, graph_fn, [x, b, reg])
+            if bool(overflow):  # as the backend does: grow the budgets, plan this frame on the host
+                be._graphs.pop(key, None)
+                planner.grow()
+                be.planner_fallbacks += 1
+                return runners["bf16"][0].run(inp, (out, out), None)
+            mask = np.zeros((d.shape[0], out, out), bool)
+            mask[:, region.r0 : region.r1, region.c0 : region.c1] = d[:, :h, :w].cpu().numpy()
+            return [mask]
+        return run
+
     runners = {p: (FrameRunner(be, art, "sparse", opts), FrameRunner(be, art, "box", opts),
                    FrameRunner(be, art, "full", opts)) for p, be in ours.items() if p != "fp32"}
     fused = {p: fused_runner(ours[p]) for p in runners}
+    fused_sparse = {p: fused_sparse_runner(ours[p], runners[p][0].seg) for p in runners}
     stage_t: dict[str, Timings] = {}
 
     def host_planner(r: FrameRunner, inp: Inputs, out: int) -> list[np.ndarray]:
@@ -207,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             v[f"box {p}"] = lambda inp, r=bx, n=f"box {p}": r.run(inp, (out, out), stage_t.get(n))
             if bsz == 1:
                 v[f"fused {p}"] = lambda inp, f=fused[p]: f(inp, out)
+                v[f"fused-sparse {p}"] = lambda inp, f=fused_sparse[p]: f(inp, out)
         return v
 
     results: dict[str, Any] = {"info": info, "correctness": {}, "timing": []}
@@ -306,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     save()
     print(f"\n== gpu_check on {info['device']} ({a.model}, {S}^2 input, random weights, "
           f"{results['elapsed_s']:.0f} s) ==")
-    print(f"{'out':>5} {'batch':>5} {'variant':<22} {'p50 ms':>9} {'per img':>9} {'x ref':>7} {'in-box %':>9}  stages p50 ms")
+    print(f"{'out':>5} {'batch':>5} {'variant':<26} {'p50 ms':>9} {'per img':>9} {'x ref':>7} {'in-box %':>9}  stages p50 ms")
     for r in results["timing"]:
         if "skipped" in r:
             print(f"{r['out_size']:>5} {r['batch']:>5} skipped: {r['skipped']}")
@@ -317,10 +356,10 @@ def main(argv: list[str] | None = None) -> int:
             sx = f"{c['speedup_vs_reference']:.1f}" if "speedup_vs_reference" in c else "-"
             ag = f"{100 * c['agreement']['pixel_in_box']:.2f}" if "agreement" in c else "-"
             stages = " ".join(f"{k[:3]} {v:.2f}" for k, v in c.get("stages_p50_ms", {}).items())
-            print(f"{r['out_size']:>5} {r['batch']:>5} {name:<22} {c['p50_ms']:>9.2f} {c['per_image_ms']:>9.2f} "
+            print(f"{r['out_size']:>5} {r['batch']:>5} {name:<26} {c['p50_ms']:>9.2f} {c['per_image_ms']:>9.2f} "
                   f"{sx:>7} {ag:>9}  {stages}")
         for name, err in r.get("errors", {}).items():
-            print(f"{r['out_size']:>5} {r['batch']:>5} {name:<22} FAILED {err}")
+            print(f"{r['out_size']:>5} {r['batch']:>5} {name:<26} FAILED {err}")
     for k, v in checks.items():
         print(f"correctness {k}: " + (f"FAILED {v['error']}" if "error" in v else
                                       f"{100 * v['pixel_in_box']:.3f}% in box, Dice {v['dice']:.4f}"))

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The whole GPU check in one device call (H100 / H200 lent by the device tool; no network there).
+#
+# The device image has torch, torchvision, numpy and OpenCV but not segment-anything, which the model code
+# imports: carry its wheel. Here, once, from the repository root (.whl/ is git-ignored):
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux_2_17_x86_64 -d .whl segment-anything==1.0
+# then run this script with carry [".whl"] and a timeout of 600 s:
+#     bash benchmarks/gpu_session.sh                 # extra arguments go to benchmarks/gpu_check.py
+# It prints gpu_check's table last and leaves gpu_check.json, gpu_check.log and gpu.txt under $OUT.
+set -o pipefail
+OUT="${OUT:-runs/gpu_session}"
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || exit 1
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONUNBUFFERED=1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || true; \
+  python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__)"; } | tee "$OUT/gpu.txt"
+python3 -m benchmarks.gpu_check --out "$OUT" --budget-s "${BUDGET_S:-470}" "$@" 2>&1 | tee "$OUT/gpu_check.log"

@@ -208,29 +208,35 @@ class FrameRunner:
         self.seg.sparse_cfg = opts.sparse
 
     def run(self, inputs: Inputs, out_hw: tuple[int, int], t: Timings | None) -> list[np.ndarray]:
-        """Masks (K, H, W) bool per image; stage times appended to ``t`` (when given)."""
+        """Masks (K, H, W) bool per image; stage times appended to ``t`` (when given).
+
+        Images are encoded max_batch at a time and each group is decoded before the next is encoded: an
+        embedding handle is only valid until the backend's next ``encode`` (TensorRT's point into one
+        output buffer)."""
         seg = self.seg
         t0 = time.perf_counter()
         batch = np.stack([to_model_input(im, self.s) for im in inputs.images])
         t1 = time.perf_counter()
-        embs: list[Embedding] = []
-        mb = self.backend.max_batch
-        for i in range(0, len(batch), mb):
-            embs.extend(self.backend.encode(batch[i : i + mb]))
-        self.sync()
-        t2 = time.perf_counter()
+        enc_s = 0.0
         self.timed.seconds = 0.0
         points = 0
         masks = []
-        for emb, im, box in zip(embs, inputs.images, inputs.boxes, strict=True):
-            hw = (int(im.shape[0]), int(im.shape[1]))
-            obj = seg.decode_box(emb, np.asarray(box, np.float64), hw, out_hw)
-            m = np.zeros((self.k_cls, *out_hw), dtype=bool)
-            r = obj.region
-            m[:, r.r0 : r.r1, r.c0 : r.c1] = obj.logits > 0
-            masks.append(m)
-            points += obj.queried
+        mb = self.backend.max_batch
+        for i in range(0, len(batch), mb):
+            te = time.perf_counter()
+            embs = self.backend.encode(batch[i : i + mb])
+            self.sync()
+            enc_s += time.perf_counter() - te
+            for emb, im, box in zip(embs, inputs.images[i : i + mb], inputs.boxes[i : i + mb], strict=True):
+                hw = (int(im.shape[0]), int(im.shape[1]))
+                obj = seg.decode_box(emb, np.asarray(box, np.float64), hw, out_hw)
+                m = np.zeros((self.k_cls, *out_hw), dtype=bool)
+                r = obj.region
+                m[:, r.r0 : r.r1, r.c0 : r.c1] = obj.logits > 0
+                masks.append(m)
+                points += obj.queried
         t3 = time.perf_counter()
+        t2 = t1 + enc_s  # stage split: encoder time, then decoder and postprocess (interleaved per group)
         dec_s = self.timed.seconds
         if t is not None:
             t.stages["preprocess"].append((t1 - t0) * 1e3)

@@ -127,12 +127,14 @@ class Segmenter:
 
     # --- encoder ---
     def embed(self, images: list[np.ndarray]) -> tuple[list[Embedding], float]:
-        """RGB uint8 images -> one embedding handle each (batched up to max_batch), and the time in ms."""
+        """At most max_batch RGB uint8 images -> one embedding handle each, and the time in ms. The handles
+        are valid until the next ``embed`` (a backend may keep one output buffer): decode them first."""
+        if len(images) > self.backend.max_batch:
+            raise ValueError(f"embed: {len(images)} images > max_batch {self.backend.max_batch} (embed and "
+                             "decode them in groups: a handle is valid until the next embed)")
         t = time.perf_counter()
-        out: list[Embedding] = []
-        for i in range(0, len(images), self.backend.max_batch):
-            batch = np.stack([to_model_input(im, self.s) for im in images[i : i + self.backend.max_batch]])
-            out.extend(self.backend.encode(batch))
+        batch = np.stack([to_model_input(im, self.s) for im in images])
+        out = list(self.backend.encode(batch))
         return out, (time.perf_counter() - t) * 1e3
 
     # --- decoder ---

@@ -277,6 +277,47 @@ def test_torch_backend_compiles_whole_graphs():
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
 
 
+def test_frame_runner_decodes_each_group_before_encoding_the_next():
+    """A backend may keep one encoder output buffer (TensorRT): a handle is valid until its next encode.
+    The bench's FrameRunner, with more images than max_batch, must decode each group first; and the
+    runtime's embed refuses more than max_batch at once instead of handing out handles that go stale."""
+    from imedsam_deploy.backends.base import Backend
+    from imedsam_deploy.backends.torch_cuda import TorchBackend
+    from imedsam_deploy.bench import BenchOptions, FrameRunner, synthetic_inputs
+    from imedsam_deploy.manifest import Artifact
+    from imedsam_deploy.runtime import Segmenter
+
+    class OneBuffer(Backend):  # the strict contract: every encode invalidates the previous handles
+        def __init__(self, inner: TorchBackend) -> None:
+            super().__init__(2, inner.max_points)
+            self.inner, self.generation = inner, 0
+
+        def encode(self, images):
+            self.generation += 1
+            return [(self.generation, e) for e in self.inner.encode(images)]
+
+        def decode(self, embedding, boxes, coords):
+            gen, emb = embedding
+            assert gen == self.generation, "stale embedding handle"
+            return self.inner.decode(emb, boxes, coords)
+
+    model = tiny()
+    cfg = model.cfg
+    art = Artifact(path=Path("."), manifest={}, input_size=S, embedding_shape=(cfg.encoder.out_chans,
+                   cfg.grid_size, cfg.grid_size), num_classes=cfg.num_classes,
+                   refine_fraction=cfg.decoder.refine_fraction, max_points=65536, max_batch=2, graphs={})
+    be = OneBuffer(TorchBackend(model, device="cpu", precision="fp32"))
+    inp = synthetic_inputs(S, 5, seed=3)
+    runner = FrameRunner(be, art, "box", BenchOptions())
+    together = runner.run(inp, (64, 64), None)
+    assert len(together) == 5
+    for i in range(5):  # the same masks as one image at a time
+        one = type(inp)(inp.images[i : i + 1], inp.boxes[i : i + 1])
+        np.testing.assert_array_equal(runner.run(one, (64, 64), None)[0], together[i])
+    with pytest.raises(ValueError, match="max_batch"):
+        Segmenter(be, art).embed(inp.images[:3])
+
+
 def test_torch_cuda_backend_refuses_clearly_without_cuda():
     from imedsam_deploy.backends.torch_cuda import TorchBackend
 

@@ -248,6 +248,8 @@ class TorchBackend(Backend):
     def encode(self, images: np.ndarray) -> Sequence[Embedding]:
         x = self._tensor(images)
         emb = self._run(("enc", tuple(x.shape)), self._fns["enc"], [x])
+        if self.use_graphs:  # the graph's output is overwritten by its next replay: handles own a copy
+            emb = emb.clone()
         return [emb[i : i + 1] for i in range(emb.shape[0])]
 
     def box_features(self, embedding: Embedding, boxes: np.ndarray) -> Any:

@@ -15,12 +15,13 @@ CUDA events around each frame):
 - ``sparse`` / ``box``: what ``imedsam-infer --backend torch-cuda`` runs (as ``full`` does): the runtime's
   Segmenter (via the bench's FrameRunner) in the sparse and box query modes; sparse runs its planner on
   the device (one CUDA graph per box), ``sparse host`` the numpy planner with a host round trip per level;
-- ``*+compile``: the same with every captured function compiled by ``torch.compile`` (inductor) first
-  (batch 1; compilation happens in the warm-up and is not timed, but counts against the time budget).
+- ``*+compile``: ``sparse`` and ``fused`` with every captured function compiled by ``torch.compile``
+  (inductor) first (batch 1; compilation happens in the warm-up and is not timed, but takes minutes on vit_b
+  and counts against the time budget: ``--compile only`` runs these rows alone, in a second call).
 Agreement: in every row, each variant's masks against the reference's on the same inputs (pixels inside the
 box, Dice), plus an fp32 check first. The JSON is rewritten after every row, so a run cut short keeps what
-it measured; rows are ordered by importance (batch 1, its compiled variants, then batches 8 and 32 with
-fewer runs: max(5, repeat / batch)) and ``--budget-s`` skips what would not fit. A variant that fails (out
+it measured; rows are ordered by importance (batch 1, then batches 8 and 32 with fewer runs: max(5,
+repeat / batch), then the compiled rows) and ``--budget-s`` skips what would not fit. A variant that fails (out
 of memory, a compile error) is reported in its row and the run goes on.
 ``--device cpu --model tiny --quick`` exercises the same code on a CPU.
 """
@@ -56,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--ref-repeat", type=int, default=3)
-    ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile variants")
+    ap.add_argument("--compile", choices=("after", "none", "only"), default="after",
+                    help="torch.compile rows (batch 1; minutes of compilation on vit_b): after the others, "
+                         "none, or only them (a second device call)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="skip rows that start after this many seconds")
     ap.add_argument("--quick", action="store_true", help="few repeats (CPU dry run)")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_check"))
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                             device_planner=True, device_merge=True)  # also in a CPU dry run
 
     ours = {"fp32": backend("fp32"), "bf16": backend("bf16")}
-    if not a.no_compile:
+    if a.compile != "none":
         ours["bf16+compile"] = backend("bf16", compile=True)
     ref = ReferenceIMedSAM(model.to(dev))
 
@@ -238,10 +241,13 @@ def main(argv: list[str] | None = None) -> int:
         for p, (sp, bx, fu) in runners.items():
             if p.endswith("+compile") != compiled:
                 continue
+            if compiled:  # the two candidates for the fastest paths only: every compiled shape costs minutes
+                v[f"sparse {p}"] = lambda inp, r=sp, n=f"sparse {p}": r.run(inp, (out, out), stage_t.get(n))
+                v[f"fused {p}"] = lambda inp, f=fused[p]: f(inp, out)
+                continue
             v[f"full {p}"] = lambda inp, r=fu, n=f"full {p}": r.run(inp, (out, out), stage_t.get(n))
             v[f"sparse {p}"] = lambda inp, r=sp, n=f"sparse {p}": r.run(inp, (out, out), stage_t.get(n))
-            if p == "bf16":
-                v["sparse bf16 host"] = lambda inp, r=sp: host_planner(r, inp, out)
+            v["sparse bf16 host"] = lambda inp, r=sp: host_planner(r, inp, out)
             v[f"box {p}"] = lambda inp, r=bx, n=f"box {p}": r.run(inp, (out, out), stage_t.get(n))
             if bsz == 1:
                 v[f"fused {p}"] = lambda inp, f=fused[p]: f(inp, out)
@@ -278,10 +284,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- 2. timing, most important rows first: batch 1, then the batches, then the compiled variants
     # batch 1 (the latency targets), then its compiled variants (perhaps the fastest path), then throughput
-    rows = [(o, 1, False) for o in sorted(a.sizes) if 1 in a.batches]
-    if not a.no_compile:
+    rows = [] if a.compile == "only" else [(o, b, False) for b in sorted(a.batches) for o in sorted(a.sizes)]
+    if a.compile != "none":
         rows += [(o, 1, True) for o in sorted(a.sizes)]
-    rows += [(o, b, False) for b in sorted(a.batches) if b != 1 for o in sorted(a.sizes)]
     for out, bsz, compiled in rows:
         row: dict[str, Any] = {"out_size": out, "batch": bsz, "compiled": compiled}
         left = a.budget_s - (time.perf_counter() - t_start)

@@ -7,6 +7,7 @@
 #         --platform manylinux_2_17_x86_64 -d .whl segment-anything==1.0
 # then run this script with carry [".whl"] and a timeout of 600 s:
 #     bash benchmarks/gpu_session.sh                 # extra arguments go to benchmarks/gpu_check.py
+#     bash benchmarks/gpu_session.sh --compile only  # a second call, if the first ran out of budget for them
 # It prints gpu_check's table last and leaves gpu_check.json, gpu_check.log and gpu.txt under $OUT.
 set -o pipefail
 OUT="${OUT:-runs/gpu_session}"

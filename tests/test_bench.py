@@ -259,6 +259,30 @@ def test_torch_backend_captured_functions_copy_nothing_from_the_host(monkeypatch
     assert calls == ["enc", "prompt", "points"]
 
 
+def test_torch_backend_stores_weights_in_the_autocast_dtype_bitwise_exactly(monkeypatch):
+    """bf16 backend: Linear / conv weights stored in bf16 (no per-call autocast casts), outputs bitwise those
+    of letting autocast cast the fp32 weights."""
+    from imedsam_deploy.backends import torch_cuda
+    from imedsam_deploy.backends.torch_cuda import TorchBackend
+
+    model = tiny()
+    stored = TorchBackend(model, device="cpu", precision="bf16")
+    with monkeypatch.context() as m:
+        m.setattr(torch_cuda, "store_weights_in", lambda module, dtype: 0)
+        cast_per_call = TorchBackend(model, device="cpu", precision="bf16")
+    linears = [mod for mod in stored.decoder.modules() if isinstance(mod, torch.nn.Linear | torch.nn.Conv2d)]
+    assert len(linears) > 20 and all(mod.weight.dtype == torch.bfloat16 for mod in linears)
+    assert all(mod.weight.dtype == torch.float32 for mod in cast_per_call.decoder.modules()
+               if isinstance(mod, torch.nn.Linear))
+    img = np.random.default_rng(0).random((1, 3, S, S), dtype=np.float32)
+    box = np.array([[10, 12, 90, 100]], np.float32)
+    coords = np.random.default_rng(1).uniform(-1, 1, (1, 400, 2)).astype(np.float32)
+    ea, eb = stored.encode(img)[0], cast_per_call.encode(img)[0]
+    assert torch.equal(ea, eb)
+    for a, b in zip(stored.decode(ea, box, coords), cast_per_call.decode(eb, box, coords), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_torch_backend_compiles_whole_graphs():
     """compile=... captures each function whole (fullgraph=True: a graph break is an error), and the
     compiled backend computes the same as the eager one. aot_eager: the capture without code generation."""

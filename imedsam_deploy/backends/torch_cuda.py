@@ -6,7 +6,8 @@ torch-free otherwise. What it does (DESIGN §2-3):
 - the decoder is the exporter's ``DecoderGraph`` (positional map's first layer precomputed, Gather-based
   bilinear taps, Fourier encoding from raw coordinates): the same function as the ONNX decoder;
 - the FFT runs on the device (``torch.fft`` in the model's spectrum, fp32 whatever the autocast state);
-- bf16 (or fp16) autocast with fp32 islands: FFT and Fourier encoding (forced fp32 in the model code),
+- bf16 (or fp16) autocast with fp32 islands, Linear and convolution weights stored in that dtype (autocast
+  would cast them on every replay): FFT and Fourier encoding (forced fp32 in the model code),
   LayerNorm and softmax (fp32 under CUDA autocast), the closed-form uncertainty (forced fp32 here, its
   ranking picks the refined points);
 - the relative-position gather index is a precomputed buffer (model code), so capture works;
@@ -59,6 +60,21 @@ def point_bucket(n: int, max_points: int) -> int:
         return min(max_points, POINT_BUCKET_MIN)
     step = 1 << ((n - 1).bit_length() - 3)  # n in (4 step, 8 step]
     return min(max_points, -(-n // step) * step)
+
+
+def store_weights_in(module: Any, dtype: Any) -> int:
+    """Store the weight of every Linear and convolution under ``module`` in the autocast dtype; returns how
+    many layers. Autocast would otherwise cast each fp32 weight on every call, to the same values: inside a
+    CUDA graph that is one more kernel per layer per replay and the weights read and written again (the
+    vit_b encoder's 85 M parameters: ~0.5 GB of traffic a frame). Biases stay fp32 (one is also added outside
+    its layer, after a bias-free projection, where fp32 keeps the sum in fp32), as do norms and buffers:
+    the outputs are bitwise the same."""
+    from torch import nn
+
+    layers = [m for m in module.modules() if isinstance(m, nn.Linear | nn.Conv2d | nn.ConvTranspose2d)]
+    for m in layers:
+        m.weight.data = m.weight.data.to(dtype)
+    return len(layers)
 
 
 def _no_cuda_reason() -> str | None:
@@ -163,6 +179,8 @@ class TorchBackend(Backend):
 
         decoder.uncertainty = _Fp32(decoder.uncertainty)  # type: ignore[assignment]
         self.decoder = decoder.to(self.device).eval()
+        if self.amp_dtype is not None:
+            store_weights_in(self.decoder, self.amp_dtype)  # self.model's layers included (the decoder holds it)
         self._graphs: dict[tuple[Any, ...], tuple[Any, list[Any], Any]] = {}
         self.num_classes = folded.cfg.num_classes
         self.compiled = bool(compile)

@@ -225,11 +225,13 @@ def test_folder_without_splits_makes_a_seeded_split(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_sample_training_learns(tmp_path):
-    """Longer check (not in CI): a few epochs on the sample beat the box-filled baseline on val."""
+    """Longer check (not in CI, ~1 min): training from scratch on the 34 sample images learns. Val Dice
+    (jittered boxes) starts near 15; on the dev CPU it was 33 after 15 epochs, 71 after 30 and 76 after 60
+    (seeded), so 40 epochs must pass 60."""
     from imedsam_train.data import kvasir_dataset
     from imedsam_train.train import Reporter, TrainConfig, train
 
-    cfg = TrainConfig(name="s", input_size=128, epochs=15, batch_size=8, points=1024, workers=0)
+    cfg = TrainConfig(name="s", input_size=128, epochs=40, batch_size=8, points=1024, workers=0)
     out = train(cfg, kvasir_dataset(SAMPLE_DATA, "train"), kvasir_dataset(SAMPLE_DATA, "val"), root=tmp_path,
                 reporter=Reporter(progress=False))
     assert out["best_val_dice"] > 60

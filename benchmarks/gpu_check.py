@@ -8,8 +8,7 @@ Variants, each timed on the same inputs in the same process, interleaved run by 
 CUDA events around each frame):
 - ``reference``: the released code's compute, eager fp32, one image at a time (benchmarks/reference.py);
 - ``full``: our torch-cuda backend (bf16 with fp32 islands, CUDA graphs) through the runtime: batched
-  encode, full-grid decode in chunks, UGS merge on the device (an fp32 run with the host merge checks it
-  first);
+  encode, full-grid decode in chunks, UGS merge on the device (an fp32 run checks it first);
 - ``fused``: encoder + full-grid decoder + on-device UGS merge in ONE CUDA graph, mask left on the device
   (batch 1); ``fused-sparse``: encoder + box part + the device sparse planner in ONE CUDA graph (batch 1);
 - ``sparse`` / ``box``: what ``imedsam-infer --backend torch-cuda`` runs (as ``full`` does): the runtime's
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.reference import ReferenceIMedSAM
     from imedsam_deploy.atomic import atomic_write_text
-    from imedsam_deploy.backends.torch_cuda import TorchBackend
+    from imedsam_deploy.backends.torch_cuda import TorchBackend, ugs_merge_device
     from imedsam_deploy.backends.torch_sparse import DevicePlanner
     from imedsam_deploy.bench import BenchOptions, FrameRunner, Inputs, Timings, agreement, synthetic_inputs
     from imedsam_deploy.contract import refine_count
@@ -140,23 +139,6 @@ def main(argv: list[str] | None = None) -> int:
                                 for b, im in zip(inp.boxes, inp.images, strict=True)])
         return imgs, boxes
 
-    def full_frame(be: TorchBackend, inp: Inputs, out: int) -> list[np.ndarray]:
-        """Backend path: batched encode, then per image full-grid decode in chunks, global UGS merge."""
-        imgs, boxes = prepared(inp)
-        embs = [e for s in range(0, len(imgs), maxb) for e in be.encode(imgs[s : s + maxb])]
-        coords = grid_coords(out, out)
-        k = refine_count(out * out, fraction)
-        masks = []
-        for i, e in enumerate(embs):
-            parts = [be.decode(e, boxes[i : i + 1], coords[None, s : s + be.max_points])
-                     for s in range(0, len(coords), be.max_points)]
-            c, f, u = (np.concatenate([p[j][0] for p in parts], axis=-1) for j in range(3))
-            merged = c.copy()
-            idx = np.argpartition(-u, k - 1, axis=1)[:, :k]
-            np.put_along_axis(merged, idx, np.take_along_axis(f, idx, axis=1), axis=1)
-            masks.append((merged > 0).reshape(-1, out, out))
-        return masks
-
     def ref_frame(inp: Inputs, out: int) -> list[np.ndarray]:
         imgs, boxes = prepared(inp)
         res = []
@@ -170,10 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         """Encoder + full-grid decoder + on-device UGS merge in one CUDA graph (batch 1)."""
         def fn(img: Any, box: Any, coords: Any) -> Any:
             emb = be.model.encode(img)
-            c, f, u = be.decoder(emb, box, coords)
-            k = refine_count(coords.shape[1], fraction)
-            idx = u.float().topk(k, dim=-1).indices
-            return c.float().scatter(-1, idx, f.float().gather(-1, idx)) > 0
+            c, f, u = (o.float() for o in be.decoder(emb, box, coords))
+            return ugs_merge_device(c, f, u, refine_count(coords.shape[1], fraction)) > 0
 
         graph_fn = torch.compile(fn, fullgraph=True, dynamic=False) if be.compiled else fn
 
@@ -207,13 +187,10 @@ def main(argv: list[str] | None = None) -> int:
             graph_fn = torch.compile(fn, fullgraph=True, dynamic=False) if be.compiled else fn
             reg = torch.tensor([region.r0, h, region.c0, w], dtype=torch.int64).to(dev)
             x, b = torch.from_numpy(imgs).to(dev), torch.from_numpy(boxes).to(dev)
-            key = ("fused-sparse", out, tuple(planner.caps.values()))
-            _, d, _, overflow = be._run(key, graph_fn, [x, b, reg])
-            if bool(overflow):  # as the backend does: grow the budgets, plan this frame on the host
-                be._graphs.pop(key, None)
-                planner.grow()
-                be.planner_fallbacks += 1
+            planned = be.run_planner(("fused-sparse", out), planner, graph_fn, [x, b, reg])
+            if planned is None:  # over budget: this frame on the host planner, as the runtime does
                 return runners["bf16"][0].run(inp, (out, out), None)
+            d = planned[1]
             mask = np.zeros((d.shape[0], out, out), bool)
             mask[:, region.r0 : region.r1, region.c0 : region.c1] = d[:, :h, :w].cpu().numpy()
             return [mask]
@@ -275,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     inp = synthetic_inputs(S, 1, seed=1)
     checks = results["correctness"]
     try:
-        checks["full fp32"] = agreement(as_masks(full_frame(ours["fp32"], inp, S), S)[0], ref_frame(inp, S)[0],
+        full_fp32 = FrameRunner(ours["fp32"], art, "full", opts).run(inp, (S, S), None)
+        checks["full fp32"] = agreement(full_fp32[0], ref_frame(inp, S)[0],
                                         inp.boxes[0], inp.images[0].shape[:2])
         print(f"correctness full fp32: {json.dumps(checks['full fp32'])}", flush=True)
     except Exception as e:

@@ -172,28 +172,25 @@ class TimedDecode(Backend):
     def encode(self, images: np.ndarray) -> Sequence[Embedding]:
         return self.inner.encode(images)
 
-    def decode(self, embedding: Embedding, boxes: np.ndarray, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _timed(self, fn: Callable[..., Any], *args: Any) -> Any:
         t = time.perf_counter()
-        out = self.inner.decode(embedding, boxes, coords)
+        out = fn(*args)
         self.sync()
         self.seconds += time.perf_counter() - t
         return out
 
+    def decode(self, embedding: Embedding, boxes: np.ndarray, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self._timed(self.inner.decode, embedding, boxes, coords)  # type: ignore[no-any-return]
+
+    # a backend's own merge or planner counts as decoder time, like the decoder calls inside it
     def decode_merged(self, embedding: Embedding, boxes: np.ndarray, chunks: Iterable[np.ndarray], n: int,
                       k: int) -> np.ndarray | None:
-        t = time.perf_counter()  # decoding and the on-device merge count as decoder time
-        out = self.inner.decode_merged(embedding, boxes, chunks, n, k)
-        self.sync()
-        self.seconds += time.perf_counter() - t
-        return out
+        return self._timed(self.inner.decode_merged, embedding, boxes, chunks, n, k)  # type: ignore[no-any-return]
 
     def sparse_region(self, embedding: Embedding, boxes: np.ndarray, region: tuple[int, int, int, int],
                       out_hw: tuple[int, int], fraction: float, cfg: Any) -> tuple[np.ndarray, int] | None:
-        t = time.perf_counter()  # a device planner's whole box counts as decoder time
-        out = self.inner.sparse_region(embedding, boxes, region, out_hw, fraction, cfg)
-        self.sync()
-        self.seconds += time.perf_counter() - t
-        return out
+        return self._timed(self.inner.sparse_region, embedding, boxes, region, out_hw,  # type: ignore[no-any-return]
+                           fraction, cfg)
 
 
 class FrameRunner:

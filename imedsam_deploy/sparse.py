@@ -74,6 +74,18 @@ def box_region(
     return r0, max(r0, r1), c0, max(c0, c1)
 
 
+def initial_stride(stride: int, h: int, w: int) -> int:
+    """The first lattice's stride on an h x w region: ``stride`` rounded down to a power of two, and no
+    wider than the region (1 on an empty one)."""
+    s = 1 << max(0, int(stride).bit_length() - 1)
+    return max(1, min(s, 1 << max(0, (max(h, w) - 1).bit_length() - 1))) if h > 0 and w > 0 else 1
+
+
+def extended_size(n: int, stride: int) -> int:
+    """Pixels along a side of n, grown to the next multiple of ``stride`` plus one (a whole lattice)."""
+    return max(1, -(-(n - 1) // stride) * stride + 1)
+
+
 def merge_decision(coarse: np.ndarray, fine: np.ndarray, unc: np.ndarray, tau: np.ndarray) -> np.ndarray:
     """UGS decision with a threshold: fine logit where unc >= tau (per class), coarse elsewhere; > 0."""
     return np.where(unc >= tau[:, None], fine, coarse) > 0
@@ -139,11 +151,9 @@ def sparse_decode(
     t_coords = pixel_coords(tr.ravel(), tc.ravel(), H, W)
     n_t = t_coords.shape[0]
 
-    stride = 1 << max(0, int(cfg.stride).bit_length() - 1)
-    stride = max(1, min(stride, 1 << max(0, (max(h, w) - 1).bit_length() - 1))) if h > 0 and w > 0 else 1
+    stride = initial_stride(cfg.stride, h, w)
     # Extended local grid: a lattice of ``stride`` nests all finer ones; points past the region clamp to it.
-    he = max(1, -(-(h - 1) // stride) * stride + 1)
-    we = max(1, -(-(w - 1) // stride) * stride + 1)
+    he, we = extended_size(h, stride), extended_size(w, stride)
     known = np.zeros((he, we), dtype=bool)
     amb = np.zeros((he, we), dtype=bool)
     tau: np.ndarray | None = None

@@ -62,6 +62,16 @@ def point_bucket(n: int, max_points: int) -> int:
     return min(max_points, -(-n // step) * step)
 
 
+def ugs_merge_device(coarse: Any, fine: Any, unc: Any, k: int) -> Any:
+    """``runtime.ugs_merge`` on (..., N) tensors: the fine logit at the k most uncertain points of each row,
+    the coarse one elsewhere (``topk``: no host synchronisation, so it can sit inside a CUDA graph)."""
+    k = min(k, coarse.shape[-1])
+    if k <= 0:
+        return coarse
+    idx = unc.topk(k, dim=-1).indices
+    return coarse.scatter(-1, idx, fine.gather(-1, idx))
+
+
 def store_weights_in(module: Any, dtype: Any) -> int:
     """Store the weight of every Linear and convolution under ``module`` in the autocast dtype; returns how
     many layers. Autocast would otherwise cast each fp32 weight on every call, to the same values: inside a
@@ -319,11 +329,7 @@ class TorchBackend(Backend):
         if s != n:
             raise ValueError(f"decode_merged: chunks hold {s} points, expected {n}")
         coarse, fine, unc = bufs
-        k = min(k, n)
-        if k > 0:
-            idx = t.topk(unc, k, dim=1).indices
-            coarse.scatter_(1, idx, fine.gather(1, idx))
-        return coarse.cpu().numpy()  # type: ignore[no-any-return]
+        return ugs_merge_device(coarse, fine, unc, k).cpu().numpy()  # type: ignore[no-any-return]
 
     def sparse_region(
         self, embedding: Embedding, boxes: np.ndarray, region: tuple[int, int, int, int], out_hw: tuple[int, int],
@@ -350,14 +356,24 @@ class TorchBackend(Backend):
             return planner.plan(lambda c: tuple(o[0] for o in points(u, c[None])), reg)  # type: ignore[no-any-return]
 
         reg = self.torch.tensor([r0, r1 - r0, c0, c1 - c0], dtype=self.torch.int64).to(self.device)
-        gkey = ("sparse", tuple(up.shape), pkey, tuple(planner.caps.values()))
-        val, _, queried, overflow = self._run(gkey, plan, [up, reg])
-        if bool(overflow):  # this box needs more points than the budgets: host planner now, larger budgets next
+        out = self.run_planner(("sparse", tuple(up.shape), pkey), planner, plan, [up, reg])
+        if out is None:
+            return None
+        val, _, queried, _ = out
+        return val[:, : r1 - r0, : c1 - c0].cpu().numpy(), int(queried)
+
+    def run_planner(self, key: tuple[Any, ...], planner: Any, fn: Callable[..., Any], inputs: list[Any]) -> Any:
+        """``fn(*inputs)``, a function ending in ``planner.plan``, through ``_run`` (one graph per planner
+        budget); None when a level overflowed its budget: the caller plans this box on the host, and the
+        budgets double for the next (the outgrown graph is dropped)."""
+        gkey = (*key, tuple(planner.caps.values()))
+        out = self._run(gkey, fn, inputs)
+        if bool(out[3]):
             self._graphs.pop(gkey, None)
             planner.grow()
             self.planner_fallbacks += 1
             return None
-        return val[:, : r1 - r0, : c1 - c0].cpu().numpy(), int(queried)
+        return out
 
     def close(self) -> None:
         self._graphs.clear()

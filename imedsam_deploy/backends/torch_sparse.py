@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from imedsam_deploy.contract import refine_count
-from imedsam_deploy.sparse import SparseConfig
+from imedsam_deploy.sparse import SparseConfig, extended_size, initial_stride
 
 # coords (N, 2) float32 -> coarse, fine, uncertainty, each (K, N)
 TorchDecodeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -63,11 +63,10 @@ class DevicePlanner:
                  cap_per_side: int | None = None) -> None:
         H, W = out_hw
         self.H, self.W, self.cfg, self.device = H, W, cfg, torch.device(device)
-        self.stride = 1 << max(0, int(cfg.stride).bit_length() - 1)
+        self.stride = initial_stride(cfg.stride, H, W)  # regions it handles start at this stride (``usable``)
         s0 = self.stride
-        # the largest extended grid of a region of this output (h <= H): ceil((H - 1) / s0) * s0 + 1
-        self.GH = -(-(H - 1) // s0) * s0 + 1
-        self.GW = -(-(W - 1) // s0) * s0 + 1
+        # the largest extended grid of a region of this output (h <= H)
+        self.GH, self.GW = extended_size(H, s0), extended_size(W, s0)
         ts = max(1, cfg.threshold_stride)
         tr = torch.arange(ts // 2, H, ts, device=self.device)
         tc = torch.arange(ts // 2, W, ts, device=self.device)
@@ -97,10 +96,9 @@ class DevicePlanner:
     def usable(self, h: int, w: int) -> bool:
         """Whether the host planner would use this planner's initial stride on an h x w region (it uses a
         smaller one on regions narrower than the stride, and a plain evaluation on 1-pixel-wide ones)."""
-        s0 = self.stride
-        if h <= 1 or w <= 1 or s0 == 1:
+        if h <= 1 or w <= 1 or self.stride == 1 or h > self.H or w > self.W:
             return False
-        return min(s0, 1 << ((max(h, w) - 1).bit_length() - 1)) == s0 and h <= self.H and w <= self.W
+        return initial_stride(self.cfg.stride, h, w) == self.stride
 
     def plan(self, decode: TorchDecodeFn, region: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """region: int64 (4,) = (r0, h, c0, w) of a region ``usable`` says this planner handles.

@@ -17,6 +17,9 @@ CUDA events around each frame):
 - ``*+compile``: ``sparse`` and ``fused`` with every captured function compiled by ``torch.compile``
   (inductor) first (batch 1; compilation happens in the warm-up and is not timed, but takes minutes on vit_b
   and counts against the time budget: ``--compile only`` runs these rows alone, in a second call).
+Encoder options (before/after of each, bf16, CUDA graphs, batch 1 and 8): the encoder alone with its
+attention as explicit GEMMs or one ``scaled_dot_product_attention`` call, and with the frequency chain in line
+or on a second stream, with the embedding's difference from the plain encoder.
 Agreement: in every row, each variant's masks against the reference's on the same inputs (pixels inside the
 box, Dice), plus an fp32 check first. The JSON is rewritten after every row, so a run cut short keeps what
 it measured; rows are ordered by importance (batch 1, then batches 8 and 32 with fewer runs: max(5,
@@ -231,6 +234,46 @@ def main(argv: list[str] | None = None) -> int:
                 v[f"fused-sparse {p}"] = lambda inp, f=fused_sparse[p]: f(inp, out)
         return v
 
+    def encoder_options(be: TorchBackend, batches: list[int]) -> list[dict[str, Any]]:
+        """The encoder alone under each combination of torch-cuda's two encoder options (attention as one
+        SDPA call; the frequency chain on a second stream): p50 per batch, and the embedding's max abs
+        difference from the plain encoder on the same images (the second stream should be bitwise equal).
+        The backend's own settings are restored afterwards."""
+        from imedsam_train.model.encoder import use_fused_attention
+
+        enc = be.model.image_encoder
+        keep = (be.fused_attention, enc.frequency_first)
+        out: list[dict[str, Any]] = []
+        for bsz in batches:
+            x = np.stack([to_model_input(im, S) for im in synthetic_inputs(S, bsz, seed=3).images])
+            base = None
+            for fused_attn, overlap in ((False, False), (True, False), (False, True), (True, True)):
+                use_fused_attention(be.model, fused_attn)
+                enc.frequency_first = overlap
+                for k in [k for k in be._graphs if k[0] == "enc"]:
+                    del be._graphs[k]  # recapture with these options
+                try:
+                    emb = be.encode(x)[0]
+                    for _ in range(3):
+                        be.encode(x)
+                    ts = [timed(lambda x=x: be.encode(x)) for _ in range(a.repeat)]
+                    cell: dict[str, Any] = {"batch": bsz, "fused_attention": fused_attn,
+                                            "overlap_frequency": overlap, "p50_ms": float(np.median(ts)),
+                                            "min_ms": float(np.min(ts))}
+                    if base is None:
+                        base = emb
+                    cell["max_abs_diff_vs_plain"] = float((emb.float() - base.float()).abs().max())
+                except Exception as e:
+                    cell = {"batch": bsz, "fused_attention": fused_attn, "overlap_frequency": overlap,
+                            "error": failure(e)}
+                out.append(cell)
+                print(f"encoder option {json.dumps(cell)}", flush=True)
+        use_fused_attention(be.model, keep[0])
+        enc.frequency_first = keep[1]
+        for k in [k for k in be._graphs if k[0] == "enc"]:
+            del be._graphs[k]
+        return out
+
     results: dict[str, Any] = {"info": info, "correctness": {}, "timing": []}
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -259,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         checks["full fp32"] = {"error": failure(e)}
     save()
+
+    # ---- 1b. the encoder's options on their own (bf16, CUDA graphs): before/after figures for each
+    if a.compile != "only":
+        results["encoder_options"] = encoder_options(ours["bf16"], sorted({1, min(8, maxb)}))
+        save()
 
     # ---- 2. timing, most important rows first: batch 1, then the batches, then the compiled variants
     # batch 1 (the latency targets), then its compiled variants (perhaps the fastest path), then throughput
@@ -343,6 +391,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{sx:>7} {ag:>9}  {stages}")
         for name, err in r.get("errors", {}).items():
             print(f"{r['out_size']:>5} {r['batch']:>5} {name:<26} FAILED {err}")
+    for c in results.get("encoder_options", []):
+        opt = f"encoder b{c['batch']} sdpa={int(c['fused_attention'])} stream={int(c['overlap_frequency'])}"
+        print(f"{opt:<42} " + (f"FAILED {c['error']}" if "error" in c else
+                               f"{c['p50_ms']:.3f} ms (min {c['min_ms']:.3f}), max abs diff {c['max_abs_diff_vs_plain']:.2e}"))
     for k, v in checks.items():
         print(f"correctness {k}: " + (f"FAILED {v['error']}" if "error" in v else
                                       f"{100 * v['pixel_in_box']:.3f}% in box, Dice {v['dice']:.4f}"))

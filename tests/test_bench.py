@@ -284,13 +284,14 @@ def test_torch_backend_stores_weights_in_the_autocast_dtype_bitwise_exactly(monk
 
 
 def test_torch_backend_compiles_whole_graphs():
-    """compile=... captures each function whole (fullgraph=True: a graph break is an error), and the
-    compiled backend computes the same as the eager one. aot_eager: the capture without code generation."""
+    """compile=... captures each function whole (fullgraph=True: a graph break is an error; the fused attention
+    included), and the compiled backend computes the same as the eager one. aot_eager: the capture without code
+    generation."""
     from imedsam_deploy.backends.torch_cuda import TorchBackend
 
     model = tiny()
     eager = TorchBackend(model, device="cpu", precision="fp32")
-    comp = TorchBackend(model, device="cpu", precision="fp32", compile="aot_eager")
+    comp = TorchBackend(model, device="cpu", precision="fp32", compile="aot_eager", fused_attention=True)
     assert "torch.compile" in comp.description and "torch.compile" not in eager.description
     img = np.random.default_rng(0).random((1, 3, S, S), dtype=np.float32)
     box = np.array([[10, 12, 90, 100]], np.float32)
@@ -299,6 +300,51 @@ def test_torch_backend_compiles_whole_graphs():
     np.testing.assert_allclose(ca.numpy(), ea.numpy(), atol=1e-5)
     for a, b in zip(eager.decode(ea, box, coords), comp.decode(ca, box, coords), strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_backend_encoder_options_are_exact(monkeypatch):
+    """torch-cuda's encoder options on the CPU (same code): attention as one scaled_dot_product_attention call
+    (to fp32 rounding), the frequency chain issued first (bitwise: the same operations), and both; the
+    decoder's outputs from those embeddings agree likewise."""
+    from imedsam_deploy.backends.torch_cuda import TorchBackend
+    from imedsam_train.model.encoder import ImageEncoder
+
+    calls = {"sdpa": 0, "first": 0}
+    sdpa, first = torch.nn.functional.scaled_dot_product_attention, ImageEncoder.frequency_chain_first
+
+    def count_sdpa(*a, **k):
+        calls["sdpa"] += 1
+        return sdpa(*a, **k)
+
+    def count_first(*a, **k):
+        calls["first"] += 1
+        return first(*a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", count_sdpa)
+    monkeypatch.setattr(ImageEncoder, "frequency_chain_first", count_first)
+    model = tiny()
+    plain = TorchBackend(model, device="cpu", precision="fp32")
+    assert not plain.fused_attention and not plain.overlap_frequency  # CUDA-only defaults
+    img = np.random.default_rng(0).random((2, 3, S, S), dtype=np.float32)
+    box = np.array([[10, 12, 90, 100]], np.float32)
+    coords = np.random.default_rng(1).uniform(-1, 1, (1, 500, 2)).astype(np.float32)
+    ref = plain.encode(img)
+    ref_dec = plain.decode(ref[1], box, coords)
+    for fused, overlap in ((False, True), (True, False), (True, True)):
+        be = TorchBackend(model, device="cpu", precision="fp32", fused_attention=fused, overlap_frequency=overlap)
+        attns = [m for m in be.model.modules() if hasattr(m, "fused")]
+        assert len(attns) == model.cfg.encoder.depth and all(m.fused == fused for m in attns)
+        assert be.model.image_encoder.frequency_first == overlap
+        calls.update(sdpa=0, first=0)
+        got = be.encode(img)
+        assert calls == {"sdpa": model.cfg.encoder.depth if fused else 0, "first": int(overlap)}
+        for a, b in zip(got, ref, strict=True):
+            if fused:
+                torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+            else:
+                assert torch.equal(a, b)
+        for a, b in zip(be.decode(got[1], box, coords), ref_dec, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_frame_runner_decodes_each_group_before_encoding_the_next():

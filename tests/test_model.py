@@ -87,18 +87,21 @@ def test_lora_merge_matches_unmerged_and_is_idempotent(gate):
         torch.testing.assert_close(fresh.encode(img), ref, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize(("grid", "window"), [(24, 14), (28, 14), (24, 0)])
-def test_encoder_block_equals_segment_anythings_block(grid, window):
+def test_encoder_block_equals_segment_anythings_block(grid, window, fused):
     """Our Block (windowed attention without projecting the padding tokens) vs segment-anything's own Block,
-    vit_b widths: padded windows (24 -> 28 tokens at 384 px), unpadded windows, and global attention."""
+    vit_b widths: padded windows (24 -> 28 tokens at 384 px), unpadded windows, and global attention; with
+    the explicit GEMMs (exported) and as one scaled_dot_product_attention call (torch-cuda)."""
     from segment_anything.modeling.image_encoder import Block as SamBlock
 
     from imedsam_train.config import FrequencyConfig, LoraConfig
-    from imedsam_train.model.encoder import Block
+    from imedsam_train.model.encoder import Block, use_fused_attention
 
     torch.manual_seed(0)
     sam = SamBlock(768, 12, use_rel_pos=True, window_size=window, input_size=(grid, grid)).eval()
     ours = Block(768, 12, 4.0, window, grid, LoraConfig(enabled=False), FrequencyConfig(enabled=False)).eval()
+    assert use_fused_attention(ours, fused) == 1
     with torch.no_grad():
         for p in sam.parameters():
             p.normal_(0, 0.05)

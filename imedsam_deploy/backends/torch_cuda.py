@@ -19,6 +19,9 @@ torch-free otherwise. What it does (DESIGN §2-3):
   capture costs milliseconds); the per-point graphs share one memory pool, since each one's outputs are
   copied out right after its replay (to the host, or to the merge buffers), so the set costs the memory of
   the largest;
+- the encoder's attention is one ``scaled_dot_product_attention`` call (the relative-position bias is folded
+  into q and k, so there is no mask: flash / memory-efficient kernels), and the frequency-adapter chain runs
+  on a second stream beside the token chain (it never reads the tokens);
 - the sparse mode's planner runs on the device (``torch_sparse.DevicePlanner``: one graph per box), and the
   full and box modes UGS-merge on the device: only final logits are copied to the host;
 - optionally (``compile=True`` or IMEDSAM_TORCH_COMPILE=1) each captured function is first compiled by
@@ -141,12 +144,16 @@ class TorchBackend(Backend):
     ``device_planner`` (default: on CUDA) runs the sparse query mode's planner on the device
     (``torch_sparse.DevicePlanner``), one graph per box instead of a host round trip per level;
     ``device_merge`` (default: on CUDA) keeps the full and box modes' decoder outputs on the device and does
-    the UGS merge there."""
+    the UGS merge there. ``fused_attention`` (default: on CUDA) runs the encoder's attention as one
+    ``scaled_dot_product_attention`` call (flash / memory-efficient kernels) instead of two GEMMs and a
+    softmax; ``overlap_frequency`` (default: on CUDA without compile) issues the frequency-adapter chain,
+    which never reads the tokens, on a second stream beside them. Both exact (tests/test_model.py)."""
 
     def __init__(
         self, model: Any, device: str = "cuda", precision: str = "bf16", cuda_graphs: bool | None = None,
         max_batch: int = 8, max_points: int = 65536, compile: bool | str = False, bucket_points: bool | None = None,
-        device_planner: bool | None = None, device_merge: bool | None = None,
+        device_planner: bool | None = None, device_merge: bool | None = None, fused_attention: bool | None = None,
+        overlap_frequency: bool | None = None,
     ) -> None:
         super().__init__(max_batch, max_points)
         if precision not in PRECISIONS:
@@ -160,6 +167,7 @@ class TorchBackend(Backend):
 
         from imedsam_export.graphs import DecoderGraph
         from imedsam_export.merge import merge_for_export
+        from imedsam_train.model.encoder import use_fused_attention
 
         self.torch = torch
         self.device = torch.device(device)
@@ -176,6 +184,12 @@ class TorchBackend(Backend):
         folded, _ = merge_for_export(model)  # LoRA merged, BatchNorm folded, verified against model
         folded = folded.to(self.device).eval()
         self.model = folded
+        cuda = self.device.type == "cuda"
+        self.fused_attention = cuda if fused_attention is None else fused_attention
+        use_fused_attention(folded, self.fused_attention)
+        # streams inside a compiled graph are not supported by dynamo's fullgraph capture
+        self.overlap_frequency = (cuda and not compile) if overlap_frequency is None else overlap_frequency
+        folded.image_encoder.frequency_first = self.overlap_frequency
         decoder = DecoderGraph(folded)
 
         class _Fp32(nn.Module):  # an fp32 island inside autocast

@@ -6,6 +6,8 @@ as they are; the adapters add ``blocks.i.attn.qkv.lora_*`` and ``blocks.i.freq.*
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling.common import LayerNorm2d, MLPBlock
@@ -35,7 +37,36 @@ def key_onehot(size: int) -> torch.Tensor:
     return out
 
 
+def fused_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q k^T) v, the scale already in q, as one ``scaled_dot_product_attention`` call: (B*heads, N, d).
+
+    With the bias folded into q and k the attention has no mask, so on a GPU it runs as one flash /
+    memory-efficient kernel instead of two GEMMs, a softmax and its casts over the (N x N) logits. Those
+    kernels need q, k and v of one width, a multiple of 8: zero columns are appended (they add nothing to
+    q.k, and v's come out as zero columns, dropped).
+    """
+    bh, n, dv = v.shape
+    d = -(-max(q.shape[-1], dv) // 8) * 8
+
+    def widen(t: torch.Tensor) -> torch.Tensor:
+        return F.pad(t, (0, d - t.shape[-1])).view(bh // heads, heads, n, d)
+
+    out = F.scaled_dot_product_attention(widen(q), widen(k), widen(v), scale=1.0)
+    return out[..., :dv].reshape(bh, n, dv)
+
+
+def use_fused_attention(module: nn.Module, on: bool = True) -> int:
+    """Switch every encoder ``Attention`` under ``module`` to (or from) ``fused_softmax_attention``;
+    returns how many. Off by default: the ONNX export keeps the explicit GEMMs, which ONNX Runtime fuses."""
+    attns = [m for m in module.modules() if isinstance(m, Attention)]
+    for m in attns:
+        m.fused = on
+    return len(attns)
+
+
 class Attention(nn.Module):
+    fused = False  # see use_fused_attention
+
     def __init__(self, dim: int, num_heads: int, size: int, lora: LoraConfig) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -76,9 +107,11 @@ class Attention(nn.Module):
         rel_w = (r_q.transpose(1, 2) @ rw.transpose(1, 2)).transpose(1, 2).reshape(B * self.num_heads, H * W, W)
         q_ext = torch.cat([q * self.scale, rel_h, rel_w], dim=-1)
         k_ext = torch.cat([k, self.key_onehot.to(k.dtype).expand(k.shape[0], -1, -1)], dim=-1)
-        attn = q_ext @ k_ext.transpose(-2, -1)
-        attn = attn.softmax(dim=-1)
-        return (attn @ v).view(B, self.num_heads, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
+        if self.fused:
+            out = fused_softmax_attention(q_ext, k_ext, v, self.num_heads)
+        else:
+            out = (q_ext @ k_ext.transpose(-2, -1)).softmax(dim=-1) @ v
+        return out.view(B, self.num_heads, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         return self.proj(self.attend(self.project_qkv(x, gate)))
@@ -175,7 +208,50 @@ class ImageEncoder(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(image) + self.pos_embed
-        f = self.frequency_tokens(image) if self.freq_cfg.enabled else None
-        for blk in self.blocks:
-            x, f = blk(x, f)
+        if self.freq_cfg.enabled and self.frequency_first:
+            x = self.frequency_chain_first(x, image)
+        else:
+            f = self.frequency_tokens(image) if self.freq_cfg.enabled else None
+            for blk in self.blocks:
+                x, f = blk(x, f)
         return self.neck(x.permute(0, 3, 1, 2))
+
+    # The frequency chain (spectrum, patch embedding, one adapter per block) never reads the tokens: on a GPU
+    # it can run on a second stream beside the token chain, where at 576 tokens most of the GPU sits idle.
+    frequency_first = False
+    _side_streams: dict[torch.device, torch.cuda.Stream]
+
+    def frequency_chain_first(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """``forward``'s block loop with the whole frequency chain issued first, on a side stream on CUDA
+        (an event per block joins each adapter's output to the token chain; captured in a CUDA graph as
+        parallel branches). The same operations on the same values: bitwise the same embedding."""
+        cuda = x.device.type == "cuda"
+        main = torch.cuda.current_stream(x.device) if cuda else None
+        side = None
+        if cuda:
+            streams = self.__dict__.setdefault("_side_streams", {})
+            side = streams.setdefault(x.device, torch.cuda.Stream(x.device))
+            side.wait_stream(main)
+        adds: list[torch.Tensor] = []
+        events: list[torch.cuda.Event | None] = []
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            f = self.frequency_tokens(image)
+            for blk in self.blocks:
+                assert isinstance(blk, Block) and blk.freq is not None
+                f = blk.freq(f)
+                adds.append(blk.freq_scale * f)
+                events.append(torch.cuda.Event() if cuda else None)
+                if events[-1] is not None:
+                    events[-1].record(side)
+        for blk, add, ev in zip(self.blocks, adds, events, strict=True):
+            x, _ = blk(x, None)
+            if ev is not None and main is not None:
+                main.wait_event(ev)
+            x = x + add
+        if side is not None and main is not None:
+            # the adapters' outputs were allocated on the side stream and read on the main one: the side
+            # stream waits for those reads before the allocator can hand the memory out again there (the
+            # caching allocator's documented alternative to record_stream, which is unsafe under capture)
+            side.wait_stream(main)
+            main.wait_stream(side)
+        return x

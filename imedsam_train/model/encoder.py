@@ -230,7 +230,9 @@ class ImageEncoder(nn.Module):
         side = None
         if cuda:
             streams = self.__dict__.setdefault("_side_streams", {})
-            side = streams.setdefault(x.device, torch.cuda.Stream(x.device))
+            if x.device not in streams:  # one side stream per device, made on first use
+                streams[x.device] = torch.cuda.Stream(x.device)
+            side = streams[x.device]
             side.wait_stream(main)
         adds: list[torch.Tensor] = []
         events: list[torch.cuda.Event | None] = []

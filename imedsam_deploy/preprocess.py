@@ -17,11 +17,21 @@ from imedsam_deploy._cv import cv2
 _INTERP = {"linear": cv2.INTER_LINEAR}
 
 
+def resize_to_model(rgb: np.ndarray, input_size: int) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (S, S, 3) uint8: the stretch-resize, the host's part of preprocessing."""
+    return cv2.resize(rgb, (input_size, input_size), interpolation=_INTERP[contract.RESIZE_INTERPOLATION])
+
+
+def pixels_to_model(pixels: np.ndarray) -> np.ndarray:
+    """(..., S, S, 3) uint8 resized RGB -> (..., 3, S, S) float32 x PIXEL_SCALE: the rest of preprocessing, which
+    a GPU backend may run on its device instead (``Backend.encode_pixels``: a third of the bytes to upload)."""
+    x = pixels.astype(np.float32) * np.float32(contract.PIXEL_SCALE)
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+
+
 def to_model_input(rgb: np.ndarray, input_size: int) -> np.ndarray:
     """(H, W, 3) uint8 RGB -> (3, S, S) float32 in [0, 1]."""
-    resized = cv2.resize(rgb, (input_size, input_size), interpolation=_INTERP[contract.RESIZE_INTERPOLATION])
-    x = resized.astype(np.float32) * np.float32(contract.PIXEL_SCALE)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    return pixels_to_model(resize_to_model(rgb, input_size))
 
 
 def box_to_model(box: np.ndarray, image_hw: tuple[int, int], input_size: int) -> np.ndarray:

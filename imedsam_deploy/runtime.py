@@ -25,7 +25,7 @@ import numpy as np
 from imedsam_deploy.backends.base import Backend, Embedding
 from imedsam_deploy.contract import refine_count
 from imedsam_deploy.manifest import Artifact
-from imedsam_deploy.preprocess import Region, box_region, box_to_model, region_chunk_coords, to_model_input
+from imedsam_deploy.preprocess import Region, box_region, box_to_model, region_chunk_coords, resize_to_model
 from imedsam_deploy.sparse import SparseConfig, sparse_decode
 
 QueryMode = Literal["box", "full", "sparse"]
@@ -133,8 +133,8 @@ class Segmenter:
             raise ValueError(f"embed: {len(images)} images > max_batch {self.backend.max_batch} (embed and "
                              "decode them in groups: a handle is valid until the next embed)")
         t = time.perf_counter()
-        batch = np.stack([to_model_input(im, self.s) for im in images])
-        out = list(self.backend.encode(batch))
+        batch = np.stack([resize_to_model(im, self.s) for im in images])
+        out = list(self.backend.encode_pixels(batch))
         return out, (time.perf_counter() - t) * 1e3
 
     # --- decoder ---

@@ -347,6 +347,33 @@ def test_torch_backend_encoder_options_are_exact(monkeypatch):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_torch_backend_converts_uint8_pixels_on_the_device_bitwise(precision):
+    """encode_pixels (uint8 upload, conversion inside the encoder's graph) gives bitwise the embeddings of
+    encode on the host-converted floats; the base Backend's default converts on the host."""
+    from imedsam_deploy.backends.base import Backend
+    from imedsam_deploy.backends.torch_cuda import TorchBackend
+    from imedsam_deploy.preprocess import pixels_to_model
+
+    be = TorchBackend(tiny(), device="cpu", precision=precision)
+    px = np.random.default_rng(0).integers(0, 256, (2, S, S, 3), dtype=np.uint8)
+    for a, b in zip(be.encode_pixels(px), be.encode(pixels_to_model(px)), strict=True):
+        assert torch.equal(a, b)
+    seen = []
+
+    class Host(Backend):
+        def encode(self, images):
+            seen.append(images)
+            return [images]
+
+        def decode(self, embedding, boxes, coords):
+            raise NotImplementedError
+
+    Host(1, 1).encode_pixels(px)
+    assert seen[0].dtype == np.float32 and np.array_equal(seen[0], pixels_to_model(px))
+    assert seen[0].shape == (2, 3, S, S) and seen[0].flags.c_contiguous
+
+
 def test_frame_runner_decodes_each_group_before_encoding_the_next():
     """A backend may keep one encoder output buffer (TensorRT): a handle is valid until its next encode.
     The bench's FrameRunner, with more images than max_batch, must decode each group first; and the

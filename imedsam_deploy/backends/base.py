@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from imedsam_deploy.preprocess import pixels_to_model
+
 Embedding = Any  # opaque per-image handle, only passed back to the backend that made it
 
 
@@ -39,6 +41,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def encode(self, images: np.ndarray) -> Sequence[Embedding]:
         """images (B, 3, S, S) float32 (RGB x PIXEL_SCALE) -> one embedding handle per image, B <= max_batch."""
+
+    def encode_pixels(self, pixels: np.ndarray) -> Sequence[Embedding]:
+        """pixels (B, S, S, 3) uint8, RGB already resized to the model input -> ``encode``'s handles. Here the
+        rest of preprocessing runs on the host (``pixels_to_model``); a GPU backend may upload the uint8 pixels
+        (a third of the float32 bytes) and convert them on its device, to the same values."""
+        return self.encode(pixels_to_model(pixels))
 
     @abc.abstractmethod
     def decode(

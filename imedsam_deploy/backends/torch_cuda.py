@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from imedsam_deploy import contract
 from imedsam_deploy.backends.base import Backend, Embedding
 from imedsam_deploy.errors import UserError
 from imedsam_deploy.manifest import Artifact
@@ -223,7 +224,13 @@ class TorchBackend(Backend):
         def points_fn(up: Any, c: Any) -> tuple[Any, Any, Any]:
             return tuple(o.float() for o in dec.point_outputs(up, c))  # type: ignore[return-value]
 
-        fns: dict[str, Callable[..., Any]] = {"enc": encode_fn, "prompt": prompt_fn, "points": points_fn}
+        scale = contract.PIXEL_SCALE
+
+        def encode_pixels_fn(px: Any) -> Any:  # = preprocess.pixels_to_model (the float32 product rounds alike)
+            return encode_fn((px.permute(0, 3, 1, 2).float() * scale).contiguous())
+
+        fns: dict[str, Callable[..., Any]] = {"enc": encode_fn, "enc_pixels": encode_pixels_fn, "prompt": prompt_fn,
+                                              "points": points_fn}
         if compile:
             import torch._dynamo
 
@@ -288,8 +295,16 @@ class TorchBackend(Backend):
 
     # --- Backend interface ---
     def encode(self, images: np.ndarray) -> Sequence[Embedding]:
-        x = self._tensor(images)
-        emb = self._run(("enc", tuple(x.shape)), self._fns["enc"], [x])
+        return self._encode("enc", self._tensor(images))
+
+    def encode_pixels(self, pixels: np.ndarray) -> Sequence[Embedding]:
+        """Uploads the resized uint8 pixels (a third of the float32 bytes) and converts them inside the
+        encoder's graph: no host float conversion or transpose."""
+        px = self.torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.uint8)).to(self.device, non_blocking=True)
+        return self._encode("enc_pixels", px)
+
+    def _encode(self, fn: str, x: Any) -> list[Embedding]:
+        emb = self._run(("enc", fn, tuple(x.shape)), self._fns[fn], [x])
         if self.use_graphs:  # the graph's output is overwritten by its next replay: handles own a copy
             emb = emb.clone()
         return [emb[i : i + 1] for i in range(emb.shape[0])]

@@ -32,7 +32,7 @@ import os
 import platform
 import resource
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -44,7 +44,7 @@ from imedsam_deploy.atomic import atomic_path, atomic_write_text
 from imedsam_deploy.backends.base import Backend, Embedding
 from imedsam_deploy.errors import UserError
 from imedsam_deploy.manifest import Artifact, load_artifact
-from imedsam_deploy.preprocess import resize_to_model
+from imedsam_deploy.preprocess import Region, resize_to_model
 from imedsam_deploy.runtime import DEFAULT_CHUNK, DEFAULT_MARGIN, QUERY_MODES, QueryMode, Segmenter
 from imedsam_deploy.sparse import SparseConfig
 
@@ -186,9 +186,10 @@ class TimedDecode(Backend):
         return self._timed(self.inner.decode, embedding, boxes, coords)  # type: ignore[no-any-return]
 
     # a backend's own merge or planner counts as decoder time, like the decoder calls inside it
-    def decode_merged(self, embedding: Embedding, boxes: np.ndarray, chunks: Iterable[np.ndarray], n: int,
-                      k: int) -> np.ndarray | None:
-        return self._timed(self.inner.decode_merged, embedding, boxes, chunks, n, k)  # type: ignore[no-any-return]
+    def decode_merged(self, embedding: Embedding, boxes: np.ndarray, region: Region, out_hw: tuple[int, int],
+                      chunk: int, k: int) -> np.ndarray | None:
+        return self._timed(self.inner.decode_merged, embedding, boxes, region, out_hw,  # type: ignore[no-any-return]
+                           chunk, k)
 
     def sparse_region(self, embedding: Embedding, boxes: np.ndarray, region: tuple[int, int, int, int],
                       out_hw: tuple[int, int], fraction: float, cfg: Any) -> tuple[np.ndarray, int] | None:

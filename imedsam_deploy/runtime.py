@@ -172,17 +172,15 @@ class Segmenter:
         mbox = box_to_model(np.asarray(box)[None], image_hw, self.s)
         # The refine count is the full output grid's in both modes (see the module docstring).
         k = refine_count(out_hw[0] * out_hw[1], self.fraction)
-        chunks = (region_chunk_coords(region, out_hw[0], out_hw[1], s, min(n, s + self.chunk))
-                  for s in range(0, n, self.chunk))  # built per chunk: bounded memory
-        merged = self.backend.decode_merged(embedding, mbox, chunks, n, k)  # torch-cuda: merged on the GPU
-        if merged is None:  # (the backend declined without touching ``chunks``)
+        # torch-cuda: coordinates built, decoded and merged on the GPU
+        merged = self.backend.decode_merged(embedding, mbox, region, out_hw, self.chunk, k)
+        if merged is None:
             coarse, fine, unc = (np.empty((k_cls, n), np.float32) for _ in range(3))
-            s = 0
-            for coords in chunks:
-                e = s + coords.shape[0]
+            for s in range(0, n, self.chunk):
+                e = min(n, s + self.chunk)
+                coords = region_chunk_coords(region, out_hw[0], out_hw[1], s, e)  # built per chunk: bounded memory
                 c, f, u = self.backend.decode(embedding, mbox, coords[None])
                 coarse[:, s:e], fine[:, s:e], unc[:, s:e] = c[0], f[0], u[0]
-                s = e
             merged = ugs_merge(coarse, fine, unc, k)
         rh, rw = region.shape
         return ObjectMask(np.asarray(box, np.float64), out_hw, region, merged.reshape(k_cls, rh, rw), n)

@@ -374,6 +374,27 @@ def test_torch_backend_converts_uint8_pixels_on_the_device_bitwise(precision):
     assert seen[0].shape == (2, 3, S, S) and seen[0].flags.c_contiguous
 
 
+def test_torch_backend_builds_region_coordinates_on_the_device_bitwise():
+    """decode_merged's device coordinates are the host's (preprocess.region_chunk_coords), bit for bit, for
+    regions and chunk bounds anywhere on odd and even output grids."""
+    from imedsam_deploy.backends.torch_cuda import TorchBackend
+    from imedsam_deploy.preprocess import Region, region_chunk_coords
+
+    be = TorchBackend(tiny(), device="cpu", precision="fp32")
+    rng = np.random.default_rng(0)
+    for out_hw in ((384, 384), (201, 333), (896, 640)):
+        for _ in range(20):
+            r0, r1 = sorted(rng.integers(0, out_hw[0] + 1, 2))
+            c0, c1 = sorted(rng.integers(0, out_hw[1] + 1, 2))
+            region = Region(int(r0), int(c0), int(r1) + 1, int(c1) + 1)
+            region = Region(region.r0, region.c0, min(region.r1, out_hw[0]), min(region.c1, out_hw[1]))
+            n = region.size
+            s, e = sorted(rng.integers(0, n + 1, 2))
+            want = region_chunk_coords(region, out_hw[0], out_hw[1], int(s), int(e))
+            got = be._chunk_coords(region, out_hw, int(s), int(e)).numpy()
+            assert got.dtype == np.float32 and np.array_equal(got, want)
+
+
 def test_frame_runner_decodes_each_group_before_encoding_the_next():
     """A backend may keep one encoder output buffer (TensorRT): a handle is valid until its next encode.
     The bench's FrameRunner, with more images than max_batch, must decode each group first; and the

@@ -13,12 +13,12 @@ Runtime OrtValue on the device, a TensorRT device buffer...); it stays valid unt
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from imedsam_deploy.preprocess import pixels_to_model
+from imedsam_deploy.preprocess import Region, pixels_to_model
 
 Embedding = Any  # opaque per-image handle, only passed back to the backend that made it
 
@@ -66,12 +66,13 @@ class Backend(abc.ABC):
         c0, c1): (logits (K, h, w), points queried). None: the runtime runs the host planner instead."""
         return None
 
-    def decode_merged(self, embedding: Embedding, boxes: np.ndarray, chunks: Iterable[np.ndarray], n: int,
-                      k: int) -> np.ndarray | None:
-        """Optional: decode one box (boxes (1, 4)) at the ``n`` points that ``chunks`` ((m, 2) coords each)
-        hold, and UGS-merge them where the outputs are: (K, n) logits, the fine one at each class's k most
-        uncertain points, the coarse one elsewhere (``runtime.ugs_merge``). None (without consuming ``chunks``):
-        the runtime decodes and merges on the host."""
+    def decode_merged(self, embedding: Embedding, boxes: np.ndarray, region: Region, out_hw: tuple[int, int],
+                      chunk: int, k: int) -> np.ndarray | None:
+        """Optional: decode one box (boxes (1, 4)) at every pixel of ``region`` of the ``out_hw`` output grid
+        (row-major, ``preprocess.region_chunk_coords``, at most ``chunk`` points per decoder call) and UGS-merge
+        them where the outputs are: (K, region.size) logits, the fine one at each class's k most uncertain
+        points, the coarse one elsewhere (``runtime.ugs_merge``). None: the runtime builds the coordinates,
+        decodes and merges on the host."""
         return None
 
     def close(self) -> None:  # noqa: B027 - optional hook

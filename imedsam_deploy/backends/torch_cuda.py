@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from imedsam_deploy import contract
 from imedsam_deploy.backends.base import Backend, Embedding
 from imedsam_deploy.errors import UserError
 from imedsam_deploy.manifest import Artifact
+from imedsam_deploy.preprocess import Region, axis_centres
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 CHECKPOINT_ENV = "IMEDSAM_TORCH_CHECKPOINT"
@@ -242,6 +243,7 @@ class TorchBackend(Backend):
         self.device_planner = self.device.type == "cuda" if device_planner is None else device_planner
         self.device_merge = self.device.type == "cuda" if device_merge is None else device_merge
         self._planners: dict[tuple[Any, ...], Any] = {}
+        self._axes: dict[tuple[int, int], tuple[Any, ...]] = {}  # output size -> device (x, y) pixel centres
         self.planner_fallbacks = 0  # boxes the device planner handed back to the host planner (over budget)
 
     @property
@@ -322,17 +324,31 @@ class TorchBackend(Backend):
         self._box_cache = (embedding, boxes.copy(), up)
         return up
 
-    def _points(self, up: Any, coords: np.ndarray) -> tuple[Any, Any, Any]:
-        """The per-point part on the device: (B, K, N) tensors, views of a graph's outputs (valid until its
-        next replay)."""
+    def _points(self, up: Any, coords: Any) -> tuple[Any, Any, Any]:
+        """The per-point part on the device for coords (B, N, 2), a numpy array or a device tensor: (B, K, N)
+        tensors, views of a graph's outputs (valid until its next replay)."""
         n = coords.shape[1]
-        if self.bucket_points:
-            padded = np.zeros((coords.shape[0], point_bucket(n, self.max_points), 2), np.float32)
-            padded[:, :n] = coords  # padding points sit at the centre: valid, and dropped below
+        host = isinstance(coords, np.ndarray)
+        if self.bucket_points and point_bucket(n, self.max_points) != n:  # padding points sit at the centre:
+            shape = (coords.shape[0], point_bucket(n, self.max_points), 2)  # valid, and dropped below
+            padded = np.zeros(shape, np.float32) if host else self.torch.zeros(shape, device=self.device)
+            padded[:, :n] = coords
             coords = padded
-        cc = self._tensor(coords)
+        cc = self._tensor(coords) if host else coords
         outs = self._run(("points", tuple(up.shape), tuple(cc.shape)), self._fns["points"], [up, cc])
         return outs[0][..., :n], outs[1][..., :n], outs[2][..., :n]
+
+    def _chunk_coords(self, region: Region, out_hw: tuple[int, int], start: int, stop: int) -> Any:
+        """``preprocess.region_chunk_coords`` on the device: the same float32 pixel centres (gathered from the
+        host's axis values, uploaded once per output size), with no host work or upload per chunk."""
+        t = self.torch
+        axes = self._axes.get(out_hw)
+        if axes is None:
+            axes = self._axes[out_hw] = tuple(self._tensor(axis_centres(n)) for n in (out_hw[1], out_hw[0]))
+        xs, ys = axes
+        idx = t.arange(start, stop, device=self.device)
+        rw = region.c1 - region.c0
+        return t.stack([xs[region.c0 + idx % rw], ys[region.r0 + idx // rw]], dim=-1)
 
     def decode(
         self, embedding: Embedding, boxes: np.ndarray, coords: np.ndarray
@@ -340,23 +356,21 @@ class TorchBackend(Backend):
         c, f, u = (o.cpu().numpy() for o in self._points(self.box_features(embedding, boxes), coords))
         return c, f, u
 
-    def decode_merged(self, embedding: Embedding, boxes: np.ndarray, chunks: Iterable[np.ndarray], n: int,
-                      k: int) -> np.ndarray | None:
-        """All of one box's points decoded into device buffers and UGS-merged there (``topk``): only the
-        merged logits cross to the host, instead of three float arrays and a host ``argpartition``."""
+    def decode_merged(self, embedding: Embedding, boxes: np.ndarray, region: Region, out_hw: tuple[int, int],
+                      chunk: int, k: int) -> np.ndarray | None:
+        """All of one box's region decoded into device buffers and UGS-merged there (``topk``), its coordinates
+        built on the device: only the merged logits cross the bus (not the coordinates, nor three float
+        arrays for a host ``argpartition``)."""
         if not self.device_merge:
             return None
         t = self.torch
         up = self.box_features(embedding, boxes)
+        n = region.size
         bufs = [t.empty((self.num_classes, n), dtype=t.float32, device=self.device) for _ in range(3)]
-        s = 0
-        for coords in chunks:
-            m = coords.shape[0]
-            for buf, o in zip(bufs, self._points(up, coords[None]), strict=True):
-                buf[:, s : s + m].copy_(o[0])
-            s += m
-        if s != n:
-            raise ValueError(f"decode_merged: chunks hold {s} points, expected {n}")
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            for buf, o in zip(bufs, self._points(up, self._chunk_coords(region, out_hw, s, e)[None]), strict=True):
+                buf[:, s:e].copy_(o[0])
         coarse, fine, unc = bufs
         return ugs_merge_device(coarse, fine, unc, k).cpu().numpy()  # type: ignore[no-any-return]
 

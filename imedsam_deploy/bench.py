@@ -44,7 +44,7 @@ from imedsam_deploy.atomic import atomic_path, atomic_write_text
 from imedsam_deploy.backends.base import Backend, Embedding
 from imedsam_deploy.errors import UserError
 from imedsam_deploy.manifest import Artifact, load_artifact
-from imedsam_deploy.preprocess import Region, resize_to_model
+from imedsam_deploy.preprocess import Region
 from imedsam_deploy.runtime import DEFAULT_CHUNK, DEFAULT_MARGIN, QUERY_MODES, QueryMode, Segmenter
 from imedsam_deploy.sparse import SparseConfig
 
@@ -216,17 +216,18 @@ class FrameRunner:
         output buffer)."""
         seg = self.seg
         t0 = time.perf_counter()
-        batch = np.stack([resize_to_model(im, self.s) for im in inputs.images])  # the rest: in encode_pixels
-        t1 = time.perf_counter()
-        enc_s = 0.0
+        pre_s = enc_s = 0.0
         self.timed.seconds = 0.0
         points = 0
         masks = []
         mb = self.backend.max_batch
-        for i in range(0, len(batch), mb):
+        for i in range(0, len(inputs.images), mb):
+            tp = time.perf_counter()
+            pixels = seg.pixels(inputs.images[i : i + mb])  # resized on the host; the rest in encode_pixels
             te = time.perf_counter()
-            embs = self.backend.encode_pixels(batch[i : i + mb])
+            embs = self.backend.encode_pixels(pixels)
             self.sync()
+            pre_s += te - tp
             enc_s += time.perf_counter() - te
             for emb, im, box in zip(embs, inputs.images[i : i + mb], inputs.boxes[i : i + mb], strict=True):
                 hw = (int(im.shape[0]), int(im.shape[1]))
@@ -236,15 +237,14 @@ class FrameRunner:
                 m[:, r.r0 : r.r1, r.c0 : r.c1] = obj.logits > 0
                 masks.append(m)
                 points += obj.queried
-        t3 = time.perf_counter()
-        t2 = t1 + enc_s  # stage split: encoder time, then decoder and postprocess (interleaved per group)
-        dec_s = self.timed.seconds
+        total_s = time.perf_counter() - t0
+        dec_s = self.timed.seconds  # stage split: preprocess, encoder, decoder, the rest (interleaved per group)
         if t is not None:
-            t.stages["preprocess"].append((t1 - t0) * 1e3)
-            t.stages["encoder"].append((t2 - t1) * 1e3)
+            t.stages["preprocess"].append(pre_s * 1e3)
+            t.stages["encoder"].append(enc_s * 1e3)
             t.stages["decoder"].append(dec_s * 1e3)
-            t.stages["postprocess"].append((t3 - t2 - dec_s) * 1e3)
-            t.total.append((t3 - t0) * 1e3)
+            t.stages["postprocess"].append((total_s - pre_s - enc_s - dec_s) * 1e3)
+            t.total.append(total_s * 1e3)
             t.points += points
             t.decoder_s += dec_s
         return masks

@@ -17,9 +17,15 @@ from imedsam_deploy._cv import cv2
 _INTERP = {"linear": cv2.INTER_LINEAR}
 
 
-def resize_to_model(rgb: np.ndarray, input_size: int) -> np.ndarray:
-    """(H, W, 3) uint8 RGB -> (S, S, 3) uint8: the stretch-resize, the host's part of preprocessing."""
-    return cv2.resize(rgb, (input_size, input_size), interpolation=_INTERP[contract.RESIZE_INTERPOLATION])
+def resize_to_model(rgb: np.ndarray, input_size: int, out: np.ndarray | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (S, S, 3) uint8: the stretch-resize, the host's part of preprocessing; into
+    ``out`` (a C-contiguous (S, S, 3) uint8 array) when given."""
+    if out is None:
+        return cv2.resize(rgb, (input_size, input_size), interpolation=_INTERP[contract.RESIZE_INTERPOLATION])
+    got = cv2.resize(rgb, (input_size, input_size), dst=out, interpolation=_INTERP[contract.RESIZE_INTERPOLATION])
+    if got is not out:  # OpenCV reallocates rather than fail when ``out`` does not fit
+        out[...] = got
+    return out
 
 
 def pixels_to_model(pixels: np.ndarray) -> np.ndarray:

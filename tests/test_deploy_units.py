@@ -64,6 +64,36 @@ def test_model_input_is_stretch_linear_rgb_scaled():
     assert x.min() >= 0.0 and x.max() <= 1.0
 
 
+def test_segmenter_resizes_frames_into_one_reused_uint8_batch():
+    """Segmenter.pixels: frames of any size resized into the same buffer (no allocation per frame), bitwise
+    resize_to_model's output; then pixels_to_model gives to_model_input's floats."""
+    from imedsam_deploy.backends.base import Backend
+    from imedsam_deploy.manifest import Artifact
+    from imedsam_deploy.preprocess import pixels_to_model, resize_to_model
+    from imedsam_deploy.runtime import Segmenter
+
+    class Nothing(Backend):
+        def encode(self, images):
+            return [None] * len(images)
+
+        def decode(self, embedding, boxes, coords):
+            raise NotImplementedError
+
+    art = Artifact(path=Path("."), manifest={}, input_size=64, embedding_shape=(8, 4, 4), num_classes=1,
+                   refine_fraction=0.125, max_points=1024, max_batch=3, graphs={})
+    seg = Segmenter(Nothing(3, 1024), art)
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((64, 64), (120, 90), (37, 200))]
+    first = seg.pixels(frames)
+    again = seg.pixels(frames[1:])
+    assert again.base is first.base and again.shape == (2, 64, 64, 3)  # the same buffer, rows reused
+    for got, im in zip(again, frames[1:], strict=True):
+        assert np.array_equal(got, resize_to_model(im, 64))
+    assert np.array_equal(pixels_to_model(again), np.stack([to_model_input(im, 64) for im in frames[1:]]))
+    with pytest.raises(ValueError, match="max_batch"):
+        seg.pixels(frames + frames[:1])
+
+
 def test_box_to_model_scales_each_axis():
     b = box_to_model(np.array([10, 20, 110, 220]), (400, 200), 128)
     np.testing.assert_allclose(b, [6.4, 6.4, 70.4, 70.4], rtol=1e-6)

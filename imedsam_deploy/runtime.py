@@ -134,8 +134,8 @@ class Segmenter:
         if len(images) > self.backend.max_batch:
             raise ValueError(f"embed: {len(images)} images > max_batch {self.backend.max_batch} (embed and "
                              "decode them in groups: a handle is valid until the next embed)")
-        if self._pixels is None:
-            self._pixels = np.empty((self.backend.max_batch, self.s, self.s, 3), np.uint8)
+        if self._pixels is None or len(self._pixels) < len(images):  # grown to the largest batch seen
+            self._pixels = np.empty((len(images), self.s, self.s, 3), np.uint8)
         for im, dst in zip(images, self._pixels, strict=False):
             resize_to_model(im, self.s, out=dst)
         return self._pixels[: len(images)]

@@ -90,6 +90,7 @@ def test_segmenter_resizes_frames_into_one_reused_uint8_batch():
     for got, im in zip(again, frames[1:], strict=True):
         assert np.array_equal(got, resize_to_model(im, 64))
     assert np.array_equal(pixels_to_model(again), np.stack([to_model_input(im, 64) for im in frames[1:]]))
+    assert seg.pixels(frames[:1]).base is first.base  # a smaller batch: still the same buffer
     with pytest.raises(ValueError, match="max_batch"):
         seg.pixels(frames + frames[:1])
 

@@ -325,6 +325,7 @@ def test_torch_backend_encoder_options_are_exact(monkeypatch):
     model = tiny()
     plain = TorchBackend(model, device="cpu", precision="fp32")
     assert not plain.fused_attention and not plain.overlap_frequency  # CUDA-only defaults
+    assert "SDPA" not in plain.description and "stream" not in plain.description
     img = np.random.default_rng(0).random((2, 3, S, S), dtype=np.float32)
     box = np.array([[10, 12, 90, 100]], np.float32)
     coords = np.random.default_rng(1).uniform(-1, 1, (1, 500, 2)).astype(np.float32)
@@ -335,6 +336,7 @@ def test_torch_backend_encoder_options_are_exact(monkeypatch):
         attns = [m for m in be.model.modules() if hasattr(m, "fused")]
         assert len(attns) == model.cfg.encoder.depth and all(m.fused == fused for m in attns)
         assert be.model.image_encoder.frequency_first == overlap
+        assert ("SDPA attention" in be.description) == fused and ("frequency stream" in be.description) == overlap
         calls.update(sdpa=0, first=0)
         got = be.encode(img)
         assert calls == {"sdpa": model.cfg.encoder.depth if fused else 0, "first": int(overlap)}

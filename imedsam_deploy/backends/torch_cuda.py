@@ -251,7 +251,9 @@ class TorchBackend(Backend):
         gpu = f" on {self.torch.cuda.get_device_name(self.device)}" if self.device.type == "cuda" else ""
         graphs = ", CUDA graphs" if self.use_graphs else ""
         compiled = ", torch.compile" if self.compiled else ""
-        return f"{self.name} ({self.precision}{graphs}{compiled}){gpu}"
+        opts = (", SDPA attention" if self.fused_attention else "") + (
+            ", frequency stream" if self.overlap_frequency else "")
+        return f"{self.name} ({self.precision}{graphs}{compiled}{opts}){gpu}"
 
     # --- plumbing ---
     def _autocast(self) -> Any:

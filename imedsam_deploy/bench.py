@@ -152,22 +152,50 @@ def machine() -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- frame runner
-def _sync(backend: Backend) -> Callable[[], None]:
-    torch = getattr(backend, "torch", None)
-    dev = getattr(backend, "device", None)
-    if torch is not None and getattr(dev, "type", None) == "cuda":
-        return lambda: torch.cuda.synchronize(dev)
-    return lambda: None
+class StageClock:
+    """Stage boundaries within a frame. On a torch CUDA backend, CUDA events recorded on its stream (device-side
+    timing): nothing inside a frame synchronises, so the frame runs as ``imedsam-infer`` runs it, the host
+    queueing the next graph while the GPU runs the last, and its end-to-end time is not inflated by the stage
+    split. Elsewhere, host clock readings (ONNX Runtime and TensorRT calls return with their outputs on the
+    host)."""
+
+    def __init__(self, backend: Backend) -> None:
+        torch = getattr(backend, "torch", None)
+        dev = getattr(backend, "device", None)
+        self.torch = torch if torch is not None and getattr(dev, "type", None) == "cuda" else None
+        self.dev = dev
+
+    def mark(self) -> Any:
+        if self.torch is None:
+            return time.perf_counter()
+        ev = self.torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def seconds(self, a: Any, b: Any) -> float:
+        """Between two marks (waits for the later one on a GPU)."""
+        if self.torch is None:
+            return float(b - a)
+        b.synchronize()
+        return float(a.elapsed_time(b)) / 1e3
+
+    def sync(self) -> None:
+        if self.torch is not None:
+            self.torch.cuda.synchronize(self.dev)
 
 
 class TimedDecode(Backend):
     """A backend whose ``decode`` calls are timed: the decoder stage is the time spent inside them (the
     sparse planner's and the UGS merge's numpy work around them is postprocessing)."""
 
-    def __init__(self, inner: Backend, sync: Callable[[], None]) -> None:
+    def __init__(self, inner: Backend, clock: StageClock) -> None:
         super().__init__(inner.max_batch, inner.max_points)
-        self.inner, self.sync, self.seconds = inner, sync, 0.0
+        self.inner, self.clock = inner, clock
+        self.intervals: list[tuple[Any, Any]] = []  # (start, end) marks of this frame's decoder calls
         self.name = inner.name
+
+    def seconds(self) -> float:
+        return sum(self.clock.seconds(a, b) for a, b in self.intervals)
 
     def encode(self, images: np.ndarray) -> Sequence[Embedding]:
         return self.inner.encode(images)
@@ -176,10 +204,9 @@ class TimedDecode(Backend):
         return self.inner.encode_pixels(pixels)
 
     def _timed(self, fn: Callable[..., Any], *args: Any) -> Any:
-        t = time.perf_counter()
+        a = self.clock.mark()
         out = fn(*args)
-        self.sync()
-        self.seconds += time.perf_counter() - t
+        self.intervals.append((a, self.clock.mark()))
         return out
 
     def decode(self, embedding: Embedding, boxes: np.ndarray, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -203,8 +230,8 @@ class FrameRunner:
 
     def __init__(self, backend: Backend, artifact: Artifact, query: QueryMode, opts: BenchOptions) -> None:
         self.backend, self.s, self.k_cls = backend, artifact.input_size, artifact.num_classes
-        self.sync = _sync(backend)
-        self.timed = TimedDecode(backend, self.sync)
+        self.clock = StageClock(backend)
+        self.timed = TimedDecode(backend, self.clock)
         self.seg = Segmenter(self.timed, artifact, query=query, margin=opts.margin, chunk=opts.chunk or DEFAULT_CHUNK)
         self.seg.sparse_cfg = opts.sparse
 
@@ -215,20 +242,21 @@ class FrameRunner:
         embedding handle is only valid until the backend's next ``encode`` (TensorRT's point into one
         output buffer)."""
         seg = self.seg
+        clock = self.clock
         t0 = time.perf_counter()
-        pre_s = enc_s = 0.0
-        self.timed.seconds = 0.0
+        pre_s = 0.0
+        enc_marks = []
+        self.timed.intervals.clear()
         points = 0
         masks = []
         mb = self.backend.max_batch
         for i in range(0, len(inputs.images), mb):
             tp = time.perf_counter()
             pixels = seg.pixels(inputs.images[i : i + mb])  # resized on the host; the rest in encode_pixels
-            te = time.perf_counter()
+            pre_s += time.perf_counter() - tp
+            a = clock.mark()
             embs = self.backend.encode_pixels(pixels)
-            self.sync()
-            pre_s += te - tp
-            enc_s += time.perf_counter() - te
+            enc_marks.append((a, clock.mark()))
             for emb, im, box in zip(embs, inputs.images[i : i + mb], inputs.boxes[i : i + mb], strict=True):
                 hw = (int(im.shape[0]), int(im.shape[1]))
                 obj = seg.decode_box(emb, np.asarray(box, np.float64), hw, out_hw)
@@ -237,13 +265,16 @@ class FrameRunner:
                 m[:, r.r0 : r.r1, r.c0 : r.c1] = obj.logits > 0
                 masks.append(m)
                 points += obj.queried
+        clock.sync()  # (the masks are on the host already: nothing is left to wait for)
         total_s = time.perf_counter() - t0
-        dec_s = self.timed.seconds  # stage split: preprocess, encoder, decoder, the rest (interleaved per group)
+        # stage split: preprocess (host), encoder and decoder (device-side on a GPU), the rest
+        enc_s = sum(clock.seconds(a, b) for a, b in enc_marks)
+        dec_s = self.timed.seconds()
         if t is not None:
             t.stages["preprocess"].append(pre_s * 1e3)
             t.stages["encoder"].append(enc_s * 1e3)
             t.stages["decoder"].append(dec_s * 1e3)
-            t.stages["postprocess"].append((total_s - pre_s - enc_s - dec_s) * 1e3)
+            t.stages["postprocess"].append(max(0.0, total_s - pre_s - enc_s - dec_s) * 1e3)
             t.total.append(total_s * 1e3)
             t.points += points
             t.decoder_s += dec_s

@@ -438,6 +438,68 @@ def test_frame_runner_decodes_each_group_before_encoding_the_next():
         Segmenter(be, art).embed(inp.images[:3])
 
 
+def test_frame_runner_times_gpu_stages_with_events_and_no_synchronisation_inside_a_frame():
+    """On a torch CUDA backend the bench's stage split uses CUDA events, so a frame runs as imedsam-infer runs
+    it: no synchronisation between encoder and decoder (which would stop the host queueing the next graph
+    while the GPU runs the last), one at the end. Checked with a stand-in for torch.cuda that logs calls and
+    timestamps each event."""
+    from types import SimpleNamespace
+
+    from imedsam_deploy.backends.base import Backend
+    from imedsam_deploy.bench import BenchOptions, FrameRunner, Timings, synthetic_inputs
+    from imedsam_deploy.manifest import Artifact
+
+    log: list[str] = []
+    clock = iter(range(1000))
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self):
+            self.t = next(clock)  # ms on the fake GPU timeline
+            log.append("mark")
+
+        def synchronize(self):
+            log.append("wait-event")
+
+        def elapsed_time(self, other):
+            return float(other.t - self.t)
+
+    fake_torch = SimpleNamespace(cuda=SimpleNamespace(Event=Event, synchronize=lambda dev: log.append("sync")))
+
+    class FakeCuda(Backend):
+        torch = fake_torch
+        device = SimpleNamespace(type="cuda")
+
+        def encode(self, images):
+            log.append("encode")
+            return [None] * len(images)
+
+        def encode_pixels(self, pixels):
+            next(clock)  # the encoder takes 1 ms longer than a mark
+            return self.encode(pixels)
+
+        def decode(self, embedding, boxes, coords):
+            raise AssertionError("the device planner answers")
+
+        def sparse_region(self, embedding, boxes, region, out_hw, fraction, cfg):
+            log.append("plan")
+            next(clock), next(clock)
+            r0, r1, c0, c1 = region
+            return np.ones((1, r1 - r0, c1 - c0), np.float32), 7
+
+    art = Artifact(path=Path("."), manifest={}, input_size=S, embedding_shape=(8, 4, 4), num_classes=1,
+                   refine_fraction=0.125, max_points=4096, max_batch=2, graphs={})
+    t = Timings()
+    masks = FrameRunner(FakeCuda(2, 4096), art, "sparse", BenchOptions()).run(synthetic_inputs(S, 2), (48, 48), t)
+    assert len(masks) == 2 and all(m.any() for m in masks)
+    assert log[: log.index("sync")] == ["mark", "encode", "mark"] + ["mark", "plan", "mark"] * 2  # no sync inside
+    assert log.count("sync") == 1 and "wait-event" in log[log.index("sync") :]
+    assert t.stages["encoder"] == [2.0] and t.stages["decoder"] == [6.0]  # from the events: 2 ms, 2 x 3 ms
+    assert t.points == 14
+
+
 def test_torch_cuda_backend_refuses_clearly_without_cuda():
     from imedsam_deploy.backends.torch_cuda import TorchBackend
 

@@ -294,8 +294,17 @@ class TorchBackend(Backend):
             graph.replay()
             return static_out
 
-    def _tensor(self, a: np.ndarray) -> Any:
-        return self.torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(self.device, non_blocking=True)
+    def _tensor(self, a: np.ndarray, dtype: Any = np.float32) -> Any:
+        """Host array -> device tensor, through pinned memory on CUDA. An upload from pageable memory first waits
+        for all the work queued on the stream: after ``encode`` launched the encoder's graph, the box part's
+        upload would hold the host until the encoder finished, leaving the GPU idle while the host then
+        prepares the box and planner graphs. From pinned memory the copy is queued like a kernel, and the host
+        runs ahead. (The pinned block comes from torch's caching host allocator, which keeps it until the copy
+        is done.)"""
+        t = self.torch.from_numpy(np.ascontiguousarray(a, dtype=dtype))
+        if self.device.type == "cuda":
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
 
     # --- Backend interface ---
     def encode(self, images: np.ndarray) -> Sequence[Embedding]:
@@ -304,8 +313,7 @@ class TorchBackend(Backend):
     def encode_pixels(self, pixels: np.ndarray) -> Sequence[Embedding]:
         """Uploads the resized uint8 pixels (a third of the float32 bytes) and converts them inside the
         encoder's graph: no host float conversion or transpose."""
-        px = self.torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.uint8)).to(self.device, non_blocking=True)
-        return self._encode("enc_pixels", px)
+        return self._encode("enc_pixels", self._tensor(pixels, np.uint8))
 
     def _encode(self, fn: str, x: Any) -> list[Embedding]:
         emb = self._run(("enc", fn, tuple(x.shape)), self._fns[fn], [x])
@@ -400,7 +408,7 @@ class TorchBackend(Backend):
         def plan(u: Any, reg: Any) -> tuple[Any, ...]:
             return planner.plan(lambda c: tuple(o[0] for o in points(u, c[None])), reg)  # type: ignore[no-any-return]
 
-        reg = self.torch.tensor([r0, r1 - r0, c0, c1 - c0], dtype=self.torch.int64).to(self.device)
+        reg = self._tensor(np.array([r0, r1 - r0, c0, c1 - c0]), np.int64)
         out = self.run_planner(("sparse", tuple(up.shape), pkey), planner, plan, [up, reg])
         if out is None:
             return None

@@ -1,12 +1,14 @@
 """Latency and throughput of the deploy runtime, per stage and per backend (``imedsam-bench``).
 
 One *frame* = ``batch`` images with one box each, from RGB uint8 to masks at the output size:
-preprocess (stretch-resize, scale), encoder (one batched call, split at the artifact's max batch),
-decoder (every backend.decode call, chunked) and postprocess (UGS merge, sparse planning, mask assembly).
-Each configuration is warmed up, then timed ``repeat`` times; p50/p95/p99 per stage and end to end.
+preprocess (the host's stretch-resize), encoder (one batched call, split at the artifact's max batch, the
+float conversion included), decoder (every decoder call, chunked, or the backend's own planner / merge) and
+postprocess (the rest: host UGS merge and sparse planning, mask assembly). Each configuration is warmed up,
+then timed ``repeat`` times; p50/p95/p99 per stage and end to end. On a torch CUDA backend the encoder and
+decoder stages are device-side (CUDA events, ``StageClock``), with no synchronisation inside a frame.
 
 Query modes (see ``runtime`` and ``sparse``): ``full`` decodes every output pixel; ``box`` only the box
-plus a margin (the runtime's default); ``sparse`` the box plus margin, multiresolution (``sparse.py``).
+plus a margin; ``sparse`` the box plus margin, multiresolution (``sparse.py``).
 
 With ``reference`` the released code's compute (``benchmarks/reference.py``, eager PyTorch fp32, same
 weights) runs on the same inputs, interleaved with ours repeat by repeat (a shared CPU drifts: the ratio

@@ -20,6 +20,8 @@ CUDA events around each frame):
 Encoder options (before/after of each, bf16, CUDA graphs, batch 1 and 8): the encoder alone with its
 attention as explicit GEMMs or one ``scaled_dot_product_attention`` call, and with the frequency chain in line
 or on a second stream, with the embedding's difference from the plain encoder.
+Kernel profiles: the encoder and a whole sparse frame run eagerly under the profiler (kernels per call, their
+summed time, the heaviest), to set beside the graph replays' times: kernel-bound or gap-bound.
 Agreement: in every row, each variant's masks against the reference's on the same inputs (pixels inside the
 box, Dice), plus an fp32 check first. The JSON is rewritten after every row, so a run cut short keeps what
 it measured; rows are ordered by importance (batch 1, then batches 8 and 32 with fewer runs: max(5,
@@ -274,6 +276,34 @@ def main(argv: list[str] | None = None) -> int:
             del be._graphs[k]
         return out
 
+    def kernel_profile(be: TorchBackend, fn: Callable[[], Any], calls: int = 3) -> dict[str, Any]:
+        """``fn`` run eagerly (the backend's graphs off) under the profiler: kernels per call, their summed
+        time, and the heaviest. Set beside the graph replay's time, it says whether a stage is bound by its
+        kernels' work or by the gaps between many small ones (what fusion would buy)."""
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        act, kind = (ProfilerActivity.CUDA, DeviceType.CUDA) if cuda else (ProfilerActivity.CPU, DeviceType.CPU)
+        graphs, be.use_graphs = be.use_graphs, False
+        try:
+            for _ in range(2):
+                fn()
+            sync()
+            with profile(activities=[act]) as prof:
+                for _ in range(calls):
+                    fn()
+                sync()
+        finally:
+            be.use_graphs = graphs
+        rows = []
+        for e in prof.key_averages():
+            if e.device_type == kind:
+                us = e.self_device_time_total if cuda else e.self_cpu_time_total
+                rows.append((us / calls / 1e3, e.count / calls, e.key))
+        rows.sort(reverse=True)
+        return {"kernels_per_call": sum(r[1] for r in rows), "kernel_ms_per_call": sum(r[0] for r in rows),
+                "top": [{"ms_per_call": ms, "count_per_call": n, "name": k[:90]} for ms, n, k in rows[:15]]}
+
     results: dict[str, Any] = {"info": info, "correctness": {}, "timing": []}
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -306,6 +336,23 @@ def main(argv: list[str] | None = None) -> int:
     # ---- 1b. the encoder's options on their own (bf16, CUDA graphs): before/after figures for each
     if a.compile != "only":
         results["encoder_options"] = encoder_options(ours["bf16"], sorted({1, min(8, maxb)}))
+        save()
+
+    # ---- 1c. kernel profiles (eager) of the encoder and of a whole sparse frame at the input size
+    if a.compile != "only":
+        prof_inp = synthetic_inputs(S, 1, seed=4)
+        px = np.stack([to_model_input(im, S) for im in prof_inp.images])
+        be16 = ours["bf16"]
+        profiles: dict[str, Any] = {}
+        for name, fn in (("encoder", lambda: be16.encode(px)),
+                         ("sparse frame", lambda: runners["bf16"][0].run(prof_inp, (S, S), None))):
+            try:
+                profiles[name] = kernel_profile(be16, fn)
+            except Exception as e:
+                profiles[name] = {"error": failure(e)}
+            print(f"kernel profile {name}: " + json.dumps({k: v for k, v in profiles[name].items() if k != "top"}),
+                  flush=True)
+        results["kernel_profiles"] = profiles
         save()
 
     # ---- 2. timing, most important rows first: batch 1, then the batches, then the compiled variants
@@ -395,6 +442,13 @@ def main(argv: list[str] | None = None) -> int:
         opt = f"encoder b{c['batch']} sdpa={int(c['fused_attention'])} stream={int(c['overlap_frequency'])}"
         print(f"{opt:<42} " + (f"FAILED {c['error']}" if "error" in c else
                                f"{c['p50_ms']:.3f} ms (min {c['min_ms']:.3f}), max abs diff {c['max_abs_diff_vs_plain']:.2e}"))
+    for name, pr in results.get("kernel_profiles", {}).items():
+        if "error" in pr:
+            print(f"kernel profile {name}: FAILED {pr['error']}")
+            continue
+        print(f"kernel profile {name} (eager): {pr['kernels_per_call']:.0f} kernels, {pr['kernel_ms_per_call']:.3f} ms"
+              " of kernel time per call; heaviest: " + "; ".join(
+                  f"{t['name'][:40]} {t['ms_per_call']:.3f} ms x{t['count_per_call']:.0f}" for t in pr["top"][:4]))
     for k, v in checks.items():
         print(f"correctness {k}: " + (f"FAILED {v['error']}" if "error" in v else
                                       f"{100 * v['pixel_in_box']:.3f}% in box, Dice {v['dice']:.4f}"))

@@ -137,6 +137,8 @@ class Segmenter:
         if self._pixels is None or len(self._pixels) < len(images):  # grown to the largest batch seen
             self._pixels = np.empty((len(images), self.s, self.s, 3), np.uint8)
         for im, dst in zip(images, self._pixels, strict=False):
+            if im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
+                raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {im.dtype} {im.shape}")
             resize_to_model(im, self.s, out=dst)
         return self._pixels[: len(images)]
 

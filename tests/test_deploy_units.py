@@ -93,6 +93,9 @@ def test_segmenter_resizes_frames_into_one_reused_uint8_batch():
     assert seg.pixels(frames[:1]).base is first.base  # a smaller batch: still the same buffer
     with pytest.raises(ValueError, match="max_batch"):
         seg.pixels(frames + frames[:1])
+    for bad in (frames[0].astype(np.float32), frames[0][..., 0], frames[0][..., :2]):  # never silently cast
+        with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8 RGB"):
+            seg.pixels([bad])
 
 
 def test_box_to_model_scales_each_axis():

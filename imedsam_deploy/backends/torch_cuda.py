@@ -8,8 +8,8 @@ torch-free otherwise. What it does (DESIGN §2-3):
 - the FFT runs on the device (``torch.fft`` in the model's spectrum, fp32 whatever the autocast state);
 - bf16 (or fp16) autocast with fp32 islands, Linear and convolution weights stored in that dtype (autocast
   would cast them on every replay): FFT and Fourier encoding (forced fp32 in the model code),
-  LayerNorm and softmax (fp32 under CUDA autocast), the closed-form uncertainty (forced fp32 here, its
-  ranking picks the refined points);
+  LayerNorm and softmax (fp32 under CUDA autocast; the encoder's softmax inside the fused attention kernel,
+  with fp32 statistics), the closed-form uncertainty (forced fp32 here, its ranking picks the refined points);
 - the relative-position gather index is a precomputed buffer (model code), so capture works;
 - the decoder runs split like the ONNX Runtime backend's: the box part (prompt encoder, two-way transformer,
   upsampling) once per (embedding, boxes), memoised, then the per-point part per chunk or planner level;

@@ -1,0 +1,48 @@
+"""The benchmark scripts that run where CI cannot (a lent GPU for a few minutes) are dry-run here on the CPU, so
+an API change breaks them in CI rather than during a device session."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import gpu_check, host_overhead
+
+
+def test_gpu_check_dry_run_runs_every_variant_and_agrees(tmp_path):
+    rc = gpu_check.main(["--device", "cpu", "--model", "tiny", "--quick", "--input-size", "64", "--sizes", "64",
+                         "--batches", "1", "--compile", "none", "--out", str(tmp_path)])
+    assert rc == 0
+    res = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert res["correctness"]["full fp32"]["pixel_in_box"] >= 0.999  # the runtime's fp32 full grid = reference
+    (row,) = res["timing"]
+    assert "errors" not in row and "skipped" not in row
+    variants = {k for k, v in row.items() if isinstance(v, dict) and "p50_ms" in v}
+    assert variants == {"reference fp32", "full bf16", "sparse bf16", "sparse bf16 host", "box bf16", "fused bf16",
+                        "fused-sparse bf16"}
+    for name in variants - {"reference fp32"}:
+        assert row[name]["agreement"]["pixel_in_box"] >= 0.98, name  # bf16 against the fp32 reference
+        assert row[name]["speedup_vs_reference"] > 0
+    # the device planner (alone, and inside the one-graph frame) decides as the host planner does, and the
+    # one-graph full grid as the chunked one (to bf16 rounding: a CPU GEMM's rows may round differently with
+    # the number of rows it is given)
+    def in_box(name):
+        return row[name]["agreement"]["pixel_in_box"]
+
+    assert abs(in_box("sparse bf16") - in_box("sparse bf16 host")) <= 0.005
+    assert abs(in_box("fused-sparse bf16") - in_box("sparse bf16 host")) <= 0.005
+    assert abs(in_box("fused bf16") - in_box("full bf16")) <= 0.005
+    assert row["planner_fallbacks"]["bf16"] == [0, 0]
+    opts = res["encoder_options"]
+    assert len(opts) == 4 and not any("error" in o for o in opts)
+    for o in opts:  # the frequency stream changes nothing; the fused attention stays within bf16 rounding
+        assert o["max_abs_diff_vs_plain"] == 0.0 if not o["fused_attention"] else o["max_abs_diff_vs_plain"] < 0.1
+    for name in ("encoder", "sparse frame"):
+        prof = res["kernel_profiles"][name]
+        assert prof["kernels_per_call"] > 10 and prof["kernel_ms_per_call"] > 0 and prof["top"]
+
+
+def test_host_overhead_runs(capsys):
+    assert host_overhead.main(["--frames", "80x60", "--repeat", "3"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [r[:2] for r in rows] == [["80x60", q] for q in ("sparse", "box", "full")]
+    assert all(float(v) >= 0 for r in rows for v in r[2:])

@@ -131,6 +131,39 @@ def test_segmenter_sparse_on_the_device_equals_the_host_planner(shipped, out, mo
     assert be.planner_fallbacks == answers.count(None) > 0
 
 
+def test_compiled_backend_compiles_the_whole_planner(shipped, monkeypatch):
+    """With compile on, the sparse planner is compiled whole (fullgraph: its own elementwise ops fuse with its
+    decoder calls), around the raw per-point function rather than around a compiled one, and decides as the
+    eager device planner does. aot_eager: the same capture without code generation."""
+    from imedsam_deploy.backends.torch_cuda import TorchBackend
+    from imedsam_deploy.runtime import Segmenter
+
+    compiled = []
+    real_compile = torch.compile
+
+    def recording_compile(fn, **kw):
+        compiled.append((fn.__name__, kw.get("fullgraph")))
+        return real_compile(fn, **kw)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    model, art = shipped
+    stem = sorted(p.stem for p in (SAMPLE_DATA / "images").iterdir())[0]
+    rgb = read_rgb(SAMPLE_DATA / "images" / f"{stem}.jpg")
+    h, w = rgb.shape[:2]
+    box = np.array([[0.3 * w, 0.3 * h, 0.7 * w, 0.65 * h]])
+    objs = {}
+    for name, comp in (("eager", False), ("compiled", "aot_eager")):
+        be = TorchBackend(model, "cpu", "fp32", device_planner=True, compile=comp)
+        calls = []
+        inner = be.sparse_region
+        be.sparse_region = lambda *a, inner=inner, calls=calls: calls.append(inner(*a)) or calls[-1]  # type: ignore[method-assign]
+        objs[name] = Segmenter(be, art, query="sparse").segment(rgb, box, (200, 300)).objects[0]
+        assert calls and calls[0] is not None  # planned on the device, not handed back
+    assert ("plan_fn", True) in compiled
+    np.testing.assert_array_equal(objs["compiled"].mask(), objs["eager"].mask())
+    assert objs["compiled"].queried == objs["eager"].queried
+
+
 def test_device_planner_is_capturable(monkeypatch):
     """What CUDA-graph capture forbids, checked on the CPU: no host synchronisation (an .item(), a
     data-dependent shape) -- torch.compile(fullgraph=True) stops at one -- and no host data copied to the

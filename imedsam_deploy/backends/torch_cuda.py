@@ -232,17 +232,21 @@ class TorchBackend(Backend):
 
         fns: dict[str, Callable[..., Any]] = {"enc": encode_fn, "enc_pixels": encode_pixels_fn, "prompt": prompt_fn,
                                               "points": points_fn}
+        self._raw_points = points_fn  # traced inside the compiled planner (not a compiled call in a compiled one)
+        self._compile_backend: str | None = None
         if compile:
             import torch._dynamo
 
             # each (batch, bucket) shape is its own specialisation: allow more than dynamo's default 8
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             backend = compile if isinstance(compile, str) else "inductor"
+            self._compile_backend = backend
             fns = {k: torch.compile(f, fullgraph=True, dynamic=False, backend=backend) for k, f in fns.items()}
         self._fns = fns
         self.device_planner = self.device.type == "cuda" if device_planner is None else device_planner
         self.device_merge = self.device.type == "cuda" if device_merge is None else device_merge
         self._planners: dict[tuple[Any, ...], Any] = {}
+        self._plans: dict[tuple[Any, ...], Callable[..., Any]] = {}  # the planner's captured (or compiled) function
         self._axes: dict[tuple[int, int], tuple[Any, ...]] = {}  # output size -> device (x, y) pixel centres
         self.planner_fallbacks = 0  # boxes the device planner handed back to the host planner (over budget)
 
@@ -403,11 +407,17 @@ class TorchBackend(Backend):
         if not planner.usable(r1 - r0, c1 - c0):
             return None
         up = self.box_features(embedding, boxes)
-        points = self._fns["points"]
+        plan = self._plans.get(pkey)
+        if plan is None:
+            points = self._raw_points if self._compile_backend else self._fns["points"]
 
-        def plan(u: Any, reg: Any) -> tuple[Any, ...]:
-            return planner.plan(lambda c: tuple(o[0] for o in points(u, c[None])), reg)  # type: ignore[no-any-return]
+            def plan_fn(u: Any, reg: Any) -> tuple[Any, ...]:
+                return planner.plan(lambda c: tuple(o[0] for o in points(u, c[None])), reg)  # type: ignore[no-any-return]
 
+            # compiled whole: the planner's own ~700 small elementwise ops and its decoder calls fuse together
+            plan = plan_fn if self._compile_backend is None else self.torch.compile(
+                plan_fn, fullgraph=True, dynamic=False, backend=self._compile_backend)
+            self._plans[pkey] = plan
         reg = self._tensor(np.array([r0, r1 - r0, c0, c1 - c0]), np.int64)
         out = self.run_planner(("sparse", tuple(up.shape), pkey), planner, plan, [up, reg])
         if out is None:
@@ -432,5 +442,6 @@ class TorchBackend(Backend):
         self._graphs.clear()
         self._box_cache = None
         self._planners.clear()
+        self._plans.clear()
         if self.device.type == "cuda":
             self.torch.cuda.empty_cache()

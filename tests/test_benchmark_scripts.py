@@ -46,3 +46,14 @@ def test_host_overhead_runs(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
     assert [r[:2] for r in rows] == [["80x60", q] for q in ("sparse", "box", "full")]
     assert all(float(v) >= 0 for r in rows for v in r[2:])
+
+
+def test_op_count_counts_each_stage(capsys):
+    from benchmarks import op_count
+
+    assert op_count.main(["--model", "tiny", "--input-size", "64", "--out-sizes", "64"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    counts = {line[:22].strip(): int(line[22:29]) for line in lines}
+    assert set(counts) == {"encoder", "box part", "one decoder call", "sparse planner 64²"}
+    assert all(n > 10 for n in counts.values())
+    assert counts["sparse planner 64²"] > 3 * counts["one decoder call"]  # several decoder calls inside

@@ -1,0 +1,86 @@
+"""Operator counts of torch-cuda's captured stages, counted on the CPU: roughly the kernels each CUDA graph
+replays per frame.
+
+Inside a CUDA graph a kernel still costs a few microseconds however little it does, so at 384² a stage of a
+thousand small elementwise kernels is milliseconds of GPU time on its own: what the count shows is what op
+fusion (``torch.compile``) has to remove. Counted with a dispatch mode: every aten call but views and
+metadata-only ops, run eagerly with torch-cuda's CUDA defaults (SDPA attention, frequency chain first).
+
+    python -m benchmarks.op_count --model vit_b            # encoder, box part, one decoder call, planner
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# aten ops that only make views or read metadata: no kernel on a GPU
+VIEWS = {"view", "_unsafe_view", "reshape", "expand", "permute", "transpose", "t", "slice", "select", "unsqueeze",
+         "squeeze", "as_strided", "alias", "detach", "unbind", "split", "split_with_sizes", "lift_fresh",
+         "_reshape_alias", "unfold", "diagonal", "narrow", "chunk", "sym_size", "sym_stride", "sym_numel", "dim",
+         "size", "stride", "is_same_size", "_local_scalar_dense"}
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = func.overloadpacket.__name__
+        out = func(*args, **(kwargs or {}))
+        if name not in VIEWS and not (args and out is args[0]):  # ``to``/``contiguous`` returning self: no kernel
+            self.ops[name] += 1
+        return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="vit_b")
+    ap.add_argument("--input-size", type=int, default=384)
+    ap.add_argument("--out-sizes", type=int, nargs="+", default=[384, 896])
+    ap.add_argument("--top", type=int, default=8, help="most frequent ops listed per stage")
+    a = ap.parse_args(argv)
+    from imedsam_deploy.backends.torch_cuda import TorchBackend
+    from imedsam_deploy.backends.torch_sparse import DevicePlanner
+    from imedsam_deploy.sparse import SparseConfig
+    from imedsam_train.build import build
+
+    torch.manual_seed(0)
+    model, _ = build(a.model, input_size=a.input_size)
+    be = TorchBackend(model.eval(), "cpu", "fp32", fused_attention=True, overlap_frequency=True)
+    s = a.input_size
+    img = np.random.default_rng(0).random((1, 3, s, s), dtype=np.float32)
+    box = np.array([[0.3 * s, 0.3 * s, 0.7 * s, 0.65 * s]], np.float32)
+    rows: list[tuple[str, OpCounter, str]] = []
+    with torch.inference_mode():
+        with OpCounter() as enc:
+            emb = be._fns["enc"](torch.from_numpy(img))
+        rows.append(("encoder", enc, ""))
+        with OpCounter() as prompt:
+            up = be._fns["prompt"](emb, torch.from_numpy(box))
+        rows.append(("box part", prompt, ""))
+        with OpCounter() as pts:
+            be._fns["points"](up, torch.zeros(1, 1024, 2))
+        rows.append(("one decoder call", pts, "any point count"))
+        for out in a.out_sizes:
+            planner = DevicePlanner((out, out), model.cfg.decoder.refine_fraction, SparseConfig(), "cpu")
+            reg = torch.tensor([out // 4, out // 2, out // 4, out // 2])
+            with OpCounter() as plan:
+                res = planner.plan(lambda c: tuple(o[0] for o in be._fns["points"](up, c[None])), reg)
+            rows.append((f"sparse planner {out}²", plan, f"{len(planner.levels) + 1} decoder calls inside, "
+                         f"{int(res[2])} points"))
+    print(f"{a.model} at {s}², eager, non-view aten ops (~ GPU kernels):")
+    for name, c, note in rows:
+        top = ", ".join(f"{k} {v}" for k, v in c.ops.most_common(a.top))
+        print(f"{name:<22} {sum(c.ops.values()):>6}  {note:<36} {top}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -21,6 +21,22 @@ from .conftest import SAMPLE_DATA, read_rgb
 REPO = Path(__file__).resolve().parents[1]
 
 
+def sample_frame(i: int, box: tuple[float, float, float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Sample image i (sorted by name) and one box given as fractions of its width and height."""
+    stem = sorted(p.stem for p in (SAMPLE_DATA / "images").iterdir())[i]
+    rgb = read_rgb(SAMPLE_DATA / "images" / f"{stem}.jpg")
+    h, w = rgb.shape[:2]
+    return rgb, np.array([[box[0] * w, box[1] * h, box[2] * w, box[3] * h]])
+
+
+def record_answers(backend: object, method: str) -> list:
+    """Wrap ``backend.method`` so that every answer it gives is appended to the returned list."""
+    answers: list = []
+    inner = getattr(backend, method)
+    setattr(backend, method, lambda *a: answers.append(inner(*a)) or answers[-1])
+    return answers
+
+
 def _field(rng: np.random.Generator, k: int):
     """A smooth random field per class with wavy edges and heads that disagree near them (numpy, float64
     inside, float32 out), and the same values as torch tensors for the device planner."""
@@ -101,10 +117,7 @@ def test_segmenter_sparse_on_the_device_equals_the_host_planner(shipped, out, mo
     from imedsam_deploy.runtime import Segmenter
 
     model, art = shipped
-    stem = sorted(p.stem for p in (SAMPLE_DATA / "images").iterdir())[0]
-    rgb = read_rgb(SAMPLE_DATA / "images" / f"{stem}.jpg")
-    h, w = rgb.shape[:2]
-    box = np.array([[0.3 * w, 0.3 * h, 0.7 * w, 0.65 * h]])
+    rgb, box = sample_frame(0, (0.3, 0.3, 0.7, 0.65))
     masks, queried = {}, {}
     for name, dp in (("host", False), ("device", True)):
         seg = Segmenter(TorchBackend(model, "cpu", "fp32", device_planner=dp), art, query="sparse")
@@ -118,9 +131,7 @@ def test_segmenter_sparse_on_the_device_equals_the_host_planner(shipped, out, mo
     monkeypatch.setattr(torch_sparse, "CAP_PER_SIDE", 1)
     monkeypatch.setattr(torch_sparse, "CAP_UNIT", 64)
     be = TorchBackend(model, "cpu", "fp32", device_planner=True)
-    answers: list = []
-    inner = be.sparse_region
-    be.sparse_region = lambda *a: answers.append(inner(*a)) or answers[-1]  # type: ignore[method-assign]
+    answers = record_answers(be, "sparse_region")
     seg = Segmenter(be, art, query="sparse")
     for _ in range(8):
         obj = seg.segment(rgb, box, out).objects[0]
@@ -147,16 +158,11 @@ def test_compiled_backend_compiles_the_whole_planner(shipped, monkeypatch):
 
     monkeypatch.setattr(torch, "compile", recording_compile)
     model, art = shipped
-    stem = sorted(p.stem for p in (SAMPLE_DATA / "images").iterdir())[0]
-    rgb = read_rgb(SAMPLE_DATA / "images" / f"{stem}.jpg")
-    h, w = rgb.shape[:2]
-    box = np.array([[0.3 * w, 0.3 * h, 0.7 * w, 0.65 * h]])
+    rgb, box = sample_frame(0, (0.3, 0.3, 0.7, 0.65))
     objs = {}
     for name, comp in (("eager", False), ("compiled", "aot_eager")):
         be = TorchBackend(model, "cpu", "fp32", device_planner=True, compile=comp)
-        calls = []
-        inner = be.sparse_region
-        be.sparse_region = lambda *a, inner=inner, calls=calls: calls.append(inner(*a)) or calls[-1]  # type: ignore[method-assign]
+        calls = record_answers(be, "sparse_region")
         objs[name] = Segmenter(be, art, query="sparse").segment(rgb, box, (200, 300)).objects[0]
         assert calls and calls[0] is not None  # planned on the device, not handed back
     assert ("plan_fn", True) in compiled
@@ -197,16 +203,11 @@ def test_segmenter_merges_on_the_device_as_on_the_host(shipped, query):
     from imedsam_deploy.runtime import Segmenter
 
     model, art = shipped
-    stem = sorted(p.stem for p in (SAMPLE_DATA / "images").iterdir())[1]
-    rgb = read_rgb(SAMPLE_DATA / "images" / f"{stem}.jpg")
-    h, w = rgb.shape[:2]
-    box = np.array([[0.25 * w, 0.3 * h, 0.7 * w, 0.7 * h]])
+    rgb, box = sample_frame(1, (0.25, 0.3, 0.7, 0.7))
     out = {}
     for dm in (False, True):
         be = TorchBackend(model, "cpu", "fp32", device_merge=dm)
-        calls = []
-        inner = be.decode_merged
-        be.decode_merged = lambda *a, inner=inner, calls=calls: calls.append(inner(*a)) or calls[-1]  # type: ignore[method-assign]
+        calls = record_answers(be, "decode_merged")
         seg = Segmenter(be, art, query=query, chunk=3000)
         obj = seg.segment(rgb, box, (160, 200)).objects[0]
         assert len(calls) == 1 and (calls[0] is not None) == dm  # merged on the device only when asked

@@ -76,7 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.reference import ReferenceIMedSAM
     from imedsam_deploy.atomic import atomic_write_text
     from imedsam_deploy.backends.torch_cuda import TorchBackend, ugs_merge_device
-    from imedsam_deploy.backends.torch_sparse import DevicePlanner
     from imedsam_deploy.bench import BenchOptions, FrameRunner, Inputs, Timings, agreement, synthetic_inputs
     from imedsam_deploy.contract import refine_count
     from imedsam_deploy.manifest import Artifact
@@ -172,16 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     def fused_sparse_runner(be: TorchBackend, seg: Segmenter) -> Callable[[Inputs, int], Any]:
         """Encoder + box part + the device sparse planner in one CUDA graph (batch 1, one box): the whole
         frame is one replay; the host prepares the image and takes back the region's decisions."""
-        planners: dict[int, DevicePlanner] = {}
 
         def run(inp: Inputs, out: int) -> list[np.ndarray]:
             imgs, boxes = prepared(inp)
             img = inp.images[0]
             region = seg.region_for(np.asarray(inp.boxes[0], np.float64), img.shape[:2], (out, out))
             h, w = region.shape
-            planner = planners.get(out)
-            if planner is None:
-                planner = planners[out] = DevicePlanner((out, out), fraction, seg.sparse_cfg, dev)
+            planner = be.planner((out, out), fraction, seg.sparse_cfg)
             if not planner.usable(h, w):
                 raise ValueError(f"a {h} x {w} region is planned on the host")
 
@@ -241,19 +237,13 @@ def main(argv: list[str] | None = None) -> int:
         SDPA call; the frequency chain on a second stream): p50 per batch, and the embedding's max abs
         difference from the plain encoder on the same images (the second stream should be bitwise equal).
         The backend's own settings are restored afterwards."""
-        from imedsam_train.model.encoder import use_fused_attention
-
-        enc = be.model.image_encoder
-        keep = (be.fused_attention, enc.frequency_first)
+        keep = (be.fused_attention, be.overlap_frequency)
         out: list[dict[str, Any]] = []
         for bsz in batches:
             x = np.stack([to_model_input(im, S) for im in synthetic_inputs(S, bsz, seed=3).images])
             base = None
             for fused_attn, overlap in ((False, False), (True, False), (False, True), (True, True)):
-                use_fused_attention(be.model, fused_attn)
-                enc.frequency_first = overlap
-                for k in [k for k in be._graphs if k[0] == "enc"]:
-                    del be._graphs[k]  # recapture with these options
+                be.set_encoder_options(fused_attn, overlap)  # recaptured with these options
                 try:
                     emb = be.encode(x)[0]
                     for _ in range(3):
@@ -270,10 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                             "error": failure(e)}
                 out.append(cell)
                 print(f"encoder option {json.dumps(cell)}", flush=True)
-        use_fused_attention(be.model, keep[0])
-        enc.frequency_first = keep[1]
-        for k in [k for k in be._graphs if k[0] == "enc"]:
-            del be._graphs[k]
+        be.set_encoder_options(*keep)
         return out
 
     def kernel_profile(be: TorchBackend, fn: Callable[[], Any], calls: int = 3) -> dict[str, Any]:

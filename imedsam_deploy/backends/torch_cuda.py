@@ -169,7 +169,6 @@ class TorchBackend(Backend):
 
         from imedsam_export.graphs import DecoderGraph
         from imedsam_export.merge import merge_for_export
-        from imedsam_train.model.encoder import use_fused_attention
 
         self.torch = torch
         self.device = torch.device(device)
@@ -187,11 +186,10 @@ class TorchBackend(Backend):
         folded = folded.to(self.device).eval()
         self.model = folded
         cuda = self.device.type == "cuda"
-        self.fused_attention = cuda if fused_attention is None else fused_attention
-        use_fused_attention(folded, self.fused_attention)
+        self._graphs: dict[tuple[Any, ...], tuple[Any, list[Any], Any]] = {}
         # streams inside a compiled graph are not supported by dynamo's fullgraph capture
-        self.overlap_frequency = (cuda and not compile) if overlap_frequency is None else overlap_frequency
-        folded.image_encoder.frequency_first = self.overlap_frequency
+        self.set_encoder_options(cuda if fused_attention is None else fused_attention,
+                                 (cuda and not compile) if overlap_frequency is None else overlap_frequency)
         decoder = DecoderGraph(folded)
 
         class _Fp32(nn.Module):  # an fp32 island inside autocast
@@ -207,7 +205,6 @@ class TorchBackend(Backend):
         self.decoder = decoder.to(self.device).eval()
         if self.amp_dtype is not None:
             store_weights_in(self.decoder, self.amp_dtype)  # self.model's layers included (the decoder holds it)
-        self._graphs: dict[tuple[Any, ...], tuple[Any, list[Any], Any]] = {}
         self.num_classes = folded.cfg.num_classes
         self.compiled = bool(compile)
         # graphs and compiled code are both per shape: bucket the point count for either
@@ -228,7 +225,7 @@ class TorchBackend(Backend):
         scale = contract.PIXEL_SCALE
 
         def encode_pixels_fn(px: Any) -> Any:  # = preprocess.pixels_to_model (the float32 product rounds alike)
-            return encode_fn((px.permute(0, 3, 1, 2).float() * scale).contiguous())
+            return encode_fn(px.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format) * scale)
 
         fns: dict[str, Callable[..., Any]] = {"enc": encode_fn, "enc_pixels": encode_pixels_fn, "prompt": prompt_fn,
                                               "points": points_fn}
@@ -249,6 +246,26 @@ class TorchBackend(Backend):
         self._plans: dict[tuple[Any, ...], Callable[..., Any]] = {}  # the planner's captured (or compiled) function
         self._axes: dict[tuple[int, int], tuple[Any, ...]] = {}  # output size -> device (x, y) pixel centres
         self.planner_fallbacks = 0  # boxes the device planner handed back to the host planner (over budget)
+
+    def set_encoder_options(self, fused_attention: bool, overlap_frequency: bool) -> None:
+        """The encoder's attention as one SDPA call or explicit GEMMs, and its frequency chain on a second
+        stream or in line (both exact); encoder graphs captured under other options are dropped."""
+        from imedsam_train.model.encoder import use_fused_attention
+
+        self.fused_attention, self.overlap_frequency = fused_attention, overlap_frequency
+        use_fused_attention(self.model, fused_attention)
+        self.model.image_encoder.frequency_first = overlap_frequency
+        for key in [k for k in self._graphs if k[0] == "enc"]:
+            del self._graphs[key]
+
+    def planner(self, out_hw: tuple[int, int], fraction: float, cfg: Any) -> Any:
+        """The device sparse planner for this output size and config (made once; its budgets grow)."""
+        from imedsam_deploy.backends.torch_sparse import DevicePlanner
+
+        key = (tuple(out_hw), fraction, cfg)
+        if key not in self._planners:
+            self._planners[key] = DevicePlanner(out_hw, fraction, cfg, self.device)
+        return self._planners[key]
 
     @property
     def description(self) -> str:
@@ -343,8 +360,9 @@ class TorchBackend(Backend):
         tensors, views of a graph's outputs (valid until its next replay)."""
         n = coords.shape[1]
         host = isinstance(coords, np.ndarray)
-        if self.bucket_points and point_bucket(n, self.max_points) != n:  # padding points sit at the centre:
-            shape = (coords.shape[0], point_bucket(n, self.max_points), 2)  # valid, and dropped below
+        bucket = point_bucket(n, self.max_points) if self.bucket_points else n
+        if bucket != n:  # padding points sit at the centre: valid, and dropped below
+            shape = (coords.shape[0], bucket, 2)
             padded = np.zeros(shape, np.float32) if host else self.torch.zeros(shape, device=self.device)
             padded[:, :n] = coords
             coords = padded
@@ -397,13 +415,9 @@ class TorchBackend(Backend):
         budgets then double for the next box, one graph replacing the other)."""
         if not self.device_planner:
             return None
-        from imedsam_deploy.backends.torch_sparse import DevicePlanner
-
         r0, r1, c0, c1 = region
         pkey = (tuple(out_hw), fraction, cfg)
-        planner = self._planners.get(pkey)
-        if planner is None:
-            planner = self._planners[pkey] = DevicePlanner(out_hw, fraction, cfg, self.device)
+        planner = self.planner(out_hw, fraction, cfg)
         if not planner.usable(r1 - r0, c1 - c0):
             return None
         up = self.box_features(embedding, boxes)

@@ -144,9 +144,15 @@ class Block(nn.Module):
         x = shortcut + h
         out = x + self.mlp(self.norm2(x))
         if self.freq is not None and f is not None:
-            f = self.freq(f)
-            out = out + self.freq_scale * f
+            f, add = self.frequency_step(f)
+            out = out + add
         return out, f
+
+    def frequency_step(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapter on the frequency tokens: (next block's f, what is added to this block's output)."""
+        assert self.freq is not None
+        f = self.freq(f)
+        return f, self.freq_scale * f
 
     def windowed_attention(self, h: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         """segment-anything's pad -> window attention -> crop, without projecting the padding tokens.
@@ -239,9 +245,9 @@ class ImageEncoder(nn.Module):
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             f = self.frequency_tokens(image)
             for blk in self.blocks:
-                assert isinstance(blk, Block) and blk.freq is not None
-                f = blk.freq(f)
-                adds.append(blk.freq_scale * f)
+                assert isinstance(blk, Block)
+                f, add = blk.frequency_step(f)
+                adds.append(add)
                 events.append(torch.cuda.Event() if cuda else None)
                 if events[-1] is not None:
                     events[-1].record(side)

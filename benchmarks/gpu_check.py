@@ -160,12 +160,13 @@ def main(argv: list[str] | None = None) -> int:
             return ugs_merge_device(c, f, u, refine_count(coords.shape[1], fraction)) > 0
 
         graph_fn = torch.compile(fn, fullgraph=True, dynamic=False) if be.compiled else fn
+        grids: dict[int, Any] = {}  # the full grid's coordinates, uploaded once per output size
 
         def run(inp: Inputs, out: int) -> Any:
             imgs, boxes = prepared(inp)
-            coords = torch.from_numpy(grid_coords(out, out))[None].to(dev)
-            x, b = torch.from_numpy(imgs).to(dev), torch.from_numpy(boxes).to(dev)
-            return be._run(("fused", out), graph_fn, [x, b, coords])
+            if out not in grids:
+                grids[out] = be._tensor(grid_coords(out, out)[None])
+            return be._run(("fused", out), graph_fn, [be._tensor(imgs), be._tensor(boxes), grids[out]])
         return run
 
     def fused_sparse_runner(be: TorchBackend, seg: Segmenter) -> Callable[[Inputs, int], Any]:
@@ -186,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
                 return planner.plan(lambda c: tuple(o[0].float() for o in be.decoder.point_outputs(up, c[None])), reg)
 
             graph_fn = torch.compile(fn, fullgraph=True, dynamic=False) if be.compiled else fn
-            reg = torch.tensor([region.r0, h, region.c0, w], dtype=torch.int64).to(dev)
-            x, b = torch.from_numpy(imgs).to(dev), torch.from_numpy(boxes).to(dev)
-            planned = be.run_planner(("fused-sparse", out), planner, graph_fn, [x, b, reg])
+            reg = be._tensor(np.array([region.r0, h, region.c0, w]), np.int64)  # uploads as the runtime's
+            planned = be.run_planner(("fused-sparse", out), planner, graph_fn,
+                                     [be._tensor(imgs), be._tensor(boxes), reg])
             if planned is None:  # over budget: this frame on the host planner, as the runtime does
                 return runners["bf16"][0].run(inp, (out, out), None)
             d = planned[1]

@@ -20,6 +20,8 @@ CUDA events around each frame):
 Encoder options (before/after of each, bf16, CUDA graphs, batch 1 and 8): the encoder alone with its
 attention as explicit GEMMs or one ``scaled_dot_product_attention`` call, and with the frequency chain in line
 or on a second stream, with the embedding's difference from the plain encoder.
+Decoder sampling (before/after, bf16, a sparse frame at batch 1): the per-point decoder's two map samples as
+``grid_sample`` calls (torch-cuda's default) or as the exported graph's Gather taps, with the masks' agreement.
 Kernel profiles: the encoder and a whole sparse frame run eagerly under the profiler (kernels per call, their
 summed time, the heaviest), to set beside the graph replays' times: kernel-bound or gap-bound.
 Agreement: in every row, each variant's masks against the reference's on the same inputs (pixels inside the
@@ -264,6 +266,33 @@ def main(argv: list[str] | None = None) -> int:
         be.set_encoder_options(*keep)
         return out
 
+    def decoder_options(be: TorchBackend, runner: FrameRunner) -> list[dict[str, Any]]:
+        """A sparse frame (batch 1, output at the input size) with the per-point decoder's map samples as
+        ``grid_sample`` calls or as the exported graph's Gather taps (~35 small kernels per map per decoder
+        call): p50 per frame, per-stage p50, and the two masks' agreement. The backend's setting is restored."""
+        keep = be.grid_sample
+        inp = synthetic_inputs(S, 1, seed=5)
+        out: list[dict[str, Any]] = []
+        masks: dict[bool, np.ndarray] = {}
+        for grid in (False, True):
+            be.set_decoder_sampling(grid)  # the decoder's graphs are recaptured
+            try:
+                for _ in range(5):  # capture, planner budgets
+                    masks[grid] = runner.run(inp, (S, S), None)[0]
+                st = Timings()
+                ts = [timed(lambda st=st: runner.run(inp, (S, S), st)) for _ in range(a.repeat)]
+                cell: dict[str, Any] = {"grid_sample": grid, "p50_ms": float(np.median(ts)),
+                                        "min_ms": float(np.min(ts)),
+                                        "stages_p50_ms": {k: float(np.median(v)) for k, v in st.stages.items() if v}}
+            except Exception as e:
+                cell = {"grid_sample": grid, "error": failure(e)}
+            out.append(cell)
+            print(f"decoder option {json.dumps(cell)}", flush=True)
+        if len(masks) == 2:
+            out.append({"mask_agreement": float((masks[True] == masks[False]).mean())})
+        be.set_decoder_sampling(keep)
+        return out
+
     def kernel_profile(be: TorchBackend, fn: Callable[[], Any], calls: int = 3) -> dict[str, Any]:
         """``fn`` run eagerly (the backend's graphs off) under the profiler: kernels per call, their summed
         time, and the heaviest. Set beside the graph replay's time, it says whether a stage is bound by its
@@ -324,6 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     # ---- 1b. the encoder's options on their own (bf16, CUDA graphs): before/after figures for each
     if a.compile != "only":
         results["encoder_options"] = encoder_options(ours["bf16"], sorted({1, min(8, maxb)}))
+        save()
+
+    # ---- 1b'. the decoder's map sampling on its own: before/after of grid_sample in a sparse frame
+    if a.compile != "only":
+        results["decoder_options"] = decoder_options(ours["bf16"], runners["bf16"][0])
         save()
 
     # ---- 1c. kernel profiles (eager) of the encoder and of a whole sparse frame at the input size
@@ -430,6 +464,14 @@ def main(argv: list[str] | None = None) -> int:
         opt = f"encoder b{c['batch']} sdpa={int(c['fused_attention'])} stream={int(c['overlap_frequency'])}"
         print(f"{opt:<42} " + (f"FAILED {c['error']}" if "error" in c else
                                f"{c['p50_ms']:.3f} ms (min {c['min_ms']:.3f}), max abs diff {c['max_abs_diff_vs_plain']:.2e}"))
+    for c in results.get("decoder_options", []):
+        if "mask_agreement" in c:
+            print(f"decoder sampling: masks agree on {100 * c['mask_agreement']:.3f}% of the pixels")
+            continue
+        opt = f"sparse frame {'grid_sample' if c['grid_sample'] else 'Gather taps'}"
+        print(f"{opt:<42} " + (f"FAILED {c['error']}" if "error" in c else
+                               f"{c['p50_ms']:.3f} ms (min {c['min_ms']:.3f}); stages " + " ".join(
+                                   f"{k[:3]} {v:.2f}" for k, v in c["stages_p50_ms"].items())))
     for name, pr in results.get("kernel_profiles", {}).items():
         if "error" in pr:
             print(f"kernel profile {name}: FAILED {pr['error']}")

@@ -7,6 +7,7 @@ fusion (``torch.compile``) has to remove. Counted with a dispatch mode: every at
 metadata-only ops, run eagerly with torch-cuda's CUDA defaults (SDPA attention, frequency chain first).
 
     python -m benchmarks.op_count --model vit_b            # encoder, box part, one decoder call, planner
+    python -m benchmarks.op_count --model vit_b --gather-taps   # the decoder sampling as the ONNX graph does
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input-size", type=int, default=384)
     ap.add_argument("--out-sizes", type=int, nargs="+", default=[384, 896])
     ap.add_argument("--top", type=int, default=8, help="most frequent ops listed per stage")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="bf16: under CPU autocast, which casts as CUDA autocast does (its cast kernels counted)")
+    ap.add_argument("--gather-taps", action="store_true",
+                    help="the decoder's map samples as the exported graph's Gather taps (not grid_sample)")
     a = ap.parse_args(argv)
     from imedsam_deploy.backends.torch_cuda import TorchBackend
     from imedsam_deploy.backends.torch_sparse import DevicePlanner
@@ -53,12 +58,13 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     model, _ = build(a.model, input_size=a.input_size)
-    be = TorchBackend(model.eval(), "cpu", "fp32", fused_attention=True, overlap_frequency=True)
+    be = TorchBackend(model.eval(), "cpu", a.precision, fused_attention=True, overlap_frequency=True,
+                      grid_sample=not a.gather_taps)
     s = a.input_size
     img = np.random.default_rng(0).random((1, 3, s, s), dtype=np.float32)
     box = np.array([[0.3 * s, 0.3 * s, 0.7 * s, 0.65 * s]], np.float32)
     rows: list[tuple[str, OpCounter, str]] = []
-    with torch.inference_mode():
+    with torch.inference_mode(), be._autocast():
         with OpCounter() as enc:
             emb = be._fns["enc"](torch.from_numpy(img))
         rows.append(("encoder", enc, ""))
@@ -75,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                 res = planner.plan(lambda c: tuple(o[0] for o in be._fns["points"](up, c[None])), reg)
             rows.append((f"sparse planner {out}²", plan, f"{len(planner.levels) + 1} decoder calls inside, "
                          f"{int(res[2])} points"))
-    print(f"{a.model} at {s}², eager, non-view aten ops (~ GPU kernels):")
+    taps = "Gather taps" if a.gather_taps else "grid_sample"
+    print(f"{a.model} at {s}², {a.precision}, eager, non-view aten ops (~ GPU kernels), decoder samples by {taps}:")
     for name, c, note in rows:
         top = ", ".join(f"{k} {v}" for k, v in c.ops.most_common(a.top))
         print(f"{name:<22} {sum(c.ops.values()):>6}  {note:<36} {top}")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from imedsam_export.dft import DFTSpectrum
@@ -140,6 +141,8 @@ class DecoderGraph(nn.Module):
     Needs a folded model (``merge_for_export``): the INR trunks are Linear -> ReLU chains.
     """
 
+    pe_map: torch.Tensor  # registered by ``use_grid_sample``
+
     def __init__(self, model: IMedSAM) -> None:
         super().__init__()
         cfg, dec = model.cfg, model.cfg.decoder
@@ -173,6 +176,17 @@ class DecoderGraph(nn.Module):
         self.fine_rest = nn.Sequential(*list(inr.fine_trunk)[2:])
         self.coarse_head, self.fine_head = inr.coarse_head, inr.fine_head
         self.uncertainty = PointUncertainty(inr.coarse_head.weight[: self.K].detach(), inr.p)
+        self.grid_sampling = False
+
+    def use_grid_sample(self, on: bool = True) -> None:
+        """Sample the two maps with ``grid_sample`` (torch paths: one kernel per map where ``PointTaps`` and
+        ``gather_taps`` take ~35 small ones; exported graphs keep Gather). Same convention, in fp32; equal to
+        the Gather form within fp32 rounding (tests/test_export.py)."""
+        self.grid_sampling = on
+        if on:  # the positional map as an image again, (1, C, g, g); not persistent: never in a state dict
+            g = self.taps_pe.height
+            pe_map = self.pe_rows.t().reshape(1, -1, g, g).float().contiguous()
+            self.register_buffer("pe_map", pe_map, persistent=False)
 
     def forward(
         self, image_embedding: torch.Tensor, boxes: torch.Tensor, coords: torch.Tensor
@@ -190,13 +204,7 @@ class DecoderGraph(nn.Module):
 
     def point_outputs(self, up: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The per-point part: box-conditioned up-map (B, C/8, 4g, 4g), coords (B, N, 2) -> (B, K, N) x 3."""
-        B = up.shape[0]
-        up_rows = up.flatten(2).transpose(1, 2).reshape(-1, up.shape[1])  # (B*4g*4g, C/8)
-        idx, w = self.taps_up(coords)
-        offset = (torch.arange(B, device=idx.device) * (up.shape[2] * up.shape[3]))[:, None, None]
-        f_up = gather_taps(up_rows, idx + offset, w)  # (B, N, C/8)
-        idx_pe, w_pe = self.taps_pe(coords)
-        f_pe = gather_taps(self.pe_rows, idx_pe, w_pe)  # (B, N, C)
+        f_up, f_pe = self._grid_samples(up, coords) if self.grid_sampling else self._gather_samples(up, coords)
         first = self.first(torch.cat([f_up, f_pe, self.fourier(coords).to(f_up.dtype)], dim=-1))
         first_c, first_f = first[..., : self.h1c], first[..., self.h1c :]
         h = self.coarse_rest(torch.relu(first_c))
@@ -205,6 +213,25 @@ class DecoderGraph(nn.Module):
         unc = self.uncertainty(h, logits)
         fine = self.fine_head(self.fine_rest(torch.relu(first_f + self.first_cfeat(cfeat))))
         return logits.transpose(1, 2), fine.transpose(1, 2), unc.transpose(1, 2)
+
+    def _gather_samples(self, up: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The up-map (B, N, C/8) and positional (B, N, C) samples, as Gather ops (the exported form)."""
+        B = up.shape[0]
+        up_rows = up.flatten(2).transpose(1, 2).reshape(-1, up.shape[1])  # (B*4g*4g, C/8)
+        idx, w = self.taps_up(coords)
+        offset = (torch.arange(B, device=idx.device) * (up.shape[2] * up.shape[3]))[:, None, None]
+        idx_pe, w_pe = self.taps_pe(coords)
+        return gather_taps(up_rows, idx + offset, w), gather_taps(self.pe_rows, idx_pe, w_pe)
+
+    def _grid_samples(self, up: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same samples with ``grid_sample``, as transposed views (the concatenation copies them)."""
+        B, N, _ = coords.shape
+        grid = coords.float()[:, :, None]  # (B, N, 1, 2)
+        f_up = F.grid_sample(up.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        # the positional map is shared by the batch: one sample over all B*N points
+        f_pe = F.grid_sample(self.pe_map, grid.reshape(1, B * N, 1, 2), mode="bilinear", padding_mode="zeros",
+                             align_corners=False)
+        return f_up[..., 0].transpose(1, 2), f_pe[0, :, :, 0].t().reshape(B, N, -1)
 
 
 class _PromptGraph(nn.Module):

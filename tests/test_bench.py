@@ -260,8 +260,8 @@ def test_torch_backend_captured_functions_copy_nothing_from_the_host(monkeypatch
 
 
 def test_torch_backend_stores_weights_in_the_autocast_dtype_bitwise_exactly(monkeypatch):
-    """bf16 backend: Linear / conv weights stored in bf16 (no per-call autocast casts), outputs bitwise those
-    of letting autocast cast the fp32 weights."""
+    """bf16 backend: Linear / conv weights and biases stored in bf16 (no per-call autocast casts), outputs
+    bitwise those of letting autocast cast the fp32 weights and biases."""
     from imedsam_deploy.backends import torch_cuda
     from imedsam_deploy.backends.torch_cuda import TorchBackend
 
@@ -272,6 +272,7 @@ def test_torch_backend_stores_weights_in_the_autocast_dtype_bitwise_exactly(monk
         cast_per_call = TorchBackend(model, device="cpu", precision="bf16")
     linears = [mod for mod in stored.decoder.modules() if isinstance(mod, torch.nn.Linear | torch.nn.Conv2d)]
     assert len(linears) > 20 and all(mod.weight.dtype == torch.bfloat16 for mod in linears)
+    assert all(mod.bias.dtype == torch.bfloat16 for mod in linears if mod.bias is not None)
     assert all(mod.weight.dtype == torch.float32 for mod in cast_per_call.decoder.modules()
                if isinstance(mod, torch.nn.Linear))
     img = np.random.default_rng(0).random((1, 3, S, S), dtype=np.float32)

@@ -36,6 +36,9 @@ def test_gpu_check_dry_run_runs_every_variant_and_agrees(tmp_path):
     assert len(opts) == 4 and not any("error" in o for o in opts)
     for o in opts:  # the frequency stream changes nothing; the fused attention stays within bf16 rounding
         assert o["max_abs_diff_vs_plain"] == 0.0 if not o["fused_attention"] else o["max_abs_diff_vs_plain"] < 0.1
+    *dec_opts, agree = res["decoder_options"]  # grid_sample against Gather taps in a sparse frame
+    assert [o["grid_sample"] for o in dec_opts] == [False, True] and not any("error" in o for o in dec_opts)
+    assert agree["mask_agreement"] >= 0.999
     for name in ("encoder", "sparse frame"):
         prof = res["kernel_profiles"][name]
         assert prof["kernels_per_call"] > 10 and prof["kernel_ms_per_call"] > 0 and prof["top"]
@@ -57,3 +60,18 @@ def test_op_count_counts_each_stage(capsys):
     assert set(counts) == {"encoder", "box part", "one decoder call", "sparse planner 64²"}
     assert all(n > 10 for n in counts.values())
     assert counts["sparse planner 64²"] > 3 * counts["one decoder call"]  # several decoder calls inside
+    assert op_count.main(["--model", "tiny", "--input-size", "64", "--out-sizes", "64", "--gather-taps"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    gather = {line[:22].strip(): int(line[22:29]) for line in lines}
+    # grid_sample: one op per map where the Gather taps take dozens; the rest of the decoder is the same
+    assert gather["one decoder call"] - counts["one decoder call"] >= 60
+    assert gather["encoder"] == counts["encoder"]
+
+
+def test_encoder_precision_runs(capsys):
+    from benchmarks import encoder_precision
+
+    assert encoder_precision.main(["--model", "tiny", "--input-size", "64"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["GEMMs", "SDPA"]
+    assert all(0 < float(r[1]) < 5 and float(r[2]) > 0 for r in rows)  # bf16 differs from fp32, but a little

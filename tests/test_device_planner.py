@@ -173,7 +173,7 @@ def test_compiled_backend_compiles_the_whole_planner(shipped, monkeypatch):
 def test_device_planner_is_capturable(monkeypatch):
     """What CUDA-graph capture forbids, checked on the CPU: no host synchronisation (an .item(), a
     data-dependent shape) -- torch.compile(fullgraph=True) stops at one -- and no host data copied to the
-    device (torch.tensor / as_tensor / from_numpy inside the planner). The traced planner computes the same."""
+    device (torch.tensor / as_tensor / from_numpy inside the planner). The traced planner decides the same."""
     def field(c: torch.Tensor):
         lg = ((0.3 - torch.hypot(c[:, 0] - 0.05, c[:, 1])) * 20 + 0.4 * torch.sin(15 * c[:, 0]))[None]
         return lg, lg + 0.1 * torch.cos(9 * c[:, 1]), torch.exp(-lg * lg)
@@ -191,7 +191,11 @@ def test_device_planner_is_capturable(monkeypatch):
         again = planner.plan(field, region)
     traced = torch.compile(lambda reg: planner.plan(field, reg), fullgraph=True, backend="aot_eager")
     for got, same, w in zip(traced(region), again, want, strict=True):
-        assert torch.equal(got, w) and torch.equal(same, w)
+        assert torch.equal(same, w)
+        if w.dtype.is_floating_point:  # the traced fill's interpolation is decomposed: products round apart
+            torch.testing.assert_close(got, w, rtol=1e-6, atol=1e-6)
+        else:  # decisions, query count and overflow flag: identical
+            assert torch.equal(got, w)
     assert int(want[2]) > 0 and want[1].any()  # a real plan, not an empty one
 
 

@@ -93,6 +93,29 @@ def test_graphs_match_the_model_and_leave_it_untouched():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_grid_sample_taps_match_the_gather_taps():
+    """torch-cuda's sampling (``grid_sample``: one kernel per map) against the exported graph's Gather taps,
+    at batch 2 with coordinates past the maps' edges (zero padding): the samples themselves, the decoder's
+    outputs, and the model's own ``decode_dense``. The exported graph never sees it."""
+    model = tiny_model()
+    folded, _ = merge_for_export(model)
+    emb, boxes, coords = _feeds(2, 300, seed=4)
+    dg = DecoderGraph(folded)
+    with torch.no_grad():
+        gather = dg(emb, boxes, coords)
+        up = folded.decoder_features(emb, boxes)[0]
+        dg.use_grid_sample()
+        for a, b in zip(dg._grid_samples(up, coords), dg._gather_samples(up, coords), strict=True):
+            assert a.shape == b.shape and b.abs().max() > 0
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        grid = dg(emb, boxes, coords)
+        ref = model.decode_dense(emb, boxes, coords)
+    assert "pe_map" not in dg.state_dict()
+    for a, b, r in zip(grid, gather, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
+
+
 def test_decoder_graph_with_several_classes():
     from imedsam_train.config import preset
     from imedsam_train.model import IMedSAM

@@ -96,7 +96,7 @@ def test_encoder_block_equals_segment_anythings_block(grid, window, fused):
     from segment_anything.modeling.image_encoder import Block as SamBlock
 
     from imedsam_train.config import FrequencyConfig, LoraConfig
-    from imedsam_train.model.encoder import Block, use_fused_attention
+    from imedsam_train.model.encoder import Block, freeze_position_tables, use_fused_attention
 
     torch.manual_seed(0)
     sam = SamBlock(768, 12, use_rel_pos=True, window_size=window, input_size=(grid, grid)).eval()
@@ -110,7 +110,16 @@ def test_encoder_block_equals_segment_anythings_block(grid, window, fused):
     with torch.no_grad():
         ref = sam(x)
         out, _ = ours(x, None)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out16, _ = ours(x, None)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    # torch-cuda's inference copy precomputes the position tables (gathered, padded, in the queries' dtype):
+    # the same values, so bitwise the same output, in fp32 and under bf16 autocast
+    for dtype, want in ((torch.float32, out), (torch.bfloat16, out16)):
+        assert freeze_position_tables(ours, dtype) == 1
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32):
+            got, _ = ours(x, None)
+        assert ours.attn.frozen is not None and torch.equal(got, want)
 
 
 def test_lora_only_touches_query_and_value():

@@ -78,17 +78,21 @@ def ugs_merge_device(coarse: Any, fine: Any, unc: Any, k: int) -> Any:
 
 
 def store_weights_in(module: Any, dtype: Any) -> int:
-    """Store the weight of every Linear and convolution under ``module`` in the autocast dtype; returns how
-    many layers. Autocast would otherwise cast each fp32 weight on every call, to the same values: inside a
-    CUDA graph that is one more kernel per layer per replay and the weights read and written again (the
-    vit_b encoder's 85 M parameters: ~0.5 GB of traffic a frame). Biases stay fp32 (one is also added outside
-    its layer, after a bias-free projection, where fp32 keeps the sum in fp32), as do norms and buffers:
-    the outputs are bitwise the same."""
+    """Store the weight and bias of every Linear and convolution under ``module`` in the autocast dtype;
+    returns how many layers. Autocast would otherwise cast each fp32 weight and bias on every call, to the
+    same values: inside a CUDA graph that is two more kernels per layer per replay and the weights read and
+    written again (the vit_b encoder's 85 M parameters: ~0.5 GB of traffic a frame; its 72 Linears' biases:
+    72 cast kernels a frame). Norms and buffers stay fp32. Every layer's output is bitwise the same; the one
+    bias added outside its layer (the windowed attention's, after a bias-free projection) is now added in
+    the autocast dtype, as the layer itself would, so the attention after it runs in that dtype too instead
+    of being promoted to fp32 (and cast back by every autocast op it feeds)."""
     from torch import nn
 
     layers = [m for m in module.modules() if isinstance(m, nn.Linear | nn.Conv2d | nn.ConvTranspose2d)]
     for m in layers:
         m.weight.data = m.weight.data.to(dtype)
+        if m.bias is not None:
+            m.bias.data = m.bias.data.to(dtype)
     return len(layers)
 
 
@@ -149,13 +153,15 @@ class TorchBackend(Backend):
     the UGS merge there. ``fused_attention`` (default: on CUDA) runs the encoder's attention as one
     ``scaled_dot_product_attention`` call (flash / memory-efficient kernels) instead of two GEMMs and a
     softmax; ``overlap_frequency`` (default: on CUDA without compile) issues the frequency-adapter chain,
-    which never reads the tokens, on a second stream beside them. Both exact (tests/test_model.py)."""
+    which never reads the tokens, on a second stream beside them. Both exact (tests/test_model.py).
+    ``grid_sample`` (default on) samples the decoder's two maps with ``grid_sample`` (one kernel each) instead
+    of the exported graph's Gather taps (~35 small ops each); within fp32 rounding (tests/test_export.py)."""
 
     def __init__(
         self, model: Any, device: str = "cuda", precision: str = "bf16", cuda_graphs: bool | None = None,
         max_batch: int = 8, max_points: int = 65536, compile: bool | str = False, bucket_points: bool | None = None,
         device_planner: bool | None = None, device_merge: bool | None = None, fused_attention: bool | None = None,
-        overlap_frequency: bool | None = None,
+        overlap_frequency: bool | None = None, grid_sample: bool = True,
     ) -> None:
         super().__init__(max_batch, max_points)
         if precision not in PRECISIONS:
@@ -216,8 +222,8 @@ class TorchBackend(Backend):
         def encode_fn(im: Any) -> Any:
             return self.model.encode(im).float()
 
-        def prompt_fn(e: Any, bb: Any) -> Any:
-            return self.model.decoder_features(e, bb)[0]
+        def prompt_fn(e: Any, bb: Any) -> Any:  # fp32 up map: sampled in fp32 by every decoder call
+            return self.model.decoder_features(e, bb)[0].float()
 
         def points_fn(up: Any, c: Any) -> tuple[Any, Any, Any]:
             return tuple(o.float() for o in dec.point_outputs(up, c))  # type: ignore[return-value]
@@ -246,17 +252,30 @@ class TorchBackend(Backend):
         self._plans: dict[tuple[Any, ...], Callable[..., Any]] = {}  # the planner's captured (or compiled) function
         self._axes: dict[tuple[int, int], tuple[Any, ...]] = {}  # output size -> device (x, y) pixel centres
         self.planner_fallbacks = 0  # boxes the device planner handed back to the host planner (over budget)
+        self.set_decoder_sampling(grid_sample)
 
     def set_encoder_options(self, fused_attention: bool, overlap_frequency: bool) -> None:
         """The encoder's attention as one SDPA call or explicit GEMMs, and its frequency chain on a second
-        stream or in line (both exact); encoder graphs captured under other options are dropped."""
-        from imedsam_train.model.encoder import use_fused_attention
+        stream or in line (both exact); encoder graphs captured under other options are dropped. The
+        attention's position tables are precomputed for the setting (``freeze_position_tables``)."""
+        from imedsam_train.model.encoder import freeze_position_tables, use_fused_attention
 
         self.fused_attention, self.overlap_frequency = fused_attention, overlap_frequency
         use_fused_attention(self.model, fused_attention)
+        # the folded copy's weights never change: its relative-position tables are gathered, cast and padded once
+        freeze_position_tables(self.model, self.amp_dtype or self.torch.float32)
         self.model.image_encoder.frequency_first = overlap_frequency
         for key in [k for k in self._graphs if k[0] == "enc"]:
             del self._graphs[key]
+
+    def set_decoder_sampling(self, grid_sample: bool) -> None:
+        """The per-point decoder's two map samples as ``grid_sample`` calls or the exported graph's Gather taps
+        (equal within fp32 rounding); graphs and compiled planners that contain the decoder are dropped."""
+        self.grid_sample = grid_sample
+        self.decoder.use_grid_sample(grid_sample)
+        for key in [k for k in self._graphs if k[0] not in ("enc", "prompt")]:
+            del self._graphs[key]
+        self._plans.clear()
 
     def planner(self, out_hw: tuple[int, int], fraction: float, cfg: Any) -> Any:
         """The device sparse planner for this output size and config (made once; its budgets grow)."""
@@ -273,7 +292,7 @@ class TorchBackend(Backend):
         graphs = ", CUDA graphs" if self.use_graphs else ""
         compiled = ", torch.compile" if self.compiled else ""
         opts = (", SDPA attention" if self.fused_attention else "") + (
-            ", frequency stream" if self.overlap_frequency else "")
+            ", frequency stream" if self.overlap_frequency else "") + (", grid_sample taps" if self.grid_sample else "")
         return f"{self.name} ({self.precision}{graphs}{compiled}{opts}){gpu}"
 
     # --- plumbing ---

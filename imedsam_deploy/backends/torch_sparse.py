@@ -43,43 +43,67 @@ def _pixel_coords(rows: torch.Tensor, cols: torch.Tensor, height: int, width: in
 
 
 def _corner_any(cells: torch.Tensor) -> torch.Tensor:
-    """(ny, nx) cell flags -> (ny+1, nx+1) flags of their corners."""
-    p = F.pad(cells[None, None].float(), (1, 1, 1, 1))
-    return F.max_pool2d(p, 2, stride=1)[0, 0] > 0
+    """(ny, nx) cell flags -> (ny+1, nx+1) flags of their corners (a 2 x 2 max over the -inf-padded cells)."""
+    return F.max_pool2d(cells[None, None].float(), 2, stride=1, padding=1)[0, 0] > 0
 
 
-def _dilate(a: torch.Tensor, n: int, cross: torch.Tensor) -> torch.Tensor:
-    """4-neighbour dilation, ``n`` times (``sparse._dilate``): a convolution with a 3 x 3 cross (made outside
-    the captured function: a host tensor copied to the device during capture would break it)."""
-    for _ in range(n):
-        a = F.conv2d(a[None, None].float(), cross, padding=1)[0, 0] > 0
-    return a
+def _diamond(n: int, device: torch.device) -> torch.Tensor:
+    """The (1, 1, 2n+1, 2n+1) L1 ball of radius n: one convolution with it dilates as n rounds of the
+    4-neighbour cross do (``sparse._dilate``); a shortest path between two cells of a rectangle stays in it,
+    so clipping at the border between rounds changes nothing."""
+    r = torch.arange(-n, n + 1, device=device).abs()
+    return ((r[:, None] + r[None, :]) <= n).float()[None, None]
 
 
 class DevicePlanner:
-    """One output size and planner config; ``plan(decode, region)`` is capturable in a CUDA graph."""
+    """One output size and planner config; ``plan(decode, region)`` is capturable in a CUDA graph.
+
+    Every region-independent index is a constant made here (per level: the lattice's flat grid indices and
+    coordinate-table indices, the non-lattice pixels), so a plan is a few hundred small kernels rather than
+    ~600 (``benchmarks/op_count.py``): on a GPU each costs microseconds however little it does.
+    """
 
     def __init__(self, out_hw: tuple[int, int], fraction: float, cfg: SparseConfig, device: torch.device | str,
                  cap_per_side: int | None = None) -> None:
         H, W = out_hw
         self.H, self.W, self.cfg, self.device = H, W, cfg, torch.device(device)
+        dev = self.device
         self.stride = initial_stride(cfg.stride, H, W)  # regions it handles start at this stride (``usable``)
         s0 = self.stride
         # the largest extended grid of a region of this output (h <= H)
-        self.GH, self.GW = extended_size(H, s0), extended_size(W, s0)
+        self.GH, self.GW = GH, GW = extended_size(H, s0), extended_size(W, s0)
         ts = max(1, cfg.threshold_stride)
-        tr = torch.arange(ts // 2, H, ts, device=self.device)
-        tc = torch.arange(ts // 2, W, ts, device=self.device)
+        tr = torch.arange(ts // 2, H, ts, device=dev)
+        tc = torch.arange(ts // 2, W, ts, device=dev)
         gr, gc = torch.meshgrid(tr, tc, indexing="ij")
-        self.cross = torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 0.0]], device=self.device)[None, None]
         self.t_coords = _pixel_coords(gr.reshape(-1), gc.reshape(-1), H, W)
         self.n_t = self.t_coords.shape[0]
         self.kt = refine_count(self.n_t, fraction)
+        self.diamond = _diamond(cfg.dilate, dev)
+        # pixel centres of every output row and column (``sparse.pixel_coords``' float64 arithmetic)
+        self.x_axis = _pixel_coords(torch.zeros(W, device=dev), torch.arange(W, device=dev), H, W)[:, 0]
+        self.y_axis = _pixel_coords(torch.arange(H, device=dev), torch.zeros(H, device=dev), H, W)[:, 1]
+        self.gi, self.gj = torch.arange(GH, device=dev), torch.arange(GW, device=dev)
         levels, s = [], s0
         while s >= 1:
             levels.append(s)
             s //= 2
         self.levels = levels
+        # per level: each lattice point's index in the flattened grid, and its (x, y) indices into a plan's
+        # coordinate table [x of grid columns..., y of grid rows...]
+        self.lat_lin: dict[int, torch.Tensor] = {}
+        self.lat_xy: dict[int, torch.Tensor] = {}
+        self.fillable: dict[int, torch.Tensor] = {}
+        self.cell_r: dict[int, torch.Tensor] = {}
+        self.cell_c: dict[int, torch.Tensor] = {}
+        for s in levels:
+            li, lj = torch.meshgrid(self.gi[::s], self.gj[::s], indexing="ij")
+            self.lat_lin[s] = (li * GW + lj).reshape(-1)
+            self.lat_xy[s] = torch.stack([lj.reshape(-1), GW + li.reshape(-1)], dim=-1)
+            if s > 1:  # what a fill may write: the grid's pixels that are not lattice points, and their cells
+                self.fillable[s] = ~(((self.gi % s) == 0)[:, None] & ((self.gj % s) == 0)[None, :])
+                self.cell_r[s] = torch.div(self.gi, s, rounding_mode="floor")
+                self.cell_c[s] = torch.div(self.gj, s, rounding_mode="floor")
         side, per_side, unit = max(H, W), cap_per_side or CAP_PER_SIDE, CAP_UNIT
         self.caps = {s: min(self.lattice_points(s), max(unit, -(-per_side * side // s // unit) * unit))
                      for s in levels}
@@ -105,32 +129,40 @@ class DevicePlanner:
 
         Returns val (K, GH, GW) float32 (logits; the region is [:h, :w]), dec (K, GH, GW) bool, queried (),
         overflow () bool: True when a level needed more points than its cap (discard the result then).
+
+        Grid-sized state is flat with one spare slot at the end: a level's points that are not to be written
+        (already known, outside the region, or the unflagged picks of a ``topk``) write there instead, so
+        every update is one unconditional index_put.
         """
-        cfg, s0, GH, GW, dev = self.cfg, self.stride, self.GH, self.GW, self.device
-        r0, h, c0, w = region[0], region[1], region[2], region[3]
-        he = torch.div(h - 1 + s0 - 1, s0, rounding_mode="floor") * s0 + 1  # the region's extended grid
-        we = torch.div(w - 1 + s0 - 1, s0, rounding_mode="floor") * s0 + 1
-        known = torch.zeros(GH, GW, dtype=torch.bool, device=dev)
-        amb = torch.zeros(GH, GW, dtype=torch.bool, device=dev)
-        queried = torch.zeros((), dtype=torch.int64, device=dev)
+        cfg, GH, GW, dev = self.cfg, self.GH, self.GW, self.device
+        n = GH * GW
+        r0, hm1, c0, wm1 = region[0], region[1] - 1, region[2], region[3] - 1
+        s0 = self.stride  # the region's extended grid: (h - 1) and (w - 1) rounded up to multiples of s0, plus one
+        last = (torch.div(hm1 + s0 - 1, s0, rounding_mode="floor") * s0,
+                torch.div(wm1 + s0 - 1, s0, rounding_mode="floor") * s0)
+        row_in, col_in = self.gi <= last[0], self.gj <= last[1]
+        inside = row_in[:, None] & col_in[None, :]
+        # (x, y) of every grid column and row; past the region they clamp to its last pixel, as on the host
+        table = torch.cat([self.x_axis[c0 + torch.minimum(self.gj, wm1)], self.y_axis[r0 + torch.minimum(self.gi, hm1)]])
+        known = torch.zeros(n + 1, dtype=torch.bool, device=dev)
+        amb = torch.zeros(n + 1, dtype=torch.bool, device=dev)
+        known_g, amb_g = known[:n].view(GH, GW), amb[:n].view(GH, GW)
         overflow = torch.zeros((), dtype=torch.bool, device=dev)
         state: dict[str, Any] = {}
 
         def evaluate(sel: torch.Tensor, s: int, cap: int | None) -> None:
             """Decode the unknown points of ``sel`` (a selection on the stride-s lattice of the grid)."""
-            nonlocal queried, overflow
-            nlr, nlc = sel.shape
-            li = torch.arange(nlr, device=dev)[:, None] * s
-            lj = torch.arange(nlc, device=dev)[None, :] * s
-            need = (sel & ~known[::s, ::s] & (li < he) & (lj < we)).reshape(-1)
+            nonlocal overflow
+            need = (sel & ~known_g[::s, ::s] & inside[::s, ::s]).reshape(-1)
+            lin, xy = self.lat_lin[s], self.lat_xy[s]
             if cap is None or cap >= need.numel():
-                idx, flag = torch.arange(need.numel(), device=dev), need
+                flag = need
             else:
                 top = torch.topk(need.float(), cap, sorted=False)  # float: topk has kernels for it everywhere
-                idx, flag = top.indices, top.values > 0
+                flag = top.values > 0
                 overflow = overflow | (need.sum() > cap)
-            ys, xs = torch.div(idx, nlc, rounding_mode="floor") * s, (idx % nlc) * s
-            coords = _pixel_coords(r0 + torch.minimum(ys, h - 1), c0 + torch.minimum(xs, w - 1), self.H, self.W)
+                lin, xy = lin[top.indices], xy[top.indices]
+            coords = table[xy]
             first = "tau" not in state
             if first:
                 coords = torch.cat([self.t_coords, coords])
@@ -138,77 +170,64 @@ class DevicePlanner:
             if first:
                 state["tau"] = torch.topk(unc[:, : self.n_t], self.kt, dim=1).values[:, -1]
                 k = unc.shape[0]
-                state["dec"] = torch.zeros(k, GH, GW, dtype=torch.bool, device=dev)
-                state["val"] = torch.zeros(k, GH, GW, dtype=torch.float32, device=dev)
-                queried = queried + self.n_t
+                state["dec"] = torch.zeros(k, n + 1, dtype=torch.bool, device=dev)
+                state["val"] = torch.zeros(k, n + 1, dtype=torch.float32, device=dev)
                 coarse, fine, unc = coarse[:, self.n_t :], fine[:, self.n_t :], unc[:, self.n_t :]
-            tau, dec, val = state["tau"], state["dec"], state["val"]
-            queried = queried + flag.sum()
-            lin = ys * GW + xs
-            v = torch.where(unc >= tau[:, None], fine, coarse)
-            a = torch.zeros_like(flag)
+            v = torch.where(unc >= state["tau"][:, None], fine, coarse)
+            a = None
             if cfg.refine_on_head_disagreement:
-                a = a | ((coarse > 0) != (fine > 0)).any(dim=0)
+                a = ((coarse > 0) != (fine > 0)).any(dim=0)
             if cfg.logit_band > 0:
-                a = a | (torch.minimum(coarse.abs(), fine.abs()) < cfg.logit_band).any(dim=0)
-            # write only the flagged points (the unflagged ones of a topk may be anywhere)
-            dflat, vflat = dec.view(dec.shape[0], -1), val.view(val.shape[0], -1)
-            dflat[:, lin] = torch.where(flag, v > 0, dflat[:, lin])
-            vflat[:, lin] = torch.where(flag, v, vflat[:, lin])
-            aflat, kflat = amb.view(-1), known.view(-1)
-            aflat[lin] = torch.where(flag, a, aflat[lin])
-            kflat[lin] = kflat[lin] | flag
+                band = (torch.minimum(coarse.abs(), fine.abs()) < cfg.logit_band).any(dim=0)
+                a = band if a is None else a | band
+            dest = torch.where(flag, lin, n)  # the spare slot for points not to be written
+            state["dec"][:, dest] = v > 0
+            state["val"][:, dest] = v
+            if a is not None:
+                amb[dest] = a
+            known[dest] = flag
 
         def cells_valid(s: int) -> torch.Tensor:
-            ncr, ncc = (GH - 1) // s, (GW - 1) // s
-            ai = torch.arange(ncr, device=dev)[:, None]
-            bj = torch.arange(ncc, device=dev)[None, :]
-            return (ai < torch.div(he - 1, s, rounding_mode="floor")) & (bj < torch.div(we - 1, s, rounding_mode="floor"))
+            """Stride-s cells of the region's extended grid: those whose far corner is in it."""
+            return row_in[s::s][:, None] & col_in[s::s][None, :]
 
-        cand = cells_valid(s0)
+        cand = cells_valid(self.stride)
         for li_, s in enumerate(self.levels):
             evaluate(_corner_any(cand), s, None if li_ == 0 else self.caps[s])
-            dec, val = state["dec"], state["val"]
+            k = state["dec"].shape[0]
+            dec, val = state["dec"][:, :n].view(k, GH, GW), state["val"][:, :n].view(k, GH, GW)
             d = dec[:, ::s, ::s]
-            am = amb[::s, ::s]
+            am = amb_g[::s, ::s]
             disagree = ((d[:, :-1, :-1] != d[:, 1:, :-1]) | (d[:, :-1, :-1] != d[:, :-1, 1:])
                         | (d[:, :-1, :-1] != d[:, 1:, 1:])).any(dim=0)
             ambiguous = am[:-1, :-1] | am[1:, :-1] | am[:-1, 1:] | am[1:, 1:]
-            valid = cells_valid(s)
-            active = _dilate(cand & (disagree | ambiguous), cfg.dilate, self.cross) & valid
-            settled = cand & ~active
+            active = cand & (disagree | ambiguous)
+            if cfg.dilate > 0:
+                active = F.conv2d(active[None, None].float(), self.diamond, padding=cfg.dilate)[0, 0] > 0
+            active = active & cells_valid(s)
             if s > 1:
-                self._fill(dec, val, settled, s, he, we)
+                self._fill(dec, val, cand & ~active, s, inside, last)
                 r, c = active.shape  # each cell becomes its 2 x 2 children (expand: no host sync in capture)
                 cand = active[:, None, :, None].expand(r, 2, c, 2).reshape(2 * r, 2 * c)
             else:  # cells switched on by the dilation at the last level: their corners are their pixels
                 evaluate(_corner_any(active), 1, self.caps[1])
-        return state["val"], state["dec"], queried, overflow
+        k = state["dec"].shape[0]
+        queried = known[:n].sum() + self.n_t  # every flagged point became known exactly once
+        return (state["val"][:, :n].view(k, GH, GW), state["dec"][:, :n].view(k, GH, GW), queried, overflow)
 
-    def _fill(self, dec: torch.Tensor, val: torch.Tensor, settled: torch.Tensor, s: int,
-              he: torch.Tensor, we: torch.Tensor) -> None:
-        """``sparse._fill_settled`` as dense masked ops over the grid: pixel (i, j) belongs to cell
-        (min(i // s, nr - 1), min(j // s, nc - 1)); lattice points (evaluated corners) are left alone."""
-        GH, GW, dev = self.GH, self.GW, self.device
-        nr = torch.div(he - 1, s, rounding_mode="floor")
-        nc = torch.div(we - 1, s, rounding_mode="floor")
-        i = torch.arange(GH, device=dev)
-        j = torch.arange(GW, device=dev)
-        ci = torch.minimum(torch.div(i, s, rounding_mode="floor"), nr - 1).clamp(min=0)
-        cj = torch.minimum(torch.div(j, s, rounding_mode="floor"), nc - 1).clamp(min=0)
-        ty = ((i - ci * s).float() / s)[:, None]
-        tx = ((j - cj * s).float() / s)[None, :]
-        lat_v, lat_d = val[:, ::s, ::s], dec[:, ::s, ::s]
-        lattice = ((i % s) == 0)[:, None] & ((j % s) == 0)[None, :]  # evaluated corners keep their values
-        own = settled[ci][:, cj] & (i < he)[:, None] & (j < we)[None, :] & ~lattice
-        v00 = lat_v[:, ci][:, :, cj]
-        v01 = lat_v[:, ci][:, :, cj + 1]
-        v10 = lat_v[:, ci + 1][:, :, cj]
-        v11 = lat_v[:, ci + 1][:, :, cj + 1]
-        top = (1 - tx) * v00 + tx * v01
-        bottom = (1 - tx) * v10 + tx * v11
-        v = top + ty * (bottom - top)
-        d = lat_d[:, ci][:, :, cj]
+    def _fill(self, dec: torch.Tensor, val: torch.Tensor, settled: torch.Tensor, s: int, inside: torch.Tensor,
+              last: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """``sparse._fill_settled`` as dense ops over the grid: pixel (i, j) of the region belongs to cell
+        (min(i // s, nr - 1), min(j // s, nc - 1)) (the region's far edges to its last cells) and takes the
+        cell's corners' common decision and their bilinear logit. ``interpolate(align_corners=True)`` from the
+        lattice to the grid is that lerp: its scale (n-1)/((n-1)s) = 1/s is a power of two, so the source
+        positions and weights are exact (only the products round differently). Lattice points (evaluated
+        corners) are left alone. ``last``: the region's extended grid's last row and column indices."""
+        cr = torch.minimum(self.cell_r[s], torch.div(last[0], s, rounding_mode="floor") - 1)
+        cc = torch.minimum(self.cell_c[s], torch.div(last[1], s, rounding_mode="floor") - 1)
+        own = settled[cr][:, cc] & inside & self.fillable[s]
+        d = dec[:, ::s, ::s][:, cr][:, :, cc]
+        v = F.interpolate(val[None, :, ::s, ::s], size=(self.GH, self.GW), mode="bilinear", align_corners=True)[0]
         v = torch.where(d, v.clamp(min=1e-6), v.clamp(max=0.0))
         dec.copy_(torch.where(own, d, dec))
         val.copy_(torch.where(own, v, val))

@@ -7,6 +7,7 @@ as they are; the adapters add ``blocks.i.attn.qkv.lora_*`` and ``blocks.i.freq.*
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +49,9 @@ def fused_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h
     bh, n, dv = v.shape
     d = -(-max(q.shape[-1], dv) // 8) * 8
 
-    def widen(t: torch.Tensor) -> torch.Tensor:
-        return F.pad(t, (0, d - t.shape[-1])).view(bh // heads, heads, n, d)
+    def widen(t: torch.Tensor) -> torch.Tensor:  # (q and k come at this width from ``position_tables``)
+        t = F.pad(t, (0, d - t.shape[-1])) if t.shape[-1] != d else t
+        return t.view(bh // heads, heads, n, d)
 
     out = F.scaled_dot_product_attention(widen(q), widen(k), widen(v), scale=1.0)
     return out[..., :dv].reshape(bh, n, dv)
@@ -64,8 +66,25 @@ def use_fused_attention(module: nn.Module, on: bool = True) -> int:
     return len(attns)
 
 
+def freeze_position_tables(module: nn.Module, dtype: torch.dtype | None) -> int:
+    """Precompute every encoder ``Attention``'s position tables (``Attention.position_tables``) in ``dtype``
+    (the dtype its queries come in: the autocast dtype, or float32), for the current ``fused`` setting, on
+    a model whose weights no longer change (an inference copy); ``None`` drops them. Each attention call then
+    reads them instead of gathering, casting and padding them again: per block, two gathers, their two
+    autocast casts, the one-hot's cast and two pads fewer (the values are the same). Returns how many."""
+    attns = [m for m in module.modules() if isinstance(m, Attention)]
+    for m in attns:
+        m.frozen = None
+        if dtype is not None:
+            with torch.no_grad():
+                m.frozen = (dtype, m.fused, *(t.detach().to(dtype).contiguous() for t in m.position_tables()))
+    return len(attns)
+
+
 class Attention(nn.Module):
     fused = False  # see use_fused_attention
+    # (dtype, fused, rh, rw, key columns) from ``freeze_position_tables``
+    frozen: tuple[Any, ...] | None = None
 
     def __init__(self, dim: int, num_heads: int, size: int, lora: LoraConfig) -> None:
         super().__init__()
@@ -90,6 +109,18 @@ class Attention(nn.Module):
             return qkv(x, gate, bias=bias)
         return F.linear(x, qkv.weight, qkv.bias if bias else None)
 
+    def position_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """rh (H, H, c), rw (W, W + z, c) and the keys' one-hot columns (H W, H + W + z): the relative-position
+        tables gathered for this grid. z zero rows / columns (fused only) bring the extended queries and keys
+        of ``attend`` to a multiple of 8 wide, as the fused kernels need, with no pad per call."""
+        rh = self.rel_pos_h[self.rel_index]
+        rw = self.rel_pos_w[self.rel_index]
+        cols = self.key_onehot
+        z = -(rh.shape[-1] + cols.shape[-1]) % 8 if self.fused else 0
+        if z:
+            rw, cols = F.pad(rw, (0, 0, 0, z)), F.pad(cols, (0, z))
+        return rh, rw, cols
+
     def attend(self, qkv: torch.Tensor) -> torch.Tensor:
         """Multi-head attention with SAM's decomposed relative-position bias: (B, H, W, 3C) -> (B, H, W, C)."""
         B, H, W, _ = qkv.shape
@@ -98,15 +129,19 @@ class Attention(nn.Module):
         # SAM's decomposed relative-position bias, attn[(h,w),(k,l)] += q_hw . Rh[h,k] + q_hw . Rw[w,l], folded
         # into the logits' matmul: append the two bias rows to each query and one-hot (k, l) columns to each
         # key. Same sums, and no two broadcast adds over the (N x N) logits (the largest non-GEMM cost).
-        rh = self.rel_pos_h[self.rel_index]  # (H, H, c)
-        rw = self.rel_pos_w[self.rel_index]  # (W, W, c)
+        fz = self.frozen
+        if fz is not None and fz[0] == q.dtype and fz[1] == self.fused:
+            rh, rw, cols = fz[2:]
+        else:
+            rh, rw, cols = self.position_tables()
+            cols = cols.to(k.dtype)
         r_q = q.reshape(B * self.num_heads, H, W, -1)
         # einsum("bhwc,hkc->bhwk") and einsum("bhwc,wkc->bhwk") as broadcast batched matmuls (ONNX Runtime's
         # Einsum kernel is slower than MatMul for these shapes)
         rel_h = (r_q @ rh.transpose(1, 2)).reshape(B * self.num_heads, H * W, H)
-        rel_w = (r_q.transpose(1, 2) @ rw.transpose(1, 2)).transpose(1, 2).reshape(B * self.num_heads, H * W, W)
+        rel_w = (r_q.transpose(1, 2) @ rw.transpose(1, 2)).transpose(1, 2).reshape(B * self.num_heads, H * W, -1)
         q_ext = torch.cat([q * self.scale, rel_h, rel_w], dim=-1)
-        k_ext = torch.cat([k, self.key_onehot.to(k.dtype).expand(k.shape[0], -1, -1)], dim=-1)
+        k_ext = torch.cat([k, cols.expand(k.shape[0], -1, -1)], dim=-1)
         if self.fused:
             out = fused_softmax_attention(q_ext, k_ext, v, self.num_heads)
         else:
@@ -169,8 +204,8 @@ class Block(nn.Module):
         attn = self.attn
         qkv = attn.project_qkv(h, gate, bias=False)
         qkv = F.pad(qkv, (0, 0, 0, pad_w, 0, pad_h))
-        if attn.qkv.bias is not None:
-            qkv = qkv + attn.qkv.bias
+        if attn.qkv.bias is not None:  # in the projection's dtype, as the layer adds it (no fp32 promotion)
+            qkv = qkv + attn.qkv.bias.to(qkv.dtype)
         windows, pad_hw = window_partition(qkv, ws)  # already padded: a pure reshape
         out = window_unpartition(attn.attend(windows), ws, pad_hw, (H, W))
         return attn.proj(out)

@@ -1,7 +1,8 @@
 """Run a ``Segmenter`` over an image, a folder of images, a video or a NIfTI volume into an ``OutputSet``.
 
 Inputs are checked (readable, has frames, boxes inside the image) before anything is decoded; the CLI
-stages the outputs in a temporary folder, so an error part-way leaves nothing behind.
+stages the outputs in a temporary folder, so an error part-way leaves nothing behind. Images and video frames
+are read ahead and their outputs written behind on threads of their own (``pipeline.overlapped``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from imedsam_deploy._cv import cv2
 from imedsam_deploy.boxes import BoxTable, fmt_box, lookup, validate_box
 from imedsam_deploy.errors import UserError
 from imedsam_deploy.outputs import Layer, OutputSet, Record
-from imedsam_deploy.runtime import ObjectMask, Segmenter, sigmoid
+from imedsam_deploy.pipeline import overlapped
+from imedsam_deploy.runtime import ObjectMask, Segmenter
 from imedsam_deploy.tracking import Track, TrackConfig
 from imedsam_deploy.video import IMAGE_EXTS, VIDEO_EXTS, VideoReader, read_image
 from imedsam_deploy.volume import Volume, is_nifti, save_labels
@@ -88,9 +90,8 @@ def _records(frame: int, name: str, objs: dict[int, ObjectMask], status: dict[in
     for obj, om in objs.items():
         for c in range(om.num_classes):
             x0, y0, x1, y1 = (float(v) for v in om.box)
-            rm = om.region_mask()[c]
-            mp = float(sigmoid(om.logits[c][rm]).mean()) if rm.any() else 0.0
-            out.append(Record(frame, name, obj, c, status[obj], x0, y0, x1, y1, int(masks[obj][c].sum()), mp,
+            out.append(Record(frame, name, obj, c, status[obj], x0, y0, x1, y1, int(masks[obj][c].sum()),
+                              om.class_mean_probability(c),
                               om.queried, enc_ms + dec_ms, enc_ms, dec_ms, notes.get(obj, "")))
     return out
 
@@ -119,67 +120,69 @@ def _segment_given(seg: Segmenter, rgb: np.ndarray, given: dict[int, np.ndarray]
 
 
 def run_images(seg: Segmenter, spec: InputSpec, prompts: Prompts, outs: OutputSet,
-               out_size: tuple[int, int] | int | None, progress: Progress) -> dict[str, Any]:
+               out_size: tuple[int, int] | int | None, progress: Progress, overlap_io: bool = True) -> dict[str, Any]:
     frames = 0
-    for i, path in enumerate(spec.files):
-        rgb = read_image(path)
-        hw = (int(rgb.shape[0]), int(rgb.shape[1]))
-        given = prompts.for_frame(i, path.name, first_only=False)
-        for obj, b in given.items():
-            validate_box(b, hw, f"{path} object {obj}")
-        ohw = out_shape(hw, out_size)
-        objs: dict[int, ObjectMask] = {}
-        masks: dict[int, list[np.ndarray]] = {}
-        enc_ms = dec_ms = 0.0
-        if given:
-            objs, masks, enc_ms, dec_ms = _segment_given(seg, rgb, given, hw, ohw)
-        status = dict.fromkeys(objs, "given")
-        outs.add_frame(path.stem, rgb, ohw, _layers(objs, status, masks),
-                       _records(i, path.name, objs, status, masks, enc_ms, dec_ms, {}))
-        frames += 1
-        progress(frames)
+    with overlapped(((p, read_image(p)) for p in spec.files), overlap_io) as (images, write):
+        for i, (path, rgb) in enumerate(images):
+            hw = (int(rgb.shape[0]), int(rgb.shape[1]))
+            given = prompts.for_frame(i, path.name, first_only=False)
+            for obj, b in given.items():
+                validate_box(b, hw, f"{path} object {obj}")
+            ohw = out_shape(hw, out_size)
+            objs: dict[int, ObjectMask] = {}
+            masks: dict[int, list[np.ndarray]] = {}
+            enc_ms = dec_ms = 0.0
+            if given:
+                objs, masks, enc_ms, dec_ms = _segment_given(seg, rgb, given, hw, ohw)
+            status = dict.fromkeys(objs, "given")
+            write(outs.add_frame, path.stem, rgb, ohw, _layers(objs, status, masks),
+                  _records(i, path.name, objs, status, masks, enc_ms, dec_ms, {}))
+            frames += 1
+            progress(frames)
     return {"frames": frames}
 
 
 def run_video(seg: Segmenter, reader: VideoReader, prompts: Prompts, outs: OutputSet,
-              out_size: tuple[int, int] | int | None, track_cfg: TrackConfig, progress: Progress) -> dict[str, Any]:
+              out_size: tuple[int, int] | int | None, track_cfg: TrackConfig, progress: Progress,
+              overlap_io: bool = True) -> dict[str, Any]:
     hw = (reader.height, reader.width)
     ohw = out_shape(hw, out_size)
     tracks: dict[int, Track] = {}
     frames = 0
-    for t, rgb in enumerate(reader):
-        given = prompts.for_frame(t, None, first_only=True)
-        for obj, b in given.items():
-            validate_box(b, hw, f"{reader.path} frame {t} object {obj}")
-            tracks.setdefault(obj, Track(obj, track_cfg)).give(b)
-        active = {obj: tr for obj, tr in sorted(tracks.items()) if tr.box is not None}
-        objs: dict[int, ObjectMask] = {}
-        enc_ms = dec_ms = 0.0
-        if active:
-            (emb,), enc_ms = seg.embed([rgb])
-            tt = time.perf_counter()
-            objs = {obj: seg.decode_box(emb, tr.box, hw, ohw) for obj, tr in active.items() if tr.box is not None}
-            dec_ms = (time.perf_counter() - tt) * 1e3
-        status: dict[int, str] = {}
-        notes: dict[int, str] = {}
-        masks: dict[int, list[np.ndarray]] = {}
-        for obj, om in objs.items():
-            tr = tracks[obj]
-            was = tr.status
-            st = tr.observe(_to_image(om.mask(), hw), om.mean_probability, given=obj in given)
-            status[obj] = st
-            if st == "lost":
-                notes[obj] = tr.lost_reason
-                if was != "lost":
-                    outs.events.append({"frame": t, "object": obj, "event": "lost", "reason": tr.lost_reason,
-                                        "box": fmt_box(om.box)})
-            elif was == "lost" and t > 0 and st == "tracked":
-                outs.events.append({"frame": t, "object": obj, "event": "found", "box": fmt_box(om.box)})
-            masks[obj] = _class_masks(om, keep=st != "lost")  # a lost object's mask is not reported
-        outs.add_frame(f"{t:06d}", rgb, ohw, _layers(objs, status, masks),
-                       _records(t, f"{t:06d}", objs, status, masks, enc_ms, dec_ms, notes))
-        frames += 1
-        progress(frames)
+    with overlapped(reader, overlap_io) as (video, write):
+        for t, rgb in enumerate(video):
+            given = prompts.for_frame(t, None, first_only=True)
+            for obj, b in given.items():
+                validate_box(b, hw, f"{reader.path} frame {t} object {obj}")
+                tracks.setdefault(obj, Track(obj, track_cfg)).give(b)
+            active = {obj: tr for obj, tr in sorted(tracks.items()) if tr.box is not None}
+            objs: dict[int, ObjectMask] = {}
+            enc_ms = dec_ms = 0.0
+            if active:
+                (emb,), enc_ms = seg.embed([rgb])
+                tt = time.perf_counter()
+                objs = {obj: seg.decode_box(emb, tr.box, hw, ohw) for obj, tr in active.items() if tr.box is not None}
+                dec_ms = (time.perf_counter() - tt) * 1e3
+            status: dict[int, str] = {}
+            notes: dict[int, str] = {}
+            masks: dict[int, list[np.ndarray]] = {}
+            for obj, om in objs.items():
+                tr = tracks[obj]
+                was = tr.status
+                st = tr.observe(_to_image(om.mask(), hw), om.mean_probability, given=obj in given)
+                status[obj] = st
+                if st == "lost":
+                    notes[obj] = tr.lost_reason
+                    if was != "lost":
+                        outs.events.append({"frame": t, "object": obj, "event": "lost", "reason": tr.lost_reason,
+                                            "box": fmt_box(om.box)})
+                elif was == "lost" and t > 0 and st == "tracked":
+                    outs.events.append({"frame": t, "object": obj, "event": "found", "box": fmt_box(om.box)})
+                masks[obj] = _class_masks(om, keep=st != "lost")  # a lost object's mask is not reported
+            write(outs.add_frame, f"{t:06d}", rgb, ohw, _layers(objs, status, masks),
+                  _records(t, f"{t:06d}", objs, status, masks, enc_ms, dec_ms, notes))
+            frames += 1
+            progress(frames)
     return {"frames": frames, "fps": reader.fps, "size": [reader.width, reader.height]}
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -49,7 +50,12 @@ def ugs_merge(coarse: np.ndarray, fine: np.ndarray, unc: np.ndarray, k: int) -> 
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)  # overflow-free logistic
+    """The logistic in float32: 1 / (1 + exp(-x)), in place after the exp (twice as fast as the tanh form).
+    exp(-x) overflows to inf below x = -88, where 1 / (1 + inf) = 0 is the right answer."""
+    with np.errstate(over="ignore"):
+        e = np.exp(np.negative(x, dtype=np.float32))
+    e += 1.0
+    return np.reciprocal(e, out=e)
 
 
 @dataclass
@@ -67,6 +73,11 @@ class ObjectMask:
         return int(self.logits.shape[0])
 
     def region_mask(self) -> np.ndarray:
+        """(K, rh, rw) bool, the mask on the region: computed once (a frame asks for it several times)."""
+        return self._region_mask
+
+    @cached_property
+    def _region_mask(self) -> np.ndarray:
         return self.logits > 0
 
     def mask(self, cls: int | None = None) -> np.ndarray:
@@ -88,13 +99,19 @@ class ObjectMask:
     def area(self) -> int:
         return int(self.region_mask().any(axis=0).sum())
 
-    @property
+    @cached_property
     def mean_probability(self) -> float:
-        """Mean foreground probability over the mask (its confidence); 0 for an empty mask."""
+        """Mean foreground probability over the mask (its confidence); 0 for an empty mask. The logistic of
+        the masked logits only (not of the whole region), once per object."""
         rm = self.region_mask()
-        if not rm.any():
-            return 0.0
-        return float(sigmoid(self.logits)[rm].mean())
+        return float(sigmoid(self.logits[rm]).mean()) if rm.any() else 0.0
+
+    def class_mean_probability(self, cls: int) -> float:
+        """``mean_probability`` of one class's mask."""
+        if self.num_classes == 1:
+            return self.mean_probability
+        rm = self.region_mask()[cls]
+        return float(sigmoid(self.logits[cls][rm]).mean()) if rm.any() else 0.0
 
 
 @dataclass

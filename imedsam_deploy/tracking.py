@@ -28,13 +28,16 @@ class TrackConfig:
 
 def mask_box(mask: np.ndarray) -> np.ndarray | None:
     """(x0, y0, x1, y1) pixel-edge box of the largest connected component of ``mask``, or None if empty."""
-    m = np.ascontiguousarray(mask, dtype=np.uint8)
-    if not m.any():
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
         return None
+    # every component lies inside the mask's bounding box: label that crop, not the whole frame
+    r0, c0 = int(rows[0]), int(cols[0])
+    m = np.ascontiguousarray(mask[r0 : rows[-1] + 1, c0 : cols[-1] + 1], dtype=np.uint8)
     n, _, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
     i = 1 + int(np.argmax(stats[1:n, cv2.CC_STAT_AREA]))
     x, y, w, h = (int(stats[i, k]) for k in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH, cv2.CC_STAT_HEIGHT))
-    return np.array([x, y, x + w, y + h], dtype=np.float64)
+    return np.array([c0 + x, r0 + y, c0 + x + w, r0 + y + h], dtype=np.float64)
 
 
 def grow_box(box: np.ndarray, image_hw: tuple[int, int], margin: float, min_px: float) -> np.ndarray:

@@ -165,6 +165,42 @@ def test_mask_box_takes_the_largest_component():
     assert mask_box(np.zeros((5, 5), bool)) is None
 
 
+def test_mask_box_on_the_masks_crop_equals_labelling_the_whole_frame():
+    """mask_box labels only the mask's bounding crop: the same box as labelling the whole frame, on random
+    masks of several blobs (some touching the frame's edges) and of scattered specks."""
+    import cv2
+
+    rng = np.random.default_rng(5)
+    for i in range(40):
+        hw = (int(rng.integers(20, 120)), int(rng.integers(20, 120)))
+        m = np.zeros(hw, bool)
+        for _ in range(int(rng.integers(1, 4))):
+            m |= _disc(hw, (int(rng.integers(-5, hw[1] + 5)), int(rng.integers(-5, hw[0] + 5))), int(rng.integers(1, 15)))
+        if i % 4 == 0:
+            m |= rng.random(hw) < 0.02
+        if not m.any():
+            continue
+        n, _, st, _ = cv2.connectedComponentsWithStats(m.astype(np.uint8), connectivity=8)
+        j = 1 + int(np.argmax(st[1:n, cv2.CC_STAT_AREA]))
+        x, y, w, h = st[j, :4]
+        np.testing.assert_array_equal(mask_box(m), [x, y, x + w, y + h])
+
+
+def test_sigmoid_is_the_float32_logistic_without_overflow_warnings():
+    import warnings
+
+    from imedsam_deploy.runtime import sigmoid
+
+    x = np.concatenate([np.linspace(-30, 30, 2001), [-1e4, -100, -89, 89, 100, 1e4]]).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = sigmoid(x)
+    assert got.dtype == np.float32 and got.shape == x.shape
+    ref = 1 / (1 + np.exp(-x.astype(np.float64)))
+    np.testing.assert_allclose(got, ref, rtol=3e-7, atol=1e-30)
+    assert got[-6] == 0.0 and got[-1] == 1.0
+
+
 def test_track_follows_reports_lost_and_does_not_drift():
     tr = Track(0, TrackConfig(margin=0.1, min_margin_px=2, min_area_px=16, min_confidence=0.6))
     tr.give(np.array([40, 30, 80, 70]))

@@ -2,7 +2,8 @@
 
 Inputs are checked (readable, has frames, boxes inside the image) before anything is decoded; the CLI
 stages the outputs in a temporary folder, so an error part-way leaves nothing behind. Images and video frames
-are read ahead and their outputs written behind on threads of their own (``pipeline.overlapped``).
+and volume slices are read ahead and their outputs written behind on threads of their own
+(``pipeline.overlapped``).
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ def run_video(seg: Segmenter, reader: VideoReader, prompts: Prompts, outs: Outpu
 
 
 def run_volume(seg: Segmenter, vol: Volume, prompts: Prompts, outs: OutputSet,
-               out_size: tuple[int, int] | int | None, progress: Progress) -> dict[str, Any]:
+               out_size: tuple[int, int] | int | None, progress: Progress, overlap_io: bool = True) -> dict[str, Any]:
     hw = vol.slice_hw
     if out_size is not None and out_shape(hw, out_size) != hw:
         raise UserError(f"{vol.path}: --out-size is not supported for volumes (the mask keeps the voxel grid)")
@@ -202,18 +203,19 @@ def run_volume(seg: Segmenter, vol: Volume, prompts: Prompts, outs: OutputSet,
     labels = np.zeros((vol.num_slices, *hw), np.uint8)
     segmented = 0
     channels = 0
-    for z, given in enumerate(per_slice):
-        if given:
-            rgb = vol.slice_rgb(z)
+    prompted = ((z, given, vol.slice_rgb(z)) for z, given in enumerate(per_slice) if given)
+    with overlapped(prompted, overlap_io) as (slices, write):
+        for z, given, rgb in slices:
             objs, masks, enc_ms, dec_ms = _segment_given(seg, rgb, given, hw, hw)
             status = dict.fromkeys(objs, "given")
             flat = [m for obj in sorted(masks) for m in masks[obj]]
             channels = max(channels, len(flat))
             labels[z] = np.where(labels[z] == 0, _labels_nd(flat, hw), labels[z])
-            outs.add_frame(f"slice_{z:04d}", rgb, hw, _layers(objs, status, masks),
-                           _records(z, f"slice_{z:04d}", objs, status, masks, enc_ms, dec_ms, {}))
+            write(outs.add_frame, f"slice_{z:04d}", rgb, hw, _layers(objs, status, masks),
+                  _records(z, f"slice_{z:04d}", objs, status, masks, enc_ms, dec_ms, {}))
             segmented += 1
-        progress(z + 1)
+            progress(z + 1)
+    progress(vol.num_slices)
     if channels == 1:
         labels = (labels > 0).astype(np.uint8)  # one object: a 0/1 label volume
     save_labels(vol, labels, outs.root / "mask.nii.gz")

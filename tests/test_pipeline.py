@@ -1,6 +1,6 @@
 """imedsam_deploy.pipeline: frames read ahead and outputs written behind, in order, bounded, with errors
-handed back where they belong and nothing left running after the block; and ``imedsam-infer``'s video and
-image runs write the same outputs with it as without it."""
+handed back where they belong and nothing left running after the block; and ``imedsam-infer``'s video, image
+and volume runs write the same outputs with it as without it."""
 
 from __future__ import annotations
 
@@ -144,18 +144,24 @@ def _outputs(root: Path) -> tuple[dict[str, bytes], list[dict]]:
 
 
 def test_video_and_images_write_the_same_outputs_overlapped_or_not(tmp_path, video_cut, shipped_artifact):
-    """The shipped model on a real clip and on real images: mask PNGs, per-frame records and the overlay
-    video's frame count are the same with I/O overlapped (the default) as in line."""
+    """The shipped model on a real clip, real images and a real CT volume: mask PNGs, per-frame records, the
+    overlay video's frame count, the slice overlays and the label volume are the same with I/O overlapped
+    (the default) as in line."""
+    import nibabel as nib
+
     from imedsam_deploy._cv import cv2
     from imedsam_deploy.backends import open_backend
-    from imedsam_deploy.infer import InputSpec, Prompts, run_images, run_video
+    from imedsam_deploy.infer import InputSpec, Prompts, run_images, run_video, run_volume
     from imedsam_deploy.manifest import load_artifact
     from imedsam_deploy.outputs import OutputSet
     from imedsam_deploy.runtime import Segmenter
     from imedsam_deploy.tracking import TrackConfig
     from imedsam_deploy.video import VideoReader
+    from imedsam_deploy.volume import load_volume
 
-    from .conftest import SAMPLE_DATA
+    from .conftest import SAMPLE_DATA, SHARED_DATA
+
+    volume = load_volume(SHARED_DATA / "ct-volume-totalseg" / "images" / "example_ct_sm.nii.gz", None)
 
     art = load_artifact(shipped_artifact)
     be, _ = open_backend("ort-cpu", art, None)
@@ -181,8 +187,18 @@ def test_video_and_images_write_the_same_outputs_overlapped_or_not(tmp_path, vid
                               Prompts([np.array([40.0, 40, 200, 180])]), img_outs, None, lambda n: None,
                               overlap_io=on)
         img_outs.finish(img_info)
-        results[on] = (_outputs(root), n_video, info["frames"], _outputs(img_root))
+        vol_root = tmp_path / f"volume-{on}"
+        vol_root.mkdir()
+        vol_outs = OutputSet(vol_root, "volume", mask_pngs=False)
+        vol_info = run_volume(seg, volume, Prompts([], {10: {0: np.array([30.0, 30, 90, 80])},
+                                                        15: {0: np.array([20.0, 25, 100, 90])}}),
+                              vol_outs, None, lambda n: None, overlap_io=on)
+        vol_outs.finish(vol_info)
+        overlays = sorted(p.name for p in (vol_root / "overlay").iterdir())
+        labels = np.asarray(nib.load(str(vol_root / "mask.nii.gz")).dataobj)
+        results[on] = (_outputs(root), n_video, info["frames"], _outputs(img_root), overlays, labels.tobytes())
     assert results[True] == results[False]
-    (files, rows), n_video, frames, (img_files, _) = results[True]
+    (files, rows), n_video, frames, (img_files, _), overlays, labels = results[True]
     assert frames == n_video == len(files) == 12 and len(rows) == frames and len(img_files) == 3
+    assert overlays == ["slice_0010.png", "slice_0015.png"] and any(labels)
     assert sum(r["area"] for r in rows) > 0  # real masks, not empty ones on both sides

@@ -32,7 +32,9 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> Any:
 
 
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorator for Typer commands: UserError -> one-line error + exit 2 (also under CliRunner)."""
+    """Decorator for Typer commands: UserError -> one-line error + exit 2, Ctrl-C -> "interrupted" + exit 130
+    (also under CliRunner). Typer turns a KeyboardInterrupt that leaves a command into a silent exit 130, so the
+    line is printed here, inside the command."""
     import functools
 
     @functools.wraps(fn)
@@ -41,6 +43,9 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except UserError as e:
             fail(str(e))
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
 
     return wrapper
 

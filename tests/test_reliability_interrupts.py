@@ -200,3 +200,26 @@ def test_inference_killed_midway_leaves_no_complete_looking_output(tmp_path_fact
     assert not out.exists()
     for s in tmp_path.glob(".out.*"):  # a leftover staging folder is hidden and has no results file
         assert not (s / "results.json").exists() and not (s / "results.csv").exists()
+
+
+def test_inference_interrupted_with_ctrl_c_stops_its_threads_and_leaves_nothing(tmp_path_factory, tmp_path,
+                                                                               video_cut):
+    """Ctrl-C in the middle of a video, while frames are read ahead and outputs written behind on their own
+    threads: the command says "interrupted" on one line and exits 130 promptly (no thread left running keeps
+    it alive), with no traceback, no output folder and no staging folder."""
+    art = tiny_artifact(tmp_path_factory)
+    out = tmp_path / "out"
+    proc = _popen("imedsam_deploy.cli_infer", [str(video_cut), "--box", "150,120,300,260", "--artifact", str(art),
+                                               "--out", str(out), "--backend", "ort-cpu", "-q"], tmp_path)
+
+    def masks_written() -> int:
+        return sum(len(list((s / "masks").glob("*.png"))) for s in tmp_path.glob(".out.*") if (s / "masks").is_dir())
+
+    _wait_for(lambda: masks_written() >= 3, proc, 300, "the first masks")
+    assert proc.poll() is None, "the inference finished before the interrupt"
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    err = _stderr(proc)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))

@@ -89,21 +89,23 @@ class DevicePlanner:
             levels.append(s)
             s //= 2
         self.levels = levels
-        # per level: each lattice point's index in the flattened grid, and its (x, y) indices into a plan's
-        # coordinate table [x of grid columns..., y of grid rows...]
+        # per level of stride >= 2: each lattice point's index in the flattened grid, and its (x, y) indices
+        # into a plan's coordinate table [x of grid columns..., y of grid rows...] (a third of the grid's points
+        # in all, 24 bytes each: 34 MB at 2048²; int64, as int32 indices are widened by every indexing op;
+        # stride 1's lattice is the grid itself, its indices are arithmetic)
         self.lat_lin: dict[int, torch.Tensor] = {}
         self.lat_xy: dict[int, torch.Tensor] = {}
         self.fillable: dict[int, torch.Tensor] = {}
         self.cell_r: dict[int, torch.Tensor] = {}
         self.cell_c: dict[int, torch.Tensor] = {}
-        for s in levels:
+        for s in levels[:-1]:
             li, lj = torch.meshgrid(self.gi[::s], self.gj[::s], indexing="ij")
             self.lat_lin[s] = (li * GW + lj).reshape(-1)
             self.lat_xy[s] = torch.stack([lj.reshape(-1), GW + li.reshape(-1)], dim=-1)
-            if s > 1:  # what a fill may write: the grid's pixels that are not lattice points, and their cells
-                self.fillable[s] = ~(((self.gi % s) == 0)[:, None] & ((self.gj % s) == 0)[None, :])
-                self.cell_r[s] = torch.div(self.gi, s, rounding_mode="floor")
-                self.cell_c[s] = torch.div(self.gj, s, rounding_mode="floor")
+            # what a fill may write: the grid's pixels that are not lattice points, and their cells
+            self.fillable[s] = ~(((self.gi % s) == 0)[:, None] & ((self.gj % s) == 0)[None, :])
+            self.cell_r[s] = torch.div(self.gi, s, rounding_mode="floor")
+            self.cell_c[s] = torch.div(self.gj, s, rounding_mode="floor")
         side, per_side, unit = max(H, W), cap_per_side or CAP_PER_SIDE, CAP_UNIT
         self.caps = {s: min(self.lattice_points(s), max(unit, -(-per_side * side // s // unit) * unit))
                      for s in levels}
@@ -116,6 +118,15 @@ class DevicePlanner:
         """Double every later level's point budget (up to its whole lattice): after an overflow, so a video
         whose boxes need more points settles on a budget that fits them."""
         self.caps = {s: min(self.lattice_points(s), 2 * c) for s, c in self.caps.items()}
+
+    def lattice_index(self, s: int, idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flat grid index, coordinate-table indices (N, 2)) of the stride-s lattice's points ``idx`` (flat
+        lattice indices; None: all of them)."""
+        if s > 1:
+            lin, xy = self.lat_lin[s], self.lat_xy[s]
+            return (lin, xy) if idx is None else (lin[idx], xy[idx])
+        flat = torch.arange(self.GH * self.GW, device=self.device) if idx is None else idx
+        return flat, torch.stack([flat % self.GW, self.GW + torch.div(flat, self.GW, rounding_mode="floor")], dim=-1)
 
     def usable(self, h: int, w: int) -> bool:
         """Whether the host planner would use this planner's initial stride on an h x w region (it uses a
@@ -154,14 +165,13 @@ class DevicePlanner:
             """Decode the unknown points of ``sel`` (a selection on the stride-s lattice of the grid)."""
             nonlocal overflow
             need = (sel & ~known_g[::s, ::s] & inside[::s, ::s]).reshape(-1)
-            lin, xy = self.lat_lin[s], self.lat_xy[s]
             if cap is None or cap >= need.numel():
-                flag = need
+                flag, (lin, xy) = need, self.lattice_index(s, None)
             else:
                 top = torch.topk(need.float(), cap, sorted=False)  # float: topk has kernels for it everywhere
                 flag = top.values > 0
                 overflow = overflow | (need.sum() > cap)
-                lin, xy = lin[top.indices], xy[top.indices]
+                lin, xy = self.lattice_index(s, top.indices)
             coords = table[xy]
             first = "tau" not in state
             if first:

@@ -305,8 +305,8 @@ def test_torch_backend_compiles_whole_graphs():
 
 def test_torch_backend_encoder_options_are_exact(monkeypatch):
     """torch-cuda's encoder options on the CPU (same code): attention as one scaled_dot_product_attention call
-    (to fp32 rounding), the frequency chain issued first (bitwise: the same operations), and both; the
-    decoder's outputs from those embeddings agree likewise."""
+    (to fp32 rounding; the box part's attentions too), the frequency chain issued first (bitwise: the same
+    operations), and both; the decoder's outputs from those embeddings agree likewise."""
     from imedsam_deploy.backends.torch_cuda import TorchBackend
     from imedsam_train.model.encoder import ImageEncoder
 
@@ -346,8 +346,10 @@ def test_torch_backend_encoder_options_are_exact(monkeypatch):
                 torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
             else:
                 assert torch.equal(a, b)
+        calls.update(sdpa=0)
         for a, b in zip(be.decode(got[1], box, coords), ref_dec, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        assert calls["sdpa"] == (7 if fused else 0)  # the box part's two-way transformer: 2 layers x 3 + final
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -122,6 +122,28 @@ def test_encoder_block_equals_segment_anythings_block(grid, window, fused):
         assert ours.attn.frozen is not None and torch.equal(got, want)
 
 
+@pytest.mark.parametrize("downsample", [1, 2])
+def test_prompt_attention_as_sdpa_equals_segment_anythings(downsample):
+    """torch-cuda's box part runs segment-anything's two-way transformer attention as one SDPA call: the same
+    function to fp32 rounding (token-to-image and image-to-token shapes), and switching back restores it."""
+    from segment_anything.modeling.transformer import Attention as SamAttention
+
+    from imedsam_train.model.prompt_attention import use_fused_prompt_attention
+
+    torch.manual_seed(0)
+    attn = SamAttention(256, 8, downsample).eval()
+    tokens, image = torch.randn(2, 7, 256), torch.randn(2, 576, 256)
+    with torch.no_grad():
+        ref = [attn(tokens, image, image), attn(image, tokens, tokens)]
+        assert use_fused_prompt_attention(attn, True) == 1
+        got = [attn(tokens, image, image), attn(image, tokens, tokens)]
+        use_fused_prompt_attention(attn, False)
+        back = attn(tokens, image, image)
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+    assert torch.equal(back, ref[0]) and "forward" not in attn.__dict__
+
+
 def test_lora_only_touches_query_and_value():
     q = LoRAQKV(16, 2)
     with torch.no_grad():

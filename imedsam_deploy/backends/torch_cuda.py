@@ -150,9 +150,9 @@ class TorchBackend(Backend):
     ``device_planner`` (default: on CUDA) runs the sparse query mode's planner on the device
     (``torch_sparse.DevicePlanner``), one graph per box instead of a host round trip per level;
     ``device_merge`` (default: on CUDA) keeps the full and box modes' decoder outputs on the device and does
-    the UGS merge there. ``fused_attention`` (default: on CUDA) runs the encoder's attention as one
-    ``scaled_dot_product_attention`` call (flash / memory-efficient kernels) instead of two GEMMs and a
-    softmax; ``overlap_frequency`` (default: on CUDA without compile) issues the frequency-adapter chain,
+    the UGS merge there. ``fused_attention`` (default: on CUDA) runs the encoder's attention, and the box
+    part's, as one ``scaled_dot_product_attention`` call each (flash / memory-efficient kernels) instead of
+    two GEMMs and a softmax; ``overlap_frequency`` (default: on CUDA without compile) issues the frequency-adapter chain,
     which never reads the tokens, on a second stream beside them. Both exact (tests/test_model.py).
     ``grid_sample`` (default on) samples the decoder's two maps with ``grid_sample`` (one kernel each) instead
     of the exported graph's Gather taps (~35 small ops each); within fp32 rounding (tests/test_export.py)."""
@@ -193,6 +193,7 @@ class TorchBackend(Backend):
         self.model = folded
         cuda = self.device.type == "cuda"
         self._graphs: dict[tuple[Any, ...], tuple[Any, list[Any], Any]] = {}
+        self._box_cache: tuple[Any, np.ndarray, Any] | None = None
         # streams inside a compiled graph are not supported by dynamo's fullgraph capture
         self.set_encoder_options(cuda if fused_attention is None else fused_attention,
                                  (cuda and not compile) if overlap_frequency is None else overlap_frequency)
@@ -215,7 +216,6 @@ class TorchBackend(Backend):
         self.compiled = bool(compile)
         # graphs and compiled code are both per shape: bucket the point count for either
         self.bucket_points = (self.use_graphs or self.compiled) if bucket_points is None else bucket_points
-        self._box_cache: tuple[Any, np.ndarray, Any] | None = None
         self._points_pool: Any = None
         dec = self.decoder
 
@@ -255,18 +255,22 @@ class TorchBackend(Backend):
         self.set_decoder_sampling(grid_sample)
 
     def set_encoder_options(self, fused_attention: bool, overlap_frequency: bool) -> None:
-        """The encoder's attention as one SDPA call or explicit GEMMs, and its frequency chain on a second
-        stream or in line (both exact); encoder graphs captured under other options are dropped. The
-        attention's position tables are precomputed for the setting (``freeze_position_tables``)."""
+        """Every attention (the encoder's and the box part's) as one SDPA call or explicit GEMMs, and the
+        encoder's frequency chain on a second stream or in line (both exact); graphs captured under other
+        options are dropped. The encoder attention's position tables are precomputed for the setting
+        (``freeze_position_tables``)."""
         from imedsam_train.model.encoder import freeze_position_tables, use_fused_attention
+        from imedsam_train.model.prompt_attention import use_fused_prompt_attention
 
         self.fused_attention, self.overlap_frequency = fused_attention, overlap_frequency
         use_fused_attention(self.model, fused_attention)
+        use_fused_prompt_attention(self.model, fused_attention)  # the box part's two-way transformer too
         # the folded copy's weights never change: its relative-position tables are gathered, cast and padded once
         freeze_position_tables(self.model, self.amp_dtype or self.torch.float32)
         self.model.image_encoder.frequency_first = overlap_frequency
-        for key in [k for k in self._graphs if k[0] == "enc"]:
+        for key in [k for k in self._graphs if k[0] in ("enc", "prompt")]:
             del self._graphs[key]
+        self._box_cache = None
 
     def set_decoder_sampling(self, grid_sample: bool) -> None:
         """The per-point decoder's two map samples as ``grid_sample`` calls or the exported graph's Gather taps

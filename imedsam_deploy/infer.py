@@ -123,6 +123,8 @@ def _segment_given(seg: Segmenter, rgb: np.ndarray, given: dict[int, np.ndarray]
 def run_images(seg: Segmenter, spec: InputSpec, prompts: Prompts, outs: OutputSet,
                out_size: tuple[int, int] | int | None, progress: Progress, overlap_io: bool = True) -> dict[str, Any]:
     frames = 0
+    # read_image silences fd 2 around each decode (libpng's own error lines); on the reader thread that window
+    # can also swallow a progress-bar refresh, never an error: errors are printed after the threads stop
     with overlapped(((p, read_image(p)) for p in spec.files), overlap_io) as (images, write):
         for i, (path, rgb) in enumerate(images):
             hw = (int(rgb.shape[0]), int(rgb.shape[1]))

@@ -71,7 +71,8 @@ def freeze_position_tables(module: nn.Module, dtype: torch.dtype | None) -> int:
     (the dtype its queries come in: the autocast dtype, or float32), for the current ``fused`` setting, on
     a model whose weights no longer change (an inference copy); ``None`` drops them. Each attention call then
     reads them instead of gathering, casting and padding them again: per block, two gathers, their two
-    autocast casts, the one-hot's cast and two pads fewer (the values are the same). Returns how many."""
+    autocast casts, the one-hot's cast and two pads fewer (the values are the same). The tables live on the
+    module's current device and are not moved by ``.to()``: freeze after moving. Returns how many."""
     attns = [m for m in module.modules() if isinstance(m, Attention)]
     for m in attns:
         m.frozen = None

@@ -212,8 +212,9 @@ class DevicePlanner:
                         | (d[:, :-1, :-1] != d[:, 1:, 1:])).any(dim=0)
             ambiguous = am[:-1, :-1] | am[1:, :-1] | am[:-1, 1:] | am[1:, 1:]
             active = cand & (disagree | ambiguous)
-            if cfg.dilate > 0:
-                active = F.conv2d(active[None, None].float(), self.diamond, padding=cfg.dilate)[0, 0] > 0
+            if cfg.dilate > 0:  # in fp32 whatever the caller's autocast: no casts of the cells and the ball
+                with torch.autocast(dev.type, enabled=False):
+                    active = F.conv2d(active[None, None].float(), self.diamond, padding=cfg.dilate)[0, 0] > 0
             active = active & cells_valid(s)
             if s > 1:
                 self._fill(dec, val, cand & ~active, s, inside, last)

@@ -106,7 +106,11 @@ def _layers(objs: dict[int, ObjectMask], status: dict[int, str], masks: dict[int
     return layers
 
 
-def _class_masks(om: ObjectMask, keep: bool) -> list[np.ndarray]:
+def _class_masks(om: ObjectMask, keep: bool, union: np.ndarray | None = None) -> list[np.ndarray]:
+    """Each class's mask at the output size (zeros unless ``keep``); ``union``, ``om.mask()`` when the caller
+    already made it, is the one class's mask of a single-class object (not built a second time per frame)."""
+    if keep and union is not None and om.num_classes == 1:
+        return [union]
     return [om.mask(c) if keep else np.zeros(om.out_hw, bool) for c in range(om.num_classes)]
 
 
@@ -172,7 +176,8 @@ def run_video(seg: Segmenter, reader: VideoReader, prompts: Prompts, outs: Outpu
             for obj, om in objs.items():
                 tr = tracks[obj]
                 was = tr.status
-                st = tr.observe(_to_image(om.mask(), hw), om.mean_probability, given=obj in given)
+                union = om.mask()
+                st = tr.observe(_to_image(union, hw), om.mean_probability, given=obj in given)
                 status[obj] = st
                 if st == "lost":
                     notes[obj] = tr.lost_reason
@@ -181,7 +186,7 @@ def run_video(seg: Segmenter, reader: VideoReader, prompts: Prompts, outs: Outpu
                                             "box": fmt_box(om.box)})
                 elif was == "lost" and t > 0 and st == "tracked":
                     outs.events.append({"frame": t, "object": obj, "event": "found", "box": fmt_box(om.box)})
-                masks[obj] = _class_masks(om, keep=st != "lost")  # a lost object's mask is not reported
+                masks[obj] = _class_masks(om, st != "lost", union)  # a lost object's mask is not reported
             write(outs.add_frame, f"{t:06d}", rgb, ohw, _layers(objs, status, masks),
                   _records(t, f"{t:06d}", objs, status, masks, enc_ms, dec_ms, notes))
             frames += 1

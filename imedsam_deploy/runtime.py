@@ -101,17 +101,19 @@ class ObjectMask:
 
     @cached_property
     def mean_probability(self) -> float:
-        """Mean foreground probability over the mask (its confidence); 0 for an empty mask. The logistic of
-        the masked logits only (not of the whole region), once per object."""
-        rm = self.region_mask()
-        return float(sigmoid(self.logits[rm]).mean()) if rm.any() else 0.0
+        """Mean foreground probability over the mask (its confidence); 0 for an empty mask. Once per object."""
+        return _masked_mean_probability(self.logits, self.region_mask())
 
     def class_mean_probability(self, cls: int) -> float:
         """``mean_probability`` of one class's mask."""
         if self.num_classes == 1:
             return self.mean_probability
-        rm = self.region_mask()[cls]
-        return float(sigmoid(self.logits[cls][rm]).mean()) if rm.any() else 0.0
+        return _masked_mean_probability(self.logits[cls], self.region_mask()[cls])
+
+
+def _masked_mean_probability(logits: np.ndarray, mask: np.ndarray) -> float:
+    """Mean logistic of the logits under ``mask`` (of those only, not of the whole region); 0 if it is empty."""
+    return float(sigmoid(logits[mask]).mean()) if mask.any() else 0.0
 
 
 @dataclass

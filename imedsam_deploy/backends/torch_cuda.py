@@ -451,7 +451,7 @@ class TorchBackend(Backend):
             def plan_fn(u: Any, reg: Any) -> tuple[Any, ...]:
                 return planner.plan(lambda c: tuple(o[0] for o in points(u, c[None])), reg)  # type: ignore[no-any-return]
 
-            # compiled whole: the planner's own ~700 small elementwise ops and its decoder calls fuse together
+            # compiled whole: the planner's own ~250 small elementwise ops and its decoder calls fuse together
             plan = plan_fn if self._compile_backend is None else self.torch.compile(
                 plan_fn, fullgraph=True, dynamic=False, backend=self._compile_backend)
             self._plans[pkey] = plan

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -13,6 +13,9 @@ from imedsam_deploy.cli_common import guarded, run_app
 from imedsam_deploy.contract import PRECISIONS
 from imedsam_deploy.errors import UserError
 from imedsam_deploy.runtime import DEFAULT_QUERY, QUERY_MODES
+
+if TYPE_CHECKING:
+    from imedsam_deploy.tracking import TrackConfig
 
 app = typer.Typer(add_completion=False, help="Segment images, videos and CT volumes with an exported artifact.")
 
@@ -65,6 +68,7 @@ def infer(
     margin: float = typer.Option(0.25, "--margin", help="Box-query margin, a fraction of the box size per side."),
     chunk: int = typer.Option(32768, "--chunk", help="Query points per decoder call (bounds memory)."),
     min_confidence: float = typer.Option(0.6, "--min-confidence", help="Video: a mask below this mean probability means lost."),
+    max_growth: float = typer.Option(2.0, "--max-growth", help="Video: a tracked object may grow to this many times its given box's width or height; a larger mask means lost (0: no limit)."),
     window: str | None = typer.Option(None, "--window", help="Volumes: intensity window LEVEL,WIDTH (default: CT 40,400, else percentiles)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -73,6 +77,7 @@ def infer(
     from imedsam_deploy import backends as bk
     from imedsam_deploy.boxes import load_boxes_file, parse_box
     from imedsam_deploy.infer import Prompts, detect_input
+    from imedsam_deploy.tracking import TrackConfig
 
     # --- everything that can be refused is checked before a file is written ---
     if backend not in bk.CHOICES:
@@ -83,6 +88,8 @@ def infer(
         raise UserError(f"--margin {margin}: expected a fraction between 0 and 10")
     if chunk < 1:
         raise UserError(f"--chunk {chunk}: must be positive")
+    if not (max_growth == 0 or 1 <= max_growth <= 1e6):
+        raise UserError(f"--max-growth {max_growth}: expected 0 (no limit) or a factor of at least 1")
     if precision is not None and precision not in PRECISIONS:
         raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     size = _parse_out_size(out_size)
@@ -93,11 +100,12 @@ def infer(
     spec = detect_input(input)
     out_dir = out if out is not None else Path("runs") / "infer" / input.name.split(".")[0]
     _prepare_out(out_dir, force)
-    _run(spec, prompts, artifact, out_dir, backend, precision, size, query, margin, chunk, min_confidence, win, quiet)
+    _run(spec, prompts, artifact, out_dir, backend, precision, size, query, margin, chunk,
+         TrackConfig(min_confidence=min_confidence, max_growth=max_growth), win, quiet)
 
 
 def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, backend_name: str, precision: str | None,
-         size: Any, query: Any, margin: float, chunk: int, min_conf: float, win: Any, quiet: bool) -> None:
+         size: Any, query: Any, margin: float, chunk: int, track: TrackConfig, win: Any, quiet: bool) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -110,7 +118,6 @@ def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, back
     from imedsam_deploy.outputs import OutputSet
     from imedsam_deploy.paths import latest_artifact
     from imedsam_deploy.runtime import Segmenter
-    from imedsam_deploy.tracking import TrackConfig
     from imedsam_deploy.video import VideoReader, read_image
     from imedsam_deploy.volume import load_volume
 
@@ -159,8 +166,7 @@ def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, back
                     info = run_images(seg, spec, prompts, outs, size, progress)
                 elif spec.kind == "video":
                     assert reader is not None
-                    info = run_video(seg, reader, prompts, outs, size, TrackConfig(min_confidence=min_conf),
-                                     progress)
+                    info = run_video(seg, reader, prompts, outs, size, track, progress)
                 else:
                     assert vol is not None
                     info = run_volume(seg, vol, prompts, outs, size, progress)

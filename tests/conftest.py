@@ -61,3 +61,12 @@ def cut_video(path: Path, frames: int, source: Path = REAL_VIDEO) -> Path:
         w.release()
         cap.release()
     return path
+
+
+@pytest.fixture(scope="session")
+def shipped_artifact(tmp_path_factory) -> Path:
+    """The shipped tiny Kvasir weights exported (fp32, no parity run): masks that mean something."""
+    from imedsam_export.api import export_artifact
+
+    ck = REPO / "imedsam_train" / "weights" / "imedsam_tiny_kvasir.pt"
+    return Path(export_artifact(ck, tmp_path_factory.mktemp("shipped_art") / "art", max_points=16384, verify=False))

@@ -125,15 +125,6 @@ def video_cut(tmp_path_factory) -> Path:
     return cut_video(tmp_path_factory.mktemp("pipe_video") / "cut.avi", 12)
 
 
-@pytest.fixture(scope="module")
-def shipped_artifact(tmp_path_factory) -> Path:
-    """The shipped tiny Kvasir weights exported (fp32, no parity run): masks that mean something."""
-    from imedsam_export.api import export_artifact
-
-    ck = Path(__file__).resolve().parents[1] / "imedsam_train" / "weights" / "imedsam_tiny_kvasir.pt"
-    return Path(export_artifact(ck, tmp_path_factory.mktemp("pipe_art") / "art", max_points=16384, verify=False))
-
-
 def _outputs(root: Path) -> tuple[dict[str, bytes], list[dict]]:
     files = {str(p.relative_to(root)): p.read_bytes() for p in sorted((root / "masks").glob("*.png"))}
     rows = json.loads((root / "results.json").read_text())["records"]

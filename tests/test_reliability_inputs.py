@@ -277,6 +277,16 @@ def test_infer_refuses_missing_input_folder_artifact_and_empty_folder(art, tmp_p
     assert_nothing_left(out)
 
 
+@pytest.mark.parametrize(("option", "value"), [
+    ("--max-growth", "0.5"), ("--max-growth", "-1"), ("--max-growth", "nan"), ("--max-growth", "inf"),
+    ("--margin", "-0.1"), ("--margin", "nan"), ("--chunk", "0"), ("--query", "dense"),
+])
+def test_infer_refuses_bad_options(art, tmp_path, option, value):
+    out = tmp_path / "out"
+    assert_one_line_error(_infer(IMAGE, art, out, "--box", GOOD_BOX, option, value), option, value)
+    assert_nothing_left(out)
+
+
 def test_infer_folder_with_one_bad_image_writes_nothing(art, tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -1,0 +1,98 @@
+"""Video box following: a prompt box feeds back into the next one, so its growth is bounded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imedsam_deploy.tracking import Track, TrackConfig
+
+
+def _square(hw: tuple[int, int], x0: int, y0: int, side_w: int, side_h: int) -> np.ndarray:
+    m = np.zeros(hw, bool)
+    m[y0 : y0 + side_h, x0 : x0 + side_w] = True
+    return m
+
+
+def test_a_mask_past_max_growth_times_the_given_box_is_lost_and_the_box_kept():
+    tr = Track(0, TrackConfig(margin=0.1, min_margin_px=2, max_growth=2.0))
+    tr.give(np.array([50.0, 50, 90, 70]))  # 40 x 20
+    assert tr.observe(_square((200, 300), 50, 50, 40, 20), 0.9, given=True) == "given"
+    # a box-filling model: each mask fills the (grown) prompt box, which then grows again
+    sizes = []
+    for _ in range(12):
+        x0, y0, x1, y1 = (int(round(v)) for v in tr.box)
+        st = tr.observe(_square((200, 300), x0, y0, x1 - x0, y1 - y0), 0.9, given=False)
+        sizes.append((x1 - x0, y1 - y0, st))
+        if st == "lost":
+            break
+    assert sizes[-1][2] == "lost" and all(s == "tracked" for *_, s in sizes[:-1])
+    w, h, _ = sizes[-1]
+    assert w > 80 or h > 40  # the mask that was refused is past 2x of 40 x 20 ...
+    assert all(sw <= 80 and sh <= 40 for sw, sh, _ in sizes[:-1])  # ... the accepted ones are not
+    assert "over 2x the given box (40x20)" in tr.lost_reason
+    kept = tr.box.copy()
+    x0, y0, x1, y1 = (int(round(v)) for v in kept)
+    # the same too-large mask again: still lost, the box does not move
+    assert tr.observe(_square((200, 300), x0, y0, x1 - x0, y1 - y0), 0.9, given=False) == "lost"
+    assert np.array_equal(tr.box, kept)
+    # an object back within bounds is found again, and a newly given box resets the limit
+    assert tr.observe(_square((200, 300), 60, 52, 40, 20), 0.9, given=False) == "tracked"
+    tr.give(np.array([10.0, 10, 110, 110]))
+    assert tr.observe(_square((200, 300), 10, 10, 150, 150), 0.9, given=True) == "given"
+    assert tr.lost_reason == "" and tr.box[2] > 160  # 150 px is within 2x of the 100 px given box
+
+
+def test_max_growth_zero_turns_the_limit_off():
+    tr = Track(0, TrackConfig(max_growth=0))
+    tr.give(np.array([50.0, 50, 60, 60]))
+    assert tr.observe(_square((200, 300), 0, 0, 300, 200), 0.9, given=False) == "tracked"
+
+
+@pytest.fixture(scope="module")
+def clip_40(tmp_path_factory, shared_data) -> Path:
+    from .conftest import cut_video
+
+    return cut_video(tmp_path_factory.mktemp("track_video") / "cut.avi", 40)
+
+
+def _follow(artifact: Path, clip: Path, cfg: TrackConfig, root: Path) -> list[dict]:
+    import json
+
+    from imedsam_deploy.backends import open_backend
+    from imedsam_deploy.infer import Prompts, run_video
+    from imedsam_deploy.manifest import load_artifact
+    from imedsam_deploy.outputs import OutputSet
+    from imedsam_deploy.runtime import Segmenter
+    from imedsam_deploy.video import VideoReader
+
+    art = load_artifact(artifact)
+    be, _ = open_backend("ort-cpu", art, None)
+    reader = VideoReader(clip)
+    root.mkdir()
+    outs = OutputSet(root, "video", reader.fps, (reader.width, reader.height))
+    # the polyp in the clip's first frame
+    info = run_video(Segmenter(be, art, query="sparse"), reader, Prompts([np.array([290.0, 262, 365, 380])]),
+                     outs, None, cfg, lambda n: None, overlap_io=False)
+    outs.finish(info)
+    reader.close()
+    return list(json.loads((root / "results.json").read_text())["records"])
+
+
+def test_the_shipped_model_on_the_real_clip_does_not_inflate_its_box(tmp_path, shipped_artifact, clip_40):
+    """The shipped tiny model segments the colon fold above the polyp as well: unbounded, its tracked box
+    stretches to the frame's height within 40 frames and every frame says "tracked"; bounded, the frames
+    whose mask outgrows 2x the given box are reported lost and no reported mask is that large."""
+    free = _follow(shipped_artifact, clip_40, TrackConfig(max_growth=0), tmp_path / "free")
+    bounded = _follow(shipped_artifact, clip_40, TrackConfig(), tmp_path / "bounded")
+    assert len(free) == len(bounded) == 40
+    assert {r["status"] for r in free} == {"given", "tracked"}
+    assert max(r["y1"] - r["y0"] for r in free) > 2.5 * 118  # the feedback is real on this clip
+    lost = [r for r in bounded if r["status"] == "lost"]
+    assert lost and all("over 2x the given box (75x118)" in r["note"] for r in lost)
+    assert [r for r in bounded if r["status"] == "tracked"]
+    for r in bounded:  # the box prompting each frame stays within the bound (plus the tracking margin)
+        assert r["y1"] - r["y0"] <= 2 * 118 * 1.3 + 1 and r["x1"] - r["x0"] <= 2 * 75 * 1.3 + 1
+    assert all(r["area"] == 0 for r in lost)  # a lost object's mask is not reported

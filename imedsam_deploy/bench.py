@@ -62,7 +62,7 @@ class BenchOptions:
     backends: list[str] | None = None  # None: every backend available here
     precision: str | None = None  # None: each backend's default (ONNX Runtime fp32, torch-cuda bf16)
     batches: tuple[int, ...] = (1,)
-    out_sizes: tuple[int, ...] = (0,)  # 0: the artifact's input size
+    out_sizes: tuple[int, ...] | None = None  # 0: the artifact's input size; None: default_out_sizes
     queries: tuple[str, ...] = ("sparse", "box")
     chunk: int | None = None  # decoder points per call (None: runtime default, capped at max_points)
     warmup: int = 1
@@ -388,6 +388,15 @@ def open_backends(artifact: Artifact, names: list[str] | None, precision: str | 
 
 
 # ---------------------------------------------------------------- the benchmark
+def default_out_sizes(input_size: int, reference: bool) -> tuple[int, ...]:
+    """The input size first (the summary's row), then a third of it and 7/3 of it: the paper's 384 -> 128 / 896
+    cross-resolution settings, so the latency-against-output-size plot has a curve. With the reference, the
+    input size alone: the released code's full-grid compute at 896² takes minutes and gigabytes on a CPU."""
+    if reference:
+        return (input_size,)
+    return (input_size, max(1, round(input_size / 3)), round(input_size * 7 / 3))
+
+
 def run_bench(artifact_path: Path, opts: BenchOptions, model: Any | None = None,
               inputs_for: Callable[[int, int], Inputs] | None = None,
               log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -409,10 +418,11 @@ def run_bench(artifact_path: Path, opts: BenchOptions, model: Any | None = None,
         ref_model = model if model is not None else torch_model_for(artifact)
         ref = reference_runner(ref_model, opts.threads)
     make_inputs = inputs_for or (lambda size, batch: synthetic_inputs(size, batch))
+    sizes = opts.out_sizes or default_out_sizes(s, opts.reference)
     results: list[dict[str, Any]] = []
     reference_rows: list[dict[str, Any]] = []
     for batch in opts.batches:
-        for out_size in opts.out_sizes:
+        for out_size in sizes:
             osz = out_size or s
             out_hw = (osz, osz)
             inputs = make_inputs(s, batch)
@@ -475,7 +485,7 @@ def run_bench(artifact_path: Path, opts: BenchOptions, model: Any | None = None,
         "machine": machine(), "artifact": str(artifact.path), "model": artifact.manifest.get("model", {}).get("name"),
         "input_size": s,
         "settings": {"precision": opts.precision, "batches": list(opts.batches),
-                     "out_sizes": [o or s for o in opts.out_sizes], "queries": list(opts.queries),
+                     "out_sizes": [o or s for o in sizes], "queries": list(opts.queries),
                      "chunk": opts.chunk or DEFAULT_CHUNK, "warmup": opts.warmup, "repeat": opts.repeat,
                      "margin": opts.margin, "sparse": opts.sparse.__dict__, "threads": opts.threads,
                      "reference_device": str(ref.device) if ref else None},

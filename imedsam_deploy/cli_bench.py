@@ -38,7 +38,7 @@ def bench(
                                              help="Backend(s) (repeatable; default: every one available here)."),
     precision: str | None = typer.Option(None, help="fp32 | fp16 | bf16 | int8 (default: each backend's own; ort-cpu also runs int8 when exported)."),
     batch: list[int] | None = typer.Option(None, "--batch", help="Images per frame (repeatable). [1]"),
-    out_size: list[int] | None = typer.Option(None, "--out-size", help="Output side in pixels (repeatable). [input size]"),
+    out_size: list[int] | None = typer.Option(None, "--out-size", help="Output side in pixels (repeatable). [the input size, 1/3 and 7/3 of it; with --reference the input size]"),
     points: int | None = typer.Option(None, "--points", help="Decoder points per call (chunk size)."),
     query: list[str] | None = typer.Option(None, "--query", help="full | box | sparse (repeatable). [sparse, box]"),
     reference: bool = typer.Option(False, "--reference", help="Also time the released code's compute (PyTorch)."),
@@ -87,12 +87,12 @@ def bench(
         raise UserError(f"{artifact}: not an artifact folder")
     opts = B.BenchOptions(
         backends=list(backend) if backend else None, precision=precision,
-        batches=tuple(batch or (1,)), out_sizes=tuple(out_size or (0,)),
+        batches=tuple(batch or (1,)), out_sizes=tuple(out_size) if out_size else None,
         queries=tuple(query or ("sparse", "box")), chunk=points, warmup=warmup, repeat=repeat,
         margin=margin if margin is not None else B.DEFAULT_MARGIN,
         sparse=SparseConfig(stride=sparse_stride), reference=reference, threads=threads,
     )
-    if any(b < 1 for b in opts.batches) or any(o < 0 for o in opts.out_sizes):
+    if any(b < 1 for b in opts.batches) or any(o < 1 for o in opts.out_sizes or ()):
         raise UserError("--batch must be >= 1 and --out-size >= 1")
     inputs_for = None
     if image is not None:

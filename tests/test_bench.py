@@ -559,6 +559,14 @@ def test_bench_cli_reference_json(tiny_artifact, tmp_path):
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_default_out_sizes_sweep_without_the_reference_only():
+    from imedsam_deploy.bench import default_out_sizes
+
+    assert default_out_sizes(384, reference=False) == (384, 128, 896)
+    assert default_out_sizes(384, reference=True) == (384,)
+    assert default_out_sizes(1, reference=False) == (1, 1, 2)
+
+
 def test_bench_cli_no_arguments_uses_latest_artifact_and_reports_skips(tiny_artifact, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     res = CliRunner().invoke(app, [])
@@ -570,6 +578,12 @@ def test_bench_cli_no_arguments_uses_latest_artifact_and_reports_skips(tiny_arti
     assert rep["artifact"].endswith("export")
     ran = {r["backend"] for r in rep["results"]}
     assert "ort-cpu" in ran
+    # no --out-size: the input size, then the paper's cross-resolution settings (384 -> 128 / 896) scaled to it
+    S = rep["input_size"]
+    assert rep["settings"]["out_sizes"] == [S, round(S / 3), round(7 * S / 3)]
+    for b in ran:
+        assert sorted({r["out_size"] for r in rep["results"] if r["backend"] == b}) == sorted(rep["settings"]["out_sizes"])
+    assert all(v["out_size"] == S for v in rep["backends"].values())  # the summary stays at the input size
     # every registry backend either ran or is listed with its reason
     from imedsam_deploy.backends import NAMES
 

@@ -88,6 +88,8 @@ def infer(
         raise UserError(f"--margin {margin}: expected a fraction between 0 and 10")
     if chunk < 1:
         raise UserError(f"--chunk {chunk}: must be positive")
+    if not 0 <= min_confidence <= 1:
+        raise UserError(f"--min-confidence {min_confidence}: expected a probability between 0 and 1")
     if not (max_growth == 0 or 1 <= max_growth <= 1e6):
         raise UserError(f"--max-growth {max_growth}: expected 0 (no limit) or a factor of at least 1")
     if precision is not None and precision not in PRECISIONS:

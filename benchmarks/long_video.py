@@ -130,7 +130,7 @@ def measure(artifact: Path, video: Path, frames: int, box: tuple[float, float, f
         with backend:
             prompts = Prompts([np.asarray(box, np.float64)])
             info = run_video(seg, reader, prompts, outs, out_size,  # type: ignore[arg-type]  # duck-typed reader
-                             TrackConfig(min_confidence=0.0), progress)
+                             TrackConfig(min_confidence=0.0, max_growth=0), progress)  # every mask reported
             outs.finish({"frames": info["frames"]})
         model_ms = [float(r["latency_ms"]) for r in outs.records()]
         written = len(list((out_dir / "masks").glob("*.png")))

@@ -62,8 +62,9 @@ def run_once(seg: Any, video: Path, frames: int, overlap: bool, box: tuple[float
     with tempfile.TemporaryDirectory() as tmp:
         outs = OutputSet(Path(tmp), "video", reader.fps, (reader.width, reader.height))
         t0 = time.perf_counter()
-        info = run_video(seg, reader, Prompts([np.array(box)]), outs, None, TrackConfig(), lambda n: None,  # type: ignore[arg-type]
-                         overlap_io=overlap)
+        # no growth limit: the stand-in fills its box, and every frame's mask is drawn and written (as recorded)
+        info = run_video(seg, reader, Prompts([np.array(box)]), outs, None, TrackConfig(max_growth=0),
+                         lambda n: None, overlap_io=overlap)  # type: ignore[arg-type]
         outs.finish(info)
         dt = time.perf_counter() - t0
     return float(info["frames"] / dt)

@@ -621,3 +621,23 @@ def test_sparse_logits_carry_the_decision_on_a_smooth_field():
     assert res.logits is not None and res.logits.shape == (1, 70, 85)
     assert np.array_equal(res.logits > 0, res.mask[:, 10:80, 15:100])
     assert res.queried < 70 * 85
+
+
+def test_agreement_in_the_box_and_over_the_whole_output():
+    """A box-query mask equal to the reference inside the box, background outside where the reference spills:
+    the box figures are perfect, the whole-output ones are not; the box maps from image to output pixels."""
+    from imedsam_deploy.bench import agreement
+
+    ref = np.zeros((1, 40, 60), bool)
+    ref[0, 10:30, 20:40] = True  # the object, inside the box
+    ref[0, 0:5, :] = True  # spill far from the box
+    ours = np.zeros_like(ref)
+    ours[0, 10:30, 20:40] = True
+    box = np.array([30.0, 15, 90, 75])  # image pixels of a 80 x 120 image: output rows 7:38, cols 15:45
+    ag = agreement(ours, ref, box, (80, 120))
+    assert ag["pixel_in_box"] == 1.0 and ag["dice_in_box"] == 1.0
+    assert ag["pixel_all"] == 1 - 300 / 2400 and ag["dice"] == 2 * 400 / (400 + 700)
+    ours[0, 12, 25] = False  # one pixel off inside the box
+    ag = agreement(ours, ref, box, (80, 120))
+    assert ag["pixel_in_box"] == 1 - 1 / (31 * 30) and ag["dice_in_box"] == 2 * 399 / (399 + 400)
+    assert agreement(np.zeros_like(ref), np.zeros_like(ref), box, (80, 120))["dice_in_box"] == 1.0

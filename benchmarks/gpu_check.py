@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     from imedsam_deploy.backends.torch_cuda import TorchBackend, ugs_merge_device
     from imedsam_deploy.bench import BenchOptions, FrameRunner, Inputs, Timings, agreement, synthetic_inputs
     from imedsam_deploy.contract import refine_count
+    from imedsam_deploy.errors import UserError
     from imedsam_deploy.manifest import Artifact
     from imedsam_deploy.preprocess import box_to_model, grid_coords, to_model_input
     from imedsam_deploy.runtime import Segmenter
@@ -269,28 +270,38 @@ def main(argv: list[str] | None = None) -> int:
     def decoder_options(be: TorchBackend, runner: FrameRunner) -> list[dict[str, Any]]:
         """A sparse frame (batch 1, output at the input size) with the per-point decoder's map samples as
         ``grid_sample`` calls or as the exported graph's Gather taps (~35 small kernels per map per decoder
-        call): p50 per frame, per-stage p50, and the two masks' agreement. The backend's setting is restored."""
-        keep = be.grid_sample
+        call), and with its MLPs as torch layers or as one Triton kernel (``fused_point_mlp``): p50 per frame,
+        per-stage p50, and each variant's masks against the default's (grid_sample, torch MLP). The backend's
+        settings are restored."""
+        keep = (be.grid_sample, be.fused_mlp)
         inp = synthetic_inputs(S, 1, seed=5)
         out: list[dict[str, Any]] = []
-        masks: dict[bool, np.ndarray] = {}
-        for grid in (False, True):
-            be.set_decoder_sampling(grid)  # the decoder's graphs are recaptured
+        masks: dict[tuple[bool, bool], np.ndarray] = {}
+        for grid, fused in ((True, False), (False, False), (True, True)):  # the default first: the others vs it
+            cell: dict[str, Any] = {"grid_sample": grid, "fused_mlp": fused}
+            try:
+                be.set_decoder_sampling(grid)  # the decoder's graphs are recaptured
+                be.set_decoder_mlp(fused)
+            except UserError as e:  # no triton, or no CUDA device for it
+                cell["skipped"] = str(e)
+                out.append(cell)
+                print(f"decoder option {json.dumps(cell)}", flush=True)
+                continue
             try:
                 for _ in range(5):  # capture, planner budgets
-                    masks[grid] = runner.run(inp, (S, S), None)[0]
+                    masks[grid, fused] = runner.run(inp, (S, S), None)[0]
                 st = Timings()
                 ts = [timed(lambda st=st: runner.run(inp, (S, S), st)) for _ in range(a.repeat)]
-                cell: dict[str, Any] = {"grid_sample": grid, "p50_ms": float(np.median(ts)),
-                                        "min_ms": float(np.min(ts)),
-                                        "stages_p50_ms": {k: float(np.median(v)) for k, v in st.stages.items() if v}}
+                cell.update({"p50_ms": float(np.median(ts)), "min_ms": float(np.min(ts)),
+                             "stages_p50_ms": {k: float(np.median(v)) for k, v in st.stages.items() if v}})
+                if (True, False) in masks and (grid, fused) != (True, False):
+                    cell["mask_agreement"] = float((masks[grid, fused] == masks[True, False]).mean())
             except Exception as e:
-                cell = {"grid_sample": grid, "error": failure(e)}
+                cell["error"] = failure(e)
             out.append(cell)
             print(f"decoder option {json.dumps(cell)}", flush=True)
-        if len(masks) == 2:
-            out.append({"mask_agreement": float((masks[True] == masks[False]).mean())})
-        be.set_decoder_sampling(keep)
+        be.set_decoder_sampling(keep[0])
+        be.set_decoder_mlp(keep[1])
         return out
 
     def kernel_profile(be: TorchBackend, fn: Callable[[], Any], calls: int = 3) -> dict[str, Any]:
@@ -465,13 +476,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{opt:<42} " + (f"FAILED {c['error']}" if "error" in c else
                                f"{c['p50_ms']:.3f} ms (min {c['min_ms']:.3f}), max abs diff {c['max_abs_diff_vs_plain']:.2e}"))
     for c in results.get("decoder_options", []):
-        if "mask_agreement" in c:
-            print(f"decoder sampling: masks agree on {100 * c['mask_agreement']:.3f}% of the pixels")
+        opt = (f"sparse frame {'grid_sample' if c['grid_sample'] else 'Gather taps'}"
+               f"{', fused MLP' if c['fused_mlp'] else ''}")
+        if "error" in c or "skipped" in c:
+            print(f"{opt:<42} " + (f"FAILED {c['error']}" if "error" in c else f"skipped: {c['skipped']}"))
             continue
-        opt = f"sparse frame {'grid_sample' if c['grid_sample'] else 'Gather taps'}"
-        print(f"{opt:<42} " + (f"FAILED {c['error']}" if "error" in c else
-                               f"{c['p50_ms']:.3f} ms (min {c['min_ms']:.3f}); stages " + " ".join(
-                                   f"{k[:3]} {v:.2f}" for k, v in c["stages_p50_ms"].items())))
+        agree = f", masks {100 * c['mask_agreement']:.3f}% as grid_sample's" if "mask_agreement" in c else ""
+        print(f"{opt:<42} {c['p50_ms']:.3f} ms (min {c['min_ms']:.3f}){agree}; stages " + " ".join(
+            f"{k[:3]} {v:.2f}" for k, v in c["stages_p50_ms"].items()))
     for name, pr in results.get("kernel_profiles", {}).items():
         if "error" in pr:
             print(f"kernel profile {name}: FAILED {pr['error']}")

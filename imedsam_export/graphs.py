@@ -177,6 +177,8 @@ class DecoderGraph(nn.Module):
         self.coarse_head, self.fine_head = inr.coarse_head, inr.fine_head
         self.uncertainty = PointUncertainty(inr.coarse_head.weight[: self.K].detach(), inr.p)
         self.grid_sampling = False
+        # torch paths: every layer after the samples as one kernel (``fused_point_mlp``); exported graphs: None
+        self.point_mlp: nn.Module | None = None
 
     def use_grid_sample(self, on: bool = True) -> None:
         """Sample the two maps with ``grid_sample`` (torch paths: one kernel per map where ``PointTaps`` and
@@ -205,7 +207,10 @@ class DecoderGraph(nn.Module):
     def point_outputs(self, up: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The per-point part: box-conditioned up-map (B, C/8, 4g, 4g), coords (B, N, 2) -> (B, K, N) x 3."""
         f_up, f_pe = self._grid_samples(up, coords) if self.grid_sampling else self._gather_samples(up, coords)
-        first = self.first(torch.cat([f_up, f_pe, self.fourier(coords).to(f_up.dtype)], dim=-1))
+        feats = torch.cat([f_up, f_pe, self.fourier(coords).to(f_up.dtype)], dim=-1)
+        if self.point_mlp is not None:
+            return self.point_mlp(feats)
+        first = self.first(feats)
         first_c, first_f = first[..., : self.h1c], first[..., self.h1c :]
         h = self.coarse_rest(torch.relu(first_c))
         out = self.coarse_head(h)

@@ -155,13 +155,16 @@ class TorchBackend(Backend):
     two GEMMs and a softmax; ``overlap_frequency`` (default: on CUDA without compile) issues the frequency-adapter chain,
     which never reads the tokens, on a second stream beside them. Both exact (tests/test_model.py).
     ``grid_sample`` (default on) samples the decoder's two maps with ``grid_sample`` (one kernel each) instead
-    of the exported graph's Gather taps (~35 small ops each); within fp32 rounding (tests/test_export.py)."""
+    of the exported graph's Gather taps (~35 small ops each); within fp32 rounding (tests/test_export.py).
+    ``fused_mlp`` (default off until a GPU has timed it: benchmarks/gpu_check.py) runs the per-point MLPs after
+    the samples as one Triton kernel (``imedsam_export.fused_point_mlp``) instead of ~25; within the precision's
+    rounding (tests/test_fused_point_mlp.py)."""
 
     def __init__(
         self, model: Any, device: str = "cuda", precision: str = "bf16", cuda_graphs: bool | None = None,
         max_batch: int = 8, max_points: int = 65536, compile: bool | str = False, bucket_points: bool | None = None,
         device_planner: bool | None = None, device_merge: bool | None = None, fused_attention: bool | None = None,
-        overlap_frequency: bool | None = None, grid_sample: bool = True,
+        overlap_frequency: bool | None = None, grid_sample: bool = True, fused_mlp: bool = False,
     ) -> None:
         super().__init__(max_batch, max_points)
         if precision not in PRECISIONS:
@@ -252,7 +255,9 @@ class TorchBackend(Backend):
         self._plans: dict[tuple[Any, ...], Callable[..., Any]] = {}  # the planner's captured (or compiled) function
         self._axes: dict[tuple[int, int], tuple[Any, ...]] = {}  # output size -> device (x, y) pixel centres
         self.planner_fallbacks = 0  # boxes the device planner handed back to the host planner (over budget)
+        self.fused_mlp = False
         self.set_decoder_sampling(grid_sample)
+        self.set_decoder_mlp(fused_mlp)
 
     def set_encoder_options(self, fused_attention: bool, overlap_frequency: bool) -> None:
         """Every attention (the encoder's and the box part's) as one SDPA call or explicit GEMMs, and the
@@ -277,6 +282,27 @@ class TorchBackend(Backend):
         (equal within fp32 rounding); graphs and compiled planners that contain the decoder are dropped."""
         self.grid_sample = grid_sample
         self.decoder.use_grid_sample(grid_sample)
+        self._drop_decoder_graphs()
+
+    def set_decoder_mlp(self, fused: bool) -> None:
+        """The per-point MLPs as one Triton kernel (``fused_point_mlp``) or as torch layers; graphs and
+        compiled planners that contain the decoder are dropped."""
+        if fused:
+            import os
+
+            from imedsam_export.fused_point_mlp import FusedPointMLP, available
+
+            why = available() or (None if self.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+                                  else "the Triton kernel needs a CUDA device")
+            if why:
+                raise UserError(f"backend {self.name}: fused decoder MLP: {why}")
+            self.decoder.point_mlp = FusedPointMLP(self.decoder, self.amp_dtype or self.torch.float32)
+        else:
+            self.decoder.point_mlp = None
+        self.fused_mlp = fused
+        self._drop_decoder_graphs()
+
+    def _drop_decoder_graphs(self) -> None:
         for key in [k for k in self._graphs if k[0] not in ("enc", "prompt")]:
             del self._graphs[key]
         self._plans.clear()
@@ -296,7 +322,8 @@ class TorchBackend(Backend):
         graphs = ", CUDA graphs" if self.use_graphs else ""
         compiled = ", torch.compile" if self.compiled else ""
         opts = (", SDPA attention" if self.fused_attention else "") + (
-            ", frequency stream" if self.overlap_frequency else "") + (", grid_sample taps" if self.grid_sample else "")
+            ", frequency stream" if self.overlap_frequency else "") + (", grid_sample taps" if self.grid_sample else "") + (
+            ", fused decoder MLP" if self.fused_mlp else "")
         return f"{self.name} ({self.precision}{graphs}{compiled}{opts}){gpu}"
 
     # --- plumbing ---

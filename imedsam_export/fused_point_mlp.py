@@ -1,0 +1,218 @@
+"""The decoder's per-point MLPs (both INR trunks, the heads, the uncertainty) as ONE Triton kernel (torch-cuda).
+
+Unfused, one bf16 decoder call is 33 aten ops, 23 of them after the samples and the Fourier features: a
+matmul and a ReLU per layer, casts, the uncertainty's elementwise chain; each writes its (points x width)
+activations to memory and the next reads them back. Fused, the call is 11 (the kernel, its output buffer, and
+the 9 ops that make its input). DESIGN §2 names this per-point work as where the GPU time left after the rewrites lies. Here
+a program takes BLOCK_M points through every layer without leaving the chip:
+
+- coarse trunk, layers 1 -> 2: layer 1's output is made BJ columns at a time and immediately multiplied into
+  layer 2's accumulator (``acc2 += relu(x W1[:, j] + b1[j]) W2[j, :]``), so it is never held whole;
+- coarse head: the coarse feature is made BC columns at a time and multiplied into the fine trunk's first
+  layer, whose point-feature part was computed from ``x`` like layer 1;
+- fine trunk, layers 2 -> 3: streamed the same way;
+- per class: the coarse logit, its closed-form dropout uncertainty (``INR.coarse_eval``) and the fine logit
+  as fp32 dot products over the last hidden layers.
+
+Accumulation is fp32; activations go into each matrix product in the weights' dtype (bf16 / fp16, as under
+autocast, or fp32 with IEEE products). Every width is zero-padded to the block sizes when the weights are
+packed (a zero column adds nothing, ReLU(0) = 0), so any INR width works. The result equals the unfused
+``DecoderGraph`` within the dtype's rounding (tests/test_fused_point_mlp.py runs the kernel in Triton's
+interpreter on the CPU: fp32 exactly as tight as float32 allows, fp16 against fp32).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+try:  # optional: torch-cuda's fused decoder only
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = None
+    tl = None
+
+
+def available() -> str | None:
+    """None when the kernel can run here, else why not."""
+    if triton is None:
+        return "triton is not installed (it comes with the CUDA builds of torch on Linux)"
+    return None
+
+
+def _next_pow2(n: int, least: int = 16) -> int:
+    return max(least, 1 << max(0, (n - 1).bit_length()))
+
+
+def _ceil_to(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dot(a: Any, b: Any, PREC: tl.constexpr) -> Any:
+        return tl.dot(a, b, input_precision=PREC)
+
+    @triton.jit
+    def _point_mlp_kernel(
+        x_ptr, M, IN, stride_x,
+        w1c_ptr, b1c_ptr, w1f_ptr, b1f_ptr, w2_ptr, b2_ptr,
+        wl_ptr, bl_ptr, wu_ptr, wcf_ptr, bcf_ptr, wfc_ptr,
+        wf2_ptr, bf2_ptr, wf3_ptr, bf3_ptr, wfh_ptr, bfh_ptr,
+        logit_ptr, fine_ptr, unc_ptr,
+        K: tl.constexpr, INP: tl.constexpr, H1P: tl.constexpr, H2P: tl.constexpr, CFP: tl.constexpr,
+        F1P: tl.constexpr, F2P: tl.constexpr, F3P: tl.constexpr,
+        BM: tl.constexpr, BK: tl.constexpr, BJ: tl.constexpr, BC: tl.constexpr, BF: tl.constexpr,
+        PREC: tl.constexpr,
+    ):  # pragma: no cover - compiled by triton (or run by its interpreter in the tests' subprocess)
+        rm = tl.program_id(0) * BM + tl.arange(0, BM)
+        row_ok = rm < M
+        rk = tl.arange(0, BK)
+        dt = w2_ptr.dtype.element_ty
+        r2 = tl.arange(0, H2P)
+        rj = tl.arange(0, BJ)
+        # coarse trunk: layer 1 in BJ-column slices, each multiplied straight into layer 2's accumulator
+        acc2 = tl.zeros((BM, H2P), dtype=tl.float32)
+        for j0 in range(0, H1P, BJ):
+            a1 = tl.zeros((BM, BJ), dtype=tl.float32)
+            for k0 in range(0, INP, BK):
+                kk = k0 + rk
+                xk = tl.load(x_ptr + rm[:, None] * stride_x + kk[None, :], mask=row_ok[:, None] & (kk < IN)[None, :],
+                             other=0.0)
+                a1 += _dot(xk.to(dt), tl.load(w1c_ptr + kk[:, None] * H1P + (j0 + rj)[None, :]), PREC)
+            a1 = tl.maximum(a1 + tl.load(b1c_ptr + j0 + rj).to(tl.float32)[None, :], 0.0)
+            acc2 += _dot(a1.to(dt), tl.load(w2_ptr + (j0 + rj)[:, None] * H2P + r2[None, :]), PREC)
+        h2 = tl.maximum(acc2 + tl.load(b2_ptr + r2).to(tl.float32)[None, :], 0.0)
+        h2d = h2.to(dt)
+        # fine trunk's first layer: the point-feature part from x, the coarse-feature part as it is made
+        rf1 = tl.arange(0, F1P)
+        g1 = tl.zeros((BM, F1P), dtype=tl.float32)
+        for k0 in range(0, INP, BK):
+            kk = k0 + rk
+            xk = tl.load(x_ptr + rm[:, None] * stride_x + kk[None, :], mask=row_ok[:, None] & (kk < IN)[None, :],
+                         other=0.0)
+            g1 += _dot(xk.to(dt), tl.load(w1f_ptr + kk[:, None] * F1P + rf1[None, :]), PREC)
+        rc = tl.arange(0, BC)
+        for c0 in range(0, CFP, BC):
+            cf = _dot(h2d, tl.load(wcf_ptr + r2[:, None] * CFP + (c0 + rc)[None, :]), PREC)
+            cf += tl.load(bcf_ptr + c0 + rc).to(tl.float32)[None, :]
+            g1 += _dot(cf.to(dt), tl.load(wfc_ptr + (c0 + rc)[:, None] * F1P + rf1[None, :]), PREC)
+        g1d = tl.maximum(g1 + tl.load(b1f_ptr + rf1).to(tl.float32)[None, :], 0.0).to(dt)
+        # fine trunk, layers 2 -> 3, streamed in BF-column slices
+        rf = tl.arange(0, BF)
+        rf3 = tl.arange(0, F3P)
+        g3 = tl.zeros((BM, F3P), dtype=tl.float32)
+        for n0 in range(0, F2P, BF):
+            g2 = _dot(g1d, tl.load(wf2_ptr + rf1[:, None] * F2P + (n0 + rf)[None, :]), PREC)
+            g2 = tl.maximum(g2 + tl.load(bf2_ptr + n0 + rf).to(tl.float32)[None, :], 0.0)
+            g3 += _dot(g2.to(dt), tl.load(wf3_ptr + (n0 + rf)[:, None] * F3P + rf3[None, :]), PREC)
+        g3 = tl.maximum(g3 + tl.load(bf3_ptr + rf3).to(tl.float32)[None, :], 0.0)
+        # per class, in fp32: coarse logit, its dropout variance -> uncertainty, fine logit; (K, M) outputs
+        for c in tl.static_range(K):
+            z = tl.sum(h2 * tl.load(wl_ptr + c * H2P + r2).to(tl.float32)[None, :], axis=1)
+            z += tl.load(bl_ptr + c).to(tl.float32)
+            var = tl.sum(h2 * h2 * tl.load(wu_ptr + c * H2P + r2)[None, :], axis=1)
+            s = 1.0 / (1.0 + tl.exp(-z))
+            q = s * (1.0 - s)
+            f = tl.sum(g3 * tl.load(wfh_ptr + c * F3P + rf3).to(tl.float32)[None, :], axis=1)
+            f += tl.load(bfh_ptr + c).to(tl.float32)
+            tl.store(logit_ptr + c * M + rm, z, mask=row_ok)
+            tl.store(unc_ptr + c * M + rm, q * q * var, mask=row_ok)
+            tl.store(fine_ptr + c * M + rm, f, mask=row_ok)
+
+
+def _linear_parts(seq: nn.Sequential) -> list[nn.Linear]:
+    mods = list(seq)
+    if len(mods) % 2 or not all(isinstance(m, nn.Linear) for m in mods[::2]) or \
+            not all(isinstance(m, nn.ReLU) for m in mods[1::2]):
+        raise ValueError("FusedPointMLP needs the folded trunks' Linear -> ReLU chains")
+    return [m for m in mods[::2] if isinstance(m, nn.Linear)]
+
+
+class FusedPointMLP(nn.Module):
+    """``DecoderGraph``'s per-point MLPs over its concatenated point features, as one kernel launch.
+
+    forward(feats (B, N, IN) float) -> coarse, fine, uncertainty, each (B, K, N) float32 (views of (K, B*N)
+    buffers): what ``DecoderGraph.point_outputs`` returns. ``dtype``: the matrix products' operand dtype
+    (bf16 / fp16 under the backend's autocast, else float32 with IEEE products). Weights are packed once,
+    transposed to (in, out) and zero-padded to the blocks.
+    """
+
+    def __init__(self, decoder: Any, dtype: torch.dtype = torch.float32, block_m: int = 32) -> None:
+        super().__init__()
+        why = available()
+        if why:
+            raise RuntimeError(f"fused point MLP: {why}")
+        (w2,) = _linear_parts(decoder.coarse_rest)
+        f2, f3 = _linear_parts(decoder.fine_rest)
+        first, head, fhead, fc = decoder.first, decoder.coarse_head, decoder.fine_head, decoder.first_cfeat
+        K, h1c = decoder.K, decoder.h1c
+        n_in, f1 = first.weight.shape[1], first.weight.shape[0] - h1c
+        h2, cf = w2.weight.shape[0], head.weight.shape[0] - K
+        self.K, self.n_in, self.dtype, self.block_m = K, n_in, dtype, block_m
+        self.BK = 32
+        self.INP = _ceil_to(n_in, self.BK)
+        self.BJ = min(64, _next_pow2(h1c))
+        self.H1P = _ceil_to(h1c, self.BJ)
+        self.H2P = _next_pow2(h2)
+        self.BC = min(64, _next_pow2(cf))
+        self.CFP = _ceil_to(cf, self.BC)
+        self.F1P = _next_pow2(f1)
+        self.BF = min(64, _next_pow2(f2.weight.shape[0]))
+        self.F2P = _ceil_to(f2.weight.shape[0], self.BF)
+        self.F3P = _next_pow2(f3.weight.shape[0])
+        p = float(decoder.model.inr.p)
+        dev = first.weight.device
+
+        def mat(w: torch.Tensor, rows: int, cols: int, dt: torch.dtype = dtype) -> torch.Tensor:
+            """w (out, in) -> (rows >= in, cols >= out): transposed, zero-padded."""
+            out = torch.zeros(rows, cols, dtype=torch.float32, device=dev)
+            wt = w.detach().float().t()
+            out[: wt.shape[0], : wt.shape[1]] = wt
+            return out.to(dt).contiguous()
+
+        def vec(b: torch.Tensor | None, n: int, dt: torch.dtype = torch.float32) -> torch.Tensor:
+            out = torch.zeros(n, dtype=torch.float32, device=dev)
+            if b is not None:
+                out[: b.shape[0]] = b.detach().float()
+            return out.to(dt).contiguous()
+
+        wfirst, bfirst = first.weight, first.bias
+        wl = head.weight[:K]
+        bufs = {
+            "w1c": mat(wfirst[:h1c], self.INP, self.H1P), "b1c": vec(bfirst[:h1c], self.H1P),
+            "w1f": mat(wfirst[h1c:], self.INP, self.F1P), "b1f": vec(bfirst[h1c:], self.F1P),
+            "w2": mat(w2.weight, self.H1P, self.H2P), "b2": vec(w2.bias, self.H2P),
+            # per-class rows (K, H2P): the logit weights, and p/(1-p) w^2 for the variance (fp32: it is squared)
+            "wl": mat(wl.t(), K, self.H2P, torch.float32), "bl": vec(head.bias[:K], K),
+            "wu": mat(((p / (1.0 - p)) * wl.detach().float() ** 2).t(), K, self.H2P, torch.float32),
+            "wcf": mat(head.weight[K:], self.H2P, self.CFP), "bcf": vec(head.bias[K:], self.CFP),
+            "wfc": mat(fc.weight, self.CFP, self.F1P),
+            "wf2": mat(f2.weight, self.F1P, self.F2P), "bf2": vec(f2.bias, self.F2P),
+            "wf3": mat(f3.weight, self.F2P, self.F3P), "bf3": vec(f3.bias, self.F3P),
+            "wfh": mat(fhead.weight.t(), K, self.F3P, torch.float32), "bfh": vec(fhead.bias, K),
+        }
+        for name, t in bufs.items():
+            self.register_buffer(name, t, persistent=False)
+        self.names = list(bufs)
+
+    def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, N, n_in = feats.shape
+        if n_in != self.n_in:
+            raise ValueError(f"fused point MLP: {n_in} features per point, expected {self.n_in}")
+        x = feats.reshape(B * N, n_in).float().contiguous()
+        M, K = B * N, self.K
+        outs = torch.empty(3, K, M, dtype=torch.float32, device=x.device)
+        grid = (triton.cdiv(M, self.block_m),)
+        _point_mlp_kernel[grid](
+            x, M, n_in, x.stride(0), *(getattr(self, n) for n in self.names), outs[0], outs[1], outs[2],
+            K=K, INP=self.INP, H1P=self.H1P, H2P=self.H2P, CFP=self.CFP, F1P=self.F1P, F2P=self.F2P,
+            F3P=self.F3P, BM=self.block_m, BK=self.BK, BJ=self.BJ, BC=self.BC, BF=self.BF,
+            PREC="ieee" if self.dtype == torch.float32 else None,
+        )
+        coarse, fine, unc = (o.reshape(K, B, N).transpose(0, 1) for o in outs)
+        return coarse, fine, unc

@@ -1,0 +1,137 @@
+"""The fused per-point MLP kernel (``imedsam_export.fused_point_mlp``) against the unfused ``DecoderGraph``.
+
+The kernel is Triton; on a CPU it runs in Triton's interpreter, which must be switched on before the kernel is
+defined, so the comparison runs in a subprocess with ``TRITON_INTERPRET=1``. (The interpreter has no bfloat16:
+fp16 stands in for the reduced-precision path here; a GPU check times and compares bf16, benchmarks/gpu_check.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO
+
+pytest.importorskip("triton", reason="triton comes with torch's CUDA builds on Linux; this torch has none")
+
+SCRIPT = r"""
+import dataclasses, json, sys
+import torch
+from imedsam_export.fused_point_mlp import FusedPointMLP
+from imedsam_export.graphs import DecoderGraph
+from imedsam_export.merge import merge_for_export
+from imedsam_train.build import build_from_config
+from imedsam_train.config import preset
+
+def decoder(classes, widths):
+    torch.manual_seed(0)
+    cfg = preset("tiny", input_size=64, num_classes=classes)
+    cfg = cfg.replace(decoder=dataclasses.replace(cfg.decoder, **widths))
+    model, _ = build_from_config(cfg)
+    for m in model.inr.modules():  # non-trivial folded BatchNorms and biases
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.uniform_(-0.2, 0.2); m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5); m.bias.data.uniform_(-0.2, 0.2)
+    folded, _ = merge_for_export(model.eval())
+    return DecoderGraph(folded.eval()).eval(), folded.cfg
+
+out = {}
+for name, classes, widths in (
+    ("tiny", 1, {}),
+    ("odd widths, 2 classes", 2, dict(coarse_hidden=(100, 60), coarse_feature=20, fine_hidden=(40, 30, 24))),
+    ("vit_b widths", 1, dict(coarse_hidden=(1024, 512), coarse_feature=256, fine_hidden=(256, 256, 128))),
+):
+    dec, cfg = decoder(classes, widths)
+    g = cfg.grid_size
+    torch.manual_seed(1)
+    up = torch.randn(2, cfg.encoder.out_chans // 8, 4 * g, 4 * g)
+    coords = torch.rand(2, 50, 2) * 2.2 - 1.1  # 100 points: not a multiple of the 32-point block; some off the map
+    rows = {}
+    with torch.no_grad():
+        ref = dec.point_outputs(up, coords)
+        for dt in (torch.float32, torch.float16):
+            dec.point_mlp = FusedPointMLP(dec, dt)
+            got = dec.point_outputs(up, coords)
+            dec.point_mlp = None
+            rows[str(dt)] = {
+                k: {"shape": list(b.shape), "dtype": str(b.dtype), "ref_shape": list(a.shape),
+                    "rel": float((a - b).abs().max() / a.abs().max()),
+                    "sign": float(((a > 0) == (b > 0)).float().mean())}
+                for k, a, b in zip(("coarse", "fine", "uncertainty"), ref, got)}
+    out[name] = rows
+
+# through the torch backend: a decode and a device-planned sparse box, fused against unfused (fp32, CPU)
+import numpy as np
+from imedsam_deploy.backends.torch_cuda import TorchBackend
+from imedsam_deploy.sparse import SparseConfig
+torch.manual_seed(0)
+model, _ = build_from_config(preset("tiny", input_size=64))
+img = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
+box = np.array([[10, 12, 50, 44]], np.float32)
+coords = np.random.default_rng(1).uniform(-1, 1, (1, 300, 2)).astype(np.float32)
+runs = {}
+for fused in (False, True):
+    be = TorchBackend(model, device="cpu", precision="fp32", device_planner=True, fused_mlp=fused)
+    emb = be.encode(img)[0]
+    logits, queried = be.sparse_region(emb, box, (8, 52, 6, 58), (64, 64), 0.125, SparseConfig(stride=8))
+    runs[fused] = (be.decode(emb, box, coords), logits, queried, be.description)
+(d0, l0, q0, _), (d1, l1, q1, desc) = runs[False], runs[True]
+out["backend"] = {"decode_rel": max(float(np.abs(a - b).max() / np.abs(a).max()) for a, b in zip(d0, d1)),
+                  "sparse_rel": float(np.abs(l0 - l1).max() / np.abs(l0).max()), "queried": [q0, q1],
+                  "masks_equal": bool(((l0 > 0) == (l1 > 0)).all()), "description": desc}
+json.dump(out, sys.stdout)
+"""
+
+
+@pytest.fixture(scope="module")
+def compared() -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, cwd=REPO,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("config", ["tiny", "odd widths, 2 classes", "vit_b widths"])
+def test_fused_point_mlp_equals_the_unfused_decoder(compared, config):
+    """fp32 (IEEE products): the unfused decoder's outputs within float32 rounding; fp16 operands with fp32
+    accumulation: within fp16 rounding, and the logits' signs (the masks) agree. Shapes and dtype as the
+    unfused ``point_outputs`` returns them, for every class."""
+    rows = compared[config]
+    for out in rows["torch.float32"].values():
+        assert out["shape"] == out["ref_shape"] and out["dtype"] == "torch.float32"
+        assert out["rel"] < 2e-6
+        assert out["sign"] == 1.0
+    for name, out in rows["torch.float16"].items():
+        assert out["rel"] < 5e-3, name
+        if name != "uncertainty":
+            assert out["sign"] >= 0.98, name
+
+
+def test_the_torch_backend_decodes_and_plans_alike_fused_or_not(compared):
+    """TorchBackend(fused_mlp=True): the decoder's outputs and a device-planned sparse box (every planner
+    level's decoder call through the kernel) equal the unfused backend's within fp32 rounding, with the same
+    points queried and the same mask; the description says it."""
+    b = compared["backend"]
+    assert b["decode_rel"] < 2e-6 and b["sparse_rel"] < 2e-6
+    assert b["queried"][0] == b["queried"][1] > 0 and b["masks_equal"]
+    assert "fused decoder MLP" in b["description"]
+
+
+def test_the_fused_mlp_refuses_a_cpu_without_the_interpreter():
+    import torch
+
+    from imedsam_deploy.backends.torch_cuda import TorchBackend
+    from imedsam_deploy.errors import UserError
+    from imedsam_train.build import build
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.fail("run this test without TRITON_INTERPRET")
+    torch.manual_seed(0)
+    model, _ = build("tiny", input_size=64)
+    with pytest.raises(UserError, match="fused decoder MLP: the Triton kernel needs a CUDA device"):
+        TorchBackend(model, device="cpu", precision="fp32", fused_mlp=True)

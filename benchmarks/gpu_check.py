@@ -267,41 +267,45 @@ def main(argv: list[str] | None = None) -> int:
         be.set_encoder_options(*keep)
         return out
 
-    def decoder_options(be: TorchBackend, runner: FrameRunner) -> list[dict[str, Any]]:
-        """A sparse frame (batch 1, output at the input size) with the per-point decoder's map samples as
-        ``grid_sample`` calls or as the exported graph's Gather taps (~35 small kernels per map per decoder
-        call), and with its MLPs as torch layers or as one Triton kernel (``fused_point_mlp``): p50 per frame,
-        per-stage p50, and each variant's masks against the default's (grid_sample, torch MLP). The backend's
-        settings are restored."""
-        keep = (be.grid_sample, be.fused_mlp)
+    def decoder_options(be: TorchBackend, frames: dict[str, FrameRunner]) -> list[dict[str, Any]]:
+        """Sparse and full frames (batch 1, output at the input size) with the per-point decoder's map samples
+        as ``grid_sample`` calls or as the exported graph's Gather taps (~35 small kernels per map per decoder
+        call), and with its MLPs as torch layers or as one Triton kernel (``fused_point_mlp``, at three block
+        sizes): p50 per frame, per-stage p50, and each variant's masks against the default's (grid_sample,
+        torch MLP). The backend's settings are restored."""
+        keep = (be.grid_sample, be.fused_mlp, be.fused_mlp_block)
         inp = synthetic_inputs(S, 1, seed=5)
         out: list[dict[str, Any]] = []
-        masks: dict[tuple[bool, bool], np.ndarray] = {}
-        for grid, fused in ((True, False), (False, False), (True, True)):  # the default first: the others vs it
-            cell: dict[str, Any] = {"grid_sample": grid, "fused_mlp": fused}
+        masks: dict[tuple[Any, ...], np.ndarray] = {}
+        default = (True, False, 32)
+        variants = [default, (False, False, 32), (True, True, 16), (True, True, 32), (True, True, 64)]
+        for grid, fused, block in variants:  # the default first: the others are compared with it
             try:
                 be.set_decoder_sampling(grid)  # the decoder's graphs are recaptured
-                be.set_decoder_mlp(fused)
+                be.set_decoder_mlp(fused, block)
             except UserError as e:  # no triton, or no CUDA device for it
-                cell["skipped"] = str(e)
+                cell = {"grid_sample": grid, "fused_mlp": fused, "block_m": block, "skipped": str(e)}
                 out.append(cell)
                 print(f"decoder option {json.dumps(cell)}", flush=True)
                 continue
-            try:
-                for _ in range(5):  # capture, planner budgets
-                    masks[grid, fused] = runner.run(inp, (S, S), None)[0]
-                st = Timings()
-                ts = [timed(lambda st=st: runner.run(inp, (S, S), st)) for _ in range(a.repeat)]
-                cell.update({"p50_ms": float(np.median(ts)), "min_ms": float(np.min(ts)),
-                             "stages_p50_ms": {k: float(np.median(v)) for k, v in st.stages.items() if v}})
-                if (True, False) in masks and (grid, fused) != (True, False):
-                    cell["mask_agreement"] = float((masks[grid, fused] == masks[True, False]).mean())
-            except Exception as e:
-                cell["error"] = failure(e)
-            out.append(cell)
-            print(f"decoder option {json.dumps(cell)}", flush=True)
+            for query, runner in frames.items():
+                cell = {"grid_sample": grid, "fused_mlp": fused, "block_m": block, "query": query}
+                try:
+                    for _ in range(5):  # capture, planner budgets
+                        masks[grid, fused, block, query] = runner.run(inp, (S, S), None)[0]
+                    st = Timings()
+                    ts = [timed(lambda st=st, r=runner: r.run(inp, (S, S), st)) for _ in range(a.repeat)]
+                    cell.update({"p50_ms": float(np.median(ts)), "min_ms": float(np.min(ts)),
+                                 "stages_p50_ms": {k: float(np.median(v)) for k, v in st.stages.items() if v}})
+                    ref = masks.get((*default, query))
+                    if ref is not None and (grid, fused, block) != default:
+                        cell["mask_agreement"] = float((masks[grid, fused, block, query] == ref).mean())
+                except Exception as e:
+                    cell["error"] = failure(e)
+                out.append(cell)
+                print(f"decoder option {json.dumps(cell)}", flush=True)
         be.set_decoder_sampling(keep[0])
-        be.set_decoder_mlp(keep[1])
+        be.set_decoder_mlp(keep[1], keep[2])
         return out
 
     def kernel_profile(be: TorchBackend, fn: Callable[[], Any], calls: int = 3) -> dict[str, Any]:
@@ -368,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- 1b'. the decoder's map sampling on its own: before/after of grid_sample in a sparse frame
     if a.compile != "only":
-        results["decoder_options"] = decoder_options(ours["bf16"], runners["bf16"][0])
+        results["decoder_options"] = decoder_options(ours["bf16"], {"sparse": runners["bf16"][0],
+                                                                    "full": runners["bf16"][2]})
         save()
 
     # ---- 1c. kernel profiles (eager) of the encoder and of a whole sparse frame at the input size
@@ -476,12 +481,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{opt:<42} " + (f"FAILED {c['error']}" if "error" in c else
                                f"{c['p50_ms']:.3f} ms (min {c['min_ms']:.3f}), max abs diff {c['max_abs_diff_vs_plain']:.2e}"))
     for c in results.get("decoder_options", []):
-        opt = (f"sparse frame {'grid_sample' if c['grid_sample'] else 'Gather taps'}"
-               f"{', fused MLP' if c['fused_mlp'] else ''}")
+        fused = f", fused MLP m{c['block_m']}" if c["fused_mlp"] else ""
+        opt = f"{c.get('query', '')} frame {'grid_sample' if c['grid_sample'] else 'Gather taps'}{fused}"
         if "error" in c or "skipped" in c:
             print(f"{opt:<42} " + (f"FAILED {c['error']}" if "error" in c else f"skipped: {c['skipped']}"))
             continue
-        agree = f", masks {100 * c['mask_agreement']:.3f}% as grid_sample's" if "mask_agreement" in c else ""
+        agree = f", masks {100 * c['mask_agreement']:.3f}% as the default's" if "mask_agreement" in c else ""
         print(f"{opt:<42} {c['p50_ms']:.3f} ms (min {c['min_ms']:.3f}){agree}; stages " + " ".join(
             f"{k[:3]} {v:.2f}" for k, v in c["stages_p50_ms"].items()))
     for name, pr in results.get("kernel_profiles", {}).items():

@@ -36,11 +36,15 @@ def test_gpu_check_dry_run_runs_every_variant_and_agrees(tmp_path):
     assert len(opts) == 4 and not any("error" in o for o in opts)
     for o in opts:  # the frequency stream changes nothing; the fused attention stays within bf16 rounding
         assert o["max_abs_diff_vs_plain"] == 0.0 if not o["fused_attention"] else o["max_abs_diff_vs_plain"] < 0.1
-    grid, taps, fused = res["decoder_options"]  # grid_sample (default), Gather taps, + the fused MLP: sparse frames
-    assert (taps["grid_sample"], grid["grid_sample"], fused["fused_mlp"]) == (False, True, True)
-    assert not any("error" in o for o in (taps, grid, fused)) and "mask_agreement" not in grid
-    assert taps["mask_agreement"] >= 0.999
-    assert "needs a CUDA device" in fused["skipped"]  # the Triton kernel is timed on a GPU (tests/test_fused_point_mlp.py)
+    opts = res["decoder_options"]  # sparse and full frames: grid_sample (default), Gather taps; the fused MLP
+    ran = [o for o in opts if "skipped" not in o]
+    assert [(o["grid_sample"], o["query"]) for o in ran] == [(True, "sparse"), (True, "full"), (False, "sparse"),
+                                                             (False, "full")]
+    assert not any("error" in o for o in ran) and all("mask_agreement" not in o for o in ran[:2])
+    assert all(o["mask_agreement"] >= 0.999 for o in ran[2:])
+    skipped = [o for o in opts if "skipped" in o]  # the Triton kernel is timed on a GPU (test_fused_point_mlp.py)
+    assert [o["block_m"] for o in skipped] == [16, 32, 64] and all(o["fused_mlp"] for o in skipped)
+    assert all("needs a CUDA device" in o["skipped"] for o in skipped)
     for name in ("encoder", "sparse frame"):
         prof = res["kernel_profiles"][name]
         assert prof["kernels_per_call"] > 10 and prof["kernel_ms_per_call"] > 0 and prof["top"]

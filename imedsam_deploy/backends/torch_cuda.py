@@ -255,7 +255,7 @@ class TorchBackend(Backend):
         self._plans: dict[tuple[Any, ...], Callable[..., Any]] = {}  # the planner's captured (or compiled) function
         self._axes: dict[tuple[int, int], tuple[Any, ...]] = {}  # output size -> device (x, y) pixel centres
         self.planner_fallbacks = 0  # boxes the device planner handed back to the host planner (over budget)
-        self.fused_mlp = False
+        self.fused_mlp, self.fused_mlp_block = False, 32
         self.set_decoder_sampling(grid_sample)
         self.set_decoder_mlp(fused_mlp)
 
@@ -284,9 +284,9 @@ class TorchBackend(Backend):
         self.decoder.use_grid_sample(grid_sample)
         self._drop_decoder_graphs()
 
-    def set_decoder_mlp(self, fused: bool) -> None:
-        """The per-point MLPs as one Triton kernel (``fused_point_mlp``) or as torch layers; graphs and
-        compiled planners that contain the decoder are dropped."""
+    def set_decoder_mlp(self, fused: bool, block_m: int = 32) -> None:
+        """The per-point MLPs as one Triton kernel (``fused_point_mlp``, ``block_m`` points a program) or as
+        torch layers; graphs and compiled planners that contain the decoder are dropped."""
         if fused:
             import os
 
@@ -296,10 +296,10 @@ class TorchBackend(Backend):
                                   else "the Triton kernel needs a CUDA device")
             if why:
                 raise UserError(f"backend {self.name}: fused decoder MLP: {why}")
-            self.decoder.point_mlp = FusedPointMLP(self.decoder, self.amp_dtype or self.torch.float32)
+            self.decoder.point_mlp = FusedPointMLP(self.decoder, self.amp_dtype or self.torch.float32, block_m)
         else:
             self.decoder.point_mlp = None
-        self.fused_mlp = fused
+        self.fused_mlp, self.fused_mlp_block = fused, block_m
         self._drop_decoder_graphs()
 
     def _drop_decoder_graphs(self) -> None:

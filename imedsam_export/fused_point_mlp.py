@@ -165,6 +165,8 @@ class FusedPointMLP(nn.Module):
         self.BF = min(64, _next_pow2(f2.weight.shape[0]))
         self.F2P = _ceil_to(f2.weight.shape[0], self.BF)
         self.F3P = _next_pow2(f3.weight.shape[0])
+        # the layer-2 accumulator (block_m x H2P fp32) lives in registers: 8 warps past 64 values a thread
+        self.num_warps = 8 if block_m * self.H2P > 64 * 128 else 4
         p = float(decoder.model.inr.p)
         dev = first.weight.device
 
@@ -212,7 +214,7 @@ class FusedPointMLP(nn.Module):
             x, M, n_in, x.stride(0), *(getattr(self, n) for n in self.names), outs[0], outs[1], outs[2],
             K=K, INP=self.INP, H1P=self.H1P, H2P=self.H2P, CFP=self.CFP, F1P=self.F1P, F2P=self.F2P,
             F3P=self.F3P, BM=self.block_m, BK=self.BK, BJ=self.BJ, BC=self.BC, BF=self.BF,
-            PREC="ieee" if self.dtype == torch.float32 else None,
+            PREC="ieee" if self.dtype == torch.float32 else None, num_warps=self.num_warps,
         )
         coarse, fine, unc = (o.reshape(K, B, N).transpose(0, 1) for o in outs)
         return coarse, fine, unc

@@ -28,9 +28,19 @@ VIEWS = {"view", "_unsafe_view", "reshape", "expand", "permute", "transpose", "t
 
 
 class OpCounter(TorchDispatchMode):
+    active: list[OpCounter] = []  # the counters entered, innermost last
+
     def __init__(self) -> None:
         super().__init__()
         self.ops: collections.Counter[str] = collections.Counter()
+
+    def __enter__(self) -> OpCounter:
+        OpCounter.active.append(self)
+        return super().__enter__()  # type: ignore[no-any-return]
+
+    def __exit__(self, *exc: Any) -> None:
+        OpCounter.active.pop()
+        super().__exit__(*exc)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = func.overloadpacket.__name__
@@ -50,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="bf16: under CPU autocast, which casts as CUDA autocast does (its cast kernels counted)")
     ap.add_argument("--gather-taps", action="store_true",
                     help="the decoder's map samples as the exported graph's Gather taps (not grid_sample)")
+    ap.add_argument("--fused-mlp", action="store_true",
+                    help="the decoder's MLPs as the one Triton kernel of fused_point_mlp (needs triton): its launch "
+                         "counts as one op, the kernel itself is not run")
     a = ap.parse_args(argv)
     from imedsam_deploy.backends.torch_cuda import TorchBackend
     from imedsam_deploy.backends.torch_sparse import DevicePlanner
@@ -60,6 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     model, _ = build(a.model, input_size=a.input_size)
     be = TorchBackend(model.eval(), "cpu", a.precision, fused_attention=True, overlap_frequency=True,
                       grid_sample=not a.gather_taps)
+    if a.fused_mlp:
+        from imedsam_export.fused_point_mlp import FusedPointMLP
+
+        def launch(x: torch.Tensor, outs: torch.Tensor) -> None:
+            OpCounter.active[-1].ops["fused_point_mlp"] += 1  # one kernel; the outputs stay uninitialised
+
+        mlp = FusedPointMLP(be.decoder, be.amp_dtype or torch.float32)
+        mlp._launch = launch  # type: ignore[method-assign]  # this instance only
+        be.decoder.point_mlp = mlp
     s = a.input_size
     img = np.random.default_rng(0).random((1, 3, s, s), dtype=np.float32)
     box = np.array([[0.3 * s, 0.3 * s, 0.7 * s, 0.65 * s]], np.float32)
@@ -79,10 +101,12 @@ def main(argv: list[str] | None = None) -> int:
             reg = torch.tensor([out // 4, out // 2, out // 4, out // 2])
             with OpCounter() as plan:
                 res = planner.plan(lambda c: tuple(o[0] for o in be._fns["points"](up, c[None])), reg)
-            rows.append((f"sparse planner {out}²", plan, f"{len(planner.levels) + 1} decoder calls inside, "
-                         f"{int(res[2])} points"))
+            pts_note = "points not run" if a.fused_mlp else f"{int(res[2])} points"
+            rows.append((f"sparse planner {out}²", plan, f"{len(planner.levels) + 1} decoder calls inside, {pts_note}"))
     taps = "Gather taps" if a.gather_taps else "grid_sample"
-    print(f"{a.model} at {s}², {a.precision}, eager, non-view aten ops (~ GPU kernels), decoder samples by {taps}:")
+    mlp = "one fused kernel" if a.fused_mlp else "torch layers"
+    print(f"{a.model} at {s}², {a.precision}, eager, non-view aten ops (~ GPU kernels), decoder samples by {taps}, "
+          f"its MLPs as {mlp}:")
     for name, c, note in rows:
         top = ", ".join(f"{k} {v}" for k, v in c.ops.most_common(a.top))
         print(f"{name:<22} {sum(c.ops.values()):>6}  {note:<36} {top}")

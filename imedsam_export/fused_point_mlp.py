@@ -207,14 +207,17 @@ class FusedPointMLP(nn.Module):
         if n_in != self.n_in:
             raise ValueError(f"fused point MLP: {n_in} features per point, expected {self.n_in}")
         x = feats.reshape(B * N, n_in).float().contiguous()
-        M, K = B * N, self.K
-        outs = torch.empty(3, K, M, dtype=torch.float32, device=x.device)
-        grid = (triton.cdiv(M, self.block_m),)
-        _point_mlp_kernel[grid](
-            x, M, n_in, x.stride(0), *(getattr(self, n) for n in self.names), outs[0], outs[1], outs[2],
-            K=K, INP=self.INP, H1P=self.H1P, H2P=self.H2P, CFP=self.CFP, F1P=self.F1P, F2P=self.F2P,
+        outs = torch.empty(3, self.K, B * N, dtype=torch.float32, device=x.device)
+        self._launch(x, outs)
+        coarse, fine, unc = (o.reshape(self.K, B, N).transpose(0, 1) for o in outs)
+        return coarse, fine, unc
+
+    def _launch(self, x: torch.Tensor, outs: torch.Tensor) -> None:
+        """The kernel over x (M, IN) float32 into outs (3, K, M): coarse, fine, uncertainty."""
+        M = x.shape[0]
+        _point_mlp_kernel[(triton.cdiv(M, self.block_m),)](
+            x, M, self.n_in, x.stride(0), *(getattr(self, n) for n in self.names), outs[0], outs[1], outs[2],
+            K=self.K, INP=self.INP, H1P=self.H1P, H2P=self.H2P, CFP=self.CFP, F1P=self.F1P, F2P=self.F2P,
             F3P=self.F3P, BM=self.block_m, BK=self.BK, BJ=self.BJ, BC=self.BC, BF=self.BF,
             PREC="ieee" if self.dtype == torch.float32 else None, num_warps=self.num_warps,
         )
-        coarse, fine, unc = (o.reshape(K, B, N).transpose(0, 1) for o in outs)
-        return coarse, fine, unc

@@ -3,6 +3,7 @@ an API change breaks them in CI rather than during a device session."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 from benchmarks import gpu_check, host_overhead
@@ -72,6 +73,13 @@ def test_op_count_counts_each_stage(capsys):
     # grid_sample: one op per map where the Gather taps take dozens; the rest of the decoder is the same
     assert gather["one decoder call"] - counts["one decoder call"] >= 60
     assert gather["encoder"] == counts["encoder"]
+    if importlib.util.find_spec("triton") is not None:  # the fused MLP: its launch is one op for ~20 layer ops
+        assert op_count.main(["--model", "tiny", "--input-size", "64", "--out-sizes", "64", "--fused-mlp"]) == 0
+        lines = capsys.readouterr().out.splitlines()[1:]
+        fused = {line[:22].strip(): int(line[22:29]) for line in lines}
+        saved = counts["one decoder call"] - fused["one decoder call"]
+        assert saved >= 15 and fused["sparse planner 64²"] == counts["sparse planner 64²"] - 5 * saved
+        assert fused["encoder"] == counts["encoder"]
 
 
 def test_encoder_precision_runs(capsys):

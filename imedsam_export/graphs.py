@@ -32,7 +32,7 @@ from torch import nn
 
 from imedsam_export.dft import DFTSpectrum
 from imedsam_train.model import IMedSAM
-from imedsam_train.model.fourier import fourier_dim, fourier_encode
+from imedsam_train.model.fourier import fourier_dim, fourier_encode, fourier_freqs
 
 SQRT2 = math.sqrt(2.0)
 
@@ -108,14 +108,16 @@ def gather_taps(rows: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch
 
 
 class FourierFeatures(nn.Module):
-    """gamma(p) in fp32 (phases up to 2^9 pi: fp16 would be wrong by ~1)."""
+    """gamma(p) in fp32 (phases up to 2^9 pi: fp16 would be wrong by ~1), its frequencies a constant."""
 
     def __init__(self, levels: int, include_input: bool) -> None:
         super().__init__()
         self.levels, self.include_input = levels, include_input
+        self.freqs: torch.Tensor
+        self.register_buffer("freqs", fourier_freqs(levels), persistent=False)
 
     def forward(self, coords: torch.Tensor) -> torch.Tensor:
-        return fourier_encode(coords.float(), self.levels, self.include_input)
+        return fourier_encode(coords.float(), self.levels, self.include_input, self.freqs)
 
 
 class PointUncertainty(nn.Module):

@@ -93,6 +93,19 @@ def test_graphs_match_the_model_and_leave_it_untouched():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_fourier_features_with_their_frequencies_made_once_are_bitwise_the_same():
+    from imedsam_export.graphs import FourierFeatures
+    from imedsam_train.model.fourier import fourier_encode
+
+    c = torch.rand(2, 300, 2) * 2.4 - 1.2
+    for levels, inc in ((10, True), (6, False)):
+        ff = FourierFeatures(levels, inc)
+        assert ff.freqs.dtype == torch.float32 and "freqs" not in ff.state_dict()  # a constant, not a weight
+        assert torch.equal(ff(c), fourier_encode(c, levels, inc))
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 whatever the autocast
+            assert torch.equal(ff(c.bfloat16()), fourier_encode(c.bfloat16(), levels, inc))
+
+
 def test_grid_sample_taps_match_the_gather_taps():
     """torch-cuda's sampling (``grid_sample``: one kernel per map) against the exported graph's Gather taps,
     at batch 2 with coordinates past the maps' edges (zero padding): the samples themselves, the decoder's

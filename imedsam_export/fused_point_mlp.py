@@ -1,9 +1,8 @@
 """The decoder's per-point MLPs (both INR trunks, the heads, the uncertainty) as ONE Triton kernel (torch-cuda).
 
-Unfused, one bf16 decoder call is 33 aten ops, 23 of them after the samples and the Fourier features: a
-matmul and a ReLU per layer, casts, the uncertainty's elementwise chain; each writes its (points x width)
-activations to memory and the next reads them back. Fused, the call is 12 (the kernel, its output buffer, and
-the 10 ops that make its input). DESIGN §2 names this per-point work as where the GPU time left after the
+Unfused, a bf16 decoder call runs 23 ops after its samples and Fourier features: a matmul and a ReLU per
+layer, casts, the uncertainty's elementwise chain; each writes its (points x width) activations to memory
+and the next reads them back. Fused, they are one launch (``python -m benchmarks.op_count --fused-mlp``). DESIGN §2 names this per-point work as where the GPU time left after the
 rewrites lies. Here a program takes BLOCK_M points through every layer without leaving the chip:
 
 - coarse trunk, layers 1 -> 2: layer 1's output is made BJ columns at a time and immediately multiplied into

@@ -2,8 +2,9 @@
 
 Unfused, a bf16 decoder call runs 23 ops after its samples and Fourier features: a matmul and a ReLU per
 layer, casts, the uncertainty's elementwise chain; each writes its (points x width) activations to memory
-and the next reads them back. Fused, they are one launch (``python -m benchmarks.op_count --fused-mlp``). DESIGN §2 names this per-point work as where the GPU time left after the
-rewrites lies. Here a program takes BLOCK_M points through every layer without leaving the chip:
+and the next reads them back. Fused, they are one launch (``python -m benchmarks.op_count --fused-mlp``).
+DESIGN §2 names this per-point work as where the GPU time left after the rewrites lies. Here a program takes
+BLOCK_M points through every layer without leaving the chip:
 
 - coarse trunk, layers 1 -> 2: layer 1's output is made BJ columns at a time and immediately multiplied into
   layer 2's accumulator (``acc2 += relu(x W1[:, j] + b1[j]) W2[j, :]``), so it is never held whole;

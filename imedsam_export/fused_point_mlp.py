@@ -156,10 +156,12 @@ class FusedPointMLP(nn.Module):
         self.K, self.n_in, self.dtype, self.block_m = K, n_in, dtype, block_m
         self.BK = 32
         self.INP = _ceil_to(n_in, self.BK)
-        self.BJ = min(64, _next_pow2(h1c))
+        # slices whose weight tiles span a whole hidden width (W2: BJ x H2P; the head: H2P x BC) stay narrow:
+        # with two pipeline stages they fit an SM's shared memory
+        self.BJ = min(32, _next_pow2(h1c))
         self.H1P = _ceil_to(h1c, self.BJ)
         self.H2P = _next_pow2(h2)
-        self.BC = min(64, _next_pow2(cf))
+        self.BC = min(32, _next_pow2(cf))
         self.CFP = _ceil_to(cf, self.BC)
         self.F1P = _next_pow2(f1)
         self.BF = min(64, _next_pow2(f2.weight.shape[0]))
@@ -219,5 +221,5 @@ class FusedPointMLP(nn.Module):
             x, M, self.n_in, x.stride(0), *(getattr(self, n) for n in self.names), outs[0], outs[1], outs[2],
             K=self.K, INP=self.INP, H1P=self.H1P, H2P=self.H2P, CFP=self.CFP, F1P=self.F1P, F2P=self.F2P,
             F3P=self.F3P, BM=self.block_m, BK=self.BK, BJ=self.BJ, BC=self.BC, BF=self.BF,
-            PREC="ieee" if self.dtype == torch.float32 else None, num_warps=self.num_warps,
+            PREC="ieee" if self.dtype == torch.float32 else None, num_warps=self.num_warps, num_stages=2,
         )

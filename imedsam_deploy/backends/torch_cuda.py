@@ -157,7 +157,7 @@ class TorchBackend(Backend):
     ``grid_sample`` (default on) samples the decoder's two maps with ``grid_sample`` (one kernel each) instead
     of the exported graph's Gather taps (~35 small ops each); within fp32 rounding (tests/test_export.py).
     ``fused_mlp`` (default off until a GPU has timed it: benchmarks/gpu_check.py) runs the per-point MLPs after
-    the samples as one Triton kernel (``imedsam_export.fused_point_mlp``) instead of ~25; within the precision's
+    the samples as one Triton kernel (``imedsam_export.fused_point_mlp``) instead of 23 ops; within the precision's
     rounding (tests/test_fused_point_mlp.py)."""
 
     def __init__(

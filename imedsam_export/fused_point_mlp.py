@@ -217,6 +217,13 @@ class FusedPointMLP(nn.Module):
     def _launch(self, x: torch.Tensor, outs: torch.Tensor) -> None:
         """The kernel over x (M, IN) float32 into outs (3, K, M): coarse, fine, uncertainty."""
         M = x.shape[0]
+        if x.is_cuda and x.device.index not in (None, torch.cuda.current_device()):
+            with torch.cuda.device(x.device):  # triton launches on the current device (a backend on cuda:1)
+                self._run_kernel(x, outs, M)
+        else:
+            self._run_kernel(x, outs, M)
+
+    def _run_kernel(self, x: torch.Tensor, outs: torch.Tensor, M: int) -> None:
         _point_mlp_kernel[(triton.cdiv(M, self.block_m),)](
             x, M, self.n_in, x.stride(0), *(getattr(self, n) for n in self.names), outs[0], outs[1], outs[2],
             K=self.K, INP=self.INP, H1P=self.H1P, H2P=self.H2P, CFP=self.CFP, F1P=self.F1P, F2P=self.F2P,

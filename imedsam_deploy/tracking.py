@@ -7,7 +7,7 @@ mask is not reported, until a confident mask (or a box from ``--boxes``) picks i
 
 A box prompt feeds back: a model that fills its box, or runs past it along a similar-looking structure, makes
 the next box larger, and so on. The shipped tiny model, prompted on the shared colonoscopy clip, stretched its
-box from the polyp to the frame's full height within 35 frames and reported that as tracked. So the object may
+box from the polyp to the frame's full height by frame 16 and reported that as tracked. So the object may
 grow to at most ``max_growth`` times the width and height of its last given box; a larger component is no
 evidence of the object and marks it ``lost`` like a low-confidence mask (box kept, mask not reported).
 """

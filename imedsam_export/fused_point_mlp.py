@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from imedsam_export.graphs import PointUncertainty
+
 try:  # optional: torch-cuda's fused decoder only
     import triton
     import triton.language as tl
@@ -169,36 +171,36 @@ class FusedPointMLP(nn.Module):
         self.F3P = _next_pow2(f3.weight.shape[0])
         # the layer-2 accumulator (block_m x H2P fp32) lives in registers: 8 warps past 64 values a thread
         self.num_warps = 8 if block_m * self.H2P > 64 * 128 else 4
-        p = float(decoder.model.inr.p)
         dev = first.weight.device
+        # p/(1-p) w^2 of the coarse logits, (H2, K): the uncertainty module's own table (fp32: it is squared)
+        (unc,) = (m for m in decoder.modules() if isinstance(m, PointUncertainty))
 
-        def mat(w: torch.Tensor, rows: int, cols: int, dt: torch.dtype = dtype) -> torch.Tensor:
-            """w (out, in) -> (rows >= in, cols >= out): transposed, zero-padded."""
+        def pad(t: torch.Tensor, rows: int, cols: int, dt: torch.dtype = dtype) -> torch.Tensor:
+            """A 2-D tensor zero-padded to (rows, cols), contiguous, in ``dt``."""
             out = torch.zeros(rows, cols, dtype=torch.float32, device=dev)
-            wt = w.detach().float().t()
-            out[: wt.shape[0], : wt.shape[1]] = wt
+            out[: t.shape[0], : t.shape[1]] = t.detach().float()
             return out.to(dt).contiguous()
 
-        def vec(b: torch.Tensor | None, n: int, dt: torch.dtype = torch.float32) -> torch.Tensor:
+        def vec(b: torch.Tensor | None, n: int) -> torch.Tensor:
             out = torch.zeros(n, dtype=torch.float32, device=dev)
             if b is not None:
                 out[: b.shape[0]] = b.detach().float()
-            return out.to(dt).contiguous()
+            return out
 
-        wfirst, bfirst = first.weight, first.bias
-        wl = head.weight[:K]
+        wfirst, bfirst = first.weight.t(), first.bias  # Linear weights (out, in) go in as (in, out)
+        f32 = torch.float32
         bufs = {
-            "w1c": mat(wfirst[:h1c], self.INP, self.H1P), "b1c": vec(bfirst[:h1c], self.H1P),
-            "w1f": mat(wfirst[h1c:], self.INP, self.F1P), "b1f": vec(bfirst[h1c:], self.F1P),
-            "w2": mat(w2.weight, self.H1P, self.H2P), "b2": vec(w2.bias, self.H2P),
-            # per-class rows (K, H2P): the logit weights, and p/(1-p) w^2 for the variance (fp32: it is squared)
-            "wl": mat(wl.t(), K, self.H2P, torch.float32), "bl": vec(head.bias[:K], K),
-            "wu": mat(((p / (1.0 - p)) * wl.detach().float() ** 2).t(), K, self.H2P, torch.float32),
-            "wcf": mat(head.weight[K:], self.H2P, self.CFP), "bcf": vec(head.bias[K:], self.CFP),
-            "wfc": mat(fc.weight, self.CFP, self.F1P),
-            "wf2": mat(f2.weight, self.F1P, self.F2P), "bf2": vec(f2.bias, self.F2P),
-            "wf3": mat(f3.weight, self.F2P, self.F3P), "bf3": vec(f3.bias, self.F3P),
-            "wfh": mat(fhead.weight.t(), K, self.F3P, torch.float32), "bfh": vec(fhead.bias, K),
+            "w1c": pad(wfirst[:, :h1c], self.INP, self.H1P), "b1c": vec(bfirst[:h1c], self.H1P),
+            "w1f": pad(wfirst[:, h1c:], self.INP, self.F1P), "b1f": vec(bfirst[h1c:], self.F1P),
+            "w2": pad(w2.weight.t(), self.H1P, self.H2P), "b2": vec(w2.bias, self.H2P),
+            # per-class rows (K, H2P), fp32: the logit weights and the variance's
+            "wl": pad(head.weight[:K], K, self.H2P, f32), "bl": vec(head.bias[:K], K),
+            "wu": pad(unc.w2.t(), K, self.H2P, f32),
+            "wcf": pad(head.weight[K:].t(), self.H2P, self.CFP), "bcf": vec(head.bias[K:], self.CFP),
+            "wfc": pad(fc.weight.t(), self.CFP, self.F1P),
+            "wf2": pad(f2.weight.t(), self.F1P, self.F2P), "bf2": vec(f2.bias, self.F2P),
+            "wf3": pad(f3.weight.t(), self.F2P, self.F3P), "bf3": vec(f3.bias, self.F3P),
+            "wfh": pad(fhead.weight, K, self.F3P, f32), "bfh": vec(fhead.bias, K),
         }
         for name, t in bufs.items():
             self.register_buffer(name, t, persistent=False)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from imedsam_deploy import contract as C
+from imedsam_train.metrics import dice
 from imedsam_train.model import IMedSAM, grid_coords, ugs_merge
 
 FP32_LOGIT_TOL = 1e-3
@@ -138,12 +139,6 @@ def _merged(c: np.ndarray, f: np.ndarray, u: np.ndarray, fraction: float) -> np.
     return ugs_merge(torch.from_numpy(c), torch.from_numpy(f), torch.from_numpy(u), fraction).numpy()
 
 
-def _dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    inter = float(np.logical_and(pred, gt).sum())
-    denom = float(pred.sum() + gt.sum())
-    return 100.0 * (2 * inter / denom if denom else 1.0)
-
-
 @torch.no_grad()
 def verify_random(model: IMedSAM, enc_path: Path, dec_path: Path, max_batch: int, max_points: int,
                   seed: int = 0, split: tuple[Path, Path] | None = None) -> dict[str, Any]:
@@ -209,7 +204,7 @@ def verify_real(model: IMedSAM, graphs: dict[str, tuple[Path, Path]], max_points
         ref_logits.append((c.numpy(), f.numpy()))
         ref_masks.append(ugs_merge(c, f, u, frac).numpy()[0, 0].reshape(s, s) > 0)
         gts.append(x.mask if x.mask is not None else ref_masks[-1])
-    res["dice_pytorch"] = float(np.mean([_dice(m, t) for m, t in zip(ref_masks, gts, strict=True)]))
+    res["dice_pytorch"] = float(np.mean([dice(m, t) for m, t in zip(ref_masks, gts, strict=True)]))
     runs: list[tuple[str, Any, Any, int]] = [(p, session(e), session(d), len(samples)) for p, (e, d) in graphs.items()]
     small = cfg.encoder.embed_dim <= REFERENCE_MAX_WIDTH and s <= REFERENCE_MAX_INPUT
     if "fp16" in graphs and small:
@@ -230,9 +225,9 @@ def verify_real(model: IMedSAM, graphs: dict[str, tuple[Path, Path]], max_points
             else "onnxruntime CPUExecutionProvider",
             "logit_max_abs_diff": worst,
             "mask_agreement": agree,
-            "dice": float(np.mean([_dice(m, t) for m, t in zip(masks, gts[:n], strict=True)])),
-            "dice_fp32_same_images": float(np.mean([_dice(m, t) for m, t in zip(ref_masks[:n], gts[:n], strict=True)])),
-            "dice_vs_pytorch": float(np.mean([_dice(m, r) for m, r in zip(masks, ref_masks[:n], strict=True)])),
+            "dice": float(np.mean([dice(m, t) for m, t in zip(masks, gts[:n], strict=True)])),
+            "dice_fp32_same_images": float(np.mean([dice(m, t) for m, t in zip(ref_masks[:n], gts[:n], strict=True)])),
+            "dice_vs_pytorch": float(np.mean([dice(m, r) for m, r in zip(masks, ref_masks[:n], strict=True)])),
         }
     return res
 

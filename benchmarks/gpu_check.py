@@ -46,6 +46,12 @@ from typing import Any
 
 import numpy as np
 
+PARTS = ("correctness", "encoder", "decoder", "profile", "timing")
+
+
+class _Skip(Exception):
+    """A section left out by --parts."""
+
 
 def _need(mod: str) -> None:
     try:
@@ -68,6 +74,14 @@ def main(argv: list[str] | None = None) -> int:
                          "none, or only them (a second device call)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="skip rows that start after this many seconds")
     ap.add_argument("--quick", action="store_true", help="few repeats (CPU dry run)")
+    ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                    help="which sections to run (a short second call can run a few)")
+    ap.add_argument("--align-matmuls", choices=("on", "off"), default=None,
+                    help="the timing rows' bf16 backends with the decoder's odd-width layers zero-padded or not "
+                         "(default: the backend's own default)")
+    ap.add_argument("--fused-mlp", type=int, default=0, metavar="BLOCK_M",
+                    help="the timing rows' bf16 backend (not +compile) runs the fused point-MLP kernel at this block size "
+                         "(0: off; -1: the fastest in the decoder options, off if none ran)")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_check"))
     a = ap.parse_args(argv)
     for mod in ("torch", "segment_anything", "imedsam_train", "imedsam_export", "imedsam_deploy"):
@@ -138,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     ours = {"fp32": backend("fp32"), "bf16": backend("bf16")}
     if a.compile != "none":
         ours["bf16+compile"] = backend("bf16", compile=True)
+    info["fused_mlp_block"] = a.fused_mlp
+    info["parts"] = a.parts
     ref = ReferenceIMedSAM(model.to(dev))
 
     def prepared(inp: Inputs) -> tuple[np.ndarray, np.ndarray]:
@@ -268,44 +284,52 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     def decoder_options(be: TorchBackend, frames: dict[str, FrameRunner]) -> list[dict[str, Any]]:
-        """Sparse and full frames (batch 1, output at the input size) with the per-point decoder's map samples
+        """Sparse and full frames (batch 1, at each output size) with the per-point decoder's map samples
         as ``grid_sample`` calls or as the exported graph's Gather taps (~35 small kernels per map per decoder
-        call), and with its MLPs as torch layers or as one Triton kernel (``fused_point_mlp``, at three block
-        sizes): p50 per frame, per-stage p50, and each variant's masks against the default's (grid_sample,
-        torch MLP). The backend's settings are restored."""
-        keep = (be.grid_sample, be.fused_mlp, be.fused_mlp_block)
+        call), its odd-width layers zero-padded to multiples of 8 or not (``align_matmuls``), and its MLPs as
+        torch layers or as one Triton kernel (``fused_point_mlp``, at three block sizes): p50 per frame,
+        per-stage p50, and each variant's masks against the default's (grid_sample, unpadded, torch MLP). The
+        backend's settings are restored."""
+        keep = (be.grid_sample, be.fused_mlp, be.fused_mlp_block, be.align_matmuls)
         inp = synthetic_inputs(S, 1, seed=5)
         out: list[dict[str, Any]] = []
         masks: dict[tuple[Any, ...], np.ndarray] = {}
-        default = (True, False, 32)
-        variants = [default, (False, False, 32), (True, True, 16), (True, True, 32), (True, True, 64)]
-        for grid, fused, block in variants:  # the default first: the others are compared with it
+        default = (True, False, 32, False)
+        variants = [default, (False, False, 32, False), (True, False, 32, True), (True, True, 16, False),
+                    (True, True, 32, False), (True, True, 64, False)]
+        for grid, fused, block, align in variants:  # the default first: the others are compared with it
+            v = (grid, fused, block, align)
             try:
                 be.set_decoder_sampling(grid)  # the decoder's graphs are recaptured
                 be.set_decoder_mlp(fused, block)
+                be.set_decoder_alignment(align)
             except UserError as e:  # no triton, or no CUDA device for it
-                cell = {"grid_sample": grid, "fused_mlp": fused, "block_m": block, "skipped": str(e)}
+                cell = {"grid_sample": grid, "fused_mlp": fused, "block_m": block, "align_matmuls": align,
+                        "skipped": str(e)}
                 out.append(cell)
                 print(f"decoder option {json.dumps(cell)}", flush=True)
                 continue
-            for query, runner in frames.items():
-                cell = {"grid_sample": grid, "fused_mlp": fused, "block_m": block, "query": query}
-                try:
-                    for _ in range(5):  # capture, planner budgets
-                        masks[grid, fused, block, query] = runner.run(inp, (S, S), None)[0]
-                    st = Timings()
-                    ts = [timed(lambda st=st, r=runner: r.run(inp, (S, S), st)) for _ in range(a.repeat)]
-                    cell.update({"p50_ms": float(np.median(ts)), "min_ms": float(np.min(ts)),
-                                 "stages_p50_ms": {k: float(np.median(v)) for k, v in st.stages.items() if v}})
-                    ref = masks.get((*default, query))
-                    if ref is not None and (grid, fused, block) != default:
-                        cell["mask_agreement"] = float((masks[grid, fused, block, query] == ref).mean())
-                except Exception as e:
-                    cell["error"] = failure(e)
-                out.append(cell)
-                print(f"decoder option {json.dumps(cell)}", flush=True)
+            for size in sorted(a.sizes):
+                for query, runner in frames.items():
+                    cell = {"grid_sample": grid, "fused_mlp": fused, "block_m": block, "align_matmuls": align,
+                            "query": query, "out_size": size}
+                    try:
+                        for _ in range(5):  # capture, planner budgets
+                            masks[(*v, query, size)] = runner.run(inp, (size, size), None)[0]
+                        st = Timings()
+                        ts = [timed(lambda st=st, r=runner, o=size: r.run(inp, (o, o), st)) for _ in range(a.repeat)]
+                        cell.update({"p50_ms": float(np.median(ts)), "min_ms": float(np.min(ts)),
+                                     "stages_p50_ms": {k: float(np.median(t)) for k, t in st.stages.items() if t}})
+                        ref = masks.get((*default, query, size))
+                        if ref is not None and v != default:
+                            cell["mask_agreement"] = float((masks[(*v, query, size)] == ref).mean())
+                    except Exception as e:
+                        cell["error"] = failure(e)
+                    out.append(cell)
+                    print(f"decoder option {json.dumps(cell)}", flush=True)
         be.set_decoder_sampling(keep[0])
         be.set_decoder_mlp(keep[1], keep[2])
+        be.set_decoder_alignment(keep[3])
         return out
 
     def kernel_profile(be: TorchBackend, fn: Callable[[], Any], calls: int = 3) -> dict[str, Any]:
@@ -357,27 +381,31 @@ def main(argv: list[str] | None = None) -> int:
     inp = synthetic_inputs(S, 1, seed=1)
     checks = results["correctness"]
     try:
+        if "correctness" not in a.parts:
+            raise _Skip
         full_fp32 = FrameRunner(ours["fp32"], art, "full", opts).run(inp, (S, S), None)
         checks["full fp32"] = agreement(full_fp32[0], ref_frame(inp, S)[0],
                                         inp.boxes[0], inp.images[0].shape[:2])
         print(f"correctness full fp32: {json.dumps(checks['full fp32'])}", flush=True)
+    except _Skip:
+        pass
     except Exception as e:
         checks["full fp32"] = {"error": failure(e)}
     save()
 
     # ---- 1b. the encoder's options on their own (bf16, CUDA graphs): before/after figures for each
-    if a.compile != "only":
+    if a.compile != "only" and "encoder" in a.parts:
         results["encoder_options"] = encoder_options(ours["bf16"], sorted({1, min(8, maxb)}))
         save()
 
     # ---- 1b'. the decoder's map sampling on its own: before/after of grid_sample in a sparse frame
-    if a.compile != "only":
+    if a.compile != "only" and "decoder" in a.parts:
         results["decoder_options"] = decoder_options(ours["bf16"], {"sparse": runners["bf16"][0],
                                                                     "full": runners["bf16"][2]})
         save()
 
     # ---- 1c. kernel profiles (eager) of the encoder and of a whole sparse frame at the input size
-    if a.compile != "only":
+    if a.compile != "only" and "profile" in a.parts:
         prof_inp = synthetic_inputs(S, 1, seed=4)
         px = np.stack([to_model_input(im, S) for im in prof_inp.images])
         be16 = ours["bf16"]
@@ -395,8 +423,22 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- 2. timing, most important rows first: batch 1, then the batches, then the compiled variants
     # batch 1 (the latency targets), then its compiled variants (perhaps the fastest path), then throughput
+    if a.fused_mlp < 0:  # the fastest block size in the decoder options' sparse frames, if any ran
+        ran = [c for c in results.get("decoder_options", []) if c.get("fused_mlp") and c.get("query") == "sparse"
+               and "p50_ms" in c]
+        a.fused_mlp = min(ran, key=lambda c: c["p50_ms"])["block_m"] if ran else 0
+        info["fused_mlp_block"] = a.fused_mlp
+    if a.align_matmuls is not None:  # after the decoder options, which restore the backends' own settings
+        for p, be in ours.items():
+            if p != "fp32":
+                be.set_decoder_alignment(a.align_matmuls == "on")
+    info["align_matmuls"] = ours["bf16"].align_matmuls
+    if a.fused_mlp:
+        ours["bf16"].set_decoder_mlp(True, a.fused_mlp)  # not the compiled one: dynamo and a raw launch
     rows = [] if a.compile == "only" else [(o, b, False) for b in sorted(a.batches) for o in sorted(a.sizes)]
-    if a.compile != "none":
+    if "timing" not in a.parts:
+        rows = []
+    elif a.compile != "none":
         rows += [(o, 1, True) for o in sorted(a.sizes)]
     for out, bsz, compiled in rows:
         row: dict[str, Any] = {"out_size": out, "batch": bsz, "compiled": compiled}
@@ -481,8 +523,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{opt:<42} " + (f"FAILED {c['error']}" if "error" in c else
                                f"{c['p50_ms']:.3f} ms (min {c['min_ms']:.3f}), max abs diff {c['max_abs_diff_vs_plain']:.2e}"))
     for c in results.get("decoder_options", []):
-        fused = f", fused MLP m{c['block_m']}" if c["fused_mlp"] else ""
-        opt = f"{c.get('query', '')} frame {'grid_sample' if c['grid_sample'] else 'Gather taps'}{fused}"
+        fused = (f", fused MLP m{c['block_m']}" if c["fused_mlp"] else "") + (
+            ", aligned" if c.get("align_matmuls") else "")
+        opt = (f"{c.get('out_size', '')} {c.get('query', '')} frame "
+               f"{'grid_sample' if c['grid_sample'] else 'Gather taps'}{fused}")
         if "error" in c or "skipped" in c:
             print(f"{opt:<42} " + (f"FAILED {c['error']}" if "error" in c else f"skipped: {c['skipped']}"))
             continue

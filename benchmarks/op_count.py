@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model, _ = build(a.model, input_size=a.input_size)
     be = TorchBackend(model.eval(), "cpu", a.precision, fused_attention=True, overlap_frequency=True,
-                      grid_sample=not a.gather_taps)
+                      grid_sample=not a.gather_taps, align_matmuls=True)  # torch-cuda's defaults
     if a.fused_mlp:
         from imedsam_export.fused_point_mlp import FusedPointMLP
 

@@ -56,10 +56,6 @@ def _ceil_to(n: int, m: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _dot(a: Any, b: Any, PREC: tl.constexpr) -> Any:
-        return tl.dot(a, b, input_precision=PREC)
-
-    @triton.jit
     def _point_mlp_kernel(
         x_ptr, M, IN, stride_x,
         w1c_ptr, b1c_ptr, w1f_ptr, b1f_ptr, w2_ptr, b2_ptr,
@@ -85,9 +81,9 @@ if triton is not None:
                 kk = k0 + rk
                 xk = tl.load(x_ptr + rm[:, None] * stride_x + kk[None, :], mask=row_ok[:, None] & (kk < IN)[None, :],
                              other=0.0)
-                a1 += _dot(xk.to(dt), tl.load(w1c_ptr + kk[:, None] * H1P + (j0 + rj)[None, :]), PREC)
+                a1 += tl.dot(xk.to(dt), tl.load(w1c_ptr + kk[:, None] * H1P + (j0 + rj)[None, :]), input_precision=PREC)
             a1 = tl.maximum(a1 + tl.load(b1c_ptr + j0 + rj).to(tl.float32)[None, :], 0.0)
-            acc2 += _dot(a1.to(dt), tl.load(w2_ptr + (j0 + rj)[:, None] * H2P + r2[None, :]), PREC)
+            acc2 += tl.dot(a1.to(dt), tl.load(w2_ptr + (j0 + rj)[:, None] * H2P + r2[None, :]), input_precision=PREC)
         h2 = tl.maximum(acc2 + tl.load(b2_ptr + r2).to(tl.float32)[None, :], 0.0)
         h2d = h2.to(dt)
         # fine trunk's first layer: the point-feature part from x, the coarse-feature part as it is made
@@ -97,21 +93,21 @@ if triton is not None:
             kk = k0 + rk
             xk = tl.load(x_ptr + rm[:, None] * stride_x + kk[None, :], mask=row_ok[:, None] & (kk < IN)[None, :],
                          other=0.0)
-            g1 += _dot(xk.to(dt), tl.load(w1f_ptr + kk[:, None] * F1P + rf1[None, :]), PREC)
+            g1 += tl.dot(xk.to(dt), tl.load(w1f_ptr + kk[:, None] * F1P + rf1[None, :]), input_precision=PREC)
         rc = tl.arange(0, BC)
         for c0 in range(0, CFP, BC):
-            cf = _dot(h2d, tl.load(wcf_ptr + r2[:, None] * CFP + (c0 + rc)[None, :]), PREC)
+            cf = tl.dot(h2d, tl.load(wcf_ptr + r2[:, None] * CFP + (c0 + rc)[None, :]), input_precision=PREC)
             cf += tl.load(bcf_ptr + c0 + rc).to(tl.float32)[None, :]
-            g1 += _dot(cf.to(dt), tl.load(wfc_ptr + (c0 + rc)[:, None] * F1P + rf1[None, :]), PREC)
+            g1 += tl.dot(cf.to(dt), tl.load(wfc_ptr + (c0 + rc)[:, None] * F1P + rf1[None, :]), input_precision=PREC)
         g1d = tl.maximum(g1 + tl.load(b1f_ptr + rf1).to(tl.float32)[None, :], 0.0).to(dt)
         # fine trunk, layers 2 -> 3, streamed in BF-column slices
         rf = tl.arange(0, BF)
         rf3 = tl.arange(0, F3P)
         g3 = tl.zeros((BM, F3P), dtype=tl.float32)
         for n0 in range(0, F2P, BF):
-            g2 = _dot(g1d, tl.load(wf2_ptr + rf1[:, None] * F2P + (n0 + rf)[None, :]), PREC)
+            g2 = tl.dot(g1d, tl.load(wf2_ptr + rf1[:, None] * F2P + (n0 + rf)[None, :]), input_precision=PREC)
             g2 = tl.maximum(g2 + tl.load(bf2_ptr + n0 + rf).to(tl.float32)[None, :], 0.0)
-            g3 += _dot(g2.to(dt), tl.load(wf3_ptr + (n0 + rf)[:, None] * F3P + rf3[None, :]), PREC)
+            g3 += tl.dot(g2.to(dt), tl.load(wf3_ptr + (n0 + rf)[:, None] * F3P + rf3[None, :]), input_precision=PREC)
         g3 = tl.maximum(g3 + tl.load(bf3_ptr + rf3).to(tl.float32)[None, :], 0.0)
         # per class, in fp32: coarse logit, its dropout variance -> uncertainty, fine logit; (K, M) outputs
         for c in tl.static_range(K):
@@ -171,6 +167,9 @@ class FusedPointMLP(nn.Module):
         self.F3P = _next_pow2(f3.weight.shape[0])
         # the layer-2 accumulator (block_m x H2P fp32) lives in registers: 8 warps past 64 values a thread
         self.num_warps = 8 if block_m * self.H2P > 64 * 128 else 4
+        # fp32 tiles at 64 points need 232 KiB with two pipeline stages, past Hopper's 227 KiB a block
+        # (``compile_for``): one stage there
+        self.num_stages = 1 if dtype == torch.float32 and block_m >= 64 else 2
         dev = first.weight.device
         # p/(1-p) w^2 of the coarse logits, (H2, K): the uncertainty module's own table (fp32: it is squared)
         (unc,) = (m for m in decoder.modules() if isinstance(m, PointUncertainty))
@@ -225,10 +224,35 @@ class FusedPointMLP(nn.Module):
         else:
             self._run_kernel(x, outs, M)
 
+    def _constexprs(self) -> dict[str, Any]:
+        return dict(K=self.K, INP=self.INP, H1P=self.H1P, H2P=self.H2P, CFP=self.CFP, F1P=self.F1P, F2P=self.F2P,
+                    F3P=self.F3P, BM=self.block_m, BK=self.BK, BJ=self.BJ, BC=self.BC, BF=self.BF,
+                    PREC="ieee" if self.dtype == torch.float32 else None)
+
+    def compile_for(self, capability: int = 90) -> dict[str, Any]:
+        """Compile the kernel ahead of time for an NVIDIA target (90: Hopper), with no GPU needed, exactly as a
+        launch with this instance's buffers would: Triton's front end, its passes and ptxas. Returns the
+        kernel's shared memory per block (Hopper allows 227 KiB) and its launch settings. A kernel that the interpreter runs may still fail to
+        compile (an ``Any`` annotation inside a jitted helper did, on an H200): this catches that on a CPU."""
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        names = list(_point_mlp_kernel.arg_names)
+        tri = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+        sig: dict[str, str] = {"x_ptr": "*fp32", "M": "i32", "IN": "i32", "stride_x": "i32"}
+        sig.update({f"{n}_ptr": f"*{tri[getattr(self, n).dtype]}" for n in self.names})
+        sig.update({f"{n}_ptr": "*fp32" for n in ("logit", "fine", "unc")})
+        const = self._constexprs()
+        sig.update(dict.fromkeys(const, "constexpr"))
+        src = ASTSource(_point_mlp_kernel, signature={n: sig[n] for n in names},
+                        constexprs={(names.index(n),): v for n, v in const.items()})
+        kernel = triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                                options={"num_warps": self.num_warps, "num_stages": self.num_stages})
+        return {"shared_bytes": int(kernel.metadata.shared), "num_warps": self.num_warps,
+                "num_stages": self.num_stages}
+
     def _run_kernel(self, x: torch.Tensor, outs: torch.Tensor, M: int) -> None:
         _point_mlp_kernel[(triton.cdiv(M, self.block_m),)](
             x, M, self.n_in, x.stride(0), *(getattr(self, n) for n in self.names), outs[0], outs[1], outs[2],
-            K=self.K, INP=self.INP, H1P=self.H1P, H2P=self.H2P, CFP=self.CFP, F1P=self.F1P, F2P=self.F2P,
-            F3P=self.F3P, BM=self.block_m, BK=self.BK, BJ=self.BJ, BC=self.BC, BF=self.BF,
-            PREC="ieee" if self.dtype == torch.float32 else None, num_warps=self.num_warps, num_stages=2,
+            **self._constexprs(), num_warps=self.num_warps, num_stages=self.num_stages,
         )

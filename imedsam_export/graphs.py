@@ -181,6 +181,9 @@ class DecoderGraph(nn.Module):
         self.grid_sampling = False
         # torch paths: every layer after the samples as one kernel (``fused_point_mlp``); exported graphs: None
         self.point_mlp: nn.Module | None = None
+        # torch paths: zero-padded copies of the layers with odd widths (``align_matmuls``); exported graphs: None
+        self.aligned: nn.ModuleDict | None = None
+        self.feat_pad = 0
 
     def use_grid_sample(self, on: bool = True) -> None:
         """Sample the two maps with ``grid_sample`` (torch paths: one kernel per map where ``PointTaps`` and
@@ -191,6 +194,43 @@ class DecoderGraph(nn.Module):
             g = self.taps_pe.height
             pe_map = self.pe_rows.t().reshape(1, -1, g, g).float().contiguous()
             self.register_buffer("pe_map", pe_map, persistent=False)
+
+    def align_matmuls(self, on: bool = True, multiple: int = 8) -> None:
+        """Run the per-point layers whose widths are not a multiple of ``multiple`` as zero-padded copies
+        (vit_b: the first layer's 330 inputs -> 336, the coarse head's 257 outputs -> 264 with the 256 features
+        first, the fine head's K outputs -> 8). cuBLAS takes its Hopper GEMMs only for rows aligned to 16
+        bytes; otherwise it falls back to align1 / align2 kernels, the heaviest of a sparse frame on an H200
+        (benchmarks/RESULTS.md, session 7). Exact: the padding adds products with zeros. Torch paths only;
+        made from the layers as they are now (after ``store_weights_in``)."""
+        if not on:
+            self.aligned, self.feat_pad = None, 0
+            return
+        first, head, fine = self.first, self.coarse_head, self.fine_head
+        n_in, K = first.in_features, self.K
+        self.feat_pad = -n_in % multiple
+
+        def padded(rows: torch.Tensor, bias: torch.Tensor | None, cols: int | None = None) -> nn.Linear:
+            """rows (out, in) as a Linear of ``cols`` inputs (default: in) and out rounded up, zeros around."""
+            cols = rows.shape[1] if cols is None else cols
+            lin = nn.Linear(cols, -rows.shape[0] % multiple + rows.shape[0], bias=bias is not None)
+            lin = lin.to(device=rows.device, dtype=rows.dtype)
+            with torch.no_grad():
+                lin.weight.zero_()
+                lin.weight[: rows.shape[0], : rows.shape[1]] = rows
+                if bias is not None:
+                    lin.bias.zero_()
+                    lin.bias[: bias.shape[0]] = bias
+            return lin
+
+        def reorder(lin: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:  # the features first, then K logits
+            w = torch.cat([lin.weight[K:], lin.weight[:K]]).detach()
+            return w, None if lin.bias is None else torch.cat([lin.bias[K:], lin.bias[:K]])
+
+        self.aligned = nn.ModuleDict({
+            "first": padded(first.weight.detach(), first.bias, n_in + self.feat_pad),
+            "coarse_head": padded(*reorder(head)),
+            "fine_head": padded(fine.weight.detach(), fine.bias),
+        })
 
     def forward(
         self, image_embedding: torch.Tensor, boxes: torch.Tensor, coords: torch.Tensor
@@ -209,16 +249,25 @@ class DecoderGraph(nn.Module):
     def point_outputs(self, up: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The per-point part: box-conditioned up-map (B, C/8, 4g, 4g), coords (B, N, 2) -> (B, K, N) x 3."""
         f_up, f_pe = self._grid_samples(up, coords) if self.grid_sampling else self._gather_samples(up, coords)
-        feats = torch.cat([f_up, f_pe, self.fourier(coords).to(f_up.dtype)], dim=-1)
+        parts = [f_up, f_pe, self.fourier(coords).to(f_up.dtype)]
         if self.point_mlp is not None:
-            return self.point_mlp(feats)
-        first = self.first(feats)
+            return self.point_mlp(torch.cat(parts, dim=-1))
+        al, K = self.aligned, self.K
+        if al is not None and self.feat_pad:  # zero columns for the padded first layer's zero weights
+            parts.append(f_up.new_zeros(()).expand(*f_up.shape[:-1], self.feat_pad))
+        feats = torch.cat(parts, dim=-1)
+        first = (al["first"] if al is not None else self.first)(feats)
         first_c, first_f = first[..., : self.h1c], first[..., self.h1c :]
         h = self.coarse_rest(torch.relu(first_c))
-        out = self.coarse_head(h)
-        logits, cfeat = out[..., : self.K], out[..., self.K :]
+        if al is not None:  # (coarse features, K logits, zeros)
+            out = al["coarse_head"](h)
+            cfeat, logits = out[..., : self.first_cfeat.in_features], out[..., self.first_cfeat.in_features :][..., :K]
+        else:
+            out = self.coarse_head(h)
+            logits, cfeat = out[..., :K], out[..., K:]
         unc = self.uncertainty(h, logits)
-        fine = self.fine_head(self.fine_rest(torch.relu(first_f + self.first_cfeat(cfeat))))
+        fine = (al["fine_head"] if al is not None else self.fine_head)(
+            self.fine_rest(torch.relu(first_f + self.first_cfeat(cfeat))))[..., :K]
         return logits.transpose(1, 2), fine.transpose(1, 2), unc.transpose(1, 2)
 
     def _gather_samples(self, up: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

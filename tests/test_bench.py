@@ -191,6 +191,14 @@ def test_torch_backend_cpu_path_matches_the_model():
     np.testing.assert_allclose(c, rc.numpy(), atol=1e-4)
     np.testing.assert_allclose(f, rf.numpy(), atol=1e-4)
     np.testing.assert_allclose(u, ru.numpy(), rtol=1e-3, atol=1e-7)
+    # the zero-padded decoder layers (on by default on CUDA only): the same outputs, and back again
+    assert not be.align_matmuls and "aligned" not in be.description
+    be.set_decoder_alignment(True)
+    assert "aligned decoder matmuls" in be.description
+    for got, want in zip(be.decode(embs[1], boxes, coords), (c, f, u), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
+    be.set_decoder_alignment(False)
+    assert be.decoder.aligned is None and np.array_equal(be.decode(embs[1], boxes, coords)[0], c)
     with pytest.raises(UserError, match="CUDA graphs"):
         TorchBackend(model, device="cpu", cuda_graphs=True)
 

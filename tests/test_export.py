@@ -145,6 +145,46 @@ def test_decoder_graph_with_several_classes():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("classes", [1, 3])
+def test_aligned_decoder_matmuls_are_exact(classes):
+    """torch-cuda's zero-padded per-point layers (``align_matmuls``: odd widths to multiples of 8 so that
+    cuBLAS takes its aligned GEMMs) give the unpadded decoder's outputs: in fp32, and in bf16 weights under
+    autocast (the backend's form) within bf16 rounding with every logit sign kept where it is not ~0."""
+    from imedsam_deploy.backends.torch_cuda import store_weights_in
+    from imedsam_train.config import preset
+    from imedsam_train.model import IMedSAM
+
+    torch.manual_seed(5)
+    model = IMedSAM(preset("tiny", input_size=S, num_classes=classes)).eval()
+    folded, _ = merge_for_export(model)
+    emb, boxes, coords = _feeds(2, 257, seed=6)
+    dg = DecoderGraph(folded)
+    n_in, head_out = dg.first.in_features, dg.coarse_head.out_features
+    assert n_in % 8 and head_out % 8  # the tiny decoder has the odd widths too (vit_b: 330 and 257)
+    with torch.no_grad():
+        plain = dg(emb, boxes, coords)
+        dg.align_matmuls()
+        assert dg.aligned is not None
+        assert dg.aligned["first"].in_features % 8 == 0 and dg.aligned["coarse_head"].out_features % 8 == 0
+        assert dg.aligned["fine_head"].out_features % 8 == 0
+        aligned = dg(emb, boxes, coords)
+        for a, b in zip(aligned, plain, strict=True):
+            assert a.shape == b.shape == (2, classes, 257)
+            torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+        dg.align_matmuls(False)
+        torch.testing.assert_close(dg(emb, boxes, coords)[0], plain[0], atol=0, rtol=0)
+        store_weights_in(dg, torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain16 = [o.float() for o in dg(emb, boxes, coords)]
+            dg.align_matmuls()
+            assert dg.aligned["first"].weight.dtype == torch.bfloat16
+            aligned16 = [o.float() for o in dg(emb, boxes, coords)]
+    for a, b, r in zip(aligned16, plain16, plain, strict=True):
+        torch.testing.assert_close(a, b, atol=0.05 * float(r.abs().max()), rtol=0.02)
+    sure = plain16[0].abs() > 0.05 * float(plain16[0].abs().max())
+    assert bool(((aligned16[0] > 0) == (plain16[0] > 0))[sure].all())
+
+
 # --- the exported artifact ---
 
 def test_cli_says_engines_skipped_in_one_line(exported):

@@ -156,15 +156,19 @@ class TorchBackend(Backend):
     which never reads the tokens, on a second stream beside them. Both exact (tests/test_model.py).
     ``grid_sample`` (default on) samples the decoder's two maps with ``grid_sample`` (one kernel each) instead
     of the exported graph's Gather taps (~35 small ops each); within fp32 rounding (tests/test_export.py).
-    ``fused_mlp`` (default off until a GPU has timed it: benchmarks/gpu_check.py) runs the per-point MLPs after
+    ``fused_mlp`` (default off) runs the per-point MLPs after
     the samples as one Triton kernel (``imedsam_export.fused_point_mlp``) instead of 23 ops; within the precision's
-    rounding (tests/test_fused_point_mlp.py)."""
+    rounding (tests/test_fused_point_mlp.py); on an H200 it was slower than the torch layers at every block size
+    (benchmarks/RESULTS.md, session 7). ``align_matmuls`` (default: on CUDA) zero-pads the per-point layers' odd
+    widths to multiples of 8, so that cuBLAS takes its aligned Hopper GEMMs instead of align1 / align2 ones
+    (exact: tests/test_export.py; an H200's vit_b sparse frame 8.4 -> 6.9 ms at 384², 18.4 -> 14.2 ms at 896²)."""
 
     def __init__(
         self, model: Any, device: str = "cuda", precision: str = "bf16", cuda_graphs: bool | None = None,
         max_batch: int = 8, max_points: int = 65536, compile: bool | str = False, bucket_points: bool | None = None,
         device_planner: bool | None = None, device_merge: bool | None = None, fused_attention: bool | None = None,
         overlap_frequency: bool | None = None, grid_sample: bool = True, fused_mlp: bool = False,
+        align_matmuls: bool | None = None,
     ) -> None:
         super().__init__(max_batch, max_points)
         if precision not in PRECISIONS:
@@ -256,8 +260,10 @@ class TorchBackend(Backend):
         self._axes: dict[tuple[int, int], tuple[Any, ...]] = {}  # output size -> device (x, y) pixel centres
         self.planner_fallbacks = 0  # boxes the device planner handed back to the host planner (over budget)
         self.fused_mlp, self.fused_mlp_block = False, 32
+        self.align_matmuls = False
         self.set_decoder_sampling(grid_sample)
         self.set_decoder_mlp(fused_mlp)
+        self.set_decoder_alignment(self.device.type == "cuda" if align_matmuls is None else align_matmuls)
 
     def set_encoder_options(self, fused_attention: bool, overlap_frequency: bool) -> None:
         """Every attention (the encoder's and the box part's) as one SDPA call or explicit GEMMs, and the
@@ -302,6 +308,13 @@ class TorchBackend(Backend):
         self.fused_mlp, self.fused_mlp_block = fused, block_m
         self._drop_decoder_graphs()
 
+    def set_decoder_alignment(self, on: bool) -> None:
+        """The per-point layers with odd widths as zero-padded copies (``DecoderGraph.align_matmuls``: exact);
+        graphs and compiled planners that contain the decoder are dropped."""
+        self.decoder.align_matmuls(on)
+        self.align_matmuls = on
+        self._drop_decoder_graphs()
+
     def _drop_decoder_graphs(self) -> None:
         for key in [k for k in self._graphs if k[0] not in ("enc", "prompt")]:
             del self._graphs[key]
@@ -323,7 +336,7 @@ class TorchBackend(Backend):
         compiled = ", torch.compile" if self.compiled else ""
         opts = (", SDPA attention" if self.fused_attention else "") + (
             ", frequency stream" if self.overlap_frequency else "") + (", grid_sample taps" if self.grid_sample else "") + (
-            ", fused decoder MLP" if self.fused_mlp else "")
+            ", fused decoder MLP" if self.fused_mlp else "") + (", aligned decoder matmuls" if self.align_matmuls else "")
         return f"{self.name} ({self.precision}{graphs}{compiled}{opts}){gpu}"
 
     # --- plumbing ---

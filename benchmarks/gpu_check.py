@@ -20,10 +20,12 @@ CUDA events around each frame):
 Encoder options (before/after of each, bf16, CUDA graphs, batch 1 and 8): the encoder alone with its
 attention as explicit GEMMs or one ``scaled_dot_product_attention`` call, and with the frequency chain in line
 or on a second stream, with the embedding's difference from the plain encoder.
-Decoder sampling (before/after, bf16, a sparse frame at batch 1): the per-point decoder's two map samples as
-``grid_sample`` calls (torch-cuda's default) or as the exported graph's Gather taps, with the masks' agreement.
-Kernel profiles: the encoder and a whole sparse frame run eagerly under the profiler (kernels per call, their
-summed time, the heaviest), to set beside the graph replays' times: kernel-bound or gap-bound.
+Decoder options (before/after, bf16, sparse and full frames at batch 1 and each output size): the per-point
+decoder's two map samples as ``grid_sample`` calls (torch-cuda's default) or as the exported graph's Gather taps,
+its odd-width layers zero-padded (default on CUDA) or not, its MLPs as torch layers or one Triton kernel, with
+the masks' agreement with the default's.
+Kernel profiles: the encoder and a whole sparse and full frame run eagerly under the profiler (kernels per call,
+their summed time, the heaviest), to set beside the graph replays' times: kernel-bound or gap-bound.
 Agreement: in every row, each variant's masks against the reference's on the same inputs (pixels inside the
 box, Dice), plus an fp32 check first. The JSON is rewritten after every row, so a run cut short keeps what
 it measured; rows are ordered by importance (batch 1, then batches 8 and 32 with fewer runs: max(5,
@@ -411,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         be16 = ours["bf16"]
         profiles: dict[str, Any] = {}
         for name, fn in (("encoder", lambda: be16.encode(px)),
-                         ("sparse frame", lambda: runners["bf16"][0].run(prof_inp, (S, S), None))):
+                         ("sparse frame", lambda: runners["bf16"][0].run(prof_inp, (S, S), None)),
+                         ("full frame", lambda: runners["bf16"][2].run(prof_inp, (S, S), None))):
             try:
                 profiles[name] = kernel_profile(be16, fn)
             except Exception as e:

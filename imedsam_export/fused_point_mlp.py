@@ -232,8 +232,9 @@ class FusedPointMLP(nn.Module):
     def compile_for(self, capability: int = 90) -> dict[str, Any]:
         """Compile the kernel ahead of time for an NVIDIA target (90: Hopper), with no GPU needed, exactly as a
         launch with this instance's buffers would: Triton's front end, its passes and ptxas. Returns the
-        kernel's shared memory per block (Hopper allows 227 KiB) and its launch settings. A kernel that the interpreter runs may still fail to
-        compile (an ``Any`` annotation inside a jitted helper did, on an H200): this catches that on a CPU."""
+        kernel's shared memory per block (Hopper allows 227 KiB) and its launch settings. A kernel that the
+        interpreter runs may still fail to compile (an ``Any`` annotation inside a jitted helper did, on an
+        H200): this catches that on a CPU."""
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
 

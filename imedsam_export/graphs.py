@@ -208,6 +208,8 @@ class DecoderGraph(nn.Module):
         first, head, fine = self.first, self.coarse_head, self.fine_head
         n_in, K = first.in_features, self.K
         self.feat_pad = -n_in % multiple
+        self.feat_zeros: torch.Tensor  # a constant, expanded (no kernel) to the points' padding columns
+        self.register_buffer("feat_zeros", torch.zeros((), device=first.weight.device), persistent=False)
 
         def padded(rows: torch.Tensor, bias: torch.Tensor | None, cols: int | None = None) -> nn.Linear:
             """rows (out, in) as a Linear of ``cols`` inputs (default: in) and out rounded up, zeros around."""
@@ -254,7 +256,7 @@ class DecoderGraph(nn.Module):
             return self.point_mlp(torch.cat(parts, dim=-1))
         al, K = self.aligned, self.K
         if al is not None and self.feat_pad:  # zero columns for the padded first layer's zero weights
-            parts.append(f_up.new_zeros(()).expand(*f_up.shape[:-1], self.feat_pad))
+            parts.append(self.feat_zeros.to(f_up.dtype).expand(*f_up.shape[:-1], self.feat_pad))
         feats = torch.cat(parts, dim=-1)
         first = (al["first"] if al is not None else self.first)(feats)
         first_c, first_f = first[..., : self.h1c], first[..., self.h1c :]

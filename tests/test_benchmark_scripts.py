@@ -48,7 +48,7 @@ def test_gpu_check_dry_run_runs_every_variant_and_agrees(tmp_path):
     skipped = [o for o in opts if "skipped" in o]  # the Triton kernel is timed on a GPU (test_fused_point_mlp.py)
     assert [o["block_m"] for o in skipped] == [16, 32, 64] and all(o["fused_mlp"] for o in skipped)
     assert all("needs a CUDA device" in o["skipped"] for o in skipped)
-    for name in ("encoder", "sparse frame"):
+    for name in ("encoder", "sparse frame", "full frame"):
         prof = res["kernel_profiles"][name]
         assert prof["kernels_per_call"] > 10 and prof["kernel_ms_per_call"] > 0 and prof["top"]
 

@@ -24,6 +24,8 @@ Decoder options (before/after, bf16, sparse and full frames at batch 1 and each 
 decoder's two map samples as ``grid_sample`` calls (torch-cuda's default) or as the exported graph's Gather taps,
 its odd-width layers zero-padded (default on CUDA) or not, its MLPs as torch layers or one Triton kernel, with
 the masks' agreement with the default's.
+Memory (batch 1, full and sparse frames at the input size, 896² and 2048², or ``--memory-sizes``): the GPU memory one frame adds
+over what is held between frames (weights, graph pools), the chunk budget's bound on the output's growth.
 Kernel profiles: the encoder and a whole sparse and full frame run eagerly under the profiler (kernels per call,
 their summed time, the heaviest), to set beside the graph replays' times: kernel-bound or gap-bound.
 Agreement: in every row, each variant's masks against the reference's on the same inputs (pixels inside the
@@ -48,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-PARTS = ("correctness", "encoder", "decoder", "profile", "timing")
+PARTS = ("correctness", "encoder", "decoder", "profile", "memory", "timing")
 
 
 class _Skip(Exception):
@@ -76,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                          "none, or only them (a second device call)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="skip rows that start after this many seconds")
     ap.add_argument("--quick", action="store_true", help="few repeats (CPU dry run)")
+    ap.add_argument("--memory-sizes", type=int, nargs="+", default=None,
+                    help="output sizes of the memory part (default: the input size, 896 and 2048)")
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                     help="which sections to run (a short second call can run a few)")
     ap.add_argument("--align-matmuls", choices=("on", "off"), default=None,
@@ -424,6 +428,31 @@ def main(argv: list[str] | None = None) -> int:
         results["kernel_profiles"] = profiles
         save()
 
+    # ---- 1d. memory against output size: each runtime mode's own peak, one frame at a time (batch 1)
+    if a.compile != "only" and "memory" in a.parts:
+        mem_inp = synthetic_inputs(S, 1, seed=6)
+        memory: list[dict[str, Any]] = []
+        for size in a.memory_sizes or (S, 896, 2048):
+            for query, runner in (("full", runners["bf16"][2]), ("sparse", runners["bf16"][0])):
+                cell: dict[str, Any] = {"out_size": size, "query": query}
+                try:
+                    runner.run(mem_inp, (size, size), None)  # capture and warm-up outside the measurement
+                    sync()
+                    if cuda:
+                        base = torch.cuda.memory_allocated(dev)
+                        torch.cuda.reset_peak_memory_stats(dev)
+                    runner.run(mem_inp, (size, size), None)
+                    sync()
+                    if cuda:  # what a frame adds over what is held between frames (weights, graphs' pools)
+                        cell["frame_peak_mb"] = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+                        cell["held_mb"] = base / 2**20
+                except Exception as e:
+                    cell["error"] = failure(e)
+                memory.append(cell)
+                print(f"memory {json.dumps(cell)}", flush=True)
+        results["memory"] = memory
+        save()
+
     # ---- 2. timing, most important rows first: batch 1, then the batches, then the compiled variants
     # batch 1 (the latency targets), then its compiled variants (perhaps the fastest path), then throughput
     if a.fused_mlp < 0:  # the fastest block size in the decoder options' sparse frames, if any ran
@@ -536,6 +565,11 @@ def main(argv: list[str] | None = None) -> int:
         agree = f", masks {100 * c['mask_agreement']:.3f}% as the default's" if "mask_agreement" in c else ""
         print(f"{opt:<42} {c['p50_ms']:.3f} ms (min {c['min_ms']:.3f}){agree}; stages " + " ".join(
             f"{k[:3]} {v:.2f}" for k, v in c["stages_p50_ms"].items()))
+    for c in results.get("memory", []):
+        got = (f"FAILED {c['error']}" if "error" in c else
+               f"frame peak {c['frame_peak_mb']:.0f} MB over {c['held_mb']:.0f} MB held" if "frame_peak_mb" in c
+               else "ran (no device memory figure on a CPU)")
+        print(f"memory {c['query']} {c['out_size']}²: {got}")
     for name, pr in results.get("kernel_profiles", {}).items():
         if "error" in pr:
             print(f"kernel profile {name}: FAILED {pr['error']}")

@@ -11,7 +11,7 @@ from benchmarks import gpu_check, host_overhead
 
 def test_gpu_check_dry_run_runs_every_variant_and_agrees(tmp_path):
     rc = gpu_check.main(["--device", "cpu", "--model", "tiny", "--quick", "--input-size", "64", "--sizes", "64",
-                         "--batches", "1", "--compile", "none", "--out", str(tmp_path)])
+                         "--batches", "1", "--compile", "none", "--memory-sizes", "64", "96", "--out", str(tmp_path)])
     assert rc == 0
     res = json.loads((tmp_path / "gpu_check.json").read_text())
     assert res["correctness"]["full fp32"]["pixel_in_box"] >= 0.999  # the runtime's fp32 full grid = reference
@@ -48,6 +48,9 @@ def test_gpu_check_dry_run_runs_every_variant_and_agrees(tmp_path):
     skipped = [o for o in opts if "skipped" in o]  # the Triton kernel is timed on a GPU (test_fused_point_mlp.py)
     assert [o["block_m"] for o in skipped] == [16, 32, 64] and all(o["fused_mlp"] for o in skipped)
     assert all("needs a CUDA device" in o["skipped"] for o in skipped)
+    mem = res["memory"]  # every mode at each output size ran (the figures themselves need a GPU)
+    assert [(m["out_size"], m["query"]) for m in mem] == [(o, q) for o in (64, 96) for q in ("full", "sparse")]
+    assert not any("error" in m for m in mem)
     for name in ("encoder", "sparse frame", "full frame"):
         prof = res["kernel_profiles"][name]
         assert prof["kernels_per_call"] > 10 and prof["kernel_ms_per_call"] > 0 and prof["top"]

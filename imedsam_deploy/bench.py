@@ -357,12 +357,13 @@ def open_backends(artifact: Artifact, names: list[str] | None, precision: str | 
     for name in wanted:
         if name in ("torch-cuda", "torch-cpu") and model is not None:
             try:
-                from imedsam_deploy.backends.torch_cuda import TorchBackend
+                from imedsam_deploy.backends.torch_cuda import COMPILE_ENV, TorchBackend
 
                 dev = "cuda" if name == "torch-cuda" else "cpu"
                 prec = "fp32" if dev == "cpu" else (precision or "bf16")
+                compile = dev == "cuda" and os.environ.get(COMPILE_ENV, "") not in ("", "0")  # as imedsam-infer
                 opened.append(TorchBackend(model, dev, prec, max_batch=artifact.max_batch,
-                                           max_points=artifact.max_points))
+                                           max_points=artifact.max_points, compile=compile))
             except UserError as e:
                 skipped[name] = str(e)
             continue
@@ -404,12 +405,13 @@ def default_out_sizes(input_size: int, reference: bool) -> tuple[int, ...]:
     return (input_size, max(1, round(input_size / 3)), round(input_size * 7 / 3))
 
 
-def run_bench(artifact_path: Path, opts: BenchOptions, model: Any | None = None,
+def run_bench(artifact_path: Path | Artifact, opts: BenchOptions, model: Any | None = None,
               inputs_for: Callable[[int, int], Inputs] | None = None,
               log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Benchmark ``artifact_path``; ``model`` (the same weights, in-process) enables torch backends and the
-    reference without a checkpoint. Returns the JSON-able report."""
-    artifact = load_artifact(artifact_path)
+    """Benchmark ``artifact_path`` (or an already loaded / in-process ``Artifact``); ``model`` (the same
+    weights, in-process) enables torch backends and the reference without a checkpoint. Returns the JSON-able
+    report."""
+    artifact = artifact_path if isinstance(artifact_path, Artifact) else load_artifact(artifact_path)
     s = artifact.input_size
     if opts.threads:
         os.environ.setdefault("OMP_NUM_THREADS", str(opts.threads))

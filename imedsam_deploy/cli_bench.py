@@ -12,6 +12,7 @@ from imedsam_deploy.atomic import check_writable_parent
 from imedsam_deploy.cli_common import guarded, run_app
 from imedsam_deploy.contract import PRECISIONS
 from imedsam_deploy.errors import UserError
+from imedsam_deploy.manifest import Artifact
 from imedsam_deploy.sparse import SparseConfig
 
 app = typer.Typer(add_completion=False, help="Benchmark the exported model per stage and backend.")
@@ -43,7 +44,8 @@ def bench(
     query: list[str] | None = typer.Option(None, "--query", help="full | box | sparse (repeatable). [sparse, box]"),
     reference: bool = typer.Option(False, "--reference", help="Also time the released code's compute (PyTorch)."),
     model: str | None = typer.Option(None, "--model", help="Benchmark this architecture (random weights, exported "
-                                     "on the fly and cached) when no artifact of that size exists."),
+                                     "on the fly and cached; with torch backends alone, run in process and not "
+                                     "exported) when no artifact of that size exists."),
     input_size: int = typer.Option(384, help="Input size for --model."),
     image: Path | None = typer.Option(None, help="Benchmark on this image (default: a synthetic one)."),
     box: str | None = typer.Option(None, help="Box x0,y0,x1,y1 on --image (default: its central 37%)."),
@@ -74,17 +76,25 @@ def bench(
     if json_path is not None:
         check_writable_parent(json_path)
     in_process = None
-    if artifact is None:
-        artifact = B.latest_artifact_of(model)
-        if artifact is None:
-            if model is None:
-                raise UserError("no artifact found under runs/*/export: run imedsam-export first, or pass "
-                                "ARTIFACT or --model vit_b")
-            artifact, in_process = B.random_artifact(model, input_size, log)
-        else:
-            log(f"artifact: {artifact}")
-    elif not artifact.is_dir():
-        raise UserError(f"{artifact}: not an artifact folder")
+    target: Path | Artifact
+    if artifact is not None:
+        if not artifact.is_dir():
+            raise UserError(f"{artifact}: not an artifact folder")
+        target = artifact
+    elif (latest := B.latest_artifact_of(model)) is not None:
+        log(f"artifact: {latest}")
+        target = latest
+    elif model is None:
+        raise UserError("no artifact found under runs/*/export: run imedsam-export first, or pass "
+                        "ARTIFACT or --model vit_b")
+    elif backend and all(b in ("torch-cuda", "torch-cpu") for b in backend):
+        from imedsam_deploy.backends.torch_models import in_process_artifact
+
+        # torch backends run the model itself: no ONNX export (minutes for vit_b) to wait for
+        target, in_process = in_process_artifact(model, input_size, max_batch=max(8, *(batch or (1,))))
+        log(f"random-weight {model} at {input_size}, in process (torch backends only: nothing exported)")
+    else:
+        target, in_process = B.random_artifact(model, input_size, log)
     opts = B.BenchOptions(
         backends=list(backend) if backend else None, precision=precision,
         batches=tuple(batch or (1,)), out_sizes=tuple(out_size) if out_size else None,
@@ -98,7 +108,7 @@ def bench(
     if image is not None:
         the_box = _parse_box(box)
         inputs_for = lambda size, n: B.file_inputs(image, the_box, n)  # noqa: E731
-    report = B.run_bench(artifact, opts, model=in_process, inputs_for=inputs_for, log=log)
+    report = B.run_bench(target, opts, model=in_process, inputs_for=inputs_for, log=log)
     if image is not None:
         report["settings"]["image"] = str(image)
     jpath = json_path or out / "bench.json"

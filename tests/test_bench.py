@@ -650,3 +650,24 @@ def test_agreement_in_the_box_and_over_the_whole_output():
     ag = agreement(ours, ref, box, (80, 120))
     assert ag["pixel_in_box"] == 1 - 1 / (31 * 30) and ag["dice_in_box"] == 2 * 399 / (399 + 400)
     assert agreement(np.zeros_like(ref), np.zeros_like(ref), box, (80, 120))["dice_in_box"] == 1.0
+
+
+def test_bench_model_with_torch_backends_alone_exports_nothing(tmp_path, monkeypatch):
+    """``imedsam-bench --model tiny --backend torch-cpu --reference``: the torch backend runs the random-weight
+    model in process, so no ONNX export is made (for vit_b on a GPU machine that export costs minutes); the
+    report still has the interface other checks read (per-backend p50, speedup_vs_reference, agreement)."""
+    monkeypatch.chdir(tmp_path)  # no runs/*/export here
+    monkeypatch.setenv("IMEDSAM_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "bench"
+    res = CliRunner().invoke(app, ["--model", "tiny", "--input-size", "64", "--backend", "torch-cpu",
+                                   "--out-size", "64", "--query", "full", "--repeat", "1", "--warmup", "0",
+                                   "--reference", "--out", str(out), "--json", str(out / "r.json")])
+    assert res.exit_code == 0, res.output
+    assert "nothing exported" in res.output
+    assert not (tmp_path / "cache").exists()  # no export cached
+    rep = json.loads((out / "r.json").read_text())
+    assert rep["model"] == "tiny" and rep["artifact"] == "in-process-tiny-64"
+    (row,) = rep["results"]
+    assert row["backend"] == "torch-cpu" and row["speedup_vs_reference"] > 0
+    assert row["agreement"]["pixel_in_box"] >= 0.999  # the full grid in fp32 against the fp32 reference
+    assert (out / "bench.csv").is_file() and (out / "bench.png").is_file()

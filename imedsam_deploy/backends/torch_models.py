@@ -88,6 +88,19 @@ def random_artifact(name: str, input_size: int, log: Callable[[str], None]) -> t
     return out, model
 
 
+def in_process_artifact(name: str, input_size: int, max_batch: int, max_points: int = 65536) -> tuple[Artifact, Any]:
+    """The random-weight ``name`` model and an artifact that only describes it (no files): what the torch
+    backends need of an artifact, read from the model's config. Benchmarking torch backends alone then skips
+    the ONNX export (minutes for vit_b) that ``random_artifact`` would run first."""
+    model = random_model(name, input_size)
+    cfg = model.cfg
+    art = Artifact(path=Path(f"in-process-{name}-{input_size}"), manifest={"model": cfg.to_dict()},
+                   input_size=input_size, embedding_shape=(cfg.encoder.out_chans, cfg.grid_size, cfg.grid_size),
+                   num_classes=cfg.num_classes, refine_fraction=cfg.decoder.refine_fraction,
+                   max_points=max_points, max_batch=max_batch, graphs={})
+    return art, model
+
+
 def torch_model_for(artifact: Artifact) -> Any:
     """The PyTorch model behind an artifact (for the reference): its source checkpoint."""
     from imedsam_deploy.backends.torch_cuda import CHECKPOINT_ENV, source_checkpoint

@@ -30,8 +30,8 @@ Kernel profiles: the encoder and a whole sparse and full frame run eagerly under
 their summed time, the heaviest), to set beside the graph replays' times: kernel-bound or gap-bound.
 Agreement: in every row, each variant's masks against the reference's on the same inputs (pixels inside the
 box, Dice), plus an fp32 check first. The JSON is rewritten after every row, so a run cut short keeps what
-it measured; rows are ordered by importance (batch 1, then batches 8 and 32 with fewer runs: max(5,
-repeat / batch), then the compiled rows) and ``--budget-s`` skips what would not fit. A variant that fails (out
+it measured; rows are ordered by importance (batch 1, then its compiled rows, then batches 8 and 32 with
+fewer runs: max(5, repeat / batch)) and ``--budget-s`` skips what would not fit. A variant that fails (out
 of memory, a compile error) is reported in its row and the run goes on.
 ``--device cpu --model tiny --quick`` exercises the same code on a CPU.
 """
@@ -467,11 +467,10 @@ def main(argv: list[str] | None = None) -> int:
     info["align_matmuls"] = ours["bf16"].align_matmuls
     if a.fused_mlp:
         ours["bf16"].set_decoder_mlp(True, a.fused_mlp)  # not the compiled one: dynamo and a raw launch
-    rows = [] if a.compile == "only" else [(o, b, False) for b in sorted(a.batches) for o in sorted(a.sizes)]
-    if "timing" not in a.parts:
-        rows = []
-    elif a.compile != "none":
-        rows += [(o, 1, True) for o in sorted(a.sizes)]
+    plain = [] if a.compile == "only" else [(o, b, False) for b in sorted(a.batches) for o in sorted(a.sizes)]
+    compiled_rows = [] if a.compile == "none" else [(o, 1, True) for o in sorted(a.sizes)]
+    rows = [] if "timing" not in a.parts else (  # batch 1, its compiled rows, then the larger batches
+        [r for r in plain if r[1] == 1] + compiled_rows + [r for r in plain if r[1] != 1])
     for out, bsz, compiled in rows:
         row: dict[str, Any] = {"out_size": out, "batch": bsz, "compiled": compiled}
         left = a.budget_s - (time.perf_counter() - t_start)

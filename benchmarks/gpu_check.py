@@ -525,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
         # boxes the device planner handed to the host planner (over budget) in warm-up / timed runs
         row["planner_fallbacks"] = {p: [fallbacks1[p] - fallbacks0[p], be.planner_fallbacks - fallbacks1[p]]
                                     for p, be in ours.items()}
+        # the device planner's point budgets (what each pass's decoder call evaluates) after the warm-up
+        row["planner_budgets"] = {p: [list(pl.budget_key()) for pl_key, pl in be._planners.items()
+                                      if pl_key[0] == (out, out)] for p, be in ours.items()}
         if cuda:
             row["gpu_peak_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
         results["timing"].append(row)

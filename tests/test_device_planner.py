@@ -71,8 +71,11 @@ def test_device_planner_makes_the_host_planners_decisions():
             assert min(h, w) <= 1 or max(h, w) - 1 < cfg.stride  # only regions the host handles differently
             continue
         host = sparse_decode(dec, (H, W), 0.125, (r0, r1, c0, c1), cfg)
-        val, d, queried, overflow = planner.plan(tdec, torch.tensor([r0, h, c0, w]))
+        val, d, queried, overflow, needs = planner.plan(tdec, torch.tensor([r0, h, c0, w]))
         assert not bool(overflow)
+        budgets = planner.budget_key()  # every pass after the first within its budget
+        assert needs.shape == (len(budgets),)
+        assert all(int(n) <= b for n, b in zip(needs[1:], budgets[1:], strict=True))
         assert host.logits is not None
         np.testing.assert_array_equal(d[:, :h, :w].numpy(), host.mask[:, r0:r1, c0:c1])
         assert int(queried) == host.queried
@@ -91,9 +94,46 @@ def test_device_planner_flags_a_level_over_its_budget():
     roomy = DevicePlanner((256, 256), 0.125, cfg, "cpu")
     assert host.queried > 1024 + tight.n_t + 33 * 33  # more than the tight planner may evaluate
     assert bool(tight.plan(tdec, torch.tensor([0, 256, 0, 256]))[3])
-    val, d, q, overflow = roomy.plan(tdec, torch.tensor([0, 256, 0, 256]))
+    val, d, q, overflow, _ = roomy.plan(tdec, torch.tensor([0, 256, 0, 256]))
     assert not bool(overflow) and int(q) == host.queried
     np.testing.assert_array_equal(d.numpy()[:, :256, :256], host.mask)
+
+
+def test_device_planner_grows_the_budgets_to_what_the_levels_needed():
+    """After an overflow, ``grow(needs)`` gives the first pass over its budget room for what it needed (plus a
+    quarter, in CAP_UNIT steps) and leaves every other pass's; within a few boxes the plan fits and decides as
+    the host planner does, each grown budget within a quarter and a unit of the need it was grown to. The
+    dilation's second pass at stride 1 has a budget of its own, far under the first pass's."""
+    from imedsam_deploy.backends.torch_sparse import CAP_UNIT
+
+    rng = np.random.default_rng(3)
+    dec, tdec = _field(rng, 1)
+    cfg = SparseConfig()
+    host = sparse_decode(dec, (256, 256), 0.125, (0, 256, 0, 256), cfg)
+    region = torch.tensor([0, 256, 0, 256])
+    planner = DevicePlanner((256, 256), 0.125, cfg, "cpu", cap_per_side=1)
+    assert planner.dilation_cap < planner.caps[1] or planner.caps[1] == CAP_UNIT
+    lattice = [planner.lattice_points(s) for s in planner.levels] + [planner.lattice_points(1)]
+    fallbacks = 0
+    while True:
+        before = planner.budget_key()
+        *_, overflow, needs = planner.plan(tdec, region)
+        if not bool(overflow):
+            break
+        fallbacks += 1
+        needs_l = [int(n) for n in needs]
+        planner.grow(needs_l)
+        after = planner.budget_key()
+        first = next(i for i, n in enumerate(needs_l) if n > before[i])
+        assert [i for i in range(len(after)) if after[i] != before[i]] == [first]  # that pass alone grew
+        assert min(lattice[first], needs_l[first]) <= after[first] <= needs_l[first] * 1.25 + CAP_UNIT
+        assert after[first] % CAP_UNIT == 0 or after[first] == lattice[first]
+        assert fallbacks <= 2 * len(after)
+    assert fallbacks >= 1
+    val, d, q, _, needs = planner.plan(tdec, region)
+    assert int(q) == host.queried
+    np.testing.assert_array_equal(d.numpy()[:, :256, :256], host.mask)
+    assert all(int(n) <= b for n, b in zip(needs[1:], planner.budget_key()[1:], strict=True))
 
 
 @pytest.fixture(scope="module")

@@ -499,18 +499,18 @@ class TorchBackend(Backend):
         out = self.run_planner(("sparse", tuple(up.shape), pkey), planner, plan, [up, reg])
         if out is None:
             return None
-        val, _, queried, _ = out
+        val, _, queried = out[:3]
         return val[:, : r1 - r0, : c1 - c0].cpu().numpy(), int(queried)
 
     def run_planner(self, key: tuple[Any, ...], planner: Any, fn: Callable[..., Any], inputs: list[Any]) -> Any:
         """``fn(*inputs)``, a function ending in ``planner.plan``, through ``_run`` (one graph per planner
         budget); None when a level overflowed its budget: the caller plans this box on the host, and the
-        budgets double for the next (the outgrown graph is dropped)."""
-        gkey = (*key, tuple(planner.caps.values()))
+        budgets grow to what the levels needed (``DevicePlanner.grow``; the outgrown graph is dropped)."""
+        gkey = (*key, planner.budget_key())
         out = self._run(gkey, fn, inputs)
         if bool(out[3]):
             self._graphs.pop(gkey, None)
-            planner.grow()
+            planner.grow([int(n) for n in out[4].tolist()])
             self.planner_fallbacks += 1
             return None
         return out

@@ -109,15 +109,40 @@ class DevicePlanner:
         side, per_side, unit = max(H, W), cap_per_side or CAP_PER_SIDE, CAP_UNIT
         self.caps = {s: min(self.lattice_points(s), max(unit, -(-per_side * side // s // unit) * unit))
                      for s in levels}
+        # the last level's second pass (the corners of the cells that the dilation switched on) has a budget of
+        # its own: it needs a few percent of the first pass's points (vit_b at 896²: 1190 against 124403), and
+        # evaluates its whole budget regardless
+        self.dilation_cap = min(self.caps[1], max(unit, -(-self.caps[1] // 8 // unit) * unit))
 
     def lattice_points(self, s: int) -> int:
         """Points of the grid's stride-``s`` lattice: the most a level can need."""
         return ((self.GH - 1) // s + 1) * ((self.GW - 1) // s + 1)
 
-    def grow(self) -> None:
-        """Double every later level's point budget (up to its whole lattice): after an overflow, so a video
-        whose boxes need more points settles on a budget that fits them."""
-        self.caps = {s: min(self.lattice_points(s), 2 * c) for s, c in self.caps.items()}
+    def budget_key(self) -> tuple[int, ...]:
+        """Every pass's point budget: a plan's shapes, so a captured graph is keyed by it."""
+        return (*self.caps.values(), self.dilation_cap)
+
+    def grow(self, needs: list[int] | None = None) -> None:
+        """After an overflow, so that a video whose boxes need more points settles on budgets that fit them.
+        ``needs``: the points each pass needed in the overflowing plan (its fifth output: one per level, then
+        the dilation's pass). The first pass over its budget gets room for its need plus a quarter, in
+        CAP_UNIT steps (never past its whole lattice); the others keep theirs: the passes before needed no
+        more, and those after decided on a subset of its points, so their counts mean nothing (they grow
+        when a later box overflows them). Doubling every budget instead (``needs`` None) left the later
+        passes of a vit_b plan at 896² decoding 483k points for 167k needed after three overflows."""
+        if needs is None:
+            self.caps = {s: min(self.lattice_points(s), 2 * c) for s, c in self.caps.items()}
+            self.dilation_cap = min(self.lattice_points(1), 2 * self.dilation_cap)
+            return
+        passes = [*self.levels, 1]  # the last: the dilation's pass, on the stride-1 lattice
+        budget = [*self.caps.values(), self.dilation_cap]
+        i = next((i for i, n in enumerate(needs) if n > budget[i]), None)
+        if i is None:
+            return
+        room = -(-(needs[i] + needs[i] // 4) // CAP_UNIT) * CAP_UNIT
+        budget[i] = min(self.lattice_points(passes[i]), room)
+        self.caps = dict(zip(self.levels, budget[:-1], strict=True))
+        self.dilation_cap = budget[-1]
 
     def lattice_index(self, s: int, idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(flat grid index, coordinate-table indices (N, 2)) of the stride-s lattice's points ``idx`` (flat
@@ -139,7 +164,9 @@ class DevicePlanner:
         """region: int64 (4,) = (r0, h, c0, w) of a region ``usable`` says this planner handles.
 
         Returns val (K, GH, GW) float32 (logits; the region is [:h, :w]), dec (K, GH, GW) bool, queried (),
-        overflow () bool: True when a level needed more points than its cap (discard the result then).
+        overflow () bool: True when a level needed more points than its cap (discard the result then), and
+        needs (levels + 1,) int64: the points each pass needed, level by level and then the dilation's pass at
+        stride 1 (for ``grow``; a lower bound past an overflow).
 
         Grid-sized state is flat with one spare slot at the end: a level's points that are not to be written
         (already known, outside the region, or the unflagged picks of a ``topk``) write there instead, so
@@ -160,17 +187,19 @@ class DevicePlanner:
         known_g, amb_g = known[:n].view(GH, GW), amb[:n].view(GH, GW)
         overflow = torch.zeros((), dtype=torch.bool, device=dev)
         state: dict[str, Any] = {}
+        needs: list[torch.Tensor] = []
 
         def evaluate(sel: torch.Tensor, s: int, cap: int | None) -> None:
             """Decode the unknown points of ``sel`` (a selection on the stride-s lattice of the grid)."""
             nonlocal overflow
             need = (sel & ~known_g[::s, ::s] & inside[::s, ::s]).reshape(-1)
+            needs.append(need.sum())
             if cap is None or cap >= need.numel():
                 flag, (lin, xy) = need, self.lattice_index(s, None)
             else:
                 top = torch.topk(need.float(), cap, sorted=False)  # float: topk has kernels for it everywhere
                 flag = top.values > 0
-                overflow = overflow | (need.sum() > cap)
+                overflow = overflow | (needs[-1] > cap)
                 lin, xy = self.lattice_index(s, top.indices)
             coords = table[xy]
             first = "tau" not in state
@@ -221,10 +250,11 @@ class DevicePlanner:
                 r, c = active.shape  # each cell becomes its 2 x 2 children (expand: no host sync in capture)
                 cand = active[:, None, :, None].expand(r, 2, c, 2).reshape(2 * r, 2 * c)
             else:  # cells switched on by the dilation at the last level: their corners are their pixels
-                evaluate(_corner_any(active), 1, self.caps[1])
+                evaluate(_corner_any(active), 1, self.dilation_cap)
         k = state["dec"].shape[0]
         queried = known[:n].sum() + self.n_t  # every flagged point became known exactly once
-        return (state["val"][:, :n].view(k, GH, GW), state["dec"][:, :n].view(k, GH, GW), queried, overflow)
+        return (state["val"][:, :n].view(k, GH, GW), state["dec"][:, :n].view(k, GH, GW), queried, overflow,
+                torch.stack(needs))
 
     def _fill(self, dec: torch.Tensor, val: torch.Tensor, settled: torch.Tensor, s: int, inside: torch.Tensor,
               last: tuple[torch.Tensor, torch.Tensor]) -> None:

@@ -94,3 +94,13 @@ def test_encoder_precision_runs(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     assert [r[0] for r in rows] == ["GEMMs", "SDPA"]
     assert all(0 < float(r[1]) < 5 and float(r[2]) > 0 for r in rows)  # bf16 differs from fp32, but a little
+
+
+def test_planner_budgets_runs_both_rules(capsys):
+    from benchmarks import planner_budgets
+
+    assert planner_budgets.main(["--model", "tiny", "--input-size", "64", "--sizes", "96", "--frames", "2"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [r[:2] for r in rows] == [["needs", "96"], ["former", "96"]]
+    decoded = {r[0]: int(r[-5]) for r in rows}  # "... decoded / needed (t s)"
+    assert 0 < decoded["needs"] <= decoded["former"]  # the dilation's own budget at least

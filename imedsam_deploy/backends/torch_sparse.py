@@ -122,18 +122,15 @@ class DevicePlanner:
         """Every pass's point budget: a plan's shapes, so a captured graph is keyed by it."""
         return (*self.caps.values(), self.dilation_cap)
 
-    def grow(self, needs: list[int] | None = None) -> None:
+    def grow(self, needs: list[int]) -> None:
         """After an overflow, so that a video whose boxes need more points settles on budgets that fit them.
         ``needs``: the points each pass needed in the overflowing plan (its fifth output: one per level, then
         the dilation's pass). The first pass over its budget gets room for its need plus a quarter, in
         CAP_UNIT steps (never past its whole lattice); the others keep theirs: the passes before needed no
         more, and those after decided on a subset of its points, so their counts mean nothing (they grow
-        when a later box overflows them). Doubling every budget instead (``needs`` None) left the later
-        passes of a vit_b plan at 896² decoding 483k points for 167k needed after three overflows."""
-        if needs is None:
-            self.caps = {s: min(self.lattice_points(s), 2 * c) for s, c in self.caps.items()}
-            self.dilation_cap = min(self.lattice_points(1), 2 * self.dilation_cap)
-            return
+        when a later box overflows them). Doubling every budget instead (the former rule) left the later
+        passes of a vit_b plan at 896² decoding 483k points for 167k needed after three overflows
+        (``python -m benchmarks.planner_budgets``)."""
         passes = [*self.levels, 1]  # the last: the dilation's pass, on the stride-1 lattice
         budget = [*self.caps.values(), self.dilation_cap]
         i = next((i for i, n in enumerate(needs) if n > budget[i]), None)

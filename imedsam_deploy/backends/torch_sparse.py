@@ -163,7 +163,7 @@ class DevicePlanner:
         Returns val (K, GH, GW) float32 (logits; the region is [:h, :w]), dec (K, GH, GW) bool, queried (),
         overflow () bool: True when a level needed more points than its cap (discard the result then), and
         needs (levels + 1,) int64: the points each pass needed, level by level and then the dilation's pass at
-        stride 1 (for ``grow``; a lower bound past an overflow).
+        stride 1 (for ``grow``; past an overflowed pass they are not meaningful).
 
         Grid-sized state is flat with one spare slot at the end: a level's points that are not to be written
         (already known, outside the region, or the unflagged picks of a ``topk``) write there instead, so

@@ -98,10 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.reference import ReferenceIMedSAM
     from imedsam_deploy.atomic import atomic_write_text
     from imedsam_deploy.backends.torch_cuda import TorchBackend, ugs_merge_device
+    from imedsam_deploy.backends.torch_models import model_artifact
     from imedsam_deploy.bench import BenchOptions, FrameRunner, Inputs, Timings, agreement, synthetic_inputs
     from imedsam_deploy.contract import refine_count
     from imedsam_deploy.errors import UserError
-    from imedsam_deploy.manifest import Artifact
     from imedsam_deploy.preprocess import box_to_model, grid_coords, to_model_input
     from imedsam_deploy.runtime import Segmenter
     from imedsam_train.build import build
@@ -143,11 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     S = a.input_size
     maxb = max(a.batches)
     cfg = model.cfg
-    # the runtime reads these from an artifact's manifest; the model gives them here (no export needed)
-    art = Artifact(path=Path("."), manifest={}, input_size=S,
-                   embedding_shape=(cfg.encoder.out_chans, cfg.grid_size, cfg.grid_size),
-                   num_classes=cfg.num_classes, refine_fraction=cfg.decoder.refine_fraction,
-                   max_points=65536, max_batch=maxb, graphs={})
+    art = model_artifact(model, max_batch=maxb)  # the runtime reads the manifest's figures: no export needed
     opts = BenchOptions()
     fraction = cfg.decoder.refine_fraction
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import Any
 
 
@@ -31,18 +30,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from imedsam_deploy.backends import torch_sparse
     from imedsam_deploy.backends.torch_cuda import TorchBackend
+    from imedsam_deploy.backends.torch_models import model_artifact
     from imedsam_deploy.bench import BenchOptions, FrameRunner, synthetic_inputs
-    from imedsam_deploy.manifest import Artifact
     from imedsam_train.build import build
 
     torch.manual_seed(0)
     model, _ = build(a.model, input_size=a.input_size)
     model = model.eval()
-    cfg, S = model.cfg, a.input_size
-    art = Artifact(path=Path("."), manifest={}, input_size=S,
-                   embedding_shape=(cfg.encoder.out_chans, cfg.grid_size, cfg.grid_size),
-                   num_classes=cfg.num_classes, refine_fraction=cfg.decoder.refine_fraction,
-                   max_points=65536, max_batch=1, graphs={})
+    S = a.input_size
+    art = model_artifact(model, max_batch=1)
     plans: list[tuple[list[int], tuple[int, ...]]] = []
     P = torch_sparse.DevicePlanner
     plan, grow, init = P.plan, P.grow, P.__init__

@@ -88,17 +88,21 @@ def random_artifact(name: str, input_size: int, log: Callable[[str], None]) -> t
     return out, model
 
 
-def in_process_artifact(name: str, input_size: int, max_batch: int, max_points: int = 65536) -> tuple[Artifact, Any]:
-    """The random-weight ``name`` model and an artifact that only describes it (no files): what the torch
-    backends need of an artifact, read from the model's config. Benchmarking torch backends alone then skips
-    the ONNX export (minutes for vit_b) that ``random_artifact`` would run first."""
-    model = random_model(name, input_size)
+def model_artifact(model: Any, max_batch: int, max_points: int = 65536) -> Artifact:
+    """An artifact that only describes an in-process model (no files): what the runtime and the torch
+    backends read of an artifact, from the model's config."""
     cfg = model.cfg
-    art = Artifact(path=Path(f"in-process-{name}-{input_size}"), manifest={"model": cfg.to_dict()},
-                   input_size=input_size, embedding_shape=(cfg.encoder.out_chans, cfg.grid_size, cfg.grid_size),
-                   num_classes=cfg.num_classes, refine_fraction=cfg.decoder.refine_fraction,
-                   max_points=max_points, max_batch=max_batch, graphs={})
-    return art, model
+    return Artifact(path=Path(f"in-process-{cfg.name}-{cfg.input_size}"), manifest={"model": cfg.to_dict()},
+                    input_size=cfg.input_size, embedding_shape=(cfg.encoder.out_chans, cfg.grid_size, cfg.grid_size),
+                    num_classes=cfg.num_classes, refine_fraction=cfg.decoder.refine_fraction,
+                    max_points=max_points, max_batch=max_batch, graphs={})
+
+
+def in_process_artifact(name: str, input_size: int, max_batch: int) -> tuple[Artifact, Any]:
+    """The random-weight ``name`` model and its ``model_artifact``: benchmarking torch backends alone then
+    skips the ONNX export (minutes for vit_b) that ``random_artifact`` would run first."""
+    model = random_model(name, input_size)
+    return model_artifact(model, max_batch), model
 
 
 def torch_model_for(artifact: Artifact) -> Any:

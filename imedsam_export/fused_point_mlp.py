@@ -18,7 +18,13 @@ Accumulation is fp32; activations go into each matrix product in the weights' dt
 autocast, or fp32 with IEEE products). Every width is zero-padded to the block sizes when the weights are
 packed (a zero column adds nothing, ReLU(0) = 0), so any INR width works. The result equals the unfused
 ``DecoderGraph`` within the dtype's rounding (tests/test_fused_point_mlp.py runs the kernel in Triton's
-interpreter on the CPU: fp32 exactly as tight as float32 allows, fp16 against fp32).
+interpreter on the CPU: fp32 exactly as tight as float32 allows, fp16 against fp32; and compiles it ahead of
+time for sm_90).
+
+Measured on an H200 (benchmarks/RESULTS.md, session 7) it is slower than the torch layers at every block size
+(a 384² sparse frame 11.4-11.9 ms against 8.4 ms), so torch-cuda leaves it off: the layer-2 accumulator held in
+registers across layer 1 takes all 255 registers a thread, spills at blocks 32 and 64, and keeps blocks 16 and
+32 on ``mma.sync`` rather than ``wgmma``. It stays as a tested option and a starting point.
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@ captured in one CUDA graph and replayed:
 - the region's extended grid lives in a fixed ``(GH, GW)`` array (the largest any region of this output
   size can need); the region's origin and size are tensors, and cells or points past it are masked;
 - the first level evaluates every point of its lattice (a fixed count); each later level evaluates at most
-  ``caps[level]`` points, chosen with ``topk`` over the points it needs (no data-dependent shapes). When a
-  level needs more, ``overflow`` is set and the caller must use the host planner instead (results are then
-  never silently different), and may ``grow`` the budgets for the next boxes;
+  ``caps[level]`` points (the last level twice: the dilation's pass with ``dilation_cap``), chosen with
+  ``topk`` over the points it needs (no data-dependent shapes). When a pass needs more, ``overflow`` is set
+  and the caller must use the host planner instead (results are then never silently different), and
+  ``grow``s that pass's budget for the next boxes;
 - every level runs, even with nothing left to refine (it is then a no-op), as the host planner's loop would
   have stopped with the same result.
 It makes the same decisions as the host planner: same lattices, same threshold estimate, same refinement and
@@ -109,6 +110,7 @@ class DevicePlanner:
         side, per_side, unit = max(H, W), cap_per_side or CAP_PER_SIDE, CAP_UNIT
         self.caps = {s: min(self.lattice_points(s), max(unit, -(-per_side * side // s // unit) * unit))
                      for s in levels}
+        self.caps[s0] = self.lattice_points(s0)  # the first level: any region's whole lattice, never over
         # the last level's second pass (the corners of the cells that the dilation switched on) has a budget of
         # its own: it needs a few percent of the first pass's points (vit_b at 896²: 1190 against 124403), and
         # evaluates its whole budget regardless
@@ -186,12 +188,12 @@ class DevicePlanner:
         state: dict[str, Any] = {}
         needs: list[torch.Tensor] = []
 
-        def evaluate(sel: torch.Tensor, s: int, cap: int | None) -> None:
+        def evaluate(sel: torch.Tensor, s: int, cap: int) -> None:
             """Decode the unknown points of ``sel`` (a selection on the stride-s lattice of the grid)."""
             nonlocal overflow
             need = (sel & ~known_g[::s, ::s] & inside[::s, ::s]).reshape(-1)
             needs.append(need.sum())
-            if cap is None or cap >= need.numel():
+            if cap >= need.numel():
                 flag, (lin, xy) = need, self.lattice_index(s, None)
             else:
                 top = torch.topk(need.float(), cap, sorted=False)  # float: topk has kernels for it everywhere
@@ -228,8 +230,8 @@ class DevicePlanner:
             return row_in[s::s][:, None] & col_in[s::s][None, :]
 
         cand = cells_valid(self.stride)
-        for li_, s in enumerate(self.levels):
-            evaluate(_corner_any(cand), s, None if li_ == 0 else self.caps[s])
+        for s in self.levels:
+            evaluate(_corner_any(cand), s, self.caps[s])
             k = state["dec"].shape[0]
             dec, val = state["dec"][:, :n].view(k, GH, GW), state["val"][:, :n].view(k, GH, GW)
             d = dec[:, ::s, ::s]

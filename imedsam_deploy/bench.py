@@ -357,13 +357,12 @@ def open_backends(artifact: Artifact, names: list[str] | None, precision: str | 
     for name in wanted:
         if name in ("torch-cuda", "torch-cpu") and model is not None:
             try:
-                from imedsam_deploy.backends.torch_cuda import COMPILE_ENV, TorchBackend
+                from imedsam_deploy.backends.torch_cuda import TorchBackend, compile_requested
 
                 dev = "cuda" if name == "torch-cuda" else "cpu"
                 prec = "fp32" if dev == "cpu" else (precision or "bf16")
-                compile = dev == "cuda" and os.environ.get(COMPILE_ENV, "") not in ("", "0")  # as imedsam-infer
-                opened.append(TorchBackend(model, dev, prec, max_batch=artifact.max_batch,
-                                           max_points=artifact.max_points, compile=compile))
+                opened.append(TorchBackend(model, dev, prec, max_batch=artifact.max_batch, max_points=artifact.max_points,
+                                           compile=dev == "cuda" and compile_requested()))  # as imedsam-infer
             except UserError as e:
                 skipped[name] = str(e)
             continue

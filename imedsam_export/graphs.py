@@ -262,8 +262,8 @@ class DecoderGraph(nn.Module):
         first_c, first_f = first[..., : self.h1c], first[..., self.h1c :]
         h = self.coarse_rest(torch.relu(first_c))
         if al is not None:  # (coarse features, K logits, zeros)
-            out = al["coarse_head"](h)
-            cfeat, logits = out[..., : self.first_cfeat.in_features], out[..., self.first_cfeat.in_features :][..., :K]
+            out, C = al["coarse_head"](h), self.first_cfeat.in_features
+            cfeat, logits = out[..., :C], out[..., C : C + K]
         else:
             out = self.coarse_head(h)
             logits, cfeat = out[..., :K], out[..., K:]

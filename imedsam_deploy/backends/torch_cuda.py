@@ -139,7 +139,12 @@ def create(artifact: Artifact, precision: str | None = None) -> TorchBackend:
     assert ck is not None
     model, _ = load_checkpoint(ck)
     return TorchBackend(model, "cuda", precision or "bf16", max_batch=artifact.max_batch,
-                        max_points=artifact.max_points, compile=os.environ.get(COMPILE_ENV, "") not in ("", "0"))
+                        max_points=artifact.max_points, compile=compile_requested())
+
+
+def compile_requested() -> bool:
+    """Whether ``IMEDSAM_TORCH_COMPILE`` asks torch-cuda to ``torch.compile`` its stages (any value but 0)."""
+    return os.environ.get(COMPILE_ENV, "") not in ("", "0")
 
 
 class TorchBackend(Backend):
@@ -259,8 +264,6 @@ class TorchBackend(Backend):
         self._plans: dict[tuple[Any, ...], Callable[..., Any]] = {}  # the planner's captured (or compiled) function
         self._axes: dict[tuple[int, int], tuple[Any, ...]] = {}  # output size -> device (x, y) pixel centres
         self.planner_fallbacks = 0  # boxes the device planner handed back to the host planner (over budget)
-        self.fused_mlp, self.fused_mlp_block = False, 32
-        self.align_matmuls = False
         self.set_decoder_sampling(grid_sample)
         self.set_decoder_mlp(fused_mlp)
         self.set_decoder_alignment(self.device.type == "cuda" if align_matmuls is None else align_matmuls)

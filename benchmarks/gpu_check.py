@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--align-matmuls", choices=("on", "off"), default=None,
                     help="the timing rows' bf16 backends with the decoder's odd-width layers zero-padded or not "
                          "(default: the backend's own default)")
+    ap.add_argument("--lean-encoder", choices=("on", "off"), default=None,
+                    help="every backend's encoder with imedsam_export.encoder_rewrites or not (default: the "
+                         "backend's own: on with CUDA); the encoder-options table times both either way")
     ap.add_argument("--fused-mlp", type=int, default=0, metavar="BLOCK_M",
                     help="the timing rows' bf16 backend (not +compile) runs the fused point-MLP kernel at this block size "
                          "(0: off; -1: the fastest in the decoder options, off if none ran)")
@@ -147,13 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     opts = BenchOptions()
     fraction = cfg.decoder.refine_fraction
 
-    def backend(precision: str, compile: bool = False) -> TorchBackend:
+    lean = None if a.lean_encoder is None else a.lean_encoder == "on"
+
+    def backend(precision: str, compile: bool = False, lean_encoder: bool | None = lean) -> TorchBackend:
         return TorchBackend(model, a.device, precision, max_batch=maxb, max_points=65536, compile=compile,
-                            device_planner=True, device_merge=True)  # also in a CPU dry run
+                            device_planner=True, device_merge=True,  # also in a CPU dry run
+                            lean_encoder=lean_encoder)
 
     ours = {"fp32": backend("fp32"), "bf16": backend("bf16")}
     if a.compile != "none":
         ours["bf16+compile"] = backend("bf16", compile=True)
+    info["lean_encoder"] = ours["bf16"].lean_encoder
     info["fused_mlp_block"] = a.fused_mlp
     info["parts"] = a.parts
     ref = ReferenceIMedSAM(model.to(dev))
@@ -256,33 +263,36 @@ def main(argv: list[str] | None = None) -> int:
 
     def encoder_options(be: TorchBackend, batches: list[int]) -> list[dict[str, Any]]:
         """The encoder alone under each combination of torch-cuda's two encoder options (attention as one
-        SDPA call; the frequency chain on a second stream): p50 per batch, and the embedding's max abs
-        difference from the plain encoder on the same images (the second stream should be bitwise equal).
-        The backend's own settings are restored afterwards."""
+        SDPA call; the frequency chain on a second stream), on ``be``'s encoder and then, with both options
+        on, on the other form of it (lean or plain: ``lean_encoder``, a second backend): p50 per batch, and
+        the embedding's max abs difference from the first row's on the same images (the second stream should
+        be bitwise equal). The backend's own settings are restored afterwards."""
         keep = (be.fused_attention, be.overlap_frequency)
+        other = backend("bf16", lean_encoder=not be.lean_encoder)
         out: list[dict[str, Any]] = []
         for bsz in batches:
             x = np.stack([to_model_input(im, S) for im in synthetic_inputs(S, bsz, seed=3).images])
             base = None
-            for fused_attn, overlap in ((False, False), (True, False), (False, True), (True, True)):
-                be.set_encoder_options(fused_attn, overlap)  # recaptured with these options
+            for b, fused_attn, overlap in ((be, False, False), (be, True, False), (be, False, True),
+                                           (be, True, True), (other, True, True)):
+                b.set_encoder_options(fused_attn, overlap)  # recaptured with these options
+                what = {"batch": bsz, "lean_encoder": b.lean_encoder, "fused_attention": fused_attn,
+                        "overlap_frequency": overlap}
                 try:
-                    emb = be.encode(x)[0]
+                    emb = b.encode(x)[0]
                     for _ in range(3):
-                        be.encode(x)
-                    ts = [timed(lambda x=x: be.encode(x)) for _ in range(a.repeat)]
-                    cell: dict[str, Any] = {"batch": bsz, "fused_attention": fused_attn,
-                                            "overlap_frequency": overlap, "p50_ms": float(np.median(ts)),
-                                            "min_ms": float(np.min(ts))}
+                        b.encode(x)
+                    ts = [timed(lambda b=b, x=x: b.encode(x)) for _ in range(a.repeat)]
+                    cell: dict[str, Any] = {**what, "p50_ms": float(np.median(ts)), "min_ms": float(np.min(ts))}
                     if base is None:
                         base = emb
                     cell["max_abs_diff_vs_plain"] = float((emb.float() - base.float()).abs().max())
                 except Exception as e:
-                    cell = {"batch": bsz, "fused_attention": fused_attn, "overlap_frequency": overlap,
-                            "error": failure(e)}
+                    cell = {**what, "error": failure(e)}
                 out.append(cell)
                 print(f"encoder option {json.dumps(cell)}", flush=True)
         be.set_encoder_options(*keep)
+        del other
         return out
 
     def decoder_options(be: TorchBackend, frames: dict[str, FrameRunner]) -> list[dict[str, Any]]:
@@ -455,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         ran = [c for c in results.get("decoder_options", []) if c.get("fused_mlp") and c.get("query") == "sparse"
                and "p50_ms" in c]
         a.fused_mlp = min(ran, key=lambda c: c["p50_ms"])["block_m"] if ran else 0
-        info["fused_mlp_block"] = a.fused_mlp
+        info["lean_encoder"] = ours["bf16"].lean_encoder
+    info["fused_mlp_block"] = a.fused_mlp
     if a.align_matmuls is not None:  # after the decoder options, which restore the backends' own settings
         for p, be in ours.items():
             if p != "fp32":
@@ -549,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, err in r.get("errors", {}).items():
             print(f"{r['out_size']:>5} {r['batch']:>5} {name:<26} FAILED {err}")
     for c in results.get("encoder_options", []):
-        opt = f"encoder b{c['batch']} sdpa={int(c['fused_attention'])} stream={int(c['overlap_frequency'])}"
+        opt = (f"encoder b{c['batch']} lean={int(c.get('lean_encoder', 0))} sdpa={int(c['fused_attention'])} "
+               f"stream={int(c['overlap_frequency'])}")
         print(f"{opt:<42} " + (f"FAILED {c['error']}" if "error" in c else
                                f"{c['p50_ms']:.3f} ms (min {c['min_ms']:.3f}), max abs diff {c['max_abs_diff_vs_plain']:.2e}"))
     for c in results.get("decoder_options", []):

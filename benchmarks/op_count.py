@@ -24,7 +24,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 VIEWS = {"view", "_unsafe_view", "reshape", "expand", "permute", "transpose", "t", "slice", "select", "unsqueeze",
          "squeeze", "as_strided", "alias", "detach", "unbind", "split", "split_with_sizes", "lift_fresh",
          "_reshape_alias", "unfold", "diagonal", "narrow", "chunk", "sym_size", "sym_stride", "sym_numel", "dim",
-         "size", "stride", "is_same_size", "_local_scalar_dense"}
+         "size", "stride", "is_same_size", "_local_scalar_dense",
+         "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "resolve_conj", "resolve_neg"}
 
 
 class OpCounter(TorchDispatchMode):
@@ -45,7 +46,7 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = func.overloadpacket.__name__
         out = func(*args, **(kwargs or {}))
-        if name not in VIEWS and not (args and out is args[0]):  # ``to``/``contiguous`` returning self: no kernel
+        if name not in VIEWS:  # in-place ops (copy_, index_put_ ...) are kernels too
             self.ops[name] += 1
         return out
 
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="bf16: under CPU autocast, which casts as CUDA autocast does (its cast kernels counted)")
     ap.add_argument("--gather-taps", action="store_true",
                     help="the decoder's map samples as the exported graph's Gather taps (not grid_sample)")
+    ap.add_argument("--plain-encoder", action="store_true",
+                    help="the encoder without torch-cuda's lean_encoder rewrites (imedsam_export.encoder_rewrites)")
     ap.add_argument("--fused-mlp", action="store_true",
                     help="the decoder's MLPs as the one Triton kernel of fused_point_mlp (needs triton): its launch "
                          "counts as one op, the kernel itself is not run")
@@ -72,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model, _ = build(a.model, input_size=a.input_size)
     be = TorchBackend(model.eval(), "cpu", a.precision, fused_attention=True, overlap_frequency=True,
-                      grid_sample=not a.gather_taps, align_matmuls=True)  # torch-cuda's defaults
+                      grid_sample=not a.gather_taps, align_matmuls=True,
+                      lean_encoder=not a.plain_encoder)  # torch-cuda's defaults
     if a.fused_mlp:
         from imedsam_export.fused_point_mlp import FusedPointMLP
 
@@ -86,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     img = np.random.default_rng(0).random((1, 3, s, s), dtype=np.float32)
     box = np.array([[0.3 * s, 0.3 * s, 0.7 * s, 0.65 * s]], np.float32)
     rows: list[tuple[str, OpCounter, str]] = []
-    with torch.inference_mode(), be._autocast():
+    # no_grad, not inference_mode: under inference_mode the dispatch mode sees composite ops (matmul, pad,
+    # linear...) whole, hiding the copies they launch (a broadcast matmul's expanded operands, say)
+    with torch.no_grad(), be._autocast():
         with OpCounter() as enc:
             emb = be._fns["enc"](torch.from_numpy(img))
         rows.append(("encoder", enc, ""))
@@ -105,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((f"sparse planner {out}²", plan, f"{len(planner.levels) + 1} decoder calls inside, {pts_note}"))
     taps = "Gather taps" if a.gather_taps else "grid_sample"
     mlp = "one fused kernel" if a.fused_mlp else "torch layers"
-    print(f"{a.model} at {s}², {a.precision}, eager, non-view aten ops (~ GPU kernels), decoder samples by {taps}, "
-          f"its MLPs as {mlp}:")
+    enc_form = "plain" if a.plain_encoder else "lean"
+    print(f"{a.model} at {s}², {a.precision}, eager, non-view aten ops (~ GPU kernels), {enc_form} encoder, decoder "
+          f"samples by {taps}, its MLPs as {mlp}:")
     for name, c, note in rows:
         top = ", ".join(f"{k} {v}" for k, v in c.ops.most_common(a.top))
         print(f"{name:<22} {sum(c.ops.values()):>6}  {note:<36} {top}")

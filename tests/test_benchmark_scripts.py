@@ -34,9 +34,13 @@ def test_gpu_check_dry_run_runs_every_variant_and_agrees(tmp_path):
     assert abs(in_box("fused bf16") - in_box("full bf16")) <= 0.005
     assert row["planner_fallbacks"]["bf16"] == [0, 0]
     opts = res["encoder_options"]
-    assert len(opts) == 4 and not any("error" in o for o in opts)
-    for o in opts:  # the frequency stream changes nothing; the fused attention stays within bf16 rounding
-        assert o["max_abs_diff_vs_plain"] == 0.0 if not o["fused_attention"] else o["max_abs_diff_vs_plain"] < 0.1
+    assert len(opts) == 5 and not any("error" in o for o in opts)
+    # the CPU backends' own encoder is the plain one; the last row is the other form (lean), both options on
+    assert [o["lean_encoder"] for o in opts] == [False] * 4 + [True]
+    for o in opts:  # the frequency stream changes nothing; the fused attention and the lean encoder stay
+        # within bf16 rounding
+        exact = not o["fused_attention"] and not o["lean_encoder"]
+        assert o["max_abs_diff_vs_plain"] == 0.0 if exact else o["max_abs_diff_vs_plain"] < 0.1
     # sparse and full frames: grid_sample (default), Gather taps, zero-padded layers; the fused MLP (skipped)
     opts = res["decoder_options"]
     ran = [o for o in opts if "skipped" not in o]

@@ -166,14 +166,17 @@ class TorchBackend(Backend):
     rounding (tests/test_fused_point_mlp.py); on an H200 it was slower than the torch layers at every block size
     (benchmarks/RESULTS.md, session 7). ``align_matmuls`` (default: on CUDA) zero-pads the per-point layers' odd
     widths to multiples of 8, so that cuBLAS takes its aligned Hopper GEMMs instead of align1 / align2 ones
-    (exact: tests/test_export.py; an H200's vit_b sparse frame 8.4 -> 6.9 ms at 384², 18.4 -> 14.2 ms at 896²)."""
+    (exact: tests/test_export.py; an H200's vit_b sparse frame 8.4 -> 6.9 ms at 384², 18.4 -> 14.2 ms at 896²).
+    ``lean_encoder`` (default: on CUDA) runs the encoder with ``imedsam_export.encoder_rewrites``: the attention
+    scale folded into qkv, the patch embedding as one GEMM, the neck channels-last with ``layer_norm`` (the
+    same arithmetic in fewer kernels: tests/test_encoder_rewrites.py); fixed for the backend's life."""
 
     def __init__(
         self, model: Any, device: str = "cuda", precision: str = "bf16", cuda_graphs: bool | None = None,
         max_batch: int = 8, max_points: int = 65536, compile: bool | str = False, bucket_points: bool | None = None,
         device_planner: bool | None = None, device_merge: bool | None = None, fused_attention: bool | None = None,
         overlap_frequency: bool | None = None, grid_sample: bool = True, fused_mlp: bool = False,
-        align_matmuls: bool | None = None,
+        align_matmuls: bool | None = None, lean_encoder: bool | None = None,
     ) -> None:
         super().__init__(max_batch, max_points)
         if precision not in PRECISIONS:
@@ -204,6 +207,11 @@ class TorchBackend(Backend):
         folded = folded.to(self.device).eval()
         self.model = folded
         cuda = self.device.type == "cuda"
+        self.lean_encoder = cuda if lean_encoder is None else lean_encoder
+        if self.lean_encoder:  # before the position tables are frozen: the scale fold rescales them
+            from imedsam_export.encoder_rewrites import lean_encoder as rewrite
+
+            rewrite(folded.image_encoder, self.amp_dtype or torch.float32)
         self._graphs: dict[tuple[Any, ...], tuple[Any, list[Any], Any]] = {}
         self._box_cache: tuple[Any, np.ndarray, Any] | None = None
         # streams inside a compiled graph are not supported by dynamo's fullgraph capture
@@ -339,7 +347,8 @@ class TorchBackend(Backend):
         compiled = ", torch.compile" if self.compiled else ""
         opts = (", SDPA attention" if self.fused_attention else "") + (
             ", frequency stream" if self.overlap_frequency else "") + (", grid_sample taps" if self.grid_sample else "") + (
-            ", fused decoder MLP" if self.fused_mlp else "") + (", aligned decoder matmuls" if self.align_matmuls else "")
+            ", fused decoder MLP" if self.fused_mlp else "") + (", aligned decoder matmuls" if self.align_matmuls else "") + (
+            ", lean encoder" if self.lean_encoder else "")
         return f"{self.name} ({self.precision}{graphs}{compiled}{opts}){gpu}"
 
     # --- plumbing ---

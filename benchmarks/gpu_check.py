@@ -85,9 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--align-matmuls", choices=("on", "off"), default=None,
                     help="the timing rows' bf16 backends with the decoder's odd-width layers zero-padded or not "
                          "(default: the backend's own default)")
-    ap.add_argument("--lean-encoder", choices=("on", "off"), default=None,
-                    help="every backend's encoder with imedsam_export.encoder_rewrites or not (default: the "
-                         "backend's own: on with CUDA); the encoder-options table times both either way")
+    ap.add_argument("--lean-layers", choices=("on", "off"), default=None,
+                    help="every backend's encoder and box part with imedsam_export.encoder_rewrites and "
+                         "box_part_rewrites or not (default: the backend's own: on with CUDA); the encoder-options "
+                         "table times both forms either way")
     ap.add_argument("--fused-mlp", type=int, default=0, metavar="BLOCK_M",
                     help="the timing rows' bf16 backend (not +compile) runs the fused point-MLP kernel at this block size "
                          "(0: off; -1: the fastest in the decoder options, off if none ran)")
@@ -150,12 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     opts = BenchOptions()
     fraction = cfg.decoder.refine_fraction
 
-    lean = None if a.lean_encoder is None else a.lean_encoder == "on"
+    lean = None if a.lean_layers is None else a.lean_layers == "on"
 
-    def backend(precision: str, compile: bool = False, lean_encoder: bool | None = lean) -> TorchBackend:
+    def backend(precision: str, compile: bool = False, lean_layers: bool | None = lean) -> TorchBackend:
         return TorchBackend(model, a.device, precision, max_batch=maxb, max_points=65536, compile=compile,
                             device_planner=True, device_merge=True,  # also in a CPU dry run
-                            lean_encoder=lean_encoder)
+                            lean_encoder=lean_layers, lean_box_part=lean_layers)
 
     ours = {"fp32": backend("fp32"), "bf16": backend("bf16")}
     if a.compile != "none":
@@ -264,11 +265,18 @@ def main(argv: list[str] | None = None) -> int:
     def encoder_options(be: TorchBackend, batches: list[int]) -> list[dict[str, Any]]:
         """The encoder alone under each combination of torch-cuda's two encoder options (attention as one
         SDPA call; the frequency chain on a second stream), on ``be``'s encoder and then, with both options
-        on, on the other form of it (lean or plain: ``lean_encoder``, a second backend): p50 per batch, and
-        the embedding's max abs difference from the first row's on the same images (the second stream should
-        be bitwise equal). The backend's own settings are restored afterwards."""
+        on, on the other form of it (lean or plain: ``lean_encoder`` and ``lean_box_part``, a second backend):
+        p50 per batch, and the embedding's max abs difference from the first row's on the same images (the
+        second stream should be bitwise equal); at batch 1 also the box part's p50 (one box, its graph replayed
+        with the memo cleared). The backend's own settings are restored afterwards."""
         keep = (be.fused_attention, be.overlap_frequency)
-        other = backend("bf16", lean_encoder=not be.lean_encoder)
+        other = backend("bf16", lean_layers=not be.lean_encoder)
+        box = np.array([[0.3 * S, 0.3 * S, 0.7 * S, 0.65 * S]], np.float32)
+
+        def box_part(b: TorchBackend, emb: Any) -> None:
+            b._box_cache = None  # the memo would answer without running the box part
+            b.box_features(emb, box)
+
         out: list[dict[str, Any]] = []
         for bsz in batches:
             x = np.stack([to_model_input(im, S) for im in synthetic_inputs(S, bsz, seed=3).images])
@@ -284,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
                         b.encode(x)
                     ts = [timed(lambda b=b, x=x: b.encode(x)) for _ in range(a.repeat)]
                     cell: dict[str, Any] = {**what, "p50_ms": float(np.median(ts)), "min_ms": float(np.min(ts))}
+                    if bsz == 1:
+                        for _ in range(3):
+                            box_part(b, emb)
+                        cell["box_part_p50_ms"] = float(np.median(
+                            [timed(lambda b=b, e=emb: box_part(b, e)) for _ in range(a.repeat)]))
                     if base is None:
                         base = emb
                     cell["max_abs_diff_vs_plain"] = float((emb.float() - base.float()).abs().max())
@@ -563,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
         opt = (f"encoder b{c['batch']} lean={int(c.get('lean_encoder', 0))} sdpa={int(c['fused_attention'])} "
                f"stream={int(c['overlap_frequency'])}")
         print(f"{opt:<42} " + (f"FAILED {c['error']}" if "error" in c else
-                               f"{c['p50_ms']:.3f} ms (min {c['min_ms']:.3f}), max abs diff {c['max_abs_diff_vs_plain']:.2e}"))
+                               f"{c['p50_ms']:.3f} ms (min {c['min_ms']:.3f}), max abs diff {c['max_abs_diff_vs_plain']:.2e}"
+                               + (f", box part {c['box_part_p50_ms']:.3f} ms" if "box_part_p50_ms" in c else "")))
     for c in results.get("decoder_options", []):
         fused = (f", fused MLP m{c['block_m']}" if c["fused_mlp"] else "") + (
             ", aligned" if c.get("align_matmuls") else "")

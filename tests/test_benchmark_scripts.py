@@ -37,6 +37,7 @@ def test_gpu_check_dry_run_runs_every_variant_and_agrees(tmp_path):
     assert len(opts) == 5 and not any("error" in o for o in opts)
     # the CPU backends' own encoder is the plain one; the last row is the other form (lean), both options on
     assert [o["lean_encoder"] for o in opts] == [False] * 4 + [True]
+    assert all(o["box_part_p50_ms"] > 0 for o in opts)  # batch 1: the box part timed beside the encoder
     for o in opts:  # the frequency stream changes nothing; the fused attention and the lean encoder stay
         # within bf16 rounding
         exact = not o["fused_attention"] and not o["lean_encoder"]
@@ -96,8 +97,10 @@ def test_encoder_precision_runs(capsys):
 
     assert encoder_precision.main(["--model", "tiny", "--input-size", "64"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
-    assert [r[0] for r in rows] == ["GEMMs", "SDPA"]
-    assert all(0 < float(r[1]) < 5 and float(r[2]) > 0 for r in rows)  # bf16 differs from fp32, but a little
+    assert [r[:3] for r in rows] == [["lean", "fp32", "SDPA"], ["plain", "bf16", "GEMMs"], ["plain", "bf16", "SDPA"],
+                                     ["lean", "bf16", "SDPA"]]
+    assert float(rows[0][3]) < 0.01  # the lean rewrites alone: fp32 rounding
+    assert all(0 < float(r[3]) < 5 and float(r[4]) > 0 for r in rows[1:])  # bf16 differs from fp32, but a little
 
 
 def test_planner_budgets_runs_both_rules(capsys):

@@ -139,9 +139,9 @@ def test_lean_encoder_equals_the_encoder():
     assert err[1] <= 1.1 * err[0] and err[1] < 2e-2, err
 
 
-def test_torch_backend_with_the_lean_encoder_gives_the_same_masks():
-    """Through the backend (fp32, CPU): the lean encoder's embedding within fp32 rounding of the plain one and
-    the same full-grid mask."""
+def test_torch_backend_with_the_lean_layers_gives_the_same_masks():
+    """Through the backend (fp32, CPU): the lean encoder's embedding within fp32 rounding of the plain one, and
+    with the lean box part (tests/test_box_part_rewrites.py) too, the same full-grid mask."""
     from imedsam_deploy.backends.torch_cuda import TorchBackend
     from imedsam_deploy.backends.torch_models import model_artifact
     from imedsam_deploy.runtime import Segmenter
@@ -152,8 +152,9 @@ def test_torch_backend_with_the_lean_encoder_gives_the_same_masks():
     boxes = np.array([[20.0, 15.0, 90.0, 80.0]], np.float32)
     out = {}
     for lean in (False, True):
-        be = TorchBackend(copy.deepcopy(model), "cpu", "fp32", lean_encoder=lean)
-        assert be.lean_encoder is lean and ("lean encoder" in be.description) is lean
+        be = TorchBackend(copy.deepcopy(model), "cpu", "fp32", lean_encoder=lean, lean_box_part=lean)
+        assert be.lean_encoder is be.lean_box_part is lean
+        assert ("lean encoder" in be.description) is ("lean box part" in be.description) is lean
         seg = Segmenter(be, model_artifact(model, 1), query="full")
         res = seg.segment(img, boxes, out_hw=(96, 128))
         out[lean] = (np.asarray(be.encode(x)[0]), res.objects[0].logits > 0)

@@ -169,14 +169,16 @@ class TorchBackend(Backend):
     (exact: tests/test_export.py; an H200's vit_b sparse frame 8.4 -> 6.9 ms at 384², 18.4 -> 14.2 ms at 896²).
     ``lean_encoder`` (default: on CUDA) runs the encoder with ``imedsam_export.encoder_rewrites``: the attention
     scale folded into qkv, the patch embedding as one GEMM, the neck channels-last with ``layer_norm`` (the
-    same arithmetic in fewer kernels: tests/test_encoder_rewrites.py); fixed for the backend's life."""
+    same arithmetic in fewer kernels: tests/test_encoder_rewrites.py); ``lean_box_part`` (default: on CUDA) the box
+    part with ``imedsam_export.box_part_rewrites``: its dense positional map made once, the upscaling's norm as
+    one ``layer_norm`` (tests/test_box_part_rewrites.py). Both fixed for the backend's life."""
 
     def __init__(
         self, model: Any, device: str = "cuda", precision: str = "bf16", cuda_graphs: bool | None = None,
         max_batch: int = 8, max_points: int = 65536, compile: bool | str = False, bucket_points: bool | None = None,
         device_planner: bool | None = None, device_merge: bool | None = None, fused_attention: bool | None = None,
         overlap_frequency: bool | None = None, grid_sample: bool = True, fused_mlp: bool = False,
-        align_matmuls: bool | None = None, lean_encoder: bool | None = None,
+        align_matmuls: bool | None = None, lean_encoder: bool | None = None, lean_box_part: bool | None = None,
     ) -> None:
         super().__init__(max_batch, max_points)
         if precision not in PRECISIONS:
@@ -212,6 +214,11 @@ class TorchBackend(Backend):
             from imedsam_export.encoder_rewrites import lean_encoder as rewrite
 
             rewrite(folded.image_encoder, self.amp_dtype or torch.float32)
+        self.lean_box_part = cuda if lean_box_part is None else lean_box_part
+        if self.lean_box_part:
+            from imedsam_export.box_part_rewrites import lean_box_part as rewrite_box_part
+
+            rewrite_box_part(folded, self.amp_dtype)
         self._graphs: dict[tuple[Any, ...], tuple[Any, list[Any], Any]] = {}
         self._box_cache: tuple[Any, np.ndarray, Any] | None = None
         # streams inside a compiled graph are not supported by dynamo's fullgraph capture
@@ -348,7 +355,7 @@ class TorchBackend(Backend):
         opts = (", SDPA attention" if self.fused_attention else "") + (
             ", frequency stream" if self.overlap_frequency else "") + (", grid_sample taps" if self.grid_sample else "") + (
             ", fused decoder MLP" if self.fused_mlp else "") + (", aligned decoder matmuls" if self.align_matmuls else "") + (
-            ", lean encoder" if self.lean_encoder else "")
+            ", lean encoder" if self.lean_encoder else "") + (", lean box part" if self.lean_box_part else "")
         return f"{self.name} ({self.precision}{graphs}{compiled}{opts}){gpu}"
 
     # --- plumbing ---

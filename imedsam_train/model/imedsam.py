@@ -29,6 +29,10 @@ def grid_coords(height: int, width: int, device: torch.device | None = None) -> 
 class IMedSAM(nn.Module):
     """Top-level names match segment-anything's ``Sam`` (image_encoder, prompt_encoder, mask_decoder)."""
 
+    # an inference copy's dense positional map, made once (imedsam_export.box_part_rewrites.freeze_dense_pe):
+    # it depends on neither the image nor the box
+    frozen_dense_pe: torch.Tensor | None = None
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -112,7 +116,7 @@ class IMedSAM(nn.Module):
         md = self.mask_decoder
         tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
         tokens = torch.cat([tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], dim=1)
-        pe = self.prompt_encoder.get_dense_pe()
+        pe = self.prompt_encoder.get_dense_pe() if self.frozen_dense_pe is None else self.frozen_dense_pe
         src = embedding + dense
         b, c, h, w = src.shape
         _, src = md.transformer(src, pe.expand(b, -1, -1, -1), tokens)

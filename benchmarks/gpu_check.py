@@ -311,33 +311,36 @@ def main(argv: list[str] | None = None) -> int:
     def decoder_options(be: TorchBackend, frames: dict[str, FrameRunner]) -> list[dict[str, Any]]:
         """Sparse and full frames (batch 1, at each output size) with the per-point decoder's map samples
         as ``grid_sample`` calls or as the exported graph's Gather taps (~35 small kernels per map per decoder
-        call), its odd-width layers zero-padded to multiples of 8 or not (``align_matmuls``), and its MLPs as
-        torch layers or as one Triton kernel (``fused_point_mlp``, at three block sizes): p50 per frame,
-        per-stage p50, and each variant's masks against the default's (grid_sample, unpadded, torch MLP). The
-        backend's settings are restored."""
-        keep = (be.grid_sample, be.fused_mlp, be.fused_mlp_block, be.align_matmuls)
+        call), its odd-width layers zero-padded to multiples of 8 or not (``align_matmuls``), its Linear -> ReLU
+        pairs with GEMM epilogues or not (``relu_epilogue``, with the padded layers), and its MLPs as torch
+        layers or as one Triton kernel (``fused_point_mlp``, at three block sizes): p50 per frame, per-stage
+        p50, and each variant's masks against the first's (grid_sample, unpadded, torch MLP, no epilogues).
+        The backend's settings are restored."""
+        keep = (be.grid_sample, be.fused_mlp, be.fused_mlp_block, be.align_matmuls, be.relu_epilogue)
         inp = synthetic_inputs(S, 1, seed=5)
         out: list[dict[str, Any]] = []
         masks: dict[tuple[Any, ...], np.ndarray] = {}
-        default = (True, False, 32, False)
-        variants = [default, (False, False, 32, False), (True, False, 32, True), (True, True, 16, False),
-                    (True, True, 32, False), (True, True, 64, False)]
-        for grid, fused, block, align in variants:  # the default first: the others are compared with it
-            v = (grid, fused, block, align)
+        default = (True, False, 32, False, False)
+        variants = [default, (False, False, 32, False, False), (True, False, 32, True, False),
+                    (True, False, 32, True, True), (True, True, 16, False, False), (True, True, 32, False, False),
+                    (True, True, 64, False, False)]
+        for grid, fused, block, align, epi in variants:  # the default first: the others are compared with it
+            v = (grid, fused, block, align, epi)
+            what = {"grid_sample": grid, "fused_mlp": fused, "block_m": block, "align_matmuls": align,
+                    "relu_epilogue": epi}
             try:
                 be.set_decoder_sampling(grid)  # the decoder's graphs are recaptured
                 be.set_decoder_mlp(fused, block)
                 be.set_decoder_alignment(align)
+                be.set_decoder_epilogue(epi)
             except UserError as e:  # no triton, or no CUDA device for it
-                cell = {"grid_sample": grid, "fused_mlp": fused, "block_m": block, "align_matmuls": align,
-                        "skipped": str(e)}
+                cell = {**what, "skipped": str(e)}
                 out.append(cell)
                 print(f"decoder option {json.dumps(cell)}", flush=True)
                 continue
             for size in sorted(a.sizes):
                 for query, runner in frames.items():
-                    cell = {"grid_sample": grid, "fused_mlp": fused, "block_m": block, "align_matmuls": align,
-                            "query": query, "out_size": size}
+                    cell = {**what, "query": query, "out_size": size}
                     try:
                         for _ in range(5):  # capture, planner budgets
                             masks[(*v, query, size)] = runner.run(inp, (size, size), None)[0]
@@ -355,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         be.set_decoder_sampling(keep[0])
         be.set_decoder_mlp(keep[1], keep[2])
         be.set_decoder_alignment(keep[3])
+        be.set_decoder_epilogue(keep[4])
         return out
 
     def kernel_profile(be: TorchBackend, fn: Callable[[], Any], calls: int = 3) -> dict[str, Any]:
@@ -580,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
                                + (f", box part {c['box_part_p50_ms']:.3f} ms" if "box_part_p50_ms" in c else "")))
     for c in results.get("decoder_options", []):
         fused = (f", fused MLP m{c['block_m']}" if c["fused_mlp"] else "") + (
-            ", aligned" if c.get("align_matmuls") else "")
+            ", aligned" if c.get("align_matmuls") else "") + (", ReLU epilogues" if c.get("relu_epilogue") else "")
         opt = (f"{c.get('out_size', '')} {c.get('query', '')} frame "
                f"{'grid_sample' if c['grid_sample'] else 'Gather taps'}{fused}")
         if "error" in c or "skipped" in c:

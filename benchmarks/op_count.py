@@ -62,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gather-taps", action="store_true",
                     help="the decoder's map samples as the exported graph's Gather taps (not grid_sample)")
     ap.add_argument("--plain-layers", action="store_true",
-                    help="the encoder and the box part without torch-cuda's lean_encoder / lean_box_part rewrites "
-                         "(imedsam_export.encoder_rewrites, box_part_rewrites)")
+                    help="the encoder, the box part and the decoder's trunks without torch-cuda's lean_encoder / "
+                         "lean_box_part / relu_epilogue rewrites (imedsam_export.encoder_rewrites, box_part_rewrites, "
+                         "DecoderGraph.use_relu_epilogue)")
     ap.add_argument("--fused-mlp", action="store_true",
                     help="the decoder's MLPs as the one Triton kernel of fused_point_mlp (needs triton): its launch "
                          "counts as one op, the kernel itself is not run")
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     model, _ = build(a.model, input_size=a.input_size)
     be = TorchBackend(model.eval(), "cpu", a.precision, fused_attention=True, overlap_frequency=True,
                       grid_sample=not a.gather_taps, align_matmuls=True,
-                      lean_encoder=not a.plain_layers, lean_box_part=not a.plain_layers)  # torch-cuda's defaults
+                      lean_encoder=not a.plain_layers, lean_box_part=not a.plain_layers,
+                      relu_epilogue=not a.plain_layers)  # torch-cuda's defaults
     if a.fused_mlp:
         from imedsam_export.fused_point_mlp import FusedPointMLP
 
@@ -112,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((f"sparse planner {out}²", plan, f"{len(planner.levels) + 1} decoder calls inside, {pts_note}"))
     taps = "Gather taps" if a.gather_taps else "grid_sample"
     mlp = "one fused kernel" if a.fused_mlp else "torch layers"
-    enc_form = "plain" if a.plain_layers else "lean"
-    print(f"{a.model} at {s}², {a.precision}, eager, non-view aten ops (~ GPU kernels), {enc_form} encoder and box "
-          f"part, decoder samples by {taps}, its MLPs as {mlp}:")
+    form = "plain" if a.plain_layers else "lean"
+    print(f"{a.model} at {s}², {a.precision}, eager, non-view aten ops (~ GPU kernels), {form} layers, decoder samples "
+          f"by {taps}, its MLPs as {mlp}:")
     for name, c, note in rows:
         top = ", ".join(f"{k} {v}" for k, v in c.ops.most_common(a.top))
         print(f"{name:<22} {sum(c.ops.values()):>6}  {note:<36} {top}")

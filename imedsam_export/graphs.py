@@ -184,6 +184,8 @@ class DecoderGraph(nn.Module):
         # torch paths: zero-padded copies of the layers with odd widths (``align_matmuls``); exported graphs: None
         self.aligned: nn.ModuleDict | None = None
         self.feat_pad = 0
+        # torch paths: each Linear -> ReLU as one GEMM with a bias-and-ReLU epilogue (``use_relu_epilogue``)
+        self.relu_epilogue = False
 
     def use_grid_sample(self, on: bool = True) -> None:
         """Sample the two maps with ``grid_sample`` (torch paths: one kernel per map where ``PointTaps`` and
@@ -234,6 +236,29 @@ class DecoderGraph(nn.Module):
             "fine_head": padded(fine.weight.detach(), fine.bias),
         })
 
+    def use_relu_epilogue(self, on: bool = True) -> None:
+        """Run each Linear -> ReLU of the trunks as ``torch._addmm_activation`` (on CUDA one cuBLASLt GEMM with its
+        bias-and-ReLU epilogue: the ReLU's pass over the (points x width) activations is gone), and the fine
+        trunk's first layer as its point part plus an in-place GEMM over the coarse feature (one kernel where
+        a matmul and an add were two). ReLU commutes with rounding, so the epilogue is exact; the in-place
+        GEMM rounds its sum once instead of twice. Torch paths only (ONNX Runtime and TensorRT fuse these
+        themselves); falls back to the plain layers where torch lacks the op."""
+        self.relu_epilogue = on and hasattr(torch, "_addmm_activation")
+
+    def _linear_relu(self, lin: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if not self.relu_epilogue or not isinstance(lin, nn.Linear) or lin.bias is None:
+            return torch.relu(lin(x))
+        w = lin.weight  # in the compute dtype on torch-cuda (store_weights_in), like the activations
+        y = torch._addmm_activation(lin.bias, x.reshape(-1, x.shape[-1]).to(w.dtype), w.t())
+        return y.view(*x.shape[:-1], -1)
+
+    def _trunk(self, seq: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        """The Linear -> ReLU pairs of a folded trunk (``merge_for_export``)."""
+        mods = list(seq)
+        for lin, act in zip(mods[::2], mods[1::2], strict=True):
+            x = self._linear_relu(lin, x) if isinstance(act, nn.ReLU) else act(lin(x))
+        return x
+
     def forward(
         self, image_embedding: torch.Tensor, boxes: torch.Tensor, coords: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -260,7 +285,7 @@ class DecoderGraph(nn.Module):
         feats = torch.cat(parts, dim=-1)
         first = (al["first"] if al is not None else self.first)(feats)
         first_c, first_f = first[..., : self.h1c], first[..., self.h1c :]
-        h = self.coarse_rest(torch.relu(first_c))
+        h = self._trunk(self.coarse_rest, torch.relu(first_c))
         if al is not None:  # (coarse features, K logits, zeros)
             out, C = al["coarse_head"](h), self.first_cfeat.in_features
             cfeat, logits = out[..., :C], out[..., C : C + K]
@@ -268,8 +293,13 @@ class DecoderGraph(nn.Module):
             out = self.coarse_head(h)
             logits, cfeat = out[..., :K], out[..., K:]
         unc = self.uncertainty(h, logits)
-        fine = (al["fine_head"] if al is not None else self.fine_head)(
-            self.fine_rest(torch.relu(first_f + self.first_cfeat(cfeat))))[..., :K]
+        w = self.first_cfeat.weight
+        if self.relu_epilogue and first_f.dtype == w.dtype:  # first_f += cfeat W^T in place (``first`` is scratch)
+            f2 = first_f.reshape(-1, first_f.shape[-1])
+            h_f = torch.relu_(f2.addmm_(cfeat.reshape(-1, cfeat.shape[-1]).to(w.dtype), w.t())).view(first_f.shape)
+        else:
+            h_f = torch.relu(first_f + self.first_cfeat(cfeat))
+        fine = (al["fine_head"] if al is not None else self.fine_head)(self._trunk(self.fine_rest, h_f))[..., :K]
         return logits.transpose(1, 2), fine.transpose(1, 2), unc.transpose(1, 2)
 
     def _gather_samples(self, up: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -199,6 +199,14 @@ def test_torch_backend_cpu_path_matches_the_model():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
     be.set_decoder_alignment(False)
     assert be.decoder.aligned is None and np.array_equal(be.decode(embs[1], boxes, coords)[0], c)
+    # the ReLU epilogues (on by default on CUDA only): the same outputs, and back again
+    assert not be.relu_epilogue and "ReLU epilogues" not in be.description
+    be.set_decoder_epilogue(True)
+    assert be.decoder.relu_epilogue and "ReLU epilogues" in be.description
+    for got, want in zip(be.decode(embs[1], boxes, coords), (c, f, u), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
+    be.set_decoder_epilogue(False)
+    assert np.array_equal(be.decode(embs[1], boxes, coords)[0], c)
     with pytest.raises(UserError, match="CUDA graphs"):
         TorchBackend(model, device="cpu", cuda_graphs=True)
 
@@ -301,7 +309,8 @@ def test_torch_backend_compiles_whole_graphs():
     model = tiny()
     eager = TorchBackend(model, device="cpu", precision="fp32")
     comp = TorchBackend(model, device="cpu", precision="fp32", compile="aot_eager", fused_attention=True,
-                        align_matmuls=True)  # as on CUDA: the padded decoder layers traced too
+                        align_matmuls=True, lean_encoder=True, lean_box_part=True,
+                        relu_epilogue=True)  # as on CUDA: the padded layers, lean forms and epilogues traced too
     assert "torch.compile" in comp.description and "torch.compile" not in eager.description
     img = np.random.default_rng(0).random((1, 3, S, S), dtype=np.float32)
     box = np.array([[10, 12, 90, 100]], np.float32)

@@ -42,12 +42,14 @@ def test_gpu_check_dry_run_runs_every_variant_and_agrees(tmp_path):
         # within bf16 rounding
         exact = not o["fused_attention"] and not o["lean_encoder"]
         assert o["max_abs_diff_vs_plain"] == 0.0 if exact else o["max_abs_diff_vs_plain"] < 0.1
-    # sparse and full frames: grid_sample (default), Gather taps, zero-padded layers; the fused MLP (skipped)
+    # sparse and full frames: grid_sample (default), Gather taps, zero-padded layers, with ReLU epilogues too;
+    # the fused MLP (skipped)
     opts = res["decoder_options"]
     ran = [o for o in opts if "skipped" not in o]
-    assert [(o["grid_sample"], o["align_matmuls"], o["query"]) for o in ran] == [
-        (True, False, "sparse"), (True, False, "full"), (False, False, "sparse"), (False, False, "full"),
-        (True, True, "sparse"), (True, True, "full")]
+    assert [(o["grid_sample"], o["align_matmuls"], o["relu_epilogue"], o["query"]) for o in ran] == [
+        (True, False, False, "sparse"), (True, False, False, "full"), (False, False, False, "sparse"),
+        (False, False, False, "full"), (True, True, False, "sparse"), (True, True, False, "full"),
+        (True, True, True, "sparse"), (True, True, True, "full")]
     assert not any("error" in o for o in ran) and all("mask_agreement" not in o for o in ran[:2])
     assert all(o["mask_agreement"] >= 0.999 for o in ran[2:])
     skipped = [o for o in opts if "skipped" in o]  # the Triton kernel is timed on a GPU (test_fused_point_mlp.py)

@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import onnx
@@ -183,6 +184,52 @@ def test_aligned_decoder_matmuls_are_exact(classes):
         torch.testing.assert_close(a, b, atol=0.05 * float(r.abs().max()), rtol=0.02)
     sure = plain16[0].abs() > 0.05 * float(plain16[0].abs().max())
     assert bool(((aligned16[0] > 0) == (plain16[0] > 0))[sure].all())
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_relu_epilogue_decoder_is_exact(aligned):
+    """torch-cuda's per-point trunks with each Linear -> ReLU as one ``_addmm_activation`` and the fine trunk's
+    first layer as an in-place GEMM (``use_relu_epilogue``): the plain decoder's outputs in fp32 (to rounding),
+    and under bf16 autocast with bf16 weights (the backend's form) within bf16 rounding, logit signs kept where
+    they are not ~0; with the padded layers too."""
+    from imedsam_deploy.backends.torch_cuda import store_weights_in
+    from imedsam_train.config import preset
+    from imedsam_train.model import IMedSAM
+
+    torch.manual_seed(7)
+    model = IMedSAM(preset("tiny", input_size=S, num_classes=2)).eval()
+    folded, _ = merge_for_export(model)
+    emb, boxes, coords = _feeds(2, 300, seed=8)
+    dg = DecoderGraph(folded)
+    dg.align_matmuls(aligned)
+    calls = {"n": 0}
+    act = torch._addmm_activation
+
+    def counted(*a, **k):
+        calls["n"] += 1
+        return act(*a, **k)
+
+    with torch.no_grad():
+        plain = dg(emb, boxes, coords)
+        dg.use_relu_epilogue()
+        assert dg.relu_epilogue
+        with mock.patch.object(torch, "_addmm_activation", counted):
+            fused = dg(emb, boxes, coords)
+        # every Linear -> ReLU after the first layer: the coarse trunk's and the fine trunk's rest
+        assert calls["n"] == (len(dg.coarse_rest) + len(dg.fine_rest)) // 2 > 0
+        for a, b in zip(fused, plain, strict=True):
+            torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+        store_weights_in(dg, torch.bfloat16)
+        dg.align_matmuls(aligned)  # remade from the bf16 layers, as the backend does
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            dg.use_relu_epilogue(False)
+            plain16 = [o.float() for o in dg(emb, boxes, coords)]
+            dg.use_relu_epilogue()
+            fused16 = [o.float() for o in dg(emb, boxes, coords)]
+    for a, b, r in zip(fused16, plain16, plain, strict=True):
+        torch.testing.assert_close(a, b, atol=0.05 * float(r.abs().max()), rtol=0.02)
+    sure = plain16[0].abs() > 0.05 * float(plain16[0].abs().max())
+    assert bool(((fused16[0] > 0) == (plain16[0] > 0))[sure].all())
 
 
 # --- the exported artifact ---

@@ -171,7 +171,9 @@ class TorchBackend(Backend):
     scale folded into qkv, the patch embedding as one GEMM, the neck channels-last with ``layer_norm`` (the
     same arithmetic in fewer kernels: tests/test_encoder_rewrites.py); ``lean_box_part`` (default: on CUDA) the box
     part with ``imedsam_export.box_part_rewrites``: its dense positional map made once, the upscaling's norm as
-    one ``layer_norm`` (tests/test_box_part_rewrites.py). Both fixed for the backend's life."""
+    one ``layer_norm`` (tests/test_box_part_rewrites.py). Both fixed for the backend's life. ``relu_epilogue``
+    (default: on CUDA) runs the per-point trunks' Linear -> ReLU pairs as one GEMM with its epilogue each
+    (``DecoderGraph.use_relu_epilogue``: tests/test_export.py)."""
 
     def __init__(
         self, model: Any, device: str = "cuda", precision: str = "bf16", cuda_graphs: bool | None = None,
@@ -179,6 +181,7 @@ class TorchBackend(Backend):
         device_planner: bool | None = None, device_merge: bool | None = None, fused_attention: bool | None = None,
         overlap_frequency: bool | None = None, grid_sample: bool = True, fused_mlp: bool = False,
         align_matmuls: bool | None = None, lean_encoder: bool | None = None, lean_box_part: bool | None = None,
+        relu_epilogue: bool | None = None,
     ) -> None:
         super().__init__(max_batch, max_points)
         if precision not in PRECISIONS:
@@ -282,6 +285,7 @@ class TorchBackend(Backend):
         self.set_decoder_sampling(grid_sample)
         self.set_decoder_mlp(fused_mlp)
         self.set_decoder_alignment(self.device.type == "cuda" if align_matmuls is None else align_matmuls)
+        self.set_decoder_epilogue(self.device.type == "cuda" if relu_epilogue is None else relu_epilogue)
 
     def set_encoder_options(self, fused_attention: bool, overlap_frequency: bool) -> None:
         """Every attention (the encoder's and the box part's) as one SDPA call or explicit GEMMs, and the
@@ -333,6 +337,13 @@ class TorchBackend(Backend):
         self.align_matmuls = on
         self._drop_decoder_graphs()
 
+    def set_decoder_epilogue(self, on: bool) -> None:
+        """The per-point trunks' Linear -> ReLU pairs as GEMMs with a bias-and-ReLU epilogue
+        (``DecoderGraph.use_relu_epilogue``); graphs and compiled planners that contain the decoder are dropped."""
+        self.decoder.use_relu_epilogue(on)
+        self.relu_epilogue = self.decoder.relu_epilogue
+        self._drop_decoder_graphs()
+
     def _drop_decoder_graphs(self) -> None:
         for key in [k for k in self._graphs if k[0] not in ("enc", "prompt")]:
             del self._graphs[key]
@@ -355,7 +366,8 @@ class TorchBackend(Backend):
         opts = (", SDPA attention" if self.fused_attention else "") + (
             ", frequency stream" if self.overlap_frequency else "") + (", grid_sample taps" if self.grid_sample else "") + (
             ", fused decoder MLP" if self.fused_mlp else "") + (", aligned decoder matmuls" if self.align_matmuls else "") + (
-            ", lean encoder" if self.lean_encoder else "") + (", lean box part" if self.lean_box_part else "")
+            ", lean encoder" if self.lean_encoder else "") + (", lean box part" if self.lean_box_part else "") + (
+            ", ReLU epilogues" if self.relu_epilogue else "")
         return f"{self.name} ({self.precision}{graphs}{compiled}{opts}){gpu}"
 
     # --- plumbing ---

@@ -265,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     def encoder_options(be: TorchBackend, batches: list[int]) -> list[dict[str, Any]]:
         """The encoder alone under each combination of torch-cuda's two encoder options (attention as one
         SDPA call; the frequency chain on a second stream), on ``be``'s encoder and then, with both options
-        on, on the other form of it (lean or plain: ``lean_encoder`` and ``lean_box_part``, a second backend):
+        on, on the other form of it (lean or plain: ``lean_encoder`` and ``lean_box_part``, a second backend),
+        and on the lean one with its adds and norms as Triton kernels (``fused_norms``; skipped without CUDA):
         p50 per batch, and the embedding's max abs difference from the first row's on the same images (the
         second stream should be bitwise equal); at batch 1 also the box part's p50 (one box, its graph replayed
         with the memo cleared). The backend's own settings are restored afterwards."""
@@ -281,11 +282,19 @@ def main(argv: list[str] | None = None) -> int:
         for bsz in batches:
             x = np.stack([to_model_input(im, S) for im in synthetic_inputs(S, bsz, seed=3).images])
             base = None
-            for b, fused_attn, overlap in ((be, False, False), (be, True, False), (be, False, True),
-                                           (be, True, True), (other, True, True)):
+            lean_be = be if be.lean_encoder else other
+            for b, fused_attn, overlap, norms in ((be, False, False, False), (be, True, False, False),
+                                                  (be, False, True, False), (be, True, True, False),
+                                                  (other, True, True, False), (lean_be, True, True, True)):
                 b.set_encoder_options(fused_attn, overlap)  # recaptured with these options
                 what = {"batch": bsz, "lean_encoder": b.lean_encoder, "fused_attention": fused_attn,
-                        "overlap_frequency": overlap}
+                        "overlap_frequency": overlap, "fused_norms": norms}
+                try:
+                    b.set_encoder_norms(norms)
+                except UserError as e:  # no triton, or no CUDA device for it
+                    out.append({**what, "skipped": str(e)})
+                    print(f"encoder option {json.dumps(out[-1])}", flush=True)
+                    continue
                 try:
                     emb = b.encode(x)[0]
                     for _ in range(3):
@@ -304,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                     cell = {**what, "error": failure(e)}
                 out.append(cell)
                 print(f"encoder option {json.dumps(cell)}", flush=True)
+                b.set_encoder_norms(False)
         be.set_encoder_options(*keep)
         del other
         return out
@@ -578,8 +588,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['out_size']:>5} {r['batch']:>5} {name:<26} FAILED {err}")
     for c in results.get("encoder_options", []):
         opt = (f"encoder b{c['batch']} lean={int(c.get('lean_encoder', 0))} sdpa={int(c['fused_attention'])} "
-               f"stream={int(c['overlap_frequency'])}")
-        print(f"{opt:<42} " + (f"FAILED {c['error']}" if "error" in c else
+               f"stream={int(c['overlap_frequency'])} norms={int(c.get('fused_norms', 0))}")
+        print(f"{opt:<42} " + (f"FAILED {c['error']}" if "error" in c else f"skipped: {c['skipped']}" if "skipped" in c else
                                f"{c['p50_ms']:.3f} ms (min {c['min_ms']:.3f}), max abs diff {c['max_abs_diff_vs_plain']:.2e}"
                                + (f", box part {c['box_part_p50_ms']:.3f} ms" if "box_part_p50_ms" in c else "")))
     for c in results.get("decoder_options", []):

@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the encoder, the box part and the decoder's trunks without torch-cuda's lean_encoder / "
                          "lean_box_part / relu_epilogue rewrites (imedsam_export.encoder_rewrites, box_part_rewrites, "
                          "DecoderGraph.use_relu_epilogue)")
+    ap.add_argument("--fused-norms", action="store_true",
+                    help="the lean encoder's adds and norms as fused_add_norm's Triton kernel (needs triton): each "
+                         "launch counts as one op, computed by torch uncounted")
     ap.add_argument("--fused-mlp", action="store_true",
                     help="the decoder's MLPs as the one Triton kernel of fused_point_mlp (needs triton): its launch "
                          "counts as one op, the kernel itself is not run")
@@ -80,6 +83,25 @@ def main(argv: list[str] | None = None) -> int:
                       grid_sample=not a.gather_taps, align_matmuls=True,
                       lean_encoder=not a.plain_layers, lean_box_part=not a.plain_layers,
                       relu_epilogue=not a.plain_layers)  # torch-cuda's defaults
+    if a.fused_norms:
+        import imedsam_export.fused_add_norm as fan
+        from imedsam_export.encoder_rewrites import use_fused_norms
+
+        def add_norm(x: torch.Tensor, a_: torch.Tensor | None, b_: torch.Tensor | None, norm: Any,
+                     out_dtype: torch.dtype, write_sum: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+            counter = OpCounter.active[-1]
+            before = collections.Counter(counter.ops)
+            s_ = x + a_ if a_ is not None else x
+            s_ = s_ + b_ if b_ is not None else s_
+            with torch.autocast(x.device.type, enabled=False):
+                y = torch.nn.functional.layer_norm(s_, norm.normalized_shape, norm.weight, norm.bias,
+                                                   norm.eps).to(out_dtype)
+            counter.ops = before  # the kernel's work, not counted
+            counter.ops["fused_add_norm"] += 1
+            return (s_ if write_sum else None), y
+
+        fan.add_norm = add_norm  # type: ignore[assignment]  # this process only
+        use_fused_norms(be.model.image_encoder, True)
     if a.fused_mlp:
         from imedsam_export.fused_point_mlp import FusedPointMLP
 
@@ -114,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((f"sparse planner {out}²", plan, f"{len(planner.levels) + 1} decoder calls inside, {pts_note}"))
     taps = "Gather taps" if a.gather_taps else "grid_sample"
     mlp = "one fused kernel" if a.fused_mlp else "torch layers"
-    form = "plain" if a.plain_layers else "lean"
-    print(f"{a.model} at {s}², {a.precision}, eager, non-view aten ops (~ GPU kernels), {form} layers, decoder samples "
+    form = ("plain" if a.plain_layers else "lean") + " layers" + (", fused encoder norms" if a.fused_norms else "")
+    print(f"{a.model} at {s}², {a.precision}, eager, non-view aten ops (~ GPU kernels), {form}, decoder samples "
           f"by {taps}, its MLPs as {mlp}:")
     for name, c, note in rows:
         top = ", ".join(f"{k} {v}" for k, v in c.ops.most_common(a.top))

@@ -21,6 +21,7 @@ own forms.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -155,6 +156,32 @@ class LeanBlock(Block):
         out = self.proj(self._attend(win.view(-1, ws * ws, 3 * C)))
         return out.view(B, -1, C)[:, self.win_dst].view(B, H, W, C)
 
+    # torch-cuda's ``fused_norms``: ``step`` runs the residual adds, the norms and their casts as
+    # ``fused_add_norm.add_norm`` kernels (CUDA, or Triton's interpreter)
+    fused_norms = False
+
+    def step(self, x: torch.Tensor, y: torch.Tensor | None, add: torch.Tensor, wait: Callable[[], None],
+             next_block: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``Block.step`` with fused norms: norm1 (only for the first block: the others get y from the step
+        before), x + attention with norm2, and x + mlp + the adapter's add with the next block's norm1, each one
+        kernel. The sums are torch's, bitwise; the norms within fp32 rounding before the cast."""
+        if not self.fused_norms:
+            return super().step(x, y, add, wait, next_block)
+        from imedsam_export.fused_add_norm import add_norm
+
+        dt = _compute_dtype(x)
+        if y is None:
+            _, y = add_norm(x, None, None, self.norm1, dt, write_sum=False)
+        s, y2 = add_norm(x, self.attention(y), None, self.norm2, dt)
+        assert s is not None
+        m = self.mlp(y2)
+        wait()
+        if isinstance(next_block, LeanBlock) and next_block.fused_norms:
+            s, y_next = add_norm(s, m, add, next_block.norm1, dt)
+            assert s is not None
+            return s, y_next
+        return s + m + add, None
+
     def forward(self, x: torch.Tensor, f: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = x + self.attention(self.norm1(x))
         out = x + self.mlp(self.norm2(x))
@@ -234,6 +261,15 @@ class NeckNHWC(nn.Module):
         h = self.norm1(self.lin(x.permute(0, 2, 3, 1)))  # the tokens' own layout: no copy
         h = self.conv(h.permute(0, 3, 1, 2))  # a channels-last NCHW view: no layout transform before the conv
         return self.norm2(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
+
+
+def use_fused_norms(encoder: ImageEncoder, on: bool = True) -> int:
+    """Switch the ``LeanBlock``s' residual adds and norms to (or from) ``fused_add_norm`` kernels, in the
+    frequency-first block loop (``ImageEncoder.frequency_chain_first``); returns how many blocks."""
+    blocks = [b for b in encoder.blocks if isinstance(b, LeanBlock)]
+    for b in blocks:
+        b.fused_norms = on
+    return len(blocks)
 
 
 def lean_encoder(encoder: ImageEncoder, dtype: torch.dtype = torch.float32) -> dict[str, int]:

@@ -173,7 +173,9 @@ class TorchBackend(Backend):
     part with ``imedsam_export.box_part_rewrites``: its dense positional map made once, the upscaling's norm as
     one ``layer_norm`` (tests/test_box_part_rewrites.py). Both fixed for the backend's life. ``relu_epilogue``
     (default: on CUDA) runs the per-point trunks' Linear -> ReLU pairs as one GEMM with its epilogue each
-    (``DecoderGraph.use_relu_epilogue``: tests/test_export.py)."""
+    (``DecoderGraph.use_relu_epilogue``: tests/test_export.py). ``fused_norms`` (default off: not yet timed on a
+    GPU) runs the lean encoder's residual adds and norms as ``imedsam_export.fused_add_norm`` Triton kernels in the
+    frequency-first loop (tests/test_fused_add_norm.py)."""
 
     def __init__(
         self, model: Any, device: str = "cuda", precision: str = "bf16", cuda_graphs: bool | None = None,
@@ -181,7 +183,7 @@ class TorchBackend(Backend):
         device_planner: bool | None = None, device_merge: bool | None = None, fused_attention: bool | None = None,
         overlap_frequency: bool | None = None, grid_sample: bool = True, fused_mlp: bool = False,
         align_matmuls: bool | None = None, lean_encoder: bool | None = None, lean_box_part: bool | None = None,
-        relu_epilogue: bool | None = None,
+        relu_epilogue: bool | None = None, fused_norms: bool = False,
     ) -> None:
         super().__init__(max_batch, max_points)
         if precision not in PRECISIONS:
@@ -286,6 +288,9 @@ class TorchBackend(Backend):
         self.set_decoder_mlp(fused_mlp)
         self.set_decoder_alignment(self.device.type == "cuda" if align_matmuls is None else align_matmuls)
         self.set_decoder_epilogue(self.device.type == "cuda" if relu_epilogue is None else relu_epilogue)
+        self.fused_norms = False
+        if fused_norms:
+            self.set_encoder_norms(True)
 
     def set_encoder_options(self, fused_attention: bool, overlap_frequency: bool) -> None:
         """Every attention (the encoder's and the box part's) as one SDPA call or explicit GEMMs, and the
@@ -304,6 +309,26 @@ class TorchBackend(Backend):
         for key in [k for k in self._graphs if k[0] in ("enc", "prompt")]:
             del self._graphs[key]
         self._box_cache = None
+
+    def set_encoder_norms(self, fused: bool) -> None:
+        """The lean encoder's residual adds, LayerNorms and casts as ``fused_add_norm`` Triton kernels (two a block
+        instead of seven) or as torch ops, in the frequency-first block loop; encoder graphs are dropped."""
+        if fused:
+            import os
+
+            from imedsam_export.fused_add_norm import available
+
+            why = available() or (None if self.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+                                  else "the Triton kernel needs a CUDA device")
+            why = why or (None if self.lean_encoder else "it needs the lean encoder (lean_encoder=True)")
+            if why:
+                raise UserError(f"backend {self.name}: fused encoder norms: {why}")
+        from imedsam_export.encoder_rewrites import use_fused_norms
+
+        use_fused_norms(self.model.image_encoder, fused)
+        self.fused_norms = fused
+        for key in [k for k in self._graphs if k[0] == "enc"]:
+            del self._graphs[key]
 
     def set_decoder_sampling(self, grid_sample: bool) -> None:
         """The per-point decoder's two map samples as ``grid_sample`` calls or the exported graph's Gather taps
@@ -367,7 +392,7 @@ class TorchBackend(Backend):
             ", frequency stream" if self.overlap_frequency else "") + (", grid_sample taps" if self.grid_sample else "") + (
             ", fused decoder MLP" if self.fused_mlp else "") + (", aligned decoder matmuls" if self.align_matmuls else "") + (
             ", lean encoder" if self.lean_encoder else "") + (", lean box part" if self.lean_box_part else "") + (
-            ", ReLU epilogues" if self.relu_epilogue else "")
+            ", ReLU epilogues" if self.relu_epilogue else "") + (", fused encoder norms" if self.fused_norms else "")
         return f"{self.name} ({self.precision}{graphs}{compiled}{opts}){gpu}"
 
     # --- plumbing ---

@@ -7,6 +7,7 @@ as they are; the adapters add ``blocks.i.attn.qkv.lora_*`` and ``blocks.i.freq.*
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -184,6 +185,16 @@ class Block(nn.Module):
             out = out + add
         return out, f
 
+    def step(self, x: torch.Tensor, y: torch.Tensor | None, add: torch.Tensor, wait: Callable[[], None],
+             next_block: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One block of ``ImageEncoder.frequency_chain_first``'s loop: the block on x, then ``wait()`` (for the
+        frequency stream) and its adapter's ``add``. ``y``: this block's norm1(x) if the previous step made it
+        (an inference rewrite may, fused with its last add); returns (x, the next block's norm1 output or
+        None). Here: ``forward`` and the add, y neither read nor made."""
+        x, _ = self(x, None)
+        wait()
+        return x + add, None
+
     def frequency_step(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The adapter on the frequency tokens: (next block's f, what is added to this block's output)."""
         assert self.freq is not None
@@ -287,11 +298,16 @@ class ImageEncoder(nn.Module):
                 events.append(torch.cuda.Event() if cuda else None)
                 if events[-1] is not None:
                     events[-1].record(side)
-        for blk, add, ev in zip(self.blocks, adds, events, strict=True):
-            x, _ = blk(x, None)
-            if ev is not None and main is not None:
-                main.wait_event(ev)
-            x = x + add
+        y = None
+        blocks = list(self.blocks)
+        for i, (blk, add, ev) in enumerate(zip(blocks, adds, events, strict=True)):
+            assert isinstance(blk, Block)
+
+            def wait(ev: torch.cuda.Event | None = ev) -> None:
+                if ev is not None and main is not None:
+                    main.wait_event(ev)
+
+            x, y = blk.step(x, y, add, wait, blocks[i + 1] if i + 1 < len(blocks) else None)
         if side is not None and main is not None:
             # the adapters' outputs were allocated on the side stream and read on the main one: the side
             # stream waits for those reads before the allocator can hand the memory out again there (the

@@ -1,0 +1,113 @@
+"""The encoder's residual adds, LayerNorm and the cast to the compute dtype as ONE Triton kernel (torch-cuda's
+``fused_norms``, off by default until a GPU has timed it).
+
+Under autocast a block's residual stream is fp32 and every LayerNorm runs in fp32, so each norm costs a kernel
+and its output another (the cast to bf16 for the next GEMM), and each residual add a third: per block
+``x + attn``, ``LN2``, cast, ``x + mlp``, ``+ frequency``, the next block's ``LN1``, cast: seven small kernels
+(op_count). Here ``add_norm`` does ``s = x + a (+ b)``, writes ``s`` (fp32) and ``LN(s)`` in the compute dtype, in
+one pass over the row: two kernels a block. The adds are the same IEEE fp32 additions in the same order (``s`` is
+bitwise torch's); the norm's mean and variance are summed in another order (within fp32 rounding before the
+cast: tests/test_fused_add_norm.py runs the kernel in Triton's interpreter and compiles it for sm_90).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+try:  # optional: torch-cuda's fused norms only
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = None
+    tl = None
+
+
+def available() -> str | None:
+    """None when the kernel can run here, else why not."""
+    if triton is None:
+        return "triton is not installed (it comes with the CUDA builds of torch on Linux)"
+    return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _add_norm_kernel(
+        x_ptr, a_ptr, b_ptr, w_ptr, bias_ptr, sum_ptr, y_ptr, C, eps,
+        HAS_A: tl.constexpr, HAS_B: tl.constexpr, WRITE_SUM: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # pragma: no cover - compiled by triton (or run by its interpreter in the tests' subprocess)
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < C
+        off = row * C + cols
+        s = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        if HAS_A:
+            s = s + tl.load(a_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        if HAS_B:
+            s = s + tl.load(b_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        if WRITE_SUM:
+            tl.store(sum_ptr + off, s, mask=ok)
+        mean = tl.sum(s, axis=0) / C
+        d = tl.where(ok, s - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / C + eps)
+        w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + off, (d * rstd * w + bias).to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def _block(c: int) -> int:
+    return max(16, 1 << (c - 1).bit_length())
+
+
+def _num_warps(c: int) -> int:
+    return 4 if c <= 1024 else 8
+
+
+def add_norm(x: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None, norm: nn.LayerNorm,
+             out_dtype: torch.dtype, write_sum: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """s = x + a + b (fp32, left to right; a and b optional, any float dtype, x's shape) and LN(s) over the last
+    dimension in ``out_dtype``: (s, y), s None when not ``write_sum``."""
+    c = x.shape[-1]
+    if norm.weight is None or norm.bias is None or tuple(norm.normalized_shape) != (c,):
+        raise ValueError(f"add_norm: a LayerNorm over the last dimension ({c}) with weight and bias")
+    x = x.contiguous()
+    a = a.contiguous() if a is not None else None
+    b = b.contiguous() if b is not None else None
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    s = torch.empty(x.shape, dtype=torch.float32, device=x.device) if write_sum else None
+    launch: dict[str, Any] = dict(HAS_A=a is not None, HAS_B=b is not None, WRITE_SUM=write_sum, BLOCK=_block(c),
+                                  num_warps=_num_warps(c))
+    args = (x, a if a is not None else x, b if b is not None else x, norm.weight, norm.bias,
+            s if s is not None else y, y, c, float(norm.eps))
+    grid = (x.numel() // c,)
+    if x.is_cuda and x.device.index not in (None, torch.cuda.current_device()):
+        with torch.cuda.device(x.device):  # triton launches on the current device (a backend on cuda:1)
+            _add_norm_kernel[grid](*args, **launch)
+    else:
+        _add_norm_kernel[grid](*args, **launch)
+    return s, y
+
+
+def compile_for(c: int, out_dtype: torch.dtype, capability: int = 90) -> dict[str, Any]:
+    """Compile the kernel ahead of time for an NVIDIA target (90: Hopper), with no GPU needed, for rows of ``c``
+    (fp32 x, a bf16 / fp16 a, an fp32 b, as in the encoder), every variant the encoder launches. Returns each
+    variant's shared memory. The interpreter runs a kernel that may still fail to compile."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    tri = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    names = list(_add_norm_kernel.arg_names)
+    out: dict[str, Any] = {}
+    for has_a, has_b, write in ((False, False, False), (True, False, True), (True, True, True)):
+        sig = {"x_ptr": "*fp32", "a_ptr": f"*{tri[out_dtype]}", "b_ptr": "*fp32", "w_ptr": "*fp32",
+               "bias_ptr": "*fp32", "sum_ptr": "*fp32", "y_ptr": f"*{tri[out_dtype]}", "C": "i32", "eps": "fp32"}
+        const = {"HAS_A": has_a, "HAS_B": has_b, "WRITE_SUM": write, "BLOCK": _block(c)}
+        sig.update(dict.fromkeys(const, "constexpr"))
+        src = ASTSource(_add_norm_kernel, signature={n: sig[n] for n in names},
+                        constexprs={(names.index(n),): v for n, v in const.items()})
+        k = triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": _num_warps(c)})
+        out[f"a={int(has_a)} b={int(has_b)} sum={int(write)}"] = {"shared_bytes": int(k.metadata.shared)}
+    return out

@@ -47,7 +47,7 @@ class LeanBlock(Block):
     """An encoder ``Block`` (merged qkv, power-of-two scale) whose attention runs in about half the kernels.
 
     - The queries extended with SAM's decomposed relative-position bias (``Attention.attend``: [s q, q . Rh,
-      q . Rw, zero padding]) come from one GEMM against a per-head block-diagonal table [s I; R_h; R_w; 0]
+      q . Rw, zero padding]) come from one GEMM, batched over the heads, against the table [s I; R_h; R_w; 0]
       that reads the queries where qkv wrote them, and one gather of the needed columns; before: a scale
       multiply, two broadcast batched matmuls (three operand copies and an output copy), a cat and the
       q/k/v layout copies.
@@ -75,7 +75,7 @@ class LeanBlock(Block):
         f = -(-(c + rh.shape[0] + rw.shape[0] + 1) // 8) * 8  # per head: s I, R_h, R_w, >= 1 zero row
         zero = c + rh.shape[0] + rw.shape[0]  # the first zero column of a head's block
         d = -(-(c + 2 * n) // 8) * 8  # the extended query / key width (Attention.position_tables' z)
-        self.table = nn.Linear(C, heads * f, bias=False).to(dev)
+        self.table = nn.Linear(c, f, bias=False).to(dev)  # one head's [s I; R_h; R_w; 0], shared by the heads
         self.proj = nn.Linear(heads * d, C).to(dev)
         with torch.no_grad():
             self.qkv.weight.copy_(qkv.weight)
@@ -85,7 +85,7 @@ class LeanBlock(Block):
             block_t[:c] = attn.scale * torch.eye(c, device=dev)
             block_t[c : c + rh.shape[0]] = rh
             block_t[c + rh.shape[0] : zero] = rw
-            self.table.weight.copy_(torch.block_diag(*[block_t] * heads))
+            self.table.weight.copy_(block_t)
             w = torch.zeros(C, heads, d, device=dev)  # zero columns against the zero-padded values
             w[:, :, :c] = attn.proj.weight.view(C, heads, c)
             self.proj.weight.copy_(w.view(C, heads * d))
@@ -128,8 +128,13 @@ class LeanBlock(Block):
         bw, n, _ = qkv.shape
         C, heads = self.dim, self.heads
         c = C // heads
-        q_ext = torch.gather(self.table(qkv[..., :C]).view(bw, n, heads, -1), 3,
-                             self.q_index[None].expand(bw, n, heads, -1))
+        # every head's queries against the table in one batched GEMM over the heads, reading them where qkv put
+        # them (head h of token t: row t, columns h c ..; a batch stride of c), then the needed columns gathered
+        # straight into the (Bw, N, heads, d) layout the attention reads
+        q = qkv[..., :C].reshape(bw * n, heads, c).transpose(0, 1)
+        w = self.table.weight  # (f, c)
+        full = torch.bmm(q, w.t().expand(heads, -1, -1)).view(heads, bw, n, -1)  # (heads, Bw, N, f)
+        q_ext = torch.gather(full.permute(1, 2, 0, 3), 3, self.q_index[None].expand(bw, n, heads, -1))
         cols, pad = self.key_cols, self.value_pad
         if cols.dtype != qkv.dtype:  # made for another compute dtype: cast (a kernel each) rather than fail
             cols, pad = cols.to(qkv.dtype), pad.to(qkv.dtype)

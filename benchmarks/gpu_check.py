@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     ours = {"fp32": backend("fp32"), "bf16": backend("bf16")}
     if a.compile != "none":
         ours["bf16+compile"] = backend("bf16", compile=True)
-    info["lean_encoder"] = ours["bf16"].lean_encoder
+    info["lean_encoder"], info["lean_box_part"] = ours["bf16"].lean_encoder, ours["bf16"].lean_box_part
+    info["relu_epilogue"] = ours["bf16"].relu_epilogue
     info["fused_mlp_block"] = a.fused_mlp
     info["parts"] = a.parts
     ref = ReferenceIMedSAM(model.to(dev))
@@ -492,7 +493,6 @@ def main(argv: list[str] | None = None) -> int:
         ran = [c for c in results.get("decoder_options", []) if c.get("fused_mlp") and c.get("query") == "sparse"
                and "p50_ms" in c]
         a.fused_mlp = min(ran, key=lambda c: c["p50_ms"])["block_m"] if ran else 0
-        info["lean_encoder"] = ours["bf16"].lean_encoder
     info["fused_mlp_block"] = a.fused_mlp
     if a.align_matmuls is not None:  # after the decoder options, which restore the backends' own settings
         for p, be in ours.items():

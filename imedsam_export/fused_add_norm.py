@@ -17,19 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-try:  # optional: torch-cuda's fused norms only
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised where triton is absent
-    triton = None
-    tl = None
+from imedsam_export.triton_support import TRITON_DTYPE, available, compile_ahead, on_device, tl, triton
 
-
-def available() -> str | None:
-    """None when the kernel can run here, else why not."""
-    if triton is None:
-        return "triton is not installed (it comes with the CUDA builds of torch on Linux)"
-    return None
+__all__ = ["add_norm", "available", "compile_for"]
 
 
 if triton is not None:
@@ -82,12 +72,8 @@ def add_norm(x: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None, no
                                   num_warps=_num_warps(c))
     args = (x, a if a is not None else x, b if b is not None else x, norm.weight, norm.bias,
             s if s is not None else y, y, c, float(norm.eps))
-    grid = (x.numel() // c,)
-    if x.is_cuda and x.device.index not in (None, torch.cuda.current_device()):
-        with torch.cuda.device(x.device):  # triton launches on the current device (a backend on cuda:1)
-            _add_norm_kernel[grid](*args, **launch)
-    else:
-        _add_norm_kernel[grid](*args, **launch)
+    with on_device(x):
+        _add_norm_kernel[(x.numel() // c,)](*args, **launch)
     return s, y
 
 
@@ -95,19 +81,12 @@ def compile_for(c: int, out_dtype: torch.dtype, capability: int = 90) -> dict[st
     """Compile the kernel ahead of time for an NVIDIA target (90: Hopper), with no GPU needed, for rows of ``c``
     (fp32 x, a bf16 / fp16 a, an fp32 b, as in the encoder), every variant the encoder launches. Returns each
     variant's shared memory. The interpreter runs a kernel that may still fail to compile."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    tri = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-    names = list(_add_norm_kernel.arg_names)
+    t = TRITON_DTYPE[out_dtype]
+    sig = {"x_ptr": "*fp32", "a_ptr": f"*{t}", "b_ptr": "*fp32", "w_ptr": "*fp32", "bias_ptr": "*fp32",
+           "sum_ptr": "*fp32", "y_ptr": f"*{t}", "C": "i32", "eps": "fp32"}
     out: dict[str, Any] = {}
     for has_a, has_b, write in ((False, False, False), (True, False, True), (True, True, True)):
-        sig = {"x_ptr": "*fp32", "a_ptr": f"*{tri[out_dtype]}", "b_ptr": "*fp32", "w_ptr": "*fp32",
-               "bias_ptr": "*fp32", "sum_ptr": "*fp32", "y_ptr": f"*{tri[out_dtype]}", "C": "i32", "eps": "fp32"}
         const = {"HAS_A": has_a, "HAS_B": has_b, "WRITE_SUM": write, "BLOCK": _block(c)}
-        sig.update(dict.fromkeys(const, "constexpr"))
-        src = ASTSource(_add_norm_kernel, signature={n: sig[n] for n in names},
-                        constexprs={(names.index(n),): v for n, v in const.items()})
-        k = triton.compile(src, target=GPUTarget("cuda", capability, 32), options={"num_warps": _num_warps(c)})
+        k = compile_ahead(_add_norm_kernel, sig, const, capability, {"num_warps": _num_warps(c)})
         out[f"a={int(has_a)} b={int(has_b)} sum={int(write)}"] = {"shared_bytes": int(k.metadata.shared)}
     return out

@@ -35,20 +35,9 @@ import torch
 from torch import nn
 
 from imedsam_export.graphs import PointUncertainty
+from imedsam_export.triton_support import TRITON_DTYPE, available, compile_ahead, on_device, tl, triton
 
-try:  # optional: torch-cuda's fused decoder only
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised where triton is absent
-    triton = None
-    tl = None
-
-
-def available() -> str | None:
-    """None when the kernel can run here, else why not."""
-    if triton is None:
-        return "triton is not installed (it comes with the CUDA builds of torch on Linux)"
-    return None
+__all__ = ["FusedPointMLP", "available"]
 
 
 def _next_pow2(n: int, least: int = 16) -> int:
@@ -223,12 +212,8 @@ class FusedPointMLP(nn.Module):
 
     def _launch(self, x: torch.Tensor, outs: torch.Tensor) -> None:
         """The kernel over x (M, IN) float32 into outs (3, K, M): coarse, fine, uncertainty."""
-        M = x.shape[0]
-        if x.is_cuda and x.device.index not in (None, torch.cuda.current_device()):
-            with torch.cuda.device(x.device):  # triton launches on the current device (a backend on cuda:1)
-                self._run_kernel(x, outs, M)
-        else:
-            self._run_kernel(x, outs, M)
+        with on_device(x):
+            self._run_kernel(x, outs, x.shape[0])
 
     def _constexprs(self) -> dict[str, Any]:
         return dict(K=self.K, INP=self.INP, H1P=self.H1P, H2P=self.H2P, CFP=self.CFP, F1P=self.F1P, F2P=self.F2P,
@@ -241,20 +226,11 @@ class FusedPointMLP(nn.Module):
         kernel's shared memory per block (Hopper allows 227 KiB) and its launch settings. A kernel that the
         interpreter runs may still fail to compile (an ``Any`` annotation inside a jitted helper did, on an
         H200): this catches that on a CPU."""
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-
-        names = list(_point_mlp_kernel.arg_names)
-        tri = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
         sig: dict[str, str] = {"x_ptr": "*fp32", "M": "i32", "IN": "i32", "stride_x": "i32"}
-        sig.update({f"{n}_ptr": f"*{tri[getattr(self, n).dtype]}" for n in self.names})
+        sig.update({f"{n}_ptr": f"*{TRITON_DTYPE[getattr(self, n).dtype]}" for n in self.names})
         sig.update({f"{n}_ptr": "*fp32" for n in ("logit", "fine", "unc")})
-        const = self._constexprs()
-        sig.update(dict.fromkeys(const, "constexpr"))
-        src = ASTSource(_point_mlp_kernel, signature={n: sig[n] for n in names},
-                        constexprs={(names.index(n),): v for n, v in const.items()})
-        kernel = triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                                options={"num_warps": self.num_warps, "num_stages": self.num_stages})
+        kernel = compile_ahead(_point_mlp_kernel, sig, self._constexprs(), capability,
+                               {"num_warps": self.num_warps, "num_stages": self.num_stages})
         return {"shared_bytes": int(kernel.metadata.shared), "num_warps": self.num_warps,
                 "num_stages": self.num_stages}
 

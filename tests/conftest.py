@@ -13,6 +13,26 @@ SHARED_DATA = Path(os.environ.get("IMEDSAM_SHARED_DATA", REPO.parent / "shared" 
 SAMPLE_DATA = REPO / "data" / "sample" / "kvasir-sessile"
 
 
+def run_in_triton_interpreter(script: str) -> dict:
+    """Run ``script`` (which prints one JSON object last) in a subprocess with ``TRITON_INTERPRET=1``: Triton
+    kernels then run on the CPU. The interpreter must be on before a kernel is defined, hence the process."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def not_interpreted() -> None:
+    """For the tests that need Triton's compiler or its absence, not its interpreter."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.fail("run this test without TRITON_INTERPRET")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     import torch
 

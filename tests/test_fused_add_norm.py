@@ -7,14 +7,9 @@ fp16 stands in for the reduced-precision path; benchmarks/gpu_check.py compares 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-from .conftest import REPO
+from .conftest import not_interpreted, run_in_triton_interpreter
 
 pytest.importorskip("triton", reason="triton comes with torch's CUDA builds on Linux; this torch has none")
 
@@ -81,11 +76,7 @@ json.dump(out, sys.stdout)
 
 @pytest.fixture(scope="module")
 def compared() -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    res = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, cwd=REPO,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_in_triton_interpreter(SCRIPT)
 
 
 @pytest.mark.parametrize("case", ["norm only", "x + a", "x + a + b"])
@@ -117,8 +108,7 @@ def test_fused_norms_are_refused_without_a_gpu_or_the_lean_encoder():
     from imedsam_deploy.errors import UserError
     from imedsam_train.build import build
 
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.fail("run this test without TRITON_INTERPRET")
+    not_interpreted()
     torch.manual_seed(0)
     model, _ = build("tiny", input_size=64)
     with pytest.raises(UserError, match="fused encoder norms: the Triton kernel needs a CUDA device"):
@@ -132,8 +122,7 @@ def test_the_kernel_compiles_for_hopper():
 
     from imedsam_export.fused_add_norm import compile_for
 
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.fail("run this test without TRITON_INTERPRET")
+    not_interpreted()
     for c, dtype in ((768, torch.bfloat16), (1024, torch.bfloat16), (768, torch.float32)):
         got = compile_for(c, dtype, 90)
         assert len(got) == 3 and all(0 <= v["shared_bytes"] <= 227 * 1024 for v in got.values()), got

@@ -7,14 +7,9 @@ fp16 stands in for the reduced-precision path here; a GPU check times and compar
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-from .conftest import REPO
+from .conftest import not_interpreted, run_in_triton_interpreter
 
 pytest.importorskip("triton", reason="triton comes with torch's CUDA builds on Linux; this torch has none")
 
@@ -89,11 +84,7 @@ json.dump(out, sys.stdout)
 
 @pytest.fixture(scope="module")
 def compared() -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    res = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, cwd=REPO,
-                         timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_in_triton_interpreter(SCRIPT)
 
 
 @pytest.mark.parametrize("config", ["tiny", "odd widths, 2 classes", "vit_b widths"])
@@ -129,8 +120,7 @@ def test_the_fused_mlp_refuses_a_cpu_without_the_interpreter():
     from imedsam_deploy.errors import UserError
     from imedsam_train.build import build
 
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.fail("run this test without TRITON_INTERPRET")
+    not_interpreted()
     torch.manual_seed(0)
     model, _ = build("tiny", input_size=64)
     with pytest.raises(UserError, match="fused decoder MLP: the Triton kernel needs a CUDA device"):
@@ -150,8 +140,7 @@ def test_the_kernel_compiles_for_hopper_within_its_shared_memory():
     from imedsam_export.merge import merge_for_export
     from imedsam_train.build import build
 
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.fail("run this test without TRITON_INTERPRET")
+    not_interpreted()
     torch.manual_seed(0)
     model, _ = build("vit_b", input_size=384)
     dec = DecoderGraph(merge_for_export(model.eval())[0])

@@ -1,0 +1,50 @@
+"""Triton where torch's CUDA build brings it: the import, and what the fused kernels (``fused_point_mlp``,
+``fused_add_norm``) share to launch on the right device and to compile ahead of time without a GPU."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+try:  # optional: torch-cuda's fused kernels only
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where triton is absent
+    triton = None
+    tl = None
+
+# triton's pointer type names for torch's float dtypes
+TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def available() -> str | None:
+    """None when Triton kernels can run here, else why not."""
+    if triton is None:
+        return "triton is not installed (it comes with the CUDA builds of torch on Linux)"
+    return None
+
+
+def on_device(x: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+    """Triton launches on the current CUDA device: a context that makes ``x``'s device current (a backend on
+    cuda:1), or nothing to do."""
+    if x.is_cuda and x.device.index not in (None, torch.cuda.current_device()):
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
+
+def compile_ahead(kernel: Any, signature: dict[str, str], constexprs: dict[str, Any], capability: int,
+                  options: dict[str, Any]) -> Any:
+    """Compile a jitted kernel for an NVIDIA target (90: Hopper) with no GPU: Triton's front end, its passes and
+    ptxas, as a launch would. ``signature``: each argument's triton type ("*fp32", "i32", ...); constexprs are
+    added. A kernel that the interpreter runs may still fail here (an ``Any`` annotation inside a jitted
+    helper did, on an H200)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(kernel.arg_names)
+    sig = {**signature, **dict.fromkeys(constexprs, "constexpr")}
+    src = ASTSource(kernel, signature={n: sig[n] for n in names},
+                    constexprs={(names.index(n),): v for n, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)

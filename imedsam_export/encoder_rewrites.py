@@ -15,7 +15,8 @@ little it does; an H200's vit_b encoder was 552 kernels and launch-bound, benchm
 
 All three reorder fp32 sums only (within fp32 rounding, tests/test_encoder_rewrites.py); under bf16 autocast
 the neck's norms now run in fp32 instead of bf16, closer to the fp32 model. The ONNX graphs keep the model's
-own forms.
+own forms. ``use_fused_norms`` further runs the lean blocks' residual adds and norms as Triton kernels
+(``imedsam_export.fused_add_norm``; off by default).
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ class LeanBlock(Block):
             gp = -(-grid // ws) * ws  # the padded grid
             wr, wc = torch.meshgrid(torch.arange(gp), torch.arange(gp), indexing="ij")
             # window order: (window row, window column, row in window, column in window)
+
             def order(t: torch.Tensor) -> torch.Tensor:
                 return t.view(gp // ws, ws, gp // ws, ws).permute(0, 2, 1, 3).reshape(-1)
 

@@ -167,9 +167,10 @@ class TorchBackend(Backend):
     (benchmarks/RESULTS.md, session 7). ``align_matmuls`` (default: on CUDA) zero-pads the per-point layers' odd
     widths to multiples of 8, so that cuBLAS takes its aligned Hopper GEMMs instead of align1 / align2 ones
     (exact: tests/test_export.py; an H200's vit_b sparse frame 8.4 -> 6.9 ms at 384², 18.4 -> 14.2 ms at 896²).
-    ``lean_encoder`` (default: on CUDA) runs the encoder with ``imedsam_export.encoder_rewrites``: the attention
-    scale folded into qkv, the patch embedding as one GEMM, the neck channels-last with ``layer_norm`` (the
-    same arithmetic in fewer kernels: tests/test_encoder_rewrites.py); ``lean_box_part`` (default: on CUDA) the box
+    ``lean_encoder`` (default: on CUDA) runs the encoder with ``imedsam_export.encoder_rewrites``: each block's
+    relative-position attention with one batched GEMM and a gather, windows by index gathers, the patch
+    embedding as one GEMM, the neck channels-last with ``layer_norm`` (the same arithmetic to fp32 rounding in
+    about 30% fewer kernels: tests/test_encoder_rewrites.py); ``lean_box_part`` (default: on CUDA) the box
     part with ``imedsam_export.box_part_rewrites``: its dense positional map made once, the upscaling's norm as
     one ``layer_norm`` (tests/test_box_part_rewrites.py). Both fixed for the backend's life. ``relu_epilogue``
     (default: on CUDA) runs the per-point trunks' Linear -> ReLU pairs as one GEMM with its epilogue each
@@ -215,7 +216,7 @@ class TorchBackend(Backend):
         self.model = folded
         cuda = self.device.type == "cuda"
         self.lean_encoder = cuda if lean_encoder is None else lean_encoder
-        if self.lean_encoder:  # before the position tables are frozen: the scale fold rescales them
+        if self.lean_encoder:  # from the fp32 layers; store_weights_in below casts the new ones too
             from imedsam_export.encoder_rewrites import lean_encoder as rewrite
 
             rewrite(folded.image_encoder, self.amp_dtype or torch.float32)

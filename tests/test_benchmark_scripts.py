@@ -45,8 +45,7 @@ def test_gpu_check_dry_run_runs_every_variant_and_agrees(tmp_path):
         # within bf16 rounding
         exact = not o["fused_attention"] and not o["lean_encoder"]
         assert o["max_abs_diff_vs_plain"] == 0.0 if exact else o["max_abs_diff_vs_plain"] < 0.1
-    # sparse and full frames: grid_sample (default), Gather taps, zero-padded layers, with ReLU epilogues too;
-    # the fused MLP (skipped)
+    # sparse and full frames: grid_sample (default), Gather taps, zero-padded layers, with ReLU epilogues too
     opts = res["decoder_options"]
     ran = [o for o in opts if "skipped" not in o]
     assert [(o["grid_sample"], o["align_matmuls"], o["relu_epilogue"], o["query"]) for o in ran] == [
@@ -55,15 +54,27 @@ def test_gpu_check_dry_run_runs_every_variant_and_agrees(tmp_path):
         (True, True, True, "sparse"), (True, True, True, "full")]
     assert not any("error" in o for o in ran) and all("mask_agreement" not in o for o in ran[:2])
     assert all(o["mask_agreement"] >= 0.999 for o in ran[2:])
-    skipped = [o for o in opts if "skipped" in o]  # the Triton kernel is timed on a GPU (test_fused_point_mlp.py)
-    assert [o["block_m"] for o in skipped] == [16, 32, 64] and all(o["fused_mlp"] for o in skipped)
-    assert all("needs a CUDA device" in o["skipped"] for o in skipped)
+    assert not any("skipped" in o or o["fused_mlp"] for o in opts)  # the fused MLP: only with --fused-mlp
     mem = res["memory"]  # every mode at each output size ran (the figures themselves need a GPU)
     assert [(m["out_size"], m["query"]) for m in mem] == [(o, q) for o in (64, 96) for q in ("full", "sparse")]
     assert not any("error" in m for m in mem)
     for name in ("encoder", "sparse frame", "full frame"):
         prof = res["kernel_profiles"][name]
         assert prof["kernels_per_call"] > 10 and prof["kernel_ms_per_call"] > 0 and prof["top"]
+
+
+def test_gpu_check_times_the_fused_mlp_only_when_asked(tmp_path):
+    """--fused-mlp -1 adds the Triton kernel's three block sizes to the decoder options (here skipped: it needs a
+    GPU) and then runs the timing rows without it, none having run."""
+    rc = gpu_check.main(["--device", "cpu", "--model", "tiny", "--quick", "--input-size", "64", "--sizes", "64",
+                         "--batches", "1", "--compile", "none", "--parts", "decoder", "--fused-mlp", "-1",
+                         "--out", str(tmp_path)])
+    assert rc == 0
+    res = json.loads((tmp_path / "gpu_check.json").read_text())
+    skipped = [o for o in res["decoder_options"] if "skipped" in o]
+    assert [o["block_m"] for o in skipped] == [16, 32, 64] and all(o["fused_mlp"] for o in skipped)
+    assert all("needs a CUDA device" in o["skipped"] for o in skipped)
+    assert res["info"]["fused_mlp_block"] == 0
 
 
 def test_host_overhead_runs(capsys):

@@ -207,9 +207,8 @@ class DevicePlanner:
             coarse, fine, unc = (o.float() for o in decode(coords))
             if first:
                 state["tau"] = torch.topk(unc[:, : self.n_t], self.kt, dim=1).values[:, -1]
-                k = unc.shape[0]
-                state["dec"] = torch.zeros(k, n + 1, dtype=torch.bool, device=dev)
-                state["val"] = torch.zeros(k, n + 1, dtype=torch.float32, device=dev)
+                # the logits only: every decision is ``val > 0`` (a fill clamps its logits to its decision's sign)
+                state["val"] = torch.zeros(unc.shape[0], n + 1, dtype=torch.float32, device=dev)
                 coarse, fine, unc = coarse[:, self.n_t :], fine[:, self.n_t :], unc[:, self.n_t :]
             v = torch.where(unc >= state["tau"][:, None], fine, coarse)
             a = None
@@ -219,7 +218,6 @@ class DevicePlanner:
                 band = (torch.minimum(coarse.abs(), fine.abs()) < cfg.logit_band).any(dim=0)
                 a = band if a is None else a | band
             dest = torch.where(flag, lin, n)  # the spare slot for points not to be written
-            state["dec"][:, dest] = v > 0
             state["val"][:, dest] = v
             if a is not None:
                 amb[dest] = a
@@ -232,9 +230,9 @@ class DevicePlanner:
         cand = cells_valid(self.stride)
         for s in self.levels:
             evaluate(_corner_any(cand), s, self.caps[s])
-            k = state["dec"].shape[0]
-            dec, val = state["dec"][:, :n].view(k, GH, GW), state["val"][:, :n].view(k, GH, GW)
-            d = dec[:, ::s, ::s]
+            k = state["val"].shape[0]
+            val = state["val"][:, :n].view(k, GH, GW)
+            d = val[:, ::s, ::s] > 0  # the lattice's decisions
             am = amb_g[::s, ::s]
             disagree = ((d[:, :-1, :-1] != d[:, 1:, :-1]) | (d[:, :-1, :-1] != d[:, :-1, 1:])
                         | (d[:, :-1, :-1] != d[:, 1:, 1:])).any(dim=0)
@@ -245,17 +243,16 @@ class DevicePlanner:
                     active = F.conv2d(active[None, None].float(), self.diamond, padding=cfg.dilate)[0, 0] > 0
             active = active & cells_valid(s)
             if s > 1:
-                self._fill(dec, val, cand & ~active, s, inside, last)
+                self._fill(val, d, cand & ~active, s, inside, last)
                 r, c = active.shape  # each cell becomes its 2 x 2 children (expand: no host sync in capture)
                 cand = active[:, None, :, None].expand(r, 2, c, 2).reshape(2 * r, 2 * c)
             else:  # cells switched on by the dilation at the last level: their corners are their pixels
                 evaluate(_corner_any(active), 1, self.dilation_cap)
-        k = state["dec"].shape[0]
+        val = state["val"][:, :n].view(-1, GH, GW)
         queried = known[:n].sum() + self.n_t  # every flagged point became known exactly once
-        return (state["val"][:, :n].view(k, GH, GW), state["dec"][:, :n].view(k, GH, GW), queried, overflow,
-                torch.stack(needs))
+        return val, val > 0, queried, overflow, torch.stack(needs)
 
-    def _fill(self, dec: torch.Tensor, val: torch.Tensor, settled: torch.Tensor, s: int, inside: torch.Tensor,
+    def _fill(self, val: torch.Tensor, lattice_dec: torch.Tensor, settled: torch.Tensor, s: int, inside: torch.Tensor,
               last: tuple[torch.Tensor, torch.Tensor]) -> None:
         """``sparse._fill_settled`` as dense ops over the grid: pixel (i, j) of the region belongs to cell
         (min(i // s, nr - 1), min(j // s, nc - 1)) (the region's far edges to its last cells) and takes the
@@ -266,8 +263,7 @@ class DevicePlanner:
         cr = torch.minimum(self.cell_r[s], torch.div(last[0], s, rounding_mode="floor") - 1)
         cc = torch.minimum(self.cell_c[s], torch.div(last[1], s, rounding_mode="floor") - 1)
         own = settled[cr][:, cc] & inside & self.fillable[s]
-        d = dec[:, ::s, ::s][:, cr][:, :, cc]
+        d = lattice_dec[:, cr][:, :, cc]
         v = F.interpolate(val[None, :, ::s, ::s], size=(self.GH, self.GW), mode="bilinear", align_corners=True)[0]
-        v = torch.where(d, v.clamp(min=1e-6), v.clamp(max=0.0))
-        dec.copy_(torch.where(own, d, dec))
+        v = torch.where(d, v.clamp(min=1e-6), v.clamp(max=0.0))  # the logit takes the decision's sign
         val.copy_(torch.where(own, v, val))

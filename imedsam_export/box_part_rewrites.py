@@ -20,6 +20,7 @@ import torch
 from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
+from imedsam_export.encoder_rewrites import layer_norm_of
 from imedsam_train.model import IMedSAM
 
 
@@ -41,10 +42,7 @@ class ChannelsLastNorm(nn.Module):
 
     def __init__(self, norm: LayerNorm2d) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(norm.weight.shape[0], eps=norm.eps).to(norm.weight.device)
-        with torch.no_grad():
-            self.norm.weight.copy_(norm.weight)
-            self.norm.bias.copy_(norm.bias)
+        self.norm = layer_norm_of(norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)

@@ -30,6 +30,7 @@ from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.image_encoder import PatchEmbed
 from torch import nn
 
+from imedsam_export import fused_add_norm
 from imedsam_train.model.encoder import Attention, Block, ImageEncoder
 
 
@@ -174,8 +175,7 @@ class LeanBlock(Block):
         kernel. The sums are torch's, bitwise; the norms within fp32 rounding before the cast."""
         if not self.fused_norms:
             return super().step(x, y, add, wait, next_block)
-        from imedsam_export.fused_add_norm import add_norm
-
+        add_norm = fused_add_norm.add_norm
         dt = _compute_dtype(x)
         if y is None:
             _, y = add_norm(x, None, None, self.norm1, dt, write_sum=False)
@@ -204,6 +204,16 @@ def lean_block(block: Block, grid: int, dtype: torch.dtype) -> Block:
     if attn is None or getattr(attn.qkv, "merged", True) is False or not _exact_scale(attn):
         return block
     return LeanBlock(block, grid, dtype)
+
+
+def layer_norm_of(norm: LayerNorm2d) -> nn.LayerNorm:
+    """segment-anything's ``LayerNorm2d`` (over NCHW channels) as the ``nn.LayerNorm`` over the last dimension that
+    computes it on channels-last data: the same biased variance over the channels, eps inside the root."""
+    ln = nn.LayerNorm(norm.weight.shape[0], eps=norm.eps).to(norm.weight.device)
+    with torch.no_grad():
+        ln.weight.copy_(norm.weight)
+        ln.bias.copy_(norm.bias)
+    return ln
 
 
 class PatchGEMM(nn.Module):
@@ -253,16 +263,7 @@ class NeckNHWC(nn.Module):
                 self.lin.bias.copy_(c1.bias)
         self.lin.to(c1.weight.device)
         self.conv = c2
-        self.norm1, self.norm2 = (self._layer_norm(n) for n in (n1, n2))
-
-    @staticmethod
-    def _layer_norm(n: LayerNorm2d) -> nn.LayerNorm:
-        # LayerNorm2d: biased variance over the channels, eps inside the root: layer_norm's definition
-        ln = nn.LayerNorm(n.weight.shape[0], eps=n.eps).to(n.weight.device)
-        with torch.no_grad():
-            ln.weight.copy_(n.weight)
-            ln.bias.copy_(n.bias)
-        return ln
+        self.norm1, self.norm2 = layer_norm_of(n1), layer_norm_of(n2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm1(self.lin(x.permute(0, 2, 3, 1)))  # the tokens' own layout: no copy

@@ -19,10 +19,15 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def available() -> str | None:
-    """None when Triton kernels can run here, else why not."""
+def available(device: torch.device | str | None = None) -> str | None:
+    """None when Triton kernels can run here (on ``device``, if given: a CUDA device, or any with Triton's
+    interpreter on, ``TRITON_INTERPRET=1``), else why not."""
+    import os
+
     if triton is None:
         return "triton is not installed (it comes with the CUDA builds of torch on Linux)"
+    if device is not None and torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "the Triton kernel needs a CUDA device"
     return None
 
 

@@ -315,13 +315,9 @@ class TorchBackend(Backend):
         """The lean encoder's residual adds, LayerNorms and casts as ``fused_add_norm`` Triton kernels (two a block
         instead of seven) or as torch ops, in the frequency-first block loop; encoder graphs are dropped."""
         if fused:
-            import os
-
             from imedsam_export.fused_add_norm import available
 
-            why = available() or (None if self.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-                                  else "the Triton kernel needs a CUDA device")
-            why = why or (None if self.lean_encoder else "it needs the lean encoder (lean_encoder=True)")
+            why = available(self.device) or (None if self.lean_encoder else "it needs the lean encoder (lean_encoder=True)")
             if why:
                 raise UserError(f"backend {self.name}: fused encoder norms: {why}")
         from imedsam_export.encoder_rewrites import use_fused_norms
@@ -342,12 +338,9 @@ class TorchBackend(Backend):
         """The per-point MLPs as one Triton kernel (``fused_point_mlp``, ``block_m`` points a program) or as
         torch layers; graphs and compiled planners that contain the decoder are dropped."""
         if fused:
-            import os
-
             from imedsam_export.fused_point_mlp import FusedPointMLP, available
 
-            why = available() or (None if self.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-                                  else "the Triton kernel needs a CUDA device")
+            why = available(self.device)
             if why:
                 raise UserError(f"backend {self.name}: fused decoder MLP: {why}")
             self.decoder.point_mlp = FusedPointMLP(self.decoder, self.amp_dtype or self.torch.float32, block_m)

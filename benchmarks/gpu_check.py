@@ -22,8 +22,9 @@ attention as explicit GEMMs or one ``scaled_dot_product_attention`` call, and wi
 or on a second stream, with the embedding's difference from the plain encoder.
 Decoder options (before/after, bf16, sparse and full frames at batch 1 and each output size): the per-point
 decoder's two map samples as ``grid_sample`` calls (torch-cuda's default) or as the exported graph's Gather taps,
-its odd-width layers zero-padded (default on CUDA) or not, its MLPs as torch layers or one Triton kernel, with
-the masks' agreement with the default's.
+its odd-width layers zero-padded (default on CUDA) or not, with GEMM epilogues or not, each point's input row as
+one Triton kernel or not, its MLPs as torch layers or one Triton kernel, with the masks' agreement with the
+default's.
 Memory (batch 1, full and sparse frames at the input size, 896² and 2048², or ``--memory-sizes``): the GPU memory one frame adds
 over what is held between frames (weights, graph pools), the chunk budget's bound on the output's growth.
 Kernel profiles: the encoder and a whole sparse and full frame run eagerly under the profiler (kernels per call,
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         ours["bf16+compile"] = backend("bf16", compile=True)
     info["lean_encoder"], info["lean_box_part"] = ours["bf16"].lean_encoder, ours["bf16"].lean_box_part
     info["relu_epilogue"] = ours["bf16"].relu_epilogue
+    info["fused_features"] = ours["bf16"].fused_features
     info["fused_mlp_block"] = a.fused_mlp
     info["parts"] = a.parts
     ref = ReferenceIMedSAM(model.to(dev))
@@ -324,28 +326,31 @@ def main(argv: list[str] | None = None) -> int:
         """Sparse and full frames (batch 1, at each output size) with the per-point decoder's map samples
         as ``grid_sample`` calls or as the exported graph's Gather taps (~35 small kernels per map per decoder
         call), its odd-width layers zero-padded to multiples of 8 or not (``align_matmuls``), its Linear -> ReLU
-        pairs with GEMM epilogues or not (``relu_epilogue``, with the padded layers), and, with ``--fused-mlp``,
+        pairs with GEMM epilogues or not (``relu_epilogue``, with the padded layers), each point's input row as
+        one Triton kernel or not (``fused_features``, with both; skipped without CUDA), and, with ``--fused-mlp``,
         its MLPs as one Triton kernel (``fused_point_mlp``, at three block sizes): p50 per frame, per-stage
         p50, and each variant's masks against the first's (grid_sample, unpadded, torch MLP, no epilogues).
         The backend's settings are restored."""
-        keep = (be.grid_sample, be.fused_mlp, be.fused_mlp_block, be.align_matmuls, be.relu_epilogue)
+        keep = (be.grid_sample, be.fused_mlp, be.fused_mlp_block, be.align_matmuls, be.relu_epilogue,
+                be.fused_features)
         inp = synthetic_inputs(S, 1, seed=5)
         out: list[dict[str, Any]] = []
         masks: dict[tuple[Any, ...], np.ndarray] = {}
-        default = (True, False, 32, False, False)
-        variants = [default, (False, False, 32, False, False), (True, False, 32, True, False),
-                    (True, False, 32, True, True)]
+        default = (True, False, 32, False, False, False)
+        variants = [default, (False, False, 32, False, False, False), (True, False, 32, True, False, False),
+                    (True, False, 32, True, True, False), (True, False, 32, True, True, True)]
         if a.fused_mlp:  # timed in session 7 and slower at every block size: only when asked for again
-            variants += [(True, True, 16, False, False), (True, True, 32, False, False), (True, True, 64, False, False)]
-        for grid, fused, block, align, epi in variants:  # the default first: the others are compared with it
-            v = (grid, fused, block, align, epi)
+            variants += [(True, True, b, False, False, False) for b in (16, 32, 64)]
+        for grid, fused, block, align, epi, feats in variants:  # the default first: the others are compared with it
+            v = (grid, fused, block, align, epi, feats)
             what = {"grid_sample": grid, "fused_mlp": fused, "block_m": block, "align_matmuls": align,
-                    "relu_epilogue": epi}
+                    "relu_epilogue": epi, "fused_features": feats}
             try:
                 be.set_decoder_sampling(grid)  # the decoder's graphs are recaptured
                 be.set_decoder_mlp(fused, block)
                 be.set_decoder_alignment(align)
                 be.set_decoder_epilogue(epi)
+                be.set_decoder_features(feats)
             except UserError as e:  # no triton, or no CUDA device for it
                 cell = {**what, "skipped": str(e)}
                 out.append(cell)
@@ -372,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         be.set_decoder_mlp(keep[1], keep[2])
         be.set_decoder_alignment(keep[3])
         be.set_decoder_epilogue(keep[4])
+        be.set_decoder_features(keep[5])
         return out
 
     def kernel_profile(be: TorchBackend, fn: Callable[[], Any], calls: int = 3) -> dict[str, Any]:
@@ -596,7 +602,8 @@ def main(argv: list[str] | None = None) -> int:
                                + (f", box part {c['box_part_p50_ms']:.3f} ms" if "box_part_p50_ms" in c else "")))
     for c in results.get("decoder_options", []):
         fused = (f", fused MLP m{c['block_m']}" if c["fused_mlp"] else "") + (
-            ", aligned" if c.get("align_matmuls") else "") + (", ReLU epilogues" if c.get("relu_epilogue") else "")
+            ", aligned" if c.get("align_matmuls") else "") + (", ReLU epilogues" if c.get("relu_epilogue") else "") + (
+            ", fused rows" if c.get("fused_features") else "")
         opt = (f"{c.get('out_size', '')} {c.get('query', '')} frame "
                f"{'grid_sample' if c['grid_sample'] else 'Gather taps'}{fused}")
         if "error" in c or "skipped" in c:

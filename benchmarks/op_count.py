@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fused-norms", action="store_true",
                     help="the lean encoder's adds and norms as fused_add_norm's Triton kernel (needs triton): each "
                          "launch counts as one op, computed by torch uncounted")
+    ap.add_argument("--fused-features", action="store_true",
+                    help="each point's decoder input row as fused_point_features' Triton kernel (needs triton): each "
+                         "launch counts as one op, the rows computed by torch uncounted")
     ap.add_argument("--fused-mlp", action="store_true",
                     help="the decoder's MLPs as the one Triton kernel of fused_point_mlp (needs triton): its launch "
                          "counts as one op, the kernel itself is not run")
@@ -102,6 +105,25 @@ def main(argv: list[str] | None = None) -> int:
 
         fan.add_norm = add_norm  # type: ignore[assignment]  # this process only
         use_fused_norms(be.model.image_encoder, True)
+    if a.fused_features:
+        from imedsam_export.fused_point_features import FusedPointFeatures
+
+        dec, rows_kernel = be.decoder, FusedPointFeatures(be.decoder)
+
+        def rows(up: torch.Tensor, coords: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+            counter = OpCounter.active[-1]
+            before = collections.Counter(counter.ops)
+            dec.point_features = None  # the unfused rows, the same values
+            try:
+                out = dec._point_rows(up, coords).to(dtype)
+            finally:
+                dec.point_features = rows_kernel
+            counter.ops = before  # the kernel's work, not counted
+            counter.ops["fused_point_features"] += 1
+            return out
+
+        rows_kernel.forward = rows  # type: ignore[method-assign]  # this instance only
+        dec.point_features = rows_kernel
     if a.fused_mlp:
         from imedsam_export.fused_point_mlp import FusedPointMLP
 
@@ -136,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((f"sparse planner {out}²", plan, f"{len(planner.levels) + 1} decoder calls inside, {pts_note}"))
     taps = "Gather taps" if a.gather_taps else "grid_sample"
     mlp = "one fused kernel" if a.fused_mlp else "torch layers"
-    form = ("plain" if a.plain_layers else "lean") + " layers" + (", fused encoder norms" if a.fused_norms else "")
+    form = ("plain" if a.plain_layers else "lean") + " layers" + (", fused encoder norms" if a.fused_norms else "") + (
+        ", fused point rows" if a.fused_features else "")
     print(f"{a.model} at {s}², {a.precision}, eager, non-view aten ops (~ GPU kernels), {form}, decoder samples "
           f"by {taps}, its MLPs as {mlp}:")
     for name, c, note in rows:

@@ -181,6 +181,8 @@ class DecoderGraph(nn.Module):
         self.grid_sampling = False
         # torch paths: every layer after the samples as one kernel (``fused_point_mlp``); exported graphs: None
         self.point_mlp: nn.Module | None = None
+        # torch paths: each point's input row as one kernel (``fused_point_features``); exported graphs: None
+        self.point_features: nn.Module | None = None
         # torch paths: zero-padded copies of the layers with odd widths (``align_matmuls``); exported graphs: None
         self.aligned: nn.ModuleDict | None = None
         self.feat_pad = 0
@@ -275,14 +277,10 @@ class DecoderGraph(nn.Module):
 
     def point_outputs(self, up: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The per-point part: box-conditioned up-map (B, C/8, 4g, 4g), coords (B, N, 2) -> (B, K, N) x 3."""
-        f_up, f_pe = self._grid_samples(up, coords) if self.grid_sampling else self._gather_samples(up, coords)
-        parts = [f_up, f_pe, self.fourier(coords).to(f_up.dtype)]
+        feats = self._point_rows(up, coords)
         if self.point_mlp is not None:
-            return self.point_mlp(torch.cat(parts, dim=-1))
+            return self.point_mlp(feats)
         al, K = self.aligned, self.K
-        if al is not None and self.feat_pad:  # zero columns for the padded first layer's zero weights
-            parts.append(self.feat_zeros.to(f_up.dtype).expand(*f_up.shape[:-1], self.feat_pad))
-        feats = torch.cat(parts, dim=-1)
         first = (al["first"] if al is not None else self.first)(feats)
         first_c, first_f = first[..., : self.h1c], first[..., self.h1c :]
         h = self._trunk(self.coarse_rest, torch.relu(first_c))
@@ -301,6 +299,21 @@ class DecoderGraph(nn.Module):
             h_f = torch.relu(first_f + self.first_cfeat(cfeat))
         fine = (al["fine_head"] if al is not None else self.fine_head)(self._trunk(self.fine_rest, h_f))[..., :K]
         return logits.transpose(1, 2), fine.transpose(1, 2), unc.transpose(1, 2)
+
+    def _point_rows(self, up: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """Each point's first-layer input, (B, N, n_in): [up-map sample, positional sample, gamma], and the zero
+        columns of ``align_matmuls``' padded first layer (not for the fused MLP, which takes n_in)."""
+        al = self.aligned if self.point_mlp is None else None
+        pad = self.feat_pad if al is not None else 0
+        if self.point_features is not None:  # one kernel, the rows in the first GEMM's operand dtype
+            dtype = al["first"].weight.dtype if al is not None else (
+                self.first.weight.dtype if self.point_mlp is None else torch.float32)
+            return self.point_features(up, coords, self.first.in_features + pad, dtype)
+        f_up, f_pe = self._grid_samples(up, coords) if self.grid_sampling else self._gather_samples(up, coords)
+        parts = [f_up, f_pe, self.fourier(coords).to(f_up.dtype)]
+        if pad:  # zero columns for the padded first layer's zero weights
+            parts.append(self.feat_zeros.to(f_up.dtype).expand(*f_up.shape[:-1], pad))
+        return torch.cat(parts, dim=-1)
 
     def _gather_samples(self, up: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The up-map (B, N, C/8) and positional (B, N, C) samples, as Gather ops (the exported form)."""

@@ -53,3 +53,32 @@ def compile_ahead(kernel: Any, signature: dict[str, str], constexprs: dict[str, 
     src = ASTSource(kernel, signature={n: sig[n] for n in names},
                     constexprs={(names.index(n),): v for n, v in constexprs.items()})
     return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
+
+
+def ptxas_usage(compiled: Any, capability: int) -> dict[str, int]:
+    """Registers a thread and spilled bytes of a kernel compiled ahead of time (``compile_ahead``), as ptxas
+    reports them for its PTX (Triton's bundled ptxas, ``-v``): {"registers", "spill_stores", "spill_loads"}.
+    A kernel at the 255-register limit, or spilling, runs one program an SM or goes through local memory."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
+    with tempfile.TemporaryDirectory() as d:
+        ptx = Path(d) / "k.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        res = subprocess.run([get_ptxas(capability).path, "-v", f"-arch={arch}", str(ptx), "-o", str(Path(d) / "k.o")],
+                             capture_output=True, text=True, check=True)
+    text = res.stderr + res.stdout
+
+    def num(pattern: str) -> int:
+        m = re.search(pattern, text)
+        if m is None:
+            raise RuntimeError(f"ptxas -v printed no {pattern!r}: {text[-500:]}")
+        return int(m.group(1))
+
+    return {"registers": num(r"Used (\d+) registers"), "spill_stores": num(r"(\d+) bytes spill stores"),
+            "spill_loads": num(r"(\d+) bytes spill loads")}

@@ -54,7 +54,10 @@ def test_gpu_check_dry_run_runs_every_variant_and_agrees(tmp_path):
         (True, True, True, "sparse"), (True, True, True, "full")]
     assert not any("error" in o for o in ran) and all("mask_agreement" not in o for o in ran[:2])
     assert all(o["mask_agreement"] >= 0.999 for o in ran[2:])
-    assert not any("skipped" in o or o["fused_mlp"] for o in opts)  # the fused MLP: only with --fused-mlp
+    # then the fused point rows on top, which need a GPU; the fused MLP only with --fused-mlp
+    skipped = [o for o in opts if "skipped" in o]
+    assert len(skipped) == 1 and skipped[0]["fused_features"] and "needs a CUDA device" in skipped[0]["skipped"]
+    assert not any(o["fused_mlp"] for o in opts)
     mem = res["memory"]  # every mode at each output size ran (the figures themselves need a GPU)
     assert [(m["out_size"], m["query"]) for m in mem] == [(o, q) for o in (64, 96) for q in ("full", "sparse")]
     assert not any("error" in m for m in mem)
@@ -71,8 +74,8 @@ def test_gpu_check_times_the_fused_mlp_only_when_asked(tmp_path):
                          "--out", str(tmp_path)])
     assert rc == 0
     res = json.loads((tmp_path / "gpu_check.json").read_text())
-    skipped = [o for o in res["decoder_options"] if "skipped" in o]
-    assert [o["block_m"] for o in skipped] == [16, 32, 64] and all(o["fused_mlp"] for o in skipped)
+    skipped = [o for o in res["decoder_options"] if "skipped" in o and o["fused_mlp"]]
+    assert [o["block_m"] for o in skipped] == [16, 32, 64]
     assert all("needs a CUDA device" in o["skipped"] for o in skipped)
     assert res["info"]["fused_mlp_block"] == 0
 
@@ -106,6 +109,12 @@ def test_op_count_counts_each_stage(capsys):
         saved = counts["one decoder call"] - fused["one decoder call"]
         assert saved >= 15 and fused["sparse planner 64²"] == counts["sparse planner 64²"] - 5 * saved
         assert fused["encoder"] == counts["encoder"]
+        # the fused point rows: one launch for the two grid_samples, the Fourier encoding and the concatenations
+        assert op_count.main(["--model", "tiny", "--input-size", "64", "--out-sizes", "64", "--fused-features"]) == 0
+        lines = capsys.readouterr().out.splitlines()[1:]
+        rows = {line[:22].strip(): int(line[22:29]) for line in lines}
+        saved = counts["one decoder call"] - rows["one decoder call"]
+        assert saved >= 5 and rows["sparse planner 64²"] == counts["sparse planner 64²"] - 5 * saved
 
 
 def test_encoder_precision_runs(capsys):

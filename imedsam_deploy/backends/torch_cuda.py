@@ -176,7 +176,9 @@ class TorchBackend(Backend):
     (default: on CUDA) runs the per-point trunks' Linear -> ReLU pairs as one GEMM with its epilogue each
     (``DecoderGraph.use_relu_epilogue``: tests/test_export.py). ``fused_norms`` (default off: not yet timed on a
     GPU) runs the lean encoder's residual adds and norms as ``imedsam_export.fused_add_norm`` Triton kernels in the
-    frequency-first loop (tests/test_fused_add_norm.py)."""
+    frequency-first loop (tests/test_fused_add_norm.py). ``fused_features`` (default off: not yet timed on a GPU)
+    builds each point's decoder input row (both map samples, the Fourier encoding) with one
+    ``imedsam_export.fused_point_features`` Triton kernel instead of ~8 ops (tests/test_fused_point_features.py)."""
 
     def __init__(
         self, model: Any, device: str = "cuda", precision: str = "bf16", cuda_graphs: bool | None = None,
@@ -184,7 +186,7 @@ class TorchBackend(Backend):
         device_planner: bool | None = None, device_merge: bool | None = None, fused_attention: bool | None = None,
         overlap_frequency: bool | None = None, grid_sample: bool = True, fused_mlp: bool = False,
         align_matmuls: bool | None = None, lean_encoder: bool | None = None, lean_box_part: bool | None = None,
-        relu_epilogue: bool | None = None, fused_norms: bool = False,
+        relu_epilogue: bool | None = None, fused_norms: bool = False, fused_features: bool = False,
     ) -> None:
         super().__init__(max_batch, max_points)
         if precision not in PRECISIONS:
@@ -289,6 +291,9 @@ class TorchBackend(Backend):
         self.set_decoder_mlp(fused_mlp)
         self.set_decoder_alignment(self.device.type == "cuda" if align_matmuls is None else align_matmuls)
         self.set_decoder_epilogue(self.device.type == "cuda" if relu_epilogue is None else relu_epilogue)
+        self.fused_features = False
+        if fused_features:
+            self.set_decoder_features(True)
         self.fused_norms = False
         if fused_norms:
             self.set_encoder_norms(True)
@@ -349,6 +354,22 @@ class TorchBackend(Backend):
         self.fused_mlp, self.fused_mlp_block = fused, block_m
         self._drop_decoder_graphs()
 
+    def set_decoder_features(self, fused: bool) -> None:
+        """Each point's decoder input row (both map samples, the Fourier encoding, the alignment zeros) as one
+        Triton kernel (``fused_point_features``) or as torch ops; graphs and compiled planners that contain the
+        decoder are dropped."""
+        if fused:
+            from imedsam_export.fused_point_features import FusedPointFeatures, available
+
+            why = available(self.device)
+            if why:
+                raise UserError(f"backend {self.name}: fused point features: {why}")
+            self.decoder.point_features = FusedPointFeatures(self.decoder).to(self.device)
+        else:
+            self.decoder.point_features = None
+        self.fused_features = fused
+        self._drop_decoder_graphs()
+
     def set_decoder_alignment(self, on: bool) -> None:
         """The per-point layers with odd widths as zero-padded copies (``DecoderGraph.align_matmuls``: exact);
         graphs and compiled planners that contain the decoder are dropped."""
@@ -386,7 +407,8 @@ class TorchBackend(Backend):
             ", frequency stream" if self.overlap_frequency else "") + (", grid_sample taps" if self.grid_sample else "") + (
             ", fused decoder MLP" if self.fused_mlp else "") + (", aligned decoder matmuls" if self.align_matmuls else "") + (
             ", lean encoder" if self.lean_encoder else "") + (", lean box part" if self.lean_box_part else "") + (
-            ", ReLU epilogues" if self.relu_epilogue else "") + (", fused encoder norms" if self.fused_norms else "")
+            ", ReLU epilogues" if self.relu_epilogue else "") + (", fused encoder norms" if self.fused_norms else "") + (
+            ", fused point features" if self.fused_features else "")
         return f"{self.name} ({self.precision}{graphs}{compiled}{opts}){gpu}"
 
     # --- plumbing ---

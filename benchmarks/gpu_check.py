@@ -23,8 +23,8 @@ or on a second stream, with the embedding's difference from the plain encoder.
 Decoder options (before/after, bf16, sparse and full frames at batch 1 and each output size): the per-point
 decoder's two map samples as ``grid_sample`` calls (torch-cuda's default) or as the exported graph's Gather taps,
 its odd-width layers zero-padded (default on CUDA) or not, with GEMM epilogues or not, each point's input row as
-one Triton kernel or not, its MLPs as torch layers or one Triton kernel, with the masks' agreement with the
-default's.
+one Triton kernel or not, the uncertainty as one Triton kernel or not, its MLPs as torch layers or one Triton
+kernel, with the masks' agreement with the default's.
 Memory (batch 1, full and sparse frames at the input size, 896² and 2048², or ``--memory-sizes``): the GPU memory one frame adds
 over what is held between frames (weights, graph pools), the chunk budget's bound on the output's growth.
 Kernel profiles: the encoder and a whole sparse and full frame run eagerly under the profiler (kernels per call,
@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     info["lean_encoder"], info["lean_box_part"] = ours["bf16"].lean_encoder, ours["bf16"].lean_box_part
     info["relu_epilogue"] = ours["bf16"].relu_epilogue
     info["fused_features"] = ours["bf16"].fused_features
+    info["fused_uncertainty"] = ours["bf16"].fused_uncertainty
     info["fused_mlp_block"] = a.fused_mlp
     info["parts"] = a.parts
     ref = ReferenceIMedSAM(model.to(dev))
@@ -327,30 +328,33 @@ def main(argv: list[str] | None = None) -> int:
         as ``grid_sample`` calls or as the exported graph's Gather taps (~35 small kernels per map per decoder
         call), its odd-width layers zero-padded to multiples of 8 or not (``align_matmuls``), its Linear -> ReLU
         pairs with GEMM epilogues or not (``relu_epilogue``, with the padded layers), each point's input row as
-        one Triton kernel or not (``fused_features``, with both; skipped without CUDA), and, with ``--fused-mlp``,
+        one Triton kernel or not (``fused_features``, with both; skipped without CUDA), then the uncertainty as one
+        Triton kernel too (``fused_uncertainty``), and, with ``--fused-mlp``,
         its MLPs as one Triton kernel (``fused_point_mlp``, at three block sizes): p50 per frame, per-stage
         p50, and each variant's masks against the first's (grid_sample, unpadded, torch MLP, no epilogues).
         The backend's settings are restored."""
         keep = (be.grid_sample, be.fused_mlp, be.fused_mlp_block, be.align_matmuls, be.relu_epilogue,
-                be.fused_features)
+                be.fused_features, be.fused_uncertainty)
         inp = synthetic_inputs(S, 1, seed=5)
         out: list[dict[str, Any]] = []
         masks: dict[tuple[Any, ...], np.ndarray] = {}
-        default = (True, False, 32, False, False, False)
-        variants = [default, (False, False, 32, False, False, False), (True, False, 32, True, False, False),
-                    (True, False, 32, True, True, False), (True, False, 32, True, True, True)]
+        default = (True, False, 32, False, False, False, False)
+        variants = [default, (False, False, 32, False, False, False, False), (True, False, 32, True, False, False, False),
+                    (True, False, 32, True, True, False, False), (True, False, 32, True, True, True, False),
+                    (True, False, 32, True, True, True, True)]
         if a.fused_mlp:  # timed in session 7 and slower at every block size: only when asked for again
-            variants += [(True, True, b, False, False, False) for b in (16, 32, 64)]
-        for grid, fused, block, align, epi, feats in variants:  # the default first: the others are compared with it
-            v = (grid, fused, block, align, epi, feats)
+            variants += [(True, True, b, False, False, False, False) for b in (16, 32, 64)]
+        for grid, fused, block, align, epi, feats, unc in variants:  # the default first: the others are compared with it
+            v = (grid, fused, block, align, epi, feats, unc)
             what = {"grid_sample": grid, "fused_mlp": fused, "block_m": block, "align_matmuls": align,
-                    "relu_epilogue": epi, "fused_features": feats}
+                    "relu_epilogue": epi, "fused_features": feats, "fused_uncertainty": unc}
             try:
                 be.set_decoder_sampling(grid)  # the decoder's graphs are recaptured
                 be.set_decoder_mlp(fused, block)
                 be.set_decoder_alignment(align)
                 be.set_decoder_epilogue(epi)
                 be.set_decoder_features(feats)
+                be.set_decoder_uncertainty(unc)
             except UserError as e:  # no triton, or no CUDA device for it
                 cell = {**what, "skipped": str(e)}
                 out.append(cell)
@@ -378,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         be.set_decoder_alignment(keep[3])
         be.set_decoder_epilogue(keep[4])
         be.set_decoder_features(keep[5])
+        be.set_decoder_uncertainty(keep[6])
         return out
 
     def kernel_profile(be: TorchBackend, fn: Callable[[], Any], calls: int = 3) -> dict[str, Any]:
@@ -603,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     for c in results.get("decoder_options", []):
         fused = (f", fused MLP m{c['block_m']}" if c["fused_mlp"] else "") + (
             ", aligned" if c.get("align_matmuls") else "") + (", ReLU epilogues" if c.get("relu_epilogue") else "") + (
-            ", fused rows" if c.get("fused_features") else "")
+            ", fused rows" if c.get("fused_features") else "") + (", fused unc" if c.get("fused_uncertainty") else "")
         opt = (f"{c.get('out_size', '')} {c.get('query', '')} frame "
                f"{'grid_sample' if c['grid_sample'] else 'Gather taps'}{fused}")
         if "error" in c or "skipped" in c:

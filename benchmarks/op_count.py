@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fused-features", action="store_true",
                     help="each point's decoder input row as fused_point_features' Triton kernel (needs triton): each "
                          "launch counts as one op, the rows computed by torch uncounted")
+    ap.add_argument("--fused-uncertainty", action="store_true",
+                    help="the decoder's uncertainty as fused_uncertainty's Triton kernel (needs triton): each launch "
+                         "counts as one op, computed by torch uncounted")
     ap.add_argument("--fused-mlp", action="store_true",
                     help="the decoder's MLPs as the one Triton kernel of fused_point_mlp (needs triton): its launch "
                          "counts as one op, the kernel itself is not run")
@@ -124,6 +127,19 @@ def main(argv: list[str] | None = None) -> int:
 
         rows_kernel.forward = rows  # type: ignore[method-assign]  # this instance only
         dec.point_features = rows_kernel
+    if a.fused_uncertainty:
+        unfused = be.decoder.uncertainty
+
+        class _Unc(torch.nn.Module):
+            def forward(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+                counter = OpCounter.active[-1]
+                before = collections.Counter(counter.ops)
+                out = unfused(h, logits)
+                counter.ops = before  # the kernel's work, not counted
+                counter.ops["fused_uncertainty"] += 1
+                return out  # type: ignore[no-any-return]
+
+        be.decoder.point_uncertainty = _Unc()
     if a.fused_mlp:
         from imedsam_export.fused_point_mlp import FusedPointMLP
 
@@ -146,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         with OpCounter() as prompt:
             up = be._fns["prompt"](emb, torch.from_numpy(box))
         rows.append(("box part", prompt, ""))
+        coords = torch.zeros(1, 1024, 2)  # made outside the count: not the decoder's
         with OpCounter() as pts:
-            be._fns["points"](up, torch.zeros(1, 1024, 2))
+            be._fns["points"](up, coords)
         rows.append(("one decoder call", pts, "any point count"))
         for out in a.out_sizes:
             planner = DevicePlanner((out, out), model.cfg.decoder.refine_fraction, SparseConfig(), "cpu")
@@ -159,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     taps = "Gather taps" if a.gather_taps else "grid_sample"
     mlp = "one fused kernel" if a.fused_mlp else "torch layers"
     form = ("plain" if a.plain_layers else "lean") + " layers" + (", fused encoder norms" if a.fused_norms else "") + (
-        ", fused point rows" if a.fused_features else "")
+        ", fused point rows" if a.fused_features else "") + (", fused uncertainty" if a.fused_uncertainty else "")
     print(f"{a.model} at {s}², {a.precision}, eager, non-view aten ops (~ GPU kernels), {form}, decoder samples "
           f"by {taps}, its MLPs as {mlp}:")
     for name, c, note in rows:

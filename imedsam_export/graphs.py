@@ -183,6 +183,8 @@ class DecoderGraph(nn.Module):
         self.point_mlp: nn.Module | None = None
         # torch paths: each point's input row as one kernel (``fused_point_features``); exported graphs: None
         self.point_features: nn.Module | None = None
+        # torch paths: the uncertainty as one kernel (``fused_uncertainty``); exported graphs: None
+        self.point_uncertainty: nn.Module | None = None
         # torch paths: zero-padded copies of the layers with odd widths (``align_matmuls``); exported graphs: None
         self.aligned: nn.ModuleDict | None = None
         self.feat_pad = 0
@@ -240,10 +242,12 @@ class DecoderGraph(nn.Module):
 
     def use_relu_epilogue(self, on: bool = True) -> None:
         """Run each Linear -> ReLU of the trunks as ``torch._addmm_activation`` (on CUDA one cuBLASLt GEMM with its
-        bias-and-ReLU epilogue: the ReLU's pass over the (points x width) activations is gone), and the fine
-        trunk's first layer as its point part plus an in-place GEMM over the coarse feature (one kernel where
-        a matmul and an add were two). ReLU commutes with rounding, so the epilogue is exact; the in-place
-        GEMM rounds its sum once instead of twice. Torch paths only (ONNX Runtime and TensorRT fuse these
+        bias-and-ReLU epilogue: the ReLU's pass over the (points x width) activations is gone), the shared first
+        layer as two GEMMs over the same rows (the coarse trunk's with the epilogue, the fine trunk's apart), and
+        the fine trunk's first layer as its point part plus an in-place GEMM over the coarse feature (one kernel
+        where a matmul and an add were two). ReLU commutes with rounding, so the epilogue is exact; the split
+        GEMMs sum the same products (in the order their kernels choose); the in-place GEMM rounds its sum once
+        instead of twice. Torch paths only (ONNX Runtime and TensorRT fuse these
         themselves); falls back to the plain layers where torch lacks the op."""
         self.relu_epilogue = on and hasattr(torch, "_addmm_activation")
 
@@ -281,18 +285,27 @@ class DecoderGraph(nn.Module):
         if self.point_mlp is not None:
             return self.point_mlp(feats)
         al, K = self.aligned, self.K
-        first = (al["first"] if al is not None else self.first)(feats)
-        first_c, first_f = first[..., : self.h1c], first[..., self.h1c :]
-        h = self._trunk(self.coarse_rest, torch.relu(first_c))
+        lin = al["first"] if al is not None else self.first
+        if self.relu_epilogue:
+            # the two trunks' first layers as two GEMMs over the same rows: the coarse one with its ReLU epilogue
+            # (no ReLU pass over the points x 1024 activations, nor the strided slice of a points x 1280 result),
+            # the fine one contiguous for its in-place GEMM below
+            x2, c = feats.reshape(-1, feats.shape[-1]).to(lin.weight.dtype), self.h1c
+            h_c = torch._addmm_activation(lin.bias[:c], x2, lin.weight[:c].t()).view(*feats.shape[:-1], c)
+            first_f = torch.addmm(lin.bias[c:], x2, lin.weight[c:].t()).view(*feats.shape[:-1], -1)
+        else:
+            first = lin(feats)
+            h_c, first_f = torch.relu(first[..., : self.h1c]), first[..., self.h1c :]
+        h = self._trunk(self.coarse_rest, h_c)
         if al is not None:  # (coarse features, K logits, zeros)
             out, C = al["coarse_head"](h), self.first_cfeat.in_features
             cfeat, logits = out[..., :C], out[..., C : C + K]
         else:
             out = self.coarse_head(h)
             logits, cfeat = out[..., :K], out[..., K:]
-        unc = self.uncertainty(h, logits)
+        unc = (self.uncertainty if self.point_uncertainty is None else self.point_uncertainty)(h, logits)
         w = self.first_cfeat.weight
-        if self.relu_epilogue and first_f.dtype == w.dtype:  # first_f += cfeat W^T in place (``first`` is scratch)
+        if self.relu_epilogue and first_f.dtype == w.dtype:  # first_f += cfeat W^T in place (it is scratch)
             f2 = first_f.reshape(-1, first_f.shape[-1])
             h_f = torch.relu_(f2.addmm_(cfeat.reshape(-1, cfeat.shape[-1]).to(w.dtype), w.t())).view(first_f.shape)
         else:

@@ -55,8 +55,9 @@ def test_gpu_check_dry_run_runs_every_variant_and_agrees(tmp_path):
     assert not any("error" in o for o in ran) and all("mask_agreement" not in o for o in ran[:2])
     assert all(o["mask_agreement"] >= 0.999 for o in ran[2:])
     # then the fused point rows on top, which need a GPU; the fused MLP only with --fused-mlp
-    skipped = [o for o in opts if "skipped" in o]
-    assert len(skipped) == 1 and skipped[0]["fused_features"] and "needs a CUDA device" in skipped[0]["skipped"]
+    skipped = [o for o in opts if "skipped" in o]  # the fused rows, then the fused uncertainty too
+    assert [(o["fused_features"], o["fused_uncertainty"]) for o in skipped] == [(True, False), (True, True)]
+    assert all("needs a CUDA device" in o["skipped"] for o in skipped)
     assert not any(o["fused_mlp"] for o in opts)
     mem = res["memory"]  # every mode at each output size ran (the figures themselves need a GPU)
     assert [(m["out_size"], m["query"]) for m in mem] == [(o, q) for o in (64, 96) for q in ("full", "sparse")]
@@ -115,6 +116,11 @@ def test_op_count_counts_each_stage(capsys):
         rows = {line[:22].strip(): int(line[22:29]) for line in lines}
         saved = counts["one decoder call"] - rows["one decoder call"]
         assert saved >= 5 and rows["sparse planner 64²"] == counts["sparse planner 64²"] - 5 * saved
+        # the fused uncertainty: one launch for its seven fp32 ops (nine in bf16, with the casts to fp32)
+        assert op_count.main(["--model", "tiny", "--input-size", "64", "--out-sizes", "64", "--fused-uncertainty"]) == 0
+        lines = capsys.readouterr().out.splitlines()[1:]
+        unc = {line[:22].strip(): int(line[22:29]) for line in lines}
+        assert counts["one decoder call"] - unc["one decoder call"] == 6
 
 
 def test_encoder_precision_runs(capsys):

@@ -188,8 +188,9 @@ def test_aligned_decoder_matmuls_are_exact(classes):
 
 @pytest.mark.parametrize("aligned", [False, True])
 def test_relu_epilogue_decoder_is_exact(aligned):
-    """torch-cuda's per-point trunks with each Linear -> ReLU as one ``_addmm_activation`` and the fine trunk's
-    first layer as an in-place GEMM (``use_relu_epilogue``): the plain decoder's outputs in fp32 (to rounding),
+    """torch-cuda's per-point trunks with each Linear -> ReLU as one ``_addmm_activation``, the shared first layer
+    split in two GEMMs and the fine trunk's first layer as an in-place GEMM (``use_relu_epilogue``): the plain
+    decoder's outputs in fp32 (to rounding),
     and under bf16 autocast with bf16 weights (the backend's form) within bf16 rounding, logit signs kept where
     they are not ~0; with the padded layers too."""
     from imedsam_deploy.backends.torch_cuda import store_weights_in
@@ -215,8 +216,8 @@ def test_relu_epilogue_decoder_is_exact(aligned):
         assert dg.relu_epilogue
         with mock.patch.object(torch, "_addmm_activation", counted):
             fused = dg(emb, boxes, coords)
-        # every Linear -> ReLU after the first layer: the coarse trunk's and the fine trunk's rest
-        assert calls["n"] == (len(dg.coarse_rest) + len(dg.fine_rest)) // 2 > 0
+        # every Linear -> ReLU: the coarse trunk's first layer (split from the fine trunk's), and both trunks' rest
+        assert calls["n"] == 1 + (len(dg.coarse_rest) + len(dg.fine_rest)) // 2 > 1
         for a, b in zip(fused, plain, strict=True):
             torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
         store_weights_in(dg, torch.bfloat16)

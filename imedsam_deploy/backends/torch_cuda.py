@@ -178,7 +178,9 @@ class TorchBackend(Backend):
     GPU) runs the lean encoder's residual adds and norms as ``imedsam_export.fused_add_norm`` Triton kernels in the
     frequency-first loop (tests/test_fused_add_norm.py). ``fused_features`` (default off: not yet timed on a GPU)
     builds each point's decoder input row (both map samples, the Fourier encoding) with one
-    ``imedsam_export.fused_point_features`` Triton kernel instead of ~8 ops (tests/test_fused_point_features.py)."""
+    ``imedsam_export.fused_point_features`` Triton kernel instead of 8 ops (tests/test_fused_point_features.py);
+    ``fused_uncertainty`` (default off, likewise) computes the closed-form uncertainty with one
+    ``imedsam_export.fused_uncertainty`` kernel instead of 9 fp32 ops (tests/test_fused_uncertainty.py)."""
 
     def __init__(
         self, model: Any, device: str = "cuda", precision: str = "bf16", cuda_graphs: bool | None = None,
@@ -187,6 +189,7 @@ class TorchBackend(Backend):
         overlap_frequency: bool | None = None, grid_sample: bool = True, fused_mlp: bool = False,
         align_matmuls: bool | None = None, lean_encoder: bool | None = None, lean_box_part: bool | None = None,
         relu_epilogue: bool | None = None, fused_norms: bool = False, fused_features: bool = False,
+        fused_uncertainty: bool = False,
     ) -> None:
         super().__init__(max_batch, max_points)
         if precision not in PRECISIONS:
@@ -291,9 +294,11 @@ class TorchBackend(Backend):
         self.set_decoder_mlp(fused_mlp)
         self.set_decoder_alignment(self.device.type == "cuda" if align_matmuls is None else align_matmuls)
         self.set_decoder_epilogue(self.device.type == "cuda" if relu_epilogue is None else relu_epilogue)
-        self.fused_features = False
+        self.fused_features = self.fused_uncertainty = False
         if fused_features:
             self.set_decoder_features(True)
+        if fused_uncertainty:
+            self.set_decoder_uncertainty(True)
         self.fused_norms = False
         if fused_norms:
             self.set_encoder_norms(True)
@@ -370,6 +375,23 @@ class TorchBackend(Backend):
         self.fused_features = fused
         self._drop_decoder_graphs()
 
+    def set_decoder_uncertainty(self, fused: bool) -> None:
+        """The decoder's closed-form uncertainty as one Triton kernel (``fused_uncertainty``) or as its nine fp32
+        torch ops; graphs and compiled planners that contain the decoder are dropped."""
+        if fused:
+            from imedsam_export.fused_uncertainty import FusedUncertainty, available
+            from imedsam_export.graphs import PointUncertainty
+
+            why = available(self.device)
+            if why:
+                raise UserError(f"backend {self.name}: fused uncertainty: {why}")
+            inner = next(m for m in self.decoder.uncertainty.modules() if isinstance(m, PointUncertainty))
+            self.decoder.point_uncertainty = FusedUncertainty(inner.w2).to(self.device)
+        else:
+            self.decoder.point_uncertainty = None
+        self.fused_uncertainty = fused
+        self._drop_decoder_graphs()
+
     def set_decoder_alignment(self, on: bool) -> None:
         """The per-point layers with odd widths as zero-padded copies (``DecoderGraph.align_matmuls``: exact);
         graphs and compiled planners that contain the decoder are dropped."""
@@ -408,7 +430,8 @@ class TorchBackend(Backend):
             ", fused decoder MLP" if self.fused_mlp else "") + (", aligned decoder matmuls" if self.align_matmuls else "") + (
             ", lean encoder" if self.lean_encoder else "") + (", lean box part" if self.lean_box_part else "") + (
             ", ReLU epilogues" if self.relu_epilogue else "") + (", fused encoder norms" if self.fused_norms else "") + (
-            ", fused point features" if self.fused_features else "")
+            ", fused point features" if self.fused_features else "") + (
+            ", fused uncertainty" if self.fused_uncertainty else "")
         return f"{self.name} ({self.precision}{graphs}{compiled}{opts}){gpu}"
 
     # --- plumbing ---

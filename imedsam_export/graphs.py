@@ -285,7 +285,7 @@ class DecoderGraph(nn.Module):
         if self.point_mlp is not None:
             return self.point_mlp(feats)
         al, K = self.aligned, self.K
-        lin = al["first"] if al is not None else self.first
+        lin: nn.Linear = al["first"] if al is not None else self.first  # type: ignore[assignment]
         if self.relu_epilogue:
             # the two trunks' first layers as two GEMMs over the same rows: the coarse one with its ReLU epilogue
             # (no ReLU pass over the points x 1024 activations, nor the strided slice of a points x 1280 result),

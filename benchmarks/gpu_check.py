@@ -14,6 +14,9 @@ CUDA events around each frame):
 - ``sparse`` / ``box``: what ``imedsam-infer --backend torch-cuda`` runs (as ``full`` does): the runtime's
   Segmenter (via the bench's FrameRunner) in the sparse and box query modes; sparse runs its planner on
   the device (one CUDA graph per box), ``sparse host`` the numpy planner with a host round trip per level;
+- ``*+triton`` (``--triton-kernels on``, the default where Triton runs): ``full``, ``sparse``, ``fused`` and
+  ``fused-sparse`` with torch-cuda's three Triton kernels on (fused encoder norms, fused point rows, fused
+  uncertainty; each off by default until timed), the end-to-end figure of switching them on;
 - ``*+compile``: ``sparse`` and ``fused`` with every captured function compiled by ``torch.compile``
   (inductor) first (batch 1; compilation happens in the warm-up and is not timed, but takes minutes on vit_b
   and counts against the time budget: ``--compile only`` runs these rows alone, in a second call).
@@ -90,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="every backend's encoder and box part with imedsam_export.encoder_rewrites and "
                          "box_part_rewrites or not (default: the backend's own: on with CUDA); the encoder-options "
                          "table times both forms either way")
+    ap.add_argument("--triton-kernels", choices=("on", "off"), default="on",
+                    help="also time full, sparse and fused frames (not compiled) with the fused norms, point rows and "
+                         "uncertainty Triton kernels on, as a bf16+triton backend (skipped where Triton cannot run)")
     ap.add_argument("--fused-mlp", type=int, default=0, metavar="BLOCK_M",
                     help="the timing rows' bf16 backend (not +compile) runs the fused point-MLP kernel at this block size "
                          "(0: off, and the decoder options leave it out; -1: the fastest in the decoder options, "
@@ -155,12 +161,20 @@ def main(argv: list[str] | None = None) -> int:
 
     lean = None if a.lean_layers is None else a.lean_layers == "on"
 
-    def backend(precision: str, compile: bool = False, lean_layers: bool | None = lean) -> TorchBackend:
+    def backend(precision: str, compile: bool = False, lean_layers: bool | None = lean,
+                triton: bool = False) -> TorchBackend:
         return TorchBackend(model, a.device, precision, max_batch=maxb, max_points=65536, compile=compile,
                             device_planner=True, device_merge=True,  # also in a CPU dry run
-                            lean_encoder=lean_layers, lean_box_part=lean_layers)
+                            lean_encoder=lean_layers, lean_box_part=lean_layers,
+                            fused_norms=triton, fused_features=triton, fused_uncertainty=triton)
 
     ours = {"fp32": backend("fp32"), "bf16": backend("bf16")}
+    if a.triton_kernels == "on":
+        try:
+            ours["bf16+triton"] = backend("bf16", triton=True)
+        except UserError as e:  # no triton, no CUDA device, or not the lean encoder
+            info["triton_kernels_skipped"] = str(e)
+            print(f"gpu_check: no bf16+triton rows: {e}", flush=True)
     if a.compile != "none":
         ours["bf16+compile"] = backend("bf16", compile=True)
     info["lean_encoder"], info["lean_box_part"] = ours["bf16"].lean_encoder, ours["bf16"].lean_box_part
@@ -260,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             v[f"full {p}"] = lambda inp, r=fu, n=f"full {p}": r.run(inp, (out, out), stage_t.get(n))
             v[f"sparse {p}"] = lambda inp, r=sp, n=f"sparse {p}": r.run(inp, (out, out), stage_t.get(n))
+            if p.endswith("+triton"):  # the Triton kernels' end-to-end figure: the box mode and host planner add nothing
+                if bsz == 1:
+                    v[f"fused {p}"] = lambda inp, f=fused[p]: f(inp, out)
+                    v[f"fused-sparse {p}"] = lambda inp, f=fused_sparse[p]: f(inp, out)
+                continue
             v["sparse bf16 host"] = lambda inp, r=sp: host_planner(r, inp, out)
             v[f"box {p}"] = lambda inp, r=bx, n=f"box {p}": r.run(inp, (out, out), stage_t.get(n))
             if bsz == 1:

@@ -357,12 +357,13 @@ def open_backends(artifact: Artifact, names: list[str] | None, precision: str | 
     for name in wanted:
         if name in ("torch-cuda", "torch-cpu") and model is not None:
             try:
-                from imedsam_deploy.backends.torch_cuda import TorchBackend, compile_requested
+                from imedsam_deploy.backends.torch_cuda import TorchBackend, env_options
 
                 dev = "cuda" if name == "torch-cuda" else "cpu"
                 prec = "fp32" if dev == "cpu" else (precision or "bf16")
+                opts = env_options() if dev == "cuda" else {}  # as imedsam-infer opens it
                 opened.append(TorchBackend(model, dev, prec, max_batch=artifact.max_batch, max_points=artifact.max_points,
-                                           compile=dev == "cuda" and compile_requested()))  # as imedsam-infer
+                                           **opts))
             except UserError as e:
                 skipped[name] = str(e)
             continue

@@ -4,7 +4,7 @@ default until a GPU has timed it).
 ``PointUncertainty`` runs in fp32 (its products underflow fp16, and its ranking picks the refined points): the
 last coarse hidden layer h (points x 512 for vit_b, bf16) is cast to fp32, squared, and multiplied by the
 squared head weights, and the logits go through sigmoid, ``1 - s``, a product and a square: nine kernels a
-decoder call (``benchmarks/op_count.py``), two of them writing (points x 512) fp32 temporaries, ~8 KB of memory
+decoder call (``benchmarks/op_count.py``), two of them writing (points x 512) fp32 temporaries, ~9 KB of memory
 traffic a point. Here a program takes BLOCK_M points, reads their h rows once in their own dtype, and writes
 ``(s (1 - s))^2 * sum_i w2[i, k] h_i^2`` in fp32.
 

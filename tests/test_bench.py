@@ -530,6 +530,23 @@ def test_torch_cuda_backend_refuses_clearly_without_cuda():
         TorchBackend(tiny(), device="cuda")
 
 
+@pytest.mark.parametrize(("compile_env", "triton_env", "want"), [
+    (None, None, (False, False)), ("1", None, (True, False)), (None, "1", (False, True)), ("0", "0", (False, False))])
+def test_torch_cuda_opt_ins_come_from_the_environment(monkeypatch, compile_env, triton_env, want):
+    """IMEDSAM_TORCH_COMPILE and IMEDSAM_TORCH_TRITON switch torch-cuda's opt-in paths on, as ``imedsam-infer`` and
+    ``imedsam-bench`` open the backend (any value but 0): torch.compile, and the three Triton kernels together."""
+    from imedsam_deploy.backends.torch_cuda import COMPILE_ENV, TRITON_ENV, env_options
+
+    for name, value in ((COMPILE_ENV, compile_env), (TRITON_ENV, triton_env)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    got = env_options()
+    assert got["compile"] == want[0]
+    assert got["fused_norms"] == got["fused_features"] == got["fused_uncertainty"] == want[1]
+
+
 # ---------------------------------------------------------------- imedsam-bench CLI
 @pytest.fixture(scope="module")
 def tiny_artifact(tmp_path_factory) -> Path:

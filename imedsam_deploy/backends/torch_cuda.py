@@ -25,7 +25,9 @@ torch-free otherwise. What it does (DESIGN §2-3):
 - the sparse mode's planner runs on the device (``torch_sparse.DevicePlanner``: one graph per box), and the
   full and box modes UGS-merge on the device: only final logits are copied to the host;
 - optionally (``compile=True`` or IMEDSAM_TORCH_COMPILE=1) each captured function is first compiled by
-  ``torch.compile`` (inductor: fused elementwise kernels, autotuned GEMMs), still replayed as a CUDA graph.
+  ``torch.compile`` (inductor: fused elementwise kernels, autotuned GEMMs), still replayed as a CUDA graph;
+- optionally (IMEDSAM_TORCH_TRITON=1, or the three options) hand-written Triton kernels replace torch ops: the
+  encoder's residual adds and norms, each decoder point's input row, the decoder's uncertainty.
 
 Weights: an artifact holds ONNX graphs, not PyTorch weights, so ``create`` needs the checkpoint the artifact
 was exported from (manifest ``source.checkpoint``, or the ``IMEDSAM_TORCH_CHECKPOINT`` variable);
@@ -51,6 +53,7 @@ from imedsam_deploy.preprocess import Region, axis_centres
 PRECISIONS = ("fp32", "bf16", "fp16")
 CHECKPOINT_ENV = "IMEDSAM_TORCH_CHECKPOINT"
 COMPILE_ENV = "IMEDSAM_TORCH_COMPILE"
+TRITON_ENV = "IMEDSAM_TORCH_TRITON"
 POINT_BUCKET_MIN = 1024  # the smallest padded decode: below it a graph replay costs the same whatever N
 
 
@@ -139,12 +142,19 @@ def create(artifact: Artifact, precision: str | None = None) -> TorchBackend:
     assert ck is not None
     model, _ = load_checkpoint(ck)
     return TorchBackend(model, "cuda", precision or "bf16", max_batch=artifact.max_batch,
-                        max_points=artifact.max_points, compile=compile_requested())
+                        max_points=artifact.max_points, **env_options())
 
 
-def compile_requested() -> bool:
-    """Whether ``IMEDSAM_TORCH_COMPILE`` asks torch-cuda to ``torch.compile`` its stages (any value but 0)."""
-    return os.environ.get(COMPILE_ENV, "") not in ("", "0")
+def env_options() -> dict[str, bool]:
+    """torch-cuda's opt-in settings from the environment, as ``imedsam-infer`` and ``imedsam-bench`` open it (any
+    value but 0 turns one on): ``IMEDSAM_TORCH_COMPILE`` compiles its stages with ``torch.compile``;
+    ``IMEDSAM_TORCH_TRITON`` runs its three Triton kernels (the encoder's fused adds and norms, the decoder's
+    fused point rows and uncertainty), each off by default until a GPU has timed it."""
+    def on(name: str) -> bool:
+        return os.environ.get(name, "") not in ("", "0")
+
+    triton = on(TRITON_ENV)
+    return {"compile": on(COMPILE_ENV), "fused_norms": triton, "fused_features": triton, "fused_uncertainty": triton}
 
 
 class TorchBackend(Backend):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from imedsam_export.triton_support import TRITON_DTYPE, available, compile_ahead, on_device, tl, triton
+from imedsam_export.triton_support import TRITON_DTYPE, available, compile_ahead, on_device, pow2, tl, triton
 
 __all__ = ["add_norm", "available", "compile_for"]
 
@@ -48,10 +48,6 @@ if triton is not None:
         tl.store(y_ptr + off, (d * rstd * w + bias).to(y_ptr.dtype.element_ty), mask=ok)
 
 
-def _block(c: int) -> int:
-    return max(16, 1 << (c - 1).bit_length())
-
-
 def _num_warps(c: int) -> int:
     return 4 if c <= 1024 else 8
 
@@ -68,7 +64,7 @@ def add_norm(x: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None, no
     b = b.contiguous() if b is not None else None
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     s = torch.empty(x.shape, dtype=torch.float32, device=x.device) if write_sum else None
-    launch: dict[str, Any] = dict(HAS_A=a is not None, HAS_B=b is not None, WRITE_SUM=write_sum, BLOCK=_block(c),
+    launch: dict[str, Any] = dict(HAS_A=a is not None, HAS_B=b is not None, WRITE_SUM=write_sum, BLOCK=pow2(c),
                                   num_warps=_num_warps(c))
     args = (x, a if a is not None else x, b if b is not None else x, norm.weight, norm.bias,
             s if s is not None else y, y, c, float(norm.eps))
@@ -86,7 +82,7 @@ def compile_for(c: int, out_dtype: torch.dtype, capability: int = 90) -> dict[st
            "sum_ptr": "*fp32", "y_ptr": f"*{t}", "C": "i32", "eps": "fp32"}
     out: dict[str, Any] = {}
     for has_a, has_b, write in ((False, False, False), (True, False, True), (True, True, True)):
-        const = {"HAS_A": has_a, "HAS_B": has_b, "WRITE_SUM": write, "BLOCK": _block(c)}
+        const = {"HAS_A": has_a, "HAS_B": has_b, "WRITE_SUM": write, "BLOCK": pow2(c)}
         k = compile_ahead(_add_norm_kernel, sig, const, capability, {"num_warps": _num_warps(c)})
         out[f"a={int(has_a)} b={int(has_b)} sum={int(write)}"] = {"shared_bytes": int(k.metadata.shared)}
     return out

@@ -29,6 +29,7 @@ from imedsam_export.triton_support import (
     available,
     compile_ahead,
     on_device,
+    pow2,
     ptxas_usage,
     tl,
     triton,
@@ -42,10 +43,6 @@ __all__ = ["FusedPointFeatures", "available"]
 BLOCK_N = 16
 BLOCK_C = 32
 NUM_WARPS = 4
-
-
-def _pow2(n: int) -> int:
-    return max(16, 1 << max(0, (n - 1).bit_length()))
 
 
 if triton is not None:
@@ -151,7 +148,7 @@ class FusedPointFeatures(nn.Module):
     def block_f(self, width: int) -> int:
         """Columns a Fourier step covers: the 2L phases, and the zero columns past gamma (fewer than 16 with
         ``align_matmuls``; a wider row is refused)."""
-        return _pow2(max(2 * self.levels, width - self.n_in))
+        return pow2(max(2 * self.levels, width - self.n_in))
 
     def forward(self, up: torch.Tensor, coords: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
         B, N, _ = coords.shape

@@ -35,13 +35,9 @@ import torch
 from torch import nn
 
 from imedsam_export.graphs import PointUncertainty
-from imedsam_export.triton_support import TRITON_DTYPE, available, compile_ahead, on_device, tl, triton
+from imedsam_export.triton_support import TRITON_DTYPE, available, compile_ahead, on_device, pow2, tl, triton
 
 __all__ = ["FusedPointMLP", "available"]
-
-
-def _next_pow2(n: int, least: int = 16) -> int:
-    return max(least, 1 << max(0, (n - 1).bit_length()))
 
 
 def _ceil_to(n: int, m: int) -> int:
@@ -151,15 +147,15 @@ class FusedPointMLP(nn.Module):
         self.INP = _ceil_to(n_in, self.BK)
         # slices whose weight tiles span a whole hidden width (W2: BJ x H2P; the head: H2P x BC) stay narrow:
         # with two pipeline stages they fit an SM's shared memory
-        self.BJ = min(32, _next_pow2(h1c))
+        self.BJ = min(32, pow2(h1c))
         self.H1P = _ceil_to(h1c, self.BJ)
-        self.H2P = _next_pow2(h2)
-        self.BC = min(32, _next_pow2(cf))
+        self.H2P = pow2(h2)
+        self.BC = min(32, pow2(cf))
         self.CFP = _ceil_to(cf, self.BC)
-        self.F1P = _next_pow2(f1)
-        self.BF = min(64, _next_pow2(f2.weight.shape[0]))
+        self.F1P = pow2(f1)
+        self.BF = min(64, pow2(f2.weight.shape[0]))
         self.F2P = _ceil_to(f2.weight.shape[0], self.BF)
-        self.F3P = _next_pow2(f3.weight.shape[0])
+        self.F3P = pow2(f3.weight.shape[0])
         # the layer-2 accumulator (block_m x H2P fp32) lives in registers: 8 warps past 64 values a thread
         self.num_warps = 8 if block_m * self.H2P > 64 * 128 else 4
         # fp32 tiles at 64 points need 232 KiB with two pipeline stages, past Hopper's 227 KiB a block

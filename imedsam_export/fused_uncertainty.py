@@ -28,6 +28,7 @@ from imedsam_export.triton_support import (
     available,
     compile_ahead,
     on_device,
+    pow2,
     ptxas_usage,
     tl,
     triton,
@@ -69,10 +70,6 @@ if triton is not None:
         tl.store(out_ptr + m[:, None] * K + k[None, :], a * a * acc, mask=m_ok[:, None] & k_ok[None, :])
 
 
-def _pow2(n: int, least: int = 16) -> int:
-    return max(least, 1 << max(0, (n - 1).bit_length()))
-
-
 class FusedUncertainty(nn.Module):
     """``PointUncertainty`` as one kernel: (h (..., H), logits (..., K)) -> (..., K) fp32. ``w2``: its (H, K)
     squared, dropout-scaled head weights."""
@@ -98,7 +95,7 @@ class FusedUncertainty(nn.Module):
             with on_device(h):
                 _uncertainty_kernel[(triton.cdiv(M, BLOCK_M),)](
                     h2, l2, self.w2, out, M, H, K, h2.stride(0), l2.stride(0), BLOCK_M=BLOCK_M, BLOCK_H=BLOCK_H,
-                    BLOCK_K=_pow2(K), LIBDEVICE=os.environ.get("TRITON_INTERPRET") != "1", num_warps=NUM_WARPS)
+                    BLOCK_K=pow2(K), LIBDEVICE=os.environ.get("TRITON_INTERPRET") != "1", num_warps=NUM_WARPS)
         return out.view(*lead, K)
 
     def compile_for(self, h_dtype: torch.dtype, capability: int = 90) -> dict[str, Any]:
@@ -107,6 +104,6 @@ class FusedUncertainty(nn.Module):
         t = TRITON_DTYPE[h_dtype]
         sig = {"h_ptr": f"*{t}", "logit_ptr": f"*{t}", "w2_ptr": "*fp32", "out_ptr": "*fp32",
                **dict.fromkeys(("M", "H", "K", "stride_h", "stride_l"), "i32")}
-        const = {"BLOCK_M": BLOCK_M, "BLOCK_H": BLOCK_H, "BLOCK_K": _pow2(self.w2.shape[1]), "LIBDEVICE": True}
+        const = {"BLOCK_M": BLOCK_M, "BLOCK_H": BLOCK_H, "BLOCK_K": pow2(self.w2.shape[1]), "LIBDEVICE": True}
         k = compile_ahead(_uncertainty_kernel, sig, const, capability, {"num_warps": NUM_WARPS})
         return {"shared_bytes": int(k.metadata.shared), **ptxas_usage(k, capability)}

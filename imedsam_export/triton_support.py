@@ -19,6 +19,11 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
+def pow2(n: int, least: int = 16) -> int:
+    """A block size: n rounded up to a power of two, at least ``least`` (``tl.arange`` and ``tl.dot`` want both)."""
+    return max(least, 1 << max(0, (n - 1).bit_length()))
+
+
 def available(device: torch.device | str | None = None) -> str | None:
     """None when Triton kernels can run here (on ``device``, if given: a CUDA device, or any with Triton's
     interpreter on, ``TRITON_INTERPRET=1``), else why not."""

@@ -530,6 +530,22 @@ def test_torch_cuda_backend_refuses_clearly_without_cuda():
         TorchBackend(tiny(), device="cuda")
 
 
+@pytest.mark.parametrize(("option", "what"), [("fused_norms", "fused encoder norms"), ("fused_mlp", "fused decoder MLP"),
+                                             ("fused_features", "fused point features"),
+                                             ("fused_uncertainty", "fused uncertainty")])
+def test_triton_options_are_refused_clearly_without_a_gpu(option, what):
+    """Each of torch-cuda's Triton kernels asked for on a CPU (without Triton's interpreter): one line naming the
+    option and why (no CUDA device, or no triton at all)."""
+    from imedsam_deploy.backends.torch_cuda import TorchBackend
+
+    from .conftest import not_interpreted
+
+    not_interpreted()
+    with pytest.raises(UserError, match=f"backend torch-cpu: {what}: (the Triton kernel needs a CUDA device|triton is "
+                                        "not installed)"):
+        TorchBackend(tiny(), device="cpu", precision="fp32", lean_encoder=True, **{option: True})
+
+
 @pytest.mark.parametrize(("compile_env", "triton_env", "want"), [
     (None, None, (False, False)), ("1", None, (True, False)), (None, "1", (False, True)), ("0", "0", (False, False))])
 def test_torch_cuda_opt_ins_come_from_the_environment(monkeypatch, compile_env, triton_env, want):

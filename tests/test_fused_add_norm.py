@@ -101,20 +101,6 @@ def test_the_encoder_with_fused_norms_equals_the_encoder(compared):
     assert compared["add_norm_calls"] == [False, True, True, True, True, True]
 
 
-def test_fused_norms_are_refused_without_a_gpu_or_the_lean_encoder():
-    import torch
-
-    from imedsam_deploy.backends.torch_cuda import TorchBackend
-    from imedsam_deploy.errors import UserError
-    from imedsam_train.build import build
-
-    not_interpreted()
-    torch.manual_seed(0)
-    model, _ = build("tiny", input_size=64)
-    with pytest.raises(UserError, match="fused encoder norms: the Triton kernel needs a CUDA device"):
-        TorchBackend(model, device="cpu", precision="fp32", lean_encoder=True, fused_norms=True)
-
-
 def test_the_kernel_compiles_for_hopper():
     """Compiled ahead of time for sm_90 (no GPU needed: Triton's front end, its passes and ptxas) for vit_b's
     and vit_l's widths in bf16 and fp32, every variant the encoder launches."""

@@ -148,20 +148,6 @@ def test_the_torch_backend_decodes_and_plans_alike_with_fused_rows(compared):
     assert b["off_again_equal"]
 
 
-def test_fused_rows_are_refused_without_a_gpu():
-    import torch
-
-    from imedsam_deploy.backends.torch_cuda import TorchBackend
-    from imedsam_deploy.errors import UserError
-    from imedsam_train.build import build
-
-    not_interpreted()
-    torch.manual_seed(0)
-    model, _ = build("tiny", input_size=64)
-    with pytest.raises(UserError, match="fused point features: the Triton kernel needs a CUDA device"):
-        TorchBackend(model, device="cpu", precision="fp32", fused_features=True)
-
-
 def test_the_kernel_compiles_for_hopper_without_spilling():
     """Compiled ahead of time for sm_90 (Triton's front end, its passes and ptxas; no GPU needed) at vit_b's widths
     (32 + 256 channels, 42 Fourier columns, 6 alignment zeros), bf16 and fp32 rows: no shared memory, no

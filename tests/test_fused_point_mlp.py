@@ -113,20 +113,6 @@ def test_the_torch_backend_decodes_and_plans_alike_fused_or_not(compared):
     assert "fused decoder MLP" in b["description"]
 
 
-def test_the_fused_mlp_refuses_a_cpu_without_the_interpreter():
-    import torch
-
-    from imedsam_deploy.backends.torch_cuda import TorchBackend
-    from imedsam_deploy.errors import UserError
-    from imedsam_train.build import build
-
-    not_interpreted()
-    torch.manual_seed(0)
-    model, _ = build("tiny", input_size=64)
-    with pytest.raises(UserError, match="fused decoder MLP: the Triton kernel needs a CUDA device"):
-        TorchBackend(model, device="cpu", precision="fp32", fused_mlp=True)
-
-
 def test_the_kernel_compiles_for_hopper_within_its_shared_memory():
     """The interpreter runs the kernel's Python; it does not compile it. Compiled ahead of time for sm_90 (no
     GPU needed: Triton's front end, its passes and ptxas), with vit_b's decoder widths, at each block size in

@@ -103,20 +103,6 @@ def test_the_torch_backend_decodes_and_plans_alike_with_fused_uncertainty(compar
     assert b["off_again_equal"]
 
 
-def test_fused_uncertainty_is_refused_without_a_gpu():
-    import torch
-
-    from imedsam_deploy.backends.torch_cuda import TorchBackend
-    from imedsam_deploy.errors import UserError
-    from imedsam_train.build import build
-
-    not_interpreted()
-    torch.manual_seed(0)
-    model, _ = build("tiny", input_size=64)
-    with pytest.raises(UserError, match="fused uncertainty: the Triton kernel needs a CUDA device"):
-        TorchBackend(model, device="cpu", precision="fp32", fused_uncertainty=True)
-
-
 def test_the_kernel_compiles_for_hopper_without_spilling():
     """Compiled ahead of time for sm_90 (no GPU needed) at vit_b's 512 hidden units, for one class and for
     BCV's 14, with bf16 and fp32 rows: no spills, within a Hopper block's shared memory."""

@@ -335,17 +335,22 @@ class TorchBackend(Backend):
         """The lean encoder's residual adds, LayerNorms and casts as ``fused_add_norm`` Triton kernels (two a block
         instead of seven) or as torch ops, in the frequency-first block loop; encoder graphs are dropped."""
         if fused:
-            from imedsam_export.fused_add_norm import available
-
-            why = available(self.device) or (None if self.lean_encoder else "it needs the lean encoder (lean_encoder=True)")
-            if why:
-                raise UserError(f"backend {self.name}: fused encoder norms: {why}")
+            self._need_triton("fused encoder norms",
+                              None if self.lean_encoder else "it needs the lean encoder (lean_encoder=True)")
         from imedsam_export.encoder_rewrites import use_fused_norms
 
         use_fused_norms(self.model.image_encoder, fused)
         self.fused_norms = fused
         for key in [k for k in self._graphs if k[0] == "enc"]:
             del self._graphs[key]
+
+    def _need_triton(self, what: str, why: str | None = None) -> None:
+        """Refuse a Triton option in one line where its kernel cannot run here (or for ``why``)."""
+        from imedsam_export.triton_support import available
+
+        why = available(self.device) or why
+        if why:
+            raise UserError(f"backend {self.name}: {what}: {why}")
 
     def set_decoder_sampling(self, grid_sample: bool) -> None:
         """The per-point decoder's two map samples as ``grid_sample`` calls or the exported graph's Gather taps
@@ -358,11 +363,9 @@ class TorchBackend(Backend):
         """The per-point MLPs as one Triton kernel (``fused_point_mlp``, ``block_m`` points a program) or as
         torch layers; graphs and compiled planners that contain the decoder are dropped."""
         if fused:
-            from imedsam_export.fused_point_mlp import FusedPointMLP, available
+            from imedsam_export.fused_point_mlp import FusedPointMLP
 
-            why = available(self.device)
-            if why:
-                raise UserError(f"backend {self.name}: fused decoder MLP: {why}")
+            self._need_triton("fused decoder MLP")
             self.decoder.point_mlp = FusedPointMLP(self.decoder, self.amp_dtype or self.torch.float32, block_m)
         else:
             self.decoder.point_mlp = None
@@ -374,11 +377,9 @@ class TorchBackend(Backend):
         Triton kernel (``fused_point_features``) or as torch ops; graphs and compiled planners that contain the
         decoder are dropped."""
         if fused:
-            from imedsam_export.fused_point_features import FusedPointFeatures, available
+            from imedsam_export.fused_point_features import FusedPointFeatures
 
-            why = available(self.device)
-            if why:
-                raise UserError(f"backend {self.name}: fused point features: {why}")
+            self._need_triton("fused point features")
             self.decoder.point_features = FusedPointFeatures(self.decoder).to(self.device)
         else:
             self.decoder.point_features = None
@@ -389,12 +390,10 @@ class TorchBackend(Backend):
         """The decoder's closed-form uncertainty as one Triton kernel (``fused_uncertainty``) or as its nine fp32
         torch ops; graphs and compiled planners that contain the decoder are dropped."""
         if fused:
-            from imedsam_export.fused_uncertainty import FusedUncertainty, available
+            from imedsam_export.fused_uncertainty import FusedUncertainty
             from imedsam_export.graphs import PointUncertainty
 
-            why = available(self.device)
-            if why:
-                raise UserError(f"backend {self.name}: fused uncertainty: {why}")
+            self._need_triton("fused uncertainty")
             inner = next(m for m in self.decoder.uncertainty.modules() if isinstance(m, PointUncertainty))
             self.decoder.point_uncertainty = FusedUncertainty(inner.w2).to(self.device)
         else:

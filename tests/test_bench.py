@@ -546,6 +546,15 @@ def test_triton_options_are_refused_clearly_without_a_gpu(option, what):
         TorchBackend(tiny(), device="cpu", precision="fp32", lean_encoder=True, **{option: True})
 
 
+def test_compile_and_the_triton_kernels_are_refused_together():
+    """torch.compile and the hand-written Triton kernels are alternatives: asked for both (both environment
+    variables set, say), the backend says so in one line before it builds anything."""
+    from imedsam_deploy.backends.torch_cuda import TorchBackend
+
+    with pytest.raises(UserError, match="torch.compile .* and the hand-written Triton kernels .* are alternatives"):
+        TorchBackend(tiny(), device="cpu", precision="fp32", compile="aot_eager", fused_features=True)
+
+
 @pytest.mark.parametrize(("compile_env", "triton_env", "want"), [
     (None, None, (False, False)), ("1", None, (True, False)), (None, "1", (False, True)), ("0", "0", (False, False))])
 def test_torch_cuda_opt_ins_come_from_the_environment(monkeypatch, compile_env, triton_env, want):

@@ -204,6 +204,10 @@ class TorchBackend(Backend):
         super().__init__(max_batch, max_points)
         if precision not in PRECISIONS:
             raise UserError(f"backend torch: precision {precision!r} not one of {', '.join(PRECISIONS)}")
+        if compile and (fused_norms or fused_features or fused_uncertainty or fused_mlp):
+            # two ways to the same end (inductor writes its own fused kernels); together they are untested
+            raise UserError(f"backend torch: torch.compile ({COMPILE_ENV}) and the hand-written Triton kernels "
+                            f"({TRITON_ENV}) are alternatives: set one")
         if device.startswith("cuda"):
             reason = _no_cuda_reason()
             if reason:

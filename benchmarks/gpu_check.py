@@ -15,8 +15,8 @@ CUDA events around each frame):
   Segmenter (via the bench's FrameRunner) in the sparse and box query modes; sparse runs its planner on
   the device (one CUDA graph per box), ``sparse host`` the numpy planner with a host round trip per level;
 - ``*+triton`` (``--triton-kernels on``, the default where Triton runs): ``full``, ``sparse``, ``fused`` and
-  ``fused-sparse`` with torch-cuda's three Triton kernels on (fused encoder norms, fused point rows, fused
-  uncertainty; each off by default until timed), the end-to-end figure of switching them on;
+  ``fused-sparse`` with torch-cuda's Triton kernels on (fused encoder norms, point rows, uncertainty, planner
+  levels; each off by default until timed), the end-to-end figure of switching them on;
 - ``*+compile``: ``sparse`` and ``fused`` with every captured function compiled by ``torch.compile``
   (inductor) first (batch 1; compilation happens in the warm-up and is not timed, but takes minutes on vit_b
   and counts against the time budget: ``--compile only`` runs these rows alone, in a second call).
@@ -26,8 +26,9 @@ or on a second stream, with the embedding's difference from the plain encoder.
 Decoder options (before/after, bf16, sparse and full frames at batch 1 and each output size): the per-point
 decoder's two map samples as ``grid_sample`` calls (torch-cuda's default) or as the exported graph's Gather taps,
 its odd-width layers zero-padded (default on CUDA) or not, with GEMM epilogues or not, each point's input row as
-one Triton kernel or not, the uncertainty as one Triton kernel or not, its MLPs as torch layers or one Triton
-kernel, with the masks' agreement with the default's.
+one Triton kernel or not, the uncertainty as one Triton kernel or not, the device planner's levels as two
+Triton kernels or not, its MLPs as torch layers or one Triton kernel, with the masks' agreement with the
+default's.
 Memory (batch 1, full and sparse frames at the input size, 896² and 2048², or ``--memory-sizes``): the GPU memory one frame adds
 over what is held between frames (weights, graph pools), the chunk budget's bound on the output's growth.
 Kernel profiles: the encoder and a whole sparse and full frame run eagerly under the profiler (kernels per call,
@@ -94,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
                          "box_part_rewrites or not (default: the backend's own: on with CUDA); the encoder-options "
                          "table times both forms either way")
     ap.add_argument("--triton-kernels", choices=("on", "off"), default="on",
-                    help="also time full, sparse and fused frames (not compiled) with the fused norms, point rows and "
-                         "uncertainty Triton kernels on, as a bf16+triton backend (skipped where Triton cannot run)")
+                    help="also time full, sparse and fused frames (not compiled) with the fused norms, point rows, "
+                         "uncertainty and planner Triton kernels on, as a bf16+triton backend (skipped where Triton "
+                         "cannot run)")
     ap.add_argument("--fused-mlp", type=int, default=0, metavar="BLOCK_M",
                     help="the timing rows' bf16 backend (not +compile) runs the fused point-MLP kernel at this block size "
                          "(0: off, and the decoder options leave it out; -1: the fastest in the decoder options, "
@@ -166,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         return TorchBackend(model, a.device, precision, max_batch=maxb, max_points=65536, compile=compile,
                             device_planner=True, device_merge=True,  # also in a CPU dry run
                             lean_encoder=lean_layers, lean_box_part=lean_layers,
-                            fused_norms=triton, fused_features=triton, fused_uncertainty=triton)
+                            fused_norms=triton, fused_features=triton, fused_uncertainty=triton,
+                            fused_planner=triton)
 
     ours = {"fp32": backend("fp32"), "bf16": backend("bf16")}
     if a.triton_kernels == "on":
@@ -181,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     info["relu_epilogue"] = ours["bf16"].relu_epilogue
     info["fused_features"] = ours["bf16"].fused_features
     info["fused_uncertainty"] = ours["bf16"].fused_uncertainty
+    info["fused_planner"] = ours["bf16"].fused_planner
     info["fused_mlp_block"] = a.fused_mlp
     info["parts"] = a.parts
     ref = ReferenceIMedSAM(model.to(dev))
@@ -348,25 +352,27 @@ def main(argv: list[str] | None = None) -> int:
         call), its odd-width layers zero-padded to multiples of 8 or not (``align_matmuls``), its Linear -> ReLU
         pairs with GEMM epilogues or not (``relu_epilogue``, with the padded layers), each point's input row as
         one Triton kernel or not (``fused_features``, with both; skipped without CUDA), then the uncertainty as one
-        Triton kernel too (``fused_uncertainty``), and, with ``--fused-mlp``,
+        Triton kernel too (``fused_uncertainty``), then the device planner's levels as two Triton kernels
+        (``fused_planner``), and, with ``--fused-mlp``,
         its MLPs as one Triton kernel (``fused_point_mlp``, at three block sizes): p50 per frame, per-stage
         p50, and each variant's masks against the first's (grid_sample, unpadded, torch MLP, no epilogues).
         The backend's settings are restored."""
         keep = (be.grid_sample, be.fused_mlp, be.fused_mlp_block, be.align_matmuls, be.relu_epilogue,
-                be.fused_features, be.fused_uncertainty)
+                be.fused_features, be.fused_uncertainty, be.fused_planner)
         inp = synthetic_inputs(S, 1, seed=5)
         out: list[dict[str, Any]] = []
         masks: dict[tuple[Any, ...], np.ndarray] = {}
-        default = (True, False, 32, False, False, False, False)
-        variants = [default, (False, False, 32, False, False, False, False), (True, False, 32, True, False, False, False),
-                    (True, False, 32, True, True, False, False), (True, False, 32, True, True, True, False),
-                    (True, False, 32, True, True, True, True)]
+        default = (True, False, 32, False, False, False, False, False)
+        variants = [default, (False, False, 32, False, False, False, False, False),
+                    (True, False, 32, True, False, False, False, False), (True, False, 32, True, True, False, False, False),
+                    (True, False, 32, True, True, True, False, False), (True, False, 32, True, True, True, True, False),
+                    (True, False, 32, True, True, True, True, True)]
         if a.fused_mlp:  # timed in session 7 and slower at every block size: only when asked for again
-            variants += [(True, True, b, False, False, False, False) for b in (16, 32, 64)]
-        for grid, fused, block, align, epi, feats, unc in variants:  # the default first: the others are compared with it
-            v = (grid, fused, block, align, epi, feats, unc)
+            variants += [(True, True, b, False, False, False, False, False) for b in (16, 32, 64)]
+        for v in variants:  # the default first: the others are compared with it
+            grid, fused, block, align, epi, feats, unc, plan = v
             what = {"grid_sample": grid, "fused_mlp": fused, "block_m": block, "align_matmuls": align,
-                    "relu_epilogue": epi, "fused_features": feats, "fused_uncertainty": unc}
+                    "relu_epilogue": epi, "fused_features": feats, "fused_uncertainty": unc, "fused_planner": plan}
             try:
                 be.set_decoder_sampling(grid)  # the decoder's graphs are recaptured
                 be.set_decoder_mlp(fused, block)
@@ -374,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                 be.set_decoder_epilogue(epi)
                 be.set_decoder_features(feats)
                 be.set_decoder_uncertainty(unc)
+                be.set_planner_kernels(plan)
             except UserError as e:  # no triton, or no CUDA device for it
                 cell = {**what, "skipped": str(e)}
                 out.append(cell)
@@ -402,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         be.set_decoder_epilogue(keep[4])
         be.set_decoder_features(keep[5])
         be.set_decoder_uncertainty(keep[6])
+        be.set_planner_kernels(keep[7])
         return out
 
     def kernel_profile(be: TorchBackend, fn: Callable[[], Any], calls: int = 3) -> dict[str, Any]:
@@ -627,7 +635,8 @@ def main(argv: list[str] | None = None) -> int:
     for c in results.get("decoder_options", []):
         fused = (f", fused MLP m{c['block_m']}" if c["fused_mlp"] else "") + (
             ", aligned" if c.get("align_matmuls") else "") + (", ReLU epilogues" if c.get("relu_epilogue") else "") + (
-            ", fused rows" if c.get("fused_features") else "") + (", fused unc" if c.get("fused_uncertainty") else "")
+            ", fused rows" if c.get("fused_features") else "") + (", fused unc" if c.get("fused_uncertainty") else "") + (
+            ", fused planner" if c.get("fused_planner") else "")
         opt = (f"{c.get('out_size', '')} {c.get('query', '')} frame "
                f"{'grid_sample' if c['grid_sample'] else 'Gather taps'}{fused}")
         if "error" in c or "skipped" in c:

@@ -74,10 +74,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fused-uncertainty", action="store_true",
                     help="the decoder's uncertainty as fused_uncertainty's Triton kernel (needs triton): each launch "
                          "counts as one op, computed by torch uncounted")
+    ap.add_argument("--fused-planner", action="store_true",
+                    help="the device planner's per-level bookkeeping as planner_kernels' two Triton kernels (needs "
+                         "triton; they run in its interpreter here): each launch counts as one op")
     ap.add_argument("--fused-mlp", action="store_true",
                     help="the decoder's MLPs as the one Triton kernel of fused_point_mlp (needs triton): its launch "
                          "counts as one op, the kernel itself is not run")
     a = ap.parse_args(argv)
+    if not a.fused_planner:
+        return _count(a)
+    # the planner's kernels run in Triton's interpreter here: it is chosen when a kernel is defined, so the
+    # module is loaded again under it, and again without it afterwards (this process may compile it later)
+    import importlib
+    import os
+
+    from imedsam_deploy.backends import planner_kernels
+
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    importlib.reload(planner_kernels)
+    try:
+        return _count(a)
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+        importlib.reload(planner_kernels)
+
+
+def _count(a: argparse.Namespace) -> int:
     from imedsam_deploy.backends.torch_cuda import TorchBackend
     from imedsam_deploy.backends.torch_sparse import DevicePlanner
     from imedsam_deploy.sparse import SparseConfig
@@ -140,6 +166,21 @@ def main(argv: list[str] | None = None) -> int:
                 return out  # type: ignore[no-any-return]
 
         be.decoder.point_uncertainty = _Unc()
+    if a.fused_planner:
+        from imedsam_deploy.backends import planner_kernels as pk
+
+        def one_launch(fn: Any, name: str) -> Any:
+            def run(*args: Any) -> Any:
+                counter = OpCounter.active[-1]
+                before = collections.Counter(counter.ops)
+                out = fn(*args)
+                counter.ops = before  # the interpreter's own work, not counted
+                counter.ops[name] += 1
+                return out
+            return run
+
+        pk.level_cells = one_launch(pk.level_cells, "planner_cells")  # type: ignore[assignment]
+        pk.level_fill = one_launch(pk.level_fill, "planner_fill")  # type: ignore[assignment]
     if a.fused_mlp:
         from imedsam_export.fused_point_mlp import FusedPointMLP
 
@@ -168,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("one decoder call", pts, "any point count"))
         for out in a.out_sizes:
             planner = DevicePlanner((out, out), model.cfg.decoder.refine_fraction, SparseConfig(), "cpu")
+            planner.fused = a.fused_planner
             reg = torch.tensor([out // 4, out // 2, out // 4, out // 2])
             with OpCounter() as plan:
                 res = planner.plan(lambda c: tuple(o[0] for o in be._fns["points"](up, c[None])), reg)
@@ -176,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     taps = "Gather taps" if a.gather_taps else "grid_sample"
     mlp = "one fused kernel" if a.fused_mlp else "torch layers"
     form = ("plain" if a.plain_layers else "lean") + " layers" + (", fused encoder norms" if a.fused_norms else "") + (
-        ", fused point rows" if a.fused_features else "") + (", fused uncertainty" if a.fused_uncertainty else "")
+        ", fused point rows" if a.fused_features else "") + (", fused uncertainty" if a.fused_uncertainty else "") + (
+        ", fused planner" if a.fused_planner else "")
     print(f"{a.model} at {s}², {a.precision}, eager, non-view aten ops (~ GPU kernels), {form}, decoder samples "
           f"by {taps}, its MLPs as {mlp}:")
     for name, c, note in rows:

@@ -532,7 +532,7 @@ def test_torch_cuda_backend_refuses_clearly_without_cuda():
 
 @pytest.mark.parametrize(("option", "what"), [("fused_norms", "fused encoder norms"), ("fused_mlp", "fused decoder MLP"),
                                              ("fused_features", "fused point features"),
-                                             ("fused_uncertainty", "fused uncertainty")])
+                                             ("fused_uncertainty", "fused uncertainty"), ("fused_planner", "fused planner")])
 def test_triton_options_are_refused_clearly_without_a_gpu(option, what):
     """Each of torch-cuda's Triton kernels asked for on a CPU (without Triton's interpreter): one line naming the
     option and why (no CUDA device, or no triton at all)."""
@@ -559,7 +559,7 @@ def test_compile_and_the_triton_kernels_are_refused_together():
     (None, None, (False, False)), ("1", None, (True, False)), (None, "1", (False, True)), ("0", "0", (False, False))])
 def test_torch_cuda_opt_ins_come_from_the_environment(monkeypatch, compile_env, triton_env, want):
     """IMEDSAM_TORCH_COMPILE and IMEDSAM_TORCH_TRITON switch torch-cuda's opt-in paths on, as ``imedsam-infer`` and
-    ``imedsam-bench`` open the backend (any value but 0): torch.compile, and the three Triton kernels together."""
+    ``imedsam-bench`` open the backend (any value but 0): torch.compile, and the four Triton options together."""
     from imedsam_deploy.backends.torch_cuda import COMPILE_ENV, TRITON_ENV, env_options
 
     for name, value in ((COMPILE_ENV, compile_env), (TRITON_ENV, triton_env)):
@@ -569,7 +569,7 @@ def test_torch_cuda_opt_ins_come_from_the_environment(monkeypatch, compile_env, 
             monkeypatch.setenv(name, value)
     got = env_options()
     assert got["compile"] == want[0]
-    assert got["fused_norms"] == got["fused_features"] == got["fused_uncertainty"] == want[1]
+    assert got["fused_norms"] == got["fused_features"] == got["fused_uncertainty"] == got["fused_planner"] == want[1]
 
 
 # ---------------------------------------------------------------- imedsam-bench CLI

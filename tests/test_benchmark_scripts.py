@@ -55,8 +55,9 @@ def test_gpu_check_dry_run_runs_every_variant_and_agrees(tmp_path):
     assert not any("error" in o for o in ran) and all("mask_agreement" not in o for o in ran[:2])
     assert all(o["mask_agreement"] >= 0.999 for o in ran[2:])
     # then the fused point rows on top, which need a GPU; the fused MLP only with --fused-mlp
-    skipped = [o for o in opts if "skipped" in o]  # the fused rows, then the fused uncertainty too
-    assert [(o["fused_features"], o["fused_uncertainty"]) for o in skipped] == [(True, False), (True, True)]
+    skipped = [o for o in opts if "skipped" in o]  # the fused rows, then the fused uncertainty, then the planner
+    assert [(o["fused_features"], o["fused_uncertainty"], o["fused_planner"]) for o in skipped] == [
+        (True, False, False), (True, True, False), (True, True, True)]
     assert all("needs a CUDA device" in o["skipped"] for o in skipped)
     assert not any(o["fused_mlp"] for o in opts)
     mem = res["memory"]  # every mode at each output size ran (the figures themselves need a GPU)
@@ -121,6 +122,12 @@ def test_op_count_counts_each_stage(capsys):
         lines = capsys.readouterr().out.splitlines()[1:]
         unc = {line[:22].strip(): int(line[22:29]) for line in lines}
         assert counts["one decoder call"] - unc["one decoder call"] == 6
+        # the planner's kernels (run in Triton's interpreter): two launches a level for its ~35 bookkeeping ops
+        assert op_count.main(["--model", "tiny", "--input-size", "64", "--out-sizes", "64", "--fused-planner"]) == 0
+        lines = capsys.readouterr().out.splitlines()[1:]
+        plan = {line[:22].strip(): int(line[22:29]) for line in lines}
+        assert plan["one decoder call"] == counts["one decoder call"]
+        assert counts["sparse planner 64²"] - plan["sparse planner 64²"] >= 60
 
 
 def test_encoder_precision_runs(capsys):

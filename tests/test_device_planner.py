@@ -261,3 +261,110 @@ def test_segmenter_merges_on_the_device_as_on_the_host(shipped, query):
     np.testing.assert_array_equal(out[True].mask(), out[False].mask())
     np.testing.assert_allclose(out[True].logits, out[False].logits, rtol=1e-5, atol=1e-5)
     assert out[True].mask().sum() > 50
+
+
+FUSED_SCRIPT = r"""
+import json, sys
+import numpy as np
+import torch
+from imedsam_deploy.backends.torch_sparse import DevicePlanner
+from imedsam_deploy.sparse import SparseConfig
+from tests.test_device_planner import _field
+
+out = {"cases": [], "overflow": None, "backend": None}
+rng = np.random.default_rng(11)
+while len(out["cases"]) < 12:
+    H, W, K = int(rng.integers(20, 110)), int(rng.integers(20, 110)), int(rng.integers(1, 3))
+    dec, tdec = _field(rng, K)
+    r0, c0 = int(rng.integers(0, H // 2)), int(rng.integers(0, W // 2))
+    r1, c1 = int(rng.integers(r0 + 1, H + 1)), int(rng.integers(c0 + 1, W + 1))
+    cfg = SparseConfig(stride=int(rng.choice([2, 4, 8, 16])), dilate=int(rng.integers(0, 3)),
+                       logit_band=float(rng.choice([0.0, 0.5])))
+    plain, fused = (DevicePlanner((H, W), 0.125, cfg, "cpu") for _ in range(2))
+    fused.fused = True
+    h, w = r1 - r0, c1 - c0
+    if not plain.usable(h, w):
+        continue
+    reg = torch.tensor([r0, h, c0, w])
+    a, b = plain.plan(tdec, reg), fused.plan(tdec, reg)
+    out["cases"].append({"cfg": [H, W, K, cfg.stride, cfg.dilate], "decisions": bool(torch.equal(a[1], b[1])),
+                         "queried": [int(a[2]), int(b[2])], "needs": [a[4].tolist(), b[4].tolist()],
+                         "overflow": [bool(a[3]), bool(b[3])], "scale": float(a[0].abs().max()),
+                         "max_abs": float((a[0] - b[0]).abs().max())})
+# a plan over its budget: flagged alike, with the same needs
+dec, tdec = _field(np.random.default_rng(3), 1)
+plain, fused = (DevicePlanner((256, 256), 0.125, SparseConfig(), "cpu", cap_per_side=1) for _ in range(2))
+fused.fused = True
+reg = torch.tensor([0, 256, 0, 256])
+a, b = plain.plan(tdec, reg), fused.plan(tdec, reg)
+out["overflow"] = {"flags": [bool(a[3]), bool(b[3])], "needs": [a[4].tolist(), b[4].tolist()]}
+# through the torch backend: a sparse box with and without the kernels (tiny model, CPU, fp32)
+from imedsam_deploy.backends.torch_cuda import TorchBackend
+from imedsam_train.build import build_from_config
+from imedsam_train.config import preset
+torch.manual_seed(0)
+model, _ = build_from_config(preset("tiny", input_size=64))
+img = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
+box = np.array([[10, 12, 50, 44]], np.float32)
+runs = {}
+for on in (False, True):
+    be = TorchBackend(model, device="cpu", precision="fp32", device_planner=True, fused_planner=on)
+    emb = be.encode(img)[0]
+    runs[on] = be.sparse_region(emb, box, (8, 52, 6, 58), (64, 64), 0.125, SparseConfig(stride=8)) + (be.description,)
+    if on:
+        be.set_planner_kernels(False)
+        runs["off again"] = be.sparse_region(emb, box, (8, 52, 6, 58), (64, 64), 0.125, SparseConfig(stride=8))
+(l0, q0, _), (l1, q1, desc) = runs[False], runs[True]
+out["backend"] = {"masks_equal": bool(((l0 > 0) == (l1 > 0)).all()), "queried": [q0, q1], "description": desc,
+                  "max_abs": float(np.abs(l0 - l1).max()), "scale": float(np.abs(l0).max()),
+                  "off_again_equal": bool(np.array_equal(runs["off again"][0], l0))}
+json.dump(out, sys.stdout)
+"""
+
+
+@pytest.fixture(scope="module")
+def fused_compared() -> dict:
+    pytest.importorskip("triton", reason="triton comes with torch's CUDA builds on Linux; this torch has none")
+    from .conftest import run_in_triton_interpreter
+
+    return run_in_triton_interpreter(FUSED_SCRIPT)
+
+
+def test_fused_planner_kernels_plan_as_the_torch_ops(fused_compared):
+    """``DevicePlanner.fused`` (each level's bookkeeping as two Triton kernels, run in Triton's interpreter) on
+    random fields, output sizes, regions, strides 2-16, dilation 0-2, one or two classes: the same decisions,
+    points queried and per-pass needs as the torch ops; the filled logits within fp32 rounding of
+    ``F.interpolate``'s; an over-budget plan flagged alike."""
+    cases = fused_compared["cases"]
+    assert len(cases) == 12 and {c["cfg"][4] for c in cases} == {0, 1, 2}
+    for c in cases:
+        assert c["decisions"], c["cfg"]
+        assert c["queried"][0] == c["queried"][1] > 0 and c["needs"][0] == c["needs"][1], c["cfg"]
+        assert c["overflow"] == [False, False]
+        assert c["max_abs"] <= 1e-6 * max(1.0, c["scale"]), c
+    ov = fused_compared["overflow"]
+    assert ov["flags"] == [True, True] and ov["needs"][0] == ov["needs"][1]
+
+
+def test_the_torch_backend_plans_alike_with_the_planner_kernels(fused_compared):
+    b = fused_compared["backend"]
+    assert b["masks_equal"] and b["queried"][0] == b["queried"][1] > 0
+    assert b["max_abs"] <= 1e-6 * max(1.0, b["scale"])
+    assert "fused planner" in b["description"] and b["off_again_equal"]
+
+
+def test_the_planner_kernels_compile_for_hopper_without_spilling():
+    """Compiled ahead of time for sm_90 (no GPU needed) at every stride a 384² plan runs and two dilations, for
+    one and two classes: no spills."""
+    pytest.importorskip("triton", reason="triton comes with torch's CUDA builds on Linux; this torch has none")
+    from imedsam_deploy.backends.planner_kernels import compile_for
+
+    from .conftest import not_interpreted
+
+    not_interpreted()
+    for s in (8, 4, 2, 1):
+        for dilate in (1, 2):
+            for k in (1, 2):
+                for name, use in compile_for(s, k, dilate).items():
+                    assert use["spill_stores"] == 0 and use["spill_loads"] == 0, (name, s, dilate, k, use)
+                    assert use["registers"] <= 128, (name, s, dilate, k, use)

@@ -26,8 +26,9 @@ torch-free otherwise. What it does (DESIGN §2-3):
   full and box modes UGS-merge on the device: only final logits are copied to the host;
 - optionally (``compile=True`` or IMEDSAM_TORCH_COMPILE=1) each captured function is first compiled by
   ``torch.compile`` (inductor: fused elementwise kernels, autotuned GEMMs), still replayed as a CUDA graph;
-- optionally (IMEDSAM_TORCH_TRITON=1, or the three options) hand-written Triton kernels replace torch ops: the
-  encoder's residual adds and norms, each decoder point's input row, the decoder's uncertainty.
+- optionally (IMEDSAM_TORCH_TRITON=1, or the four options) hand-written Triton kernels replace torch ops: the
+  encoder's residual adds and norms, each decoder point's input row, the decoder's uncertainty, the sparse
+  planner's per-level bookkeeping.
 
 Weights: an artifact holds ONNX graphs, not PyTorch weights, so ``create`` needs the checkpoint the artifact
 was exported from (manifest ``source.checkpoint``, or the ``IMEDSAM_TORCH_CHECKPOINT`` variable);
@@ -148,13 +149,14 @@ def create(artifact: Artifact, precision: str | None = None) -> TorchBackend:
 def env_options() -> dict[str, bool]:
     """torch-cuda's opt-in settings from the environment, as ``imedsam-infer`` and ``imedsam-bench`` open it (any
     value but 0 turns one on): ``IMEDSAM_TORCH_COMPILE`` compiles its stages with ``torch.compile``;
-    ``IMEDSAM_TORCH_TRITON`` runs its three Triton kernels (the encoder's fused adds and norms, the decoder's
-    fused point rows and uncertainty), each off by default until a GPU has timed it."""
+    ``IMEDSAM_TORCH_TRITON`` runs its Triton kernels (the encoder's fused adds and norms, the decoder's fused
+    point rows and uncertainty, the planner's fused levels), each off by default until a GPU has timed it."""
     def on(name: str) -> bool:
         return os.environ.get(name, "") not in ("", "0")
 
     triton = on(TRITON_ENV)
-    return {"compile": on(COMPILE_ENV), "fused_norms": triton, "fused_features": triton, "fused_uncertainty": triton}
+    return {"compile": on(COMPILE_ENV), "fused_norms": triton, "fused_features": triton, "fused_uncertainty": triton,
+            "fused_planner": triton}
 
 
 class TorchBackend(Backend):
@@ -190,7 +192,9 @@ class TorchBackend(Backend):
     builds each point's decoder input row (both map samples, the Fourier encoding) with one
     ``imedsam_export.fused_point_features`` Triton kernel instead of 8 ops (tests/test_fused_point_features.py);
     ``fused_uncertainty`` (default off, likewise) computes the closed-form uncertainty with one
-    ``imedsam_export.fused_uncertainty`` kernel instead of 9 fp32 ops (tests/test_fused_uncertainty.py)."""
+    ``imedsam_export.fused_uncertainty`` kernel instead of 9 fp32 ops (tests/test_fused_uncertainty.py);
+    ``fused_planner`` (default off, likewise) runs each device-planner level's bookkeeping as two
+    ``planner_kernels`` Triton kernels instead of ~35 ops (tests/test_device_planner.py)."""
 
     def __init__(
         self, model: Any, device: str = "cuda", precision: str = "bf16", cuda_graphs: bool | None = None,
@@ -199,12 +203,12 @@ class TorchBackend(Backend):
         overlap_frequency: bool | None = None, grid_sample: bool = True, fused_mlp: bool = False,
         align_matmuls: bool | None = None, lean_encoder: bool | None = None, lean_box_part: bool | None = None,
         relu_epilogue: bool | None = None, fused_norms: bool = False, fused_features: bool = False,
-        fused_uncertainty: bool = False,
+        fused_uncertainty: bool = False, fused_planner: bool = False,
     ) -> None:
         super().__init__(max_batch, max_points)
         if precision not in PRECISIONS:
             raise UserError(f"backend torch: precision {precision!r} not one of {', '.join(PRECISIONS)}")
-        if compile and (fused_norms or fused_features or fused_uncertainty or fused_mlp):
+        if compile and (fused_norms or fused_features or fused_uncertainty or fused_planner or fused_mlp):
             # two ways to the same end (inductor writes its own fused kernels); together they are untested
             raise UserError(f"backend torch: torch.compile ({COMPILE_ENV}) and the hand-written Triton kernels "
                             f"({TRITON_ENV}) are alternatives: set one")
@@ -308,11 +312,13 @@ class TorchBackend(Backend):
         self.set_decoder_mlp(fused_mlp)
         self.set_decoder_alignment(self.device.type == "cuda" if align_matmuls is None else align_matmuls)
         self.set_decoder_epilogue(self.device.type == "cuda" if relu_epilogue is None else relu_epilogue)
-        self.fused_features = self.fused_uncertainty = False
+        self.fused_features = self.fused_uncertainty = self.fused_planner = False
         if fused_features:
             self.set_decoder_features(True)
         if fused_uncertainty:
             self.set_decoder_uncertainty(True)
+        if fused_planner:
+            self.set_planner_kernels(True)
         self.fused_norms = False
         if fused_norms:
             self.set_encoder_norms(True)
@@ -405,6 +411,17 @@ class TorchBackend(Backend):
         self.fused_uncertainty = fused
         self._drop_decoder_graphs()
 
+    def set_planner_kernels(self, fused: bool) -> None:
+        """Each device-planner level's bookkeeping (refinement, dilation, next candidates, fill) as two Triton
+        kernels (``planner_kernels``) or as torch ops; graphs and compiled planners that contain a plan are
+        dropped."""
+        if fused:
+            self._need_triton("fused planner")
+        self.fused_planner = fused
+        for pl in self._planners.values():
+            pl.fused = fused
+        self._drop_decoder_graphs()
+
     def set_decoder_alignment(self, on: bool) -> None:
         """The per-point layers with odd widths as zero-padded copies (``DecoderGraph.align_matmuls``: exact);
         graphs and compiled planners that contain the decoder are dropped."""
@@ -431,6 +448,7 @@ class TorchBackend(Backend):
         key = (tuple(out_hw), fraction, cfg)
         if key not in self._planners:
             self._planners[key] = DevicePlanner(out_hw, fraction, cfg, self.device)
+            self._planners[key].fused = self.fused_planner
         return self._planners[key]
 
     @property
@@ -444,7 +462,7 @@ class TorchBackend(Backend):
             ", lean encoder" if self.lean_encoder else "") + (", lean box part" if self.lean_box_part else "") + (
             ", ReLU epilogues" if self.relu_epilogue else "") + (", fused encoder norms" if self.fused_norms else "") + (
             ", fused point features" if self.fused_features else "") + (
-            ", fused uncertainty" if self.fused_uncertainty else "")
+            ", fused uncertainty" if self.fused_uncertainty else "") + (", fused planner" if self.fused_planner else "")
         return f"{self.name} ({self.precision}{graphs}{compiled}{opts}){gpu}"
 
     # --- plumbing ---

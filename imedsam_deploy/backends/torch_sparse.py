@@ -64,6 +64,10 @@ class DevicePlanner:
     ~600 (``benchmarks/op_count.py``): on a GPU each costs microseconds however little it does.
     """
 
+    # each level's bookkeeping (refinement, dilation, next candidates, fill) as two Triton kernels
+    # (``planner_kernels``) instead of ~35 torch ops; torch-cuda's ``fused_planner``
+    fused = False
+
     def __init__(self, out_hw: tuple[int, int], fraction: float, cfg: SparseConfig, device: torch.device | str,
                  cap_per_side: int | None = None) -> None:
         H, W = out_hw
@@ -228,8 +232,21 @@ class DevicePlanner:
             return row_in[s::s][:, None] & col_in[s::s][None, :]
 
         cand = cells_valid(self.stride)
+        if self.fused:
+            from imedsam_deploy.backends.planner_kernels import level_cells, level_fill
+
+            last_t = torch.stack(last)
         for s in self.levels:
             evaluate(_corner_any(cand), s, self.caps[s])
+            if self.fused:  # the same decisions and fills as below, in two kernels
+                active, nxt = level_cells(state["val"], amb, cand, last_t, s, GW, cfg.dilate, s > 1)
+                if s > 1:
+                    level_fill(state["val"], cand, active, last_t, s, (GH, GW))
+                    assert nxt is not None
+                    cand = nxt
+                else:
+                    evaluate(_corner_any(active), 1, self.dilation_cap)
+                continue
             k = state["val"].shape[0]
             val = state["val"][:, :n].view(k, GH, GW)
             d = val[:, ::s, ::s] > 0  # the lattice's decisions

@@ -1,0 +1,167 @@
+"""The device sparse planner's per-level bookkeeping as two Triton kernels (``DevicePlanner(fused=True)``; torch-cuda's
+``fused_planner``, off by default until a GPU has timed it).
+
+After each level's decoder call, ``DevicePlanner.plan`` decides which cells to refine and fills the others:
+corner decisions, their disagreement, the ambiguous corners, the candidates, the dilation (a convolution with
+the L1 ball), the region's valid cells, the next level's candidates, and the fill (a bilinear upsampling, the
+clamp to the decision's sign, the writes): about 35 small kernels a level, ~110 of a 384² plan's 354
+(``benchmarks/op_count.py``). Here:
+
+- ``level_cells``: one program per block of cells; each cell's activity is recomputed for every cell of its
+  dilation ball (the ball is small: 5 cells at ``dilate=1``), so the dilation needs no second pass. Writes the
+  dilated, valid active cells and, above stride 1, the next level's candidates (each active cell's 2 x 2
+  children).
+- ``level_fill``: one program per block of grid pixels; a settled cell's pixels (not its lattice points) take
+  the bilinear interpolation of the lattice logits, in ``F.interpolate(align_corners=True)``'s arithmetic
+  (positions and weights exact: the scale is 1/s), clamped to their cell's decision's sign.
+
+Both are pure functions of the same inputs as the torch ops they replace: the same cells and the same filled
+pixels; the filled logits within fp32 rounding of ``F.interpolate``'s (tests/test_device_planner.py runs them in
+Triton's interpreter against the torch path and the host planner).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from imedsam_export.triton_support import available, on_device, tl, triton
+
+__all__ = ["available", "level_cells", "level_fill"]
+
+BLOCK = 128  # cells or pixels a program
+
+if triton is not None:
+
+    @triton.jit
+    def _pre_active(val_ptr, amb_ptr, cand_ptr, i, j, ok, NR, NC, GW, NK, S: tl.constexpr, K: tl.constexpr):
+        """Cell (i, j) is a candidate whose corners disagree in some class's decision or are ambiguous (False
+        outside the NR x NC cells)."""
+        ok = ok & (i >= 0) & (i < NR) & (j >= 0) & (j < NC)
+        p00 = (i * S) * GW + j * S
+        p01 = p00 + S
+        p10 = p00 + S * GW
+        p11 = p10 + S
+        amb = (tl.load(amb_ptr + p00, mask=ok, other=0) | tl.load(amb_ptr + p01, mask=ok, other=0)
+               | tl.load(amb_ptr + p10, mask=ok, other=0) | tl.load(amb_ptr + p11, mask=ok, other=0)) != 0
+        dis = i != i  # False, in the cells' shape
+        for k in tl.static_range(K):
+            d00 = tl.load(val_ptr + k * NK + p00, mask=ok, other=0.0) > 0
+            d01 = tl.load(val_ptr + k * NK + p01, mask=ok, other=0.0) > 0
+            d10 = tl.load(val_ptr + k * NK + p10, mask=ok, other=0.0) > 0
+            d11 = tl.load(val_ptr + k * NK + p11, mask=ok, other=0.0) > 0
+            dis = dis | (d00 != d10) | (d00 != d01) | (d00 != d11)
+        cand = tl.load(cand_ptr + i * NC + j, mask=ok, other=0) != 0
+        return ok & cand & (dis | amb)
+
+    @triton.jit
+    def _cells_kernel(
+        val_ptr, amb_ptr, cand_ptr, last_ptr, active_ptr, next_ptr, NR, NC, GW, NK,
+        S: tl.constexpr, K: tl.constexpr, DILATE: tl.constexpr, NEXT: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # pragma: no cover - compiled by triton (or run by its interpreter in the tests' subprocess)
+        c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = c < NR * NC
+        i = c // NC
+        j = c % NC
+        act = _pre_active(val_ptr, amb_ptr, cand_ptr, i, j, ok, NR, NC, GW, NK, S, K)
+        # the L1 ball of radius DILATE (what the diamond convolution sums), sphere by sphere: the 4r cells at
+        # distance r are (r - t, t) for t < r and its quarter turns
+        for r in tl.static_range(1, DILATE + 1):
+            for t in tl.static_range(r):
+                act = act | _pre_active(val_ptr, amb_ptr, cand_ptr, i + (r - t), j + t, ok, NR, NC, GW, NK, S, K)
+                act = act | _pre_active(val_ptr, amb_ptr, cand_ptr, i - t, j + (r - t), ok, NR, NC, GW, NK, S, K)
+                act = act | _pre_active(val_ptr, amb_ptr, cand_ptr, i - (r - t), j - t, ok, NR, NC, GW, NK, S, K)
+                act = act | _pre_active(val_ptr, amb_ptr, cand_ptr, i + t, j - (r - t), ok, NR, NC, GW, NK, S, K)
+        last_r = tl.load(last_ptr)
+        last_c = tl.load(last_ptr + 1)
+        act = act & ((i + 1) * S <= last_r) & ((j + 1) * S <= last_c)  # the cell's far corner is in the region
+        tl.store(active_ptr + c, act, mask=ok)
+        if NEXT:  # the next level's candidates: each cell's 2 x 2 children
+            base = (2 * i) * (2 * NC) + 2 * j
+            tl.store(next_ptr + base, act, mask=ok)
+            tl.store(next_ptr + base + 1, act, mask=ok)
+            tl.store(next_ptr + base + 2 * NC, act, mask=ok)
+            tl.store(next_ptr + base + 2 * NC + 1, act, mask=ok)
+
+    @triton.jit
+    def _fill_kernel(
+        val_ptr, cand_ptr, active_ptr, last_ptr, NC, GH, GW, NK, NLH, NLW,
+        S: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # pragma: no cover - compiled by triton (or run by its interpreter in the tests' subprocess)
+        p = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = p < GH * GW
+        gi = p // GW
+        gj = p % GW
+        last_r = tl.load(last_ptr)
+        last_c = tl.load(last_ptr + 1)
+        inside = (gi <= last_r) & (gj <= last_c)
+        fillable = ((gi % S) != 0) | ((gj % S) != 0)  # lattice points keep their evaluated logits
+        cr = tl.minimum(gi // S, last_r // S - 1)  # the region's far edges belong to its last cells
+        cc = tl.minimum(gj // S, last_c // S - 1)
+        go = ok & inside & fillable
+        cell = cr * NC + cc
+        settled = (tl.load(cand_ptr + cell, mask=go, other=0) != 0) & (tl.load(active_ptr + cell, mask=go, other=1) == 0)
+        own = go & settled
+        # F.interpolate(bilinear, align_corners=True) from the (NLH, NLW) lattice to the grid: source gi / S (exact)
+        h1 = gi // S
+        w1 = gj // S
+        h1l = (gi - h1 * S).to(tl.float32) * (1.0 / S)
+        w1l = (gj - w1 * S).to(tl.float32) * (1.0 / S)
+        h0l = 1.0 - h1l
+        w0l = 1.0 - w1l
+        h1p = tl.where(h1 < NLH - 1, S * GW, 0)
+        w1p = tl.where(w1 < NLW - 1, S, 0)
+        q00 = (h1 * S) * GW + w1 * S
+        dq = (cr * S) * GW + cc * S  # the cell's top-left lattice point: its decision
+        for k in tl.static_range(K):
+            vk = val_ptr + k * NK
+            v00 = tl.load(vk + q00, mask=own, other=0.0)
+            v01 = tl.load(vk + q00 + w1p, mask=own, other=0.0)
+            v10 = tl.load(vk + q00 + h1p, mask=own, other=0.0)
+            v11 = tl.load(vk + q00 + h1p + w1p, mask=own, other=0.0)
+            v = h0l * (w0l * v00 + w1l * v01) + h1l * (w0l * v10 + w1l * v11)
+            d = tl.load(vk + dq, mask=own, other=0.0) > 0
+            v = tl.where(d, tl.maximum(v, 1e-6), tl.minimum(v, 0.0))
+            tl.store(vk + p, v, mask=own)
+
+
+def level_cells(val: torch.Tensor, amb: torch.Tensor, cand: torch.Tensor, last: torch.Tensor, s: int, grid_w: int,
+                dilate: int, with_next: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """val (K, n + 1) fp32 logits and amb (n + 1,) bool over the flattened grid (grid_w wide), cand (NR, NC) bool
+    cells of stride s, last (2,) int64: the region's last grid row and column. Returns the dilated, valid active
+    cells (NR, NC) bool and, with ``with_next``, the next level's candidates (2 NR, 2 NC) bool."""
+    nr, nc = cand.shape
+    active = torch.empty(nr, nc, dtype=torch.bool, device=val.device)
+    nxt = torch.empty(2 * nr, 2 * nc, dtype=torch.bool, device=val.device) if with_next else None
+    with on_device(val):
+        _cells_kernel[(triton.cdiv(nr * nc, BLOCK),)](
+            val, amb, cand, last, active, nxt if nxt is not None else active, nr, nc, grid_w, val.shape[1],
+            S=s, K=val.shape[0], DILATE=dilate, NEXT=with_next, BLOCK=BLOCK)
+    return active, nxt
+
+
+def level_fill(val: torch.Tensor, cand: torch.Tensor, active: torch.Tensor, last: torch.Tensor, s: int,
+               grid_hw: tuple[int, int]) -> None:
+    """Fill, in place in val (K, n + 1), the settled stride-s cells' pixels (cand and not active)."""
+    gh, gw = grid_hw
+    nlh, nlw = (gh - 1) // s + 1, (gw - 1) // s + 1
+    with on_device(val):
+        _fill_kernel[(triton.cdiv(gh * gw, BLOCK),)](
+            val, cand, active, last, cand.shape[1], gh, gw, val.shape[1], nlh, nlw, S=s, K=val.shape[0], BLOCK=BLOCK)
+
+
+def compile_for(s: int, classes: int, dilate: int, capability: int = 90) -> dict[str, dict[str, int]]:
+    """Compile both kernels ahead of time for an NVIDIA target (90: Hopper), with no GPU, for stride ``s`` (the
+    fill only above 1): each one's registers a thread and spilled bytes (ptxas)."""
+    from imedsam_export.triton_support import compile_ahead, ptxas_usage
+
+    ints = dict.fromkeys(("NR", "NC", "GW", "NK"), "i32")
+    sig = {"val_ptr": "*fp32", "amb_ptr": "*i1", "cand_ptr": "*i1", "last_ptr": "*i64", "active_ptr": "*i1",
+           "next_ptr": "*i1", **ints}
+    const = {"S": s, "K": classes, "DILATE": dilate, "NEXT": s > 1, "BLOCK": BLOCK}
+    out = {"cells": ptxas_usage(compile_ahead(_cells_kernel, sig, const, capability, {"num_warps": 4}), capability)}
+    if s > 1:
+        sig = {"val_ptr": "*fp32", "cand_ptr": "*i1", "active_ptr": "*i1", "last_ptr": "*i64",
+               **dict.fromkeys(("NC", "GH", "GW", "NK", "NLH", "NLW"), "i32")}
+        k = compile_ahead(_fill_kernel, sig, {"S": s, "K": classes, "BLOCK": BLOCK}, capability, {"num_warps": 4})
+        out["fill"] = ptxas_usage(k, capability)
+    return out

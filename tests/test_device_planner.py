@@ -279,7 +279,7 @@ while len(out["cases"]) < 12:
     r0, c0 = int(rng.integers(0, H // 2)), int(rng.integers(0, W // 2))
     r1, c1 = int(rng.integers(r0 + 1, H + 1)), int(rng.integers(c0 + 1, W + 1))
     cfg = SparseConfig(stride=int(rng.choice([2, 4, 8, 16])), dilate=int(rng.integers(0, 3)),
-                       logit_band=float(rng.choice([0.0, 0.5])))
+                       logit_band=float(rng.choice([0.0, 0.5])), refine_on_head_disagreement=bool(rng.integers(0, 4)))
     plain, fused = (DevicePlanner((H, W), 0.125, cfg, "cpu") for _ in range(2))
     fused.fused = True
     h, w = r1 - r0, c1 - c0
@@ -287,7 +287,8 @@ while len(out["cases"]) < 12:
         continue
     reg = torch.tensor([r0, h, c0, w])
     a, b = plain.plan(tdec, reg), fused.plan(tdec, reg)
-    out["cases"].append({"cfg": [H, W, K, cfg.stride, cfg.dilate], "decisions": bool(torch.equal(a[1], b[1])),
+    out["cases"].append({"cfg": [H, W, K, cfg.stride, cfg.dilate, cfg.logit_band, cfg.refine_on_head_disagreement],
+                         "decisions": bool(torch.equal(a[1], b[1])),
                          "queried": [int(a[2]), int(b[2])], "needs": [a[4].tolist(), b[4].tolist()],
                          "overflow": [bool(a[3]), bool(b[3])], "scale": float(a[0].abs().max()),
                          "max_abs": float((a[0] - b[0]).abs().max())})
@@ -331,12 +332,14 @@ def fused_compared() -> dict:
 
 
 def test_fused_planner_kernels_plan_as_the_torch_ops(fused_compared):
-    """``DevicePlanner.fused`` (each level's bookkeeping as two Triton kernels, run in Triton's interpreter) on
-    random fields, output sizes, regions, strides 2-16, dilation 0-2, one or two classes: the same decisions,
+    """``DevicePlanner.fused`` (each level's bookkeeping as three Triton kernels, run in Triton's interpreter) on
+    random fields, output sizes, regions, strides 2-16, dilation 0-2, one or two classes, with and without the
+    logit band and the heads' disagreement as ambiguity: the same decisions,
     points queried and per-pass needs as the torch ops; the filled logits within fp32 rounding of
     ``F.interpolate``'s; an over-budget plan flagged alike."""
     cases = fused_compared["cases"]
-    assert len(cases) == 12 and {c["cfg"][4] for c in cases} == {0, 1, 2}
+    assert len(cases) == 12 and {c["cfg"][4] for c in cases} == {0, 1, 2} and {c["cfg"][2] for c in cases} == {1, 2}
+    assert {c["cfg"][5] for c in cases} == {0.0, 0.5} and {c["cfg"][6] for c in cases} == {False, True}
     for c in cases:
         assert c["decisions"], c["cfg"]
         assert c["queried"][0] == c["queried"][1] > 0 and c["needs"][0] == c["needs"][1], c["cfg"]

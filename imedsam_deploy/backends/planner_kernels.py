@@ -1,12 +1,15 @@
-"""The device sparse planner's per-level bookkeeping as two Triton kernels (``DevicePlanner(fused=True)``; torch-cuda's
+"""The device sparse planner's per-level bookkeeping as three Triton kernels (``DevicePlanner(fused=True)``; torch-cuda's
 ``fused_planner``, off by default until a GPU has timed it).
 
-After each level's decoder call, ``DevicePlanner.plan`` decides which cells to refine and fills the others:
-corner decisions, their disagreement, the ambiguous corners, the candidates, the dilation (a convolution with
-the L1 ball), the region's valid cells, the next level's candidates, and the fill (a bilinear upsampling, the
-clamp to the decision's sign, the writes): about 35 small kernels a level, ~110 of a 384² plan's 354
-(``benchmarks/op_count.py``). Here:
+After each level's decoder call, ``DevicePlanner.plan`` records its points (the UGS-merged logit, the
+ambiguity, known), decides which cells to refine and fills the others: the merge, the heads' disagreement, the
+writes, the corner decisions, their disagreement, the ambiguous corners, the candidates, the dilation (a
+convolution with the L1 ball), the region's valid cells, the next level's candidates, and the fill (a bilinear
+upsampling, the clamp to the decision's sign, the writes): about 45 small kernels a level, ~170 of a 384²
+plan's 429 on torch-cuda's default decoder (``benchmarks/op_count.py``). Here:
 
+- ``level_scatter``: one program per block of decoded points: the UGS merge against the estimated threshold,
+  the heads' sign disagreement and the logit band, and the three writes (about 10 kernels before);
 - ``level_cells``: one program per block of cells; each cell's activity is recomputed for every cell of its
   dilation ball (the ball is small: 5 cells at ``dilate=1``), so the dilation needs no second pass. Writes the
   dilated, valid active cells and, above stride 1, the next level's candidates (each active cell's 2 x 2
@@ -15,8 +18,8 @@ clamp to the decision's sign, the writes): about 35 small kernels a level, ~110 
   the bilinear interpolation of the lattice logits, in ``F.interpolate(align_corners=True)``'s arithmetic
   (positions and weights exact: the scale is 1/s), clamped to their cell's decision's sign.
 
-Both are pure functions of the same inputs as the torch ops they replace: the same cells and the same filled
-pixels; the filled logits within fp32 rounding of ``F.interpolate``'s (tests/test_device_planner.py runs them in
+Each is a pure function of the same inputs as the torch ops it replaces: the same logits recorded, the same cells
+and the same filled pixels; the filled logits within fp32 rounding of ``F.interpolate``'s (tests/test_device_planner.py runs them in
 Triton's interpreter against the torch path and the host planner).
 """
 
@@ -26,7 +29,7 @@ import torch
 
 from imedsam_export.triton_support import available, on_device, tl, triton
 
-__all__ = ["available", "level_cells", "level_fill"]
+__all__ = ["available", "level_cells", "level_fill", "level_scatter"]
 
 BLOCK = 128  # cells or pixels a program
 
@@ -124,6 +127,49 @@ if triton is not None:
             tl.store(vk + p, v, mask=own)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _scatter_kernel(
+        coarse_ptr, sck, scn, fine_ptr, sfk, sfn, unc_ptr, suk, sun, tau_ptr, stk, flag_ptr, lin_ptr, val_ptr, amb_ptr,
+        known_ptr, N, NK, band,
+        K: tl.constexpr, HEADS: tl.constexpr, BAND: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # pragma: no cover - compiled by triton (or run by its interpreter in the tests' subprocess)
+        q = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = q < N
+        flag = tl.load(flag_ptr + q, mask=ok, other=0) != 0
+        dest = tl.where(flag, tl.load(lin_ptr + q, mask=ok, other=0), NK - 1)  # the spare slot: not to be written
+        a = q < 0  # False
+        for k in tl.static_range(K):
+            c = tl.load(coarse_ptr + k * sck + q * scn, mask=ok, other=0.0)
+            f = tl.load(fine_ptr + k * sfk + q * sfn, mask=ok, other=0.0)
+            u = tl.load(unc_ptr + k * suk + q * sun, mask=ok, other=0.0)
+            tl.store(val_ptr + k * NK + dest, tl.where(u >= tl.load(tau_ptr + k * stk), f, c), mask=ok)
+            if HEADS:  # the heads disagree in sign: the decision hinges on tau
+                a = a | ((c > 0) != (f > 0))
+            if BAND:  # a logit near 0
+                a = a | (tl.minimum(tl.abs(c), tl.abs(f)) < band)
+        if HEADS or BAND:
+            tl.store(amb_ptr + dest, a, mask=ok)
+        tl.store(known_ptr + dest, flag, mask=ok)
+
+
+def level_scatter(coarse: torch.Tensor, fine: torch.Tensor, unc: torch.Tensor, tau: torch.Tensor, flag: torch.Tensor,
+                  lin: torch.Tensor, val: torch.Tensor, amb: torch.Tensor, known: torch.Tensor, heads: bool,
+                  band: float) -> None:
+    """Record a level's decoded points (coarse, fine, unc: (K, N) fp32, any strides) in place: at the
+    grid index ``lin`` of each point with ``flag`` (the others write the spare slot, the last of val's (K, n + 1),
+    amb's and known's), the UGS-merged logit (fine where unc >= tau, per class), the ambiguity (the heads'
+    signs differ, with ``heads``; a |logit| under ``band`` > 0) and known."""
+    K, N = coarse.shape
+    if N == 0:
+        return
+    with on_device(val):  # the decoder's outputs are transposed views: strides passed as they are
+        _scatter_kernel[(triton.cdiv(N, BLOCK),)](
+            coarse, *coarse.stride(), fine, *fine.stride(), unc, *unc.stride(), tau, tau.stride(0), flag, lin, val, amb,
+            known, N, val.shape[1], float(band), K=K, HEADS=heads, BAND=band > 0, BLOCK=BLOCK)
+
+
 def level_cells(val: torch.Tensor, amb: torch.Tensor, cand: torch.Tensor, last: torch.Tensor, s: int, grid_w: int,
                 dilate: int, with_next: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """val (K, n + 1) fp32 logits and amb (n + 1,) bool over the flattened grid (grid_w wide), cand (NR, NC) bool
@@ -150,7 +196,7 @@ def level_fill(val: torch.Tensor, cand: torch.Tensor, active: torch.Tensor, last
 
 
 def compile_for(s: int, classes: int, dilate: int, capability: int = 90) -> dict[str, dict[str, int]]:
-    """Compile both kernels ahead of time for an NVIDIA target (90: Hopper), with no GPU, for stride ``s`` (the
+    """Compile the kernels ahead of time for an NVIDIA target (90: Hopper), with no GPU, for stride ``s`` (the
     fill only above 1): each one's registers a thread and spilled bytes (ptxas)."""
     from imedsam_export.triton_support import compile_ahead, ptxas_usage
 
@@ -159,6 +205,13 @@ def compile_for(s: int, classes: int, dilate: int, capability: int = 90) -> dict
            "next_ptr": "*i1", **ints}
     const = {"S": s, "K": classes, "DILATE": dilate, "NEXT": s > 1, "BLOCK": BLOCK}
     out = {"cells": ptxas_usage(compile_ahead(_cells_kernel, sig, const, capability, {"num_warps": 4}), capability)}
+    sig = {"coarse_ptr": "*fp32", "sck": "i32", "scn": "i32", "fine_ptr": "*fp32", "sfk": "i32", "sfn": "i32",
+           "unc_ptr": "*fp32", "suk": "i32", "sun": "i32", "tau_ptr": "*fp32", "stk": "i32", "flag_ptr": "*i1",
+           "lin_ptr": "*i64", "val_ptr": "*fp32", "amb_ptr": "*i1", "known_ptr": "*i1", "N": "i32", "NK": "i32",
+           "band": "fp32"}
+    k = compile_ahead(_scatter_kernel, sig, {"K": classes, "HEADS": True, "BAND": True, "BLOCK": BLOCK}, capability,
+                      {"num_warps": 4})
+    out["scatter"] = ptxas_usage(k, capability)
     if s > 1:
         sig = {"val_ptr": "*fp32", "cand_ptr": "*i1", "active_ptr": "*i1", "last_ptr": "*i64",
                **dict.fromkeys(("NC", "GH", "GW", "NK", "NLH", "NLW"), "i32")}

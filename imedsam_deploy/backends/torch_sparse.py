@@ -64,8 +64,8 @@ class DevicePlanner:
     ~600 (``benchmarks/op_count.py``): on a GPU each costs microseconds however little it does.
     """
 
-    # each level's bookkeeping (refinement, dilation, next candidates, fill) as two Triton kernels
-    # (``planner_kernels``) instead of ~35 torch ops; torch-cuda's ``fused_planner``
+    # each level's bookkeeping (recording its points, refinement, dilation, next candidates, fill) as three Triton
+    # kernels (``planner_kernels``) instead of ~45 torch ops; torch-cuda's ``fused_planner``
     fused = False
 
     def __init__(self, out_hw: tuple[int, int], fraction: float, cfg: SparseConfig, device: torch.device | str,
@@ -214,6 +214,12 @@ class DevicePlanner:
                 # the logits only: every decision is ``val > 0`` (a fill clamps its logits to its decision's sign)
                 state["val"] = torch.zeros(unc.shape[0], n + 1, dtype=torch.float32, device=dev)
                 coarse, fine, unc = coarse[:, self.n_t :], fine[:, self.n_t :], unc[:, self.n_t :]
+            if self.fused:  # the same writes as below, in one kernel
+                from imedsam_deploy.backends.planner_kernels import level_scatter
+
+                level_scatter(coarse, fine, unc, state["tau"], flag, lin, state["val"], amb, known,
+                              cfg.refine_on_head_disagreement, cfg.logit_band)
+                return
             v = torch.where(unc >= state["tau"][:, None], fine, coarse)
             a = None
             if cfg.refine_on_head_disagreement:

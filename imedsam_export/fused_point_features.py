@@ -50,7 +50,9 @@ if triton is not None:
     @triton.jit
     def _taps(x, y, H, W, s_h, s_w, ok):
         """grid_sample(bilinear, zeros, align_corners=False)'s four taps at the points' (x, y) on an H x W map with
-        row / column strides s_h, s_w: (offset, mask, weight) for nw, ne, sw, se, in its arithmetic."""
+        row / column strides s_h, s_w, in its arithmetic: the nw tap's offset, then each tap's mask and weight
+        (nw, ne, sw, se). Flat values rather than nested tuples indexed in a loop: the plainest form for every
+        Triton 3 release (the GPU image had 3.6, the tests here run 3.8)."""
         ix = ((x + 1.0) * W - 1.0) * 0.5  # its "/ 2", exactly (Triton's fp32 "/" is not IEEE-rounded)
         iy = ((y + 1.0) * H - 1.0) * 0.5
         x0f = tl.floor(ix)
@@ -63,22 +65,19 @@ if triton is not None:
         x_in1 = (x0 >= -1) & (x0 < W - 1)
         y_in0 = (y0 >= 0) & (y0 < H)
         y_in1 = (y0 >= -1) & (y0 < H - 1)
-        r0 = y0.to(tl.int64) * s_h
-        q0 = x0.to(tl.int64) * s_w
-        return ((r0 + q0, ok & y_in0 & x_in0, (x1f - ix) * (y1f - iy)),
-                (r0 + q0 + s_w, ok & y_in0 & x_in1, (ix - x0f) * (y1f - iy)),
-                (r0 + s_h + q0, ok & y_in1 & x_in0, (x1f - ix) * (iy - y0f)),
-                (r0 + s_h + q0 + s_w, ok & y_in1 & x_in1, (ix - x0f) * (iy - y0f)))
+        off = y0.to(tl.int64) * s_h + x0.to(tl.int64) * s_w
+        return (off, ok & y_in0 & x_in0, ok & y_in0 & x_in1, ok & y_in1 & x_in0, ok & y_in1 & x_in1,
+                (x1f - ix) * (y1f - iy), (ix - x0f) * (y1f - iy), (x1f - ix) * (iy - y0f), (ix - x0f) * (iy - y0f))
 
     @triton.jit
-    def _sample(base, taps, c, c_ok, s_c):
-        """The taps' weighted sum over channels ``c`` (fp32), the taps added to 0 in grid_sample's order."""
-        col = c[None, :].to(tl.int64) * s_c
-        acc = tl.zeros((taps[0][0].shape[0], c.shape[0]), dtype=tl.float32)
-        for t in tl.static_range(4):
-            off, m, w = taps[t]
-            v = tl.load(base + off[:, None] + col, mask=m[:, None] & c_ok[None, :], other=0.0)
-            acc += v.to(tl.float32) * w[:, None]
+    def _sample(base, off, s_h, s_w, m00, m01, m10, m11, w00, w01, w10, w11, c, c_ok, s_c):
+        """The taps' weighted sum over channels ``c`` (fp32), added to 0 in grid_sample's order (nw, ne, sw, se)."""
+        p = base + off[:, None] + c[None, :].to(tl.int64) * s_c
+        cm = c_ok[None, :]
+        acc = tl.load(p, mask=m00[:, None] & cm, other=0.0).to(tl.float32) * w00[:, None]
+        acc += tl.load(p + s_w, mask=m01[:, None] & cm, other=0.0).to(tl.float32) * w01[:, None]
+        acc += tl.load(p + s_h, mask=m10[:, None] & cm, other=0.0).to(tl.float32) * w10[:, None]
+        acc += tl.load(p + s_h + s_w, mask=m11[:, None] & cm, other=0.0).to(tl.float32) * w11[:, None]
         return acc
 
     @triton.jit
@@ -98,18 +97,18 @@ if triton is not None:
         ty = out_ptr.dtype.element_ty
         # BLOCK_C channels at a time: a 32 x 256 fp32 tile with its four taps' loads in flight spilled (255 registers)
         # the box-conditioned up map, (B, CU, Hu, Wu) at any strides
-        taps = _taps(x, y, Hu, Wu, su_h, su_w, ok)
+        off, m00, m01, m10, m11, w00, w01, w10, w11 = _taps(x, y, Hu, Wu, su_h, su_w, ok)
         for c0 in range(0, CU, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             c_ok = c < CU
-            v = _sample(up_ptr + b * su_b, taps, c, c_ok, su_c)
+            v = _sample(up_ptr + b * su_b, off, su_h, su_w, m00, m01, m10, m11, w00, w01, w10, w11, c, c_ok, su_c)
             tl.store(out_row + c[None, :], v.to(ty), mask=ok[:, None] & c_ok[None, :])
         # the positional map, shared by the batch: (Hp, Wp, CP) rows, a tap's channels contiguous
-        taps = _taps(x, y, Hp, Wp, Wp * CP, CP, ok)
+        off, m00, m01, m10, m11, w00, w01, w10, w11 = _taps(x, y, Hp, Wp, Wp * CP, CP, ok)
         for c0 in range(0, CP, BLOCK_C):
             c = c0 + tl.arange(0, BLOCK_C)
             c_ok = c < CP
-            v = _sample(pe_ptr, taps, c, c_ok, 1)
+            v = _sample(pe_ptr, off, Wp * CP, CP, m00, m01, m10, m11, w00, w01, w10, w11, c, c_ok, 1)
             tl.store(out_row + CU + c[None, :], v.to(ty), mask=ok[:, None] & c_ok[None, :])
         # gamma = [x, y (INCLUDE_INPUT)], sin(ang), cos(ang) with ang[2k + d] = p[d] * freqs[k]; then zeros up to D
         g0 = out_row + CU + CP

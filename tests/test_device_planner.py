@@ -273,8 +273,8 @@ from tests.test_device_planner import _field
 
 out = {"cases": [], "overflow": None, "backend": None}
 rng = np.random.default_rng(11)
-while len(out["cases"]) < 12:
-    H, W, K = int(rng.integers(20, 110)), int(rng.integers(20, 110)), int(rng.integers(1, 3))
+while len(out["cases"]) < 10:  # small outputs: the interpreter runs each program in numpy
+    H, W, K = int(rng.integers(20, 72)), int(rng.integers(20, 72)), int(rng.integers(1, 3))
     dec, tdec = _field(rng, K)
     r0, c0 = int(rng.integers(0, H // 2)), int(rng.integers(0, W // 2))
     r1, c1 = int(rng.integers(r0 + 1, H + 1)), int(rng.integers(c0 + 1, W + 1))
@@ -294,9 +294,9 @@ while len(out["cases"]) < 12:
                          "max_abs": float((a[0] - b[0]).abs().max())})
 # a plan over its budget: flagged alike, with the same needs
 dec, tdec = _field(np.random.default_rng(3), 1)
-plain, fused = (DevicePlanner((256, 256), 0.125, SparseConfig(), "cpu", cap_per_side=1) for _ in range(2))
+plain, fused = (DevicePlanner((128, 128), 0.125, SparseConfig(), "cpu", cap_per_side=1) for _ in range(2))
 fused.fused = True
-reg = torch.tensor([0, 256, 0, 256])
+reg = torch.tensor([0, 128, 0, 128])
 a, b = plain.plan(tdec, reg), fused.plan(tdec, reg)
 out["overflow"] = {"flags": [bool(a[3]), bool(b[3])], "needs": [a[4].tolist(), b[4].tolist()]}
 # through the torch backend: a decode and a sparse box with and without the kernels (tiny model, CPU, fp32)
@@ -321,7 +321,7 @@ def test_fused_planner_kernels_plan_as_the_torch_ops(fused_compared):
     points queried and per-pass needs as the torch ops; the filled logits within fp32 rounding of
     ``F.interpolate``'s; an over-budget plan flagged alike."""
     cases = fused_compared["cases"]
-    assert len(cases) == 12 and {c["cfg"][4] for c in cases} == {0, 1, 2} and {c["cfg"][2] for c in cases} == {1, 2}
+    assert len(cases) == 10 and {c["cfg"][4] for c in cases} == {0, 1, 2} and {c["cfg"][2] for c in cases} == {1, 2}
     assert {c["cfg"][5] for c in cases} == {0.0, 0.5} and {c["cfg"][6] for c in cases} == {False, True}
     for c in cases:
         assert c["decisions"], c["cfg"]

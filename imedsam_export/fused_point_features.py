@@ -38,7 +38,7 @@ from imedsam_train.model.fourier import fourier_dim
 
 __all__ = ["FusedPointFeatures", "available"]
 
-# 16 points a program, 32 channels a step, 4 warps: 95 registers a thread on sm_90, no spills (32 points with the
+# 16 points a program, 32 channels a step, 4 warps: 96 registers a thread on sm_90, no spills (32 points with the
 # positional map's 256 channels unrolled took all 255 and spilled: ``compile_for`` reports it)
 BLOCK_N = 16
 BLOCK_C = 32

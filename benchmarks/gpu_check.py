@@ -26,7 +26,7 @@ or on a second stream, with the embedding's difference from the plain encoder.
 Decoder options (before/after, bf16, sparse and full frames at batch 1 and each output size): the per-point
 decoder's two map samples as ``grid_sample`` calls (torch-cuda's default) or as the exported graph's Gather taps,
 its odd-width layers zero-padded (default on CUDA) or not, with GEMM epilogues or not, each point's input row as
-one Triton kernel or not, the uncertainty as one Triton kernel or not, the device planner's levels as three
+one Triton kernel or not, the uncertainty as one Triton kernel or not, the device planner's levels as four
 Triton kernels or not, its MLPs as torch layers or one Triton kernel, with the masks' agreement with the
 default's.
 Memory (batch 1, full and sparse frames at the input size, 896² and 2048², or ``--memory-sizes``): the GPU memory one frame adds
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         call), its odd-width layers zero-padded to multiples of 8 or not (``align_matmuls``), its Linear -> ReLU
         pairs with GEMM epilogues or not (``relu_epilogue``, with the padded layers), each point's input row as
         one Triton kernel or not (``fused_features``, with both; skipped without CUDA), then the uncertainty as one
-        Triton kernel too (``fused_uncertainty``), then the device planner's levels as three Triton kernels
+        Triton kernel too (``fused_uncertainty``), then the device planner's levels as four Triton kernels
         (``fused_planner``), and, with ``--fused-mlp``,
         its MLPs as one Triton kernel (``fused_point_mlp``, at three block sizes): p50 per frame, per-stage
         p50, and each variant's masks against the first's (grid_sample, unpadded, torch MLP, no epilogues).

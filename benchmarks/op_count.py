@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="the decoder's uncertainty as fused_uncertainty's Triton kernel (needs triton): each launch "
                          "counts as one op, computed by torch uncounted")
     ap.add_argument("--fused-planner", action="store_true",
-                    help="the device planner's per-level bookkeeping as planner_kernels' three Triton kernels (needs "
+                    help="the device planner's per-level bookkeeping as planner_kernels' four Triton kernels (needs "
                          "triton; they run in its interpreter here): each launch counts as one op")
     ap.add_argument("--fused-mlp", action="store_true",
                     help="the decoder's MLPs as the one Triton kernel of fused_point_mlp (needs triton): its launch "
@@ -182,6 +182,7 @@ def _count(a: argparse.Namespace) -> int:
         pk.level_cells = one_launch(pk.level_cells, "planner_cells")  # type: ignore[assignment]
         pk.level_fill = one_launch(pk.level_fill, "planner_fill")  # type: ignore[assignment]
         pk.level_scatter = one_launch(pk.level_scatter, "planner_scatter")  # type: ignore[assignment]
+        pk.level_need = one_launch(pk.level_need, "planner_need")  # type: ignore[assignment]
     if a.fused_mlp:
         from imedsam_export.fused_point_mlp import FusedPointMLP
 

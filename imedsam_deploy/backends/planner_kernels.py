@@ -1,13 +1,15 @@
-"""The device sparse planner's per-level bookkeeping as three Triton kernels (``DevicePlanner(fused=True)``; torch-cuda's
+"""The device sparse planner's per-level bookkeeping as four Triton kernels (``DevicePlanner(fused=True)``; torch-cuda's
 ``fused_planner``, off by default until a GPU has timed it).
 
 After each level's decoder call, ``DevicePlanner.plan`` records its points (the UGS-merged logit, the
 ambiguity, known), decides which cells to refine and fills the others: the merge, the heads' disagreement, the
 writes, the corner decisions, their disagreement, the ambiguous corners, the candidates, the dilation (a
 convolution with the L1 ball), the region's valid cells, the next level's candidates, and the fill (a bilinear
-upsampling, the clamp to the decision's sign, the writes): about 45 small kernels a level, ~170 of a 384²
-plan's 429 on torch-cuda's default decoder (``benchmarks/op_count.py``). Here:
+upsampling, the clamp to the decision's sign, the writes), and before it the points to decode: about 50 small
+kernels a level, ~215 of a 384² plan's 429 on torch-cuda's default decoder (``benchmarks/op_count.py``). Here:
 
+- ``level_need``: one program per block of lattice points: the corners of the level's candidate cells that are
+  not yet known and inside the region (the points its decoder call may take; six kernels before);
 - ``level_scatter``: one program per block of decoded points: the UGS merge against the estimated threshold,
   the heads' sign disagreement and the logit band, and the three writes (about 10 kernels before);
 - ``level_cells``: one program per block of cells; each cell's activity is recomputed for every cell of its
@@ -29,7 +31,7 @@ import torch
 
 from imedsam_export.triton_support import available, on_device, tl, triton
 
-__all__ = ["available", "level_cells", "level_fill", "level_scatter"]
+__all__ = ["available", "level_cells", "level_fill", "level_need", "level_scatter"]
 
 BLOCK = 128  # cells or pixels a program
 
@@ -170,6 +172,39 @@ def level_scatter(coarse: torch.Tensor, fine: torch.Tensor, unc: torch.Tensor, t
             known, N, val.shape[1], float(band), K=K, HEADS=heads, BAND=band > 0, BLOCK=BLOCK)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _need_kernel(
+        cells_ptr, known_ptr, last_ptr, need_ptr, NR, NC, GW, S: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # pragma: no cover - compiled by triton (or run by its interpreter in the tests' subprocess)
+        q = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = q < (NR + 1) * (NC + 1)
+        i = q // (NC + 1)
+        j = q % (NC + 1)
+        sel = q < 0  # False: does any of the (up to) four cells around lattice point (i, j) ask for it?
+        for di in tl.static_range(2):
+            for dj in tl.static_range(2):
+                ci = i - di
+                cj = j - dj
+                m = ok & (ci >= 0) & (ci < NR) & (cj >= 0) & (cj < NC)
+                sel = sel | (tl.load(cells_ptr + ci * NC + cj, mask=m, other=0) != 0)
+        g = (i * S) * GW + j * S
+        known = tl.load(known_ptr + g, mask=ok, other=1) != 0
+        inside = (i * S <= tl.load(last_ptr)) & (j * S <= tl.load(last_ptr + 1))
+        tl.store(need_ptr + q, sel & ~known & inside, mask=ok)
+
+
+def level_need(cells: torch.Tensor, known: torch.Tensor, last: torch.Tensor, s: int, grid_w: int) -> torch.Tensor:
+    """The stride-s lattice points ((NR + 1) x (NC + 1), flattened) to decode: corners of the (NR, NC) ``cells``,
+    not yet ``known`` (flat over the grid), inside the region (``last``: its last grid row and column)."""
+    nr, nc = cells.shape
+    need = torch.empty((nr + 1) * (nc + 1), dtype=torch.bool, device=cells.device)
+    with on_device(cells):
+        _need_kernel[(triton.cdiv(need.numel(), BLOCK),)](cells, known, last, need, nr, nc, grid_w, S=s, BLOCK=BLOCK)
+    return need
+
+
 def level_cells(val: torch.Tensor, amb: torch.Tensor, cand: torch.Tensor, last: torch.Tensor, s: int, grid_w: int,
                 dilate: int, with_next: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """val (K, n + 1) fp32 logits and amb (n + 1,) bool over the flattened grid (grid_w wide), cand (NR, NC) bool
@@ -205,6 +240,10 @@ def compile_for(s: int, classes: int, dilate: int, capability: int = 90) -> dict
            "next_ptr": "*i1", **ints}
     const = {"S": s, "K": classes, "DILATE": dilate, "NEXT": s > 1, "BLOCK": BLOCK}
     out = {"cells": ptxas_usage(compile_ahead(_cells_kernel, sig, const, capability, {"num_warps": 4}), capability)}
+    sig = {"cells_ptr": "*i1", "known_ptr": "*i1", "last_ptr": "*i64", "need_ptr": "*i1", "NR": "i32", "NC": "i32",
+           "GW": "i32"}
+    k = compile_ahead(_need_kernel, sig, {"S": s, "BLOCK": BLOCK}, capability, {"num_warps": 4})
+    out["need"] = ptxas_usage(k, capability)
     sig = {"coarse_ptr": "*fp32", "sck": "i32", "scn": "i32", "fine_ptr": "*fp32", "sfk": "i32", "sfn": "i32",
            "unc_ptr": "*fp32", "suk": "i32", "sun": "i32", "tau_ptr": "*fp32", "stk": "i32", "flag_ptr": "*i1",
            "lin_ptr": "*i64", "val_ptr": "*fp32", "amb_ptr": "*i1", "known_ptr": "*i1", "N": "i32", "NK": "i32",

@@ -193,8 +193,8 @@ class TorchBackend(Backend):
     ``imedsam_export.fused_point_features`` Triton kernel instead of 8 ops (tests/test_fused_point_features.py);
     ``fused_uncertainty`` (default off, likewise) computes the closed-form uncertainty with one
     ``imedsam_export.fused_uncertainty`` kernel instead of 9 fp32 ops (tests/test_fused_uncertainty.py);
-    ``fused_planner`` (default off, likewise) runs each device-planner level's bookkeeping as three
-    ``planner_kernels`` Triton kernels instead of ~45 ops (tests/test_device_planner.py)."""
+    ``fused_planner`` (default off, likewise) runs each device-planner level's bookkeeping as four
+    ``planner_kernels`` Triton kernels instead of ~50 ops (tests/test_device_planner.py)."""
 
     def __init__(
         self, model: Any, device: str = "cuda", precision: str = "bf16", cuda_graphs: bool | None = None,
@@ -413,7 +413,7 @@ class TorchBackend(Backend):
 
     def set_planner_kernels(self, fused: bool) -> None:
         """Each device-planner level's bookkeeping (recording, refinement, dilation, next candidates, fill) as
-        three Triton kernels (``planner_kernels``) or as torch ops; graphs and compiled planners that contain a
+        four Triton kernels (``planner_kernels``) or as torch ops; graphs and compiled planners that contain a
         plan are dropped."""
         if fused:
             self._need_triton("fused planner")

@@ -64,8 +64,8 @@ class DevicePlanner:
     ~600 (``benchmarks/op_count.py``): on a GPU each costs microseconds however little it does.
     """
 
-    # each level's bookkeeping (recording its points, refinement, dilation, next candidates, fill) as three Triton
-    # kernels (``planner_kernels``) instead of ~45 torch ops; torch-cuda's ``fused_planner``
+    # each level's bookkeeping (choosing and recording its points, refinement, dilation, next candidates, fill) as
+    # four Triton kernels (``planner_kernels``) instead of ~50 torch ops; torch-cuda's ``fused_planner``
     fused = False
 
     def __init__(self, out_hw: tuple[int, int], fraction: float, cfg: SparseConfig, device: torch.device | str,
@@ -192,10 +192,13 @@ class DevicePlanner:
         state: dict[str, Any] = {}
         needs: list[torch.Tensor] = []
 
-        def evaluate(sel: torch.Tensor, s: int, cap: int) -> None:
-            """Decode the unknown points of ``sel`` (a selection on the stride-s lattice of the grid)."""
+        def evaluate(cells: torch.Tensor, s: int, cap: int) -> None:
+            """Decode the unknown points of the stride-s lattice that are corners of ``cells`` (stride-s cells)."""
             nonlocal overflow
-            need = (sel & ~known_g[::s, ::s] & inside[::s, ::s]).reshape(-1)
+            if self.fused:
+                need = level_need(cells, known, last_t, s, GW)
+            else:
+                need = (_corner_any(cells) & ~known_g[::s, ::s] & inside[::s, ::s]).reshape(-1)
             needs.append(need.sum())
             if cap >= need.numel():
                 flag, (lin, xy) = need, self.lattice_index(s, None)
@@ -239,11 +242,11 @@ class DevicePlanner:
 
         cand = cells_valid(self.stride)
         if self.fused:
-            from imedsam_deploy.backends.planner_kernels import level_cells, level_fill
+            from imedsam_deploy.backends.planner_kernels import level_cells, level_fill, level_need
 
             last_t = torch.stack(last)
         for s in self.levels:
-            evaluate(_corner_any(cand), s, self.caps[s])
+            evaluate(cand, s, self.caps[s])
             if self.fused:  # the same decisions and fills as below, in two kernels
                 active, nxt = level_cells(state["val"], amb, cand, last_t, s, GW, cfg.dilate, s > 1)
                 if s > 1:
@@ -251,7 +254,7 @@ class DevicePlanner:
                     assert nxt is not None
                     cand = nxt
                 else:
-                    evaluate(_corner_any(active), 1, self.dilation_cap)
+                    evaluate(active, 1, self.dilation_cap)
                 continue
             k = state["val"].shape[0]
             val = state["val"][:, :n].view(k, GH, GW)
@@ -270,7 +273,7 @@ class DevicePlanner:
                 r, c = active.shape  # each cell becomes its 2 x 2 children (expand: no host sync in capture)
                 cand = active[:, None, :, None].expand(r, 2, c, 2).reshape(2 * r, 2 * c)
             else:  # cells switched on by the dilation at the last level: their corners are their pixels
-                evaluate(_corner_any(active), 1, self.dilation_cap)
+                evaluate(active, 1, self.dilation_cap)
         val = state["val"][:, :n].view(-1, GH, GW)
         queried = known[:n].sum() + self.n_t  # every flagged point became known exactly once
         return val, val > 0, queried, overflow, torch.stack(needs)

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="the decoder's uncertainty as fused_uncertainty's Triton kernel (needs triton): each launch "
                          "counts as one op, computed by torch uncounted")
     ap.add_argument("--fused-planner", action="store_true",
-                    help="the device planner's per-level bookkeeping as planner_kernels' four Triton kernels (needs "
+                    help="the device planner's per-level bookkeeping as fused_planner's four Triton kernels (needs "
                          "triton; they run in its interpreter here): each launch counts as one op")
     ap.add_argument("--fused-mlp", action="store_true",
                     help="the decoder's MLPs as the one Triton kernel of fused_point_mlp (needs triton): its launch "
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     import importlib
     import os
 
-    from imedsam_deploy.backends import planner_kernels
+    from imedsam_export import fused_planner as planner_kernels
 
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
@@ -167,7 +167,7 @@ def _count(a: argparse.Namespace) -> int:
 
         be.decoder.point_uncertainty = _Unc()
     if a.fused_planner:
-        from imedsam_deploy.backends import planner_kernels as pk
+        from imedsam_export import fused_planner as pk
 
         def one_launch(fn: Any, name: str) -> Any:
             def run(*args: Any) -> Any:

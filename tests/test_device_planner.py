@@ -345,7 +345,7 @@ def test_the_planner_kernels_compile_for_hopper_without_spilling():
     """Compiled ahead of time for sm_90 (no GPU needed) at every stride a 384² plan runs and two dilations, for
     one and two classes: no spills."""
     pytest.importorskip("triton", reason="triton comes with torch's CUDA builds on Linux; this torch has none")
-    from imedsam_deploy.backends.planner_kernels import compile_for
+    from imedsam_export.fused_planner import compile_for
 
     from .conftest import not_interpreted
 

@@ -194,7 +194,7 @@ class TorchBackend(Backend):
     ``fused_uncertainty`` (default off, likewise) computes the closed-form uncertainty with one
     ``imedsam_export.fused_uncertainty`` kernel instead of 9 fp32 ops (tests/test_fused_uncertainty.py);
     ``fused_planner`` (default off, likewise) runs each device-planner level's bookkeeping as four
-    ``planner_kernels`` Triton kernels instead of ~50 ops (tests/test_device_planner.py)."""
+    ``imedsam_export.fused_planner`` Triton kernels instead of ~50 ops (tests/test_device_planner.py)."""
 
     def __init__(
         self, model: Any, device: str = "cuda", precision: str = "bf16", cuda_graphs: bool | None = None,
@@ -413,7 +413,7 @@ class TorchBackend(Backend):
 
     def set_planner_kernels(self, fused: bool) -> None:
         """Each device-planner level's bookkeeping (recording, refinement, dilation, next candidates, fill) as
-        four Triton kernels (``planner_kernels``) or as torch ops; graphs and compiled planners that contain a
+        four Triton kernels (``imedsam_export.fused_planner``) or as torch ops; graphs and compiled planners that contain a
         plan are dropped."""
         if fused:
             self._need_triton("fused planner")

@@ -65,7 +65,7 @@ class DevicePlanner:
     """
 
     # each level's bookkeeping (choosing and recording its points, refinement, dilation, next candidates, fill) as
-    # four Triton kernels (``planner_kernels``) instead of ~50 torch ops; torch-cuda's ``fused_planner``
+    # four Triton kernels (``imedsam_export.fused_planner``) instead of ~50 torch ops; torch-cuda's ``fused_planner``
     fused = False
 
     def __init__(self, out_hw: tuple[int, int], fraction: float, cfg: SparseConfig, device: torch.device | str,
@@ -218,8 +218,6 @@ class DevicePlanner:
                 state["val"] = torch.zeros(unc.shape[0], n + 1, dtype=torch.float32, device=dev)
                 coarse, fine, unc = coarse[:, self.n_t :], fine[:, self.n_t :], unc[:, self.n_t :]
             if self.fused:  # the same writes as below, in one kernel
-                from imedsam_deploy.backends.planner_kernels import level_scatter
-
                 level_scatter(coarse, fine, unc, state["tau"], flag, lin, state["val"], amb, known,
                               cfg.refine_on_head_disagreement, cfg.logit_band)
                 return
@@ -242,7 +240,7 @@ class DevicePlanner:
 
         cand = cells_valid(self.stride)
         if self.fused:
-            from imedsam_deploy.backends.planner_kernels import level_cells, level_fill, level_need
+            from imedsam_export.fused_planner import level_cells, level_fill, level_need, level_scatter
 
             last_t = torch.stack(last)
         for s in self.levels:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from imedsam_export.triton_support import available, on_device, tl, triton
+from imedsam_export.triton_support import available, compile_ahead, on_device, ptxas_usage, tl, triton
 
 __all__ = ["available", "level_cells", "level_fill", "level_need", "level_scatter"]
 
@@ -233,8 +233,6 @@ def level_fill(val: torch.Tensor, cand: torch.Tensor, active: torch.Tensor, last
 def compile_for(s: int, classes: int, dilate: int, capability: int = 90) -> dict[str, dict[str, int]]:
     """Compile the kernels ahead of time for an NVIDIA target (90: Hopper), with no GPU, for stride ``s`` (the
     fill only above 1): each one's registers a thread and spilled bytes (ptxas)."""
-    from imedsam_export.triton_support import compile_ahead, ptxas_usage
-
     ints = dict.fromkeys(("NR", "NC", "GW", "NK"), "i32")
     sig = {"val_ptr": "*fp32", "amb_ptr": "*i1", "cand_ptr": "*i1", "last_ptr": "*i64", "active_ptr": "*i1",
            "next_ptr": "*i1", **ints}

@@ -357,30 +357,33 @@ def main(argv: list[str] | None = None) -> int:
         its MLPs as one Triton kernel (``fused_point_mlp``, at three block sizes): p50 per frame, per-stage
         p50, and each variant's masks against the first's (grid_sample, unpadded, torch MLP, no epilogues).
         The backend's settings are restored."""
-        keep = (be.grid_sample, be.fused_mlp, be.fused_mlp_block, be.align_matmuls, be.relu_epilogue,
-                be.fused_features, be.fused_uncertainty, be.fused_planner)
+        def apply(o: dict[str, Any]) -> None:  # the decoder's graphs are recaptured
+            be.set_decoder_sampling(o["grid_sample"])
+            be.set_decoder_mlp(o["fused_mlp"], o["block_m"])
+            be.set_decoder_alignment(o["align_matmuls"])
+            be.set_decoder_epilogue(o["relu_epilogue"])
+            be.set_decoder_features(o["fused_features"])
+            be.set_decoder_uncertainty(o["fused_uncertainty"])
+            be.set_planner_kernels(o["fused_planner"])
+
+        keep = {"grid_sample": be.grid_sample, "fused_mlp": be.fused_mlp, "block_m": be.fused_mlp_block,
+                "align_matmuls": be.align_matmuls, "relu_epilogue": be.relu_epilogue,
+                "fused_features": be.fused_features, "fused_uncertainty": be.fused_uncertainty,
+                "fused_planner": be.fused_planner}
         inp = synthetic_inputs(S, 1, seed=5)
         out: list[dict[str, Any]] = []
         masks: dict[tuple[Any, ...], np.ndarray] = {}
-        default = (True, False, 32, False, False, False, False, False)
-        variants = [default, (False, False, 32, False, False, False, False, False),
-                    (True, False, 32, True, False, False, False, False), (True, False, 32, True, True, False, False, False),
-                    (True, False, 32, True, True, True, False, False), (True, False, 32, True, True, True, True, False),
-                    (True, False, 32, True, True, True, True, True)]
+        default = {**{k: False for k in keep}, "grid_sample": True, "block_m": 32}
+        variants, on = [default, {**default, "grid_sample": False}], default
+        for option in ("align_matmuls", "relu_epilogue", "fused_features", "fused_uncertainty", "fused_planner"):
+            on = {**on, option: True}  # each on top of the ones before
+            variants.append(on)
         if a.fused_mlp:  # timed in session 7 and slower at every block size: only when asked for again
-            variants += [(True, True, b, False, False, False, False, False) for b in (16, 32, 64)]
-        for v in variants:  # the default first: the others are compared with it
-            grid, fused, block, align, epi, feats, unc, plan = v
-            what = {"grid_sample": grid, "fused_mlp": fused, "block_m": block, "align_matmuls": align,
-                    "relu_epilogue": epi, "fused_features": feats, "fused_uncertainty": unc, "fused_planner": plan}
+            variants += [{**default, "fused_mlp": True, "block_m": b} for b in (16, 32, 64)]
+        for what in variants:  # the default first: the others are compared with it
+            v = tuple(what.values())
             try:
-                be.set_decoder_sampling(grid)  # the decoder's graphs are recaptured
-                be.set_decoder_mlp(fused, block)
-                be.set_decoder_alignment(align)
-                be.set_decoder_epilogue(epi)
-                be.set_decoder_features(feats)
-                be.set_decoder_uncertainty(unc)
-                be.set_planner_kernels(plan)
+                apply(what)
             except UserError as e:  # no triton, or no CUDA device for it
                 cell = {**what, "skipped": str(e)}
                 out.append(cell)
@@ -396,20 +399,14 @@ def main(argv: list[str] | None = None) -> int:
                         ts = [timed(lambda st=st, r=runner, o=size: r.run(inp, (o, o), st)) for _ in range(a.repeat)]
                         cell.update({"p50_ms": float(np.median(ts)), "min_ms": float(np.min(ts)),
                                      "stages_p50_ms": {k: float(np.median(t)) for k, t in st.stages.items() if t}})
-                        ref = masks.get((*default, query, size))
-                        if ref is not None and v != default:
+                        ref = masks.get((*default.values(), query, size))
+                        if ref is not None and what != default:
                             cell["mask_agreement"] = float((masks[(*v, query, size)] == ref).mean())
                     except Exception as e:
                         cell["error"] = failure(e)
                     out.append(cell)
                     print(f"decoder option {json.dumps(cell)}", flush=True)
-        be.set_decoder_sampling(keep[0])
-        be.set_decoder_mlp(keep[1], keep[2])
-        be.set_decoder_alignment(keep[3])
-        be.set_decoder_epilogue(keep[4])
-        be.set_decoder_features(keep[5])
-        be.set_decoder_uncertainty(keep[6])
-        be.set_planner_kernels(keep[7])
+        apply(keep)
         return out
 
     def kernel_profile(be: TorchBackend, fn: Callable[[], Any], calls: int = 3) -> dict[str, Any]:

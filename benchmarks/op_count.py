@@ -68,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fused-norms", action="store_true",
                     help="the lean encoder's adds and norms as fused_add_norm's Triton kernel (needs triton): each "
                          "launch counts as one op, computed by torch uncounted")
+    ap.add_argument("--fused-operands", action="store_true",
+                    help="the lean encoder's attention operands as fused_attention_operands' Triton kernel (needs "
+                         "triton): each launch counts as one op, computed by torch uncounted")
     ap.add_argument("--fused-features", action="store_true",
                     help="each point's decoder input row as fused_point_features' Triton kernel (needs triton): each "
                          "launch counts as one op, the rows computed by torch uncounted")
@@ -120,9 +123,12 @@ def _count(a: argparse.Namespace) -> int:
         from imedsam_export.encoder_rewrites import use_fused_norms
 
         def add_norm(x: torch.Tensor, a_: torch.Tensor | None, b_: torch.Tensor | None, norm: Any,
-                     out_dtype: torch.dtype, write_sum: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+                     out_dtype: torch.dtype, write_sum: bool = True, a_rows: torch.Tensor | None = None,
+                     ) -> tuple[torch.Tensor | None, torch.Tensor]:
             counter = OpCounter.active[-1]
             before = collections.Counter(counter.ops)
+            if a_ is not None:
+                a_ = (a_ if a_rows is None else a_[:, a_rows]).view(x.shape)
             s_ = x + a_ if a_ is not None else x
             s_ = s_ + b_ if b_ is not None else s_
             with torch.autocast(x.device.type, enabled=False):
@@ -134,6 +140,20 @@ def _count(a: argparse.Namespace) -> int:
 
         fan.add_norm = add_norm  # type: ignore[assignment]  # this process only
         use_fused_norms(be.model.image_encoder, True)
+    if a.fused_operands:
+        import imedsam_export.fused_attention_operands as fao
+        from imedsam_export.encoder_rewrites import use_fused_operands
+
+        def operands(block: Any, qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            counter = OpCounter.active[-1]
+            before = collections.Counter(counter.ops)
+            out = block.operands(block.windows(qkv))
+            counter.ops = before  # the kernel's work, not counted
+            counter.ops["fused_attention_operands"] += 1
+            return out  # type: ignore[no-any-return]
+
+        fao.attention_operands = operands  # type: ignore[assignment]  # this process only
+        use_fused_operands(be.model.image_encoder, True)
     if a.fused_features:
         from imedsam_export.fused_point_features import FusedPointFeatures
 
@@ -220,6 +240,7 @@ def _count(a: argparse.Namespace) -> int:
     taps = "Gather taps" if a.gather_taps else "grid_sample"
     mlp = "one fused kernel" if a.fused_mlp else "torch layers"
     form = ("plain" if a.plain_layers else "lean") + " layers" + (", fused encoder norms" if a.fused_norms else "") + (
+        ", fused attention operands" if a.fused_operands else "") + (
         ", fused point rows" if a.fused_features else "") + (", fused uncertainty" if a.fused_uncertainty else "") + (
         ", fused planner" if a.fused_planner else "")
     print(f"{a.model} at {s}², {a.precision}, eager, non-view aten ops (~ GPU kernels), {form}, decoder samples "

@@ -15,8 +15,11 @@ little it does; an H200's vit_b encoder was 552 kernels and launch-bound, benchm
 
 All three reorder fp32 sums only (within fp32 rounding, tests/test_encoder_rewrites.py); under bf16 autocast
 the neck's norms now run in fp32 instead of bf16, closer to the fp32 model. The ONNX graphs keep the model's
-own forms. ``use_fused_norms`` further runs the lean blocks' residual adds and norms as Triton kernels
-(``imedsam_export.fused_add_norm``; off by default).
+own forms. Two Triton options further cut a lean block's kernels (both off by default):
+- ``use_fused_norms``: its residual adds and norms (``imedsam_export.fused_add_norm``), a windowed block's gather
+  back to grid order read in the add;
+- ``use_fused_operands``: its attention operands, the window gather included
+  (``imedsam_export.fused_attention_operands``).
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ class LeanBlock(Block):
         C = qkv.weight.shape[1]
         c = C // heads
         dev = qkv.weight.device
-        self.heads, self.dim = heads, C
+        self.heads, self.dim, self.scale = heads, C, attn.scale
         self.qkv = nn.Linear(C, 3 * C, bias=qkv.bias is not None).to(dev)
         n = self.window_size or grid  # the attention's token grid is n x n (a window, or the whole grid)
         rh, rw = attn.rel_pos_h.detach(), attn.rel_pos_w.detach()  # (2n - 1, c) each
@@ -100,6 +103,7 @@ class LeanBlock(Block):
                 torch.full((n * n, d - c - 2 * n), zero)]
         self.q_index: torch.Tensor
         self.register_buffer("q_index", torch.cat(cols, 1)[:, None].to(dev), persistent=False)  # (N, 1, d)
+        self.rel_columns = 2 * n  # the extended queries' position columns; the rest of them read the zero row
         onehot = (attn.key_onehot if d - c == 2 * n else F.pad(attn.key_onehot, (0, d - c - 2 * n)))
         self.key_cols: torch.Tensor  # the keys' one-hot (row, column) extension and the values' zero padding
         self.register_buffer("key_cols", onehot[:, None].to(dev, dtype), persistent=False)  # (N, 1, d - c)
@@ -125,9 +129,12 @@ class LeanBlock(Block):
             self.register_buffer("win_src", src.to(dev), persistent=False)
             self.register_buffer("win_pad", (~real)[:, None].to(dev), persistent=False)
             self.register_buffer("win_dst", dst.to(dev), persistent=False)
+            self.win_src_or_pad: torch.Tensor  # win_src with -1 at the padding tokens (fused_attention_operands)
+            self.register_buffer("win_src_or_pad", torch.where(real, src, -1).to(dev, torch.int32), persistent=False)
 
-    def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
-        """(Bw, N, 3C) -> (Bw, N, heads * d): attention with the relative-position bias, values zero-padded."""
+    def operands(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Window-ordered qkv (Bw, N, 3C) -> the attention's extended q, k, v, each (Bw, N, heads, d): queries
+        with the relative-position bias columns, keys with their one-hot columns, values zero-padded."""
         bw, n, _ = qkv.shape
         C, heads = self.dim, self.heads
         c = C // heads
@@ -143,26 +150,52 @@ class LeanBlock(Block):
             cols, pad = cols.to(qkv.dtype), pad.to(qkv.dtype)
         k_ext = torch.cat([qkv[..., C : 2 * C].view(bw, n, heads, c), cols[None].expand(bw, n, heads, -1)], 3)
         v_ext = torch.cat([qkv[..., 2 * C :].view(bw, n, heads, c), pad.expand(bw, n, heads, -1)], 3)
+        return q_ext, k_ext, v_ext
+
+    def windows(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Grid-ordered qkv (B, H W, 3C) -> window-ordered (B windows, ws^2, 3C), the padding tokens' the bias
+        (a padding token projects a zero token); a global block's as it is."""
+        if not self.window_size:
+            return qkv
+        win = qkv[:, self.win_src]
+        if self.qkv.bias is not None:
+            win = torch.where(self.win_pad, self.qkv.bias.to(win.dtype), win)
+        else:
+            win = win.masked_fill(self.win_pad, 0.0)
+        return win.view(-1, self.window_size**2, qkv.shape[-1])
+
+    # torch-cuda's ``fused_operands``: the extended q, k, v (and, windowed, the window gather) as one
+    # ``fused_attention_operands`` kernel (CUDA, or Triton's interpreter)
+    fused_operands = False
+
+    def _sdpa(self, q_ext: torch.Tensor, k_ext: torch.Tensor, v_ext: torch.Tensor) -> torch.Tensor:
+        """(Bw, N, heads, d) operands -> (Bw, N, heads * d)."""
+        bw, n = q_ext.shape[:2]
         out = F.scaled_dot_product_attention(q_ext.transpose(1, 2), k_ext.transpose(1, 2), v_ext.transpose(1, 2),
                                              scale=1.0)
         return out.transpose(1, 2).reshape(bw, n, -1)
 
-    def attention(self, h: torch.Tensor) -> torch.Tensor:
-        """The normalised tokens (B, H, W, C) -> the attention branch's output (B, H, W, C)."""
+    def attention_rows(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The normalised tokens (B, H, W, C) -> the attention branch's output as rows (B, R, C) and, for a
+        windowed block, the row of each grid token (H W,) (R: the windows' tokens, padding included), else None
+        (the rows are the grid's). ``fused_add_norm`` gathers the rows in the residual add itself."""
         B, H, W, C = h.shape
         qkv = self.qkv(h).view(B, H * W, 3 * C)
-        if not self.window_size:
-            return self.proj(self._attend(qkv)).view(B, H, W, C)
-        if self.win_dst.numel() != H * W:
+        if self.window_size and self.win_dst.numel() != H * W:
             raise ValueError(f"LeanBlock: made for a {self.win_dst.numel()}-token grid, got {H}x{W}")
-        ws = self.window_size
-        win = qkv[:, self.win_src]
-        if self.qkv.bias is not None:  # a padding token's qkv is the bias (it projects a zero token)
-            win = torch.where(self.win_pad, self.qkv.bias.to(win.dtype), win)
+        if self.fused_operands:
+            from imedsam_export.fused_attention_operands import attention_operands
+
+            ops = attention_operands(self, qkv)
         else:
-            win = win.masked_fill(self.win_pad, 0.0)
-        out = self.proj(self._attend(win.view(-1, ws * ws, 3 * C)))
-        return out.view(B, -1, C)[:, self.win_dst].view(B, H, W, C)
+            ops = self.operands(self.windows(qkv))
+        out = self.proj(self._sdpa(*ops))
+        return out.view(B, -1, C), (self.win_dst if self.window_size else None)
+
+    def attention(self, h: torch.Tensor) -> torch.Tensor:
+        """The normalised tokens (B, H, W, C) -> the attention branch's output (B, H, W, C)."""
+        out, rows = self.attention_rows(h)
+        return (out if rows is None else out[:, rows]).view(h.shape)
 
     # torch-cuda's ``fused_norms``: ``step`` runs the residual adds, the norms and their casts as
     # ``fused_add_norm.add_norm`` kernels (CUDA, or Triton's interpreter)
@@ -171,15 +204,17 @@ class LeanBlock(Block):
     def step(self, x: torch.Tensor, y: torch.Tensor | None, add: torch.Tensor, wait: Callable[[], None],
              next_block: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``Block.step`` with fused norms: norm1 (only for the first block: the others get y from the step
-        before), x + attention with norm2, and x + mlp + the adapter's add with the next block's norm1, each one
-        kernel. The sums are torch's, bitwise; the norms within fp32 rounding before the cast."""
+        before), x + attention with norm2 (a windowed attention's rows read in grid order there), and x + mlp +
+        the adapter's add with the next block's norm1, each one kernel. The sums are torch's, bitwise; the norms
+        within fp32 rounding before the cast."""
         if not self.fused_norms:
             return super().step(x, y, add, wait, next_block)
         add_norm = fused_add_norm.add_norm
         dt = _compute_dtype(x)
         if y is None:
             _, y = add_norm(x, None, None, self.norm1, dt, write_sum=False)
-        s, y2 = add_norm(x, self.attention(y), None, self.norm2, dt)
+        a, rows = self.attention_rows(y)
+        s, y2 = add_norm(x, a, None, self.norm2, dt, a_rows=rows)
         assert s is not None
         m = self.mlp(y2)
         wait()
@@ -277,6 +312,15 @@ def use_fused_norms(encoder: ImageEncoder, on: bool = True) -> int:
     blocks = [b for b in encoder.blocks if isinstance(b, LeanBlock)]
     for b in blocks:
         b.fused_norms = on
+    return len(blocks)
+
+
+def use_fused_operands(encoder: ImageEncoder, on: bool = True) -> int:
+    """Switch the ``LeanBlock``s' attention operands to (or from) the ``fused_attention_operands`` kernel; returns
+    how many blocks."""
+    blocks = [b for b in encoder.blocks if isinstance(b, LeanBlock)]
+    for b in blocks:
+        b.fused_operands = on
     return len(blocks)
 
 

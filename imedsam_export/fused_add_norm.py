@@ -26,8 +26,9 @@ if triton is not None:
 
     @triton.jit
     def _add_norm_kernel(
-        x_ptr, a_ptr, b_ptr, w_ptr, bias_ptr, sum_ptr, y_ptr, C, eps,
-        HAS_A: tl.constexpr, HAS_B: tl.constexpr, WRITE_SUM: tl.constexpr, BLOCK: tl.constexpr,
+        x_ptr, a_ptr, b_ptr, w_ptr, bias_ptr, sum_ptr, y_ptr, rows_ptr, C, eps, per_image, a_per_image,
+        HAS_A: tl.constexpr, HAS_B: tl.constexpr, WRITE_SUM: tl.constexpr, A_ROWS: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):  # pragma: no cover - compiled by triton (or run by its interpreter in the tests' subprocess)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
@@ -35,7 +36,11 @@ if triton is not None:
         off = row * C + cols
         s = tl.load(x_ptr + off, mask=ok, other=0.0).to(tl.float32)
         if HAS_A:
-            s = s + tl.load(a_ptr + off, mask=ok, other=0.0).to(tl.float32)
+            if A_ROWS:  # a's row for this one: its image's rows, then the row table's entry
+                a_row = (row // per_image) * a_per_image + tl.load(rows_ptr + row % per_image)
+                s = s + tl.load(a_ptr + a_row * C + cols, mask=ok, other=0.0).to(tl.float32)
+            else:
+                s = s + tl.load(a_ptr + off, mask=ok, other=0.0).to(tl.float32)
         if HAS_B:
             s = s + tl.load(b_ptr + off, mask=ok, other=0.0).to(tl.float32)
         if WRITE_SUM:
@@ -53,21 +58,30 @@ def _num_warps(c: int) -> int:
 
 
 def add_norm(x: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None, norm: nn.LayerNorm,
-             out_dtype: torch.dtype, write_sum: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+             out_dtype: torch.dtype, write_sum: bool = True, a_rows: torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """s = x + a + b (fp32, left to right; a and b optional, any float dtype, x's shape) and LN(s) over the last
-    dimension in ``out_dtype``: (s, y), s None when not ``write_sum``."""
+    dimension in ``out_dtype``: (s, y), s None when not ``write_sum``. ``a_rows`` (optional, int64 (R,)): a is
+    (B, A, C) rows, and x's (B, R, C) rows take a's rows ``a_rows`` (a windowed attention's output, gathered
+    back to grid order in the add rather than by a kernel of its own)."""
     c = x.shape[-1]
     if norm.weight is None or norm.bias is None or tuple(norm.normalized_shape) != (c,):
         raise ValueError(f"add_norm: a LayerNorm over the last dimension ({c}) with weight and bias")
     x = x.contiguous()
     a = a.contiguous() if a is not None else None
     b = b.contiguous() if b is not None else None
+    per_image = a_per_image = 1
+    if a_rows is not None:
+        if a is None or a.dim() != 3 or a.shape[0] != x.shape[0] or x.numel() != x.shape[0] * a_rows.numel() * c:
+            raise ValueError(f"add_norm: a_rows: a (B, A, {c}) and {a_rows.numel()} rows an image of x")
+        per_image, a_per_image = a_rows.numel(), a.shape[1]
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     s = torch.empty(x.shape, dtype=torch.float32, device=x.device) if write_sum else None
-    launch: dict[str, Any] = dict(HAS_A=a is not None, HAS_B=b is not None, WRITE_SUM=write_sum, BLOCK=pow2(c),
-                                  num_warps=_num_warps(c))
+    launch: dict[str, Any] = dict(HAS_A=a is not None, HAS_B=b is not None, WRITE_SUM=write_sum,
+                                  A_ROWS=a_rows is not None, BLOCK=pow2(c), num_warps=_num_warps(c))
     args = (x, a if a is not None else x, b if b is not None else x, norm.weight, norm.bias,
-            s if s is not None else y, y, c, float(norm.eps))
+            s if s is not None else y, y, a_rows if a_rows is not None else x, c, float(norm.eps), per_image,
+            a_per_image)
     with on_device(x):
         _add_norm_kernel[(x.numel() // c,)](*args, **launch)
     return s, y
@@ -79,10 +93,13 @@ def compile_for(c: int, out_dtype: torch.dtype, capability: int = 90) -> dict[st
     variant's shared memory. The interpreter runs a kernel that may still fail to compile."""
     t = TRITON_DTYPE[out_dtype]
     sig = {"x_ptr": "*fp32", "a_ptr": f"*{t}", "b_ptr": "*fp32", "w_ptr": "*fp32", "bias_ptr": "*fp32",
-           "sum_ptr": "*fp32", "y_ptr": f"*{t}", "C": "i32", "eps": "fp32"}
+           "sum_ptr": "*fp32", "y_ptr": f"*{t}", "rows_ptr": "*i64", "C": "i32", "eps": "fp32", "per_image": "i32",
+           "a_per_image": "i32"}
     out: dict[str, Any] = {}
-    for has_a, has_b, write in ((False, False, False), (True, False, True), (True, True, True)):
-        const = {"HAS_A": has_a, "HAS_B": has_b, "WRITE_SUM": write, "BLOCK": pow2(c)}
+    for has_a, has_b, write, rows in ((False, False, False, False), (True, False, True, False),
+                                      (True, True, True, False), (True, False, True, True)):
+        const = {"HAS_A": has_a, "HAS_B": has_b, "WRITE_SUM": write, "A_ROWS": rows, "BLOCK": pow2(c)}
         k = compile_ahead(_add_norm_kernel, sig, const, capability, {"num_warps": _num_warps(c)})
-        out[f"a={int(has_a)} b={int(has_b)} sum={int(write)}"] = {"shared_bytes": int(k.metadata.shared)}
+        out[f"a={int(has_a)} b={int(has_b)} sum={int(write)} rows={int(rows)}"] = {
+            "shared_bytes": int(k.metadata.shared)}
     return out

@@ -26,9 +26,9 @@ torch-free otherwise. What it does (DESIGN §2-3):
   full and box modes UGS-merge on the device: only final logits are copied to the host;
 - optionally (``compile=True`` or IMEDSAM_TORCH_COMPILE=1) each captured function is first compiled by
   ``torch.compile`` (inductor: fused elementwise kernels, autotuned GEMMs), still replayed as a CUDA graph;
-- optionally (IMEDSAM_TORCH_TRITON=1, or the four options) hand-written Triton kernels replace torch ops: the
-  encoder's residual adds and norms, each decoder point's input row, the decoder's uncertainty, the sparse
-  planner's per-level bookkeeping.
+- optionally (IMEDSAM_TORCH_TRITON=1, or the five options) hand-written Triton kernels replace torch ops: the
+  encoder's residual adds and norms and its attention operands, each decoder point's input row, the decoder's
+  uncertainty, the sparse planner's per-level bookkeeping.
 
 Weights: an artifact holds ONNX graphs, not PyTorch weights, so ``create`` needs the checkpoint the artifact
 was exported from (manifest ``source.checkpoint``, or the ``IMEDSAM_TORCH_CHECKPOINT`` variable);
@@ -149,14 +149,14 @@ def create(artifact: Artifact, precision: str | None = None) -> TorchBackend:
 def env_options() -> dict[str, bool]:
     """torch-cuda's opt-in settings from the environment, as ``imedsam-infer`` and ``imedsam-bench`` open it (any
     value but 0 turns one on): ``IMEDSAM_TORCH_COMPILE`` compiles its stages with ``torch.compile``;
-    ``IMEDSAM_TORCH_TRITON`` runs its Triton kernels (the encoder's fused adds and norms, the decoder's fused
-    point rows and uncertainty, the planner's fused levels), each off by default until a GPU has timed it."""
+    ``IMEDSAM_TORCH_TRITON`` runs its Triton kernels (the encoder's fused adds and norms and attention operands,
+    the decoder's fused point rows and uncertainty, the planner's fused levels), each off by default until a GPU has timed it."""
     def on(name: str) -> bool:
         return os.environ.get(name, "") not in ("", "0")
 
     triton = on(TRITON_ENV)
-    return {"compile": on(COMPILE_ENV), "fused_norms": triton, "fused_features": triton, "fused_uncertainty": triton,
-            "fused_planner": triton}
+    return {"compile": on(COMPILE_ENV), "fused_norms": triton, "fused_operands": triton, "fused_features": triton,
+            "fused_uncertainty": triton, "fused_planner": triton}
 
 
 class TorchBackend(Backend):
@@ -188,7 +188,9 @@ class TorchBackend(Backend):
     (default: on CUDA) runs the per-point trunks' Linear -> ReLU pairs as one GEMM with its epilogue each
     (``DecoderGraph.use_relu_epilogue``: tests/test_export.py). ``fused_norms`` (default off: not yet timed on a
     GPU) runs the lean encoder's residual adds and norms as ``imedsam_export.fused_add_norm`` Triton kernels in the
-    frequency-first loop (tests/test_fused_add_norm.py). ``fused_features`` (default off: not yet timed on a GPU)
+    frequency-first loop (tests/test_fused_add_norm.py); ``fused_operands`` (default off, likewise) builds each lean
+    block's attention operands with one ``imedsam_export.fused_attention_operands`` kernel instead of four to six ops
+    (tests/test_fused_attention_operands.py). ``fused_features`` (default off: not yet timed on a GPU)
     builds each point's decoder input row (both map samples, the Fourier encoding) with one
     ``imedsam_export.fused_point_features`` Triton kernel instead of 8 ops (tests/test_fused_point_features.py);
     ``fused_uncertainty`` (default off, likewise) computes the closed-form uncertainty with one
@@ -203,12 +205,13 @@ class TorchBackend(Backend):
         overlap_frequency: bool | None = None, grid_sample: bool = True, fused_mlp: bool = False,
         align_matmuls: bool | None = None, lean_encoder: bool | None = None, lean_box_part: bool | None = None,
         relu_epilogue: bool | None = None, fused_norms: bool = False, fused_features: bool = False,
-        fused_uncertainty: bool = False, fused_planner: bool = False,
+        fused_uncertainty: bool = False, fused_planner: bool = False, fused_operands: bool = False,
     ) -> None:
         super().__init__(max_batch, max_points)
         if precision not in PRECISIONS:
             raise UserError(f"backend torch: precision {precision!r} not one of {', '.join(PRECISIONS)}")
-        if compile and (fused_norms or fused_features or fused_uncertainty or fused_planner or fused_mlp):
+        if compile and (fused_norms or fused_features or fused_uncertainty or fused_planner or fused_mlp
+                        or fused_operands):
             # two ways to the same end (inductor writes its own fused kernels); together they are untested
             raise UserError(f"backend torch: torch.compile ({COMPILE_ENV}) and the hand-written Triton kernels "
                             f"({TRITON_ENV}) are alternatives: set one")
@@ -319,9 +322,11 @@ class TorchBackend(Backend):
             self.set_decoder_uncertainty(True)
         if fused_planner:
             self.set_planner_kernels(True)
-        self.fused_norms = False
+        self.fused_norms = self.fused_operands = False
         if fused_norms:
             self.set_encoder_norms(True)
+        if fused_operands:
+            self.set_encoder_operands(True)
 
     def set_encoder_options(self, fused_attention: bool, overlap_frequency: bool) -> None:
         """Every attention (the encoder's and the box part's) as one SDPA call or explicit GEMMs, and the
@@ -343,7 +348,8 @@ class TorchBackend(Backend):
 
     def set_encoder_norms(self, fused: bool) -> None:
         """The lean encoder's residual adds, LayerNorms and casts as ``fused_add_norm`` Triton kernels (two a block
-        instead of seven) or as torch ops, in the frequency-first block loop; encoder graphs are dropped."""
+        instead of seven; a windowed block's gather back to grid order read in the add, one kernel fewer) or as torch
+        ops, in the frequency-first block loop; encoder graphs are dropped."""
         if fused:
             self._need_triton("fused encoder norms",
                               None if self.lean_encoder else "it needs the lean encoder (lean_encoder=True)")
@@ -351,6 +357,20 @@ class TorchBackend(Backend):
 
         use_fused_norms(self.model.image_encoder, fused)
         self.fused_norms = fused
+        for key in [k for k in self._graphs if k[0] == "enc"]:
+            del self._graphs[key]
+
+    def set_encoder_operands(self, fused: bool) -> None:
+        """The lean encoder blocks' attention operands (the extended queries, keys and values; a windowed block's
+        window gather) as one ``fused_attention_operands`` Triton kernel a block instead of four to six torch ops;
+        encoder graphs are dropped."""
+        if fused:
+            self._need_triton("fused attention operands",
+                              None if self.lean_encoder else "it needs the lean encoder (lean_encoder=True)")
+        from imedsam_export.encoder_rewrites import use_fused_operands
+
+        use_fused_operands(self.model.image_encoder, fused)
+        self.fused_operands = fused
         for key in [k for k in self._graphs if k[0] == "enc"]:
             del self._graphs[key]
 
@@ -461,6 +481,7 @@ class TorchBackend(Backend):
             ", fused decoder MLP" if self.fused_mlp else "") + (", aligned decoder matmuls" if self.align_matmuls else "") + (
             ", lean encoder" if self.lean_encoder else "") + (", lean box part" if self.lean_box_part else "") + (
             ", ReLU epilogues" if self.relu_epilogue else "") + (", fused encoder norms" if self.fused_norms else "") + (
+            ", fused attention operands" if self.fused_operands else "") + (
             ", fused point features" if self.fused_features else "") + (
             ", fused uncertainty" if self.fused_uncertainty else "") + (", fused planner" if self.fused_planner else "")
         return f"{self.name} ({self.precision}{graphs}{compiled}{opts}){gpu}"

@@ -15,8 +15,9 @@ CUDA events around each frame):
   Segmenter (via the bench's FrameRunner) in the sparse and box query modes; sparse runs its planner on
   the device (one CUDA graph per box), ``sparse host`` the numpy planner with a host round trip per level;
 - ``*+triton`` (``--triton-kernels on``, the default where Triton runs): ``full``, ``sparse``, ``fused`` and
-  ``fused-sparse`` with torch-cuda's Triton kernels on (fused encoder norms and attention operands, point rows,
-  uncertainty, planner levels; each off by default until timed), the end-to-end figure of switching them on;
+  ``fused-sparse`` with torch-cuda's Triton kernels on (fused encoder norms, attention operands and frequency
+  chain, point rows, uncertainty, planner levels; each off by default until timed), the end-to-end figure of
+  switching them on;
 - ``*+compile``: ``sparse`` and ``fused`` with every captured function compiled by ``torch.compile``
   (inductor) first (batch 1; compilation happens in the warm-up and is not timed, but takes minutes on vit_b
   and counts against the time budget: ``--compile only`` runs these rows alone, in a second call).
@@ -168,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         return TorchBackend(model, a.device, precision, max_batch=maxb, max_points=65536, compile=compile,
                             device_planner=True, device_merge=True,  # also in a CPU dry run
                             lean_encoder=lean_layers, lean_box_part=lean_layers,
-                            fused_norms=triton, fused_operands=triton, fused_features=triton,
-                            fused_uncertainty=triton, fused_planner=triton)
+                            fused_norms=triton, fused_operands=triton, fused_frequency=triton,
+                            fused_features=triton, fused_uncertainty=triton, fused_planner=triton)
 
     ours = {"fp32": backend("fp32"), "bf16": backend("bf16")}
     if a.triton_kernels == "on":
@@ -295,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         SDPA call; the frequency chain on a second stream), on ``be``'s encoder and then, with both options
         on, on the other form of it (lean or plain: ``lean_encoder`` and ``lean_box_part``, a second backend),
         and on the lean one with its adds and norms as Triton kernels (``fused_norms``; skipped without CUDA), then
-        its attention operands too (``fused_operands``), then the operands alone:
+        its attention operands too (``fused_operands``), then its frequency chain too (``fused_frequency``), then
+        the operands alone:
         p50 per batch, and the embedding's max abs difference from the first row's on the same images (the
         second stream should be bitwise equal); at batch 1 also the box part's p50 (one box, its graph replayed
         with the memo cleared). The backend's own settings are restored afterwards."""
@@ -312,17 +314,20 @@ def main(argv: list[str] | None = None) -> int:
             x = np.stack([to_model_input(im, S) for im in synthetic_inputs(S, bsz, seed=3).images])
             base = None
             lean_be = be if be.lean_encoder else other
-            for b, fused_attn, overlap, norms, operands in (
-                    (be, False, False, False, False), (be, True, False, False, False), (be, False, True, False, False),
-                    (be, True, True, False, False), (other, True, True, False, False),
-                    (lean_be, True, True, True, False), (lean_be, True, True, True, True),
-                    (lean_be, True, True, False, True)):
+            for b, fused_attn, overlap, norms, operands, chain in (
+                    (be, False, False, False, False, False), (be, True, False, False, False, False),
+                    (be, False, True, False, False, False), (be, True, True, False, False, False),
+                    (other, True, True, False, False, False), (lean_be, True, True, True, False, False),
+                    (lean_be, True, True, True, True, False), (lean_be, True, True, True, True, True),
+                    (lean_be, True, False, True, True, True), (lean_be, True, True, False, True, False)):
                 b.set_encoder_options(fused_attn, overlap)  # recaptured with these options
                 what = {"batch": bsz, "lean_encoder": b.lean_encoder, "fused_attention": fused_attn,
-                        "overlap_frequency": overlap, "fused_norms": norms, "fused_operands": operands}
+                        "overlap_frequency": overlap, "fused_norms": norms, "fused_operands": operands,
+                        "fused_frequency": chain}
                 try:
                     b.set_encoder_norms(norms)
                     b.set_encoder_operands(operands)
+                    b.set_encoder_frequency(chain)
                 except UserError as e:  # no triton, or no CUDA device for it
                     out.append({**what, "skipped": str(e)})
                     print(f"encoder option {json.dumps(out[-1])}", flush=True)
@@ -347,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"encoder option {json.dumps(cell)}", flush=True)
                 b.set_encoder_norms(False)
                 b.set_encoder_operands(False)
+                b.set_encoder_frequency(False)
         be.set_encoder_options(*keep)
         del other
         return out
@@ -631,8 +637,8 @@ def main(argv: list[str] | None = None) -> int:
     for c in results.get("encoder_options", []):
         opt = (f"encoder b{c['batch']} lean={int(c.get('lean_encoder', 0))} sdpa={int(c['fused_attention'])} "
                f"stream={int(c['overlap_frequency'])} norms={int(c.get('fused_norms', 0))} "
-               f"operands={int(c.get('fused_operands', 0))}")
-        print(f"{opt:<53} " + (f"FAILED {c['error']}" if "error" in c else f"skipped: {c['skipped']}" if "skipped" in c else
+               f"operands={int(c.get('fused_operands', 0))} chain={int(c.get('fused_frequency', 0))}")
+        print(f"{opt:<61} " + (f"FAILED {c['error']}" if "error" in c else f"skipped: {c['skipped']}" if "skipped" in c else
                                f"{c['p50_ms']:.3f} ms (min {c['min_ms']:.3f}), max abs diff {c['max_abs_diff_vs_plain']:.2e}"
                                + (f", box part {c['box_part_p50_ms']:.3f} ms" if "box_part_p50_ms" in c else "")))
     for c in results.get("decoder_options", []):

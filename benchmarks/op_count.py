@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fused-operands", action="store_true",
                     help="the lean encoder's attention operands as fused_attention_operands' Triton kernel (needs "
                          "triton): each launch counts as one op, computed by torch uncounted")
+    ap.add_argument("--fused-frequency", action="store_true",
+                    help="every block's frequency adapter as fused_frequency_chain's one Triton kernel (needs triton): "
+                         "its launch counts as one op, computed by torch uncounted")
     ap.add_argument("--fused-features", action="store_true",
                     help="each point's decoder input row as fused_point_features' Triton kernel (needs triton): each "
                          "launch counts as one op, the rows computed by torch uncounted")
@@ -154,6 +157,26 @@ def _count(a: argparse.Namespace) -> int:
 
         fao.attention_operands = operands  # type: ignore[assignment]  # this process only
         use_fused_operands(be.model.image_encoder, True)
+    if a.fused_frequency:
+        from imedsam_export.encoder_rewrites import use_fused_frequency
+
+        encoder = be.model.image_encoder
+        blocks = list(encoder.blocks)
+
+        def chain(f: torch.Tensor) -> torch.Tensor:
+            counter = OpCounter.active[-1]
+            before = collections.Counter(counter.ops)
+            adds = []
+            for blk in blocks:
+                f, add = blk.frequency_step(f)
+                adds.append(add)
+            out = torch.stack(adds)
+            counter.ops = before  # the kernel's work, not counted
+            counter.ops["fused_frequency_chain"] += 1
+            return out
+
+        use_fused_frequency(encoder, True)
+        encoder.adapter_chain = chain
     if a.fused_features:
         from imedsam_export.fused_point_features import FusedPointFeatures
 
@@ -241,6 +264,7 @@ def _count(a: argparse.Namespace) -> int:
     mlp = "one fused kernel" if a.fused_mlp else "torch layers"
     form = ("plain" if a.plain_layers else "lean") + " layers" + (", fused encoder norms" if a.fused_norms else "") + (
         ", fused attention operands" if a.fused_operands else "") + (
+        ", fused frequency chain" if a.fused_frequency else "") + (
         ", fused point rows" if a.fused_features else "") + (", fused uncertainty" if a.fused_uncertainty else "") + (
         ", fused planner" if a.fused_planner else "")
     print(f"{a.model} at {s}², {a.precision}, eager, non-view aten ops (~ GPU kernels), {form}, decoder samples "

@@ -19,7 +19,9 @@ own forms. Two Triton options further cut a lean block's kernels (both off by de
 - ``use_fused_norms``: its residual adds and norms (``imedsam_export.fused_add_norm``), a windowed block's gather
   back to grid order read in the add;
 - ``use_fused_operands``: its attention operands, the window gather included
-  (``imedsam_export.fused_attention_operands``).
+  (``imedsam_export.fused_attention_operands``);
+and ``use_fused_frequency`` runs every block's frequency adapter as one kernel
+(``imedsam_export.fused_frequency_chain``).
 """
 
 from __future__ import annotations
@@ -308,11 +310,26 @@ class NeckNHWC(nn.Module):
 
 def use_fused_norms(encoder: ImageEncoder, on: bool = True) -> int:
     """Switch the ``LeanBlock``s' residual adds and norms to (or from) ``fused_add_norm`` kernels, in the
-    frequency-first block loop (``ImageEncoder.frequency_chain_first``); returns how many blocks."""
+    frequency-first block loop (``ImageEncoder.frequency_chain_first``, which the encoder then runs with or
+    without its side stream); returns how many blocks."""
     blocks = [b for b in encoder.blocks if isinstance(b, LeanBlock)]
     for b in blocks:
         b.fused_norms = on
+    encoder.in_steps = on and bool(blocks)
     return len(blocks)
+
+
+def use_fused_frequency(encoder: ImageEncoder, on: bool = True) -> bool:
+    """Run every block's frequency adapter as one ``fused_frequency_chain`` kernel (or each as torch ops again),
+    made from the adapters' current weights (store them in the compute dtype first); returns whether it is on
+    (an encoder without adapters keeps its own)."""
+    if on and encoder.freq_cfg.enabled:
+        from imedsam_export.fused_frequency_chain import FusedFrequencyChain
+
+        encoder.adapter_chain = FusedFrequencyChain(encoder)
+    else:
+        encoder.adapter_chain = None
+    return encoder.adapter_chain is not None
 
 
 def use_fused_operands(encoder: ImageEncoder, on: bool = True) -> int:

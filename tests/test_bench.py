@@ -532,6 +532,7 @@ def test_torch_cuda_backend_refuses_clearly_without_cuda():
 
 @pytest.mark.parametrize(("option", "what"), [("fused_norms", "fused encoder norms"), ("fused_mlp", "fused decoder MLP"),
                                              ("fused_operands", "fused attention operands"),
+                                             ("fused_frequency", "fused frequency chain"),
                                              ("fused_features", "fused point features"),
                                              ("fused_uncertainty", "fused uncertainty"), ("fused_planner", "fused planner")])
 def test_triton_options_are_refused_clearly_without_a_gpu(option, what):
@@ -560,7 +561,7 @@ def test_compile_and_the_triton_kernels_are_refused_together():
     (None, None, (False, False)), ("1", None, (True, False)), (None, "1", (False, True)), ("0", "0", (False, False))])
 def test_torch_cuda_opt_ins_come_from_the_environment(monkeypatch, compile_env, triton_env, want):
     """IMEDSAM_TORCH_COMPILE and IMEDSAM_TORCH_TRITON switch torch-cuda's opt-in paths on, as ``imedsam-infer`` and
-    ``imedsam-bench`` open the backend (any value but 0): torch.compile, and the five Triton options together."""
+    ``imedsam-bench`` open the backend (any value but 0): torch.compile, and the six Triton options together."""
     from imedsam_deploy.backends.torch_cuda import COMPILE_ENV, TRITON_ENV, env_options
 
     for name, value in ((COMPILE_ENV, compile_env), (TRITON_ENV, triton_env)):
@@ -570,8 +571,8 @@ def test_torch_cuda_opt_ins_come_from_the_environment(monkeypatch, compile_env, 
             monkeypatch.setenv(name, value)
     got = env_options()
     assert got["compile"] == want[0]
-    triton = ("fused_norms", "fused_operands", "fused_features", "fused_uncertainty", "fused_planner")
-    assert [got[k] for k in triton] == [want[1]] * 5
+    triton = ("fused_norms", "fused_operands", "fused_frequency", "fused_features", "fused_uncertainty", "fused_planner")
+    assert [got[k] for k in triton] == [want[1]] * 6
 
 
 # ---------------------------------------------------------------- imedsam-bench CLI

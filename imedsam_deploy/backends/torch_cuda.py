@@ -26,9 +26,9 @@ torch-free otherwise. What it does (DESIGN §2-3):
   full and box modes UGS-merge on the device: only final logits are copied to the host;
 - optionally (``compile=True`` or IMEDSAM_TORCH_COMPILE=1) each captured function is first compiled by
   ``torch.compile`` (inductor: fused elementwise kernels, autotuned GEMMs), still replayed as a CUDA graph;
-- optionally (IMEDSAM_TORCH_TRITON=1, or the five options) hand-written Triton kernels replace torch ops: the
-  encoder's residual adds and norms and its attention operands, each decoder point's input row, the decoder's
-  uncertainty, the sparse planner's per-level bookkeeping.
+- optionally (IMEDSAM_TORCH_TRITON=1, or the six options) hand-written Triton kernels replace torch ops: the
+  encoder's residual adds and norms, its attention operands and its frequency-adapter chain, each decoder point's
+  input row, the decoder's uncertainty, the sparse planner's per-level bookkeeping.
 
 Weights: an artifact holds ONNX graphs, not PyTorch weights, so ``create`` needs the checkpoint the artifact
 was exported from (manifest ``source.checkpoint``, or the ``IMEDSAM_TORCH_CHECKPOINT`` variable);
@@ -149,14 +149,14 @@ def create(artifact: Artifact, precision: str | None = None) -> TorchBackend:
 def env_options() -> dict[str, bool]:
     """torch-cuda's opt-in settings from the environment, as ``imedsam-infer`` and ``imedsam-bench`` open it (any
     value but 0 turns one on): ``IMEDSAM_TORCH_COMPILE`` compiles its stages with ``torch.compile``;
-    ``IMEDSAM_TORCH_TRITON`` runs its Triton kernels (the encoder's fused adds and norms and attention operands,
-    the decoder's fused point rows and uncertainty, the planner's fused levels), each off by default until a GPU has timed it."""
+    ``IMEDSAM_TORCH_TRITON`` runs its Triton kernels (the encoder's fused adds and norms, attention operands and
+    frequency chain, the decoder's fused point rows and uncertainty, the planner's fused levels), each off by default until a GPU has timed it."""
     def on(name: str) -> bool:
         return os.environ.get(name, "") not in ("", "0")
 
     triton = on(TRITON_ENV)
-    return {"compile": on(COMPILE_ENV), "fused_norms": triton, "fused_operands": triton, "fused_features": triton,
-            "fused_uncertainty": triton, "fused_planner": triton}
+    return {"compile": on(COMPILE_ENV), "fused_norms": triton, "fused_operands": triton, "fused_frequency": triton,
+            "fused_features": triton, "fused_uncertainty": triton, "fused_planner": triton}
 
 
 class TorchBackend(Backend):
@@ -190,7 +190,9 @@ class TorchBackend(Backend):
     GPU) runs the lean encoder's residual adds and norms as ``imedsam_export.fused_add_norm`` Triton kernels in the
     frequency-first loop (tests/test_fused_add_norm.py); ``fused_operands`` (default off, likewise) builds each lean
     block's attention operands with one ``imedsam_export.fused_attention_operands`` kernel instead of four to six ops
-    (tests/test_fused_attention_operands.py). ``fused_features`` (default off: not yet timed on a GPU)
+    (tests/test_fused_attention_operands.py); ``fused_frequency`` (default off, likewise) runs every block's
+    frequency adapter with one ``imedsam_export.fused_frequency_chain`` kernel a frame instead of seven ops a block
+    (tests/test_fused_frequency_chain.py). ``fused_features`` (default off: not yet timed on a GPU)
     builds each point's decoder input row (both map samples, the Fourier encoding) with one
     ``imedsam_export.fused_point_features`` Triton kernel instead of 8 ops (tests/test_fused_point_features.py);
     ``fused_uncertainty`` (default off, likewise) computes the closed-form uncertainty with one
@@ -206,12 +208,13 @@ class TorchBackend(Backend):
         align_matmuls: bool | None = None, lean_encoder: bool | None = None, lean_box_part: bool | None = None,
         relu_epilogue: bool | None = None, fused_norms: bool = False, fused_features: bool = False,
         fused_uncertainty: bool = False, fused_planner: bool = False, fused_operands: bool = False,
+        fused_frequency: bool = False,
     ) -> None:
         super().__init__(max_batch, max_points)
         if precision not in PRECISIONS:
             raise UserError(f"backend torch: precision {precision!r} not one of {', '.join(PRECISIONS)}")
         if compile and (fused_norms or fused_features or fused_uncertainty or fused_planner or fused_mlp
-                        or fused_operands):
+                        or fused_operands or fused_frequency):
             # two ways to the same end (inductor writes its own fused kernels); together they are untested
             raise UserError(f"backend torch: torch.compile ({COMPILE_ENV}) and the hand-written Triton kernels "
                             f"({TRITON_ENV}) are alternatives: set one")
@@ -322,11 +325,13 @@ class TorchBackend(Backend):
             self.set_decoder_uncertainty(True)
         if fused_planner:
             self.set_planner_kernels(True)
-        self.fused_norms = self.fused_operands = False
+        self.fused_norms = self.fused_operands = self.fused_frequency = False
         if fused_norms:
             self.set_encoder_norms(True)
         if fused_operands:
             self.set_encoder_operands(True)
+        if fused_frequency:
+            self.set_encoder_frequency(True)
 
     def set_encoder_options(self, fused_attention: bool, overlap_frequency: bool) -> None:
         """Every attention (the encoder's and the box part's) as one SDPA call or explicit GEMMs, and the
@@ -371,6 +376,17 @@ class TorchBackend(Backend):
 
         use_fused_operands(self.model.image_encoder, fused)
         self.fused_operands = fused
+        for key in [k for k in self._graphs if k[0] == "enc"]:
+            del self._graphs[key]
+
+    def set_encoder_frequency(self, fused: bool) -> None:
+        """Every block's frequency adapter as one ``fused_frequency_chain`` Triton kernel a frame instead of seven
+        torch ops a block, or as torch ops; encoder graphs are dropped."""
+        if fused:
+            self._need_triton("fused frequency chain")
+        from imedsam_export.encoder_rewrites import use_fused_frequency
+
+        self.fused_frequency = use_fused_frequency(self.model.image_encoder, fused)
         for key in [k for k in self._graphs if k[0] == "enc"]:
             del self._graphs[key]
 
@@ -482,6 +498,7 @@ class TorchBackend(Backend):
             ", lean encoder" if self.lean_encoder else "") + (", lean box part" if self.lean_box_part else "") + (
             ", ReLU epilogues" if self.relu_epilogue else "") + (", fused encoder norms" if self.fused_norms else "") + (
             ", fused attention operands" if self.fused_operands else "") + (
+            ", fused frequency chain" if self.fused_frequency else "") + (
             ", fused point features" if self.fused_features else "") + (
             ", fused uncertainty" if self.fused_uncertainty else "") + (", fused planner" if self.fused_planner else "")
         return f"{self.name} ({self.precision}{graphs}{compiled}{opts}){gpu}"

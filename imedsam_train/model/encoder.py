@@ -261,7 +261,7 @@ class ImageEncoder(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(image) + self.pos_embed
-        if self.freq_cfg.enabled and self.frequency_first:
+        if self.freq_cfg.enabled and (self.frequency_first or self.in_steps or self.adapter_chain is not None):
             x = self.frequency_chain_first(x, image)
         else:
             f = self.frequency_tokens(image) if self.freq_cfg.enabled else None
@@ -273,12 +273,17 @@ class ImageEncoder(nn.Module):
     # it can run on a second stream beside the token chain, where at 576 tokens most of the GPU sits idle.
     frequency_first = False
     _side_streams: dict[torch.device, torch.cuda.Stream]
+    # inference rewrites: blocks whose ``step`` fuses across block boundaries (the chain-first loop runs them,
+    # without the side stream unless ``frequency_first``), and every block's adapter at once (frequency tokens ->
+    # the (blocks, ...) additions)
+    in_steps = False
+    adapter_chain: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def frequency_chain_first(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """``forward``'s block loop with the whole frequency chain issued first, on a side stream on CUDA
-        (an event per block joins each adapter's output to the token chain; captured in a CUDA graph as
-        parallel branches). The same operations on the same values: bitwise the same embedding."""
-        cuda = x.device.type == "cuda"
+        """``forward``'s block loop with the whole frequency chain issued first, on a side stream on CUDA with
+        ``frequency_first`` (an event per block joins each adapter's output to the token chain; captured in a
+        CUDA graph as parallel branches). The same operations on the same values: bitwise the same embedding."""
+        cuda = x.device.type == "cuda" and self.frequency_first
         main = torch.cuda.current_stream(x.device) if cuda else None
         side = None
         if cuda:
@@ -291,13 +296,19 @@ class ImageEncoder(nn.Module):
         events: list[torch.cuda.Event | None] = []
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             f = self.frequency_tokens(image)
-            for blk in self.blocks:
-                assert isinstance(blk, Block)
-                f, add = blk.frequency_step(f)
-                adds.append(add)
-                events.append(torch.cuda.Event() if cuda else None)
-                if events[-1] is not None:
-                    events[-1].record(side)
+            if self.adapter_chain is not None:  # every adapter in one go: one event for them all
+                adds = list(self.adapter_chain(f).unbind(0))
+                events = [torch.cuda.Event() if cuda else None] * len(adds)
+                if events[0] is not None:
+                    events[0].record(side)
+            else:
+                for blk in self.blocks:
+                    assert isinstance(blk, Block)
+                    f, add = blk.frequency_step(f)
+                    adds.append(add)
+                    events.append(torch.cuda.Event() if cuda else None)
+                    if events[-1] is not None:
+                        events[-1].record(side)
         y = None
         blocks = list(self.blocks)
         for i, (blk, add, ev) in enumerate(zip(blocks, adds, events, strict=True)):

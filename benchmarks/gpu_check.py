@@ -165,10 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     lean = None if a.lean_layers is None else a.lean_layers == "on"
 
     def backend(precision: str, compile: bool = False, lean_layers: bool | None = lean,
-                triton: bool = False) -> TorchBackend:
+                triton: bool = False, fp32_box_part: bool = False) -> TorchBackend:
         return TorchBackend(model, a.device, precision, max_batch=maxb, max_points=65536, compile=compile,
                             device_planner=True, device_merge=True,  # also in a CPU dry run
-                            lean_encoder=lean_layers, lean_box_part=lean_layers,
+                            lean_encoder=lean_layers, lean_box_part=lean_layers, fp32_box_part=fp32_box_part,
                             fused_norms=triton, fused_operands=triton, fused_frequency=triton,
                             fused_features=triton, fused_uncertainty=triton, fused_planner=triton)
 
@@ -297,12 +297,14 @@ def main(argv: list[str] | None = None) -> int:
         on, on the other form of it (lean or plain: ``lean_encoder`` and ``lean_box_part``, a second backend),
         and on the lean one with its adds and norms as Triton kernels (``fused_norms``; skipped without CUDA), then
         its attention operands too (``fused_operands``), then its frequency chain too (``fused_frequency``), then
-        the operands alone:
+        the operands alone, and last the backend's with its box part in fp32 from host-made tokens
+        (``fp32_box_part``, a third backend: its box part's time is the row's point):
         p50 per batch, and the embedding's max abs difference from the first row's on the same images (the
         second stream should be bitwise equal); at batch 1 also the box part's p50 (one box, its graph replayed
         with the memo cleared). The backend's own settings are restored afterwards."""
         keep = (be.fused_attention, be.overlap_frequency)
         other = backend("bf16", lean_layers=not be.lean_encoder)
+        box32 = backend("bf16", lean_layers=be.lean_encoder, fp32_box_part=True)
         box = np.array([[0.3 * S, 0.3 * S, 0.7 * S, 0.65 * S]], np.float32)
 
         def box_part(b: TorchBackend, emb: Any) -> None:
@@ -319,11 +321,12 @@ def main(argv: list[str] | None = None) -> int:
                     (be, False, True, False, False, False), (be, True, True, False, False, False),
                     (other, True, True, False, False, False), (lean_be, True, True, True, False, False),
                     (lean_be, True, True, True, True, False), (lean_be, True, True, True, True, True),
-                    (lean_be, True, False, True, True, True), (lean_be, True, True, False, True, False)):
+                    (lean_be, True, False, True, True, True), (lean_be, True, True, False, True, False),
+                    (box32, True, True, False, False, False)):
                 b.set_encoder_options(fused_attn, overlap)  # recaptured with these options
                 what = {"batch": bsz, "lean_encoder": b.lean_encoder, "fused_attention": fused_attn,
                         "overlap_frequency": overlap, "fused_norms": norms, "fused_operands": operands,
-                        "fused_frequency": chain}
+                        "fused_frequency": chain, "fp32_box_part": b.fp32_box_part}
                 try:
                     b.set_encoder_norms(norms)
                     b.set_encoder_operands(operands)
@@ -354,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                 b.set_encoder_operands(False)
                 b.set_encoder_frequency(False)
         be.set_encoder_options(*keep)
-        del other
+        del other, box32
         return out
 
     def decoder_options(be: TorchBackend, frames: dict[str, FrameRunner]) -> list[dict[str, Any]]:
@@ -637,8 +640,9 @@ def main(argv: list[str] | None = None) -> int:
     for c in results.get("encoder_options", []):
         opt = (f"encoder b{c['batch']} lean={int(c.get('lean_encoder', 0))} sdpa={int(c['fused_attention'])} "
                f"stream={int(c['overlap_frequency'])} norms={int(c.get('fused_norms', 0))} "
-               f"operands={int(c.get('fused_operands', 0))} chain={int(c.get('fused_frequency', 0))}")
-        print(f"{opt:<61} " + (f"FAILED {c['error']}" if "error" in c else f"skipped: {c['skipped']}" if "skipped" in c else
+               f"operands={int(c.get('fused_operands', 0))} chain={int(c.get('fused_frequency', 0))} "
+               f"box32={int(c.get('fp32_box_part', 0))}")
+        print(f"{opt:<69} " + (f"FAILED {c['error']}" if "error" in c else f"skipped: {c['skipped']}" if "skipped" in c else
                                f"{c['p50_ms']:.3f} ms (min {c['min_ms']:.3f}), max abs diff {c['max_abs_diff_vs_plain']:.2e}"
                                + (f", box part {c['box_part_p50_ms']:.3f} ms" if "box_part_p50_ms" in c else "")))
     for c in results.get("decoder_options", []):

@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fused-frequency", action="store_true",
                     help="every block's frequency adapter as fused_frequency_chain's one Triton kernel (needs triton): "
                          "its launch counts as one op, computed by torch uncounted")
+    ap.add_argument("--fp32-box-part", action="store_true",
+                    help="the box part in fp32 from host-made transformer tokens (torch-cuda's fp32_box_part)")
     ap.add_argument("--fused-features", action="store_true",
                     help="each point's decoder input row as fused_point_features' Triton kernel (needs triton): each "
                          "launch counts as one op, the rows computed by torch uncounted")
@@ -120,7 +122,7 @@ def _count(a: argparse.Namespace) -> int:
     be = TorchBackend(model.eval(), "cpu", a.precision, fused_attention=True, overlap_frequency=True,
                       grid_sample=not a.gather_taps, align_matmuls=True,
                       lean_encoder=not a.plain_layers, lean_box_part=not a.plain_layers,
-                      relu_epilogue=not a.plain_layers)  # torch-cuda's defaults
+                      relu_epilogue=not a.plain_layers, fp32_box_part=a.fp32_box_part)  # torch-cuda's defaults
     if a.fused_norms:
         import imedsam_export.fused_add_norm as fan
         from imedsam_export.encoder_rewrites import use_fused_norms
@@ -246,7 +248,8 @@ def _count(a: argparse.Namespace) -> int:
             emb = be._fns["enc"](torch.from_numpy(img))
         rows.append(("encoder", enc, ""))
         with OpCounter() as prompt:
-            up = be._fns["prompt"](emb, torch.from_numpy(box))
+            tokens = [] if be._prompt_tokens is None else [torch.from_numpy(be._prompt_tokens(box))]  # uploaded
+            up = be._fns["prompt"](emb, torch.from_numpy(box), *tokens)
         rows.append(("box part", prompt, ""))
         coords = torch.zeros(1, 1024, 2)  # made outside the count: not the decoder's
         with OpCounter() as pts:
@@ -264,7 +267,7 @@ def _count(a: argparse.Namespace) -> int:
     mlp = "one fused kernel" if a.fused_mlp else "torch layers"
     form = ("plain" if a.plain_layers else "lean") + " layers" + (", fused encoder norms" if a.fused_norms else "") + (
         ", fused attention operands" if a.fused_operands else "") + (
-        ", fused frequency chain" if a.fused_frequency else "") + (
+        ", fused frequency chain" if a.fused_frequency else "") + (", fp32 box part" if a.fp32_box_part else "") + (
         ", fused point rows" if a.fused_features else "") + (", fused uncertainty" if a.fused_uncertainty else "") + (
         ", fused planner" if a.fused_planner else "")
     print(f"{a.model} at {s}², {a.precision}, eager, non-view aten ops (~ GPU kernels), {form}, decoder samples "

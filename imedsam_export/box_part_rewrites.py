@@ -9,13 +9,21 @@ by torch (torch-cuda's ``lean_box_part``); the box part runs once per box, every
   writes (its input, the transformer's tokens, is channels-last already): fp32 under autocast, like every
   other LayerNorm; within fp32 rounding in fp32 (tests/test_box_part_rewrites.py).
 
+- ``HostPromptTokens``: the transformer's input tokens for a box (the output tokens, the box corners' random
+  Fourier encoding plus their embeddings) made on the host in float64, uploaded instead of the box: none of the
+  ~20 small kernels the prompt encoder runs a box (its coordinate arithmetic, a 2 x 128 matmul, sin, cos, the
+  corners' adds and three concatenations), and closer to the fp32 model than the device's fp32 (and much closer
+  than its bf16, which rounds the coordinates to 8 bits before the matmul under autocast).
+
 The ONNX graphs keep the model's own forms.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 
+import numpy as np
 import torch
 from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
@@ -57,3 +65,28 @@ def lean_box_part(model: IMedSAM, dtype: torch.dtype | None) -> dict[str, int]:
     for i in norms:
         ups[i] = ChannelsLastNorm(ups[i])
     return {"dense_pe_frozen": 1, "channels_last_norms": len(norms)}
+
+
+class HostPromptTokens:
+    """boxes (B, 4) in the model-input pixel frame (numpy) -> the transformer's input tokens (B, 5 + 2, C) float32,
+    as ``IMedSAM.decoder_features`` makes them from the prompt encoder (segment-anything's ``_embed_boxes``: pixel
+    centres, normalised to [-1, 1], times the Gaussian matrix, times 2 pi, sin and cos), in float64."""
+
+    def __init__(self, model: IMedSAM) -> None:
+        pe, md = model.prompt_encoder, model.mask_decoder
+
+        def host(t: torch.Tensor) -> np.ndarray:
+            return t.detach().to("cpu", torch.float64).numpy()
+
+        self.gauss = host(pe.pe_layer.positional_encoding_gaussian_matrix)  # (2, C / 2)
+        self.corners = np.stack([host(pe.point_embeddings[2].weight[0]), host(pe.point_embeddings[3].weight[0])])
+        self.out_tokens = np.concatenate([host(md.iou_token.weight), host(md.mask_tokens.weight)])  # (5, C)
+        self.hw = pe.input_image_size
+
+    def __call__(self, boxes: np.ndarray) -> np.ndarray:
+        b = boxes.shape[0]
+        xy = (np.asarray(boxes, np.float64).reshape(b, 2, 2) + 0.5) / np.array([self.hw[1], self.hw[0]])
+        arg = 2 * math.pi * ((2 * xy - 1) @ self.gauss)  # (B, 2, C / 2)
+        corners = np.concatenate([np.sin(arg), np.cos(arg)], axis=-1) + self.corners
+        out = np.broadcast_to(self.out_tokens, (b, *self.out_tokens.shape))
+        return np.concatenate([out, corners], axis=1).astype(np.float32)

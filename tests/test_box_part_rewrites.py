@@ -62,3 +62,67 @@ def test_lean_box_part_gives_the_same_box_features():
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
     err = [float((e.float() - want).norm() / want.norm()) for e in (plain16, got16)]
     assert err[1] <= 1.1 * err[0] and err[1] < 2e-2, err
+
+
+def test_host_prompt_tokens_equal_the_prompt_encoders():
+    """HostPromptTokens (float64 on the host): the transformer's input tokens the prompt encoder makes, within fp32
+    rounding; decoder_features from them gives the same box features, with the box as a dense mask prompt (the
+    tiny model's setting) and without (vit_b's: the no-mask embedding broadcast)."""
+    import dataclasses
+
+    import numpy as np
+
+    from imedsam_export.box_part_rewrites import HostPromptTokens
+    from imedsam_train.build import build_from_config
+
+    boxes = np.array([[5.0, 8.5, 40.0, 50.0], [0.0, 0.0, 63.0, 63.0], [30.0, 2.0, 31.0, 3.0]], np.float32)
+    model = _model()
+    torch.manual_seed(2)
+    emb = torch.randn(3, 64, 4, 4)
+    for mask_prompt in (True, False):
+        if not mask_prompt:
+            cfg = dataclasses.replace(model.cfg, decoder=dataclasses.replace(model.cfg.decoder, box_mask_prompt=False))
+            torch.manual_seed(0)
+            model = build_from_config(cfg)[0].eval()
+        with torch.no_grad():
+            sparse, _ = model.prompt_encoder(points=None, boxes=torch.from_numpy(boxes), masks=None)
+            md = model.mask_decoder
+            out = torch.cat([md.iou_token.weight, md.mask_tokens.weight])
+            want = torch.cat([out[None].expand(3, -1, -1), sparse], dim=1)
+            got = HostPromptTokens(model)(boxes)
+            assert got.dtype == np.float32 and got.shape == tuple(want.shape)
+            assert np.abs(got - want.numpy()).max() < 5e-6 * max(1.0, float(want.abs().max()))
+            up, pe = model.decoder_features(emb, torch.from_numpy(boxes))
+            up_t, pe_t = model.decoder_features(emb, torch.from_numpy(boxes), torch.from_numpy(got))
+        assert torch.equal(pe_t, pe)
+        torch.testing.assert_close(up_t, up, atol=2e-5, rtol=1e-5)
+
+
+def test_torch_backend_with_an_fp32_box_part():
+    """TorchBackend(bf16, fp32_box_part=True): the box part's layers stay fp32 (the per-point layers bf16), and its
+    features from an embedding are within fp32 rounding of the fp32 backend's, where the bf16 box part is ~1%
+    off; the description says it. fp32 backends ignore the option (nothing to keep)."""
+    import numpy as np
+
+    from imedsam_deploy.backends.torch_cuda import TorchBackend
+
+    model = _model()
+    boxes = np.array([[5.0, 8.5, 40.0, 50.0]], np.float32)
+    torch.manual_seed(3)
+    emb = torch.randn(1, 64, 4, 4)
+    ups = {}
+    for name, precision, fp32_box in (("fp32", "fp32", False), ("bf16", "bf16", False), ("island", "bf16", True),
+                                      ("fp32 asked", "fp32", True)):
+        be = TorchBackend(copy.deepcopy(model), "cpu", precision, lean_box_part=True, fp32_box_part=fp32_box)
+        ups[name] = be.box_features(emb, boxes).float()
+        if name == "island":
+            m = be.model
+            assert m.mask_decoder.transformer.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+            assert m.mask_decoder.output_upscaling[0].weight.dtype == torch.float32
+            assert be.decoder.model.image_encoder.blocks[0].mlp.lin1.weight.dtype == torch.bfloat16
+            assert "fp32 box part" in be.description
+        if name == "fp32 asked":
+            assert not be.fp32_box_part and "fp32 box part" not in be.description
+    ref = ups["fp32"]
+    err = {k: float((v - ref).norm() / ref.norm()) for k, v in ups.items()}
+    assert err["island"] < 1e-5 and err["bf16"] > 1e-3 and err["fp32 asked"] == 0.0, err

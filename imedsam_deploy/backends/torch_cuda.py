@@ -81,7 +81,7 @@ def ugs_merge_device(coarse: Any, fine: Any, unc: Any, k: int) -> Any:
     return coarse.scatter(-1, idx, fine.gather(-1, idx))
 
 
-def store_weights_in(module: Any, dtype: Any) -> int:
+def store_weights_in(module: Any, dtype: Any, keep: tuple[Any, ...] = ()) -> int:
     """Store the weight and bias of every Linear and convolution under ``module`` in the autocast dtype;
     returns how many layers. Autocast would otherwise cast each fp32 weight and bias on every call, to the
     same values: inside a CUDA graph that is two more kernels per layer per replay and the weights read and
@@ -89,10 +89,13 @@ def store_weights_in(module: Any, dtype: Any) -> int:
     72 cast kernels a frame). Norms and buffers stay fp32. Every layer's output is bitwise the same; the one
     bias added outside its layer (the windowed attention's, after a bias-free projection) is now added in
     the autocast dtype, as the layer itself would, so the attention after it runs in that dtype too instead
-    of being promoted to fp32 (and cast back by every autocast op it feeds)."""
+    of being promoted to fp32 (and cast back by every autocast op it feeds). Layers under the modules ``keep`` stay
+    as they are (an fp32 island)."""
     from torch import nn
 
-    layers = [m for m in module.modules() if isinstance(m, nn.Linear | nn.Conv2d | nn.ConvTranspose2d)]
+    kept = {id(m) for k in keep for m in k.modules()}
+    layers = [m for m in module.modules()
+              if isinstance(m, nn.Linear | nn.Conv2d | nn.ConvTranspose2d) and id(m) not in kept]
     for m in layers:
         m.weight.data = m.weight.data.to(dtype)
         if m.bias is not None:
@@ -184,7 +187,12 @@ class TorchBackend(Backend):
     embedding as one GEMM, the neck channels-last with ``layer_norm`` (the same arithmetic to fp32 rounding in
     about 30% fewer kernels: tests/test_encoder_rewrites.py); ``lean_box_part`` (default: on CUDA) the box
     part with ``imedsam_export.box_part_rewrites``: its dense positional map made once, the upscaling's norm as
-    one ``layer_norm`` (tests/test_box_part_rewrites.py). Both fixed for the backend's life. ``relu_epilogue``
+    one ``layer_norm`` (tests/test_box_part_rewrites.py). Both fixed for the backend's life. ``fp32_box_part``
+    (default off: not yet timed on a GPU; fixed for the backend's life) runs the box part (SAM's two-way
+    transformer and the upscaling) in fp32 with its weights kept in fp32, from transformer tokens made on the
+    host in float64 (``box_part_rewrites.HostPromptTokens``): about 40 fewer kernels a box (no autocast casts, no
+    prompt-encoder arithmetic on the device), closer to the fp32 model (tests/test_box_part_rewrites.py).
+    ``relu_epilogue``
     (default: on CUDA) runs the per-point trunks' Linear -> ReLU pairs as one GEMM with its epilogue each
     (``DecoderGraph.use_relu_epilogue``: tests/test_export.py). ``fused_norms`` (default off: not yet timed on a
     GPU) runs the lean encoder's residual adds and norms as ``imedsam_export.fused_add_norm`` Triton kernels in the
@@ -208,7 +216,7 @@ class TorchBackend(Backend):
         align_matmuls: bool | None = None, lean_encoder: bool | None = None, lean_box_part: bool | None = None,
         relu_epilogue: bool | None = None, fused_norms: bool = False, fused_features: bool = False,
         fused_uncertainty: bool = False, fused_planner: bool = False, fused_operands: bool = False,
-        fused_frequency: bool = False,
+        fused_frequency: bool = False, fp32_box_part: bool = False,
     ) -> None:
         super().__init__(max_batch, max_points)
         if precision not in PRECISIONS:
@@ -250,10 +258,17 @@ class TorchBackend(Backend):
 
             rewrite(folded.image_encoder, self.amp_dtype or torch.float32)
         self.lean_box_part = cuda if lean_box_part is None else lean_box_part
+        # the box part in fp32 from host-made tokens (fixed for the backend's life: its layers stay fp32)
+        self.fp32_box_part = fp32_box_part and self.amp_dtype is not None
+        self._prompt_tokens: Any = None
+        if self.fp32_box_part:
+            from imedsam_export.box_part_rewrites import HostPromptTokens
+
+            self._prompt_tokens = HostPromptTokens(folded)
         if self.lean_box_part:
             from imedsam_export.box_part_rewrites import lean_box_part as rewrite_box_part
 
-            rewrite_box_part(folded, self.amp_dtype)
+            rewrite_box_part(folded, None if self.fp32_box_part else self.amp_dtype)
         self._graphs: dict[tuple[Any, ...], tuple[Any, list[Any], Any]] = {}
         self._box_cache: tuple[Any, np.ndarray, Any] | None = None
         # streams inside a compiled graph are not supported by dynamo's fullgraph capture
@@ -272,8 +287,9 @@ class TorchBackend(Backend):
 
         decoder.uncertainty = _Fp32(decoder.uncertainty)  # type: ignore[assignment]
         self.decoder = decoder.to(self.device).eval()
-        if self.amp_dtype is not None:
-            store_weights_in(self.decoder, self.amp_dtype)  # self.model's layers included (the decoder holds it)
+        if self.amp_dtype is not None:  # self.model's layers included (the decoder holds it)
+            store_weights_in(self.decoder, self.amp_dtype,
+                             keep=(folded.prompt_encoder, folded.mask_decoder) if self.fp32_box_part else ())
         self.num_classes = folded.cfg.num_classes
         self.compiled = bool(compile)
         # graphs and compiled code are both per shape: bucket the point count for either
@@ -284,8 +300,11 @@ class TorchBackend(Backend):
         def encode_fn(im: Any) -> Any:
             return self.model.encode(im).float()
 
-        def prompt_fn(e: Any, bb: Any) -> Any:  # fp32 up map: sampled in fp32 by every decoder call
-            return self.model.decoder_features(e, bb)[0].float()
+        def prompt_fn(e: Any, bb: Any, tokens: Any = None) -> Any:  # fp32 up map: sampled in fp32 by every decoder call
+            if tokens is None:
+                return self.model.decoder_features(e, bb)[0].float()
+            with torch.autocast(device_type=e.device.type, enabled=False):  # fp32_box_part
+                return self.model.decoder_features(e.float(), bb, tokens)[0]
 
         def points_fn(up: Any, c: Any) -> tuple[Any, Any, Any]:
             return tuple(o.float() for o in dec.point_outputs(up, c))  # type: ignore[return-value]
@@ -496,7 +515,8 @@ class TorchBackend(Backend):
             ", frequency stream" if self.overlap_frequency else "") + (", grid_sample taps" if self.grid_sample else "") + (
             ", fused decoder MLP" if self.fused_mlp else "") + (", aligned decoder matmuls" if self.align_matmuls else "") + (
             ", lean encoder" if self.lean_encoder else "") + (", lean box part" if self.lean_box_part else "") + (
-            ", ReLU epilogues" if self.relu_epilogue else "") + (", fused encoder norms" if self.fused_norms else "") + (
+            ", ReLU epilogues" if self.relu_epilogue else "") + (", fp32 box part" if self.fp32_box_part else "") + (
+            ", fused encoder norms" if self.fused_norms else "") + (
             ", fused attention operands" if self.fused_operands else "") + (
             ", fused frequency chain" if self.fused_frequency else "") + (
             ", fused point features" if self.fused_features else "") + (
@@ -578,7 +598,10 @@ class TorchBackend(Backend):
             return c[2]
         b = boxes.shape[0]
         emb = embedding.expand(b, -1, -1, -1) if embedding.shape[0] != b else embedding
-        up = self._run(("prompt", tuple(emb.shape)), self._fns["prompt"], [emb.contiguous(), self._tensor(boxes)])
+        inputs = [emb.contiguous(), self._tensor(boxes)]
+        if self._prompt_tokens is not None:
+            inputs.append(self._tensor(self._prompt_tokens(boxes)))
+        up = self._run(("prompt", tuple(emb.shape)), self._fns["prompt"], inputs)
         self._box_cache = (embedding, boxes.copy(), up)
         return up
 

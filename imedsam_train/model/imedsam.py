@@ -106,16 +106,24 @@ class IMedSAM(nn.Module):
         """(B, 3, S, S) RGB in [0, 1] -> image embedding (B, C, S/16, S/16). Box-independent."""
         return self.image_encoder(image)
 
-    def decoder_features(self, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def decoder_features(self, embedding: torch.Tensor, boxes: torch.Tensor, tokens: torch.Tensor | None = None,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """Box-conditioned feature maps: upscaled (B, C/8, 4g, 4g) and the dense positional map (1, C, g, g).
 
-        boxes: (B, 4) in the model-input pixel frame, one per embedding row.
+        boxes: (B, 4) in the model-input pixel frame, one per embedding row. tokens: the transformer's input
+        tokens for them (B, 5 + 2, C: the output tokens, then the box's two corners), if made elsewhere (an
+        inference copy makes them on the host); None: made here by the prompt encoder.
         """
         masks = self.box_mask(boxes) if self.cfg.decoder.box_mask_prompt else None
-        sparse, dense = self.prompt_encoder(points=None, boxes=boxes, masks=masks)
         md = self.mask_decoder
-        tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
-        tokens = torch.cat([tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], dim=1)
+        if tokens is None:
+            sparse, dense = self.prompt_encoder(points=None, boxes=boxes, masks=masks)
+            tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
+            tokens = torch.cat([tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], dim=1)
+        elif masks is not None:
+            dense = self.prompt_encoder._embed_masks(masks)
+        else:  # as the prompt encoder's, without its expand (the add below broadcasts)
+            dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
         pe = self.prompt_encoder.get_dense_pe() if self.frozen_dense_pe is None else self.frozen_dense_pe
         src = embedding + dense
         b, c, h, w = src.shape

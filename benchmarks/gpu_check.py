@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
 
             def fn(x: Any, b: Any, reg: Any) -> tuple[Any, ...]:
                 up = be.model.decoder_features(be.model.encode(x), b)[0]
-                return planner.plan(lambda c: tuple(o[0].float() for o in be.decoder.point_outputs(up, c[None])), reg)
+                return planner.plan(lambda c: tuple(o[0] if planner.fused else o[0].float()  # the kernel widens them
+                                                    for o in be.decoder.point_outputs(up, c[None])), reg)
 
             graph_fn = torch.compile(fn, fullgraph=True, dynamic=False) if be.compiled else fn
             reg = be._tensor(np.array([region.r0, h, region.c0, w]), np.int64)  # uploads as the runtime's
@@ -366,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         call), its odd-width layers zero-padded to multiples of 8 or not (``align_matmuls``), its Linear -> ReLU
         pairs with GEMM epilogues or not (``relu_epilogue``, with the padded layers), each point's input row as
         one Triton kernel or not (``fused_features``, with both; skipped without CUDA), then the uncertainty as one
-        Triton kernel too (``fused_uncertainty``), then the device planner's levels as four Triton kernels
+        Triton kernel too (``fused_uncertainty``), then the device planner's levels as five Triton kernels
         (``fused_planner``), and, with ``--fused-mlp``,
         its MLPs as one Triton kernel (``fused_point_mlp``, at three block sizes): p50 per frame, per-stage
         p50, and each variant's masks against the first's (grid_sample, unpadded, torch MLP, no epilogues).

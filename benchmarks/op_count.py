@@ -89,26 +89,22 @@ def main(argv: list[str] | None = None) -> int:
                     help="the decoder's MLPs as the one Triton kernel of fused_point_mlp (needs triton): its launch "
                          "counts as one op, the kernel itself is not run")
     a = ap.parse_args(argv)
-    if not a.fused_planner:
-        return _count(a)
-    # the planner's kernels run in Triton's interpreter here: it is chosen when a kernel is defined, so the
-    # module is loaded again under it, and again without it afterwards (this process may compile it later)
-    import importlib
     import os
 
-    from imedsam_export import fused_planner as planner_kernels
-
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    importlib.reload(planner_kernels)
-    try:
+    if not a.fused_planner or os.environ.get("TRITON_INTERPRET") == "1":
         return _count(a)
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-        importlib.reload(planner_kernels)
+    # the planner's kernels run in Triton's interpreter here, which must be on before triton is first imported
+    # (its own jitted helpers, tl.sum's included, are made then): counted in a process started with it
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    args = sys.argv[1:] if argv is None else argv
+    res = subprocess.run([sys.executable, "-m", "benchmarks.op_count", *args], capture_output=True, text=True,
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).resolve().parents[1])
+    print(res.stdout, end="")
+    print(res.stderr, end="", file=sys.stderr)
+    return res.returncode
 
 
 def _count(a: argparse.Namespace) -> int:
@@ -228,6 +224,7 @@ def _count(a: argparse.Namespace) -> int:
         pk.level_fill = one_launch(pk.level_fill, "planner_fill")  # type: ignore[assignment]
         pk.level_scatter = one_launch(pk.level_scatter, "planner_scatter")  # type: ignore[assignment]
         pk.level_need = one_launch(pk.level_need, "planner_need")  # type: ignore[assignment]
+        pk.level_coords = one_launch(pk.level_coords, "planner_coords")  # type: ignore[assignment]
     if a.fused_mlp:
         from imedsam_export.fused_point_mlp import FusedPointMLP
 
@@ -260,7 +257,8 @@ def _count(a: argparse.Namespace) -> int:
             planner.fused = a.fused_planner
             reg = torch.tensor([out // 4, out // 2, out // 4, out // 2])
             with OpCounter() as plan:
-                res = planner.plan(lambda c: tuple(o[0] for o in be._fns["points"](up, c[None])), reg)
+                points = be.decoder.point_outputs if a.fused_planner else be._fns["points"]  # as torch-cuda's
+                res = planner.plan(lambda c, p=points: tuple(o[0] for o in p(up, c[None])), reg)
             pts_note = "points not run" if a.fused_mlp else f"{int(res[2])} points"
             rows.append((f"sparse planner {out}²", plan, f"{len(planner.levels) + 1} decoder calls inside, {pts_note}"))
     taps = "Gather taps" if a.gather_taps else "grid_sample"

@@ -1,4 +1,4 @@
-"""The device sparse planner's per-level bookkeeping as four Triton kernels (``DevicePlanner(fused=True)``; torch-cuda's
+"""The device sparse planner's per-level bookkeeping as five Triton kernels (``DevicePlanner(fused=True)``; torch-cuda's
 ``fused_planner``, off by default until a GPU has timed it).
 
 After each level's decoder call, ``DevicePlanner.plan`` records its points (the UGS-merged logit, the
@@ -9,9 +9,13 @@ upsampling, the clamp to the decision's sign, the writes), and before it the poi
 kernels a level, ~215 of a 384² plan's 429 on torch-cuda's default decoder (``benchmarks/op_count.py``). Here:
 
 - ``level_need``: one program per block of lattice points: the corners of the level's candidate cells that are
-  not yet known and inside the region (the points its decoder call may take; six kernels before);
+  not yet known and inside the region (the points its decoder call may take), as fp32 1 / 0 (what ``topk``
+  ranks, and the scatter's flag), and their count added to the plan's needs (eight kernels before);
+- ``level_coords``: one program per block of the points ``topk`` picked: their grid indices and coordinates
+  (three to five kernels before);
 - ``level_scatter``: one program per block of decoded points: the UGS merge against the estimated threshold,
-  the heads' sign disagreement and the logit band, and the three writes (about 10 kernels before);
+  the heads' sign disagreement and the logit band, and the three writes (about 10 kernels before; the logits
+  read in the decoder's own dtype, so no widening copies);
 - ``level_cells``: one program per block of cells; each cell's activity is recomputed for every cell of its
   dilation ball (the ball is small: 5 cells at ``dilate=1``), so the dilation needs no second pass. Writes the
   dilated, valid active cells and, above stride 1, the next level's candidates (each active cell's 2 x 2
@@ -31,7 +35,7 @@ import torch
 
 from imedsam_export.triton_support import available, compile_ahead, on_device, ptxas_usage, tl, triton
 
-__all__ = ["available", "level_cells", "level_fill", "level_need", "level_scatter"]
+__all__ = ["available", "level_cells", "level_coords", "level_fill", "level_need", "level_scatter"]
 
 BLOCK = 128  # cells or pixels a program
 
@@ -139,14 +143,14 @@ if triton is not None:
     ):  # pragma: no cover - compiled by triton (or run by its interpreter in the tests' subprocess)
         q = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = q < N
-        flag = tl.load(flag_ptr + q, mask=ok, other=0) != 0
+        flag = tl.load(flag_ptr + q, mask=ok, other=0.0) > 0  # a need (1 / 0), or topk's value of one
         dest = tl.where(flag, tl.load(lin_ptr + q, mask=ok, other=0), NK - 1)  # the spare slot: not to be written
         a = q < 0  # False
-        for k in tl.static_range(K):
-            c = tl.load(coarse_ptr + k * sck + q * scn, mask=ok, other=0.0)
-            f = tl.load(fine_ptr + k * sfk + q * sfn, mask=ok, other=0.0)
-            u = tl.load(unc_ptr + k * suk + q * sun, mask=ok, other=0.0)
-            tl.store(val_ptr + k * NK + dest, tl.where(u >= tl.load(tau_ptr + k * stk), f, c), mask=ok)
+        for k in tl.static_range(K):  # the logits in the decoder's dtype: widened exactly
+            c = tl.load(coarse_ptr + k * sck + q * scn, mask=ok, other=0.0).to(tl.float32)
+            f = tl.load(fine_ptr + k * sfk + q * sfn, mask=ok, other=0.0).to(tl.float32)
+            u = tl.load(unc_ptr + k * suk + q * sun, mask=ok, other=0.0).to(tl.float32)
+            tl.store(val_ptr + k * NK + dest, tl.where(u >= tl.load(tau_ptr + k * stk).to(tl.float32), f, c), mask=ok)
             if HEADS:  # the heads disagree in sign: the decision hinges on tau
                 a = a | ((c > 0) != (f > 0))
             if BAND:  # a logit near 0
@@ -159,9 +163,9 @@ if triton is not None:
 def level_scatter(coarse: torch.Tensor, fine: torch.Tensor, unc: torch.Tensor, tau: torch.Tensor, flag: torch.Tensor,
                   lin: torch.Tensor, val: torch.Tensor, amb: torch.Tensor, known: torch.Tensor, heads: bool,
                   band: float) -> None:
-    """Record a level's decoded points (coarse, fine, unc: (K, N) fp32, any strides) in place: at the
-    grid index ``lin`` of each point with ``flag`` (the others write the spare slot, the last of val's (K, n + 1),
-    amb's and known's), the UGS-merged logit (fine where unc >= tau, per class), the ambiguity (the heads'
+    """Record a level's decoded points (coarse, fine, unc: (K, N), any float dtype and strides) in place: at the
+    grid index ``lin`` of each point whose ``flag`` (fp32) is positive (the others write the spare slot, the last of
+    val's (K, n + 1), amb's and known's), the UGS-merged logit (fine where unc >= tau, per class), the ambiguity (the heads'
     signs differ, with ``heads``; a |logit| under ``band`` > 0) and known."""
     K, N = coarse.shape
     if N == 0:
@@ -176,7 +180,7 @@ if triton is not None:
 
     @triton.jit
     def _need_kernel(
-        cells_ptr, known_ptr, last_ptr, need_ptr, NR, NC, GW, S: tl.constexpr, BLOCK: tl.constexpr,
+        cells_ptr, known_ptr, last_ptr, need_ptr, count_ptr, NR, NC, GW, S: tl.constexpr, BLOCK: tl.constexpr,
     ):  # pragma: no cover - compiled by triton (or run by its interpreter in the tests' subprocess)
         q = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = q < (NR + 1) * (NC + 1)
@@ -192,17 +196,50 @@ if triton is not None:
         g = (i * S) * GW + j * S
         known = tl.load(known_ptr + g, mask=ok, other=1) != 0
         inside = (i * S <= tl.load(last_ptr)) & (j * S <= tl.load(last_ptr + 1))
-        tl.store(need_ptr + q, sel & ~known & inside, mask=ok)
+        need = ok & sel & ~known & inside
+        tl.store(need_ptr + q, need.to(tl.float32), mask=ok)  # fp32: what topk ranks, and the scatter's flag
+        tl.atomic_add(count_ptr, tl.sum(need.to(tl.int64), axis=0))
 
 
-def level_need(cells: torch.Tensor, known: torch.Tensor, last: torch.Tensor, s: int, grid_w: int) -> torch.Tensor:
+def level_need(cells: torch.Tensor, known: torch.Tensor, last: torch.Tensor, s: int, grid_w: int,
+               count: torch.Tensor) -> torch.Tensor:
     """The stride-s lattice points ((NR + 1) x (NC + 1), flattened) to decode: corners of the (NR, NC) ``cells``,
-    not yet ``known`` (flat over the grid), inside the region (``last``: its last grid row and column)."""
+    not yet ``known`` (flat over the grid), inside the region (``last``: its last grid row and column), as fp32
+    1 / 0; their number is added to ``count`` (an int64 element, zeroed by the caller)."""
     nr, nc = cells.shape
-    need = torch.empty((nr + 1) * (nc + 1), dtype=torch.bool, device=cells.device)
+    need = torch.empty((nr + 1) * (nc + 1), dtype=torch.float32, device=cells.device)
     with on_device(cells):
-        _need_kernel[(triton.cdiv(need.numel(), BLOCK),)](cells, known, last, need, nr, nc, grid_w, S=s, BLOCK=BLOCK)
+        _need_kernel[(triton.cdiv(need.numel(), BLOCK),)](cells, known, last, need, count, nr, nc, grid_w, S=s,
+                                                           BLOCK=BLOCK)
     return need
+
+
+if triton is not None:
+
+    @triton.jit
+    def _coords_kernel(
+        idx_ptr, table_ptr, lin_ptr, coords_ptr, N, GW, NLW, S: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # pragma: no cover - compiled by triton (or run by its interpreter in the tests' subprocess)
+        q = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = q < N
+        k = tl.load(idx_ptr + q, mask=ok, other=0)
+        li = (k // NLW) * S  # the lattice point's grid row and column
+        lj = (k % NLW) * S
+        tl.store(lin_ptr + q, li * GW + lj, mask=ok)
+        tl.store(coords_ptr + 2 * q, tl.load(table_ptr + lj, mask=ok, other=0.0), mask=ok)
+        tl.store(coords_ptr + 2 * q + 1, tl.load(table_ptr + GW + li, mask=ok, other=0.0), mask=ok)
+
+
+def level_coords(idx: torch.Tensor, table: torch.Tensor, s: int, grid_w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Points ``idx`` of the stride-s lattice (flat lattice indices, int64) -> their flat grid indices (int64) and
+    their (x, y) coordinates (N, 2) fp32, read from the plan's table [x of grid columns..., y of grid rows...]."""
+    n = idx.numel()
+    lin = torch.empty(n, dtype=torch.int64, device=idx.device)
+    coords = torch.empty(n, 2, dtype=table.dtype, device=idx.device)
+    with on_device(idx):
+        _coords_kernel[(triton.cdiv(n, BLOCK),)](idx, table, lin, coords, n, grid_w, (grid_w - 1) // s + 1, S=s,
+                                                  BLOCK=BLOCK)
+    return lin, coords
 
 
 def level_cells(val: torch.Tensor, amb: torch.Tensor, cand: torch.Tensor, last: torch.Tensor, s: int, grid_w: int,
@@ -238,12 +275,16 @@ def compile_for(s: int, classes: int, dilate: int, capability: int = 90) -> dict
            "next_ptr": "*i1", **ints}
     const = {"S": s, "K": classes, "DILATE": dilate, "NEXT": s > 1, "BLOCK": BLOCK}
     out = {"cells": ptxas_usage(compile_ahead(_cells_kernel, sig, const, capability, {"num_warps": 4}), capability)}
-    sig = {"cells_ptr": "*i1", "known_ptr": "*i1", "last_ptr": "*i64", "need_ptr": "*i1", "NR": "i32", "NC": "i32",
-           "GW": "i32"}
+    sig = {"cells_ptr": "*i1", "known_ptr": "*i1", "last_ptr": "*i64", "need_ptr": "*fp32", "count_ptr": "*i64",
+           "NR": "i32", "NC": "i32", "GW": "i32"}
     k = compile_ahead(_need_kernel, sig, {"S": s, "BLOCK": BLOCK}, capability, {"num_warps": 4})
     out["need"] = ptxas_usage(k, capability)
-    sig = {"coarse_ptr": "*fp32", "sck": "i32", "scn": "i32", "fine_ptr": "*fp32", "sfk": "i32", "sfn": "i32",
-           "unc_ptr": "*fp32", "suk": "i32", "sun": "i32", "tau_ptr": "*fp32", "stk": "i32", "flag_ptr": "*i1",
+    sig = {"idx_ptr": "*i64", "table_ptr": "*fp32", "lin_ptr": "*i64", "coords_ptr": "*fp32", "N": "i32", "GW": "i32",
+           "NLW": "i32"}
+    k = compile_ahead(_coords_kernel, sig, {"S": s, "BLOCK": BLOCK}, capability, {"num_warps": 4})
+    out["coords"] = ptxas_usage(k, capability)
+    sig = {"coarse_ptr": "*bf16", "sck": "i32", "scn": "i32", "fine_ptr": "*bf16", "sfk": "i32", "sfn": "i32",
+           "unc_ptr": "*fp32", "suk": "i32", "sun": "i32", "tau_ptr": "*fp32", "stk": "i32", "flag_ptr": "*fp32",
            "lin_ptr": "*i64", "val_ptr": "*fp32", "amb_ptr": "*i1", "known_ptr": "*i1", "N": "i32", "NK": "i32",
            "band": "fp32"}
     k = compile_ahead(_scatter_kernel, sig, {"K": classes, "HEADS": True, "BAND": True, "BLOCK": BLOCK}, capability,

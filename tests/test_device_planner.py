@@ -286,8 +286,11 @@ while len(out["cases"]) < 10:  # small outputs: the interpreter runs each progra
     if not plain.usable(h, w):
         continue
     reg = torch.tensor([r0, h, c0, w])
-    a, b = plain.plan(tdec, reg), fused.plan(tdec, reg)
-    out["cases"].append({"cfg": [H, W, K, cfg.stride, cfg.dilate, cfg.logit_band, cfg.refine_on_head_disagreement],
+    half = len(out["cases"]) % 2 == 1  # every other case: the logits in a 16-bit float, as a bf16 decoder's
+    fn = (lambda c, t=tdec: tuple(o.half() if i < 2 else o for i, o in enumerate(t(c)))) if half else tdec
+    a, b = plain.plan(fn, reg), fused.plan(fn, reg)
+    out["cases"].append({"cfg": [H, W, K, cfg.stride, cfg.dilate, cfg.logit_band, cfg.refine_on_head_disagreement,
+                                 half],
                          "decisions": bool(torch.equal(a[1], b[1])),
                          "queried": [int(a[2]), int(b[2])], "needs": [a[4].tolist(), b[4].tolist()],
                          "overflow": [bool(a[3]), bool(b[3])], "scale": float(a[0].abs().max()),
@@ -315,14 +318,16 @@ def fused_compared() -> dict:
 
 
 def test_fused_planner_kernels_plan_as_the_torch_ops(fused_compared):
-    """``DevicePlanner.fused`` (each level's bookkeeping as three Triton kernels, run in Triton's interpreter) on
+    """``DevicePlanner.fused`` (each level's bookkeeping as five Triton kernels, run in Triton's interpreter) on
     random fields, output sizes, regions, strides 2-16, dilation 0-2, one or two classes, with and without the
-    logit band and the heads' disagreement as ambiguity: the same decisions,
-    points queried and per-pass needs as the torch ops; the filled logits within fp32 rounding of
-    ``F.interpolate``'s; an over-budget plan flagged alike."""
+    logit band and the heads' disagreement as ambiguity, the logits in fp32 or fp16 (the kernels widen them, the
+    torch ops take them widened): the same decisions, points queried and per-pass needs (counted by the kernels)
+    as the torch ops; the filled logits within fp32 rounding of ``F.interpolate``'s; an over-budget plan flagged
+    alike."""
     cases = fused_compared["cases"]
     assert len(cases) == 10 and {c["cfg"][4] for c in cases} == {0, 1, 2} and {c["cfg"][2] for c in cases} == {1, 2}
     assert {c["cfg"][5] for c in cases} == {0.0, 0.5} and {c["cfg"][6] for c in cases} == {False, True}
+    assert {c["cfg"][7] for c in cases} == {False, True}
     for c in cases:
         assert c["decisions"], c["cfg"]
         assert c["queried"][0] == c["queried"][1] > 0 and c["needs"][0] == c["needs"][1], c["cfg"]

@@ -205,8 +205,8 @@ class TorchBackend(Backend):
     ``imedsam_export.fused_point_features`` Triton kernel instead of 8 ops (tests/test_fused_point_features.py);
     ``fused_uncertainty`` (default off, likewise) computes the closed-form uncertainty with one
     ``imedsam_export.fused_uncertainty`` kernel instead of 9 fp32 ops (tests/test_fused_uncertainty.py);
-    ``fused_planner`` (default off, likewise) runs each device-planner level's bookkeeping as four
-    ``imedsam_export.fused_planner`` Triton kernels instead of ~50 ops (tests/test_device_planner.py)."""
+    ``fused_planner`` (default off, likewise) runs each device-planner level's bookkeeping as five
+    ``imedsam_export.fused_planner`` Triton kernels instead of ~60 ops (tests/test_device_planner.py)."""
 
     def __init__(
         self, model: Any, device: str = "cuda", precision: str = "bf16", cuda_graphs: bool | None = None,
@@ -468,7 +468,7 @@ class TorchBackend(Backend):
 
     def set_planner_kernels(self, fused: bool) -> None:
         """Each device-planner level's bookkeeping (recording, refinement, dilation, next candidates, fill) as
-        four Triton kernels (``imedsam_export.fused_planner``) or as torch ops; graphs and compiled planners that contain a
+        five Triton kernels (``imedsam_export.fused_planner``) or as torch ops; graphs and compiled planners that contain a
         plan are dropped."""
         if fused:
             self._need_triton("fused planner")
@@ -673,7 +673,13 @@ class TorchBackend(Backend):
         up = self.box_features(embedding, boxes)
         plan = self._plans.get(pkey)
         if plan is None:
-            points = self._raw_points if self._compile_backend else self._fns["points"]
+            points: Callable[..., Any]
+            if self._compile_backend:
+                points = self._raw_points
+            elif self.fused_planner:  # the logits as the decoder leaves them: the scatter kernel widens them
+                points = self.decoder.point_outputs
+            else:
+                points = self._fns["points"]
 
             def plan_fn(u: Any, reg: Any) -> tuple[Any, ...]:
                 return planner.plan(lambda c: tuple(o[0] for o in points(u, c[None])), reg)  # type: ignore[no-any-return]

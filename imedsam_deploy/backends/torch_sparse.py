@@ -65,7 +65,7 @@ class DevicePlanner:
     """
 
     # each level's bookkeeping (choosing and recording its points, refinement, dilation, next candidates, fill) as
-    # four Triton kernels (``imedsam_export.fused_planner``) instead of ~50 torch ops; torch-cuda's ``fused_planner``
+    # five Triton kernels (``imedsam_export.fused_planner``) instead of ~50 torch ops; torch-cuda's ``fused_planner``
     fused = False
 
     def __init__(self, out_hw: tuple[int, int], fraction: float, cfg: SparseConfig, device: torch.device | str,
@@ -119,6 +119,11 @@ class DevicePlanner:
         # its own: it needs a few percent of the first pass's points (vit_b at 896²: 1190 against 124403), and
         # evaluates its whole budget regardless
         self.dilation_cap = min(self.caps[1], max(unit, -(-self.caps[1] // 8 // unit) * unit))
+        self._budgets()
+
+    def _budgets(self) -> None:
+        """Every pass's budget as a device tensor (made outside any capture): the fused plan's overflow test."""
+        self.budgets = torch.tensor(self.budget_key(), dtype=torch.int64, device=self.device)
 
     def lattice_points(self, s: int) -> int:
         """Points of the grid's stride-``s`` lattice: the most a level can need."""
@@ -146,6 +151,7 @@ class DevicePlanner:
         budget[i] = min(self.lattice_points(passes[i]), room)
         self.caps = dict(zip(self.levels, budget[:-1], strict=True))
         self.dilation_cap = budget[-1]
+        self._budgets()
 
     def lattice_index(self, s: int, idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(flat grid index, coordinate-table indices (N, 2)) of the stride-s lattice's points ``idx`` (flat
@@ -188,32 +194,41 @@ class DevicePlanner:
         known = torch.zeros(n + 1, dtype=torch.bool, device=dev)
         amb = torch.zeros(n + 1, dtype=torch.bool, device=dev)
         known_g, amb_g = known[:n].view(GH, GW), amb[:n].view(GH, GW)
-        overflow = torch.zeros((), dtype=torch.bool, device=dev)
+        overflow = None if self.fused else torch.zeros((), dtype=torch.bool, device=dev)
         state: dict[str, Any] = {}
         needs: list[torch.Tensor] = []
+        # fused: each pass's need counted by its kernel into one tensor, the overflow tested once at the end
+        counts = torch.zeros(len(self.levels) + 1, dtype=torch.int64, device=dev) if self.fused else None
 
         def evaluate(cells: torch.Tensor, s: int, cap: int) -> None:
             """Decode the unknown points of the stride-s lattice that are corners of ``cells`` (stride-s cells)."""
             nonlocal overflow
-            if self.fused:
-                need = level_need(cells, known, last_t, s, GW)
+            if counts is not None:  # fp32 1 / 0: topk ranks it as it is, and the scatter reads it as the flag
+                need = level_need(cells, known, last_t, s, GW, counts[len(needs) :])
+                needs.append(counts[len(needs)])
             else:
                 need = (_corner_any(cells) & ~known_g[::s, ::s] & inside[::s, ::s]).reshape(-1)
-            needs.append(need.sum())
+                needs.append(need.sum())
             if cap >= need.numel():
                 flag, (lin, xy) = need, self.lattice_index(s, None)
+                coords = table[xy]
             else:
                 top = torch.topk(need.float(), cap, sorted=False)  # float: topk has kernels for it everywhere
-                flag = top.values > 0
-                overflow = overflow | (needs[-1] > cap)
-                lin, xy = self.lattice_index(s, top.indices)
-            coords = table[xy]
+                if counts is not None:  # the points' grid indices and coordinates in one kernel
+                    flag, (lin, coords) = top.values, level_coords(top.indices, table, s, GW)
+                else:
+                    flag = top.values > 0
+                    assert overflow is not None
+                    overflow = overflow | (needs[-1] > cap)
+                    lin, xy = self.lattice_index(s, top.indices)
+                    coords = table[xy]
             first = "tau" not in state
             if first:
                 coords = torch.cat([self.t_coords, coords])
-            coarse, fine, unc = (o.float() for o in decode(coords))
+            outs = decode(coords)  # fused: the logits in the decoder's dtype, widened by the scatter kernel
+            coarse, fine, unc = outs if counts is not None else (o.float() for o in outs)
             if first:
-                state["tau"] = torch.topk(unc[:, : self.n_t], self.kt, dim=1).values[:, -1]
+                state["tau"] = torch.topk(unc[:, : self.n_t].float(), self.kt, dim=1).values[:, -1]
                 # the logits only: every decision is ``val > 0`` (a fill clamps its logits to its decision's sign)
                 state["val"] = torch.zeros(unc.shape[0], n + 1, dtype=torch.float32, device=dev)
                 coarse, fine, unc = coarse[:, self.n_t :], fine[:, self.n_t :], unc[:, self.n_t :]
@@ -240,7 +255,13 @@ class DevicePlanner:
 
         cand = cells_valid(self.stride)
         if self.fused:
-            from imedsam_export.fused_planner import level_cells, level_fill, level_need, level_scatter
+            from imedsam_export.fused_planner import (
+                level_cells,
+                level_coords,
+                level_fill,
+                level_need,
+                level_scatter,
+            )
 
             last_t = torch.stack(last)
         for s in self.levels:
@@ -274,6 +295,9 @@ class DevicePlanner:
                 evaluate(active, 1, self.dilation_cap)
         val = state["val"][:, :n].view(-1, GH, GW)
         queried = known[:n].sum() + self.n_t  # every flagged point became known exactly once
+        if counts is not None:  # a pass over its budget (the first level's never is: its budget is its lattice)
+            return val, val > 0, queried, (counts > self.budgets).any(), counts
+        assert overflow is not None
         return val, val > 0, queried, overflow, torch.stack(needs)
 
     def _fill(self, val: torch.Tensor, lattice_dec: torch.Tensor, settled: torch.Tensor, s: int, inside: torch.Tensor,

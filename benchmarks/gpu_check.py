@@ -36,8 +36,9 @@ Kernel profiles: the encoder and a whole sparse and full frame run eagerly under
 their summed time, the heaviest), to set beside the graph replays' times: kernel-bound or gap-bound.
 Agreement: in every row, each variant's masks against the reference's on the same inputs (pixels inside the
 box, Dice), plus an fp32 check first. The JSON is rewritten after every row, so a run cut short keeps what
-it measured; rows are ordered by importance (batch 1, then its compiled rows, then batches 8 and 32 with
-fewer runs: max(5, repeat / batch)) and ``--budget-s`` skips what would not fit. A variant that fails (out
+it measured; the batch-1 timing rows come first (after the fp32 check), then the option tables, profiles and
+memory, then the compiled rows and batches 8 and 32 (fewer runs: max(5, repeat / batch)); ``--budget-s`` skips
+the tables and rows that would start after it. A variant that fails (out
 of memory, a compile error) is reported in its row and the run goes on.
 ``--device cpu --model tiny --quick`` exercises the same code on a CPU.
 """
@@ -485,19 +486,123 @@ def main(argv: list[str] | None = None) -> int:
         checks["full fp32"] = {"error": failure(e)}
     save()
 
+    def run_timing(rows: list[tuple[int, int, bool]]) -> None:
+        for out, bsz, compiled in rows:
+            row: dict[str, Any] = {"out_size": out, "batch": bsz, "compiled": compiled}
+            left = a.budget_s - (time.perf_counter() - t_start)
+            if left < (180 if compiled else 0):  # a compiled row compiles first: give it room
+                row["skipped"] = f"time budget ({a.budget_s:.0f} s) spent"
+                results["timing"].append(row)
+                print(f"timing {json.dumps(row)}", flush=True)
+                continue
+            inp = synthetic_inputs(S, bsz, seed=2)
+            fns = variants(bsz, out, compiled)
+            fns["reference fp32"] = lambda i, o=out: ref_frame(i, o)
+            times: dict[str, list[float]] = {k: [] for k in fns}
+            masks: dict[str, list[np.ndarray]] = {}
+            errors: dict[str, str] = {}
+            fallbacks0 = {p: be.planner_fallbacks for p, be in ours.items()}
+            for name in list(fns):  # warm-up: graph capture, compilation, cuFFT plans, planner budgets
+                try:
+                    for _ in range(1 if name.startswith("reference") else 5 if name.startswith("sparse") else 2):
+                        masks[name] = as_masks(fns[name](inp), out)
+                except Exception as e:  # report and go on: one broken variant must not cost the run
+                    errors[name] = failure(e)
+                    del fns[name]
+                    if cuda:
+                        torch.cuda.empty_cache()
+            fallbacks1 = {p: be.planner_fallbacks for p, be in ours.items()}
+            for i in range(max(min(5, a.repeat), a.repeat // bsz)):  # a batch row times bsz frames per run
+                for name, fn in fns.items():
+                    if name.startswith("reference") and i >= a.ref_repeat:
+                        continue
+                    stage_t[name] = stage_t.get(name) or Timings()
+                    times[name].append(timed(lambda fn=fn, inp=inp: fn(inp)))
+            ref_ms = float(np.median(times["reference fp32"])) if times.get("reference fp32") else None
+            for name, ts in times.items():
+                if not ts:
+                    continue
+                p50 = float(np.median(ts))
+                cell: dict[str, Any] = {"p50_ms": p50, "min_ms": float(np.min(ts)), "per_image_ms": p50 / bsz,
+                                        "n": len(ts)}
+                if ref_ms is not None and not name.startswith("reference"):
+                    cell["speedup_vs_reference"] = ref_ms / p50
+                if "reference fp32" in masks and not name.startswith("reference"):
+                    ag = [agreement(m, r, bx, im.shape[:2]) for m, r, bx, im
+                          in zip(masks[name], masks["reference fp32"], inp.boxes, inp.images, strict=True)]
+                    cell["agreement"] = {k: float(np.mean([g[k] for g in ag])) for k in ag[0]}
+                st = stage_t.pop(name, None)
+                if st is not None and st.total:
+                    cell["stages_p50_ms"] = {k: float(np.median(v)) for k, v in st.stages.items() if v}
+                    cell["points_per_frame"] = st.points / len(st.total)
+                row[name] = cell
+            if errors:
+                row["errors"] = errors
+            # boxes the device planner handed to the host planner (over budget) in warm-up / timed runs
+            row["planner_fallbacks"] = {p: [fallbacks1[p] - fallbacks0[p], be.planner_fallbacks - fallbacks1[p]]
+                                        for p, be in ours.items()}
+            # the device planner's point budgets (what each pass's decoder call evaluates) after the warm-up
+            row["planner_budgets"] = {p: [list(pl.budget_key()) for pl_key, pl in be._planners.items()
+                                          if pl_key[0] == (out, out)] for p, be in ours.items()}
+            if cuda:
+                row["gpu_peak_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+            results["timing"].append(row)
+            save()
+            print(f"timing {json.dumps(row)}", flush=True)
+
+    def timing_settings() -> None:
+        """The timing rows' backend settings from the command line (after the decoder options, which restore the
+        backends' own, and which ``--fused-mlp -1`` reads)."""
+        if a.fused_mlp < 0:  # the fastest block size in the decoder options' sparse frames, if any ran
+            ran = [c for c in results.get("decoder_options", []) if c.get("fused_mlp") and c.get("query") == "sparse"
+                   and "p50_ms" in c]
+            a.fused_mlp = min(ran, key=lambda c: c["p50_ms"])["block_m"] if ran else 0
+        info["fused_mlp_block"] = a.fused_mlp
+        if a.align_matmuls is not None:  # after the decoder options, which restore the backends' own settings
+            for p, be in ours.items():
+                if p != "fp32":
+                    be.set_decoder_alignment(a.align_matmuls == "on")
+        info["align_matmuls"] = ours["bf16"].align_matmuls
+        if a.fused_mlp:
+            ours["bf16"].set_decoder_mlp(True, a.fused_mlp)  # not the compiled one: dynamo and a raw launch
+
+    plain = [] if a.compile == "only" else [(o, b, False) for b in sorted(a.batches) for o in sorted(a.sizes)]
+    compiled_rows = [] if a.compile == "none" else [(o, 1, True) for o in sorted(a.sizes)]
+    if "timing" not in a.parts:
+        plain, compiled_rows = [], []
+    # the batch-1 rows (the latency targets, every variant against the reference) first, before the option
+    # tables, so that a device call cut short by its time limit keeps them; then its compiled variants (perhaps the
+    # fastest path), then throughput. With --fused-mlp -1 the decoder options choose its block: all after them.
+    early = [r for r in plain if r[1] == 1] if a.fused_mlp >= 0 else []
+    late = [r for r in plain if r[1] == 1 and r not in early] + compiled_rows + [r for r in plain if r[1] != 1]
+    # ---- 2a. timing, batch 1 first (the rest after the option tables, section 2b)
+    if early:
+        timing_settings()
+        run_timing(early)
+
+    def section(name: str) -> bool:
+        """Whether to run an option table or profile (asked for, and time left in the budget)."""
+        if a.compile == "only" or name not in a.parts:
+            return False
+        if time.perf_counter() - t_start > a.budget_s:
+            results.setdefault("skipped_sections", []).append(name)
+            print(f"gpu_check: {name} skipped: time budget ({a.budget_s:.0f} s) spent", flush=True)
+            return False
+        return True
+
     # ---- 1b. the encoder's options on their own (bf16, CUDA graphs): before/after figures for each
-    if a.compile != "only" and "encoder" in a.parts:
+    if section("encoder"):
         results["encoder_options"] = encoder_options(ours["bf16"], sorted({1, min(8, maxb)}))
         save()
 
     # ---- 1b'. the decoder's map sampling on its own: before/after of grid_sample in a sparse frame
-    if a.compile != "only" and "decoder" in a.parts:
+    if section("decoder"):
         results["decoder_options"] = decoder_options(ours["bf16"], {"sparse": runners["bf16"][0],
                                                                     "full": runners["bf16"][2]})
         save()
 
     # ---- 1c. kernel profiles (eager) of the encoder and of a whole sparse frame at the input size
-    if a.compile != "only" and "profile" in a.parts:
+    if section("profile"):
         prof_inp = synthetic_inputs(S, 1, seed=4)
         px = np.stack([to_model_input(im, S) for im in prof_inp.images])
         be16 = ours["bf16"]
@@ -515,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
         save()
 
     # ---- 1d. memory against output size: each runtime mode's own peak, one frame at a time (batch 1)
-    if a.compile != "only" and "memory" in a.parts:
+    if section("memory"):
         mem_inp = synthetic_inputs(S, 1, seed=6)
         memory: list[dict[str, Any]] = []
         for size in a.memory_sizes or (S, 896, 2048):
@@ -539,86 +644,10 @@ def main(argv: list[str] | None = None) -> int:
         results["memory"] = memory
         save()
 
-    # ---- 2. timing, most important rows first: batch 1, then the batches, then the compiled variants
-    # batch 1 (the latency targets), then its compiled variants (perhaps the fastest path), then throughput
-    if a.fused_mlp < 0:  # the fastest block size in the decoder options' sparse frames, if any ran
-        ran = [c for c in results.get("decoder_options", []) if c.get("fused_mlp") and c.get("query") == "sparse"
-               and "p50_ms" in c]
-        a.fused_mlp = min(ran, key=lambda c: c["p50_ms"])["block_m"] if ran else 0
-    info["fused_mlp_block"] = a.fused_mlp
-    if a.align_matmuls is not None:  # after the decoder options, which restore the backends' own settings
-        for p, be in ours.items():
-            if p != "fp32":
-                be.set_decoder_alignment(a.align_matmuls == "on")
-    info["align_matmuls"] = ours["bf16"].align_matmuls
-    if a.fused_mlp:
-        ours["bf16"].set_decoder_mlp(True, a.fused_mlp)  # not the compiled one: dynamo and a raw launch
-    plain = [] if a.compile == "only" else [(o, b, False) for b in sorted(a.batches) for o in sorted(a.sizes)]
-    compiled_rows = [] if a.compile == "none" else [(o, 1, True) for o in sorted(a.sizes)]
-    rows = [] if "timing" not in a.parts else (  # batch 1, its compiled rows, then the larger batches
-        [r for r in plain if r[1] == 1] + compiled_rows + [r for r in plain if r[1] != 1])
-    for out, bsz, compiled in rows:
-        row: dict[str, Any] = {"out_size": out, "batch": bsz, "compiled": compiled}
-        left = a.budget_s - (time.perf_counter() - t_start)
-        if left < (180 if compiled else 0):  # a compiled row compiles first: give it room
-            row["skipped"] = f"time budget ({a.budget_s:.0f} s) spent"
-            results["timing"].append(row)
-            print(f"timing {json.dumps(row)}", flush=True)
-            continue
-        inp = synthetic_inputs(S, bsz, seed=2)
-        fns = variants(bsz, out, compiled)
-        fns["reference fp32"] = lambda i, o=out: ref_frame(i, o)
-        times: dict[str, list[float]] = {k: [] for k in fns}
-        masks: dict[str, list[np.ndarray]] = {}
-        errors: dict[str, str] = {}
-        fallbacks0 = {p: be.planner_fallbacks for p, be in ours.items()}
-        for name in list(fns):  # warm-up: graph capture, compilation, cuFFT plans, planner budgets
-            try:
-                for _ in range(1 if name.startswith("reference") else 5 if name.startswith("sparse") else 2):
-                    masks[name] = as_masks(fns[name](inp), out)
-            except Exception as e:  # report and go on: one broken variant must not cost the run
-                errors[name] = failure(e)
-                del fns[name]
-                if cuda:
-                    torch.cuda.empty_cache()
-        fallbacks1 = {p: be.planner_fallbacks for p, be in ours.items()}
-        for i in range(max(min(5, a.repeat), a.repeat // bsz)):  # a batch row times bsz frames per run
-            for name, fn in fns.items():
-                if name.startswith("reference") and i >= a.ref_repeat:
-                    continue
-                stage_t[name] = stage_t.get(name) or Timings()
-                times[name].append(timed(lambda fn=fn, inp=inp: fn(inp)))
-        ref_ms = float(np.median(times["reference fp32"])) if times.get("reference fp32") else None
-        for name, ts in times.items():
-            if not ts:
-                continue
-            p50 = float(np.median(ts))
-            cell: dict[str, Any] = {"p50_ms": p50, "min_ms": float(np.min(ts)), "per_image_ms": p50 / bsz,
-                                    "n": len(ts)}
-            if ref_ms is not None and not name.startswith("reference"):
-                cell["speedup_vs_reference"] = ref_ms / p50
-            if "reference fp32" in masks and not name.startswith("reference"):
-                ag = [agreement(m, r, bx, im.shape[:2]) for m, r, bx, im
-                      in zip(masks[name], masks["reference fp32"], inp.boxes, inp.images, strict=True)]
-                cell["agreement"] = {k: float(np.mean([g[k] for g in ag])) for k in ag[0]}
-            st = stage_t.pop(name, None)
-            if st is not None and st.total:
-                cell["stages_p50_ms"] = {k: float(np.median(v)) for k, v in st.stages.items() if v}
-                cell["points_per_frame"] = st.points / len(st.total)
-            row[name] = cell
-        if errors:
-            row["errors"] = errors
-        # boxes the device planner handed to the host planner (over budget) in warm-up / timed runs
-        row["planner_fallbacks"] = {p: [fallbacks1[p] - fallbacks0[p], be.planner_fallbacks - fallbacks1[p]]
-                                    for p, be in ours.items()}
-        # the device planner's point budgets (what each pass's decoder call evaluates) after the warm-up
-        row["planner_budgets"] = {p: [list(pl.budget_key()) for pl_key, pl in be._planners.items()
-                                      if pl_key[0] == (out, out)] for p, be in ours.items()}
-        if cuda:
-            row["gpu_peak_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
-        results["timing"].append(row)
-        save()
-        print(f"timing {json.dumps(row)}", flush=True)
+    # ---- 2b. timing: what batch 1 left, its compiled variants, then the larger batches
+    if not early:
+        timing_settings()
+    run_timing(late)
 
     save()
     print(f"\n== gpu_check on {info['device']} ({a.model}, {S}^2 input, random weights, "

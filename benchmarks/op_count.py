@@ -51,6 +51,18 @@ class OpCounter(TorchDispatchMode):
         return out
 
 
+def one_launch(fn: Any, name: str) -> Any:
+    """``fn`` (a kernel's work done by torch ops, or by Triton's interpreter) counted as one op, ``name``."""
+    def run(*args: Any, **kwargs: Any) -> Any:
+        counter = OpCounter.active[-1]
+        before = collections.Counter(counter.ops)
+        out = fn(*args, **kwargs)
+        counter.ops = before  # the kernel's work, not counted
+        counter.ops[name] += 1
+        return out
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="vit_b")
@@ -126,8 +138,6 @@ def _count(a: argparse.Namespace) -> int:
         def add_norm(x: torch.Tensor, a_: torch.Tensor | None, b_: torch.Tensor | None, norm: Any,
                      out_dtype: torch.dtype, write_sum: bool = True, a_rows: torch.Tensor | None = None,
                      ) -> tuple[torch.Tensor | None, torch.Tensor]:
-            counter = OpCounter.active[-1]
-            before = collections.Counter(counter.ops)
             if a_ is not None:
                 a_ = (a_ if a_rows is None else a_[:, a_rows]).view(x.shape)
             s_ = x + a_ if a_ is not None else x
@@ -135,25 +145,16 @@ def _count(a: argparse.Namespace) -> int:
             with torch.autocast(x.device.type, enabled=False):
                 y = torch.nn.functional.layer_norm(s_, norm.normalized_shape, norm.weight, norm.bias,
                                                    norm.eps).to(out_dtype)
-            counter.ops = before  # the kernel's work, not counted
-            counter.ops["fused_add_norm"] += 1
             return (s_ if write_sum else None), y
 
-        fan.add_norm = add_norm  # type: ignore[assignment]  # this process only
+        fan.add_norm = one_launch(add_norm, "fused_add_norm")  # type: ignore[assignment]  # this process only
         use_fused_norms(be.model.image_encoder, True)
     if a.fused_operands:
         import imedsam_export.fused_attention_operands as fao
         from imedsam_export.encoder_rewrites import use_fused_operands
 
-        def operands(block: Any, qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            counter = OpCounter.active[-1]
-            before = collections.Counter(counter.ops)
-            out = block.operands(block.windows(qkv))
-            counter.ops = before  # the kernel's work, not counted
-            counter.ops["fused_attention_operands"] += 1
-            return out  # type: ignore[no-any-return]
-
-        fao.attention_operands = operands  # type: ignore[assignment]  # this process only
+        fao.attention_operands = one_launch(  # type: ignore[assignment]  # this process only
+            lambda block, qkv: block.operands(block.windows(qkv)), "fused_attention_operands")
         use_fused_operands(be.model.image_encoder, True)
     if a.fused_frequency:
         from imedsam_export.encoder_rewrites import use_fused_frequency
@@ -162,69 +163,40 @@ def _count(a: argparse.Namespace) -> int:
         blocks = list(encoder.blocks)
 
         def chain(f: torch.Tensor) -> torch.Tensor:
-            counter = OpCounter.active[-1]
-            before = collections.Counter(counter.ops)
             adds = []
             for blk in blocks:
                 f, add = blk.frequency_step(f)
                 adds.append(add)
-            out = torch.stack(adds)
-            counter.ops = before  # the kernel's work, not counted
-            counter.ops["fused_frequency_chain"] += 1
-            return out
+            return torch.stack(adds)
 
         use_fused_frequency(encoder, True)
-        encoder.adapter_chain = chain
+        encoder.adapter_chain = one_launch(chain, "fused_frequency_chain")
     if a.fused_features:
         from imedsam_export.fused_point_features import FusedPointFeatures
 
         dec, rows_kernel = be.decoder, FusedPointFeatures(be.decoder)
 
         def rows(up: torch.Tensor, coords: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
-            counter = OpCounter.active[-1]
-            before = collections.Counter(counter.ops)
             dec.point_features = None  # the unfused rows, the same values
             try:
-                out = dec._point_rows(up, coords).to(dtype)
+                return dec._point_rows(up, coords).to(dtype)
             finally:
                 dec.point_features = rows_kernel
-            counter.ops = before  # the kernel's work, not counted
-            counter.ops["fused_point_features"] += 1
-            return out
 
-        rows_kernel.forward = rows  # type: ignore[method-assign]  # this instance only
+        rows_kernel.forward = one_launch(rows, "fused_point_features")  # type: ignore[method-assign]
         dec.point_features = rows_kernel
     if a.fused_uncertainty:
         unfused = be.decoder.uncertainty
 
         class _Unc(torch.nn.Module):
-            def forward(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-                counter = OpCounter.active[-1]
-                before = collections.Counter(counter.ops)
-                out = unfused(h, logits)
-                counter.ops = before  # the kernel's work, not counted
-                counter.ops["fused_uncertainty"] += 1
-                return out  # type: ignore[no-any-return]
+            forward = staticmethod(one_launch(lambda h, logits: unfused(h, logits), "fused_uncertainty"))
 
         be.decoder.point_uncertainty = _Unc()
-    if a.fused_planner:
+    if a.fused_planner:  # each kernel run in the interpreter (this process was started under it), counted once
         from imedsam_export import fused_planner as pk
 
-        def one_launch(fn: Any, name: str) -> Any:
-            def run(*args: Any) -> Any:
-                counter = OpCounter.active[-1]
-                before = collections.Counter(counter.ops)
-                out = fn(*args)
-                counter.ops = before  # the interpreter's own work, not counted
-                counter.ops[name] += 1
-                return out
-            return run
-
-        pk.level_cells = one_launch(pk.level_cells, "planner_cells")  # type: ignore[assignment]
-        pk.level_fill = one_launch(pk.level_fill, "planner_fill")  # type: ignore[assignment]
-        pk.level_scatter = one_launch(pk.level_scatter, "planner_scatter")  # type: ignore[assignment]
-        pk.level_need = one_launch(pk.level_need, "planner_need")  # type: ignore[assignment]
-        pk.level_coords = one_launch(pk.level_coords, "planner_coords")  # type: ignore[assignment]
+        for kernel in ("cells", "fill", "scatter", "need", "coords"):
+            setattr(pk, f"level_{kernel}", one_launch(getattr(pk, f"level_{kernel}"), f"planner_{kernel}"))
     if a.fused_mlp:
         from imedsam_export.fused_point_mlp import FusedPointMLP
 

@@ -236,15 +236,15 @@ def main(argv: list[str] | None = None) -> int:
             if not planner.usable(h, w):
                 raise ValueError(f"a {h} x {w} region is planned on the host")
 
-            def fn(x: Any, b: Any, reg: Any) -> tuple[Any, ...]:
+            def fn(x: Any, b: Any, reg: Any, table: Any) -> tuple[Any, ...]:
                 up = be.model.decoder_features(be.model.encode(x), b)[0]
                 return planner.plan(lambda c: tuple(o[0] if planner.fused else o[0].float()  # the kernel widens them
-                                                    for o in be.decoder.point_outputs(up, c[None])), reg)
+                                                    for o in be.decoder.point_outputs(up, c[None])), reg, table)
 
             graph_fn = torch.compile(fn, fullgraph=True, dynamic=False) if be.compiled else fn
-            reg = be._tensor(np.array([region.r0, h, region.c0, w]), np.int64)  # uploads as the runtime's
+            reg, table = planner.region_inputs(region.r0, h, region.c0, w)  # made and uploaded as the runtime's
             planned = be.run_planner(("fused-sparse", out), planner, graph_fn,
-                                     [be._tensor(imgs), be._tensor(boxes), reg])
+                                     [be._tensor(imgs), be._tensor(boxes), be._tensor(reg, np.int64), be._tensor(table)])
             if planned is None:  # over budget: this frame on the host planner, as the runtime does
                 return runners["bf16"][0].run(inp, (out, out), None)
             d = planned[1]

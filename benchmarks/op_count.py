@@ -227,10 +227,10 @@ def _count(a: argparse.Namespace) -> int:
         for out in a.out_sizes:
             planner = DevicePlanner((out, out), model.cfg.decoder.refine_fraction, SparseConfig(), "cpu")
             planner.fused = a.fused_planner
-            reg = torch.tensor([out // 4, out // 2, out // 4, out // 2])
-            with OpCounter() as plan:
-                points = be.decoder.point_outputs if a.fused_planner else be._fns["points"]  # as torch-cuda's
-                res = planner.plan(lambda c, p=points: tuple(o[0] for o in p(up, c[None])), reg)
+            reg, table = (torch.from_numpy(v) for v in planner.region_inputs(out // 4, out // 2, out // 4, out // 2))
+            with OpCounter() as plan:  # as torch-cuda's: the region's inputs made on the host
+                points = be.decoder.point_outputs if a.fused_planner else be._fns["points"]
+                res = planner.plan(lambda c, p=points: tuple(o[0] for o in p(up, c[None])), reg, table)
             pts_note = "points not run" if a.fused_mlp else f"{int(res[2])} points"
             rows.append((f"sparse planner {out}²", plan, f"{len(planner.levels) + 1} decoder calls inside, {pts_note}"))
     taps = "Gather taps" if a.gather_taps else "grid_sample"

@@ -50,9 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     def former_grow(self: Any, needs: list[int]) -> None:
         self.caps = {s: min(self.lattice_points(s), 2 * c) for s, c in self.caps.items()}
         self.dilation_cap = self.caps[1]
+        self._budgets()
 
-    def recorded_plan(self: Any, decode: Any, region: Any) -> Any:
-        out = plan(self, decode, region)
+    def recorded_plan(self: Any, decode: Any, region: Any, table: Any = None) -> Any:
+        out = plan(self, decode, region, table)
         plans.append(([int(n) for n in out[4]], self.budget_key()))
         return out
 

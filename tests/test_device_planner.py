@@ -210,6 +210,27 @@ def test_compiled_backend_compiles_the_whole_planner(shipped, monkeypatch):
     assert objs["compiled"].queried == objs["eager"].queried
 
 
+def test_region_inputs_made_on_the_host_plan_alike():
+    """``DevicePlanner.region_inputs``: the region's last grid row and column and its coordinate table made on the
+    host, as torch-cuda passes them: the same table as the device derives, and bitwise the same plan, for regions
+    at the image's edges, narrow ones and a whole-image one."""
+    def field(c: torch.Tensor):
+        lg = ((0.3 - torch.hypot(c[:, 0] - 0.05, c[:, 1])) * 20 + 0.4 * torch.sin(15 * c[:, 0]))[None]
+        return lg, lg + 0.1 * torch.cos(9 * c[:, 1]), torch.exp(-lg * lg)
+
+    planner = DevicePlanner((96, 80), 0.125, SparseConfig(), "cpu")
+    for r0, h, c0, w in ((10, 60, 12, 50), (0, 96, 0, 80), (40, 56, 30, 50), (5, 17, 70, 10)):
+        assert planner.usable(h, w)
+        reg, table = planner.region_inputs(r0, h, c0, w)
+        want = planner.plan(field, torch.tensor([r0, h, c0, w]))
+        got = planner.plan(field, torch.from_numpy(reg), torch.from_numpy(table))
+        for g, w_ in zip(got, want, strict=True):
+            assert torch.equal(g, w_), (r0, h, c0, w)
+        s0 = planner.stride
+        assert list(reg[4:]) == [-(-(h - 1) // s0) * s0, -(-(w - 1) // s0) * s0]
+        assert table.dtype == np.float32 and table.shape == (planner.GW + planner.GH,)
+
+
 def test_device_planner_is_capturable(monkeypatch):
     """What CUDA-graph capture forbids, checked on the CPU: no host synchronisation (an .item(), a
     data-dependent shape) -- torch.compile(fullgraph=True) stops at one -- and no host data copied to the
@@ -288,7 +309,8 @@ while len(out["cases"]) < 10:  # small outputs: the interpreter runs each progra
     reg = torch.tensor([r0, h, c0, w])
     half = len(out["cases"]) % 2 == 1  # every other case: the logits in a 16-bit float, as a bf16 decoder's
     fn = (lambda c, t=tdec: tuple(o.half() if i < 2 else o for i, o in enumerate(t(c)))) if half else tdec
-    a, b = plain.plan(fn, reg), fused.plan(fn, reg)
+    # the fused plan from the region's inputs made on the host, as torch-cuda runs it
+    a, b = plain.plan(fn, reg), fused.plan(fn, *(torch.from_numpy(v) for v in fused.region_inputs(r0, h, c0, w)))
     out["cases"].append({"cfg": [H, W, K, cfg.stride, cfg.dilate, cfg.logit_band, cfg.refine_on_head_disagreement,
                                  half],
                          "decisions": bool(torch.equal(a[1], b[1])),

@@ -681,15 +681,16 @@ class TorchBackend(Backend):
             else:
                 points = self._fns["points"]
 
-            def plan_fn(u: Any, reg: Any) -> tuple[Any, ...]:
-                return planner.plan(lambda c: tuple(o[0] for o in points(u, c[None])), reg)  # type: ignore[no-any-return]
+            def plan_fn(u: Any, reg: Any, table: Any) -> tuple[Any, ...]:
+                return planner.plan(lambda c: tuple(o[0] for o in points(u, c[None])), reg, table)  # type: ignore[no-any-return]
 
             # compiled whole: the planner's own ~250 small elementwise ops and its decoder calls fuse together
             plan = plan_fn if self._compile_backend is None else self.torch.compile(
                 plan_fn, fullgraph=True, dynamic=False, backend=self._compile_backend)
             self._plans[pkey] = plan
-        reg = self._tensor(np.array([r0, r1 - r0, c0, c1 - c0]), np.int64)
-        out = self.run_planner(("sparse", tuple(up.shape), pkey), planner, plan, [up, reg])
+        reg, table = planner.region_inputs(r0, r1 - r0, c0, c1 - c0)  # on the host: ~20 kernels fewer in the plan
+        out = self.run_planner(("sparse", tuple(up.shape), pkey), planner, plan,
+                               [up, self._tensor(reg, np.int64), self._tensor(table)])
         if out is None:
             return None
         val, _, queried = out[:3]

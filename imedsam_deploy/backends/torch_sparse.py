@@ -24,11 +24,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from imedsam_deploy.contract import refine_count
-from imedsam_deploy.sparse import SparseConfig, extended_size, initial_stride
+from imedsam_deploy.sparse import SparseConfig, extended_size, initial_stride, pixel_coords
 
 # coords (N, 2) float32 -> coarse, fine, uncertainty, each (K, N)
 TorchDecodeFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -162,6 +163,19 @@ class DevicePlanner:
         flat = torch.arange(self.GH * self.GW, device=self.device) if idx is None else idx
         return flat, torch.stack([flat % self.GW, self.GW + torch.div(flat, self.GW, rounding_mode="floor")], dim=-1)
 
+    def region_inputs(self, r0: int, h: int, c0: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """A region's plan inputs made on the host: (r0, h, c0, w, the extended grid's last row and column)
+        int64, and the coordinate table [x of grid columns..., y of grid rows...] float32 (past the region, its
+        last pixel's). ``plan`` derives both from (r0, h, c0, w) on the device otherwise, in ~20 small kernels;
+        the values are the same (``sparse.pixel_coords``' float64 arithmetic)."""
+        s0 = self.stride
+        last = (-(-(h - 1) // s0) * s0, -(-(w - 1) // s0) * s0)
+        cols = c0 + np.minimum(np.arange(self.GW), w - 1)
+        rows = r0 + np.minimum(np.arange(self.GH), h - 1)
+        x = pixel_coords(np.zeros(self.GW), cols.astype(np.float64), self.H, self.W)[:, 0]
+        y = pixel_coords(rows.astype(np.float64), np.zeros(self.GH), self.H, self.W)[:, 1]
+        return np.array([r0, h, c0, w, *last], np.int64), np.concatenate([x, y])
+
     def usable(self, h: int, w: int) -> bool:
         """Whether the host planner would use this planner's initial stride on an h x w region (it uses a
         smaller one on regions narrower than the stride, and a plain evaluation on 1-pixel-wide ones)."""
@@ -169,8 +183,10 @@ class DevicePlanner:
             return False
         return initial_stride(self.cfg.stride, h, w) == self.stride
 
-    def plan(self, decode: TorchDecodeFn, region: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """region: int64 (4,) = (r0, h, c0, w) of a region ``usable`` says this planner handles.
+    def plan(self, decode: TorchDecodeFn, region: torch.Tensor, table: torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, ...]:
+        """region: int64 (4,) = (r0, h, c0, w) of a region ``usable`` says this planner handles, or the (6,) and the
+        ``table`` of ``region_inputs`` (made on the host: ~20 fewer kernels).
 
         Returns val (K, GH, GW) float32 (logits; the region is [:h, :w]), dec (K, GH, GW) bool, queried (),
         overflow () bool: True when a level needed more points than its cap (discard the result then), and
@@ -183,14 +199,19 @@ class DevicePlanner:
         """
         cfg, GH, GW, dev = self.cfg, self.GH, self.GW, self.device
         n = GH * GW
-        r0, hm1, c0, wm1 = region[0], region[1] - 1, region[2], region[3] - 1
-        s0 = self.stride  # the region's extended grid: (h - 1) and (w - 1) rounded up to multiples of s0, plus one
-        last = (torch.div(hm1 + s0 - 1, s0, rounding_mode="floor") * s0,
-                torch.div(wm1 + s0 - 1, s0, rounding_mode="floor") * s0)
+        if table is None:
+            r0, hm1, c0, wm1 = region[0], region[1] - 1, region[2], region[3] - 1
+            s0 = self.stride  # the region's extended grid: (h - 1), (w - 1) rounded up to multiples of s0, plus one
+            last = (torch.div(hm1 + s0 - 1, s0, rounding_mode="floor") * s0,
+                    torch.div(wm1 + s0 - 1, s0, rounding_mode="floor") * s0)
+            # (x, y) of every grid column and row; past the region they clamp to its last pixel, as on the host
+            table = torch.cat([self.x_axis[c0 + torch.minimum(self.gj, wm1)],
+                               self.y_axis[r0 + torch.minimum(self.gi, hm1)]])
+            last_t = torch.stack(last) if self.fused else None  # the kernels read it as one tensor
+        else:  # made on the host (region_inputs)
+            last, last_t = (region[4], region[5]), region[4:6]
         row_in, col_in = self.gi <= last[0], self.gj <= last[1]
-        inside = row_in[:, None] & col_in[None, :]
-        # (x, y) of every grid column and row; past the region they clamp to its last pixel, as on the host
-        table = torch.cat([self.x_axis[c0 + torch.minimum(self.gj, wm1)], self.y_axis[r0 + torch.minimum(self.gi, hm1)]])
+        inside = row_in[:, None] & col_in[None, :] if not self.fused else None
         known = torch.zeros(n + 1, dtype=torch.bool, device=dev)
         amb = torch.zeros(n + 1, dtype=torch.bool, device=dev)
         known_g, amb_g = known[:n].view(GH, GW), amb[:n].view(GH, GW)
@@ -204,9 +225,11 @@ class DevicePlanner:
             """Decode the unknown points of the stride-s lattice that are corners of ``cells`` (stride-s cells)."""
             nonlocal overflow
             if counts is not None:  # fp32 1 / 0: topk ranks it as it is, and the scatter reads it as the flag
+                assert last_t is not None
                 need = level_need(cells, known, last_t, s, GW, counts[len(needs) :])
                 needs.append(counts[len(needs)])
             else:
+                assert inside is not None
                 need = (_corner_any(cells) & ~known_g[::s, ::s] & inside[::s, ::s]).reshape(-1)
                 needs.append(need.sum())
             if cap >= need.numel():
@@ -263,10 +286,10 @@ class DevicePlanner:
                 level_scatter,
             )
 
-            last_t = torch.stack(last)
         for s in self.levels:
             evaluate(cand, s, self.caps[s])
             if self.fused:  # the same decisions and fills as below, in two kernels
+                assert last_t is not None
                 active, nxt = level_cells(state["val"], amb, cand, last_t, s, GW, cfg.dilate, s > 1)
                 if s > 1:
                     level_fill(state["val"], cand, active, last_t, s, (GH, GW))
@@ -288,6 +311,7 @@ class DevicePlanner:
                     active = F.conv2d(active[None, None].float(), self.diamond, padding=cfg.dilate)[0, 0] > 0
             active = active & cells_valid(s)
             if s > 1:
+                assert inside is not None
                 self._fill(val, d, cand & ~active, s, inside, last)
                 r, c = active.shape  # each cell becomes its 2 x 2 children (expand: no host sync in capture)
                 cand = active[:, None, :, None].expand(r, 2, c, 2).reshape(2 * r, 2 * c)

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="the decoder's uncertainty as fused_uncertainty's Triton kernel (needs triton): each launch "
                          "counts as one op, computed by torch uncounted")
     ap.add_argument("--fused-planner", action="store_true",
-                    help="the device planner's per-level bookkeeping as fused_planner's four Triton kernels (needs "
+                    help="the device planner's per-level bookkeeping as fused_planner's five Triton kernels (needs "
                          "triton; they run in its interpreter here): each launch counts as one op")
     ap.add_argument("--fused-mlp", action="store_true",
                     help="the decoder's MLPs as the one Triton kernel of fused_point_mlp (needs triton): its launch "

@@ -38,8 +38,8 @@ def freeze_dense_pe(model: IMedSAM, dtype: torch.dtype | None) -> torch.Tensor |
     Returns it."""
     dev = next(model.parameters()).device
     amp = torch.autocast(dev.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    with torch.no_grad(), amp:
-        pe = model.prompt_encoder.get_dense_pe()
+    with torch.no_grad(), amp:  # channels-last: read as (g g, C) tokens by the transformer, contiguous that way
+        pe = model.prompt_encoder.get_dense_pe().contiguous(memory_format=torch.channels_last)
     model.frozen_dense_pe = pe
     return pe
 

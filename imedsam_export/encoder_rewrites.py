@@ -285,7 +285,8 @@ class NeckNHWC(nn.Module):
     """segment-anything's neck (1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d) on channels-last tokens.
 
     Takes what ``ImageEncoder.forward`` passes, the (B, C, g, g) permuted view of its (B, g, g, C) tokens,
-    and returns a contiguous (B, out, g, g) embedding."""
+    and returns the (B, out, g, g) embedding in channels-last memory (the box part's transformer reads it as
+    (B, g g, out) tokens: contiguous that way, its projections are single GEMMs, and no NCHW copy is made)."""
 
     def __init__(self, neck: nn.Sequential) -> None:
         super().__init__()
@@ -305,7 +306,7 @@ class NeckNHWC(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm1(self.lin(x.permute(0, 2, 3, 1)))  # the tokens' own layout: no copy
         h = self.conv(h.permute(0, 3, 1, 2))  # a channels-last NCHW view: no layout transform before the conv
-        return self.norm2(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
+        return self.norm2(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 def use_fused_norms(encoder: ImageEncoder, on: bool = True) -> int:

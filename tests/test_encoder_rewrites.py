@@ -112,7 +112,7 @@ def test_neck_nhwc_equals_segment_anythings_neck():
     with torch.no_grad():
         want = neck(tokens.permute(0, 3, 1, 2))
         got = lean(tokens.permute(0, 3, 1, 2))
-    assert got.is_contiguous() and got.shape == want.shape
+    assert got.is_contiguous(memory_format=torch.channels_last) and got.shape == want.shape
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 

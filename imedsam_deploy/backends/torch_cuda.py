@@ -598,7 +598,9 @@ class TorchBackend(Backend):
             return c[2]
         b = boxes.shape[0]
         emb = embedding.expand(b, -1, -1, -1) if embedding.shape[0] != b else embedding
-        inputs = [emb.contiguous(), self._tensor(boxes)]
+        if not emb.is_contiguous(memory_format=self.torch.channels_last):  # the lean encoder's is channels-last
+            emb = emb.contiguous()
+        inputs = [emb, self._tensor(boxes)]
         if self._prompt_tokens is not None:
             inputs.append(self._tensor(self._prompt_tokens(boxes)))
         up = self._run(("prompt", tuple(emb.shape)), self._fns["prompt"], inputs)

@@ -381,8 +381,7 @@ class TorchBackend(Backend):
 
         use_fused_norms(self.model.image_encoder, fused)
         self.fused_norms = fused
-        for key in [k for k in self._graphs if k[0] == "enc"]:
-            del self._graphs[key]
+        self._drop_encoder_graphs()
 
     def set_encoder_operands(self, fused: bool) -> None:
         """The lean encoder blocks' attention operands (the extended queries, keys and values; a windowed block's
@@ -395,8 +394,7 @@ class TorchBackend(Backend):
 
         use_fused_operands(self.model.image_encoder, fused)
         self.fused_operands = fused
-        for key in [k for k in self._graphs if k[0] == "enc"]:
-            del self._graphs[key]
+        self._drop_encoder_graphs()
 
     def set_encoder_frequency(self, fused: bool) -> None:
         """Every block's frequency adapter as one ``fused_frequency_chain`` Triton kernel a frame instead of seven
@@ -406,8 +404,7 @@ class TorchBackend(Backend):
         from imedsam_export.encoder_rewrites import use_fused_frequency
 
         self.fused_frequency = use_fused_frequency(self.model.image_encoder, fused)
-        for key in [k for k in self._graphs if k[0] == "enc"]:
-            del self._graphs[key]
+        self._drop_encoder_graphs()
 
     def _need_triton(self, what: str, why: str | None = None) -> None:
         """Refuse a Triton option in one line where its kernel cannot run here (or for ``why``)."""
@@ -490,6 +487,10 @@ class TorchBackend(Backend):
         self.decoder.use_relu_epilogue(on)
         self.relu_epilogue = self.decoder.relu_epilogue
         self._drop_decoder_graphs()
+
+    def _drop_encoder_graphs(self) -> None:
+        for key in [k for k in self._graphs if k[0] == "enc"]:
+            del self._graphs[key]
 
     def _drop_decoder_graphs(self) -> None:
         for key in [k for k in self._graphs if k[0] not in ("enc", "prompt")]:

@@ -55,6 +55,9 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 CHECKPOINT_ENV = "IMEDSAM_TORCH_CHECKPOINT"
 COMPILE_ENV = "IMEDSAM_TORCH_COMPILE"
 TRITON_ENV = "IMEDSAM_TORCH_TRITON"
+# the TorchBackend options that run hand-written Triton kernels (TRITON_ENV turns them all on; not with compile)
+TRITON_OPTIONS = ("fused_norms", "fused_operands", "fused_frequency", "fused_features", "fused_uncertainty",
+                  "fused_planner")
 POINT_BUCKET_MIN = 1024  # the smallest padded decode: below it a graph replay costs the same whatever N
 
 
@@ -158,8 +161,7 @@ def env_options() -> dict[str, bool]:
         return os.environ.get(name, "") not in ("", "0")
 
     triton = on(TRITON_ENV)
-    return {"compile": on(COMPILE_ENV), "fused_norms": triton, "fused_operands": triton, "fused_frequency": triton,
-            "fused_features": triton, "fused_uncertainty": triton, "fused_planner": triton}
+    return {"compile": on(COMPILE_ENV), **dict.fromkeys(TRITON_OPTIONS, triton)}
 
 
 class TorchBackend(Backend):
@@ -221,8 +223,8 @@ class TorchBackend(Backend):
         super().__init__(max_batch, max_points)
         if precision not in PRECISIONS:
             raise UserError(f"backend torch: precision {precision!r} not one of {', '.join(PRECISIONS)}")
-        if compile and (fused_norms or fused_features or fused_uncertainty or fused_planner or fused_mlp
-                        or fused_operands or fused_frequency):
+        given = locals()  # the arguments, by name
+        if compile and (fused_mlp or any(given[k] for k in TRITON_OPTIONS)):
             # two ways to the same end (inductor writes its own fused kernels); together they are untested
             raise UserError(f"backend torch: torch.compile ({COMPILE_ENV}) and the hand-written Triton kernels "
                             f"({TRITON_ENV}) are alternatives: set one")

@@ -17,7 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from imedsam_export.triton_support import TRITON_DTYPE, available, compile_ahead, on_device, pow2, tl, triton
+from imedsam_export.triton_support import (
+    TRITON_DTYPE,
+    available,
+    compile_ahead,
+    on_device,
+    pow2,
+    ptxas_usage,
+    tl,
+    triton,
+)
 
 __all__ = ["add_norm", "available", "compile_for"]
 
@@ -90,7 +99,7 @@ def add_norm(x: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None, no
 def compile_for(c: int, out_dtype: torch.dtype, capability: int = 90) -> dict[str, Any]:
     """Compile the kernel ahead of time for an NVIDIA target (90: Hopper), with no GPU needed, for rows of ``c``
     (fp32 x, a bf16 / fp16 a, an fp32 b, as in the encoder), every variant the encoder launches. Returns each
-    variant's shared memory. The interpreter runs a kernel that may still fail to compile."""
+    variant's shared memory, registers a thread and spilled bytes. The interpreter runs a kernel that may still fail to compile."""
     t = TRITON_DTYPE[out_dtype]
     sig = {"x_ptr": "*fp32", "a_ptr": f"*{t}", "b_ptr": "*fp32", "w_ptr": "*fp32", "bias_ptr": "*fp32",
            "sum_ptr": "*fp32", "y_ptr": f"*{t}", "rows_ptr": "*i64", "C": "i32", "eps": "fp32", "per_image": "i32",
@@ -101,5 +110,5 @@ def compile_for(c: int, out_dtype: torch.dtype, capability: int = 90) -> dict[st
         const = {"HAS_A": has_a, "HAS_B": has_b, "WRITE_SUM": write, "A_ROWS": rows, "BLOCK": pow2(c)}
         k = compile_ahead(_add_norm_kernel, sig, const, capability, {"num_warps": _num_warps(c)})
         out[f"a={int(has_a)} b={int(has_b)} sum={int(write)} rows={int(rows)}"] = {
-            "shared_bytes": int(k.metadata.shared)}
+            "shared_bytes": int(k.metadata.shared), **ptxas_usage(k, capability)}
     return out

@@ -44,8 +44,8 @@ if triton is not None:
 
     @triton.jit
     def _chain_kernel(
-        f_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, R, C, blocks, eps, scale,
-        HIDDEN: tl.constexpr, ROUND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        f_ptr, lnw_ptr, lnb_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr, R, C, eps, scale,
+        BLOCKS: tl.constexpr, HIDDEN: tl.constexpr, ROUND: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):  # pragma: no cover - compiled by triton (or run by its interpreter in the tests' subprocess)
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         r_ok = r < R
@@ -55,7 +55,7 @@ if triton is not None:
         at = r[:, None] * C + c[None, :]
         f = tl.load(f_ptr + at, mask=ok, other=0.0).to(tl.float32)
         dt = w1_ptr.dtype.element_ty  # the compute dtype (the layers' own)
-        for i in range(blocks):
+        for i in range(BLOCKS):  # a constexpr: triton 3.6's interpreter cannot range over a scalar argument
             mean = tl.sum(f, axis=1) / C
             d = tl.where(ok, f - mean[:, None], 0.0)
             rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
@@ -122,9 +122,9 @@ class FusedFrequencyChain:
         out = torch.empty((len(self.ln_w), *f.shape), dtype=torch.float32, device=f.device)
         with on_device(f):
             _chain_kernel[(triton.cdiv(R, BLOCK_R),)](
-                f, self.ln_w, self.ln_b, self.w1, self.b1, self.w2, self.b2, out, R, channels, len(self.ln_w),
-                self.eps, self.scale, HIDDEN=self.hidden, ROUND=self.dtype != torch.float32, BLOCK_R=BLOCK_R,
-                BLOCK_C=pow2(channels), num_warps=NUM_WARPS)
+                f, self.ln_w, self.ln_b, self.w1, self.b1, self.w2, self.b2, out, R, channels,
+                self.eps, self.scale, BLOCKS=len(self.ln_w), HIDDEN=self.hidden, ROUND=self.dtype != torch.float32,
+                BLOCK_R=BLOCK_R, BLOCK_C=pow2(channels), num_warps=NUM_WARPS)
         return out
 
     def compile_for(self, capability: int = 90) -> dict[str, Any]:
@@ -132,9 +132,9 @@ class FusedFrequencyChain:
         Returns its shared memory, registers a thread and spilled bytes."""
         t = TRITON_DTYPE[self.dtype]
         sig = {"f_ptr": "*fp32", "lnw_ptr": "*fp32", "lnb_ptr": "*fp32", "w1_ptr": f"*{t}", "b1_ptr": f"*{t}",
-               "w2_ptr": f"*{t}", "b2_ptr": f"*{t}", "out_ptr": "*fp32", "R": "i32", "C": "i32", "blocks": "i32",
+               "w2_ptr": f"*{t}", "b2_ptr": f"*{t}", "out_ptr": "*fp32", "R": "i32", "C": "i32",
                "eps": "fp32", "scale": "fp32"}
-        const = {"HIDDEN": self.hidden, "ROUND": self.dtype != torch.float32, "BLOCK_R": BLOCK_R,
-                 "BLOCK_C": pow2(self.dim)}
+        const = {"BLOCKS": len(self.ln_w), "HIDDEN": self.hidden, "ROUND": self.dtype != torch.float32,
+                 "BLOCK_R": BLOCK_R, "BLOCK_C": pow2(self.dim)}
         k = compile_ahead(_chain_kernel, sig, const, capability, {"num_warps": NUM_WARPS})
         return {"shared_bytes": int(k.metadata.shared), **ptxas_usage(k, capability)}

@@ -35,7 +35,16 @@ import torch
 from torch import nn
 
 from imedsam_export.graphs import PointUncertainty
-from imedsam_export.triton_support import TRITON_DTYPE, available, compile_ahead, on_device, pow2, tl, triton
+from imedsam_export.triton_support import (
+    TRITON_DTYPE,
+    available,
+    compile_ahead,
+    on_device,
+    pow2,
+    ptxas_usage,
+    tl,
+    triton,
+)
 
 __all__ = ["FusedPointMLP", "available"]
 
@@ -219,7 +228,8 @@ class FusedPointMLP(nn.Module):
     def compile_for(self, capability: int = 90) -> dict[str, Any]:
         """Compile the kernel ahead of time for an NVIDIA target (90: Hopper), with no GPU needed, exactly as a
         launch with this instance's buffers would: Triton's front end, its passes and ptxas. Returns the
-        kernel's shared memory per block (Hopper allows 227 KiB) and its launch settings. A kernel that the
+        kernel's shared memory per block (Hopper allows 227 KiB), its launch settings, registers a thread and
+        spilled bytes. A kernel that the
         interpreter runs may still fail to compile (an ``Any`` annotation inside a jitted helper did, on an
         H200): this catches that on a CPU."""
         sig: dict[str, str] = {"x_ptr": "*fp32", "M": "i32", "IN": "i32", "stride_x": "i32"}
@@ -228,7 +238,7 @@ class FusedPointMLP(nn.Module):
         kernel = compile_ahead(_point_mlp_kernel, sig, self._constexprs(), capability,
                                {"num_warps": self.num_warps, "num_stages": self.num_stages})
         return {"shared_bytes": int(kernel.metadata.shared), "num_warps": self.num_warps,
-                "num_stages": self.num_stages}
+                "num_stages": self.num_stages, **ptxas_usage(kernel, capability)}
 
     def _run_kernel(self, x: torch.Tensor, outs: torch.Tensor, M: int) -> None:
         _point_mlp_kernel[(triton.cdiv(M, self.block_m),)](

@@ -45,15 +45,15 @@ if triton is not None:
 
     @triton.jit
     def _uncertainty_kernel(
-        h_ptr, logit_ptr, w2_ptr, out_ptr, M, H, K, stride_h, stride_l,
-        BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, LIBDEVICE: tl.constexpr,
+        h_ptr, logit_ptr, w2_ptr, out_ptr, M, K, stride_h, stride_l,
+        H: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, LIBDEVICE: tl.constexpr,
     ):  # pragma: no cover - compiled by triton (or run by its interpreter in the tests' subprocess)
         m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = m < M
         k = tl.arange(0, BLOCK_K)
         k_ok = k < K
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for h0 in range(0, H, BLOCK_H):
+        for h0 in range(0, H, BLOCK_H):  # H a constexpr: triton 3.6's interpreter cannot range over an argument
             i = h0 + tl.arange(0, BLOCK_H)
             i_ok = i < H
             h = tl.load(h_ptr + m[:, None] * stride_h + i[None, :], mask=m_ok[:, None] & i_ok[None, :], other=0.0)
@@ -94,7 +94,7 @@ class FusedUncertainty(nn.Module):
         if M:
             with on_device(h):
                 _uncertainty_kernel[(triton.cdiv(M, BLOCK_M),)](
-                    h2, l2, self.w2, out, M, H, K, h2.stride(0), l2.stride(0), BLOCK_M=BLOCK_M, BLOCK_H=BLOCK_H,
+                    h2, l2, self.w2, out, M, K, h2.stride(0), l2.stride(0), H=H, BLOCK_M=BLOCK_M, BLOCK_H=BLOCK_H,
                     BLOCK_K=pow2(K), LIBDEVICE=os.environ.get("TRITON_INTERPRET") != "1", num_warps=NUM_WARPS)
         return out.view(*lead, K)
 
@@ -103,7 +103,8 @@ class FusedUncertainty(nn.Module):
         ``h_dtype``. Returns its shared memory, registers a thread and spilled bytes."""
         t = TRITON_DTYPE[h_dtype]
         sig = {"h_ptr": f"*{t}", "logit_ptr": f"*{t}", "w2_ptr": "*fp32", "out_ptr": "*fp32",
-               **dict.fromkeys(("M", "H", "K", "stride_h", "stride_l"), "i32")}
-        const = {"BLOCK_M": BLOCK_M, "BLOCK_H": BLOCK_H, "BLOCK_K": pow2(self.w2.shape[1]), "LIBDEVICE": True}
+               **dict.fromkeys(("M", "K", "stride_h", "stride_l"), "i32")}
+        const = {"H": self.w2.shape[0], "BLOCK_M": BLOCK_M, "BLOCK_H": BLOCK_H, "BLOCK_K": pow2(self.w2.shape[1]),
+                 "LIBDEVICE": True}
         k = compile_ahead(_uncertainty_kernel, sig, const, capability, {"num_warps": NUM_WARPS})
         return {"shared_bytes": int(k.metadata.shared), **ptxas_usage(k, capability)}

@@ -155,3 +155,24 @@ def test_planner_budgets_runs_both_rules(capsys):
     assert [r[:2] for r in rows] == [["needs", "96"], ["former", "96"]]
     decoded = {r[0]: int(r[-5]) for r in rows}  # "... decoded / needed (t s)"
     assert 0 < decoded["needs"] <= decoded["former"]  # the dilation's own budget at least
+
+
+def test_kernel_build_compiles_the_kernels_it_is_asked_for(tmp_path, capsys):
+    """kernel_build (run under the device image's Triton before a GPU session): every variant of the kernels named
+    compiled for sm_90, each with its registers and spills, in the table and the JSON."""
+    import pytest
+
+    pytest.importorskip("triton", reason="triton comes with torch's CUDA builds on Linux; this torch has none")
+    from benchmarks import kernel_build
+
+    from .conftest import not_interpreted
+
+    not_interpreted()
+    out = tmp_path / "kb.json"
+    assert kernel_build.main(["--only", "uncertainty", "attention_operands", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["capability"] == 90 and [r["kernel"] for r in got["rows"]] == ["uncertainty"] + ["attention_operands"] * 2
+    for r in got["rows"]:
+        assert 0 < r["registers"] <= 255 and r["spill_stores"] == r["spill_loads"] == 0, r
+    table = capsys.readouterr().out
+    assert "window 14" in table and "global" in table and table.count("\n") == 2 + len(got["rows"])

@@ -16,8 +16,8 @@ CUDA events around each frame):
   the device (one CUDA graph per box), ``sparse host`` the numpy planner with a host round trip per level;
 - ``*+triton`` (``--triton-kernels on``, the default where Triton runs): ``full``, ``sparse``, ``fused`` and
   ``fused-sparse`` with torch-cuda's Triton kernels on (fused encoder norms, attention operands and frequency
-  chain, point rows, uncertainty, planner levels; each off by default until timed), the end-to-end figure of
-  switching them on;
+  chain, point rows, uncertainty, planner levels) and the box part in fp32 with its norms fused too (each off by
+  default until timed), the end-to-end figure of switching them all on;
 - ``*+compile``: ``sparse`` and ``fused`` with every captured function compiled by ``torch.compile``
   (inductor) first (batch 1; compilation happens in the warm-up and is not timed, but takes minutes on vit_b
   and counts against the time budget: ``--compile only`` runs these rows alone, in a second call).
@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                 triton: bool = False, fp32_box_part: bool = False) -> TorchBackend:
         return TorchBackend(model, a.device, precision, max_batch=maxb, max_points=65536, compile=compile,
                             device_planner=True, device_merge=True,  # also in a CPU dry run
-                            lean_encoder=lean_layers, lean_box_part=lean_layers, fp32_box_part=fp32_box_part,
+                            lean_encoder=lean_layers, lean_box_part=lean_layers,
+                            fp32_box_part=fp32_box_part or triton,  # the box part's fused norms need it
                             fused_norms=triton, fused_operands=triton, fused_frequency=triton,
                             fused_features=triton, fused_uncertainty=triton, fused_planner=triton)
 
@@ -206,11 +207,15 @@ def main(argv: list[str] | None = None) -> int:
             res.append((lg > 0).reshape(-1, out, out).cpu().numpy())
         return res
 
+    def host_tokens(be: TorchBackend, boxes: np.ndarray) -> list[Any]:
+        """The fp32 box part's input tokens, made on the host and uploaded as the backend does; none otherwise."""
+        return [] if be._prompt_tokens is None else [be._tensor(be._prompt_tokens(boxes))]
+
     def fused_runner(be: TorchBackend) -> Callable[[Inputs, int], Any]:
         """Encoder + full-grid decoder + on-device UGS merge in one CUDA graph (batch 1)."""
-        def fn(img: Any, box: Any, coords: Any) -> Any:
-            emb = be.model.encode(img)
-            c, f, u = (o.float() for o in be.decoder(emb, box, coords))
+        def fn(img: Any, box: Any, coords: Any, *tokens: Any) -> Any:
+            up = be._raw_prompt(be.model.encode(img), box, *tokens)  # the box part as the backend runs it
+            c, f, u = (o.float() for o in be.decoder.point_outputs(up, coords))
             return ugs_merge_device(c, f, u, refine_count(coords.shape[1], fraction)) > 0
 
         graph_fn = torch.compile(fn, fullgraph=True, dynamic=False) if be.compiled else fn
@@ -220,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             imgs, boxes = prepared(inp)
             if out not in grids:
                 grids[out] = be._tensor(grid_coords(out, out)[None])
-            return be._run(("fused", out), graph_fn, [be._tensor(imgs), be._tensor(boxes), grids[out]])
+            return be._run(("fused", out), graph_fn,
+                           [be._tensor(imgs), be._tensor(boxes), grids[out], *host_tokens(be, boxes)])
         return run
 
     def fused_sparse_runner(be: TorchBackend, seg: Segmenter) -> Callable[[Inputs, int], Any]:
@@ -236,15 +242,16 @@ def main(argv: list[str] | None = None) -> int:
             if not planner.usable(h, w):
                 raise ValueError(f"a {h} x {w} region is planned on the host")
 
-            def fn(x: Any, b: Any, reg: Any, table: Any) -> tuple[Any, ...]:
-                up = be.model.decoder_features(be.model.encode(x), b)[0]
+            def fn(x: Any, b: Any, reg: Any, table: Any, *tokens: Any) -> tuple[Any, ...]:
+                up = be._raw_prompt(be.model.encode(x), b, *tokens)
                 return planner.plan(lambda c: tuple(o[0] if planner.fused else o[0].float()  # the kernel widens them
                                                     for o in be.decoder.point_outputs(up, c[None])), reg, table)
 
             graph_fn = torch.compile(fn, fullgraph=True, dynamic=False) if be.compiled else fn
             reg, table = planner.region_inputs(region.r0, h, region.c0, w)  # made and uploaded as the runtime's
             planned = be.run_planner(("fused-sparse", out), planner, graph_fn,
-                                     [be._tensor(imgs), be._tensor(boxes), be._tensor(reg, np.int64), be._tensor(table)])
+                                     [be._tensor(imgs), be._tensor(boxes), be._tensor(reg, np.int64), be._tensor(table),
+                                      *host_tokens(be, boxes)])
             if planned is None:  # over budget: this frame on the host planner, as the runtime does
                 return runners["bf16"][0].run(inp, (out, out), None)
             d = planned[1]
@@ -300,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         and on the lean one with its adds and norms as Triton kernels (``fused_norms``; skipped without CUDA), then
         its attention operands too (``fused_operands``), then its frequency chain too (``fused_frequency``), then
         the operands alone, and last the backend's with its box part in fp32 from host-made tokens
-        (``fp32_box_part``, a third backend: its box part's time is the row's point):
+        (``fp32_box_part``, a third backend: its box part's time is the row's point), without and with fused norms
+        (the encoder's and the fp32 box part's):
         p50 per batch, and the embedding's max abs difference from the first row's on the same images (the
         second stream should be bitwise equal); at batch 1 also the box part's p50 (one box, its graph replayed
         with the memo cleared). The backend's own settings are restored afterwards."""
@@ -324,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                     (other, True, True, False, False, False), (lean_be, True, True, True, False, False),
                     (lean_be, True, True, True, True, False), (lean_be, True, True, True, True, True),
                     (lean_be, True, False, True, True, True), (lean_be, True, True, False, True, False),
-                    (box32, True, True, False, False, False)):
+                    (box32, True, True, False, False, False), (box32, True, True, True, False, False)):
                 b.set_encoder_options(fused_attn, overlap)  # recaptured with these options
                 what = {"batch": bsz, "lean_encoder": b.lean_encoder, "fused_attention": fused_attn,
                         "overlap_frequency": overlap, "fused_norms": norms, "fused_operands": operands,

@@ -133,6 +133,7 @@ def _count(a: argparse.Namespace) -> int:
                       relu_epilogue=not a.plain_layers, fp32_box_part=a.fp32_box_part)  # torch-cuda's defaults
     if a.fused_norms:
         import imedsam_export.fused_add_norm as fan
+        from imedsam_export.box_part_rewrites import use_fused_box_norms
         from imedsam_export.encoder_rewrites import use_fused_norms
 
         def add_norm(x: torch.Tensor, a_: torch.Tensor | None, b_: torch.Tensor | None, norm: Any,
@@ -147,8 +148,15 @@ def _count(a: argparse.Namespace) -> int:
                                                    norm.eps).to(out_dtype)
             return (s_ if write_sum else None), y
 
+        def add_norm_post(x: torch.Tensor, a_: torch.Tensor | None, norm: Any, post: torch.Tensor,
+                          out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+            y = add_norm(x, a_, None, norm, out_dtype, write_sum=False)[1]
+            return y, y + post
+
         fan.add_norm = one_launch(add_norm, "fused_add_norm")  # type: ignore[assignment]  # this process only
+        fan.add_norm_post = one_launch(add_norm_post, "fused_add_norm")  # type: ignore[assignment]
         use_fused_norms(be.model.image_encoder, True)
+        use_fused_box_norms(be.model.mask_decoder.transformer, True)  # where the box part is fp32
     if a.fused_operands:
         import imedsam_export.fused_attention_operands as fao
         from imedsam_export.encoder_rewrites import use_fused_operands

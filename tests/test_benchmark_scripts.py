@@ -34,17 +34,18 @@ def test_gpu_check_dry_run_runs_every_variant_and_agrees(tmp_path):
     assert abs(in_box("fused bf16") - in_box("full bf16")) <= 0.005
     assert row["planner_fallbacks"]["bf16"] == [0, 0]
     opts = res["encoder_options"]
-    assert len(opts) == 11 and not any("error" in o for o in opts)
+    assert len(opts) == 12 and not any("error" in o for o in opts)
     # the CPU backends' own encoder is the plain one; then the other form (lean), both options on; then the
     # lean one with its Triton kernels (norms, operands, frequency chain), which need a GPU; last the backend's
-    # own with its box part in fp32
-    assert [o["lean_encoder"] for o in opts] == [False] * 4 + [True] * 6 + [False]
-    assert [o["fp32_box_part"] for o in opts] == [False] * 10 + [True]
-    skipped = opts[5:10]
+    # own with its box part in fp32, then with the norms fused too (a GPU again)
+    assert [o["lean_encoder"] for o in opts] == [False] * 4 + [True] * 6 + [False] * 2
+    assert [o["fp32_box_part"] for o in opts] == [False] * 10 + [True] * 2
+    skipped = opts[5:10] + opts[11:]
     assert all("needs a CUDA device" in o["skipped"] for o in skipped)
     assert [(o["fused_norms"], o["fused_operands"], o["fused_frequency"]) for o in skipped] == [
-        (True, False, False), (True, True, False), (True, True, True), (True, True, True), (False, True, False)]
-    opts = opts[:5] + opts[10:]
+        (True, False, False), (True, True, False), (True, True, True), (True, True, True), (False, True, False),
+        (True, False, False)]
+    opts = opts[:5] + opts[10:11]
     assert all(o["box_part_p50_ms"] > 0 for o in opts)  # batch 1: the box part timed beside the encoder
     for o in opts:  # the frequency stream changes nothing; the fused attention and the lean encoder stay
         # within bf16 rounding

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from segment_anything.modeling.common import LayerNorm2d
 
@@ -43,12 +44,12 @@ def test_channels_last_norm_equals_layer_norm_2d():
 
 
 def test_lean_box_part_gives_the_same_box_features():
-    """decoder_features (the box part) with both rewrites: within fp32 rounding in fp32; under bf16 autocast no
+    """decoder_features (the box part) with the rewrites: within fp32 rounding in fp32; under bf16 autocast no
     further from the fp32 features than the plain box part is (its upscaling norm now runs in fp32)."""
     model = _model()
     lean, lean16 = copy.deepcopy(model), copy.deepcopy(model)
-    assert lean_box_part(lean, None) == {"dense_pe_frozen": 1, "channels_last_norms": 1}
-    lean_box_part(lean16, torch.bfloat16)
+    assert lean_box_part(lean, None) == {"dense_pe_frozen": 1, "channels_last_norms": 1, "lean_two_way": 1}
+    assert lean_box_part(lean16, torch.bfloat16)["lean_two_way"] == 0  # autocast: segment-anything's forward
     torch.manual_seed(1)
     emb = torch.randn(2, 64, 4, 4)
     boxes = torch.tensor([[5.0, 8.0, 40.0, 50.0], [0.0, 0.0, 63.0, 63.0]])
@@ -126,3 +127,69 @@ def test_torch_backend_with_an_fp32_box_part():
     ref = ups["fp32"]
     err = {k: float((v - ref).norm() / ref.norm()) for k, v in ups.items()}
     assert err["island"] < 1e-5 and err["bf16"] > 1e-3 and err["fp32 asked"] == 0.0, err
+
+
+def _transformer_inputs(model, batch=2):
+    t = copy.deepcopy(model.mask_decoder.transformer)
+    with torch.no_grad():  # away from the identity norms of a fresh model
+        for m in t.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.normal_(1, 0.2)
+                m.bias.normal_(0, 0.2)
+    c = t.embedding_dim
+    torch.manual_seed(5)
+    emb = torch.randn(batch, c, 4, 4)
+    pe = torch.randn(1, c, 4, 4).expand(batch, -1, -1, -1)  # as decoder_features passes it
+    tokens = torch.randn(batch, 7, c)
+    return t, (emb, pe, tokens)
+
+
+def test_the_lean_two_way_transformer_is_bitwise_segment_anythings():
+    """use_lean_two_way: the same queries and keys, bitwise, in fp32 (each sum made once, lin1 + ReLU as one GEMM),
+    with six ops fewer for two layers (a keys + key_pe and the MLP's ReLU a layer; the queries + pe of the second
+    layer's self-attention and of the final attention); under autocast it is segment-anything's forward; switched
+    off, the class's forward again."""
+    from benchmarks.op_count import OpCounter
+    from imedsam_export.box_part_rewrites import use_lean_two_way
+
+    t, inputs = _transformer_inputs(_model())
+    lean = copy.deepcopy(t)
+    assert use_lean_two_way(lean) and "forward" in lean.__dict__
+    with torch.no_grad():
+        with OpCounter() as plain_ops:
+            want = t(*inputs)
+        with OpCounter() as lean_ops:
+            got = lean(*inputs)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    assert sum(plain_ops.ops.values()) - sum(lean_ops.ops.values()) == 6, (plain_ops.ops, lean_ops.ops)
+    assert lean_ops.ops["_addmm_activation"] == 2 and "relu" not in lean_ops.ops
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for a, b in zip(lean(*inputs), t(*inputs), strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+    assert not use_lean_two_way(lean, False) and "forward" not in lean.__dict__
+    with pytest.raises(TypeError, match="not segment-anything's TwoWayTransformer"):
+        use_lean_two_way(torch.nn.Linear(2, 2))
+
+
+def test_the_backend_runs_the_lean_two_way_transformer_only_without_autocast():
+    """lean_box_part installs the lean transformer where the box part runs without autocast (fp32, or bf16 with an
+    fp32 box part), not for a bf16 box part; the box features are within fp32 rounding of the plain box part's."""
+    import numpy as np
+
+    from imedsam_deploy.backends.torch_cuda import TorchBackend
+
+    model = _model()
+    boxes = np.array([[5.0, 8.5, 40.0, 50.0]], np.float32)
+    torch.manual_seed(3)
+    emb = torch.randn(1, 64, 4, 4)
+    ups, lean = {}, {}
+    for name, precision, lean_box, fp32_box in (("plain", "fp32", False, False), ("fp32", "fp32", True, False),
+                                                ("island", "bf16", True, True), ("bf16", "bf16", True, False)):
+        be = TorchBackend(copy.deepcopy(model), "cpu", precision, lean_box_part=lean_box, fp32_box_part=fp32_box)
+        ups[name] = be.box_features(emb, boxes).float()
+        lean[name] = "forward" in be.model.mask_decoder.transformer.__dict__
+    assert lean == {"plain": False, "fp32": True, "island": True, "bf16": False}
+    ref = ups["plain"]
+    assert float((ups["fp32"] - ref).norm() / ref.norm()) < 1e-6
+    assert float((ups["island"] - ref).norm() / ref.norm()) < 1e-5

@@ -66,10 +66,55 @@ for fused in (False, True):
     out.setdefault("description", []).append(be.description)
 plain = TorchBackend(copy.deepcopy(model), "cpu", "fp32", lean_encoder=False, overlap_frequency=False)
 ref = np.asarray(plain.encode(img)[0])
-out["add_norm_calls"] = calls
+out["add_norm_calls"] = list(calls)
 out["encoder_fused_vs_unfused"] = float(np.abs(emb[True] - emb[False]).max())
 out["encoder_fused_vs_plain"] = float(np.abs(emb[True] - ref).max())
 out["encoder_scale"] = float(np.abs(ref).max())
+
+# the box part's norm-then-positional-add: z = LN(x + a) + post, post per image or one image's for all
+from imedsam_export.fused_add_norm import add_norm_post
+x3, a3 = torch.randn(2, 7, 96) * 2 + 0.5, torch.randn(2, 7, 96)
+for name, (aa, post) in {"post": (a3, torch.randn(2, 7, 96)), "post, one image's": (a3, torch.randn(1, 7, 96)),
+                         "post, no a": (None, torch.randn(2, 7, 96))}.items():
+    with torch.no_grad():
+        want = ln(x3 + aa if aa is not None else x3)
+        y, z = add_norm_post(x3, aa, ln, post, torch.float32)
+    out[name] = {"fp32_max": float((y - want).abs().max()), "z_bitwise": bool(torch.equal(z, y + post))}
+try:
+    add_norm_post(x3, a3, ln, torch.randn(1, 6, 96), torch.float32)
+    out["bad_post"] = "accepted"
+except ValueError as e:
+    out["bad_post"] = str(e)
+
+# the fp32 box part through the backend: its two-way transformer's norms fused or not (tiny model, 64 wide)
+from imedsam_train.build import build
+torch.manual_seed(0)
+tiny, _ = build("tiny", input_size=64)
+with torch.no_grad():  # away from the identity norms of a fresh model
+    for m in tiny.mask_decoder.transformer.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.weight.normal_(1, 0.2)
+            m.bias.normal_(0, 0.2)
+tiny = tiny.eval()
+boxes = np.array([[5.0, 8.5, 40.0, 50.0], [0.0, 3.0, 63.0, 30.0]], np.float32)
+emb_in = torch.randn(2, 64, 4, 4)
+ups, calls_box = {}, {}
+post_calls = []
+post_kernel = fan.add_norm_post
+def counted_post(*args, **kw):
+    post_calls.append(1)
+    return post_kernel(*args, **kw)
+fan.add_norm_post = counted_post
+for name, fp32_box, fused in (("fp32 box", True, False), ("fp32 box, fused", True, True),
+                              ("bf16 box, fused", False, True)):
+    be = TorchBackend(copy.deepcopy(tiny), "cpu", "bf16", lean_encoder=True, lean_box_part=True,
+                      fp32_box_part=fp32_box, fused_norms=fused)
+    calls.clear(), post_calls.clear()
+    ups[name] = be.box_features(emb_in, boxes).float()
+    calls_box[name] = [len(calls), len(post_calls), be.description]
+ref_up = ups["fp32 box"]
+out["box_fused_vs_unfused"] = float((ups["fp32 box, fused"] - ref_up).norm() / ref_up.norm())
+out["box_calls"] = calls_box
 json.dump(out, sys.stdout)
 """
 
@@ -103,7 +148,7 @@ def test_the_encoder_with_fused_norms_equals_the_encoder(compared):
 
 def test_the_kernel_compiles_for_hopper():
     """Compiled ahead of time for sm_90 (no GPU needed: Triton's front end, its passes and ptxas) for vit_b's
-    and vit_l's widths in bf16 and fp32, every variant the encoder launches."""
+    and vit_l's widths in bf16 and fp32, every variant the encoder launches and the fp32 box part's, unspilled."""
     import torch
 
     from imedsam_export.fused_add_norm import compile_for
@@ -111,4 +156,26 @@ def test_the_kernel_compiles_for_hopper():
     not_interpreted()
     for c, dtype in ((768, torch.bfloat16), (1024, torch.bfloat16), (768, torch.float32)):
         got = compile_for(c, dtype, 90)
-        assert len(got) == 4 and all(0 <= v["shared_bytes"] <= 227 * 1024 for v in got.values()), got
+        assert len(got) == 7 and sum(" post" in k for k in got) == 2, got  # the encoder's four, the box part's three
+        assert all(0 <= v["shared_bytes"] <= 227 * 1024 and v["spill_stores"] == 0 for v in got.values()), got
+
+
+@pytest.mark.parametrize("case", ["post", "post, one image's", "post, no a"])
+def test_add_norm_post_equals_torch(compared, case):
+    """add_norm_post: the norm within fp32 rounding, and z is bitwise its y plus post (torch's fp32 add), with post
+    per image or one image's rows for every image; a post that does not repeat over x is refused."""
+    assert compared[case]["fp32_max"] < 5e-6 and compared[case]["z_bitwise"]
+    assert compared["bad_post"] == "add_norm_post: post (1, 6, 96) does not repeat over x (2, 7, 96)"
+
+
+def test_the_fp32_box_part_with_fused_norms_equals_it_unfused(compared):
+    """TorchBackend(bf16, fp32_box_part=True, fused_norms=True): the two-way transformer's nine norms (two layers of
+    four and the final one) through the kernel, six of them with their positional add; the box features within
+    fp32 rounding of the unfused lean box part, and the description says it. A bf16 box part (under autocast)
+    keeps segment-anything's forward: no kernel there."""
+    calls = compared["box_calls"]
+    assert compared["box_fused_vs_unfused"] < 1e-5
+    assert calls["fp32 box"][:2] == [0, 0] and calls["bf16 box, fused"][:2] == [0, 0]
+    assert calls["fp32 box, fused"][:2] == [3, 6]  # add_norm: norm2 twice and the final norm; the rest with post
+    assert "(box part too)" in calls["fp32 box, fused"][2]
+    assert "(box part too)" not in calls["bf16 box, fused"][2] and "fused encoder norms" in calls["bf16 box, fused"][2]

@@ -318,7 +318,8 @@ class TorchBackend(Backend):
 
         fns: dict[str, Callable[..., Any]] = {"enc": encode_fn, "enc_pixels": encode_pixels_fn, "prompt": prompt_fn,
                                               "points": points_fn}
-        self._raw_points = points_fn  # traced inside the compiled planner (not a compiled call in a compiled one)
+        # traced inside the compiled planner and whole-frame graphs (not a compiled call in a compiled one)
+        self._raw_points, self._raw_prompt = points_fn, prompt_fn
         self._compile_backend: str | None = None
         if compile:
             import torch._dynamo
@@ -346,7 +347,7 @@ class TorchBackend(Backend):
             self.set_decoder_uncertainty(True)
         if fused_planner:
             self.set_planner_kernels(True)
-        self.fused_norms = self.fused_operands = self.fused_frequency = False
+        self.fused_norms = self.fused_box_norms = self.fused_operands = self.fused_frequency = False
         if fused_norms:
             self.set_encoder_norms(True)
         if fused_operands:
@@ -375,15 +376,22 @@ class TorchBackend(Backend):
     def set_encoder_norms(self, fused: bool) -> None:
         """The lean encoder's residual adds, LayerNorms and casts as ``fused_add_norm`` Triton kernels (two a block
         instead of seven; a windowed block's gather back to grid order read in the add, one kernel fewer) or as torch
-        ops, in the frequency-first block loop; encoder graphs are dropped."""
+        ops, in the frequency-first block loop; with an fp32 box part, its two-way transformer's adds, norms and
+        positional adds too (nine kernels instead of 23); encoder and box-part graphs are dropped."""
         if fused:
             self._need_triton("fused encoder norms",
                               None if self.lean_encoder else "it needs the lean encoder (lean_encoder=True)")
+        from imedsam_export.box_part_rewrites import use_fused_box_norms
         from imedsam_export.encoder_rewrites import use_fused_norms
 
         use_fused_norms(self.model.image_encoder, fused)
+        # the box part's too where it runs the lean two-way transformer (fp32: fp32_box_part)
+        self.fused_box_norms = use_fused_box_norms(self.model.mask_decoder.transformer, fused)
         self.fused_norms = fused
         self._drop_encoder_graphs()
+        for key in [k for k in self._graphs if k[0] == "prompt"]:
+            del self._graphs[key]
+        self._box_cache = None
 
     def set_encoder_operands(self, fused: bool) -> None:
         """The lean encoder blocks' attention operands (the extended queries, keys and values; a windowed block's
@@ -519,7 +527,7 @@ class TorchBackend(Backend):
             ", fused decoder MLP" if self.fused_mlp else "") + (", aligned decoder matmuls" if self.align_matmuls else "") + (
             ", lean encoder" if self.lean_encoder else "") + (", lean box part" if self.lean_box_part else "") + (
             ", ReLU epilogues" if self.relu_epilogue else "") + (", fp32 box part" if self.fp32_box_part else "") + (
-            ", fused encoder norms" if self.fused_norms else "") + (
+            ", fused encoder norms" if self.fused_norms else "") + (" (box part too)" if self.fused_box_norms else "") + (
             ", fused attention operands" if self.fused_operands else "") + (
             ", fused frequency chain" if self.fused_frequency else "") + (
             ", fused point features" if self.fused_features else "") + (

@@ -203,6 +203,10 @@ class LeanBlock(Block):
     # ``fused_add_norm.add_norm`` kernels (CUDA, or Triton's interpreter)
     fused_norms = False
 
+    @property
+    def fuses_steps(self) -> bool:
+        return self.fused_norms
+
     def step(self, x: torch.Tensor, y: torch.Tensor | None, add: torch.Tensor, wait: Callable[[], None],
              next_block: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``Block.step`` with fused norms: norm1 (only for the first block: the others get y from the step
@@ -315,8 +319,7 @@ def use_fused_norms(encoder: ImageEncoder, on: bool = True) -> int:
     without its side stream); returns how many blocks."""
     blocks = [b for b in encoder.blocks if isinstance(b, LeanBlock)]
     for b in blocks:
-        b.fused_norms = on
-    encoder.in_steps = on and bool(blocks)
+        b.fused_norms = on  # the encoder then runs its chain-first loop (``Block.fuses_steps``)
     return len(blocks)
 
 

@@ -67,6 +67,10 @@ for fused in (False, True):
 plain = TorchBackend(copy.deepcopy(model), "cpu", "fp32", lean_encoder=False, overlap_frequency=False)
 ref = np.asarray(plain.encode(img)[0])
 out["add_norm_calls"] = list(calls)
+calls.clear()  # without the side stream, the fused steps still run (the encoder's chain-first loop, in line)
+be = TorchBackend(copy.deepcopy(model), "cpu", "fp32", lean_encoder=True, overlap_frequency=False, fused_norms=True)
+out["encoder_fused_no_stream_vs_fused"] = float(np.abs(np.asarray(be.encode(img)[0]) - emb[True]).max())
+out["add_norm_calls_no_stream"] = list(calls)
 out["encoder_fused_vs_unfused"] = float(np.abs(emb[True] - emb[False]).max())
 out["encoder_fused_vs_plain"] = float(np.abs(emb[True] - ref).max())
 out["encoder_scale"] = float(np.abs(ref).max())
@@ -137,13 +141,17 @@ def test_add_norm_equals_torch(compared, case):
 def test_the_encoder_with_fused_norms_equals_the_encoder(compared):
     """TorchBackend(fused_norms=True): every block's adds and norms through the kernel (the first block's norm1
     alone, the others' from the step before): the embedding within fp32 rounding of the unfused lean encoder
-    and of the plain one; the description says it."""
+    and of the plain one, with the frequency stream or without (the fused steps then run in line); the
+    description says it."""
     assert compared["encoder_fused_vs_unfused"] < 1e-5 * max(1.0, compared["encoder_scale"])
     assert compared["encoder_fused_vs_plain"] < 3e-5 * max(1.0, compared["encoder_scale"])
     assert ["fused encoder norms" in d for d in compared["description"]] == [False, True]
     # one encode through the fused backend, three blocks: norm1 alone, then (x + attn, norm2) and
     # (x + mlp + add, the next norm1) per block, the last block's final sum in torch
     assert compared["add_norm_calls"] == [False, True, True, True, True, True]
+    # the same without the frequency stream (fused steps run the chain-first loop in line)
+    assert compared["add_norm_calls_no_stream"] == compared["add_norm_calls"]
+    assert compared["encoder_fused_no_stream_vs_fused"] == 0.0
 
 
 def test_the_kernel_compiles_for_hopper():

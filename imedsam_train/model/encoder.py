@@ -195,6 +195,12 @@ class Block(nn.Module):
         wait()
         return x + add, None
 
+    @property
+    def fuses_steps(self) -> bool:
+        """Whether this block's ``step`` fuses work across block boundaries (an inference rewrite's), so that
+        only ``ImageEncoder.frequency_chain_first``'s loop runs it as it is meant to. Here: no."""
+        return False
+
     def frequency_step(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The adapter on the frequency tokens: (next block's f, what is added to this block's output)."""
         assert self.freq is not None
@@ -261,7 +267,8 @@ class ImageEncoder(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(image) + self.pos_embed
-        if self.freq_cfg.enabled and (self.frequency_first or self.in_steps or self.adapter_chain is not None):
+        if self.freq_cfg.enabled and (self.frequency_first or self.adapter_chain is not None
+                                      or any(blk.fuses_steps for blk in self.blocks)):
             x = self.frequency_chain_first(x, image)
         else:
             f = self.frequency_tokens(image) if self.freq_cfg.enabled else None
@@ -273,10 +280,9 @@ class ImageEncoder(nn.Module):
     # it can run on a second stream beside the token chain, where at 576 tokens most of the GPU sits idle.
     frequency_first = False
     _side_streams: dict[torch.device, torch.cuda.Stream]
-    # inference rewrites: blocks whose ``step`` fuses across block boundaries (the chain-first loop runs them,
-    # without the side stream unless ``frequency_first``), and every block's adapter at once (frequency tokens ->
-    # the (blocks, ...) additions)
-    in_steps = False
+    # an inference rewrite: every block's adapter at once (frequency tokens -> the (blocks, ...) additions), run
+    # by the chain-first loop (as are blocks whose ``fuses_steps``), without the side stream unless
+    # ``frequency_first``
     adapter_chain: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def frequency_chain_first(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:

@@ -476,7 +476,10 @@ def main(argv: list[str] | None = None) -> int:
         return [x.reshape(-1, out, out) for x in m.cpu().numpy()]  # the fused graph's (B, K, N) on the device
 
     def failure(e: BaseException) -> str:
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        """One line, but the whole message up to 800 characters: a Triton CompilationError's first line only
+        places the error ("at 26:18:"); its source excerpt and cause follow (session 7 needed them)."""
+        text = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        return f"{type(e).__name__}: {text[:800]}"
 
     # ---- 1. fp32 correctness at the input size, batch 1 (every variant's agreement is in its timing rows)
     inp = synthetic_inputs(S, 1, seed=1)

@@ -561,7 +561,8 @@ def test_compile_and_the_triton_kernels_are_refused_together():
     (None, None, (False, False)), ("1", None, (True, False)), (None, "1", (False, True)), ("0", "0", (False, False))])
 def test_torch_cuda_opt_ins_come_from_the_environment(monkeypatch, compile_env, triton_env, want):
     """IMEDSAM_TORCH_COMPILE and IMEDSAM_TORCH_TRITON switch torch-cuda's opt-in paths on, as ``imedsam-infer`` and
-    ``imedsam-bench`` open the backend (any value but 0): torch.compile, and the six Triton options together."""
+    ``imedsam-bench`` open the backend (any value but 0): torch.compile, and the six Triton options together, with
+    the fp32 box part."""
     from imedsam_deploy.backends.torch_cuda import COMPILE_ENV, TRITON_ENV, env_options
 
     for name, value in ((COMPILE_ENV, compile_env), (TRITON_ENV, triton_env)):
@@ -573,6 +574,7 @@ def test_torch_cuda_opt_ins_come_from_the_environment(monkeypatch, compile_env, 
     assert got["compile"] == want[0]
     triton = ("fused_norms", "fused_operands", "fused_frequency", "fused_features", "fused_uncertainty", "fused_planner")
     assert [got[k] for k in triton] == [want[1]] * 6
+    assert got["fp32_box_part"] == want[1]  # the box part's fused norms need it
 
 
 # ---------------------------------------------------------------- imedsam-bench CLI

@@ -156,12 +156,13 @@ def env_options() -> dict[str, bool]:
     """torch-cuda's opt-in settings from the environment, as ``imedsam-infer`` and ``imedsam-bench`` open it (any
     value but 0 turns one on): ``IMEDSAM_TORCH_COMPILE`` compiles its stages with ``torch.compile``;
     ``IMEDSAM_TORCH_TRITON`` runs its Triton kernels (the encoder's fused adds and norms, attention operands and
-    frequency chain, the decoder's fused point rows and uncertainty, the planner's fused levels), each off by default until a GPU has timed it."""
+    frequency chain, the decoder's fused point rows and uncertainty, the planner's fused levels), each off by default until a GPU has timed it,
+    and the box part in fp32 (``fp32_box_part``), whose norms the fused-norms kernel then runs too."""
     def on(name: str) -> bool:
         return os.environ.get(name, "") not in ("", "0")
 
     triton = on(TRITON_ENV)
-    return {"compile": on(COMPILE_ENV), **dict.fromkeys(TRITON_OPTIONS, triton)}
+    return {"compile": on(COMPILE_ENV), **dict.fromkeys(TRITON_OPTIONS, triton), "fp32_box_part": triton}
 
 
 class TorchBackend(Backend):

@@ -18,7 +18,7 @@ by torch (torch-cuda's ``lean_box_part``); the box part runs once per box, every
   without autocast (fp32): ``keys + key_pe`` made once a layer (segment-anything makes it twice), the queries
   plus their embedding reused from the layer before (the next layer's self-attention and the final attention
   read the same sum), and each MLP's first layer with its ReLU as one GEMM epilogue: bitwise the same
-  operations on the same values, five kernels fewer a box (tests/test_box_part_rewrites.py). With
+  operations on the same values, six kernels fewer a box (tests/test_box_part_rewrites.py). With
   ``fused_norms`` (a Triton kernel, ``fused_add_norm``), each residual add, its LayerNorm and the positional
   add after it are one kernel: fourteen fewer again, within fp32 rounding.
 

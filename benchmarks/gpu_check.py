@@ -134,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     info: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
                             "device": torch.cuda.get_device_name(dev) if cuda else platform.processor(),
                             "model": a.model, "input_size": a.input_size, "weights": "random (seed 0)"}
+    try:  # the kernels' compiler: the device image's differs from ours (benchmarks/kernel_build.py)
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
     print(f"gpu_check: {info}", flush=True)
 
     def sync() -> None:

@@ -14,6 +14,13 @@ def test_gpu_check_dry_run_runs_every_variant_and_agrees(tmp_path):
                          "--batches", "1", "--compile", "none", "--memory-sizes", "64", "96", "--out", str(tmp_path)])
     assert rc == 0
     res = json.loads((tmp_path / "gpu_check.json").read_text())
+    try:
+        import triton
+
+        want = triton.__version__
+    except ImportError:  # a torch build without it
+        want = None
+    assert res["info"]["triton"] == want  # the kernels' compiler is recorded with the torch version
     assert res["correctness"]["full fp32"]["pixel_in_box"] >= 0.999  # the runtime's fp32 full grid = reference
     (row,) = res["timing"]
     assert "errors" not in row and "skipped" not in row

@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     def fused_runner(be: TorchBackend) -> Callable[[Inputs, int], Any]:
         """Encoder + full-grid decoder + on-device UGS merge in one CUDA graph (batch 1)."""
         def fn(img: Any, box: Any, coords: Any, *tokens: Any) -> Any:
-            up = be._raw_prompt(be.model.encode(img), box, *tokens)  # the box part as the backend runs it
+            up = be._raw_prompt(be._raw_encode(img), box, *tokens)  # the backend's own stages, in one graph
             c, f, u = (o.float() for o in be.decoder.point_outputs(up, coords))
             return ugs_merge_device(c, f, u, refine_count(coords.shape[1], fraction)) > 0
 
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"a {h} x {w} region is planned on the host")
 
             def fn(x: Any, b: Any, reg: Any, table: Any, *tokens: Any) -> tuple[Any, ...]:
-                up = be._raw_prompt(be.model.encode(x), b, *tokens)
+                up = be._raw_prompt(be._raw_encode(x), b, *tokens)
                 return planner.plan(lambda c: tuple(o[0] if planner.fused else o[0].float()  # the kernel widens them
                                                     for o in be.decoder.point_outputs(up, c[None])), reg, table)
 

@@ -32,13 +32,15 @@ def test_gpu_check_dry_run_runs_every_variant_and_agrees(tmp_path):
         assert row[name]["speedup_vs_reference"] > 0
     # the device planner (alone, and inside the one-graph frame) decides as the host planner does, and the
     # one-graph full grid as the chunked one (to bf16 rounding: a CPU GEMM's rows may round differently with
-    # the number of rows it is given)
+    # the number of rows it is given); the one-graph frames run the backend's own stages (its fp32 embedding
+    # and up map), so they agree with the runtime's frames all but exactly (0.16 points apart when they
+    # did not)
     def in_box(name):
         return row[name]["agreement"]["pixel_in_box"]
 
     assert abs(in_box("sparse bf16") - in_box("sparse bf16 host")) <= 0.005
-    assert abs(in_box("fused-sparse bf16") - in_box("sparse bf16 host")) <= 0.005
-    assert abs(in_box("fused bf16") - in_box("full bf16")) <= 0.005
+    assert abs(in_box("fused-sparse bf16") - in_box("sparse bf16")) <= 0.001
+    assert abs(in_box("fused bf16") - in_box("full bf16")) <= 0.001
     assert row["planner_fallbacks"]["bf16"] == [0, 0]
     opts = res["encoder_options"]
     assert len(opts) == 12 and not any("error" in o for o in opts)

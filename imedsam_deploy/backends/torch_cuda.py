@@ -320,7 +320,7 @@ class TorchBackend(Backend):
         fns: dict[str, Callable[..., Any]] = {"enc": encode_fn, "enc_pixels": encode_pixels_fn, "prompt": prompt_fn,
                                               "points": points_fn}
         # traced inside the compiled planner and whole-frame graphs (not a compiled call in a compiled one)
-        self._raw_points, self._raw_prompt = points_fn, prompt_fn
+        self._raw_encode, self._raw_prompt, self._raw_points = encode_fn, prompt_fn, points_fn
         self._compile_backend: str | None = None
         if compile:
             import torch._dynamo

@@ -213,14 +213,10 @@ def main(argv: list[str] | None = None) -> int:
             res.append((lg > 0).reshape(-1, out, out).cpu().numpy())
         return res
 
-    def host_tokens(be: TorchBackend, boxes: np.ndarray) -> list[Any]:
-        """The fp32 box part's input tokens, made on the host and uploaded as the backend does; none otherwise."""
-        return [] if be._prompt_tokens is None else [be._tensor(be._prompt_tokens(boxes))]
-
     def fused_runner(be: TorchBackend) -> Callable[[Inputs, int], Any]:
         """Encoder + full-grid decoder + on-device UGS merge in one CUDA graph (batch 1)."""
-        def fn(img: Any, box: Any, coords: Any, *tokens: Any) -> Any:
-            up = be._raw_prompt(be._raw_encode(img), box, *tokens)  # the backend's own stages, in one graph
+        def fn(img: Any, coords: Any, *box_inputs: Any) -> Any:
+            up = be._raw_prompt(be._raw_encode(img), *box_inputs)  # the backend's own stages, in one graph
             c, f, u = (o.float() for o in be.decoder.point_outputs(up, coords))
             return ugs_merge_device(c, f, u, refine_count(coords.shape[1], fraction)) > 0
 
@@ -231,8 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             imgs, boxes = prepared(inp)
             if out not in grids:
                 grids[out] = be._tensor(grid_coords(out, out)[None])
-            return be._run(("fused", out), graph_fn,
-                           [be._tensor(imgs), be._tensor(boxes), grids[out], *host_tokens(be, boxes)])
+            return be._run(("fused", out), graph_fn, [be._tensor(imgs), grids[out], *be._box_inputs(boxes)])
         return run
 
     def fused_sparse_runner(be: TorchBackend, seg: Segmenter) -> Callable[[Inputs, int], Any]:
@@ -248,16 +243,16 @@ def main(argv: list[str] | None = None) -> int:
             if not planner.usable(h, w):
                 raise ValueError(f"a {h} x {w} region is planned on the host")
 
-            def fn(x: Any, b: Any, reg: Any, table: Any, *tokens: Any) -> tuple[Any, ...]:
-                up = be._raw_prompt(be._raw_encode(x), b, *tokens)
+            def fn(x: Any, reg: Any, table: Any, *box_inputs: Any) -> tuple[Any, ...]:
+                up = be._raw_prompt(be._raw_encode(x), *box_inputs)
                 return planner.plan(lambda c: tuple(o[0] if planner.fused else o[0].float()  # the kernel widens them
                                                     for o in be.decoder.point_outputs(up, c[None])), reg, table)
 
             graph_fn = torch.compile(fn, fullgraph=True, dynamic=False) if be.compiled else fn
             reg, table = planner.region_inputs(region.r0, h, region.c0, w)  # made and uploaded as the runtime's
             planned = be.run_planner(("fused-sparse", out), planner, graph_fn,
-                                     [be._tensor(imgs), be._tensor(boxes), be._tensor(reg, np.int64), be._tensor(table),
-                                      *host_tokens(be, boxes)])
+                                     [be._tensor(imgs), be._tensor(reg, np.int64), be._tensor(table),
+                                      *be._box_inputs(boxes)])
             if planned is None:  # over budget: this frame on the host planner, as the runtime does
                 return runners["bf16"][0].run(inp, (out, out), None)
             d = planned[1]

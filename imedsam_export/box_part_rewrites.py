@@ -38,6 +38,7 @@ from segment_anything.modeling.common import LayerNorm2d, MLPBlock
 from segment_anything.modeling.transformer import TwoWayAttentionBlock, TwoWayTransformer
 from torch import nn
 
+from imedsam_export import fused_add_norm
 from imedsam_export.encoder_rewrites import layer_norm_of
 from imedsam_train.model import IMedSAM
 
@@ -101,11 +102,8 @@ def use_fused_box_norms(transformer: nn.Module, on: bool = True) -> bool:
 
 def _norm(x: torch.Tensor, a: torch.Tensor | None, norm: nn.LayerNorm, fused: bool) -> torch.Tensor:
     """LN(x + a) (a optional), as one kernel when ``fused``."""
-    if fused:
-        # through the module's attribute, which benchmarks/op_count replaces to count it
-        from imedsam_export import fused_add_norm as fan
-
-        return fan.add_norm(x, a, None, norm, x.dtype, write_sum=False)[1]
+    if fused:  # through the module's attribute, which benchmarks/op_count replaces to count it
+        return fused_add_norm.add_norm(x, a, None, norm, x.dtype, write_sum=False)[1]
     return norm(x + a if a is not None else x)  # type: ignore[no-any-return]
 
 
@@ -113,9 +111,7 @@ def _norm_post(x: torch.Tensor, a: torch.Tensor | None, norm: nn.LayerNorm, post
                fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, y + post) for y = LN(x + a) (a optional), as one kernel when ``fused``."""
     if fused:
-        from imedsam_export import fused_add_norm as fan
-
-        return fan.add_norm_post(x, a, norm, post, x.dtype)
+        return fused_add_norm.add_norm_post(x, a, norm, post, x.dtype)
     y = _norm(x, a, norm, False)
     return y, y + post
 

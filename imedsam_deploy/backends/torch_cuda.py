@@ -348,7 +348,7 @@ class TorchBackend(Backend):
             self.set_decoder_uncertainty(True)
         if fused_planner:
             self.set_planner_kernels(True)
-        self.fused_norms = self.fused_box_norms = self.fused_operands = self.fused_frequency = False
+        self.fused_norms = self.fused_operands = self.fused_frequency = False
         if fused_norms:
             self.set_encoder_norms(True)
         if fused_operands:
@@ -370,9 +370,8 @@ class TorchBackend(Backend):
         # the folded copy's weights never change: its relative-position tables are gathered, cast and padded once
         freeze_position_tables(self.model, self.amp_dtype or self.torch.float32)
         self.model.image_encoder.frequency_first = overlap_frequency
-        for key in [k for k in self._graphs if k[0] in ("enc", "prompt")]:
-            del self._graphs[key]
-        self._box_cache = None
+        self._drop_encoder_graphs()
+        self._drop_box_graphs()
 
     def set_encoder_norms(self, fused: bool) -> None:
         """The lean encoder's residual adds, LayerNorms and casts as ``fused_add_norm`` Triton kernels (two a block
@@ -387,12 +386,10 @@ class TorchBackend(Backend):
 
         use_fused_norms(self.model.image_encoder, fused)
         # the box part's too where it runs the lean two-way transformer (fp32: fp32_box_part)
-        self.fused_box_norms = use_fused_box_norms(self.model.mask_decoder.transformer, fused)
+        use_fused_box_norms(self.model.mask_decoder.transformer, fused)
         self.fused_norms = fused
         self._drop_encoder_graphs()
-        for key in [k for k in self._graphs if k[0] == "prompt"]:
-            del self._graphs[key]
-        self._box_cache = None
+        self._drop_box_graphs()
 
     def set_encoder_operands(self, fused: bool) -> None:
         """The lean encoder blocks' attention operands (the extended queries, keys and values; a windowed block's
@@ -503,6 +500,16 @@ class TorchBackend(Backend):
         for key in [k for k in self._graphs if k[0] == "enc"]:
             del self._graphs[key]
 
+    def _drop_box_graphs(self) -> None:
+        for key in [k for k in self._graphs if k[0] == "prompt"]:
+            del self._graphs[key]
+        self._box_cache = None
+
+    @property
+    def fused_box_norms(self) -> bool:
+        """Whether the box part's norms run as ``fused_add_norm`` kernels (``fused_norms`` with an fp32 box part)."""
+        return bool(getattr(self.model.mask_decoder.transformer, "fused_norms", False))
+
     def _drop_decoder_graphs(self) -> None:
         for key in [k for k in self._graphs if k[0] not in ("enc", "prompt")]:
             del self._graphs[key]
@@ -612,12 +619,17 @@ class TorchBackend(Backend):
         emb = embedding.expand(b, -1, -1, -1) if embedding.shape[0] != b else embedding
         if not emb.is_contiguous(memory_format=self.torch.channels_last):  # the lean encoder's is channels-last
             emb = emb.contiguous()
-        inputs = [emb, self._tensor(boxes)]
-        if self._prompt_tokens is not None:
-            inputs.append(self._tensor(self._prompt_tokens(boxes)))
-        up = self._run(("prompt", tuple(emb.shape)), self._fns["prompt"], inputs)
+        up = self._run(("prompt", tuple(emb.shape)), self._fns["prompt"], [emb, *self._box_inputs(boxes)])
         self._box_cache = (embedding, boxes.copy(), up)
         return up
+
+    def _box_inputs(self, boxes: np.ndarray) -> list[Any]:
+        """The box part's device inputs after the embedding: the boxes, and with an fp32 box part their
+        transformer tokens made on the host (``prompt_fn``'s arguments)."""
+        inputs = [self._tensor(boxes)]
+        if self._prompt_tokens is not None:
+            inputs.append(self._tensor(self._prompt_tokens(boxes)))
+        return inputs
 
     def _points(self, up: Any, coords: Any) -> tuple[Any, Any, Any]:
         """The per-point part on the device for coords (B, N, 2), a numpy array or a device tensor: (B, K, N)

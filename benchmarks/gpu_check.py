@@ -100,10 +100,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="also time full, sparse and fused frames (not compiled) with the fused norms, point rows, "
                          "uncertainty and planner Triton kernels on, as a bf16+triton backend (skipped where Triton "
                          "cannot run)")
-    ap.add_argument("--fused-mlp", type=int, default=0, metavar="BLOCK_M",
-                    help="the timing rows' bf16 backend (not +compile) runs the fused point-MLP kernel at this block size "
-                         "(0: off, and the decoder options leave it out; -1: the fastest in the decoder options, "
-                         "off if none ran)")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_check"))
     a = ap.parse_args(argv)
     for mod in ("torch", "segment_anything", "imedsam_train", "imedsam_export", "imedsam_deploy"):
@@ -194,7 +190,6 @@ def main(argv: list[str] | None = None) -> int:
     info["fused_features"] = ours["bf16"].fused_features
     info["fused_uncertainty"] = ours["bf16"].fused_uncertainty
     info["fused_planner"] = ours["bf16"].fused_planner
-    info["fused_mlp_block"] = a.fused_mlp
     info["parts"] = a.parts
     ref = ReferenceIMedSAM(model.to(dev))
 
@@ -378,33 +373,28 @@ def main(argv: list[str] | None = None) -> int:
         pairs with GEMM epilogues or not (``relu_epilogue``, with the padded layers), each point's input row as
         one Triton kernel or not (``fused_features``, with both; skipped without CUDA), then the uncertainty as one
         Triton kernel too (``fused_uncertainty``), then the device planner's levels as five Triton kernels
-        (``fused_planner``), and, with ``--fused-mlp``,
-        its MLPs as one Triton kernel (``fused_point_mlp``, at three block sizes): p50 per frame, per-stage
-        p50, and each variant's masks against the first's (grid_sample, unpadded, torch MLP, no epilogues).
+        (``fused_planner``): p50 per frame, per-stage p50, and each variant's masks against the first's
+        (grid_sample, unpadded, no epilogues).
         The backend's settings are restored."""
         def apply(o: dict[str, Any]) -> None:  # the decoder's graphs are recaptured
             be.set_decoder_sampling(o["grid_sample"])
-            be.set_decoder_mlp(o["fused_mlp"], o["block_m"])
             be.set_decoder_alignment(o["align_matmuls"])
             be.set_decoder_epilogue(o["relu_epilogue"])
             be.set_decoder_features(o["fused_features"])
             be.set_decoder_uncertainty(o["fused_uncertainty"])
             be.set_planner_kernels(o["fused_planner"])
 
-        keep = {"grid_sample": be.grid_sample, "fused_mlp": be.fused_mlp, "block_m": be.fused_mlp_block,
-                "align_matmuls": be.align_matmuls, "relu_epilogue": be.relu_epilogue,
+        keep = {"grid_sample": be.grid_sample, "align_matmuls": be.align_matmuls, "relu_epilogue": be.relu_epilogue,
                 "fused_features": be.fused_features, "fused_uncertainty": be.fused_uncertainty,
                 "fused_planner": be.fused_planner}
         inp = synthetic_inputs(S, 1, seed=5)
         out: list[dict[str, Any]] = []
         masks: dict[tuple[Any, ...], np.ndarray] = {}
-        default = {**{k: False for k in keep}, "grid_sample": True, "block_m": 32}
+        default = {**{k: False for k in keep}, "grid_sample": True}
         variants, on = [default, {**default, "grid_sample": False}], default
         for option in ("align_matmuls", "relu_epilogue", "fused_features", "fused_uncertainty", "fused_planner"):
             on = {**on, option: True}  # each on top of the ones before
             variants.append(on)
-        if a.fused_mlp:  # timed in session 7 and slower at every block size: only when asked for again
-            variants += [{**default, "fused_mlp": True, "block_m": b} for b in (16, 32, 64)]
         for what in variants:  # the default first: the others are compared with it
             v = tuple(what.values())
             try:
@@ -564,19 +554,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def timing_settings() -> None:
         """The timing rows' backend settings from the command line (after the decoder options, which restore the
-        backends' own, and which ``--fused-mlp -1`` reads)."""
-        if a.fused_mlp < 0:  # the fastest block size in the decoder options' sparse frames, if any ran
-            ran = [c for c in results.get("decoder_options", []) if c.get("fused_mlp") and c.get("query") == "sparse"
-                   and "p50_ms" in c]
-            a.fused_mlp = min(ran, key=lambda c: c["p50_ms"])["block_m"] if ran else 0
-        info["fused_mlp_block"] = a.fused_mlp
+        backends' own)."""
         if a.align_matmuls is not None:  # after the decoder options, which restore the backends' own settings
             for p, be in ours.items():
                 if p != "fp32":
                     be.set_decoder_alignment(a.align_matmuls == "on")
         info["align_matmuls"] = ours["bf16"].align_matmuls
-        if a.fused_mlp:
-            ours["bf16"].set_decoder_mlp(True, a.fused_mlp)  # not the compiled one: dynamo and a raw launch
 
     plain = [] if a.compile == "only" else [(o, b, False) for b in sorted(a.batches) for o in sorted(a.sizes)]
     compiled_rows = [] if a.compile == "none" else [(o, 1, True) for o in sorted(a.sizes)]
@@ -584,9 +567,9 @@ def main(argv: list[str] | None = None) -> int:
         plain, compiled_rows = [], []
     # the batch-1 rows (the latency targets, every variant against the reference) first, before the option
     # tables, so that a device call cut short by its time limit keeps them; then its compiled variants (perhaps the
-    # fastest path), then throughput. With --fused-mlp -1 the decoder options choose its block: all after them.
-    early = [r for r in plain if r[1] == 1] if a.fused_mlp >= 0 else []
-    late = [r for r in plain if r[1] == 1 and r not in early] + compiled_rows + [r for r in plain if r[1] != 1]
+    # fastest path), then throughput.
+    early = [r for r in plain if r[1] == 1]
+    late = compiled_rows + [r for r in plain if r[1] != 1]
     # ---- 2a. timing, batch 1 first (the rest after the option tables, section 2b)
     if early:
         timing_settings()
@@ -656,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         results["memory"] = memory
         save()
 
-    # ---- 2b. timing: what batch 1 left, its compiled variants, then the larger batches
+    # ---- 2b. timing: the compiled variants of batch 1, then the larger batches
     if not early:
         timing_settings()
     run_timing(late)
@@ -688,8 +671,7 @@ def main(argv: list[str] | None = None) -> int:
                                f"{c['p50_ms']:.3f} ms (min {c['min_ms']:.3f}), max abs diff {c['max_abs_diff_vs_plain']:.2e}"
                                + (f", box part {c['box_part_p50_ms']:.3f} ms" if "box_part_p50_ms" in c else "")))
     for c in results.get("decoder_options", []):
-        fused = (f", fused MLP m{c['block_m']}" if c["fused_mlp"] else "") + (
-            ", aligned" if c.get("align_matmuls") else "") + (", ReLU epilogues" if c.get("relu_epilogue") else "") + (
+        fused = (", aligned" if c.get("align_matmuls") else "") + (", ReLU epilogues" if c.get("relu_epilogue") else "") + (
             ", fused rows" if c.get("fused_features") else "") + (", fused unc" if c.get("fused_uncertainty") else "") + (
             ", fused planner" if c.get("fused_planner") else "")
         opt = (f"{c.get('out_size', '')} {c.get('query', '')} frame "

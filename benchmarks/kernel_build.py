@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-KERNELS = ("add_norm", "attention_operands", "frequency_chain", "point_features", "uncertainty", "planner",
-           "point_mlp")
+KERNELS = ("add_norm", "attention_operands", "frequency_chain", "point_features", "uncertainty", "planner")
 
 
 def builds(names: tuple[str, ...], capability: int) -> Iterator[tuple[str, str, dict[str, Any]]]:
@@ -81,16 +80,9 @@ def builds(names: tuple[str, ...], capability: int) -> Iterator[tuple[str, str, 
             for kernel, use in compile_for(s, 1, 2 if s == 1 else 1, capability).items():
                 yield f"{kernel}, stride {s}", use
 
-    def point_mlp() -> Iterator[tuple[str, dict[str, Any]]]:
-        from imedsam_export.fused_point_mlp import FusedPointMLP
-
-        dec = decoder()
-        for block in (16, 32, 64):
-            yield f"{block} points", FusedPointMLP(dec, bf16, block).compile_for(capability)
-
     table: dict[str, Callable[[], Iterator[tuple[str, dict[str, Any]]]]] = {
         "add_norm": add_norm, "attention_operands": attention_operands, "frequency_chain": frequency_chain,
-        "point_features": point_features, "uncertainty": uncertainty, "planner": planner, "point_mlp": point_mlp}
+        "point_features": point_features, "uncertainty": uncertainty, "planner": planner}
     for name in names:
         for variant, got in table[name]():
             yield name, variant, got

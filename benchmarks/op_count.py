@@ -97,9 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fused-planner", action="store_true",
                     help="the device planner's per-level bookkeeping as fused_planner's five Triton kernels (needs "
                          "triton; they run in its interpreter here): each launch counts as one op")
-    ap.add_argument("--fused-mlp", action="store_true",
-                    help="the decoder's MLPs as the one Triton kernel of fused_point_mlp (needs triton): its launch "
-                         "counts as one op, the kernel itself is not run")
     a = ap.parse_args(argv)
     import os
 
@@ -205,15 +202,6 @@ def _count(a: argparse.Namespace) -> int:
 
         for kernel in ("cells", "fill", "scatter", "need", "coords"):
             setattr(pk, f"level_{kernel}", one_launch(getattr(pk, f"level_{kernel}"), f"planner_{kernel}"))
-    if a.fused_mlp:
-        from imedsam_export.fused_point_mlp import FusedPointMLP
-
-        def launch(x: torch.Tensor, outs: torch.Tensor) -> None:
-            OpCounter.active[-1].ops["fused_point_mlp"] += 1  # one kernel; the outputs stay uninitialised
-
-        mlp = FusedPointMLP(be.decoder, be.amp_dtype or torch.float32)
-        mlp._launch = launch  # type: ignore[method-assign]  # this instance only
-        be.decoder.point_mlp = mlp
     s = a.input_size
     img = np.random.default_rng(0).random((1, 3, s, s), dtype=np.float32)
     box = np.array([[0.3 * s, 0.3 * s, 0.7 * s, 0.65 * s]], np.float32)
@@ -239,17 +227,16 @@ def _count(a: argparse.Namespace) -> int:
             with OpCounter() as plan:  # as torch-cuda's: the region's inputs made on the host
                 points = be.decoder.point_outputs if a.fused_planner else be._fns["points"]
                 res = planner.plan(lambda c, p=points: tuple(o[0] for o in p(up, c[None])), reg, table)
-            pts_note = "points not run" if a.fused_mlp else f"{int(res[2])} points"
-            rows.append((f"sparse planner {out}²", plan, f"{len(planner.levels) + 1} decoder calls inside, {pts_note}"))
+            rows.append((f"sparse planner {out}²", plan,
+                         f"{len(planner.levels) + 1} decoder calls inside, {int(res[2])} points"))
     taps = "Gather taps" if a.gather_taps else "grid_sample"
-    mlp = "one fused kernel" if a.fused_mlp else "torch layers"
     form = ("plain" if a.plain_layers else "lean") + " layers" + (", fused encoder norms" if a.fused_norms else "") + (
         ", fused attention operands" if a.fused_operands else "") + (
         ", fused frequency chain" if a.fused_frequency else "") + (", fp32 box part" if a.fp32_box_part else "") + (
         ", fused point rows" if a.fused_features else "") + (", fused uncertainty" if a.fused_uncertainty else "") + (
         ", fused planner" if a.fused_planner else "")
     print(f"{a.model} at {s}², {a.precision}, eager, non-view aten ops (~ GPU kernels), {form}, decoder samples "
-          f"by {taps}, its MLPs as {mlp}:")
+          f"by {taps}:")
     for name, c, note in rows:
         top = ", ".join(f"{k} {v}" for k, v in c.ops.most_common(a.top))
         print(f"{name:<22} {sum(c.ops.values()):>6}  {note:<36} {top}")

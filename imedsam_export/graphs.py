@@ -179,8 +179,6 @@ class DecoderGraph(nn.Module):
         self.coarse_head, self.fine_head = inr.coarse_head, inr.fine_head
         self.uncertainty = PointUncertainty(inr.coarse_head.weight[: self.K].detach(), inr.p)
         self.grid_sampling = False
-        # torch paths: every layer after the samples as one kernel (``fused_point_mlp``); exported graphs: None
-        self.point_mlp: nn.Module | None = None
         # torch paths: each point's input row as one kernel (``fused_point_features``); exported graphs: None
         self.point_features: nn.Module | None = None
         # torch paths: the uncertainty as one kernel (``fused_uncertainty``); exported graphs: None
@@ -282,8 +280,6 @@ class DecoderGraph(nn.Module):
     def point_outputs(self, up: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The per-point part: box-conditioned up-map (B, C/8, 4g, 4g), coords (B, N, 2) -> (B, K, N) x 3."""
         feats = self._point_rows(up, coords)
-        if self.point_mlp is not None:
-            return self.point_mlp(feats)
         al, K = self.aligned, self.K
         lin: nn.Linear = al["first"] if al is not None else self.first  # type: ignore[assignment]
         if self.relu_epilogue:
@@ -315,12 +311,11 @@ class DecoderGraph(nn.Module):
 
     def _point_rows(self, up: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """Each point's first-layer input, (B, N, n_in): [up-map sample, positional sample, gamma], and the zero
-        columns of ``align_matmuls``' padded first layer (not for the fused MLP, which takes n_in)."""
-        al = self.aligned if self.point_mlp is None else None
+        columns of ``align_matmuls``' padded first layer."""
+        al = self.aligned
         pad = self.feat_pad if al is not None else 0
         if self.point_features is not None:  # one kernel, the rows in the first GEMM's operand dtype
-            dtype = al["first"].weight.dtype if al is not None else (
-                self.first.weight.dtype if self.point_mlp is None else torch.float32)
+            dtype = (al["first"] if al is not None else self.first).weight.dtype
             return self.point_features(up, coords, self.first.in_features + pad, dtype)
         f_up, f_pe = self._grid_samples(up, coords) if self.grid_sampling else self._gather_samples(up, coords)
         parts = [f_up, f_pe, self.fourier(coords).to(f_up.dtype)]

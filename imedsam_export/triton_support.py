@@ -1,5 +1,5 @@
-"""Triton where torch's CUDA build brings it: the import, and what the fused kernels (``fused_point_mlp``,
-``fused_add_norm``) share to launch on the right device and to compile ahead of time without a GPU."""
+"""Triton where torch's CUDA build brings it: the import, and what the fused kernels (``fused_add_norm`` and the
+other ``fused_*`` modules) share to launch on the right device and to compile ahead of time without a GPU."""
 
 from __future__ import annotations
 

@@ -530,7 +530,7 @@ def test_torch_cuda_backend_refuses_clearly_without_cuda():
         TorchBackend(tiny(), device="cuda")
 
 
-@pytest.mark.parametrize(("option", "what"), [("fused_norms", "fused encoder norms"), ("fused_mlp", "fused decoder MLP"),
+@pytest.mark.parametrize(("option", "what"), [("fused_norms", "fused encoder norms"),
                                              ("fused_operands", "fused attention operands"),
                                              ("fused_frequency", "fused frequency chain"),
                                              ("fused_features", "fused point features"),

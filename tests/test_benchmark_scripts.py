@@ -69,32 +69,17 @@ def test_gpu_check_dry_run_runs_every_variant_and_agrees(tmp_path):
         (True, True, True, "sparse"), (True, True, True, "full")]
     assert not any("error" in o for o in ran) and all("mask_agreement" not in o for o in ran[:2])
     assert all(o["mask_agreement"] >= 0.999 for o in ran[2:])
-    # then the fused point rows on top, which need a GPU; the fused MLP only with --fused-mlp
+    # then the fused point rows on top, which need a GPU
     skipped = [o for o in opts if "skipped" in o]  # the fused rows, then the fused uncertainty, then the planner
     assert [(o["fused_features"], o["fused_uncertainty"], o["fused_planner"]) for o in skipped] == [
         (True, False, False), (True, True, False), (True, True, True)]
     assert all("needs a CUDA device" in o["skipped"] for o in skipped)
-    assert not any(o["fused_mlp"] for o in opts)
     mem = res["memory"]  # every mode at each output size ran (the figures themselves need a GPU)
     assert [(m["out_size"], m["query"]) for m in mem] == [(o, q) for o in (64, 96) for q in ("full", "sparse")]
     assert not any("error" in m for m in mem)
     for name in ("encoder", "sparse frame", "full frame"):
         prof = res["kernel_profiles"][name]
         assert prof["kernels_per_call"] > 10 and prof["kernel_ms_per_call"] > 0 and prof["top"]
-
-
-def test_gpu_check_times_the_fused_mlp_only_when_asked(tmp_path):
-    """--fused-mlp -1 adds the Triton kernel's three block sizes to the decoder options (here skipped: it needs a
-    GPU) and then runs the timing rows without it, none having run."""
-    rc = gpu_check.main(["--device", "cpu", "--model", "tiny", "--quick", "--input-size", "64", "--sizes", "64",
-                         "--batches", "1", "--compile", "none", "--parts", "decoder", "--fused-mlp", "-1",
-                         "--out", str(tmp_path)])
-    assert rc == 0
-    res = json.loads((tmp_path / "gpu_check.json").read_text())
-    skipped = [o for o in res["decoder_options"] if "skipped" in o and o["fused_mlp"]]
-    assert [o["block_m"] for o in skipped] == [16, 32, 64]
-    assert all("needs a CUDA device" in o["skipped"] for o in skipped)
-    assert res["info"]["fused_mlp_block"] == 0
 
 
 def test_host_overhead_runs(capsys):
@@ -119,13 +104,7 @@ def test_op_count_counts_each_stage(capsys):
     # grid_sample: one op per map where the Gather taps take dozens; the rest of the decoder is the same
     assert gather["one decoder call"] - counts["one decoder call"] >= 60
     assert gather["encoder"] == counts["encoder"]
-    if importlib.util.find_spec("triton") is not None:  # the fused MLP: its launch is one op for ~20 layer ops
-        assert op_count.main(["--model", "tiny", "--input-size", "64", "--out-sizes", "64", "--fused-mlp"]) == 0
-        lines = capsys.readouterr().out.splitlines()[1:]
-        fused = {line[:22].strip(): int(line[22:29]) for line in lines}
-        saved = counts["one decoder call"] - fused["one decoder call"]
-        assert saved >= 15 and fused["sparse planner 64²"] == counts["sparse planner 64²"] - 5 * saved
-        assert fused["encoder"] == counts["encoder"]
+    if importlib.util.find_spec("triton") is not None:
         # the fused point rows: one launch for the two grid_samples, the Fourier encoding and the concatenations
         assert op_count.main(["--model", "tiny", "--input-size", "64", "--out-sizes", "64", "--fused-features"]) == 0
         lines = capsys.readouterr().out.splitlines()[1:]

@@ -346,8 +346,11 @@ def test_fusable_gelu_is_exact_and_fused_by_onnxruntime(tmp_path):
     from imedsam_export.graphs import FusableGELU, use_fusable_gelu
     from imedsam_export.onnx_export import _export
 
-    x = torch.randn(10000) * 4
-    torch.testing.assert_close(FusableGELU()(x), torch.nn.functional.gelu(x), atol=1e-6, rtol=1e-6)
+    x = torch.randn(10000, generator=torch.Generator().manual_seed(0)) * 4
+    # x/2 (1 + erf(x/sqrt 2)) rounds 1 + erf to an ulp of 1, and torch's gelu rounds its own way: up to ~|x| 1.2e-7
+    # apart where erf is near -1 (2e-6 at the largest |x| here). A fixed draw: the global RNG's state varies.
+    err, bound = (FusableGELU()(x) - torch.nn.functional.gelu(x)).abs(), 1e-6 + 2.4e-7 * x.abs()
+    assert bool((err <= bound).all()), float((err / bound).max())
     mlp = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.GELU(), torch.nn.Linear(128, 32)).eval()
     assert use_fusable_gelu(mlp) == 1 and isinstance(mlp[1], FusableGELU)
     path = tmp_path / "mlp.onnx"

@@ -179,10 +179,7 @@ class TorchBackend(Backend):
     which never reads the tokens, on a second stream beside them. Both exact (tests/test_model.py).
     ``grid_sample`` (default on) samples the decoder's two maps with ``grid_sample`` (one kernel each) instead
     of the exported graph's Gather taps (~35 small ops each); within fp32 rounding (tests/test_export.py).
-    ``fused_mlp`` (default off) runs the per-point MLPs after
-    the samples as one Triton kernel (``imedsam_export.fused_point_mlp``) instead of 23 ops; within the precision's
-    rounding (tests/test_fused_point_mlp.py); on an H200 it was slower than the torch layers at every block size
-    (benchmarks/RESULTS.md, session 7). ``align_matmuls`` (default: on CUDA) zero-pads the per-point layers' odd
+    ``align_matmuls`` (default: on CUDA) zero-pads the per-point layers' odd
     widths to multiples of 8, so that cuBLAS takes its aligned Hopper GEMMs instead of align1 / align2 ones
     (exact: tests/test_export.py; an H200's vit_b sparse frame 8.4 -> 6.9 ms at 384², 18.4 -> 14.2 ms at 896²).
     ``lean_encoder`` (default: on CUDA) runs the encoder with ``imedsam_export.encoder_rewrites``: each block's
@@ -215,7 +212,7 @@ class TorchBackend(Backend):
         self, model: Any, device: str = "cuda", precision: str = "bf16", cuda_graphs: bool | None = None,
         max_batch: int = 8, max_points: int = 65536, compile: bool | str = False, bucket_points: bool | None = None,
         device_planner: bool | None = None, device_merge: bool | None = None, fused_attention: bool | None = None,
-        overlap_frequency: bool | None = None, grid_sample: bool = True, fused_mlp: bool = False,
+        overlap_frequency: bool | None = None, grid_sample: bool = True,
         align_matmuls: bool | None = None, lean_encoder: bool | None = None, lean_box_part: bool | None = None,
         relu_epilogue: bool | None = None, fused_norms: bool = False, fused_features: bool = False,
         fused_uncertainty: bool = False, fused_planner: bool = False, fused_operands: bool = False,
@@ -225,7 +222,7 @@ class TorchBackend(Backend):
         if precision not in PRECISIONS:
             raise UserError(f"backend torch: precision {precision!r} not one of {', '.join(PRECISIONS)}")
         given = locals()  # the arguments, by name
-        if compile and (fused_mlp or any(given[k] for k in TRITON_OPTIONS)):
+        if compile and any(given[k] for k in TRITON_OPTIONS):
             # two ways to the same end (inductor writes its own fused kernels); together they are untested
             raise UserError(f"backend torch: torch.compile ({COMPILE_ENV}) and the hand-written Triton kernels "
                             f"({TRITON_ENV}) are alternatives: set one")
@@ -338,7 +335,6 @@ class TorchBackend(Backend):
         self._axes: dict[tuple[int, int], tuple[Any, ...]] = {}  # output size -> device (x, y) pixel centres
         self.planner_fallbacks = 0  # boxes the device planner handed back to the host planner (over budget)
         self.set_decoder_sampling(grid_sample)
-        self.set_decoder_mlp(fused_mlp)
         self.set_decoder_alignment(self.device.type == "cuda" if align_matmuls is None else align_matmuls)
         self.set_decoder_epilogue(self.device.type == "cuda" if relu_epilogue is None else relu_epilogue)
         self.fused_features = self.fused_uncertainty = self.fused_planner = False
@@ -427,19 +423,6 @@ class TorchBackend(Backend):
         (equal within fp32 rounding); graphs and compiled planners that contain the decoder are dropped."""
         self.grid_sample = grid_sample
         self.decoder.use_grid_sample(grid_sample)
-        self._drop_decoder_graphs()
-
-    def set_decoder_mlp(self, fused: bool, block_m: int = 32) -> None:
-        """The per-point MLPs as one Triton kernel (``fused_point_mlp``, ``block_m`` points a program) or as
-        torch layers; graphs and compiled planners that contain the decoder are dropped."""
-        if fused:
-            from imedsam_export.fused_point_mlp import FusedPointMLP
-
-            self._need_triton("fused decoder MLP")
-            self.decoder.point_mlp = FusedPointMLP(self.decoder, self.amp_dtype or self.torch.float32, block_m)
-        else:
-            self.decoder.point_mlp = None
-        self.fused_mlp, self.fused_mlp_block = fused, block_m
         self._drop_decoder_graphs()
 
     def set_decoder_features(self, fused: bool) -> None:
@@ -531,8 +514,7 @@ class TorchBackend(Backend):
         graphs = ", CUDA graphs" if self.use_graphs else ""
         compiled = ", torch.compile" if self.compiled else ""
         opts = (", SDPA attention" if self.fused_attention else "") + (
-            ", frequency stream" if self.overlap_frequency else "") + (", grid_sample taps" if self.grid_sample else "") + (
-            ", fused decoder MLP" if self.fused_mlp else "") + (", aligned decoder matmuls" if self.align_matmuls else "") + (
+            ", frequency stream" if self.overlap_frequency else "") + (", grid_sample taps" if self.grid_sample else "") + (", aligned decoder matmuls" if self.align_matmuls else "") + (
             ", lean encoder" if self.lean_encoder else "") + (", lean box part" if self.lean_box_part else "") + (
             ", ReLU epilogues" if self.relu_epilogue else "") + (", fp32 box part" if self.fp32_box_part else "") + (
             ", fused encoder norms" if self.fused_norms else "") + (" (box part too)" if self.fused_box_norms else "") + (

@@ -52,7 +52,6 @@ from imedsam_deploy.sparse import SparseConfig
 
 STAGES = ("preprocess", "encoder", "decoder", "postprocess")
 QUERIES = QUERY_MODES
-CACHE_ENV = "IMEDSAM_CACHE"
 RANDOM_SEED = 0
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,6 +70,7 @@ class BenchOptions:
     sparse: SparseConfig = field(default_factory=SparseConfig)
     reference: bool = False
     threads: int | None = None
+    tune: bool = False  # torch backends: time their switchable options first, keep and save the fastest
 
 
 @dataclass
@@ -330,10 +330,6 @@ def random_artifact(name: str, input_size: int, log: Callable[[str], None]) -> t
     return _random_artifact(name, input_size, log)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "imedsam"))
-
-
 def latest_artifact_of(name: str | None) -> Path | None:
     from imedsam_deploy.paths import latest_artifact
 
@@ -361,9 +357,12 @@ def open_backends(artifact: Artifact, names: list[str] | None, precision: str | 
 
                 dev = "cuda" if name == "torch-cuda" else "cpu"
                 prec = "fp32" if dev == "cpu" else (precision or "bf16")
+                from imedsam_deploy.backends.torch_tuning import apply_saved, default_root
+
                 opts = env_options() if dev == "cuda" else {}  # as imedsam-infer opens it
-                opened.append(TorchBackend(model, dev, prec, max_batch=artifact.max_batch, max_points=artifact.max_points,
-                                           **opts))
+                tb = TorchBackend(model, dev, prec, max_batch=artifact.max_batch, max_points=artifact.max_points, **opts)
+                apply_saved(tb, default_root())  # as torch_cuda.create does
+                opened.append(tb)
             except UserError as e:
                 skipped[name] = str(e)
             continue
@@ -428,6 +427,8 @@ def run_bench(artifact_path: Path | Artifact, opts: BenchOptions, model: Any | N
         ref = reference_runner(ref_model, opts.threads)
     make_inputs = inputs_for or (lambda size, batch: synthetic_inputs(size, batch))
     sizes = opts.out_sizes or default_out_sizes(s, opts.reference)
+    tunings = tune_backends(backends, artifact, opts, make_inputs(s, opts.batches[0]), sizes[0] or s, log) \
+        if opts.tune else []
     results: list[dict[str, Any]] = []
     reference_rows: list[dict[str, Any]] = []
     for batch in opts.batches:
@@ -501,7 +502,41 @@ def run_bench(artifact_path: Path | Artifact, opts: BenchOptions, model: Any | N
         "skipped": skipped, "results": results, "reference": reference_rows,
         "backends": summarise(results),
     }
+    if opts.tune:
+        report["tuning"] = tunings
     return report
+
+
+def tune_backends(backends: list[Backend], artifact: Artifact, opts: BenchOptions, inputs: Inputs, out_size: int,
+                  log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """``--tune``: each torch backend's switchable options timed on the first query, batch and output size
+    (``backends.torch_tuning``), the fastest kept for the timed rows and saved for the next run. The tunings."""
+    from imedsam_deploy.backends.torch_tuning import apply, default_root, save, tune, tuning_path
+
+    tunable: list[Any] = [b for b in backends if b.name in ("torch-cuda", "torch-cpu")]  # TorchBackends
+    if not tunable:
+        raise UserError(f"--tune: it tunes the torch backends (torch-cuda, or torch-cpu with --model), and none of "
+                        f"{', '.join(b.name for b in backends)} is one")
+    out: list[dict[str, Any]] = []
+    for be in tunable:
+        untuned = getattr(be, "untuned_settings", None)
+        if untuned is not None:  # tuned before: start again from the defaults, the agreement's reference
+            apply(be, untuned)
+        fr = FrameRunner(be, artifact, cast(QueryMode, opts.queries[0]), opts)
+        log(f"tuning {be.name} on {opts.queries[0]} frames, batch {len(inputs.images)}, {out_size}² output")
+        def frame(fr: FrameRunner = fr) -> list[np.ndarray]:
+            return fr.run(inputs, (out_size, out_size), None)
+
+        # at most 10 timed frames a setting a round: alternated over two rounds, enough on a GPU's replayed graphs
+        tuning = tune(be, frame, repeat=min(10, max(3, opts.repeat)), warmup=max(1, opts.warmup), log=log)
+        tuning.tuned_on = {"query": opts.queries[0], "batch": len(inputs.images), "out_size": out_size}
+        path = tuning_path(be, default_root())
+        save(tuning, path)
+        be.tuned_from = path
+        log(f"tuned {be.name}: {', '.join(k for k, v in tuning.settings.items() if v) or 'every option off'} "
+            f"(saved to {path})")
+        out.append({"path": str(path), **tuning.to_json()})
+    return out
 
 
 def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:

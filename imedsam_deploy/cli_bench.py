@@ -56,6 +56,9 @@ def bench(
     sparse_stride: int = typer.Option(8, help="Initial lattice stride of the sparse planner."),
     out: Path = typer.Option(Path("runs/bench"), help="Folder for bench.json / bench.csv / bench.png."),
     json_path: Path | None = typer.Option(None, "--json", help="JSON report path (default OUT/bench.json)."),
+    tune: bool = typer.Option(False, "--tune", help="First time the torch backends' switchable options on the first "
+                              "query, batch and output size, keep the fastest whose masks agree, and save them to the "
+                              "cache, where torch-cuda finds them when it next opens on this machine."),
 ) -> None:
     """Warm up, time repeated frames, print a table; write JSON, CSV and a PNG plot."""
     from imedsam_deploy import bench as B
@@ -100,7 +103,7 @@ def bench(
         batches=tuple(batch or (1,)), out_sizes=tuple(out_size) if out_size else None,
         queries=tuple(query or ("sparse", "box")), chunk=points, warmup=warmup, repeat=repeat,
         margin=margin if margin is not None else B.DEFAULT_MARGIN,
-        sparse=SparseConfig(stride=sparse_stride), reference=reference, threads=threads,
+        sparse=SparseConfig(stride=sparse_stride), reference=reference, threads=threads, tune=tune,
     )
     if any(b < 1 for b in opts.batches) or any(o < 1 for o in opts.out_sizes or ()):
         raise UserError("--batch must be >= 1 and --out-size >= 1")

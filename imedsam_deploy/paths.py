@@ -3,6 +3,7 @@
     runs/<name>/checkpoints/{last,best}.pt   training (imedsam-train)
     runs/<name>/log.csv, curve.png, ...      training logs
     runs/<name>/export/                      artifact (imedsam-export default --out): manifest.json, *.onnx
+    $IMEDSAM_CACHE (~/.cache/imedsam)/       bench/ random-weight artifacts, tuning/ torch-cuda's tunings
 
 Commands that take an optional CHECKPOINT or ARTIFACT default to the newest run in the current folder,
 then to the model shipped with the package.
@@ -10,6 +11,7 @@ then to the model shipped with the package.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from imedsam_deploy.contract import MANIFEST_NAME
@@ -19,6 +21,11 @@ CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
 EXPORT_DIR = "export"
+CACHE_ENV = "IMEDSAM_CACHE"  # what the commands make for themselves: random-weight artifacts, tunings
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "imedsam"))
 
 
 def run_dir(name: str, root: Path | None = None) -> Path:

@@ -148,8 +148,12 @@ def create(artifact: Artifact, precision: str | None = None) -> TorchBackend:
     ck = source_checkpoint(artifact)
     assert ck is not None
     model, _ = load_checkpoint(ck)
-    return TorchBackend(model, "cuda", precision or "bf16", max_batch=artifact.max_batch,
-                        max_points=artifact.max_points, **env_options())
+    be = TorchBackend(model, "cuda", precision or "bf16", max_batch=artifact.max_batch,
+                      max_points=artifact.max_points, **env_options())
+    from imedsam_deploy.backends.torch_tuning import apply_saved, default_root
+
+    apply_saved(be, default_root())  # what imedsam-bench --tune found fastest on this machine, if it ran
+    return be
 
 
 def env_options() -> dict[str, bool]:
@@ -292,6 +296,8 @@ class TorchBackend(Backend):
                              keep=(folded.prompt_encoder, folded.mask_decoder) if self.fp32_box_part else ())
         self.num_classes = folded.cfg.num_classes
         self.compiled = bool(compile)
+        self.tuned_from: Path | None = None  # the tuning file applied (torch_tuning.apply_saved), if any
+        self.untuned_settings: dict[str, bool] | None = None  # the settings it replaced
         # graphs and compiled code are both per shape: bucket the point count for either
         self.bucket_points = (self.use_graphs or self.compiled) if bucket_points is None else bucket_points
         self._points_pool: Any = None
@@ -514,14 +520,16 @@ class TorchBackend(Backend):
         graphs = ", CUDA graphs" if self.use_graphs else ""
         compiled = ", torch.compile" if self.compiled else ""
         opts = (", SDPA attention" if self.fused_attention else "") + (
-            ", frequency stream" if self.overlap_frequency else "") + (", grid_sample taps" if self.grid_sample else "") + (", aligned decoder matmuls" if self.align_matmuls else "") + (
+            ", frequency stream" if self.overlap_frequency else "") + (", grid_sample taps" if self.grid_sample else "") + (
+            ", aligned decoder matmuls" if self.align_matmuls else "") + (
             ", lean encoder" if self.lean_encoder else "") + (", lean box part" if self.lean_box_part else "") + (
             ", ReLU epilogues" if self.relu_epilogue else "") + (", fp32 box part" if self.fp32_box_part else "") + (
             ", fused encoder norms" if self.fused_norms else "") + (" (box part too)" if self.fused_box_norms else "") + (
             ", fused attention operands" if self.fused_operands else "") + (
             ", fused frequency chain" if self.fused_frequency else "") + (
             ", fused point features" if self.fused_features else "") + (
-            ", fused uncertainty" if self.fused_uncertainty else "") + (", fused planner" if self.fused_planner else "")
+            ", fused uncertainty" if self.fused_uncertainty else "") + (", fused planner" if self.fused_planner else "") + (
+            ", tuned" if self.tuned_from is not None else "")
         return f"{self.name} ({self.precision}{graphs}{compiled}{opts}){gpu}"
 
     # --- plumbing ---

@@ -1,0 +1,249 @@
+"""torch-cuda's switchable options timed on this machine, and the fastest kept: an autotuner, as cuDNN's benchmark
+mode is for convolutions.
+
+Every option of ``TorchBackend`` that can change after it is built (the knobs below) is exact, or within its
+precision's rounding, and each has its own test. Which setting is faster depends on the card, the driver and torch:
+an H200 timed some of them (benchmarks/RESULTS.md), and the Triton kernels' defaults are off until a GPU has timed
+them. ``tune`` flips the knobs one at a time from the backend's settings. It times the frame with each setting,
+alternating between the two, and keeps a flip only where the frame is faster by more than ``min_gain`` and its masks
+agree with the untuned frame's on at least ``min_agreement`` of the pixels: a kernel that computes something else on
+this card is never chosen. ``save`` writes the result to the cache, keyed by the device, torch, Triton, the
+model's shapes and the backend's fixed options; torch-cuda applies it when it opens (``apply_saved``), unless
+``IMEDSAM_TORCH_TUNED=0``. ``imedsam-bench --tune`` runs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imedsam_deploy.atomic import atomic_write_text
+from imedsam_deploy.errors import UserError
+from imedsam_deploy.paths import cache_dir
+
+TUNED_ENV = "IMEDSAM_TORCH_TUNED"  # "0": torch-cuda opens with its defaults, whatever was tuned
+FORMAT = "imedsam-torch-tuning"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One switchable option: the backend attribute that holds it and the call that sets it."""
+
+    name: str
+    stage: str  # "encoder" | "decoder": which part of the frame it changes
+    setter: Callable[[Any, bool], None]
+
+    def get(self, be: Any) -> bool:
+        return bool(getattr(be, self.name))
+
+
+# encoder first, then the decoder; within each, the measured options before the Triton kernels they underlie
+KNOBS: tuple[Knob, ...] = (
+    Knob("fused_attention", "encoder", lambda be, v: be.set_encoder_options(v, be.overlap_frequency)),
+    Knob("overlap_frequency", "encoder", lambda be, v: be.set_encoder_options(be.fused_attention, v)),
+    Knob("fused_norms", "encoder", lambda be, v: be.set_encoder_norms(v)),
+    Knob("fused_operands", "encoder", lambda be, v: be.set_encoder_operands(v)),
+    Knob("fused_frequency", "encoder", lambda be, v: be.set_encoder_frequency(v)),
+    Knob("grid_sample", "decoder", lambda be, v: be.set_decoder_sampling(v)),
+    Knob("align_matmuls", "decoder", lambda be, v: be.set_decoder_alignment(v)),
+    Knob("relu_epilogue", "decoder", lambda be, v: be.set_decoder_epilogue(v)),
+    Knob("fused_features", "decoder", lambda be, v: be.set_decoder_features(v)),
+    Knob("fused_uncertainty", "decoder", lambda be, v: be.set_decoder_uncertainty(v)),
+    Knob("fused_planner", "decoder", lambda be, v: be.set_planner_kernels(v)),
+)
+KNOB_NAMES = tuple(k.name for k in KNOBS)
+
+
+@dataclass
+class Trial:
+    """One knob flipped: the frame's median time with each setting, the masks' agreement, the verdict."""
+
+    knob: str
+    value: bool  # the setting tried (the other one is what the backend had)
+    ms_before: float | None = None
+    ms_after: float | None = None
+    agreement: float | None = None  # fraction of mask pixels equal to the untuned frame's
+    kept: bool = False
+    note: str = ""  # why it was not tried, or not kept
+
+
+@dataclass
+class Tuning:
+    key: dict[str, Any]
+    settings: dict[str, bool]  # every knob's chosen setting
+    tuned_on: dict[str, Any] = field(default_factory=dict)  # the frame it was timed on (query, output size, batch)
+    trials: list[Trial] = field(default_factory=list)
+    created: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, **asdict(self)}
+
+
+def settings_of(be: Any) -> dict[str, bool]:
+    return {k.name: k.get(be) for k in KNOBS}
+
+
+def machine_key(be: Any) -> dict[str, Any]:
+    """What a tuning holds for: the device, the software that makes its kernels, the model's shapes (not its
+    weights) and the options fixed when the backend was built."""
+    torch = be.torch
+    device = torch.cuda.get_device_name(be.device) if be.device.type == "cuda" else "cpu"
+    try:
+        import triton
+
+        triton_version: str | None = triton.__version__
+    except ImportError:
+        triton_version = None
+    cfg = getattr(be.model, "cfg", None)
+    shapes = hashlib.sha256(repr(cfg).encode()).hexdigest()[:16]
+    return {"backend": be.name, "device": device, "torch": torch.__version__, "triton": triton_version,
+            "precision": be.precision, "model": shapes, "max_batch": be.max_batch, "max_points": be.max_points,
+            "fixed": {"cuda_graphs": be.use_graphs, "compile": be.compiled, "lean_encoder": be.lean_encoder,
+                      "lean_box_part": be.lean_box_part, "fp32_box_part": be.fp32_box_part}}
+
+
+def default_root() -> Path:
+    return cache_dir() / "tuning"
+
+
+def tuning_path(be: Any, root: Path) -> Path:
+    """The backend's tuning file under ``root`` (the cache's ``tuning`` folder), named by its key's hash."""
+    digest = hashlib.sha256(json.dumps(machine_key(be), sort_keys=True).encode()).hexdigest()[:20]
+    return root / f"{be.name}-{digest}.json"
+
+
+def agreement(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
+    """The fraction of mask pixels equal in two frames' masks (every image and class)."""
+    same = sum(int((x == y).sum()) for x, y in zip(a, b, strict=True))
+    return same / max(1, sum(x.size for x in a))
+
+
+def tune(
+    be: Any, frame: Callable[[], list[np.ndarray]], *, knobs: Sequence[Knob] = KNOBS, repeat: int = 10,
+    warmup: int = 2, rounds: int = 2, min_gain: float = 0.02, min_agreement: float = 0.999,
+    clock: Callable[[], float] = time.perf_counter, log: Callable[[str], None] | None = None,
+) -> Tuning:
+    """Flip each knob, time ``frame`` (which returns the masks, on the host: the frame has finished) with both
+    settings, ``rounds`` times each, alternating, ``warmup`` untimed frames after each switch (graph capture) and
+    ``repeat`` timed; keep the faster one (by more than ``min_gain``) where its masks agree with the untuned
+    frame's on ``min_agreement`` of the pixels. The backend is left with the chosen settings."""
+    if getattr(be, "compiled", False):
+        raise UserError(f"backend {be.name}: tuning a torch.compile'd backend would recompile it for every trial: "
+                        "tune without IMEDSAM_TORCH_COMPILE")
+    if repeat < 1 or warmup < 0 or rounds < 1:
+        raise ValueError("tune: repeat and rounds must be >= 1, warmup >= 0")
+    say = log or (lambda _m: None)
+    for _ in range(max(1, warmup)):
+        untuned = frame()
+
+    def timed(value: bool, knob: Knob) -> tuple[list[float], list[np.ndarray]]:
+        knob.setter(be, value)
+        for _ in range(warmup):
+            masks = frame()
+        times = []
+        for _ in range(repeat):
+            t0 = clock()
+            masks = frame()
+            times.append((clock() - t0) * 1e3)
+        return times, masks
+
+    trials: list[Trial] = []
+    for knob in knobs:
+        before = knob.get(be)
+        trial = Trial(knob.name, not before)
+        try:
+            knob.setter(be, not before)  # refused here (no Triton, say) before anything is timed
+        except UserError as e:
+            trial.note = str(e)
+            trials.append(trial)
+            say(f"tune {knob.name}={not before}: not tried ({e})")
+            continue
+        samples: dict[bool, list[float]] = {before: [], not before: []}
+        masks: list[np.ndarray] = []
+        try:
+            for _ in range(rounds):
+                for value in (before, not before):
+                    t, m = timed(value, knob)
+                    samples[value] += t
+                    if value != before:
+                        masks = m
+        except Exception as e:  # a kernel that fails on this card: report it, keep the setting that ran
+            knob.setter(be, before)
+            trial.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            trials.append(trial)
+            say(f"tune {knob.name}={not before}: {trial.note}")
+            continue
+        trial.ms_before, trial.ms_after = statistics.median(samples[before]), statistics.median(samples[not before])
+        trial.agreement = agreement(masks, untuned)
+        faster = trial.ms_after < trial.ms_before * (1.0 - min_gain)
+        trial.kept = faster and trial.agreement >= min_agreement
+        if not trial.kept:
+            knob.setter(be, before)
+            trial.note = ("masks differ" if trial.agreement < min_agreement else
+                          "not faster" if not faster else "")
+        trials.append(trial)
+        say(f"tune {knob.name}={not before}: {trial.ms_before:.3f} -> {trial.ms_after:.3f} ms, masks "
+            f"{100 * trial.agreement:.3f}% as untuned: {'kept' if trial.kept else trial.note}")
+    return Tuning(machine_key(be), settings_of(be), trials=trials,
+                  created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
+def save(tuning: Tuning, path: Path) -> None:
+    atomic_write_text(path, json.dumps(tuning.to_json(), indent=1) + "\n")
+
+
+def load(path: Path) -> Tuning:
+    """A tuning file, checked; anything else is refused in one line naming the file."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path}: not a readable tuning file ({type(e).__name__}); delete it or re-run "
+                        "imedsam-bench --tune") from None
+    ok = (isinstance(d, dict) and d.get("format") == FORMAT and d.get("version") == VERSION
+          and isinstance(d.get("key"), dict) and isinstance(d.get("settings"), dict)
+          and set(d["settings"]) == set(KNOB_NAMES) and all(isinstance(v, bool) for v in d["settings"].values()))
+    if not ok:
+        raise UserError(f"{path}: not a tuning file of this version (format {FORMAT} {VERSION}, one setting per "
+                        f"knob: {', '.join(KNOB_NAMES)}); delete it or re-run imedsam-bench --tune")
+    trials = [Trial(**t) for t in d.get("trials", []) if isinstance(t, dict)]
+    return Tuning(d["key"], d["settings"], d.get("tuned_on", {}), trials, d.get("created", ""))
+
+
+def apply(be: Any, settings: dict[str, bool]) -> list[str]:
+    """Set each knob as ``settings`` has it; the names of those changed."""
+    changed = []
+    for knob in KNOBS:
+        want = settings[knob.name]
+        if knob.get(be) != want:
+            knob.setter(be, want)
+            changed.append(knob.name)
+    return changed
+
+
+def apply_saved(be: Any, root: Path) -> Path | None:
+    """Apply the tuning saved for this backend under ``root``, if any (and not switched off by
+    ``IMEDSAM_TORCH_TUNED=0``); the file applied, or None. A file for another key is never read: the name is the
+    key's hash, and the key inside is checked too."""
+    if os.environ.get(TUNED_ENV, "") == "0":
+        return None
+    path = tuning_path(be, root)
+    if not path.is_file():
+        return None
+    tuning = load(path)
+    if tuning.key != machine_key(be):
+        raise UserError(f"{path}: tuned for another machine or backend than its name says; delete it or re-run "
+                        "imedsam-bench --tune")
+    untuned = settings_of(be)
+    apply(be, tuning.settings)
+    be.tuned_from, be.untuned_settings = path, untuned
+    return path

@@ -1,0 +1,185 @@
+"""torch-cuda's autotuner (``imedsam_deploy.backends.torch_tuning``), run on a CPU torch backend.
+
+The frame times here come from a clock the tests drive (a cost per frame from the backend's settings), so every
+verdict is decided by the test, never by this machine's speed: tests never assert wall-clock times.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from imedsam_deploy.backends import torch_tuning as tt
+from imedsam_deploy.backends.torch_cuda import TorchBackend
+from imedsam_deploy.bench import BenchOptions, FrameRunner, synthetic_inputs, tune_backends
+from imedsam_deploy.cli_bench import app
+from imedsam_deploy.errors import UserError
+
+from .conftest import not_interpreted
+from .test_bench import tiny
+
+S = 64
+
+
+class Frames:
+    """Sparse frames of a tiny CPU torch backend, each charged ``cost(be)`` ms on the test's clock."""
+
+    def __init__(self, cost, corrupt=lambda be: False):
+        from imedsam_deploy.backends.torch_models import model_artifact
+
+        model = tiny(size=S)
+        self.be = TorchBackend(model, device="cpu", precision="fp32")
+        art = model_artifact(model, max_batch=1)
+        self.runner = FrameRunner(self.be, art, "sparse", BenchOptions())
+        self.inputs = synthetic_inputs(S, 1)
+        self.cost, self.corrupt, self.now, self.calls = cost, corrupt, 0.0, 0
+
+    def clock(self) -> float:
+        return self.now / 1e3
+
+    def __call__(self) -> list[np.ndarray]:
+        masks = self.runner.run(self.inputs, (S, S), None)
+        self.now += self.cost(self.be)
+        self.calls += 1
+        return [~m for m in masks] if self.corrupt(self.be) else masks
+
+
+def test_tune_keeps_the_faster_settings_and_only_those():
+    """A flip that is faster is kept, one that is slower or no faster is put back; the Triton kernels, which
+    cannot run on a CPU, are reported as not tried, with the backend's reason; every decoder option here is exact,
+    so the masks agree with the untuned frame's everywhere."""
+    not_interpreted()
+    frames = Frames(lambda be: 10.0 - 3.0 * be.align_matmuls + 4.0 * be.relu_epilogue + 0.1 * be.grid_sample)
+    be = frames.be
+    before = tt.settings_of(be)
+    assert not before["align_matmuls"] and not before["relu_epilogue"] and before["grid_sample"]  # CPU defaults
+    tuning = tt.tune(be, frames, repeat=3, warmup=1, rounds=2, clock=frames.clock)
+    trials = {t.knob: t for t in tuning.trials}
+    assert list(trials) == list(tt.KNOB_NAMES)
+    assert trials["align_matmuls"].kept and trials["align_matmuls"].ms_after < trials["align_matmuls"].ms_before
+    assert not trials["relu_epilogue"].kept and trials["relu_epilogue"].note == "not faster"
+    # 0.1 ms of 10 is under the 2% a flip must gain: grid_sample stays as it was
+    assert not trials["grid_sample"].kept and tuning.settings["grid_sample"]
+    for name in ("fused_norms", "fused_operands", "fused_frequency", "fused_features", "fused_uncertainty",
+                 "fused_planner"):
+        assert not trials[name].kept and trials[name].ms_before is None
+        assert "needs a CUDA device" in trials[name].note or "triton is not installed" in trials[name].note
+    assert all(t.agreement == 1.0 for t in tuning.trials if t.agreement is not None)
+    assert tuning.settings == {**before, "align_matmuls": True} == tt.settings_of(be)  # the backend is left tuned
+    assert tuning.key == tt.machine_key(be) and tuning.key["device"] == "cpu"
+
+
+def test_tune_refuses_a_faster_flip_whose_masks_differ():
+    """A knob whose setting is faster but changes the masks (a kernel that is wrong on this card) is put back."""
+    frames = Frames(lambda be: 5.0 if be.relu_epilogue else 10.0, corrupt=lambda be: be.relu_epilogue)
+    knob = next(k for k in tt.KNOBS if k.name == "relu_epilogue")
+    tuning = tt.tune(frames.be, frames, knobs=[knob], repeat=2, warmup=1, clock=frames.clock)
+    (trial,) = tuning.trials
+    assert trial.ms_after < trial.ms_before and trial.agreement < 0.5
+    assert not trial.kept and trial.note == "masks differ" and not frames.be.relu_epilogue
+
+
+def test_tune_reports_a_setting_that_fails_and_keeps_the_one_that_ran():
+    """A setting whose frame raises (a kernel that does not compile on this card, say) is reported in one line and
+    the backend goes on with the setting it had."""
+    frames = Frames(lambda be: 1.0)
+
+    def set_broken(be, on: bool) -> None:
+        be.set_decoder_alignment(on)
+        be.broken = on
+
+    def frame():
+        if getattr(frames.be, "broken", False):
+            raise RuntimeError("CompilationError: at 3:4\nmore lines")
+        return frames()
+
+    knob = tt.Knob("align_matmuls", "decoder", set_broken)
+    tuning = tt.tune(frames.be, frame, knobs=[knob], repeat=2, warmup=1, clock=frames.clock)
+    (trial,) = tuning.trials
+    assert not trial.kept and trial.note == "failed: RuntimeError: CompilationError: at 3:4"
+    assert not frames.be.align_matmuls and not frames.be.broken
+
+
+def test_tune_refuses_a_compiled_backend_and_bad_counts():
+    frames = Frames(lambda be: 1.0)
+    with pytest.raises(ValueError, match="repeat"):
+        tt.tune(frames.be, frames, repeat=0)
+    frames.be.compiled = True
+    with pytest.raises(UserError, match="torch.compile'd backend"):
+        tt.tune(frames.be, frames)
+    assert frames.calls == 0
+
+
+def test_a_saved_tuning_is_applied_when_the_backend_opens_again(tmp_path, monkeypatch):
+    """save -> apply_saved on a new backend of the same key: its settings, and 'tuned' in its description;
+    IMEDSAM_TORCH_TUNED=0 leaves the defaults; another precision is another key, so the file is not read."""
+    frames = Frames(lambda be: 10.0 - 3.0 * be.align_matmuls)
+    knob = next(k for k in tt.KNOBS if k.name == "align_matmuls")
+    tuning = tt.tune(frames.be, frames, knobs=[knob], repeat=2, warmup=1, clock=frames.clock)
+    path = tt.tuning_path(frames.be, tmp_path)
+    tt.save(tuning, path)
+    assert json.loads(path.read_text())["settings"]["align_matmuls"] is True
+
+    fresh = TorchBackend(tiny(size=S), device="cpu", precision="fp32")
+    assert not fresh.align_matmuls and "tuned" not in fresh.description
+    monkeypatch.setenv(tt.TUNED_ENV, "0")
+    assert tt.apply_saved(fresh, tmp_path) is None and not fresh.align_matmuls
+    monkeypatch.delenv(tt.TUNED_ENV)
+    assert tt.apply_saved(fresh, tmp_path) == path
+    assert fresh.align_matmuls and fresh.description.endswith(", tuned)") and fresh.tuned_from == path
+    assert fresh.untuned_settings is not None and not fresh.untuned_settings["align_matmuls"]
+    other = TorchBackend(tiny(size=S), device="cpu", precision="bf16")
+    assert tt.tuning_path(other, tmp_path) != path and tt.apply_saved(other, tmp_path) is None
+
+
+def test_a_bad_tuning_file_is_refused_in_one_line_naming_it(tmp_path):
+    be = TorchBackend(tiny(size=S), device="cpu", precision="fp32")
+    path = tt.tuning_path(be, tmp_path)
+    path.write_text("{not json")
+    with pytest.raises(UserError, match=f"{path}: not a readable tuning file") as e:
+        tt.apply_saved(be, tmp_path)
+    assert "\n" not in str(e.value)
+    good = tt.Tuning(tt.machine_key(be), tt.settings_of(be)).to_json()
+    for bad in ({**good, "version": 99}, {**good, "settings": {"align_matmuls": True}},
+                {**good, "settings": {**good["settings"], "grid_sample": "yes"}}):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(UserError, match=f"{path}: not a tuning file of this version"):
+            tt.apply_saved(be, tmp_path)
+    path.write_text(json.dumps({**good, "key": {**good["key"], "device": "NVIDIA H200"}}))
+    with pytest.raises(UserError, match="tuned for another machine"):
+        tt.apply_saved(be, tmp_path)
+    assert not be.align_matmuls  # nothing applied
+
+
+def test_tune_backends_needs_a_torch_backend():
+    class Onnx:
+        name = "ort-cpu"
+
+    with pytest.raises(UserError, match="--tune: it tunes the torch backends .* none of ort-cpu is one"):
+        tune_backends([Onnx()], None, BenchOptions(), synthetic_inputs(S, 1), S, print)  # type: ignore[list-item]
+
+
+def test_bench_tune_saves_the_tuning_and_the_next_run_applies_it(tmp_path, monkeypatch):
+    """``imedsam-bench --model tiny --backend torch-cpu --tune``: every knob in the report's tuning, the file
+    saved in the cache; the next run, without --tune, opens the backend tuned."""
+    monkeypatch.setenv("IMEDSAM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    args = ["--model", "tiny", "--input-size", str(S), "--backend", "torch-cpu", "--query", "sparse",
+            "--out-size", str(S), "--warmup", "1", "--repeat", "3"]
+    res = CliRunner().invoke(app, [*args, "--tune", "--json", str(tmp_path / "a.json")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "a.json").read_text())
+    (tuning,) = report["tuning"]
+    assert [t["knob"] for t in tuning["trials"]] == list(tt.KNOB_NAMES)
+    assert tuning["tuned_on"] == {"query": "sparse", "batch": 1, "out_size": S}
+    saved = Path(tuning["path"])
+    assert saved.parent == tmp_path / "cache" / "tuning" and json.loads(saved.read_text())["settings"] == tuning["settings"]
+    assert report["results"][0]["description"].endswith(", tuned)")
+    res = CliRunner().invoke(app, [*args, "--json", str(tmp_path / "b.json")])
+    assert res.exit_code == 0, res.output
+    row = json.loads((tmp_path / "b.json").read_text())["results"][0]
+    assert row["description"].endswith(", tuned)") and "tuning" not in json.loads((tmp_path / "b.json").read_text())

@@ -116,6 +116,13 @@ for name, fp32_box, fused in (("fp32 box", True, False), ("fp32 box, fused", Tru
     calls.clear(), post_calls.clear()
     ups[name] = be.box_features(emb_in, boxes).float()
     calls_box[name] = [len(calls), len(post_calls), be.description]
+# the fp32 box part switched on at run time (as the tuner does) on the bf16 box part with fused norms: the same
+# kernels, the same features as the backend built with it
+calls.clear(), post_calls.clear()
+be.set_box_precision(True)
+switched = be.box_features(emb_in, boxes).float()
+calls_box["switched on"] = [len(calls), len(post_calls), be.description]
+out["switched_bitwise"] = bool(torch.equal(switched, ups["fp32 box, fused"]))
 ref_up = ups["fp32 box"]
 out["box_fused_vs_unfused"] = float((ups["fp32 box, fused"] - ref_up).norm() / ref_up.norm())
 out["box_calls"] = calls_box
@@ -187,3 +194,6 @@ def test_the_fp32_box_part_with_fused_norms_equals_it_unfused(compared):
     assert calls["fp32 box, fused"][:2] == [3, 6]  # add_norm: norm2 twice and the final norm; the rest with post
     assert "(box part too)" in calls["fp32 box, fused"][2]
     assert "(box part too)" not in calls["bf16 box, fused"][2] and "fused encoder norms" in calls["bf16 box, fused"][2]
+    # set_box_precision(True) on the bf16 box part with fused norms: the fused box norms come with it
+    assert calls["switched on"][:2] == [3, 6] and "(box part too)" in calls["switched on"][2]
+    assert compared["switched_bitwise"]

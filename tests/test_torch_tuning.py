@@ -68,9 +68,22 @@ def test_tune_keeps_the_faster_settings_and_only_those():
                  "fused_planner"):
         assert not trials[name].kept and trials[name].ms_before is None
         assert "needs a CUDA device" in trials[name].note or "triton is not installed" in trials[name].note
+    assert "fp32 box part: the backend runs in fp32 already" in trials["fp32_box_part"].note
     assert all(t.agreement == 1.0 for t in tuning.trials if t.agreement is not None)
     assert tuning.settings == {**before, "align_matmuls": True} == tt.settings_of(be)  # the backend is left tuned
     assert tuning.key == tt.machine_key(be) and tuning.key["device"] == "cpu"
+
+
+def test_tune_keeps_a_flip_only_if_it_is_faster_in_every_round():
+    """The machine drifts (a shared CPU): the flip is twice as fast in the first round and 5% slower in the
+    second. Its median over both rounds is faster, but it is not kept."""
+    knob = next(k for k in tt.KNOBS if k.name == "align_matmuls")
+    # frames: 1 untuned warm-up; per round 1 warm-up + 3 timed frames off, then on; the second round from frame 9
+    frames = Frames(lambda be: 10.0 if not be.align_matmuls else 5.0 if frames.calls < 9 else 10.5)
+    tuning = tt.tune(frames.be, frames, knobs=[knob], repeat=3, warmup=1, rounds=2, clock=frames.clock)
+    (trial,) = tuning.trials
+    assert frames.calls == 17 and trial.ms_after < 0.9 * trial.ms_before
+    assert not trial.kept and trial.note == "not faster" and not frames.be.align_matmuls
 
 
 def test_tune_refuses_a_faster_flip_whose_masks_differ():

@@ -84,6 +84,13 @@ def ugs_merge_device(coarse: Any, fine: Any, unc: Any, k: int) -> Any:
     return coarse.scatter(-1, idx, fine.gather(-1, idx))
 
 
+def weight_layers(module: Any) -> list[Any]:
+    """The Linear and convolution layers under ``module``: those whose weights ``store_weights_in`` stores."""
+    from torch import nn
+
+    return [m for m in module.modules() if isinstance(m, nn.Linear | nn.Conv2d | nn.ConvTranspose2d)]
+
+
 def store_weights_in(module: Any, dtype: Any, keep: tuple[Any, ...] = ()) -> int:
     """Store the weight and bias of every Linear and convolution under ``module`` in the autocast dtype;
     returns how many layers. Autocast would otherwise cast each fp32 weight and bias on every call, to the
@@ -94,11 +101,8 @@ def store_weights_in(module: Any, dtype: Any, keep: tuple[Any, ...] = ()) -> int
     the autocast dtype, as the layer itself would, so the attention after it runs in that dtype too instead
     of being promoted to fp32 (and cast back by every autocast op it feeds). Layers under the modules ``keep`` stay
     as they are (an fp32 island)."""
-    from torch import nn
-
     kept = {id(m) for k in keep for m in k.modules()}
-    layers = [m for m in module.modules()
-              if isinstance(m, nn.Linear | nn.Conv2d | nn.ConvTranspose2d) and id(m) not in kept]
+    layers = [m for m in weight_layers(module) if id(m) not in kept]
     for m in layers:
         m.weight.data = m.weight.data.to(dtype)
         if m.bias is not None:
@@ -192,9 +196,9 @@ class TorchBackend(Backend):
     about 30% fewer kernels: tests/test_encoder_rewrites.py); ``lean_box_part`` (default: on CUDA) the box
     part with ``imedsam_export.box_part_rewrites``: its dense positional map made once, the upscaling's norm as
     one ``layer_norm`` (tests/test_box_part_rewrites.py). Both fixed for the backend's life. ``fp32_box_part``
-    (default off: not yet timed on a GPU; fixed for the backend's life) runs the box part (SAM's two-way
+    (default off: not yet timed on a GPU; ``set_box_precision`` switches it) runs the box part (SAM's two-way
     transformer and the upscaling) in fp32 with its weights kept in fp32, from transformer tokens made on the
-    host in float64 (``box_part_rewrites.HostPromptTokens``): about 40 fewer kernels a box (no autocast casts, no
+    host in float64 (``box_part_rewrites.HostPromptTokens``): about 50 fewer kernels a box (no autocast casts, no
     prompt-encoder arithmetic on the device), closer to the fp32 model (tests/test_box_part_rewrites.py).
     ``relu_epilogue``
     (default: on CUDA) runs the per-point trunks' Linear -> ReLU pairs as one GEMM with its epilogue each
@@ -262,17 +266,13 @@ class TorchBackend(Backend):
 
             rewrite(folded.image_encoder, self.amp_dtype or torch.float32)
         self.lean_box_part = cuda if lean_box_part is None else lean_box_part
-        # the box part in fp32 from host-made tokens (fixed for the backend's life: its layers stay fp32)
-        self.fp32_box_part = fp32_box_part and self.amp_dtype is not None
+        # the box part under the autocast here; set_box_precision (below) switches it to fp32
+        self.fp32_box_part = False
         self._prompt_tokens: Any = None
-        if self.fp32_box_part:
-            from imedsam_export.box_part_rewrites import HostPromptTokens
-
-            self._prompt_tokens = HostPromptTokens(folded)
         if self.lean_box_part:
             from imedsam_export.box_part_rewrites import lean_box_part as rewrite_box_part
 
-            rewrite_box_part(folded, None if self.fp32_box_part else self.amp_dtype)
+            rewrite_box_part(folded, self.amp_dtype)
         self._graphs: dict[tuple[Any, ...], tuple[Any, list[Any], Any]] = {}
         self._box_cache: tuple[Any, np.ndarray, Any] | None = None
         # streams inside a compiled graph are not supported by dynamo's fullgraph capture
@@ -291,9 +291,11 @@ class TorchBackend(Backend):
 
         decoder.uncertainty = _Fp32(decoder.uncertainty)  # type: ignore[assignment]
         self.decoder = decoder.to(self.device).eval()
+        # the box part's layers' fp32 weights and biases, kept for an fp32 box part (set_box_precision): ~16 MB at vit_b
+        self._box_masters = {m: (m.weight.data, None if m.bias is None else m.bias.data)
+                             for part in (folded.prompt_encoder, folded.mask_decoder) for m in weight_layers(part)}
         if self.amp_dtype is not None:  # self.model's layers included (the decoder holds it)
-            store_weights_in(self.decoder, self.amp_dtype,
-                             keep=(folded.prompt_encoder, folded.mask_decoder) if self.fp32_box_part else ())
+            store_weights_in(self.decoder, self.amp_dtype)
         self.num_classes = folded.cfg.num_classes
         self.compiled = bool(compile)
         self.tuned_from: Path | None = None  # the tuning file applied (torch_tuning.apply_saved), if any
@@ -351,6 +353,8 @@ class TorchBackend(Backend):
         if fused_planner:
             self.set_planner_kernels(True)
         self.fused_norms = self.fused_operands = self.fused_frequency = False
+        if fp32_box_part and self.amp_dtype is not None:  # (in an fp32 backend the box part is fp32 already)
+            self.set_box_precision(True)
         if fused_norms:
             self.set_encoder_norms(True)
         if fused_operands:
@@ -391,6 +395,36 @@ class TorchBackend(Backend):
         use_fused_box_norms(self.model.mask_decoder.transformer, fused)
         self.fused_norms = fused
         self._drop_encoder_graphs()
+        self._drop_box_graphs()
+
+    def set_box_precision(self, fp32: bool) -> None:
+        """The box part (prompt encoder, SAM's two-way transformer, the upscaling) in fp32 with its layers' fp32
+        weights, from transformer tokens made on the host in float64 (``box_part_rewrites.HostPromptTokens``), with
+        the lean two-way transformer where ``lean_box_part`` (and its norms fused where ``fused_norms``); or under
+        the backend's autocast with its weights in that dtype. Bitwise a backend built either way (the fp32
+        weights are kept); box-part graphs are dropped."""
+        if self.amp_dtype is None:
+            if fp32:
+                raise UserError(f"backend {self.name}: fp32 box part: the backend runs in fp32 already")
+            return
+        from imedsam_export.box_part_rewrites import (
+            HostPromptTokens,
+            freeze_dense_pe,
+            use_fused_box_norms,
+            use_lean_two_way,
+        )
+
+        for m, (w, b) in self._box_masters.items():
+            m.weight.data = w if fp32 else w.to(self.amp_dtype)
+            if b is not None:
+                m.bias.data = b if fp32 else b.to(self.amp_dtype)
+        self._prompt_tokens = HostPromptTokens(self.model) if fp32 else None
+        if self.lean_box_part:  # as lean_box_part(model, None if fp32 else autocast dtype) would have left it
+            transformer = self.model.mask_decoder.transformer
+            freeze_dense_pe(self.model, None if fp32 else self.amp_dtype)
+            use_lean_two_way(transformer, fp32)
+            use_fused_box_norms(transformer, fp32 and self.fused_norms)
+        self.fp32_box_part = fp32
         self._drop_box_graphs()
 
     def set_encoder_operands(self, fused: bool) -> None:

@@ -83,6 +83,7 @@ def test_tune_keeps_a_flip_only_if_it_is_faster_in_every_round():
     tuning = tt.tune(frames.be, frames, knobs=[knob], repeat=3, warmup=1, rounds=2, clock=frames.clock)
     (trial,) = tuning.trials
     assert frames.calls == 17 and trial.ms_after < 0.9 * trial.ms_before
+    assert np.allclose(trial.rounds_ms, [[10.0, 5.0], [10.0, 10.5]])
     assert not trial.kept and trial.note == "not faster" and not frames.be.align_matmuls
 
 

@@ -75,6 +75,7 @@ class Trial:
     ms_before: float | None = None
     ms_after: float | None = None
     agreement: float | None = None  # fraction of mask pixels equal to the untuned frame's
+    rounds_ms: list[list[float]] = field(default_factory=list)  # each round's medians: [before, after]
     kept: bool = False
     note: str = ""  # why it was not tried, or not kept
 
@@ -188,10 +189,11 @@ def tune(
         trial.ms_before = statistics.median([x for r in samples[before] for x in r])
         trial.ms_after = statistics.median([x for r in samples[not before] for x in r])
         trial.agreement = agreement(masks, untuned)
+        trial.rounds_ms = [[statistics.median(old), statistics.median(new)]
+                           for old, new in zip(samples[before], samples[not before], strict=True)]
         # faster in every round, not only overall: a machine whose speed drifts (a shared CPU) makes one
         # setting look faster in the round that happened to run in a quiet moment
-        faster = all(statistics.median(new) < statistics.median(old) * (1.0 - min_gain)
-                     for old, new in zip(samples[before], samples[not before], strict=True))
+        faster = all(new < old * (1.0 - min_gain) for old, new in trial.rounds_ms)
         trial.kept = faster and trial.agreement >= min_agreement
         if not trial.kept:
             knob.setter(be, before)

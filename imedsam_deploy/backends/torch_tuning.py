@@ -7,9 +7,11 @@ an H200 timed some of them (benchmarks/RESULTS.md), and the Triton kernels' defa
 them. ``tune`` flips the knobs one at a time from the backend's settings. It times the frame with each setting,
 alternating between the two, and keeps a flip only where the frame is faster by more than ``min_gain`` and its masks
 agree with the untuned frame's on at least ``min_agreement`` of the pixels: a kernel that computes something else on
-this card is never chosen. ``save`` writes the result to the cache, keyed by the device, torch, Triton, the
-model's shapes and the backend's fixed options; torch-cuda applies it when it opens (``apply_saved``), unless
-``IMEDSAM_TORCH_TUNED=0``. ``imedsam-bench --tune`` runs it.
+this card is never chosen. The default, 99.5%, leaves room for bf16 rounding: a change of it flipped 0.03-0.07% of
+a random-weight vit_b's mask pixels on an H200 (session 7's fused MLP), and a wrong kernel flips far more.
+``save`` writes the result to the cache, keyed by the device, torch, Triton, the model's shapes and the backend's
+fixed options; torch-cuda applies it when it opens (``apply_saved``), unless ``IMEDSAM_TORCH_TUNED=0``.
+``imedsam-bench --tune`` runs it.
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ def agreement(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
 
 def tune(
     be: Any, frame: Callable[[], list[np.ndarray]], *, knobs: Sequence[Knob] = KNOBS, repeat: int = 10,
-    warmup: int = 2, rounds: int = 2, min_gain: float = 0.02, min_agreement: float = 0.999,
+    warmup: int = 2, rounds: int = 2, min_gain: float = 0.02, min_agreement: float = 0.995,
     clock: Callable[[], float] = time.perf_counter, log: Callable[[str], None] | None = None,
 ) -> Tuning:
     """Flip each knob, time ``frame`` (which returns the masks, on the host: the frame has finished) with both

@@ -360,7 +360,8 @@ def open_backends(artifact: Artifact, names: list[str] | None, precision: str | 
                 from imedsam_deploy.backends.torch_tuning import apply_saved, default_root
 
                 opts = env_options() if dev == "cuda" else {}  # as imedsam-infer opens it
-                tb = TorchBackend(model, dev, prec, max_batch=artifact.max_batch, max_points=artifact.max_points, **opts)
+                tb = TorchBackend(model, dev, prec, max_batch=artifact.max_batch, max_points=artifact.max_points,
+                                  **opts)
                 apply_saved(tb, default_root())  # as torch_cuda.create does
                 opened.append(tb)
             except UserError as e:

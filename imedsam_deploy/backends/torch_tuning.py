@@ -141,7 +141,8 @@ def tune(
     """Flip each knob, time ``frame`` (which returns the masks, on the host: the frame has finished) with both
     settings, ``rounds`` times each, alternating, ``warmup`` untimed frames after each switch (graph capture) and
     ``repeat`` timed; keep the flip where it is faster by more than ``min_gain`` in every round (the medians) and
-    its masks agree with the untuned frame's on ``min_agreement`` of the pixels. The backend is left with the chosen settings."""
+    its masks agree with the untuned frame's on ``min_agreement`` of the pixels. The backend is left with the
+    chosen settings."""
     if getattr(be, "compiled", False):
         raise UserError(f"backend {be.name}: tuning a torch.compile'd backend would recompile it for every trial: "
                         "tune without IMEDSAM_TORCH_COMPILE")

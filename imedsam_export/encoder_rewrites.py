@@ -21,17 +21,19 @@ own forms. Two Triton options further cut a lean block's kernels (both off by de
 - ``use_fused_operands``: its attention operands, the window gather included
   (``imedsam_export.fused_attention_operands``);
 and ``use_fused_frequency`` runs every block's frequency adapter as one kernel
-(``imedsam_export.fused_frequency_chain``).
+(``imedsam_export.fused_frequency_chain``). ``use_gelu_epilogue`` (any block, no Triton; off by default) runs
+each block MLP's first layer and its GELU as one GEMM with cuBLASLt's GELU epilogue.
 """
 
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling.common import LayerNorm2d
+from segment_anything.modeling.common import LayerNorm2d, MLPBlock
 from segment_anything.modeling.image_encoder import PatchEmbed
 from torch import nn
 
@@ -334,6 +336,33 @@ def use_fused_frequency(encoder: ImageEncoder, on: bool = True) -> bool:
     else:
         encoder.adapter_chain = None
     return encoder.adapter_chain is not None
+
+
+def _gelu_epilogue_mlp(self: MLPBlock, x: torch.Tensor) -> torch.Tensor:
+    """``MLPBlock.forward`` (lin2(GELU(lin1(x)))) with lin1 and its GELU as one GEMM, ``torch._addmm_activation``;
+    its input in lin1's weight dtype, as autocast would cast it. On CUDA that is cuBLASLt's bias-and-GELU
+    epilogue, which computes GELU's tanh approximation (within ~5e-4 of the exact GELU, under half a bf16 ulp
+    of values near 1); on a CPU it is the exact GELU after the GEMM (tests/test_encoder_rewrites.py)."""
+    w = self.lin1.weight
+    h = torch._addmm_activation(self.lin1.bias, x.reshape(-1, x.shape[-1]).to(w.dtype), w.t(), use_gelu=True)
+    return self.lin2(h.view(*x.shape[:-1], h.shape[-1]))
+
+
+def use_gelu_epilogue(encoder: ImageEncoder, on: bool = True) -> int:
+    """Switch every block's MLP (this instance's forward) to ``_gelu_epilogue_mlp``, or back to its class's;
+    returns how many now run it. Blocks whose MLP is not an exact GELU between biased layers keep theirs."""
+    n = 0
+    for blk in encoder.blocks:
+        mlp = blk.mlp
+        if not isinstance(mlp, MLPBlock):
+            continue
+        exact = isinstance(mlp.act, nn.GELU) and mlp.act.approximate == "none"
+        if on and exact and mlp.lin1.bias is not None:
+            mlp.forward = types.MethodType(_gelu_epilogue_mlp, mlp)  # type: ignore[method-assign]
+            n += 1
+        elif "forward" in mlp.__dict__:
+            del mlp.forward
+    return n
 
 
 def use_fused_operands(encoder: ImageEncoder, on: bool = True) -> int:

@@ -176,3 +176,46 @@ def test_lean_encoder_compiles_whole():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         want, got = enc(x), compiled(x)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_gelu_epilogues_equal_the_mlps_and_switch_back():
+    """use_gelu_epilogue: each block's lin1 + GELU as one ``_addmm_activation`` (on a CPU the exact GELU after the
+    GEMM; on CUDA cuBLASLt's epilogue), on the plain and the lean encoder: within fp32 rounding of the MLPs in
+    fp32, the same under bf16 autocast to bf16 rounding; one op a block in place of the GELU and the lin1
+    GEMM's own; switched off, the class's forward again. Through the backend: set_encoder_gelu, the embedding
+    within fp32 rounding and 'GELU epilogues' in its description."""
+    from benchmarks.op_count import OpCounter
+    from imedsam_deploy.backends.torch_cuda import TorchBackend
+    from imedsam_export.encoder_rewrites import use_gelu_epilogue
+    from imedsam_export.merge import merge_for_export
+
+    folded, _ = merge_for_export(_power_of_two_model())
+    x = torch.rand(2, 3, 160, 160, generator=torch.Generator().manual_seed(3))
+    for lean in (False, True):
+        enc = copy.deepcopy(folded.image_encoder)
+        if lean:
+            lean_encoder(enc)
+        with torch.no_grad():
+            want = enc(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                want16 = enc(x)
+            with OpCounter() as plain_ops:
+                enc(x)
+            assert use_gelu_epilogue(enc) == len(enc.blocks) == 2
+            with OpCounter() as ops:
+                got = enc(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got16 = enc(x)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+        assert float((got16.float() - want16.float()).norm() / want16.float().norm()) < 1e-2
+        assert ops.ops["_addmm_activation"] == 2 and ops.ops["gelu"] == plain_ops.ops["gelu"] - 2
+        assert sum(ops.ops.values()) <= sum(plain_ops.ops.values()) - 2
+        assert use_gelu_epilogue(enc, False) == 0 and all("forward" not in b.mlp.__dict__ for b in enc.blocks)
+
+    be = TorchBackend(copy.deepcopy(_power_of_two_model()), "cpu", "fp32", lean_encoder=True)
+    base = np.asarray(be.encode(x[:1].numpy())[0])
+    be.set_encoder_gelu(True)
+    assert be.gelu_epilogue and "GELU epilogues" in be.description
+    np.testing.assert_allclose(np.asarray(be.encode(x[:1].numpy())[0]), base, atol=2e-5, rtol=1e-5)
+    be.set_encoder_gelu(False)
+    assert not be.gelu_epilogue and "GELU" not in be.description

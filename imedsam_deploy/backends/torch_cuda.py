@@ -214,7 +214,10 @@ class TorchBackend(Backend):
     ``fused_uncertainty`` (default off, likewise) computes the closed-form uncertainty with one
     ``imedsam_export.fused_uncertainty`` kernel instead of 9 fp32 ops (tests/test_fused_uncertainty.py);
     ``fused_planner`` (default off, likewise) runs each device-planner level's bookkeeping as five
-    ``imedsam_export.fused_planner`` Triton kernels instead of ~60 ops (tests/test_device_planner.py)."""
+    ``imedsam_export.fused_planner`` Triton kernels instead of ~60 ops (tests/test_device_planner.py).
+    ``gelu_epilogue`` (default off: not yet timed on a GPU, and on CUDA the tanh approximation of GELU) runs each
+    encoder block's first MLP layer and its GELU as one GEMM (``encoder_rewrites.use_gelu_epilogue``).
+    ``set_*`` switch these after the backend is built; ``torch_tuning`` times them on the machine."""
 
     def __init__(
         self, model: Any, device: str = "cuda", precision: str = "bf16", cuda_graphs: bool | None = None,
@@ -224,7 +227,7 @@ class TorchBackend(Backend):
         align_matmuls: bool | None = None, lean_encoder: bool | None = None, lean_box_part: bool | None = None,
         relu_epilogue: bool | None = None, fused_norms: bool = False, fused_features: bool = False,
         fused_uncertainty: bool = False, fused_planner: bool = False, fused_operands: bool = False,
-        fused_frequency: bool = False, fp32_box_part: bool = False,
+        fused_frequency: bool = False, fp32_box_part: bool = False, gelu_epilogue: bool = False,
     ) -> None:
         super().__init__(max_batch, max_points)
         if precision not in PRECISIONS:
@@ -353,6 +356,7 @@ class TorchBackend(Backend):
         if fused_planner:
             self.set_planner_kernels(True)
         self.fused_norms = self.fused_operands = self.fused_frequency = False
+        self.set_encoder_gelu(gelu_epilogue)
         if fp32_box_part and self.amp_dtype is not None:  # (in an fp32 backend the box part is fp32 already)
             self.set_box_precision(True)
         if fused_norms:
@@ -448,6 +452,14 @@ class TorchBackend(Backend):
         from imedsam_export.encoder_rewrites import use_fused_frequency
 
         self.fused_frequency = use_fused_frequency(self.model.image_encoder, fused)
+        self._drop_encoder_graphs()
+
+    def set_encoder_gelu(self, on: bool) -> None:
+        """Each encoder block's MLP with its first layer and GELU as one GEMM (``encoder_rewrites.use_gelu_epilogue``:
+        cuBLASLt's GELU epilogue on CUDA, the tanh approximation) or as torch's layers; encoder graphs are dropped."""
+        from imedsam_export.encoder_rewrites import use_gelu_epilogue
+
+        self.gelu_epilogue = use_gelu_epilogue(self.model.image_encoder, on) > 0
         self._drop_encoder_graphs()
 
     def _need_triton(self, what: str, why: str | None = None) -> None:
@@ -561,6 +573,7 @@ class TorchBackend(Backend):
             ", fused encoder norms" if self.fused_norms else "") + (" (box part too)" if self.fused_box_norms else "") + (
             ", fused attention operands" if self.fused_operands else "") + (
             ", fused frequency chain" if self.fused_frequency else "") + (
+            ", GELU epilogues" if self.gelu_epilogue else "") + (
             ", fused point features" if self.fused_features else "") + (
             ", fused uncertainty" if self.fused_uncertainty else "") + (", fused planner" if self.fused_planner else "") + (
             ", tuned" if self.tuned_from is not None else "")

@@ -57,6 +57,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob("fused_norms", "encoder", lambda be, v: be.set_encoder_norms(v)),
     Knob("fused_operands", "encoder", lambda be, v: be.set_encoder_operands(v)),
     Knob("fused_frequency", "encoder", lambda be, v: be.set_encoder_frequency(v)),
+    Knob("gelu_epilogue", "encoder", lambda be, v: be.set_encoder_gelu(v)),
     Knob("fp32_box_part", "box part", lambda be, v: be.set_box_precision(v)),
     Knob("grid_sample", "decoder", lambda be, v: be.set_decoder_sampling(v)),
     Knob("align_matmuls", "decoder", lambda be, v: be.set_decoder_alignment(v)),

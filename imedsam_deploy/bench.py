@@ -512,7 +512,7 @@ def tune_backends(backends: list[Backend], artifact: Artifact, opts: BenchOption
                   log: Callable[[str], None]) -> list[dict[str, Any]]:
     """``--tune``: each torch backend's switchable options timed on the first query, batch and output size
     (``backends.torch_tuning``), the fastest kept for the timed rows and saved for the next run. The tunings."""
-    from imedsam_deploy.backends.torch_tuning import apply, default_root, save, settings_of, tune, tuning_path
+    from imedsam_deploy.backends.torch_tuning import apply, default_root, save, tune, tuning_path
 
     tunable: list[Any] = [b for b in backends if b.name in ("torch-cuda", "torch-cpu")]  # TorchBackends
     if not tunable:
@@ -520,9 +520,7 @@ def tune_backends(backends: list[Backend], artifact: Artifact, opts: BenchOption
                         f"{', '.join(b.name for b in backends)} is one")
     out: list[dict[str, Any]] = []
     for be in tunable:
-        if be.untuned_settings is not None:  # tuned before: start again from the defaults, the agreement's reference
-            apply(be, be.untuned_settings)
-        be.untuned_settings = settings_of(be)
+        apply(be, be.built_settings)  # from the settings it was built with (not a tuning applied when it opened)
         fr = FrameRunner(be, artifact, cast(QueryMode, opts.queries[0]), opts)
         log(f"tuning {be.name} on {opts.queries[0]} frames, batch {len(inputs.images)}, {out_size}² output")
 

@@ -145,9 +145,14 @@ def test_a_saved_tuning_is_applied_when_the_backend_opens_again(tmp_path, monkey
     monkeypatch.delenv(tt.TUNED_ENV)
     assert tt.apply_saved(fresh, tmp_path) == path
     assert fresh.align_matmuls and fresh.description.endswith(", tuned)") and fresh.tuned_from == path
-    assert fresh.untuned_settings is not None and not fresh.untuned_settings["align_matmuls"]
+    assert not fresh.built_settings["align_matmuls"]  # the key: the settings it was built with
     other = TorchBackend(tiny(size=S), device="cpu", precision="bf16")
     assert tt.tuning_path(other, tmp_path) != path and tt.apply_saved(other, tmp_path) is None
+    # built with other switchable settings (as IMEDSAM_TORCH_TRITON=1 builds torch-cuda): its own tuning, so an
+    # explicit request is not overridden by a tuning made from the defaults
+    asked = TorchBackend(tiny(size=S), device="cpu", precision="fp32", relu_epilogue=True)
+    assert tt.tuning_path(asked, tmp_path) != path and tt.apply_saved(asked, tmp_path) is None
+    assert asked.relu_epilogue and not asked.align_matmuls
 
 
 def test_a_bad_tuning_file_is_refused_in_one_line_naming_it(tmp_path):

@@ -302,7 +302,6 @@ class TorchBackend(Backend):
         self.num_classes = folded.cfg.num_classes
         self.compiled = bool(compile)
         self.tuned_from: Path | None = None  # the tuning file applied (torch_tuning.apply_saved), if any
-        self.untuned_settings: dict[str, bool] | None = None  # the settings it replaced
         # graphs and compiled code are both per shape: bucket the point count for either
         self.bucket_points = (self.use_graphs or self.compiled) if bucket_points is None else bucket_points
         self._points_pool: Any = None
@@ -365,6 +364,10 @@ class TorchBackend(Backend):
             self.set_encoder_operands(True)
         if fused_frequency:
             self.set_encoder_frequency(True)
+        from imedsam_deploy.backends.torch_tuning import settings_of
+
+        # the switchable options as built: what a tuning starts from and is keyed by (torch_tuning)
+        self.built_settings = settings_of(self)
 
     def set_encoder_options(self, fused_attention: bool, overlap_frequency: bool) -> None:
         """Every attention (the encoder's and the box part's) as one SDPA call or explicit GEMMs, and the

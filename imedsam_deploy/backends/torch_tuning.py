@@ -101,7 +101,8 @@ def settings_of(be: Any) -> dict[str, bool]:
 
 def machine_key(be: Any) -> dict[str, Any]:
     """What a tuning holds for: the device, the software that makes its kernels, the model's shapes (not its
-    weights) and the options fixed when the backend was built."""
+    weights), the options fixed when the backend was built and the switchable ones as it was built (a backend
+    opened with IMEDSAM_TORCH_TRITON=1 starts from other settings than one without: each has its own tuning)."""
     torch = be.torch
     device = torch.cuda.get_device_name(be.device) if be.device.type == "cuda" else "cpu"
     try:
@@ -115,7 +116,8 @@ def machine_key(be: Any) -> dict[str, Any]:
     return {"backend": be.name, "device": device, "torch": torch.__version__, "triton": triton_version,
             "precision": be.precision, "model": shapes, "max_batch": be.max_batch, "max_points": be.max_points,
             "fixed": {"cuda_graphs": be.use_graphs, "compile": be.compiled, "lean_encoder": be.lean_encoder,
-                      "lean_box_part": be.lean_box_part}}
+                      "lean_box_part": be.lean_box_part},
+            "built": dict(be.built_settings)}
 
 
 def default_root() -> Path:
@@ -255,7 +257,6 @@ def apply_saved(be: Any, root: Path) -> Path | None:
     if tuning.key != machine_key(be):
         raise UserError(f"{path}: tuned for another machine or backend than its name says; delete it or re-run "
                         "imedsam-bench --tune")
-    untuned = settings_of(be)
     apply(be, tuning.settings)
-    be.tuned_from, be.untuned_settings = path, untuned
+    be.tuned_from = path
     return path

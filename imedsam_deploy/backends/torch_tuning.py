@@ -9,8 +9,9 @@ alternating between the two, and keeps a flip only where the frame is faster by 
 agree with the untuned frame's on at least ``min_agreement`` of the pixels: a kernel that computes something else on
 this card is never chosen. The default, 99.5%, leaves room for bf16 rounding: a change of it flipped 0.03-0.07% of
 a random-weight vit_b's mask pixels on an H200 (session 7's fused MLP), and a wrong kernel flips far more.
-``save`` writes the result to the cache, keyed by the device, torch, Triton, the model's shapes and the backend's
-fixed options; torch-cuda applies it when it opens (``apply_saved``), unless ``IMEDSAM_TORCH_TUNED=0``.
+``save`` writes the result to the cache, keyed by the device, torch, Triton, the model's shapes and the options
+the backend was built with; torch-cuda applies it when it opens (``apply_saved``), unless
+``IMEDSAM_TORCH_TUNED=0``.
 ``imedsam-bench --tune`` runs it.
 """
 

@@ -5,14 +5,13 @@ Every option of ``TorchBackend`` that can change after it is built (the knobs be
 precision's rounding, and each has its own test. Which setting is faster depends on the card, the driver and torch:
 an H200 timed some of them (benchmarks/RESULTS.md), and the Triton kernels' defaults are off until a GPU has timed
 them. ``tune`` flips the knobs one at a time from the backend's settings. It times the frame with each setting,
-alternating between the two, and keeps a flip only where the frame is faster by more than ``min_gain`` and its masks
-agree with the untuned frame's on at least ``min_agreement`` of the pixels: a kernel that computes something else on
+alternating between the two, and keeps a flip only where the frame is faster by more than ``min_gain`` in every
+round and its masks agree with the untuned frame's on at least ``min_agreement`` of the pixels: a kernel that computes something else on
 this card is never chosen. The default, 99.5%, leaves room for bf16 rounding: a change of it flipped 0.03-0.07% of
 a random-weight vit_b's mask pixels on an H200 (session 7's fused MLP), and a wrong kernel flips far more.
 ``save`` writes the result to the cache, keyed by the device, torch, Triton, the model's shapes and the options
-the backend was built with; torch-cuda applies it when it opens (``apply_saved``), unless
-``IMEDSAM_TORCH_TUNED=0``.
-``imedsam-bench --tune`` runs it.
+the backend was built with (a new knob makes a new key: an older tuning is then not read); torch-cuda applies
+it when it opens (``apply_saved``), unless ``IMEDSAM_TORCH_TUNED=0``. ``imedsam-bench --tune`` runs it.
 """
 
 from __future__ import annotations

@@ -202,3 +202,53 @@ def test_bench_tune_saves_the_tuning_and_the_next_run_applies_it(tmp_path, monke
     assert res.exit_code == 0, res.output
     row = json.loads((tmp_path / "b.json").read_text())["results"][0]
     assert row["description"].endswith(", tuned)") and "tuning" not in json.loads((tmp_path / "b.json").read_text())
+
+
+TUNE_EVERY_KNOB = r"""
+import dataclasses, json
+import torch
+from imedsam_deploy.backends import torch_tuning as tt
+from imedsam_deploy.backends.torch_cuda import TorchBackend
+from imedsam_deploy.backends.torch_models import model_artifact
+from imedsam_deploy.bench import BenchOptions, FrameRunner, synthetic_inputs
+from imedsam_train.build import build_from_config
+from imedsam_train.config import EncoderConfig, tiny_config
+
+# heads 16 wide (a power-of-two scale): the lean blocks, which the encoder's Triton kernels need
+enc = EncoderConfig(embed_dim=64, depth=2, num_heads=4, global_attn_indexes=(1,), window_size=4, out_chans=32)
+torch.manual_seed(0)
+model, _ = build_from_config(dataclasses.replace(tiny_config(160), encoder=enc))
+model = model.eval()
+be = TorchBackend(model, "cpu", "fp32", lean_encoder=True, lean_box_part=True, device_planner=True)
+runner = FrameRunner(be, model_artifact(model, 1), "sparse", BenchOptions())
+inputs = synthetic_inputs(160, 1)
+now = [0.0]
+def frame():
+    masks = runner.run(inputs, (32, 32), None)
+    now[0] += 20.0 - sum(k.get(be) for k in tt.KNOBS)  # each option on makes the frame a millisecond faster
+    return masks
+tuning = tt.tune(be, frame, repeat=1, warmup=0, rounds=1, clock=lambda: now[0] / 1e3)
+print(json.dumps({"trials": [dataclasses.asdict(t) for t in tuning.trials], "settings": tuning.settings,
+                  "description": be.description}))
+"""
+
+
+def test_tune_runs_every_knob_on_one_backend_with_the_triton_kernels():
+    """The tuner's whole sequence on one backend, every Triton kernel running (in Triton's interpreter, fp32: it
+    has no bfloat16): each knob is set, framed and kept in the order a GPU run takes them, so the options' setters
+    work together (the fused box norms with the encoder's, the planner's kernels on planners already made). The
+    clock favours every option on: all are kept but the Gather taps (the other way) and the fp32 box part (an
+    fp32 backend refuses it), and the masks stay those of the untuned frame."""
+    from .conftest import run_in_triton_interpreter
+
+    pytest.importorskip("triton", reason="triton comes with torch's CUDA builds on Linux; this torch has none")
+    res = run_in_triton_interpreter(TUNE_EVERY_KNOB)
+    trials = {t["knob"]: t for t in res["trials"]}
+    assert list(trials) == list(tt.KNOB_NAMES)
+    assert "runs in fp32 already" in trials.pop("fp32_box_part")["note"]
+    assert not trials.pop("grid_sample")["kept"]
+    assert all(t["kept"] and t["agreement"] >= 0.999 for t in trials.values()), trials
+    assert {k for k, v in res["settings"].items() if not v} == {"fp32_box_part"}
+    for what in ("fused encoder norms (box part too)", "fused attention operands", "fused frequency chain",
+                 "GELU epilogues", "fused point features", "fused uncertainty", "fused planner"):
+        assert what in res["description"]

@@ -252,3 +252,25 @@ def test_tune_runs_every_knob_on_one_backend_with_the_triton_kernels():
     for what in ("fused encoder norms (box part too)", "fused attention operands", "fused frequency chain",
                  "GELU epilogues", "fused point features", "fused uncertainty", "fused planner"):
         assert what in res["description"]
+
+
+def test_bench_refuses_a_corrupt_tuning_file_in_one_line(tmp_path, monkeypatch):
+    """A tuning file that is not JSON in the cache (its backend's own name): the backend is not opened, and with
+    no other backend asked for imedsam-bench stops before benchmarking: exit 2, one error line naming the file,
+    the problem and what to do, and no report written."""
+    monkeypatch.setenv("IMEDSAM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    args = ["--model", "tiny", "--input-size", str(S), "--backend", "torch-cpu", "--query", "sparse",
+            "--out-size", str(S), "--warmup", "0", "--repeat", "1", "--json", str(tmp_path / "r.json")]
+    res = CliRunner().invoke(app, [*args, "--tune"])
+    assert res.exit_code == 0, res.output
+    (saved,) = (tmp_path / "cache" / "tuning").glob("*.json")
+    saved.write_text('{"format": "imedsam-torch-tuning", "vers')  # cut short
+    (tmp_path / "r.json").unlink()
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].endswith(
+        f"no backend could run here (torch-cpu: {saved}: not a readable tuning file (JSONDecodeError); delete it "
+        "or re-run imedsam-bench --tune)"), res.output
+    assert not (tmp_path / "r.json").exists()

@@ -168,11 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     lean = None if a.lean_layers is None else a.lean_layers == "on"
 
     def backend(precision: str, compile: bool = False, lean_layers: bool | None = lean,
-                triton: bool = False, fp32_box_part: bool = False) -> TorchBackend:
+                triton: bool = False) -> TorchBackend:
         return TorchBackend(model, a.device, precision, max_batch=maxb, max_points=65536, compile=compile,
                             device_planner=True, device_merge=True,  # also in a CPU dry run
                             lean_encoder=lean_layers, lean_box_part=lean_layers,
-                            fp32_box_part=fp32_box_part or triton,  # the box part's fused norms need it
+                            fp32_box_part=triton,  # the box part's fused norms need it
                             fused_norms=triton, fused_operands=triton, fused_frequency=triton,
                             fused_features=triton, fused_uncertainty=triton, fused_planner=triton)
 
@@ -302,15 +302,16 @@ def main(argv: list[str] | None = None) -> int:
         on, on the other form of it (lean or plain: ``lean_encoder`` and ``lean_box_part``, a second backend),
         and on the lean one with its adds and norms as Triton kernels (``fused_norms``; skipped without CUDA), then
         its attention operands too (``fused_operands``), then its frequency chain too (``fused_frequency``), then
-        the operands alone, and last the backend's with its box part in fp32 from host-made tokens
-        (``fp32_box_part``, a third backend: its box part's time is the row's point), without and with fused norms
+        the operands alone, and last ``be``'s with its box part in fp32 from host-made tokens
+        (``fp32_box_part``, switched on by ``set_box_precision``: its box part's time is the row's point), without
+        and with fused norms
         (the encoder's and the fp32 box part's):
         p50 per batch, and the embedding's max abs difference from the first row's on the same images (the
         second stream should be bitwise equal); at batch 1 also the box part's p50 (one box, its graph replayed
         with the memo cleared). The backend's own settings are restored afterwards."""
         keep = (be.fused_attention, be.overlap_frequency)
+        keep_box = be.fp32_box_part
         other = backend("bf16", lean_layers=not be.lean_encoder)
-        box32 = backend("bf16", lean_layers=be.lean_encoder, fp32_box_part=True)
         box = np.array([[0.3 * S, 0.3 * S, 0.7 * S, 0.65 * S]], np.float32)
 
         def box_part(b: TorchBackend, emb: Any) -> None:
@@ -322,14 +323,15 @@ def main(argv: list[str] | None = None) -> int:
             x = np.stack([to_model_input(im, S) for im in synthetic_inputs(S, bsz, seed=3).images])
             base = None
             lean_be = be if be.lean_encoder else other
-            for b, fused_attn, overlap, norms, operands, chain in (
-                    (be, False, False, False, False, False), (be, True, False, False, False, False),
-                    (be, False, True, False, False, False), (be, True, True, False, False, False),
-                    (other, True, True, False, False, False), (lean_be, True, True, True, False, False),
-                    (lean_be, True, True, True, True, False), (lean_be, True, True, True, True, True),
-                    (lean_be, True, False, True, True, True), (lean_be, True, True, False, True, False),
-                    (box32, True, True, False, False, False), (box32, True, True, True, False, False)):
+            for b, fused_attn, overlap, norms, operands, chain, box32 in (
+                    (be, False, False, False, False, False, False), (be, True, False, False, False, False, False),
+                    (be, False, True, False, False, False, False), (be, True, True, False, False, False, False),
+                    (other, True, True, False, False, False, False), (lean_be, True, True, True, False, False, False),
+                    (lean_be, True, True, True, True, False, False), (lean_be, True, True, True, True, True, False),
+                    (lean_be, True, False, True, True, True, False), (lean_be, True, True, False, True, False, False),
+                    (be, True, True, False, False, False, True), (be, True, True, True, False, False, True)):
                 b.set_encoder_options(fused_attn, overlap)  # recaptured with these options
+                b.set_box_precision(box32)
                 what = {"batch": bsz, "lean_encoder": b.lean_encoder, "fused_attention": fused_attn,
                         "overlap_frequency": overlap, "fused_norms": norms, "fused_operands": operands,
                         "fused_frequency": chain, "fp32_box_part": b.fp32_box_part}
@@ -363,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
                 b.set_encoder_operands(False)
                 b.set_encoder_frequency(False)
         be.set_encoder_options(*keep)
-        del other, box32
+        be.set_box_precision(keep_box)
+        del other
         return out
 
     def decoder_options(be: TorchBackend, frames: dict[str, FrameRunner]) -> list[dict[str, Any]]:

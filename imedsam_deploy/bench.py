@@ -353,17 +353,11 @@ def open_backends(artifact: Artifact, names: list[str] | None, precision: str | 
     for name in wanted:
         if name in ("torch-cuda", "torch-cpu") and model is not None:
             try:
-                from imedsam_deploy.backends.torch_cuda import TorchBackend, env_options
+                from imedsam_deploy.backends.torch_cuda import open_model
 
                 dev = "cuda" if name == "torch-cuda" else "cpu"
                 prec = "fp32" if dev == "cpu" else (precision or "bf16")
-                from imedsam_deploy.backends.torch_tuning import apply_saved, default_root
-
-                opts = env_options() if dev == "cuda" else {}  # as imedsam-infer opens it
-                tb = TorchBackend(model, dev, prec, max_batch=artifact.max_batch, max_points=artifact.max_points,
-                                  **opts)
-                apply_saved(tb, default_root())  # as torch_cuda.create does
-                opened.append(tb)
+                opened.append(open_model(model, dev, prec, artifact))  # as imedsam-infer opens it
             except UserError as e:
                 skipped[name] = str(e)
             continue

@@ -284,7 +284,7 @@ def test_torch_backend_stores_weights_in_the_autocast_dtype_bitwise_exactly(monk
     model = tiny()
     stored = TorchBackend(model, device="cpu", precision="bf16")
     with monkeypatch.context() as m:
-        m.setattr(torch_cuda, "store_weights_in", lambda module, dtype, keep=(): 0)
+        m.setattr(torch_cuda, "store_weights_in", lambda module, dtype: 0)
         cast_per_call = TorchBackend(model, device="cpu", precision="bf16")
     linears = [mod for mod in stored.decoder.modules() if isinstance(mod, torch.nn.Linear | torch.nn.Conv2d)]
     assert len(linears) > 20 and all(mod.weight.dtype == torch.bfloat16 for mod in linears)

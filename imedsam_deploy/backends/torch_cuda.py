@@ -91,7 +91,7 @@ def weight_layers(module: Any) -> list[Any]:
     return [m for m in module.modules() if isinstance(m, nn.Linear | nn.Conv2d | nn.ConvTranspose2d)]
 
 
-def store_weights_in(module: Any, dtype: Any, keep: tuple[Any, ...] = ()) -> int:
+def store_weights_in(module: Any, dtype: Any) -> int:
     """Store the weight and bias of every Linear and convolution under ``module`` in the autocast dtype;
     returns how many layers. Autocast would otherwise cast each fp32 weight and bias on every call, to the
     same values: inside a CUDA graph that is two more kernels per layer per replay and the weights read and
@@ -99,10 +99,9 @@ def store_weights_in(module: Any, dtype: Any, keep: tuple[Any, ...] = ()) -> int
     72 cast kernels a frame). Norms and buffers stay fp32. Every layer's output is bitwise the same; the one
     bias added outside its layer (the windowed attention's, after a bias-free projection) is now added in
     the autocast dtype, as the layer itself would, so the attention after it runs in that dtype too instead
-    of being promoted to fp32 (and cast back by every autocast op it feeds). Layers under the modules ``keep`` stay
-    as they are (an fp32 island)."""
-    kept = {id(m) for k in keep for m in k.modules()}
-    layers = [m for m in weight_layers(module) if id(m) not in kept]
+    of being promoted to fp32 (and cast back by every autocast op it feeds). (An fp32 box part restores its
+    layers' fp32 weights: ``TorchBackend.set_box_precision``.)"""
+    layers = weight_layers(module)
     for m in layers:
         m.weight.data = m.weight.data.to(dtype)
         if m.bias is not None:
@@ -152,11 +151,17 @@ def create(artifact: Artifact, precision: str | None = None) -> TorchBackend:
     ck = source_checkpoint(artifact)
     assert ck is not None
     model, _ = load_checkpoint(ck)
-    be = TorchBackend(model, "cuda", precision or "bf16", max_batch=artifact.max_batch,
-                      max_points=artifact.max_points, **env_options())
+    return open_model(model, "cuda", precision or "bf16", artifact)
+
+
+def open_model(model: Any, device: str, precision: str, artifact: Artifact) -> TorchBackend:
+    """The torch backend of ``model`` as the commands open it: on CUDA with the environment's opt-ins
+    (``env_options``), then with what ``imedsam-bench --tune`` found fastest on this machine, if it ran."""
     from imedsam_deploy.backends.torch_tuning import apply_saved, default_root
 
-    apply_saved(be, default_root())  # what imedsam-bench --tune found fastest on this machine, if it ran
+    be = TorchBackend(model, device, precision, max_batch=artifact.max_batch, max_points=artifact.max_points,
+                      **(env_options() if device.startswith("cuda") else {}))
+    apply_saved(be, default_root())
     return be
 
 

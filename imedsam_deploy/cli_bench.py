@@ -66,8 +66,9 @@ def bench(
     console = Console(stderr=True)
 
     def log(msg: str) -> None:
-        # plain text: messages carry pip extras like 'imedsam[tensorrt]' that rich would read as markup
-        console.print(msg, markup=False, highlight=False)
+        # plain text: messages carry pip extras like 'imedsam[tensorrt]' that rich would read as markup; one
+        # line each however narrow the terminal (rich wraps at 80 columns when piped)
+        console.print(msg, markup=False, highlight=False, soft_wrap=True)
     if model is not None and model not in MODELS:
         raise UserError(f"--model {model!r}: choose one of {', '.join(MODELS)}")
     if precision is not None and precision not in PRECISIONS:

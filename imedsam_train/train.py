@@ -413,7 +413,11 @@ class _Prog:
     def __init__(self, rep: Reporter, enabled: bool, desc: str, total: int) -> None:
         self.p: Any = None
         if enabled and rep.progress:
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            if not Console().is_terminal:  # a log file gets the epoch lines, not a bar's leftover blank lines
+                return
 
             self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                               TextColumn("loss {task.fields[loss]:.4f}  {task.fields[speed]:.1f} img/s"),

@@ -656,6 +656,9 @@ def test_bench_cli_no_arguments_uses_latest_artifact_and_reports_skips(tiny_arti
     assert all(isinstance(v, str) and v for v in rep["skipped"].values())
     if "tensorrt" in rep["skipped"]:
         assert "skipped tensorrt" in res.output
+    # each reason on one whole line, in the log and in the closing list (rich must not wrap them at 80 columns)
+    said = [ln for ln in res.output.splitlines() if ln.startswith("skipped ")]
+    assert said and all(ln in {f"skipped {n}: {why}" for n, why in rep["skipped"].items()} for ln in said)
 
 
 @pytest.mark.parametrize("args, msg", [

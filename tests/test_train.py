@@ -217,6 +217,7 @@ def test_folder_without_splits_makes_a_seeded_split(tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert res.exit_code == 0, res.output
+    assert "epoch 1/1" in res.output and "\n\n" not in res.output  # a log: epoch lines, no progress-bar leftovers
     tr = (tmp_path / "runs/pairs/splits/train.txt").read_text().split()
     va = (tmp_path / "runs/pairs/splits/val.txt").read_text().split()
     assert len(va) == 6 and len(tr) == 34 and not set(tr) & set(va)

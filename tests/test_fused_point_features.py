@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from .conftest import not_interpreted, run_in_triton_interpreter
+from .conftest import not_interpreted, run_in_triton_interpreter, triton_before
 
 pytest.importorskip("triton", reason="triton comes with torch's CUDA builds on Linux; this torch has none")
 
@@ -130,7 +130,11 @@ def test_the_kernel_compiles_for_hopper_without_spilling():
     dec = DecoderGraph(merge_for_export(model.eval())[0])
     kern = FusedPointFeatures(dec)
     assert (kern.cu, kern.cp, kern.n_in) == (32, 256, 330)
+    # Triton 3.6 (the device image's) stages a row through 1 KiB (bf16) or 2 KiB (fp32) of shared memory and gives it ~20 more
+    # registers; 3.8 neither. Still no spills and three or more 4-warp programs an SM under either.
+    old = triton_before(3, 8)
     for dtype in (torch.bfloat16, torch.float32):
         got = kern.compile_for(336, dtype, capability=90)
-        assert got["shared_bytes"] == 0 and got["spill_stores"] == 0 and got["spill_loads"] == 0, (dtype, got)
-        assert got["registers"] <= 128, (dtype, got)
+        assert got["spill_stores"] == 0 and got["spill_loads"] == 0, (dtype, got)
+        assert got["shared_bytes"] <= (2048 if old else 0), (dtype, got)
+        assert got["registers"] <= (160 if old else 128), (dtype, got)

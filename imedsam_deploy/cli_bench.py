@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from imedsam_deploy.atomic import check_writable_parent
-from imedsam_deploy.cli_common import guarded, run_app
+from imedsam_deploy.cli_common import guarded, run_app, say_line
 from imedsam_deploy.contract import PRECISIONS
 from imedsam_deploy.errors import UserError
 from imedsam_deploy.manifest import Artifact
@@ -66,9 +66,8 @@ def bench(
     console = Console(stderr=True)
 
     def log(msg: str) -> None:
-        # plain text: messages carry pip extras like 'imedsam[tensorrt]' that rich would read as markup; one
-        # line each however narrow the terminal (rich wraps at 80 columns when piped)
-        console.print(msg, markup=False, highlight=False, soft_wrap=True)
+        say_line(console, msg)
+
     if model is not None and model not in MODELS:
         raise UserError(f"--model {model!r}: choose one of {', '.join(MODELS)}")
     if precision is not None and precision not in PRECISIONS:

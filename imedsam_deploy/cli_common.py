@@ -13,6 +13,13 @@ from imedsam_deploy.errors import UserError
 EXIT_USER_ERROR = 2
 
 
+def say_line(console: Any, msg: str) -> None:
+    """One plain log line on a rich ``Console`` (so it shares the terminal with rich's progress bars): no markup
+    (messages carry pip extras like 'imedsam[tensorrt]'), no highlighting, one line however narrow the terminal
+    (rich wraps at 80 columns when piped)."""
+    console.print(msg, markup=False, highlight=False, soft_wrap=True)
+
+
 def fail(message: str) -> None:
     """Print ``error: message`` on one line to stderr and exit with EXIT_USER_ERROR."""
     typer.echo(f"error: {' '.join(str(message).split())}", err=True)

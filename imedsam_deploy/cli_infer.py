@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from imedsam_deploy.cli_common import guarded, run_app
+from imedsam_deploy.cli_common import guarded, run_app, say_line
 from imedsam_deploy.contract import PRECISIONS
 from imedsam_deploy.errors import UserError
 from imedsam_deploy.runtime import DEFAULT_QUERY, QUERY_MODES
@@ -142,7 +142,7 @@ def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, back
                 raise UserError("no artifact found under runs/*/export: pass --artifact DIR (see imedsam-export)")
         art = load_artifact(artifact_dir)
         be, how = bk.open_backend(backend_name, art, precision)
-        console.print(how, highlight=False, markup=False, soft_wrap=True)
+        say_line(console, how)
         seg = Segmenter(be, art, query=query, margin=margin, chunk=chunk)
         total = iter_frames_count(spec, reader, vol)
         t0 = time.perf_counter()
@@ -181,10 +181,10 @@ def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, back
             finally:
                 outs.close()  # a failed run's open files (the staging folder is then discarded)
         for ev in outs.events:
-            console.print(f"object {ev['object'] + 1} {ev['event']} at frame {ev['frame']}"
-                          + (f" ({ev['reason']})" if "reason" in ev else ""), highlight=False, markup=False, soft_wrap=True)
-        console.print(f"{info['frames']} frames in {elapsed:.1f} s ({info['frames'] / max(elapsed, 1e-9):.1f} fps) "
-                      f"-> {out_dir}", highlight=False, markup=False, soft_wrap=True)
+            say_line(console, f"object {ev['object'] + 1} {ev['event']} at frame {ev['frame']}"
+                     + (f" ({ev['reason']})" if "reason" in ev else ""))
+        say_line(console, f"{info['frames']} frames in {elapsed:.1f} s ({info['frames'] / max(elapsed, 1e-9):.1f} fps) "
+                 f"-> {out_dir}")
     finally:
         if reader is not None:
             reader.close()

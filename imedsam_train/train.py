@@ -416,12 +416,13 @@ class _Prog:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            if not Console().is_terminal:  # a log file gets the epoch lines, not a bar's leftover blank lines
+            console = Console()
+            if not console.is_terminal:  # a log file gets the epoch lines, not a bar's leftover blank lines
                 return
 
             self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                               TextColumn("loss {task.fields[loss]:.4f}  {task.fields[speed]:.1f} img/s"),
-                              TimeRemainingColumn(), transient=True)
+                              TimeRemainingColumn(), console=console, transient=True)
             self.p.start()
             self.task = self.p.add_task(desc, total=total, loss=float("nan"), speed=0.0)
 

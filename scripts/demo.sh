@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The main job on the bundled real sample (data/sample/kvasir-sessile: 40 Kvasir-Sessile pairs):
 # install; train a tiny model for a few epochs (to show the loop); evaluate, export, infer and benchmark
-# the shipped trained tiny model on real images. Everything lands in runs/demo*/.
+# the shipped trained tiny model on real images. Everything lands in runs/demo*/. Runs in a virtual
+# environment (scripts/venv.sh: the active one, else ./.venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/venv.sh
 python -m pip install -q --disable-pip-version-check -e '.[train]'
 
 SAMPLE=data/sample/kvasir-sessile

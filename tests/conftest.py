@@ -44,7 +44,9 @@ def triton_before(major: int, minor: int) -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     import torch
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # Under pytest-xdist the cores are shared between the workers: more threads than cores only contend.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // workers)))
 
 
 @pytest.fixture(scope="session")

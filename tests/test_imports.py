@@ -1,0 +1,138 @@
+"""Every module of every package imports in the test environment, and every third-party module the code
+imports is declared in pyproject.toml, in the extra that the importing package is installed with.
+
+CI runs in a fresh virtual environment without the system's site-packages, so a module that imports an
+undeclared package fails the first test there; the second one fails on any machine, installed or not."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.metadata
+import pkgutil
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("imedsam_deploy", "imedsam_export", "imedsam_train")
+
+# Which extras each package may draw on: the base runtime only the base install; training and export the
+# [train] extra; the GPU paths the extras that only a GPU machine installs (imported lazily, behind a
+# clear error where missing).
+# The most specific path prefix applies. The torch-cuda backends run the PyTorch model, so they need [train].
+ALLOWED_EXTRAS = {
+    "imedsam_deploy": {"", "gpu", "tensorrt"},
+    "imedsam_deploy/backends/torch_": {"", "train"},
+    "imedsam_export": {"", "train", "gpu", "tensorrt"},
+    "imedsam_train": {"", "train"},
+    "benchmarks": {"", "train", "test"},
+    "tests": {"", "train", "test", "gpu", "tensorrt"},
+}
+# Import names whose distribution comes with a declared one rather than by its own name: Triton is a
+# dependency of torch's Linux wheels (imported lazily, only for the GPU kernels); tritonclient appears
+# only inside the client example that the exporter writes out as text.
+PROVIDED = {"triton": "torch", "cuda": "cuda-python", "tensorrt": "tensorrt"}
+# Modules mentioned only inside string templates written to files, never imported by our code.
+NOT_IMPORTED = {"tritonclient"}
+
+
+def _modules(package: str) -> list[str]:
+    pkg = importlib.import_module(package)
+    return [package] + [m.name for m in pkgutil.walk_packages(pkg.__path__, package + ".")]
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_every_module_imports(package):
+    names = _modules(package)
+    assert len(names) > 5
+    for name in names:
+        importlib.import_module(name)
+
+
+def test_every_benchmark_script_imports():
+    scripts = sorted(p.stem for p in (REPO / "benchmarks").glob("*.py"))
+    assert "reference" in scripts
+    for stem in scripts:
+        importlib.import_module(f"benchmarks.{stem}")
+
+
+def _declared(repo: Path) -> dict[str, set[str]]:
+    """Distribution name (normalised) -> the extras that declare it ('' for the base install)."""
+    project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
+    out: dict[str, set[str]] = {}
+    groups = {"": project["dependencies"], **project["optional-dependencies"]}
+    for extra, reqs in groups.items():
+        for req in reqs:
+            name = re.split(r"[<>=!~\[ ;]", req, maxsplit=1)[0]
+            out.setdefault(_norm(name), set()).add(extra)
+    return out
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _third_party_imports(repo: Path, package: str) -> dict[str, set[str]]:
+    """Top-level module name -> files (relative to the repo) that import it, at module level or inside
+    functions."""
+    found: dict[str, set[str]] = {}
+    for f in (repo / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if isinstance(node, ast.Import):
+                tops = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                tops = [node.module.split(".")[0]]
+            else:
+                continue
+            for top in tops:
+                if top not in sys.stdlib_module_names and top not in (*PACKAGES, "benchmarks", "tests", "conftest",
+                                                                       "__future__"):
+                    found.setdefault(top, set()).add(str(f.relative_to(repo)))
+    return found
+
+
+def _allowed(file: str) -> set[str]:
+    return ALLOWED_EXTRAS[max((k for k in ALLOWED_EXTRAS if file.startswith(k)), key=len)]
+
+
+def _undeclared(package: str, repo: Path) -> list[str]:
+    declared = _declared(repo)
+    by_module = importlib.metadata.packages_distributions()
+    imports = _third_party_imports(repo, package)
+    assert imports, package
+    problems = []
+    for top, files in sorted(imports.items()):
+        if top in NOT_IMPORTED:
+            continue
+        dists = [PROVIDED[top]] if top in PROVIDED else by_module.get(top, [])
+        if not dists:
+            problems.append(f"{top} (imported by {sorted(files)[0]}) is not installed and not declared")
+            continue
+        extras = set().union(*(declared.get(_norm(d), set()) for d in dists))
+        for f in sorted(files):
+            if not extras & _allowed(f):
+                problems.append(f"{top} (imported by {f}, distribution {dists}) is declared in "
+                                f"{sorted(extras) or 'no extra'}, not in one of {sorted(_allowed(f))}")
+    return problems
+
+
+@pytest.mark.parametrize("package", [*PACKAGES, "benchmarks", "tests"])
+def test_every_import_is_declared_in_the_right_extra(package):
+    problems = _undeclared(package, REPO)
+    assert not problems, "\n".join(problems)
+
+
+def test_the_check_sees_a_missing_declaration(tmp_path):
+    """The declaration check is not vacuous: scipy, imported by the metrics, is caught once undeclared."""
+    text = (REPO / "pyproject.toml").read_text()
+    assert re.search(r'^\s*"scipy', text, re.M)
+    (tmp_path / "pyproject.toml").write_text(re.sub(r'^\s*"scipy[^\n]*\n', "", text, flags=re.M))
+    shutil.copytree(REPO / "imedsam_train", tmp_path / "imedsam_train", ignore=shutil.ignore_patterns("*.pt"))
+    problems = _undeclared("imedsam_train", tmp_path)
+    assert any(p.startswith("scipy (imported by imedsam_train/metrics.py") for p in problems), problems
+    assert _undeclared("imedsam_train", REPO) == []

@@ -850,3 +850,22 @@ def test_infer_refuses_zero_length_video(art, tmp_path):
         out = tmp_path / "out"
         assert_one_line_error(_infer(f, art, out, "--box", "1,1,5,5"), name)
         assert_nothing_left(out)
+
+
+def test_train_refuses_nifti_with_nan(tmp_path, monkeypatch):
+    root = tmp_path / "BCV"
+    for sub in ("img", "label"):
+        (root / sub).mkdir(parents=True)
+    hu = np.random.default_rng(0).normal(0, 100, (32, 32, 4)).astype(np.float32)
+    hu[5, 5, 2] = np.nan
+    lab = np.zeros((32, 32, 4), np.uint8)
+    lab[8:20, 8:20, :] = 1
+    nib.save(nib.Nifti1Image(hu, np.eye(4)), str(root / "img" / "img0001.nii.gz"))
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), str(root / "label" / "label0001.nii.gz"))
+    (root / "splits").mkdir()
+    for s in ("train", "val"):
+        (root / "splits" / f"{s}.txt").write_text("0001\n")
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(train_app, ["bcv", str(root), "--input-size", "64", "--epochs", "1", "--workers", "0"])
+    assert_one_line_error(res, "img0001.nii.gz", "NaN or infinite")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.pt"))

@@ -73,7 +73,12 @@ def infer(
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Segment the objects in the given boxes; writes masks, an overlay and per-frame results into --out."""
+    """Segment the objects in the given boxes; writes masks, an overlay and per-frame results into --out.
+
+    Volumes: NaN/Inf voxels are set to the volume's finite minimum and their slices' results get status
+    'nonfinite' (a volume with no finite voxel is refused). Videos that end well before the frame count their
+    container declares (truncated) are refused.
+    """
     from imedsam_deploy import backends as bk
     from imedsam_deploy.boxes import load_boxes_file, parse_box
     from imedsam_deploy.infer import Prompts, detect_input
@@ -180,6 +185,9 @@ def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, back
                 outs.finish(summary)
             finally:
                 outs.close()  # a failed run's open files (the staging folder is then discarded)
+        if info.get("nonfinite_voxels"):
+            say_line(console, f"warning: {spec.path}: {info['nonfinite_voxels']} NaN/Inf voxels in "
+                     f"{len(info['nonfinite_slices'])} slices set to the volume minimum (status 'nonfinite')")
         for ev in outs.events:
             say_line(console, f"object {ev['object'] + 1} {ev['event']} at frame {ev['frame']}"
                      + (f" ({ev['reason']})" if "reason" in ev else ""))

@@ -214,19 +214,25 @@ def run_volume(seg: Segmenter, vol: Volume, prompts: Prompts, outs: OutputSet,
     with overlapped(prompted, overlap_io) as (slices, write):
         for z, given, rgb in slices:
             objs, masks, enc_ms, dec_ms = _segment_given(seg, rgb, given, hw, hw)
-            status = dict.fromkeys(objs, "given")
+            n_bad = vol.nonfinite.get(z, 0)
+            status = dict.fromkeys(objs, "nonfinite" if n_bad else "given")
+            notes = dict.fromkeys(objs, f"{n_bad} NaN/Inf voxels set to the volume minimum") if n_bad else {}
             flat = [m for obj in sorted(masks) for m in masks[obj]]
             channels = max(channels, len(flat))
             labels[z] = np.where(labels[z] == 0, _labels_nd(flat, hw), labels[z])
             write(outs.add_frame, f"slice_{z:04d}", rgb, hw, _layers(objs, status, masks),
-                  _records(z, f"slice_{z:04d}", objs, status, masks, enc_ms, dec_ms, {}))
+                  _records(z, f"slice_{z:04d}", objs, status, masks, enc_ms, dec_ms, notes))
             segmented += 1
             progress(z + 1)
     progress(vol.num_slices)
     if channels == 1:
         labels = (labels > 0).astype(np.uint8)  # one object: a 0/1 label volume
     save_labels(vol, labels, outs.root / "mask.nii.gz")
-    return {"frames": vol.num_slices, "segmented_slices": segmented}
+    info: dict[str, Any] = {"frames": vol.num_slices, "segmented_slices": segmented}
+    if vol.nonfinite:
+        info["nonfinite_voxels"] = sum(vol.nonfinite.values())
+        info["nonfinite_slices"] = sorted(vol.nonfinite)
+    return info
 
 
 def _labels_nd(masks: list[np.ndarray], hw: tuple[int, int]) -> np.ndarray:

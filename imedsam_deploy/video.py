@@ -19,11 +19,20 @@ def read_image(path: Path) -> np.ndarray:
     if not path.is_file():
         raise UserError(f"{path}: file does not exist")
     data = np.fromfile(str(path), dtype=np.uint8)
-    with quiet_stderr():  # libpng's own "libpng error: ..." line; ours below names the file
-        img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    try:
+        with quiet_stderr():  # libpng's own "libpng error: ..." line; ours below names the file
+            img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    except cv2.error as e:  # a header past OpenCV's pixel limit raises where a plain corrupt file returns None
+        raise UserError(f"{path}: {_decode_problem(e)}") from None
     if img is None:
         raise UserError(f"{path}: not a readable image")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def _decode_problem(e: Exception) -> str:
+    if "CV_IO_MAX_IMAGE_PIXELS" in str(e) or "CV_IO_MAX_IMAGE_WIDTH" in str(e) or "CV_IO_MAX_IMAGE_HEIGHT" in str(e):
+        return "image too large to decode (its header declares more pixels than OpenCV's limit)"
+    return "not a readable image"
 
 
 def write_image(path: Path, rgb_or_gray: np.ndarray) -> None:
@@ -33,16 +42,22 @@ def write_image(path: Path, rgb_or_gray: np.ndarray) -> None:
 
 
 class VideoReader:
-    """Frames of a video as RGB arrays. Refuses files OpenCV cannot open and videos without frames."""
+    """Frames of a video as RGB arrays. Refuses files OpenCV cannot open, videos without frames, and videos
+    that stop well short of the frame count their container declares (truncated or corrupt part-way): the
+    shortfall is only known at the end, so the run fails then and its staged outputs are discarded."""
 
     def __init__(self, path: Path) -> None:
         if not path.is_file():
             raise UserError(f"{path}: file does not exist")
         self.path = path
-        self.cap = cv2.VideoCapture(str(path))
-        if not self.cap.isOpened():
+        try:
+            self.cap = cv2.VideoCapture(str(path))
+            opened = self.cap.isOpened()
+        except cv2.error:
+            opened = False
+        if not opened:
             raise UserError(f"{path}: not a video OpenCV can read")
-        ok, frame = self.cap.read()
+        ok, frame = self._read()
         if not ok or frame is None:
             self.cap.release()
             raise UserError(f"{path}: video has no frames")
@@ -52,15 +67,28 @@ class VideoReader:
         self.fps = float(fps) if fps and fps > 0 else 25.0
         self.frame_count = int(self.cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)  # container estimate
 
+    def _read(self) -> tuple[bool, np.ndarray | None]:
+        try:
+            return self.cap.read()
+        except cv2.error:  # a decoder assertion on a corrupt frame: the stream ends there
+            return False, None
+
     def __iter__(self) -> Iterator[np.ndarray]:
+        read = 0
         if self._first is not None:
             first, self._first = self._first, None
+            read += 1
             yield cv2.cvtColor(first, cv2.COLOR_BGR2RGB)
         while True:
-            ok, frame = self.cap.read()
+            ok, frame = self._read()
             if not ok or frame is None:
-                return
+                break
+            read += 1
             yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+        # the container's count can be an estimate (duration x fps): a couple of frames' slack
+        if self.frame_count and self.frame_count - read > max(2, self.frame_count // 50):
+            raise UserError(f"{self.path}: video stops after {read} of the {self.frame_count} frames its container "
+                            "declares (truncated or corrupt)")
 
     def close(self) -> None:
         self.cap.release()

@@ -4,11 +4,15 @@ Slice z is shown as an image with x = the first voxel axis (columns) and y = the
 ``x0,y0,x1,y1`` on slice z covers voxels i in [x0, x1), j in [y0, y1) of ``data[:, :, z]``. Intensities are
 windowed to 8 bits: a CT soft-tissue window (level 40, width 400 HU) when the volume looks like CT
 (values below -500), else its 0.5-99.5 percentile range; ``--window L,W`` overrides.
+
+Non-finite voxels (NaN, +-Inf) carry no intensity: a volume with no finite voxel is refused; otherwise they
+are set to the volume's finite minimum (background under any window) before the window is chosen, and the
+slices that held any are listed in ``Volume.nonfinite`` (their results say status ``nonfinite``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,7 @@ class Volume:
     affine: np.ndarray
     header: Any
     window: tuple[float, float]  # (low, high) intensities mapped to 0..255
+    nonfinite: dict[int, int] = field(default_factory=dict)  # slice -> voxels that were NaN/Inf (now the minimum)
 
     @property
     def num_slices(self) -> int:
@@ -68,9 +73,15 @@ def load_volume(path: Path, window: tuple[float, float] | None = None) -> Volume
         data = data[..., 0]
     if data.ndim != 3 or min(data.shape) < 1:
         raise UserError(f"{path}: expected a 3-D volume, got shape {data.shape}")
-    if not np.isfinite(data).all():
-        data = np.nan_to_num(data)
-    return Volume(path, data, np.asarray(img.affine), img.header, window or auto_window(data))
+    nonfinite: dict[int, int] = {}
+    bad = ~np.isfinite(data)
+    if bad.any():
+        if bad.all():
+            raise UserError(f"{path}: every voxel is NaN or infinite (no intensities to segment)")
+        per_slice = bad.sum(axis=(0, 1))
+        nonfinite = {int(z): int(n) for z, n in enumerate(per_slice) if n}
+        data = np.where(bad, data[~bad].min(), data)  # a new array: the loaded one may be a read-only map
+    return Volume(path, data, np.asarray(img.affine), img.header, window or auto_window(data), nonfinite)
 
 
 def save_labels(vol: Volume, labels: np.ndarray, path: Path) -> None:

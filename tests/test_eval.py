@@ -17,7 +17,7 @@ from imedsam_train.build import build
 from imedsam_train.checkpoint import model_payload, save_checkpoint
 from imedsam_train.eval_cli import app
 from imedsam_train.evaluate import predict_logits
-from imedsam_train.metrics import all_metrics, dice, hausdorff, iou
+from imedsam_train.metrics import all_metrics, dice, hausdorff, iou, surface_distances
 from tests.conftest import SAMPLE_DATA, read_mask
 
 TEST_SPLIT = SAMPLE_DATA / "splits" / "test.txt"
@@ -33,15 +33,32 @@ def random_ckpt(tmp_path_factory) -> Path:
 
 
 def _brute_hd(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    from scipy import ndimage
+    """(HD95, HD) without ndimage: a boundary pixel is a mask pixel with a 4-neighbour outside the mask (or
+    outside the image); distances are every pairwise distance between the two boundaries."""
 
     def surf(m):
-        return np.argwhere(m & ~ndimage.binary_erosion(m, np.ones((3, 3), bool), border_value=0))
+        p = np.pad(m, 1)
+        inner = p[1:-1, 1:-1] & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+        return np.argwhere(m & ~inner)
 
     pa, pb = surf(a), surf(b)
     d = np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1))
     ab, ba = d.min(1), d.min(0)
     return max(np.percentile(ab, 95), np.percentile(ba, 95)), max(ab.max(), ba.max())
+
+
+def _blob_pairs(seed: int, n: int):
+    """Seeded random blob pairs of random sizes (some touching the image border), both non-empty."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    while n:
+        h, w = (int(v) for v in rng.integers(6, 64, 2))
+        x, y = (ndimage.binary_dilation(rng.random((h, w)) > rng.uniform(0.9, 0.995),
+                                        iterations=int(rng.integers(0, 4))) for _ in range(2))
+        if x.any() and y.any():
+            n -= 1
+            yield x, y
 
 
 def test_metrics_against_hand_and_brute_force():
@@ -64,6 +81,53 @@ def test_metrics_against_hand_and_brute_force():
         assert got[0] == pytest.approx(want[0]) and got[1] == pytest.approx(want[1])
     m = all_metrics(np.zeros((8, 8), bool), a[:8, :8] | True)
     assert m["dice"] == 0 and math.isnan(m["hd95"])
+
+
+def test_hausdorff_boundary_is_the_cross_erosion():
+    # a plus sign: every pixel has a background 8-neighbour, but the centre's 4-neighbours are all inside
+    plus = np.zeros((5, 5), bool)
+    plus[2, 1:4] = plus[1:4, 2] = True
+    point = np.zeros((5, 5), bool)
+    point[2, 2] = True
+    # the centre is not boundary, so it lies 1 px from the plus's boundary (0 px with a full 3x3 erosion)
+    to_plus, to_point = surface_distances(point, plus)
+    assert to_plus.tolist() == [1.0] and sorted(to_point.tolist()) == [1.0] * 4
+
+
+def test_hausdorff_matches_brute_force_on_random_blobs():
+    for x, y in _blob_pairs(1, 150):
+        got, want = hausdorff(x, y), _brute_hd(x, y)
+        assert got == pytest.approx(want, abs=1e-9), (x.astype(int), y.astype(int))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # MONAI's own deprecation notice inside get_mask_edges
+def test_hausdorff_matches_monai():
+    monai_metrics = pytest.importorskip("monai.metrics")
+
+    def ref(x: np.ndarray, y: np.ndarray, pct: float | None) -> float:
+        t = [torch.from_numpy(m[None, None].astype(np.float32)) for m in (x, y)]
+        return float(monai_metrics.compute_hausdorff_distance(t[0], t[1], percentile=pct)[0, 0])
+
+    full = np.ones((12, 9), bool)
+    line = np.zeros((12, 9), bool)
+    line[3, :] = True
+    dot = np.zeros((12, 9), bool)
+    dot[0, 0] = True
+    column = np.zeros((12, 9), bool)
+    column[:, 8] = True
+    edge_cases = [(full, line), (full, dot), (line, dot), (full, full), (line, column | dot), (dot, dot)]
+    for x, y in [*edge_cases, *_blob_pairs(2, 300)]:
+        hd95, hd = hausdorff(x, y)
+        assert hd95 == pytest.approx(ref(x, y, 95), abs=1e-4)
+        assert hd == pytest.approx(ref(x, y, None), abs=1e-4)
+
+
+def test_hausdorff_is_nan_when_a_mask_is_empty():
+    some = np.zeros((8, 8), bool)
+    some[2:5, 2:5] = True
+    empty = np.zeros((8, 8), bool)
+    for x, y in [(some, empty), (empty, some), (empty, empty)]:
+        assert all(math.isnan(v) for v in hausdorff(x, y))
 
 
 def test_baselines():

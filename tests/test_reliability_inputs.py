@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import cv2
@@ -684,3 +686,186 @@ def test_train_resume_refuses_damaged_last_checkpoint(tmp_path, monkeypatch, dam
                                     "--workers", "0", "--threads", "1", "--name", "r", "--resume"])
     assert_one_line_error(res, "last.pt")
     assert (ck / "last.pt").read_bytes() == data and sorted(p.name for p in ck.iterdir()) == ["last.pt"]
+
+
+# ------------------------------------------------------------------ decoder limits, non-finite values, short videos
+
+def _png_huge_truncated(width: int = 60000, height: int = 60000) -> bytes:
+    """A PNG header declaring width x height, then one tiny IDAT chunk and no IEND (the data cut off): past
+    OpenCV's pixel limit this raises inside imdecode (a header-only PNG just returns None)."""
+    idat = zlib.compress(b"\0" * 1000)
+    crc = struct.pack(">I", zlib.crc32(b"IDAT" + idat) & 0xFFFFFFFF)
+    return png_header_only(width, height)[:-12] + struct.pack(">I", len(idat)) + b"IDAT" + idat + crc
+
+
+def _jpeg_huge(width: int = 60000, height: int = 60000) -> bytes:
+    """A small real JPEG whose frame header (SOF0) claims width x height."""
+    b = bytearray(cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))[1].tobytes())
+    i = b.index(b"\xff\xc0")
+    b[i + 5:i + 9] = struct.pack(">HH", height, width)
+    return bytes(b)
+
+
+@pytest.mark.parametrize(("name", "make"), [("huge60k.png", _png_huge_truncated), ("huge60k.jpg", _jpeg_huge)])
+def test_infer_refuses_image_past_the_decoder_pixel_limit(art, tmp_path, name, make):
+    f = tmp_path / name
+    f.write_bytes(make())
+    out = tmp_path / "out"
+    assert_one_line_error(_infer(f, art, out, "--box", "1,1,5,5"), name, "too large")
+    assert_nothing_left(out)
+    folder = tmp_path / "folder"  # read on the prefetch thread: the same line
+    folder.mkdir()
+    shutil.copy(IMAGE, folder / "a.jpg")
+    shutil.copy(f, folder / f"b{f.suffix}")
+    assert_one_line_error(_infer(folder, art, out, "--box", "1,1,5,5"), f"b{f.suffix}", "too large")
+    assert_nothing_left(out)
+
+
+def test_console_script_huge_png_is_one_line_exit_2(art, tmp_path):
+    f = tmp_path / "huge.png"
+    f.write_bytes(_png_huge_truncated())
+    res = console_script("imedsam-infer", [str(f), "--box", "1,1,5,5", "--artifact", str(art), "--out",
+                                           str(tmp_path / "out"), "--backend", "ort-cpu", "-q"], tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().splitlines() == [f"error: {f}: image too large to decode (its header declares more "
+                                               "pixels than OpenCV's limit)"]
+    assert_nothing_left(tmp_path / "out")
+
+
+def _huge_image(d: Path) -> str:
+    p = sorted((d / "images").iterdir())[1]
+    p.write_bytes(_png_huge_truncated())
+    return p.name
+
+
+def _huge_jpeg_mask(d: Path) -> str:
+    p = sorted((d / "masks").iterdir())[1]
+    p.write_bytes(_jpeg_huge())
+    return p.name
+
+
+def _nonfinite_image(d: Path) -> str:
+    import tifffile
+
+    p = sorted((d / "images").iterdir())[1]
+    p.unlink()
+    a = np.random.default_rng(0).random((254, 320), dtype=np.float32)
+    a[10:20] = np.nan
+    a[30, 5] = np.inf
+    tifffile.imwrite(p.with_suffix(".tif"), a)
+    return p.with_suffix(".tif").name
+
+
+@pytest.mark.parametrize("damage", [_huge_image, _huge_jpeg_mask, _nonfinite_image],
+                         ids=["huge-image", "huge-mask", "nonfinite-float-image"])
+def test_eval_refuses_huge_and_nonfinite_data(ckpt, tmp_path, damage):
+    d = _data_copy(tmp_path)
+    name = damage(d)
+    res = runner.invoke(eval_app, [str(ckpt), "--data", str(d), "--json", str(tmp_path / "o" / "r.json")])
+    err = assert_one_line_error(res, name)
+    assert "too large" in err or "NaN or infinite" in err, err
+    assert_nothing_left(tmp_path / "o")
+
+
+def _volume(tmp: Path, name: str, data: np.ndarray) -> Path:
+    p = tmp / name
+    nib.save(nib.Nifti1Image(data.astype(np.float32), np.eye(4)), str(p))
+    return p
+
+
+@pytest.mark.parametrize("fill", [np.nan, np.inf, -np.inf, "mixed"])
+def test_infer_refuses_volume_without_a_finite_voxel(art, tmp_path, fill):
+    data = np.full((40, 36, 3), np.nan if fill == "mixed" else fill, np.float32)
+    if fill == "mixed":
+        data[:, :, 1] = np.inf
+    f = _volume(tmp_path, "nan.nii.gz", data)
+    out = tmp_path / "out"
+    assert_one_line_error(_infer(f, art, out, "--box", "1,1,30,30"), "nan.nii.gz", "NaN or infinite")
+    assert_nothing_left(out)
+
+
+def test_infer_marks_slices_with_nonfinite_voxels(art, tmp_path):
+    from imedsam_deploy.volume import load_volume
+
+    data = np.random.default_rng(0).normal(0, 100, (40, 36, 4)).astype(np.float32)
+    data[:, :, 1] = np.nan  # a whole slice
+    data[3, 4, 2] = np.inf  # one voxel
+    f = _volume(tmp_path, "some_nan.nii.gz", data)
+    vol = load_volume(f)
+    assert np.isfinite(vol.data).all() and vol.nonfinite == {1: 40 * 36, 2: 1}
+    assert vol.data[3, 4, 2] == vol.data.min()  # background, not a bright spot
+    assert vol.window[1] - vol.window[0] < 1000  # the window from finite values (nan_to_num's Inf -> 3e38 broke it)
+    out = tmp_path / "out"
+    res = _infer(f, art, out, "--box", "1,1,30,30")
+    assert res.exit_code == 0, res.output
+    assert "warning:" in res.output and "some_nan.nii.gz" in res.output and "nonfinite" in res.output
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["nonfinite_voxels"] == 40 * 36 + 1 and doc["nonfinite_slices"] == [1, 2]
+    assert [r["status"] for r in doc["records"]] == ["given", "nonfinite", "nonfinite", "given"]
+    assert "NaN/Inf" in doc["records"][1]["note"]
+    assert "nonfinite" in (out / "results.csv").read_text()
+    assert nib.load(str(out / "mask.nii.gz")).shape == data.shape
+
+
+def test_infer_constant_volume_and_image(art, tmp_path):
+    vol = _volume(tmp_path, "flat.nii.gz", np.full((40, 36, 2), 7.0, np.float32))
+    out = tmp_path / "v"
+    res = _infer(vol, art, out, "--box", "1,1,30,30")
+    assert res.exit_code == 0, res.output
+    assert {r["status"] for r in json.loads((out / "results.json").read_text())["records"]} == {"given"}
+    img = tmp_path / "flat.png"
+    cv2.imwrite(str(img), np.full((50, 60), 200, np.uint8))
+    res = _infer(img, art, tmp_path / "i", "--box", "1,1,30,30")
+    assert res.exit_code == 0, res.output
+
+
+def _avi(path: Path, frames: int = 40) -> Path:
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 10, (64, 48))
+    for i in range(frames):
+        w.write(np.full((48, 64, 3), (i * 6) % 256, np.uint8))
+    w.release()
+    return path
+
+
+def test_infer_refuses_video_that_stops_before_its_declared_frames(art, tmp_path):
+    good = _avi(tmp_path / "good.avi")
+    bad = tmp_path / "cut.avi"
+    bad.write_bytes(good.read_bytes()[: int(good.stat().st_size * 0.7)])  # frames stop; the header still says 40
+    cap = cv2.VideoCapture(str(bad))
+    assert cap.isOpened() and cap.get(cv2.CAP_PROP_FRAME_COUNT) == 40
+    cap.release()
+    out = tmp_path / "out"
+    err = assert_one_line_error(_infer(bad, art, out, "--box", "1,1,30,30"), "cut.avi", "truncated")
+    assert "of the 40 frames" in err
+    assert_nothing_left(out)
+    res = _infer(good, art, tmp_path / "ok", "--box", "1,1,30,30")  # the whole file still runs
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "ok" / "results.json").read_text())["frames"] == 40
+
+
+def test_infer_refuses_zero_length_video(art, tmp_path):
+    for name in ("zero.mp4", "zero.avi", "zero.mkv"):
+        f = tmp_path / name
+        f.write_bytes(b"")
+        out = tmp_path / "out"
+        assert_one_line_error(_infer(f, art, out, "--box", "1,1,5,5"), name)
+        assert_nothing_left(out)
+
+
+def test_train_refuses_nifti_with_nan(tmp_path, monkeypatch):
+    root = tmp_path / "BCV"
+    for sub in ("img", "label"):
+        (root / sub).mkdir(parents=True)
+    hu = np.random.default_rng(0).normal(0, 100, (32, 32, 4)).astype(np.float32)
+    hu[5, 5, 2] = np.nan
+    lab = np.zeros((32, 32, 4), np.uint8)
+    lab[8:20, 8:20, :] = 1
+    nib.save(nib.Nifti1Image(hu, np.eye(4)), str(root / "img" / "img0001.nii.gz"))
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), str(root / "label" / "label0001.nii.gz"))
+    (root / "splits").mkdir()
+    for s in ("train", "val"):
+        (root / "splits" / f"{s}.txt").write_text("0001\n")
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(train_app, ["bcv", str(root), "--input-size", "64", "--epochs", "1", "--workers", "0"])
+    assert_one_line_error(res, "img0001.nii.gz", "NaN or infinite")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.pt"))

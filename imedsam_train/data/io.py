@@ -1,6 +1,7 @@
 """Reading images and masks: Pillow first, tifffile for the TIFFs Pillow cannot open (CVC-ClinicDB).
 
-Every failure is a ``UserError`` naming the file. Masks are binarised with ``> 127`` (JPEG masks carry
+Every failure is a ``UserError`` naming the file, including headers past Pillow's decompression-bomb limit
+and float images holding NaN or Inf (no sensible 8-bit value). Masks are binarised with ``> 127`` (JPEG masks carry
 compression noise); 3-channel masks (Kvasir-SEG) are reduced to their first channel.
 """
 
@@ -21,21 +22,34 @@ def _read_array(path: Path) -> np.ndarray:
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     try:
-        with Image.open(path) as f:
-            f.load()
-            im: Image.Image = f
-            if im.mode not in ("L", "RGB", "RGBA", "1", "I;16", "I", "F"):
-                im = im.convert("RGB")  # palette, CMYK, YCbCr ...
-            return np.asarray(im)
+        a = _pil_array(path)
+    except Image.DecompressionBombError:  # not an OSError: Pillow refuses the header before decoding
+        raise UserError(f"{path}: image too large to decode (its header declares more pixels than Pillow's "
+                        "limit)") from None
     except (UnidentifiedImageError, OSError, ValueError) as pil_error:
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
 
             try:
-                return np.asarray(tifffile.imread(path))
+                a = np.asarray(tifffile.imread(path))
             except Exception as e:  # tifffile raises several types for corrupt files
                 raise UserError(f"{path}: unreadable TIFF ({type(e).__name__}: {e})") from None
-        raise UserError(f"{path}: unreadable image ({pil_error})") from None
+        else:
+            raise UserError(f"{path}: unreadable image ({pil_error})") from None
+    if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+        raise UserError(f"{path}: {int((~np.isfinite(a)).sum())} NaN or infinite pixel values")
+    return a
+
+
+def _pil_array(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as f:
+        f.load()
+        im: Image.Image = f
+        if im.mode not in ("L", "RGB", "RGBA", "1", "I;16", "I", "F"):
+            im = im.convert("RGB")  # palette, CMYK, YCbCr ...
+        return np.asarray(im)
 
 
 def _to_uint8(a: np.ndarray) -> np.ndarray:

@@ -43,6 +43,8 @@ def _load_volume(path: str) -> np.ndarray:
         data = data[..., 0]
     if data.ndim != 3:
         raise UserError(f"{path}: expected a 3-D volume, got shape {data.shape}")
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():  # no HU to window, no label
+        raise UserError(f"{path}: {int((~np.isfinite(data)).sum())} NaN or infinite voxels")
     return data
 
 

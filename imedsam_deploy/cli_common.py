@@ -157,7 +157,7 @@ class Progress:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
-        elif self.enabled and self.done:
+        elif self.enabled and self.done > 1:  # one image: the command's own closing line says it
             self.echo(f"{self.desc}: {self.done} {self.unit} done, {self.rate():.1f} {self.rate_unit}, "
                       f"{_duration(self._clock() - self.t0)} in all")
 

@@ -139,9 +139,9 @@ def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, back
         if choice is None:
             raise UserError("no artifact of a finished run under runs/ and no shipped artifact in this install: "
                             "pass --artifact DIR (see imedsam-export)")
-        say_line(console, choice.line())
         art = load_artifact(choice.path)
         be, how = bk.open_backend(backend_name, art, precision)
+        say_line(console, choice.line())  # once it opened: a refused artifact gets its one error line only
         say_line(console, how)
         seg = Segmenter(be, art, query=query, margin=margin, chunk=chunk)
         total = iter_frames_count(spec, reader, vol)

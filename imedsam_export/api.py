@@ -127,12 +127,12 @@ def export_artifact(
     if model is None:
         choice, shipped = resolve_source_choice(checkpoint)
         ck = choice.path
-        say(choice.line())
         out = Path(out) if out is not None else default_out(ck, shipped)
         if out.exists() and not force:
             raise UserError(f"{out}: already exists (use --force to overwrite)")
         check_writable_parent(out)  # before the (slow) load and export
         model, _raw = load_checkpoint(ck, sam_checkpoint)
+        say(choice.line())  # once it loaded: a refused file gets its one error line only
         source = {"checkpoint": str(ck), "sha256": sha256_file(ck), "shipped": shipped}
     else:
         if out is None:

@@ -129,12 +129,12 @@ def main_cmd(
             check_writable_parent(out)
     choice = Choice(checkpoint, "given") if checkpoint is not None else default_checkpoint_choice()
     ck_path = choice.path
-    typer.echo(choice.line())
     # held-out images only by default: a data folder's training images would flatter the model
     split_note = "given"
     if split is None and (data / "splits" / "test.txt").is_file():
         split, split_note = data / "splits" / "test.txt", "the data's test split; --split to choose"
     model, raw = load_checkpoint(ck_path, sam_checkpoint)
+    typer.echo(choice.line())  # once it loaded: a refused file gets its one error line only
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     model.to(dev)
     ds = load_data(data, kind, split)

@@ -1,6 +1,11 @@
 """Agreement of the sparse planner (imedsam_deploy/sparse.py) with the full-grid output on real images.
 
     python -m benchmarks.sparse_agreement CHECKPOINT --data DIR [--split FILE] [--out-size 384] [--limit 39]
+    python -m benchmarks.sparse_agreement --artifact DIR --data DIR [--split FILE] [--out-size N]
+
+With ``--artifact`` it measures what ``imedsam-infer`` does instead: the ONNX Runtime CPU backend's
+``--query sparse`` and ``box`` against ``--query full`` on whole images at their own size (as the CLI's default), each
+image's full mask compared (every pixel, the box's pixels, Dice) and both modes timed (encoder + decoder).
 
 For each image (its ground-truth mask gives the tight box): the exact full-grid output (global UGS top-K),
 restricted to the box + margin region the runtime queries, against the sparse planner at several strides.
@@ -21,15 +26,21 @@ import numpy as np
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("checkpoint", type=Path, nargs="?", default=None)
+    ap.add_argument("--artifact", type=Path, default=None, help="measure the runtime (ort-cpu) on this artifact")
     ap.add_argument("--data", type=Path, required=True, help="folder with images/ and masks/")
     ap.add_argument("--split", type=Path, default=None, help="file of stems, one a line")
-    ap.add_argument("--out-size", type=int, default=384)
+    ap.add_argument("--out-size", type=int, default=None, help="[384; --artifact: each image's own size]")
     ap.add_argument("--strides", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--margin", type=float, default=0.25, help="box margin as a fraction of the box")
     ap.add_argument("--limit", type=int, default=39)
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
+    if a.artifact is not None:
+        return runtime_agreement(a)
+    if a.checkpoint is None:
+        ap.error("give CHECKPOINT or --artifact DIR")
+    a.out_size = a.out_size or 384
 
     import cv2
     import torch
@@ -42,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     model, _ = load_checkpoint(a.checkpoint)
     s = model.cfg.input_size
     frac = model.cfg.decoder.refine_fraction
-    stems = (a.split.read_text().split() if a.split else sorted(p.stem for p in (a.data / "images").iterdir()))[: a.limit]
+    stems = _stems(a)
     osz = a.out_size
     rows = []
     for stem in stems:
@@ -98,6 +109,70 @@ def main(argv: list[str] | None = None) -> int:
             "queried_of_image_mean": float(np.mean([r[f"s{st}"]["queried_of_image"] for r in rows])),
         }
     summary["region_fraction_mean"] = float(np.mean([r["region_fraction"] for r in rows]))
+    print(json.dumps(summary, indent=1))
+    if a.json:
+        a.json.write_text(json.dumps({"summary": summary, "images": rows}, indent=1) + "\n")
+    return 0
+
+
+def _stems(a: argparse.Namespace) -> list[str]:
+    return (a.split.read_text().split() if a.split else sorted(p.stem for p in (a.data / "images").iterdir()))[: a.limit]
+
+
+def runtime_agreement(a: argparse.Namespace) -> int:
+    """``--query sparse`` vs ``--query full`` through the deploy runtime (ort-cpu), whole images."""
+    import time
+
+    import cv2
+
+    from imedsam_deploy import backends as bk
+    from imedsam_deploy.manifest import load_artifact
+    from imedsam_deploy.runtime import Segmenter
+
+    art = load_artifact(a.artifact)
+    be, how = bk.open_backend("ort-cpu", art, None)
+    print(how, flush=True)
+    modes = ("full", "sparse", "box")  # full is the reference the others are compared with
+    segs = {q: Segmenter(be, art, query=q, margin=a.margin) for q in modes}
+    rows = []
+    secs = dict.fromkeys(modes, 0.0)
+    for stem in _stems(a):
+        bgr = cv2.imread(str(next((a.data / "images").glob(f"{stem}.*"))), cv2.IMREAD_COLOR)
+        gt = cv2.imread(str(next((a.data / "masks").glob(f"{stem}.*"))), cv2.IMREAD_GRAYSCALE) > 127
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        ys, xs = np.nonzero(gt)
+        if ys.size == 0:
+            continue
+        h, w = gt.shape
+        box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
+        ohw = (h, w) if a.out_size is None else (max(1, round(h * a.out_size / max(h, w))),
+                                                   max(1, round(w * a.out_size / max(h, w))))
+        masks = {}
+        for q, seg in segs.items():
+            t = time.perf_counter()
+            res = seg.segment(rgb, box[None], ohw)
+            secs[q] += time.perf_counter() - t
+            masks[q] = res.objects[0].mask()
+        f = masks["full"]
+        bo = box * [ohw[1] / w, ohw[0] / h, ohw[1] / w, ohw[0] / h]
+        r0, r1, c0, c1 = int(np.floor(bo[1])), int(np.ceil(bo[3])), int(np.floor(bo[0])), int(np.ceil(bo[2]))
+        row: dict = {"stem": stem, "out_hw": list(ohw)}
+        for q in modes[1:]:
+            m = masks[q]
+            den = int(f.sum() + m.sum())
+            row[q] = {"all": float((f == m).mean()), "in_box": float((f[r0:r1, c0:c1] == m[r0:r1, c0:c1]).mean()),
+                      "dice": float(2 * np.logical_and(f, m).sum() / den) if den else 1.0}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    n = len(rows)
+    summary: dict = {"artifact": str(a.artifact), "backend": be.description, "images": n,
+                     "out_size": a.out_size or "input", "margin": a.margin,
+                     "s_per_image": {q: secs[q] / max(n, 1) for q in modes}}
+    for q in modes[1:]:
+        summary[q] = {**{f"{k}_{fn.__name__}": float(fn([r[q][k] for r in rows]))
+                         for k in ("all", "in_box", "dice") for fn in (np.mean, np.min)},
+                      "identical_images": sum(r[q]["all"] == 1.0 for r in rows),
+                      "speedup_vs_full": secs["full"] / max(secs[q], 1e-9)}
     print(json.dumps(summary, indent=1))
     if a.json:
         a.json.write_text(json.dumps({"summary": summary, "images": rows}, indent=1) + "\n")

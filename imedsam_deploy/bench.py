@@ -46,6 +46,7 @@ from imedsam_deploy.atomic import atomic_path, atomic_write_text
 from imedsam_deploy.backends.base import Backend, Embedding
 from imedsam_deploy.errors import UserError
 from imedsam_deploy.manifest import Artifact, load_artifact
+from imedsam_deploy.paths import Choice
 from imedsam_deploy.preprocess import Region
 from imedsam_deploy.runtime import DEFAULT_CHUNK, DEFAULT_MARGIN, QUERY_MODES, QueryMode, Segmenter
 from imedsam_deploy.sparse import SparseConfig
@@ -330,14 +331,16 @@ def random_artifact(name: str, input_size: int, log: Callable[[str], None]) -> t
     return _random_artifact(name, input_size, log)
 
 
-def latest_artifact_of(name: str | None) -> Path | None:
-    from imedsam_deploy.paths import latest_artifact
+def latest_artifact_of(name: str | None) -> Choice | None:
+    """The default artifact (``paths.default_artifact``: a finished run's export, else the shipped model's), if it
+    is of architecture ``name`` (any when None)."""
+    from imedsam_deploy.paths import default_artifact
 
-    art = latest_artifact()
+    art = default_artifact()
     if art is None or name is None:
         return art
     try:
-        m = json.loads((art / "manifest.json").read_text())
+        m = json.loads((art.path / "manifest.json").read_text())
         return art if m.get("model", {}).get("name") == name else None
     except (OSError, ValueError):
         return None
@@ -401,7 +404,8 @@ def default_out_sizes(input_size: int, reference: bool) -> tuple[int, ...]:
 
 def run_bench(artifact_path: Path | Artifact, opts: BenchOptions, model: Any | None = None,
               inputs_for: Callable[[int, int], Inputs] | None = None,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
+              log: Callable[[str], None] = print,
+              progress: Any = None) -> dict[str, Any]:
     """Benchmark ``artifact_path`` (or an already loaded / in-process ``Artifact``); ``model`` (the same
     weights, in-process) enables torch backends and the reference without a checkpoint. Returns the JSON-able
     report."""
@@ -426,6 +430,9 @@ def run_bench(artifact_path: Path | Artifact, opts: BenchOptions, model: Any | N
         if opts.tune else []
     results: list[dict[str, Any]] = []
     reference_rows: list[dict[str, Any]] = []
+    rounds = 0
+    if progress is not None:  # cli_common.Progress: timed rounds done, their rate and the time left
+        progress.set_total(len(opts.batches) * len(sizes) * (opts.warmup + opts.repeat))
     for batch in opts.batches:
         for out_size in sizes:
             osz = out_size or s
@@ -454,6 +461,9 @@ def run_bench(artifact_path: Path | Artifact, opts: BenchOptions, model: Any | N
                     # the reference is slow: one warm-up pass at most, then interleaved with ours
                     masks = ref.run(inputs, out_hw, ref_times if timed else None)
                     ref_masks = ref_masks if ref_masks is not None else masks
+                rounds += 1
+                if progress is not None:
+                    progress.update(rounds)
             ref_e2e = percentiles(ref_times) if ref_times else None
             if ref_e2e is not None:
                 reference_rows.append({"batch": batch, "out_size": osz, "e2e_ms": ref_e2e,

@@ -34,7 +34,7 @@ def _parse_box(text: str | None) -> tuple[float, float, float, float] | None:
 @app.command()
 @guarded
 def bench(
-    artifact: Path | None = typer.Argument(None, help="Artifact folder (default: the latest export)."),
+    artifact: Path | None = typer.Argument(None, help="Artifact folder (default: the newest export of a finished run under runs/, else the shipped model's)."),
     backend: list[str] | None = typer.Option(None, "--backend", "-b",
                                              help="Backend(s) (repeatable; default: every one available here)."),
     precision: str | None = typer.Option(None, help="fp32 | fp16 | bf16 | int8 (default: each backend's own; ort-cpu also runs int8 when exported)."),
@@ -83,13 +83,14 @@ def bench(
     if artifact is not None:
         if not artifact.is_dir():
             raise UserError(f"{artifact}: not an artifact folder")
+        log(f"using {artifact} (given)")
         target = artifact
     elif (latest := B.latest_artifact_of(model)) is not None:
-        log(f"artifact: {latest}")
-        target = latest
+        log(latest.line())
+        target = latest.path
     elif model is None:
-        raise UserError("no artifact found under runs/*/export: run imedsam-export first, or pass "
-                        "ARTIFACT or --model vit_b")
+        raise UserError("no artifact of a finished run under runs/ and no shipped artifact in this install: run "
+                        "imedsam-export first, or pass ARTIFACT or --model vit_b")
     elif backend and all(b in ("torch-cuda", "torch-cpu") for b in backend):
         from imedsam_deploy.backends.torch_models import in_process_artifact
 
@@ -111,7 +112,10 @@ def bench(
     if image is not None:
         the_box = _parse_box(box)
         inputs_for = lambda size, n: B.file_inputs(image, the_box, n)  # noqa: E731
-    report = B.run_bench(target, opts, model=in_process, inputs_for=inputs_for, log=log)
+    from imedsam_deploy.cli_common import Progress
+
+    with Progress("benchmark", None, "rounds", "rounds/s", console=console) as bar:
+        report = B.run_bench(target, opts, model=in_process, inputs_for=inputs_for, log=log, progress=bar)
     if image is not None:
         report["settings"]["image"] = str(image)
     jpath = json_path or out / "bench.json"
@@ -131,3 +135,7 @@ def bench(
 
 def main() -> None:
     run_app(app)
+
+
+if __name__ == "__main__":
+    main()

@@ -59,12 +59,12 @@ def infer(
     input: Path = typer.Argument(..., help="Image, folder of images, video (anything OpenCV reads) or .nii/.nii.gz volume."),
     box: list[str] = typer.Option(None, "--box", help="x0,y0,x1,y1 in input pixels; repeat for several objects."),
     boxes: Path | None = typer.Option(None, "--boxes", help="CSV (frame,x0,y0,x1,y1[,object]) or JSON boxes per frame/slice/image."),
-    artifact: Path | None = typer.Option(None, "--artifact", help="Artifact folder (default: the newest runs/*/export)."),
+    artifact: Path | None = typer.Option(None, "--artifact", help="Artifact folder (default: the newest export of a finished run under runs/, else the shipped model's)."),
     out: Path | None = typer.Option(None, "--out", help="Output folder (default: runs/infer/<input name>)."),
     backend: str = typer.Option("auto", "--backend", help="auto|ort-cpu|ort-cuda|ort-trt|tensorrt|torch-cuda."),
     precision: str | None = typer.Option(None, "--precision", help="fp32|fp16|bf16|int8 (int8: the int8 encoder on ort-cpu; default: the backend's)."),
     out_size: str | None = typer.Option(None, "--out-size", help="Mask size: N (long side) or WxH (default: the input's)."),
-    query: str = typer.Option(DEFAULT_QUERY, "--query", help="full: decode every pixel; box: only the box plus --margin (rest background, faster); sparse: box plus margin at multiple resolutions (fastest, near-exact)."),
+    query: str = typer.Option(DEFAULT_QUERY, "--query", help="sparse: the box plus --margin at multiple resolutions (fastest; 99.99% of pixels as full on Kvasir-Sessile test); box: every pixel of the box plus --margin; full: every pixel (the export's reference, slowest)."),
     margin: float = typer.Option(0.25, "--margin", help="Box-query margin, a fraction of the box size per side."),
     chunk: int = typer.Option(32768, "--chunk", help="Query points per decoder call (bounds memory)."),
     min_confidence: float = typer.Option(0.6, "--min-confidence", help="Video: a mask below this mean probability means lost."),
@@ -114,16 +114,15 @@ def infer(
 def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, backend_name: str, precision: str | None,
          size: Any, query: Any, margin: float, chunk: int, track: TrackConfig, win: Any, quiet: bool) -> None:
     from rich.console import Console
-    from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from imedsam_deploy import backends as bk
     from imedsam_deploy.atomic import atomic_dir
     from imedsam_deploy.boxes import validate_box
+    from imedsam_deploy.cli_common import Progress
     from imedsam_deploy.infer import iter_frames_count, run_images, run_video, run_volume
     from imedsam_deploy.manifest import load_artifact
     from imedsam_deploy.outputs import OutputSet
-    from imedsam_deploy.paths import latest_artifact
+    from imedsam_deploy.paths import Choice, default_artifact
     from imedsam_deploy.runtime import Segmenter
     from imedsam_deploy.video import VideoReader, read_image
     from imedsam_deploy.volume import load_volume
@@ -140,26 +139,22 @@ def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, back
             hw = (reader.height, reader.width) if reader is not None else vol.slice_hw if vol is not None else None
         if hw is not None:  # refuse a bad --box before loading anything (folders: checked per image)
             for i, b in enumerate(prompts.boxes):
-                validate_box(b, hw, f"{spec.path} --box {i + 1}")
-        if artifact_dir is None:
-            artifact_dir = latest_artifact()
-            if artifact_dir is None:
-                raise UserError("no artifact found under runs/*/export: pass --artifact DIR (see imedsam-export)")
-        art = load_artifact(artifact_dir)
+                validate_box(b, hw, f"{spec.path} object {i} (--box {i + 1})")
+        choice = Choice(artifact_dir, "given") if artifact_dir is not None else default_artifact()
+        if choice is None:
+            raise UserError("no artifact of a finished run under runs/ and no shipped artifact in this install: "
+                            "pass --artifact DIR (see imedsam-export)")
+        art = load_artifact(choice.path)
         be, how = bk.open_backend(backend_name, art, precision)
+        say_line(console, choice.line())  # once it opened: a refused artifact gets its one error line only
         say_line(console, how)
         seg = Segmenter(be, art, query=query, margin=margin, chunk=chunk)
         total = iter_frames_count(spec, reader, vol)
         t0 = time.perf_counter()
+        unit = {"video": "frames", "volume": "slices"}.get(spec.kind, "images")
         with atomic_dir(out_dir, overwrite=True) as stage, be, Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[fps]} fps"), TimeElapsedColumn(), console=console, disable=quiet,
-        ) as bar:
-            task = bar.add_task(escape(spec.path.name), total=total, fps="-")
-
-            def progress(done: int) -> None:
-                dt = time.perf_counter() - t0
-                bar.update(task, completed=done, fps=f"{done / dt:.1f}" if dt > 0 else "-")
+            spec.path.name, total, unit, console=console, enabled=not quiet) as bar:
+            progress = bar.update
 
             if spec.kind == "video":
                 assert reader is not None
@@ -189,7 +184,8 @@ def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, back
             say_line(console, f"warning: {spec.path}: {info['nonfinite_voxels']} NaN/Inf voxels in "
                      f"{len(info['nonfinite_slices'])} slices set to the volume minimum (status 'nonfinite')")
         for ev in outs.events:
-            say_line(console, f"object {ev['object'] + 1} {ev['event']} at frame {ev['frame']}"
+            # numbered as in results.csv/json and --boxes (from 0)
+            say_line(console, f"object {ev['object']} {ev['event']} at frame {ev['frame']}"
                      + (f" ({ev['reason']})" if "reason" in ev else ""))
         say_line(console, f"{info['frames']} frames in {elapsed:.1f} s ({info['frames'] / max(elapsed, 1e-9):.1f} fps) "
                  f"-> {out_dir}")
@@ -200,3 +196,7 @@ def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, back
 
 def main() -> None:
     run_app(app)
+
+
+if __name__ == "__main__":
+    main()

@@ -101,7 +101,7 @@ def _layers(objs: dict[int, ObjectMask], status: dict[int, str], masks: dict[int
     layers = []
     for obj, om in objs.items():
         for c in range(om.num_classes):
-            tag = f"{obj + 1}" + (f".{c}" if om.num_classes > 1 else "") + (" lost" if status[obj] == "lost" else "")
+            tag = f"{obj}" + (f".{c}" if om.num_classes > 1 else "")  # the object number of results.csv + (" lost" if status[obj] == "lost" else "")
             layers.append(Layer(obj, masks[obj][c], om.box, status[obj], tag))
     return layers
 

@@ -1,7 +1,8 @@
 """What ``imedsam-infer`` writes: mask PNGs (or a NIfTI label volume), overlays and per-frame results.
 
-    masks/<name>.png        one per image / video frame: 0/255 for one object, else object number 1..n
-                            (the first object wins where masks overlap); at --out-size
+    masks/<name>.png        one per image / video frame: 0/255 for one object, else object + 1 (0 is the
+                            background; objects are numbered from 0 as in results.csv, --boxes and on the
+                            console; several classes: mask number 1..n); the first wins on overlap; at --out-size
     overlay/<name>.png      images and volume slices: filled contours over the input
     overlay.mp4 (.avi)      videos: the input's size, frame rate and frame count
     mask.nii.gz             volumes: labels on the input's voxel grid
@@ -69,15 +70,21 @@ class Layer:
     label: str
 
 
-def label_image(masks: list[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
-    """uint8: 0/255 for a single mask, mask number 1..n for several (the first one wins on overlap)."""
+def label_image(masks: list[np.ndarray], shape: tuple[int, int], values: list[int] | None = None) -> np.ndarray:
+    """uint8: 0/255 for a single mask, else ``values`` (default: mask number 1..n); the first one wins on overlap."""
     lab = np.zeros(shape, np.uint8)
     if len(masks) == 1:
         lab[masks[0]] = 255
         return lab
     for i, m in enumerate(masks):
-        lab[m & (lab == 0)] = i + 1
+        lab[m & (lab == 0)] = values[i] if values is not None else i + 1
     return lab
+
+
+def layer_values(layers: list[Layer]) -> list[int] | None:
+    """Object + 1 for one mask per object (results.csv's object numbers, 0 being the background), else None."""
+    objs = [ly.obj for ly in layers]
+    return [o + 1 for o in objs] if len(set(objs)) == len(objs) and max(objs, default=0) < 255 else None
 
 
 def draw_overlay(rgb: np.ndarray, layers: list[Layer], alpha: float = 0.4) -> np.ndarray:
@@ -135,7 +142,8 @@ class OutputSet:
     def add_frame(self, name: str, rgb: np.ndarray, out_hw: tuple[int, int], layers: list[Layer],
                   records: list[Record], draw: bool = True) -> None:
         if self.mask_pngs:
-            write_image(self.root / "masks" / f"{name}.png", label_image([ly.mask for ly in layers], out_hw))
+            write_image(self.root / "masks" / f"{name}.png",
+                        label_image([ly.mask for ly in layers], out_hw, layer_values(layers)))
         assert self._csv_file is not None and self._jsonl is not None, "OutputSet already finished"
         for r in records:
             row = r.row()

@@ -1,18 +1,24 @@
 """Where runs, checkpoints and artifacts live by default (torch-free; shared by every command).
 
     runs/<name>/checkpoints/{last,best}.pt   training (imedsam-train)
+    runs/<name>/finished.json                written (atomically) once training completed all its epochs
     runs/<name>/log.csv, curve.png, ...      training logs
     runs/<name>/export/                      artifact (imedsam-export default --out): manifest.json, *.onnx
     $IMEDSAM_CACHE (~/.cache/imedsam)/       bench/ random-weight artifacts, tuning/ torch-cuda's tunings
 
-Commands that take an optional CHECKPOINT or ARTIFACT default to the newest run in the current folder,
-then to the model shipped with the package.
+Commands that take an optional CHECKPOINT or ARTIFACT default to the newest FINISHED run in the current
+folder (for an artifact: the newest export of a finished run's checkpoint, or of the shipped one), then to the
+model shipped with the package; an interrupted or still running run is never taken by default. Each command
+says which file it uses and why (``Choice.line``).
 """
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from imedsam_deploy.contract import MANIFEST_NAME
 
@@ -21,6 +27,8 @@ CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
 EXPORT_DIR = "export"
+FINISHED_NAME = "finished.json"  # in the run folder; its checkpoints' sha256s tie exports to a finished run
+SHIPPED_ARTIFACT = Path(__file__).resolve().parent / "shipped"  # the shipped model's fp32 export
 CACHE_ENV = "IMEDSAM_CACHE"  # what the commands make for themselves: random-weight artifacts, tunings
 
 
@@ -68,3 +76,122 @@ def latest_artifact(root: Path | None = None) -> Path | None:
     # skip hidden folders: atomic_dir's staging (.export.*.tmp) and replaced (.export.old) artifacts
     found = [d for d in found if not any(part.startswith(".") for part in d.relative_to(base).parts)]
     return max(found, key=lambda p: (p / MANIFEST_NAME).stat().st_mtime) if found else None
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A default file and why it was taken, said in one line by every command."""
+
+    path: Path
+    why: str
+
+    def line(self) -> str:
+        return f"using {_show(self.path)} ({self.why})"
+
+
+def _show(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def run_finished(run: Path) -> dict[str, Any] | None:
+    """The run's finished marker (training completed all its epochs), or None if it has none."""
+    try:
+        info = json.loads((run / FINISHED_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and info.get("finished") is True else None
+
+
+def _runs(root: Path | None) -> list[tuple[float, Path]]:
+    """(newest checkpoint mtime, run folder) of every run with a checkpoint, newest first."""
+    base = (root or Path.cwd()) / RUNS_DIR
+    if not base.is_dir():
+        return []
+    out = []
+    for d in base.iterdir():
+        cks = [p for p in (d / CHECKPOINT_DIR).glob("*.pt") if p.is_file()]
+        if cks:
+            out.append((max(p.stat().st_mtime for p in cks), d))
+    return sorted(out, key=lambda t: t[0], reverse=True)
+
+
+def _unfinished_note(root: Path | None) -> str:
+    names = [f"{RUNS_DIR}/{d.name}" for _, d in _runs(root) if run_finished(d) is None]
+    return f"; not finished, so skipped: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}" if names else ""
+
+
+def finished_checkpoint(root: Path | None = None) -> Choice | None:
+    """best.pt (else last.pt) of the newest finished run under ``root/runs``, or None."""
+    for _, run in _runs(root):
+        if run_finished(run) is None:
+            continue
+        for name in (BEST_CHECKPOINT, LAST_CHECKPOINT):
+            p = run / CHECKPOINT_DIR / name
+            if p.is_file():
+                return Choice(p, "newest finished run")
+    return None
+
+
+def no_finished_run_reason(root: Path | None = None) -> str:
+    return f"no finished run under {RUNS_DIR}/" + _unfinished_note(root)
+
+
+def _manifest(folder: Path) -> dict[str, Any]:
+    try:
+        m = json.loads((folder / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return m if isinstance(m, dict) else {}
+
+
+def shipped_artifact() -> Path | None:
+    """The shipped model's exported artifact (package data), or None if this install lacks it."""
+    return SHIPPED_ARTIFACT if (SHIPPED_ARTIFACT / MANIFEST_NAME).is_file() else None
+
+
+def _source_sha(folder: Path) -> str | None:
+    src = _manifest(folder).get("source")
+    sha = src.get("sha256") if isinstance(src, dict) else None
+    return sha if isinstance(sha, str) else None
+
+
+def finished_artifact(root: Path | None = None) -> Choice | None:
+    """The newest artifact under ``root/runs`` exported from a finished run's checkpoint (matched by the
+    checkpoint's sha256 recorded at the end of training) or from the shipped checkpoint, or None."""
+    base = (root or Path.cwd()) / RUNS_DIR
+    if not base.is_dir():
+        return None
+    finished: set[str] = set()
+    for _, run in _runs(root):
+        info = run_finished(run)
+        if info is not None and isinstance(info.get("sha256"), dict):
+            finished.update(v for v in info["sha256"].values() if isinstance(v, str))
+    shipped = shipped_artifact()
+    shipped_sha = _source_sha(shipped) if shipped is not None else None
+    found = [m.parent for m in base.glob(f"*/*/{MANIFEST_NAME}")] + [m.parent for m in base.glob(f"*/{MANIFEST_NAME}")]
+    found = [d for d in found if not any(part.startswith(".") for part in d.relative_to(base).parts)]
+    for d in sorted(found, key=lambda p: (p / MANIFEST_NAME).stat().st_mtime, reverse=True):
+        sha = _source_sha(d)
+        if sha is not None and sha in finished:
+            return Choice(d, "newest export of a finished run")
+        if sha is not None and sha == shipped_sha:
+            return Choice(d, "newest export of the shipped model")
+    return None
+
+
+def default_artifact(root: Path | None = None) -> Choice | None:
+    """``finished_artifact``, else the shipped model's artifact (None only if this install lacks it)."""
+    found = finished_artifact(root)
+    if found is not None:
+        return found
+    shipped = shipped_artifact()
+    if shipped is None:
+        return None
+    why = f"no export of a finished run under {RUNS_DIR}/"
+    ck = finished_checkpoint(root)
+    if ck is not None:
+        why += f"; {_show(ck.path)} is finished but not exported: imedsam-export"
+    return Choice(shipped, "the shipped model's artifact: " + why + _unfinished_note(root))

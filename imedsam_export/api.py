@@ -18,7 +18,7 @@ import torch
 from imedsam_deploy import contract as C
 from imedsam_deploy.atomic import atomic_dir, check_writable_parent
 from imedsam_deploy.errors import UserError
-from imedsam_deploy.paths import EXPORT_DIR, RUNS_DIR, latest_checkpoint
+from imedsam_deploy.paths import EXPORT_DIR, RUNS_DIR, Choice, finished_checkpoint, no_finished_run_reason
 from imedsam_export import verify as V
 from imedsam_export.fp16 import convert_fp16
 from imedsam_export.graphs import DecoderGraph, EncoderGraph
@@ -58,16 +58,26 @@ def shipped_checkpoint() -> Path:
 
 
 def resolve_source(checkpoint: Path | None) -> tuple[Path, bool]:
-    """(checkpoint path, is_shipped): the given file, else the latest run's best, else the shipped model."""
+    """(checkpoint path, is_shipped): the given file, else the newest finished run's best, else the shipped model."""
+    choice, shipped = resolve_source_choice(checkpoint)
+    return choice.path, shipped
+
+
+def resolve_source_choice(checkpoint: Path | None) -> tuple[Choice, bool]:
+    """``resolve_source`` with the reason, for the "using ..." line."""
     if checkpoint is not None:
         p = Path(checkpoint)
         if not p.is_file():
             raise UserError(f"{p}: no such checkpoint file")
-        return p, False
-    latest = latest_checkpoint()
+        try:  # the shipped file given by path is still the shipped model (its manifest says so)
+            shipped = p.resolve() == shipped_checkpoint().resolve()
+        except UserError:
+            shipped = False
+        return Choice(p, "given"), shipped
+    latest = finished_checkpoint()
     if latest is not None:
         return latest, False
-    return shipped_checkpoint(), True
+    return Choice(shipped_checkpoint(), "the shipped model: " + no_finished_run_reason()), True
 
 
 def default_out(checkpoint: Path, shipped: bool) -> Path:
@@ -108,19 +118,21 @@ def export_artifact(
 ) -> Path:
     """Export ``model`` (or the checkpoint) to the artifact folder ``out``; returns ``out``.
 
-    checkpoint None and model None: the latest run's best checkpoint, else the shipped model.
+    checkpoint None and model None: the newest finished run's best checkpoint, else the shipped model.
     Raises UserError (nothing written) on bad input, an existing ``out`` without ``force``, or failed parity.
     """
     say: Log = log or (lambda _msg: None)
     _check_options(max_points, batch, opset)
     source: dict[str, Any]
     if model is None:
-        ck, shipped = resolve_source(checkpoint)
+        choice, shipped = resolve_source_choice(checkpoint)
+        ck = choice.path
         out = Path(out) if out is not None else default_out(ck, shipped)
         if out.exists() and not force:
             raise UserError(f"{out}: already exists (use --force to overwrite)")
         check_writable_parent(out)  # before the (slow) load and export
         model, _raw = load_checkpoint(ck, sam_checkpoint)
+        say(choice.line())  # once it loaded: a refused file gets its one error line only
         source = {"checkpoint": str(ck), "sha256": sha256_file(ck), "shipped": shipped}
     else:
         if out is None:
@@ -172,7 +184,11 @@ def export_artifact(
                     model, enc_p, dec_p, batch, max_points,
                     split=(tmp / C.DECODER_PROMPT_ONNX, tmp / C.DECODER_POINTS_ONNX))
                 paths = {p: (tmp / f["encoder"], tmp / f["decoder"]) for p, f in graphs.items()}
-                parity["real"] = V.verify_real(model, paths, max_points, limit=real_images)
+                from imedsam_deploy.cli_common import Progress
+
+                with Progress("verifying against PyTorch", None, "image passes", "passes/s", echo=say,
+                              enabled=log is not None) as bar:
+                    parity["real"] = V.verify_real(model, paths, max_points, limit=real_images, progress=bar)
             failed = V.check(parity)
             parity["passed"] = not failed
             if failed:

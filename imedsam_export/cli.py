@@ -16,7 +16,7 @@ app = typer.Typer(add_completion=False, help="Export a checkpoint to ONNX / Tens
 @guarded
 def export(
     checkpoint: Annotated[Path | None, typer.Argument(
-        help="imedsam checkpoint (.pt); default: the latest run's best, else the shipped model")] = None,
+        help="imedsam checkpoint (.pt); default: the newest finished run's best, else the shipped model")] = None,
     out: Annotated[Path | None, typer.Option(
         "--out", help="artifact folder; default: <run>/export beside the checkpoint (./runs/shipped/export "
                       "for the shipped model)")] = None,
@@ -46,3 +46,7 @@ def export(
 
 def main() -> None:
     run_app(app)
+
+
+if __name__ == "__main__":
+    main()

@@ -184,8 +184,9 @@ def verify_random(model: IMedSAM, enc_path: Path, dec_path: Path, max_batch: int
 
 @torch.no_grad()
 def verify_real(model: IMedSAM, graphs: dict[str, tuple[Path, Path]], max_points: int, limit: int = 4,
-                samples: list[RealSample] | None = None) -> dict[str, Any]:
-    """Full-grid predictions on real images for each precision's graphs vs PyTorch (fp32)."""
+                samples: list[RealSample] | None = None, progress: Any = None) -> dict[str, Any]:
+    """Full-grid predictions on real images for each precision's graphs vs PyTorch (fp32). ``progress``
+    (cli_common.Progress) counts the image passes, PyTorch's and each graph's."""
     cfg = model.cfg
     s = cfg.input_size
     source = "data/sample/kvasir-sessile (test split)"
@@ -198,16 +199,23 @@ def verify_real(model: IMedSAM, graphs: dict[str, tuple[Path, Path]], max_points
                            "names": [x.name for x in samples], "output_size": [s, s]}
     ref_masks, gts = [], []
     ref_logits = []
+    small = cfg.encoder.embed_dim <= REFERENCE_MAX_WIDTH and s <= REFERENCE_MAX_INPUT
+    with_ref = "fp16" in graphs and small
+    done = 0
+    if progress is not None:
+        progress.set_total(len(samples) * (1 + len(graphs)) + (min(REFERENCE_IMAGES, len(samples)) if with_ref else 0))
     for x in samples:
         emb = model.encode(torch.from_numpy(x.image)[None])
         c, f, u = model.decode_dense(emb, torch.from_numpy(x.box)[None], torch.from_numpy(coords))
         ref_logits.append((c.numpy(), f.numpy()))
         ref_masks.append(ugs_merge(c, f, u, frac).numpy()[0, 0].reshape(s, s) > 0)
         gts.append(x.mask if x.mask is not None else ref_masks[-1])
+        done += 1
+        if progress is not None:
+            progress.update(done)
     res["dice_pytorch"] = float(np.mean([dice(m, t) for m, t in zip(ref_masks, gts, strict=True)]))
     runs: list[tuple[str, Any, Any, int]] = [(p, session(e), session(d), len(samples)) for p, (e, d) in graphs.items()]
-    small = cfg.encoder.embed_dim <= REFERENCE_MAX_WIDTH and s <= REFERENCE_MAX_INPUT
-    if "fp16" in graphs and small:
+    if with_ref:
         e, d = graphs["fp16"]
         runs.append(("fp16_reference", reference_session(e), reference_session(d), REFERENCE_IMAGES))
     for prec, enc, dec, count in runs:
@@ -217,6 +225,9 @@ def verify_real(model: IMedSAM, graphs: dict[str, tuple[Path, Path]], max_points
             oc, of, ou = run_decoder(dec, emb, x.box[None], coords, max_points)
             worst = max(worst, _maxdiff(oc, rc), _maxdiff(of, rf))
             masks.append(_merged(oc, of, ou, frac)[0, 0].reshape(s, s) > 0)
+            done += 1
+            if progress is not None:
+                progress.update(done)
         n = len(masks)
         agree = float(np.mean([np.mean(m == r) for m, r in zip(masks, ref_masks[:n], strict=True)]))
         res[prec] = {

@@ -88,9 +88,9 @@ def _fmt(x: float) -> str:
 @app.command()
 @guarded
 def main_cmd(
-    checkpoint: Annotated[Path | None, typer.Argument(help="checkpoint [default: newest run's best.pt, else the shipped model]")] = None,
+    checkpoint: Annotated[Path | None, typer.Argument(help="checkpoint [default: the newest finished run's best.pt, else the shipped model]")] = None,
     data: Annotated[Path, typer.Option("--data", help="dataset folder: images/ + masks/ (matching stems), AMOS-style, CVC-ClinicDB or BCV NIfTI")] = Path("data/sample/kvasir-sessile"),
-    split: Annotated[Path | None, typer.Option("--split", help="stem list file (one stem a line)")] = None,
+    split: Annotated[Path | None, typer.Option("--split", help="stem list file (one stem a line) [default: DATA/splits/test.txt if there, else every image]")] = None,
     box_jitter: Annotated[float, typer.Option("--box-jitter", help="push each box side out by U(0, PX) original-image pixels")] = 0.0,
     seed: Annotated[int, typer.Option("--seed", help="seed of the box jitter")] = 0,
     out_size: Annotated[int | None, typer.Option("--out-size", help="output resolution (128, 384, 896 ...) [default: the model input size]")] = None,
@@ -106,11 +106,13 @@ def main_cmd(
     import torch
 
     from imedsam_deploy.atomic import atomic_write_text, check_writable_parent
+    from imedsam_deploy.cli_common import Progress
     from imedsam_deploy.errors import UserError
+    from imedsam_deploy.paths import Choice
     from imedsam_train.checkpoint import load_checkpoint
     from imedsam_train.evaluate import evaluate
     from imedsam_train.plots import case_sheet
-    from imedsam_train.weights import default_checkpoint
+    from imedsam_train.weights import default_checkpoint_choice
 
     if out_size is not None and (out_size < 8 or out_size > 4096):
         raise UserError(f"--out-size {out_size}: expected 8 .. 4096")
@@ -125,15 +127,24 @@ def main_cmd(
             if out.is_dir():
                 raise UserError(f"{out}: is a folder; name the output file")
             check_writable_parent(out)
-    ck_path = checkpoint or default_checkpoint()
+    choice = Choice(checkpoint, "given") if checkpoint is not None else default_checkpoint_choice()
+    ck_path = choice.path
+    # held-out images only by default: a data folder's training images would flatter the model
+    split_note = "given"
+    if split is None and (data / "splits" / "test.txt").is_file():
+        split, split_note = data / "splits" / "test.txt", "the data's test split; --split to choose"
     model, raw = load_checkpoint(ck_path, sam_checkpoint)
+    typer.echo(choice.line())  # once it loaded: a refused file gets its one error line only
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
     model.to(dev)
     ds = load_data(data, kind, split)
     model_classes = list(raw.get("classes") or [f"class{k}" for k in range(model.cfg.num_classes)])
     mapping = class_mapping(model_classes, ds.class_names, str(data))
-    typer.echo(f"checkpoint: {ck_path}\ndata: {data} ({len(ds.records)} images, classes {ds.class_names})")
-    res = evaluate(model, ds, out_size, box_jitter, seed, channel_map=mapping)
+    typer.echo(f"data: {data}, " + (f"split {split} ({split_note}), " if split is not None else "every image (no splits/test.txt), ")
+               + f"{len(ds.records)} images, classes {ds.class_names}")
+    one_class = len(ds.class_names) == 1  # several classes: several cases per image, the count is not known
+    with Progress(f"evaluating {data.name}", len(ds.records) if one_class else None, "cases", "cases/s") as bar:
+        res = evaluate(model, ds, out_size, box_jitter, seed, progress=bar.update, channel_map=mapping)
     if not res.cases:
         raise UserError(f"{data}: no image with a non-empty mask to evaluate")
     summary: dict[str, Any] = {"checkpoint": str(ck_path), "data": str(data), "split": str(split) if split else None,

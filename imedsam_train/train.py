@@ -30,8 +30,8 @@ from torch import nn
 
 from imedsam_deploy.atomic import atomic_write_text, check_writable_parent
 from imedsam_deploy.errors import UserError
-from imedsam_deploy.paths import BEST_CHECKPOINT, CHECKPOINT_DIR, LAST_CHECKPOINT, run_dir
-from imedsam_train.build import build
+from imedsam_deploy.paths import BEST_CHECKPOINT, CHECKPOINT_DIR, FINISHED_NAME, LAST_CHECKPOINT, run_dir
+from imedsam_train.build import build, sha256_file
 from imedsam_train.checkpoint import model_payload, save_checkpoint
 from imedsam_train.data.boxes import stable_seed
 from imedsam_train.data.records import Dataset
@@ -251,6 +251,8 @@ def train(
         rep.echo(f"data: train {len(sets['train'])} items, pretrain {len(sets.get('pretrain', []))}, "
                  f"val {len(val_cases)}; skipped {skipped}; loaded in {time.time() - t0:.0f}s")
         _make_dir(ck_dir)  # after the data checks: a refused dataset leaves no run folder behind
+        # a resumed run (perhaps with more --epochs) is unfinished until its loop completes again
+        (out / FINISHED_NAME).unlink(missing_ok=True)
 
     def stage(epoch: int) -> str:
         return "pretrain" if epoch < cfg.pretrain_epochs else "train"
@@ -352,8 +354,21 @@ def train(
             import torch.distributed as dist
 
             dist.barrier()
+    if d.main:
+        _mark_finished(out, cfg.epochs, best, [best_path, last_path])
     return {"run": str(out), "best_epoch": best["epoch"], "best_val_dice": best["val_dice"],
             "skipped": skipped, "epochs": cfg.epochs, "checkpoint": str(best_path)}
+
+
+def _mark_finished(out: Path, epochs: int, best: dict[str, Any], checkpoints: list[Path]) -> None:
+    """Written last and atomically: the commands' defaults take only finished runs, and their exports (matched
+    by these sha256s)."""
+    import json
+
+    info = {"finished": True, "epochs": epochs, "best": best,
+            "sha256": {p.name: sha256_file(p) for p in checkpoints if p.is_file()},
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    atomic_write_text(out / FINISHED_NAME, json.dumps(info, indent=1) + "\n")
 
 
 def _make_dir(path: Path) -> None:
@@ -412,12 +427,16 @@ def _curve(path: Path, history: list[dict[str, Any]]) -> None:
 class _Prog:
     def __init__(self, rep: Reporter, enabled: bool, desc: str, total: int) -> None:
         self.p: Any = None
+        self.plain: Any = None
         if enabled and rep.progress:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+            from imedsam_deploy.cli_common import Progress as PlainProgress
+
             console = Console()
-            if not console.is_terminal:  # a log file gets the epoch lines, not a bar's leftover blank lines
+            if not console.is_terminal:  # a log file: plain lines (steps, rate, time left), no bar leftovers
+                self.plain = PlainProgress(desc, total, "steps", "steps/s", console=console, echo=rep.echo)
                 return
 
             self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -429,8 +448,13 @@ class _Prog:
     def advance(self, loss: float, speed: float) -> None:
         if self.p is not None:
             self.p.update(self.task, advance=1, loss=loss, speed=speed)
+        if self.plain is not None:
+            self.plain.update(self.plain.done + 1)
 
     def close(self) -> None:
+        if self.plain is not None:
+            self.plain.enabled = False  # the epoch line follows: no closing line of its own
+            self.plain = None
         if self.p is not None:
             self.p.stop()
             self.p = None

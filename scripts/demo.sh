@@ -14,9 +14,15 @@ OUT=runs/demo
 mkdir -p "$OUT"
 
 echo "== 1/5 train: tiny model, 3 epochs on the sample (a demonstration of the loop, not a result)"
+# a run folder from an earlier demo is the likely cause only if it was there before this step
+HAD_RUN=$([ -e runs/demo-train ] && echo 1 || true)
 imedsam-train folder "$SAMPLE" --name demo-train --model tiny --input-size 128 --epochs 3 --batch-size 4 \
   --points 1024 --seed 0 --threads 2 ${DEMO_RESUME:+--resume} || {
-  echo "(runs/demo-train exists: rerun with DEMO_RESUME=1 or remove it)"; exit 1; }
+  rc=$?
+  if [ -n "$HAD_RUN" ] && [ -z "${DEMO_RESUME:-}" ]; then
+    echo "(runs/demo-train exists from an earlier demo: rerun with DEMO_RESUME=1 or remove it)"
+  fi
+  exit $rc; }
 
 echo "== 2/5 evaluate the shipped model on the sample's test split, jittered boxes, beside the baselines"
 imedsam-eval "$SHIPPED" --data "$SAMPLE" --split "$SAMPLE/splits/test.txt" --box-jitter 20 --seed 0 \

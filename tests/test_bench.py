@@ -634,13 +634,16 @@ def test_default_out_sizes_sweep_without_the_reference_only():
 
 def test_bench_cli_no_arguments_uses_latest_artifact_and_reports_skips(tiny_artifact, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    res = CliRunner().invoke(app, [])
-    assert res.exit_code == 2 and "no artifact" in res.output
     shutil.copytree(tiny_artifact, tmp_path / "runs" / "demo" / "export")
+    m = json.loads((tmp_path / "runs" / "demo" / "export" / "manifest.json").read_text())
+    run = tmp_path / "runs" / "demo"  # the export of a finished run's checkpoint: the default
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "best.pt").write_bytes(b"stand-in")
+    (run / "finished.json").write_text(json.dumps({"finished": True, "sha256": {"best.pt": m["source"].get("sha256") or "x"}}))
     res = CliRunner().invoke(app, ["--repeat", "1", "--warmup", "0", "--query", "sparse"])
     assert res.exit_code == 0, res.output
     rep = json.loads((tmp_path / "runs" / "bench" / "bench.json").read_text())
-    assert rep["artifact"].endswith("export")
+    assert rep["artifact"].endswith("export") and "(newest export of a finished run)" in res.output
     ran = {r["backend"] for r in rep["results"]}
     assert "ort-cpu" in ran
     # no --out-size: the input size, then the paper's cross-resolution settings (384 -> 128 / 896) scaled to it

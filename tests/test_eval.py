@@ -231,6 +231,8 @@ def test_default_checkpoint_is_the_newest_run_then_the_shipped_model(random_ckpt
     run = tmp_path / "runs" / "x" / "checkpoints"
     run.mkdir(parents=True)
     (run / "best.pt").write_bytes(random_ckpt.read_bytes())
+    assert default_checkpoint() == shipped_checkpoint()  # an unfinished run is never a default
+    (run.parent / "finished.json").write_text('{"finished": true}')
     assert default_checkpoint() == Path("runs/x/checkpoints/best.pt").resolve() or \
         default_checkpoint().resolve() == (run / "best.pt").resolve()
     code, text = _eval(["--data", str(SAMPLE_DATA), "--split", str(TEST_SPLIT)])

@@ -79,6 +79,9 @@ def test_bad_options(ckpt, tmp_path, opt):
 
 def test_defaults_latest_run_then_shipped(ckpt, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    path, shipped = resolve_source(None)  # runs/r1 has not finished: not a default
+    assert shipped or path.resolve() != ckpt.resolve()
+    (tmp_path / "runs" / "r1" / "finished.json").write_text('{"finished": true}')
     path, shipped = resolve_source(None)
     assert path == Path("runs/r1/checkpoints/best.pt") or path.resolve() == ckpt.resolve()
     assert not shipped

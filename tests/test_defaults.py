@@ -1,0 +1,179 @@
+"""What a new user gets without options: the shipped model's artifact, the sparse query, finished runs only,
+the data's test split, progress lines when piped, and one numbering of objects everywhere."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from imedsam_deploy.manifest import load_artifact, sha256_file
+from imedsam_deploy.paths import FINISHED_NAME, SHIPPED_ARTIFACT
+from tests.conftest import cut_video
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample" / "kvasir-sessile"
+SHIPPED_CK = REPO / "imedsam_train" / "weights" / "imedsam_tiny_kvasir.pt"
+IMAGE = SAMPLE / "images" / "cju0qoxqj9q6s0835b43399p4.jpg"
+
+
+def _infer(args: list[str]):  # type: ignore[no-untyped-def]
+    from imedsam_deploy.cli_infer import app
+
+    return CliRunner().invoke(app, args)
+
+
+def _run(root: Path, name: str, finished: bool) -> Path:
+    """runs/<name>/checkpoints/best.pt (a copy of the shipped weights), finished or not."""
+    ck = root / "runs" / name / "checkpoints" / "best.pt"
+    ck.parent.mkdir(parents=True)
+    shutil.copy(SHIPPED_CK, ck)
+    if finished:
+        (root / "runs" / name / FINISHED_NAME).write_text(json.dumps(
+            {"finished": True, "epochs": 1, "sha256": {"best.pt": sha256_file(ck)}}))
+    return ck
+
+
+def test_shipped_artifact_is_the_shipped_checkpoints_export():
+    art = load_artifact(SHIPPED_ARTIFACT)  # every file checked against the manifest's sha256
+    m = art.manifest
+    assert m["source"]["sha256"] == sha256_file(SHIPPED_CK) and m["source"]["shipped"] is True
+    assert m["parity"]["verified"] and m["parity"]["passed"]
+    assert set(art.graphs) == {"fp32"}  # fp32 only: the package stays small
+    assert sum(p.stat().st_size for p in SHIPPED_ARTIFACT.iterdir()) < 8 * 2**20
+    from imedsam_train.checkpoint import read_checkpoint
+
+    cfg = read_checkpoint(SHIPPED_CK)["config"]
+    assert m["model"]["input_size"] == cfg["input_size"] and m["num_classes"] == cfg["num_classes"]
+
+
+def test_infer_works_out_of_the_box_with_sparse_queries(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/ here
+    res = _infer([str(IMAGE), "--box", "20,20,100,100", "--out", "o"])
+    assert res.exit_code == 0, res.output
+    assert "using " in res.output and "shipped model's artifact" in res.output
+    summary = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert summary["query"] == "sparse" and summary["artifact"] == str(SHIPPED_ARTIFACT)
+    res = _infer([str(IMAGE), "--box", "20,20,100,100", "--out", "o2", "--query", "full"])  # still an option
+    assert res.exit_code == 0 and json.loads((tmp_path / "o2" / "results.json").read_text())["query"] == "full"
+
+
+def test_an_unfinished_runs_export_is_not_the_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ck = _run(tmp_path, "x", finished=False)
+    export = tmp_path / "runs" / "x" / "export"
+    shutil.copytree(SHIPPED_ARTIFACT, export)
+    m = json.loads((export / "manifest.json").read_text())
+    m["source"] = {"checkpoint": str(ck), "sha256": "0" * 64, "shipped": False}  # exported mid-training
+    (export / "manifest.json").write_text(json.dumps(m))
+    res = _infer([str(IMAGE), "--box", "20,20,100,100", "--out", "o"])
+    assert res.exit_code == 0, res.output
+    assert "shipped model's artifact" in res.output and "not finished, so skipped: runs/x" in res.output
+    # the run finished: its final best.pt is what the export came from
+    m["source"]["sha256"] = sha256_file(ck)
+    (export / "manifest.json").write_text(json.dumps(m))
+    _run(tmp_path, "y", finished=True)
+    (tmp_path / "runs" / "x" / FINISHED_NAME).write_text(json.dumps({"finished": True, "sha256": {"best.pt": m["source"]["sha256"]}}))
+    res = _infer([str(IMAGE), "--box", "20,20,100,100", "--out", "o2"])
+    assert res.exit_code == 0, res.output
+    assert "using runs/x/export (newest export of a finished run)" in res.output
+
+
+def test_eval_and_export_take_only_finished_runs_and_say_so(tmp_path, monkeypatch):
+    from imedsam_export.cli import app as export_app
+    from imedsam_train.eval_cli import app as eval_app
+
+    data = tmp_path / "data"
+    for sub in ("images", "masks"):
+        (data / sub).mkdir(parents=True)
+    stems = sorted(p.stem for p in (SAMPLE / "images").iterdir())[:3]
+    for s in stems:
+        shutil.copy(SAMPLE / "images" / f"{s}.jpg", data / "images")
+        shutil.copy(SAMPLE / "masks" / f"{s}.png", data / "masks")
+    (data / "splits").mkdir()
+    (data / "splits" / "test.txt").write_text(stems[0] + "\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("IMEDSAM_PROGRESS_SECONDS", "0")
+    _run(tmp_path, "demo-train", finished=False)
+    res = CliRunner().invoke(eval_app, ["--data", str(data), "--out-size", "64"])
+    assert res.exit_code == 0, res.output
+    assert "the shipped model: no finished run under runs/; not finished, so skipped: runs/demo-train" in res.output
+    assert "n=1" in res.output and "test split" in res.output  # the data's test split, not its 3 images
+    assert "1 cases done" not in res.output  # one case: no closing progress line of its own
+    res = CliRunner().invoke(export_app, ["--out", "out", "--no-verify"])
+    assert res.exit_code == 0 and "not finished, so skipped: runs/demo-train" in res.output
+
+    _run(tmp_path, "good", finished=True)
+    res = CliRunner().invoke(eval_app, ["--data", str(data), "--out-size", "64", "--split", str(data / "splits" / "test.txt")])
+    assert res.exit_code == 0 and "using runs/good/checkpoints/best.pt (newest finished run)" in res.output
+    res = CliRunner().invoke(export_app, ["--out", "out", "--no-verify", "--force"])
+    assert res.exit_code == 0 and "using runs/good/checkpoints/best.pt (newest finished run)" in res.output
+
+
+def test_training_marks_a_run_finished_only_at_its_end(tmp_path, monkeypatch):
+    import torch
+
+    from imedsam_train.cli import app
+    from imedsam_train.data import folder_dataset
+    from imedsam_train.train import Reporter, TrainConfig, train
+
+    data = tmp_path / "pairs"
+    for sub in ("images", "masks"):
+        (data / sub).mkdir(parents=True)
+    for p in sorted((SAMPLE / "images").iterdir())[:8]:
+        shutil.copy(p, data / "images")
+        shutil.copy(SAMPLE / "masks" / f"{p.stem}.png", data / "masks")
+    (data / "splits").mkdir()
+    (data / "splits" / "train.txt").write_text("\n".join(sorted(p.stem for p in (data / "images").iterdir())[:6]))
+    (data / "splits" / "val.txt").write_text("\n".join(sorted(p.stem for p in (data / "images").iterdir())[6:]))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("IMEDSAM_PROGRESS_SECONDS", "0")
+    threads = torch.get_num_threads()
+    try:
+        cfg = TrainConfig(name="cut", input_size=64, epochs=2, batch_size=2, points=64, workers=0)
+        tr, va = folder_dataset(data, data / "splits" / "train.txt"), folder_dataset(data, data / "splits" / "val.txt")
+        train(cfg, tr, va, root=tmp_path, reporter=Reporter(echo=lambda _m: None), stop_after_steps=4)
+        assert (tmp_path / "runs/cut/checkpoints/last.pt").is_file() and not (tmp_path / "runs/cut" / FINISHED_NAME).exists()
+        res = CliRunner().invoke(app, ["folder", str(data), "--name", "ok", "--input-size", "64", "--epochs", "1",
+                                       "--batch-size", "2", "--points", "64", "--workers", "0", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert res.exit_code == 0, res.output
+    assert "steps/s" in res.output and "left" in res.output  # piped: plain progress lines within the epoch
+    info = json.loads((tmp_path / "runs/ok" / FINISHED_NAME).read_text())
+    assert info["finished"] is True and info["epochs"] == 1
+    assert info["sha256"]["best.pt"] == sha256_file(tmp_path / "runs/ok/checkpoints/best.pt")
+    from imedsam_train.weights import default_checkpoint
+
+    assert default_checkpoint(tmp_path).resolve() == (tmp_path / "runs/ok/checkpoints/best.pt").resolve()
+
+
+def test_piped_infer_prints_progress_and_numbers_objects_as_its_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("IMEDSAM_PROGRESS_SECONDS", "0")
+    video = cut_video(tmp_path / "clip.avi", 4)
+    # a confidence no mask reaches: both objects are lost at once, and said so
+    res = _infer([str(video), "--box", "100,100,250,250", "--box", "300,120,420,260", "--out", "o",
+                  "--min-confidence", "0.999"])
+    assert res.exit_code == 0, res.output
+    assert "clip.avi: 1/4 frames (25%)" in res.output and "fps" in res.output and "left" in res.output
+    said = {int(ln.split()[1]) for ln in res.output.splitlines() if ln.startswith("object ") and " lost " in ln}
+    with open(tmp_path / "o" / "results.csv") as f:
+        lost = {int(r["object"]) for r in csv.DictReader(f) if r["status"] == "lost"}
+    assert said == lost == {0, 1}
+
+
+@pytest.mark.parametrize("objs", [[0, 1], [0, 2]])
+def test_mask_png_values_are_object_plus_one(objs):
+    import numpy as np
+
+    from imedsam_deploy.outputs import Layer, label_image, layer_values
+
+    masks = [np.eye(4, dtype=bool), np.flipud(np.eye(4, dtype=bool)) & ~np.eye(4, dtype=bool)]
+    layers = [Layer(o, m, np.zeros(4), "given", str(o)) for o, m in zip(objs, masks, strict=True)]
+    lab = label_image([ly.mask for ly in layers], (4, 4), layer_values(layers))
+    assert set(np.unique(lab)) == {0, *(o + 1 for o in objs)}

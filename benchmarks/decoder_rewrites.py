@@ -1,4 +1,4 @@
-"""Before/after of each exact decoder rewrite (DESIGN §2), on the same weights and the same query points.
+"""Before/after of each exact decoder rewrite, on the same weights and the same query points.
 
     python -m benchmarks.decoder_rewrites [--model vit_b] [--points 16384] [--threads 2] [--artifact DIR]
 

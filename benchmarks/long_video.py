@@ -1,4 +1,4 @@
-"""Long-run check (issue #7): video inference over a clip looped to thousands of frames keeps host memory
+"""Long-run check: video inference over a clip looped to thousands of frames keeps host memory
 flat and latency steady.
 
 Runs the same code path as ``imedsam-infer VIDEO --box ...`` (``run_video`` into an ``OutputSet`` that writes

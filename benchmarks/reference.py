@@ -1,6 +1,6 @@
 """The reference to beat: the compute the authors' released I-MedSAM code performs, with OUR weights.
 
-A re-implementation of the released code's inference *structure* (DESIGN §1-2), not a copy of it, driven by
+A re-implementation of the released code's inference *structure* (the authors' I-MedSAM repository), not a copy of it, driven by
 the modules of one of our ``IMedSAM`` models so both compute the same function on the same inputs in one
 process and a benchmark can report a ratio plus the pixel agreement:
 

@@ -1,4 +1,4 @@
-"""Sparse (multiresolution) querying of the implicit decoder: the near-exact CPU lever of DESIGN §2.
+"""Sparse (multiresolution) querying of the implicit decoder: the largest near-exact lever on a CPU.
 
 An implicit decoder need not be queried at every output pixel. Following the multiresolution surface
 extraction of Occupancy Networks (Mescheder et al., CVPR 2019), the planner evaluates a lattice of stride

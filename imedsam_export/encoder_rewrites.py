@@ -1,7 +1,7 @@
 """Rewrites of the image encoder for an inference copy run by torch (torch-cuda's ``lean_encoder``).
 
 Each does the same arithmetic in fewer GPU kernels (inside a CUDA graph every kernel costs microseconds however
-little it does; an H200's vit_b encoder was 552 kernels and launch-bound, benchmarks/RESULTS.md session 7):
+little it does; an H200's vit_b encoder was 552 kernels and launch-bound, benchmarks/HISTORY.md session 7):
 
 - ``LeanBlock``: each block's attention (SAM's decomposed relative-position bias folded into the logits'
   matmul, as ``Attention.attend`` does) with its queries extended by one GEMM and one gather, and windowing by

@@ -6,7 +6,7 @@ positional map (each writes a channel-major (C, N) fp32 result that a transpose 
 Fourier encoding (a multiply, ``sin``, ``cos``, a concatenation), a concatenation of the three and the alignment
 zeros in fp32, and autocast's cast of that to bf16 for the GEMM: eight kernels (``benchmarks/op_count.py``) and,
 for vit_b, about 6 KB written and read back a point besides the taps. On an H200 the two ``grid_sample`` kernels
-and the concatenation were ~0.8 ms of a 7 ms sparse frame (benchmarks/RESULTS.md, session 7). Here a program
+and the concatenation were ~0.8 ms of a 7 ms sparse frame (benchmarks/HISTORY.md, session 7). Here a program
 takes BLOCK_N points and writes their rows ``[up sample (C/8) | positional sample (C) | gamma (F) | zeros]``
 once, in the GEMM's dtype (672 bytes a point in bf16).
 

@@ -12,7 +12,7 @@ with these exact rewrites of ``IMedSAM.decode_dense`` (checked against it by the
 The decoder returns coarse logits, fine logits *at every point* and the uncertainty rather than the merged
 prediction: UGS refines the top ceil(12.5% N) points by uncertainty over the whole query, a global choice that
 a chunked decoder cannot make; the runtime merges after gathering all chunks, so chunking never changes a mask.
-Not applied: DESIGN's "first layer on the low-resolution maps, then sample" (W interp(P) = interp(W P))
+Not applied: "first layer on the low-resolution maps, then sample" (W interp(P) = interp(W P))
 for the image-independent positional map. It trades a 256-wide sample and a 256 x 1280 matmul per point for a
 1280-wide sample: four taps of 1280 floats per point, 3 GB of gathered fp32 (plus the weighted copy) for the
 147k points of a 384^2 grid, where the matmul is 66 GMAC, a fraction of a millisecond on a GPU's tensor
@@ -204,7 +204,7 @@ class DecoderGraph(nn.Module):
         (vit_b: the first layer's 330 inputs -> 336, the coarse head's 257 outputs -> 264 with the 256 features
         first, the fine head's K outputs -> 8). cuBLAS takes its Hopper GEMMs only for rows aligned to 16
         bytes; otherwise it falls back to align1 / align2 kernels, the heaviest of a sparse frame on an H200
-        (benchmarks/RESULTS.md, session 7). Exact: the padding adds products with zeros. Torch paths only;
+        (benchmarks/HISTORY.md, session 7). Exact: the padding adds products with zeros. Torch paths only;
         made from the layers as they are now (after ``store_weights_in``)."""
         if not on:
             self.aligned, self.feat_pad = None, 0

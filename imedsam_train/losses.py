@@ -1,4 +1,4 @@
-"""Segmentation loss (DESIGN §1): 0.5·BCE + 0.5·soft Dice on the coarse and the fine (UGS-merged) logits,
+"""Segmentation loss (the paper's): 0.5·BCE + 0.5·soft Dice on the coarse and the fine (UGS-merged) logits,
 total = (1 − a)·L_coarse + a·L_fine with a = min((epoch + 1) / 5, 1) (released code's schedule)."""
 
 from __future__ import annotations

@@ -14,13 +14,16 @@ OUT=runs/demo
 mkdir -p "$OUT"
 
 echo "== 1/5 train: tiny model, 3 epochs on the sample (a demonstration of the loop, not a result)"
-# a run folder from an earlier demo is the likely cause only if it was there before this step
-HAD_RUN=$([ -e runs/demo-train ] && echo 1 || true)
-imedsam-train folder "$SAMPLE" --name demo-train --model tiny --input-size 128 --epochs 3 --batch-size 4 \
-  --points 1024 --seed 0 --threads 2 ${DEMO_RESUME:+--resume} || {
+# Trained from inside runs/demo, so the run lands in runs/demo/runs/demo-train: outside ./runs/<name>/, where the
+# commands look for a default model, so this throwaway never becomes one.
+TRAIN_RUN=runs/demo/runs/demo-train
+# a run folder from an earlier demo is the likely cause of a failure only if it was there before this step
+HAD_RUN=$([ -e "$TRAIN_RUN" ] && echo 1 || true)
+(cd "$OUT" && imedsam-train folder "$OLDPWD/$SAMPLE" --name demo-train --model tiny --input-size 128 --epochs 3 \
+  --batch-size 4 --points 1024 --seed 0 --threads 2 ${DEMO_RESUME:+--resume}) || {
   rc=$?
   if [ -n "$HAD_RUN" ] && [ -z "${DEMO_RESUME:-}" ]; then
-    echo "(runs/demo-train exists from an earlier demo: rerun with DEMO_RESUME=1 or remove it)"
+    echo "($TRAIN_RUN exists from an earlier demo: rerun with DEMO_RESUME=1 or remove it)"
   fi
   exit $rc; }
 
@@ -53,4 +56,4 @@ imedsam-infer "$OUT/test-images" --boxes "$OUT/boxes.json" --artifact "$OUT/expo
 echo "== 5/5 benchmark the exported model (every available backend)"
 imedsam-bench "$OUT/export" --repeat 5 --out "$OUT/bench"
 
-echo "done: $OUT/eval.json, $OUT/export/, $OUT/infer/ (masks, overlays, results.csv), $OUT/bench/"
+echo "done: $TRAIN_RUN/ (the training loop), $OUT/eval.json, $OUT/export/, $OUT/infer/ (masks, overlays, results.csv), $OUT/bench/"

@@ -35,7 +35,7 @@ def not_interpreted() -> None:
 
 def triton_before(major: int, minor: int) -> bool:
     """Whether the installed Triton is older than major.minor (the device image's 3.6 lays some kernels out
-    otherwise than our 3.8: benchmarks/RESULTS.md, session 11)."""
+    otherwise than our 3.8: benchmarks/HISTORY.md, session 11)."""
     import triton
 
     return tuple(int(v) for v in triton.__version__.split(".")[:2]) < (major, minor)

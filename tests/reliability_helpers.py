@@ -1,4 +1,4 @@
-"""Shared pieces of the reliability suite (issue #7): one tiny exported model per session, corrupt-file
+"""Shared pieces of the reliability suite: one tiny exported model per session, corrupt-file
 makers, and the assertion every bad input must pass (one-line error, non-zero exit, nothing left behind)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Benchmark suite (issue #6): the reference is our function computed the slow way, the sparse planner's
+"""Benchmark suite: the reference is our function computed the slow way, the sparse planner's
 agreement, the torch backend's CPU path, and imedsam-bench's documented outputs. Never asserts timings."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""imedsam_deploy end to end (issue #5): a tiny model exported with imedsam_export, run torch-free through
+"""imedsam_deploy end to end: a tiny model exported with imedsam_export, run torch-free through
 ONNX Runtime (CPU) and TensorRT (where installed) on real Kvasir images, a cut of the real colonoscopy
 video and a real CT volume; compared with the PyTorch model it came from."""
 

@@ -1,5 +1,5 @@
 """imedsam_deploy parts that need no artifact: preprocessing, UGS, boxes, tracking, outputs, video I/O,
-manifest validation and CLI argument errors (issue #5)."""
+manifest validation and CLI argument errors."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""imedsam-export (issue #4): one tiny export through the CLI (fp16, --engine, --triton), then checks."""
+"""imedsam-export: one tiny export through the CLI (fp16, --engine, --triton), then checks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""imedsam-export (issue #4): bad input, atomic output, defaults, and a gated-LoRA model exported in-graph."""
+"""imedsam-export: bad input, atomic output, defaults, and a gated-LoRA model exported in-graph."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The I-MedSAM model (issue #2): structure, LoRA, frequency adapter, UGS, resolution freedom."""
+"""The I-MedSAM model: structure, LoRA, frequency adapter, UGS, resolution freedom."""
 
 from __future__ import annotations
 

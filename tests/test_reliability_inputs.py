@@ -1,4 +1,4 @@
-"""Bad input through every command (issue #7): boxes, images, videos, volumes, checkpoints, artifacts, data
+"""Bad input through every command: boxes, images, videos, volumes, checkpoints, artifacts, data
 folders and output paths, hand-made and generated. Each must end with one ``error:`` line naming the input and
 the problem, exit 2, leave no output behind, and never hang (subprocesses run under a timeout)."""
 

@@ -1,4 +1,4 @@
-"""Interruptions (issue #7): SIGKILL at seeded random moments.
+"""Interruptions: SIGKILL at seeded random moments.
 
 - a training run killed three times, resumed with --resume each time, ends with the same weights (last and
   best checkpoints) as an uninterrupted run with the same seed (CPU, one thread: deterministic);

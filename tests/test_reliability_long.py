@@ -1,4 +1,4 @@
-"""Long runs and determinism (issue #7).
+"""Long runs and determinism.
 
 - Video inference over the real colonoscopy clip, looped (benchmarks/long_video.py: the imedsam-infer video
   path with its outputs written), keeps host RSS flat after warm-up: a short run in CI (catches a leak of a

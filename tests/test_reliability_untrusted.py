@@ -1,4 +1,4 @@
-"""Untrusted files (issue #7): checkpoints crafted to run code when unpickled are refused without running it;
+"""Untrusted files: checkpoints crafted to run code when unpickled are refused without running it;
 artifacts whose files do not match their manifest (or that are corrupt yet consistent) are refused by
 imedsam-infer and imedsam-bench, each with one line."""
 

@@ -1,7 +1,7 @@
 """PyTorch CUDA backend: the fast GPU path where TensorRT is not installed.
 
 torch (and the model / export code) is imported only when this backend is chosen, so the runtime stays
-torch-free otherwise. What it does (DESIGN §2-3):
+torch-free otherwise. What it does:
 - LoRA merged and BatchNorm folded (``imedsam_export.merge.merge_for_export``, verified there);
 - the decoder is the exporter's ``DecoderGraph`` (positional map's first layer precomputed, Gather-based
   bilinear taps, Fourier encoding from raw coordinates): the same function as the ONNX decoder;

@@ -1,4 +1,4 @@
-"""Training augmentation (DESIGN §1; no hue jitter: its RGB<->HSV round trip costs more than the model step on CPU): torchvision.transforms.v2, which moves image, mask and box together.
+"""Training augmentation, as the released code's (no hue jitter: its RGB<->HSV round trip costs more than the model step on CPU): torchvision.transforms.v2, which moves image, mask and box together.
 
 Photometric: brightness/contrast/saturation, posterize, sharpen, blur, Gaussian noise.
 Geometric: rotate ±20°, horizontal/vertical flips, scale 0.8–1.2, shear, translate.

@@ -99,6 +99,8 @@ def offset_index(window: int) -> torch.Tensor:
 class WindowAttention(nn.Module):
     """Pre-norm multi-head attention over one window, with a learned bias per head and |offset|."""
 
+    bias_index: torch.Tensor
+
     def __init__(self, dim: int, heads: int, window: int) -> None:
         super().__init__()
         self.heads = heads

@@ -39,7 +39,7 @@ class Case:
     gt: np.ndarray  # (O, O) bool
     box: np.ndarray  # (x0, y0, x1, y1) in original-image pixels (already jittered)
     orig_size: tuple[int, int]  # (H, W)
-    original: np.ndarray | None = None  # (H, W, 3) uint8, for image baselines
+    original: np.ndarray | None = None  # (H, W, 3) uint8, kept only for image baselines
 
 
 @dataclass
@@ -94,9 +94,12 @@ def resize_mask(m: np.ndarray, size: int) -> np.ndarray:
 
 def cases_from_dataset(
     ds: Dataset, input_size: int, out_size: int, box_jitter: float, seed: int,
-    skipped: dict[str, int] | None = None,
+    skipped: dict[str, int] | None = None, keep_original: bool = False,
 ) -> Iterator[Case]:
-    """One case per non-empty (image, class) mask; empty masks are counted in ``skipped['empty_mask']``."""
+    """One case per non-empty (image, class) mask; empty masks are counted in ``skipped['empty_mask']``.
+
+    keep_original: each case also holds the full-resolution image (image baselines need it; a training
+    run's validation cases, held in memory, do not)."""
     for rec in ds.records:
         s = rec.load()
         h, w = s.image.shape[:2]
@@ -109,7 +112,8 @@ def cases_from_dataset(
                     skipped["empty_mask"] = skipped.get("empty_mask", 0) + 1
                 continue
             box = jitter_box(tight, box_jitter, w, h, np.random.default_rng(stable_seed(seed, s.stem, cls)))
-            yield Case(s.stem, cls, img, resize_mask(m, out_size), box, (h, w), s.image)
+            yield Case(s.stem, cls, img, resize_mask(m, out_size), box, (h, w),
+                       s.image if keep_original else None)
 
 
 @torch.no_grad()
@@ -164,7 +168,8 @@ def evaluate(
 ) -> EvalResult:
     o = out_size or model.cfg.input_size
     skipped = dict(ds.skipped)
-    cases = cases_from_dataset(ds, model.cfg.input_size, o, box_jitter, seed, skipped)
+    cases = cases_from_dataset(ds, model.cfg.input_size, o, box_jitter, seed, skipped,
+                               keep_original=bool(image_baselines))
     res = run_cases(model, cases, o, progress, channel_map, image_baselines)
     return EvalResult(res, ds.class_names, o, box_jitter, seed, skipped)
 

@@ -162,3 +162,33 @@ def preset(name: str, input_size: int = DEFAULT_INPUT_SIZE, num_classes: int = 1
     if name not in PRESETS:
         raise ValueError(f"unknown model '{name}': choose one of {', '.join(PRESETS)}")
     return PRESETS[name](input_size=input_size, num_classes=num_classes)
+
+
+@dataclass(frozen=True)
+class TinyViTConfig:
+    """TinyViT image encoder as LiteMedSAM uses it (key names match its ``image_encoder.*``).
+
+    Stage 0 is MBConv blocks at full input resolution (the stem's convolutions are 1 x 1, stride 1);
+    stages 1-3 are windowed-attention blocks. Each stage but the last ends in a patch merge with the
+    given stride, so 256 px in gives a 64 x 64 grid out.
+    """
+
+    input_size: int = 256
+    in_chans: int = 3
+    embed_dims: tuple[int, ...] = (64, 128, 160, 320)
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (2, 4, 5, 10)  # stage 0 (convolutional) ignores its entry
+    window_sizes: tuple[int, ...] = (7, 7, 14, 7)
+    merge_strides: tuple[int, ...] = (2, 2, 1)  # patch merges after stages 0, 1, 2
+    mlp_ratio: float = 4.0
+    mbconv_expand_ratio: float = 4.0
+    local_conv_size: int = 3
+    drop_path: float = 0.0  # stochastic depth at the last block, linear from 0
+    out_chans: int = 256  # the neck's width = the SAM prompt / mask decoder width
+
+    @property
+    def grid_size(self) -> int:
+        g = self.input_size
+        for s in self.merge_strides:
+            g = -(-g // s)
+        return g

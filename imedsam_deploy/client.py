@@ -81,6 +81,8 @@ class ServeClient:
 
     def _box_inputs(self, boxes: Any, out_size: tuple[int, int] | None) -> list[Any]:
         b = np.ascontiguousarray(np.asarray(boxes, np.float32).reshape(-1, 4))
+        if len(b) == 0:
+            raise ServeError("boxes: no box given")
         ins = [self._input("boxes", b, "FP32")]
         if out_size is not None:
             ins.append(self._input("out_size", np.asarray(out_size, np.int32).reshape(2), "INT32"))
@@ -91,14 +93,21 @@ class ServeClient:
         status = [s.decode() if isinstance(s, bytes) else str(s) for s in out["status"].reshape(-1)]
         return SegmentResult(out["masks"], status, out["mean_probability"])
 
+    @staticmethod
+    def _image(model: str, image: np.ndarray) -> np.ndarray:
+        # PyTriton cannot pass a zero-sized array to the model (its error would not say why)
+        if image.size == 0:
+            raise ServeError(f"{model}: image: empty ({'x'.join(map(str, image.shape))})")
+        return np.ascontiguousarray(image)
+
     def segment(self, image: np.ndarray, boxes: Any, out_size: tuple[int, int] | None = None) -> SegmentResult:
         """image (H, W, 3) uint8 RGB, boxes (K, 4) x0,y0,x1,y1 in its pixels, out_size (height, width)."""
-        ins = [self._input("image", np.ascontiguousarray(image), "UINT8"), *self._box_inputs(boxes, out_size)]
+        ins = [self._input("image", self._image("segment", image), "UINT8"), *self._box_inputs(boxes, out_size)]
         return self._result(self._infer("segment", ins, ["masks", "status", "mean_probability"]))
 
     def encode(self, image: np.ndarray) -> str:
         """The image's embedding, kept by the server: a handle for ``decode`` (until evicted or expired)."""
-        out = self._infer("encode", [self._input("image", np.ascontiguousarray(image)[None], "UINT8")], ["handle"])
+        out = self._infer("encode", [self._input("image", self._image("encode", image)[None], "UINT8")], ["handle"])
         h = out["handle"].reshape(-1)[0]
         return h.decode() if isinstance(h, bytes) else str(h)
 

@@ -260,6 +260,7 @@ class ServerConfig:
     queue_delay_us: int = 2000  # how long Triton holds an encode to batch it with others
     workspace: Path | None = None  # PyTriton's model store and server copy (default: a temporary folder)
     log_verbose: int = 0
+    exit_timeout_s: int = 5  # on stop, how long Triton waits for in-flight requests and open connections
 
 
 def _python_lib_first() -> None:
@@ -352,7 +353,7 @@ class Server:
         config = TritonConfig(http_address=c.host, http_port=c.http_port, grpc_address=c.host,
                               grpc_port=c.grpc_port, metrics_address=c.host, metrics_port=c.metrics_port,
                               allow_cpu_metrics=True, allow_gpu_metrics=False, log_verbose=c.log_verbose,
-                              exit_timeout_secs=10)
+                              exit_timeout_secs=c.exit_timeout_s)
         _python_lib_first()
         return Triton(config=config, workspace=ws)
 

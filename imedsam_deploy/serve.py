@@ -263,6 +263,15 @@ class ServerConfig:
     exit_timeout_s: int = 5  # on stop, how long Triton waits for in-flight requests and open connections
 
 
+def check_numpy() -> None:
+    """PyTriton 0.7 pins numpy < 2 for a reason: under numpy 2 its shared-memory transport hands the model
+    corrupted tensors (a (1, 4) float32 input arrives as its first value repeated), which would mean wrong
+    masks, not an error."""
+    if int(np.__version__.split(".")[0]) >= 2:
+        raise UserError(f"imedsam-serve needs numpy < 2 (PyTriton 0.7 corrupts tensors under numpy "
+                        f"{np.__version__}): pip install 'imedsam[serve]' 'numpy<2' 'opencv-python-headless<5'")
+
+
 def _python_lib_first() -> None:
     """The Python backend stub links libpython: a pyenv (or other non-system) Python's own must come first,
     or the stub loads another 3.x build's and the model fails to load (``_thread.RLock`` errors)."""
@@ -359,6 +368,7 @@ class Server:
 
     def start(self) -> Server:
         """Start the server and return once every model is ready."""
+        check_numpy()
         self._triton = self._triton_obj()
         try:
             self._bind(self._triton)
@@ -375,6 +385,7 @@ class Server:
         def interrupt(*_: object) -> None:
             raise KeyboardInterrupt  # PyTriton's serve() stops cleanly on it; SIGTERM would orphan tritonserver
 
+        check_numpy()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, interrupt)
         self._triton = self._triton_obj()

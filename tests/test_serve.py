@@ -20,6 +20,8 @@ import pytest
 
 pytest.importorskip("pytriton")
 pytest.importorskip("tritonclient.grpc")
+if int(np.__version__.split(".")[0]) >= 2:  # the server refuses to start (test_numpy2_refused covers that)
+    pytestmark = pytest.mark.skip(reason=f"imedsam-serve needs numpy < 2, this is {np.__version__}")
 
 from imedsam_deploy.backends import open_backend  # noqa: E402
 from imedsam_deploy.client import ServeClient, ServeError  # noqa: E402
@@ -44,6 +46,11 @@ from .reliability_helpers import tiny_artifact  # noqa: E402
 MODELS = (SEGMENT, ENCODE, DECODE)
 LIMITS = ServeLimits(max_boxes=4, cache_size=4, ttl_s=600.0)
 READY_S = 90  # a cold start on 2 busy cores: three Python backend stubs
+
+
+def _env() -> dict[str, str]:
+    """This process's environment with the repository first on the path (and whatever else it had)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
 
 
 def free_ports(n: int) -> list[int]:
@@ -296,6 +303,35 @@ def test_load_concurrent_clients(server, reference):
     print(f"load: 72 requests in {time.monotonic() - t0:.1f} s; {svc.stats.summary()}")
 
 
+def test_simultaneous_encodes_are_batched(server, reference):
+    """Encodes of one image size arriving together share encoder calls (Triton's dynamic batcher), and every
+    handle still decodes to its own image's masks."""
+    svc = server[0]
+    rgb, boxes = samples(1)[0]
+    want = expected(reference, rgb, boxes)[0]
+    before = dict(svc.stats.encode_batches)
+    barrier = threading.Barrier(8)
+    wrong: list[str] = []
+
+    def worker(i: int) -> None:
+        with client(server, "grpc" if i % 2 else "http") as c:
+            barrier.wait(timeout=30)
+            handles = [c.encode(rgb) for _ in range(4)]
+            for h in handles:
+                if not np.array_equal(c.decode(h, boxes).masks, want):
+                    wrong.append(h)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    assert not wrong
+    formed = {b: n - before.get(b, 0) for b, n in svc.stats.encode_batches.items() if n > before.get(b, 0)}
+    assert sum(b * n for b, n in formed.items()) == 32
+    assert max(formed) > 1, f"no batch formed: {formed}"
+
+
 def _descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for d in os.listdir("/proc"):
@@ -332,7 +368,7 @@ def test_stop_with_requests_in_flight_leaves_nothing(artifact, tmp_path):
     ws = tmp_path / "ws"
     cmd = [sys.executable, "-m", "imedsam_deploy.cli_serve", str(artifact), "--backend", "ort-cpu",
            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--workspace", str(ws)]
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     tree: list[int] = []
     try:
@@ -385,7 +421,7 @@ def test_stop_with_requests_in_flight_leaves_nothing(artifact, tmp_path):
 def test_serve_is_torch_free():
     code = ("import sys; import imedsam_deploy.serve, imedsam_deploy.client, imedsam_deploy.cli_serve, "
             "pytriton.triton, tritonclient.grpc; assert 'torch' not in sys.modules, 'torch imported'")
-    res = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)},
+    res = subprocess.run([sys.executable, "-c", code], env=_env(),
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
 
@@ -405,3 +441,13 @@ def test_cli_refusals(args, needle, tmp_path):
 
     res = CliRunner().invoke(app, args if args[0].startswith("/") else [str(tmp_path / "missing"), *args])
     assert_one_line_error(res, needle)
+
+
+def test_numpy2_refused(monkeypatch):
+    """Under numpy 2 PyTriton 0.7 would hand the model corrupted tensors: the server refuses to start."""
+    from imedsam_deploy import serve
+    from imedsam_deploy.errors import UserError
+
+    monkeypatch.setattr(serve.np, "__version__", "2.4.6")
+    with pytest.raises(UserError, match="numpy < 2"):
+        serve.check_numpy()

@@ -1,0 +1,103 @@
+"""``imedsam-serve``: serve an exported artifact with NVIDIA Triton Inference Server (PyTriton), torch-free."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+
+from imedsam_deploy.cli_common import guarded, require, run_app, say_line
+from imedsam_deploy.contract import PRECISIONS
+from imedsam_deploy.errors import UserError
+from imedsam_deploy.runtime import DEFAULT_QUERY, QUERY_MODES
+
+app = typer.Typer(add_completion=False, help="Serve box-prompted segmentation over HTTP and gRPC (Triton).")
+
+
+def _port(value: int, name: str) -> int:
+    if not 0 < value < 65536:
+        raise UserError(f"{name} {value}: expected a port between 1 and 65535")
+    return value
+
+
+@app.command()
+@guarded
+def serve(
+    artifact: Path | None = typer.Argument(None, help="Artifact folder (default: the newest runs/*/export)."),
+    backend: str = typer.Option("auto", "--backend", help="auto|ort-cpu|ort-cuda|ort-trt|tensorrt|torch-cuda."),
+    precision: str | None = typer.Option(None, "--precision", help="fp32|fp16|bf16|int8 (default: the backend's)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (HTTP, gRPC and metrics)."),
+    http_port: int = typer.Option(8000, "--http-port"),
+    grpc_port: int = typer.Option(8001, "--grpc-port"),
+    metrics_port: int = typer.Option(8002, "--metrics-port"),
+    max_batch: int | None = typer.Option(None, "--max-batch", help="Most images one encode batch merges (default: the artifact's batch)."),
+    queue_delay_us: int = typer.Option(2000, "--queue-delay-us", help="How long an encode waits for others to batch with."),
+    query: str = typer.Option(DEFAULT_QUERY, "--query", help="full|box|sparse, as in imedsam-infer."),
+    max_boxes: int = typer.Option(16, "--max-boxes", help="Most boxes a request may carry."),
+    cache_size: int = typer.Option(64, "--cache-size", help="Embeddings kept for decode (least recently used dropped first)."),
+    ttl: float = typer.Option(600.0, "--ttl", help="Seconds an unused embedding is kept."),
+    workspace: Path | None = typer.Option(None, "--workspace", help="PyTriton's working folder (default: a temporary one)."),
+) -> None:
+    """Serve `segment`, `encode` and `decode` (see imedsam_deploy.serve) until Ctrl-C or SIGTERM."""
+    from rich.console import Console
+
+    from imedsam_deploy import backends as bk
+
+    if backend not in bk.CHOICES:
+        raise UserError(f"--backend {backend!r}: choose one of {', '.join(bk.CHOICES)}")
+    if precision is not None and precision not in PRECISIONS:
+        raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if query not in QUERY_MODES:
+        raise UserError(f"--query {query!r}: choose one of {', '.join(QUERY_MODES)}")
+    ports = [_port(http_port, "--http-port"), _port(grpc_port, "--grpc-port"), _port(metrics_port, "--metrics-port")]
+    if len(set(ports)) != 3:
+        raise UserError(f"--http-port, --grpc-port and --metrics-port must differ (got {', '.join(map(str, ports))})")
+    if max_batch is not None and max_batch < 1:
+        raise UserError(f"--max-batch {max_batch}: must be positive")
+    if max_boxes < 1 or cache_size < 1 or ttl <= 0 or queue_delay_us < 0:
+        raise UserError("--max-boxes, --cache-size and --ttl must be positive, --queue-delay-us not negative")
+    require("pytriton", "serve")
+    console = Console(stderr=True)
+    serve_artifact(artifact, backend, precision, host, (http_port, grpc_port, metrics_port), max_batch,
+                   queue_delay_us, query, max_boxes, cache_size, ttl, workspace, console)
+
+
+def serve_artifact(artifact_dir: Path | None, backend_name: str, precision: str | None, host: str,
+                   ports: tuple[int, int, int], max_batch: int | None, queue_delay_us: int, query: str,
+                   max_boxes: int, cache_size: int, ttl: float, workspace: Path | None, console: object) -> None:
+    from imedsam_deploy import backends as bk
+    from imedsam_deploy.manifest import load_artifact
+    from imedsam_deploy.paths import latest_artifact
+    from imedsam_deploy.runtime import Segmenter
+    from imedsam_deploy.serve import ServeLimits, Server, ServerConfig, Service
+
+    if artifact_dir is None:
+        artifact_dir = latest_artifact()
+        if artifact_dir is None:
+            raise UserError("no artifact found under runs/*/export: pass ARTIFACT (see imedsam-export)")
+    art = load_artifact(artifact_dir)
+    be, how = bk.open_backend(backend_name, art, precision)
+    say_line(console, how)
+    seg = Segmenter(be, art, query=query)  # type: ignore[arg-type]
+    svc = Service(seg, ServeLimits(max_boxes=max_boxes, cache_size=cache_size, ttl_s=ttl))
+    cfg = ServerConfig(host=host, http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2],
+                       max_batch=max_batch, queue_delay_us=queue_delay_us, workspace=workspace)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("pytriton", "pytriton.client"):  # its own per-request tracebacks; ours are one line
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    say_line(console, f"serving {art.path} on {host}: HTTP {ports[0]}, gRPC {ports[1]}, metrics {ports[2]} "
+             "(models segment, encode, decode; Ctrl-C stops)")
+    with be:
+        try:
+            Server(svc, cfg).serve()
+        finally:
+            say_line(console, f"stopped; {svc.stats.summary()}")
+
+
+def main() -> None:
+    run_app(app)
+
+
+if __name__ == "__main__":
+    main()

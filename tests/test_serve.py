@@ -1,0 +1,453 @@
+"""imedsam-serve: a real Triton server (PyTriton) on 127.0.0.1, talked to with tritonclient over HTTP and gRPC.
+Masks must equal the in-process runtime's (what imedsam-infer runs) on real Kvasir images; bad requests are
+refused without taking a model down; a load of concurrent clients loses nothing; a stop with requests in
+flight leaves no process and no shared memory behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pytriton")
+pytest.importorskip("tritonclient.grpc")
+if int(np.__version__.split(".")[0]) >= 2:  # the server refuses to start (test_numpy2_refused covers that)
+    pytestmark = pytest.mark.skip(reason=f"imedsam-serve needs numpy < 2, this is {np.__version__}")
+
+from imedsam_deploy.backends import open_backend  # noqa: E402
+from imedsam_deploy.client import ServeClient, ServeError  # noqa: E402
+from imedsam_deploy.manifest import load_artifact  # noqa: E402
+from imedsam_deploy.runtime import Segmenter  # noqa: E402
+from imedsam_deploy.serve import (  # noqa: E402
+    DECODE,
+    ENCODE,
+    SEGMENT,
+    EmbeddingCache,
+    RequestError,
+    ServeLimits,
+    Server,
+    ServerConfig,
+    Service,
+    _Entry,
+)
+
+from .conftest import REPO, SAMPLE_DATA, read_mask  # noqa: E402
+from .reliability_helpers import tiny_artifact  # noqa: E402
+
+MODELS = (SEGMENT, ENCODE, DECODE)
+LIMITS = ServeLimits(max_boxes=4, cache_size=4, ttl_s=600.0)
+READY_S = 90  # a cold start on 2 busy cores: three Python backend stubs
+
+
+def _env() -> dict[str, str]:
+    """This process's environment with the repository first on the path (and whatever else it had)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def wait_ready(http_port: int, timeout_s: float = READY_S, proc: subprocess.Popen | None = None) -> None:
+    import tritonclient.http as hc
+
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        assert proc is None or proc.poll() is None, "imedsam-serve exited during start-up"
+        try:
+            c = hc.InferenceServerClient(f"127.0.0.1:{http_port}", connection_timeout=2, network_timeout=2)
+            try:
+                if all(c.is_model_ready(m) for m in MODELS):
+                    return
+            finally:
+                c.close()
+        except Exception:
+            pass
+        time.sleep(0.25)
+    pytest.fail(f"server on port {http_port} not ready within {timeout_s} s")
+
+
+def samples(n: int = 3) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(RGB image, its ground-truth box and a second box) for n real Kvasir-Sessile images."""
+    from imedsam_deploy.video import read_image
+
+    out = []
+    for img in sorted((SAMPLE_DATA / "images").iterdir())[:n]:
+        rgb = read_image(img)
+        ys, xs = np.nonzero(read_mask(SAMPLE_DATA / "masks" / f"{img.stem}.png"))
+        h, w = rgb.shape[:2]
+        gt = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        out.append((rgb, np.array([gt, [w * 0.1, h * 0.2, w * 0.6, h * 0.9]], np.float32)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    return tiny_artifact(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def reference(artifact):
+    """The runtime in process, as imedsam-infer runs it."""
+    art = load_artifact(artifact)
+    be, _ = open_backend("ort-cpu", art)
+    with be:
+        yield Segmenter(be, art)
+
+
+@pytest.fixture(scope="module")
+def server(artifact):
+    """(Service, http port, grpc port, metrics port): a real server, stopped whatever happens."""
+    art = load_artifact(artifact)
+    be, _ = open_backend("ort-cpu", art)
+    http, grpc, metrics = free_ports(3)
+    svc = Service(Segmenter(be, art), LIMITS)
+    srv = Server(svc, ServerConfig(http_port=http, grpc_port=grpc, metrics_port=metrics))
+    try:
+        srv.start()
+        wait_ready(http)
+        yield svc, http, grpc, metrics
+    finally:
+        srv.stop()
+        be.close()
+
+
+def client(server, protocol: str) -> ServeClient:
+    _, http, grpc, _ = server
+    return ServeClient(f"127.0.0.1:{http if protocol == 'http' else grpc}", protocol, timeout_s=60)  # type: ignore[arg-type]
+
+
+def expected(reference: Segmenter, rgb: np.ndarray, boxes: np.ndarray, out_hw=None):
+    res = reference.segment(rgb, boxes.astype(np.float64), out_hw)
+    return np.stack([o.mask() for o in res.objects]).astype(np.uint8), np.array(
+        [o.mean_probability for o in res.objects], np.float32)
+
+
+def test_health_ready_metrics(server):
+    import tritonclient.grpc as gc
+    import tritonclient.http as hc
+
+    _, http, grpc, metrics = server
+    for c in (hc.InferenceServerClient(f"127.0.0.1:{http}"), gc.InferenceServerClient(f"127.0.0.1:{grpc}")):
+        try:
+            assert c.is_server_live() and c.is_server_ready()
+            assert all(c.is_model_ready(m) for m in MODELS)
+        finally:
+            c.close()
+    with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=10) as r:
+        assert r.status == 200
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as r:
+        assert b"nv_inference_request_success" in r.read()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_segment_and_encode_decode_equal_in_process(server, reference, protocol):
+    with client(server, protocol) as c:
+        for rgb, boxes in samples():
+            for out_hw in (None, (97, 131)):
+                want, prob = expected(reference, rgb, boxes, out_hw)
+                got = c.segment(rgb, boxes, out_hw)
+                assert got.masks.dtype == np.uint8 and got.masks.shape == want.shape
+                assert np.array_equal(got.masks, want)
+                np.testing.assert_array_equal(got.mean_probability, prob)
+                assert all(s in ("ok", "empty", "low-confidence") for s in got.status)
+            handle = c.encode(rgb)
+            for k in range(len(boxes)):  # one embedding, several prompts
+                want, prob = expected(reference, rgb, boxes[k : k + 1])
+                got = c.decode(handle, boxes[k : k + 1])
+                assert np.array_equal(got.masks, want)
+                np.testing.assert_array_equal(got.mean_probability, prob)
+
+
+def _bad_requests(c: ServeClient, rgb: np.ndarray) -> list[tuple[str, object, str]]:
+    """(what, a call that must be refused, a word the reason must contain)."""
+    tc = c.tc  # tritonclient.http or tritonclient.grpc
+    h, w = rgb.shape[:2]
+    good = np.array([[10, 10, 60, 60]], np.float32)
+
+    def raw(model: str, **arrays: tuple[np.ndarray, str]):
+        def call():
+            ins = []
+            for name, (a, dt) in arrays.items():
+                ins.append(tc.InferInput(name, list(a.shape), dt))
+                ins[-1].set_data_from_numpy(a)
+            try:
+                c.client.infer(model, ins)
+            except tc.InferenceServerException as e:
+                raise ServeError(str(e)) from None
+        return call
+
+    return [
+        ("float image", raw(SEGMENT, image=(rgb.astype(np.float32), "FP32"), boxes=(good, "FP32")), "data-type"),
+        ("grey image", raw(SEGMENT, image=(rgb[..., 0].copy(), "UINT8"), boxes=(good, "FP32")), "shape"),
+        ("boxes (K, 5)", raw(SEGMENT, image=(rgb, "UINT8"), boxes=(np.zeros((1, 5), np.float32), "FP32")), "shape"),
+        ("float64 boxes", raw(SEGMENT, image=(rgb, "UINT8"), boxes=(good.astype(np.float64), "FP64")), "data-type"),
+        ("empty image, raw", raw(SEGMENT, image=(np.zeros((0, 5, 3), np.uint8), "UINT8"), boxes=(good, "FP32")), ""),
+        ("empty encode, raw", raw(ENCODE, image=(np.zeros((1, 4, 0, 3), np.uint8), "UINT8")), ""),
+        ("empty image", lambda: c.segment(np.zeros((0, 4, 3), np.uint8), good), "empty"),
+        ("box outside", lambda: c.segment(rgb, [[10, 10, w + 5, 50]]), "outside"),
+        ("inverted box", lambda: c.segment(rgb, [[50, 10, 10, 50]]), "area"),
+        ("NaN box", lambda: c.segment(rgb, [[np.nan, 10, 20, 50]]), "finite"),
+        ("too many boxes", lambda: c.segment(rgb, np.repeat(good, LIMITS.max_boxes + 1, 0)), "at most"),
+        ("oversized output", lambda: c.segment(rgb, good, (8192, 8192)), "exceed"),
+        ("zero output", lambda: c.segment(rgb, good, (0, 10)), "positive"),
+        ("unknown handle", lambda: c.decode("0" * 32, good), "unknown or expired"),
+        ("box outside, decode", lambda: c.decode(c.encode(rgb), [[0, 0, w, h + 1]]), "outside"),
+    ]
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_bad_requests_refused_and_server_keeps_serving(server, reference, protocol):
+    rgb, boxes = samples(1)[0]
+    want, _ = expected(reference, rgb, boxes)
+    with client(server, protocol) as c:
+        for what, call, word in _bad_requests(c, rgb):
+            with pytest.raises(ServeError) as err:
+                call()  # type: ignore[operator]
+            assert word.lower() in str(err.value).lower(), (what, str(err.value)[:300])
+            assert np.array_equal(c.segment(rgb, boxes).masks, want), f"after {what}"
+
+
+def test_evicted_handle_refused(server, reference):
+    rgb, boxes = samples(1)[0]
+    with client(server, "http") as c:
+        first = c.encode(rgb)
+        for _ in range(LIMITS.cache_size):  # the least recently used goes first
+            c.encode(rgb)
+        with pytest.raises(ServeError, match="unknown or expired"):
+            c.decode(first, boxes)
+        assert np.array_equal(c.decode(c.encode(rgb), boxes).masks, expected(reference, rgb, boxes)[0])
+
+
+def test_cache_ttl_and_lru():
+    now = [0.0]
+    cache = EmbeddingCache(2, ttl_s=10.0, clock=lambda: now[0])
+    a = cache.put(_Entry((4, 4), 1, None, now[0]))
+    now[0] = 5.0
+    b = cache.put(_Entry((4, 4), 2, None, now[0]))
+    cache.get(a)  # used: a is now the most recent
+    c = cache.put(_Entry((4, 4), 3, None, now[0]))  # evicts b
+    with pytest.raises(RequestError, match="unknown or expired"):
+        cache.get(b)
+    assert cache.get(a).embedding == 1 and cache.get(c).embedding == 3
+    now[0] = 16.0  # 11 s unused
+    with pytest.raises(RequestError, match="unknown or expired"):
+        cache.get(a)
+    assert len(cache) == 0
+
+
+def test_load_concurrent_clients(server, reference):
+    """8 clients x 9 requests (segment, encode + decode, refused), at most 60 s: nothing lost, nothing wrong."""
+    svc = server[0]
+    pool = samples(3)
+    want = [expected(reference, rgb, boxes)[0] for rgb, boxes in pool]
+    want_one = [expected(reference, rgb, boxes[:1])[0] for rgb, boxes in pool]
+    before = sum(b * n for b, n in svc.stats.encode_batches.items())
+    outcomes: list[str] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + 60
+
+    def worker(i: int) -> None:
+        with client(server, "grpc" if i % 2 else "http") as c:
+            for j in range(9):
+                if time.monotonic() > deadline:
+                    break
+                k = (i + j) % len(pool)
+                rgb, boxes = pool[k]
+                kind = ("segment", "encode", "bad")[j % 3]
+                try:
+                    if kind == "segment":
+                        ok = np.array_equal(c.segment(rgb, boxes).masks, want[k])
+                    elif kind == "encode":
+                        ok = np.array_equal(c.decode(c.encode(rgb), boxes[:1]).masks, want_one[k])
+                    else:
+                        try:
+                            c.segment(rgb, [[0, 0, rgb.shape[1] + 1, 10]])
+                            ok = False
+                        except ServeError as e:
+                            ok = "outside" in str(e)
+                    res = f"{kind}:{'ok' if ok else 'WRONG'}"
+                except Exception as e:
+                    res = f"{kind}:LOST {type(e).__name__}: {str(e)[:200]}"
+                with lock:
+                    outcomes.append(res)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    assert not any(t.is_alive() for t in threads)
+    bad = [o for o in outcomes if not o.endswith(":ok")]
+    assert not bad, bad
+    assert len(outcomes) == 8 * 9, f"{len(outcomes)} of 72 answered in {time.monotonic() - t0:.0f} s"
+    encoded = sum(b * n for b, n in svc.stats.encode_batches.items()) - before
+    assert encoded == 8 * 3  # every encode went through the encoder exactly once
+    print(f"load: 72 requests in {time.monotonic() - t0:.1f} s; {svc.stats.summary()}")
+
+
+def test_simultaneous_encodes_are_batched(server, reference):
+    """Encodes of one image size arriving together share encoder calls (Triton's dynamic batcher), and every
+    handle still decodes to its own image's masks."""
+    svc = server[0]
+    rgb, boxes = samples(1)[0]
+    want = expected(reference, rgb, boxes)[0]
+    before = dict(svc.stats.encode_batches)
+    barrier = threading.Barrier(8)
+    wrong: list[str] = []
+
+    def worker(i: int) -> None:
+        with client(server, "grpc" if i % 2 else "http") as c:
+            barrier.wait(timeout=30)
+            handles = [c.encode(rgb) for _ in range(4)]
+            for h in handles:
+                if not np.array_equal(c.decode(h, boxes).masks, want):
+                    wrong.append(h)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    assert not wrong
+    formed = {b: n - before.get(b, 0) for b, n in svc.stats.encode_batches.items() if n > before.get(b, 0)}
+    assert sum(b * n for b, n in formed.items()) == 32
+    assert max(formed) > 1, f"no batch formed: {formed}"
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _shm_mapped(pids: list[int]) -> set[str]:
+    names = set()
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/maps") as f:
+                names |= {ln.split("/dev/shm/", 1)[1].split()[0] for ln in f if "/dev/shm/" in ln}
+        except OSError:
+            pass
+    return names
+
+
+def test_stop_with_requests_in_flight_leaves_nothing(artifact, tmp_path):
+    """The real command in a subprocess, SIGTERM with 4 clients mid-request: it exits, and no tritonserver or
+    Python backend stub process, and no shared-memory segment of theirs, is left."""
+    http, grpc, metrics = free_ports(3)
+    ws = tmp_path / "ws"
+    cmd = [sys.executable, "-m", "imedsam_deploy.cli_serve", str(artifact), "--backend", "ort-cpu",
+           "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--workspace", str(ws)]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    tree: list[int] = []
+    try:
+        wait_ready(http, proc=proc)
+        tree = _descendants(proc.pid)
+        cmdlines = []
+        for p in tree:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                cmdlines.append(f.read().replace(b"\0", b" ").decode())
+        assert any("tritonserver" in c for c in cmdlines) and any("python_backend_stub" in c for c in cmdlines)
+        shm = _shm_mapped([proc.pid, *tree])
+        assert shm, "expected the server's shared-memory segments"
+        rgb, boxes = samples(1)[0]
+        started = threading.Event()
+        answered: list[str] = []
+
+        def worker() -> None:
+            try:
+                with ServeClient(f"127.0.0.1:{http}", timeout_s=30) as c:
+                    for _ in range(50):
+                        started.set()
+                        c.segment(rgb, boxes, (400, 400))
+                        answered.append("ok")
+            except Exception as e:
+                answered.append(type(e).__name__)
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        assert started.wait(30)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        for t in threads:
+            t.join(timeout=60)
+        assert proc.returncode == 0, out[-3000:]
+        assert "stopped; requests:" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    deadline = time.monotonic() + 15  # orphaned stubs notice their parent is gone within a few seconds
+    while time.monotonic() < deadline and [p for p in tree if os.path.exists(f"/proc/{p}")]:
+        time.sleep(0.2)
+    assert not [p for p in tree if os.path.exists(f"/proc/{p}")], "processes left behind"
+    assert not [n for n in shm if os.path.exists(f"/dev/shm/{n}")], "shared memory left behind"
+    assert not (ws.exists() and any(ws.iterdir())), "workspace left behind"
+
+
+def test_serve_is_torch_free():
+    code = ("import sys; import imedsam_deploy.serve, imedsam_deploy.client, imedsam_deploy.cli_serve, "
+            "pytriton.triton, tritonclient.grpc; assert 'torch' not in sys.modules, 'torch imported'")
+    res = subprocess.run([sys.executable, "-c", code], env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["/nonexistent/art"], "does not exist"),
+    (["--http-port", "9000", "--grpc-port", "9000"], "must differ"),
+    (["--backend", "nope"], "--backend"),
+    (["--http-port", "70000"], "--http-port"),
+])
+def test_cli_refusals(args, needle, tmp_path):
+    from typer.testing import CliRunner
+
+    from imedsam_deploy.cli_serve import app
+
+    from .reliability_helpers import assert_one_line_error
+
+    res = CliRunner().invoke(app, args if args[0].startswith("/") else [str(tmp_path / "missing"), *args])
+    assert_one_line_error(res, needle)
+
+
+def test_numpy2_refused(monkeypatch):
+    """Under numpy 2 PyTriton 0.7 would hand the model corrupted tensors: the server refuses to start."""
+    from imedsam_deploy import serve
+    from imedsam_deploy.errors import UserError
+
+    monkeypatch.setattr(serve.np, "__version__", "2.4.6")
+    with pytest.raises(UserError, match="numpy < 2"):
+        serve.check_numpy()

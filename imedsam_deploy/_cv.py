@@ -18,7 +18,12 @@ os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
 import cv2  # noqa: E402  (after the environment above)
 
 if os.environ["OPENCV_LOG_LEVEL"] == "SILENT":  # cv2 may have been imported elsewhere first
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    # OpenCV 5 has cv2.utils.logging; OpenCV 4 (the serve extra's) the older cv2.setLogLevel
+    _logging = getattr(cv2.utils, "logging", None)
+    if _logging is not None:
+        _logging.setLogLevel(_logging.LOG_LEVEL_SILENT)
+    else:
+        cv2.setLogLevel(0)  # type: ignore[attr-defined]  # 0: silent
 
 
 @contextlib.contextmanager

@@ -332,11 +332,12 @@ def random_artifact(name: str, input_size: int, log: Callable[[str], None]) -> t
 
 
 def latest_artifact_of(name: str | None) -> Choice | None:
-    """The default artifact (``paths.default_artifact``: a finished run's export, else the shipped model's), if it
-    is of architecture ``name`` (any when None)."""
-    from imedsam_deploy.paths import default_artifact
+    """The default artifact (``paths.default_artifact``: a finished run's export, else the shipped model's); with
+    an architecture ``name`` (``--model``), a finished run's export of it only: the shipped model is not what
+    ``--model`` asks to time."""
+    from imedsam_deploy.paths import default_artifact, finished_artifact
 
-    art = default_artifact()
+    art = default_artifact() if name is None else finished_artifact()
     if art is None or name is None:
         return art
     try:

@@ -147,7 +147,8 @@ def sparse_decode(
     # The UGS threshold comes from a uniform lattice over the whole output (the full grid's ranking is
     # global); its points ride along with the first region lattice in one decoder call.
     ts = max(1, cfg.threshold_stride)
-    tr, tc = np.meshgrid(np.arange(ts // 2, H, ts), np.arange(ts // 2, W, ts), indexing="ij")
+    # (an output narrower than half the stride still gets one lattice point, so the threshold exists)
+    tr, tc = np.meshgrid(np.arange(min(ts // 2, H - 1), H, ts), np.arange(min(ts // 2, W - 1), W, ts), indexing="ij")
     t_coords = pixel_coords(tr.ravel(), tc.ravel(), H, W)
     n_t = t_coords.shape[0]
 

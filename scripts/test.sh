@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The tests, install included: ruff, mypy and pytest on CPU (two workers), in a virtual environment
-# (scripts/venv.sh). Extra arguments go to pytest.
+# (scripts/venv.sh). Then the serving tests in an environment of their own (.venv-serve): the serve extra's
+# PyTriton pins numpy < 2, which the training extra's packages do not take. Extra arguments go to the main
+# pytest run, and then the serving tests run only if they are named.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
@@ -8,6 +10,15 @@ start=$SECONDS
 python -m pip install -q --disable-pip-version-check -e '.[train,test]'
 python -m ruff check .
 python -m mypy
-python -m pytest -q -n "${IMEDSAM_TEST_WORKERS:-2}" --durations=15 "$@"
+if [ $# -eq 0 ]; then
+  python -m pytest -q -n "${IMEDSAM_TEST_WORKERS:-2}" --dist loadscope --durations=15 --ignore=tests/test_serve.py
+  main=$((SECONDS - start))
+  [ -x .venv-serve/bin/python ] || python -m venv .venv-serve
+  .venv-serve/bin/python -m pip install -q --disable-pip-version-check -e '.[serve]' 'pytest>=8,<10'
+  .venv-serve/bin/python -m pytest -q -p no:cacheprovider tests/test_serve.py
+else
+  python -m pytest -q -n "${IMEDSAM_TEST_WORKERS:-2}" --dist loadscope "$@"
+  main=$((SECONDS - start))
+fi
 took=$((SECONDS - start))
-echo "scripts/test.sh took $((took / 60)) min $((took % 60)) s (install, ruff, mypy and pytest)"
+echo "scripts/test.sh took $((took / 60)) min $((took % 60)) s ($((main / 60)) min $((main % 60)) s to the end of the main run)"

@@ -142,7 +142,7 @@ def test_cli_on_a_folder_of_real_images(exported, tmp_path):
     assert "ort-cpu" in res.output
     # the closing line whole, however long the output path (rich must not wrap it at 80 columns)
     assert any(ln.startswith("3 frames in ") and ln.endswith(f"-> {out}") for ln in res.output.splitlines())
-    seg = _segmenter(art, "ort-cpu")
+    seg = _segmenter(art, "ort-cpu", query="sparse")  # the CLI's default query
     for img, rgb, box in samples:
         png = cv2.imread(str(out / "masks" / f"{img.stem}.png"), cv2.IMREAD_GRAYSCALE)
         assert png.shape == rgb.shape[:2] and set(np.unique(png)) <= {0, 255}
@@ -164,7 +164,8 @@ def test_cli_on_the_real_colonoscopy_video(exported, video_cut, tmp_path, backen
     out = tmp_path / "out"
     box = np.array([150.0, 120, 300, 260])
     res = CliRunner().invoke(app, [str(video_cut), "--box", "150,120,300,260", "--artifact", str(art), "--out", str(out),
-                                   "--backend", backend, "--min-confidence", "0", "--out-size", "160", "-q"])
+                                   "--backend", backend, "--min-confidence", "0", "--out-size", "160", "--query", "full",
+                                   "-q"])
     assert res.exit_code == 0, res.output
     cap = cv2.VideoCapture(str(out / "overlay.avi"))
     assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 24

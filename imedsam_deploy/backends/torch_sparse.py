@@ -79,8 +79,8 @@ class DevicePlanner:
         # the largest extended grid of a region of this output (h <= H)
         self.GH, self.GW = GH, GW = extended_size(H, s0), extended_size(W, s0)
         ts = max(1, cfg.threshold_stride)
-        tr = torch.arange(ts // 2, H, ts, device=dev)
-        tc = torch.arange(ts // 2, W, ts, device=dev)
+        tr = torch.arange(min(ts // 2, H - 1), H, ts, device=dev)  # as the host planner: one point at least
+        tc = torch.arange(min(ts // 2, W - 1), W, ts, device=dev)
         gr, gc = torch.meshgrid(tr, tc, indexing="ij")
         self.t_coords = _pixel_coords(gr.reshape(-1), gc.reshape(-1), H, W)
         self.n_t = self.t_coords.shape[0]

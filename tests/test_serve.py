@@ -44,7 +44,8 @@ from imedsam_deploy.serve import (  # noqa: E402
 from .conftest import REPO, SAMPLE_DATA, read_mask  # noqa: E402
 
 MODELS = (SEGMENT, ENCODE, DECODE)
-LIMITS = ServeLimits(max_boxes=4, cache_size=4, ttl_s=600.0)
+# room for every load-test client's handle at once (8), small enough to evict cheaply
+LIMITS = ServeLimits(max_boxes=4, cache_size=10, ttl_s=600.0)
 READY_S = 90  # a cold start on 2 busy cores: three Python backend stubs
 
 

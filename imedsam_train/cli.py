@@ -67,7 +67,7 @@ NameOpt = Annotated[str | None, typer.Option("--name", help="run name: runs/<nam
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue runs/<name>/checkpoints/last.pt")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda")]
 PointsOpt = Annotated[int, typer.Option("--points", help="query points per image and step (half near the mask boundary); 0 = every pixel")]
-JitterOpt = Annotated[float | None, typer.Option("--box-jitter", help="training box jitter, model-input px per side [default: 20 px at 384, scaled]")]
+JitterOpt = Annotated[float | None, typer.Option("--box-jitter", help="training box jitter per side: model-input px [default: 20 px at 384, scaled]; lite: original-image px [default: 20]")]
 WorkersOpt = Annotated[int, typer.Option("--workers", help="data-loading processes")]
 PreDataOpt = Annotated[Path | None, typer.Option("--pretrain-data", help="folder (images/, masks/) to train on first")]
 PreSplitOpt = Annotated[Path | None, typer.Option("--pretrain-split", help="stem list for --pretrain-data")]

@@ -85,7 +85,7 @@ class EmbeddingCache:
 
     def __init__(self, model: LiteIMedSAM, base_sha256: str, folder: Path) -> None:
         self.model, self.folder = model, folder
-        self.tag = json.dumps({"base": base_sha256, "preprocess": asdict(model.cfg.preprocess),
+        self.tag = json.dumps({"format": 2, "base": base_sha256, "preprocess": asdict(model.cfg.preprocess),
                                "size": model.cfg.input_size}, sort_keys=True).encode()
         self.memo: dict[str, torch.Tensor] = {}
         self.computed = 0
@@ -111,8 +111,14 @@ class EmbeddingCache:
             if not encoder_is_base(self.model):
                 raise RuntimeError("the embedding cache holds LiteMedSAM's encoder outputs: the encoder has changed")
             dev = next(self.model.parameters()).device
+            enc = self.model.image_encoder
+            was = enc.training
+            enc.eval()  # frozen BatchNorm statistics, whatever mode the model is in
             with torch.no_grad():
-                emb = self.model.image_encoder(x[None].to(dev))[0].half().cpu()
+                emb = enc(x[None].to(dev))[0].half().cpu()
+            enc.train(was)
+            if was:
+                self.model.train()  # re-freezes the BatchNorm layers
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
                 torch.save(emb, tmp)

@@ -163,6 +163,17 @@ def test_phase1_killed_and_resumed_gives_identical_weights(sessile, tmp_path, mo
     enc = {k: v for k, v in a.items() if k.startswith("image_encoder.")}
     assert all(not v.any() for k, v in enc.items() if ".lora_b_" in k or ".up." in k)
     assert sorted(cached) == sorted((tmp_path / "cache").rglob("*.pt"))  # nothing recomputed
+    # what was cached is LiteMedSAM's embedding (frozen BatchNorm statistics, not the batch's)
+    m, _ = build("lite", input_size=256)
+    u8, valid = prepare_image(read_rgb(sessile / "images" / f"{STEMS[0]}.jpg"), m.cfg.preprocess, 256)
+    x = to_input(u8, m.cfg.preprocess, valid)
+    from imedsam_train.train_lite import EmbeddingCache
+
+    with torch.no_grad():
+        ref = lite_medsam().encode(x[None])[0]
+    got = EmbeddingCache(m, "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",  # type: ignore[arg-type]
+                         tmp_path / "cache" / "lite-embeddings").one(x).float()
+    torch.testing.assert_close(got, ref, atol=2e-2, rtol=1e-2)
 
 
 def test_untrained_best_scores_as_litemedsam_in_eval_and_export_refuses_it(sessile, tmp_path, monkeypatch):

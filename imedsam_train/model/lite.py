@@ -169,6 +169,7 @@ class LiteIMedSAM(IMedSAM):
             self.inr.fine_head.weight.zero_()
             self.inr.fine_head.bias.zero_()
         self.apply_freeze_policy()
+        self.train()  # a new module is in training mode: the frozen BatchNorm layers must not be
 
     def is_trainable_name(self, name: str) -> bool:
         if name.startswith(self.unused_prefixes):

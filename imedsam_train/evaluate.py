@@ -2,9 +2,11 @@
 (optionally jittered) boxes.
 
 Frames. Boxes are computed from the full-resolution mask and jittered there (each side out by
-U(0, J) original-image pixels, seeded by (seed, stem, class)); the model sees the image stretched to its
-input size S with the box scaled accordingly; predictions are rendered at ``out_size`` x ``out_size``
-(default S) and scored against the mask resized to that size, so HD95/HD are in output pixels.
+U(0, J) original-image pixels, seeded by (seed, stem, class)); the model sees the image prepared by its own
+preprocessing (``ModelConfig.preprocess``: stretched to its input size S, or letterboxed) with the box mapped
+accordingly; predictions are rendered at ``out_size`` x ``out_size`` (default S) over the image's own pixels
+(``preprocess.output_coords``: never the padding) and scored against the mask resized to that size, so
+HD95/HD are in output pixels.
 Image baselines (LiteMedSAM) get the original image and the same original-pixel box, and render their
 prediction in the same O x O frame.
 """
@@ -20,10 +22,12 @@ import numpy as np
 import torch
 
 from imedsam_train.baselines import BASELINES
+from imedsam_train.config import PreprocessConfig
 from imedsam_train.data.boxes import jitter_box, mask_box, scale_box, stable_seed
 from imedsam_train.data.records import Dataset
 from imedsam_train.metrics import all_metrics, summarise
-from imedsam_train.model import IMedSAM, grid_coords, ugs_merge
+from imedsam_train.model import IMedSAM, ugs_merge
+from imedsam_train.preprocess import input_boxes, output_coords, prepare_image, to_input
 
 METRICS = ("dice", "iou", "hd95", "hd")
 
@@ -35,11 +39,12 @@ ImageBaseline = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
 class Case:
     stem: str
     cls: int
-    image: torch.Tensor  # (3, S, S) uint8, the model input
+    image: torch.Tensor  # (3, S, S) uint8, the model-frame image (``preprocess.prepare_image``)
     gt: np.ndarray  # (O, O) bool
     box: np.ndarray  # (x0, y0, x1, y1) in original-image pixels (already jittered)
     orig_size: tuple[int, int]  # (H, W)
     original: np.ndarray | None = None  # (H, W, 3) uint8, kept only for image baselines
+    valid: tuple[int, int] | None = None  # the unpadded (h, w) of ``image``; None: all of it
 
 
 @dataclass
@@ -94,7 +99,7 @@ def resize_mask(m: np.ndarray, size: int) -> np.ndarray:
 
 def cases_from_dataset(
     ds: Dataset, input_size: int, out_size: int, box_jitter: float, seed: int,
-    skipped: dict[str, int] | None = None, keep_original: bool = False,
+    skipped: dict[str, int] | None = None, keep_original: bool = False, pre: PreprocessConfig | None = None,
 ) -> Iterator[Case]:
     """One case per non-empty (image, class) mask; empty masks are counted in ``skipped['empty_mask']``.
 
@@ -103,8 +108,7 @@ def cases_from_dataset(
     for rec in ds.records:
         s = rec.load()
         h, w = s.image.shape[:2]
-        img = torch.from_numpy(cv2.resize(s.image, (input_size, input_size), interpolation=cv2.INTER_LINEAR))
-        img = img.permute(2, 0, 1).contiguous()
+        img, valid = prepare_image(s.image, pre or PreprocessConfig(), input_size)
         for cls, m in s.masks:
             tight = mask_box(m)
             if tight is None:
@@ -113,20 +117,24 @@ def cases_from_dataset(
                 continue
             box = jitter_box(tight, box_jitter, w, h, np.random.default_rng(stable_seed(seed, s.stem, cls)))
             yield Case(s.stem, cls, img, resize_mask(m, out_size), box, (h, w),
-                       s.image if keep_original else None)
+                       s.image if keep_original else None, valid)
 
 
 @torch.no_grad()
 def predict_logits(
-    model: IMedSAM, image: torch.Tensor, box: torch.Tensor, out_size: int, chunk: int = 1 << 16
+    model: IMedSAM, image: torch.Tensor, box: torch.Tensor, out_size: int, chunk: int = 1 << 16,
+    valid: tuple[int, int] | None = None, encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Eval-mode full-grid prediction (K, O*O): dense decode in point chunks, UGS merged over all points.
 
-    Equal to ``model(image, box, out_size=...)`` in eval mode; chunking keeps memory flat at 896².
+    Equal to ``model(image, box, out_size=...)`` in eval mode (stretch preprocessing); chunking keeps memory
+    flat at 896². valid: the unpadded region of a letterboxed input (the output covers it only). encode:
+    replaces ``model.encode`` (e.g. cached embeddings of a frozen encoder).
     """
     dev = next(model.parameters()).device
-    emb = model.encode(image.to(dev))
-    coords = grid_coords(out_size, out_size, dev)
+    emb = (encode or model.encode)(image.to(dev))
+    s = model.cfg.input_size
+    coords = output_coords(model.cfg.preprocess, out_size, out_size, valid or (s, s), s, dev)
     parts = [model.decode_dense(emb, box.to(dev), coords[i : i + chunk][None]) for i in range(0, len(coords), chunk)]
     coarse, fine, unc = (torch.cat([p[j] for p in parts], dim=-1) for j in range(3))
     return ugs_merge(coarse, fine, unc, model.cfg.decoder.refine_fraction)[0].float().cpu()
@@ -135,16 +143,20 @@ def predict_logits(
 def run_cases(model: IMedSAM, cases: Iterable[Case], out_size: int,
               progress: Callable[[int], None] | None = None,
               channel_map: list[int] | None = None,
-              image_baselines: dict[str, ImageBaseline] | None = None) -> list[CaseResult]:
-    """channel_map: model output channel of each data class (default: the same index)."""
+              image_baselines: dict[str, ImageBaseline] | None = None,
+              encode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[CaseResult]:
+    """channel_map: model output channel of each data class (default: the same index). encode: see
+    ``predict_logits``."""
     model.eval()
-    s = model.cfg.input_size
+    s, pre = model.cfg.input_size, model.cfg.preprocess
     results = []
     for n, c in enumerate(cases):
         h, w = c.orig_size
-        box_in = torch.from_numpy(scale_box(c.box, s / w, s / h)).float()[None]
-        image = (c.image.float() / 255.0)[None]
-        logits = predict_logits(model, image, box_in, out_size)[channel_map[c.cls] if channel_map else c.cls]
+        valid = c.valid or (s, s)
+        box_in = input_boxes(c.box[None], pre, (h, w), s)
+        image = to_input(c.image, pre, valid)[None]
+        logits = predict_logits(model, image, box_in, out_size, valid=valid, encode=encode)
+        logits = logits[channel_map[c.cls] if channel_map else c.cls]
         pred = (logits > 0).numpy().reshape(out_size, out_size)
         box_out = scale_box(c.box, out_size / w, out_size / h)
         base = {name: all_metrics(fn(box_out, out_size, out_size), c.gt) for name, fn in BASELINES.items()}
@@ -154,7 +166,8 @@ def run_cases(model: IMedSAM, cases: Iterable[Case], out_size: int,
                 raise ValueError(f"{c.stem}: image baseline '{name}' needs the original image")
             preds[name] = ib(c.original, c.box, out_size)
             base[name] = all_metrics(preds[name], c.gt)
-        img_out = cv2.resize(c.image.permute(1, 2, 0).numpy(), (out_size, out_size), interpolation=cv2.INTER_LINEAR)
+        shown = c.image[:, : valid[0], : valid[1]]
+        img_out = cv2.resize(shown.permute(1, 2, 0).numpy(), (out_size, out_size), interpolation=cv2.INTER_LINEAR)
         results.append(CaseResult(c.stem, c.cls, pred, c.gt, box_out, img_out, all_metrics(pred, c.gt), base, preds))
         if progress:
             progress(n + 1)
@@ -169,7 +182,7 @@ def evaluate(
     o = out_size or model.cfg.input_size
     skipped = dict(ds.skipped)
     cases = cases_from_dataset(ds, model.cfg.input_size, o, box_jitter, seed, skipped,
-                               keep_original=bool(image_baselines))
+                               keep_original=bool(image_baselines), pre=model.cfg.preprocess)
     res = run_cases(model, cases, o, progress, channel_map, image_baselines)
     return EvalResult(res, ds.class_names, o, box_jitter, seed, skipped)
 

@@ -62,6 +62,9 @@ class TrainConfig:
     jitter_px: float | None = None  # train box jitter, model-input px; None: 20 px at 384 scaled to S
     val_jitter: float = 20.0  # validation box jitter, original-image px (selection metric)
     pretrain_epochs: int = 0  # the first N epochs draw from the pretraining data
+    # lite: the first N epochs train the decoder on cached embeddings of the frozen encoder, then ``epochs``
+    # more train end to end (LoRA and the frequency adapter too); jitter_px is then in original-image px
+    decoder_epochs: int = 0
     workers: int = 1
     amp: bool = True  # used on CUDA only
     sam_checkpoint: str | None = None
@@ -70,7 +73,7 @@ class TrainConfig:
     def resolved_lr_rest(self) -> float:
         if self.lr_rest is not None:
             return self.lr_rest
-        return 5e-5 if self.sam_checkpoint else self.lr
+        return 5e-5 if self.sam_checkpoint or self.model == "lite" else self.lr
 
     def resolved_jitter(self) -> float:
         return self.jitter_px if self.jitter_px is not None else 20.0 * self.input_size / 384
@@ -197,6 +200,12 @@ def train(
     stop_after_steps: int | None = None,
 ) -> dict[str, Any]:
     """Train; returns a summary (run dir, best epoch and val Dice, skipped counts)."""
+    if cfg.model == "lite":
+        from imedsam_train.train_lite import train_lite
+
+        return train_lite(cfg, train_ds, val_ds, root, resume, device, reporter, stop_after_steps)
+    if cfg.decoder_epochs:
+        raise UserError("--decoder-epochs is an option of --model lite")
     rep = reporter or Reporter()
     d = init_distributed(device)
     dev = pick_device(device, d)
@@ -395,8 +404,10 @@ def _resume_model(path: Path, cfg: TrainConfig, classes: list[str]) -> tuple[IMe
     tr = ck.get("train")
     if not isinstance(tr, dict) or "optimizer" not in tr or not isinstance(tr.get("config"), dict):
         raise UserError(f"{path}: not a resumable training checkpoint")
-    if tr["config"] != asdict(cfg):
-        diff = sorted(k for k in asdict(cfg) if tr["config"].get(k) != asdict(cfg)[k])
+    now, defaults = asdict(cfg), asdict(TrainConfig())
+    was = {k: tr["config"].get(k, defaults[k]) for k in now}  # a setting added since: its default
+    if was != now or set(tr["config"]) - set(now):
+        diff = sorted(k for k in now if was[k] != now[k])
         raise UserError(f"{path}: --resume with different settings ({', '.join(diff)}); use the original ones")
     _check_same_model(path, "--resume", model, cfg, len(classes))
     stored = ck.get("classes")

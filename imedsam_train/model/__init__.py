@@ -2,5 +2,6 @@
 
 from imedsam_train.model.imedsam import IMedSAM, grid_coords, to_maps
 from imedsam_train.model.inr import PointPredictions, ugs_merge
+from imedsam_train.model.lite import LiteIMedSAM
 
-__all__ = ["IMedSAM", "PointPredictions", "grid_coords", "to_maps", "ugs_merge"]
+__all__ = ["IMedSAM", "LiteIMedSAM", "PointPredictions", "grid_coords", "to_maps", "ugs_merge"]

@@ -32,6 +32,8 @@ class IMedSAM(nn.Module):
     # an inference copy's dense positional map, made once (imedsam_export.box_part_rewrites.freeze_dense_pe):
     # it depends on neither the image nor the box
     frozen_dense_pe: torch.Tensor | None = None
+    # state-dict prefixes never used (nor trained, nor stored in a checkpoint)
+    unused_prefixes: tuple[str, ...] = UNUSED_PREFIXES
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -59,7 +61,7 @@ class IMedSAM(nn.Module):
 
     # --- freezing ---
     def is_trainable_name(self, name: str) -> bool:
-        if name.startswith(UNUSED_PREFIXES):
+        if name.startswith(self.unused_prefixes):
             return False
         if self.cfg.trainable == "all":
             return True
@@ -68,6 +70,10 @@ class IMedSAM(nn.Module):
             ".lora_" in name or ".qkv.gate." in name or ".freq." in name
             or name.startswith(("prompt_encoder.", "mask_decoder.output_upscaling.", "inr."))
         )
+
+    def stores_buffer(self, name: str) -> bool:
+        """Whether a checkpoint fine-tuned from a base file holds this buffer (here: every buffer)."""
+        return True
 
     def apply_freeze_policy(self) -> None:
         for name, p in self.named_parameters():

@@ -71,21 +71,29 @@ class INR(nn.Module):
         self.fine_head = nn.Linear(fine_hidden[-1], num_classes)
 
     # --- pieces (also used by the exporter) ---
-    def coarse_eval(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Deterministic coarse pass: logits (B,N,K), coarse feature (B,N,F), uncertainty (B,N,K)."""
+    def coarse_eval(self, feats: torch.Tensor, offset: torch.Tensor | None = None,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Deterministic coarse pass: logits (B,N,K), coarse feature (B,N,F), uncertainty (B,N,K).
+
+        offset (B,N,K): a base logit the head's output is added to (a residual read-out); None: 0."""
         h = run_pointwise(self.coarse_trunk, feats)
         out = self.coarse_head(h)
         logits, cfeat = out[..., : self.num_classes], out[..., self.num_classes :]
+        if offset is not None:
+            logits = logits + offset
         w = self.coarse_head.weight[: self.num_classes]  # (K, D)
         var_z = (self.p / (1.0 - self.p)) * (h * h) @ (w * w).t()  # (B, N, K)
         s = torch.sigmoid(logits)
         unc = (s * (1 - s)) ** 2 * var_z
         return logits, cfeat, unc
 
-    def coarse_mc(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def coarse_mc(self, feats: torch.Tensor, offset: torch.Tensor | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training-time coarse pass: T dropout samples of the head over one shared trunk."""
         h = run_pointwise(self.coarse_trunk, feats)
         outs = torch.stack([self.coarse_head(F.dropout(h, self.p, training=True)) for _ in range(self.T)])
+        if offset is not None:
+            outs = torch.cat([outs[..., : self.num_classes] + offset, outs[..., self.num_classes :]], dim=-1)
         logits = outs[..., : self.num_classes]
         unc = torch.sigmoid(logits).var(dim=0, unbiased=self.T > 1).detach()
         mean = outs.mean(dim=0)
@@ -95,18 +103,22 @@ class INR(nn.Module):
         """Fine logits (B, N, K) at the given points (pointwise in eval mode)."""
         return self.fine_head(run_pointwise(self.fine_trunk, torch.cat([feats, cfeat], dim=-1)))
 
-    def dense(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def dense(self, feats: torch.Tensor, offset: torch.Tensor | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Eval: coarse, fine *at every point*, uncertainty, each (B, K, N). The export contract."""
-        logits, cfeat, unc = self.coarse_eval(feats)
+        logits, cfeat, unc = self.coarse_eval(feats, offset)
         fine = self.fine(feats, cfeat)
+        if offset is not None:
+            fine = fine + offset
         return logits.transpose(1, 2), fine.transpose(1, 2), unc.transpose(1, 2)
 
-    def forward(self, feats: torch.Tensor) -> PointPredictions:
-        """feats (B, N, F) -> PointPredictions; the fine INR runs only on the top-K% uncertain points."""
+    def forward(self, feats: torch.Tensor, offset: torch.Tensor | None = None) -> PointPredictions:
+        """feats (B, N, F) -> PointPredictions; the fine INR runs only on the top-K% uncertain points.
+        offset (B, N, K): a base logit added to both heads' logits (see ``coarse_eval``)."""
         if self.training:
-            logits, cfeat, unc = self.coarse_mc(feats)
+            logits, cfeat, unc = self.coarse_mc(feats, offset)
         else:
-            logits, cfeat, unc = self.coarse_eval(feats)
+            logits, cfeat, unc = self.coarse_eval(feats, offset)
         B, N, K = logits.shape
         k = refine_count(N, self.refine_fraction)
         idx = unc.topk(k, dim=1).indices  # (B, k, K)
@@ -114,6 +126,8 @@ class INR(nn.Module):
         for c in range(K):  # one class at a time: its own refined set
             ic = idx[:, :, c]
             fc = self.fine(_gather_points(feats, ic), _gather_points(cfeat, ic))[..., c]
+            if offset is not None:
+                fc = fc + offset[..., c].gather(1, ic)
             fine[:, :, c] = fine[:, :, c].scatter(1, ic, fc)
         refined = torch.zeros_like(logits, dtype=torch.bool).scatter(1, idx, True)
         return PointPredictions(

@@ -1,0 +1,349 @@
+"""Training the ``lite`` model (I-MedSAM on LiteMedSAM), cheap enough for two CPU cores.
+
+Phase 1 (``decoder_epochs``): the encoder is LiteMedSAM's, untouched (LoRA B and the frequency adapters' last
+layers are still zero), so its output per preprocessed image is computed once and cached on disk (fp16,
+atomic writes, keyed by the sha256 of the model input, the base file's sha256 and the preprocessing); the
+decoder (prompt encoder, upscaling, base mask head, INR) trains on the cached embeddings with jittered boxes.
+Phase 2 (``epochs``): everything trainable, LoRA and adapters included, end to end, the encoder run live.
+Neither phase augments the images (a cached embedding is of the augmentation-free image).
+
+Selection: the untrained model (= zero-shot LiteMedSAM) is validated first and saved as best.pt; an epoch
+replaces it only if its val Dice is higher. Reproducibility as in ``train``: every draw is seeded from (seed,
+epoch, index) and the torch RNG is reseeded per epoch, so a resumed run replays the next epoch exactly.
+One process (no DDP); a CPU or one GPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from imedsam_deploy.atomic import atomic_path, check_writable_parent
+from imedsam_deploy.errors import UserError
+from imedsam_deploy.paths import (
+    BEST_CHECKPOINT,
+    CHECKPOINT_DIR,
+    FINISHED_NAME,
+    LAST_CHECKPOINT,
+    cache_dir,
+    run_dir,
+)
+from imedsam_train.build import build, safe_torch_load
+from imedsam_train.checkpoint import model_payload, save_checkpoint
+from imedsam_train.config import PreprocessConfig
+from imedsam_train.data.boxes import jitter_box, mask_box, stable_seed
+from imedsam_train.data.records import Dataset
+from imedsam_train.data.training_set import boundary_band
+from imedsam_train.evaluate import cases_from_dataset, mean_dice, run_cases
+from imedsam_train.losses import imedsam_loss
+from imedsam_train.model.lite import HeadInterleavedLoRAQKV, LiteIMedSAM, StageFrequency
+from imedsam_train.preprocess import input_boxes, prepare_image, prepare_mask, to_input
+from imedsam_train.train import (
+    LOG_NAME,
+    Dist,
+    Reporter,
+    TrainConfig,
+    _curve,
+    _make_dir,
+    _mark_finished,
+    _progress,
+    _resume_model,
+    lr_lambda_factory,
+    param_groups,
+    pick_device,
+    rng_state,
+    set_rng_state,
+    write_log,
+)
+
+EMBEDDING_CACHE = "lite-embeddings"  # under cache_dir(): content-addressed, shared by runs
+
+
+def encoder_is_base(model: LiteIMedSAM) -> bool:
+    """Whether the encoder still computes LiteMedSAM's function (LoRA B and adapter outputs all zero)."""
+    for m in model.image_encoder.modules():
+        if isinstance(m, HeadInterleavedLoRAQKV) and not m.merged and (m.lora_b_q.any() or m.lora_b_v.any()):
+            return False
+        if isinstance(m, StageFrequency):
+            for a in m.adapters:
+                if any(bool(p.any()) for p in a.up.parameters()):  # type: ignore[union-attr]
+                    return False
+    return True
+
+
+class EmbeddingCache:
+    """Frozen-encoder embeddings, fp16, in memory and on disk (one file per input, written atomically)."""
+
+    def __init__(self, model: LiteIMedSAM, base_sha256: str, folder: Path) -> None:
+        self.model, self.folder = model, folder
+        self.tag = json.dumps({"format": 2, "base": base_sha256, "preprocess": asdict(model.cfg.preprocess),
+                               "size": model.cfg.input_size}, sort_keys=True).encode()
+        self.memo: dict[str, torch.Tensor] = {}
+        self.computed = 0
+
+    def key(self, x: torch.Tensor) -> str:
+        return hashlib.sha256(self.tag + b"\0" + x.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+    def one(self, x: torch.Tensor) -> torch.Tensor:
+        """(3, S, S) model input -> (C, g, g) float16 on the CPU."""
+        k = self.key(x)
+        hit = self.memo.get(k)
+        if hit is not None:
+            return hit
+        path = self.folder / k[:2] / f"{k}.pt"
+        emb: torch.Tensor | None = None
+        if path.is_file():
+            try:
+                v = safe_torch_load(path)
+                emb = v if isinstance(v, torch.Tensor) else None
+            except UserError:
+                emb = None  # unreadable: computed again, replaced atomically
+        if emb is None:
+            if not encoder_is_base(self.model):
+                raise RuntimeError("the embedding cache holds LiteMedSAM's encoder outputs: the encoder has changed")
+            dev = next(self.model.parameters()).device
+            enc = self.model.image_encoder
+            was = enc.training
+            enc.eval()  # frozen BatchNorm statistics, whatever mode the model is in
+            with torch.no_grad():
+                emb = enc(x[None].to(dev))[0].half().cpu()
+            enc.train(was)
+            if was:
+                self.model.train()  # re-freezes the BatchNorm layers
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                torch.save(emb, tmp)
+            self.computed += 1
+        self.memo[k] = emb
+        return emb
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``model.encode`` from the cache: (B, 3, S, S) -> (B, C, g, g) float32 on x's device."""
+        return torch.stack([self.one(row) for row in x]).float().to(x.device)
+
+
+@dataclass
+class LiteItem:
+    stem: str
+    cls: int
+    image: torch.Tensor  # (3, S, S) uint8, letterboxed
+    valid: tuple[int, int]
+    mask: torch.Tensor  # (S, S) bool, model frame
+    tight: np.ndarray  # tight box, original-image pixels (pixel edges)
+    orig_size: tuple[int, int]
+
+
+def lite_items(ds: Dataset, pre: PreprocessConfig, size: int) -> tuple[list[LiteItem], int]:
+    """One item per non-empty (image, class) mask; returns the items and the number of empty masks."""
+    items, empty = [], 0
+    for rec in ds.records:
+        s = rec.load()
+        img, valid = prepare_image(s.image, pre, size)
+        for cls, m in s.masks:
+            tight = mask_box(m)
+            mm = prepare_mask(m, pre, size)
+            if tight is None or not mm.any():
+                empty += 1
+                continue
+            items.append(LiteItem(s.stem, cls, img, valid, mm, tight, (m.shape[0], m.shape[1])))
+    return items, empty
+
+
+def sample_valid_points(mask: torch.Tensor, valid: tuple[int, int], box: torch.Tensor, n: int, size: int,
+                        g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """n query points inside the valid region: 1/2 in the mask's boundary band, 1/4 in the box, 1/4 anywhere.
+    Returns coords (n, 2) in [-1, 1] (model frame) and their labels (n,)."""
+    h, w = valid
+    m = mask[:h, :w]
+    n_band, n_box = n // 2, n // 4
+    band = boundary_band(m, 3).flatten().nonzero()[:, 0]
+    if band.numel() == 0:
+        band = torch.arange(h * w)
+    pb = band[torch.randint(band.numel(), (n_band,), generator=g)]
+    x0, y0, x1, y1 = box.tolist()  # SAM's convention: x1/y1 the last covered column/row
+    bx = (x0 + torch.rand(n_box, generator=g) * max(x1 + 1 - x0, 1.0)).long().clamp(0, w - 1)
+    by = (y0 + torch.rand(n_box, generator=g) * max(y1 + 1 - y0, 1.0)).long().clamp(0, h - 1)
+    pa = torch.randint(h * w, (n - n_band - n_box,), generator=g)
+    idx = torch.cat([pb, by * w + bx, pa])
+    i, j = idx // w, idx % w
+    coords = torch.stack([(2 * j + 1) / size - 1, (2 * i + 1) / size - 1], dim=-1).float()
+    return coords, m[i, j].float()
+
+
+def item_draw(it: LiteItem, pre: PreprocessConfig, size: int, seed: int, epoch: int, index: int, points: int,
+              jitter: float) -> dict[str, torch.Tensor]:
+    s = stable_seed(seed, epoch, index)
+    box = jitter_box(it.tight, jitter, it.orig_size[1], it.orig_size[0], np.random.default_rng(s))
+    box_in = input_boxes(box[None], pre, it.orig_size, size)[0]
+    coords, labels = sample_valid_points(it.mask, it.valid, box_in, points, size, torch.Generator().manual_seed(s))
+    return {"input": to_input(it.image, pre, it.valid), "box": box_in, "coords": coords, "labels": labels,
+            "cls": torch.tensor(it.cls)}
+
+
+def train_lite(
+    cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset, root: Path | None = None, resume: bool = False,
+    device: str = "auto", reporter: Reporter | None = None, stop_after_steps: int | None = None,
+) -> dict[str, Any]:
+    """The two-phase run (see the module docstring); returns ``train``'s summary."""
+    from imedsam_train.pretrained import base_file
+
+    rep = reporter or Reporter()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--model lite trains in one process (a CPU or one GPU), not under torchrun")
+    if cfg.pretrain_epochs or cfg.init_from:
+        raise UserError("--model lite: --pretrain-epochs and --init-from are not supported")
+    if cfg.points <= 0:
+        raise UserError("--model lite: --points must be > 0")
+    dev = pick_device(device, Dist())
+    amp = cfg.amp and dev.type == "cuda"
+    out = run_dir(cfg.name, root)
+    ck_dir = out / CHECKPOINT_DIR
+    last_path, best_path = ck_dir / LAST_CHECKPOINT, ck_dir / BEST_CHECKPOINT
+    if last_path.exists() and not resume:
+        raise UserError(f"{out}: run already exists; pass --resume to continue it or choose another --name")
+    if resume and not last_path.exists():
+        raise UserError(f"{last_path}: nothing to resume (no checkpoint yet)")
+    if train_ds.class_names != val_ds.class_names:
+        raise UserError(f"{val_ds.source}: classes {val_ds.class_names} differ from training {train_ds.class_names}")
+    check_writable_parent(last_path)
+    base_path = base_file(cfg.sam_checkpoint)
+
+    torch.manual_seed(cfg.seed)
+    ck: dict[str, Any] = {}
+    try:
+        if resume:
+            model, ck, base_sha = _resume_model(last_path, cfg, list(train_ds.class_names))
+        else:
+            model, base_sha = build("lite", cfg.input_size, len(train_ds.class_names), base_path)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    assert isinstance(model, LiteIMedSAM) and base_sha is not None
+    model.to(dev)
+    pre, size = model.cfg.preprocess, model.cfg.input_size
+
+    t0 = time.time()
+    items, empty = lite_items(train_ds, pre, size)
+    if not items:
+        raise UserError(f"{train_ds.source}: no training image has a non-empty mask")
+    val_skip: dict[str, int] = {}
+    val_cases = list(cases_from_dataset(val_ds, size, size, cfg.val_jitter, cfg.seed, val_skip, pre=pre))
+    skipped = {"empty_mask_train": empty + train_ds.skipped.get("empty_mask", 0),
+               "empty_mask_val": val_skip.get("empty_mask", 0)}
+    rep.echo(f"data: train {len(items)} items, val {len(val_cases)}; skipped {skipped}; "
+             f"loaded in {time.time() - t0:.0f}s")
+    _make_dir(ck_dir)
+    (out / FINISHED_NAME).unlink(missing_ok=True)
+
+    total = cfg.decoder_epochs + cfg.epochs
+    cache = EmbeddingCache(model, base_sha, cache_dir() / EMBEDDING_CACHE)
+    jit = cfg.jitter_px if cfg.jitter_px is not None else cfg.val_jitter  # original-image px, as val and test
+
+    def phase(epoch: int) -> str:
+        return "decoder" if epoch < cfg.decoder_epochs else "end-to-end"
+
+    start_epoch, history = 0, []
+    steps_per_epoch = math.ceil(len(items) / cfg.batch_size)
+    opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.resolved_lr_rest()), weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda_factory(total * steps_per_epoch, cfg.warmup_steps))
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    best: dict[str, Any] = {"epoch": -1, "val_dice": -1.0}
+
+    def validate(epoch_phase: str) -> float:
+        enc = cache.encode if epoch_phase == "decoder" and encoder_is_base(model) else None
+        return mean_dice(run_cases(model, val_cases, size, encode=enc))
+
+    if resume:
+        tr = ck["train"]
+        opt.load_state_dict(tr["optimizer"])
+        sched.load_state_dict(tr["scheduler"])
+        scaler.load_state_dict(tr["scaler"])
+        set_rng_state(tr["rng"])
+        start_epoch, history, best = tr["epoch"] + 1, list(tr["history"]), dict(tr["best"])
+        rep.echo(f"resumed {last_path} at epoch {start_epoch}")
+    if cfg.decoder_epochs > start_epoch:
+        t_c = time.time()
+        for x in [to_input(it.image, pre, it.valid) for it in items] + [
+                to_input(c.image, pre, c.valid or (size, size)) for c in val_cases]:
+            cache.one(x)
+        rep.echo(f"embedding cache: {len(cache.memo)} inputs, {cache.computed} computed in {time.time() - t_c:.0f}s "
+                 f"({cache.folder})")
+    if not resume:  # the base itself is the first candidate: training is selected only if it beats it
+        vd = validate(phase(0))
+        best = {"epoch": 0, "val_dice": vd}
+        payload = model_payload(model, base_sha, base_path.name)
+        payload["classes"] = list(train_ds.class_names)
+        save_checkpoint(best_path, {**payload, "train_meta": {"epoch": -1, "val_dice": vd, "config": asdict(cfg),
+                                                              "best": dict(best)}})
+        rep.echo(f"epoch 0 (untrained: LiteMedSAM) val Dice {vd:.2f}")
+
+    steps_done = 0
+    for epoch in range(start_epoch, total):
+        ph = phase(epoch)
+        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(stable_seed(cfg.seed, "order", epoch)))
+        batches = [order[i : i + cfg.batch_size].tolist() for i in range(0, len(items), cfg.batch_size)]
+        torch.manual_seed(stable_seed(cfg.seed, "torch", epoch, 0))
+        model.train()
+        sums = np.zeros(3)
+        t_epoch, n_img = time.time(), 0
+        prog = _progress(rep, True, f"epoch {epoch + 1}/{total} [{ph}]", len(batches))
+        for batch in batches:
+            draws = [item_draw(items[i], pre, size, cfg.seed, epoch, i, cfg.points, jit) for i in batch]
+            x = torch.stack([d["input"] for d in draws])
+            boxes = torch.stack([d["box"] for d in draws]).to(dev)
+            coords = torch.stack([d["coords"] for d in draws]).to(dev)
+            with torch.autocast(dev.type, dtype=torch.float16, enabled=amp):
+                if ph == "decoder":
+                    p = model.decode(cache.encode(x).to(dev), boxes, coords)
+                else:
+                    p = model(x.to(dev), boxes, coords)
+            labels = torch.stack([d["labels"] for d in draws]).to(dev)
+            cls = torch.stack([d["cls"] for d in draws]).to(dev)
+            loss, lc, lf = imedsam_loss(p.coarse, p.fine, labels, cls, epoch)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            sums += [loss.item(), lc.item(), lf.item()]
+            n_img += len(batch)
+            steps_done += 1
+            prog.advance(loss.item(), n_img / max(time.time() - t_epoch, 1e-9))
+            if stop_after_steps is not None and steps_done >= stop_after_steps:
+                prog.close()
+                return {"stopped": True, "run": str(out)}
+        prog.close()
+        n_b = max(len(batches), 1)
+        t_val = time.time()
+        vd = validate(ph)
+        row = {"epoch": epoch + 1, "stage": ph, "loss": float(sums[0] / n_b), "loss_coarse": float(sums[1] / n_b),
+               "loss_fine": float(sums[2] / n_b), "val_dice": float(vd),
+               "lr_inr": float(opt.param_groups[0]["lr"]), "lr_rest": float(opt.param_groups[1]["lr"]),
+               "images_per_s": float(n_img / max(t_val - t_epoch, 1e-9)), "seconds": float(time.time() - t_epoch)}
+        history.append(row)
+        improved = vd > best["val_dice"]
+        if improved:
+            best = {"epoch": epoch + 1, "val_dice": vd}
+        payload = model_payload(model, base_sha, base_path.name)
+        payload["classes"] = list(train_ds.class_names)
+        meta = {"epoch": epoch, "val_dice": vd, "config": asdict(cfg), "best": dict(best)}
+        if improved:
+            save_checkpoint(best_path, {**payload, "train_meta": meta})
+        save_checkpoint(last_path, {**payload, "train": {
+            **meta, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+            "rng": rng_state(), "history": history}})
+        write_log(out / LOG_NAME, history)
+        _curve(out / "curve.png", history)
+        rep.echo(f"epoch {epoch + 1}/{total} [{ph}] loss {row['loss']:.4f} val Dice {vd:.2f} "
+                 f"best {best['val_dice']:.2f}@{best['epoch']} {row['images_per_s']:.1f} img/s {row['seconds']:.0f}s")
+    _mark_finished(out, total, best, [best_path, last_path])
+    return {"run": str(out), "best_epoch": best["epoch"], "best_val_dice": best["val_dice"], "skipped": skipped,
+            "epochs": total, "checkpoint": str(best_path)}

@@ -1,0 +1,199 @@
+"""The ``lite`` preset (I-MedSAM on LiteMedSAM): untrained it is zero-shot LiteMedSAM on real polyps; LoRA
+updates the q and v of each head; checkpoints hold only what was trained and reload identically on the same
+base file only; phase 1 (decoder on cached embeddings) resumes to identical weights; its best.pt starts as
+the base and ``imedsam-eval`` scores it beside LiteMedSAM; the export says it is not written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from imedsam_deploy.errors import UserError
+from imedsam_deploy.paths import BEST_CHECKPOINT, CHECKPOINT_DIR, LAST_CHECKPOINT
+from imedsam_train.build import build, safe_torch_load
+from imedsam_train.checkpoint import load_checkpoint, model_payload, save_checkpoint
+from imedsam_train.data import kvasir_dataset
+from imedsam_train.data.boxes import jitter_box, mask_box, stable_seed
+from imedsam_train.evaluate import predict_logits
+from imedsam_train.model.lite import HeadInterleavedLoRAQKV, LiteIMedSAM
+from imedsam_train.preprocess import input_boxes, prepare_image, to_input
+from imedsam_train.pretrained import LiteMedSAMBaseline, lite_medsam
+from imedsam_train.train import Reporter, TrainConfig, train
+from tests.conftest import read_mask, read_rgb
+
+STEMS = ("cju14g8o4xui30878gkgbrvqj", "cju16whaj0e7n0855q7b6cjkm", "cju1b0y2e396p08558ois175d")
+
+
+@pytest.fixture(scope="module")
+def sessile(shared_data: Path) -> Path:
+    d = shared_data / "Kvasir-Sessile"
+    if not (d / "images").is_dir():
+        pytest.fail(f"real Kvasir-Sessile data missing at {d}")
+    return d
+
+
+@pytest.fixture(scope="module")
+def lite() -> LiteIMedSAM:
+    m, digest = build("lite", input_size=256)
+    assert isinstance(m, LiteIMedSAM) and digest is not None
+    return m.eval()
+
+
+def _case(sessile: Path, stem: str, jitter: float) -> tuple[np.ndarray, np.ndarray]:
+    image = read_rgb(sessile / "images" / f"{stem}.jpg")
+    gt = read_mask(sessile / "masks" / f"{stem}.jpg")
+    box = jitter_box(mask_box(gt), jitter, gt.shape[1], gt.shape[0], np.random.default_rng(stable_seed(0, stem)))
+    return image, box
+
+
+@torch.no_grad()
+def test_untrained_lite_is_litemedsam_on_real_polyps(sessile, lite):
+    base = LiteMedSAMBaseline(lite_medsam())
+    pre = lite.cfg.preprocess
+    for stem in STEMS[1:2]:
+        image, box = _case(sessile, stem, 20.0)
+        u8, valid = prepare_image(image, pre, 256)
+        x = to_input(u8, pre, valid)[None]
+        b = input_boxes(box[None], pre, image.shape[:2], 256)
+        # the padded model frame, every pixel centre: LiteMedSAM's low-resolution logits themselves
+        low = base.model.decode(base.model.encode(x), b)[0, 0]
+        full = lite(x, b).fine[0, 0].reshape(256, 256)
+        torch.testing.assert_close(full, low, atol=1e-4, rtol=0)
+        # evaluation's frame (the original stretched to O x O, padding never read): its crop-and-resize
+        for out in (256, 192):
+            ours = predict_logits(lite, x, b, out, valid=valid)[0].reshape(out, out)
+            ref = base.logits(image, box[None], (out, out))[0]
+            torch.testing.assert_close(ours, ref, atol=3e-4, rtol=0)
+            assert torch.equal(ours > 0, ref > 0)
+
+
+def test_lora_updates_q_and_v_of_each_head_and_merges():
+    torch.manual_seed(0)
+    q = HeadInterleavedLoRAQKV(20, 4, heads=4)
+    with torch.no_grad():
+        q.lora_b_q.normal_()
+        q.lora_b_v.normal_()
+    x = torch.randn(3, 7, 20)
+    upd = (q(x) - torch.nn.functional.linear(x, q.weight, q.bias)).view(3, 7, 4, 3, 5)
+    assert torch.equal(upd[..., 1, :], torch.zeros_like(upd[..., 1, :]))  # keys untouched, every head
+    qd = (x @ (q.lora_b_q @ q.lora_a_q).t()).view(3, 7, 4, 5)
+    torch.testing.assert_close(upd[..., 0, :], qd)
+    before = q(x)
+    q.merge()
+    q.merge()  # idempotent
+    torch.testing.assert_close(q(x), before, atol=1e-5, rtol=0)
+
+
+def test_checkpoint_holds_the_trained_part_and_reloads_on_its_base_only(lite, tmp_path):
+    torch.manual_seed(1)
+    m, _ = build("lite", input_size=256)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.01)
+    m.eval()
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, model_payload(m, "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",
+                                        "lite_medsam.pth"))
+    stored = safe_torch_load(path)["model"]
+    enc = [k for k in stored if k.startswith("image_encoder.")]
+    assert enc and all(".lora_" in k or ".freq." in k for k in enc)  # no frozen base weight nor buffer
+    assert not any(k.startswith(("mask_decoder.transformer.", "mask_decoder.iou_prediction_head.")) for k in stored)
+    trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    params = dict(m.named_parameters())
+    assert sum(v.numel() for k, v in stored.items() if k in params) == trainable  # + the INR's BatchNorm buffers
+    back, _ = load_checkpoint(path)
+    x = torch.rand(1, 3, 256, 256)
+    b = torch.tensor([[40.0, 50.0, 180.0, 200.0]])
+    with torch.no_grad():
+        a, r = m(x, b, out_size=(64, 64)), back(x, b, out_size=(64, 64))
+    assert torch.equal(a.fine, r.fine) and torch.equal(a.coarse, r.coarse)
+    # the same checkpoint claiming another base: refused in one line
+    ck = safe_torch_load(path)
+    ck["base"]["sha256"] = "0" * 64
+    other = tmp_path / "other.pt"
+    save_checkpoint(other, ck)
+    with pytest.raises(UserError) as e:
+        load_checkpoint(other)
+    assert "sha256" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_info_lite_prints_the_trainable_count():
+    from imedsam_train.cli import app
+
+    res = CliRunner().invoke(app, ["info", "lite"])
+    assert res.exit_code == 0, res.output
+    m, _ = build("lite", input_size=256)
+    n = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    assert f"trainable: {n}" in res.output and "lora" in res.output and "frequency_adapter" in res.output
+
+
+def _weights(p: Path) -> dict[str, torch.Tensor]:
+    return safe_torch_load(p)["model"]
+
+
+def test_phase1_killed_and_resumed_gives_identical_weights(sessile, tmp_path, monkeypatch):
+    monkeypatch.setenv("IMEDSAM_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "tr.txt").write_text("\n".join(STEMS) + "\n")
+    (tmp_path / "va.txt").write_text(STEMS[0] + "\n")
+    tr, va = kvasir_dataset(sessile, tmp_path / "tr.txt"), kvasir_dataset(sessile, tmp_path / "va.txt")
+    cfg = TrainConfig(name="r", model="lite", input_size=256, epochs=0, decoder_epochs=2, batch_size=2, points=128,
+                      warmup_steps=2)
+    quiet = Reporter(echo=lambda s: None, progress=False)
+    train(cfg, tr, va, root=tmp_path / "clean", reporter=quiet)
+    cached = sorted((tmp_path / "cache").rglob("*.pt"))
+    # 3 train inputs (the val image is one of them: the same input, the same entry)
+    assert len(cached) == 3 and not list((tmp_path / "cache").rglob("*.tmp"))
+    # killed during epoch 2 (2 steps an epoch): last.pt holds epoch 1; resumed, it ends where the clean run did
+    assert train(cfg, tr, va, root=tmp_path / "killed", reporter=quiet, stop_after_steps=3)["stopped"]
+    ck = tmp_path / "killed/runs/r" / CHECKPOINT_DIR
+    assert safe_torch_load(ck / LAST_CHECKPOINT)["train"]["epoch"] == 0
+    train(cfg, tr, va, root=tmp_path / "killed", resume=True, reporter=quiet)
+    a = _weights(tmp_path / "killed/runs/r" / CHECKPOINT_DIR / LAST_CHECKPOINT)
+    b = _weights(tmp_path / "clean/runs/r" / CHECKPOINT_DIR / LAST_CHECKPOINT)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # phase 1 trains the decoder only: the encoder's LoRA and adapters are as built
+    enc = {k: v for k, v in a.items() if k.startswith("image_encoder.")}
+    assert all(not v.any() for k, v in enc.items() if ".lora_b_" in k or ".up." in k)
+    assert sorted(cached) == sorted((tmp_path / "cache").rglob("*.pt"))  # nothing recomputed
+    # what was cached is LiteMedSAM's embedding (frozen BatchNorm statistics, not the batch's)
+    m, _ = build("lite", input_size=256)
+    u8, valid = prepare_image(read_rgb(sessile / "images" / f"{STEMS[0]}.jpg"), m.cfg.preprocess, 256)
+    x = to_input(u8, m.cfg.preprocess, valid)
+    from imedsam_train.train_lite import EmbeddingCache
+
+    with torch.no_grad():
+        ref = lite_medsam().encode(x[None])[0]
+    got = EmbeddingCache(m, "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",  # type: ignore[arg-type]
+                         tmp_path / "cache" / "lite-embeddings").one(x).float()
+    torch.testing.assert_close(got, ref, atol=2e-2, rtol=1e-2)
+
+
+def test_untrained_best_scores_as_litemedsam_in_eval_and_export_refuses_it(sessile, tmp_path, monkeypatch):
+    from imedsam_export.api import export_artifact
+    from imedsam_train.eval_cli import app
+
+    monkeypatch.setenv("IMEDSAM_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "two.txt").write_text("\n".join(STEMS[:2]) + "\n")
+    ds = kvasir_dataset(sessile, tmp_path / "two.txt")
+    cfg = TrainConfig(name="b", model="lite", input_size=256, epochs=0, decoder_epochs=0)
+    out = train(cfg, ds, ds, root=tmp_path, reporter=Reporter(echo=lambda s: None, progress=False))
+    assert out["best_epoch"] == 0
+    best = tmp_path / "runs/b" / CHECKPOINT_DIR / BEST_CHECKPOINT
+    js = tmp_path / "s.json"
+    res = CliRunner().invoke(app, [str(best), "--data", str(sessile), "--split", str(tmp_path / "two.txt"),
+                                   "--box-jitter", "20", "--baseline", "litemedsam", "--json", str(js)])
+    assert res.exit_code == 0, res.output
+    s = json.loads(js.read_text())
+    assert s["input_size"] == 256 and s["n"] == 2
+    assert abs(s["dice"] - s["baselines"]["litemedsam"]) < 0.01, s
+    with pytest.raises(UserError) as e:
+        export_artifact(best, tmp_path / "export")
+    assert "not written yet" in str(e.value) and "\n" not in str(e.value)

@@ -270,10 +270,17 @@ def train_lite(
         start_epoch, history, best = tr["epoch"] + 1, list(tr["history"]), dict(tr["best"])
         rep.echo(f"resumed {last_path} at epoch {start_epoch}")
     if cfg.decoder_epochs > start_epoch:
+        from imedsam_deploy.cli_common import Progress
+
         t_c = time.time()
-        for x in [to_input(it.image, pre, it.valid) for it in items] + [
-                to_input(c.image, pre, c.valid or (size, size)) for c in val_cases]:
-            cache.one(x)
+        inputs = [to_input(it.image, pre, it.valid) for it in items] + [
+            to_input(c.image, pre, c.valid or (size, size)) for c in val_cases]
+        # the frozen encoder on every input: minutes on a CPU, so it shows its progress
+        with Progress("embedding cache", len(inputs), "inputs", "inputs/s", echo=rep.echo,
+                      enabled=rep.progress) as bar:
+            for i, x in enumerate(inputs):
+                cache.one(x)
+                bar.update(i + 1)
         rep.echo(f"embedding cache: {len(cache.memo)} inputs, {cache.computed} computed in {time.time() - t_c:.0f}s "
                  f"({cache.folder})")
     if not resume:  # the base itself is the first candidate: training is selected only if it beats it

@@ -141,7 +141,7 @@ def test_cli_on_a_folder_of_real_images(exported, tmp_path):
     assert res.exit_code == 0, res.output
     assert "ort-cpu" in res.output
     # the closing line whole, however long the output path (rich must not wrap it at 80 columns)
-    assert any(ln.startswith("3 frames in ") and ln.endswith(f"-> {out}") for ln in res.output.splitlines())
+    assert any(ln.startswith("3 images in ") and ln.endswith(f"-> {out}") for ln in res.output.splitlines())
     seg = _segmenter(art, "ort-cpu", query="sparse")  # the CLI's default query
     for img, rgb, box in samples:
         png = cv2.imread(str(out / "masks" / f"{img.stem}.png"), cv2.IMREAD_GRAYSCALE)

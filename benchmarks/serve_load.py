@@ -3,7 +3,7 @@ and refused requests against a real server on 127.0.0.1, bounded in count and ti
 latency per kind, throughput, the RSS of this process and of the server's processes before and after, the
 encoder batch sizes Triton formed, and the same requests' latency run in process (the serving overhead).
 
-    python benchmarks/serve_load.py ARTIFACT [--clients 8] [--requests 12] [--backend ort-cpu] [--max-seconds 60]
+    python benchmarks/serve_load.py ARTIFACT [--clients 8] [--requests 12] [--rounds 1] [--backend ort-cpu] [--max-seconds 60]
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=12, help="per client")
     p.add_argument("--backend", default="ort-cpu")
     p.add_argument("--max-seconds", type=float, default=60.0)
+    p.add_argument("--rounds", type=int, default=1, help="repeat the load, RSS after each round")
     a = p.parse_args()
 
     images = []
@@ -145,13 +146,19 @@ def main() -> None:
                     with lock:
                         failures.append(f"{kind}: {type(e).__name__}: {str(e)[:120]}")
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(a.clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    # the load in rounds, RSS after each: memory that keeps growing round after round is a leak, memory that
+    # stops after the first rounds is warm-up (allocator pools, per-shape buffers)
+    per_round: list[tuple[float, float]] = []
+    wall = 0.0
+    for _ in range(a.rounds):
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(a.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall += time.perf_counter() - t0
+        per_round.append((rss_mb(me), sum(rss_mb(p) for p in servers)))
     # concurrent encodes of one image size: what Triton's dynamic batcher merges
     batches_before = dict(svc.stats.encode_batches)
     barrier = threading.Barrier(a.clients)
@@ -179,7 +186,7 @@ def main() -> None:
     done = sum(len(v) for v in lat.values())
     print(f"backend: {how}; artifact {a.artifact} (input {art.input_size}); {os.cpu_count()} CPUs")
     print(f"server start {start_s:.1f} s, stop {stop_s:.1f} s")
-    print(f"load: {a.clients} clients x {a.requests} requests (HTTP/gRPC alternately): {done} answered, "
+    print(f"load: {a.rounds} round(s) of {a.clients} clients x {a.requests} requests (HTTP/gRPC alternately): {done} answered, "
           f"{len(failures)} failed, in {wall:.1f} s -> {done / wall:.1f} requests/s")
     for proto, xs in seq.items():
         print(f"one client, {proto}: segment p50 {pct(xs, 50):.1f} ms vs in process p50 "
@@ -195,6 +202,8 @@ def main() -> None:
           f"{', '.join(f'{b}x{n}' for b, n in sorted(burst.items()))}")
     print(f"RSS this process: {rss0:.0f} MB before the server, {rss1:.0f} MB started, {rss2:.0f} MB after the load; "
           f"server processes ({len(servers)}): {rss_srv0:.0f} MB started, {rss_srv1:.0f} MB after")
+    print("RSS after each round, this process / server processes (MB): "
+          + ", ".join(f"{x:.0f} / {y:.0f}" for x, y in per_round))
     for f in failures[:5]:
         print("  failed:", f)
     sys.exit(1 if failures else 0)

@@ -365,6 +365,47 @@ def _shm_mapped(pids: list[int]) -> set[str]:
     return names
 
 
+def test_clients_that_disconnect_mid_request_leave_nothing_behind(server, reference):
+    """Clients that hang up mid-upload, right after sending a whole request, or with a gRPC call in flight: the
+    server answers the next client correctly and keeps the same processes, and no shared memory is left."""
+    import tritonclient.grpc as gc
+    import tritonclient.http as hc
+
+    svc, http, grpc, _ = server
+    rgb, boxes = samples(1)[0]
+    want = expected(reference, rgb, boxes)[0]
+    with client(server, "http") as c:  # warm: every model instance and its buffers exist before the count
+        assert np.array_equal(c.segment(rgb, boxes).masks, want)
+        c.decode(c.encode(rgb), boxes)
+    procs = sorted(_descendants(os.getpid()))
+    shm_before = set(os.listdir("/dev/shm"))
+
+    inputs = [hc.InferInput("image", list(rgb.shape), "UINT8"), hc.InferInput("boxes", list(boxes.shape), "FP32")]
+    inputs[0].set_data_from_numpy(np.ascontiguousarray(rgb))
+    inputs[1].set_data_from_numpy(np.ascontiguousarray(boxes.astype(np.float32)))
+    body, json_size = hc.InferenceServerClient.generate_request_body(inputs)
+    head = (f"POST /v2/models/segment/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+            f"Inference-Header-Content-Length: {json_size}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    for part in (len(body) // 2, len(body)):  # half the upload, then the whole request with no wait for the answer
+        with socket.create_connection(("127.0.0.1", http), timeout=10) as sock:
+            sock.sendall(head + body[:part])
+    g = gc.InferenceServerClient(f"127.0.0.1:{grpc}")
+    gi = [gc.InferInput("image", list(rgb.shape), "UINT8"), gc.InferInput("boxes", list(boxes.shape), "FP32")]
+    gi[0].set_data_from_numpy(np.ascontiguousarray(rgb))
+    gi[1].set_data_from_numpy(np.ascontiguousarray(boxes.astype(np.float32)))
+    g.async_infer("segment", gi, callback=lambda result, error: None)
+    g.close()  # the call still in flight
+
+    time.sleep(2)  # what the server does with the orphaned requests happens now
+    with client(server, "grpc") as c:
+        assert np.array_equal(c.segment(rgb, boxes).masks, want)
+    assert sorted(_descendants(os.getpid())) == procs, "the server's processes changed"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and set(os.listdir("/dev/shm")) - shm_before:
+        time.sleep(0.2)
+    assert not set(os.listdir("/dev/shm")) - shm_before, "shared memory left behind"
+
+
 def _alive(pids: list[int]) -> list[str]:
     """``pid state command`` of each process still running. A zombie has exited and holds nothing but its
     table entry; it lingers where the machine's init does not reap orphans (as in some containers)."""

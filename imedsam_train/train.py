@@ -132,6 +132,24 @@ def init_distributed(device: str) -> Dist:
     return d
 
 
+def run_paths(cfg: TrainConfig, root: Path | None, resume: bool, train_ds: Dataset,
+              val_ds: Dataset) -> tuple[Path, Path, Path]:
+    """(run folder, last.pt, best.pt) of a run about to start or resume, refused in one line before any work
+    when it cannot: a new run over an old one, a resume with nothing to resume, mismatched classes, or an
+    output that cannot be written (e.g. ./runs a regular file)."""
+    out = run_dir(cfg.name, root)
+    ck_dir = out / CHECKPOINT_DIR
+    last_path, best_path = ck_dir / LAST_CHECKPOINT, ck_dir / BEST_CHECKPOINT
+    if last_path.exists() and not resume:
+        raise UserError(f"{out}: run already exists; pass --resume to continue it or choose another --name")
+    if resume and not last_path.exists():
+        raise UserError(f"{last_path}: nothing to resume (no checkpoint yet)")
+    if train_ds.class_names != val_ds.class_names:
+        raise UserError(f"{val_ds.source}: classes {val_ds.class_names} differ from training {train_ds.class_names}")
+    check_writable_parent(last_path)
+    return out, last_path, best_path
+
+
 def pick_device(device: str, d: Dist) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -210,18 +228,9 @@ def train(
     d = init_distributed(device)
     dev = pick_device(device, d)
     amp = cfg.amp and dev.type == "cuda"
-    out = run_dir(cfg.name, root)
-    ck_dir = out / CHECKPOINT_DIR
-    last_path, best_path = ck_dir / LAST_CHECKPOINT, ck_dir / BEST_CHECKPOINT
-    if last_path.exists() and not resume:
-        raise UserError(f"{out}: run already exists; pass --resume to continue it or choose another --name")
-    if resume and not last_path.exists():
-        raise UserError(f"{last_path}: nothing to resume (no checkpoint yet)")
     if cfg.pretrain_epochs and pretrain_ds is None:
         raise UserError("--pretrain-epochs needs --pretrain-data")
-    if train_ds.class_names != val_ds.class_names:
-        raise UserError(f"{val_ds.source}: classes {val_ds.class_names} differ from training {train_ds.class_names}")
-    check_writable_parent(last_path)  # e.g. ./runs a regular file: refused now, not after an epoch
+    out, last_path, best_path = run_paths(cfg, root, resume, train_ds, val_ds)
 
     torch.manual_seed(cfg.seed)
     trainable = "adapters" if cfg.sam_checkpoint else "all"
@@ -259,7 +268,7 @@ def train(
     if d.main:
         rep.echo(f"data: train {len(sets['train'])} items, pretrain {len(sets.get('pretrain', []))}, "
                  f"val {len(val_cases)}; skipped {skipped}; loaded in {time.time() - t0:.0f}s")
-        _make_dir(ck_dir)  # after the data checks: a refused dataset leaves no run folder behind
+        _make_dir(last_path.parent)  # after the data checks: a refused dataset leaves no run folder behind
         # a resumed run (perhaps with more --epochs) is unfinished until its loop completes again
         (out / FINISHED_NAME).unlink(missing_ok=True)
 

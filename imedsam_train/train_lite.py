@@ -27,15 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from imedsam_deploy.atomic import atomic_path, check_writable_parent
+from imedsam_deploy.atomic import atomic_path
 from imedsam_deploy.errors import UserError
 from imedsam_deploy.paths import (
-    BEST_CHECKPOINT,
-    CHECKPOINT_DIR,
     FINISHED_NAME,
-    LAST_CHECKPOINT,
     cache_dir,
-    run_dir,
 )
 from imedsam_train.build import build, safe_torch_load
 from imedsam_train.checkpoint import model_payload, save_checkpoint
@@ -61,6 +57,7 @@ from imedsam_train.train import (
     param_groups,
     pick_device,
     rng_state,
+    run_paths,
     set_rng_state,
     write_log,
 )
@@ -205,16 +202,7 @@ def train_lite(
         raise UserError("--model lite: --points must be > 0")
     dev = pick_device(device, Dist())
     amp = cfg.amp and dev.type == "cuda"
-    out = run_dir(cfg.name, root)
-    ck_dir = out / CHECKPOINT_DIR
-    last_path, best_path = ck_dir / LAST_CHECKPOINT, ck_dir / BEST_CHECKPOINT
-    if last_path.exists() and not resume:
-        raise UserError(f"{out}: run already exists; pass --resume to continue it or choose another --name")
-    if resume and not last_path.exists():
-        raise UserError(f"{last_path}: nothing to resume (no checkpoint yet)")
-    if train_ds.class_names != val_ds.class_names:
-        raise UserError(f"{val_ds.source}: classes {val_ds.class_names} differ from training {train_ds.class_names}")
-    check_writable_parent(last_path)
+    out, last_path, best_path = run_paths(cfg, root, resume, train_ds, val_ds)
     base_path = base_file(cfg.sam_checkpoint)
 
     torch.manual_seed(cfg.seed)
@@ -240,7 +228,7 @@ def train_lite(
                "empty_mask_val": val_skip.get("empty_mask", 0)}
     rep.echo(f"data: train {len(items)} items, val {len(val_cases)}; skipped {skipped}; "
              f"loaded in {time.time() - t0:.0f}s")
-    _make_dir(ck_dir)
+    _make_dir(last_path.parent)
     (out / FINISHED_NAME).unlink(missing_ok=True)
 
     total = cfg.decoder_epochs + cfg.epochs

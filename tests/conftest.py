@@ -52,6 +52,18 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // workers)))
 
 
+# three real Kvasir-Sessile test images the pretrained-base tests check against
+SESSILE_STEMS = ("cju14g8o4xui30878gkgbrvqj", "cju16whaj0e7n0855q7b6cjkm", "cju1b0y2e396p08558ois175d")
+
+
+@pytest.fixture(scope="session")
+def sessile(shared_data: Path) -> Path:
+    d = shared_data / "Kvasir-Sessile"
+    if not (d / "images").is_dir():
+        pytest.fail(f"real Kvasir-Sessile data missing at {d}")
+    return d
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

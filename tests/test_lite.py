@@ -24,17 +24,8 @@ from imedsam_train.model.lite import HeadInterleavedLoRAQKV, LiteIMedSAM
 from imedsam_train.preprocess import input_boxes, prepare_image, to_input
 from imedsam_train.pretrained import LiteMedSAMBaseline, lite_medsam
 from imedsam_train.train import Reporter, TrainConfig, train
+from tests.conftest import SESSILE_STEMS as STEMS
 from tests.conftest import read_mask, read_rgb
-
-STEMS = ("cju14g8o4xui30878gkgbrvqj", "cju16whaj0e7n0855q7b6cjkm", "cju1b0y2e396p08558ois175d")
-
-
-@pytest.fixture(scope="module")
-def sessile(shared_data: Path) -> Path:
-    d = shared_data / "Kvasir-Sessile"
-    if not (d / "images").is_dir():
-        pytest.fail(f"real Kvasir-Sessile data missing at {d}")
-    return d
 
 
 @pytest.fixture(scope="module")

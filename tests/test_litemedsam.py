@@ -28,16 +28,7 @@ from imedsam_train.pretrained import (
     sam_boxes,
 )
 from tests.conftest import REPO, read_mask, read_rgb
-
-STEMS = ("cju14g8o4xui30878gkgbrvqj", "cju16whaj0e7n0855q7b6cjkm", "cju1b0y2e396p08558ois175d")
-
-
-@pytest.fixture(scope="module")
-def sessile(shared_data: Path) -> Path:
-    d = shared_data / "Kvasir-Sessile"
-    if not (d / "images").is_dir():
-        pytest.fail(f"real Kvasir-Sessile data missing at {d}")
-    return d
+from tests.conftest import SESSILE_STEMS as STEMS
 
 
 @pytest.fixture(scope="module")

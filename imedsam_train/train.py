@@ -150,6 +150,17 @@ def run_paths(cfg: TrainConfig, root: Path | None, resume: bool, train_ds: Datas
     return out, last_path, best_path
 
 
+def restore_training_state(ck: dict[str, Any], opt: Any, sched: Any, scaler: Any) -> tuple[int, list[Any], dict[str, Any]]:
+    """Optimizer, scheduler, scaler and RNG state of a resumed checkpoint, as saved; returns (the epoch to
+    start at, the history so far, the best so far)."""
+    tr = ck["train"]
+    opt.load_state_dict(tr["optimizer"])
+    sched.load_state_dict(tr["scheduler"])
+    scaler.load_state_dict(tr["scaler"])
+    set_rng_state(tr["rng"])
+    return tr["epoch"] + 1, list(tr["history"]), dict(tr["best"])
+
+
 def pick_device(device: str, d: Dist) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -281,15 +292,11 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda_factory(sum(steps_of), cfg.warmup_steps))
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
-    start_epoch, history = 0, []
+    start_epoch = 0
+    history: list[dict[str, Any]] = []
     best = {"epoch": -1, "val_dice": -1.0}
     if resume:
-        tr = ck["train"]
-        opt.load_state_dict(tr["optimizer"])
-        sched.load_state_dict(tr["scheduler"])
-        scaler.load_state_dict(tr["scaler"])
-        set_rng_state(tr["rng"])
-        start_epoch, history, best = tr["epoch"] + 1, list(tr["history"]), dict(tr["best"])
+        start_epoch, history, best = restore_training_state(ck, opt, sched, scaler)
         if d.main:
             rep.echo(f"resumed {last_path} at epoch {start_epoch}")
 

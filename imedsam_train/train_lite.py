@@ -56,9 +56,9 @@ from imedsam_train.train import (
     lr_lambda_factory,
     param_groups,
     pick_device,
+    restore_training_state,
     rng_state,
     run_paths,
-    set_rng_state,
     write_log,
 )
 
@@ -238,7 +238,8 @@ def train_lite(
     def phase(epoch: int) -> str:
         return "decoder" if epoch < cfg.decoder_epochs else "end-to-end"
 
-    start_epoch, history = 0, []
+    start_epoch = 0
+    history: list[dict[str, Any]] = []
     steps_per_epoch = math.ceil(len(items) / cfg.batch_size)
     opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.resolved_lr_rest()), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda_factory(total * steps_per_epoch, cfg.warmup_steps))
@@ -250,12 +251,7 @@ def train_lite(
         return mean_dice(run_cases(model, val_cases, size, encode=enc))
 
     if resume:
-        tr = ck["train"]
-        opt.load_state_dict(tr["optimizer"])
-        sched.load_state_dict(tr["scheduler"])
-        scaler.load_state_dict(tr["scaler"])
-        set_rng_state(tr["rng"])
-        start_epoch, history, best = tr["epoch"] + 1, list(tr["history"]), dict(tr["best"])
+        start_epoch, history, best = restore_training_state(ck, opt, sched, scaler)
         rep.echo(f"resumed {last_path} at epoch {start_epoch}")
     if cfg.decoder_epochs > start_epoch:
         from imedsam_deploy.cli_common import Progress

@@ -16,7 +16,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import tomllib
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pip's own copy of tomli, which every venv has
+    from pip._vendor import tomli as tomllib  # type: ignore[no-redef]
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("imedsam_deploy", "imedsam_export", "imedsam_train")
@@ -36,6 +40,8 @@ ALLOWED_EXTRAS = {
 # Import names whose distribution is not installed with the test environment, or comes with a declared one
 # rather than by its own name: Triton is a dependency of torch's Linux wheels (imported lazily, for the GPU
 # kernels); the serve extra's PyTriton pins numpy < 2, so it has an environment of its own.
+# What every virtual environment has without a declaration.
+ALWAYS_THERE = {"pip"}
 PROVIDED = {"triton": "torch", "cuda": "cuda-python", "tensorrt": "tensorrt", "pytriton": "nvidia-pytriton",
             "tritonclient": "tritonclient"}
 
@@ -106,6 +112,8 @@ def _undeclared(package: str, repo: Path) -> list[str]:
     assert imports, package
     problems = []
     for top, files in sorted(imports.items()):
+        if top in ALWAYS_THERE:
+            continue
         dists = [PROVIDED[top]] if top in PROVIDED else by_module.get(top, [])
         if not dists:
             problems.append(f"{top} (imported by {sorted(files)[0]}) is not installed and not declared")

@@ -38,11 +38,11 @@ ALLOWED_EXTRAS = {
     "tests": {"", "train", "test", "gpu", "tensorrt", "serve"},
 }
 # Import names whose distribution is not installed with the test environment, or comes with a declared one
-# rather than by its own name: Triton is a dependency of torch's Linux wheels (imported lazily, for the GPU
-# kernels); the serve extra's PyTriton pins numpy < 2, so it has an environment of its own.
+# rather than by its own name: cuda-python and TensorRT install on GPU machines only; the serve extra's
+# PyTriton pins numpy < 2, so it has an environment of its own.
 # What every virtual environment has without a declaration.
 ALWAYS_THERE = {"pip"}
-PROVIDED = {"triton": "torch", "cuda": "cuda-python", "tensorrt": "tensorrt", "pytriton": "nvidia-pytriton",
+PROVIDED = {"cuda": "cuda-python", "tensorrt": "tensorrt", "pytriton": "nvidia-pytriton",
             "tritonclient": "tritonclient"}
 
 

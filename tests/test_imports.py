@@ -37,11 +37,10 @@ ALLOWED_EXTRAS = {
     "benchmarks": {"", "train", "test", "serve"},
     "tests": {"", "train", "test", "gpu", "tensorrt", "serve"},
 }
-# Import names whose distribution is not installed with the test environment, or comes with a declared one
-# rather than by its own name: cuda-python and TensorRT install on GPU machines only; the serve extra's
-# PyTriton pins numpy < 2, so it has an environment of its own.
 # What every virtual environment has without a declaration.
 ALWAYS_THERE = {"pip"}
+# Import names whose distribution is not installed with the test environment: cuda-python and TensorRT
+# install on GPU machines only; the serve extra's PyTriton pins numpy < 2, so it has an environment of its own.
 PROVIDED = {"cuda": "cuda-python", "tensorrt": "tensorrt", "pytriton": "nvidia-pytriton",
             "tritonclient": "tritonclient"}
 

@@ -258,7 +258,7 @@ class FrameRunner:
             pixels = seg.pixels(inputs.images[i : i + mb])  # resized on the host; the rest in encode_pixels
             pre_s += time.perf_counter() - tp
             a = clock.mark()
-            embs = self.backend.encode_pixels(pixels)
+            embs = seg.encode_pixels(pixels, [(int(im.shape[0]), int(im.shape[1])) for im in inputs.images[i : i + mb]])
             enc_marks.append((a, clock.mark()))
             for emb, im, box in zip(embs, inputs.images[i : i + mb], inputs.boxes[i : i + mb], strict=True):
                 hw = (int(im.shape[0]), int(im.shape[1]))

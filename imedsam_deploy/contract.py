@@ -24,8 +24,42 @@ RESIZE_MODE: Final = "stretch"
 RESIZE_INTERPOLATION: Final = "linear"
 
 
-def preprocessing_manifest(input_size: int) -> dict[str, object]:
-    """The preprocessing declaration written into every artifact manifest."""
+# LiteMedSAM's preprocessing (the ``lite`` preset): the longest side resized to S (INTER_AREA), min-max scaled
+# to [0, 1] over the resized image, zero-padded at the bottom and right; boxes scaled by the same factor in
+# SAM's convention (x1/y1 the last covered column/row); an output grid covers the unpadded region only.
+LETTERBOX_MODE: Final = "letterbox_minmax"
+LETTERBOX_INTERPOLATION: Final = "area"
+MINMAX_EPS: Final = 1e-8  # LiteMedSAM's
+RESIZE_MODES: Final = (RESIZE_MODE, LETTERBOX_MODE)
+
+
+def letterbox_shape(h: int, w: int, size: int) -> tuple[float, int, int]:
+    """(scale, new h, new w) of the longest side resized to ``size`` (LiteMedSAM's rounding)."""
+    scale = size / max(h, w)
+    return scale, int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+def preprocessing_manifest(input_size: int, resize: str = RESIZE_MODE) -> dict[str, object]:
+    """The preprocessing declaration written into every artifact manifest (``resize``: one of RESIZE_MODES)."""
+    if resize == LETTERBOX_MODE:
+        return {
+            "input_size": input_size,
+            "color_order": COLOR_ORDER,
+            "pixel_scale": None,
+            "mean": None,
+            "std": None,
+            "resize": LETTERBOX_MODE,
+            "interpolation": LETTERBOX_INTERPOLATION,
+            "normalise": f"min-max over the resized image to [0, 1] (eps {MINMAX_EPS})",
+            "padding": "zeros at the bottom and right",
+            "layout": "NCHW",
+            "dtype": "float32",
+            "box_frame": "model-input pixels (x0, y0, x1 - 1, y1 - 1) x scale (SAM's convention)",
+            "coord_frame": "normalised [-1, 1] of the model input, (x, y), align_corners=False; an output grid "
+                           "covers the unpadded region",
+        }
+    if resize != RESIZE_MODE:
+        raise ValueError(f"unknown preprocessing {resize!r}")
     return {
         "input_size": input_size,
         "color_order": COLOR_ORDER,

@@ -43,6 +43,7 @@ class Artifact:
     max_batch: int
     graphs: dict[str, dict[str, str]]  # precision -> {"encoder": file, "decoder": file}
     engines: dict[str, dict[str, Any]] = field(default_factory=dict)  # precision -> engine entry
+    resize: str = contract.RESIZE_MODE  # the preprocessing (contract.RESIZE_MODES): stretch or the lite letterbox
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -93,7 +94,7 @@ def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
         raise _bad(mpath, "manifest has a non-positive size")
     if not 0.0 < frac <= 1.0:
         raise _bad(mpath, f"refine_fraction {frac} is not in (0, 1]")
-    _check_preprocessing(mpath, m.get("preprocessing"), s)
+    resize = _check_preprocessing(mpath, m.get("preprocessing"), s)
 
     files = m["files"]
     graphs = m["graphs"]
@@ -119,20 +120,27 @@ def load_artifact(path: str | Path, verify: bool = True) -> Artifact:
         path=root, manifest=m, input_size=s, embedding_shape=(emb[0], emb[1], emb[2]), num_classes=k,
         refine_fraction=frac, max_points=max_points, max_batch=max_batch,
         graphs={p: dict(g) for p, g in graphs.items()}, engines={p: dict(v) for p, v in engines.items()},
+        resize=resize,
     )
 
 
-def _check_preprocessing(mpath: Path, pre: Any, input_size: int) -> None:
-    """The runtime implements exactly the contract's preprocessing; refuse an artifact declaring another."""
-    want = contract.preprocessing_manifest(input_size)
+def _check_preprocessing(mpath: Path, pre: Any, input_size: int) -> str:
+    """The runtime implements exactly the contract's preprocessings; refuse an artifact declaring another.
+    Returns its resize mode."""
     if not isinstance(pre, dict):
         raise _bad(mpath, "manifest has no preprocessing declaration")
+    resize = pre.get("resize")
+    if resize not in contract.RESIZE_MODES:
+        raise _bad(mpath, f"preprocessing resize={resize!r}, this runtime implements "
+                          f"{' or '.join(map(repr, contract.RESIZE_MODES))}")
+    want = contract.preprocessing_manifest(input_size, str(resize))
     for key, val in want.items():
         got = pre.get(key)
         same = (isinstance(val, float) and isinstance(got, (int, float)) and math.isclose(got, val, rel_tol=1e-9)) \
             or got == val
         if not same:
             raise _bad(mpath, f"preprocessing {key}={got!r}, this runtime implements {key}={val!r}")
+    return str(resize)
 
 
 def _verify_file(root: Path, name: str, meta: Any) -> None:

@@ -2,6 +2,9 @@
 
 stretch-resize to S x S with cv2 INTER_LINEAR, RGB, x PIXEL_SCALE, NCHW float32; boxes scaled to the
 model-input frame; pixel-centre coordinates in [-1, 1] (align_corners=False), row-major, (x, y).
+The lite preset's letterbox (``Preprocessing``, ``contract.LETTERBOX_MODE``) is LiteMedSAM's: the longest side
+resized, min-max scaled, zero-padded; its query points are the output grid's mapped into the unpadded region
+(``imedsam_train.preprocess`` is the torch side, tested equal).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import numpy as np
 from imedsam_deploy import contract
 from imedsam_deploy._cv import cv2
 
-_INTERP = {"linear": cv2.INTER_LINEAR}
+_INTERP = {"linear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA}
 
 
 def resize_to_model(rgb: np.ndarray, input_size: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -106,3 +109,68 @@ def box_region(box: np.ndarray, image_hw: tuple[int, int], out_hw: tuple[int, in
     r0 = max(0, math.floor((y0 - my) * sy))
     r1 = min(oh, math.ceil((y1 + my) * sy))
     return Region(r0, c0, max(r0, r1), max(c0, c1))
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """An artifact's preprocessing (``resize``: one of ``contract.RESIZE_MODES``) at input size ``size``.
+
+    Host steps, in order: ``resize_into`` (uint8, into a reused buffer), ``to_model`` (float32 NCHW), and per
+    box ``box`` and per query ``coords``. ``stretch`` leaves ``to_model`` to the backend (``encode_pixels``)."""
+
+    resize: str
+    size: int
+
+    @property
+    def letterbox(self) -> bool:
+        return self.resize == contract.LETTERBOX_MODE
+
+    def valid(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        """(h, w) of the model-input region the image occupies (the whole input for ``stretch``)."""
+        if not self.letterbox:
+            return self.size, self.size
+        _, nh, nw = contract.letterbox_shape(image_hw[0], image_hw[1], self.size)
+        return nh, nw
+
+    def resize_into(self, rgb: np.ndarray, out: np.ndarray) -> None:
+        """(H, W, 3) uint8 -> ``out`` (S, S, 3) uint8: stretched, or letterboxed with zeros around."""
+        if not self.letterbox:
+            resize_to_model(rgb, self.size, out=out)
+            return
+        nh, nw = self.valid(rgb.shape[:2])
+        out[nh:] = 0
+        out[:nh, nw:] = 0
+        out[:nh, :nw] = cv2.resize(rgb, (nw, nh), interpolation=_INTERP[contract.LETTERBOX_INTERPOLATION])
+
+    def to_model(self, pixels: np.ndarray, image_hws: list[tuple[int, int]]) -> np.ndarray:
+        """(B, S, S, 3) uint8 from ``resize_into`` -> (B, 3, S, S) float32 model input."""
+        if not self.letterbox:
+            return pixels_to_model(pixels)
+        x = np.zeros((len(pixels), 3, self.size, self.size), np.float32)
+        for i, (px, hw) in enumerate(zip(pixels, image_hws, strict=True)):
+            h, w = self.valid(hw)
+            crop = px[:h, :w]
+            lo, hi = float(crop.min()), float(crop.max())
+            x[i, :, :h, :w] = np.moveaxis((crop.astype(np.float32) - np.float32(lo)) /
+                                          np.float32(max(hi - lo, contract.MINMAX_EPS)), -1, 0)
+        return x
+
+    def box(self, box: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
+        """(..., 4) pixel-edge boxes in image pixels -> the model-input frame, the model's convention."""
+        if not self.letterbox:
+            return box_to_model(box, image_hw, self.size)
+        scale, _, _ = contract.letterbox_shape(image_hw[0], image_hw[1], self.size)
+        b = np.asarray(box, dtype=np.float64) - np.array([0.0, 0.0, 1.0, 1.0])
+        return (b * scale).astype(np.float32)
+
+    def coords(self, coords: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
+        """(..., 2) output-grid points in [-1, 1] (over the whole image) -> the model input's [-1, 1]: for the
+        letterbox, mapped into the unpadded region and clamped to its outermost pixel centres, so bilinear
+        sampling reads what cropping the padding and resizing (half-pixel centres) would."""
+        if not self.letterbox:
+            return coords
+        vh, vw = self.valid(image_hw)
+        s = np.float32(self.size)
+        lim = np.array([vw, vh], np.float32)
+        p = (coords.astype(np.float32) + np.float32(1)) * lim / s - np.float32(1)
+        return np.clip(p, np.float32(1) / s - np.float32(1), (np.float32(2) * lim - np.float32(1)) / s - np.float32(1))

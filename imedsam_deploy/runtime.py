@@ -27,7 +27,7 @@ import numpy as np
 from imedsam_deploy.backends.base import Backend, Embedding
 from imedsam_deploy.contract import refine_count
 from imedsam_deploy.manifest import Artifact
-from imedsam_deploy.preprocess import Region, box_region, box_to_model, region_chunk_coords, resize_to_model
+from imedsam_deploy.preprocess import Preprocessing, Region, box_region, region_chunk_coords
 from imedsam_deploy.sparse import SparseConfig, sparse_decode
 
 QueryMode = Literal["box", "full", "sparse"]
@@ -146,6 +146,7 @@ class Segmenter:
         self.chunk = max(1, min(chunk, backend.max_points))
         self.s = artifact.input_size
         self.fraction = artifact.refine_fraction
+        self.pre = Preprocessing(artifact.resize, self.s)
         self._pixels: np.ndarray | None = None
 
     # --- encoder ---
@@ -161,14 +162,22 @@ class Segmenter:
         for im, dst in zip(images, self._pixels, strict=False):
             if im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
                 raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {im.dtype} {im.shape}")
-            resize_to_model(im, self.s, out=dst)
+            self.pre.resize_into(im, dst)
         return self._pixels[: len(images)]
+
+    def encode_pixels(self, pixels: np.ndarray, image_hws: list[tuple[int, int]]) -> list[Embedding]:
+        """``pixels`` (B, S, S, 3) uint8 from ``pixels`` of images of sizes ``image_hws`` -> embedding handles.
+        stretch: the backend finishes preprocessing (on its device where it can); letterbox: the min-max per
+        image runs here and the backend gets float32."""
+        if self.pre.letterbox:
+            return list(self.backend.encode(self.pre.to_model(pixels, image_hws)))
+        return list(self.backend.encode_pixels(pixels))
 
     def embed(self, images: list[np.ndarray]) -> tuple[list[Embedding], float]:
         """At most max_batch RGB uint8 images -> one embedding handle each, and the time in ms. The handles
         are valid until the next ``embed`` (a backend may keep one output buffer): decode them first."""
         t = time.perf_counter()
-        out = list(self.backend.encode_pixels(self.pixels(images)))
+        out = self.encode_pixels(self.pixels(images), [(int(im.shape[0]), int(im.shape[1])) for im in images])
         return out, (time.perf_counter() - t) * 1e3
 
     # --- decoder ---
@@ -177,9 +186,12 @@ class Segmenter:
             return Region(0, 0, out_hw[0], out_hw[1])
         return box_region(box, image_hw, out_hw, self.margin)
 
-    def _decode_points(self, embedding: Embedding, mbox: np.ndarray, coords: np.ndarray) -> tuple[np.ndarray, ...]:
-        """coords (N, 2) -> coarse, fine, uncertainty, each (K, N), through the decoder in chunks."""
+    def _decode_points(self, embedding: Embedding, mbox: np.ndarray, coords: np.ndarray,
+                       image_hw: tuple[int, int]) -> tuple[np.ndarray, ...]:
+        """coords (N, 2) on the output grid -> coarse, fine, uncertainty, each (K, N), through the decoder in
+        chunks."""
         n = coords.shape[0]
+        coords = self.pre.coords(coords, image_hw)
         out = [np.empty((self.artifact.num_classes, n), np.float32) for _ in range(3)]
         for s in range(0, n, self.chunk):
             e = min(n, s + self.chunk)
@@ -190,29 +202,33 @@ class Segmenter:
     def decode_box(self, embedding: Embedding, box: np.ndarray, image_hw: tuple[int, int],
                    out_hw: tuple[int, int]) -> ObjectMask:
         region = self.region_for(box, image_hw, out_hw)
+        # a backend's own query paths build output-grid coordinates on its device: the stretch's frame only
+        own_paths = not self.pre.letterbox
         if self.query == "sparse":
-            mbox_s = box_to_model(np.asarray(box)[None], image_hw, self.s)
+            mbox_s = self.pre.box(np.asarray(box)[None], image_hw)
             rows_cols = (region.r0, region.r1, region.c0, region.c1)
-            on_device = self.backend.sparse_region(embedding, mbox_s, rows_cols, out_hw, self.fraction, self.sparse_cfg)
+            on_device = self.backend.sparse_region(embedding, mbox_s, rows_cols, out_hw, self.fraction,
+                                                   self.sparse_cfg) if own_paths else None
             if on_device is not None:  # the same planner, run by the backend (torch-cuda: one CUDA graph)
                 return ObjectMask(np.asarray(box, np.float64), out_hw, region, on_device[0], on_device[1])
-            res = sparse_decode(lambda c: self._decode_points(embedding, mbox_s, c),  # type: ignore[arg-type,return-value]
+            res = sparse_decode(lambda c: self._decode_points(embedding, mbox_s, c, image_hw),  # type: ignore[arg-type,return-value]
                                 out_hw, self.fraction, rows_cols, self.sparse_cfg)
             logits = res.logits if res.logits is not None else np.zeros(
                 (self.artifact.num_classes, *region.shape), np.float32)
             return ObjectMask(np.asarray(box, np.float64), out_hw, region, logits, res.queried)
         n = region.size
         k_cls = self.artifact.num_classes
-        mbox = box_to_model(np.asarray(box)[None], image_hw, self.s)
+        mbox = self.pre.box(np.asarray(box)[None], image_hw)
         # The refine count is the full output grid's in both modes (see the module docstring).
         k = refine_count(out_hw[0] * out_hw[1], self.fraction)
         # torch-cuda: coordinates built, decoded and merged on the GPU
-        merged = self.backend.decode_merged(embedding, mbox, region, out_hw, self.chunk, k)
+        merged = self.backend.decode_merged(embedding, mbox, region, out_hw, self.chunk, k) if own_paths else None
         if merged is None:
             coarse, fine, unc = (np.empty((k_cls, n), np.float32) for _ in range(3))
             for s in range(0, n, self.chunk):
                 e = min(n, s + self.chunk)
-                coords = region_chunk_coords(region, out_hw[0], out_hw[1], s, e)  # built per chunk: bounded memory
+                # built per chunk: bounded memory
+                coords = self.pre.coords(region_chunk_coords(region, out_hw[0], out_hw[1], s, e), image_hw)
                 c, f, u = self.backend.decode(embedding, mbox, coords[None])
                 coarse[:, s:e], fine[:, s:e], unc[:, s:e] = c[0], f[0], u[0]
             merged = ugs_merge(coarse, fine, unc, k)

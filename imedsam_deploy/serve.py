@@ -243,7 +243,7 @@ class Service:
             emb = entry.embedding if entry.embedding is not None else self._live.get(key)
             if emb is None:  # its device buffer was overwritten since: encode its pixels again
                 assert entry.pixels is not None
-                (emb,) = self.seg.backend.encode_pixels(entry.pixels[None])
+                (emb,) = self.seg.encode_pixels(entry.pixels[None], [entry.image_hw])
                 self._live = {key: emb}
             objs, _ = self.seg.segment_embedded(emb, entry.image_hw, b, ohw)
         return self._respond(objs)

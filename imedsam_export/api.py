@@ -33,7 +33,7 @@ from imedsam_export.onnx_export import (
     export_split_decoder,
 )
 from imedsam_train.build import sha256_file
-from imedsam_train.checkpoint import load_checkpoint, read_checkpoint
+from imedsam_train.checkpoint import load_checkpoint
 from imedsam_train.model import IMedSAM
 
 SHIPPED_RUN = "shipped"  # the shipped model exports to ./runs/shipped/export by default
@@ -98,13 +98,6 @@ def _check_options(max_points: int, batch: int, opset: int) -> None:
     check_opset(opset)
 
 
-def refuse_unexportable(config: dict[str, Any], source: str) -> None:
-    """One line for a model whose export is not written: the ``lite`` preset (LiteMedSAM's TinyViT)."""
-    if isinstance(config, dict) and config.get("backbone") == "tinyvit":
-        raise UserError(f"{source}: is a '{config.get('name', 'lite')}' model (I-MedSAM on LiteMedSAM); "
-                        "the export of the lite preset is not written yet")
-
-
 def export_artifact(
     checkpoint: Path | None,
     out: Path | None,
@@ -138,12 +131,10 @@ def export_artifact(
         if out.exists() and not force:
             raise UserError(f"{out}: already exists (use --force to overwrite)")
         check_writable_parent(out)  # before the (slow) load and export
-        refuse_unexportable(read_checkpoint(ck).get("config", {}), str(ck))
         model, _raw = load_checkpoint(ck, sam_checkpoint)
         say(choice.line())  # once it loaded: a refused file gets its one error line only
         source = {"checkpoint": str(ck), "sha256": sha256_file(ck), "shipped": shipped}
     else:
-        refuse_unexportable(model.cfg.to_dict(), "the model")
         if out is None:
             raise UserError("an output folder is needed when exporting an in-memory model")
         out = Path(out)

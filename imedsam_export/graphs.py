@@ -1,8 +1,9 @@
 """The two exported graphs as ``nn.Module``s over a folded model (see ``merge.merge_for_export``).
 
 EncoderGraph: image -> image embedding, the FFT replaced by DFT matrix products.
-DecoderGraph: (embedding, boxes, raw coords) -> coarse, fine and uncertainty per point, (B, K, N) each,
-with these exact rewrites of ``IMedSAM.decode_dense`` (checked against it by the exporter and the tests):
+DecoderGraph: (embedding, boxes, raw coords) -> coarse, fine and uncertainty per point, (B, K, N) each (for
+the lite preset the base mask head's logit, sampled border-clamped, added to both logits), with these exact
+rewrites of ``IMedSAM.decode_dense`` (checked against it by the exporter and the tests):
 - bilinear sampling is expressed with Gather (no ``GridSample``: TensorRT 10.13's GridSample is broken at
   opset 20, and the op's modes changed between opsets), same convention as ``grid_sample(align_corners=False,
   padding_mode="zeros")``;
@@ -73,20 +74,23 @@ class EncoderGraph(nn.Module):
 
 
 class PointTaps(nn.Module):
-    """Bilinear taps of ``grid_sample(align_corners=False, padding_mode='zeros')``: (idx, weight), (B, N, 4).
+    """Bilinear taps of ``grid_sample(align_corners=False, padding_mode='zeros')`` (``'border'`` with
+    ``border``): (idx, weight), (B, N, 4).
 
     idx indexes the row-major flattened H x W map; taps outside the map get weight 0 (index clamped).
     Computed in fp32 from the raw coordinates.
     """
 
-    def __init__(self, height: int, width: int) -> None:
+    def __init__(self, height: int, width: int, border: bool = False) -> None:
         super().__init__()
-        self.height, self.width = height, width
+        self.height, self.width, self.border = height, width, border
 
     def forward(self, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = coords.float()
         ix = ((c[..., 0] + 1) * self.width - 1) * 0.5
         iy = ((c[..., 1] + 1) * self.height - 1) * 0.5
+        if self.border:  # padding_mode="border": the sample point clamped onto the outermost pixel centres
+            ix, iy = ix.clamp(0, self.width - 1), iy.clamp(0, self.height - 1)
         x0, y0 = torch.floor(ix), torch.floor(iy)
         wx1, wy1 = ix - x0, iy - y0
         xs = torch.stack([x0, x0 + 1, x0, x0 + 1], dim=-1)
@@ -159,6 +163,10 @@ class DecoderGraph(nn.Module):
         g = cfg.grid_size
         self.K = cfg.num_classes
         self.taps_up = PointTaps(4 * g, 4 * g)
+        # residual read-out (lite): the base logit map rides as the box features' last channel and is sampled
+        # border-clamped (``LiteIMedSAM.base_offset``), then added to both heads' logits
+        self.residual = model.residual_readout
+        self.taps_low = PointTaps(4 * g, 4 * g, border=True)
         self.taps_pe = PointTaps(g, g)
         self.fourier = FourierFeatures(dec.fourier_levels, dec.fourier_include_input)
         w1c, w1f = c_lin[0].weight, f_lin[0].weight  # (H1c, cu+cp+fg), (H1f, cu+cp+fg+F)
@@ -266,8 +274,13 @@ class DecoderGraph(nn.Module):
     def forward(
         self, image_embedding: torch.Tensor, boxes: torch.Tensor, coords: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        up, _ = self.model.decoder_features(image_embedding, boxes)  # (B, C/8, 4g, 4g)
-        return self.point_outputs(up, coords)
+        return self.point_outputs(self.box_features(image_embedding, boxes), coords)
+
+    def box_features(self, image_embedding: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """The box-conditioned map (B, C/8, 4g, 4g); with a residual read-out the base logit map is appended
+        as one more channel, so the split decoder's contract stays one tensor."""
+        up, low = self.model.box_maps(image_embedding, boxes)
+        return up if low is None else torch.cat([up, low.to(up.dtype)], dim=1)
 
     def prompt_graph(self) -> nn.Module:
         """(image_embedding, boxes) -> box_features: the part that depends on the box only."""
@@ -278,7 +291,14 @@ class DecoderGraph(nn.Module):
         return _PointsGraph(self)
 
     def point_outputs(self, up: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The per-point part: box-conditioned up-map (B, C/8, 4g, 4g), coords (B, N, 2) -> (B, K, N) x 3."""
+        """The per-point part: box features (``box_features``), coords (B, N, 2) -> (B, K, N) x 3."""
+        offset = None
+        if self.residual:
+            up, low = up[:, :-1], up[:, -1]
+            idx, w = self.taps_low(coords)
+            B, hw = low.shape[0], low.shape[1] * low.shape[2]
+            rows = low.reshape(B * hw, 1)
+            offset = gather_taps(rows, idx + (torch.arange(B, device=idx.device) * hw)[:, None, None], w)  # (B,N,1)
         feats = self._point_rows(up, coords)
         al, K = self.aligned, self.K
         lin: nn.Linear = al["first"] if al is not None else self.first  # type: ignore[assignment]
@@ -299,6 +319,8 @@ class DecoderGraph(nn.Module):
         else:
             out = self.coarse_head(h)
             logits, cfeat = out[..., :K], out[..., K:]
+        if offset is not None:
+            logits = logits + offset.to(logits.dtype)
         unc = (self.uncertainty if self.point_uncertainty is None else self.point_uncertainty)(h, logits)
         w = self.first_cfeat.weight
         if self.relu_epilogue and first_f.dtype == w.dtype:  # first_f += cfeat W^T in place (it is scratch)
@@ -307,6 +329,8 @@ class DecoderGraph(nn.Module):
         else:
             h_f = torch.relu(first_f + self.first_cfeat(cfeat))
         fine = (al["fine_head"] if al is not None else self.fine_head)(self._trunk(self.fine_rest, h_f))[..., :K]
+        if offset is not None:
+            fine = fine + offset.to(fine.dtype)
         return logits.transpose(1, 2), fine.transpose(1, 2), unc.transpose(1, 2)
 
     def _point_rows(self, up: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
@@ -346,10 +370,10 @@ class DecoderGraph(nn.Module):
 class _PromptGraph(nn.Module):
     def __init__(self, decoder: DecoderGraph) -> None:
         super().__init__()
-        self.model = decoder.model
+        self.decoder = decoder
 
     def forward(self, image_embedding: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        return self.model.decoder_features(image_embedding, boxes)[0]
+        return self.decoder.box_features(image_embedding, boxes)
 
 
 class _PointsGraph(nn.Module):

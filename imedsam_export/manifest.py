@@ -65,7 +65,7 @@ def build_manifest(folder: Path, cfg: ModelConfig, *, opset: int, max_points: in
         "embedding_shape": [cfg.encoder.out_chans, g, g],
         "num_classes": cfg.num_classes,
         "refine_fraction": cfg.decoder.refine_fraction,
-        "preprocessing": C.preprocessing_manifest(cfg.input_size),
+        "preprocessing": C.preprocessing_manifest(cfg.input_size, cfg.preprocess.kind),
         "max_points": max_points,
         "max_batch": max_batch,
         "graphs": graphs,

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from imedsam_deploy import contract as C
+from imedsam_train.config import PreprocessConfig
 from imedsam_train.metrics import dice
-from imedsam_train.model import IMedSAM, grid_coords, ugs_merge
+from imedsam_train.model import IMedSAM, ugs_merge
 
 FP32_LOGIT_TOL = 1e-3
 MASK_AGREEMENT_MIN = 0.999
@@ -39,9 +40,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 @dataclass
 class RealSample:
     name: str
-    image: np.ndarray  # (3, S, S) float32, contract preprocessing
-    box: np.ndarray  # (4,) float32, model-input pixels
-    mask: np.ndarray | None  # (S, S) bool, ground truth resized to the model input (None: random image)
+    image: np.ndarray  # (3, S, S) float32, the model's preprocessing
+    box: np.ndarray  # (4,) float32, model-input pixels, the model's convention
+    mask: np.ndarray | None  # (S, S) bool, ground truth on an S x S output grid (None: random image)
+    coords: np.ndarray  # (S * S, 2) float32: that output grid's query points in the model frame
 
 
 # onnx.reference is plain numpy (fp16 matmuls without BLAS): only for models about the size of "tiny"
@@ -73,9 +75,24 @@ def preprocess(rgb: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
-def load_real_samples(size: int, limit: int, root: Path = SAMPLE_DIR, split: Path | None = None) -> list[RealSample]:
+def make_sample(name: str, rgb: np.ndarray, box: np.ndarray, mask: np.ndarray | None, size: int,
+                pre: PreprocessConfig) -> RealSample:
+    """One case in the model's preprocessing (``imedsam_train.preprocess``, the runtime's twin): ``box`` (4,)
+    pixel edges and ``mask`` (S, S) on the S x S output grid over the original image."""
+    from imedsam_train.preprocess import input_boxes, output_coords, prepare_image, to_input
+
+    u8, valid = prepare_image(rgb, pre, size)
+    x = to_input(u8, pre, valid).numpy()
+    b = input_boxes(np.asarray(box, np.float64)[None], pre, rgb.shape[:2], size)[0].numpy()
+    return RealSample(name, x, b, mask, output_coords(pre, size, size, valid, size).numpy())
+
+
+def load_real_samples(size: int, limit: int, root: Path = SAMPLE_DIR, split: Path | None = None,
+                      pre: PreprocessConfig | None = None) -> list[RealSample]:
     """Test-split images of the bundled sample (image, tight mask box, mask), or [] when it is absent."""
     import cv2
+
+    pre = pre or PreprocessConfig()
 
     split = split or root / "splits" / "test.txt"
     if not split.is_file():
@@ -90,20 +107,18 @@ def load_real_samples(size: int, limit: int, root: Path = SAMPLE_DIR, split: Pat
         m = cv2.imread(str(msk_p), cv2.IMREAD_GRAYSCALE)
         if bgr is None or m is None:
             continue
-        h, w = m.shape
         ys, xs = np.nonzero(m > 127)
         if xs.size == 0:
             continue
-        box = np.array([xs.min() * size / w, ys.min() * size / h, (xs.max() + 1) * size / w,
-                        (ys.max() + 1) * size / h], dtype=np.float32)
+        box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
         mask = cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST) > 127
-        out.append(RealSample(stem, preprocess(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), size), box, mask))
+        out.append(make_sample(stem, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), box, mask, size, pre))
         if len(out) >= limit:
             break
     return out
 
 
-def random_samples(size: int, count: int, seed: int = 0) -> list[RealSample]:
+def random_samples(size: int, count: int, seed: int = 0, pre: PreprocessConfig | None = None) -> list[RealSample]:
     """Fallback when the sample data is absent: smooth random images, a central box, no ground truth."""
     import cv2
 
@@ -112,8 +127,8 @@ def random_samples(size: int, count: int, seed: int = 0) -> list[RealSample]:
     for i in range(count):
         small = rng.uniform(0, 255, size=(8, 8, 3)).astype(np.uint8)
         rgb = cv2.resize(small, (size, size), interpolation=cv2.INTER_CUBIC)
-        box = np.array([0.2, 0.25, 0.75, 0.8], dtype=np.float32) * size
-        out.append(RealSample(f"random{i}", preprocess(rgb, size), box, None))
+        box = np.array([0.2, 0.25, 0.75, 0.8], dtype=np.float64) * size
+        out.append(make_sample(f"random{i}", rgb, box, None, size, pre or PreprocessConfig()))
     return out
 
 
@@ -190,10 +205,9 @@ def verify_real(model: IMedSAM, graphs: dict[str, tuple[Path, Path]], max_points
     cfg = model.cfg
     s = cfg.input_size
     source = "data/sample/kvasir-sessile (test split)"
-    samples = load_real_samples(s, limit) if samples is None else samples
+    samples = load_real_samples(s, limit, pre=cfg.preprocess) if samples is None else samples
     if not samples:  # Dice then compares with the PyTorch fp32 masks
-        samples, source = random_samples(s, limit), "random images (bundled sample absent)"
-    coords = grid_coords(s, s)[None].numpy()
+        samples, source = random_samples(s, limit, pre=cfg.preprocess), "random images (bundled sample absent)"
     frac = cfg.decoder.refine_fraction
     res: dict[str, Any] = {"images": len(samples), "source": source,
                            "names": [x.name for x in samples], "output_size": [s, s]}
@@ -206,7 +220,7 @@ def verify_real(model: IMedSAM, graphs: dict[str, tuple[Path, Path]], max_points
         progress.set_total(len(samples) * (1 + len(graphs)) + (min(REFERENCE_IMAGES, len(samples)) if with_ref else 0))
     for x in samples:
         emb = model.encode(torch.from_numpy(x.image)[None])
-        c, f, u = model.decode_dense(emb, torch.from_numpy(x.box)[None], torch.from_numpy(coords))
+        c, f, u = model.decode_dense(emb, torch.from_numpy(x.box)[None], torch.from_numpy(x.coords)[None])
         ref_logits.append((c.numpy(), f.numpy()))
         ref_masks.append(ugs_merge(c, f, u, frac).numpy()[0, 0].reshape(s, s) > 0)
         gts.append(x.mask if x.mask is not None else ref_masks[-1])
@@ -222,7 +236,7 @@ def verify_real(model: IMedSAM, graphs: dict[str, tuple[Path, Path]], max_points
         masks, worst = [], 0.0
         for x, (rc, rf) in list(zip(samples, ref_logits, strict=True))[:count]:
             emb = enc.run(None, {C.ENC_IN_IMAGE: x.image[None]})[0].astype(np.float32)
-            oc, of, ou = run_decoder(dec, emb, x.box[None], coords, max_points)
+            oc, of, ou = run_decoder(dec, emb, x.box[None], x.coords[None], max_points)
             worst = max(worst, _maxdiff(oc, rc), _maxdiff(of, rf))
             masks.append(_merged(oc, of, ou, frac)[0, 0].reshape(s, s) > 0)
             done += 1

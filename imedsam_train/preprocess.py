@@ -13,17 +13,13 @@ import cv2
 import numpy as np
 import torch
 
+from imedsam_deploy.contract import MINMAX_EPS, letterbox_shape
 from imedsam_train.config import PreprocessConfig
 from imedsam_train.data.boxes import scale_box
 from imedsam_train.model import grid_coords
 
-MINMAX_EPS = 1e-8  # LiteMedSAM's
-
-
-def letterbox_shape(h: int, w: int, size: int) -> tuple[float, int, int]:
-    """(scale, new h, new w) of the longest side resized to ``size`` (LiteMedSAM's rounding)."""
-    scale = size / max(h, w)
-    return scale, int(h * scale + 0.5), int(w * scale + 0.5)
+__all__ = ["MINMAX_EPS", "input_boxes", "letterbox_shape", "output_coords", "prepare_image", "prepare_mask",
+           "to_input"]
 
 
 def prepare_image(image: np.ndarray, pre: PreprocessConfig, size: int) -> tuple[torch.Tensor, tuple[int, int]]:

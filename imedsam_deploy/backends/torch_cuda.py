@@ -133,6 +133,9 @@ def source_checkpoint(artifact: Artifact) -> Path | None:
 
 
 def probe(artifact: Artifact) -> str | None:
+    if artifact.resize != contract.RESIZE_MODE:
+        # its rewrites, kernels and on-device query paths are written for the SAM-ViT model's stretch frame
+        return f"runs SAM-ViT artifacts only; {artifact.path} is a lite ({artifact.resize}) artifact"
     reason = _no_cuda_reason()
     if reason:
         return reason

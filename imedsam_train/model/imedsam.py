@@ -34,6 +34,8 @@ class IMedSAM(nn.Module):
     frozen_dense_pe: torch.Tensor | None = None
     # state-dict prefixes never used (nor trained, nor stored in a checkpoint)
     unused_prefixes: tuple[str, ...] = UNUSED_PREFIXES
+    # whether decoding adds a base logit map to the INR's logits (``box_maps``' second map); the lite preset's
+    residual_readout = False
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -146,6 +148,11 @@ class IMedSAM(nn.Module):
         in_y = (c[None, :] >= b[:, 1:2]) & (c[None, :] <= b[:, 3:4])
         inside = in_y[:, :, None] & in_x[:, None, :]
         return (inside.float() * 2 - 1)[:, None]
+
+    def box_maps(self, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The box-conditioned maps the exported decoder samples: the upscaled map (B, C/8, 4g, 4g) and, for a
+        model with a residual read-out, the base logit map (B, 1, 4g, 4g) (else None)."""
+        return self.decoder_features(embedding, boxes)[0], None
 
     def point_features(self, up: torch.Tensor, pe: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """INR input at each query point: (B, N, C/8 + C + fourier). coords (B, N, 2) in [-1, 1]."""

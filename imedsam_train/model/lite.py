@@ -95,8 +95,12 @@ class LiteImageEncoder(TinyViT):
                 stages.append(StageFrequency(dim, cfg.input_size // layer.resolution, len(layer.blocks), freq.hidden))
             self.freq = nn.ModuleList(stages)
 
+    def frequency_spectrum(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S) normalised spectrum; the exporter swaps this for DFT matrix products."""
+        return spectrum(image, self.freq_cfg.channel, self.freq_cfg.mode)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        spec = spectrum(x, self.freq_cfg.channel, self.freq_cfg.mode).to(x.dtype) if self.freq is not None else None
+        spec = self.frequency_spectrum(x).to(x.dtype) if self.freq is not None else None
         h = self.layers[0](self.patch_embed(x))
         for i, layer in enumerate(self.layers[1:]):
             assert isinstance(layer, AttentionStage)
@@ -137,6 +141,8 @@ class LiteIMedSAM(IMedSAM):
         "mask_decoder.iou_prediction_head.", "mask_decoder.output_hypernetworks_mlps.1.",
         "mask_decoder.output_hypernetworks_mlps.2.", "mask_decoder.output_hypernetworks_mlps.3.",
     )
+
+    residual_readout = True  # the base mask head's logit is added to the INR's (``box_maps``, ``base_offset``)
 
     def __init__(self, cfg: ModelConfig) -> None:
         nn.Module.__init__(self)  # not IMedSAM's: it would build a SAM ViT
@@ -212,6 +218,10 @@ class LiteIMedSAM(IMedSAM):
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         up, pe, _ = self.base_features(embedding, boxes)
         return up, pe
+
+    def box_maps(self, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        up, _, low = self.base_features(embedding, boxes)
+        return up, low
 
     def base_offset(self, low: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """The base logit at each point, (B, N, K): bilinear, border-clamped (as a crop-and-resize reads it)."""

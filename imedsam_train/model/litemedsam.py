@@ -14,6 +14,7 @@ import torch
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import nn
 
+from imedsam_deploy.contract import MINMAX_EPS
 from imedsam_train.config import TinyViTConfig
 from imedsam_train.model.tinyvit import TinyViT
 
@@ -21,8 +22,8 @@ INPUT_SIZE: Final = 256
 RESIZE: Final = "longest-side"  # aspect ratio kept, then zero padding at the bottom and right
 RESIZE_INTERPOLATION: Final = "area"
 INTENSITY: Final = "min-max"  # over the whole resized image, all channels: (x - min) / max(max - min, 1e-8)
-MINMAX_EPS: Final = 1e-8
 MASK_IN_CHANS: Final = 16
+__all__ = ["INPUT_SIZE", "MASK_IN_CHANS", "MINMAX_EPS", "LiteMedSAM"]
 
 
 class LiteMedSAM(nn.Module):

@@ -1,0 +1,110 @@
+"""A lite artifact through the runtime against zero-shot LiteMedSAM's eager PyTorch pipeline, same images and
+boxes, same run, on the CPU.
+
+    python -m benchmarks.lite_speed --artifact DIR --data ../shared/data/Kvasir-Sessile \
+        [--split .../splits/test.txt] [--limit 12] [--threads 2] [--json FILE]
+
+Per image (its ground-truth mask's tight box, the output at the image's own size), interleaved, the order
+alternating per image: LiteMedSAM (``imedsam_train.pretrained.LiteMedSAMBaseline``: preprocess, TinyViT,
+prompt encoder and mask decoder, crop and resize, threshold) and ``imedsam-infer``'s ``Segmenter`` on ONNX
+Runtime CPU in the ``sparse`` query mode (resize, min-max, encoder, decoder, planner, mask), each end to end
+from the RGB array to the mask. Then, untimed, the artifact in the ``full`` query mode (the export's
+reference): the sparse masks' Dice and pixel agreement against it. One warm-up image for each first.
+Prints a table and writes every per-image figure to --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    s = int(a.sum()) + int(b.sum())
+    return 100.0 if s == 0 else 200.0 * int((a & b).sum()) / s
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--artifact", type=Path, required=True, help="a lite artifact folder (imedsam-export)")
+    ap.add_argument("--data", type=Path, required=True, help="folder with images/ and masks/")
+    ap.add_argument("--split", type=Path, default=None, help="file of stems (default: data/splits/test.txt)")
+    ap.add_argument("--limit", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads")
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args(argv)
+
+    import cv2
+    import torch
+
+    from imedsam_deploy.backends.ort import OrtBackend
+    from imedsam_deploy.manifest import load_artifact
+    from imedsam_deploy.runtime import Segmenter
+    from imedsam_train.pretrained import LiteMedSAMBaseline, lite_medsam
+
+    torch.set_num_threads(a.threads)
+    art = load_artifact(a.artifact)
+    ours = Segmenter(OrtBackend(art, "cpu", "fp32", threads=a.threads), art, query="sparse")
+    full = Segmenter(OrtBackend(art, "cpu", "fp32", threads=a.threads), art, query="full")
+    base = LiteMedSAMBaseline(lite_medsam())
+    split = a.split or a.data / "splits" / "test.txt"
+    stems = split.read_text().split()[: a.limit + 1]
+    rows = []
+
+    # (LiteMedSAMBaseline reuses an embedding only for the same array: each image here is new)
+    def run_base(rgb: np.ndarray, box: np.ndarray) -> np.ndarray:
+        return (base.logits(rgb, box[None], rgb.shape[:2])[0] > 0).numpy()
+
+    def run_ours(rgb: np.ndarray, box: np.ndarray) -> np.ndarray:
+        return ours.segment(rgb, box[None]).objects[0].mask()
+
+    for i, stem in enumerate(stems):
+        img_p = next((a.data / "images").glob(f"{stem}.*"))
+        msk_p = next((a.data / "masks").glob(f"{stem}.*"))
+        rgb = cv2.cvtColor(cv2.imread(str(img_p)), cv2.COLOR_BGR2RGB)
+        gt = cv2.imread(str(msk_p), cv2.IMREAD_GRAYSCALE) > 127
+        ys, xs = np.nonzero(gt)
+        box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float64)
+        times: dict[str, float] = {}
+        masks: dict[str, np.ndarray] = {}
+        order = [("litemedsam", run_base), ("ours", run_ours)]
+        for name, fn in order if i % 2 == 0 else order[::-1]:
+            t = time.perf_counter()
+            masks[name] = fn(rgb, box)
+            times[name] = time.perf_counter() - t
+        ref = full.segment(rgb, box[None]).objects[0].mask()
+        if i == 0:  # warm-up
+            continue
+        row = {"stem": stem, "hw": list(rgb.shape[:2]), "seconds": times,
+               "dice_gt": {k: _dice(m, gt) for k, m in masks.items()},
+               "ours_vs_full": {"dice": _dice(masks["ours"], ref), "pixels": float((masks["ours"] == ref).mean())}}
+        rows.append(row)
+        print(f"{stem}: litemedsam {times['litemedsam']:.3f}s ours {times['ours']:.3f}s", file=sys.stderr)
+    med = {k: statistics.median(r["seconds"][k] for r in rows) for k in ("litemedsam", "ours")}
+    summary = {
+        "images": len(rows), "threads": a.threads, "artifact": str(a.artifact),
+        "median_seconds": med, "speedup": med["litemedsam"] / med["ours"],
+        "dice_gt_mean": {k: statistics.mean(r["dice_gt"][k] for r in rows) for k in ("litemedsam", "ours")},
+        "ours_sparse_vs_full_dice_mean": statistics.mean(r["ours_vs_full"]["dice"] for r in rows),
+        "ours_sparse_vs_full_dice_min": min(r["ours_vs_full"]["dice"] for r in rows),
+        "ours_sparse_vs_full_pixels_mean": statistics.mean(r["ours_vs_full"]["pixels"] for r in rows),
+    }
+    if a.json:
+        a.json.write_text(json.dumps({"summary": summary, "rows": rows}, indent=2) + "\n")
+    print(f"{'pipeline':<34}{'median s/frame':>15}{'Dice vs GT':>12}")
+    print(f"{'LiteMedSAM, eager PyTorch':<34}{med['litemedsam']:>15.3f}{summary['dice_gt_mean']['litemedsam']:>12.2f}")
+    print(f"{'lite artifact, ORT CPU, sparse':<34}{med['ours']:>15.3f}{summary['dice_gt_mean']['ours']:>12.2f}")
+    print(f"speed-up {summary['speedup']:.2f}x on {len(rows)} images, {a.threads} threads; sparse vs full: "
+          f"Dice {summary['ours_sparse_vs_full_dice_mean']:.3f} (min {summary['ours_sparse_vs_full_dice_min']:.3f}), "
+          f"pixels {100 * summary['ours_sparse_vs_full_pixels_mean']:.3f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

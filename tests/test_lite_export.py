@@ -1,0 +1,157 @@
+"""The ``lite`` preset exported and deployed: the runtime's letterbox equals training's, the graphs (LoRA
+merged, the per-stage spectrum as DFT matrix products, the base logit riding in the box features) match
+PyTorch on random inputs and real polyps, and ``imedsam-infer`` on the artifact gives PyTorch's masks at the
+image's own size. The model's trainable part is perturbed (seeded), so the merged LoRA, the adapters and the
+INR all move the output: an untrained lite model would be LiteMedSAM and hide a dropped branch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from imedsam_deploy import contract as C
+from imedsam_deploy.errors import UserError
+from imedsam_deploy.manifest import load_artifact
+from imedsam_deploy.preprocess import Preprocessing
+from imedsam_train.build import build
+from imedsam_train.model import ugs_merge
+from imedsam_train.model.lite import LiteIMedSAM
+from imedsam_train.preprocess import input_boxes, output_coords, prepare_image, to_input
+from tests.conftest import SESSILE_STEMS as STEMS
+from tests.conftest import read_mask, read_rgb
+
+S = 256
+
+
+@pytest.fixture(scope="module")
+def moved() -> LiteIMedSAM:
+    m, _ = build("lite", input_size=S)
+    assert isinstance(m, LiteIMedSAM)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if p.requires_grad and (".lora_b" in n or ".up." in n or n.startswith("inr.")):
+                p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(moved, tmp_path_factory) -> Path:
+    from imedsam_export.api import export_artifact
+
+    out = tmp_path_factory.mktemp("lite") / "artifact"
+    export_artifact(None, out, model=moved, batch=2, max_points=8192, real_images=2)
+    return out
+
+
+def _case(sessile: Path, stem: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rgb = read_rgb(sessile / "images" / f"{stem}.jpg")
+    gt = read_mask(sessile / "masks" / f"{stem}.jpg")
+    ys, xs = np.nonzero(gt)
+    return rgb, gt, np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float64)
+
+
+@torch.no_grad()
+def _torch_mask(m: LiteIMedSAM, rgb: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """The PyTorch model's full-grid mask at the image's own size (evaluation's read-out)."""
+    pre, (h, w) = m.cfg.preprocess, rgb.shape[:2]
+    u8, valid = prepare_image(rgb, pre, S)
+    emb = m.encode(to_input(u8, pre, valid)[None])
+    c, f, u = m.decode_dense(emb, input_boxes(box[None], pre, (h, w), S), output_coords(pre, h, w, valid, S)[None])
+    return (ugs_merge(c, f, u, m.cfg.decoder.refine_fraction)[0, 0].reshape(h, w) > 0).numpy()
+
+
+def test_runtime_letterbox_equals_training_preprocessing(sessile, moved):
+    pre = moved.cfg.preprocess
+    twin = Preprocessing(C.LETTERBOX_MODE, S)
+    rng = np.random.default_rng(0)
+    images = [read_rgb(sessile / "images" / f"{STEMS[0]}.jpg"),
+              rng.integers(0, 256, (300, 97, 3), dtype=np.uint8),  # portrait, odd width
+              np.full((1, 1, 3), 7, np.uint8)]  # one pixel, constant (min-max's eps)
+    for rgb in images:
+        hw = rgb.shape[:2]
+        u8, valid = prepare_image(rgb, pre, S)
+        px = np.full((S, S, 3), 99, np.uint8)  # stale content: the padding must be cleared
+        twin.resize_into(rgb, px)
+        assert twin.valid(hw) == valid
+        assert np.array_equal(px, u8.permute(1, 2, 0).numpy())
+        x = twin.to_model(px[None], [hw])[0]
+        np.testing.assert_allclose(x, to_input(u8, pre, valid).numpy(), atol=1e-6, rtol=0)
+        box = np.array([[0.0, 0.0, hw[1], hw[0]], [hw[1] * 0.2, hw[0] * 0.3, hw[1] * 0.7, hw[0] * 0.9]])
+        np.testing.assert_allclose(twin.box(box, hw), input_boxes(box, pre, hw, S).numpy(), atol=1e-5, rtol=0)
+        from imedsam_deploy.preprocess import grid_coords
+
+        for oh, ow in ((hw[0], hw[1]), (64, 48)):
+            np.testing.assert_allclose(twin.coords(grid_coords(oh, ow), hw),
+                                       output_coords(pre, oh, ow, valid, S).numpy(), atol=1e-6, rtol=0)
+
+
+def test_lite_graphs_match_pytorch_and_manifest_declares_the_letterbox(exported):
+    m = json.loads((exported / C.MANIFEST_NAME).read_text())
+    assert m["preprocessing"] == C.preprocessing_manifest(S, C.LETTERBOX_MODE)
+    assert m["model"]["backbone"] == "tinyvit" and m["embedding_shape"] == [256, 64, 64]
+    par = m["parity"]
+    assert par["passed"] and par["real"]["source"].startswith("data/sample")  # real polyps, not random images
+    assert par["random"]["encoder_max_abs_diff"] <= 1e-3 and par["random"]["decoder_logit_max_abs_diff"] <= 1e-3
+    assert par["random"]["split_decoder_max_abs_diff"] <= 1e-3
+    assert par["real"]["fp32"]["logit_max_abs_diff"] <= 1e-3 and par["real"]["fp32"]["mask_agreement"] >= 0.999
+    assert m["merge"]["lora_merged_layers"] == 10  # every TinyViT attention block's qkv
+    art = load_artifact(exported)
+    assert art.resize == C.LETTERBOX_MODE
+
+
+def test_infer_on_the_lite_artifact_gives_pytorchs_masks_at_the_images_size(sessile, moved, exported, tmp_path):
+    from imedsam_deploy.backends.ort import OrtBackend
+    from imedsam_deploy.cli_infer import app
+    from imedsam_deploy.runtime import Segmenter
+
+    art = load_artifact(exported)
+    full = Segmenter(OrtBackend(art, "cpu", "fp32"), art, query="full")
+    for stem in STEMS[:2]:
+        rgb, gt, box = _case(sessile, stem)
+        ref = _torch_mask(moved, rgb, box)
+        got = full.segment(rgb, box[None]).objects[0].mask()
+        assert got.shape == gt.shape and (got == ref).mean() >= 0.999
+        assert ref.sum() > 0.3 * gt.sum()  # a real mask, not an empty one agreeing with an empty one
+    # the command, default query mode (sparse), one image
+    rgb, _, box = _case(sessile, STEMS[0])
+    img = sessile / "images" / f"{STEMS[0]}.jpg"
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, [str(img), "--box", ",".join(str(int(v)) for v in box), "--artifact",
+                                   str(exported), "--out", str(out), "--backend", "ort-cpu", "-q"])
+    assert res.exit_code == 0, res.output
+    from imedsam_deploy._cv import cv2
+
+    mask = cv2.imread(str(out / "masks" / f"{STEMS[0]}.png"), cv2.IMREAD_GRAYSCALE) > 127
+    ref = _torch_mask(moved, rgb, box.astype(int).astype(np.float64))
+    assert mask.shape == ref.shape and (mask == ref).mean() >= 0.999
+
+
+def test_torch_cuda_refuses_a_lite_artifact_in_one_line(exported):
+    from imedsam_deploy.backends import torch_cuda
+
+    why = torch_cuda.probe(load_artifact(exported))
+    assert why is not None and "lite" in why and "\n" not in why
+
+
+def test_an_unknown_preprocessing_is_refused_in_one_line(exported, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(exported, bad)
+    mp = bad / C.MANIFEST_NAME
+    m = json.loads(mp.read_text())
+    m["preprocessing"]["resize"] = "letterbox"
+    mp.write_text(json.dumps(m))
+    with pytest.raises(UserError) as e:
+        load_artifact(bad)
+    assert "resize='letterbox'" in str(e.value) and "\n" not in str(e.value)
+    m["preprocessing"] = {**C.preprocessing_manifest(S, C.LETTERBOX_MODE), "interpolation": "linear"}
+    mp.write_text(json.dumps(m))
+    with pytest.raises(UserError, match="interpolation"):
+        load_artifact(bad)

@@ -7,8 +7,9 @@ decoder (prompt encoder, upscaling, base mask head, INR) trains on the cached em
 Phase 2 (``epochs``): everything trainable, LoRA and adapters included, end to end, the encoder run live.
 Neither phase augments the images (a cached embedding is of the augmentation-free image).
 
-Selection: the untrained model (= zero-shot LiteMedSAM) is validated first and saved as best.pt; an epoch
-replaces it only if its val Dice is higher. Reproducibility as in ``train``: every draw is seeded from (seed,
+Selection: the untrained model (= zero-shot LiteMedSAM), or the ``--init-from`` model (another lite run's, e.g.
+trained on Kvasir-SEG first), is validated first and saved as best.pt; an epoch replaces it only if its val
+Dice is higher. Reproducibility as in ``train``: every draw is seeded from (seed,
 epoch, index) and the torch RNG is reseeded per epoch, so a resumed run replays the next epoch exactly.
 One process (no DDP); a CPU or one GPU.
 """
@@ -49,6 +50,7 @@ from imedsam_train.train import (
     Reporter,
     TrainConfig,
     _curve,
+    _init_model,
     _make_dir,
     _mark_finished,
     _progress,
@@ -196,8 +198,9 @@ def train_lite(
     rep = reporter or Reporter()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("--model lite trains in one process (a CPU or one GPU), not under torchrun")
-    if cfg.pretrain_epochs or cfg.init_from:
-        raise UserError("--model lite: --pretrain-epochs and --init-from are not supported")
+    if cfg.pretrain_epochs:
+        raise UserError("--model lite: --pretrain-epochs is not supported (train on the pretraining data first, "
+                        "then start from its best.pt with --init-from)")
     if cfg.points <= 0:
         raise UserError("--model lite: --points must be > 0")
     dev = pick_device(device, Dist())
@@ -210,11 +213,18 @@ def train_lite(
     try:
         if resume:
             model, ck, base_sha = _resume_model(last_path, cfg, list(train_ds.class_names))
+        elif cfg.init_from:
+            model, base_sha = _init_model(Path(cfg.init_from), cfg, len(train_ds.class_names), "adapters")
         else:
             model, base_sha = build("lite", cfg.input_size, len(train_ds.class_names), base_path)
     except ValueError as e:
         raise UserError(str(e)) from None
-    assert isinstance(model, LiteIMedSAM) and base_sha is not None
+    if not isinstance(model, LiteIMedSAM) or base_sha is None:
+        raise UserError(f"{cfg.init_from}: --init-from needs a lite checkpoint")
+    if cfg.init_from and cfg.decoder_epochs and not encoder_is_base(model):
+        # phase 1 trains on cached embeddings of LiteMedSAM's own encoder: wrong for a trained one
+        raise UserError(f"{cfg.init_from}: its encoder was trained end to end, so --decoder-epochs (cached "
+                        "embeddings of the untrained encoder) cannot follow it; use --epochs only")
     model.to(dev)
     pre, size = model.cfg.preprocess, model.cfg.input_size
 
@@ -274,7 +284,8 @@ def train_lite(
         payload["classes"] = list(train_ds.class_names)
         save_checkpoint(best_path, {**payload, "train_meta": {"epoch": -1, "val_dice": vd, "config": asdict(cfg),
                                                               "best": dict(best)}})
-        rep.echo(f"epoch 0 (untrained: LiteMedSAM) val Dice {vd:.2f}")
+        start = f"the --init-from model {cfg.init_from}" if cfg.init_from else "untrained: LiteMedSAM"
+        rep.echo(f"epoch 0 ({start}) val Dice {vd:.2f}")
 
     steps_done = 0
     for epoch in range(start_epoch, total):

@@ -5,6 +5,7 @@ the base and ``imedsam-eval`` scores it beside LiteMedSAM (its export: test_lite
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -184,3 +185,34 @@ def test_untrained_best_scores_as_litemedsam_in_eval(sessile, tmp_path, monkeypa
     s = json.loads(js.read_text())
     assert s["input_size"] == 256 and s["n"] == 2
     assert abs(s["dice"] - s["baselines"]["litemedsam"]) < 0.01, s
+
+
+def test_init_from_starts_from_another_lite_run_and_refuses_phase1_after_end_to_end(sessile, tmp_path, monkeypatch):
+    """Kvasir-SEG first, then Kvasir-Sessile: the second run starts from the first's best.pt (validated as its
+    epoch 0); phase 1's cached embeddings are refused after a run whose encoder was trained."""
+    monkeypatch.setenv("IMEDSAM_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "tr.txt").write_text("\n".join(STEMS[:2]) + "\n")
+    ds = kvasir_dataset(sessile, tmp_path / "tr.txt")
+    lines: list[str] = []
+    rep = Reporter(echo=lines.append, progress=False)
+    first = TrainConfig(name="a", model="lite", input_size=256, epochs=0, decoder_epochs=1, batch_size=2, points=128,
+                        warmup_steps=1, lr_rest=1e-3)
+    train(first, ds, ds, root=tmp_path, reporter=rep)
+    best_a = tmp_path / "runs/a" / CHECKPOINT_DIR / BEST_CHECKPOINT
+    a_val = safe_torch_load(best_a)["train_meta"]["val_dice"]
+    second = TrainConfig(name="b", model="lite", input_size=256, epochs=0, decoder_epochs=1, batch_size=2,
+                         points=128, warmup_steps=1, init_from=str(best_a))
+    lines.clear()
+    train(second, ds, ds, root=tmp_path, reporter=rep)
+    start = next(x for x in lines if x.startswith("epoch 0"))
+    assert "--init-from" in start and f"{a_val:.2f}" in start  # the same weights, the same val Dice
+    # a checkpoint whose LoRA moved (an end-to-end epoch): phase 1 after it is refused, --epochs only is fine
+    m, _ = load_checkpoint(best_a)
+    with torch.no_grad():
+        next(x for x in m.modules() if isinstance(x, HeadInterleavedLoRAQKV)).lora_b_q.fill_(0.01)
+    moved = tmp_path / "moved.pt"
+    save_checkpoint(moved, {**model_payload(m, "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",
+                                            "lite_medsam.pth"), "classes": list(ds.class_names)})
+    with pytest.raises(UserError) as e:
+        train(dataclasses.replace(second, name="c", init_from=str(moved)), ds, ds, root=tmp_path, reporter=rep)
+    assert "end to end" in str(e.value) and "\n" not in str(e.value)

@@ -25,11 +25,6 @@ from pathlib import Path
 import numpy as np
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = int(a.sum()) + int(b.sum())
-    return 100.0 if s == 0 else 200.0 * int((a & b).sum()) / s
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifact", type=Path, required=True, help="a lite artifact folder (imedsam-export)")
@@ -46,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from imedsam_deploy.backends.ort import OrtBackend
     from imedsam_deploy.manifest import load_artifact
     from imedsam_deploy.runtime import Segmenter
+    from imedsam_train.metrics import dice
     from imedsam_train.pretrained import LiteMedSAMBaseline, lite_medsam
 
     torch.set_num_threads(a.threads)
@@ -82,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         if i == 0:  # warm-up
             continue
         row = {"stem": stem, "hw": list(rgb.shape[:2]), "seconds": times,
-               "dice_gt": {k: _dice(m, gt) for k, m in masks.items()},
-               "ours_vs_full": {"dice": _dice(masks["ours"], ref), "pixels": float((masks["ours"] == ref).mean())}}
+               "dice_gt": {k: dice(m, gt) for k, m in masks.items()},
+               "ours_vs_full": {"dice": dice(masks["ours"], ref), "pixels": float((masks["ours"] == ref).mean())}}
         rows.append(row)
         print(f"{stem}: litemedsam {times['litemedsam']:.3f}s ours {times['ours']:.3f}s", file=sys.stderr)
     med = {k: statistics.median(r["seconds"][k] for r in rows) for k in ("litemedsam", "ours")}

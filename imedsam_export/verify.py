@@ -67,14 +67,6 @@ def session(path: Path) -> Any:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def preprocess(rgb: np.ndarray, size: int) -> np.ndarray:
-    """The contract's preprocessing (what the runtime does): stretch resize, RGB, x / 255, NCHW."""
-    import cv2
-
-    x = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_LINEAR).astype(np.float32) * C.PIXEL_SCALE
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
-
-
 def make_sample(name: str, rgb: np.ndarray, box: np.ndarray, mask: np.ndarray | None, size: int,
                 pre: PreprocessConfig) -> RealSample:
     """One case in the model's preprocessing (``imedsam_train.preprocess``, the runtime's twin): ``box`` (4,)

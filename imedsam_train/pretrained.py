@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from imedsam_deploy.contract import letterbox_shape
 from imedsam_deploy.errors import UserError
 from imedsam_train.build import safe_torch_load, sha256_file
 from imedsam_train.model.litemedsam import INPUT_SIZE, MINMAX_EPS, LiteMedSAM
@@ -78,9 +79,7 @@ def preprocess(image: np.ndarray) -> tuple[torch.Tensor, float, tuple[int, int]]
     """RGB (H, W, 3) or grey (H, W) -> ((1, 3, S, S) float32, scale, (h, w) of the unpadded region)."""
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=2)
-    h, w = image.shape[:2]
-    scale = INPUT_SIZE / max(h, w)
-    nh, nw = int(h * scale + 0.5), int(w * scale + 0.5)
+    scale, nh, nw = letterbox_shape(image.shape[0], image.shape[1], INPUT_SIZE)
     small = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA).astype(np.float32)
     lo, hi = float(small.min()), float(small.max())
     out = np.zeros((INPUT_SIZE, INPUT_SIZE, 3), np.float32)

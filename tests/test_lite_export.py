@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from imedsam_deploy import contract as C
 from imedsam_deploy.errors import UserError
 from imedsam_deploy.manifest import load_artifact
-from imedsam_deploy.preprocess import Preprocessing
+from imedsam_deploy.preprocess import Preprocessing, grid_coords
 from imedsam_train.build import build
 from imedsam_train.model import ugs_merge
 from imedsam_train.model.lite import LiteIMedSAM
@@ -84,8 +84,6 @@ def test_runtime_letterbox_equals_training_preprocessing(sessile, moved):
         np.testing.assert_allclose(x, to_input(u8, pre, valid).numpy(), atol=1e-6, rtol=0)
         box = np.array([[0.0, 0.0, hw[1], hw[0]], [hw[1] * 0.2, hw[0] * 0.3, hw[1] * 0.7, hw[0] * 0.9]])
         np.testing.assert_allclose(twin.box(box, hw), input_boxes(box, pre, hw, S).numpy(), atol=1e-5, rtol=0)
-        from imedsam_deploy.preprocess import grid_coords
-
         for oh, ow in ((hw[0], hw[1]), (64, 48)):
             np.testing.assert_allclose(twin.coords(grid_coords(oh, ow), hw),
                                        output_coords(pre, oh, ow, valid, S).numpy(), atol=1e-6, rtol=0)

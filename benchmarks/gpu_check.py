@@ -102,18 +102,18 @@ def main(argv: list[str] | None = None) -> int:
                          "cannot run)")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_check"))
     a = ap.parse_args(argv)
-    for mod in ("torch", "segment_anything", "imedsam_train", "imedsam_export", "imedsam_deploy"):
+    for mod in ("torch", "segment_anything", "imedsam_core", "imedsam_train", "imedsam_export", "imedsam_deploy"):
         _need(mod)
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.reference import ReferenceIMedSAM
-    from imedsam_deploy.atomic import atomic_write_text
+    from imedsam_core.atomic import atomic_write_text
+    from imedsam_core.contract import refine_count
+    from imedsam_core.errors import UserError
     from imedsam_deploy.backends.torch_cuda import TorchBackend, ugs_merge_device
     from imedsam_deploy.backends.torch_models import model_artifact
     from imedsam_deploy.bench import BenchOptions, FrameRunner, Inputs, Timings, agreement, synthetic_inputs
-    from imedsam_deploy.contract import refine_count
-    from imedsam_deploy.errors import UserError
     from imedsam_deploy.preprocess import box_to_model, grid_coords, to_model_input
     from imedsam_deploy.runtime import Segmenter
     from imedsam_train.build import build

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<20} {variant:<32} {got.get('registers', '-'):>9} {spills:>7} {got.get('shared_bytes', '-'):>9}")
         rows.append({"kernel": name, "variant": variant, **got})
     if a.json:
-        from imedsam_deploy.atomic import atomic_write_text
+        from imedsam_core.atomic import atomic_write_text
 
         atomic_write_text(a.json, json.dumps({"triton": triton.__version__, "torch": torch.__version__,
                                               "capability": a.capability, "rows": rows}, indent=1))

@@ -41,12 +41,12 @@ from typing import Any, cast
 
 import numpy as np
 
+from imedsam_core.atomic import atomic_path, atomic_write_text
+from imedsam_core.errors import UserError
+from imedsam_core.paths import Choice
 from imedsam_deploy import backends as registry
-from imedsam_deploy.atomic import atomic_path, atomic_write_text
 from imedsam_deploy.backends.base import Backend, Embedding
-from imedsam_deploy.errors import UserError
 from imedsam_deploy.manifest import Artifact, load_artifact
-from imedsam_deploy.paths import Choice
 from imedsam_deploy.preprocess import Region
 from imedsam_deploy.runtime import DEFAULT_CHUNK, DEFAULT_MARGIN, QUERY_MODES, QueryMode, Segmenter
 from imedsam_deploy.sparse import SparseConfig
@@ -335,7 +335,7 @@ def latest_artifact_of(name: str | None) -> Choice | None:
     """The default artifact (``paths.default_artifact``: a finished run's export, else the shipped model's); with
     an architecture ``name`` (``--model``), a finished run's export of it only: the shipped model is not what
     ``--model`` asks to time."""
-    from imedsam_deploy.paths import default_artifact, finished_artifact
+    from imedsam_core.paths import default_artifact, finished_artifact
 
     art = default_artifact() if name is None else finished_artifact()
     if art is None or name is None:

@@ -13,8 +13,8 @@ import torch
 from typer.testing import CliRunner
 
 from benchmarks.reference import ReferenceIMedSAM, host_spectrum
+from imedsam_core.errors import UserError
 from imedsam_deploy.cli_bench import app
-from imedsam_deploy.errors import UserError
 from imedsam_deploy.sparse import SparseConfig, box_region, dense_decode, sparse_decode
 from imedsam_train.checkpoint import model_payload, save_checkpoint
 from imedsam_train.config import LoraConfig, preset

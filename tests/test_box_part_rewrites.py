@@ -203,8 +203,8 @@ def test_the_box_precision_switched_at_run_time_is_bitwise_a_backend_built_so(le
     the per-point layers stay bf16 throughout. An fp32 backend refuses it in one line (the tuner's 'not tried')."""
     import numpy as np
 
+    from imedsam_core.errors import UserError
     from imedsam_deploy.backends.torch_cuda import TorchBackend
-    from imedsam_deploy.errors import UserError
 
     model = _model()
     boxes = np.array([[5.0, 8.5, 40.0, 50.0], [0.0, 3.0, 63.0, 20.5]], np.float32)

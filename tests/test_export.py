@@ -16,7 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from imedsam_deploy import contract as C
+from imedsam_core import contract as C
 from imedsam_export.cli import app
 from imedsam_export.dft import DFTSpectrum
 from imedsam_export.fp16 import FP32_MODULES, FP32_OPS, node_classes
@@ -324,8 +324,8 @@ def test_int8_encoder_close_to_fp32_on_real_images(exported):
 
 
 def test_int8_runtime_on_cpu_only_and_masks_agree(exported):
+    from imedsam_core.errors import UserError
     from imedsam_deploy.backends.ort import OrtBackend
-    from imedsam_deploy.errors import UserError
     from imedsam_deploy.manifest import load_artifact
     from imedsam_deploy.runtime import Segmenter
     from imedsam_export.verify import load_real_samples

@@ -14,8 +14,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from imedsam_deploy import contract as C
-from imedsam_deploy.errors import UserError
+from imedsam_core import contract as C
+from imedsam_core.errors import UserError
 from imedsam_deploy.manifest import load_artifact
 from imedsam_deploy.preprocess import Preprocessing, grid_coords
 from imedsam_train.build import build

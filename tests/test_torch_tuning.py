@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from imedsam_core.errors import UserError
 from imedsam_deploy.backends import torch_tuning as tt
 from imedsam_deploy.backends.torch_cuda import TorchBackend
 from imedsam_deploy.bench import BenchOptions, FrameRunner, synthetic_inputs, tune_backends
 from imedsam_deploy.cli_bench import app
-from imedsam_deploy.errors import UserError
 
 from .conftest import not_interpreted
 from .test_bench import tiny

@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from imedsam_core.errors import UserError
 from imedsam_deploy.backends.base import Backend
-from imedsam_deploy.errors import UserError
 from imedsam_deploy.manifest import Artifact
 
 # name -> (module, its ``provider`` argument); ``auto`` tries them in this order (fastest first).

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from imedsam_core.errors import UserError
+from imedsam_core.paths import cache_dir
 from imedsam_deploy.bench import RANDOM_SEED, Inputs, load_reference_module
-from imedsam_deploy.errors import UserError
 from imedsam_deploy.manifest import Artifact
-from imedsam_deploy.paths import cache_dir
 from imedsam_deploy.preprocess import box_to_model, to_model_input
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imedsam_deploy.contract import refine_count
+from imedsam_core.contract import refine_count
 from imedsam_deploy.sparse import SparseConfig, extended_size, initial_stride, pixel_coords
 
 # coords (N, 2) float32 -> coarse, fine, uncertainty, each (K, N)

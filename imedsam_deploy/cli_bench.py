@@ -92,8 +92,9 @@ def bench(
         raise UserError("no artifact of a finished run under runs/ and no shipped artifact in this install: run "
                         "imedsam-export first, or pass ARTIFACT or --model vit_b")
     elif backend and all(b in ("torch-cuda", "torch-cpu") for b in backend):
-        from imedsam_deploy.backends.torch_models import in_process_artifact
+        from imedsam_deploy.backends import torch_part
 
+        in_process_artifact = torch_part("in_process_artifact")
         # torch backends run the model itself: no ONNX export (minutes for vit_b) to wait for
         target, in_process = in_process_artifact(model, input_size, max_batch=max(8, *(batch or (1,))))
         log(f"random-weight {model} at {input_size}, in process (torch backends only: nothing exported)")

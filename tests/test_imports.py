@@ -23,18 +23,19 @@ except ModuleNotFoundError:  # Python 3.10: pip's own copy of tomli, which every
     from pip._vendor import tomli as tomllib  # type: ignore[no-redef]
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("imedsam_core", "imedsam_deploy", "imedsam_export", "imedsam_train")
+PACKAGES = ("imedsam_core", "imedsam_deploy", "imedsam_export", "imedsam_train", "imedsam_cuda")
 
 # Which extras each package may draw on: the base runtime only the base install; training and export the
 # [train] extra; the GPU paths the extras that only a GPU machine installs (imported lazily, behind a
 # clear error where missing).
-# The most specific path prefix applies. The torch-cuda backends run the PyTorch model, so they need [train].
+# The most specific path prefix applies. The PyTorch GPU runtime runs the PyTorch model, so it needs [train] (and
+# [cuda], which declares its torch and triton again).
 ALLOWED_EXTRAS = {
     "imedsam_core": {""},
     "imedsam_deploy": {"", "gpu", "tensorrt", "serve"},
-    "imedsam_deploy/backends/torch_": {"", "train"},
     "imedsam_export": {"", "train", "gpu", "tensorrt"},
     "imedsam_train": {"", "train"},
+    "imedsam_cuda": {"", "train", "cuda"},
     "benchmarks": {"", "train", "test", "serve"},
     "tests": {"", "train", "test", "gpu", "tensorrt", "serve"},
 }

@@ -83,9 +83,9 @@ def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _third_party_imports(repo: Path, package: str) -> dict[str, set[str]]:
+def _imports(repo: Path, package: str) -> dict[str, set[str]]:
     """Top-level module name -> files (relative to the repo) that import it, at module level or inside
-    functions."""
+    functions (``ast``: a module imported by name through importlib is not an import)."""
     found: dict[str, set[str]] = {}
     for f in (repo / package).rglob("*.py"):
         for node in ast.walk(ast.parse(f.read_text(), str(f))):
@@ -96,10 +96,16 @@ def _third_party_imports(repo: Path, package: str) -> dict[str, set[str]]:
             else:
                 continue
             for top in tops:
-                if top not in sys.stdlib_module_names and top not in (*PACKAGES, "benchmarks", "tests", "conftest",
-                                                                       "__future__"):
-                    found.setdefault(top, set()).add(str(f.relative_to(repo)))
+                found.setdefault(top, set()).add(str(f.relative_to(repo)))
     return found
+
+
+def _third_party_imports(repo: Path, package: str) -> dict[str, set[str]]:
+    """Top-level module name -> files (relative to the repo) that import it, at module level or inside
+    functions."""
+    return {top: files for top, files in _imports(repo, package).items()
+            if top not in sys.stdlib_module_names
+            and top not in (*PACKAGES, "benchmarks", "tests", "conftest", "__future__")}
 
 
 def _allowed(file: str) -> set[str]:
@@ -157,20 +163,9 @@ MAY_IMPORT = {
 
 
 def _package_imports(repo: Path, package: str) -> dict[str, set[str]]:
-    """Other imedsam package -> files of ``package`` that import it (``ast``: module level or in functions)."""
-    found: dict[str, set[str]] = {}
-    for f in (repo / package).rglob("*.py"):
-        for node in ast.walk(ast.parse(f.read_text(), str(f))):
-            if isinstance(node, ast.Import):
-                tops = [a.name.split(".")[0] for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                tops = [node.module.split(".")[0]]
-            else:
-                continue
-            for top in tops:
-                if top.startswith("imedsam_") and top != package:
-                    found.setdefault(top, set()).add(str(f.relative_to(repo)))
-    return found
+    """Other imedsam package -> files of ``package`` that import it (module level or in functions)."""
+    return {top: files for top, files in _imports(repo, package).items()
+            if top.startswith("imedsam_") and top != package}
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.reference import ReferenceIMedSAM
-    from imedsam_deploy.backends.torch_models import random_model
+    from imedsam_cuda.torch_models import random_model
     from imedsam_export.graphs import DecoderGraph
     from imedsam_export.merge import merge_for_export
     from imedsam_train.model.inr import ugs_merge

@@ -6,7 +6,7 @@
 
 The embedding of the random-weight (seed 0) model through ``TorchBackend`` in bf16 (or fp16) against the same
 backend in fp32: relative L2 and max abs difference, with the encoder's attention as explicit GEMMs or as one
-SDPA call, and with torch-cuda's lean encoder (``imedsam_export.encoder_rewrites``; its fp32 row: how far the
+SDPA call, and with torch-cuda's lean encoder (``imedsam_cuda.encoder_rewrites``; its fp32 row: how far the
 rewrites alone move the embedding).
 """
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    from imedsam_deploy.backends.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_cuda import TorchBackend
     from imedsam_deploy.preprocess import to_model_input
     from imedsam_deploy.video import read_image
     from imedsam_train.build import build

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="the timing rows' bf16 backends with the decoder's odd-width layers zero-padded or not "
                          "(default: the backend's own default)")
     ap.add_argument("--lean-layers", choices=("on", "off"), default=None,
-                    help="every backend's encoder and box part with imedsam_export.encoder_rewrites and "
+                    help="every backend's encoder and box part with imedsam_cuda.encoder_rewrites and "
                          "box_part_rewrites or not (default: the backend's own: on with CUDA); the encoder-options "
                          "table times both forms either way")
     ap.add_argument("--triton-kernels", choices=("on", "off"), default="on",
@@ -102,18 +102,18 @@ def main(argv: list[str] | None = None) -> int:
                          "cannot run)")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_check"))
     a = ap.parse_args(argv)
-    for mod in ("torch", "segment_anything", "imedsam_train", "imedsam_export", "imedsam_deploy"):
+    for mod in ("torch", "segment_anything", "imedsam_core", "imedsam_train", "imedsam_export", "imedsam_deploy"):
         _need(mod)
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from benchmarks.reference import ReferenceIMedSAM
-    from imedsam_deploy.atomic import atomic_write_text
-    from imedsam_deploy.backends.torch_cuda import TorchBackend, ugs_merge_device
-    from imedsam_deploy.backends.torch_models import model_artifact
+    from imedsam_core.atomic import atomic_write_text
+    from imedsam_core.contract import refine_count
+    from imedsam_core.errors import UserError
+    from imedsam_cuda.torch_cuda import TorchBackend, ugs_merge_device
+    from imedsam_cuda.torch_models import model_artifact
     from imedsam_deploy.bench import BenchOptions, FrameRunner, Inputs, Timings, agreement, synthetic_inputs
-    from imedsam_deploy.contract import refine_count
-    from imedsam_deploy.errors import UserError
     from imedsam_deploy.preprocess import box_to_model, grid_coords, to_model_input
     from imedsam_deploy.runtime import Segmenter
     from imedsam_train.build import build

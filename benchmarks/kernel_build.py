@@ -24,7 +24,7 @@ def builds(names: tuple[str, ...], capability: int) -> Iterator[tuple[str, str, 
     """(kernel, variant, its compile figures) for each kernel named, at vit_b's shapes in bf16."""
     from torch import nn
 
-    from imedsam_export.encoder_rewrites import lean_block
+    from imedsam_cuda.encoder_rewrites import lean_block
     from imedsam_export.graphs import DecoderGraph
     from imedsam_export.merge import merge_for_export
     from imedsam_train.build import build
@@ -40,12 +40,12 @@ def builds(names: tuple[str, ...], capability: int) -> Iterator[tuple[str, str, 
         return DecoderGraph(merge_for_export(model)[0])
 
     def add_norm() -> Iterator[tuple[str, dict[str, Any]]]:
-        from imedsam_export.fused_add_norm import compile_for
+        from imedsam_cuda.fused_add_norm import compile_for
 
         yield from compile_for(768, bf16, capability).items()
 
     def attention_operands() -> Iterator[tuple[str, dict[str, Any]]]:
-        from imedsam_export.fused_attention_operands import compile_for
+        from imedsam_cuda.fused_attention_operands import compile_for
 
         for window in (14, 0):
             blk = Block(768, 12, 4.0, window, 24, LoraConfig(enabled=False), FrequencyConfig(enabled=False)).eval()
@@ -55,7 +55,7 @@ def builds(names: tuple[str, ...], capability: int) -> Iterator[tuple[str, str, 
     def frequency_chain() -> Iterator[tuple[str, dict[str, Any]]]:
         import copy
 
-        from imedsam_export.fused_frequency_chain import FusedFrequencyChain
+        from imedsam_cuda.fused_frequency_chain import FusedFrequencyChain
 
         enc = copy.deepcopy(model.image_encoder)
         for m in enc.modules():
@@ -64,17 +64,17 @@ def builds(names: tuple[str, ...], capability: int) -> Iterator[tuple[str, str, 
         yield "12 adapters", FusedFrequencyChain(enc).compile_for(capability)
 
     def point_features() -> Iterator[tuple[str, dict[str, Any]]]:
-        from imedsam_export.fused_point_features import FusedPointFeatures
+        from imedsam_cuda.fused_point_features import FusedPointFeatures
 
         yield "336-wide bf16 rows", FusedPointFeatures(decoder()).compile_for(336, bf16, capability=capability)
 
     def uncertainty() -> Iterator[tuple[str, dict[str, Any]]]:
-        from imedsam_export.fused_uncertainty import FusedUncertainty
+        from imedsam_cuda.fused_uncertainty import FusedUncertainty
 
         yield "512 hidden, 1 class", FusedUncertainty(torch.rand(512, 1)).compile_for(bf16, capability=capability)
 
     def planner() -> Iterator[tuple[str, dict[str, Any]]]:
-        from imedsam_export.fused_planner import compile_for
+        from imedsam_cuda.fused_planner import compile_for
 
         for s in (8, 4, 2, 1):  # the strides of a 384² plan
             for kernel, use in compile_for(s, 1, 2 if s == 1 else 1, capability).items():
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<20} {variant:<32} {got.get('registers', '-'):>9} {spills:>7} {got.get('shared_bytes', '-'):>9}")
         rows.append({"kernel": name, "variant": variant, **got})
     if a.json:
-        from imedsam_deploy.atomic import atomic_write_text
+        from imedsam_core.atomic import atomic_write_text
 
         atomic_write_text(a.json, json.dumps({"triton": triton.__version__, "torch": torch.__version__,
                                               "capability": a.capability, "rows": rows}, indent=1))

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="the decoder's map samples as the exported graph's Gather taps (not grid_sample)")
     ap.add_argument("--plain-layers", action="store_true",
                     help="the encoder, the box part and the decoder's trunks without torch-cuda's lean_encoder / "
-                         "lean_box_part / relu_epilogue rewrites (imedsam_export.encoder_rewrites, box_part_rewrites, "
+                         "lean_box_part / relu_epilogue rewrites (imedsam_cuda.encoder_rewrites, box_part_rewrites, "
                          "DecoderGraph.use_relu_epilogue)")
     ap.add_argument("--fused-norms", action="store_true",
                     help="the lean encoder's adds and norms as fused_add_norm's Triton kernel (needs triton): each "
@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _count(a: argparse.Namespace) -> int:
-    from imedsam_deploy.backends.torch_cuda import TorchBackend
-    from imedsam_deploy.backends.torch_sparse import DevicePlanner
+    from imedsam_cuda.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_sparse import DevicePlanner
     from imedsam_deploy.sparse import SparseConfig
     from imedsam_train.build import build
 
@@ -129,9 +129,9 @@ def _count(a: argparse.Namespace) -> int:
                       lean_encoder=not a.plain_layers, lean_box_part=not a.plain_layers,
                       relu_epilogue=not a.plain_layers, fp32_box_part=a.fp32_box_part)  # torch-cuda's defaults
     if a.fused_norms:
-        import imedsam_export.fused_add_norm as fan
-        from imedsam_export.box_part_rewrites import use_fused_box_norms
-        from imedsam_export.encoder_rewrites import use_fused_norms
+        import imedsam_cuda.fused_add_norm as fan
+        from imedsam_cuda.box_part_rewrites import use_fused_box_norms
+        from imedsam_cuda.encoder_rewrites import use_fused_norms
 
         def add_norm(x: torch.Tensor, a_: torch.Tensor | None, b_: torch.Tensor | None, norm: Any,
                      out_dtype: torch.dtype, write_sum: bool = True, a_rows: torch.Tensor | None = None,
@@ -155,14 +155,14 @@ def _count(a: argparse.Namespace) -> int:
         use_fused_norms(be.model.image_encoder, True)
         use_fused_box_norms(be.model.mask_decoder.transformer, True)  # where the box part is fp32
     if a.fused_operands:
-        import imedsam_export.fused_attention_operands as fao
-        from imedsam_export.encoder_rewrites import use_fused_operands
+        import imedsam_cuda.fused_attention_operands as fao
+        from imedsam_cuda.encoder_rewrites import use_fused_operands
 
         fao.attention_operands = one_launch(  # type: ignore[assignment]  # this process only
             lambda block, qkv: block.operands(block.windows(qkv)), "fused_attention_operands")
         use_fused_operands(be.model.image_encoder, True)
     if a.fused_frequency:
-        from imedsam_export.encoder_rewrites import use_fused_frequency
+        from imedsam_cuda.encoder_rewrites import use_fused_frequency
 
         encoder = be.model.image_encoder
         blocks = list(encoder.blocks)
@@ -177,7 +177,7 @@ def _count(a: argparse.Namespace) -> int:
         use_fused_frequency(encoder, True)
         encoder.adapter_chain = one_launch(chain, "fused_frequency_chain")
     if a.fused_features:
-        from imedsam_export.fused_point_features import FusedPointFeatures
+        from imedsam_cuda.fused_point_features import FusedPointFeatures
 
         dec, rows_kernel = be.decoder, FusedPointFeatures(be.decoder)
 
@@ -198,7 +198,7 @@ def _count(a: argparse.Namespace) -> int:
 
         be.decoder.point_uncertainty = _Unc()
     if a.fused_planner:  # each kernel run in the interpreter (this process was started under it), counted once
-        from imedsam_export import fused_planner as pk
+        from imedsam_cuda import fused_planner as pk
 
         for kernel in ("cells", "fill", "scatter", "need", "coords"):
             setattr(pk, f"level_{kernel}", one_launch(getattr(pk, f"level_{kernel}"), f"planner_{kernel}"))

@@ -28,9 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     import torch
 
-    from imedsam_deploy.backends import torch_sparse
-    from imedsam_deploy.backends.torch_cuda import TorchBackend
-    from imedsam_deploy.backends.torch_models import model_artifact
+    from imedsam_cuda import torch_sparse
+    from imedsam_cuda.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_models import model_artifact
     from imedsam_deploy.bench import BenchOptions, FrameRunner, synthetic_inputs
     from imedsam_train.build import build
 

@@ -32,7 +32,7 @@ from segment_anything.modeling.image_encoder import (
     window_unpartition,
 )
 
-from imedsam_deploy.contract import refine_count
+from imedsam_core.contract import refine_count
 from imedsam_train.model import IMedSAM, grid_coords
 from imedsam_train.model.encoder import Attention, Block
 from imedsam_train.model.lora import LoRAQKV

@@ -19,8 +19,9 @@ Memory: ``peak_rss_mb`` is the process's peak resident set during a configuratio
 VmHWM is reset before each frame). With ``reference`` the process also holds the PyTorch model and the
 heap the reference freed but glibc kept, so measure memory without it.
 
-torch and imedsam_export are imported only inside the functions that need them (reference, ``--model``,
-the torch backends): the runtime itself stays torch-free.
+torch, imedsam_export and the PyTorch GPU runtime (``imedsam_cuda``, found by name: ``backends.torch_part``)
+are imported only inside the functions that need them (reference, ``--model``, the torch backends): the runtime
+itself stays torch-free.
 """
 
 from __future__ import annotations
@@ -41,12 +42,12 @@ from typing import Any, cast
 
 import numpy as np
 
+from imedsam_core.atomic import atomic_path, atomic_write_text
+from imedsam_core.errors import UserError
+from imedsam_core.paths import Choice
 from imedsam_deploy import backends as registry
-from imedsam_deploy.atomic import atomic_path, atomic_write_text
 from imedsam_deploy.backends.base import Backend, Embedding
-from imedsam_deploy.errors import UserError
 from imedsam_deploy.manifest import Artifact, load_artifact
-from imedsam_deploy.paths import Choice
 from imedsam_deploy.preprocess import Region
 from imedsam_deploy.runtime import DEFAULT_CHUNK, DEFAULT_MARGIN, QUERY_MODES, QueryMode, Segmenter
 from imedsam_deploy.sparse import SparseConfig
@@ -325,17 +326,15 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 # ---------------------------------------------------------------- model / artifact resolution
 def random_artifact(name: str, input_size: int, log: Callable[[str], None]) -> tuple[Path, Any]:
-    """See ``backends.torch_models.random_artifact`` (torch is imported only there, only when asked)."""
-    from imedsam_deploy.backends.torch_models import random_artifact as _random_artifact
-
-    return _random_artifact(name, input_size, log)
+    """See ``imedsam_cuda.torch_models.random_artifact`` (torch is imported only there, only when asked)."""
+    return registry.torch_part("random_artifact")(name, input_size, log)
 
 
 def latest_artifact_of(name: str | None) -> Choice | None:
     """The default artifact (``paths.default_artifact``: a finished run's export, else the shipped model's); with
     an architecture ``name`` (``--model``), a finished run's export of it only: the shipped model is not what
     ``--model`` asks to time."""
-    from imedsam_deploy.paths import default_artifact, finished_artifact
+    from imedsam_core.paths import default_artifact, finished_artifact
 
     art = default_artifact() if name is None else finished_artifact()
     if art is None or name is None:
@@ -357,8 +356,7 @@ def open_backends(artifact: Artifact, names: list[str] | None, precision: str | 
     for name in wanted:
         if name in ("torch-cuda", "torch-cpu") and model is not None:
             try:
-                from imedsam_deploy.backends.torch_cuda import open_model
-
+                open_model = registry.torch_part("open_model")
                 dev = "cuda" if name == "torch-cuda" else "cpu"
                 prec = "fp32" if dev == "cpu" else (precision or "bf16")
                 opened.append(open_model(model, dev, prec, artifact))  # as imedsam-infer opens it
@@ -421,8 +419,7 @@ def run_bench(artifact_path: Path | Artifact, opts: BenchOptions, model: Any | N
     ref = None
     ref_model = None
     if opts.reference:
-        from imedsam_deploy.backends.torch_models import reference_runner, torch_model_for
-
+        reference_runner, torch_model_for = registry.torch_part("reference_runner"), registry.torch_part("torch_model_for")
         ref_model = model if model is not None else torch_model_for(artifact)
         ref = reference_runner(ref_model, opts.threads)
     make_inputs = inputs_for or (lambda size, batch: synthetic_inputs(size, batch))
@@ -516,8 +513,10 @@ def run_bench(artifact_path: Path | Artifact, opts: BenchOptions, model: Any | N
 def tune_backends(backends: list[Backend], artifact: Artifact, opts: BenchOptions, inputs: Inputs, out_size: int,
                   log: Callable[[str], None]) -> list[dict[str, Any]]:
     """``--tune``: each torch backend's switchable options timed on the first query, batch and output size
-    (``backends.torch_tuning``), the fastest kept for the timed rows and saved for the next run. The tunings."""
-    from imedsam_deploy.backends.torch_tuning import apply, default_root, save, tune, tuning_path
+    (``imedsam_cuda.torch_tuning``), the fastest kept for the timed rows and saved for the next run. The tunings."""
+    tuning = registry.torch_part("tuning")
+    apply, default_root, save, tune, tuning_path = (tuning.apply, tuning.default_root, tuning.save, tuning.tune,
+                                                    tuning.tuning_path)
 
     tunable: list[Any] = [b for b in backends if b.name in ("torch-cuda", "torch-cpu")]  # TorchBackends
     if not tunable:

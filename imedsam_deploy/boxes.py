@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from imedsam_deploy.errors import UserError
+from imedsam_core.errors import UserError
 
 FrameKey = int | str
 BoxTable = dict[FrameKey, dict[int, np.ndarray]]

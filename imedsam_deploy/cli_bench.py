@@ -8,10 +8,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from imedsam_deploy.atomic import check_writable_parent
-from imedsam_deploy.cli_common import guarded, run_app, say_line
-from imedsam_deploy.contract import PRECISIONS
-from imedsam_deploy.errors import UserError
+from imedsam_core.atomic import check_writable_parent
+from imedsam_core.cli_common import guarded, run_app, say_line
+from imedsam_core.contract import PRECISIONS
+from imedsam_core.errors import UserError
 from imedsam_deploy.manifest import Artifact
 from imedsam_deploy.sparse import SparseConfig
 
@@ -92,8 +92,9 @@ def bench(
         raise UserError("no artifact of a finished run under runs/ and no shipped artifact in this install: run "
                         "imedsam-export first, or pass ARTIFACT or --model vit_b")
     elif backend and all(b in ("torch-cuda", "torch-cpu") for b in backend):
-        from imedsam_deploy.backends.torch_models import in_process_artifact
+        from imedsam_deploy.backends import torch_part
 
+        in_process_artifact = torch_part("in_process_artifact")
         # torch backends run the model itself: no ONNX export (minutes for vit_b) to wait for
         target, in_process = in_process_artifact(model, input_size, max_batch=max(8, *(batch or (1,))))
         log(f"random-weight {model} at {input_size}, in process (torch backends only: nothing exported)")
@@ -112,7 +113,7 @@ def bench(
     if image is not None:
         the_box = _parse_box(box)
         inputs_for = lambda size, n: B.file_inputs(image, the_box, n)  # noqa: E731
-    from imedsam_deploy.cli_common import Progress
+    from imedsam_core.cli_common import Progress
 
     with Progress("benchmark", None, "rounds", "rounds/s", console=console) as bar:
         report = B.run_bench(target, opts, model=in_process, inputs_for=inputs_for, log=log, progress=bar)

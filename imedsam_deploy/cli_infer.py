@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from imedsam_deploy.cli_common import guarded, run_app, say_line
-from imedsam_deploy.contract import PRECISIONS
-from imedsam_deploy.errors import UserError
+from imedsam_core.cli_common import guarded, run_app, say_line
+from imedsam_core.contract import PRECISIONS
+from imedsam_core.errors import UserError
 from imedsam_deploy.runtime import DEFAULT_QUERY, QUERY_MODES
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ def _parse_window(text: str | None) -> tuple[float, float] | None:
 
 
 def _prepare_out(out: Path, force: bool) -> None:
-    from imedsam_deploy.atomic import check_writable_parent
+    from imedsam_core.atomic import check_writable_parent
 
     check_writable_parent(out)  # e.g. --out under a regular file: refused before the artifact loads
     if out.exists() and not out.is_dir():
@@ -115,14 +115,14 @@ def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, back
          size: Any, query: Any, margin: float, chunk: int, track: TrackConfig, win: Any, quiet: bool) -> None:
     from rich.console import Console
 
+    from imedsam_core.atomic import atomic_dir
+    from imedsam_core.cli_common import Progress
+    from imedsam_core.paths import Choice, default_artifact
     from imedsam_deploy import backends as bk
-    from imedsam_deploy.atomic import atomic_dir
     from imedsam_deploy.boxes import validate_box
-    from imedsam_deploy.cli_common import Progress
     from imedsam_deploy.infer import iter_frames_count, run_images, run_video, run_volume
     from imedsam_deploy.manifest import load_artifact
     from imedsam_deploy.outputs import OutputSet
-    from imedsam_deploy.paths import Choice, default_artifact
     from imedsam_deploy.runtime import Segmenter
     from imedsam_deploy.video import VideoReader, read_image
     from imedsam_deploy.volume import load_volume

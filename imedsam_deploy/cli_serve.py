@@ -7,9 +7,9 @@ from pathlib import Path
 
 import typer
 
-from imedsam_deploy.cli_common import guarded, require, run_app, say_line
-from imedsam_deploy.contract import PRECISIONS
-from imedsam_deploy.errors import UserError
+from imedsam_core.cli_common import guarded, require, run_app, say_line
+from imedsam_core.contract import PRECISIONS
+from imedsam_core.errors import UserError
 from imedsam_deploy.runtime import DEFAULT_QUERY, QUERY_MODES
 
 app = typer.Typer(add_completion=False, help="Serve box-prompted segmentation over HTTP and gRPC (Triton).")
@@ -66,9 +66,9 @@ def serve(
 def serve_artifact(artifact_dir: Path | None, backend_name: str, precision: str | None, host: str,
                    ports: tuple[int, int, int], max_batch: int | None, queue_delay_us: int, query: str,
                    max_boxes: int, cache_size: int, ttl: float, workspace: Path | None, console: object) -> None:
+    from imedsam_core.paths import latest_artifact
     from imedsam_deploy import backends as bk
     from imedsam_deploy.manifest import load_artifact
-    from imedsam_deploy.paths import latest_artifact
     from imedsam_deploy.runtime import Segmenter
     from imedsam_deploy.serve import ServeLimits, Server, ServerConfig, Service
 

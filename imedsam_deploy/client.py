@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from imedsam_deploy.errors import UserError
+from imedsam_core.errors import UserError
 
 Protocol = Literal["http", "grpc"]
 _REASON = re.compile(r"RequestError: (.+)")

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from imedsam_core.errors import UserError
 from imedsam_deploy._cv import cv2
 from imedsam_deploy.boxes import BoxTable, fmt_box, lookup, validate_box
-from imedsam_deploy.errors import UserError
 from imedsam_deploy.outputs import Layer, OutputSet, Record
 from imedsam_deploy.pipeline import overlapped
 from imedsam_deploy.runtime import ObjectMask, Segmenter

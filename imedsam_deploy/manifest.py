@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from imedsam_deploy import contract
-from imedsam_deploy.errors import UserError
+from imedsam_core import contract
+from imedsam_core.errors import UserError
 
 SPLIT_PARTS = ("decoder_prompt", "decoder_points")
 _REQUIRED = ("input_size", "embedding_shape", "num_classes", "refine_fraction", "max_points", "max_batch",

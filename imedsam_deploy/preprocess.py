@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from imedsam_deploy import contract
+from imedsam_core import contract
 from imedsam_deploy._cv import cv2
 
 _INTERP = {"linear": cv2.INTER_LINEAR, "area": cv2.INTER_AREA}

@@ -24,8 +24,8 @@ from typing import Literal
 
 import numpy as np
 
+from imedsam_core.contract import refine_count
 from imedsam_deploy.backends.base import Backend, Embedding
-from imedsam_deploy.contract import refine_count
 from imedsam_deploy.manifest import Artifact
 from imedsam_deploy.preprocess import Preprocessing, Region, box_region, region_chunk_coords
 from imedsam_deploy.sparse import SparseConfig, sparse_decode

@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from imedsam_core.errors import UserError
 from imedsam_deploy.backends.base import Embedding
 from imedsam_deploy.boxes import check_box_values, validate_box
-from imedsam_deploy.errors import UserError
 from imedsam_deploy.runtime import ObjectMask, Segmenter
 
 LOG = logging.getLogger("imedsam.serve")

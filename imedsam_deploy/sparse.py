@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from imedsam_deploy.contract import refine_count
+from imedsam_core.contract import refine_count
 
 # coords (N, 2) float32 in [-1, 1] -> coarse, fine, uncertainty, each (K, N)
 DecodeFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from imedsam_core.errors import UserError
 from imedsam_deploy._cv import cv2, quiet_stderr
-from imedsam_deploy.errors import UserError
 
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".mpg", ".mpeg", ".wmv", ".webm", ".ogv", ".flv"}
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}

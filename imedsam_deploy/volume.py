@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from imedsam_deploy.errors import UserError
+from imedsam_core.errors import UserError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 

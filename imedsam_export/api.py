@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from imedsam_deploy import contract as C
-from imedsam_deploy.atomic import atomic_dir, check_writable_parent
-from imedsam_deploy.errors import UserError
-from imedsam_deploy.paths import EXPORT_DIR, RUNS_DIR, Choice, finished_checkpoint, no_finished_run_reason
+from imedsam_core import contract as C
+from imedsam_core.atomic import atomic_dir, check_writable_parent
+from imedsam_core.errors import UserError
+from imedsam_core.paths import EXPORT_DIR, RUNS_DIR, Choice, finished_checkpoint, no_finished_run_reason
 from imedsam_export import verify as V
 from imedsam_export.fp16 import convert_fp16
 from imedsam_export.graphs import DecoderGraph, EncoderGraph
@@ -184,7 +184,7 @@ def export_artifact(
                     model, enc_p, dec_p, batch, max_points,
                     split=(tmp / C.DECODER_PROMPT_ONNX, tmp / C.DECODER_POINTS_ONNX))
                 paths = {p: (tmp / f["encoder"], tmp / f["decoder"]) for p, f in graphs.items()}
-                from imedsam_deploy.cli_common import Progress
+                from imedsam_core.cli_common import Progress
 
                 with Progress("verifying against PyTorch", None, "image passes", "passes/s", echo=say,
                               enabled=log is not None) as bar:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from imedsam_deploy.cli_common import guarded, run_app
+from imedsam_core.cli_common import guarded, run_app
 
 app = typer.Typer(add_completion=False, help="Export a checkpoint to ONNX / TensorRT artifacts.")
 

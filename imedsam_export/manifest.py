@@ -10,8 +10,8 @@ from typing import Any
 
 import onnx
 
-from imedsam_deploy import contract as C
-from imedsam_deploy.atomic import atomic_write_text
+from imedsam_core import contract as C
+from imedsam_core.atomic import atomic_write_text
 from imedsam_train.build import sha256_file
 from imedsam_train.config import ModelConfig
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from imedsam_deploy.errors import UserError
+from imedsam_core.errors import UserError
 from imedsam_train.model import IMedSAM
 from imedsam_train.model.lora import LoRAQKV
 

@@ -19,8 +19,8 @@ from typing import Any
 import onnx
 import torch
 
-from imedsam_deploy import contract as C
-from imedsam_deploy.errors import UserError
+from imedsam_core import contract as C
+from imedsam_core.errors import UserError
 from imedsam_export.graphs import DecoderGraph, EncoderGraph
 
 DEFAULT_OPSET = 18

@@ -19,9 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from imedsam_deploy import contract as C
-from imedsam_deploy.atomic import atomic_write_bytes
-from imedsam_deploy.errors import UserError
+from imedsam_core import contract as C
+from imedsam_core.atomic import atomic_write_bytes
+from imedsam_core.errors import UserError
 from imedsam_train.build import sha256_file
 from imedsam_train.config import ModelConfig
 

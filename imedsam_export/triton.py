@@ -18,7 +18,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from imedsam_deploy import contract as C
+from imedsam_core import contract as C
 from imedsam_train.config import ModelConfig
 
 TRITON_DIR = "triton"

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from imedsam_deploy import contract as C
+from imedsam_core import contract as C
 from imedsam_train.config import PreprocessConfig
 from imedsam_train.metrics import dice
 from imedsam_train.model import IMedSAM, ugs_merge

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from imedsam_deploy.errors import UserError
+from imedsam_core.errors import UserError
 from imedsam_train.config import ModelConfig, preset
 from imedsam_train.model import IMedSAM
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from imedsam_deploy.atomic import atomic_path
-from imedsam_deploy.errors import UserError
+from imedsam_core.atomic import atomic_path
+from imedsam_core.errors import UserError
 from imedsam_train.build import build_from_config, safe_torch_load, sha256_file
 from imedsam_train.config import ModelConfig
 from imedsam_train.model import IMedSAM

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from imedsam_deploy.cli_common import guarded, run_app
+from imedsam_core.cli_common import guarded, run_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train I-MedSAM models.")
 
@@ -38,7 +38,7 @@ def info(
     sam_checkpoint: Annotated[Path | None, typer.Option(help="official SAM/MedSAM checkpoint to load")] = None,
 ) -> None:
     """Print the parameter report (total / trainable per part), ending with ``trainable: N``."""
-    from imedsam_deploy.errors import UserError
+    from imedsam_core.errors import UserError
     from imedsam_train.build import build
 
     input_size = input_size or (256 if model == "lite" else 384)
@@ -96,7 +96,7 @@ def default_data(name: str) -> tuple[Path, list[Path]]:
 
 
 def resolve_data(path: Path | None, name: str, hint: str) -> Path:
-    from imedsam_deploy.errors import UserError
+    from imedsam_core.errors import UserError
 
     if path is not None:
         if not path.is_dir():
@@ -119,7 +119,7 @@ def _run(train_ds, val_ds, name, model, sam_checkpoint, input_size, epochs, batc
         import torch
 
         torch.set_num_threads(threads)
-    from imedsam_deploy.errors import UserError
+    from imedsam_core.errors import UserError
 
     if model == "lite":
         if sam_checkpoint is not None:
@@ -200,7 +200,7 @@ def folder(
     decoder_epochs: DecEpochsOpt = 0, base_checkpoint: BaseOpt = None,
 ) -> None:
     """Train on any image/mask folder pair (jpg, png, tif; masks binarised > 127)."""
-    from imedsam_deploy.paths import run_dir
+    from imedsam_core.paths import run_dir
     from imedsam_train.data.folder import folder_dataset, seeded_split
 
     tr, va = seeded_split(path, train_split, val_split, seed, run_dir(name or path.name) / "splits")

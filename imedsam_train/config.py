@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from imedsam_deploy.contract import DEFAULT_INPUT_SIZE, DEFAULT_REFINE_FRACTION
+from imedsam_core.contract import DEFAULT_INPUT_SIZE, DEFAULT_REFINE_FRACTION
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from imedsam_deploy.cli_common import guarded, run_app
+from imedsam_core.cli_common import guarded, run_app
 
 app = typer.Typer(add_completion=False, help="Evaluate a checkpoint (Dice, IoU, HD95) beside box baselines.")
 
@@ -23,7 +23,7 @@ IMAGE_BASELINES = ("litemedsam",)  # the box and ellipse baselines are always sc
 def load_data(data: Path, kind: str, split: Path | None) -> Any:
     """A dataset of the given kind; auto: NIfTI -> bcv, CVC layout -> cvc, <stem>_<organ>_<k> masks -> organ-png,
     else images/ + masks/ with matching stems."""
-    from imedsam_deploy.errors import UserError
+    from imedsam_core.errors import UserError
     from imedsam_train.data import cvc_dataset, folder_dataset
     from imedsam_train.data.organ_png import looks_like_organ_png, organ_png_dataset
     from imedsam_train.data.volumes import bcv_dataset
@@ -53,7 +53,7 @@ def load_data(data: Path, kind: str, split: Path | None) -> Any:
 
 def class_mapping(model_classes: list[str], data_classes: list[str], source: str) -> list[int]:
     """Model output channel for each data class: by name, or channel 0 for a one-class model."""
-    from imedsam_deploy.errors import UserError
+    from imedsam_core.errors import UserError
 
     if len(model_classes) == 1:
         return [0] * len(data_classes)
@@ -110,10 +110,10 @@ def main_cmd(
     with the box-filled and inscribed-ellipse baselines (and any --baseline) on the same boxes."""
     import torch
 
-    from imedsam_deploy.atomic import atomic_write_text, check_writable_parent
-    from imedsam_deploy.cli_common import Progress
-    from imedsam_deploy.errors import UserError
-    from imedsam_deploy.paths import Choice
+    from imedsam_core.atomic import atomic_write_text, check_writable_parent
+    from imedsam_core.cli_common import Progress
+    from imedsam_core.errors import UserError
+    from imedsam_core.paths import Choice
     from imedsam_train.checkpoint import load_checkpoint
     from imedsam_train.evaluate import evaluate
     from imedsam_train.plots import case_sheet

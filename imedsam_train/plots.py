@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from imedsam_deploy.atomic import atomic_write_bytes
+from imedsam_core.atomic import atomic_write_bytes
 
 
 def _figure() -> Any:

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import torch
 
-from imedsam_deploy.contract import MINMAX_EPS, letterbox_shape
+from imedsam_core.contract import MINMAX_EPS, letterbox_shape
 from imedsam_train.config import PreprocessConfig
 from imedsam_train.data.boxes import scale_box
 from imedsam_train.model import grid_coords

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imedsam_deploy.contract import letterbox_shape
-from imedsam_deploy.errors import UserError
+from imedsam_core.contract import letterbox_shape
+from imedsam_core.errors import UserError
 from imedsam_train.build import safe_torch_load, sha256_file
 from imedsam_train.model.litemedsam import INPUT_SIZE, MINMAX_EPS, LiteMedSAM
 

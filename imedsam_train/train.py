@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from imedsam_deploy.atomic import atomic_write_text, check_writable_parent
-from imedsam_deploy.errors import UserError
-from imedsam_deploy.paths import BEST_CHECKPOINT, CHECKPOINT_DIR, FINISHED_NAME, LAST_CHECKPOINT, run_dir
+from imedsam_core.atomic import atomic_write_text, check_writable_parent
+from imedsam_core.errors import UserError
+from imedsam_core.paths import BEST_CHECKPOINT, CHECKPOINT_DIR, FINISHED_NAME, LAST_CHECKPOINT, run_dir
 from imedsam_train.build import build, sha256_file
 from imedsam_train.checkpoint import model_payload, save_checkpoint
 from imedsam_train.data.boxes import stable_seed
@@ -459,7 +459,7 @@ class _Prog:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            from imedsam_deploy.cli_common import Progress as PlainProgress
+            from imedsam_core.cli_common import Progress as PlainProgress
 
             console = Console()
             if not console.is_terminal:  # a log file: plain lines (steps, rate, time left), no bar leftovers

@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from imedsam_deploy.atomic import atomic_path
-from imedsam_deploy.errors import UserError
-from imedsam_deploy.paths import (
+from imedsam_core.atomic import atomic_path
+from imedsam_core.errors import UserError
+from imedsam_core.paths import (
     FINISHED_NAME,
     cache_dir,
 )
@@ -264,7 +264,7 @@ def train_lite(
         start_epoch, history, best = restore_training_state(ck, opt, sched, scaler)
         rep.echo(f"resumed {last_path} at epoch {start_epoch}")
     if cfg.decoder_epochs > start_epoch:
-        from imedsam_deploy.cli_common import Progress
+        from imedsam_core.cli_common import Progress
 
         t_c = time.time()
         inputs = [to_input(it.image, pre, it.valid) for it in items] + [

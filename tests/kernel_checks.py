@@ -15,7 +15,7 @@ def backend_runs(option: str, setter: str | None = None, **settings: Any) -> dic
     ``setter``, switched off again on the same backend. Returns each decoder output's largest difference (relative
     to its largest value), the sparse logits' difference, the points queried, whether the masks are equal, the
     backend's description with the option on, and whether switching it off restored both bitwise."""
-    from imedsam_deploy.backends.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_cuda import TorchBackend
     from imedsam_deploy.sparse import SparseConfig
     from imedsam_train.build import build_from_config
     from imedsam_train.config import preset

@@ -1,12 +1,12 @@
-"""imedsam_deploy/atomic.py: an output that cannot be created is a one-line UserError naming it, raised before
+"""imedsam_core/atomic.py: an output that cannot be created is a one-line UserError naming it, raised before
 anything is written."""
 
 from __future__ import annotations
 
 import pytest
 
-from imedsam_deploy.atomic import atomic_dir, atomic_path, atomic_write_text, check_writable_parent
-from imedsam_deploy.errors import UserError
+from imedsam_core.atomic import atomic_dir, atomic_path, atomic_write_text, check_writable_parent
+from imedsam_core.errors import UserError
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ def test_atomic_files_get_the_usual_permissions(tmp_path):
     import os
     import stat
 
-    from imedsam_deploy.atomic import atomic_write_text
+    from imedsam_core.atomic import atomic_write_text
 
     old = os.umask(0o022)
     try:

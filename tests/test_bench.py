@@ -13,8 +13,8 @@ import torch
 from typer.testing import CliRunner
 
 from benchmarks.reference import ReferenceIMedSAM, host_spectrum
+from imedsam_core.errors import UserError
 from imedsam_deploy.cli_bench import app
-from imedsam_deploy.errors import UserError
 from imedsam_deploy.sparse import SparseConfig, box_region, dense_decode, sparse_decode
 from imedsam_train.checkpoint import model_payload, save_checkpoint
 from imedsam_train.config import LoraConfig, preset
@@ -174,7 +174,7 @@ def test_sparse_planner_agreement_on_a_real_image_tiny_model():
 
 # ---------------------------------------------------------------- torch backend (CPU path)
 def test_torch_backend_cpu_path_matches_the_model():
-    from imedsam_deploy.backends.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_cuda import TorchBackend
 
     model = tiny()
     be = TorchBackend(model, device="cpu", precision="fp32")
@@ -212,7 +212,7 @@ def test_torch_backend_cpu_path_matches_the_model():
 
 
 def test_point_bucket_bounds_the_captured_shapes():
-    from imedsam_deploy.backends.torch_cuda import POINT_BUCKET_MIN, point_bucket
+    from imedsam_cuda.torch_cuda import POINT_BUCKET_MIN, point_bucket
 
     got = {n: point_bucket(n, 65536) for n in [*range(1, 65537, 7), 1024, 1025, 65535, 65536]}
     assert all(b >= n for n, b in got.items())  # room for every point
@@ -225,7 +225,7 @@ def test_point_bucket_bounds_the_captured_shapes():
 
 
 def test_torch_backend_padded_split_decode_is_exact_and_memoises_the_box_part():
-    from imedsam_deploy.backends.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_cuda import TorchBackend
 
     model = tiny()
     plain = TorchBackend(model, device="cpu", precision="fp32")
@@ -253,7 +253,7 @@ def test_torch_backend_captured_functions_copy_nothing_from_the_host(monkeypatch
     """The functions torch-cuda captures in CUDA graphs (encoder, box part, per-point part) create no tensor
     from host data: a host-to-device copy during capture is an error there. Checked on the CPU by refusing
     torch.tensor / as_tensor / from_numpy while they run."""
-    from imedsam_deploy.backends.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_cuda import TorchBackend
 
     be = TorchBackend(tiny(), device="cpu", precision="fp32")
 
@@ -278,8 +278,8 @@ def test_torch_backend_captured_functions_copy_nothing_from_the_host(monkeypatch
 def test_torch_backend_stores_weights_in_the_autocast_dtype_bitwise_exactly(monkeypatch):
     """bf16 backend: Linear / conv weights and biases stored in bf16 (no per-call autocast casts), outputs
     bitwise those of letting autocast cast the fp32 weights and biases."""
-    from imedsam_deploy.backends import torch_cuda
-    from imedsam_deploy.backends.torch_cuda import TorchBackend
+    from imedsam_cuda import torch_cuda
+    from imedsam_cuda.torch_cuda import TorchBackend
 
     model = tiny()
     stored = TorchBackend(model, device="cpu", precision="bf16")
@@ -304,7 +304,7 @@ def test_torch_backend_compiles_whole_graphs():
     """compile=... captures each function whole (fullgraph=True: a graph break is an error; the fused attention
     included), and the compiled backend computes the same as the eager one. aot_eager: the capture without code
     generation."""
-    from imedsam_deploy.backends.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_cuda import TorchBackend
 
     model = tiny()
     eager = TorchBackend(model, device="cpu", precision="fp32")
@@ -325,7 +325,7 @@ def test_torch_backend_encoder_options_are_exact(monkeypatch):
     """torch-cuda's encoder options on the CPU (same code): attention as one scaled_dot_product_attention call
     (to fp32 rounding; the box part's attentions too), the frequency chain issued first (bitwise: the same
     operations), and both; the decoder's outputs from those embeddings agree likewise."""
-    from imedsam_deploy.backends.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_cuda import TorchBackend
     from imedsam_train.model.encoder import ImageEncoder
 
     calls = {"sdpa": 0, "first": 0}
@@ -374,8 +374,8 @@ def test_torch_backend_encoder_options_are_exact(monkeypatch):
 def test_torch_backend_converts_uint8_pixels_on_the_device_bitwise(precision):
     """encode_pixels (uint8 upload, conversion inside the encoder's graph) gives bitwise the embeddings of
     encode on the host-converted floats; the base Backend's default converts on the host."""
+    from imedsam_cuda.torch_cuda import TorchBackend
     from imedsam_deploy.backends.base import Backend
-    from imedsam_deploy.backends.torch_cuda import TorchBackend
     from imedsam_deploy.preprocess import pixels_to_model
 
     be = TorchBackend(tiny(), device="cpu", precision=precision)
@@ -400,7 +400,7 @@ def test_torch_backend_converts_uint8_pixels_on_the_device_bitwise(precision):
 def test_torch_backend_builds_region_coordinates_on_the_device_bitwise():
     """decode_merged's device coordinates are the host's (preprocess.region_chunk_coords), bit for bit, for
     regions and chunk bounds anywhere on odd and even output grids."""
-    from imedsam_deploy.backends.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_cuda import TorchBackend
     from imedsam_deploy.preprocess import Region, region_chunk_coords
 
     be = TorchBackend(tiny(), device="cpu", precision="fp32")
@@ -422,8 +422,8 @@ def test_frame_runner_decodes_each_group_before_encoding_the_next():
     """A backend may keep one encoder output buffer (TensorRT): a handle is valid until its next encode.
     The bench's FrameRunner, with more images than max_batch, must decode each group first; and the
     runtime's embed refuses more than max_batch at once instead of handing out handles that go stale."""
+    from imedsam_cuda.torch_cuda import TorchBackend
     from imedsam_deploy.backends.base import Backend
-    from imedsam_deploy.backends.torch_cuda import TorchBackend
     from imedsam_deploy.bench import BenchOptions, FrameRunner, synthetic_inputs
     from imedsam_deploy.manifest import Artifact
     from imedsam_deploy.runtime import Segmenter
@@ -522,7 +522,7 @@ def test_frame_runner_times_gpu_stages_with_events_and_no_synchronisation_inside
 
 
 def test_torch_cuda_backend_refuses_clearly_without_cuda():
-    from imedsam_deploy.backends.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_cuda import TorchBackend
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present: the no-CUDA error path cannot be exercised here")
@@ -538,7 +538,7 @@ def test_torch_cuda_backend_refuses_clearly_without_cuda():
 def test_triton_options_are_refused_clearly_without_a_gpu(option, what):
     """Each of torch-cuda's Triton kernels asked for on a CPU (without Triton's interpreter): one line naming the
     option and why (no CUDA device, or no triton at all)."""
-    from imedsam_deploy.backends.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_cuda import TorchBackend
 
     from .conftest import not_interpreted
 
@@ -551,7 +551,7 @@ def test_triton_options_are_refused_clearly_without_a_gpu(option, what):
 def test_compile_and_the_triton_kernels_are_refused_together():
     """torch.compile and the hand-written Triton kernels are alternatives: asked for both (both environment
     variables set, say), the backend says so in one line before it builds anything."""
-    from imedsam_deploy.backends.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_cuda import TorchBackend
 
     with pytest.raises(UserError, match="torch.compile .* and the hand-written Triton kernels .* are alternatives"):
         TorchBackend(tiny(), device="cpu", precision="fp32", compile="aot_eager", fused_features=True)
@@ -563,7 +563,7 @@ def test_torch_cuda_opt_ins_come_from_the_environment(monkeypatch, compile_env, 
     """IMEDSAM_TORCH_COMPILE and IMEDSAM_TORCH_TRITON switch torch-cuda's opt-in paths on, as ``imedsam-infer`` and
     ``imedsam-bench`` open the backend (any value but 0): torch.compile, and the six Triton options together, with
     the fp32 box part."""
-    from imedsam_deploy.backends.torch_cuda import COMPILE_ENV, TRITON_ENV, env_options
+    from imedsam_cuda.torch_cuda import COMPILE_ENV, TRITON_ENV, env_options
 
     for name, value in ((COMPILE_ENV, compile_env), (TRITON_ENV, triton_env)):
         if value is None:

@@ -1,4 +1,4 @@
-"""torch-cuda's lean box part (imedsam_export/box_part_rewrites.py): the same box features in fewer kernels."""
+"""torch-cuda's lean box part (imedsam_cuda/box_part_rewrites.py): the same box features in fewer kernels."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from segment_anything.modeling.common import LayerNorm2d
 
-from imedsam_export.box_part_rewrites import ChannelsLastNorm, freeze_dense_pe, lean_box_part
+from imedsam_cuda.box_part_rewrites import ChannelsLastNorm, freeze_dense_pe, lean_box_part
 
 
 def _model():
@@ -73,7 +73,7 @@ def test_host_prompt_tokens_equal_the_prompt_encoders():
 
     import numpy as np
 
-    from imedsam_export.box_part_rewrites import HostPromptTokens
+    from imedsam_cuda.box_part_rewrites import HostPromptTokens
     from imedsam_train.build import build_from_config
 
     boxes = np.array([[5.0, 8.5, 40.0, 50.0], [0.0, 0.0, 63.0, 63.0], [30.0, 2.0, 31.0, 3.0]], np.float32)
@@ -105,7 +105,7 @@ def test_torch_backend_with_an_fp32_box_part():
     off; the description says it. fp32 backends ignore the option (nothing to keep)."""
     import numpy as np
 
-    from imedsam_deploy.backends.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_cuda import TorchBackend
 
     model = _model()
     boxes = np.array([[5.0, 8.5, 40.0, 50.0]], np.float32)
@@ -150,7 +150,7 @@ def test_the_lean_two_way_transformer_is_bitwise_segment_anythings():
     layer's self-attention and of the final attention); under autocast it is segment-anything's forward; switched
     off, the class's forward again."""
     from benchmarks.op_count import OpCounter
-    from imedsam_export.box_part_rewrites import use_lean_two_way
+    from imedsam_cuda.box_part_rewrites import use_lean_two_way
 
     t, inputs = _transformer_inputs(_model())
     lean = copy.deepcopy(t)
@@ -177,7 +177,7 @@ def test_the_backend_runs_the_lean_two_way_transformer_only_without_autocast():
     fp32 box part), not for a bf16 box part; the box features are within fp32 rounding of the plain box part's."""
     import numpy as np
 
-    from imedsam_deploy.backends.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_cuda import TorchBackend
 
     model = _model()
     boxes = np.array([[5.0, 8.5, 40.0, 50.0]], np.float32)
@@ -203,8 +203,8 @@ def test_the_box_precision_switched_at_run_time_is_bitwise_a_backend_built_so(le
     the per-point layers stay bf16 throughout. An fp32 backend refuses it in one line (the tuner's 'not tried')."""
     import numpy as np
 
-    from imedsam_deploy.backends.torch_cuda import TorchBackend
-    from imedsam_deploy.errors import UserError
+    from imedsam_core.errors import UserError
+    from imedsam_cuda.torch_cuda import TorchBackend
 
     model = _model()
     boxes = np.array([[5.0, 8.5, 40.0, 50.0], [0.0, 3.0, 63.0, 20.5]], np.float32)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from imedsam_deploy.errors import UserError
+from imedsam_core.errors import UserError
 from imedsam_train.build import build, load_sam_weights
 from imedsam_train.checkpoint import load_checkpoint, model_payload, save_checkpoint
 from imedsam_train.cli import app

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from imedsam_deploy.errors import UserError
+from imedsam_core.errors import UserError
 from imedsam_train.data import (
     cvc_dataset,
     folder_dataset,

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from imedsam_core.paths import FINISHED_NAME, SHIPPED_ARTIFACT
 from imedsam_deploy.manifest import load_artifact, sha256_file
-from imedsam_deploy.paths import FINISHED_NAME, SHIPPED_ARTIFACT
 from tests.conftest import cut_video
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def test_infer_works_out_of_the_box_with_sparse_queries(tmp_path, monkeypatch):
 
 
 def test_an_export_of_the_shipped_lite_model_is_the_default(tmp_path, monkeypatch):
-    from imedsam_deploy.paths import SHIPPED_CHECKPOINT_SHA256
+    from imedsam_core.paths import SHIPPED_CHECKPOINT_SHA256
     from imedsam_train.weights import shipped_checkpoint
 
     assert shipped_checkpoint() == LITE_CK.resolve() and sha256_file(LITE_CK) == SHIPPED_CHECKPOINT_SHA256

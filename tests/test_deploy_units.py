@@ -14,10 +14,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from imedsam_deploy import contract
+from imedsam_core import contract
+from imedsam_core.errors import UserError
 from imedsam_deploy.boxes import load_boxes_file, parse_box, validate_box
 from imedsam_deploy.cli_infer import app
-from imedsam_deploy.errors import UserError
 from imedsam_deploy.manifest import load_artifact
 from imedsam_deploy.outputs import Layer, OutputSet, Record, draw_overlay, label_image
 from imedsam_deploy.preprocess import (

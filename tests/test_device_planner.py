@@ -1,5 +1,5 @@
 """torch-cuda's on-device paths against the runtime's host ones, run here on the CPU (the same torch code the
-CUDA graphs capture): the sparse planner on the device (imedsam_deploy/backends/torch_sparse.py; identical
+CUDA graphs capture): the sparse planner on the device (imedsam_cuda/torch_sparse.py; identical
 decisions, query counts and, within float32 rounding, logits; a level over its point budget is reported,
 never silently different) and the UGS merge on the device for the full and box modes.
 """
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from imedsam_deploy.backends import torch_sparse
-from imedsam_deploy.backends.torch_sparse import DevicePlanner
+from imedsam_cuda import torch_sparse
+from imedsam_cuda.torch_sparse import DevicePlanner
 from imedsam_deploy.sparse import SparseConfig, sparse_decode
 
 from .conftest import SAMPLE_DATA, read_rgb
@@ -104,7 +104,7 @@ def test_device_planner_grows_the_budgets_to_what_the_levels_needed():
     quarter, in CAP_UNIT steps) and leaves every other pass's; within a few boxes the plan fits and decides as
     the host planner does, each grown budget within a quarter and a unit of the need it was grown to. The
     dilation's second pass at stride 1 has a budget of its own, far under the first pass's."""
-    from imedsam_deploy.backends.torch_sparse import CAP_UNIT
+    from imedsam_cuda.torch_sparse import CAP_UNIT
 
     rng = np.random.default_rng(3)
     dec, tdec = _field(rng, 1)
@@ -153,7 +153,7 @@ def shipped():
 def test_segmenter_sparse_on_the_device_equals_the_host_planner(shipped, out, monkeypatch):
     """The shipped model on a real image through the runtime: the torch backend's device planner gives
     the host planner's mask; a box over its budget falls back to the host planner, same mask again."""
-    from imedsam_deploy.backends.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_cuda import TorchBackend
     from imedsam_deploy.runtime import Segmenter
 
     model, art = shipped
@@ -186,7 +186,7 @@ def test_compiled_backend_compiles_the_whole_planner(shipped, monkeypatch):
     """With compile on, the sparse planner is compiled whole (fullgraph: its own elementwise ops fuse with its
     decoder calls), around the raw per-point function rather than around a compiled one, and decides as the
     eager device planner does. aot_eager: the same capture without code generation."""
-    from imedsam_deploy.backends.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_cuda import TorchBackend
     from imedsam_deploy.runtime import Segmenter
 
     compiled = []
@@ -264,7 +264,7 @@ def test_device_planner_is_capturable(monkeypatch):
 def test_segmenter_merges_on_the_device_as_on_the_host(shipped, query):
     """full / box modes with the torch backend keeping the decoder outputs on the device and merging there
     (topk) vs the runtime's host merge (argpartition): the same logits, in several chunks per box."""
-    from imedsam_deploy.backends.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_cuda import TorchBackend
     from imedsam_deploy.runtime import Segmenter
 
     model, art = shipped
@@ -288,7 +288,7 @@ FUSED_SCRIPT = r"""
 import json, sys
 import numpy as np
 import torch
-from imedsam_deploy.backends.torch_sparse import DevicePlanner
+from imedsam_cuda.torch_sparse import DevicePlanner
 from imedsam_deploy.sparse import SparseConfig
 from tests.test_device_planner import _field
 
@@ -372,7 +372,7 @@ def test_the_planner_kernels_compile_for_hopper_without_spilling():
     """Compiled ahead of time for sm_90 (no GPU needed) at every stride a 384² plan runs and two dilations, for
     one and two classes: no spills."""
     pytest.importorskip("triton", reason="triton comes with torch's CUDA builds on Linux; this torch has none")
-    from imedsam_export.fused_planner import compile_for
+    from imedsam_cuda.fused_planner import compile_for
 
     from .conftest import not_interpreted, triton_before
 

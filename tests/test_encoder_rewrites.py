@@ -1,4 +1,4 @@
-"""torch-cuda's lean encoder (imedsam_export/encoder_rewrites.py): the same function as the model's encoder
+"""torch-cuda's lean encoder (imedsam_cuda/encoder_rewrites.py): the same function as the model's encoder
 and as segment-anything's modules, in fewer kernels."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from imedsam_export.encoder_rewrites import LeanBlock, NeckNHWC, PatchGEMM, lean_block, lean_encoder
+from imedsam_cuda.encoder_rewrites import LeanBlock, NeckNHWC, PatchGEMM, lean_block, lean_encoder
 
 
 def _power_of_two_model(input_size: int = 160):
@@ -142,8 +142,8 @@ def test_lean_encoder_equals_the_encoder():
 def test_torch_backend_with_the_lean_layers_gives_the_same_masks():
     """Through the backend (fp32, CPU): the lean encoder's embedding within fp32 rounding of the plain one, and
     with the lean box part (tests/test_box_part_rewrites.py) too, the same full-grid mask."""
-    from imedsam_deploy.backends.torch_cuda import TorchBackend
-    from imedsam_deploy.backends.torch_models import model_artifact
+    from imedsam_cuda.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_models import model_artifact
     from imedsam_deploy.runtime import Segmenter
 
     model = _power_of_two_model()
@@ -185,8 +185,8 @@ def test_gelu_epilogues_equal_the_mlps_and_switch_back():
     GEMM's own; switched off, the class's forward again. Through the backend: set_encoder_gelu, the embedding
     within fp32 rounding and 'GELU epilogues' in its description."""
     from benchmarks.op_count import OpCounter
-    from imedsam_deploy.backends.torch_cuda import TorchBackend
-    from imedsam_export.encoder_rewrites import use_gelu_epilogue
+    from imedsam_cuda.encoder_rewrites import use_gelu_epilogue
+    from imedsam_cuda.torch_cuda import TorchBackend
     from imedsam_export.merge import merge_for_export
 
     folded, _ = merge_for_export(_power_of_two_model())

@@ -16,7 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from imedsam_deploy import contract as C
+from imedsam_core import contract as C
 from imedsam_export.cli import app
 from imedsam_export.dft import DFTSpectrum
 from imedsam_export.fp16 import FP32_MODULES, FP32_OPS, node_classes
@@ -151,7 +151,7 @@ def test_aligned_decoder_matmuls_are_exact(classes):
     """torch-cuda's zero-padded per-point layers (``align_matmuls``: odd widths to multiples of 8 so that
     cuBLAS takes its aligned GEMMs) give the unpadded decoder's outputs: in fp32, and in bf16 weights under
     autocast (the backend's form) within bf16 rounding with every logit sign kept where it is not ~0."""
-    from imedsam_deploy.backends.torch_cuda import store_weights_in
+    from imedsam_cuda.torch_cuda import store_weights_in
     from imedsam_train.config import preset
     from imedsam_train.model import IMedSAM
 
@@ -193,7 +193,7 @@ def test_relu_epilogue_decoder_is_exact(aligned):
     decoder's outputs in fp32 (to rounding),
     and under bf16 autocast with bf16 weights (the backend's form) within bf16 rounding, logit signs kept where
     they are not ~0; with the padded layers too."""
-    from imedsam_deploy.backends.torch_cuda import store_weights_in
+    from imedsam_cuda.torch_cuda import store_weights_in
     from imedsam_train.config import preset
     from imedsam_train.model import IMedSAM
 
@@ -324,8 +324,8 @@ def test_int8_encoder_close_to_fp32_on_real_images(exported):
 
 
 def test_int8_runtime_on_cpu_only_and_masks_agree(exported):
+    from imedsam_core.errors import UserError
     from imedsam_deploy.backends.ort import OrtBackend
-    from imedsam_deploy.errors import UserError
     from imedsam_deploy.manifest import load_artifact
     from imedsam_deploy.runtime import Segmenter
     from imedsam_export.verify import load_real_samples

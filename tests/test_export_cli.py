@@ -12,8 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from imedsam_deploy import contract as C
-from imedsam_deploy.errors import UserError
+from imedsam_core import contract as C
+from imedsam_core.errors import UserError
 from imedsam_export import api
 from imedsam_export.api import default_out, export_artifact, resolve_source
 from imedsam_export.cli import app

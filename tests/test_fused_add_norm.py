@@ -1,4 +1,4 @@
-"""The encoder's fused residual-add + LayerNorm kernel (``imedsam_export.fused_add_norm``) against torch.
+"""The encoder's fused residual-add + LayerNorm kernel (``imedsam_cuda.fused_add_norm``) against torch.
 
 The kernel is Triton; on a CPU it runs in Triton's interpreter, which must be switched on before the kernel is
 defined, so the comparisons run in a subprocess with ``TRITON_INTERPRET=1`` (the interpreter has no bfloat16:
@@ -18,8 +18,8 @@ import copy, dataclasses, json, sys
 import numpy as np
 import torch
 from torch import nn
-from imedsam_export.fused_add_norm import add_norm
-from imedsam_deploy.backends.torch_cuda import TorchBackend
+from imedsam_cuda.fused_add_norm import add_norm
+from imedsam_cuda.torch_cuda import TorchBackend
 from imedsam_train.build import build_from_config
 from imedsam_train.config import EncoderConfig, tiny_config
 
@@ -51,7 +51,7 @@ torch.manual_seed(0)
 model, _ = build_from_config(dataclasses.replace(cfg, encoder=enc))
 model = model.eval()
 img = torch.rand(2, 3, 160, 160).numpy()
-import imedsam_export.fused_add_norm as fan
+import imedsam_cuda.fused_add_norm as fan
 calls = []
 kernel = fan.add_norm
 def counted(*args, **kw):
@@ -76,7 +76,7 @@ out["encoder_fused_vs_plain"] = float(np.abs(emb[True] - ref).max())
 out["encoder_scale"] = float(np.abs(ref).max())
 
 # the box part's norm-then-positional-add: z = LN(x + a) + post, post per image or one image's for all
-from imedsam_export.fused_add_norm import add_norm_post
+from imedsam_cuda.fused_add_norm import add_norm_post
 x3, a3 = torch.randn(2, 7, 96) * 2 + 0.5, torch.randn(2, 7, 96)
 for name, (aa, post) in {"post": (a3, torch.randn(2, 7, 96)), "post, one image's": (a3, torch.randn(1, 7, 96)),
                          "post, no a": (None, torch.randn(2, 7, 96))}.items():
@@ -166,7 +166,7 @@ def test_the_kernel_compiles_for_hopper():
     and vit_l's widths in bf16 and fp32, every variant the encoder launches and the fp32 box part's, unspilled."""
     import torch
 
-    from imedsam_export.fused_add_norm import compile_for
+    from imedsam_cuda.fused_add_norm import compile_for
 
     not_interpreted()
     for c, dtype in ((768, torch.bfloat16), (1024, torch.bfloat16), (768, torch.float32)):

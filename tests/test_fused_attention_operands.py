@@ -1,4 +1,4 @@
-"""A lean encoder block's attention operands as one Triton kernel (``imedsam_export.fused_attention_operands``)
+"""A lean encoder block's attention operands as one Triton kernel (``imedsam_cuda.fused_attention_operands``)
 against ``LeanBlock``'s torch ops, and a windowed attention's rows gathered back inside ``fused_add_norm``.
 
 On a CPU the kernels run in Triton's interpreter, in a subprocess with ``TRITON_INTERPRET=1`` (fp16 stands in
@@ -18,9 +18,9 @@ import copy, dataclasses, json, sys
 import numpy as np
 import torch
 from torch import nn
-from imedsam_export.encoder_rewrites import lean_block
-from imedsam_export.fused_add_norm import add_norm
-from imedsam_export.fused_attention_operands import attention_operands
+from imedsam_cuda.encoder_rewrites import lean_block
+from imedsam_cuda.fused_add_norm import add_norm
+from imedsam_cuda.fused_attention_operands import attention_operands
 from imedsam_train.config import EncoderConfig, FrequencyConfig, LoraConfig, tiny_config
 from imedsam_train.model.encoder import Block, use_fused_attention
 
@@ -76,9 +76,9 @@ except ValueError as e:
     out["a_rows"]["refused"] = str(e)
 
 # the encoder through the backend: a 10 x 10 token grid in windows of 4 (padded to 12) and a global block
-from imedsam_deploy.backends.torch_cuda import TorchBackend
+from imedsam_cuda.torch_cuda import TorchBackend
 from imedsam_train.build import build_from_config
-import imedsam_export.fused_attention_operands as fao
+import imedsam_cuda.fused_attention_operands as fao
 
 cfg = tiny_config(160)
 enc = EncoderConfig(embed_dim=64, depth=3, num_heads=4, global_attn_indexes=(1,), window_size=4, out_chans=32)
@@ -162,8 +162,8 @@ def test_the_kernel_compiles_for_hopper_without_spills():
     tokens in windows of 14) and a global one; no spills."""
     import torch
 
-    from imedsam_export.encoder_rewrites import lean_block
-    from imedsam_export.fused_attention_operands import compile_for
+    from imedsam_cuda.encoder_rewrites import lean_block
+    from imedsam_cuda.fused_attention_operands import compile_for
     from imedsam_train.config import FrequencyConfig, LoraConfig
     from imedsam_train.model.encoder import Block, use_fused_attention
 

@@ -1,4 +1,4 @@
-"""The encoder's frequency-adapter chain as one Triton kernel (``imedsam_export.fused_frequency_chain``) against
+"""The encoder's frequency-adapter chain as one Triton kernel (``imedsam_cuda.fused_frequency_chain``) against
 the adapters run block by block.
 
 On a CPU the kernel runs in Triton's interpreter, in a subprocess with ``TRITON_INTERPRET=1`` (fp16 stands in for
@@ -18,8 +18,8 @@ import copy, dataclasses, json, sys
 import numpy as np
 import torch
 from torch import nn
-from imedsam_deploy.backends.torch_cuda import TorchBackend
-from imedsam_export.fused_frequency_chain import FusedFrequencyChain
+from imedsam_cuda.torch_cuda import TorchBackend
+from imedsam_cuda.fused_frequency_chain import FusedFrequencyChain
 from imedsam_train.build import build_from_config
 from imedsam_train.config import EncoderConfig, tiny_config
 
@@ -63,7 +63,7 @@ out["fp16"] = {"dtype": str(got16.dtype), "max_vs_torch16": float((got16 - ref16
                "same": float((got16 == ref16).float().mean()), "err": rel(got16, ref), "err_torch": rel(ref16, ref)}
 
 # through the backend, with and without the side stream's loop, and switched off again
-import imedsam_export.fused_frequency_chain as ffc
+import imedsam_cuda.fused_frequency_chain as ffc
 calls = []
 call = ffc.FusedFrequencyChain.__call__
 def counted(self, f):
@@ -120,7 +120,7 @@ def test_the_kernel_compiles_for_hopper_without_spills():
     import torch
     from torch import nn
 
-    from imedsam_export.fused_frequency_chain import FusedFrequencyChain
+    from imedsam_cuda.fused_frequency_chain import FusedFrequencyChain
     from imedsam_train.build import build
 
     not_interpreted()

@@ -1,4 +1,4 @@
-"""The decoder's fused point-row kernel (``imedsam_export.fused_point_features``) against the unfused rows.
+"""The decoder's fused point-row kernel (``imedsam_cuda.fused_point_features``) against the unfused rows.
 
 The kernel is Triton; on a CPU it runs in Triton's interpreter, which must be switched on before the kernel is
 defined, so the comparisons run in a subprocess with ``TRITON_INTERPRET=1`` (the interpreter has no bfloat16:
@@ -17,7 +17,7 @@ SCRIPT = r"""
 import dataclasses, json, sys
 import numpy as np
 import torch
-from imedsam_export.fused_point_features import FusedPointFeatures
+from imedsam_cuda.fused_point_features import FusedPointFeatures
 from imedsam_export.graphs import DecoderGraph
 from imedsam_export.merge import merge_for_export
 from imedsam_train.build import build_from_config
@@ -119,7 +119,7 @@ def test_the_kernel_compiles_for_hopper_without_spilling():
     unrolled took all 255 registers and spilled)."""
     import torch
 
-    from imedsam_export.fused_point_features import FusedPointFeatures
+    from imedsam_cuda.fused_point_features import FusedPointFeatures
     from imedsam_export.graphs import DecoderGraph
     from imedsam_export.merge import merge_for_export
     from imedsam_train.build import build

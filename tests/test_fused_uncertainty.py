@@ -1,4 +1,4 @@
-"""The decoder's fused uncertainty kernel (``imedsam_export.fused_uncertainty``) against ``PointUncertainty``.
+"""The decoder's fused uncertainty kernel (``imedsam_cuda.fused_uncertainty``) against ``PointUncertainty``.
 
 The kernel is Triton; on a CPU it runs in Triton's interpreter, which must be switched on before the kernel is
 defined, so the comparisons run in a subprocess with ``TRITON_INTERPRET=1`` (the interpreter has no bfloat16:
@@ -17,7 +17,7 @@ SCRIPT = r"""
 import json, sys
 import numpy as np
 import torch
-from imedsam_export.fused_uncertainty import FusedUncertainty
+from imedsam_cuda.fused_uncertainty import FusedUncertainty
 from imedsam_export.graphs import PointUncertainty
 
 out = {}
@@ -86,7 +86,7 @@ def test_the_kernel_compiles_for_hopper_without_spilling():
     BCV's 14, with bf16 and fp32 rows: no spills, within a Hopper block's shared memory."""
     import torch
 
-    from imedsam_export.fused_uncertainty import FusedUncertainty
+    from imedsam_cuda.fused_uncertainty import FusedUncertainty
 
     not_interpreted()
     for classes, dtype in ((1, torch.bfloat16), (14, torch.bfloat16), (1, torch.float32)):

@@ -14,8 +14,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from imedsam_deploy.errors import UserError
-from imedsam_deploy.paths import BEST_CHECKPOINT, CHECKPOINT_DIR, LAST_CHECKPOINT
+from imedsam_core.errors import UserError
+from imedsam_core.paths import BEST_CHECKPOINT, CHECKPOINT_DIR, LAST_CHECKPOINT
 from imedsam_train.build import build, safe_torch_load
 from imedsam_train.checkpoint import load_checkpoint, model_payload, save_checkpoint
 from imedsam_train.data import kvasir_dataset

@@ -14,8 +14,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from imedsam_deploy import contract as C
-from imedsam_deploy.errors import UserError
+from imedsam_core import contract as C
+from imedsam_core.errors import UserError
 from imedsam_deploy.manifest import load_artifact
 from imedsam_deploy.preprocess import Preprocessing, grid_coords
 from imedsam_train.build import build
@@ -131,7 +131,7 @@ def test_infer_on_the_lite_artifact_gives_pytorchs_masks_at_the_images_size(sess
 
 
 def test_torch_cuda_refuses_a_lite_artifact_in_one_line(exported):
-    from imedsam_deploy.backends import torch_cuda
+    from imedsam_cuda import torch_cuda
 
     why = torch_cuda.probe(load_artifact(exported))
     assert why is not None and "lite" in why and "\n" not in why

@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from imedsam_deploy.errors import UserError
+from imedsam_core.errors import UserError
 from imedsam_train.data.boxes import jitter_box, mask_box, stable_seed
 from imedsam_train.metrics import dice
 from imedsam_train.pretrained import (

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from imedsam_deploy.contract import refine_count
+from imedsam_core.contract import refine_count
 from imedsam_train.build import build
 from imedsam_train.config import preset
 from imedsam_train.model import IMedSAM, grid_coords, to_maps, ugs_merge

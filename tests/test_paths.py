@@ -1,12 +1,12 @@
-"""Default-path discovery (imedsam_deploy/paths.py): hidden staging folders are never taken for artifacts."""
+"""Default-path discovery (imedsam_core/paths.py): hidden staging folders are never taken for artifacts."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from imedsam_deploy.contract import MANIFEST_NAME
-from imedsam_deploy.paths import latest_artifact
+from imedsam_core.contract import MANIFEST_NAME
+from imedsam_core.paths import latest_artifact
 
 
 def _artifact(folder: Path, mtime: float) -> Path:

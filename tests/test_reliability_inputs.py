@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from imedsam_core.errors import UserError
 from imedsam_deploy.boxes import load_boxes_file, parse_box
 from imedsam_deploy.cli_bench import app as bench_app
 from imedsam_deploy.cli_infer import app as infer_app
-from imedsam_deploy.errors import UserError
 from imedsam_export.cli import app as export_app
 from imedsam_train.cli import app as train_app
 from imedsam_train.eval_cli import app as eval_app

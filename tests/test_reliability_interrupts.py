@@ -20,9 +20,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from imedsam_deploy.errors import UserError
+from imedsam_core.errors import UserError
+from imedsam_core.paths import BEST_CHECKPOINT, CHECKPOINT_DIR, LAST_CHECKPOINT, latest_artifact
 from imedsam_deploy.manifest import load_artifact
-from imedsam_deploy.paths import BEST_CHECKPOINT, CHECKPOINT_DIR, LAST_CHECKPOINT, latest_artifact
 from imedsam_train.build import safe_torch_load
 from imedsam_train.cli import app as train_app
 from tests.conftest import cut_video

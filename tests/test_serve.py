@@ -23,10 +23,10 @@ import pytest
 import pytriton  # noqa: E402, F401
 import tritonclient.grpc  # noqa: E402, F401
 
+from imedsam_core.paths import shipped_artifact  # noqa: E402
 from imedsam_deploy.backends import open_backend  # noqa: E402
 from imedsam_deploy.client import ServeClient, ServeError  # noqa: E402
 from imedsam_deploy.manifest import load_artifact  # noqa: E402
-from imedsam_deploy.paths import shipped_artifact  # noqa: E402
 from imedsam_deploy.runtime import Segmenter  # noqa: E402
 from imedsam_deploy.serve import (  # noqa: E402
     DECODE,
@@ -505,8 +505,8 @@ def test_cli_refusals(args, needle, tmp_path):
 
 def test_numpy2_refused(monkeypatch):
     """Under numpy 2 PyTriton 0.7 would hand the model corrupted tensors: the server refuses to start."""
+    from imedsam_core.errors import UserError
     from imedsam_deploy import serve
-    from imedsam_deploy.errors import UserError
 
     monkeypatch.setattr(serve.np, "__version__", "2.4.6")
     with pytest.raises(UserError, match="numpy < 2"):

@@ -1,4 +1,4 @@
-"""torch-cuda's autotuner (``imedsam_deploy.backends.torch_tuning``), run on a CPU torch backend.
+"""torch-cuda's autotuner (``imedsam_cuda.torch_tuning``), run on a CPU torch backend.
 
 The frame times here come from a clock the tests drive (a cost per frame from the backend's settings), so every
 verdict is decided by the test, never by this machine's speed: tests never assert wall-clock times.
@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from imedsam_deploy.backends import torch_tuning as tt
-from imedsam_deploy.backends.torch_cuda import TorchBackend
+from imedsam_core.errors import UserError
+from imedsam_cuda import torch_tuning as tt
+from imedsam_cuda.torch_cuda import TorchBackend
 from imedsam_deploy.bench import BenchOptions, FrameRunner, synthetic_inputs, tune_backends
 from imedsam_deploy.cli_bench import app
-from imedsam_deploy.errors import UserError
 
 from .conftest import not_interpreted
 from .test_bench import tiny
@@ -29,7 +29,7 @@ class Frames:
     """Sparse frames of a tiny CPU torch backend, each charged ``cost(be)`` ms on the test's clock."""
 
     def __init__(self, cost, corrupt=lambda be: False):
-        from imedsam_deploy.backends.torch_models import model_artifact
+        from imedsam_cuda.torch_models import model_artifact
 
         model = tiny(size=S)
         self.be = TorchBackend(model, device="cpu", precision="fp32")
@@ -207,9 +207,9 @@ def test_bench_tune_saves_the_tuning_and_the_next_run_applies_it(tmp_path, monke
 TUNE_EVERY_KNOB = r"""
 import dataclasses, json
 import torch
-from imedsam_deploy.backends import torch_tuning as tt
-from imedsam_deploy.backends.torch_cuda import TorchBackend
-from imedsam_deploy.backends.torch_models import model_artifact
+from imedsam_cuda import torch_tuning as tt
+from imedsam_cuda.torch_cuda import TorchBackend
+from imedsam_cuda.torch_models import model_artifact
 from imedsam_deploy.bench import BenchOptions, FrameRunner, synthetic_inputs
 from imedsam_train.build import build_from_config
 from imedsam_train.config import EncoderConfig, tiny_config

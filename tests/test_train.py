@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from imedsam_deploy.paths import BEST_CHECKPOINT, CHECKPOINT_DIR, LAST_CHECKPOINT
+from imedsam_core.paths import BEST_CHECKPOINT, CHECKPOINT_DIR, LAST_CHECKPOINT
 from imedsam_train.build import safe_torch_load
 from imedsam_train.checkpoint import load_checkpoint
 from imedsam_train.cli import app
@@ -156,7 +156,7 @@ def test_resume_rebuilds_the_stored_model_not_todays_preset(tmp_path, monkeypatc
     import dataclasses
     import math
 
-    from imedsam_deploy.errors import UserError
+    from imedsam_core.errors import UserError
     from imedsam_train import config
     from imedsam_train.build import build
     from imedsam_train.data import kvasir_dataset

@@ -1,16 +1,19 @@
 """Backend registry: names, availability probes and the ``auto`` choice (fastest first).
 
-Modules are imported lazily, so a missing optional dependency (tensorrt, cuda-python, onnxruntime-gpu,
-torch) only matters for the backend that needs it.
+Modules are imported lazily, by name (importlib), so a missing optional dependency (tensorrt, cuda-python,
+onnxruntime-gpu, torch) only matters for the backend that needs it. The PyTorch GPU runtime (``imedsam_cuda``:
+the torch-cuda backend, the bench's torch models, the tuner) is found the same way, through ``TORCH_PARTS``:
+this package's code never imports it, so the base runtime stays torch-free.
 """
 
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Any
 
+from imedsam_core.errors import UserError
 from imedsam_deploy.backends.base import Backend
-from imedsam_deploy.errors import UserError
 from imedsam_deploy.manifest import Artifact
 
 # name -> (module, its ``provider`` argument); ``auto`` tries them in this order (fastest first).
@@ -18,19 +21,38 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "tensorrt": ("imedsam_deploy.backends.tensorrt", ""),
     "ort-trt": ("imedsam_deploy.backends.ort", "trt"),
     "ort-cuda": ("imedsam_deploy.backends.ort", "cuda"),
-    "torch-cuda": ("imedsam_deploy.backends.torch_cuda", ""),
+    "torch-cuda": ("imedsam_cuda.torch_cuda", ""),
     "ort-cpu": ("imedsam_deploy.backends.ort", "cpu"),
 }
 NAMES = tuple(_REGISTRY)
 CHOICES = ("auto", *NAMES)
+
+# What the runtime uses of the PyTorch GPU runtime besides its backend, by name: "module" or "module:attribute",
+# imported only when asked for (``torch_part``).
+TORCH_PARTS: dict[str, str] = {
+    "open_model": "imedsam_cuda.torch_cuda:open_model",
+    "random_artifact": "imedsam_cuda.torch_models:random_artifact",
+    "in_process_artifact": "imedsam_cuda.torch_models:in_process_artifact",
+    "reference_runner": "imedsam_cuda.torch_models:reference_runner",
+    "torch_model_for": "imedsam_cuda.torch_models:torch_model_for",
+    "tuning": "imedsam_cuda.torch_tuning",
+}
+
+
+def torch_part(name: str) -> Any:
+    """The module or attribute that ``TORCH_PARTS[name]`` names, imported now (torch with it)."""
+    module, _, attribute = TORCH_PARTS[name].partition(":")
+    mod = importlib.import_module(module)
+    return getattr(mod, attribute) if attribute else mod
 
 
 def _module(name: str) -> ModuleType | None:
     try:
         return importlib.import_module(_REGISTRY[name][0])
     except ModuleNotFoundError as e:
-        if e.name == _REGISTRY[name][0]:
-            return None  # the backend module itself is not part of this install
+        module = _REGISTRY[name][0]
+        if e.name is not None and (module == e.name or module.startswith(e.name + ".")):
+            return None  # the backend module (or its package) itself is not part of this install
         raise
 
 
@@ -74,4 +96,4 @@ def open_backend(name: str, artifact: Artifact, precision: str | None = None) ->
     return backend, f"backend {backend.description}"
 
 
-__all__ = ["Backend", "CHOICES", "NAMES", "open_backend", "probe"]
+__all__ = ["Backend", "CHOICES", "NAMES", "TORCH_PARTS", "open_backend", "probe", "torch_part"]

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from imedsam_deploy import contract
+from imedsam_core import contract
+from imedsam_core.errors import UserError
 from imedsam_deploy.backends.base import Backend, Embedding
-from imedsam_deploy.errors import UserError
 from imedsam_deploy.manifest import Artifact
 
 PRECISIONS = ("fp16", "fp32")  # preference order when none is asked for

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imedsam_deploy.errors import UserError
+from imedsam_core.errors import UserError
 from imedsam_train.data.io import IMAGE_SUFFIXES, find_image
 from imedsam_train.data.records import Dataset, Record, apply_split
 
@@ -113,7 +113,7 @@ def seeded_split(
         raise UserError(f"{r}: needs at least 2 image/mask pairs to split into train and val")
     order = np.random.default_rng(seed).permutation(len(stems))
     n_val = max(1, round(val_fraction * len(stems)))
-    from imedsam_deploy.atomic import atomic_write_text
+    from imedsam_core.atomic import atomic_write_text
 
     tr, va = Path(out_dir) / "train.txt", Path(out_dir) / "val.txt"
     atomic_write_text(va, "\n".join(stems[i] for i in sorted(order[:n_val])) + "\n")

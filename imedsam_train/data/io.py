@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imedsam_deploy.errors import UserError
+from imedsam_core.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 

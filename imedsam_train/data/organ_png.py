@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from imedsam_deploy.errors import UserError
+from imedsam_core.errors import UserError
 from imedsam_train.data.io import IMAGE_SUFFIXES
 from imedsam_train.data.records import Dataset, Record, apply_split
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imedsam_deploy.errors import UserError
+from imedsam_core.errors import UserError
 from imedsam_train.data.io import read_image, read_mask
 
 

@@ -29,7 +29,7 @@ def grid_coords(height: int, width: int, device: torch.device | None = None) -> 
 class IMedSAM(nn.Module):
     """Top-level names match segment-anything's ``Sam`` (image_encoder, prompt_encoder, mask_decoder)."""
 
-    # an inference copy's dense positional map, made once (imedsam_export.box_part_rewrites.freeze_dense_pe):
+    # an inference copy's dense positional map, made once (imedsam_cuda.box_part_rewrites.freeze_dense_pe):
     # it depends on neither the image nor the box
     frozen_dense_pe: torch.Tensor | None = None
     # state-dict prefixes never used (nor trained, nor stored in a checkpoint)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imedsam_deploy.contract import refine_count
+from imedsam_core.contract import refine_count
 
 
 def mlp(in_dim: int, hidden: tuple[int, ...]) -> nn.Sequential:

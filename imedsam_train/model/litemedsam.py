@@ -14,7 +14,7 @@ import torch
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch import nn
 
-from imedsam_deploy.contract import MINMAX_EPS
+from imedsam_core.contract import MINMAX_EPS
 from imedsam_train.config import TinyViTConfig
 from imedsam_train.model.tinyvit import TinyViT
 

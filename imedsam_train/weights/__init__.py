@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from imedsam_deploy.errors import UserError
-from imedsam_deploy.paths import Choice
+from imedsam_core.errors import UserError
+from imedsam_core.paths import Choice
 
 SHIPPED_NAME = "imedsam_lite_kvasir.pt"
 TINY_NAME = "imedsam_tiny_kvasir.pt"
@@ -44,6 +44,6 @@ def default_checkpoint(root: Path | None = None) -> Path:
 
 def default_checkpoint_choice(root: Path | None = None) -> Choice:
     """``default_checkpoint`` and why, for the commands' "using ..." line."""
-    from imedsam_deploy.paths import finished_checkpoint, no_finished_run_reason
+    from imedsam_core.paths import finished_checkpoint, no_finished_run_reason
 
     return finished_checkpoint(root) or Choice(shipped_checkpoint(), "the shipped model: " + no_finished_run_reason(root))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imedsam_deploy.contract import MANIFEST_NAME
+from imedsam_core.contract import MANIFEST_NAME
 
 RUNS_DIR = Path("runs")
 CHECKPOINT_DIR = "checkpoints"
@@ -30,7 +30,9 @@ EXPORT_DIR = "export"
 FINISHED_NAME = "finished.json"  # in the run folder; its checkpoints' sha256s tie exports to a finished run
 # the bundled artifact: the tiny model's fp32 export (package data; runs without torch). The shipped default
 # model is lite, whose artifact (about 40 MB) is not stored in the repository: ``imedsam-export`` makes it
-SHIPPED_ARTIFACT = Path(__file__).resolve().parent / "shipped"
+# (package data of imedsam_deploy, which the same distribution installs beside this package: found by path,
+# not imported, since imedsam_core imports no other imedsam package)
+SHIPPED_ARTIFACT = Path(__file__).resolve().parents[1] / "imedsam_deploy" / "shipped"
 # sha256 of the shipped lite checkpoint (imedsam_train/weights; tests/test_defaults.py checks it): an export of
 # it under runs/ is "the shipped model's" and is taken before the bundled artifact
 SHIPPED_CHECKPOINT_SHA256 = "946187bb02c99d37cfef45620c2ad1969c2826c3a0c9b6721e1036857bf0347f"

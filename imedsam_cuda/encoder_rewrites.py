@@ -16,12 +16,12 @@ little it does; an H200's vit_b encoder was 552 kernels and launch-bound, benchm
 All three reorder fp32 sums only (within fp32 rounding, tests/test_encoder_rewrites.py); under bf16 autocast
 the neck's norms now run in fp32 instead of bf16, closer to the fp32 model. The ONNX graphs keep the model's
 own forms. Two Triton options further cut a lean block's kernels (both off by default):
-- ``use_fused_norms``: its residual adds and norms (``imedsam_export.fused_add_norm``), a windowed block's gather
+- ``use_fused_norms``: its residual adds and norms (``imedsam_cuda.fused_add_norm``), a windowed block's gather
   back to grid order read in the add;
 - ``use_fused_operands``: its attention operands, the window gather included
-  (``imedsam_export.fused_attention_operands``);
+  (``imedsam_cuda.fused_attention_operands``);
 and ``use_fused_frequency`` runs every block's frequency adapter as one kernel
-(``imedsam_export.fused_frequency_chain``). ``use_gelu_epilogue`` (any block, no Triton; off by default) runs
+(``imedsam_cuda.fused_frequency_chain``). ``use_gelu_epilogue`` (any block, no Triton; off by default) runs
 each block MLP's first layer and its GELU as one GEMM with cuBLASLt's GELU epilogue.
 """
 
@@ -37,7 +37,7 @@ from segment_anything.modeling.common import LayerNorm2d, MLPBlock
 from segment_anything.modeling.image_encoder import PatchEmbed
 from torch import nn
 
-from imedsam_export import fused_add_norm
+from imedsam_cuda import fused_add_norm
 from imedsam_train.model.encoder import Attention, Block, ImageEncoder
 
 
@@ -188,7 +188,7 @@ class LeanBlock(Block):
         if self.window_size and self.win_dst.numel() != H * W:
             raise ValueError(f"LeanBlock: made for a {self.win_dst.numel()}-token grid, got {H}x{W}")
         if self.fused_operands:
-            from imedsam_export.fused_attention_operands import attention_operands
+            from imedsam_cuda.fused_attention_operands import attention_operands
 
             ops = attention_operands(self, qkv)
         else:
@@ -330,7 +330,7 @@ def use_fused_frequency(encoder: ImageEncoder, on: bool = True) -> bool:
     made from the adapters' current weights (store them in the compute dtype first); returns whether it is on
     (an encoder without adapters keeps its own)."""
     if on and encoder.freq_cfg.enabled:
-        from imedsam_export.fused_frequency_chain import FusedFrequencyChain
+        from imedsam_cuda.fused_frequency_chain import FusedFrequencyChain
 
         encoder.adapter_chain = FusedFrequencyChain(encoder)
     else:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from imedsam_export.triton_support import (
+from imedsam_cuda.triton_support import (
     TRITON_DTYPE,
     available,
     compile_ahead,
@@ -35,7 +35,7 @@ from imedsam_export.triton_support import (
 )
 
 if TYPE_CHECKING:
-    from imedsam_export.encoder_rewrites import LeanBlock
+    from imedsam_cuda.encoder_rewrites import LeanBlock
 
 __all__ = ["attention_operands", "available", "compile_for"]
 

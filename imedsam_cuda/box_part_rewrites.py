@@ -38,8 +38,8 @@ from segment_anything.modeling.common import LayerNorm2d, MLPBlock
 from segment_anything.modeling.transformer import TwoWayAttentionBlock, TwoWayTransformer
 from torch import nn
 
-from imedsam_export import fused_add_norm
-from imedsam_export.encoder_rewrites import layer_norm_of
+from imedsam_cuda import fused_add_norm
+from imedsam_cuda.encoder_rewrites import layer_norm_of
 from imedsam_train.model import IMedSAM
 
 

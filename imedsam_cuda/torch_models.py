@@ -1,7 +1,7 @@
 """The PyTorch side of imedsam-bench: the released-code reference runner and random-weight / checkpoint models.
 
-Lives under backends/torch* because it imports torch (and imedsam_train / imedsam_export): the runtime
-imports this module only when ``--reference`` or ``--model`` is asked for.
+Lives in imedsam_cuda because it imports torch (and imedsam_train / imedsam_export): the runtime imports this
+module, by name (``imedsam_deploy.backends.torch_part``), only when ``--reference`` or ``--model`` is asked for.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from imedsam_core.errors import UserError
+from imedsam_core.paths import cache_dir
 from imedsam_deploy.bench import RANDOM_SEED, Inputs, load_reference_module
-from imedsam_deploy.errors import UserError
 from imedsam_deploy.manifest import Artifact
-from imedsam_deploy.paths import cache_dir
 from imedsam_deploy.preprocess import box_to_model, to_model_input
 
 
@@ -108,7 +108,7 @@ def in_process_artifact(name: str, input_size: int, max_batch: int) -> tuple[Art
 
 def torch_model_for(artifact: Artifact) -> Any:
     """The PyTorch model behind an artifact (for the reference): its source checkpoint."""
-    from imedsam_deploy.backends.torch_cuda import CHECKPOINT_ENV, source_checkpoint
+    from imedsam_cuda.torch_cuda import CHECKPOINT_ENV, source_checkpoint
 
     ck = source_checkpoint(artifact)
     if ck is None or not ck.is_file():

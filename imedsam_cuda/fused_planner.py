@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from imedsam_export.triton_support import available, compile_ahead, on_device, ptxas_usage, tl, triton
+from imedsam_cuda.triton_support import available, compile_ahead, on_device, ptxas_usage, tl, triton
 
 __all__ = ["available", "level_cells", "level_coords", "level_fill", "level_need", "level_scatter"]
 

@@ -45,9 +45,9 @@ from typing import Any
 
 import numpy as np
 
-from imedsam_deploy import contract
+from imedsam_core import contract
+from imedsam_core.errors import UserError
 from imedsam_deploy.backends.base import Backend, Embedding
-from imedsam_deploy.errors import UserError
 from imedsam_deploy.manifest import Artifact
 from imedsam_deploy.preprocess import Region, axis_centres
 
@@ -160,7 +160,7 @@ def create(artifact: Artifact, precision: str | None = None) -> TorchBackend:
 def open_model(model: Any, device: str, precision: str, artifact: Artifact) -> TorchBackend:
     """The torch backend of ``model`` as the commands open it: on CUDA with the environment's opt-ins
     (``env_options``), then with what ``imedsam-bench --tune`` found fastest on this machine, if it ran."""
-    from imedsam_deploy.backends.torch_tuning import apply_saved, default_root
+    from imedsam_cuda.torch_tuning import apply_saved, default_root
 
     be = TorchBackend(model, device, precision, max_batch=artifact.max_batch, max_points=artifact.max_points,
                       **(env_options() if device.startswith("cuda") else {}))
@@ -198,11 +198,11 @@ class TorchBackend(Backend):
     ``align_matmuls`` (default: on CUDA) zero-pads the per-point layers' odd
     widths to multiples of 8, so that cuBLAS takes its aligned Hopper GEMMs instead of align1 / align2 ones
     (exact: tests/test_export.py; an H200's vit_b sparse frame 8.4 -> 6.9 ms at 384², 18.4 -> 14.2 ms at 896²).
-    ``lean_encoder`` (default: on CUDA) runs the encoder with ``imedsam_export.encoder_rewrites``: each block's
+    ``lean_encoder`` (default: on CUDA) runs the encoder with ``imedsam_cuda.encoder_rewrites``: each block's
     relative-position attention with one batched GEMM and a gather, windows by index gathers, the patch
     embedding as one GEMM, the neck channels-last with ``layer_norm`` (the same arithmetic to fp32 rounding in
     about 30% fewer kernels: tests/test_encoder_rewrites.py); ``lean_box_part`` (default: on CUDA) the box
-    part with ``imedsam_export.box_part_rewrites``: its dense positional map made once, the upscaling's norm as
+    part with ``imedsam_cuda.box_part_rewrites``: its dense positional map made once, the upscaling's norm as
     one ``layer_norm`` (tests/test_box_part_rewrites.py). Both fixed for the backend's life. ``fp32_box_part``
     (default off: not yet timed on a GPU; ``set_box_precision`` switches it) runs the box part (SAM's two-way
     transformer and the upscaling) in fp32 with its weights kept in fp32, from transformer tokens made on the
@@ -211,18 +211,18 @@ class TorchBackend(Backend):
     ``relu_epilogue``
     (default: on CUDA) runs the per-point trunks' Linear -> ReLU pairs as one GEMM with its epilogue each
     (``DecoderGraph.use_relu_epilogue``: tests/test_export.py). ``fused_norms`` (default off: not yet timed on a
-    GPU) runs the lean encoder's residual adds and norms as ``imedsam_export.fused_add_norm`` Triton kernels in the
+    GPU) runs the lean encoder's residual adds and norms as ``imedsam_cuda.fused_add_norm`` Triton kernels in the
     frequency-first loop (tests/test_fused_add_norm.py); ``fused_operands`` (default off, likewise) builds each lean
-    block's attention operands with one ``imedsam_export.fused_attention_operands`` kernel instead of four to six ops
+    block's attention operands with one ``imedsam_cuda.fused_attention_operands`` kernel instead of four to six ops
     (tests/test_fused_attention_operands.py); ``fused_frequency`` (default off, likewise) runs every block's
-    frequency adapter with one ``imedsam_export.fused_frequency_chain`` kernel a frame instead of seven ops a block
+    frequency adapter with one ``imedsam_cuda.fused_frequency_chain`` kernel a frame instead of seven ops a block
     (tests/test_fused_frequency_chain.py). ``fused_features`` (default off: not yet timed on a GPU)
     builds each point's decoder input row (both map samples, the Fourier encoding) with one
-    ``imedsam_export.fused_point_features`` Triton kernel instead of 8 ops (tests/test_fused_point_features.py);
+    ``imedsam_cuda.fused_point_features`` Triton kernel instead of 8 ops (tests/test_fused_point_features.py);
     ``fused_uncertainty`` (default off, likewise) computes the closed-form uncertainty with one
-    ``imedsam_export.fused_uncertainty`` kernel instead of 9 fp32 ops (tests/test_fused_uncertainty.py);
+    ``imedsam_cuda.fused_uncertainty`` kernel instead of 9 fp32 ops (tests/test_fused_uncertainty.py);
     ``fused_planner`` (default off, likewise) runs each device-planner level's bookkeeping as five
-    ``imedsam_export.fused_planner`` Triton kernels instead of ~60 ops (tests/test_device_planner.py).
+    ``imedsam_cuda.fused_planner`` Triton kernels instead of ~60 ops (tests/test_device_planner.py).
     ``gelu_epilogue`` (default off: not yet timed on a GPU, and on CUDA the tanh approximation of GELU) runs each
     encoder block's first MLP layer and its GELU as one GEMM (``encoder_rewrites.use_gelu_epilogue``).
     ``set_*`` switch these after the backend is built; ``torch_tuning`` times them on the machine."""
@@ -273,7 +273,7 @@ class TorchBackend(Backend):
         cuda = self.device.type == "cuda"
         self.lean_encoder = cuda if lean_encoder is None else lean_encoder
         if self.lean_encoder:  # from the fp32 layers; store_weights_in below casts the new ones too
-            from imedsam_export.encoder_rewrites import lean_encoder as rewrite
+            from imedsam_cuda.encoder_rewrites import lean_encoder as rewrite
 
             rewrite(folded.image_encoder, self.amp_dtype or torch.float32)
         self.lean_box_part = cuda if lean_box_part is None else lean_box_part
@@ -281,7 +281,7 @@ class TorchBackend(Backend):
         self.fp32_box_part = False
         self._prompt_tokens: Any = None
         if self.lean_box_part:
-            from imedsam_export.box_part_rewrites import lean_box_part as rewrite_box_part
+            from imedsam_cuda.box_part_rewrites import lean_box_part as rewrite_box_part
 
             rewrite_box_part(folded, self.amp_dtype)
         self._graphs: dict[tuple[Any, ...], tuple[Any, list[Any], Any]] = {}
@@ -372,7 +372,7 @@ class TorchBackend(Backend):
             self.set_encoder_operands(True)
         if fused_frequency:
             self.set_encoder_frequency(True)
-        from imedsam_deploy.backends.torch_tuning import settings_of
+        from imedsam_cuda.torch_tuning import settings_of
 
         # the switchable options as built: what a tuning starts from and is keyed by (torch_tuning)
         self.built_settings = settings_of(self)
@@ -402,8 +402,8 @@ class TorchBackend(Backend):
         if fused:
             self._need_triton("fused encoder norms",
                               None if self.lean_encoder else "it needs the lean encoder (lean_encoder=True)")
-        from imedsam_export.box_part_rewrites import use_fused_box_norms
-        from imedsam_export.encoder_rewrites import use_fused_norms
+        from imedsam_cuda.box_part_rewrites import use_fused_box_norms
+        from imedsam_cuda.encoder_rewrites import use_fused_norms
 
         use_fused_norms(self.model.image_encoder, fused)
         # the box part's too where it runs the lean two-way transformer (fp32: fp32_box_part)
@@ -422,7 +422,7 @@ class TorchBackend(Backend):
             if fp32:
                 raise UserError(f"backend {self.name}: fp32 box part: the backend runs in fp32 already")
             return
-        from imedsam_export.box_part_rewrites import (
+        from imedsam_cuda.box_part_rewrites import (
             HostPromptTokens,
             freeze_dense_pe,
             use_fused_box_norms,
@@ -449,7 +449,7 @@ class TorchBackend(Backend):
         if fused:
             self._need_triton("fused attention operands",
                               None if self.lean_encoder else "it needs the lean encoder (lean_encoder=True)")
-        from imedsam_export.encoder_rewrites import use_fused_operands
+        from imedsam_cuda.encoder_rewrites import use_fused_operands
 
         use_fused_operands(self.model.image_encoder, fused)
         self.fused_operands = fused
@@ -460,7 +460,7 @@ class TorchBackend(Backend):
         torch ops a block, or as torch ops; encoder graphs are dropped."""
         if fused:
             self._need_triton("fused frequency chain")
-        from imedsam_export.encoder_rewrites import use_fused_frequency
+        from imedsam_cuda.encoder_rewrites import use_fused_frequency
 
         self.fused_frequency = use_fused_frequency(self.model.image_encoder, fused)
         self._drop_encoder_graphs()
@@ -468,14 +468,14 @@ class TorchBackend(Backend):
     def set_encoder_gelu(self, on: bool) -> None:
         """Each encoder block's MLP with its first layer and GELU as one GEMM (``encoder_rewrites.use_gelu_epilogue``:
         cuBLASLt's GELU epilogue on CUDA, the tanh approximation) or as torch's layers; encoder graphs are dropped."""
-        from imedsam_export.encoder_rewrites import use_gelu_epilogue
+        from imedsam_cuda.encoder_rewrites import use_gelu_epilogue
 
         self.gelu_epilogue = use_gelu_epilogue(self.model.image_encoder, on) > 0
         self._drop_encoder_graphs()
 
     def _need_triton(self, what: str, why: str | None = None) -> None:
         """Refuse a Triton option in one line where its kernel cannot run here (or for ``why``)."""
-        from imedsam_export.triton_support import available
+        from imedsam_cuda.triton_support import available
 
         why = available(self.device) or why
         if why:
@@ -493,7 +493,7 @@ class TorchBackend(Backend):
         Triton kernel (``fused_point_features``) or as torch ops; graphs and compiled planners that contain the
         decoder are dropped."""
         if fused:
-            from imedsam_export.fused_point_features import FusedPointFeatures
+            from imedsam_cuda.fused_point_features import FusedPointFeatures
 
             self._need_triton("fused point features")
             self.decoder.point_features = FusedPointFeatures(self.decoder).to(self.device)
@@ -506,7 +506,7 @@ class TorchBackend(Backend):
         """The decoder's closed-form uncertainty as one Triton kernel (``fused_uncertainty``) or as its nine fp32
         torch ops; graphs and compiled planners that contain the decoder are dropped."""
         if fused:
-            from imedsam_export.fused_uncertainty import FusedUncertainty
+            from imedsam_cuda.fused_uncertainty import FusedUncertainty
             from imedsam_export.graphs import PointUncertainty
 
             self._need_triton("fused uncertainty")
@@ -519,7 +519,7 @@ class TorchBackend(Backend):
 
     def set_planner_kernels(self, fused: bool) -> None:
         """Each device-planner level's bookkeeping (recording, refinement, dilation, next candidates, fill) as
-        five Triton kernels (``imedsam_export.fused_planner``) or as torch ops; graphs and compiled planners that contain a
+        five Triton kernels (``imedsam_cuda.fused_planner``) or as torch ops; graphs and compiled planners that contain a
         plan are dropped."""
         if fused:
             self._need_triton("fused planner")
@@ -563,7 +563,7 @@ class TorchBackend(Backend):
 
     def planner(self, out_hw: tuple[int, int], fraction: float, cfg: Any) -> Any:
         """The device sparse planner for this output size and config (made once; its budgets grow)."""
-        from imedsam_deploy.backends.torch_sparse import DevicePlanner
+        from imedsam_cuda.torch_sparse import DevicePlanner
 
         key = (tuple(out_hw), fraction, cfg)
         if key not in self._planners:

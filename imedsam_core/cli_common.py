@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from imedsam_deploy.errors import UserError
+from imedsam_core.errors import UserError
 
 EXIT_USER_ERROR = 2
 

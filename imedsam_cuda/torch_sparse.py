@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imedsam_deploy.contract import refine_count
+from imedsam_core.contract import refine_count
 from imedsam_deploy.sparse import SparseConfig, extended_size, initial_stride, pixel_coords
 
 # coords (N, 2) float32 -> coarse, fine, uncertainty, each (K, N)
@@ -66,7 +66,7 @@ class DevicePlanner:
     """
 
     # each level's bookkeeping (choosing and recording its points, refinement, dilation, next candidates, fill) as
-    # five Triton kernels (``imedsam_export.fused_planner``) instead of ~50 torch ops; torch-cuda's ``fused_planner``
+    # five Triton kernels (``imedsam_cuda.fused_planner``) instead of ~50 torch ops; torch-cuda's ``fused_planner``
     fused = False
 
     def __init__(self, out_hw: tuple[int, int], fraction: float, cfg: SparseConfig, device: torch.device | str,
@@ -278,7 +278,7 @@ class DevicePlanner:
 
         cand = cells_valid(self.stride)
         if self.fused:
-            from imedsam_export.fused_planner import (
+            from imedsam_cuda.fused_planner import (
                 level_cells,
                 level_coords,
                 level_fill,

@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from imedsam_deploy.errors import UserError
+from imedsam_core.errors import UserError
 
 
 def check_writable_parent(path: str | os.PathLike[str]) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from imedsam_export.triton_support import (
+from imedsam_cuda.triton_support import (
     TRITON_DTYPE,
     available,
     compile_ahead,

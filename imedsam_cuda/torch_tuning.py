@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from imedsam_deploy.atomic import atomic_write_text
-from imedsam_deploy.errors import UserError
-from imedsam_deploy.paths import cache_dir
+from imedsam_core.atomic import atomic_write_text
+from imedsam_core.errors import UserError
+from imedsam_core.paths import cache_dir
 
 TUNED_ENV = "IMEDSAM_TORCH_TUNED"  # "0": torch-cuda opens with its defaults, whatever was tuned
 FORMAT = "imedsam-torch-tuning"

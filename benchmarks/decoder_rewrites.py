@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks.reference import ReferenceIMedSAM
+    from imedsam_cuda.reference import ReferenceIMedSAM
     from imedsam_cuda.torch_models import random_model
     from imedsam_export.graphs import DecoderGraph
     from imedsam_export.merge import merge_for_export

@@ -6,7 +6,7 @@ Run from the repository root, in one call, on a machine with a CUDA GPU:
 
 Variants, each timed on the same inputs in the same process, interleaved run by run (device-side timing:
 CUDA events around each frame):
-- ``reference``: the released code's compute, eager fp32, one image at a time (benchmarks/reference.py);
+- ``reference``: the released code's compute, eager fp32, one image at a time (imedsam_cuda/reference.py);
 - ``full``: our torch-cuda backend (bf16 with fp32 islands, CUDA graphs) through the runtime: batched
   encode, full-grid decode in chunks, UGS merge on the device (an fp32 run checks it first);
 - ``fused``: encoder + full-grid decoder + on-device UGS merge in ONE CUDA graph, mask left on the device
@@ -107,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks.reference import ReferenceIMedSAM
     from imedsam_core.atomic import atomic_write_text
     from imedsam_core.contract import refine_count
     from imedsam_core.errors import UserError
+    from imedsam_cuda.reference import ReferenceIMedSAM
     from imedsam_cuda.torch_cuda import TorchBackend, ugs_merge_device
     from imedsam_cuda.torch_models import model_artifact
     from imedsam_deploy.bench import BenchOptions, FrameRunner, Inputs, Timings, agreement, synthetic_inputs

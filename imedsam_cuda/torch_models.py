@@ -16,7 +16,8 @@ import torch
 
 from imedsam_core.errors import UserError
 from imedsam_core.paths import cache_dir
-from imedsam_deploy.bench import RANDOM_SEED, Inputs, load_reference_module
+from imedsam_cuda.reference import ReferenceIMedSAM
+from imedsam_deploy.bench import RANDOM_SEED, Inputs
 from imedsam_deploy.manifest import Artifact
 from imedsam_deploy.preprocess import box_to_model, to_model_input
 
@@ -27,7 +28,7 @@ class ReferenceRunner:
     def __init__(self, model: Any, device: str) -> None:
         self.torch = torch
         self.device = torch.device(device)
-        self.ref = load_reference_module().ReferenceIMedSAM(model.to(self.device).eval())
+        self.ref = ReferenceIMedSAM(model.to(self.device).eval())
         self.s = model.cfg.input_size
 
     def run(self, inputs: Inputs, out_hw: tuple[int, int], times: list[float] | None) -> list[np.ndarray]:

@@ -10,7 +10,7 @@ decoder stages are device-side (CUDA events, ``StageClock``), with no synchronis
 Query modes (see ``runtime`` and ``sparse``): ``full`` decodes every output pixel; ``box`` only the box
 plus a margin; ``sparse`` the box plus margin, multiresolution (``sparse.py``).
 
-With ``reference`` the released code's compute (``benchmarks/reference.py``, eager PyTorch fp32, same
+With ``reference`` the released code's compute (``imedsam_cuda/reference.py``, eager PyTorch fp32, same
 weights) runs on the same inputs, interleaved with ours repeat by repeat (a shared CPU drifts: the ratio
 of interleaved runs is what is reported), and every row gets ``speedup_vs_reference`` and the pixel
 agreement of its mask with the reference's (inside the box, and over the whole output).
@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import importlib
-import importlib.util
 import json
 import os
 import platform
@@ -55,7 +53,6 @@ from imedsam_deploy.sparse import SparseConfig
 STAGES = ("preprocess", "encoder", "decoder", "postprocess")
 QUERIES = QUERY_MODES
 RANDOM_SEED = 0
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -283,24 +280,6 @@ class FrameRunner:
             t.points += points
             t.decoder_s += dec_s
         return masks
-
-
-# ---------------------------------------------------------------- reference (torch, lazy)
-def load_reference_module() -> Any:
-    """``benchmarks/reference.py`` (a repository file, not part of the installed package)."""
-    try:
-        return importlib.import_module("benchmarks.reference")
-    except ImportError:
-        pass
-    path = Path(os.environ.get("IMEDSAM_REFERENCE", REPO_ROOT / "benchmarks" / "reference.py"))
-    if not path.is_file():
-        raise UserError(f"{path}: the reference implementation is not here (it lives in the repository's "
-                        "benchmarks/ folder; set IMEDSAM_REFERENCE to its path)")
-    spec = importlib.util.spec_from_file_location("imedsam_bench_reference", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def agreement(ours: np.ndarray, ref: np.ndarray, box: np.ndarray, image_hw: tuple[int, int]) -> dict[str, float]:

@@ -12,8 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from benchmarks.reference import ReferenceIMedSAM, host_spectrum
 from imedsam_core.errors import UserError
+from imedsam_cuda.reference import ReferenceIMedSAM, host_spectrum
 from imedsam_deploy.cli_bench import app
 from imedsam_deploy.sparse import SparseConfig, box_region, dense_decode, sparse_decode
 from imedsam_train.checkpoint import model_payload, save_checkpoint

@@ -493,9 +493,7 @@ def tune_backends(backends: list[Backend], artifact: Artifact, opts: BenchOption
                   log: Callable[[str], None]) -> list[dict[str, Any]]:
     """``--tune``: each torch backend's switchable options timed on the first query, batch and output size
     (``imedsam_cuda.torch_tuning``), the fastest kept for the timed rows and saved for the next run. The tunings."""
-    tuning = registry.torch_part("tuning")
-    apply, default_root, save, tune, tuning_path = (tuning.apply, tuning.default_root, tuning.save, tuning.tune,
-                                                    tuning.tuning_path)
+    tuner = registry.torch_part("tuning")  # the module; ``tuning`` below is one backend's result
 
     tunable: list[Any] = [b for b in backends if b.name in ("torch-cuda", "torch-cpu")]  # TorchBackends
     if not tunable:
@@ -503,7 +501,7 @@ def tune_backends(backends: list[Backend], artifact: Artifact, opts: BenchOption
                         f"{', '.join(b.name for b in backends)} is one")
     out: list[dict[str, Any]] = []
     for be in tunable:
-        apply(be, be.built_settings)  # from the settings it was built with (not a tuning applied when it opened)
+        tuner.apply(be, be.built_settings)  # from the settings it was built with (not a tuning applied when it opened)
         fr = FrameRunner(be, artifact, cast(QueryMode, opts.queries[0]), opts)
         log(f"tuning {be.name} on {opts.queries[0]} frames, batch {len(inputs.images)}, {out_size}² output")
 
@@ -511,10 +509,10 @@ def tune_backends(backends: list[Backend], artifact: Artifact, opts: BenchOption
             return fr.run(inputs, (out_size, out_size), None)
 
         # at most 10 timed frames a setting a round: alternated over two rounds, enough on a GPU's replayed graphs
-        tuning = tune(be, frame, repeat=min(10, max(3, opts.repeat)), warmup=max(1, opts.warmup), log=log)
+        tuning = tuner.tune(be, frame, repeat=min(10, max(3, opts.repeat)), warmup=max(1, opts.warmup), log=log)
         tuning.tuned_on = {"query": opts.queries[0], "batch": len(inputs.images), "out_size": out_size}
-        path = tuning_path(be, default_root())
-        save(tuning, path)
+        path = tuner.tuning_path(be, tuner.default_root())
+        tuner.save(tuning, path)
         be.tuned_from = path
         log(f"tuned {be.name}: {', '.join(k for k, v in tuning.settings.items() if v) or 'every option off'} "
             f"(saved to {path})")

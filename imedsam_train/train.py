@@ -185,6 +185,14 @@ class _Step(nn.Module):
 
 # --- schedule ---
 
+def rank_share(order: list[int], d: Dist) -> list[int]:
+    """This rank's items of an epoch's order: every world-th, the order first padded with its own head to a
+    multiple of the world size (as DistributedSampler does), so every rank runs the same number of steps:
+    DDP's gradient all-reduce would wait forever for a rank that has finished."""
+    pad = -len(order) % d.world
+    return (order + order[:pad])[d.rank :: d.world]
+
+
 def lr_lambda_factory(total_steps: int, warmup: int) -> Callable[[int], float]:
     def f(step: int) -> float:
         if step < warmup:
@@ -312,7 +320,7 @@ def train(
         ds = sets[st]
         ds.set_epoch(epoch)
         order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(stable_seed(cfg.seed, "order", epoch)))
-        mine = order[d.rank :: d.world].tolist()
+        mine = rank_share(order.tolist(), d)
         batches = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
         loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=cfg.workers,
                                              worker_init_fn=_collate_threads if cfg.workers else None)

@@ -11,7 +11,11 @@ Selection: the untrained model (= zero-shot LiteMedSAM), or the ``--init-from`` 
 trained on Kvasir-SEG first), is validated first and saved as best.pt; an epoch replaces it only if its val
 Dice is higher. Reproducibility as in ``train``: every draw is seeded from (seed,
 epoch, index) and the torch RNG is reseeded per epoch, so a resumed run replays the next epoch exactly.
-One process (no DDP); a CPU or one GPU.
+
+Several GPUs: ``torchrun --nproc_per_node N -m imedsam_train.cli kvasir --model lite ...``, as ``train``: each
+rank takes every N-th item of the epoch's shuffled order, DDP averages the gradients, rank 0 validates and
+writes the checkpoints. The embedding cache is filled in shards (rank r encodes every N-th input), and each rank
+reads the others' entries from the shared cache folder as it needs them.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from imedsam_core.atomic import atomic_path
 from imedsam_core.errors import UserError
@@ -55,9 +59,11 @@ from imedsam_train.train import (
     _mark_finished,
     _progress,
     _resume_model,
+    init_distributed,
     lr_lambda_factory,
     param_groups,
     pick_device,
+    rank_share,
     restore_training_state,
     rng_state,
     run_paths,
@@ -130,6 +136,27 @@ class EmbeddingCache:
         return torch.stack([self.one(row) for row in x]).float().to(x.device)
 
 
+class _LiteStep(nn.Module):
+    """One forward for both phases, returning a tuple so DDP can trace which outputs carry gradients: the
+    decoder on cached embeddings (phase 1; the encoder's parameters then go unused) or the whole model."""
+
+    def __init__(self, model: LiteIMedSAM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, boxes: torch.Tensor, coords: torch.Tensor,
+                embedded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.model.decode(x, boxes, coords) if embedded else self.model(x, boxes, coords)
+        return p.coarse, p.fine
+
+
+def _barrier(d: Dist) -> None:
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 @dataclass
 class LiteItem:
     stem: str
@@ -196,14 +223,13 @@ def train_lite(
     from imedsam_train.pretrained import base_file
 
     rep = reporter or Reporter()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("--model lite trains in one process (a CPU or one GPU), not under torchrun")
     if cfg.pretrain_epochs:
         raise UserError("--model lite: --pretrain-epochs is not supported (train on the pretraining data first, "
                         "then start from its best.pt with --init-from)")
     if cfg.points <= 0:
         raise UserError("--model lite: --points must be > 0")
-    dev = pick_device(device, Dist())
+    d = init_distributed(device)
+    dev = pick_device(device, d)
     amp = cfg.amp and dev.type == "cuda"
     out, last_path, best_path = run_paths(cfg, root, resume, train_ds, val_ds)
     base_path = base_file(cfg.sam_checkpoint)
@@ -233,13 +259,15 @@ def train_lite(
     if not items:
         raise UserError(f"{train_ds.source}: no training image has a non-empty mask")
     val_skip: dict[str, int] = {}
-    val_cases = list(cases_from_dataset(val_ds, size, size, cfg.val_jitter, cfg.seed, val_skip, pre=pre))
+    val_cases = list(cases_from_dataset(val_ds, size, size, cfg.val_jitter, cfg.seed, val_skip, pre=pre)) \
+        if d.main else []  # rank 0 validates
     skipped = {"empty_mask_train": empty + train_ds.skipped.get("empty_mask", 0),
                "empty_mask_val": val_skip.get("empty_mask", 0)}
-    rep.echo(f"data: train {len(items)} items, val {len(val_cases)}; skipped {skipped}; "
-             f"loaded in {time.time() - t0:.0f}s")
-    _make_dir(last_path.parent)
-    (out / FINISHED_NAME).unlink(missing_ok=True)
+    if d.main:
+        rep.echo(f"data: train {len(items)} items, val {len(val_cases)}; skipped {skipped}; "
+                 f"loaded in {time.time() - t0:.0f}s")
+        _make_dir(last_path.parent)
+        (out / FINISHED_NAME).unlink(missing_ok=True)
 
     total = cfg.decoder_epochs + cfg.epochs
     cache = EmbeddingCache(model, base_sha, cache_dir() / EMBEDDING_CACHE)
@@ -250,7 +278,7 @@ def train_lite(
 
     start_epoch = 0
     history: list[dict[str, Any]] = []
-    steps_per_epoch = math.ceil(len(items) / cfg.batch_size)
+    steps_per_epoch = math.ceil(len(items) / (cfg.batch_size * d.world))
     opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.resolved_lr_rest()), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda_factory(total * steps_per_epoch, cfg.warmup_steps))
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
@@ -262,22 +290,26 @@ def train_lite(
 
     if resume:
         start_epoch, history, best = restore_training_state(ck, opt, sched, scaler)
-        rep.echo(f"resumed {last_path} at epoch {start_epoch}")
+        if d.main:
+            rep.echo(f"resumed {last_path} at epoch {start_epoch}")
     if cfg.decoder_epochs > start_epoch:
         from imedsam_core.cli_common import Progress
 
         t_c = time.time()
-        inputs = [to_input(it.image, pre, it.valid) for it in items] + [
+        # every rank its share of the training inputs; rank 0 (the one that validates) the val inputs too
+        mine = [to_input(it.image, pre, it.valid) for it in items[d.rank :: d.world]] + [
             to_input(c.image, pre, c.valid or (size, size)) for c in val_cases]
         # the frozen encoder on every input: minutes on a CPU, so it shows its progress
-        with Progress("embedding cache", len(inputs), "inputs", "inputs/s", echo=rep.echo,
-                      enabled=rep.progress) as bar:
-            for i, x in enumerate(inputs):
+        with Progress("embedding cache", len(mine), "inputs", "inputs/s", echo=rep.echo,
+                      enabled=rep.progress and d.main) as bar:
+            for i, x in enumerate(mine):
                 cache.one(x)
                 bar.update(i + 1)
-        rep.echo(f"embedding cache: {len(cache.memo)} inputs, {cache.computed} computed in {time.time() - t_c:.0f}s "
-                 f"({cache.folder})")
-    if not resume:  # the base itself is the first candidate: training is selected only if it beats it
+        if d.main:
+            rep.echo(f"embedding cache: {len(cache.memo)} inputs, {cache.computed} computed in "
+                     f"{time.time() - t_c:.0f}s ({cache.folder})")
+        _barrier(d)  # every shard is on disk before any rank reads another's
+    if not resume and d.main:  # the base itself is the first candidate: training is selected only if it beats it
         vd = validate(phase(0))
         best = {"epoch": 0, "val_dice": vd}
         payload = model_payload(model, base_sha, base_path.name)
@@ -287,29 +319,34 @@ def train_lite(
         start = f"the --init-from model {cfg.init_from}" if cfg.init_from else "untrained: LiteMedSAM"
         rep.echo(f"epoch 0 ({start}) val Dice {vd:.2f}")
 
+    step_mod: nn.Module = _LiteStep(model)
+    if d.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # phase 1 leaves the encoder's parameters unused
+        step_mod = DDP(step_mod, device_ids=[d.local] if dev.type == "cuda" else None, find_unused_parameters=True)
     steps_done = 0
     for epoch in range(start_epoch, total):
         ph = phase(epoch)
         order = torch.randperm(len(items), generator=torch.Generator().manual_seed(stable_seed(cfg.seed, "order", epoch)))
-        batches = [order[i : i + cfg.batch_size].tolist() for i in range(0, len(items), cfg.batch_size)]
-        torch.manual_seed(stable_seed(cfg.seed, "torch", epoch, 0))
+        mine_i = rank_share(order.tolist(), d)
+        batches = [mine_i[i : i + cfg.batch_size] for i in range(0, len(mine_i), cfg.batch_size)]
+        torch.manual_seed(stable_seed(cfg.seed, "torch", epoch, d.rank))
         model.train()
         sums = np.zeros(3)
         t_epoch, n_img = time.time(), 0
-        prog = _progress(rep, True, f"epoch {epoch + 1}/{total} [{ph}]", len(batches))
+        prog = _progress(rep, d.main, f"epoch {epoch + 1}/{total} [{ph}]", len(batches))
         for batch in batches:
             draws = [item_draw(items[i], pre, size, cfg.seed, epoch, i, cfg.points, jit) for i in batch]
-            x = torch.stack([d["input"] for d in draws])
-            boxes = torch.stack([d["box"] for d in draws]).to(dev)
-            coords = torch.stack([d["coords"] for d in draws]).to(dev)
+            x = torch.stack([r["input"] for r in draws])
+            boxes = torch.stack([r["box"] for r in draws]).to(dev)
+            coords = torch.stack([r["coords"] for r in draws]).to(dev)
+            embedded = ph == "decoder"
             with torch.autocast(dev.type, dtype=torch.float16, enabled=amp):
-                if ph == "decoder":
-                    p = model.decode(cache.encode(x).to(dev), boxes, coords)
-                else:
-                    p = model(x.to(dev), boxes, coords)
-            labels = torch.stack([d["labels"] for d in draws]).to(dev)
-            cls = torch.stack([d["cls"] for d in draws]).to(dev)
-            loss, lc, lf = imedsam_loss(p.coarse, p.fine, labels, cls, epoch)
+                coarse, fine = step_mod(cache.encode(x).to(dev) if embedded else x.to(dev), boxes, coords, embedded)
+            labels = torch.stack([r["labels"] for r in draws]).to(dev)
+            cls = torch.stack([r["cls"] for r in draws]).to(dev)
+            loss, lc, lf = imedsam_loss(coarse, fine, labels, cls, epoch)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -324,12 +361,22 @@ def train_lite(
                 return {"stopped": True, "run": str(out)}
         prog.close()
         n_b = max(len(batches), 1)
+        if d.world > 1:
+            import torch.distributed as dist
+
+            t = torch.tensor(sums, device=dev)
+            dist.all_reduce(t)
+            sums = t.cpu().numpy() / d.world
+        if not d.main:
+            _barrier(d)
+            continue
         t_val = time.time()
         vd = validate(ph)
         row = {"epoch": epoch + 1, "stage": ph, "loss": float(sums[0] / n_b), "loss_coarse": float(sums[1] / n_b),
                "loss_fine": float(sums[2] / n_b), "val_dice": float(vd),
                "lr_inr": float(opt.param_groups[0]["lr"]), "lr_rest": float(opt.param_groups[1]["lr"]),
-               "images_per_s": float(n_img / max(t_val - t_epoch, 1e-9)), "seconds": float(time.time() - t_epoch)}
+               "images_per_s": float(n_img * d.world / max(t_val - t_epoch, 1e-9)),
+               "seconds": float(time.time() - t_epoch)}
         history.append(row)
         improved = vd > best["val_dice"]
         if improved:
@@ -346,6 +393,8 @@ def train_lite(
         _curve(out / "curve.png", history)
         rep.echo(f"epoch {epoch + 1}/{total} [{ph}] loss {row['loss']:.4f} val Dice {vd:.2f} "
                  f"best {best['val_dice']:.2f}@{best['epoch']} {row['images_per_s']:.1f} img/s {row['seconds']:.0f}s")
-    _mark_finished(out, total, best, [best_path, last_path])
+        _barrier(d)
+    if d.main:
+        _mark_finished(out, total, best, [best_path, last_path])
     return {"run": str(out), "best_epoch": best["epoch"], "best_val_dice": best["val_dice"], "skipped": skipped,
             "epochs": total, "checkpoint": str(best_path)}

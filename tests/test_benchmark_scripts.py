@@ -165,3 +165,22 @@ def test_kernel_build_compiles_the_kernels_it_is_asked_for(tmp_path, capsys):
         assert 0 < r["registers"] <= 255 and r["spill_stores"] == r["spill_loads"] == 0, r
     table = capsys.readouterr().out
     assert "window 14" in table and "global" in table and table.count("\n") == 2 + len(got["rows"])
+
+
+def test_gpu_lite_summary_takes_medians_of_times_and_means_of_dice():
+    import numpy as np
+
+    from benchmarks.gpu_lite import dice, summary, table
+
+    a = np.zeros((4, 4), bool)
+    a[:2] = True
+    b = np.zeros((4, 4), bool)
+    b[1:3] = True
+    assert dice(a, b) == 50.0 and dice(a, a) == 100.0 and dice(~a & a, ~a & a) == 100.0
+    rows = [{"stem": str(i), "out_size": 256, "lite_s": t, "lite_amp_s": t / 2, "litemedsam_s": 0.03,
+             "dice_lite": d, "dice_lite_amp": d, "dice_litemedsam": 90.0, "dice_amp_vs_fp32": 99.0}
+            for i, (t, d) in enumerate([(0.01, 92.0), (0.02, 94.0), (0.09, 96.0)])]
+    (s,) = summary({"rows": rows})
+    assert s["n"] == 3 and s["lite_s"] == 0.02 and s["lite_amp_s"] == 0.01 and s["dice_lite"] == 94.0
+    assert abs(s["speedup_fp32"] - 1.5) < 1e-12 and abs(s["speedup_amp"] - 3.0) < 1e-12
+    assert "20.00" in table([s], "H200") and "1.50x/3.00x" in table([s], "H200")

@@ -216,3 +216,84 @@ def test_init_from_starts_from_another_lite_run_and_refuses_phase1_after_end_to_
     with pytest.raises(UserError) as e:
         train(dataclasses.replace(second, name="c", init_from=str(moved)), ds, ds, root=tmp_path, reporter=rep)
     assert "end to end" in str(e.value) and "\n" not in str(e.value)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_ddp_world_size_one_matches_the_plain_run_in_both_phases(sessile, tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.setenv("IMEDSAM_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "tr.txt").write_text("\n".join(STEMS[:2]) + "\n")
+    ds = kvasir_dataset(sessile, tmp_path / "tr.txt")
+    cfg = TrainConfig(name="w", model="lite", input_size=256, epochs=1, decoder_epochs=1, batch_size=2, points=128,
+                      warmup_steps=1, lr_rest=1e-3)
+    quiet = Reporter(echo=lambda s: None, progress=False)
+    train(cfg, ds, ds, root=tmp_path / "plain", device="cpu", reporter=quiet)
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(_free_port())}.items():
+        monkeypatch.setenv(k, v)
+    try:
+        train(cfg, ds, ds, root=tmp_path / "ddp", device="cpu", reporter=quiet)
+        assert dist.is_initialized() and dist.get_world_size() == 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    a = _weights(tmp_path / "plain/runs/w" / CHECKPOINT_DIR / LAST_CHECKPOINT)
+    b = _weights(tmp_path / "ddp/runs/w" / CHECKPOINT_DIR / LAST_CHECKPOINT)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k].float(), b[k].float(), atol=1e-6, rtol=0, msg=k)
+    # the end-to-end epoch moved LoRA: both phases ran under the DDP wrapper
+    assert any(v.any() for k, v in b.items() if ".lora_b_" in k)
+
+
+def test_torchrun_two_ranks_shard_the_cache_and_rank0_writes_the_run(sessile, tmp_path):
+    """Two CPU processes (gloo): each encodes half of the inputs into the shared cache, gradients are averaged,
+    rank 0 alone validates and writes the checkpoints and the finished marker."""
+    import os
+    import subprocess
+    import sys
+
+    from imedsam_core.paths import FINISHED_NAME
+
+    data = tmp_path / "data"
+    (data / "splits").mkdir(parents=True)
+    for sub in ("images", "masks"):
+        (data / sub).mkdir()
+        for s in STEMS[:3]:
+            (data / sub / f"{s}.jpg").symlink_to(sessile / sub / f"{s}.jpg")
+    (data / "splits/train.txt").write_text("\n".join(STEMS[:3]) + "\n")
+    (data / "splits/val.txt").write_text(STEMS[0] + "\n")
+    env = {**os.environ, "IMEDSAM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           "IMEDSAM_PROGRESS_SECONDS": "1000"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), "-m", "imedsam_train.cli", "folder", str(data), "--model", "lite", "--name", "t2",
+           "--decoder-epochs", "2", "--epochs", "0", "--batch-size", "1", "--points", "128", "--device", "cpu",
+           "--threads", "1", "--warmup-steps", "1", "--lr-rest", "1e-3"]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run = tmp_path / "runs/t2"
+    assert (run / FINISHED_NAME).is_file()
+    # rank 0 alone reports
+    assert r.stdout.count("epoch 2/2 [decoder] loss") == 1 and r.stdout.count("done: best val Dice") == 1
+    # 3 distinct inputs, rank 0 encoded its share (inputs 0 and 2 of 4: the val image is a train image)
+    cached = sorted((tmp_path / "cache").rglob("*.pt"))
+    assert len(cached) == 3 and not list((tmp_path / "cache").rglob("*.tmp"))
+    assert "embedding cache: 2 inputs, 2 computed" in r.stdout  # rank 0: items 0 and 2 (item 0 is also val)
+    ck = safe_torch_load(run / CHECKPOINT_DIR / LAST_CHECKPOINT)
+    assert [h["epoch"] for h in ck["train"]["history"]] == [1, 2]
+    # 3 items over 2 ranks at batch 1 (rank 1's share padded to 2): 2 steps an epoch on each rank
+    assert ck["train"]["scheduler"]["last_epoch"] == 4
+    dec = {k: v for k, v in ck["model"].items() if k.startswith("inr.")}
+    torch.manual_seed(0)  # the run's seed: the same initial decoder
+    base = {k: v for k, v in model_payload(build("lite", input_size=256)[0], "x", "y")["model"].items()
+            if k.startswith("inr.")}
+    assert dec.keys() == base.keys() and any(not torch.equal(dec[k], base[k]) for k in dec)
+    assert all(torch.isfinite(v).all() for v in dec.values())

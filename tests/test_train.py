@@ -236,3 +236,13 @@ def test_sample_training_learns(tmp_path):
     out = train(cfg, kvasir_dataset(SAMPLE_DATA, "train"), kvasir_dataset(SAMPLE_DATA, "val"), root=tmp_path,
                 reporter=Reporter(progress=False))
     assert out["best_val_dice"] > 60
+
+
+def test_rank_share_gives_every_rank_the_same_number_of_items():
+    from imedsam_train.train import Dist, rank_share
+
+    order = [4, 0, 3, 1, 2]
+    shares = [rank_share(order, Dist(r, 3, r)) for r in range(3)]
+    assert shares == [[4, 1], [0, 2], [3, 4]]  # padded with the order's head, as DistributedSampler
+    assert rank_share(order, Dist()) == order  # one process: the whole order, nothing repeated
+    assert sorted(x for s in [rank_share(order, Dist(r, 2, r)) for r in range(2)] for x in s) == [0, 1, 2, 3, 4, 4]

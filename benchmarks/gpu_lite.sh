@@ -11,7 +11,9 @@
 #   2. the same under torchrun (DDP, NCCL, one rank) in fp32 (--no-amp), the embedding cache now warm;
 #   3. benchmarks.gpu_lite: the shipped lite model against zero-shot LiteMedSAM, eager PyTorch, 256 and 896;
 #   4. imedsam-eval of the shipped model on CUDA beside LiteMedSAM (compare with the same command on the CPU);
-#   5. benchmarks/gpu_session.sh with BENCH_S=0: gpu_check, the torch-cuda backend (vit_b, random weights).
+#   5. where the image's onnxruntime has the CUDA provider: imedsam-export --fp16 of the shipped model, then
+#      imedsam-bench on ort-cuda (else a line saying it was not run);
+#   6. benchmarks/gpu_session.sh with BENCH_S=0: gpu_check, the torch-cuda backend (vit_b, random weights).
 # Everything lands in $OUT/results.tgz (the device returns at most 8 files) and the tables in $OUT/summary.txt.
 set -o pipefail
 OUT="${OUT:-runs/gpu_lite}"
@@ -43,6 +45,16 @@ step train_ddp_fp32 150 python3 -m torch.distributed.run --nproc_per_node 1 -m i
 step gpu_lite 120 python3 -m benchmarks.gpu_lite --device cuda --out-size 256 896 --repeat 5 --json "$RES/gpu_lite.json"
 step eval_cuda 90 python3 -m imedsam_train.eval_cli --data data/sample/kvasir-sessile --device cuda \
     --baseline litemedsam --json "$RES/eval_cuda.json"
+# the lite artifact on ONNX Runtime's CUDA provider, where the image's onnxruntime has it (onnxruntime-gpu is too
+# large to carry: its wheel is over the device's 64 MiB)
+if python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())"; then
+    step export 200 python3 -m imedsam_export.cli --fp16
+    step bench_ort_cuda 90 python3 -m imedsam_deploy.cli_bench runs/shipped/export --backend ort-cuda --query sparse \
+        --query full --image data/sample/kvasir-sessile/images/cju0sxqiclckk08551ycbwhno.jpg --box 225,157,304,233 \
+        --warmup 3 --repeat 20
+else
+    echo "== ort-cuda: this onnxruntime has no CUDAExecutionProvider; not run" | tee -a "$S"
+fi
 cp runs/gpu-amp/log.csv "$RES/train_amp.csv" 2>/dev/null; cp runs/gpu-ddp/log.csv "$RES/train_ddp.csv" 2>/dev/null
 step gpu_session 260 env OUT="$RES/gpu_session" BENCH_S=0 BUDGET_S="${BUDGET_S:-170}" bash benchmarks/gpu_session.sh
 tail -n 40 "$RES/gpu_session/gpu_check.log" >>"$S" 2>/dev/null

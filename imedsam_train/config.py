@@ -189,6 +189,8 @@ def lite_config(input_size: int = 256, num_classes: int = 1) -> ModelConfig:
     )
 
 
+# the builder a training command uses when --model is not given: the shipped model's
+DEFAULT_BUILDER = "lite"
 PRESETS = {"vit_b": vit_b_config, "vit_l": vit_l_config, "vit_h": vit_h_config, "tiny": tiny_config,
            "lite": lite_config}
 

@@ -20,7 +20,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,18 @@ class TrainConfig:
 
     def resolved_jitter(self) -> float:
         return self.jitter_px if self.jitter_px is not None else 20.0 * self.input_size / 384
+
+
+# What a command-line run gets for the options it leaves out. lite (config.DEFAULT_BUILDER) starts from LiteMedSAM's
+# weights and needs only minutes: the shipped model's second stage (MODEL_CARD.md); the others train long, from
+# scratch or from SAM's encoder, with TrainConfig's own defaults.
+LITE_RUN_DEFAULTS: dict[str, Any] = {"epochs": 2, "decoder_epochs": 2, "batch_size": 8, "points": 2048, "lr_rest": 1e-4}
+
+
+def run_defaults(model: str) -> dict[str, Any]:
+    """The defaults of epochs, decoder_epochs, batch_size, points and lr_rest for a run of this builder."""
+    base = {f.name: f.default for f in fields(TrainConfig) if f.name in LITE_RUN_DEFAULTS}
+    return {**base, **LITE_RUN_DEFAULTS} if model == "lite" else base
 
 
 # --- RNG state as weights_only-loadable values ---

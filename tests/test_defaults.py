@@ -157,7 +157,7 @@ def test_training_marks_a_run_finished_only_at_its_end(tmp_path, monkeypatch):
         tr, va = folder_dataset(data, data / "splits" / "train.txt"), folder_dataset(data, data / "splits" / "val.txt")
         train(cfg, tr, va, root=tmp_path, reporter=Reporter(echo=lambda _m: None), stop_after_steps=4)
         assert (tmp_path / "runs/cut/checkpoints/last.pt").is_file() and not (tmp_path / "runs/cut" / FINISHED_NAME).exists()
-        res = CliRunner().invoke(app, ["folder", str(data), "--name", "ok", "--input-size", "64", "--epochs", "1",
+        res = CliRunner().invoke(app, ["folder", str(data), "--name", "ok", "--model", "tiny", "--input-size", "64", "--epochs", "1",
                                        "--batch-size", "2", "--points", "64", "--workers", "0", "--threads", "1"])
     finally:
         torch.set_num_threads(threads)

@@ -407,7 +407,7 @@ def test_train_refuses_runs_folder_that_is_a_file(tmp_path, monkeypatch):
     d = _data_copy(tmp_path, splits=True)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").write_text("not a folder")
-    res = runner.invoke(train_app, ["folder", str(d), "--input-size", "64", "--epochs", "1", "--points", "64",
+    res = runner.invoke(train_app, ["folder", str(d), "--model", "tiny", "--input-size", "64", "--epochs", "1", "--points", "64",
                                     "--workers", "0", "--threads", "1", "--name", "r"])
     assert (tmp_path / "runs").read_text() == "not a folder"
     assert_one_line_error(res, "runs")
@@ -553,7 +553,7 @@ def test_eval_and_train_refuse_damaged_data(ckpt, tmp_path, monkeypatch, damage)
     assert_one_line_error(res, name)
     assert_nothing_left(tmp_path / "o")
     monkeypatch.chdir(tmp_path)
-    res = runner.invoke(train_app, ["folder", str(d), "--input-size", "64", "--epochs", "1", "--points", "64",
+    res = runner.invoke(train_app, ["folder", str(d), "--model", "tiny", "--input-size", "64", "--epochs", "1", "--points", "64",
                                     "--workers", "0", "--threads", "1", "--name", "r"])
     assert_one_line_error(res, name)
     assert not (tmp_path / "runs" / "r" / "checkpoints").exists()
@@ -576,8 +576,8 @@ def test_eval_and_train_refuse_missing_folders_and_options(ckpt, tmp_path, monke
     assert_one_line_error(runner.invoke(eval_app, [str(ckpt), "--data", str(SAMPLE_DATA), "--box-jitter", "-1"]),
                           "box-jitter")
     monkeypatch.chdir(tmp_path)
-    assert_one_line_error(runner.invoke(train_app, ["folder", str(tmp_path / "nodata"), "--input-size", "64"]), "nodata")
-    assert_one_line_error(runner.invoke(train_app, ["folder", str(SAMPLE_DATA), "--input-size", "60", "--epochs", "1"]),
+    assert_one_line_error(runner.invoke(train_app, ["folder", str(tmp_path / "nodata"), "--model", "tiny", "--input-size", "64"]), "nodata")
+    assert_one_line_error(runner.invoke(train_app, ["folder", str(SAMPLE_DATA), "--model", "tiny", "--input-size", "60", "--epochs", "1"]),
                           "60")
     monkeypatch.setenv("IMEDSAM_DATA", str(tmp_path / "nowhere"))
     assert_one_line_error(runner.invoke(train_app, ["kvasir", "--input-size", "64"]), "nowhere")
@@ -595,7 +595,7 @@ def test_train_refuses_garbage_nifti(tmp_path, monkeypatch):
     for s in ("train", "val"):
         (root / "splits" / f"{s}.txt").write_text("0001\n")
     monkeypatch.chdir(tmp_path)
-    res = runner.invoke(train_app, ["bcv", str(root), "--input-size", "64", "--epochs", "1", "--workers", "0"])
+    res = runner.invoke(train_app, ["bcv", str(root), "--model", "tiny", "--input-size", "64", "--epochs", "1", "--workers", "0"])
     assert_one_line_error(res, "0001.nii.gz")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.pt"))
 
@@ -682,7 +682,7 @@ def test_train_resume_refuses_damaged_last_checkpoint(tmp_path, monkeypatch, dam
             "garbage": garbage(900, 17), "empty": b""}[damage]
     (ck / "last.pt").write_bytes(data)
     monkeypatch.chdir(tmp_path)
-    res = runner.invoke(train_app, ["folder", str(d), "--input-size", "64", "--epochs", "1", "--points", "64",
+    res = runner.invoke(train_app, ["folder", str(d), "--model", "tiny", "--input-size", "64", "--epochs", "1", "--points", "64",
                                     "--workers", "0", "--threads", "1", "--name", "r", "--resume"])
     assert_one_line_error(res, "last.pt")
     assert (ck / "last.pt").read_bytes() == data and sorted(p.name for p in ck.iterdir()) == ["last.pt"]
@@ -866,6 +866,6 @@ def test_train_refuses_nifti_with_nan(tmp_path, monkeypatch):
     for s in ("train", "val"):
         (root / "splits" / f"{s}.txt").write_text("0001\n")
     monkeypatch.chdir(tmp_path)
-    res = runner.invoke(train_app, ["bcv", str(root), "--input-size", "64", "--epochs", "1", "--workers", "0"])
+    res = runner.invoke(train_app, ["bcv", str(root), "--model", "tiny", "--input-size", "64", "--epochs", "1", "--workers", "0"])
     assert_one_line_error(res, "img0001.nii.gz", "NaN or infinite")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.pt"))

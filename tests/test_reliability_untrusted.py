@@ -95,7 +95,7 @@ def test_sam_checkpoint_that_runs_code_is_refused(evil, tmp_path, monkeypatch, n
     res = runner.invoke(train_app, ["info", "tiny", "--input-size", "64", "--sam-checkpoint", str(files[name])])
     assert_one_line_error(res, name, "refused")
     monkeypatch.chdir(tmp_path)
-    res = runner.invoke(train_app, ["folder", str(SAMPLE_DATA), "--input-size", "64", "--epochs", "1", "--workers", "0",
+    res = runner.invoke(train_app, ["folder", str(SAMPLE_DATA), "--model", "tiny", "--input-size", "64", "--epochs", "1", "--workers", "0",
                                     "--sam-checkpoint", str(files[name]), "--name", "r"])
     assert_one_line_error(res, name, "refused")
     assert not marker.exists()
@@ -109,7 +109,7 @@ def test_resume_from_code_carrying_last_checkpoint_is_refused(evil, tmp_path, mo
     ck_dir.mkdir(parents=True)
     shutil.copy(files["imedsam_zip.pt"], ck_dir / "last.pt")
     monkeypatch.chdir(tmp_path)
-    res = runner.invoke(train_app, ["folder", str(SAMPLE_DATA), "--input-size", "64", "--epochs", "1", "--workers", "0",
+    res = runner.invoke(train_app, ["folder", str(SAMPLE_DATA), "--model", "tiny", "--input-size", "64", "--epochs", "1", "--workers", "0",
                                     "--name", "r", "--resume"])
     assert_one_line_error(res, "last.pt", "refused")
     assert not marker.exists()

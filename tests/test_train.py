@@ -212,7 +212,7 @@ def test_folder_without_splits_makes_a_seeded_split(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     threads = torch.get_num_threads()
     try:
-        res = CliRunner().invoke(app, ["folder", str(data), "--input-size", "64", "--epochs", "1", "--batch-size",
+        res = CliRunner().invoke(app, ["folder", str(data), "--model", "tiny", "--input-size", "64", "--epochs", "1", "--batch-size",
                                        "8", "--points", "64", "--workers", "0", "--threads", "1"])
     finally:
         torch.set_num_threads(threads)
@@ -246,3 +246,28 @@ def test_rank_share_gives_every_rank_the_same_number_of_items():
     assert shares == [[4, 1], [0, 2], [3, 4]]  # padded with the order's head, as DistributedSampler
     assert rank_share(order, Dist()) == order  # one process: the whole order, nothing repeated
     assert sorted(x for s in [rank_share(order, Dist(r, 2, r)) for r in range(2)] for x in s) == [0, 1, 2, 3, 4, 4]
+
+
+def test_the_default_builder_is_lite_with_the_shipped_recipe(monkeypatch, tmp_path):
+    """`imedsam-train` without --model trains the shipped model's kind (lite) with its recipe's settings; the
+    other builders keep TrainConfig's long-run defaults; an option given always wins."""
+    import imedsam_train.train as tr
+
+    seen: list[tr.TrainConfig] = []
+
+    def fake_train(cfg, *a, **k):
+        seen.append(cfg)
+        return {"best_val_dice": 0.0, "best_epoch": 0, "skipped": {}, "checkpoint": "x"}
+
+    monkeypatch.setattr(tr, "train", fake_train)
+    monkeypatch.chdir(tmp_path)
+    for args in (["folder", str(SAMPLE_DATA)], ["folder", str(SAMPLE_DATA), "--model", "tiny"],
+                 ["folder", str(SAMPLE_DATA), "--epochs", "5", "--points", "0"]):
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 0, res.output
+    lite, tiny, given = seen
+    assert (lite.model, lite.input_size, lite.decoder_epochs, lite.epochs, lite.batch_size, lite.points,
+            lite.resolved_lr_rest()) == ("lite", 256, 2, 2, 8, 2048, 1e-4)
+    assert (tiny.model, tiny.input_size, tiny.decoder_epochs, tiny.epochs, tiny.batch_size, tiny.points,
+            tiny.lr_rest) == ("tiny", 384, 0, 100, 1, 4096, None)
+    assert (given.model, given.epochs, given.points, given.decoder_epochs) == ("lite", 5, 0, 2)

@@ -62,6 +62,7 @@ def bench(
 ) -> None:
     """Warm up, time repeated frames, print a table; write JSON, CSV and a PNG plot."""
     from imedsam_deploy import bench as B
+    from imedsam_deploy.runtime import DEFAULT_MARGIN
 
     console = Console(stderr=True)
 
@@ -104,7 +105,7 @@ def bench(
         backends=list(backend) if backend else None, precision=precision,
         batches=tuple(batch or (1,)), out_sizes=tuple(out_size) if out_size else None,
         queries=tuple(query or ("sparse", "box")), chunk=points, warmup=warmup, repeat=repeat,
-        margin=margin if margin is not None else B.DEFAULT_MARGIN,
+        margin=margin if margin is not None else DEFAULT_MARGIN,
         sparse=SparseConfig(stride=sparse_stride), reference=reference, threads=threads, tune=tune,
     )
     if any(b < 1 for b in opts.batches) or any(o < 1 for o in opts.out_sizes or ()):

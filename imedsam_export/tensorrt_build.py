@@ -14,7 +14,6 @@ ONNX artifact is still written.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 from imedsam_core import contract as C
 from imedsam_core.atomic import atomic_write_bytes
 from imedsam_core.errors import UserError
+from imedsam_core.paths import cache_dir
 from imedsam_train.build import sha256_file
 from imedsam_train.config import ModelConfig
 
@@ -33,8 +33,7 @@ def engine_name(onnx_name: str) -> str:
 
 
 def timing_cache_path(trt_version: str) -> Path:
-    root = Path(os.environ.get("IMEDSAM_CACHE", Path.home() / ".cache" / "imedsam"))
-    return root / f"tensorrt-{trt_version}.timing-cache"
+    return cache_dir() / f"tensorrt-{trt_version}.timing-cache"
 
 
 def tensorrt_unavailable() -> str | None:

@@ -196,3 +196,27 @@ def test_mask_png_values_are_object_plus_one(objs):
     layers = [Layer(o, m, np.zeros(4), "given", str(o)) for o, m in zip(objs, masks, strict=True)]
     lab = label_image([ly.mask for ly in layers], (4, 4), layer_values(layers))
     assert set(np.unique(lab)) == {0, *(o + 1 for o in objs)}
+
+
+def test_every_environment_variable_is_in_the_readme_table():
+    """Every variable the code or its scripts read (an ``IMEDSAM_*`` name anywhere, or any name read with
+    ``os.environ.get``, or given a default in a shell script) has a row in the README's table, with its default."""
+    import re
+
+    start = (readme := (REPO / "README.md").read_text()).index("## Environment variables and saved settings")
+    rows = [line for line in readme[start:].split("\n## ")[0].splitlines() if line.startswith("| `")]
+    documented = {name for row in rows for name in re.findall(r"`([A-Z][A-Z0-9_]+)`", row.split(" | ")[0])}
+    read: dict[str, Path] = {}
+    files = [p for d in ("imedsam_core", "imedsam_deploy", "imedsam_export", "imedsam_train", "imedsam_cuda",
+                         "benchmarks", "scripts", "tests") for p in sorted((REPO / d).rglob("*")) if p.suffix in (".py", ".sh")]
+    for p in files:
+        text = p.read_text()
+        names = set(re.findall(r"\b(IMEDSAM_[A-Z0-9_]+)", text))
+        names |= set(re.findall(r"environ(?:\.get)?\(\s*\"([A-Z][A-Z0-9_]+)\"", text))
+        names |= set(re.findall(r"\$\{([A-Z][A-Z0-9_]+):[-+]", text))
+        for n in names:
+            read.setdefault(n, p)
+    known_elsewhere = {"PYTEST_XDIST_WORKER_COUNT", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "PYTHONPATH", "PATH"}  # not ours
+    missing = {n: str(p.relative_to(REPO)) for n, p in read.items() if n not in documented | known_elsewhere}
+    assert not missing, f"read but not in the README's environment table: {missing}"
+    assert all(row.count(" | ") >= 3 and row.split(" | ")[1].strip() for row in rows)  # each with its default

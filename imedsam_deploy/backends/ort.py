@@ -6,15 +6,14 @@ decoder for every box and every chunk of query points: it crosses the bus once p
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from imedsam_core import contract
 from imedsam_core.errors import UserError
+from imedsam_core.paths import cache_dir
 from imedsam_deploy.backends.base import Backend, Embedding
 from imedsam_deploy.manifest import Artifact
 
@@ -82,7 +81,7 @@ class OrtBackend(Backend):
             path = artifact.graph(part, precision)
             providers: list[Any] = [self.provider]
             if provider == "trt":
-                cache = Path(os.environ.get("IMEDSAM_CACHE", Path.home() / ".cache" / "imedsam")) / "ort-trt"
+                cache = cache_dir() / "ort-trt"
                 cache.mkdir(parents=True, exist_ok=True)
                 providers = [(self.provider, {
                     "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),

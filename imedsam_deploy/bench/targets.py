@@ -1,0 +1,81 @@
+"""What the bench times: the artifact (given, the newest export, or a random-weight model's) and the backends
+opened on it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from imedsam_core.errors import UserError
+from imedsam_core.paths import Choice
+from imedsam_deploy import backends as registry
+from imedsam_deploy.backends.base import Backend
+from imedsam_deploy.manifest import Artifact
+
+
+def random_artifact(name: str, input_size: int, log: Callable[[str], None]) -> tuple[Path, Any]:
+    """See ``imedsam_cuda.torch_models.random_artifact`` (torch is imported only there, only when asked)."""
+    return registry.torch_part("random_artifact")(name, input_size, log)
+
+
+def latest_artifact_of(name: str | None) -> Choice | None:
+    """The default artifact (``paths.default_artifact``: a finished run's export, else the shipped model's); with
+    an architecture ``name`` (``--model``), a finished run's export of it only: the shipped model is not what
+    ``--model`` asks to time."""
+    from imedsam_core.paths import default_artifact, finished_artifact
+
+    art = default_artifact() if name is None else finished_artifact()
+    if art is None or name is None:
+        return art
+    try:
+        m = json.loads((art.path / "manifest.json").read_text())
+        return art if m.get("model", {}).get("name") == name else None
+    except (OSError, ValueError):
+        return None
+
+
+
+def open_backends(artifact: Artifact, names: list[str] | None, precision: str | None, model: Any | None,
+                  threads: int | None, log: Callable[[str], None]) -> tuple[list[Backend], dict[str, str]]:
+    """Open the requested backends (default: every registry backend usable here). Returns (opened, skipped)."""
+    opened: list[Backend] = []
+    skipped: dict[str, str] = {}
+    wanted = names or list(registry.NAMES)
+    for name in wanted:
+        if name in ("torch-cuda", "torch-cpu") and model is not None:
+            try:
+                open_model = registry.torch_part("open_model")
+                dev = "cuda" if name == "torch-cuda" else "cpu"
+                prec = "fp32" if dev == "cpu" else (precision or "bf16")
+                opened.append(open_model(model, dev, prec, artifact))  # as imedsam-infer opens it
+            except UserError as e:
+                skipped[name] = str(e)
+            continue
+        if name == "torch-cpu":
+            skipped[name] = "needs an in-process model (--model)"
+            continue
+        if name not in registry.NAMES:
+            raise UserError(f"unknown backend {name!r} (choose from {', '.join((*registry.NAMES, 'torch-cpu'))})")
+        reason = registry.probe(name, artifact)
+        if reason is not None:
+            skipped[name] = reason
+            continue
+        try:
+            if name == "ort-cpu":
+                from imedsam_deploy.backends.ort import OrtBackend
+
+                # with no --precision, the int8 encoder (the fastest CPU path) runs beside fp32 when exported
+                precs = [precision] if precision else ["fp32", *(["int8"] if "int8" in artifact.graphs else [])]
+                opened.extend(OrtBackend(artifact, "cpu", p, threads=threads) for p in precs)
+            else:
+                be, _ = registry.open_backend(name, artifact, precision)
+                opened.append(be)
+        except UserError as e:
+            skipped[name] = str(e)
+    for n, why in skipped.items():
+        log(f"skipped {n}: {why}")
+    if not opened:
+        raise UserError(f"{artifact.path}: no backend could run here ({'; '.join(f'{k}: {v}' for k, v in skipped.items())})")
+    return opened, skipped

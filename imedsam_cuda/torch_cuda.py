@@ -271,11 +271,16 @@ class TorchBackend(Backend):
         folded = folded.to(self.device).eval()
         self.model = folded
         cuda = self.device.type == "cuda"
+        from imedsam_cuda.encoder_loop import InferenceEncoder
+
+        # the encoder with the chain-first loop (its frequency stream, the fused options' steps)
+        self.encoder = InferenceEncoder(folded.image_encoder, frequency_first=False)
+        folded.image_encoder = self.encoder
         self.lean_encoder = cuda if lean_encoder is None else lean_encoder
         if self.lean_encoder:  # from the fp32 layers; store_weights_in below casts the new ones too
             from imedsam_cuda.encoder_rewrites import lean_encoder as rewrite
 
-            rewrite(folded.image_encoder, self.amp_dtype or torch.float32)
+            rewrite(self.encoder, self.amp_dtype or torch.float32)
         self.lean_box_part = cuda if lean_box_part is None else lean_box_part
         # the box part under the autocast here; set_box_precision (below) switches it to fp32
         self.fp32_box_part = False
@@ -381,16 +386,15 @@ class TorchBackend(Backend):
         """Every attention (the encoder's and the box part's) as one SDPA call or explicit GEMMs, and the
         encoder's frequency chain on a second stream or in line (both exact); graphs captured under other
         options are dropped. The encoder attention's position tables are precomputed for the setting
-        (``freeze_position_tables``)."""
-        from imedsam_train.model.encoder import freeze_position_tables, use_fused_attention
-        from imedsam_train.model.prompt_attention import use_fused_prompt_attention
+        (``encoder_attention.InferenceAttention``)."""
+        from imedsam_cuda.encoder_attention import inference_attention
+        from imedsam_cuda.prompt_attention import use_fused_prompt_attention
 
         self.fused_attention, self.overlap_frequency = fused_attention, overlap_frequency
-        use_fused_attention(self.model, fused_attention)
-        use_fused_prompt_attention(self.model, fused_attention)  # the box part's two-way transformer too
         # the folded copy's weights never change: its relative-position tables are gathered, cast and padded once
-        freeze_position_tables(self.model, self.amp_dtype or self.torch.float32)
-        self.model.image_encoder.frequency_first = overlap_frequency
+        inference_attention(self.model, fused_attention, self.amp_dtype or self.torch.float32)
+        use_fused_prompt_attention(self.model, fused_attention)  # the box part's two-way transformer too
+        self.encoder.frequency_first = overlap_frequency
         self._drop_encoder_graphs()
         self._drop_box_graphs()
 
@@ -405,7 +409,7 @@ class TorchBackend(Backend):
         from imedsam_cuda.box_part_rewrites import use_fused_box_norms
         from imedsam_cuda.encoder_rewrites import use_fused_norms
 
-        use_fused_norms(self.model.image_encoder, fused)
+        use_fused_norms(self.encoder, fused)
         # the box part's too where it runs the lean two-way transformer (fp32: fp32_box_part)
         use_fused_box_norms(self.model.mask_decoder.transformer, fused)
         self.fused_norms = fused
@@ -451,7 +455,7 @@ class TorchBackend(Backend):
                               None if self.lean_encoder else "it needs the lean encoder (lean_encoder=True)")
         from imedsam_cuda.encoder_rewrites import use_fused_operands
 
-        use_fused_operands(self.model.image_encoder, fused)
+        use_fused_operands(self.encoder, fused)
         self.fused_operands = fused
         self._drop_encoder_graphs()
 
@@ -462,7 +466,7 @@ class TorchBackend(Backend):
             self._need_triton("fused frequency chain")
         from imedsam_cuda.encoder_rewrites import use_fused_frequency
 
-        self.fused_frequency = use_fused_frequency(self.model.image_encoder, fused)
+        self.fused_frequency = use_fused_frequency(self.encoder, fused)
         self._drop_encoder_graphs()
 
     def set_encoder_gelu(self, on: bool) -> None:
@@ -470,7 +474,7 @@ class TorchBackend(Backend):
         cuBLASLt's GELU epilogue on CUDA, the tanh approximation) or as torch's layers; encoder graphs are dropped."""
         from imedsam_cuda.encoder_rewrites import use_gelu_epilogue
 
-        self.gelu_epilogue = use_gelu_epilogue(self.model.image_encoder, on) > 0
+        self.gelu_epilogue = use_gelu_epilogue(self.encoder, on) > 0
         self._drop_encoder_graphs()
 
     def _need_triton(self, what: str, why: str | None = None) -> None:

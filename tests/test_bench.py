@@ -325,11 +325,11 @@ def test_torch_backend_encoder_options_are_exact(monkeypatch):
     """torch-cuda's encoder options on the CPU (same code): attention as one scaled_dot_product_attention call
     (to fp32 rounding; the box part's attentions too), the frequency chain issued first (bitwise: the same
     operations), and both; the decoder's outputs from those embeddings agree likewise."""
+    from imedsam_cuda.encoder_loop import InferenceEncoder
     from imedsam_cuda.torch_cuda import TorchBackend
-    from imedsam_train.model.encoder import ImageEncoder
 
     calls = {"sdpa": 0, "first": 0}
-    sdpa, first = torch.nn.functional.scaled_dot_product_attention, ImageEncoder.frequency_chain_first
+    sdpa, first = torch.nn.functional.scaled_dot_product_attention, InferenceEncoder.frequency_chain_first
 
     def count_sdpa(*a, **k):
         calls["sdpa"] += 1
@@ -340,7 +340,7 @@ def test_torch_backend_encoder_options_are_exact(monkeypatch):
         return first(*a, **k)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", count_sdpa)
-    monkeypatch.setattr(ImageEncoder, "frequency_chain_first", count_first)
+    monkeypatch.setattr(InferenceEncoder, "frequency_chain_first", count_first)
     model = tiny()
     plain = TorchBackend(model, device="cpu", precision="fp32")
     assert not plain.fused_attention and not plain.overlap_frequency  # CUDA-only defaults

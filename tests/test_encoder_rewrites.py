@@ -37,8 +37,9 @@ def test_lean_block_equals_segment_anythings_block(grid, window):
     of our plain Block under bf16 autocast (its values, not its kernels)."""
     from segment_anything.modeling.image_encoder import Block as SamBlock
 
+    from imedsam_cuda.encoder_attention import inference_attention
     from imedsam_train.config import FrequencyConfig, LoraConfig
-    from imedsam_train.model.encoder import Block, use_fused_attention
+    from imedsam_train.model.encoder import Block
 
     torch.manual_seed(0)
     sam = SamBlock(768, 12, use_rel_pos=True, window_size=window, input_size=(grid, grid)).eval()
@@ -47,7 +48,7 @@ def test_lean_block_equals_segment_anythings_block(grid, window):
         for p in sam.parameters():
             p.normal_(0, 0.05)
     ours.load_state_dict(sam.state_dict(), strict=True)
-    use_fused_attention(ours, True)
+    inference_attention(ours, True, None)
     lean = lean_block(ours, grid, torch.float32)
     lean16 = lean_block(ours, grid, torch.bfloat16)
     assert isinstance(lean, LeanBlock) and isinstance(lean16, LeanBlock)

@@ -52,6 +52,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     from imedsam_cuda.reference import ReferenceIMedSAM
     from imedsam_cuda.torch_cuda import TorchBackend, ugs_merge_device
     from imedsam_cuda.torch_models import model_artifact
+    from imedsam_cuda.torch_settings import TorchCudaSettings
     from imedsam_deploy.bench import BenchOptions, FrameRunner, Inputs, Timings, agreement, synthetic_inputs
     from imedsam_deploy.preprocess import box_to_model, grid_coords, to_model_input
     from imedsam_deploy.runtime import Segmenter
@@ -169,12 +171,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def backend(precision: str, compile: bool = False, lean_layers: bool | None = lean,
                 triton: bool = False) -> TorchBackend:
-        return TorchBackend(model, a.device, precision, max_batch=maxb, max_points=65536, compile=compile,
-                            device_planner=True, device_merge=True,  # also in a CPU dry run
-                            lean_encoder=lean_layers, lean_box_part=lean_layers,
-                            fp32_box_part=triton,  # the box part's fused norms need it
-                            fused_norms=triton, fused_operands=triton, fused_frequency=triton,
-                            fused_features=triton, fused_uncertainty=triton, fused_planner=triton)
+        return TorchBackend(model, a.device, TorchCudaSettings(
+            precision=precision, max_batch=maxb, max_points=65536, compile=compile,
+            device_planner=True, device_merge=True,  # also in a CPU dry run
+            lean_encoder=lean_layers, lean_box_part=lean_layers,
+            fp32_box_part=triton,  # the box part's fused norms need it
+            fused_norms=triton, fused_operands=triton, fused_frequency=triton,
+            fused_features=triton, fused_uncertainty=triton, fused_planner=triton))
 
     ours = {"fp32": backend("fp32"), "bf16": backend("bf16")}
     if a.triton_kernels == "on":
@@ -185,11 +188,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gpu_check: no bf16+triton rows: {e}", flush=True)
     if a.compile != "none":
         ours["bf16+compile"] = backend("bf16", compile=True)
-    info["lean_encoder"], info["lean_box_part"] = ours["bf16"].lean_encoder, ours["bf16"].lean_box_part
-    info["relu_epilogue"] = ours["bf16"].relu_epilogue
-    info["fused_features"] = ours["bf16"].fused_features
-    info["fused_uncertainty"] = ours["bf16"].fused_uncertainty
-    info["fused_planner"] = ours["bf16"].fused_planner
+    bf16 = ours["bf16"].settings
+    info["lean_encoder"], info["lean_box_part"] = bf16.lean_encoder, bf16.lean_box_part
+    info["relu_epilogue"] = ours["bf16"].decoder.relu_epilogue
+    info["fused_features"] = bf16.fused_features
+    info["fused_uncertainty"] = bf16.fused_uncertainty
+    info["fused_planner"] = bf16.fused_planner
     info["parts"] = a.parts
     ref = ReferenceIMedSAM(model.to(dev))
 
@@ -265,11 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     def host_planner(r: FrameRunner, inp: Inputs, out: int) -> list[np.ndarray]:
         """The sparse mode with the numpy planner (a host round trip per level), for comparison."""
         be = ours["bf16"]
-        be.device_planner = False
+        keep = be.settings
+        be.settings = replace(keep, device_planner=False)  # read per box by sparse_region: nothing to rebuild
         try:
             return r.run(inp, (out, out), stage_t.get("sparse bf16 host"))
         finally:
-            be.device_planner = True
+            be.settings = keep
 
     def variants(bsz: int, out: int, compiled: bool) -> dict[str, Callable[[Inputs], Any]]:
         """name -> frame function over Inputs (the reference is added by the caller). Compiled variants come
@@ -303,15 +308,14 @@ def main(argv: list[str] | None = None) -> int:
         and on the lean one with its adds and norms as Triton kernels (``fused_norms``; skipped without CUDA), then
         its attention operands too (``fused_operands``), then its frequency chain too (``fused_frequency``), then
         the operands alone, and last ``be``'s with its box part in fp32 from host-made tokens
-        (``fp32_box_part``, switched on by ``set_box_precision``: its box part's time is the row's point), without
+        (``fp32_box_part``, switched on by ``configure``: its box part's time is the row's point), without
         and with fused norms
         (the encoder's and the fp32 box part's):
         p50 per batch, and the embedding's max abs difference from the first row's on the same images (the
         second stream should be bitwise equal); at batch 1 also the box part's p50 (one box, its graph replayed
         with the memo cleared). The backend's own settings are restored afterwards."""
-        keep = (be.fused_attention, be.overlap_frequency)
-        keep_box = be.fp32_box_part
-        other = backend("bf16", lean_layers=not be.lean_encoder)
+        keep = be.settings
+        other = backend("bf16", lean_layers=not be.settings.lean_encoder)
         box = np.array([[0.3 * S, 0.3 * S, 0.7 * S, 0.65 * S]], np.float32)
 
         def box_part(b: TorchBackend, emb: Any) -> None:
@@ -322,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         for bsz in batches:
             x = np.stack([to_model_input(im, S) for im in synthetic_inputs(S, bsz, seed=3).images])
             base = None
-            lean_be = be if be.lean_encoder else other
+            lean_be = be if be.settings.lean_encoder else other
             for b, fused_attn, overlap, norms, operands, chain, box32 in (
                     (be, False, False, False, False, False, False), (be, True, False, False, False, False, False),
                     (be, False, True, False, False, False, False), (be, True, True, False, False, False, False),
@@ -330,15 +334,13 @@ def main(argv: list[str] | None = None) -> int:
                     (lean_be, True, True, True, True, False, False), (lean_be, True, True, True, True, True, False),
                     (lean_be, True, False, True, True, True, False), (lean_be, True, True, False, True, False, False),
                     (be, True, True, False, False, False, True), (be, True, True, True, False, False, True)):
-                b.set_encoder_options(fused_attn, overlap)  # recaptured with these options
-                b.set_box_precision(box32)
-                what = {"batch": bsz, "lean_encoder": b.lean_encoder, "fused_attention": fused_attn,
+                what = {"batch": bsz, "lean_encoder": b.settings.lean_encoder, "fused_attention": fused_attn,
                         "overlap_frequency": overlap, "fused_norms": norms, "fused_operands": operands,
-                        "fused_frequency": chain, "fp32_box_part": b.fp32_box_part}
-                try:
-                    b.set_encoder_norms(norms)
-                    b.set_encoder_operands(operands)
-                    b.set_encoder_frequency(chain)
+                        "fused_frequency": chain, "fp32_box_part": box32 and b.precision != "fp32"}
+                try:  # recaptured with these options
+                    b.configure(replace(b.settings, fused_attention=fused_attn, overlap_frequency=overlap,
+                                        fp32_box_part=box32 and b.precision != "fp32", fused_norms=norms,
+                                        fused_operands=operands, fused_frequency=chain))
                 except UserError as e:  # no triton, or no CUDA device for it
                     out.append({**what, "skipped": str(e)})
                     print(f"encoder option {json.dumps(out[-1])}", flush=True)
@@ -361,11 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                     cell = {**what, "error": failure(e)}
                 out.append(cell)
                 print(f"encoder option {json.dumps(cell)}", flush=True)
-                b.set_encoder_norms(False)
-                b.set_encoder_operands(False)
-                b.set_encoder_frequency(False)
-        be.set_encoder_options(*keep)
-        be.set_box_precision(keep_box)
+        be.configure(keep)
         del other
         return out
 
@@ -380,16 +378,12 @@ def main(argv: list[str] | None = None) -> int:
         (grid_sample, unpadded, no epilogues).
         The backend's settings are restored."""
         def apply(o: dict[str, Any]) -> None:  # the decoder's graphs are recaptured
-            be.set_decoder_sampling(o["grid_sample"])
-            be.set_decoder_alignment(o["align_matmuls"])
-            be.set_decoder_epilogue(o["relu_epilogue"])
-            be.set_decoder_features(o["fused_features"])
-            be.set_decoder_uncertainty(o["fused_uncertainty"])
-            be.set_planner_kernels(o["fused_planner"])
+            be.configure(replace(be.settings, **o))
 
-        keep = {"grid_sample": be.grid_sample, "align_matmuls": be.align_matmuls, "relu_epilogue": be.relu_epilogue,
-                "fused_features": be.fused_features, "fused_uncertainty": be.fused_uncertainty,
-                "fused_planner": be.fused_planner}
+        st = be.settings
+        keep = {"grid_sample": st.grid_sample, "align_matmuls": st.align_matmuls, "relu_epilogue": st.relu_epilogue,
+                "fused_features": st.fused_features, "fused_uncertainty": st.fused_uncertainty,
+                "fused_planner": st.fused_planner}
         inp = synthetic_inputs(S, 1, seed=5)
         out: list[dict[str, Any]] = []
         masks: dict[tuple[Any, ...], np.ndarray] = {}
@@ -561,8 +555,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.align_matmuls is not None:  # after the decoder options, which restore the backends' own settings
             for p, be in ours.items():
                 if p != "fp32":
-                    be.set_decoder_alignment(a.align_matmuls == "on")
-        info["align_matmuls"] = ours["bf16"].align_matmuls
+                    be.configure(replace(be.settings, align_matmuls=a.align_matmuls == "on"))
+        info["align_matmuls"] = ours["bf16"].settings.align_matmuls
 
     plain = [] if a.compile == "only" else [(o, b, False) for b in sorted(a.batches) for o in sorted(a.sizes)]
     compiled_rows = [] if a.compile == "none" else [(o, 1, True) for o in sorted(a.sizes)]

@@ -78,6 +78,7 @@ except ValueError as e:
 
 # the encoder through the backend: a 10 x 10 token grid in windows of 4 (padded to 12) and a global block
 from imedsam_cuda.torch_cuda import TorchBackend
+from imedsam_cuda.torch_settings import TorchCudaSettings
 from imedsam_train.build import build_from_config
 import imedsam_cuda.fused_attention_operands as fao
 
@@ -99,14 +100,14 @@ def counted(*args, **kw):
 fao.attention_operands = counted
 emb, desc = {}, {}
 for norms, ops in ((False, False), (False, True), (True, True)):
-    be = TorchBackend(copy.deepcopy(model), "cpu", "fp32", lean_encoder=True, overlap_frequency=True,
-                      fused_norms=norms, fused_operands=ops)
+    be = TorchBackend(copy.deepcopy(model), "cpu", TorchCudaSettings(
+        precision="fp32", lean_encoder=True, overlap_frequency=True, fused_norms=norms, fused_operands=ops))
     emb[norms, ops] = np.asarray(be.encode(img)[0])
     desc[norms, ops] = be.description
     if norms and ops:
-        be.set_encoder_operands(False)
+        be.configure(dataclasses.replace(be.settings, fused_operands=False))
         emb["off again"] = np.asarray(be.encode(img)[0])
-        be.set_encoder_norms(False)
+        be.configure(dataclasses.replace(be.settings, fused_norms=False))
         emb["both off"] = np.asarray(be.encode(img)[0])
 base = emb[False, False]
 out["encoder"] = {"scale": float(np.abs(base).max()), "calls": len(calls),

@@ -219,7 +219,8 @@ class TorchBackend(Backend):
     def configure(self, settings: TorchCudaSettings) -> None:
         """Run as ``settings`` say from now on (``dataclasses.replace(be.settings, ...)``): the inference copy is
         built again from the folded model, every graph, compiled function and planner made anew; bitwise a backend
-        built with them. A change that would do nothing here is refused."""
+        built with them. An fp32 box part asked of an fp32 backend (nothing to do) is refused in one line: the
+        tuner reports it as not tried."""
         _check(settings)
         if settings.fp32_box_part and settings.precision == "fp32":
             raise UserError(f"backend {self.name}: fp32 box part: the backend runs in fp32 already")
@@ -257,6 +258,7 @@ class TorchBackend(Backend):
             if getattr(s, option):
                 self._need_triton(what, why)
         self.settings = s
+        self.max_batch, self.max_points = s.max_batch, s.max_points
         self.precision = s.precision
         self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[s.precision]
         self.use_graphs, self.compiled = bool(s.cuda_graphs), bool(s.compile)
@@ -290,8 +292,8 @@ class TorchBackend(Backend):
         decoder.uncertainty = _Fp32(decoder.uncertainty)  # type: ignore[assignment]
         self.decoder = decoder.to(self.device).eval()
         # an fp32 box part keeps its layers' fp32 weights and biases: ~16 MB at vit_b
-        masters = {m: (m.weight.data, None if m.bias is None else m.bias.data)
-                   for part in (folded.prompt_encoder, folded.mask_decoder) for m in weight_layers(part)} if fp32_box else {}
+        box_layers = [m for part in (folded.prompt_encoder, folded.mask_decoder) for m in weight_layers(part)]
+        masters = {m: (m.weight.data, None if m.bias is None else m.bias.data) for m in box_layers} if fp32_box else {}
         if amp is not None:  # self.model's layers included (the decoder holds it)
             store_weights_in(self.decoder, amp)
         for m, (w, b) in masters.items():
@@ -401,17 +403,18 @@ class TorchBackend(Backend):
         graphs = ", CUDA graphs" if self.use_graphs else ""
         compiled = ", torch.compile" if self.compiled else ""
         st = self.settings
-        shown: tuple[tuple[str, bool | None], ...] = (("SDPA attention", st.fused_attention), ("frequency stream", st.overlap_frequency),
-                 ("grid_sample taps", st.grid_sample), ("aligned decoder matmuls", st.align_matmuls),
-                 ("lean encoder", st.lean_encoder), ("lean box part", st.lean_box_part),
-                 ("ReLU epilogues", self.decoder.relu_epilogue), ("fp32 box part", st.fp32_box_part),
-                 ("fused encoder norms", st.fused_norms))
-        opts = "".join(f", {what}" for what, on in shown if on) + (" (box part too)" if self.fused_box_norms else "")
-        shown = (("fused attention operands", st.fused_operands), ("fused frequency chain", self._frequency_on),
-                 ("GELU epilogues", self._gelu_on), ("fused point features", st.fused_features),
-                 ("fused uncertainty", st.fused_uncertainty), ("fused planner", st.fused_planner),
-                 ("tuned", self.tuned_from is not None))
-        opts += "".join(f", {what}" for what, on in shown if on)
+        # what runs, in this order (the fused frequency chain and GELU epilogues where they had something to act on)
+        shown: tuple[tuple[str, bool | None], ...] = (
+            ("SDPA attention", st.fused_attention), ("frequency stream", st.overlap_frequency),
+            ("grid_sample taps", st.grid_sample), ("aligned decoder matmuls", st.align_matmuls),
+            ("lean encoder", st.lean_encoder), ("lean box part", st.lean_box_part),
+            ("ReLU epilogues", self.decoder.relu_epilogue), ("fp32 box part", st.fp32_box_part),
+            ("fused encoder norms", st.fused_norms), ("(box part too)", self.fused_box_norms),
+            ("fused attention operands", st.fused_operands), ("fused frequency chain", self._frequency_on),
+            ("GELU epilogues", self._gelu_on), ("fused point features", st.fused_features),
+            ("fused uncertainty", st.fused_uncertainty), ("fused planner", st.fused_planner),
+            ("tuned", self.tuned_from is not None))
+        opts = "".join((f" {what}" if what.startswith("(") else f", {what}") for what, on in shown if on)
         return f"{self.name} ({self.precision}{graphs}{compiled}{opts}){gpu}"
 
     # --- plumbing ---

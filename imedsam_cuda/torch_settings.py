@@ -114,7 +114,8 @@ def from_env(settings: TorchCudaSettings) -> TorchCudaSettings:
     ``IMEDSAM_TORCH_TRITON`` runs its Triton kernels, each off by default until a GPU has timed it, and the box
     part in fp32 (``fp32_box_part``), whose norms the fused-norms kernel then runs too."""
     triton = _on(TRITON_ENV)
-    opts: dict[str, Any] = {"compile": _on(COMPILE_ENV), **dict.fromkeys(TRITON_OPTIONS, triton), "fp32_box_part": triton}
+    opts: dict[str, Any] = {"compile": _on(COMPILE_ENV), **dict.fromkeys(TRITON_OPTIONS, triton),
+                            "fp32_box_part": triton}
     return replace(settings, **opts)
 
 

@@ -29,7 +29,8 @@ def backend_runs(option: str, off_again: bool = False, **settings: Any) -> dict[
     coords = np.random.default_rng(1).uniform(-1.1, 1.1, (1, 300, 2)).astype(np.float32)
     runs: dict[Any, Any] = {}
     for on in (False, True):
-        be = TorchBackend(model, "cpu", TorchCudaSettings(precision="fp32", device_planner=True, **settings, **{option: on}))
+        be = TorchBackend(model, "cpu", TorchCudaSettings(
+            precision="fp32", device_planner=True, **settings, **{option: on}))
         emb = be.encode(img)[0]
         logits, queried = be.sparse_region(emb, box, (8, 52, 6, 58), (64, 64), 0.125, SparseConfig(stride=8))
         runs[on] = (be.decode(emb, box, coords), logits, queried, be.description)

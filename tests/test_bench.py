@@ -314,7 +314,9 @@ def test_torch_backend_compiles_whole_graphs():
 
     model = tiny()
     eager = TorchBackend(model, "cpu", TorchCudaSettings(precision="fp32"))
-    comp = TorchBackend(model, "cpu", TorchCudaSettings(precision="fp32", compile="aot_eager", fused_attention=True, align_matmuls=True, lean_encoder=True, lean_box_part=True, relu_epilogue=True))  # as on CUDA: the padded layers, lean forms and epilogues traced too
+    comp = TorchBackend(model, "cpu", TorchCudaSettings(
+        precision="fp32", compile="aot_eager", fused_attention=True, align_matmuls=True, lean_encoder=True,
+        lean_box_part=True, relu_epilogue=True))  # as on CUDA: the padded layers, lean forms and epilogues traced too
     assert "torch.compile" in comp.description and "torch.compile" not in eager.description
     img = np.random.default_rng(0).random((1, 3, S, S), dtype=np.float32)
     box = np.array([[10, 12, 90, 100]], np.float32)
@@ -356,7 +358,8 @@ def test_torch_backend_encoder_options_are_exact(monkeypatch):
     ref = plain.encode(img)
     ref_dec = plain.decode(ref[1], box, coords)
     for fused, overlap in ((False, True), (True, False), (True, True)):
-        be = TorchBackend(model, "cpu", TorchCudaSettings(precision="fp32", fused_attention=fused, overlap_frequency=overlap))
+        be = TorchBackend(model, "cpu", TorchCudaSettings(
+            precision="fp32", fused_attention=fused, overlap_frequency=overlap))
         attns = [m for m in be.model.modules() if hasattr(m, "fused")]
         assert len(attns) == model.cfg.encoder.depth and all(m.fused == fused for m in attns)
         assert be.model.image_encoder.frequency_first == overlap
@@ -564,7 +567,8 @@ def test_compile_and_the_triton_kernels_are_refused_together():
     from imedsam_cuda.torch_settings import TorchCudaSettings
 
     with pytest.raises(UserError, match="torch.compile .* and the hand-written Triton kernels .* are alternatives"):
-        TorchBackend(tiny(), "cpu", TorchCudaSettings(precision="fp32", compile="aot_eager", fused_features=True))
+        TorchBackend(tiny(), "cpu", TorchCudaSettings(
+            precision="fp32", compile="aot_eager", fused_features=True))
 
 
 @pytest.mark.parametrize(("compile_env", "triton_env", "want"), [

@@ -116,7 +116,8 @@ def test_torch_backend_with_an_fp32_box_part():
     ups = {}
     for name, precision, fp32_box in (("fp32", "fp32", False), ("bf16", "bf16", False), ("island", "bf16", True),
                                       ("fp32 asked", "fp32", True)):
-        be = TorchBackend(copy.deepcopy(model), "cpu", TorchCudaSettings(precision=precision, lean_box_part=True, fp32_box_part=fp32_box))
+        be = TorchBackend(copy.deepcopy(model), "cpu", TorchCudaSettings(
+            precision=precision, lean_box_part=True, fp32_box_part=fp32_box))
         ups[name] = be.box_features(emb, boxes).float()
         if name == "island":
             m = be.model
@@ -189,7 +190,8 @@ def test_the_backend_runs_the_lean_two_way_transformer_only_without_autocast():
     ups, lean = {}, {}
     for name, precision, lean_box, fp32_box in (("plain", "fp32", False, False), ("fp32", "fp32", True, False),
                                                 ("island", "bf16", True, True), ("bf16", "bf16", True, False)):
-        be = TorchBackend(copy.deepcopy(model), "cpu", TorchCudaSettings(precision=precision, lean_box_part=lean_box, fp32_box_part=fp32_box))
+        be = TorchBackend(copy.deepcopy(model), "cpu", TorchCudaSettings(
+            precision=precision, lean_box_part=lean_box, fp32_box_part=fp32_box))
         ups[name] = be.box_features(emb, boxes).float()
         lean[name] = "forward" in be.model.mask_decoder.transformer.__dict__
     assert lean == {"plain": False, "fp32": True, "island": True, "bf16": False}
@@ -216,13 +218,15 @@ def test_the_box_precision_switched_at_run_time_is_bitwise_a_backend_built_so(le
     emb = torch.randn(1, 64, 4, 4)
 
     def built(fp32_box: bool):
-        return TorchBackend(copy.deepcopy(model), "cpu", TorchCudaSettings(precision="bf16", lean_box_part=lean_box, fp32_box_part=fp32_box))
+        return TorchBackend(copy.deepcopy(model), "cpu", TorchCudaSettings(
+            precision="bf16", lean_box_part=lean_box, fp32_box_part=fp32_box))
 
     want = {fp32: built(fp32).box_features(emb, boxes) for fp32 in (False, True)}
     assert want[True].dtype == want[False].dtype == torch.float32 and not torch.equal(want[True], want[False])
     # a backend built with the fp32 box part switches it on through the same call: its features are checked
     # against an fp32 backend's too, which shares none of that code
-    fp32_be = TorchBackend(copy.deepcopy(model), "cpu", TorchCudaSettings(precision="fp32", lean_box_part=lean_box))
+    fp32_be = TorchBackend(copy.deepcopy(model), "cpu", TorchCudaSettings(
+        precision="fp32", lean_box_part=lean_box))
     ref = fp32_be.box_features(emb, boxes)
     assert float((want[True] - ref).norm() / ref.norm()) < 1e-5 < float((want[False] - ref).norm() / ref.norm())
     be = built(False)

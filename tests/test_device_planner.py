@@ -161,7 +161,8 @@ def test_segmenter_sparse_on_the_device_equals_the_host_planner(shipped, out, mo
     rgb, box = sample_frame(0, (0.3, 0.3, 0.7, 0.65))
     masks, queried = {}, {}
     for name, dp in (("host", False), ("device", True)):
-        seg = Segmenter(TorchBackend(model, "cpu", TorchCudaSettings(precision="fp32", device_planner=dp)), art, query="sparse")
+        seg = Segmenter(TorchBackend(model, "cpu", TorchCudaSettings(
+            precision="fp32", device_planner=dp)), art, query="sparse")
         obj = seg.segment(rgb, box, out).objects[0]
         masks[name], queried[name] = obj.mask(), obj.queried
     assert (masks["device"] == masks["host"]).mean() >= 0.9999

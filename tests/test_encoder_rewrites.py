@@ -155,7 +155,8 @@ def test_torch_backend_with_the_lean_layers_gives_the_same_masks():
     boxes = np.array([[20.0, 15.0, 90.0, 80.0]], np.float32)
     out = {}
     for lean in (False, True):
-        be = TorchBackend(copy.deepcopy(model), "cpu", TorchCudaSettings(precision="fp32", lean_encoder=lean, lean_box_part=lean))
+        be = TorchBackend(copy.deepcopy(model), "cpu", TorchCudaSettings(
+            precision="fp32", lean_encoder=lean, lean_box_part=lean))
         assert be.settings.lean_encoder is be.settings.lean_box_part is lean
         assert ("lean encoder" in be.description) is ("lean box part" in be.description) is lean
         seg = Segmenter(be, model_artifact(model, 1), query="full")
@@ -216,7 +217,8 @@ def test_gelu_epilogues_equal_the_mlps_and_switch_back():
         assert sum(ops.ops.values()) <= sum(plain_ops.ops.values()) - 2
         assert use_gelu_epilogue(enc, False) == 0 and all("forward" not in b.mlp.__dict__ for b in enc.blocks)
 
-    be = TorchBackend(copy.deepcopy(_power_of_two_model()), "cpu", TorchCudaSettings(precision="fp32", lean_encoder=True))
+    be = TorchBackend(copy.deepcopy(_power_of_two_model()), "cpu", TorchCudaSettings(
+        precision="fp32", lean_encoder=True))
     base = np.asarray(be.encode(x[:1].numpy())[0])
     be.configure(replace(be.settings, gelu_epilogue=True))
     assert be.settings.gelu_epilogue and "GELU epilogues" in be.description

@@ -91,7 +91,8 @@ def test_tune_keeps_a_flip_only_if_it_is_faster_in_every_round():
 
 def test_tune_refuses_a_faster_flip_whose_masks_differ():
     """A knob whose setting is faster but changes the masks (a kernel that is wrong on this card) is put back."""
-    frames = Frames(lambda be: 5.0 if be.settings.relu_epilogue else 10.0, corrupt=lambda be: be.settings.relu_epilogue)
+    frames = Frames(lambda be: 5.0 if be.settings.relu_epilogue else 10.0,
+                    corrupt=lambda be: be.settings.relu_epilogue)
     knob = next(k for k in tt.KNOBS if k.name == "relu_epilogue")
     tuning = tt.tune(frames.be, frames, knobs=[knob], repeat=2, warmup=1, clock=frames.clock)
     (trial,) = tuning.trials

@@ -30,7 +30,7 @@ def test_the_frozen_dense_map_is_bitwise_the_computed_one():
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
             want = model.prompt_encoder.get_dense_pe()
         got = freeze_dense_pe(model, dtype)
-        assert got is model.frozen_dense_pe and got.dtype == want.dtype and torch.equal(got, want)
+        assert got is model.dense_pe() and got.dtype == want.dtype and torch.equal(got, want)
 
 
 def test_channels_last_norm_equals_layer_norm_2d():

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     from imedsam_cuda.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_settings import TorchCudaSettings
     from imedsam_deploy.preprocess import to_model_input
     from imedsam_deploy.video import read_image
     from imedsam_train.build import build
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{a.model} at {a.input_size}², {path.name}, {a.precision} against the plain fp32 encoder on {a.device}:")
     rows = [("fp32", False, False), ("fp32", True, True), (a.precision, False, False), (a.precision, True, False),
             (a.precision, True, True)]  # (precision, SDPA attention, lean encoder); the first is the reference
-    bes = [TorchBackend(model, a.device, p, cuda_graphs=False, fused_attention=f, lean_encoder=lean)
+    bes = [TorchBackend(model, a.device, TorchCudaSettings(precision=p, cuda_graphs=False, fused_attention=f,
+                                                           lean_encoder=lean))
            for p, f, lean in rows]
     embs = [be.encode(x)[0].float() for be in bes]
     times: list[list[float]] = [[] for _ in rows]

@@ -53,7 +53,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,7 +68,8 @@ if TYPE_CHECKING:  # imported in main (after the friendly checks): a module impo
 PARTS = ("correctness", "encoder", "decoder", "profile", "memory", "timing")
 CHECK_MODULES = ("imedsam_core.atomic", "imedsam_core.contract", "imedsam_core.errors", "imedsam_cuda.reference",
                  "imedsam_cuda.torch_cuda", "imedsam_cuda.torch_models", "imedsam_deploy.bench",
-                 "imedsam_deploy.preprocess", "imedsam_deploy.runtime", "imedsam_train.build")
+                 "imedsam_cuda.torch_settings", "imedsam_deploy.preprocess", "imedsam_deploy.runtime",
+                 "imedsam_train.build")
 COMPILED_ROW_ROOM_S = 180  # a compiled row compiles first: it starts only with this much of the budget left
 
 
@@ -304,13 +305,15 @@ class Clock:
 def backend(model: Any, a: argparse.Namespace, maxb: int, precision: str, lean_layers: bool | None,
             compile: bool = False, triton: bool = False) -> TorchBackend:
     from imedsam_cuda.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_settings import TorchCudaSettings
 
-    return TorchBackend(model, a.device, precision, max_batch=maxb, max_points=65536, compile=compile,
-                        device_planner=True, device_merge=True,  # also in a CPU dry run
-                        lean_encoder=lean_layers, lean_box_part=lean_layers,
-                        fp32_box_part=triton,  # the box part's fused norms need it
-                        fused_norms=triton, fused_operands=triton, fused_frequency=triton,
-                        fused_features=triton, fused_uncertainty=triton, fused_planner=triton)
+    return TorchBackend(model, a.device, TorchCudaSettings(
+        precision=precision, max_batch=maxb, max_points=65536, compile=compile,
+        device_planner=True, device_merge=True,  # also in a CPU dry run
+        lean_encoder=lean_layers, lean_box_part=lean_layers,
+        fp32_box_part=triton,  # the box part's fused norms need it
+        fused_norms=triton, fused_operands=triton, fused_frequency=triton,
+        fused_features=triton, fused_uncertainty=triton, fused_planner=triton))
 
 
 def lean_of(a: argparse.Namespace) -> bool | None:
@@ -433,11 +436,12 @@ def fused_sparse_runner(be: TorchBackend, seg: Segmenter, S: int, fraction: floa
 def host_planner(c: Check, r: FrameRunner, inp: Inputs, out: int) -> list[np.ndarray]:
     """The sparse mode with the numpy planner (a host round trip per level), for comparison."""
     be = c.ours["bf16"]
-    be.device_planner = False
+    keep = be.settings
+    be.settings = replace(keep, device_planner=False)  # read per box by sparse_region: nothing to rebuild
     try:
         return r.run(inp, (out, out), c.stage_t.get("sparse bf16 host"))
     finally:
-        be.device_planner = True
+        be.settings = keep
 
 
 def variants(c: Check, bsz: int, out: int, compiled: bool) -> dict[str, Callable[[Inputs], Any]]:
@@ -556,8 +560,8 @@ def timing_settings(c: Check) -> None:
     if c.a.align_matmuls is not None:  # after the decoder options, which restore the backends' own settings
         for p, be in c.ours.items():
             if p != "fp32":
-                be.set_decoder_alignment(c.a.align_matmuls == "on")
-    c.info["align_matmuls"] = c.ours["bf16"].align_matmuls
+                be.configure(replace(be.settings, align_matmuls=c.a.align_matmuls == "on"))
+    c.info["align_matmuls"] = c.ours["bf16"].settings.align_matmuls
 
 
 def encoder_options(c: Check, be: TorchBackend, batches: list[int]) -> list[dict[str, Any]]:
@@ -567,7 +571,7 @@ def encoder_options(c: Check, be: TorchBackend, batches: list[int]) -> list[dict
     and on the lean one with its adds and norms as Triton kernels (``fused_norms``; skipped without CUDA), then
     its attention operands too (``fused_operands``), then its frequency chain too (``fused_frequency``), then
     the operands alone, and last ``be``'s with its box part in fp32 from host-made tokens
-    (``fp32_box_part``, switched on by ``set_box_precision``: its box part's time is the row's point), without
+    (``fp32_box_part``, switched on by ``configure``: its box part's time is the row's point), without
     and with fused norms
     (the encoder's and the fp32 box part's):
     p50 per batch, and the embedding's max abs difference from the first row's on the same images (the
@@ -578,9 +582,8 @@ def encoder_options(c: Check, be: TorchBackend, batches: list[int]) -> list[dict
     from imedsam_deploy.preprocess import to_model_input
 
     a, S, timed = c.a, c.S, c.clock.timed
-    keep = (be.fused_attention, be.overlap_frequency)
-    keep_box = be.fp32_box_part
-    other = backend(c.model, a, c.maxb, "bf16", lean_layers=not be.lean_encoder)
+    keep = be.settings
+    other = backend(c.model, a, c.maxb, "bf16", lean_layers=not be.settings.lean_encoder)
     box = np.array([[0.3 * S, 0.3 * S, 0.7 * S, 0.65 * S]], np.float32)
 
     def box_part(b: TorchBackend, emb: Any) -> None:
@@ -591,7 +594,7 @@ def encoder_options(c: Check, be: TorchBackend, batches: list[int]) -> list[dict
     for bsz in batches:
         x = np.stack([to_model_input(im, S) for im in synthetic_inputs(S, bsz, seed=3).images])
         base = None
-        lean_be = be if be.lean_encoder else other
+        lean_be = be if be.settings.lean_encoder else other
         for b, fused_attn, overlap, norms, operands, chain, box32 in (
                 (be, False, False, False, False, False, False), (be, True, False, False, False, False, False),
                 (be, False, True, False, False, False, False), (be, True, True, False, False, False, False),
@@ -599,15 +602,13 @@ def encoder_options(c: Check, be: TorchBackend, batches: list[int]) -> list[dict
                 (lean_be, True, True, True, True, False, False), (lean_be, True, True, True, True, True, False),
                 (lean_be, True, False, True, True, True, False), (lean_be, True, True, False, True, False, False),
                 (be, True, True, False, False, False, True), (be, True, True, True, False, False, True)):
-            b.set_encoder_options(fused_attn, overlap)  # recaptured with these options
-            b.set_box_precision(box32)
-            what = {"batch": bsz, "lean_encoder": b.lean_encoder, "fused_attention": fused_attn,
+            what = {"batch": bsz, "lean_encoder": b.settings.lean_encoder, "fused_attention": fused_attn,
                     "overlap_frequency": overlap, "fused_norms": norms, "fused_operands": operands,
-                    "fused_frequency": chain, "fp32_box_part": b.fp32_box_part}
-            try:
-                b.set_encoder_norms(norms)
-                b.set_encoder_operands(operands)
-                b.set_encoder_frequency(chain)
+                    "fused_frequency": chain, "fp32_box_part": box32 and b.precision != "fp32"}
+            try:  # recaptured with these options
+                b.configure(replace(b.settings, fused_attention=fused_attn, overlap_frequency=overlap,
+                                    fp32_box_part=box32 and b.precision != "fp32", fused_norms=norms,
+                                    fused_operands=operands, fused_frequency=chain))
             except UserError as e:  # no triton, or no CUDA device for it
                 out.append({**what, "skipped": str(e)})
                 print(f"encoder option {json.dumps(out[-1])}", flush=True)
@@ -630,11 +631,7 @@ def encoder_options(c: Check, be: TorchBackend, batches: list[int]) -> list[dict
                 cell = {**what, "error": failure(e)}
             out.append(cell)
             print(f"encoder option {json.dumps(cell)}", flush=True)
-            b.set_encoder_norms(False)
-            b.set_encoder_operands(False)
-            b.set_encoder_frequency(False)
-    be.set_encoder_options(*keep)
-    be.set_box_precision(keep_box)
+    be.configure(keep)
     del other
     return out
 
@@ -655,16 +652,12 @@ def decoder_options(c: Check, be: TorchBackend, frames: dict[str, FrameRunner]) 
     a, timed = c.a, c.clock.timed
 
     def apply(o: dict[str, Any]) -> None:  # the decoder's graphs are recaptured
-        be.set_decoder_sampling(o["grid_sample"])
-        be.set_decoder_alignment(o["align_matmuls"])
-        be.set_decoder_epilogue(o["relu_epilogue"])
-        be.set_decoder_features(o["fused_features"])
-        be.set_decoder_uncertainty(o["fused_uncertainty"])
-        be.set_planner_kernels(o["fused_planner"])
+        be.configure(replace(be.settings, **o))
 
-    keep = {"grid_sample": be.grid_sample, "align_matmuls": be.align_matmuls, "relu_epilogue": be.relu_epilogue,
-            "fused_features": be.fused_features, "fused_uncertainty": be.fused_uncertainty,
-            "fused_planner": be.fused_planner}
+    now = be.settings
+    keep = {"grid_sample": now.grid_sample, "align_matmuls": now.align_matmuls, "relu_epilogue": now.relu_epilogue,
+            "fused_features": now.fused_features, "fused_uncertainty": now.fused_uncertainty,
+            "fused_planner": now.fused_planner}
     inp = synthetic_inputs(c.S, 1, seed=5)
     out: list[dict[str, Any]] = []
     masks: dict[tuple[Any, ...], np.ndarray] = {}
@@ -834,11 +827,12 @@ def set_up(a: argparse.Namespace, t_start: float) -> Check:
             print(f"gpu_check: no bf16+triton rows: {e}", flush=True)
     if a.compile != "none":
         ours["bf16+compile"] = backend(model, a, maxb, "bf16", lean, compile=True)
-    info["lean_encoder"], info["lean_box_part"] = ours["bf16"].lean_encoder, ours["bf16"].lean_box_part
-    info["relu_epilogue"] = ours["bf16"].relu_epilogue
-    info["fused_features"] = ours["bf16"].fused_features
-    info["fused_uncertainty"] = ours["bf16"].fused_uncertainty
-    info["fused_planner"] = ours["bf16"].fused_planner
+    bf16 = ours["bf16"].settings
+    info["lean_encoder"], info["lean_box_part"] = bf16.lean_encoder, bf16.lean_box_part
+    info["relu_epilogue"] = ours["bf16"].decoder.relu_epilogue
+    info["fused_features"] = bf16.fused_features
+    info["fused_uncertainty"] = bf16.fused_uncertainty
+    info["fused_planner"] = bf16.fused_planner
     info["parts"] = a.parts
     ref = ReferenceIMedSAM(model.to(dev))
     c = Check(a=a, clock=clock, model=model, art=art, opts=opts, ours=ours, ref=ref, info=info, t_start=t_start)

@@ -24,12 +24,13 @@ def builds(names: tuple[str, ...], capability: int) -> Iterator[tuple[str, str, 
     """(kernel, variant, its compile figures) for each kernel named, at vit_b's shapes in bf16."""
     from torch import nn
 
+    from imedsam_cuda.encoder_attention import inference_attention
     from imedsam_cuda.encoder_rewrites import lean_block
     from imedsam_export.graphs import DecoderGraph
     from imedsam_export.merge import merge_for_export
     from imedsam_train.build import build
     from imedsam_train.config import FrequencyConfig, LoraConfig
-    from imedsam_train.model.encoder import Block, use_fused_attention
+    from imedsam_train.model.encoder import Block
 
     bf16 = torch.bfloat16
     torch.manual_seed(0)
@@ -49,7 +50,7 @@ def builds(names: tuple[str, ...], capability: int) -> Iterator[tuple[str, str, 
 
         for window in (14, 0):
             blk = Block(768, 12, 4.0, window, 24, LoraConfig(enabled=False), FrequencyConfig(enabled=False)).eval()
-            use_fused_attention(blk, True)
+            inference_attention(blk, True, None)
             yield f"window {window}" if window else "global", compile_for(lean_block(blk, 24, bf16), bf16, capability)
 
     def frequency_chain() -> Iterator[tuple[str, dict[str, Any]]]:

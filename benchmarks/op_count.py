@@ -118,16 +118,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _count(a: argparse.Namespace) -> int:
     from imedsam_cuda.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_settings import TorchCudaSettings
     from imedsam_cuda.torch_sparse import DevicePlanner
     from imedsam_deploy.sparse import SparseConfig
     from imedsam_train.build import build
 
     torch.manual_seed(0)
     model, _ = build(a.model, input_size=a.input_size)
-    be = TorchBackend(model.eval(), "cpu", a.precision, fused_attention=True, overlap_frequency=True,
-                      grid_sample=not a.gather_taps, align_matmuls=True,
-                      lean_encoder=not a.plain_layers, lean_box_part=not a.plain_layers,
-                      relu_epilogue=not a.plain_layers, fp32_box_part=a.fp32_box_part)  # torch-cuda's defaults
+    be = TorchBackend(model.eval(), "cpu", TorchCudaSettings(  # torch-cuda's defaults
+        precision=a.precision, fused_attention=True, overlap_frequency=True, grid_sample=not a.gather_taps,
+        align_matmuls=True, lean_encoder=not a.plain_layers, lean_box_part=not a.plain_layers,
+        relu_epilogue=not a.plain_layers, fp32_box_part=a.fp32_box_part))
     if a.fused_norms:
         import imedsam_cuda.fused_add_norm as fan
         from imedsam_cuda.box_part_rewrites import use_fused_box_norms

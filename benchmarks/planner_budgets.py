@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from imedsam_cuda import torch_sparse
     from imedsam_cuda.torch_cuda import TorchBackend
     from imedsam_cuda.torch_models import model_artifact
+    from imedsam_cuda.torch_settings import TorchCudaSettings
     from imedsam_deploy.bench import BenchOptions, FrameRunner, synthetic_inputs
     from imedsam_train.build import build
 
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         for rule in a.growth:
             P.grow = grow if rule == "needs" else former_grow  # type: ignore[method-assign]
             P.__init__ = init if rule == "needs" else former_init  # type: ignore[method-assign]
-            be = TorchBackend(model, "cpu", "fp32", device_planner=True, device_merge=True)
+            be = TorchBackend(model, "cpu", TorchCudaSettings(
+                precision="fp32", device_planner=True, device_merge=True))
             runner = FrameRunner(be, art, "sparse", BenchOptions())
             for out in a.sizes:
                 inp = synthetic_inputs(S, 1, seed=2)

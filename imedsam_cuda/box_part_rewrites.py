@@ -45,13 +45,13 @@ from imedsam_train.model import IMedSAM
 
 def freeze_dense_pe(model: IMedSAM, dtype: torch.dtype | None) -> torch.Tensor | None:
     """Compute the dense positional map once, as ``decoder_features`` would under autocast to ``dtype`` (None:
-    no autocast), on the model's current device (freeze after moving), and make ``decoder_features`` read it.
-    Returns it."""
+    no autocast), on the model's current device (freeze after moving), and make this instance's ``dense_pe`` return
+    it (what ``decoder_features`` reads; the prompt encoder's own ``get_dense_pe`` is untouched). Returns it."""
     dev = next(model.parameters()).device
     amp = torch.autocast(dev.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     with torch.no_grad(), amp:  # channels-last: read as (g g, C) tokens by the transformer, contiguous that way
         pe = model.prompt_encoder.get_dense_pe().contiguous(memory_format=torch.channels_last)
-    model.frozen_dense_pe = pe
+    model.dense_pe = lambda: pe  # type: ignore[method-assign]
     return pe
 
 

@@ -38,6 +38,7 @@ from segment_anything.modeling.image_encoder import PatchEmbed
 from torch import nn
 
 from imedsam_cuda import fused_add_norm
+from imedsam_cuda.encoder_loop import InferenceEncoder, StepBlock
 from imedsam_train.model.encoder import Attention, Block, ImageEncoder
 
 
@@ -52,7 +53,7 @@ def _exact_scale(attn: Attention) -> bool:
     return math.frexp(attn.scale)[0] == 0.5
 
 
-class LeanBlock(Block):
+class LeanBlock(StepBlock):
     """An encoder ``Block`` (merged qkv, power-of-two scale) whose attention runs in about half the kernels.
 
     - The queries extended with SAM's decomposed relative-position bias (``Attention.attend``: [s q, q . Rh,
@@ -211,7 +212,7 @@ class LeanBlock(Block):
 
     def step(self, x: torch.Tensor, y: torch.Tensor | None, add: torch.Tensor, wait: Callable[[], None],
              next_block: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``Block.step`` with fused norms: norm1 (only for the first block: the others get y from the step
+        """``StepBlock.step`` with fused norms: norm1 (only for the first block: the others get y from the step
         before), x + attention with norm2 (a windowed attention's rows read in grid order there), and x + mlp +
         the adapter's add with the next block's norm1, each one kernel. The sums are torch's, bitwise; the norms
         within fp32 rounding before the cast."""
@@ -315,17 +316,17 @@ class NeckNHWC(nn.Module):
         return self.norm2(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-def use_fused_norms(encoder: ImageEncoder, on: bool = True) -> int:
+def use_fused_norms(encoder: InferenceEncoder, on: bool = True) -> int:
     """Switch the ``LeanBlock``s' residual adds and norms to (or from) ``fused_add_norm`` kernels, in the
-    frequency-first block loop (``ImageEncoder.frequency_chain_first``, which the encoder then runs with or
+    frequency-first block loop (``InferenceEncoder.frequency_chain_first``, which the encoder then runs with or
     without its side stream); returns how many blocks."""
     blocks = [b for b in encoder.blocks if isinstance(b, LeanBlock)]
     for b in blocks:
-        b.fused_norms = on  # the encoder then runs its chain-first loop (``Block.fuses_steps``)
+        b.fused_norms = on  # the encoder then runs its chain-first loop (``StepBlock.fuses_steps``)
     return len(blocks)
 
 
-def use_fused_frequency(encoder: ImageEncoder, on: bool = True) -> bool:
+def use_fused_frequency(encoder: InferenceEncoder, on: bool = True) -> bool:
     """Run every block's frequency adapter as one ``fused_frequency_chain`` kernel (or each as torch ops again),
     made from the adapters' current weights (store them in the compute dtype first); returns whether it is on
     (an encoder without adapters keeps its own)."""

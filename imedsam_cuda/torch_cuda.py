@@ -24,7 +24,7 @@ torch-free otherwise. What it does:
   on a second stream beside the token chain (it never reads the tokens);
 - the sparse mode's planner runs on the device (``torch_sparse.DevicePlanner``: one graph per box), and the
   full and box modes UGS-merge on the device: only final logits are copied to the host;
-- optionally (``compile=True`` or IMEDSAM_TORCH_COMPILE=1) each captured function is first compiled by
+- optionally (settings ``compile=True``, or IMEDSAM_TORCH_COMPILE=1) each captured function is first compiled by
   ``torch.compile`` (inductor: fused elementwise kernels, autotuned GEMMs), still replayed as a CUDA graph;
 - optionally (IMEDSAM_TORCH_TRITON=1, or the six options) hand-written Triton kernels replace torch ops: the
   encoder's residual adds and norms, its attention operands and its frequency-adapter chain, each decoder point's
@@ -38,7 +38,6 @@ was exported from (manifest ``source.checkpoint``, or the ``IMEDSAM_TORCH_CHECKP
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,17 +46,20 @@ import numpy as np
 
 from imedsam_core import contract
 from imedsam_core.errors import UserError
+from imedsam_cuda.torch_settings import (
+    CHECKPOINT_ENV,
+    COMPILE_ENV,
+    PRECISIONS,
+    TRITON_ENV,
+    TRITON_OPTIONS,
+    TorchCudaSettings,
+    checkpoint_from_env,
+    from_env,
+)
 from imedsam_deploy.backends.base import Backend, Embedding
 from imedsam_deploy.manifest import Artifact
 from imedsam_deploy.preprocess import Region, axis_centres
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-CHECKPOINT_ENV = "IMEDSAM_TORCH_CHECKPOINT"
-COMPILE_ENV = "IMEDSAM_TORCH_COMPILE"
-TRITON_ENV = "IMEDSAM_TORCH_TRITON"
-# the TorchBackend options that run hand-written Triton kernels (TRITON_ENV turns them all on; not with compile)
-TRITON_OPTIONS = ("fused_norms", "fused_operands", "fused_frequency", "fused_features", "fused_uncertainty",
-                  "fused_planner")
 POINT_BUCKET_MIN = 1024  # the smallest padded decode: below it a graph replay costs the same whatever N
 
 
@@ -100,13 +102,23 @@ def store_weights_in(module: Any, dtype: Any) -> int:
     bias added outside its layer (the windowed attention's, after a bias-free projection) is now added in
     the autocast dtype, as the layer itself would, so the attention after it runs in that dtype too instead
     of being promoted to fp32 (and cast back by every autocast op it feeds). (An fp32 box part restores its
-    layers' fp32 weights: ``TorchBackend.set_box_precision``.)"""
+    layers' fp32 weights: ``TorchCudaSettings.fp32_box_part``.)"""
     layers = weight_layers(module)
     for m in layers:
         m.weight.data = m.weight.data.to(dtype)
         if m.bias is not None:
             m.bias.data = m.bias.data.to(dtype)
     return len(layers)
+
+
+def _check(settings: TorchCudaSettings) -> None:
+    """Refuse, in one line, settings no backend runs."""
+    if settings.precision not in PRECISIONS:
+        raise UserError(f"backend torch: precision {settings.precision!r} not one of {', '.join(PRECISIONS)}")
+    if settings.compile and any(getattr(settings, k) for k in TRITON_OPTIONS):
+        # two ways to the same end (inductor writes its own fused kernels); together they are untested
+        raise UserError(f"backend torch: torch.compile ({COMPILE_ENV}) and the hand-written Triton kernels "
+                        f"({TRITON_ENV}) are alternatives: set one")
 
 
 def _no_cuda_reason() -> str | None:
@@ -121,9 +133,9 @@ def _no_cuda_reason() -> str | None:
 
 def source_checkpoint(artifact: Artifact) -> Path | None:
     """The PyTorch checkpoint behind ``artifact``: $IMEDSAM_TORCH_CHECKPOINT, else manifest source.checkpoint."""
-    env = os.environ.get(CHECKPOINT_ENV)
-    if env:
-        return Path(env)
+    env = checkpoint_from_env()
+    if env is not None:
+        return env
     src = artifact.manifest.get("source")
     ck = src.get("checkpoint") if isinstance(src, dict) else None
     if not ck:
@@ -159,136 +171,113 @@ def create(artifact: Artifact, precision: str | None = None) -> TorchBackend:
 
 def open_model(model: Any, device: str, precision: str, artifact: Artifact) -> TorchBackend:
     """The torch backend of ``model`` as the commands open it: on CUDA with the environment's opt-ins
-    (``env_options``), then with what ``imedsam-bench --tune`` found fastest on this machine, if it ran."""
+    (``torch_settings.from_env``), then with what ``imedsam-bench --tune`` found fastest on this machine, if it
+    ran."""
     from imedsam_cuda.torch_tuning import apply_saved, default_root
 
-    be = TorchBackend(model, device, precision, max_batch=artifact.max_batch, max_points=artifact.max_points,
-                      **(env_options() if device.startswith("cuda") else {}))
+    settings = TorchCudaSettings(precision=precision, max_batch=artifact.max_batch, max_points=artifact.max_points)
+    be = TorchBackend(model, device, from_env(settings) if device.startswith("cuda") else settings)
     apply_saved(be, default_root())
     return be
 
 
-def env_options() -> dict[str, bool]:
-    """torch-cuda's opt-in settings from the environment, as ``imedsam-infer`` and ``imedsam-bench`` open it (any
-    value but 0 turns one on): ``IMEDSAM_TORCH_COMPILE`` compiles its stages with ``torch.compile``;
-    ``IMEDSAM_TORCH_TRITON`` runs its Triton kernels (the encoder's fused adds and norms, attention operands and
-    frequency chain, the decoder's fused point rows and uncertainty, the planner's fused levels), each off by default until a GPU has timed it,
-    and the box part in fp32 (``fp32_box_part``), whose norms the fused-norms kernel then runs too."""
-    def on(name: str) -> bool:
-        return os.environ.get(name, "") not in ("", "0")
-
-    triton = on(TRITON_ENV)
-    return {"compile": on(COMPILE_ENV), **dict.fromkeys(TRITON_OPTIONS, triton), "fp32_box_part": triton}
-
-
 class TorchBackend(Backend):
-    """``Backend`` over an in-process IMedSAM. device "cuda" is the product; "cpu" (fp32, no graphs) is the
-    same code path for tests and as a CPU comparison. ``bucket_points`` (default: with CUDA graphs or compile) pads
-    decodes to ``point_bucket`` sizes. ``compile``: True compiles with inductor; a string names another
-    ``torch.compile`` backend (tests use "aot_eager": the same whole-graph capture, no code generation).
-    ``device_planner`` (default: on CUDA) runs the sparse query mode's planner on the device
-    (``torch_sparse.DevicePlanner``), one graph per box instead of a host round trip per level;
-    ``device_merge`` (default: on CUDA) keeps the full and box modes' decoder outputs on the device and does
-    the UGS merge there. ``fused_attention`` (default: on CUDA) runs the encoder's attention, and the box
-    part's, as one ``scaled_dot_product_attention`` call each (flash / memory-efficient kernels) instead of
-    two GEMMs and a softmax; ``overlap_frequency`` (default: on CUDA without compile) issues the frequency-adapter chain,
-    which never reads the tokens, on a second stream beside them. Both exact (tests/test_model.py).
-    ``grid_sample`` (default on) samples the decoder's two maps with ``grid_sample`` (one kernel each) instead
-    of the exported graph's Gather taps (~35 small ops each); within fp32 rounding (tests/test_export.py).
-    ``align_matmuls`` (default: on CUDA) zero-pads the per-point layers' odd
-    widths to multiples of 8, so that cuBLAS takes its aligned Hopper GEMMs instead of align1 / align2 ones
-    (exact: tests/test_export.py; an H200's vit_b sparse frame 8.4 -> 6.9 ms at 384², 18.4 -> 14.2 ms at 896²).
-    ``lean_encoder`` (default: on CUDA) runs the encoder with ``imedsam_cuda.encoder_rewrites``: each block's
-    relative-position attention with one batched GEMM and a gather, windows by index gathers, the patch
-    embedding as one GEMM, the neck channels-last with ``layer_norm`` (the same arithmetic to fp32 rounding in
-    about 30% fewer kernels: tests/test_encoder_rewrites.py); ``lean_box_part`` (default: on CUDA) the box
-    part with ``imedsam_cuda.box_part_rewrites``: its dense positional map made once, the upscaling's norm as
-    one ``layer_norm`` (tests/test_box_part_rewrites.py). Both fixed for the backend's life. ``fp32_box_part``
-    (default off: not yet timed on a GPU; ``set_box_precision`` switches it) runs the box part (SAM's two-way
-    transformer and the upscaling) in fp32 with its weights kept in fp32, from transformer tokens made on the
-    host in float64 (``box_part_rewrites.HostPromptTokens``): about 50 fewer kernels a box (no autocast casts, no
-    prompt-encoder arithmetic on the device), closer to the fp32 model (tests/test_box_part_rewrites.py).
-    ``relu_epilogue``
-    (default: on CUDA) runs the per-point trunks' Linear -> ReLU pairs as one GEMM with its epilogue each
-    (``DecoderGraph.use_relu_epilogue``: tests/test_export.py). ``fused_norms`` (default off: not yet timed on a
-    GPU) runs the lean encoder's residual adds and norms as ``imedsam_cuda.fused_add_norm`` Triton kernels in the
-    frequency-first loop (tests/test_fused_add_norm.py); ``fused_operands`` (default off, likewise) builds each lean
-    block's attention operands with one ``imedsam_cuda.fused_attention_operands`` kernel instead of four to six ops
-    (tests/test_fused_attention_operands.py); ``fused_frequency`` (default off, likewise) runs every block's
-    frequency adapter with one ``imedsam_cuda.fused_frequency_chain`` kernel a frame instead of seven ops a block
-    (tests/test_fused_frequency_chain.py). ``fused_features`` (default off: not yet timed on a GPU)
-    builds each point's decoder input row (both map samples, the Fourier encoding) with one
-    ``imedsam_cuda.fused_point_features`` Triton kernel instead of 8 ops (tests/test_fused_point_features.py);
-    ``fused_uncertainty`` (default off, likewise) computes the closed-form uncertainty with one
-    ``imedsam_cuda.fused_uncertainty`` kernel instead of 9 fp32 ops (tests/test_fused_uncertainty.py);
-    ``fused_planner`` (default off, likewise) runs each device-planner level's bookkeeping as five
-    ``imedsam_cuda.fused_planner`` Triton kernels instead of ~60 ops (tests/test_device_planner.py).
-    ``gelu_epilogue`` (default off: not yet timed on a GPU, and on CUDA the tanh approximation of GELU) runs each
-    encoder block's first MLP layer and its GELU as one GEMM (``encoder_rewrites.use_gelu_epilogue``).
-    ``set_*`` switch these after the backend is built; ``torch_tuning`` times them on the machine."""
+    """``Backend`` over an in-process IMedSAM, run as ``settings`` say (``TorchCudaSettings``: each option, its
+    default and its test). device "cuda" is the product; "cpu" (fp32, no graphs) is the same code path for tests
+    and as a CPU comparison. The trained model is LoRA-merged and BatchNorm-folded once (verified, kept in fp32 on
+    the host); ``configure`` builds the inference copy from it for other settings (``torch_tuning`` times them on
+    the machine). ``settings`` holds them with the device's defaults resolved; ``built_settings`` those it was
+    built with."""
 
-    def __init__(
-        self, model: Any, device: str = "cuda", precision: str = "bf16", cuda_graphs: bool | None = None,
-        max_batch: int = 8, max_points: int = 65536, compile: bool | str = False, bucket_points: bool | None = None,
-        device_planner: bool | None = None, device_merge: bool | None = None, fused_attention: bool | None = None,
-        overlap_frequency: bool | None = None, grid_sample: bool = True,
-        align_matmuls: bool | None = None, lean_encoder: bool | None = None, lean_box_part: bool | None = None,
-        relu_epilogue: bool | None = None, fused_norms: bool = False, fused_features: bool = False,
-        fused_uncertainty: bool = False, fused_planner: bool = False, fused_operands: bool = False,
-        fused_frequency: bool = False, fp32_box_part: bool = False, gelu_epilogue: bool = False,
-    ) -> None:
-        super().__init__(max_batch, max_points)
-        if precision not in PRECISIONS:
-            raise UserError(f"backend torch: precision {precision!r} not one of {', '.join(PRECISIONS)}")
-        given = locals()  # the arguments, by name
-        if compile and any(given[k] for k in TRITON_OPTIONS):
-            # two ways to the same end (inductor writes its own fused kernels); together they are untested
-            raise UserError(f"backend torch: torch.compile ({COMPILE_ENV}) and the hand-written Triton kernels "
-                            f"({TRITON_ENV}) are alternatives: set one")
+    def __init__(self, model: Any, device: str = "cuda", settings: TorchCudaSettings | None = None) -> None:
+        settings = TorchCudaSettings() if settings is None else settings
+        super().__init__(settings.max_batch, settings.max_points)
+        _check(settings)
         if device.startswith("cuda"):
             reason = _no_cuda_reason()
             if reason:
                 raise UserError(f"backend torch-cuda: {reason}")
         import torch
-        from torch import nn
 
-        from imedsam_export.graphs import DecoderGraph
         from imedsam_export.merge import merge_for_export
 
         self.torch = torch
         self.device = torch.device(device)
         self.name = "torch-cuda" if self.device.type == "cuda" else "torch-cpu"
-        self.precision = precision
-        self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        self.use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        if self.use_graphs and self.device.type != "cuda":
-            raise UserError("backend torch: CUDA graphs need a CUDA device")
         if any(p.device.type != "cpu" for p in model.parameters()):  # the folding check runs on the CPU
             import copy
 
             model = copy.deepcopy(model).cpu()
-        folded, _ = merge_for_export(model)  # LoRA merged, BatchNorm folded, verified against model
-        folded = folded.to(self.device).eval()
-        self.model = folded
+        # LoRA merged, BatchNorm folded, verified against model; kept on the host, each build copies it
+        self._folded = merge_for_export(model)[0].eval()
+        self.tuned_from: Path | None = None  # the tuning file applied (torch_tuning.apply_saved), if any
+        self.planner_fallbacks = 0  # boxes the device planner handed back to the host planner (over budget)
+        self._build(settings.resolved(self.device.type == "cuda"))
+        # what a tuning starts from and is keyed by (torch_tuning)
+        self.built_settings = self.settings
+
+    def configure(self, settings: TorchCudaSettings) -> None:
+        """Run as ``settings`` say from now on (``dataclasses.replace(be.settings, ...)``): the inference copy is
+        built again from the folded model, every graph, compiled function and planner made anew; bitwise a backend
+        built with them. An fp32 box part asked of an fp32 backend (nothing to do) is refused in one line: the
+        tuner reports it as not tried."""
+        _check(settings)
+        if settings.fp32_box_part and settings.precision == "fp32":
+            raise UserError(f"backend {self.name}: fp32 box part: the backend runs in fp32 already")
+        self._build(settings.resolved(self.device.type == "cuda"))
+
+    def _build(self, s: TorchCudaSettings) -> None:
+        """The inference copy of the folded model for ``s`` (resolved), its stages' functions and empty caches."""
+        import copy
+
+        torch = self.torch
+        from torch import nn
+
+        from imedsam_cuda.encoder_attention import inference_attention
+        from imedsam_cuda.encoder_loop import InferenceEncoder
+        from imedsam_cuda.encoder_rewrites import (
+            lean_encoder,
+            use_fused_frequency,
+            use_fused_norms,
+            use_fused_operands,
+            use_gelu_epilogue,
+        )
+        from imedsam_cuda.prompt_attention import use_fused_prompt_attention
+        from imedsam_export.graphs import DecoderGraph
+
         cuda = self.device.type == "cuda"
-        self.lean_encoder = cuda if lean_encoder is None else lean_encoder
-        if self.lean_encoder:  # from the fp32 layers; store_weights_in below casts the new ones too
-            from imedsam_cuda.encoder_rewrites import lean_encoder as rewrite
+        if s.cuda_graphs and not cuda:
+            raise UserError("backend torch: CUDA graphs need a CUDA device")
+        lean_needed = None if s.lean_encoder else "it needs the lean encoder (lean_encoder=True)"
+        for option, what, why in (("fused_features", "fused point features", None),
+                                  ("fused_uncertainty", "fused uncertainty", None),
+                                  ("fused_planner", "fused planner", None),
+                                  ("fused_norms", "fused encoder norms", lean_needed),
+                                  ("fused_operands", "fused attention operands", lean_needed),
+                                  ("fused_frequency", "fused frequency chain", None)):
+            if getattr(s, option):
+                self._need_triton(what, why)
+        self.settings = s
+        self.max_batch, self.max_points = s.max_batch, s.max_points
+        self.precision = s.precision
+        self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[s.precision]
+        self.use_graphs, self.compiled = bool(s.cuda_graphs), bool(s.compile)
+        amp = self.amp_dtype
+        folded = copy.deepcopy(self._folded).to(self.device).eval()
+        self.model = folded
+        # the encoder with the chain-first loop (its frequency stream, the fused options' steps)
+        encoder = InferenceEncoder(folded.image_encoder, frequency_first=bool(s.overlap_frequency))
+        folded.image_encoder = encoder
+        if s.lean_encoder:  # from the fp32 layers; store_weights_in below casts the new ones too
+            lean_encoder(encoder, amp or torch.float32)
+        fp32_box = s.fp32_box_part and amp is not None  # (in an fp32 backend the box part is fp32 already)
+        if s.lean_box_part:  # an fp32 box part runs without autocast: the lean two-way transformer then too
+            from imedsam_cuda.box_part_rewrites import lean_box_part
 
-            rewrite(folded.image_encoder, self.amp_dtype or torch.float32)
-        self.lean_box_part = cuda if lean_box_part is None else lean_box_part
-        # the box part under the autocast here; set_box_precision (below) switches it to fp32
-        self.fp32_box_part = False
-        self._prompt_tokens: Any = None
-        if self.lean_box_part:
-            from imedsam_cuda.box_part_rewrites import lean_box_part as rewrite_box_part
-
-            rewrite_box_part(folded, self.amp_dtype)
-        self._graphs: dict[tuple[Any, ...], tuple[Any, list[Any], Any]] = {}
-        self._box_cache: tuple[Any, np.ndarray, Any] | None = None
-        # streams inside a compiled graph are not supported by dynamo's fullgraph capture
-        self.set_encoder_options(cuda if fused_attention is None else fused_attention,
-                                 (cuda and not compile) if overlap_frequency is None else overlap_frequency)
+            lean_box_part(folded, None if fp32_box else amp)
+        # the folded copy's weights never change: its relative-position tables are gathered, cast and padded once
+        inference_attention(folded, bool(s.fused_attention), amp or torch.float32)
+        use_fused_prompt_attention(folded, bool(s.fused_attention))  # the box part's two-way transformer too
         decoder = DecoderGraph(folded)
 
         class _Fp32(nn.Module):  # an fp32 island inside autocast
@@ -302,17 +291,55 @@ class TorchBackend(Backend):
 
         decoder.uncertainty = _Fp32(decoder.uncertainty)  # type: ignore[assignment]
         self.decoder = decoder.to(self.device).eval()
-        # the box part's layers' fp32 weights and biases, kept for an fp32 box part (set_box_precision): ~16 MB at vit_b
-        self._box_masters = {m: (m.weight.data, None if m.bias is None else m.bias.data)
-                             for part in (folded.prompt_encoder, folded.mask_decoder) for m in weight_layers(part)}
-        if self.amp_dtype is not None:  # self.model's layers included (the decoder holds it)
-            store_weights_in(self.decoder, self.amp_dtype)
+        # an fp32 box part keeps its layers' fp32 weights and biases: ~16 MB at vit_b
+        box_layers = [m for part in (folded.prompt_encoder, folded.mask_decoder) for m in weight_layers(part)]
+        masters = {m: (m.weight.data, None if m.bias is None else m.bias.data) for m in box_layers} if fp32_box else {}
+        if amp is not None:  # self.model's layers included (the decoder holds it)
+            store_weights_in(self.decoder, amp)
+        for m, (w, b) in masters.items():
+            m.weight.data = w
+            if b is not None:
+                m.bias.data = b
+        self._prompt_tokens: Any = None
+        if fp32_box:
+            from imedsam_cuda.box_part_rewrites import HostPromptTokens
+
+            self._prompt_tokens = HostPromptTokens(folded)
         self.num_classes = folded.cfg.num_classes
-        self.compiled = bool(compile)
-        self.tuned_from: Path | None = None  # the tuning file applied (torch_tuning.apply_saved), if any
-        # graphs and compiled code are both per shape: bucket the point count for either
-        self.bucket_points = (self.use_graphs or self.compiled) if bucket_points is None else bucket_points
+        self._graphs: dict[tuple[Any, ...], tuple[Any, list[Any], Any]] = {}
+        self._box_cache: tuple[Any, np.ndarray, Any] | None = None
         self._points_pool: Any = None
+        self._make_functions(s.compile)
+        self._planners: dict[tuple[Any, ...], Any] = {}
+        self._plans: dict[tuple[Any, ...], Callable[..., Any]] = {}  # the planner's captured (or compiled) function
+        self._axes: dict[tuple[int, int], tuple[Any, ...]] = {}  # output size -> device (x, y) pixel centres
+        dec = self.decoder
+        dec.use_grid_sample(s.grid_sample)
+        dec.align_matmuls(bool(s.align_matmuls))
+        dec.use_relu_epilogue(bool(s.relu_epilogue))
+        if s.fused_features:
+            from imedsam_cuda.fused_point_features import FusedPointFeatures
+
+            dec.point_features = FusedPointFeatures(dec).to(self.device)
+        if s.fused_uncertainty:
+            from imedsam_cuda.fused_uncertainty import FusedUncertainty
+            from imedsam_export.graphs import PointUncertainty
+
+            inner = next(m for m in dec.uncertainty.modules() if isinstance(m, PointUncertainty))
+            dec.point_uncertainty = FusedUncertainty(inner.w2).to(self.device)
+        # what runs, where an option has nothing to act on (no adapters, no exact GELU, no epilogue op): description
+        self._gelu_on = use_gelu_epilogue(encoder, s.gelu_epilogue) > 0
+        use_fused_norms(encoder, s.fused_norms)
+        if s.lean_box_part:  # the box part's norms too where it runs the lean two-way transformer (fp32_box_part)
+            from imedsam_cuda.box_part_rewrites import use_fused_box_norms
+
+            use_fused_box_norms(folded.mask_decoder.transformer, s.fused_norms)
+        use_fused_operands(encoder, s.fused_operands)
+        self._frequency_on = use_fused_frequency(encoder, s.fused_frequency)
+
+    def _make_functions(self, compile: bool | str) -> None:
+        """The stages' functions (encode, box part, per-point part), compiled with ``compile`` if asked."""
+        torch = self.torch
         dec = self.decoder
 
         def encode_fn(im: Any) -> Any:
@@ -346,132 +373,6 @@ class TorchBackend(Backend):
             self._compile_backend = backend
             fns = {k: torch.compile(f, fullgraph=True, dynamic=False, backend=backend) for k, f in fns.items()}
         self._fns = fns
-        self.device_planner = self.device.type == "cuda" if device_planner is None else device_planner
-        self.device_merge = self.device.type == "cuda" if device_merge is None else device_merge
-        self._planners: dict[tuple[Any, ...], Any] = {}
-        self._plans: dict[tuple[Any, ...], Callable[..., Any]] = {}  # the planner's captured (or compiled) function
-        self._axes: dict[tuple[int, int], tuple[Any, ...]] = {}  # output size -> device (x, y) pixel centres
-        self.planner_fallbacks = 0  # boxes the device planner handed back to the host planner (over budget)
-        self.set_decoder_sampling(grid_sample)
-        self.set_decoder_alignment(self.device.type == "cuda" if align_matmuls is None else align_matmuls)
-        self.set_decoder_epilogue(self.device.type == "cuda" if relu_epilogue is None else relu_epilogue)
-        self.fused_features = self.fused_uncertainty = self.fused_planner = False
-        if fused_features:
-            self.set_decoder_features(True)
-        if fused_uncertainty:
-            self.set_decoder_uncertainty(True)
-        if fused_planner:
-            self.set_planner_kernels(True)
-        self.fused_norms = self.fused_operands = self.fused_frequency = False
-        self.set_encoder_gelu(gelu_epilogue)
-        if fp32_box_part and self.amp_dtype is not None:  # (in an fp32 backend the box part is fp32 already)
-            self.set_box_precision(True)
-        if fused_norms:
-            self.set_encoder_norms(True)
-        if fused_operands:
-            self.set_encoder_operands(True)
-        if fused_frequency:
-            self.set_encoder_frequency(True)
-        from imedsam_cuda.torch_tuning import settings_of
-
-        # the switchable options as built: what a tuning starts from and is keyed by (torch_tuning)
-        self.built_settings = settings_of(self)
-
-    def set_encoder_options(self, fused_attention: bool, overlap_frequency: bool) -> None:
-        """Every attention (the encoder's and the box part's) as one SDPA call or explicit GEMMs, and the
-        encoder's frequency chain on a second stream or in line (both exact); graphs captured under other
-        options are dropped. The encoder attention's position tables are precomputed for the setting
-        (``freeze_position_tables``)."""
-        from imedsam_train.model.encoder import freeze_position_tables, use_fused_attention
-        from imedsam_train.model.prompt_attention import use_fused_prompt_attention
-
-        self.fused_attention, self.overlap_frequency = fused_attention, overlap_frequency
-        use_fused_attention(self.model, fused_attention)
-        use_fused_prompt_attention(self.model, fused_attention)  # the box part's two-way transformer too
-        # the folded copy's weights never change: its relative-position tables are gathered, cast and padded once
-        freeze_position_tables(self.model, self.amp_dtype or self.torch.float32)
-        self.model.image_encoder.frequency_first = overlap_frequency
-        self._drop_encoder_graphs()
-        self._drop_box_graphs()
-
-    def set_encoder_norms(self, fused: bool) -> None:
-        """The lean encoder's residual adds, LayerNorms and casts as ``fused_add_norm`` Triton kernels (two a block
-        instead of seven; a windowed block's gather back to grid order read in the add, one kernel fewer) or as torch
-        ops, in the frequency-first block loop; with an fp32 box part, its two-way transformer's adds, norms and
-        positional adds too (nine kernels instead of 23); encoder and box-part graphs are dropped."""
-        if fused:
-            self._need_triton("fused encoder norms",
-                              None if self.lean_encoder else "it needs the lean encoder (lean_encoder=True)")
-        from imedsam_cuda.box_part_rewrites import use_fused_box_norms
-        from imedsam_cuda.encoder_rewrites import use_fused_norms
-
-        use_fused_norms(self.model.image_encoder, fused)
-        # the box part's too where it runs the lean two-way transformer (fp32: fp32_box_part)
-        use_fused_box_norms(self.model.mask_decoder.transformer, fused)
-        self.fused_norms = fused
-        self._drop_encoder_graphs()
-        self._drop_box_graphs()
-
-    def set_box_precision(self, fp32: bool) -> None:
-        """The box part (prompt encoder, SAM's two-way transformer, the upscaling) in fp32 with its layers' fp32
-        weights, from transformer tokens made on the host in float64 (``box_part_rewrites.HostPromptTokens``), with
-        the lean two-way transformer where ``lean_box_part`` (and its norms fused where ``fused_norms``); or under
-        the backend's autocast with its weights in that dtype. Bitwise a backend built either way (the fp32
-        weights are kept); box-part graphs are dropped."""
-        if self.amp_dtype is None:
-            if fp32:
-                raise UserError(f"backend {self.name}: fp32 box part: the backend runs in fp32 already")
-            return
-        from imedsam_cuda.box_part_rewrites import (
-            HostPromptTokens,
-            freeze_dense_pe,
-            use_fused_box_norms,
-            use_lean_two_way,
-        )
-
-        for m, (w, b) in self._box_masters.items():
-            m.weight.data = w if fp32 else w.to(self.amp_dtype)
-            if b is not None:
-                m.bias.data = b if fp32 else b.to(self.amp_dtype)
-        self._prompt_tokens = HostPromptTokens(self.model) if fp32 else None
-        if self.lean_box_part:  # as lean_box_part(model, None if fp32 else autocast dtype) would have left it
-            transformer = self.model.mask_decoder.transformer
-            freeze_dense_pe(self.model, None if fp32 else self.amp_dtype)
-            use_lean_two_way(transformer, fp32)
-            use_fused_box_norms(transformer, fp32 and self.fused_norms)
-        self.fp32_box_part = fp32
-        self._drop_box_graphs()
-
-    def set_encoder_operands(self, fused: bool) -> None:
-        """The lean encoder blocks' attention operands (the extended queries, keys and values; a windowed block's
-        window gather) as one ``fused_attention_operands`` Triton kernel a block instead of four to six torch ops;
-        encoder graphs are dropped."""
-        if fused:
-            self._need_triton("fused attention operands",
-                              None if self.lean_encoder else "it needs the lean encoder (lean_encoder=True)")
-        from imedsam_cuda.encoder_rewrites import use_fused_operands
-
-        use_fused_operands(self.model.image_encoder, fused)
-        self.fused_operands = fused
-        self._drop_encoder_graphs()
-
-    def set_encoder_frequency(self, fused: bool) -> None:
-        """Every block's frequency adapter as one ``fused_frequency_chain`` Triton kernel a frame instead of seven
-        torch ops a block, or as torch ops; encoder graphs are dropped."""
-        if fused:
-            self._need_triton("fused frequency chain")
-        from imedsam_cuda.encoder_rewrites import use_fused_frequency
-
-        self.fused_frequency = use_fused_frequency(self.model.image_encoder, fused)
-        self._drop_encoder_graphs()
-
-    def set_encoder_gelu(self, on: bool) -> None:
-        """Each encoder block's MLP with its first layer and GELU as one GEMM (``encoder_rewrites.use_gelu_epilogue``:
-        cuBLASLt's GELU epilogue on CUDA, the tanh approximation) or as torch's layers; encoder graphs are dropped."""
-        from imedsam_cuda.encoder_rewrites import use_gelu_epilogue
-
-        self.gelu_epilogue = use_gelu_epilogue(self.model.image_encoder, on) > 0
-        self._drop_encoder_graphs()
 
     def _need_triton(self, what: str, why: str | None = None) -> None:
         """Refuse a Triton option in one line where its kernel cannot run here (or for ``why``)."""
@@ -481,85 +382,10 @@ class TorchBackend(Backend):
         if why:
             raise UserError(f"backend {self.name}: {what}: {why}")
 
-    def set_decoder_sampling(self, grid_sample: bool) -> None:
-        """The per-point decoder's two map samples as ``grid_sample`` calls or the exported graph's Gather taps
-        (equal within fp32 rounding); graphs and compiled planners that contain the decoder are dropped."""
-        self.grid_sample = grid_sample
-        self.decoder.use_grid_sample(grid_sample)
-        self._drop_decoder_graphs()
-
-    def set_decoder_features(self, fused: bool) -> None:
-        """Each point's decoder input row (both map samples, the Fourier encoding, the alignment zeros) as one
-        Triton kernel (``fused_point_features``) or as torch ops; graphs and compiled planners that contain the
-        decoder are dropped."""
-        if fused:
-            from imedsam_cuda.fused_point_features import FusedPointFeatures
-
-            self._need_triton("fused point features")
-            self.decoder.point_features = FusedPointFeatures(self.decoder).to(self.device)
-        else:
-            self.decoder.point_features = None
-        self.fused_features = fused
-        self._drop_decoder_graphs()
-
-    def set_decoder_uncertainty(self, fused: bool) -> None:
-        """The decoder's closed-form uncertainty as one Triton kernel (``fused_uncertainty``) or as its nine fp32
-        torch ops; graphs and compiled planners that contain the decoder are dropped."""
-        if fused:
-            from imedsam_cuda.fused_uncertainty import FusedUncertainty
-            from imedsam_export.graphs import PointUncertainty
-
-            self._need_triton("fused uncertainty")
-            inner = next(m for m in self.decoder.uncertainty.modules() if isinstance(m, PointUncertainty))
-            self.decoder.point_uncertainty = FusedUncertainty(inner.w2).to(self.device)
-        else:
-            self.decoder.point_uncertainty = None
-        self.fused_uncertainty = fused
-        self._drop_decoder_graphs()
-
-    def set_planner_kernels(self, fused: bool) -> None:
-        """Each device-planner level's bookkeeping (recording, refinement, dilation, next candidates, fill) as
-        five Triton kernels (``imedsam_cuda.fused_planner``) or as torch ops; graphs and compiled planners that contain a
-        plan are dropped."""
-        if fused:
-            self._need_triton("fused planner")
-        self.fused_planner = fused
-        for pl in self._planners.values():
-            pl.fused = fused
-        self._drop_decoder_graphs()
-
-    def set_decoder_alignment(self, on: bool) -> None:
-        """The per-point layers with odd widths as zero-padded copies (``DecoderGraph.align_matmuls``: exact);
-        graphs and compiled planners that contain the decoder are dropped."""
-        self.decoder.align_matmuls(on)
-        self.align_matmuls = on
-        self._drop_decoder_graphs()
-
-    def set_decoder_epilogue(self, on: bool) -> None:
-        """The per-point trunks' Linear -> ReLU pairs as GEMMs with a bias-and-ReLU epilogue
-        (``DecoderGraph.use_relu_epilogue``); graphs and compiled planners that contain the decoder are dropped."""
-        self.decoder.use_relu_epilogue(on)
-        self.relu_epilogue = self.decoder.relu_epilogue
-        self._drop_decoder_graphs()
-
-    def _drop_encoder_graphs(self) -> None:
-        for key in [k for k in self._graphs if k[0] == "enc"]:
-            del self._graphs[key]
-
-    def _drop_box_graphs(self) -> None:
-        for key in [k for k in self._graphs if k[0] == "prompt"]:
-            del self._graphs[key]
-        self._box_cache = None
-
     @property
     def fused_box_norms(self) -> bool:
         """Whether the box part's norms run as ``fused_add_norm`` kernels (``fused_norms`` with an fp32 box part)."""
         return bool(getattr(self.model.mask_decoder.transformer, "fused_norms", False))
-
-    def _drop_decoder_graphs(self) -> None:
-        for key in [k for k in self._graphs if k[0] not in ("enc", "prompt")]:
-            del self._graphs[key]
-        self._plans.clear()
 
     def planner(self, out_hw: tuple[int, int], fraction: float, cfg: Any) -> Any:
         """The device sparse planner for this output size and config (made once; its budgets grow)."""
@@ -568,7 +394,7 @@ class TorchBackend(Backend):
         key = (tuple(out_hw), fraction, cfg)
         if key not in self._planners:
             self._planners[key] = DevicePlanner(out_hw, fraction, cfg, self.device)
-            self._planners[key].fused = self.fused_planner
+            self._planners[key].fused = self.settings.fused_planner
         return self._planners[key]
 
     @property
@@ -576,18 +402,19 @@ class TorchBackend(Backend):
         gpu = f" on {self.torch.cuda.get_device_name(self.device)}" if self.device.type == "cuda" else ""
         graphs = ", CUDA graphs" if self.use_graphs else ""
         compiled = ", torch.compile" if self.compiled else ""
-        opts = (", SDPA attention" if self.fused_attention else "") + (
-            ", frequency stream" if self.overlap_frequency else "") + (", grid_sample taps" if self.grid_sample else "") + (
-            ", aligned decoder matmuls" if self.align_matmuls else "") + (
-            ", lean encoder" if self.lean_encoder else "") + (", lean box part" if self.lean_box_part else "") + (
-            ", ReLU epilogues" if self.relu_epilogue else "") + (", fp32 box part" if self.fp32_box_part else "") + (
-            ", fused encoder norms" if self.fused_norms else "") + (" (box part too)" if self.fused_box_norms else "") + (
-            ", fused attention operands" if self.fused_operands else "") + (
-            ", fused frequency chain" if self.fused_frequency else "") + (
-            ", GELU epilogues" if self.gelu_epilogue else "") + (
-            ", fused point features" if self.fused_features else "") + (
-            ", fused uncertainty" if self.fused_uncertainty else "") + (", fused planner" if self.fused_planner else "") + (
-            ", tuned" if self.tuned_from is not None else "")
+        st = self.settings
+        # what runs, in this order (the fused frequency chain and GELU epilogues where they had something to act on)
+        shown: tuple[tuple[str, bool | None], ...] = (
+            ("SDPA attention", st.fused_attention), ("frequency stream", st.overlap_frequency),
+            ("grid_sample taps", st.grid_sample), ("aligned decoder matmuls", st.align_matmuls),
+            ("lean encoder", st.lean_encoder), ("lean box part", st.lean_box_part),
+            ("ReLU epilogues", self.decoder.relu_epilogue), ("fp32 box part", st.fp32_box_part),
+            ("fused encoder norms", st.fused_norms), ("(box part too)", self.fused_box_norms),
+            ("fused attention operands", st.fused_operands), ("fused frequency chain", self._frequency_on),
+            ("GELU epilogues", self._gelu_on), ("fused point features", st.fused_features),
+            ("fused uncertainty", st.fused_uncertainty), ("fused planner", st.fused_planner),
+            ("tuned", self.tuned_from is not None))
+        opts = "".join((f" {what}" if what.startswith("(") else f", {what}") for what, on in shown if on)
         return f"{self.name} ({self.precision}{graphs}{compiled}{opts}){gpu}"
 
     # --- plumbing ---
@@ -684,7 +511,7 @@ class TorchBackend(Backend):
         tensors, views of a graph's outputs (valid until its next replay)."""
         n = coords.shape[1]
         host = isinstance(coords, np.ndarray)
-        bucket = point_bucket(n, self.max_points) if self.bucket_points else n
+        bucket = point_bucket(n, self.max_points) if self.settings.bucket_points else n
         if bucket != n:  # padding points sit at the centre: valid, and dropped below
             shape = (coords.shape[0], bucket, 2)
             padded = np.zeros(shape, np.float32) if host else self.torch.zeros(shape, device=self.device)
@@ -717,7 +544,7 @@ class TorchBackend(Backend):
         """All of one box's region decoded into device buffers and UGS-merged there (``topk``), its coordinates
         built on the device: only the merged logits cross the bus (not the coordinates, nor three float
         arrays for a host ``argpartition``)."""
-        if not self.device_merge:
+        if not self.settings.device_merge:
             return None
         t = self.torch
         up = self.box_features(embedding, boxes)
@@ -737,7 +564,7 @@ class TorchBackend(Backend):
         """The sparse planner on the device: (logits (K, h, w), points queried), or None where the host
         planner must run (planner off, a region it does not handle, or a level over its point budget: the
         budgets then double for the next box, one graph replacing the other)."""
-        if not self.device_planner:
+        if not self.settings.device_planner:
             return None
         r0, r1, c0, c1 = region
         pkey = (tuple(out_hw), fraction, cfg)
@@ -750,7 +577,7 @@ class TorchBackend(Backend):
             points: Callable[..., Any]
             if self._compile_backend:
                 points = self._raw_points
-            elif self.fused_planner:  # the logits as the decoder leaves them: the scatter kernel widens them
+            elif self.settings.fused_planner:  # the logits as the decoder leaves them: the scatter kernel widens them
                 points = self.decoder.point_outputs
             else:
                 points = self._fns["points"]

@@ -1,8 +1,8 @@
 """torch-cuda's switchable options timed on this machine, and the fastest kept: an autotuner, as cuDNN's benchmark
 mode is for convolutions.
 
-Every option of ``TorchBackend`` that can change after it is built (the knobs below) is exact, or within its
-precision's rounding, and each has its own test. Which setting is faster depends on the card, the driver and torch:
+Every on/off option of ``TorchCudaSettings`` below (the knobs) is exact, or within its precision's rounding, and each
+has its own test; a setting is tried by building the backend's stages with it (``TorchBackend.configure``). Which setting is faster depends on the card, the driver and torch:
 an H200 timed some of them (benchmarks/RESULTS.md), and the Triton kernels' defaults are off until a GPU has timed
 them. ``tune`` flips the knobs one at a time from the backend's settings. It times the frame with each setting,
 alternating between the two, and keeps a flip only where the frame is faster by more than ``min_gain`` in every
@@ -11,18 +11,17 @@ this card is never chosen. The default, 99.5%, leaves room for bf16 rounding: a 
 a random-weight vit_b's mask pixels on an H200 (session 7's fused MLP), and a wrong kernel flips far more.
 ``save`` writes the result to the cache, keyed by the device, torch, Triton, the model's shapes and the options
 the backend was built with (a new knob makes a new key: an older tuning is then not read); torch-cuda applies
-it when it opens (``apply_saved``), unless ``IMEDSAM_TORCH_TUNED=0``. ``imedsam-bench --tune`` runs it.
+it when it opens (``apply_saved``), unless ``IMEDSAM_TORCH_TUNED=0``. A file stores the knobs' settings by name. ``imedsam-bench --tune`` runs it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,40 +30,42 @@ import numpy as np
 from imedsam_core.atomic import atomic_write_text
 from imedsam_core.errors import UserError
 from imedsam_core.paths import cache_dir
+from imedsam_cuda.torch_settings import TorchCudaSettings, tuned_wanted
 
-TUNED_ENV = "IMEDSAM_TORCH_TUNED"  # "0": torch-cuda opens with its defaults, whatever was tuned
 FORMAT = "imedsam-torch-tuning"
 VERSION = 1
 
 
 @dataclass(frozen=True)
 class Knob:
-    """One switchable option: the backend attribute that holds it and the call that sets it."""
+    """One on/off field of ``TorchCudaSettings``, and the part of the frame it changes."""
 
     name: str
-    stage: str  # "encoder" | "box part" | "decoder": which part of the frame it changes
-    setter: Callable[[Any, bool], None]
+    stage: str  # "encoder" | "box part" | "decoder"
 
     def get(self, be: Any) -> bool:
-        return bool(getattr(be, self.name))
+        return bool(getattr(be.settings, self.name))
+
+    def set(self, be: Any, value: bool) -> None:
+        be.configure(replace(be.settings, **{self.name: value}))
 
 
 # the encoder first, then the box part, then the decoder; within each, the options measured on an H200 before
 # the Triton kernels
 KNOBS: tuple[Knob, ...] = (
-    Knob("fused_attention", "encoder", lambda be, v: be.set_encoder_options(v, be.overlap_frequency)),
-    Knob("overlap_frequency", "encoder", lambda be, v: be.set_encoder_options(be.fused_attention, v)),
-    Knob("fused_norms", "encoder", lambda be, v: be.set_encoder_norms(v)),
-    Knob("fused_operands", "encoder", lambda be, v: be.set_encoder_operands(v)),
-    Knob("fused_frequency", "encoder", lambda be, v: be.set_encoder_frequency(v)),
-    Knob("gelu_epilogue", "encoder", lambda be, v: be.set_encoder_gelu(v)),
-    Knob("fp32_box_part", "box part", lambda be, v: be.set_box_precision(v)),
-    Knob("grid_sample", "decoder", lambda be, v: be.set_decoder_sampling(v)),
-    Knob("align_matmuls", "decoder", lambda be, v: be.set_decoder_alignment(v)),
-    Knob("relu_epilogue", "decoder", lambda be, v: be.set_decoder_epilogue(v)),
-    Knob("fused_features", "decoder", lambda be, v: be.set_decoder_features(v)),
-    Knob("fused_uncertainty", "decoder", lambda be, v: be.set_decoder_uncertainty(v)),
-    Knob("fused_planner", "decoder", lambda be, v: be.set_planner_kernels(v)),
+    Knob("fused_attention", "encoder"),
+    Knob("overlap_frequency", "encoder"),
+    Knob("fused_norms", "encoder"),
+    Knob("fused_operands", "encoder"),
+    Knob("fused_frequency", "encoder"),
+    Knob("gelu_epilogue", "encoder"),
+    Knob("fp32_box_part", "box part"),
+    Knob("grid_sample", "decoder"),
+    Knob("align_matmuls", "decoder"),
+    Knob("relu_epilogue", "decoder"),
+    Knob("fused_features", "decoder"),
+    Knob("fused_uncertainty", "decoder"),
+    Knob("fused_planner", "decoder"),
 )
 KNOB_NAMES = tuple(k.name for k in KNOBS)
 
@@ -95,13 +96,18 @@ class Tuning:
         return {"format": FORMAT, "version": VERSION, **asdict(self)}
 
 
+def knob_settings(settings: TorchCudaSettings) -> dict[str, bool]:
+    """The knobs' settings by name (what a tuning file stores)."""
+    return {k.name: bool(getattr(settings, k.name)) for k in KNOBS}
+
+
 def settings_of(be: Any) -> dict[str, bool]:
-    return {k.name: k.get(be) for k in KNOBS}
+    return knob_settings(be.settings)
 
 
 def machine_key(be: Any) -> dict[str, Any]:
     """What a tuning holds for: the device, the software that makes its kernels, the model's shapes (not its
-    weights), the options fixed when the backend was built and the switchable ones as it was built (a backend
+    weights), the options fixed when the backend was built and the knobs as it was built (a backend
     opened with IMEDSAM_TORCH_TRITON=1 starts from other settings than one without: each has its own tuning)."""
     torch = be.torch
     device = torch.cuda.get_device_name(be.device) if be.device.type == "cuda" else "cpu"
@@ -115,9 +121,9 @@ def machine_key(be: Any) -> dict[str, Any]:
     shapes = hashlib.sha256(repr(cfg).encode()).hexdigest()[:16]
     return {"backend": be.name, "device": device, "torch": torch.__version__, "triton": triton_version,
             "precision": be.precision, "model": shapes, "max_batch": be.max_batch, "max_points": be.max_points,
-            "fixed": {"cuda_graphs": be.use_graphs, "compile": be.compiled, "lean_encoder": be.lean_encoder,
-                      "lean_box_part": be.lean_box_part},
-            "built": dict(be.built_settings)}
+            "fixed": {"cuda_graphs": be.use_graphs, "compile": be.compiled, "lean_encoder": be.settings.lean_encoder,
+                      "lean_box_part": be.settings.lean_box_part},
+            "built": knob_settings(be.built_settings)}
 
 
 def default_root() -> Path:
@@ -156,7 +162,7 @@ def tune(
         untuned = frame()
 
     def timed(value: bool, knob: Knob) -> tuple[list[float], list[np.ndarray]]:
-        knob.setter(be, value)
+        knob.set(be, value)
         for _ in range(warmup):
             masks = frame()
         times = []
@@ -171,7 +177,7 @@ def tune(
         before = knob.get(be)
         trial = Trial(knob.name, not before)
         try:
-            knob.setter(be, not before)  # refused here (no Triton, say) before anything is timed
+            knob.set(be, not before)  # refused here (no Triton, say) before anything is timed
         except UserError as e:
             trial.note = str(e)
             trials.append(trial)
@@ -187,7 +193,7 @@ def tune(
                     if value != before:
                         masks = m
         except Exception as e:  # a kernel that fails on this card: report it, keep the setting that ran
-            knob.setter(be, before)
+            knob.set(be, before)
             trial.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
             trials.append(trial)
             say(f"tune {knob.name}={not before}: {trial.note}")
@@ -202,7 +208,7 @@ def tune(
         faster = all(new < old * (1.0 - min_gain) for old, new in trial.rounds_ms)
         trial.kept = faster and trial.agreement >= min_agreement
         if not trial.kept:
-            knob.setter(be, before)
+            knob.set(be, before)
             trial.note = ("masks differ" if trial.agreement < min_agreement else
                           "not faster" if not faster else "")
         trials.append(trial)
@@ -233,14 +239,13 @@ def load(path: Path) -> Tuning:
     return Tuning(d["key"], d["settings"], d.get("tuned_on", {}), trials, d.get("created", ""))
 
 
-def apply(be: Any, settings: dict[str, bool]) -> list[str]:
-    """Set each knob as ``settings`` has it; the names of those changed."""
-    changed = []
-    for knob in KNOBS:
-        want = settings[knob.name]
-        if knob.get(be) != want:
-            knob.setter(be, want)
-            changed.append(knob.name)
+def apply(be: Any, settings: TorchCudaSettings | dict[str, bool]) -> list[str]:
+    """Set each knob as ``settings`` (the backend's, or a tuning's by name) has it, in one build; the names of those
+    changed."""
+    want = knob_settings(settings) if isinstance(settings, TorchCudaSettings) else settings
+    changed = [k.name for k in KNOBS if k.get(be) != want[k.name]]
+    if changed:
+        be.configure(replace(be.settings, **{name: want[name] for name in changed}))
     return changed
 
 
@@ -248,7 +253,7 @@ def apply_saved(be: Any, root: Path) -> Path | None:
     """Apply the tuning saved for this backend under ``root``, if any (and not switched off by
     ``IMEDSAM_TORCH_TUNED=0``); the file applied, or None. A file for another key is never read: the name is the
     key's hash, and the key inside is checked too."""
-    if os.environ.get(TUNED_ENV, "") == "0":
+    if not tuned_wanted():
         return None
     path = tuning_path(be, root)
     if not path.is_file():

@@ -3,19 +3,21 @@ with the repository on the path): one Triton option of torch-cuda's backend, off
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
 import torch
 
 
-def backend_runs(option: str, setter: str | None = None, **settings: Any) -> dict[str, Any]:
+def backend_runs(option: str, off_again: bool = False, **settings: Any) -> dict[str, Any]:
     """A decode of 300 points (some off the map) and a device-planned sparse box through ``TorchBackend`` on the CPU
     in fp32 (the tiny model, seed 0), with ``option`` off and on (other ``settings`` alike), and then, with
-    ``setter``, switched off again on the same backend. Returns each decoder output's largest difference (relative
+    ``off_again``, switched off again on the same backend (``TorchBackend.configure``). Returns each decoder output's largest difference (relative
     to its largest value), the sparse logits' difference, the points queried, whether the masks are equal, the
     backend's description with the option on, and whether switching it off restored both bitwise."""
     from imedsam_cuda.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_settings import TorchCudaSettings
     from imedsam_deploy.sparse import SparseConfig
     from imedsam_train.build import build_from_config
     from imedsam_train.config import preset
@@ -27,12 +29,13 @@ def backend_runs(option: str, setter: str | None = None, **settings: Any) -> dic
     coords = np.random.default_rng(1).uniform(-1.1, 1.1, (1, 300, 2)).astype(np.float32)
     runs: dict[Any, Any] = {}
     for on in (False, True):
-        be = TorchBackend(model, device="cpu", precision="fp32", device_planner=True, **settings, **{option: on})
+        be = TorchBackend(model, "cpu", TorchCudaSettings(
+            precision="fp32", device_planner=True, **settings, **{option: on}))
         emb = be.encode(img)[0]
         logits, queried = be.sparse_region(emb, box, (8, 52, 6, 58), (64, 64), 0.125, SparseConfig(stride=8))
         runs[on] = (be.decode(emb, box, coords), logits, queried, be.description)
-        if on and setter is not None:
-            getattr(be, setter)(False)
+        if on and off_again:
+            be.configure(dataclasses.replace(be.settings, **{option: False}))
             again, _ = be.sparse_region(emb, box, (8, 52, 6, 58), (64, 64), 0.125, SparseConfig(stride=8))
             runs["off again"] = (*be.decode(emb, box, coords), again)
     (d0, l0, q0, _), (d1, l1, q1, desc) = runs[False], runs[True]

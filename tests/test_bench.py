@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -175,9 +176,10 @@ def test_sparse_planner_agreement_on_a_real_image_tiny_model():
 # ---------------------------------------------------------------- torch backend (CPU path)
 def test_torch_backend_cpu_path_matches_the_model():
     from imedsam_cuda.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_settings import TorchCudaSettings
 
     model = tiny()
-    be = TorchBackend(model, device="cpu", precision="fp32")
+    be = TorchBackend(model, "cpu", TorchCudaSettings(precision="fp32"))
     img = np.random.default_rng(0).random((2, 3, S, S), dtype=np.float32)
     embs = be.encode(img)
     assert len(embs) == 2
@@ -192,23 +194,23 @@ def test_torch_backend_cpu_path_matches_the_model():
     np.testing.assert_allclose(f, rf.numpy(), atol=1e-4)
     np.testing.assert_allclose(u, ru.numpy(), rtol=1e-3, atol=1e-7)
     # the zero-padded decoder layers (on by default on CUDA only): the same outputs, and back again
-    assert not be.align_matmuls and "aligned" not in be.description
-    be.set_decoder_alignment(True)
+    assert not be.settings.align_matmuls and "aligned" not in be.description
+    be.configure(replace(be.settings, align_matmuls=True))
     assert "aligned decoder matmuls" in be.description
     for got, want in zip(be.decode(embs[1], boxes, coords), (c, f, u), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
-    be.set_decoder_alignment(False)
+    be.configure(replace(be.settings, align_matmuls=False))
     assert be.decoder.aligned is None and np.array_equal(be.decode(embs[1], boxes, coords)[0], c)
     # the ReLU epilogues (on by default on CUDA only): the same outputs, and back again
-    assert not be.relu_epilogue and "ReLU epilogues" not in be.description
-    be.set_decoder_epilogue(True)
+    assert not be.settings.relu_epilogue and "ReLU epilogues" not in be.description
+    be.configure(replace(be.settings, relu_epilogue=True))
     assert be.decoder.relu_epilogue and "ReLU epilogues" in be.description
     for got, want in zip(be.decode(embs[1], boxes, coords), (c, f, u), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
-    be.set_decoder_epilogue(False)
+    be.configure(replace(be.settings, relu_epilogue=False))
     assert np.array_equal(be.decode(embs[1], boxes, coords)[0], c)
     with pytest.raises(UserError, match="CUDA graphs"):
-        TorchBackend(model, device="cpu", cuda_graphs=True)
+        TorchBackend(model, "cpu", TorchCudaSettings(cuda_graphs=True))
 
 
 def test_point_bucket_bounds_the_captured_shapes():
@@ -226,10 +228,11 @@ def test_point_bucket_bounds_the_captured_shapes():
 
 def test_torch_backend_padded_split_decode_is_exact_and_memoises_the_box_part():
     from imedsam_cuda.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_settings import TorchCudaSettings
 
     model = tiny()
-    plain = TorchBackend(model, device="cpu", precision="fp32")
-    padded = TorchBackend(model, device="cpu", precision="fp32", bucket_points=True)
+    plain = TorchBackend(model, "cpu", TorchCudaSettings(precision="fp32"))
+    padded = TorchBackend(model, "cpu", TorchCudaSettings(precision="fp32", bucket_points=True))
     keys: list[tuple] = []
     run = padded._run
     padded._run = lambda key, fn, inputs: keys.append(key) or run(key, fn, inputs)  # type: ignore[method-assign]
@@ -254,8 +257,9 @@ def test_torch_backend_captured_functions_copy_nothing_from_the_host(monkeypatch
     from host data: a host-to-device copy during capture is an error there. Checked on the CPU by refusing
     torch.tensor / as_tensor / from_numpy while they run."""
     from imedsam_cuda.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_settings import TorchCudaSettings
 
-    be = TorchBackend(tiny(), device="cpu", precision="fp32")
+    be = TorchBackend(tiny(), "cpu", TorchCudaSettings(precision="fp32"))
 
     def refuse(*a, **k):
         raise AssertionError("host data copied to the device inside a captured function")
@@ -280,12 +284,13 @@ def test_torch_backend_stores_weights_in_the_autocast_dtype_bitwise_exactly(monk
     bitwise those of letting autocast cast the fp32 weights and biases."""
     from imedsam_cuda import torch_cuda
     from imedsam_cuda.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_settings import TorchCudaSettings
 
     model = tiny()
-    stored = TorchBackend(model, device="cpu", precision="bf16")
+    stored = TorchBackend(model, "cpu", TorchCudaSettings(precision="bf16"))
     with monkeypatch.context() as m:
         m.setattr(torch_cuda, "store_weights_in", lambda module, dtype: 0)
-        cast_per_call = TorchBackend(model, device="cpu", precision="bf16")
+        cast_per_call = TorchBackend(model, "cpu", TorchCudaSettings(precision="bf16"))
     linears = [mod for mod in stored.decoder.modules() if isinstance(mod, torch.nn.Linear | torch.nn.Conv2d)]
     assert len(linears) > 20 and all(mod.weight.dtype == torch.bfloat16 for mod in linears)
     assert all(mod.bias.dtype == torch.bfloat16 for mod in linears if mod.bias is not None)
@@ -305,12 +310,13 @@ def test_torch_backend_compiles_whole_graphs():
     included), and the compiled backend computes the same as the eager one. aot_eager: the capture without code
     generation."""
     from imedsam_cuda.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_settings import TorchCudaSettings
 
     model = tiny()
-    eager = TorchBackend(model, device="cpu", precision="fp32")
-    comp = TorchBackend(model, device="cpu", precision="fp32", compile="aot_eager", fused_attention=True,
-                        align_matmuls=True, lean_encoder=True, lean_box_part=True,
-                        relu_epilogue=True)  # as on CUDA: the padded layers, lean forms and epilogues traced too
+    eager = TorchBackend(model, "cpu", TorchCudaSettings(precision="fp32"))
+    comp = TorchBackend(model, "cpu", TorchCudaSettings(
+        precision="fp32", compile="aot_eager", fused_attention=True, align_matmuls=True, lean_encoder=True,
+        lean_box_part=True, relu_epilogue=True))  # as on CUDA: the padded layers, lean forms and epilogues traced too
     assert "torch.compile" in comp.description and "torch.compile" not in eager.description
     img = np.random.default_rng(0).random((1, 3, S, S), dtype=np.float32)
     box = np.array([[10, 12, 90, 100]], np.float32)
@@ -325,11 +331,12 @@ def test_torch_backend_encoder_options_are_exact(monkeypatch):
     """torch-cuda's encoder options on the CPU (same code): attention as one scaled_dot_product_attention call
     (to fp32 rounding; the box part's attentions too), the frequency chain issued first (bitwise: the same
     operations), and both; the decoder's outputs from those embeddings agree likewise."""
+    from imedsam_cuda.encoder_loop import InferenceEncoder
     from imedsam_cuda.torch_cuda import TorchBackend
-    from imedsam_train.model.encoder import ImageEncoder
+    from imedsam_cuda.torch_settings import TorchCudaSettings
 
     calls = {"sdpa": 0, "first": 0}
-    sdpa, first = torch.nn.functional.scaled_dot_product_attention, ImageEncoder.frequency_chain_first
+    sdpa, first = torch.nn.functional.scaled_dot_product_attention, InferenceEncoder.frequency_chain_first
 
     def count_sdpa(*a, **k):
         calls["sdpa"] += 1
@@ -340,10 +347,10 @@ def test_torch_backend_encoder_options_are_exact(monkeypatch):
         return first(*a, **k)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", count_sdpa)
-    monkeypatch.setattr(ImageEncoder, "frequency_chain_first", count_first)
+    monkeypatch.setattr(InferenceEncoder, "frequency_chain_first", count_first)
     model = tiny()
-    plain = TorchBackend(model, device="cpu", precision="fp32")
-    assert not plain.fused_attention and not plain.overlap_frequency  # CUDA-only defaults
+    plain = TorchBackend(model, "cpu", TorchCudaSettings(precision="fp32"))
+    assert not plain.settings.fused_attention and not plain.settings.overlap_frequency  # CUDA-only defaults
     assert "SDPA" not in plain.description and "stream" not in plain.description
     img = np.random.default_rng(0).random((2, 3, S, S), dtype=np.float32)
     box = np.array([[10, 12, 90, 100]], np.float32)
@@ -351,7 +358,8 @@ def test_torch_backend_encoder_options_are_exact(monkeypatch):
     ref = plain.encode(img)
     ref_dec = plain.decode(ref[1], box, coords)
     for fused, overlap in ((False, True), (True, False), (True, True)):
-        be = TorchBackend(model, device="cpu", precision="fp32", fused_attention=fused, overlap_frequency=overlap)
+        be = TorchBackend(model, "cpu", TorchCudaSettings(
+            precision="fp32", fused_attention=fused, overlap_frequency=overlap))
         attns = [m for m in be.model.modules() if hasattr(m, "fused")]
         assert len(attns) == model.cfg.encoder.depth and all(m.fused == fused for m in attns)
         assert be.model.image_encoder.frequency_first == overlap
@@ -375,10 +383,11 @@ def test_torch_backend_converts_uint8_pixels_on_the_device_bitwise(precision):
     """encode_pixels (uint8 upload, conversion inside the encoder's graph) gives bitwise the embeddings of
     encode on the host-converted floats; the base Backend's default converts on the host."""
     from imedsam_cuda.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_settings import TorchCudaSettings
     from imedsam_deploy.backends.base import Backend
     from imedsam_deploy.preprocess import pixels_to_model
 
-    be = TorchBackend(tiny(), device="cpu", precision=precision)
+    be = TorchBackend(tiny(), "cpu", TorchCudaSettings(precision=precision))
     px = np.random.default_rng(0).integers(0, 256, (2, S, S, 3), dtype=np.uint8)
     for a, b in zip(be.encode_pixels(px), be.encode(pixels_to_model(px)), strict=True):
         assert torch.equal(a, b)
@@ -401,9 +410,10 @@ def test_torch_backend_builds_region_coordinates_on_the_device_bitwise():
     """decode_merged's device coordinates are the host's (preprocess.region_chunk_coords), bit for bit, for
     regions and chunk bounds anywhere on odd and even output grids."""
     from imedsam_cuda.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_settings import TorchCudaSettings
     from imedsam_deploy.preprocess import Region, region_chunk_coords
 
-    be = TorchBackend(tiny(), device="cpu", precision="fp32")
+    be = TorchBackend(tiny(), "cpu", TorchCudaSettings(precision="fp32"))
     rng = np.random.default_rng(0)
     for out_hw in ((384, 384), (201, 333), (896, 640)):
         for _ in range(20):
@@ -423,6 +433,7 @@ def test_frame_runner_decodes_each_group_before_encoding_the_next():
     The bench's FrameRunner, with more images than max_batch, must decode each group first; and the
     runtime's embed refuses more than max_batch at once instead of handing out handles that go stale."""
     from imedsam_cuda.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_settings import TorchCudaSettings
     from imedsam_deploy.backends.base import Backend
     from imedsam_deploy.bench import BenchOptions, FrameRunner, synthetic_inputs
     from imedsam_deploy.manifest import Artifact
@@ -447,7 +458,7 @@ def test_frame_runner_decodes_each_group_before_encoding_the_next():
     art = Artifact(path=Path("."), manifest={}, input_size=S, embedding_shape=(cfg.encoder.out_chans,
                    cfg.grid_size, cfg.grid_size), num_classes=cfg.num_classes,
                    refine_fraction=cfg.decoder.refine_fraction, max_points=65536, max_batch=2, graphs={})
-    be = OneBuffer(TorchBackend(model, device="cpu", precision="fp32"))
+    be = OneBuffer(TorchBackend(model, "cpu", TorchCudaSettings(precision="fp32")))
     inp = synthetic_inputs(S, 5, seed=3)
     runner = FrameRunner(be, art, "box", BenchOptions())
     together = runner.run(inp, (64, 64), None)
@@ -527,7 +538,7 @@ def test_torch_cuda_backend_refuses_clearly_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present: the no-CUDA error path cannot be exercised here")
     with pytest.raises(UserError, match="no CUDA device"):
-        TorchBackend(tiny(), device="cuda")
+        TorchBackend(tiny(), "cuda")
 
 
 @pytest.mark.parametrize(("option", "what"), [("fused_norms", "fused encoder norms"),
@@ -539,22 +550,25 @@ def test_triton_options_are_refused_clearly_without_a_gpu(option, what):
     """Each of torch-cuda's Triton kernels asked for on a CPU (without Triton's interpreter): one line naming the
     option and why (no CUDA device, or no triton at all)."""
     from imedsam_cuda.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_settings import TorchCudaSettings
 
     from .conftest import not_interpreted
 
     not_interpreted()
     with pytest.raises(UserError, match=f"backend torch-cpu: {what}: (the Triton kernel needs a CUDA device|triton is "
                                         "not installed)"):
-        TorchBackend(tiny(), device="cpu", precision="fp32", lean_encoder=True, **{option: True})
+        TorchBackend(tiny(), "cpu", TorchCudaSettings(precision="fp32", lean_encoder=True, **{option: True}))
 
 
 def test_compile_and_the_triton_kernels_are_refused_together():
     """torch.compile and the hand-written Triton kernels are alternatives: asked for both (both environment
     variables set, say), the backend says so in one line before it builds anything."""
     from imedsam_cuda.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_settings import TorchCudaSettings
 
     with pytest.raises(UserError, match="torch.compile .* and the hand-written Triton kernels .* are alternatives"):
-        TorchBackend(tiny(), device="cpu", precision="fp32", compile="aot_eager", fused_features=True)
+        TorchBackend(tiny(), "cpu", TorchCudaSettings(
+            precision="fp32", compile="aot_eager", fused_features=True))
 
 
 @pytest.mark.parametrize(("compile_env", "triton_env", "want"), [
@@ -563,18 +577,19 @@ def test_torch_cuda_opt_ins_come_from_the_environment(monkeypatch, compile_env, 
     """IMEDSAM_TORCH_COMPILE and IMEDSAM_TORCH_TRITON switch torch-cuda's opt-in paths on, as ``imedsam-infer`` and
     ``imedsam-bench`` open the backend (any value but 0): torch.compile, and the six Triton options together, with
     the fp32 box part."""
-    from imedsam_cuda.torch_cuda import COMPILE_ENV, TRITON_ENV, env_options
+    from imedsam_cuda.torch_settings import COMPILE_ENV, TRITON_ENV, TorchCudaSettings, from_env
 
     for name, value in ((COMPILE_ENV, compile_env), (TRITON_ENV, triton_env)):
         if value is None:
             monkeypatch.delenv(name, raising=False)
         else:
             monkeypatch.setenv(name, value)
-    got = env_options()
-    assert got["compile"] == want[0]
+    got = from_env(TorchCudaSettings(precision="fp16", max_points=1024))
+    assert got.compile == want[0]
     triton = ("fused_norms", "fused_operands", "fused_frequency", "fused_features", "fused_uncertainty", "fused_planner")
-    assert [got[k] for k in triton] == [want[1]] * 6
-    assert got["fp32_box_part"] == want[1]  # the box part's fused norms need it
+    assert [getattr(got, k) for k in triton] == [want[1]] * 6
+    assert got.fp32_box_part == want[1]  # the box part's fused norms need it
+    assert (got.precision, got.max_points) == ("fp16", 1024)  # the rest as given
 
 
 # ---------------------------------------------------------------- imedsam-bench CLI

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ def test_the_frozen_dense_map_is_bitwise_the_computed_one():
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
             want = model.prompt_encoder.get_dense_pe()
         got = freeze_dense_pe(model, dtype)
-        assert got is model.frozen_dense_pe and got.dtype == want.dtype and torch.equal(got, want)
+        assert got is model.dense_pe() and got.dtype == want.dtype and torch.equal(got, want)
 
 
 def test_channels_last_norm_equals_layer_norm_2d():
@@ -106,6 +107,7 @@ def test_torch_backend_with_an_fp32_box_part():
     import numpy as np
 
     from imedsam_cuda.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_settings import TorchCudaSettings
 
     model = _model()
     boxes = np.array([[5.0, 8.5, 40.0, 50.0]], np.float32)
@@ -114,7 +116,8 @@ def test_torch_backend_with_an_fp32_box_part():
     ups = {}
     for name, precision, fp32_box in (("fp32", "fp32", False), ("bf16", "bf16", False), ("island", "bf16", True),
                                       ("fp32 asked", "fp32", True)):
-        be = TorchBackend(copy.deepcopy(model), "cpu", precision, lean_box_part=True, fp32_box_part=fp32_box)
+        be = TorchBackend(copy.deepcopy(model), "cpu", TorchCudaSettings(
+            precision=precision, lean_box_part=True, fp32_box_part=fp32_box))
         ups[name] = be.box_features(emb, boxes).float()
         if name == "island":
             m = be.model
@@ -123,7 +126,7 @@ def test_torch_backend_with_an_fp32_box_part():
             assert be.decoder.model.image_encoder.blocks[0].mlp.lin1.weight.dtype == torch.bfloat16
             assert "fp32 box part" in be.description
         if name == "fp32 asked":
-            assert not be.fp32_box_part and "fp32 box part" not in be.description
+            assert not be.settings.fp32_box_part and "fp32 box part" not in be.description
     ref = ups["fp32"]
     err = {k: float((v - ref).norm() / ref.norm()) for k, v in ups.items()}
     assert err["island"] < 1e-5 and err["bf16"] > 1e-3 and err["fp32 asked"] == 0.0, err
@@ -178,6 +181,7 @@ def test_the_backend_runs_the_lean_two_way_transformer_only_without_autocast():
     import numpy as np
 
     from imedsam_cuda.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_settings import TorchCudaSettings
 
     model = _model()
     boxes = np.array([[5.0, 8.5, 40.0, 50.0]], np.float32)
@@ -186,7 +190,8 @@ def test_the_backend_runs_the_lean_two_way_transformer_only_without_autocast():
     ups, lean = {}, {}
     for name, precision, lean_box, fp32_box in (("plain", "fp32", False, False), ("fp32", "fp32", True, False),
                                                 ("island", "bf16", True, True), ("bf16", "bf16", True, False)):
-        be = TorchBackend(copy.deepcopy(model), "cpu", precision, lean_box_part=lean_box, fp32_box_part=fp32_box)
+        be = TorchBackend(copy.deepcopy(model), "cpu", TorchCudaSettings(
+            precision=precision, lean_box_part=lean_box, fp32_box_part=fp32_box))
         ups[name] = be.box_features(emb, boxes).float()
         lean[name] = "forward" in be.model.mask_decoder.transformer.__dict__
     assert lean == {"plain": False, "fp32": True, "island": True, "bf16": False}
@@ -197,14 +202,15 @@ def test_the_backend_runs_the_lean_two_way_transformer_only_without_autocast():
 
 @pytest.mark.parametrize("lean_box", [True, False])
 def test_the_box_precision_switched_at_run_time_is_bitwise_a_backend_built_so(lean_box):
-    """set_box_precision(True) on a bf16 backend gives bitwise the box features of one built with
+    """configure(fp32_box_part=True) on a bf16 backend gives bitwise the box features of one built with
     fp32_box_part=True (its fp32 weights kept, the host tokens, the lean transformer where lean_box_part, the
-    frozen map made without autocast), and set_box_precision(False) bitwise those of the bf16 box part again;
+    frozen map made without autocast), and configure(fp32_box_part=False) bitwise those of the bf16 box part again;
     the per-point layers stay bf16 throughout. An fp32 backend refuses it in one line (the tuner's 'not tried')."""
     import numpy as np
 
     from imedsam_core.errors import UserError
     from imedsam_cuda.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_settings import TorchCudaSettings
 
     model = _model()
     boxes = np.array([[5.0, 8.5, 40.0, 50.0], [0.0, 3.0, 63.0, 20.5]], np.float32)
@@ -212,24 +218,26 @@ def test_the_box_precision_switched_at_run_time_is_bitwise_a_backend_built_so(le
     emb = torch.randn(1, 64, 4, 4)
 
     def built(fp32_box: bool):
-        return TorchBackend(copy.deepcopy(model), "cpu", "bf16", lean_box_part=lean_box, fp32_box_part=fp32_box)
+        return TorchBackend(copy.deepcopy(model), "cpu", TorchCudaSettings(
+            precision="bf16", lean_box_part=lean_box, fp32_box_part=fp32_box))
 
     want = {fp32: built(fp32).box_features(emb, boxes) for fp32 in (False, True)}
     assert want[True].dtype == want[False].dtype == torch.float32 and not torch.equal(want[True], want[False])
     # a backend built with the fp32 box part switches it on through the same call: its features are checked
     # against an fp32 backend's too, which shares none of that code
-    fp32_be = TorchBackend(copy.deepcopy(model), "cpu", "fp32", lean_box_part=lean_box)
+    fp32_be = TorchBackend(copy.deepcopy(model), "cpu", TorchCudaSettings(
+        precision="fp32", lean_box_part=lean_box))
     ref = fp32_be.box_features(emb, boxes)
     assert float((want[True] - ref).norm() / ref.norm()) < 1e-5 < float((want[False] - ref).norm() / ref.norm())
     be = built(False)
     for fp32 in (True, False, True):
-        be.set_box_precision(fp32)
-        assert be.fp32_box_part == fp32 and ("fp32 box part" in be.description) == fp32
+        be.configure(replace(be.settings, fp32_box_part=fp32))
+        assert be.settings.fp32_box_part == fp32 and ("fp32 box part" in be.description) == fp32
         assert torch.equal(be.box_features(emb, boxes), want[fp32])  # the box part's memo was dropped too
         assert ("forward" in be.model.mask_decoder.transformer.__dict__) == (fp32 and lean_box)
         assert be.model.mask_decoder.output_upscaling[0].weight.dtype == (torch.float32 if fp32 else torch.bfloat16)
         assert be.decoder.first.weight.dtype == torch.bfloat16
     with pytest.raises(UserError, match="backend torch-cpu: fp32 box part: the backend runs in fp32 already"):
-        fp32_be.set_box_precision(True)
-    fp32_be.set_box_precision(False)  # nothing to do
-    assert not fp32_be.fp32_box_part
+        fp32_be.configure(replace(fp32_be.settings, fp32_box_part=True))
+    fp32_be.configure(replace(fp32_be.settings, fp32_box_part=False))  # nothing to do
+    assert not fp32_be.settings.fp32_box_part

@@ -154,13 +154,15 @@ def test_segmenter_sparse_on_the_device_equals_the_host_planner(shipped, out, mo
     """The shipped model on a real image through the runtime: the torch backend's device planner gives
     the host planner's mask; a box over its budget falls back to the host planner, same mask again."""
     from imedsam_cuda.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_settings import TorchCudaSettings
     from imedsam_deploy.runtime import Segmenter
 
     model, art = shipped
     rgb, box = sample_frame(0, (0.3, 0.3, 0.7, 0.65))
     masks, queried = {}, {}
     for name, dp in (("host", False), ("device", True)):
-        seg = Segmenter(TorchBackend(model, "cpu", "fp32", device_planner=dp), art, query="sparse")
+        seg = Segmenter(TorchBackend(model, "cpu", TorchCudaSettings(
+            precision="fp32", device_planner=dp)), art, query="sparse")
         obj = seg.segment(rgb, box, out).objects[0]
         masks[name], queried[name] = obj.mask(), obj.queried
     assert (masks["device"] == masks["host"]).mean() >= 0.9999
@@ -170,7 +172,7 @@ def test_segmenter_sparse_on_the_device_equals_the_host_planner(shipped, out, mo
     # the device planner fits the box
     monkeypatch.setattr(torch_sparse, "CAP_PER_SIDE", 1)
     monkeypatch.setattr(torch_sparse, "CAP_UNIT", 64)
-    be = TorchBackend(model, "cpu", "fp32", device_planner=True)
+    be = TorchBackend(model, "cpu", TorchCudaSettings(precision="fp32", device_planner=True))
     answers = record_answers(be, "sparse_region")
     seg = Segmenter(be, art, query="sparse")
     for _ in range(8):
@@ -187,6 +189,7 @@ def test_compiled_backend_compiles_the_whole_planner(shipped, monkeypatch):
     decoder calls), around the raw per-point function rather than around a compiled one, and decides as the
     eager device planner does. aot_eager: the same capture without code generation."""
     from imedsam_cuda.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_settings import TorchCudaSettings
     from imedsam_deploy.runtime import Segmenter
 
     compiled = []
@@ -201,7 +204,7 @@ def test_compiled_backend_compiles_the_whole_planner(shipped, monkeypatch):
     rgb, box = sample_frame(0, (0.3, 0.3, 0.7, 0.65))
     objs = {}
     for name, comp in (("eager", False), ("compiled", "aot_eager")):
-        be = TorchBackend(model, "cpu", "fp32", device_planner=True, compile=comp)
+        be = TorchBackend(model, "cpu", TorchCudaSettings(precision="fp32", device_planner=True, compile=comp))
         calls = record_answers(be, "sparse_region")
         objs[name] = Segmenter(be, art, query="sparse").segment(rgb, box, (200, 300)).objects[0]
         assert calls and calls[0] is not None  # planned on the device, not handed back
@@ -265,13 +268,14 @@ def test_segmenter_merges_on_the_device_as_on_the_host(shipped, query):
     """full / box modes with the torch backend keeping the decoder outputs on the device and merging there
     (topk) vs the runtime's host merge (argpartition): the same logits, in several chunks per box."""
     from imedsam_cuda.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_settings import TorchCudaSettings
     from imedsam_deploy.runtime import Segmenter
 
     model, art = shipped
     rgb, box = sample_frame(1, (0.25, 0.3, 0.7, 0.7))
     out = {}
     for dm in (False, True):
-        be = TorchBackend(model, "cpu", "fp32", device_merge=dm)
+        be = TorchBackend(model, "cpu", TorchCudaSettings(precision="fp32", device_merge=dm))
         calls = record_answers(be, "decode_merged")
         seg = Segmenter(be, art, query=query, chunk=3000)
         obj = seg.segment(rgb, box, (160, 200)).objects[0]
@@ -326,7 +330,7 @@ a, b = plain.plan(tdec, reg), fused.plan(tdec, reg)
 out["overflow"] = {"flags": [bool(a[3]), bool(b[3])], "needs": [a[4].tolist(), b[4].tolist()]}
 # through the torch backend: a decode and a sparse box with and without the kernels (tiny model, CPU, fp32)
 from tests.kernel_checks import backend_runs
-out["backend"] = backend_runs("fused_planner", "set_planner_kernels")
+out["backend"] = backend_runs("fused_planner", True)
 json.dump(out, sys.stdout)
 """
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -37,8 +38,9 @@ def test_lean_block_equals_segment_anythings_block(grid, window):
     of our plain Block under bf16 autocast (its values, not its kernels)."""
     from segment_anything.modeling.image_encoder import Block as SamBlock
 
+    from imedsam_cuda.encoder_attention import inference_attention
     from imedsam_train.config import FrequencyConfig, LoraConfig
-    from imedsam_train.model.encoder import Block, use_fused_attention
+    from imedsam_train.model.encoder import Block
 
     torch.manual_seed(0)
     sam = SamBlock(768, 12, use_rel_pos=True, window_size=window, input_size=(grid, grid)).eval()
@@ -47,7 +49,7 @@ def test_lean_block_equals_segment_anythings_block(grid, window):
         for p in sam.parameters():
             p.normal_(0, 0.05)
     ours.load_state_dict(sam.state_dict(), strict=True)
-    use_fused_attention(ours, True)
+    inference_attention(ours, True, None)
     lean = lean_block(ours, grid, torch.float32)
     lean16 = lean_block(ours, grid, torch.bfloat16)
     assert isinstance(lean, LeanBlock) and isinstance(lean16, LeanBlock)
@@ -144,6 +146,7 @@ def test_torch_backend_with_the_lean_layers_gives_the_same_masks():
     with the lean box part (tests/test_box_part_rewrites.py) too, the same full-grid mask."""
     from imedsam_cuda.torch_cuda import TorchBackend
     from imedsam_cuda.torch_models import model_artifact
+    from imedsam_cuda.torch_settings import TorchCudaSettings
     from imedsam_deploy.runtime import Segmenter
 
     model = _power_of_two_model()
@@ -152,8 +155,9 @@ def test_torch_backend_with_the_lean_layers_gives_the_same_masks():
     boxes = np.array([[20.0, 15.0, 90.0, 80.0]], np.float32)
     out = {}
     for lean in (False, True):
-        be = TorchBackend(copy.deepcopy(model), "cpu", "fp32", lean_encoder=lean, lean_box_part=lean)
-        assert be.lean_encoder is be.lean_box_part is lean
+        be = TorchBackend(copy.deepcopy(model), "cpu", TorchCudaSettings(
+            precision="fp32", lean_encoder=lean, lean_box_part=lean))
+        assert be.settings.lean_encoder is be.settings.lean_box_part is lean
         assert ("lean encoder" in be.description) is ("lean box part" in be.description) is lean
         seg = Segmenter(be, model_artifact(model, 1), query="full")
         res = seg.segment(img, boxes, out_hw=(96, 128))
@@ -182,11 +186,12 @@ def test_gelu_epilogues_equal_the_mlps_and_switch_back():
     """use_gelu_epilogue: each block's lin1 + GELU as one ``_addmm_activation`` (on a CPU the exact GELU after the
     GEMM; on CUDA cuBLASLt's epilogue), on the plain and the lean encoder: within fp32 rounding of the MLPs in
     fp32, the same under bf16 autocast to bf16 rounding; one op a block in place of the GELU and the lin1
-    GEMM's own; switched off, the class's forward again. Through the backend: set_encoder_gelu, the embedding
+    GEMM's own; switched off, the class's forward again. Through the backend: configured with gelu_epilogue, the embedding
     within fp32 rounding and 'GELU epilogues' in its description."""
     from benchmarks.op_count import OpCounter
     from imedsam_cuda.encoder_rewrites import use_gelu_epilogue
     from imedsam_cuda.torch_cuda import TorchBackend
+    from imedsam_cuda.torch_settings import TorchCudaSettings
     from imedsam_export.merge import merge_for_export
 
     folded, _ = merge_for_export(_power_of_two_model())
@@ -212,10 +217,11 @@ def test_gelu_epilogues_equal_the_mlps_and_switch_back():
         assert sum(ops.ops.values()) <= sum(plain_ops.ops.values()) - 2
         assert use_gelu_epilogue(enc, False) == 0 and all("forward" not in b.mlp.__dict__ for b in enc.blocks)
 
-    be = TorchBackend(copy.deepcopy(_power_of_two_model()), "cpu", "fp32", lean_encoder=True)
+    be = TorchBackend(copy.deepcopy(_power_of_two_model()), "cpu", TorchCudaSettings(
+        precision="fp32", lean_encoder=True))
     base = np.asarray(be.encode(x[:1].numpy())[0])
-    be.set_encoder_gelu(True)
-    assert be.gelu_epilogue and "GELU epilogues" in be.description
+    be.configure(replace(be.settings, gelu_epilogue=True))
+    assert be.settings.gelu_epilogue and "GELU epilogues" in be.description
     np.testing.assert_allclose(np.asarray(be.encode(x[:1].numpy())[0]), base, atol=2e-5, rtol=1e-5)
-    be.set_encoder_gelu(False)
-    assert not be.gelu_epilogue and "GELU" not in be.description
+    be.configure(replace(be.settings, gelu_epilogue=False))
+    assert not be.settings.gelu_epilogue and "GELU" not in be.description

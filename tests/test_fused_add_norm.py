@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from imedsam_cuda.fused_add_norm import add_norm
 from imedsam_cuda.torch_cuda import TorchBackend
+from imedsam_cuda.torch_settings import TorchCudaSettings
 from imedsam_train.build import build_from_config
 from imedsam_train.config import EncoderConfig, tiny_config
 
@@ -60,15 +61,17 @@ def counted(*args, **kw):
 fan.add_norm = counted
 emb = {}
 for fused in (False, True):
-    be = TorchBackend(copy.deepcopy(model), "cpu", "fp32", lean_encoder=True, overlap_frequency=True,
-                      fused_norms=fused)
+    be = TorchBackend(copy.deepcopy(model), "cpu", TorchCudaSettings(
+        precision="fp32", lean_encoder=True, overlap_frequency=True, fused_norms=fused))
     emb[fused] = np.asarray(be.encode(img)[0])
     out.setdefault("description", []).append(be.description)
-plain = TorchBackend(copy.deepcopy(model), "cpu", "fp32", lean_encoder=False, overlap_frequency=False)
+plain = TorchBackend(copy.deepcopy(model), "cpu", TorchCudaSettings(precision="fp32", lean_encoder=False,
+                                                                   overlap_frequency=False))
 ref = np.asarray(plain.encode(img)[0])
 out["add_norm_calls"] = list(calls)
 calls.clear()  # without the side stream, the fused steps still run (the encoder's chain-first loop, in line)
-be = TorchBackend(copy.deepcopy(model), "cpu", "fp32", lean_encoder=True, overlap_frequency=False, fused_norms=True)
+be = TorchBackend(copy.deepcopy(model), "cpu", TorchCudaSettings(precision="fp32", lean_encoder=True,
+                                                                overlap_frequency=False, fused_norms=True))
 out["encoder_fused_no_stream_vs_fused"] = float(np.abs(np.asarray(be.encode(img)[0]) - emb[True]).max())
 out["add_norm_calls_no_stream"] = list(calls)
 out["encoder_fused_vs_unfused"] = float(np.abs(emb[True] - emb[False]).max())
@@ -111,15 +114,15 @@ def counted_post(*args, **kw):
 fan.add_norm_post = counted_post
 for name, fp32_box, fused in (("fp32 box", True, False), ("fp32 box, fused", True, True),
                               ("bf16 box, fused", False, True)):
-    be = TorchBackend(copy.deepcopy(tiny), "cpu", "bf16", lean_encoder=True, lean_box_part=True,
-                      fp32_box_part=fp32_box, fused_norms=fused)
+    be = TorchBackend(copy.deepcopy(tiny), "cpu", TorchCudaSettings(
+        precision="bf16", lean_encoder=True, lean_box_part=True, fp32_box_part=fp32_box, fused_norms=fused))
     calls.clear(), post_calls.clear()
     ups[name] = be.box_features(emb_in, boxes).float()
     calls_box[name] = [len(calls), len(post_calls), be.description]
 # the fp32 box part switched on at run time (as the tuner does) on the bf16 box part with fused norms: the same
 # kernels, the same features as the backend built with it
 calls.clear(), post_calls.clear()
-be.set_box_precision(True)
+be.configure(dataclasses.replace(be.settings, fp32_box_part=True))
 switched = be.box_features(emb_in, boxes).float()
 calls_box["switched on"] = [len(calls), len(post_calls), be.description]
 out["switched_bitwise"] = bool(torch.equal(switched, ups["fp32 box, fused"]))
@@ -194,6 +197,6 @@ def test_the_fp32_box_part_with_fused_norms_equals_it_unfused(compared):
     assert calls["fp32 box, fused"][:2] == [3, 6]  # add_norm: norm2 twice and the final norm; the rest with post
     assert "(box part too)" in calls["fp32 box, fused"][2]
     assert "(box part too)" not in calls["bf16 box, fused"][2] and "fused encoder norms" in calls["bf16 box, fused"][2]
-    # set_box_precision(True) on the bf16 box part with fused norms: the fused box norms come with it
+    # configure(fp32_box_part=True) on the bf16 box part with fused norms: the fused box norms come with it
     assert calls["switched on"][:2] == [3, 6] and "(box part too)" in calls["switched on"][2]
     assert compared["switched_bitwise"]

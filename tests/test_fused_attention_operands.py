@@ -22,7 +22,8 @@ from imedsam_cuda.encoder_rewrites import lean_block
 from imedsam_cuda.fused_add_norm import add_norm
 from imedsam_cuda.fused_attention_operands import attention_operands
 from imedsam_train.config import EncoderConfig, FrequencyConfig, LoraConfig, tiny_config
-from imedsam_train.model.encoder import Block, use_fused_attention
+from imedsam_cuda.encoder_attention import inference_attention
+from imedsam_train.model.encoder import Block
 
 out = {"blocks": {}}
 # vit_b's 64-wide heads on small grids (the interpreter takes seconds a hundred tokens): padded windows (9 -> 14
@@ -40,7 +41,7 @@ for name, (grid, window, C, heads, bias) in cases.items():
         blk.attn.rel_pos_w.normal_(0, 0.3)
     if not bias:
         blk.attn.qkv.bias = None
-    use_fused_attention(blk, True)
+    inference_attention(blk, True, None)
     for dt in (torch.float32, torch.float16):
         lean = lean_block(blk, grid, dt)
         for m in lean.modules():  # the layers in the compute dtype, as torch-cuda stores them
@@ -77,6 +78,7 @@ except ValueError as e:
 
 # the encoder through the backend: a 10 x 10 token grid in windows of 4 (padded to 12) and a global block
 from imedsam_cuda.torch_cuda import TorchBackend
+from imedsam_cuda.torch_settings import TorchCudaSettings
 from imedsam_train.build import build_from_config
 import imedsam_cuda.fused_attention_operands as fao
 
@@ -98,14 +100,14 @@ def counted(*args, **kw):
 fao.attention_operands = counted
 emb, desc = {}, {}
 for norms, ops in ((False, False), (False, True), (True, True)):
-    be = TorchBackend(copy.deepcopy(model), "cpu", "fp32", lean_encoder=True, overlap_frequency=True,
-                      fused_norms=norms, fused_operands=ops)
+    be = TorchBackend(copy.deepcopy(model), "cpu", TorchCudaSettings(
+        precision="fp32", lean_encoder=True, overlap_frequency=True, fused_norms=norms, fused_operands=ops))
     emb[norms, ops] = np.asarray(be.encode(img)[0])
     desc[norms, ops] = be.description
     if norms and ops:
-        be.set_encoder_operands(False)
+        be.configure(dataclasses.replace(be.settings, fused_operands=False))
         emb["off again"] = np.asarray(be.encode(img)[0])
-        be.set_encoder_norms(False)
+        be.configure(dataclasses.replace(be.settings, fused_norms=False))
         emb["both off"] = np.asarray(be.encode(img)[0])
 base = emb[False, False]
 out["encoder"] = {"scale": float(np.abs(base).max()), "calls": len(calls),
@@ -162,14 +164,15 @@ def test_the_kernel_compiles_for_hopper_without_spills():
     tokens in windows of 14) and a global one; no spills."""
     import torch
 
+    from imedsam_cuda.encoder_attention import inference_attention
     from imedsam_cuda.encoder_rewrites import lean_block
     from imedsam_cuda.fused_attention_operands import compile_for
     from imedsam_train.config import FrequencyConfig, LoraConfig
-    from imedsam_train.model.encoder import Block, use_fused_attention
+    from imedsam_train.model.encoder import Block
 
     not_interpreted()
     for window in (14, 0):
         blk = Block(768, 12, 4.0, window, 24, LoraConfig(enabled=False), FrequencyConfig(enabled=False)).eval()
-        use_fused_attention(blk, True)
+        inference_attention(blk, True, None)
         got = compile_for(lean_block(blk, 24, torch.bfloat16), torch.bfloat16, 90)
         assert got["spill_stores"] == got["spill_loads"] == 0 and got["registers"] < 255, got

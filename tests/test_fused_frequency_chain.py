@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 from imedsam_cuda.torch_cuda import TorchBackend
+from imedsam_cuda.torch_settings import TorchCudaSettings
 from imedsam_cuda.fused_frequency_chain import FusedFrequencyChain
 from imedsam_train.build import build_from_config
 from imedsam_train.config import EncoderConfig, tiny_config
@@ -73,12 +74,12 @@ ffc.FusedFrequencyChain.__call__ = counted
 img = torch.rand(2, 3, 160, 160).numpy()
 emb, desc = {}, {}
 for overlap, chain in ((True, False), (True, True), (False, True)):
-    be = TorchBackend(copy.deepcopy(model), "cpu", "fp32", lean_encoder=True, overlap_frequency=overlap,
-                      fused_frequency=chain)
+    be = TorchBackend(copy.deepcopy(model), "cpu", TorchCudaSettings(
+        precision="fp32", lean_encoder=True, overlap_frequency=overlap, fused_frequency=chain))
     emb[overlap, chain] = np.asarray(be.encode(img)[0])
     desc[overlap, chain] = be.description
     if not overlap:
-        be.set_encoder_frequency(False)
+        be.configure(dataclasses.replace(be.settings, fused_frequency=False))
         emb["off again"] = np.asarray(be.encode(img)[0])
 base = emb[True, False]
 out["encoder"] = {"scale": float(np.abs(base).max()), "calls": calls,

@@ -73,7 +73,7 @@ for name, enc in (("tiny", {}), ("vit_b maps", {"out_chans": 256})):
 
 # through the torch backend: a decode and a device-planned sparse box, fused rows against unfused (fp32, CPU)
 from tests.kernel_checks import backend_runs
-out["backend"] = backend_runs("fused_features", "set_decoder_features", align_matmuls=True, relu_epilogue=True)
+out["backend"] = backend_runs("fused_features", True, align_matmuls=True, relu_epilogue=True)
 json.dump(out, sys.stdout)
 """
 

@@ -45,7 +45,7 @@ except ValueError as e:
 
 # through the torch backend: a decode and a device-planned sparse box, fused uncertainty against unfused (fp32, CPU)
 from tests.kernel_checks import backend_runs
-out["backend"] = backend_runs("fused_uncertainty", "set_decoder_uncertainty", align_matmuls=True, relu_epilogue=True)
+out["backend"] = backend_runs("fused_uncertainty", True, align_matmuls=True, relu_epilogue=True)
 json.dump(out, sys.stdout)
 """
 

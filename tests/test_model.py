@@ -95,17 +95,19 @@ def test_encoder_block_equals_segment_anythings_block(grid, window, fused):
     the explicit GEMMs (exported) and as one scaled_dot_product_attention call (torch-cuda)."""
     from segment_anything.modeling.image_encoder import Block as SamBlock
 
+    from imedsam_cuda.encoder_attention import InferenceAttention, inference_attention
     from imedsam_train.config import FrequencyConfig, LoraConfig
-    from imedsam_train.model.encoder import Block, freeze_position_tables, use_fused_attention
+    from imedsam_train.model.encoder import Block
 
     torch.manual_seed(0)
     sam = SamBlock(768, 12, use_rel_pos=True, window_size=window, input_size=(grid, grid)).eval()
     ours = Block(768, 12, 4.0, window, grid, LoraConfig(enabled=False), FrequencyConfig(enabled=False)).eval()
-    assert use_fused_attention(ours, fused) == 1
     with torch.no_grad():
         for p in sam.parameters():
             p.normal_(0, 0.05)
     assert ours.load_state_dict(sam.state_dict(), strict=True)
+    if fused:  # torch-cuda's inference form: the trained layers, shared
+        assert inference_attention(ours, True, None) == 1
     x = torch.randn(2, grid, grid, 768)
     with torch.no_grad():
         ref = sam(x)
@@ -116,10 +118,11 @@ def test_encoder_block_equals_segment_anythings_block(grid, window, fused):
     # torch-cuda's inference copy precomputes the position tables (gathered, padded, in the queries' dtype):
     # the same values, so bitwise the same output, in fp32 and under bf16 autocast
     for dtype, want in ((torch.float32, out), (torch.bfloat16, out16)):
-        assert freeze_position_tables(ours, dtype) == 1
+        assert inference_attention(ours, fused, dtype) == 1
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32):
             got, _ = ours(x, None)
-        assert ours.attn.frozen is not None and torch.equal(got, want)
+        assert isinstance(ours.attn, InferenceAttention) and ours.attn.frozen is not None
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("downsample", [1, 2])
@@ -128,7 +131,7 @@ def test_prompt_attention_as_sdpa_equals_segment_anythings(downsample):
     function to fp32 rounding (token-to-image and image-to-token shapes), and switching back restores it."""
     from segment_anything.modeling.transformer import Attention as SamAttention
 
-    from imedsam_train.model.prompt_attention import use_fused_prompt_attention
+    from imedsam_cuda.prompt_attention import use_fused_prompt_attention
 
     torch.manual_seed(0)
     attn = SamAttention(256, 8, downsample).eval()

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from imedsam_core.errors import UserError
 from imedsam_cuda import torch_tuning as tt
 from imedsam_cuda.torch_cuda import TorchBackend
+from imedsam_cuda.torch_settings import TUNED_ENV, TorchCudaSettings
 from imedsam_deploy.bench import BenchOptions, FrameRunner, synthetic_inputs, tune_backends
 from imedsam_deploy.cli_bench import app
 
@@ -32,7 +33,7 @@ class Frames:
         from imedsam_cuda.torch_models import model_artifact
 
         model = tiny(size=S)
-        self.be = TorchBackend(model, device="cpu", precision="fp32")
+        self.be = TorchBackend(model, "cpu", TorchCudaSettings(precision="fp32"))
         art = model_artifact(model, max_batch=1)
         self.runner = FrameRunner(self.be, art, "sparse", BenchOptions())
         self.inputs = synthetic_inputs(S, 1)
@@ -53,7 +54,8 @@ def test_tune_keeps_the_faster_settings_and_only_those():
     cannot run on a CPU, are reported as not tried, with the backend's reason; every decoder option here is exact,
     so the masks agree with the untuned frame's everywhere."""
     not_interpreted()
-    frames = Frames(lambda be: 10.0 - 3.0 * be.align_matmuls + 4.0 * be.relu_epilogue + 0.1 * be.grid_sample)
+    frames = Frames(lambda be: 10.0 - 3.0 * be.settings.align_matmuls + 4.0 * be.settings.relu_epilogue
+                    + 0.1 * be.settings.grid_sample)
     be = frames.be
     before = tt.settings_of(be)
     assert not before["align_matmuls"] and not before["relu_epilogue"] and before["grid_sample"]  # CPU defaults
@@ -79,22 +81,23 @@ def test_tune_keeps_a_flip_only_if_it_is_faster_in_every_round():
     second. Its median over both rounds is faster, but it is not kept."""
     knob = next(k for k in tt.KNOBS if k.name == "align_matmuls")
     # frames: 1 untuned warm-up; per round 1 warm-up + 3 timed frames off, then on; the second round from frame 9
-    frames = Frames(lambda be: 10.0 if not be.align_matmuls else 5.0 if frames.calls < 9 else 10.5)
+    frames = Frames(lambda be: 10.0 if not be.settings.align_matmuls else 5.0 if frames.calls < 9 else 10.5)
     tuning = tt.tune(frames.be, frames, knobs=[knob], repeat=3, warmup=1, rounds=2, clock=frames.clock)
     (trial,) = tuning.trials
     assert frames.calls == 17 and trial.ms_after < 0.9 * trial.ms_before
     assert np.allclose(trial.rounds_ms, [[10.0, 5.0], [10.0, 10.5]])
-    assert not trial.kept and trial.note == "not faster" and not frames.be.align_matmuls
+    assert not trial.kept and trial.note == "not faster" and not frames.be.settings.align_matmuls
 
 
 def test_tune_refuses_a_faster_flip_whose_masks_differ():
     """A knob whose setting is faster but changes the masks (a kernel that is wrong on this card) is put back."""
-    frames = Frames(lambda be: 5.0 if be.relu_epilogue else 10.0, corrupt=lambda be: be.relu_epilogue)
+    frames = Frames(lambda be: 5.0 if be.settings.relu_epilogue else 10.0,
+                    corrupt=lambda be: be.settings.relu_epilogue)
     knob = next(k for k in tt.KNOBS if k.name == "relu_epilogue")
     tuning = tt.tune(frames.be, frames, knobs=[knob], repeat=2, warmup=1, clock=frames.clock)
     (trial,) = tuning.trials
     assert trial.ms_after < trial.ms_before and trial.agreement < 0.5
-    assert not trial.kept and trial.note == "masks differ" and not frames.be.relu_epilogue
+    assert not trial.kept and trial.note == "masks differ" and not frames.be.settings.relu_epilogue
 
 
 def test_tune_reports_a_setting_that_fails_and_keeps_the_one_that_ran():
@@ -102,20 +105,16 @@ def test_tune_reports_a_setting_that_fails_and_keeps_the_one_that_ran():
     the backend goes on with the setting it had."""
     frames = Frames(lambda be: 1.0)
 
-    def set_broken(be, on: bool) -> None:
-        be.set_decoder_alignment(on)
-        be.broken = on
-
-    def frame():
-        if getattr(frames.be, "broken", False):
+    def frame():  # the aligned layers' frame fails
+        if frames.be.settings.align_matmuls:
             raise RuntimeError("CompilationError: at 3:4\nmore lines")
         return frames()
 
-    knob = tt.Knob("align_matmuls", "decoder", set_broken)
+    knob = next(k for k in tt.KNOBS if k.name == "align_matmuls")
     tuning = tt.tune(frames.be, frame, knobs=[knob], repeat=2, warmup=1, clock=frames.clock)
     (trial,) = tuning.trials
     assert not trial.kept and trial.note == "failed: RuntimeError: CompilationError: at 3:4"
-    assert not frames.be.align_matmuls and not frames.be.broken
+    assert not frames.be.settings.align_matmuls
 
 
 def test_tune_refuses_a_compiled_backend_and_bad_counts():
@@ -131,32 +130,32 @@ def test_tune_refuses_a_compiled_backend_and_bad_counts():
 def test_a_saved_tuning_is_applied_when_the_backend_opens_again(tmp_path, monkeypatch):
     """save -> apply_saved on a new backend of the same key: its settings, and 'tuned' in its description;
     IMEDSAM_TORCH_TUNED=0 leaves the defaults; another precision is another key, so the file is not read."""
-    frames = Frames(lambda be: 10.0 - 3.0 * be.align_matmuls)
+    frames = Frames(lambda be: 10.0 - 3.0 * be.settings.align_matmuls)
     knob = next(k for k in tt.KNOBS if k.name == "align_matmuls")
     tuning = tt.tune(frames.be, frames, knobs=[knob], repeat=2, warmup=1, clock=frames.clock)
     path = tt.tuning_path(frames.be, tmp_path)
     tt.save(tuning, path)
     assert json.loads(path.read_text())["settings"]["align_matmuls"] is True
 
-    fresh = TorchBackend(tiny(size=S), device="cpu", precision="fp32")
-    assert not fresh.align_matmuls and "tuned" not in fresh.description
-    monkeypatch.setenv(tt.TUNED_ENV, "0")
-    assert tt.apply_saved(fresh, tmp_path) is None and not fresh.align_matmuls
-    monkeypatch.delenv(tt.TUNED_ENV)
+    fresh = TorchBackend(tiny(size=S), "cpu", TorchCudaSettings(precision="fp32"))
+    assert not fresh.settings.align_matmuls and "tuned" not in fresh.description
+    monkeypatch.setenv(TUNED_ENV, "0")
+    assert tt.apply_saved(fresh, tmp_path) is None and not fresh.settings.align_matmuls
+    monkeypatch.delenv(TUNED_ENV)
     assert tt.apply_saved(fresh, tmp_path) == path
-    assert fresh.align_matmuls and fresh.description.endswith(", tuned)") and fresh.tuned_from == path
-    assert not fresh.built_settings["align_matmuls"]  # the key: the settings it was built with
-    other = TorchBackend(tiny(size=S), device="cpu", precision="bf16")
+    assert fresh.settings.align_matmuls and fresh.description.endswith(", tuned)") and fresh.tuned_from == path
+    assert not fresh.built_settings.align_matmuls  # the key: the settings it was built with
+    other = TorchBackend(tiny(size=S), "cpu", TorchCudaSettings(precision="bf16"))
     assert tt.tuning_path(other, tmp_path) != path and tt.apply_saved(other, tmp_path) is None
     # built with other switchable settings (as IMEDSAM_TORCH_TRITON=1 builds torch-cuda): its own tuning, so an
     # explicit request is not overridden by a tuning made from the defaults
-    asked = TorchBackend(tiny(size=S), device="cpu", precision="fp32", relu_epilogue=True)
+    asked = TorchBackend(tiny(size=S), "cpu", TorchCudaSettings(precision="fp32", relu_epilogue=True))
     assert tt.tuning_path(asked, tmp_path) != path and tt.apply_saved(asked, tmp_path) is None
-    assert asked.relu_epilogue and not asked.align_matmuls
+    assert asked.settings.relu_epilogue and not asked.settings.align_matmuls
 
 
 def test_a_bad_tuning_file_is_refused_in_one_line_naming_it(tmp_path):
-    be = TorchBackend(tiny(size=S), device="cpu", precision="fp32")
+    be = TorchBackend(tiny(size=S), "cpu", TorchCudaSettings(precision="fp32"))
     path = tt.tuning_path(be, tmp_path)
     path.write_text("{not json")
     with pytest.raises(UserError, match=f"{path}: not a readable tuning file") as e:
@@ -171,7 +170,7 @@ def test_a_bad_tuning_file_is_refused_in_one_line_naming_it(tmp_path):
     path.write_text(json.dumps({**good, "key": {**good["key"], "device": "NVIDIA H200"}}))
     with pytest.raises(UserError, match="tuned for another machine"):
         tt.apply_saved(be, tmp_path)
-    assert not be.align_matmuls  # nothing applied
+    assert not be.settings.align_matmuls  # nothing applied
 
 
 def test_tune_backends_needs_a_torch_backend():
@@ -209,6 +208,7 @@ import dataclasses, json
 import torch
 from imedsam_cuda import torch_tuning as tt
 from imedsam_cuda.torch_cuda import TorchBackend
+from imedsam_cuda.torch_settings import TorchCudaSettings
 from imedsam_cuda.torch_models import model_artifact
 from imedsam_deploy.bench import BenchOptions, FrameRunner, synthetic_inputs
 from imedsam_train.build import build_from_config
@@ -219,7 +219,8 @@ enc = EncoderConfig(embed_dim=64, depth=2, num_heads=4, global_attn_indexes=(1,)
 torch.manual_seed(0)
 model, _ = build_from_config(dataclasses.replace(tiny_config(160), encoder=enc))
 model = model.eval()
-be = TorchBackend(model, "cpu", "fp32", lean_encoder=True, lean_box_part=True, device_planner=True)
+be = TorchBackend(model, "cpu", TorchCudaSettings(precision="fp32", lean_encoder=True, lean_box_part=True,
+                                                  device_planner=True))
 runner = FrameRunner(be, model_artifact(model, 1), "sparse", BenchOptions())
 inputs = synthetic_inputs(160, 1)
 now = [0.0]

@@ -3,7 +3,8 @@
 Modules are imported lazily, by name (importlib), so a missing optional dependency (tensorrt, cuda-python,
 onnxruntime-gpu, torch) only matters for the backend that needs it. The PyTorch GPU runtime (``imedsam_cuda``:
 the torch-cuda backend, the bench's torch models, the tuner) is found the same way, through ``TORCH_PARTS``:
-this package's code never imports it, so the base runtime stays torch-free.
+this package's code never imports it, so the base runtime stays torch-free. Both tables name code as
+"module" or "module:attribute", imported by ``_load``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from imedsam_core.errors import UserError
 from imedsam_deploy.backends.base import Backend
 from imedsam_deploy.manifest import Artifact
 
-# name -> (module, its ``provider`` argument); ``auto`` tries them in this order (fastest first).
+# name -> (its module, that module's ``provider`` argument); ``auto`` tries them in this order (fastest first).
 _REGISTRY: dict[str, tuple[str, str]] = {
     "tensorrt": ("imedsam_deploy.backends.tensorrt", ""),
     "ort-trt": ("imedsam_deploy.backends.ort", "trt"),
@@ -39,21 +40,27 @@ TORCH_PARTS: dict[str, str] = {
 }
 
 
-def torch_part(name: str) -> Any:
-    """The module or attribute that ``TORCH_PARTS[name]`` names, imported now (torch with it)."""
-    module, _, attribute = TORCH_PARTS[name].partition(":")
-    mod = importlib.import_module(module)
+def _load(spec: str, missing_ok: bool = False) -> Any:
+    """What ``spec`` ("module" or "module:attribute") names, imported now. With ``missing_ok``, None where that
+    module (or its package) itself is not part of this install; a dependency it lacks still raises."""
+    module, _, attribute = spec.partition(":")
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if missing_ok and e.name is not None and (module == e.name or module.startswith(e.name + ".")):
+            return None
+        raise
     return getattr(mod, attribute) if attribute else mod
 
 
+def torch_part(name: str) -> Any:
+    """The module or attribute that ``TORCH_PARTS[name]`` names, imported now (torch with it)."""
+    return _load(TORCH_PARTS[name])
+
+
 def _module(name: str) -> ModuleType | None:
-    try:
-        return importlib.import_module(_REGISTRY[name][0])
-    except ModuleNotFoundError as e:
-        module = _REGISTRY[name][0]
-        if e.name is not None and (module == e.name or module.startswith(e.name + ".")):
-            return None  # the backend module (or its package) itself is not part of this install
-        raise
+    mod: ModuleType | None = _load(_REGISTRY[name][0], missing_ok=True)
+    return mod
 
 
 def probe(name: str, artifact: Artifact) -> str | None:

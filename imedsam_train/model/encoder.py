@@ -6,10 +6,6 @@ as they are; the adapters add ``blocks.i.attn.qkv.lora_*`` and ``blocks.i.freq.*
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling.common import LayerNorm2d, MLPBlock
@@ -39,55 +35,7 @@ def key_onehot(size: int) -> torch.Tensor:
     return out
 
 
-def fused_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """softmax(q k^T) v, the scale already in q, as one ``scaled_dot_product_attention`` call: (B*heads, N, d).
-
-    With the bias folded into q and k the attention has no mask, so on a GPU it runs as one flash /
-    memory-efficient kernel instead of two GEMMs, a softmax and its casts over the (N x N) logits. Those
-    kernels need q, k and v of one width, a multiple of 8: zero columns are appended (they add nothing to
-    q.k, and v's come out as zero columns, dropped).
-    """
-    bh, n, dv = v.shape
-    d = -(-max(q.shape[-1], dv) // 8) * 8
-
-    def widen(t: torch.Tensor) -> torch.Tensor:  # (q and k come at this width from ``position_tables``)
-        t = F.pad(t, (0, d - t.shape[-1])) if t.shape[-1] != d else t
-        return t.view(bh // heads, heads, n, d)
-
-    out = F.scaled_dot_product_attention(widen(q), widen(k), widen(v), scale=1.0)
-    return out[..., :dv].reshape(bh, n, dv)
-
-
-def use_fused_attention(module: nn.Module, on: bool = True) -> int:
-    """Switch every encoder ``Attention`` under ``module`` to (or from) ``fused_softmax_attention``;
-    returns how many. Off by default: the ONNX export keeps the explicit GEMMs, which ONNX Runtime fuses."""
-    attns = [m for m in module.modules() if isinstance(m, Attention)]
-    for m in attns:
-        m.fused = on
-    return len(attns)
-
-
-def freeze_position_tables(module: nn.Module, dtype: torch.dtype | None) -> int:
-    """Precompute every encoder ``Attention``'s position tables (``Attention.position_tables``) in ``dtype``
-    (the dtype its queries come in: the autocast dtype, or float32), for the current ``fused`` setting, on
-    a model whose weights no longer change (an inference copy); ``None`` drops them. Each attention call then
-    reads them instead of gathering, casting and padding them again: per block, two gathers, their two
-    autocast casts, the one-hot's cast and two pads fewer (the values are the same). The tables live on the
-    module's current device and are not moved by ``.to()``: freeze after moving. Returns how many."""
-    attns = [m for m in module.modules() if isinstance(m, Attention)]
-    for m in attns:
-        m.frozen = None
-        if dtype is not None:
-            with torch.no_grad():
-                m.frozen = (dtype, m.fused, *(t.detach().to(dtype).contiguous() for t in m.position_tables()))
-    return len(attns)
-
-
 class Attention(nn.Module):
-    fused = False  # see use_fused_attention
-    # (dtype, fused, rh, rw, key columns) from ``freeze_position_tables``
-    frozen: tuple[Any, ...] | None = None
-
     def __init__(self, dim: int, num_heads: int, size: int, lora: LoraConfig) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -112,16 +60,18 @@ class Attention(nn.Module):
         return F.linear(x, qkv.weight, qkv.bias if bias else None)
 
     def position_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """rh (H, H, c), rw (W, W + z, c) and the keys' one-hot columns (H W, H + W + z): the relative-position
-        tables gathered for this grid. z zero rows / columns (fused only) bring the extended queries and keys
-        of ``attend`` to a multiple of 8 wide, as the fused kernels need, with no pad per call."""
-        rh = self.rel_pos_h[self.rel_index]
-        rw = self.rel_pos_w[self.rel_index]
-        cols = self.key_onehot
-        z = -(rh.shape[-1] + cols.shape[-1]) % 8 if self.fused else 0
-        if z:
-            rw, cols = F.pad(rw, (0, 0, 0, z)), F.pad(cols, (0, z))
-        return rh, rw, cols
+        """rh (H, H, c), rw (W, W, c) and the keys' one-hot columns (H W, H + W): the relative-position tables
+        gathered for this grid."""
+        return self.rel_pos_h[self.rel_index], self.rel_pos_w[self.rel_index], self.key_onehot
+
+    def tables_in(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``position_tables`` for queries in ``dtype``: the one-hot columns cast to it (the keys' dtype)."""
+        rh, rw, cols = self.position_tables()
+        return rh, rw, cols.to(dtype)
+
+    def softmax_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T) v over the extended queries and keys (the scale already in q): (B*heads, N, d)."""
+        return (q @ k.transpose(-2, -1)).softmax(dim=-1) @ v
 
     def attend(self, qkv: torch.Tensor) -> torch.Tensor:
         """Multi-head attention with SAM's decomposed relative-position bias: (B, H, W, 3C) -> (B, H, W, C)."""
@@ -131,12 +81,7 @@ class Attention(nn.Module):
         # SAM's decomposed relative-position bias, attn[(h,w),(k,l)] += q_hw . Rh[h,k] + q_hw . Rw[w,l], folded
         # into the logits' matmul: append the two bias rows to each query and one-hot (k, l) columns to each
         # key. Same sums, and no two broadcast adds over the (N x N) logits (the largest non-GEMM cost).
-        fz = self.frozen
-        if fz is not None and fz[0] == q.dtype and fz[1] == self.fused:
-            rh, rw, cols = fz[2:]
-        else:
-            rh, rw, cols = self.position_tables()
-            cols = cols.to(k.dtype)
+        rh, rw, cols = self.tables_in(k.dtype)
         r_q = q.reshape(B * self.num_heads, H, W, -1)
         # einsum("bhwc,hkc->bhwk") and einsum("bhwc,wkc->bhwk") as broadcast batched matmuls (ONNX Runtime's
         # Einsum kernel is slower than MatMul for these shapes)
@@ -144,10 +89,7 @@ class Attention(nn.Module):
         rel_w = (r_q.transpose(1, 2) @ rw.transpose(1, 2)).transpose(1, 2).reshape(B * self.num_heads, H * W, -1)
         q_ext = torch.cat([q * self.scale, rel_h, rel_w], dim=-1)
         k_ext = torch.cat([k, cols.expand(k.shape[0], -1, -1)], dim=-1)
-        if self.fused:
-            out = fused_softmax_attention(q_ext, k_ext, v, self.num_heads)
-        else:
-            out = (q_ext @ k_ext.transpose(-2, -1)).softmax(dim=-1) @ v
+        out = self.softmax_attention(q_ext, k_ext, v)
         return out.view(B, self.num_heads, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
@@ -184,22 +126,6 @@ class Block(nn.Module):
             f, add = self.frequency_step(f)
             out = out + add
         return out, f
-
-    def step(self, x: torch.Tensor, y: torch.Tensor | None, add: torch.Tensor, wait: Callable[[], None],
-             next_block: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One block of ``ImageEncoder.frequency_chain_first``'s loop: the block on x, then ``wait()`` (for the
-        frequency stream) and its adapter's ``add``. ``y``: this block's norm1(x) if the previous step made it
-        (an inference rewrite may, fused with its last add); returns (x, the next block's norm1 output or
-        None). Here: ``forward`` and the add, y neither read nor made."""
-        x, _ = self(x, None)
-        wait()
-        return x + add, None
-
-    @property
-    def fuses_steps(self) -> bool:
-        """Whether this block's ``step`` fuses work across block boundaries (an inference rewrite's), so that
-        only ``ImageEncoder.frequency_chain_first``'s loop runs it as it is meant to. Here: no."""
-        return False
 
     def frequency_step(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The adapter on the frequency tokens: (next block's f, what is added to this block's output)."""
@@ -267,68 +193,7 @@ class ImageEncoder(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(image) + self.pos_embed
-        if self.freq_cfg.enabled and (self.frequency_first or self.adapter_chain is not None
-                                      or any(blk.fuses_steps for blk in self.blocks)):
-            x = self.frequency_chain_first(x, image)
-        else:
-            f = self.frequency_tokens(image) if self.freq_cfg.enabled else None
-            for blk in self.blocks:
-                x, f = blk(x, f)
+        f = self.frequency_tokens(image) if self.freq_cfg.enabled else None
+        for blk in self.blocks:
+            x, f = blk(x, f)
         return self.neck(x.permute(0, 3, 1, 2))
-
-    # The frequency chain (spectrum, patch embedding, one adapter per block) never reads the tokens: on a GPU
-    # it can run on a second stream beside the token chain, where at 576 tokens most of the GPU sits idle.
-    frequency_first = False
-    _side_streams: dict[torch.device, torch.cuda.Stream]
-    # an inference rewrite: every block's adapter at once (frequency tokens -> the (blocks, ...) additions), run
-    # by the chain-first loop (as are blocks whose ``fuses_steps``), without the side stream unless
-    # ``frequency_first``
-    adapter_chain: Callable[[torch.Tensor], torch.Tensor] | None = None
-
-    def frequency_chain_first(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """``forward``'s block loop with the whole frequency chain issued first, on a side stream on CUDA with
-        ``frequency_first`` (an event per block joins each adapter's output to the token chain; captured in a
-        CUDA graph as parallel branches). The same operations on the same values: bitwise the same embedding."""
-        cuda = x.device.type == "cuda" and self.frequency_first
-        main = torch.cuda.current_stream(x.device) if cuda else None
-        side = None
-        if cuda:
-            streams = self.__dict__.setdefault("_side_streams", {})
-            if x.device not in streams:  # one side stream per device, made on first use
-                streams[x.device] = torch.cuda.Stream(x.device)
-            side = streams[x.device]
-            side.wait_stream(main)
-        adds: list[torch.Tensor] = []
-        events: list[torch.cuda.Event | None] = []
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            f = self.frequency_tokens(image)
-            if self.adapter_chain is not None:  # every adapter in one go: one event for them all
-                adds = list(self.adapter_chain(f).unbind(0))
-                events = [torch.cuda.Event() if cuda else None] * len(adds)
-                if events[0] is not None:
-                    events[0].record(side)
-            else:
-                for blk in self.blocks:
-                    assert isinstance(blk, Block)
-                    f, add = blk.frequency_step(f)
-                    adds.append(add)
-                    events.append(torch.cuda.Event() if cuda else None)
-                    if events[-1] is not None:
-                        events[-1].record(side)
-        y = None
-        blocks = list(self.blocks)
-        for i, (blk, add, ev) in enumerate(zip(blocks, adds, events, strict=True)):
-            assert isinstance(blk, Block)
-
-            def wait(ev: torch.cuda.Event | None = ev) -> None:
-                if ev is not None and main is not None:
-                    main.wait_event(ev)
-
-            x, y = blk.step(x, y, add, wait, blocks[i + 1] if i + 1 < len(blocks) else None)
-        if side is not None and main is not None:
-            # the adapters' outputs were allocated on the side stream and read on the main one: the side
-            # stream waits for those reads before the allocator can hand the memory out again there (the
-            # caching allocator's documented alternative to record_stream, which is unsafe under capture)
-            side.wait_stream(main)
-            main.wait_stream(side)
-        return x

@@ -29,9 +29,6 @@ def grid_coords(height: int, width: int, device: torch.device | None = None) -> 
 class IMedSAM(nn.Module):
     """Top-level names match segment-anything's ``Sam`` (image_encoder, prompt_encoder, mask_decoder)."""
 
-    # an inference copy's dense positional map, made once (imedsam_cuda.box_part_rewrites.freeze_dense_pe):
-    # it depends on neither the image nor the box
-    frozen_dense_pe: torch.Tensor | None = None
     # state-dict prefixes never used (nor trained, nor stored in a checkpoint)
     unused_prefixes: tuple[str, ...] = UNUSED_PREFIXES
     # whether decoding adds a base logit map to the INR's logits (``box_maps``' second map); the lite preset's
@@ -114,6 +111,10 @@ class IMedSAM(nn.Module):
         """(B, 3, S, S) RGB in [0, 1] -> image embedding (B, C, S/16, S/16). Box-independent."""
         return self.image_encoder(image)
 
+    def dense_pe(self) -> torch.Tensor:
+        """The prompt encoder's dense positional map (1, C, g, g): it depends on neither the image nor the box."""
+        return self.prompt_encoder.get_dense_pe()  # type: ignore[no-any-return]
+
     def decoder_features(self, embedding: torch.Tensor, boxes: torch.Tensor, tokens: torch.Tensor | None = None,
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """Box-conditioned feature maps: upscaled (B, C/8, 4g, 4g) and the dense positional map (1, C, g, g).
@@ -132,7 +133,7 @@ class IMedSAM(nn.Module):
             dense = self.prompt_encoder._embed_masks(masks)
         else:  # as the prompt encoder's, without its expand (the add below broadcasts)
             dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        pe = self.prompt_encoder.get_dense_pe() if self.frozen_dense_pe is None else self.frozen_dense_pe
+        pe = self.dense_pe()
         src = embedding + dense
         b, c, h, w = src.shape
         _, src = md.transformer(src, pe.expand(b, -1, -1, -1), tokens)

@@ -14,7 +14,8 @@
 #   4. benchmarks.gpu_lite: the shipped lite model against zero-shot LiteMedSAM, eager PyTorch, 256 and 896;
 #   5. where the image's onnxruntime has the CUDA provider: imedsam-export --fp16 of the shipped model, then
 #      imedsam-bench on ort-cuda (else a line saying it was not run);
-#   6. benchmarks/gpu_session.sh with BENCH_S=0: gpu_check, the torch-cuda backend (vit_b, random weights).
+#   6. benchmarks/gpu_session.sh: gpu_check, the torch-cuda backend (vit_b, random weights), in BUDGET_S
+#      (default 170) s; with BENCH_S > 0 (default 0) imedsam-bench --tune on torch-cuda too; SESSION_S caps both.
 # Everything lands in $OUT/results.tgz (the device returns at most 8 files) and the tables in $OUT/summary.txt.
 set -o pipefail
 OUT="${OUT:-runs/gpu_lite}"
@@ -61,8 +62,11 @@ else
 fi
 cp runs/gpu-amp/log.csv "$RES/train_amp.csv" 2>/dev/null; cp runs/gpu-ddp/log.csv "$RES/train_ddp.csv" 2>/dev/null
 fi
-[ "${SESSION:-1}" = 0 ] || step gpu_session 260 env OUT="$RES/gpu_session" BENCH_S=0 BUDGET_S="${BUDGET_S:-170}" bash benchmarks/gpu_session.sh
+[ "${SESSION:-1}" = 0 ] || step gpu_session "${SESSION_S:-260}" env OUT="$RES/gpu_session" BENCH_S="${BENCH_S:-0}" \
+    BUDGET_S="${BUDGET_S:-170}" bash benchmarks/gpu_session.sh
 tail -n 40 "$RES/gpu_session/gpu_check.log" >>"$S" 2>/dev/null
+tail -n 30 "$RES/gpu_session/bench.log" >>"$S" 2>/dev/null
 tar czf "$OUT/results.tgz" --exclude=cache -C "$(dirname "$RES")" "$(basename "$RES")"
 cp "$S" "$OUT/summary.txt"
-tail -n 40 "$RES/gpu_session/gpu_check.log" 2>/dev/null || true
+tail -n 40 "$RES/gpu_session/gpu_check.log" 2>/dev/null
+tail -n 30 "$RES/gpu_session/bench.log" 2>/dev/null || true

@@ -202,13 +202,11 @@ class Segmenter:
     def decode_box(self, embedding: Embedding, box: np.ndarray, image_hw: tuple[int, int],
                    out_hw: tuple[int, int]) -> ObjectMask:
         region = self.region_for(box, image_hw, out_hw)
-        # a backend's own query paths build output-grid coordinates on its device: the stretch's frame only
-        own_paths = not self.pre.letterbox
         if self.query == "sparse":
             mbox_s = self.pre.box(np.asarray(box)[None], image_hw)
             rows_cols = (region.r0, region.r1, region.c0, region.c1)
             on_device = self.backend.sparse_region(embedding, mbox_s, rows_cols, out_hw, self.fraction,
-                                                   self.sparse_cfg) if own_paths else None
+                                                   self.sparse_cfg)
             if on_device is not None:  # the same planner, run by the backend (torch-cuda: one CUDA graph)
                 return ObjectMask(np.asarray(box, np.float64), out_hw, region, on_device[0], on_device[1])
             res = sparse_decode(lambda c: self._decode_points(embedding, mbox_s, c, image_hw),  # type: ignore[arg-type,return-value]
@@ -222,7 +220,7 @@ class Segmenter:
         # The refine count is the full output grid's in both modes (see the module docstring).
         k = refine_count(out_hw[0] * out_hw[1], self.fraction)
         # torch-cuda: coordinates built, decoded and merged on the GPU
-        merged = self.backend.decode_merged(embedding, mbox, region, out_hw, self.chunk, k) if own_paths else None
+        merged = self.backend.decode_merged(embedding, mbox, region, out_hw, self.chunk, k)
         if merged is None:
             coarse, fine, unc = (np.empty((k_cls, n), np.float32) for _ in range(3))
             for s in range(0, n, self.chunk):

@@ -275,3 +275,18 @@ def test_bench_refuses_a_corrupt_tuning_file_in_one_line(tmp_path, monkeypatch):
         f"no backend could run here (torch-cpu: {saved}: not a readable tuning file (JSONDecodeError); delete it "
         "or re-run imedsam-bench --tune)"), res.output
     assert not (tmp_path / "r.json").exists()
+
+
+def test_torch_cuda_refuses_letterbox_artifacts_before_anything_else(tmp_path):
+    """Its on-device query paths build stretch-frame coordinates, so the runtime can ask every backend for them:
+    torch-cuda never opens a lite (letterbox) artifact, whatever the machine has."""
+    from types import SimpleNamespace
+
+    from imedsam_core import contract
+    from imedsam_cuda.torch_cuda import probe
+
+    lite = SimpleNamespace(resize=contract.LETTERBOX_MODE, path=tmp_path, manifest={})
+    reason = probe(lite)  # type: ignore[arg-type]
+    assert reason is not None and "SAM-ViT artifacts only" in reason and str(tmp_path) in reason
+    stretch = SimpleNamespace(resize=contract.RESIZE_MODE, path=tmp_path, manifest={})
+    assert "SAM-ViT artifacts only" not in (probe(stretch) or "")  # type: ignore[arg-type]

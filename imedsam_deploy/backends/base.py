@@ -63,7 +63,10 @@ class Backend(abc.ABC):
     ) -> tuple[np.ndarray, int] | None:
         """Optional: the sparse query mode's planner run by the backend itself (``sparse.sparse_decode``'s
         decisions) for one box (boxes (1, 4), model-input pixels) on output rows/cols ``region`` = (r0, r1,
-        c0, c1): (logits (K, h, w), points queried). None: the runtime runs the host planner instead."""
+        c0, c1): (logits (K, h, w), points queried). None: the runtime runs the host planner instead.
+        This and ``decode_merged`` build output-grid coordinates in the stretch frame (``contract.RESIZE_MODE``):
+        a backend that offers them refuses other artifacts when it opens them (torch-cuda's ``probe``), so the
+        runtime asks every backend alike."""
         return None
 
     def decode_merged(self, embedding: Embedding, boxes: np.ndarray, region: Region, out_hw: tuple[int, int],

@@ -27,6 +27,7 @@ from imedsam_train.pretrained import LiteMedSAMBaseline, lite_medsam
 from imedsam_train.train import Reporter, TrainConfig, train
 from tests.conftest import SESSILE_STEMS as STEMS
 from tests.conftest import read_mask, read_rgb
+from tests.ddp_helpers import free_port, plain_and_ddp_world_one
 
 
 @pytest.fixture(scope="module")
@@ -218,35 +219,13 @@ def test_init_from_starts_from_another_lite_run_and_refuses_phase1_after_end_to_
     assert "end to end" in str(e.value) and "\n" not in str(e.value)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_ddp_world_size_one_matches_the_plain_run_in_both_phases(sessile, tmp_path, monkeypatch):
-    import torch.distributed as dist
-
     monkeypatch.setenv("IMEDSAM_CACHE", str(tmp_path / "cache"))
     (tmp_path / "tr.txt").write_text("\n".join(STEMS[:2]) + "\n")
     ds = kvasir_dataset(sessile, tmp_path / "tr.txt")
     cfg = TrainConfig(name="w", model="lite", input_size=256, epochs=1, decoder_epochs=1, batch_size=2, points=128,
                       warmup_steps=1, lr_rest=1e-3)
-    quiet = Reporter(echo=lambda s: None, progress=False)
-    train(cfg, ds, ds, root=tmp_path / "plain", device="cpu", reporter=quiet)
-    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(_free_port())}.items():
-        monkeypatch.setenv(k, v)
-    try:
-        train(cfg, ds, ds, root=tmp_path / "ddp", device="cpu", reporter=quiet)
-        assert dist.is_initialized() and dist.get_world_size() == 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    a = _weights(tmp_path / "plain/runs/w" / CHECKPOINT_DIR / LAST_CHECKPOINT)
-    b = _weights(tmp_path / "ddp/runs/w" / CHECKPOINT_DIR / LAST_CHECKPOINT)
+    a, b = plain_and_ddp_world_one(cfg, ds, ds, tmp_path, monkeypatch)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k].float(), b[k].float(), atol=1e-6, rtol=0, msg=k)
@@ -274,7 +253,7 @@ def test_torchrun_two_ranks_shard_the_cache_and_rank0_writes_the_run(sessile, tm
     env = {**os.environ, "IMEDSAM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
            "IMEDSAM_PROGRESS_SECONDS": "1000"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "imedsam_train.cli", "folder", str(data), "--model", "lite", "--name", "t2",
+           str(free_port()), "-m", "imedsam_train.cli", "folder", str(data), "--model", "lite", "--name", "t2",
            "--decoder-epochs", "2", "--epochs", "0", "--batch-size", "1", "--points", "128", "--device", "cpu",
            "--threads", "1", "--warmup-steps", "1", "--lr-rest", "1e-3"]
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from imedsam_train.cli import app
 from imedsam_train.losses import ce_dice, fine_weight, imedsam_loss
 from imedsam_train.train import rng_state, set_rng_state
 from tests.conftest import REPO, SAMPLE_DATA
+from tests.ddp_helpers import plain_and_ddp_world_one
 
 RUN_ARGS = ["folder", str(SAMPLE_DATA), "--model", "tiny", "--input-size", "64", "--epochs", "2",
             "--batch-size", "4", "--points", "256", "--workers", "0", "--threads", "1", "--seed", "5"]
@@ -118,35 +118,13 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, monkeypatch):
     assert last["best"]["epoch"] in (1, 2)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_ddp_world_size_one_on_cpu_matches_plain_run(tmp_path, monkeypatch):
-    import torch.distributed as dist
-
     from imedsam_train.data import kvasir_dataset
-    from imedsam_train.train import Reporter, TrainConfig, train
+    from imedsam_train.train import TrainConfig
 
     cfg = TrainConfig(name="d", model="tiny", input_size=64, epochs=1, batch_size=4, points=128, workers=0)
     tr, va = kvasir_dataset(SAMPLE_DATA, "val"), kvasir_dataset(SAMPLE_DATA, "test")
-    quiet = Reporter(echo=lambda s: None, progress=False)
-    train(cfg, tr, va, root=tmp_path / "plain", reporter=quiet)
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
-    try:
-        train(cfg, tr, va, root=tmp_path / "ddp", device="cpu", reporter=quiet)
-        assert dist.is_initialized() and dist.get_world_size() == 1
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    a = _weights(tmp_path / "plain/runs/d" / CHECKPOINT_DIR / LAST_CHECKPOINT)
-    b = _weights(tmp_path / "ddp/runs/d" / CHECKPOINT_DIR / LAST_CHECKPOINT)
+    a, b = plain_and_ddp_world_one(cfg, tr, va, tmp_path, monkeypatch)
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
 

@@ -25,10 +25,7 @@ from typing import Any
 
 import numpy as np
 
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = int(a.sum()) + int(b.sum())
-    return 100.0 if s == 0 else 200.0 * float(np.logical_and(a, b).sum()) / s
+from imedsam_train.metrics import dice  # the evaluation's own Dice, in percent
 
 
 def timed(fn: Callable[[], np.ndarray], sync: Callable[[], None], repeat: int) -> tuple[float, np.ndarray]:

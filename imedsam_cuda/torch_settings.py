@@ -26,7 +26,7 @@ TRITON_OPTIONS = ("fused_norms", "fused_operands", "fused_frequency", "fused_fea
 @dataclass(frozen=True)
 class TorchCudaSettings:
     """How torch-cuda runs a model. Each option is exact, or within its precision's rounding, and has its own test;
-    the Triton ones are off by default until a GPU has timed them."""
+    the Triton ones are off by default (timed once, on an H200 on 2026-12-04: benchmarks/RESULTS.md)."""
 
     precision: str = "bf16"
     """fp32, or bf16 / fp16 autocast with fp32 islands, Linear and convolution weights stored in that dtype."""
@@ -79,10 +79,10 @@ class TorchCudaSettings:
     """Each device-planner level's bookkeeping as five ``fused_planner`` Triton kernels."""
     fp32_box_part: bool = False
     """The box part in fp32 with its weights kept in fp32, from transformer tokens made on the host in float64
-    (not yet timed on a GPU; nothing to do in an fp32 backend)."""
+    (nothing to do in an fp32 backend; on an H200 it made the box part slower: benchmarks/HISTORY.md, session 17)."""
     gelu_epilogue: bool = False
-    """Each encoder block's first MLP layer and its GELU as one GEMM (not yet timed on a GPU; on CUDA the tanh
-    approximation of GELU)."""
+    """Each encoder block's first MLP layer and its GELU as one GEMM (on CUDA the tanh approximation of GELU; the
+    tuner found it no faster on an H200, 2026-12-04)."""
 
     def resolved(self, cuda: bool) -> TorchCudaSettings:
         """Every device default fixed for a backend on CUDA (``cuda``) or not; an fp32 backend's box part is fp32
@@ -111,7 +111,7 @@ def _on(name: str) -> bool:
 def from_env(settings: TorchCudaSettings) -> TorchCudaSettings:
     """``settings`` with the environment's opt-ins, as ``imedsam-infer`` and ``imedsam-bench`` open torch-cuda (any
     value but 0 turns one on): ``IMEDSAM_TORCH_COMPILE`` compiles its stages with ``torch.compile``;
-    ``IMEDSAM_TORCH_TRITON`` runs its Triton kernels, each off by default until a GPU has timed it, and the box
+    ``IMEDSAM_TORCH_TRITON`` runs its Triton kernels (each off by default), and the box
     part in fp32 (``fp32_box_part``), whose norms the fused-norms kernel then runs too."""
     triton = _on(TRITON_ENV)
     opts: dict[str, Any] = {"compile": _on(COMPILE_ENV), **dict.fromkeys(TRITON_OPTIONS, triton),

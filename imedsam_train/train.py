@@ -184,15 +184,36 @@ def pick_device(device: str, d: Dist) -> torch.device:
 
 
 class _Step(nn.Module):
-    """Tuple-returning wrapper so DDP can trace which outputs carry gradients."""
+    """Tuple-returning wrapper so DDP can trace which outputs carry gradients. embedded: ``x`` is the encoder's
+    output (lite's phase 1, on cached embeddings; the encoder's parameters then go unused), else the image."""
 
     def __init__(self, model: IMedSAM) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, image: torch.Tensor, boxes: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        p = self.model(image, boxes, coords)
+    def forward(self, x: torch.Tensor, boxes: torch.Tensor, coords: torch.Tensor,
+                embedded: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.model.decode(x, boxes, coords) if embedded else self.model(x, boxes, coords)
         return p.coarse, p.fine
+
+
+def barrier(d: Dist) -> None:
+    """Every rank waits here (nothing to wait for in one process)."""
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def mean_over_ranks(sums: np.ndarray, d: Dist, dev: torch.device) -> np.ndarray:
+    """The epoch's loss sums averaged over the ranks (as they are in one process)."""
+    if d.world == 1:
+        return sums
+    import torch.distributed as dist
+
+    t = torch.tensor(sums, device=dev)
+    dist.all_reduce(t)
+    return t.cpu().numpy() / d.world
 
 
 # --- schedule ---
@@ -360,12 +381,7 @@ def train(
                 return {"stopped": True, "run": str(out)}
         prog.close()
         n_b = max(len(batches), 1)
-        if d.world > 1:
-            import torch.distributed as dist
-
-            t = torch.tensor(sums, device=dev)
-            dist.all_reduce(t)
-            sums = t.cpu().numpy() / d.world
+        sums = mean_over_ranks(sums, d, dev)
         if d.main:
             t_val = time.time()
             # Validated: every epoch on the target data and the last pretraining one (pretraining epochs
@@ -395,10 +411,7 @@ def train(
             rep.echo(f"epoch {epoch + 1}/{cfg.epochs} [{st}] loss {row['loss']:.4f} val Dice {vd:.2f} "
                      f"best {best['val_dice']:.2f}@{best['epoch']} "
                      f"{row['images_per_s']:.1f} img/s {row['seconds']:.0f}s")
-        if d.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+        barrier(d)
     if d.main:
         _mark_finished(out, cfg.epochs, best, [best_path, last_path])
     return {"run": str(out), "best_epoch": best["epoch"], "best_val_dice": best["val_dice"],

@@ -50,7 +50,6 @@ from imedsam_train.model.lite import HeadInterleavedLoRAQKV, LiteIMedSAM, StageF
 from imedsam_train.preprocess import input_boxes, prepare_image, prepare_mask, to_input
 from imedsam_train.train import (
     LOG_NAME,
-    Dist,
     Reporter,
     TrainConfig,
     _curve,
@@ -59,8 +58,11 @@ from imedsam_train.train import (
     _mark_finished,
     _progress,
     _resume_model,
+    _Step,
+    barrier,
     init_distributed,
     lr_lambda_factory,
+    mean_over_ranks,
     param_groups,
     pick_device,
     rank_share,
@@ -134,27 +136,6 @@ class EmbeddingCache:
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """``model.encode`` from the cache: (B, 3, S, S) -> (B, C, g, g) float32 on x's device."""
         return torch.stack([self.one(row) for row in x]).float().to(x.device)
-
-
-class _LiteStep(nn.Module):
-    """One forward for both phases, returning a tuple so DDP can trace which outputs carry gradients: the
-    decoder on cached embeddings (phase 1; the encoder's parameters then go unused) or the whole model."""
-
-    def __init__(self, model: LiteIMedSAM) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor, boxes: torch.Tensor, coords: torch.Tensor,
-                embedded: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        p = self.model.decode(x, boxes, coords) if embedded else self.model(x, boxes, coords)
-        return p.coarse, p.fine
-
-
-def _barrier(d: Dist) -> None:
-    if d.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 @dataclass
@@ -308,7 +289,7 @@ def train_lite(
         if d.main:
             rep.echo(f"embedding cache: {len(cache.memo)} inputs, {cache.computed} computed in "
                      f"{time.time() - t_c:.0f}s ({cache.folder})")
-        _barrier(d)  # every shard is on disk before any rank reads another's
+        barrier(d)  # every shard is on disk before any rank reads another's
     if not resume and d.main:  # the base itself is the first candidate: training is selected only if it beats it
         vd = validate(phase(0))
         best = {"epoch": 0, "val_dice": vd}
@@ -319,7 +300,7 @@ def train_lite(
         start = f"the --init-from model {cfg.init_from}" if cfg.init_from else "untrained: LiteMedSAM"
         rep.echo(f"epoch 0 ({start}) val Dice {vd:.2f}")
 
-    step_mod: nn.Module = _LiteStep(model)
+    step_mod: nn.Module = _Step(model)
     if d.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -361,14 +342,9 @@ def train_lite(
                 return {"stopped": True, "run": str(out)}
         prog.close()
         n_b = max(len(batches), 1)
-        if d.world > 1:
-            import torch.distributed as dist
-
-            t = torch.tensor(sums, device=dev)
-            dist.all_reduce(t)
-            sums = t.cpu().numpy() / d.world
+        sums = mean_over_ranks(sums, d, dev)
         if not d.main:
-            _barrier(d)
+            barrier(d)
             continue
         t_val = time.time()
         vd = validate(ph)
@@ -393,7 +369,7 @@ def train_lite(
         _curve(out / "curve.png", history)
         rep.echo(f"epoch {epoch + 1}/{total} [{ph}] loss {row['loss']:.4f} val Dice {vd:.2f} "
                  f"best {best['val_dice']:.2f}@{best['epoch']} {row['images_per_s']:.1f} img/s {row['seconds']:.0f}s")
-        _barrier(d)
+        barrier(d)
     if d.main:
         _mark_finished(out, total, best, [best_path, last_path])
     return {"run": str(out), "best_epoch": best["epoch"], "best_val_dice": best["val_dice"], "skipped": skipped,

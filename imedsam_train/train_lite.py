@@ -5,7 +5,9 @@ layers are still zero), so its output per preprocessed image is computed once an
 atomic writes, keyed by the sha256 of the model input, the base file's sha256 and the preprocessing); the
 decoder (prompt encoder, upscaling, base mask head, INR) trains on the cached embeddings with jittered boxes.
 Phase 2 (``epochs``): everything trainable, LoRA and adapters included, end to end, the encoder run live.
-Neither phase augments the images (a cached embedding is of the augmentation-free image).
+Phase 2 augments the images when the run asks (``TrainConfig.augment``; photometric and geometric, as the other
+builders, applied to the letterboxed image's valid region); phase 1 cannot (a cached embedding is of the
+augmentation-free image).
 
 Selection: the untrained model (= zero-shot LiteMedSAM), or the ``--init-from`` model (another lite run's, e.g.
 trained on Kvasir-SEG first), is validated first and saved as best.pt; an epoch replaces it only if its val
@@ -24,7 +26,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +43,14 @@ from imedsam_core.paths import (
 from imedsam_train.build import build, safe_torch_load
 from imedsam_train.checkpoint import model_payload, save_checkpoint
 from imedsam_train.config import PreprocessConfig
+from imedsam_train.data.augment import apply, train_transforms
 from imedsam_train.data.boxes import jitter_box, mask_box, stable_seed
 from imedsam_train.data.records import Dataset
 from imedsam_train.data.training_set import boundary_band
 from imedsam_train.evaluate import cases_from_dataset, mean_dice, run_cases
 from imedsam_train.losses import imedsam_loss
 from imedsam_train.model.lite import HeadInterleavedLoRAQKV, LiteIMedSAM, StageFrequency
-from imedsam_train.preprocess import input_boxes, prepare_image, prepare_mask, to_input
+from imedsam_train.preprocess import input_boxes, letterbox_shape, prepare_image, prepare_mask, to_input
 from imedsam_train.train import (
     LOG_NAME,
     Reporter,
@@ -186,9 +189,35 @@ def sample_valid_points(mask: torch.Tensor, valid: tuple[int, int], box: torch.T
     return coords, m[i, j].float()
 
 
+def augmented(it: LiteItem, tf: Any, seed: int, size: int) -> LiteItem:
+    """``it`` with ``tf`` (data/augment.py) applied to its image and mask inside the valid region (the padding
+    stays zero); the tight box is the augmented mask's, in original-image pixels. The item itself if every
+    draw pushed the object out of the frame."""
+    h, w = it.valid
+    box = torch.from_numpy(mask_box(it.mask[:h, :w].numpy())).float()  # type: ignore[arg-type]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in range(3):  # a translation can push the object out of the frame: redraw
+            img_a, m_a, _ = apply(tf, it.image[:, :h, :w], it.mask[:h, :w], box)
+            if m_a.any():
+                break
+        else:
+            return it
+    image = torch.zeros_like(it.image)
+    image[:, :h, :w] = (img_a * 255).round().clamp(0, 255).to(torch.uint8)
+    mask = torch.zeros_like(it.mask)
+    mask[:h, :w] = m_a
+    scale = letterbox_shape(it.orig_size[0], it.orig_size[1], size)[0]
+    tight = mask_box(m_a.numpy())
+    assert tight is not None
+    return replace(it, image=image, mask=mask, tight=tight / scale)
+
+
 def item_draw(it: LiteItem, pre: PreprocessConfig, size: int, seed: int, epoch: int, index: int, points: int,
-              jitter: float) -> dict[str, torch.Tensor]:
+              jitter: float, tf: Any = None) -> dict[str, torch.Tensor]:
     s = stable_seed(seed, epoch, index)
+    if tf is not None:
+        it = augmented(it, tf, s, size)
     box = jitter_box(it.tight, jitter, it.orig_size[1], it.orig_size[0], np.random.default_rng(s))
     box_in = input_boxes(box[None], pre, it.orig_size, size)[0]
     coords, labels = sample_valid_points(it.mask, it.valid, box_in, points, size, torch.Generator().manual_seed(s))
@@ -253,6 +282,7 @@ def train_lite(
     total = cfg.decoder_epochs + cfg.epochs
     cache = EmbeddingCache(model, base_sha, cache_dir() / EMBEDDING_CACHE)
     jit = cfg.jitter_px if cfg.jitter_px is not None else cfg.val_jitter  # original-image px, as val and test
+    tf = train_transforms() if cfg.resolved_augment() else None
 
     def phase(epoch: int) -> str:
         return "decoder" if epoch < cfg.decoder_epochs else "end-to-end"
@@ -318,7 +348,8 @@ def train_lite(
         t_epoch, n_img = time.time(), 0
         prog = _progress(rep, d.main, f"epoch {epoch + 1}/{total} [{ph}]", len(batches))
         for batch in batches:
-            draws = [item_draw(items[i], pre, size, cfg.seed, epoch, i, cfg.points, jit) for i in batch]
+            draws = [item_draw(items[i], pre, size, cfg.seed, epoch, i, cfg.points, jit,
+                               tf if ph == "end-to-end" else None) for i in batch]
             x = torch.stack([r["input"] for r in draws])
             boxes = torch.stack([r["box"] for r in draws]).to(dev)
             coords = torch.stack([r["coords"] for r in draws]).to(dev)

@@ -276,3 +276,40 @@ def test_torchrun_two_ranks_shard_the_cache_and_rank0_writes_the_run(sessile, tm
             if k.startswith("inr.")}
     assert dec.keys() == base.keys() and any(not torch.equal(dec[k], base[k]) for k in dec)
     assert all(torch.isfinite(v).all() for v in dec.values())
+
+
+def test_lite_augmentation_moves_image_mask_and_box_together_and_is_a_function_of_the_seed(sessile):
+    """Phase 2's augmentation acts on the letterboxed image's valid region: a flip moves the image, the mask and
+    the tight box alike, the padding stays zero, and a draw depends on (seed, epoch, index) alone."""
+    from torchvision.transforms import v2
+
+    from imedsam_train.data.augment import train_transforms
+    from imedsam_train.data.records import Dataset
+    from imedsam_train.train_lite import augmented, item_draw, lite_items
+
+    m, _ = build("lite", input_size=256)
+    pre = m.cfg.preprocess
+    ds = kvasir_dataset(sessile, "test")
+    items, _ = lite_items(Dataset(ds.records[:1], ds.class_names, ds.source), pre, 256)
+    it = items[0]
+    h, w = it.valid
+    assert (h, w) != (256, 256)  # the test needs padding to check
+    flip = v2.Compose([v2.RandomHorizontalFlip(p=1.0), v2.ToDtype(torch.float32, scale=True)])
+    a = augmented(it, flip, 0, 256)
+    assert torch.equal(a.image[:, :h, :w], it.image[:, :h, :w].flip(-1))
+    assert torch.equal(a.mask[:h, :w], it.mask[:h, :w].flip(-1))
+    assert not a.image[:, h:, :].any() and not a.image[:, :, w:].any() and not a.mask[h:, :].any()
+    scale = 256 / max(it.orig_size)
+    tb = mask_box(it.mask.numpy())
+    assert tb is not None
+    np.testing.assert_allclose(a.tight * scale, [w - tb[2], tb[1], w - tb[0], tb[3]])
+
+    tf = train_transforms()
+    one = item_draw(it, pre, 256, 0, 3, 7, 256, 20.0, tf)
+    again = item_draw(it, pre, 256, 0, 3, 7, 256, 20.0, tf)
+    other = item_draw(it, pre, 256, 0, 4, 7, 256, 20.0, tf)
+    plain = item_draw(it, pre, 256, 0, 3, 7, 256, 20.0)
+    for k in one:
+        assert torch.equal(one[k], again[k]), k
+    assert not torch.equal(one["input"], other["input"]) and not torch.equal(one["input"], plain["input"])
+    assert one["labels"].any() and not one["labels"].all()  # points on both sides of the augmented boundary

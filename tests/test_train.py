@@ -240,10 +240,11 @@ def test_the_default_builder_is_lite_with_the_shipped_recipe(monkeypatch, tmp_pa
     monkeypatch.setattr(tr, "train", fake_train)
     monkeypatch.chdir(tmp_path)
     for args in (["folder", str(SAMPLE_DATA)], ["folder", str(SAMPLE_DATA), "--model", "tiny"],
-                 ["folder", str(SAMPLE_DATA), "--epochs", "5", "--points", "0"]):
+                 ["folder", str(SAMPLE_DATA), "--epochs", "5", "--points", "0", "--augment"]):
         res = CliRunner().invoke(app, args)
         assert res.exit_code == 0, res.output
     lite, tiny, given = seen
+    assert (lite.resolved_augment(), tiny.resolved_augment(), given.resolved_augment()) == (False, True, True)
     assert (lite.model, lite.input_size, lite.decoder_epochs, lite.epochs, lite.batch_size, lite.points,
             lite.resolved_lr_rest()) == ("lite", 256, 2, 2, 8, 2048, 1e-4)
     assert (tiny.model, tiny.input_size, tiny.decoder_epochs, tiny.epochs, tiny.batch_size, tiny.points,

@@ -24,15 +24,16 @@ torch-free otherwise. What it does:
   on a second stream beside the token chain (it never reads the tokens);
 - the sparse mode's planner runs on the device (``torch_sparse.DevicePlanner``: one graph per box), and the
   full and box modes UGS-merge on the device: only final logits are copied to the host;
-- optionally (settings ``compile=True``, or IMEDSAM_TORCH_COMPILE=1) each captured function is first compiled by
-  ``torch.compile`` (inductor: fused elementwise kernels, autotuned GEMMs), still replayed as a CUDA graph;
-- optionally (IMEDSAM_TORCH_TRITON=1, or the six options) hand-written Triton kernels replace torch ops: the
+- optionally (settings ``compile=True``, or ``--backend-option compile=1``) each captured function is first compiled
+  by ``torch.compile`` (inductor: fused elementwise kernels, autotuned GEMMs), still replayed as a CUDA graph;
+- optionally (``--backend-option triton=1``, or the six options) hand-written Triton kernels replace torch ops: the
   encoder's residual adds and norms, its attention operands and its frequency-adapter chain, each decoder point's
   input row, the decoder's uncertainty, the sparse planner's per-level bookkeeping.
 
 Weights: an artifact holds ONNX graphs, not PyTorch weights, so ``create`` needs the checkpoint the artifact
-was exported from (manifest ``source.checkpoint``, or the ``IMEDSAM_TORCH_CHECKPOINT`` variable);
-``TorchBackend(model)`` takes an in-process model (benchmarks, tests).
+was exported from (manifest ``source.checkpoint``, or ``--backend-option checkpoint=PATH``);
+``TorchBackend(model)`` takes an in-process model (benchmarks, tests). What the commands' ``--backend-option``s
+set (``OPTIONS``) is ``torch_settings.OpenOptions``.
 """
 
 from __future__ import annotations
@@ -47,14 +48,13 @@ import numpy as np
 from imedsam_core import contract
 from imedsam_core.errors import UserError
 from imedsam_cuda.torch_settings import (
-    CHECKPOINT_ENV,
-    COMPILE_ENV,
+    OPTIONS as OPTIONS,  # what torch-cuda takes (``--backend-option``): the registry reads it here
+)
+from imedsam_cuda.torch_settings import (
     PRECISIONS,
-    TRITON_ENV,
     TRITON_OPTIONS,
+    OpenOptions,
     TorchCudaSettings,
-    checkpoint_from_env,
-    from_env,
 )
 from imedsam_deploy.backends.base import Backend, Embedding
 from imedsam_deploy.manifest import Artifact
@@ -117,8 +117,8 @@ def _check(settings: TorchCudaSettings) -> None:
         raise UserError(f"backend torch: precision {settings.precision!r} not one of {', '.join(PRECISIONS)}")
     if settings.compile and any(getattr(settings, k) for k in TRITON_OPTIONS):
         # two ways to the same end (inductor writes its own fused kernels); together they are untested
-        raise UserError(f"backend torch: torch.compile ({COMPILE_ENV}) and the hand-written Triton kernels "
-                        f"({TRITON_ENV}) are alternatives: set one")
+        raise UserError("backend torch: torch.compile (compile=1) and the hand-written Triton kernels (triton=1) "
+                        "are alternatives: set one")
 
 
 def _no_cuda_reason() -> str | None:
@@ -131,11 +131,11 @@ def _no_cuda_reason() -> str | None:
     return None
 
 
-def source_checkpoint(artifact: Artifact) -> Path | None:
-    """The PyTorch checkpoint behind ``artifact``: $IMEDSAM_TORCH_CHECKPOINT, else manifest source.checkpoint."""
-    env = checkpoint_from_env()
-    if env is not None:
-        return env
+def source_checkpoint(artifact: Artifact, given: Path | None = None) -> Path | None:
+    """The PyTorch checkpoint behind ``artifact``: ``given`` (``--backend-option checkpoint=PATH``), else manifest
+    source.checkpoint."""
+    if given is not None:
+        return given
     src = artifact.manifest.get("source")
     ck = src.get("checkpoint") if isinstance(src, dict) else None
     if not ck:
@@ -144,40 +144,47 @@ def source_checkpoint(artifact: Artifact) -> Path | None:
     return p if p.is_absolute() else artifact.path / p
 
 
-def probe(artifact: Artifact) -> str | None:
+def probe(artifact: Artifact, options: dict[str, Any] | None = None) -> str | None:
+    """None where torch-cuda can run ``artifact`` here, opened with ``options`` (``OPTIONS``' keys, typed), else
+    why not."""
+    opened = OpenOptions.of(options)
     if artifact.resize != contract.RESIZE_MODE:
         # its rewrites, kernels and on-device query paths are written for the SAM-ViT model's stretch frame
         return f"runs SAM-ViT artifacts only; {artifact.path} is a lite ({artifact.resize}) artifact"
     reason = _no_cuda_reason()
     if reason:
         return reason
-    ck = source_checkpoint(artifact)
+    ck = source_checkpoint(artifact, opened.checkpoint)
     if ck is None or not ck.is_file():
-        return f"needs the PyTorch checkpoint the artifact came from (set {CHECKPOINT_ENV})"
+        return ("needs the PyTorch checkpoint the artifact came from (its manifest's source.checkpoint, or "
+                "--backend-option checkpoint=PATH)")
     return None
 
 
-def create(artifact: Artifact, precision: str | None = None) -> TorchBackend:
-    reason = probe(artifact)
+def create(artifact: Artifact, precision: str | None = None, options: dict[str, Any] | None = None) -> TorchBackend:
+    reason = probe(artifact, options)
     if reason:
         raise UserError(f"backend torch-cuda: {reason}")
     from imedsam_train.checkpoint import load_checkpoint
 
-    ck = source_checkpoint(artifact)
+    ck = source_checkpoint(artifact, OpenOptions.of(options).checkpoint)
     assert ck is not None
     model, _ = load_checkpoint(ck)
-    return open_model(model, "cuda", precision or "bf16", artifact)
+    return open_model(model, "cuda", precision or "bf16", artifact, options)
 
 
-def open_model(model: Any, device: str, precision: str, artifact: Artifact) -> TorchBackend:
-    """The torch backend of ``model`` as the commands open it: on CUDA with the environment's opt-ins
-    (``torch_settings.from_env``), then with what ``imedsam-bench --tune`` found fastest on this machine, if it
-    ran."""
+def open_model(model: Any, device: str, precision: str, artifact: Artifact,
+               options: dict[str, Any] | None = None) -> TorchBackend:
+    """The torch backend of ``model`` as the commands open it: with the opt-ins of ``options`` (the
+    ``--backend-option``s, typed: ``torch_settings.OpenOptions``), then, unless ``tuned`` is off, with what
+    ``imedsam-bench --tune`` found fastest on this machine, if it ran."""
     from imedsam_cuda.torch_tuning import apply_saved, default_root
 
+    opened = OpenOptions.of(options)
     settings = TorchCudaSettings(precision=precision, max_batch=artifact.max_batch, max_points=artifact.max_points)
-    be = TorchBackend(model, device, from_env(settings) if device.startswith("cuda") else settings)
-    apply_saved(be, default_root())
+    be = TorchBackend(model, device, opened.apply(settings))
+    if opened.tuned:
+        apply_saved(be, default_root())
     return be
 
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,9 @@ from imedsam_deploy.manifest import Artifact
 from imedsam_deploy.preprocess import Region, axis_centres
 
 POINT_BUCKET_MIN = 1024  # the smallest padded decode: below it a graph replay costs the same whatever N
+# settings read only as frames run, never by the build: a change of these alone keeps the inference copy and its
+# stages' functions, and drops only what was captured or made under the old setting (``TorchBackend.configure``)
+RUN_TIME_SETTINGS = frozenset({"bucket_points", "device_planner", "device_merge", "fused_planner"})
 
 
 def point_bucket(n: int, max_points: int) -> int:
@@ -193,8 +197,10 @@ class TorchBackend(Backend):
     default and its test). device "cuda" is the product; "cpu" (fp32, no graphs) is the same code path for tests
     and as a CPU comparison. The trained model is LoRA-merged and BatchNorm-folded once (verified, kept in fp32 on
     the host); ``configure`` builds the inference copy from it for other settings (``torch_tuning`` times them on
-    the machine). ``settings`` holds them with the device's defaults resolved; ``built_settings`` those it was
+    the machine), or keeps it where only settings read as frames run changed (``RUN_TIME_SETTINGS``). ``settings`` holds them with the device's defaults resolved; ``built_settings`` those it was
     built with."""
+
+    settings: TorchCudaSettings  # as it runs now (the device's defaults resolved)
 
     def __init__(self, model: Any, device: str = "cuda", settings: TorchCudaSettings | None = None) -> None:
         settings = TorchCudaSettings() if settings is None else settings
@@ -224,14 +230,33 @@ class TorchBackend(Backend):
         self.built_settings = self.settings
 
     def configure(self, settings: TorchCudaSettings) -> None:
-        """Run as ``settings`` say from now on (``dataclasses.replace(be.settings, ...)``): the inference copy is
-        built again from the folded model, every graph, compiled function and planner made anew; bitwise a backend
-        built with them. An fp32 box part asked of an fp32 backend (nothing to do) is refused in one line: the
-        tuner reports it as not tried."""
+        """Run as ``settings`` say from now on (``dataclasses.replace(be.settings, ...)``): bitwise a backend built
+        with them. Where only settings read as frames run changed (``RUN_TIME_SETTINGS``: the point buckets, the
+        device planner and merge, the planner's kernels), the inference copy and its stages' functions are kept
+        and only the captured graphs, planners and plans are dropped; otherwise the copy is built again from the
+        folded model, every graph, compiled function and planner made anew. An fp32 box part asked of an fp32
+        backend (nothing to do) is refused in one line: the tuner reports it as not tried."""
         _check(settings)
         if settings.fp32_box_part and settings.precision == "fp32":
             raise UserError(f"backend {self.name}: fp32 box part: the backend runs in fp32 already")
-        self._build(settings.resolved(self.device.type == "cuda"))
+        s = settings.resolved(self.device.type == "cuda")
+        changed = {f.name for f in fields(s) if getattr(s, f.name) != getattr(self.settings, f.name)}
+        if not changed <= RUN_TIME_SETTINGS:
+            self._build(s)
+            return
+        if s.fused_planner:
+            self._need_triton("fused planner")
+        self.settings = s
+        self._drop_captures()
+
+    def _drop_captures(self) -> None:
+        """Forget every captured graph (and its memory pool), the memoised box part, the planners and their plans:
+        what a frame makes under the settings it runs with."""
+        self._graphs: dict[tuple[Any, ...], tuple[Any, list[Any], Any]] = {}
+        self._box_cache: tuple[Any, np.ndarray, Any] | None = None
+        self._points_pool: Any = None
+        self._planners: dict[tuple[Any, ...], Any] = {}
+        self._plans: dict[tuple[Any, ...], Callable[..., Any]] = {}  # the planner's captured (or compiled) function
 
     def _build(self, s: TorchCudaSettings) -> None:
         """The inference copy of the folded model for ``s`` (resolved), its stages' functions and empty caches."""
@@ -313,12 +338,8 @@ class TorchBackend(Backend):
 
             self._prompt_tokens = HostPromptTokens(folded)
         self.num_classes = folded.cfg.num_classes
-        self._graphs: dict[tuple[Any, ...], tuple[Any, list[Any], Any]] = {}
-        self._box_cache: tuple[Any, np.ndarray, Any] | None = None
-        self._points_pool: Any = None
+        self._drop_captures()
         self._make_functions(s.compile)
-        self._planners: dict[tuple[Any, ...], Any] = {}
-        self._plans: dict[tuple[Any, ...], Callable[..., Any]] = {}  # the planner's captured (or compiled) function
         self._axes: dict[tuple[int, int], tuple[Any, ...]] = {}  # output size -> device (x, y) pixel centres
         dec = self.decoder
         dec.use_grid_sample(s.grid_sample)

@@ -1,8 +1,8 @@
 """torch-cuda's options as one typed, frozen value, and the ``--backend-option``s the commands open it with.
 
 A backend is built from a ``TorchCudaSettings`` (``TorchBackend(model, device, settings)``); another setting is
-another build (``TorchBackend.configure(dataclasses.replace(be.settings, ...))``), which the tuner
-(``torch_tuning``) varies. ``None`` means "the device's default", fixed by ``resolved`` when the backend is built.
+another build (``TorchBackend.configure(dataclasses.replace(be.settings, ...))``; the same build where only settings
+read as frames run changed: ``torch_cuda.RUN_TIME_SETTINGS``), which the tuner (``torch_tuning``) varies. ``None`` means "the device's default", fixed by ``resolved`` when the backend is built.
 The commands (``imedsam-infer``, ``imedsam-bench``, ``imedsam-serve``) open it as ``OpenOptions`` say: the keys
 declared in ``OPTIONS`` (torch-cpu, the bench's CPU form: ``CPU_OPTIONS``), given as ``--backend-option KEY=VALUE``.
 No torch import: the runtime reads the declarations by name whatever backend it opens.

@@ -24,21 +24,23 @@ torch-free otherwise. What it does:
   on a second stream beside the token chain (it never reads the tokens);
 - the sparse mode's planner runs on the device (``torch_sparse.DevicePlanner``: one graph per box), and the
   full and box modes UGS-merge on the device: only final logits are copied to the host;
-- optionally (settings ``compile=True``, or IMEDSAM_TORCH_COMPILE=1) each captured function is first compiled by
-  ``torch.compile`` (inductor: fused elementwise kernels, autotuned GEMMs), still replayed as a CUDA graph;
-- optionally (IMEDSAM_TORCH_TRITON=1, or the six options) hand-written Triton kernels replace torch ops: the
+- optionally (settings ``compile=True``, or ``--backend-option compile=1``) each captured function is first compiled
+  by ``torch.compile`` (inductor: fused elementwise kernels, autotuned GEMMs), still replayed as a CUDA graph;
+- optionally (``--backend-option triton=1``, or the six options) hand-written Triton kernels replace torch ops: the
   encoder's residual adds and norms, its attention operands and its frequency-adapter chain, each decoder point's
   input row, the decoder's uncertainty, the sparse planner's per-level bookkeeping.
 
 Weights: an artifact holds ONNX graphs, not PyTorch weights, so ``create`` needs the checkpoint the artifact
-was exported from (manifest ``source.checkpoint``, or the ``IMEDSAM_TORCH_CHECKPOINT`` variable);
-``TorchBackend(model)`` takes an in-process model (benchmarks, tests).
+was exported from (manifest ``source.checkpoint``, or ``--backend-option checkpoint=PATH``);
+``TorchBackend(model)`` takes an in-process model (benchmarks, tests). What the commands' ``--backend-option``s
+set (``OPTIONS``) is ``torch_settings.OpenOptions``.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -47,20 +49,22 @@ import numpy as np
 from imedsam_core import contract
 from imedsam_core.errors import UserError
 from imedsam_cuda.torch_settings import (
-    CHECKPOINT_ENV,
-    COMPILE_ENV,
+    OPTIONS as OPTIONS,  # what torch-cuda takes (``--backend-option``): the registry reads it here
+)
+from imedsam_cuda.torch_settings import (
     PRECISIONS,
-    TRITON_ENV,
     TRITON_OPTIONS,
+    OpenOptions,
     TorchCudaSettings,
-    checkpoint_from_env,
-    from_env,
 )
 from imedsam_deploy.backends.base import Backend, Embedding
 from imedsam_deploy.manifest import Artifact
 from imedsam_deploy.preprocess import Region, axis_centres
 
 POINT_BUCKET_MIN = 1024  # the smallest padded decode: below it a graph replay costs the same whatever N
+# settings read only as frames run, never by the build: a change of these alone keeps the inference copy and its
+# stages' functions, and drops only what was captured or made under the old setting (``TorchBackend.configure``)
+RUN_TIME_SETTINGS = frozenset({"bucket_points", "device_planner", "device_merge", "fused_planner"})
 
 
 def point_bucket(n: int, max_points: int) -> int:
@@ -117,8 +121,8 @@ def _check(settings: TorchCudaSettings) -> None:
         raise UserError(f"backend torch: precision {settings.precision!r} not one of {', '.join(PRECISIONS)}")
     if settings.compile and any(getattr(settings, k) for k in TRITON_OPTIONS):
         # two ways to the same end (inductor writes its own fused kernels); together they are untested
-        raise UserError(f"backend torch: torch.compile ({COMPILE_ENV}) and the hand-written Triton kernels "
-                        f"({TRITON_ENV}) are alternatives: set one")
+        raise UserError("backend torch: torch.compile (compile=1) and the hand-written Triton kernels (triton=1) "
+                        "are alternatives: set one")
 
 
 def _no_cuda_reason() -> str | None:
@@ -131,11 +135,11 @@ def _no_cuda_reason() -> str | None:
     return None
 
 
-def source_checkpoint(artifact: Artifact) -> Path | None:
-    """The PyTorch checkpoint behind ``artifact``: $IMEDSAM_TORCH_CHECKPOINT, else manifest source.checkpoint."""
-    env = checkpoint_from_env()
-    if env is not None:
-        return env
+def source_checkpoint(artifact: Artifact, given: Path | None = None) -> Path | None:
+    """The PyTorch checkpoint behind ``artifact``: ``given`` (``--backend-option checkpoint=PATH``), else manifest
+    source.checkpoint."""
+    if given is not None:
+        return given
     src = artifact.manifest.get("source")
     ck = src.get("checkpoint") if isinstance(src, dict) else None
     if not ck:
@@ -144,40 +148,47 @@ def source_checkpoint(artifact: Artifact) -> Path | None:
     return p if p.is_absolute() else artifact.path / p
 
 
-def probe(artifact: Artifact) -> str | None:
+def probe(artifact: Artifact, options: dict[str, Any] | None = None) -> str | None:
+    """None where torch-cuda can run ``artifact`` here, opened with ``options`` (``OPTIONS``' keys, typed), else
+    why not."""
+    opened = OpenOptions.of(options)
     if artifact.resize != contract.RESIZE_MODE:
         # its rewrites, kernels and on-device query paths are written for the SAM-ViT model's stretch frame
         return f"runs SAM-ViT artifacts only; {artifact.path} is a lite ({artifact.resize}) artifact"
     reason = _no_cuda_reason()
     if reason:
         return reason
-    ck = source_checkpoint(artifact)
+    ck = source_checkpoint(artifact, opened.checkpoint)
     if ck is None or not ck.is_file():
-        return f"needs the PyTorch checkpoint the artifact came from (set {CHECKPOINT_ENV})"
+        return ("needs the PyTorch checkpoint the artifact came from (its manifest's source.checkpoint, or "
+                "--backend-option checkpoint=PATH)")
     return None
 
 
-def create(artifact: Artifact, precision: str | None = None) -> TorchBackend:
-    reason = probe(artifact)
+def create(artifact: Artifact, precision: str | None = None, options: dict[str, Any] | None = None) -> TorchBackend:
+    reason = probe(artifact, options)
     if reason:
         raise UserError(f"backend torch-cuda: {reason}")
     from imedsam_train.checkpoint import load_checkpoint
 
-    ck = source_checkpoint(artifact)
+    ck = source_checkpoint(artifact, OpenOptions.of(options).checkpoint)
     assert ck is not None
     model, _ = load_checkpoint(ck)
-    return open_model(model, "cuda", precision or "bf16", artifact)
+    return open_model(model, "cuda", precision or "bf16", artifact, options)
 
 
-def open_model(model: Any, device: str, precision: str, artifact: Artifact) -> TorchBackend:
-    """The torch backend of ``model`` as the commands open it: on CUDA with the environment's opt-ins
-    (``torch_settings.from_env``), then with what ``imedsam-bench --tune`` found fastest on this machine, if it
-    ran."""
+def open_model(model: Any, device: str, precision: str, artifact: Artifact,
+               options: dict[str, Any] | None = None) -> TorchBackend:
+    """The torch backend of ``model`` as the commands open it: with the opt-ins of ``options`` (the
+    ``--backend-option``s, typed: ``torch_settings.OpenOptions``), then, unless ``tuned`` is off, with what
+    ``imedsam-bench --tune`` found fastest on this machine, if it ran."""
     from imedsam_cuda.torch_tuning import apply_saved, default_root
 
+    opened = OpenOptions.of(options)
     settings = TorchCudaSettings(precision=precision, max_batch=artifact.max_batch, max_points=artifact.max_points)
-    be = TorchBackend(model, device, from_env(settings) if device.startswith("cuda") else settings)
-    apply_saved(be, default_root())
+    be = TorchBackend(model, device, opened.apply(settings))
+    if opened.tuned:
+        apply_saved(be, default_root())
     return be
 
 
@@ -186,8 +197,10 @@ class TorchBackend(Backend):
     default and its test). device "cuda" is the product; "cpu" (fp32, no graphs) is the same code path for tests
     and as a CPU comparison. The trained model is LoRA-merged and BatchNorm-folded once (verified, kept in fp32 on
     the host); ``configure`` builds the inference copy from it for other settings (``torch_tuning`` times them on
-    the machine). ``settings`` holds them with the device's defaults resolved; ``built_settings`` those it was
+    the machine), or keeps it where only settings read as frames run changed (``RUN_TIME_SETTINGS``). ``settings`` holds them with the device's defaults resolved; ``built_settings`` those it was
     built with."""
+
+    settings: TorchCudaSettings  # as it runs now (the device's defaults resolved)
 
     def __init__(self, model: Any, device: str = "cuda", settings: TorchCudaSettings | None = None) -> None:
         settings = TorchCudaSettings() if settings is None else settings
@@ -217,14 +230,33 @@ class TorchBackend(Backend):
         self.built_settings = self.settings
 
     def configure(self, settings: TorchCudaSettings) -> None:
-        """Run as ``settings`` say from now on (``dataclasses.replace(be.settings, ...)``): the inference copy is
-        built again from the folded model, every graph, compiled function and planner made anew; bitwise a backend
-        built with them. An fp32 box part asked of an fp32 backend (nothing to do) is refused in one line: the
-        tuner reports it as not tried."""
+        """Run as ``settings`` say from now on (``dataclasses.replace(be.settings, ...)``): bitwise a backend built
+        with them. Where only settings read as frames run changed (``RUN_TIME_SETTINGS``: the point buckets, the
+        device planner and merge, the planner's kernels), the inference copy and its stages' functions are kept
+        and only the captured graphs, planners and plans are dropped; otherwise the copy is built again from the
+        folded model, every graph, compiled function and planner made anew. An fp32 box part asked of an fp32
+        backend (nothing to do) is refused in one line: the tuner reports it as not tried."""
         _check(settings)
         if settings.fp32_box_part and settings.precision == "fp32":
             raise UserError(f"backend {self.name}: fp32 box part: the backend runs in fp32 already")
-        self._build(settings.resolved(self.device.type == "cuda"))
+        s = settings.resolved(self.device.type == "cuda")
+        changed = {f.name for f in fields(s) if getattr(s, f.name) != getattr(self.settings, f.name)}
+        if not changed <= RUN_TIME_SETTINGS:
+            self._build(s)
+            return
+        if s.fused_planner:
+            self._need_triton("fused planner")
+        self.settings = s
+        self._drop_captures()
+
+    def _drop_captures(self) -> None:
+        """Forget every captured graph (and its memory pool), the memoised box part, the planners and their plans:
+        what a frame makes under the settings it runs with."""
+        self._graphs: dict[tuple[Any, ...], tuple[Any, list[Any], Any]] = {}
+        self._box_cache: tuple[Any, np.ndarray, Any] | None = None
+        self._points_pool: Any = None
+        self._planners: dict[tuple[Any, ...], Any] = {}
+        self._plans: dict[tuple[Any, ...], Callable[..., Any]] = {}  # the planner's captured (or compiled) function
 
     def _build(self, s: TorchCudaSettings) -> None:
         """The inference copy of the folded model for ``s`` (resolved), its stages' functions and empty caches."""
@@ -306,12 +338,8 @@ class TorchBackend(Backend):
 
             self._prompt_tokens = HostPromptTokens(folded)
         self.num_classes = folded.cfg.num_classes
-        self._graphs: dict[tuple[Any, ...], tuple[Any, list[Any], Any]] = {}
-        self._box_cache: tuple[Any, np.ndarray, Any] | None = None
-        self._points_pool: Any = None
+        self._drop_captures()
         self._make_functions(s.compile)
-        self._planners: dict[tuple[Any, ...], Any] = {}
-        self._plans: dict[tuple[Any, ...], Callable[..., Any]] = {}  # the planner's captured (or compiled) function
         self._axes: dict[tuple[int, int], tuple[Any, ...]] = {}  # output size -> device (x, y) pixel centres
         dec = self.decoder
         dec.use_grid_sample(s.grid_sample)

@@ -107,14 +107,15 @@ def in_process_artifact(name: str, input_size: int, max_batch: int) -> tuple[Art
     return model_artifact(model, max_batch), model
 
 
-def torch_model_for(artifact: Artifact) -> Any:
-    """The PyTorch model behind an artifact (for the reference): its source checkpoint."""
-    from imedsam_cuda.torch_cuda import CHECKPOINT_ENV, source_checkpoint
+def torch_model_for(artifact: Artifact, checkpoint: Path | None = None) -> Any:
+    """The PyTorch model behind an artifact (for the reference): ``checkpoint`` (``--backend-option
+    checkpoint=PATH``), else its source checkpoint."""
+    from imedsam_cuda.torch_cuda import source_checkpoint
 
-    ck = source_checkpoint(artifact)
+    ck = source_checkpoint(artifact, checkpoint)
     if ck is None or not ck.is_file():
         raise UserError(f"{artifact.path}: --reference needs the PyTorch checkpoint the artifact was exported "
-                        f"from (manifest source.checkpoint, or set {CHECKPOINT_ENV}); or use --model")
+                        "from (manifest source.checkpoint, or --backend-option checkpoint=PATH); or use --model")
     from imedsam_train.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(ck)

@@ -1,24 +1,24 @@
-"""torch-cuda's options as one typed, frozen value, and the environment variables that set them, read here only.
+"""torch-cuda's options as one typed, frozen value, and the ``--backend-option``s the commands open it with.
 
 A backend is built from a ``TorchCudaSettings`` (``TorchBackend(model, device, settings)``); another setting is
-another build (``TorchBackend.configure(dataclasses.replace(be.settings, ...))``), which the tuner
-(``torch_tuning``) varies. ``None`` means "the device's default", fixed by ``resolved`` when the backend is built.
-No torch import: the runtime reads this module whatever backend it opens.
+another build (``TorchBackend.configure(dataclasses.replace(be.settings, ...))``; the same build where only settings
+read as frames run changed: ``torch_cuda.RUN_TIME_SETTINGS``), which the tuner (``torch_tuning``) varies. ``None`` means "the device's default", fixed by ``resolved`` when the backend is built.
+The commands (``imedsam-infer``, ``imedsam-bench``, ``imedsam-serve``) open it as ``OpenOptions`` say: the keys
+declared in ``OPTIONS`` (torch-cpu, the bench's CPU form: ``CPU_OPTIONS``), given as ``--backend-option KEY=VALUE``.
+No torch import: the runtime reads the declarations by name whatever backend it opens.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from imedsam_core.errors import UserError
+from imedsam_deploy.backends.options import FILE, FLAG, BackendOption
+
 PRECISIONS = ("fp32", "bf16", "fp16")
-CHECKPOINT_ENV = "IMEDSAM_TORCH_CHECKPOINT"  # the PyTorch checkpoint behind an artifact (``source_checkpoint``)
-COMPILE_ENV = "IMEDSAM_TORCH_COMPILE"  # any value but 0: ``compile``
-TRITON_ENV = "IMEDSAM_TORCH_TRITON"  # any value but 0: every Triton option, and ``fp32_box_part``
-TUNED_ENV = "IMEDSAM_TORCH_TUNED"  # "0": torch-cuda opens with its defaults, whatever was tuned
-# the options that run hand-written Triton kernels (TRITON_ENV turns them all on; not with compile)
+# the options that run hand-written Triton kernels (``triton=1`` turns them all on; not with compile)
 TRITON_OPTIONS = ("fused_norms", "fused_operands", "fused_frequency", "fused_features", "fused_uncertainty",
                   "fused_planner")
 
@@ -104,27 +104,46 @@ class TorchCudaSettings:
         )
 
 
-def _on(name: str) -> bool:
-    return os.environ.get(name, "") not in ("", "0")
+# what the commands' ``--backend-option KEY=VALUE`` sets when they open torch-cuda (``OpenOptions``)
+OPTIONS: dict[str, BackendOption] = {
+    "compile": BackendOption(FLAG, "torch.compile each stage first, the sparse planner as one function (default: "
+                                   "off; not with triton)"),
+    "triton": BackendOption(FLAG, "the hand-written Triton kernels, and the box part in fp32 (default: off; timed "
+                                  "once on an H200, 2026-12-04)"),
+    "tuned": BackendOption(FLAG, "open with the tuning imedsam-bench --tune saved for this machine (default: on)"),
+    "checkpoint": BackendOption(FILE, "the PyTorch checkpoint the artifact was exported from (default: the "
+                                      "manifest's source.checkpoint)"),
+}
+# torch-cpu (``imedsam-bench --model``: the model in process, so no checkpoint; no Triton kernels on a CPU)
+CPU_OPTIONS: dict[str, BackendOption] = {k: OPTIONS[k] for k in ("compile", "tuned")}
 
 
-def from_env(settings: TorchCudaSettings) -> TorchCudaSettings:
-    """``settings`` with the environment's opt-ins, as ``imedsam-infer`` and ``imedsam-bench`` open torch-cuda (any
-    value but 0 turns one on): ``IMEDSAM_TORCH_COMPILE`` compiles its stages with ``torch.compile``;
-    ``IMEDSAM_TORCH_TRITON`` runs its Triton kernels (each off by default), and the box
-    part in fp32 (``fp32_box_part``), whose norms the fused-norms kernel then runs too."""
-    triton = _on(TRITON_ENV)
-    opts: dict[str, Any] = {"compile": _on(COMPILE_ENV), **dict.fromkeys(TRITON_OPTIONS, triton),
-                            "fp32_box_part": triton}
-    return replace(settings, **opts)
+@dataclass(frozen=True)
+class OpenOptions:
+    """How a command opens a torch backend: the ``--backend-option``s it was given (``OPTIONS``), typed."""
 
+    compile: bool = False
+    """``torch.compile`` each stage (``TorchCudaSettings.compile``)."""
+    triton: bool = False
+    """Every Triton option (``TRITON_OPTIONS``), and the box part in fp32 (``fp32_box_part``), whose norms the
+    fused-norms kernel then runs too."""
+    tuned: bool = True
+    """Apply the tuning ``imedsam-bench --tune`` saved for this backend on this machine, if there is one."""
+    checkpoint: Path | None = None
+    """The checkpoint to run instead of the artifact's source (``torch_cuda.source_checkpoint``)."""
 
-def tuned_wanted() -> bool:
-    """Whether torch-cuda opens with the tuning saved for it (``IMEDSAM_TORCH_TUNED=0``: no)."""
-    return os.environ.get(TUNED_ENV, "") != "0"
+    def __post_init__(self) -> None:
+        if self.compile and self.triton:  # two ways to the same end (inductor writes its own fused kernels)
+            raise UserError("--backend-option compile=1 and triton=1: torch.compile and the hand-written Triton "
+                            "kernels are alternatives: set one")
 
+    @classmethod
+    def of(cls, values: dict[str, Any] | None) -> OpenOptions:
+        """From ``imedsam_deploy.backends.parse_options``'s typed values (keys of ``OPTIONS``)."""
+        return cls(**(values or {}))
 
-def checkpoint_from_env() -> Path | None:
-    """``IMEDSAM_TORCH_CHECKPOINT``, the checkpoint to use instead of the artifact's, if set."""
-    env = os.environ.get(CHECKPOINT_ENV)
-    return Path(env) if env else None
+    def apply(self, settings: TorchCudaSettings) -> TorchCudaSettings:
+        """``settings`` with these opt-ins (the rest as given)."""
+        opts: dict[str, Any] = {"compile": self.compile, **dict.fromkeys(TRITON_OPTIONS, self.triton),
+                                "fp32_box_part": self.triton}
+        return replace(settings, **opts)

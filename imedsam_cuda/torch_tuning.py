@@ -11,7 +11,7 @@ this card is never chosen. The default, 99.5%, leaves room for bf16 rounding: a 
 a random-weight vit_b's mask pixels on an H200 (session 7's fused MLP), and a wrong kernel flips far more.
 ``save`` writes the result to the cache, keyed by the device, torch, Triton, the model's shapes and the options
 the backend was built with (a new knob makes a new key: an older tuning is then not read); torch-cuda applies
-it when it opens (``apply_saved``), unless ``IMEDSAM_TORCH_TUNED=0``. A file stores the knobs' settings by name. ``imedsam-bench --tune`` runs it.
+it when it opens (``apply_saved``), unless opened with ``--backend-option tuned=0``. A file stores the knobs' settings by name. ``imedsam-bench --tune`` runs it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 from imedsam_core.atomic import atomic_write_text
 from imedsam_core.errors import UserError
 from imedsam_core.paths import cache_dir
-from imedsam_cuda.torch_settings import TorchCudaSettings, tuned_wanted
+from imedsam_cuda.torch_settings import TorchCudaSettings
 
 FORMAT = "imedsam-torch-tuning"
 VERSION = 1
@@ -108,7 +108,7 @@ def settings_of(be: Any) -> dict[str, bool]:
 def machine_key(be: Any) -> dict[str, Any]:
     """What a tuning holds for: the device, the software that makes its kernels, the model's shapes (not its
     weights), the options fixed when the backend was built and the knobs as it was built (a backend
-    opened with IMEDSAM_TORCH_TRITON=1 starts from other settings than one without: each has its own tuning)."""
+    opened with ``--backend-option triton=1`` starts from other settings than one without: each has its own tuning)."""
     torch = be.torch
     device = torch.cuda.get_device_name(be.device) if be.device.type == "cuda" else "cpu"
     try:
@@ -154,7 +154,7 @@ def tune(
     chosen settings."""
     if getattr(be, "compiled", False):
         raise UserError(f"backend {be.name}: tuning a torch.compile'd backend would recompile it for every trial: "
-                        "tune without IMEDSAM_TORCH_COMPILE")
+                        "tune it without --backend-option compile=1")
     if repeat < 1 or warmup < 0 or rounds < 1:
         raise ValueError("tune: repeat and rounds must be >= 1, warmup >= 0")
     say = log or (lambda _m: None)
@@ -250,11 +250,9 @@ def apply(be: Any, settings: TorchCudaSettings | dict[str, bool]) -> list[str]:
 
 
 def apply_saved(be: Any, root: Path) -> Path | None:
-    """Apply the tuning saved for this backend under ``root``, if any (and not switched off by
-    ``IMEDSAM_TORCH_TUNED=0``); the file applied, or None. A file for another key is never read: the name is the
-    key's hash, and the key inside is checked too."""
-    if not tuned_wanted():
-        return None
+    """Apply the tuning saved for this backend under ``root``, if any (the commands skip this when opened with
+    ``--backend-option tuned=0``: ``torch_cuda.open_model``); the file applied, or None. A file for another key is
+    never read: the name is the key's hash, and the key inside is checked too."""
     path = tuning_path(be, root)
     if not path.is_file():
         return None

@@ -12,6 +12,7 @@ from imedsam_core.atomic import check_writable_parent
 from imedsam_core.cli_common import guarded, run_app, say_line
 from imedsam_core.contract import PRECISIONS
 from imedsam_core.errors import UserError
+from imedsam_deploy.backends.options import split as split_options
 from imedsam_deploy.manifest import Artifact
 from imedsam_deploy.sparse import SparseConfig
 
@@ -38,6 +39,11 @@ def bench(
     backend: list[str] | None = typer.Option(None, "--backend", "-b",
                                              help="Backend(s) (repeatable; default: every one available here)."),
     precision: str | None = typer.Option(None, help="fp32 | fp16 | bf16 | int8 (default: each backend's own; ort-cpu also runs int8 when exported)."),
+    backend_option: list[str] | None = typer.Option(None, "--backend-option", help="KEY=VALUE (repeatable), to "
+                                                    "every backend timed that takes KEY: torch-cuda takes compile=1, "
+                                                    "triton=1, tuned=0 and checkpoint=PATH (with --reference the "
+                                                    "reference runs that checkpoint too), torch-cpu compile and tuned; "
+                                                    "refused if none of them takes it."),
     batch: list[int] | None = typer.Option(None, "--batch", help="Images per frame (repeatable). [1]"),
     out_size: list[int] | None = typer.Option(None, "--out-size", help="Output side in pixels (repeatable). [the input size, 1/3 and 7/3 of it; with --reference the input size]"),
     points: int | None = typer.Option(None, "--points", help="Decoder points per call (chunk size)."),
@@ -75,6 +81,8 @@ def bench(
         raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if image is not None and not image.is_file():
         raise UserError(f"{image}: no such image")
+    options = split_options(backend_option)
+    B.share_options(list(backend) if backend else None, options, reference)  # refused now, not after the export
     # refuse an output that cannot be written now, not after the whole benchmark
     check_writable_parent(out / "bench.csv")
     if json_path is not None:
@@ -107,6 +115,7 @@ def bench(
         queries=tuple(query or ("sparse", "box")), chunk=points, warmup=warmup, repeat=repeat,
         margin=margin if margin is not None else DEFAULT_MARGIN,
         sparse=SparseConfig(stride=sparse_stride), reference=reference, threads=threads, tune=tune,
+        backend_options=options,
     )
     if any(b < 1 for b in opts.batches) or any(o < 1 for o in opts.out_sizes or ()):
         raise UserError("--batch must be >= 1 and --out-size >= 1")

@@ -12,6 +12,8 @@ import typer
 from imedsam_core.cli_common import guarded, run_app, say_line
 from imedsam_core.contract import PRECISIONS
 from imedsam_core.errors import UserError
+from imedsam_deploy.backends.options import HELP as BACKEND_OPTION_HELP
+from imedsam_deploy.backends.options import split as split_options
 from imedsam_deploy.runtime import DEFAULT_QUERY, QUERY_MODES
 
 if TYPE_CHECKING:
@@ -63,6 +65,7 @@ def infer(
     out: Path | None = typer.Option(None, "--out", help="Output folder (default: runs/infer/<input name>)."),
     backend: str = typer.Option("auto", "--backend", help="auto|ort-cpu|ort-cuda|ort-trt|tensorrt|torch-cuda."),
     precision: str | None = typer.Option(None, "--precision", help="fp32|fp16|bf16|int8 (int8: the int8 encoder on ort-cpu; default: the backend's)."),
+    backend_option: list[str] | None = typer.Option(None, "--backend-option", help=BACKEND_OPTION_HELP),
     out_size: str | None = typer.Option(None, "--out-size", help="Mask size: N (long side) or WxH (default: the input's)."),
     query: str = typer.Option(DEFAULT_QUERY, "--query", help="sparse: the box plus --margin at multiple resolutions (fastest; 99.99% of pixels as full on Kvasir-Sessile test); box: every pixel of the box plus --margin; full: every pixel (the export's reference, slowest)."),
     margin: float = typer.Option(0.25, "--margin", help="Box-query margin, a fraction of the box size per side."),
@@ -99,6 +102,8 @@ def infer(
         raise UserError(f"--max-growth {max_growth}: expected 0 (no limit) or a factor of at least 1")
     if precision is not None and precision not in PRECISIONS:
         raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    options = split_options(backend_option)
+    bk.parse_options(backend, options)  # refused now, not once the artifact has loaded
     size = _parse_out_size(out_size)
     win = _parse_window(window)
     prompts = Prompts([parse_box(b) for b in (box or [])], load_boxes_file(boxes) if boxes is not None else None)
@@ -108,11 +113,12 @@ def infer(
     out_dir = out if out is not None else Path("runs") / "infer" / input.name.split(".")[0]
     _prepare_out(out_dir, force)
     _run(spec, prompts, artifact, out_dir, backend, precision, size, query, margin, chunk,
-         TrackConfig(min_confidence=min_confidence, max_growth=max_growth), win, quiet)
+         TrackConfig(min_confidence=min_confidence, max_growth=max_growth), win, quiet, options)
 
 
 def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, backend_name: str, precision: str | None,
-         size: Any, query: Any, margin: float, chunk: int, track: TrackConfig, win: Any, quiet: bool) -> None:
+         size: Any, query: Any, margin: float, chunk: int, track: TrackConfig, win: Any, quiet: bool,
+         options: dict[str, str]) -> None:
     from rich.console import Console
 
     from imedsam_core.atomic import atomic_dir
@@ -145,7 +151,7 @@ def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, back
             raise UserError("no artifact of a finished run under runs/ and no shipped artifact in this install: "
                             "pass --artifact DIR (see imedsam-export)")
         art = load_artifact(choice.path)
-        be, how = bk.open_backend(backend_name, art, precision)
+        be, how = bk.open_backend(backend_name, art, precision, options)
         say_line(console, choice.line())  # once it opened: a refused artifact gets its one error line only
         say_line(console, how)
         seg = Segmenter(be, art, query=query, margin=margin, chunk=chunk)

@@ -10,6 +10,8 @@ import typer
 from imedsam_core.cli_common import guarded, require, run_app, say_line
 from imedsam_core.contract import PRECISIONS
 from imedsam_core.errors import UserError
+from imedsam_deploy.backends.options import HELP as BACKEND_OPTION_HELP
+from imedsam_deploy.backends.options import split as split_options
 from imedsam_deploy.runtime import DEFAULT_QUERY, QUERY_MODES
 
 app = typer.Typer(add_completion=False, help="Serve box-prompted segmentation over HTTP and gRPC (Triton).")
@@ -27,6 +29,7 @@ def serve(
     artifact: Path | None = typer.Argument(None, help="Artifact folder (default: the newest runs/*/export)."),
     backend: str = typer.Option("auto", "--backend", help="auto|ort-cpu|ort-cuda|ort-trt|tensorrt|torch-cuda."),
     precision: str | None = typer.Option(None, "--precision", help="fp32|fp16|bf16|int8 (default: the backend's)."),
+    backend_option: list[str] | None = typer.Option(None, "--backend-option", help=BACKEND_OPTION_HELP),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (HTTP, gRPC and metrics)."),
     http_port: int = typer.Option(8000, "--http-port"),
     grpc_port: int = typer.Option(8001, "--grpc-port"),
@@ -50,6 +53,8 @@ def serve(
         raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if query not in QUERY_MODES:
         raise UserError(f"--query {query!r}: choose one of {', '.join(QUERY_MODES)}")
+    options = split_options(backend_option)
+    bk.parse_options(backend, options)
     ports = [_port(http_port, "--http-port"), _port(grpc_port, "--grpc-port"), _port(metrics_port, "--metrics-port")]
     if len(set(ports)) != 3:
         raise UserError(f"--http-port, --grpc-port and --metrics-port must differ (got {', '.join(map(str, ports))})")
@@ -60,12 +65,13 @@ def serve(
     require("pytriton", "serve")
     console = Console(stderr=True)
     serve_artifact(artifact, backend, precision, host, (http_port, grpc_port, metrics_port), max_batch,
-                   queue_delay_us, query, max_boxes, cache_size, ttl, workspace, console)
+                   queue_delay_us, query, max_boxes, cache_size, ttl, workspace, console, options)
 
 
 def serve_artifact(artifact_dir: Path | None, backend_name: str, precision: str | None, host: str,
                    ports: tuple[int, int, int], max_batch: int | None, queue_delay_us: int, query: str,
-                   max_boxes: int, cache_size: int, ttl: float, workspace: Path | None, console: object) -> None:
+                   max_boxes: int, cache_size: int, ttl: float, workspace: Path | None, console: object,
+                   options: dict[str, str] | None = None) -> None:
     from imedsam_core.paths import latest_artifact
     from imedsam_deploy import backends as bk
     from imedsam_deploy.manifest import load_artifact
@@ -77,7 +83,7 @@ def serve_artifact(artifact_dir: Path | None, backend_name: str, precision: str 
         if artifact_dir is None:
             raise UserError("no artifact found under runs/*/export: pass ARTIFACT (see imedsam-export)")
     art = load_artifact(artifact_dir)
-    be, how = bk.open_backend(backend_name, art, precision)
+    be, how = bk.open_backend(backend_name, art, precision, options)
     say_line(console, how)
     seg = Segmenter(be, art, query=query)  # type: ignore[arg-type]
     svc = Service(seg, ServeLimits(max_boxes=max_boxes, cache_size=cache_size, ttl_s=ttl))

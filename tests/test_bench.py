@@ -561,8 +561,8 @@ def test_triton_options_are_refused_clearly_without_a_gpu(option, what):
 
 
 def test_compile_and_the_triton_kernels_are_refused_together():
-    """torch.compile and the hand-written Triton kernels are alternatives: asked for both (both environment
-    variables set, say), the backend says so in one line before it builds anything."""
+    """torch.compile and the hand-written Triton kernels are alternatives: asked for both (in settings made by
+    hand, say), the backend says so in one line before it builds anything."""
     from imedsam_cuda.torch_cuda import TorchBackend
     from imedsam_cuda.torch_settings import TorchCudaSettings
 
@@ -571,25 +571,23 @@ def test_compile_and_the_triton_kernels_are_refused_together():
             precision="fp32", compile="aot_eager", fused_features=True))
 
 
-@pytest.mark.parametrize(("compile_env", "triton_env", "want"), [
-    (None, None, (False, False)), ("1", None, (True, False)), (None, "1", (False, True)), ("0", "0", (False, False))])
-def test_torch_cuda_opt_ins_come_from_the_environment(monkeypatch, compile_env, triton_env, want):
-    """IMEDSAM_TORCH_COMPILE and IMEDSAM_TORCH_TRITON switch torch-cuda's opt-in paths on, as ``imedsam-infer`` and
-    ``imedsam-bench`` open the backend (any value but 0): torch.compile, and the six Triton options together, with
-    the fp32 box part."""
-    from imedsam_cuda.torch_settings import COMPILE_ENV, TRITON_ENV, TorchCudaSettings, from_env
+@pytest.mark.parametrize(("given", "want"), [
+    ({}, (False, False)), ({"compile": True}, (True, False)), ({"triton": True}, (False, True)),
+    ({"compile": False, "triton": False, "tuned": False}, (False, False))])
+def test_torch_cuda_opt_ins_come_from_the_backend_options(given, want):
+    """``--backend-option compile=1`` and ``triton=1`` switch torch-cuda's opt-in paths on, as ``imedsam-infer``,
+    ``imedsam-bench`` and ``imedsam-serve`` open the backend: torch.compile, and the six Triton options together,
+    with the fp32 box part; both at once are refused in one line naming the options."""
+    from imedsam_cuda.torch_settings import OpenOptions, TorchCudaSettings
 
-    for name, value in ((COMPILE_ENV, compile_env), (TRITON_ENV, triton_env)):
-        if value is None:
-            monkeypatch.delenv(name, raising=False)
-        else:
-            monkeypatch.setenv(name, value)
-    got = from_env(TorchCudaSettings(precision="fp16", max_points=1024))
+    got = OpenOptions.of(given).apply(TorchCudaSettings(precision="fp16", max_points=1024))
     assert got.compile == want[0]
     triton = ("fused_norms", "fused_operands", "fused_frequency", "fused_features", "fused_uncertainty", "fused_planner")
     assert [getattr(got, k) for k in triton] == [want[1]] * 6
     assert got.fp32_box_part == want[1]  # the box part's fused norms need it
     assert (got.precision, got.max_points) == ("fp16", 1024)  # the rest as given
+    with pytest.raises(UserError, match="--backend-option compile=1 and triton=1: .* alternatives"):
+        OpenOptions.of({"compile": True, "triton": True})
 
 
 # ---------------------------------------------------------------- imedsam-bench CLI
@@ -684,11 +682,73 @@ def test_bench_cli_no_arguments_uses_latest_artifact_and_reports_skips(tiny_arti
     (["--model", "vit_z"], "--model"),
     (["--query", "dense"], "query mode"),
     (["--image", "/nonexistent.png"], "no such image"),
+    # --backend-option: a key none of the backends timed takes, a bad value or form, a missing checkpoint
+    (["--backend", "ort-cpu", "--backend-option", "compile=1"],
+     "--backend-option compile=1: no backend timed takes it (ort-cpu takes none)"),
+    (["--backend-option", "speed=2"], "--backend-option speed=2: no backend timed takes it ("),
+    (["--backend", "torch-cpu", "--backend-option", "triton=1"], "(torch-cpu takes compile, tuned)"),
+    (["--backend-option", "compile=perhaps"], "--backend-option compile=perhaps: expected on or off (1 or 0)"),
+    (["--backend-option", "tuned"], "--backend-option 'tuned': expected KEY=VALUE"),
+    (["--backend", "ort-cpu", "--reference", "--backend-option", "checkpoint=/nonexistent.pt"],
+     "--backend-option checkpoint=/nonexistent.pt: no such file"),
 ])
-def test_bench_cli_bad_input_is_one_line(tiny_artifact, args, msg):
-    res = CliRunner().invoke(app, [str(tiny_artifact), "--repeat", "1", *args])
+def test_bench_cli_bad_input_is_one_line(tiny_artifact, tmp_path, args, msg):
+    out = tmp_path / "bench"
+    res = CliRunner().invoke(app, [str(tiny_artifact), "--repeat", "1", "--out", str(out), *args])
     assert res.exit_code == 2
     assert msg in res.output and "Traceback" not in res.output
+    assert not out.exists()
+
+
+def test_bench_backend_options_reach_the_torch_backend(tmp_path, monkeypatch):
+    """``--backend-option tuned=0`` opens torch-cpu (``--model``: the model in process) with its defaults although a
+    tuning is saved for it, which it otherwise opens with; the report records the options given."""
+    from imedsam_cuda import torch_tuning as tt
+    from imedsam_cuda.torch_cuda import open_model
+    from imedsam_cuda.torch_models import in_process_artifact
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("IMEDSAM_CACHE", str(tmp_path / "cache"))
+    art, model = in_process_artifact("tiny", 64, max_batch=8)  # what the command below opens: the tuning's key
+    be = open_model(model, "cpu", "fp32", art)
+    tt.save(tt.Tuning(tt.machine_key(be), {**tt.settings_of(be), "align_matmuls": True}),
+            tt.tuning_path(be, tt.default_root()))
+
+    def row(*options: str) -> tuple[dict, dict]:
+        out = tmp_path / "bench"
+        res = CliRunner().invoke(app, ["--model", "tiny", "--input-size", "64", "--backend", "torch-cpu",
+                                       "--out-size", "64", "--query", "sparse", "--repeat", "1", "--warmup", "0",
+                                       "--out", str(out), *options])
+        assert res.exit_code == 0, res.output
+        rep = json.loads((out / "bench.json").read_text())
+        return rep["results"][0], rep["settings"]
+
+    tuned, settings = row()
+    assert tuned["description"].endswith("aligned decoder matmuls, tuned)") and settings["backend_options"] == {}
+    untuned, settings = row("--backend-option", "tuned=0")
+    assert "tuned" not in untuned["description"] and "aligned" not in untuned["description"]
+    assert settings["backend_options"] == {"tuned": "0"}
+
+
+def test_bench_reference_runs_the_checkpoint_given_as_a_backend_option(tiny_artifact, tmp_path):
+    """An artifact whose source checkpoint is not at hand: ``--reference`` refuses it in one line, and runs with
+    ``--backend-option checkpoint=PATH`` (taken by the reference alone here: ort-cpu takes none)."""
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+    m = json.loads((art / "manifest.json").read_text())
+    ck = Path(m["source"]["checkpoint"])
+    ck = ck if ck.is_absolute() else tiny_artifact / ck
+    assert ck.is_file()
+    m["source"]["checkpoint"] = str(tmp_path / "gone.pt")
+    (art / "manifest.json").write_text(json.dumps(m))
+    args = [str(art), "--backend", "ort-cpu", "--precision", "fp32", "--query", "full", "--out-size", "64",
+            "--repeat", "1", "--warmup", "0", "--reference", "--out", str(tmp_path / "bench")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "--reference needs the PyTorch checkpoint" in res.output, res.output
+    res = CliRunner().invoke(app, [*args, "--backend-option", f"checkpoint={ck}"])
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads((tmp_path / "bench" / "bench.json").read_text())["results"]
+    assert row["agreement"]["pixel_all"] >= 0.995  # the reference ran the artifact's own weights
 
 
 def test_sparse_logits_carry_the_decision_on_a_smooth_field():

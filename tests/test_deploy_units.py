@@ -399,6 +399,74 @@ def test_tensorrt_and_gpu_backends_refuse_in_one_line_where_missing(tmp_path):
     assert len(res.output.strip().splitlines()) == 1 and not out.exists()
 
 
+# --- --backend-option: what the backend named takes, refused in one line before anything is written ---
+@pytest.mark.parametrize("args,msg", [
+    (["--backend", "ort-cpu", "--backend-option", "tuned=0"], "--backend-option tuned=0: backend ort-cpu takes no options"),
+    (["--backend", "torch-cuda", "--backend-option", "speed=2"],
+     "--backend-option speed=2: backend torch-cuda takes compile, triton, tuned, checkpoint"),
+    (["--backend", "torch-cuda", "--backend-option", "compile=maybe"],
+     "--backend-option compile=maybe: expected on or off (1 or 0)"),
+    (["--backend", "torch-cuda", "--backend-option", "checkpoint=/nonexistent.pt"],
+     "--backend-option checkpoint=/nonexistent.pt: no such file"),
+    (["--backend", "torch-cuda", "--backend-option", "compile"], "--backend-option 'compile': expected KEY=VALUE"),
+    (["--backend", "torch-cuda", "--backend-option", "tuned=0", "--backend-option", "tuned=1"],
+     "--backend-option tuned: given twice"),
+    (["--backend-option", "tuned=0"], "--backend-option tuned=0: name the backend it is for with --backend"),
+    (["--backend", "torch-cuda", "--backend-option", "compile=1", "--backend-option", "triton=on"],
+     "--backend-option compile=1 and triton=1: torch.compile and the hand-written Triton kernels are alternatives"),
+])
+def test_cli_refuses_bad_backend_options(tmp_path, args, msg):
+    img = next((SAMPLE_DATA / "images").glob("*.jpg"))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, [str(img), "--box", "1,1,50,50", "--out", str(out),
+                                   "--artifact", str(_hand_made(tmp_path / "a")), *args])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {msg}"), res.output
+    assert not out.exists()
+
+
+def test_cli_passes_the_backend_options_to_the_backend_named(tmp_path):
+    """Options torch-cuda takes are accepted and reach it: the backend then decides (here, with no CUDA device or
+    no checkpoint behind the hand-made artifact, it refuses in one line of its own)."""
+    img = next((SAMPLE_DATA / "images").glob("*.jpg"))
+    out = tmp_path / "out"
+    ck = tmp_path / "weights.pt"
+    ck.write_bytes(b"not opened before the device check")
+    res = CliRunner().invoke(app, [str(img), "--box", "1,1,50,50", "--out", str(out), "--artifact",
+                                   str(_hand_made(tmp_path / "a")), "--backend", "torch-cuda", "--backend-option",
+                                   "tuned=0", "--backend-option", "triton=1", "--backend-option", f"checkpoint={ck}"])
+    assert res.exit_code == 2 and res.output.startswith("error: backend torch-cuda: "), res.output
+    assert "--backend-option" not in res.output and not out.exists()
+
+
+def test_torch_cuda_runs_the_checkpoint_given_as_a_backend_option(tmp_path, monkeypatch):
+    """``checkpoint=PATH`` stands in for the manifest's source checkpoint (the artifact here names none)."""
+    from imedsam_cuda import torch_cuda
+    from imedsam_deploy import backends as bk
+
+    monkeypatch.setattr(torch_cuda, "_no_cuda_reason", lambda: None)  # as on a GPU machine
+    art = load_artifact(_hand_made(tmp_path / "a"))
+    ck = tmp_path / "weights.pt"
+    ck.write_bytes(b"weights")
+    assert "--backend-option checkpoint=PATH" in bk.probe("torch-cuda", art)
+    assert bk.probe("torch-cuda", art, {"checkpoint": str(ck)}) is None
+    assert torch_cuda.source_checkpoint(art, ck) == ck and torch_cuda.source_checkpoint(art) is None
+    assert bk.parse_options("torch-cuda", {"compile": "on", "tuned": "0", "checkpoint": str(ck)}) == {
+        "compile": True, "tuned": False, "checkpoint": ck}
+
+
+def test_serve_refuses_bad_backend_options_before_it_starts(tmp_path):
+    from imedsam_deploy.cli_serve import app as serve_app
+
+    art = _hand_made(tmp_path / "a")
+    for args, msg in ((["--backend", "ort-cpu", "--backend-option", "tuned=0"], "backend ort-cpu takes no options"),
+                      (["--backend", "torch-cuda", "--backend-option", "fast=1"], "backend torch-cuda takes compile")):
+        res = CliRunner().invoke(serve_app, [str(art), *args])
+        assert res.exit_code == 2 and res.output.startswith(f"error: --backend-option {args[-1]}: {msg}"), res.output
+        assert len(res.output.strip().splitlines()) == 1
+
+
 def test_chunk_coords_are_the_region_coords_piecewise():
     from imedsam_deploy.preprocess import region_chunk_coords
 

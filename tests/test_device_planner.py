@@ -389,3 +389,41 @@ def test_the_planner_kernels_compile_for_hopper_without_spilling():
                     # Triton 3.6 (the device image's) gives stride 8's cells 140 at two classes and a dilation
                     # of 2; still three or more 4-warp programs an SM
                     assert use["registers"] <= (160 if triton_before(3, 8) else 128), (name, s, dilate, k, use)
+
+
+def test_configure_keeps_the_build_where_only_run_time_settings_change(shipped):
+    """Switching the device planner, the device merge and the point buckets (read only as frames run:
+    ``RUN_TIME_SETTINGS``) keeps the inference copy and drops only what frames made (planners, the memoised box
+    part); the frames are then bitwise a fresh backend's with those settings, and those of before once switched
+    back. Any other setting builds the copy anew."""
+    from dataclasses import replace
+
+    from imedsam_cuda.torch_cuda import RUN_TIME_SETTINGS, TorchBackend
+    from imedsam_cuda.torch_settings import TorchCudaSettings
+    from imedsam_deploy.runtime import Segmenter
+
+    model, art = shipped
+    rgb, box = sample_frame(0, (0.3, 0.3, 0.7, 0.65))
+    base = TorchCudaSettings(precision="fp32")
+    on = replace(base, device_planner=True, device_merge=True, bucket_points=True)
+    assert {"device_planner", "device_merge", "bucket_points"} <= RUN_TIME_SETTINGS
+
+    def frames(be: TorchBackend) -> list[tuple[np.ndarray, int]]:  # the planner's frame, and the merge's
+        objs = [Segmenter(be, art, query=q).segment(rgb, box, (200, 300)).objects[0] for q in ("sparse", "full")]
+        return [(o.mask(), o.queried) for o in objs]
+
+    def same(a: list[tuple[np.ndarray, int]], b: list[tuple[np.ndarray, int]]) -> bool:
+        return all(np.array_equal(x[0], y[0]) and x[1] == y[1] for x, y in zip(a, b, strict=True))
+
+    be = TorchBackend(model, "cpu", base)
+    copy, functions = be.model, be._fns
+    before = frames(be)
+    assert be._box_cache is not None and not be._planners
+    be.configure(on)
+    assert be.model is copy and be._fns is functions and be._box_cache is None and be.settings.device_planner
+    assert same(frames(be), frames(TorchBackend(model, "cpu", on)))
+    assert be._planners  # the device planner ran
+    be.configure(base)
+    assert be.model is copy and not be._planners and same(frames(be), before)
+    be.configure(replace(base, align_matmuls=True))  # read by the build: the copy made anew
+    assert be.model is not copy and be.settings.align_matmuls

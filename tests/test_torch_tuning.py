@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from imedsam_core.errors import UserError
 from imedsam_cuda import torch_tuning as tt
 from imedsam_cuda.torch_cuda import TorchBackend
-from imedsam_cuda.torch_settings import TUNED_ENV, TorchCudaSettings
+from imedsam_cuda.torch_settings import TorchCudaSettings
 from imedsam_deploy.bench import BenchOptions, FrameRunner, synthetic_inputs, tune_backends
 from imedsam_deploy.cli_bench import app
 
@@ -127,9 +127,10 @@ def test_tune_refuses_a_compiled_backend_and_bad_counts():
     assert frames.calls == 0
 
 
-def test_a_saved_tuning_is_applied_when_the_backend_opens_again(tmp_path, monkeypatch):
-    """save -> apply_saved on a new backend of the same key: its settings, and 'tuned' in its description;
-    IMEDSAM_TORCH_TUNED=0 leaves the defaults; another precision is another key, so the file is not read."""
+def test_a_saved_tuning_is_applied_when_the_backend_opens_again(tmp_path):
+    """save -> apply_saved on a new backend of the same key: its settings, and 'tuned' in its description (which
+    the commands skip with ``--backend-option tuned=0``: test_bench); another precision is another key, so the
+    file is not read."""
     frames = Frames(lambda be: 10.0 - 3.0 * be.settings.align_matmuls)
     knob = next(k for k in tt.KNOBS if k.name == "align_matmuls")
     tuning = tt.tune(frames.be, frames, knobs=[knob], repeat=2, warmup=1, clock=frames.clock)
@@ -139,15 +140,12 @@ def test_a_saved_tuning_is_applied_when_the_backend_opens_again(tmp_path, monkey
 
     fresh = TorchBackend(tiny(size=S), "cpu", TorchCudaSettings(precision="fp32"))
     assert not fresh.settings.align_matmuls and "tuned" not in fresh.description
-    monkeypatch.setenv(TUNED_ENV, "0")
-    assert tt.apply_saved(fresh, tmp_path) is None and not fresh.settings.align_matmuls
-    monkeypatch.delenv(TUNED_ENV)
     assert tt.apply_saved(fresh, tmp_path) == path
     assert fresh.settings.align_matmuls and fresh.description.endswith(", tuned)") and fresh.tuned_from == path
     assert not fresh.built_settings.align_matmuls  # the key: the settings it was built with
     other = TorchBackend(tiny(size=S), "cpu", TorchCudaSettings(precision="bf16"))
     assert tt.tuning_path(other, tmp_path) != path and tt.apply_saved(other, tmp_path) is None
-    # built with other switchable settings (as IMEDSAM_TORCH_TRITON=1 builds torch-cuda): its own tuning, so an
+    # built with other switchable settings (as --backend-option triton=1 builds torch-cuda): its own tuning, so an
     # explicit request is not overridden by a tuning made from the defaults
     asked = TorchBackend(tiny(size=S), "cpu", TorchCudaSettings(precision="fp32", relu_epilogue=True))
     assert tt.tuning_path(asked, tmp_path) != path and tt.apply_saved(asked, tmp_path) is None

@@ -4,16 +4,20 @@ Modules are imported lazily, by name (importlib), so a missing optional dependen
 onnxruntime-gpu, torch) only matters for the backend that needs it. The PyTorch GPU runtime (``imedsam_cuda``:
 the torch-cuda backend, the bench's torch models, the tuner) is found the same way, through ``TORCH_PARTS``:
 this package's code never imports it, so the base runtime stays torch-free. Both tables name code as
-"module" or "module:attribute", imported by ``_load``.
+"module" or "module:attribute", imported by ``_load``. What a backend takes besides its precision
+(``--backend-option KEY=VALUE``) it declares itself (``options``): ``parse_options`` checks what a command was
+given against that, and ``open_backend`` passes the typed values on.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
 from imedsam_core.errors import UserError
+from imedsam_deploy.backends import options as _options
 from imedsam_deploy.backends.base import Backend
 from imedsam_deploy.manifest import Artifact
 
@@ -37,6 +41,8 @@ TORCH_PARTS: dict[str, str] = {
     "reference_runner": "imedsam_cuda.torch_models:reference_runner",
     "torch_model_for": "imedsam_cuda.torch_models:torch_model_for",
     "tuning": "imedsam_cuda.torch_tuning",
+    # what torch-cpu (the bench's in-process CPU torch backend, ``open_model`` on "cpu") takes: ``accepted_options``
+    "cpu_options": "imedsam_cuda.torch_settings:CPU_OPTIONS",
 }
 
 
@@ -63,23 +69,64 @@ def _module(name: str) -> ModuleType | None:
     return mod
 
 
-def probe(name: str, artifact: Artifact) -> str | None:
-    """None if backend ``name`` can run ``artifact`` here, else a one-line reason."""
+def accepted_options(name: str) -> Mapping[str, _options.BackendOption] | None:
+    """The ``--backend-option`` keys backend ``name`` takes (its module's ``OPTIONS``, none where it declares
+    none; torch-cpu's from ``TORCH_PARTS``); None where it is not part of this install."""
+    if name == "torch-cpu":
+        cpu: Mapping[str, _options.BackendOption] | None = _load(TORCH_PARTS["cpu_options"], missing_ok=True)
+        return cpu
+    if name not in _REGISTRY:
+        raise UserError(f"unknown backend {name!r} (choose from {', '.join(CHOICES)})")
+    mod = _module(name)
+    return None if mod is None else getattr(mod, "OPTIONS", {})
+
+
+def parse_options(name: str, given: Mapping[str, str] | None) -> dict[str, Any]:
+    """``given`` (``--backend-option``s, ``options.split``) checked against what backend ``name`` takes: {key:
+    typed value}. Refused for ``auto``, which may choose a backend that takes none of them."""
+    if not given:
+        return {}
+    key, value = next(iter(given.items()))
+    if name == "auto":
+        raise UserError(f"--backend-option {key}={value}: name the backend it is for with --backend (auto may "
+                        "choose one that takes none)")
+    accepted = accepted_options(name)
+    if accepted is None:
+        raise UserError(f"--backend-option {key}={value}: backend {name} is not part of this install")
+    return _options.parse(name, given, accepted)
+
+
+def _with(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword a backend module's ``probe`` and ``create`` get the options by (only where some were given:
+    a module that declares none need not take it)."""
+    return {"options": dict(values)} if values else {}
+
+
+def probe(name: str, artifact: Artifact, options: Mapping[str, str] | None = None) -> str | None:
+    """None if backend ``name`` can run ``artifact`` here (opened with ``options``), else a one-line reason."""
     if name not in _REGISTRY:
         return f"unknown backend {name!r} (choose from {', '.join(CHOICES)})"
+    return _probe(name, artifact, parse_options(name, options))
+
+
+def _probe(name: str, artifact: Artifact, values: Mapping[str, Any]) -> str | None:
     mod = _module(name)
     if mod is None:
         return f"backend {name} is not part of this install"
     provider = _REGISTRY[name][1]
     try:
-        reason: str | None = mod.probe(artifact, provider) if provider else mod.probe(artifact)
+        reason: str | None = (mod.probe(artifact, provider, **_with(values)) if provider
+                              else mod.probe(artifact, **_with(values)))
     except ImportError as e:  # an optional dependency that is present but broken, or blocked
         return f"cannot import {e.name or 'a dependency'}"
     return reason
 
 
-def open_backend(name: str, artifact: Artifact, precision: str | None = None) -> tuple[Backend, str]:
-    """Open backend ``name`` (or the fastest usable one for ``auto``). Returns it and a line saying why."""
+def open_backend(name: str, artifact: Artifact, precision: str | None = None,
+                 options: Mapping[str, str] | None = None) -> tuple[Backend, str]:
+    """Open backend ``name`` (or the fastest usable one for ``auto``) with ``options`` (``--backend-option``s,
+    split; none for ``auto``). Returns it and a line saying why."""
+    values = parse_options(name, options)
     if name == "auto":
         skipped: dict[str, str] = {}
         for cand in NAMES:
@@ -91,16 +138,20 @@ def open_backend(name: str, artifact: Artifact, precision: str | None = None) ->
             skipped[cand] = reason
         why = "; ".join(f"{k}: {v}" for k, v in skipped.items())
         raise UserError(f"{artifact.path}: no backend can run this artifact here ({why})")
-    reason = probe(name, artifact)
+    if name not in _REGISTRY:
+        raise UserError(f"backend {name}: unknown backend {name!r} (choose from {', '.join(CHOICES)})")
+    reason = _probe(name, artifact, values)
     if reason is not None:
         raise UserError(f"backend {name}: {reason}")
     mod = _module(name)
     assert mod is not None
     provider = _REGISTRY[name][1]
     backend: Backend = (
-        mod.create(artifact, provider, precision=precision) if provider else mod.create(artifact, precision=precision)
+        mod.create(artifact, provider, precision=precision, **_with(values)) if provider
+        else mod.create(artifact, precision=precision, **_with(values))
     )
     return backend, f"backend {backend.description}"
 
 
-__all__ = ["Backend", "CHOICES", "NAMES", "TORCH_PARTS", "open_backend", "probe", "torch_part"]
+__all__ = ["Backend", "CHOICES", "NAMES", "TORCH_PARTS", "accepted_options", "open_backend", "parse_options", "probe",
+           "torch_part"]

@@ -27,10 +27,10 @@ from imedsam_deploy.bench.options import BenchOptions
 from imedsam_deploy.bench.reference import agreement
 from imedsam_deploy.bench.reports import table, write_outputs
 from imedsam_deploy.bench.run import default_out_sizes, run_bench
-from imedsam_deploy.bench.targets import latest_artifact_of, random_artifact
+from imedsam_deploy.bench.targets import latest_artifact_of, random_artifact, share_options
 from imedsam_deploy.bench.timing import FrameRunner, Timings
 from imedsam_deploy.bench.tuning import tune_backends
 
 __all__ = ["RANDOM_SEED", "BenchOptions", "FrameRunner", "Inputs", "Timings", "agreement", "default_out_sizes",
-           "file_inputs", "latest_artifact_of", "random_artifact", "run_bench", "synthetic_inputs", "table",
+           "file_inputs", "latest_artifact_of", "random_artifact", "run_bench", "share_options", "synthetic_inputs", "table",
            "tune_backends", "write_outputs"]

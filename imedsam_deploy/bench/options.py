@@ -23,3 +23,4 @@ class BenchOptions:
     reference: bool = False
     threads: int | None = None
     tune: bool = False  # torch backends: time their switchable options first, keep and save the fastest
+    backend_options: dict[str, str] = field(default_factory=dict)  # --backend-option KEY=VALUE, split

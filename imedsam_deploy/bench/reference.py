@@ -7,6 +7,7 @@ what is reported). It is found by name (``backends.torch_part``): torch is impor
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,10 +17,11 @@ from imedsam_deploy.bench.inputs import Inputs
 from imedsam_deploy.manifest import Artifact
 
 
-def open_reference(artifact: Artifact, model: Any | None, threads: int | None) -> Any:
-    """The reference runner on ``model``, else on the checkpoint ``artifact`` was exported from."""
+def open_reference(artifact: Artifact, model: Any | None, threads: int | None, checkpoint: Path | None = None) -> Any:
+    """The reference runner on ``model``, else on ``checkpoint`` (``--backend-option checkpoint=PATH``), else on
+    the checkpoint ``artifact`` was exported from."""
     reference_runner, torch_model_for = registry.torch_part("reference_runner"), registry.torch_part("torch_model_for")
-    ref_model = model if model is not None else torch_model_for(artifact)
+    ref_model = model if model is not None else torch_model_for(artifact, checkpoint)
     return reference_runner(ref_model, threads)
 
 

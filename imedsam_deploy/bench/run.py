@@ -14,7 +14,7 @@ from imedsam_deploy.bench.inputs import Inputs, synthetic_inputs
 from imedsam_deploy.bench.options import BenchOptions
 from imedsam_deploy.bench.reference import against_reference, open_reference
 from imedsam_deploy.bench.reports import row_line, summarise
-from imedsam_deploy.bench.targets import open_backends
+from imedsam_deploy.bench.targets import open_backends, share_options
 from imedsam_deploy.bench.timing import (
     STAGES,
     FrameRunner,
@@ -54,8 +54,11 @@ def run_bench(artifact_path: Path | Artifact, opts: BenchOptions, model: Any | N
     for q in opts.queries:
         if q not in QUERIES:
             raise UserError(f"query mode {q!r} not one of {', '.join(QUERIES)}")
-    backends, skipped = open_backends(artifact, opts.backends, opts.precision, model, opts.threads, log)
-    ref = open_reference(artifact, model, opts.threads) if opts.reference else None
+    shares = share_options(opts.backends, opts.backend_options, opts.reference)
+    backends, skipped = open_backends(artifact, opts.backends, opts.precision, model, opts.threads, log, shares)
+    checkpoint = shares.get("reference", {}).get("checkpoint")
+    ref = open_reference(artifact, model, opts.threads, Path(checkpoint) if checkpoint else None) \
+        if opts.reference else None
     make_inputs = inputs_for or (lambda size, batch: synthetic_inputs(size, batch))
     sizes = opts.out_sizes or default_out_sizes(s, opts.reference)
     tunings = tune_backends(backends, artifact, opts, make_inputs(s, opts.batches[0]), sizes[0] or s, log) \
@@ -128,6 +131,7 @@ def run_bench(artifact_path: Path | Artifact, opts: BenchOptions, model: Any | N
                      "out_sizes": [o or s for o in sizes], "queries": list(opts.queries),
                      "chunk": opts.chunk or DEFAULT_CHUNK, "warmup": opts.warmup, "repeat": opts.repeat,
                      "margin": opts.margin, "sparse": opts.sparse.__dict__, "threads": opts.threads,
+                     "backend_options": dict(opts.backend_options),
                      "reference_device": str(ref.device) if ref else None},
         "skipped": skipped, "results": results, "reference": reference_rows,
         "backends": summarise(results),

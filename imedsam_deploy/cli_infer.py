@@ -15,6 +15,7 @@ from imedsam_core.errors import UserError
 from imedsam_deploy.backends.options import HELP as BACKEND_OPTION_HELP
 from imedsam_deploy.backends.options import split as split_options
 from imedsam_deploy.runtime import DEFAULT_QUERY, QUERY_MODES
+from imedsam_deploy.tracking import DEFAULT_CORE
 
 if TYPE_CHECKING:
     from imedsam_deploy.tracking import TrackConfig
@@ -71,7 +72,8 @@ def infer(
     margin: float = typer.Option(0.25, "--margin", help="Box-query margin, a fraction of the box size per side."),
     chunk: int = typer.Option(32768, "--chunk", help="Query points per decoder call (bounds memory)."),
     min_confidence: float = typer.Option(0.6, "--min-confidence", help="Video: a mask below this mean probability means lost."),
-    max_growth: float = typer.Option(2.0, "--max-growth", help="Video: a tracked object may grow to this many times its given box's width or height; a larger mask means lost (0: no limit)."),
+    max_growth: float = typer.Option(2.0, "--max-growth", help="Video: a tracked object may grow to this many times its given box's width or height, or shrink to 1/this; a mask beyond means lost (0: no limit)."),
+    track_core: float = typer.Option(DEFAULT_CORE, "--track-core", help="Video: the next box is the mask's core, its largest component opened by a disc of this fraction of the square root of its area (thin spikes along a fold left out; 0: the whole component)."),
     window: str | None = typer.Option(None, "--window", help="Volumes: intensity window LEVEL,WIDTH (default: CT 40,400, else percentiles)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -100,6 +102,8 @@ def infer(
         raise UserError(f"--min-confidence {min_confidence}: expected a probability between 0 and 1")
     if not (max_growth == 0 or 1 <= max_growth <= 1e6):
         raise UserError(f"--max-growth {max_growth}: expected 0 (no limit) or a factor of at least 1")
+    if not 0 <= track_core <= 0.5:
+        raise UserError(f"--track-core {track_core}: expected a fraction between 0 and 0.5")
     if precision is not None and precision not in PRECISIONS:
         raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     options = split_options(backend_option)
@@ -113,7 +117,7 @@ def infer(
     out_dir = out if out is not None else Path("runs") / "infer" / input.name.split(".")[0]
     _prepare_out(out_dir, force)
     _run(spec, prompts, artifact, out_dir, backend, precision, size, query, margin, chunk,
-         TrackConfig(min_confidence=min_confidence, max_growth=max_growth), win, quiet, options)
+         TrackConfig(min_confidence=min_confidence, max_growth=max_growth, core=track_core), win, quiet, options)
 
 
 def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, backend_name: str, precision: str | None,

@@ -20,13 +20,7 @@
 set -o pipefail
 OUT="${OUT:-runs/gpu_lite}"
 RES="${RES:-/tmp/gpu_lite_res}"
-mkdir -p "$OUT" "$RES"
-. benchmarks/gpu_env.sh
-export IMEDSAM_CACHE="$RES/cache"
-S="$RES/summary.txt"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
-  python3 -c "import sys, torch, onnxruntime as o; print('python', sys.version.split()[0], 'torch', torch.__version__, 'onnxruntime', o.__version__, o.get_available_providers())"
-} 2>&1 | tee "$S"
+. benchmarks/gpu_env.sh  # S: the summary file
 TRAIN=(folder data/sample/kvasir-sessile --model lite --decoder-epochs 2 --epochs 2 --batch-size 8 --points 2048
        --lr-rest 1e-4 --device cuda --workers 0)
 step() {  # name, limit (s), command...: runs it, logs it, and puts its last lines and exit status in the summary

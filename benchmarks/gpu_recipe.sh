@@ -16,12 +16,7 @@ RES="${RES:-/tmp/gpu_recipe_res}"
 DATA="${DATA:-.gpudata/Kvasir-Sessile}"
 TRAIN_S="${TRAIN_S:-240}"
 EVAL_S="${EVAL_S:-160}"
-mkdir -p "$OUT" "$RES"
-. benchmarks/gpu_env.sh
-export IMEDSAM_CACHE="$RES/cache"
-S="$RES/summary.txt"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
-  python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__)"; } | tee "$S"
+. benchmarks/gpu_env.sh  # S: the summary file
 SHIP=imedsam_train/weights/imedsam_lite_kvasir.pt
 BASE=(kvasir "$DATA" --model lite --batch-size 8 --points 2048 --device cuda --workers 0)
 declare -A VARIANTS=(

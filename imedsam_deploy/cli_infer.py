@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import typer
 
@@ -15,10 +15,7 @@ from imedsam_core.errors import UserError
 from imedsam_deploy.backends.options import HELP as BACKEND_OPTION_HELP
 from imedsam_deploy.backends.options import split as split_options
 from imedsam_deploy.runtime import DEFAULT_QUERY, QUERY_MODES
-from imedsam_deploy.tracking import DEFAULT_CORE
-
-if TYPE_CHECKING:
-    from imedsam_deploy.tracking import TrackConfig
+from imedsam_deploy.tracking import TrackConfig  # its defaults are the video options'
 
 app = typer.Typer(add_completion=False, help="Segment images, videos and CT volumes with an exported artifact.")
 
@@ -71,9 +68,9 @@ def infer(
     query: str = typer.Option(DEFAULT_QUERY, "--query", help="sparse: the box plus --margin at multiple resolutions (fastest; 99.99% of pixels as full on Kvasir-Sessile test); box: every pixel of the box plus --margin; full: every pixel (the export's reference, slowest)."),
     margin: float = typer.Option(0.25, "--margin", help="Box-query margin, a fraction of the box size per side."),
     chunk: int = typer.Option(32768, "--chunk", help="Query points per decoder call (bounds memory)."),
-    min_confidence: float = typer.Option(0.6, "--min-confidence", help="Video: a mask below this mean probability means lost."),
-    max_growth: float = typer.Option(2.0, "--max-growth", help="Video: a tracked object may grow to this many times its given box's width or height, or shrink to 1/this; a mask beyond means lost (0: no limit)."),
-    track_core: float = typer.Option(DEFAULT_CORE, "--track-core", help="Video: the next box is the mask's core, its largest component opened by a disc of this fraction of the square root of its area (thin spikes along a fold left out; 0: the whole component)."),
+    min_confidence: float = typer.Option(TrackConfig.min_confidence, "--min-confidence", help="Video: a mask below this mean probability means lost."),
+    max_growth: float = typer.Option(TrackConfig.max_growth, "--max-growth", help="Video: a tracked object may grow to this many times its given box's width or height, or shrink to 1/this; a mask beyond means lost (0: no limit)."),
+    track_core: float = typer.Option(TrackConfig.core, "--track-core", help="Video: the next box is the mask's core, its largest component opened by a disc of this fraction of the square root of its area (thin spikes along a fold left out; 0: the whole component)."),
     window: str | None = typer.Option(None, "--window", help="Volumes: intensity window LEVEL,WIDTH (default: CT 40,400, else percentiles)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -87,7 +84,6 @@ def infer(
     from imedsam_deploy import backends as bk
     from imedsam_deploy.boxes import load_boxes_file, parse_box
     from imedsam_deploy.infer import Prompts, detect_input
-    from imedsam_deploy.tracking import TrackConfig
 
     # --- everything that can be refused is checked before a file is written ---
     if backend not in bk.CHOICES:

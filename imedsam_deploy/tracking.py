@@ -28,10 +28,6 @@ import numpy as np
 from imedsam_deploy._cv import cv2
 
 Status = Literal["given", "tracked", "lost"]
-# the default of TrackConfig.core and of imedsam-infer --track-core: on the shared colonoscopy clip with the shipped
-# lite model, 0.1, 0.15 and 0.2 kept the polyp tracked on all of the first 400 frames (131 lost without; 0.3 shrank
-# the box onto part of the polyp); over the whole clip 0.2 lost it earlier than 0.1 and 0.15; benchmarks/RESULTS.md
-DEFAULT_CORE = 0.1
 
 
 @dataclass(frozen=True)
@@ -43,42 +39,52 @@ class TrackConfig:
     # the mask's box may reach this many times the given box's width / height, and 1/this of them (0: no limit)
     max_growth: float = 2.0
     # the next box is the mask's core: its largest component opened by a disc of this fraction of the square root
-    # of its area, so a thin spike along a fold does not stretch the prompt (0: the whole component)
-    core: float = DEFAULT_CORE
+    # of its area, so a thin spike along a fold does not stretch the prompt (0: the whole component). 0.1: on the
+    # shared clip with the shipped lite model, 0.1, 0.15 and 0.2 kept the polyp on all of the first 400 frames (131
+    # lost with 0; 0.3 shrank the box onto part of it), 0.2 lost it earlier over the whole clip (RESULTS.md)
+    core: float = 0.1
+
+
+def _largest_component(mask: np.ndarray) -> tuple[int, int, np.ndarray, np.ndarray] | None:
+    """The largest 8-connected component of ``mask``: its crop's offset (x, y), the component in that crop (bool)
+    and its stats row (OpenCV's); None if the mask is empty. Only the mask's bounding box is labelled: every
+    component lies inside it."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    r0, c0 = int(rows[0]), int(cols[0])
+    m = np.ascontiguousarray(mask[r0 : rows[-1] + 1, c0 : cols[-1] + 1], dtype=np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+    i = 1 + int(np.argmax(stats[1:n, cv2.CC_STAT_AREA]))
+    return c0, r0, labels == i, stats[i]
+
+
+def _stats_box(x0: int, y0: int, st: np.ndarray) -> np.ndarray:
+    x, y, w, h = (int(st[k]) for k in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH, cv2.CC_STAT_HEIGHT))
+    return np.array([x0 + x, y0 + y, x0 + x + w, y0 + y + h], dtype=np.float64)
 
 
 def mask_box(mask: np.ndarray) -> np.ndarray | None:
     """(x0, y0, x1, y1) pixel-edge box of the largest connected component of ``mask``, or None if empty."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        return None
-    # every component lies inside the mask's bounding box: label that crop, not the whole frame
-    r0, c0 = int(rows[0]), int(cols[0])
-    m = np.ascontiguousarray(mask[r0 : rows[-1] + 1, c0 : cols[-1] + 1], dtype=np.uint8)
-    n, _, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
-    i = 1 + int(np.argmax(stats[1:n, cv2.CC_STAT_AREA]))
-    x, y, w, h = (int(stats[i, k]) for k in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH, cv2.CC_STAT_HEIGHT))
-    return np.array([c0 + x, r0 + y, c0 + x + w, r0 + y + h], dtype=np.float64)
+    comp = _largest_component(mask)
+    return None if comp is None else _stats_box(comp[0], comp[1], comp[3])
 
 
 def core_box(mask: np.ndarray, fraction: float) -> np.ndarray | None:
     """``mask_box`` of the mask's largest component after a morphological opening by a disc of radius
     ``fraction`` x sqrt(its area): protrusions narrower than the disc do not count. The component's own box when
     the opening leaves nothing."""
-    box = mask_box(mask)
-    if box is None or fraction <= 0:
-        return box
-    x0, y0, x1, y1 = (int(v) for v in box)
-    crop = np.ascontiguousarray(mask[y0:y1, x0:x1], dtype=np.uint8)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(crop, connectivity=8)
-    i = 1 + int(np.argmax(stats[1:n, cv2.CC_STAT_AREA]))
-    r = int(round(fraction * np.sqrt(stats[i, cv2.CC_STAT_AREA])))
+    comp = _largest_component(mask)
+    if comp is None:
+        return None
+    x0, y0, component, st = comp
+    box = _stats_box(x0, y0, st)
+    r = int(round(fraction * np.sqrt(st[cv2.CC_STAT_AREA])))
     if r < 1:
         return box
     # zero border of r: the opening sees background beyond the crop, not the constant OpenCV pads with
-    comp = np.pad((labels == i).astype(np.uint8), r)
     disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
-    opened = cv2.morphologyEx(comp, cv2.MORPH_OPEN, disc)
+    opened = cv2.morphologyEx(np.pad(component.astype(np.uint8), r), cv2.MORPH_OPEN, disc)
     core = mask_box(opened[r:-r, r:-r].astype(bool))
     return box if core is None else core + np.array([x0, y0, x0, y0], dtype=np.float64)
 

@@ -43,7 +43,7 @@ from imedsam_core.paths import (
 from imedsam_train.build import build, safe_torch_load
 from imedsam_train.checkpoint import model_payload, save_checkpoint
 from imedsam_train.config import PreprocessConfig
-from imedsam_train.data.augment import apply, train_transforms
+from imedsam_train.data.augment import apply_seeded, train_transforms
 from imedsam_train.data.boxes import jitter_box, mask_box, stable_seed
 from imedsam_train.data.records import Dataset
 from imedsam_train.data.training_set import boundary_band
@@ -195,14 +195,10 @@ def augmented(it: LiteItem, tf: Any, seed: int, size: int) -> LiteItem:
     draw pushed the object out of the frame."""
     h, w = it.valid
     box = torch.from_numpy(mask_box(it.mask[:h, :w].numpy())).float()  # type: ignore[arg-type]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for _ in range(3):  # a translation can push the object out of the frame: redraw
-            img_a, m_a, _ = apply(tf, it.image[:, :h, :w], it.mask[:h, :w], box)
-            if m_a.any():
-                break
-        else:
-            return it
+    drawn = apply_seeded(tf, it.image[:, :h, :w], it.mask[:h, :w], box, seed)
+    if drawn is None:
+        return it
+    img_a, m_a = drawn
     image = torch.zeros_like(it.image)
     image[:, :h, :w] = (img_a * 255).round().clamp(0, 255).to(torch.uint8)
     mask = torch.zeros_like(it.mask)

@@ -40,3 +40,17 @@ def apply(
         tv_tensors.BoundingBoxes(box[None].float(), format="XYXY", canvas_size=size),
     )
     return img_t.as_subclass(torch.Tensor), mask_t.as_subclass(torch.Tensor)[0] > 0, box_t.as_subclass(torch.Tensor)[0]
+
+
+def apply_seeded(
+    tf: v2.Compose, image: torch.Tensor, mask: torch.Tensor, box: torch.Tensor, seed: int, tries: int = 3
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``apply`` drawn from ``seed`` (the global torch RNG left as it was): the transformed image and mask, redrawn
+    up to ``tries`` times while a translation pushes the object out of the frame; None if every draw did."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in range(tries):
+            img_a, m_a, _ = apply(tf, image, mask, box)
+            if m_a.any():
+                return img_a, m_a
+    return None

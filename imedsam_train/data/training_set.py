@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imedsam_train.data.augment import apply, train_transforms
+from imedsam_train.data.augment import apply_seeded, train_transforms
 from imedsam_train.data.boxes import jitter_box, mask_box, stable_seed
 from imedsam_train.data.records import Dataset
 
@@ -118,13 +118,9 @@ class TrainSet(torch.utils.data.Dataset):
         tight = torch.from_numpy(mask_box(mask.numpy())).float()
         image, m = c.image.float() / 255.0, mask
         if self.tf is not None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(s)
-                for _ in range(3):  # a translation can push the object out of the frame: redraw
-                    img_a, m_a, _ = apply(self.tf, c.image, mask, tight)
-                    if m_a.any():
-                        image, m = img_a, m_a
-                        break
+            drawn = apply_seeded(self.tf, c.image, mask, tight, s)
+            if drawn is not None:
+                image, m = drawn
         box = torch.from_numpy(
             jitter_box(mask_box(m.numpy()), self.jitter_px, self.size, self.size, rng)  # type: ignore[arg-type]
         ).float()

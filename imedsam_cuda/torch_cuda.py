@@ -567,6 +567,9 @@ class TorchBackend(Backend):
         c, f, u = (o.cpu().numpy() for o in self._points(self.box_features(embedding, boxes), coords))
         return c, f, u
 
+    def host_embedding(self, embedding: Embedding) -> np.ndarray:
+        return embedding.float().cpu().numpy()  # type: ignore[no-any-return]
+
     def decode_merged(self, embedding: Embedding, boxes: np.ndarray, region: Region, out_hw: tuple[int, int],
                       chunk: int, k: int) -> np.ndarray | None:
         """All of one box's region decoded into device buffers and UGS-merged there (``topk``), its coordinates

@@ -71,6 +71,8 @@ def infer(
     min_confidence: float = typer.Option(TrackConfig.min_confidence, "--min-confidence", help="Video: a mask below this mean probability means lost."),
     max_growth: float = typer.Option(TrackConfig.max_growth, "--max-growth", help="Video: a tracked object may grow to this many times its given box's width or height, or shrink to 1/this; a mask beyond means lost (0: no limit)."),
     track_core: float = typer.Option(TrackConfig.core, "--track-core", help="Video: the next box is the mask's core, its largest component opened by a disc of this fraction of the square root of its area (thin spikes along a fold left out; 0: the whole component)."),
+    appearance: bool = typer.Option(TrackConfig.appearance, "--appearance/--no-appearance", help="Video: a tracked mask must look like the object did where its box was given (in the encoder's features), and a lost object is searched for on the whole frame."),
+    search: float = typer.Option(TrackConfig.search, "--search", help="Video: the search for a lost object takes the frame's cells scoring over this fraction of the given mask's own likeness (0: no search)."),
     window: str | None = typer.Option(None, "--window", help="Volumes: intensity window LEVEL,WIDTH (default: CT 40,400, else percentiles)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -100,6 +102,8 @@ def infer(
         raise UserError(f"--max-growth {max_growth}: expected 0 (no limit) or a factor of at least 1")
     if not 0 <= track_core <= 0.5:
         raise UserError(f"--track-core {track_core}: expected a fraction between 0 and 0.5")
+    if not 0 <= search < 1:
+        raise UserError(f"--search {search}: expected a fraction from 0 (no search) to under 1")
     if precision is not None and precision not in PRECISIONS:
         raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     options = split_options(backend_option)
@@ -113,7 +117,8 @@ def infer(
     out_dir = out if out is not None else Path("runs") / "infer" / input.name.split(".")[0]
     _prepare_out(out_dir, force)
     _run(spec, prompts, artifact, out_dir, backend, precision, size, query, margin, chunk,
-         TrackConfig(min_confidence=min_confidence, max_growth=max_growth, core=track_core), win, quiet, options)
+         TrackConfig(min_confidence=min_confidence, max_growth=max_growth, core=track_core, appearance=appearance,
+                     search=search), win, quiet, options)
 
 
 def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, backend_name: str, precision: str | None,

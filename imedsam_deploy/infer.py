@@ -18,11 +18,12 @@ import numpy as np
 
 from imedsam_core.errors import UserError
 from imedsam_deploy._cv import cv2
+from imedsam_deploy.appearance import FrameFeatures
 from imedsam_deploy.boxes import BoxTable, fmt_box, lookup, validate_box
 from imedsam_deploy.outputs import Layer, OutputSet, Record
 from imedsam_deploy.pipeline import overlapped
 from imedsam_deploy.runtime import ObjectMask, Segmenter
-from imedsam_deploy.tracking import Track, TrackConfig
+from imedsam_deploy.tracking import Track, TrackConfig, follow
 from imedsam_deploy.video import IMAGE_EXTS, VIDEO_EXTS, VideoReader, read_image
 from imedsam_deploy.volume import Volume, is_nifti, save_labels
 
@@ -164,29 +165,37 @@ def run_video(seg: Segmenter, reader: VideoReader, prompts: Prompts, outs: Outpu
                 tracks.setdefault(obj, Track(obj, track_cfg)).give(b)
             active = {obj: tr for obj, tr in sorted(tracks.items()) if tr.box is not None}
             objs: dict[int, ObjectMask] = {}
-            enc_ms = dec_ms = 0.0
-            if active:
-                (emb,), enc_ms = seg.embed([rgb])
-                tt = time.perf_counter()
-                objs = {obj: seg.decode_box(emb, tr.box, hw, ohw) for obj, tr in active.items() if tr.box is not None}
-                dec_ms = (time.perf_counter() - tt) * 1e3
             status: dict[int, str] = {}
             notes: dict[int, str] = {}
             masks: dict[int, list[np.ndarray]] = {}
-            for obj, om in objs.items():
-                tr = tracks[obj]
-                was = tr.status
-                union = om.mask()
-                st = tr.observe(_to_image(union, hw), om.mean_probability, given=obj in given)
-                status[obj] = st
-                if st == "lost":
-                    notes[obj] = tr.lost_reason
-                    if was != "lost":
-                        outs.events.append({"frame": t, "object": obj, "event": "lost", "reason": tr.lost_reason,
-                                            "box": fmt_box(om.box)})
-                elif was == "lost" and t > 0 and st == "tracked":
-                    outs.events.append({"frame": t, "object": obj, "event": "found", "box": fmt_box(om.box)})
-                masks[obj] = _class_masks(om, st != "lost", union)  # a lost object's mask is not reported
+            enc_ms = dec_ms = 0.0
+            if active:
+                (emb,), enc_ms = seg.embed([rgb])
+                host = seg.backend.host_embedding(emb) if track_cfg.appearance else None
+                frame = FrameFeatures(host, hw, seg.pre) if host is not None else None
+
+                def decode(box: np.ndarray) -> tuple[tuple[ObjectMask, np.ndarray], np.ndarray, float]:
+                    om = seg.decode_box(emb, box, hw, ohw)  # noqa: B023 - called within this frame only
+                    union = om.mask()
+                    return (om, union), _to_image(union, hw), om.mean_probability
+
+                tt = time.perf_counter()
+                for obj, tr in active.items():
+                    was = tr.status
+                    (om, union), st, searched = follow(tr, decode, frame, obj in given)
+                    objs[obj], status[obj] = om, st
+                    if st == "lost":
+                        notes[obj] = tr.lost_reason
+                        if was != "lost":
+                            outs.events.append({"frame": t, "object": obj, "event": "lost", "reason": tr.lost_reason,
+                                                "box": fmt_box(om.box)})
+                    elif t > 0 and st == "tracked" and (was == "lost" or searched):
+                        event = {"frame": t, "object": obj, "event": "found", "box": fmt_box(om.box)}
+                        if searched:  # the box is the search's, not the last frame's
+                            notes[obj] = event["how"] = "found by its appearance"
+                        outs.events.append(event)
+                    masks[obj] = _class_masks(om, st != "lost", union)  # a lost object's mask is not reported
+                dec_ms = (time.perf_counter() - tt) * 1e3
             write(outs.add_frame, f"{t:06d}", rgb, ohw, _layers(objs, status, masks),
                   _records(t, f"{t:06d}", objs, status, masks, enc_ms, dec_ms, notes))
             frames += 1

@@ -16,16 +16,24 @@ The shipped lite model, on the same clip, follows the polyp but adds a thin spik
 fed back from it stretched and the object was lost on 131 of the first 400 frames. So the next box is taken from
 the mask's core (``core``): the largest component opened by a disc whose radius is a fraction of its size, which
 drops protrusions narrower than the disc; the reported mask is the model's, untouched.
+Size and confidence cannot tell the object from a confident mask of something beside it: on that clip the box
+later slid onto the fold and reported it as tracked while the polyp sat elsewhere in view. So, where the
+backend hands its embedding to the host, a tracked mask must also look like the object (``appearance.py``:
+its likeness, against the frame where the box was given, at least ``min_likeness``), and a lost object is
+searched for on the whole frame by that likeness (``search``) and picked up again where the search's box
+gives a mask that passes every check (``follow``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 
 from imedsam_deploy._cv import cv2
+from imedsam_deploy.appearance import Appearance, FrameFeatures
 
 Status = Literal["given", "tracked", "lost"]
 
@@ -43,6 +51,14 @@ class TrackConfig:
     # shared clip with the shipped lite model, 0.1, 0.15 and 0.2 kept the polyp on all of the first 400 frames (131
     # lost with 0; 0.3 shrank the box onto part of it), 0.2 lost it earlier over the whole clip (RESULTS.md)
     core: float = 0.1
+    # a tracked mask's likeness to the object (appearance.py) at least this, and a lost object searched for on the
+    # frame. 0: it looks more like the object than like the given frame's background. On the shared clip: the
+    # frames on the polyp scored 0.04-0.26, those on the fold -0.28 to -0.09 (RESULTS.md)
+    appearance: bool = True
+    min_likeness: float = 0.0
+    # the search's cells score over this fraction of the given mask's own likeness (0: no search). On the clip
+    # 0.3 and 0.5 both picked the polyp up again; 0.3 sooner (RESULTS.md)
+    search: float = 0.3
 
 
 def _largest_component(mask: np.ndarray) -> tuple[int, int, np.ndarray, np.ndarray] | None:
@@ -106,6 +122,7 @@ class Track:
     given_size: tuple[float, float] | None = None  # (width, height) of the last box the user gave
     status: Status = "lost"
     lost_reason: str = ""
+    look: Appearance | None = None  # learnt on the last frame a box was given (None: no appearance check)
 
     def give(self, box: np.ndarray) -> None:
         """A box from the user for the current frame."""
@@ -113,13 +130,16 @@ class Track:
         self.given_size = (float(self.box[2] - self.box[0]), float(self.box[3] - self.box[1]))
         self.status = "given"
 
-    def observe(self, mask: np.ndarray, mean_probability: float, given: bool) -> Status:
-        """Update from this frame's mask (image size). Returns this frame's status."""
+    def observe(self, mask: np.ndarray, mean_probability: float, given: bool, likeness: float | None = None) -> Status:
+        """Update from this frame's mask (image size) and, where known, its likeness to the object (not checked on
+        a given frame). Returns this frame's status."""
         area = int(mask.sum())
         if area < self.cfg.min_area_px:
             reason = "empty mask" if area == 0 else f"mask of {area} px"
         elif mean_probability < self.cfg.min_confidence:
             reason = f"low confidence {mean_probability:.2f}"
+        elif likeness is not None and not given and likeness < self.cfg.min_likeness:
+            reason = f"unlike the object (likeness {likeness:.2f} < {self.cfg.min_likeness:g})"
         else:
             reason = ""
         found = core_box(mask, self.cfg.core) if not reason else None
@@ -145,3 +165,34 @@ class Track:
         if w * limit < g[0] or h * limit < g[1]:  # shrunk onto a part, or onto something beside the object
             return f"mask {w:.0f}x{h:.0f} px, under 1/{limit:g} of the given box ({g[0]:.0f}x{g[1]:.0f})"
         return ""
+
+
+R = TypeVar("R")
+
+
+def follow(tr: Track, decode: Callable[[np.ndarray], tuple[R, np.ndarray, float]], frame: FrameFeatures | None,
+           given: bool) -> tuple[R, Status, bool]:
+    """One frame of one object: ``decode(box)`` -> (its result, its mask at the image size, the mask's mean
+    probability) at the track's box; on a given frame the object's appearance is learnt from that mask. A lost
+    object is searched for on ``frame`` (when there is one and the track has an appearance) and decoded again
+    there; the search's result is taken only when it passes every check. Returns (the frame's result, its
+    status, whether the search picked the object up)."""
+    assert tr.box is not None
+    res, mask, p = decode(tr.box)
+    use = frame is not None and tr.cfg.appearance
+    if given and use:
+        assert frame is not None
+        tr.look = frame.learn(mask)
+    look = tr.look if use else None
+    st = tr.observe(mask, p, given, None if look is None or frame is None else frame.likeness(look, mask))
+    if st != "lost" or look is None or frame is None or tr.cfg.search <= 0:
+        return res, st, False
+    cand = frame.search(look, tr.cfg.search)
+    if cand is None:
+        return res, st, False
+    reason = tr.lost_reason
+    res2, mask2, p2 = decode(grow_box(cand, frame.image_hw, tr.cfg.margin, tr.cfg.min_margin_px))
+    if tr.observe(mask2, p2, False, frame.likeness(look, mask2)) == "lost":
+        tr.lost_reason = reason  # the frame's own reason, not the failed search's
+        return res, st, False
+    return res2, tr.status, True

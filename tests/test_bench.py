@@ -190,6 +190,9 @@ def test_torch_backend_cpu_path_matches_the_model():
         emb = model.encode(torch.from_numpy(img))
         rc, rf, ru = model.decode_dense(emb[1:], torch.from_numpy(boxes), torch.from_numpy(coords))
     np.testing.assert_allclose(embs[1].numpy(), emb[1:].numpy(), atol=1e-4)
+    host = be.host_embedding(embs[1])  # the video tracker's appearance check reads it
+    assert isinstance(host, np.ndarray) and host.dtype == np.float32
+    np.testing.assert_allclose(host, emb[1:].numpy(), atol=1e-4)
     np.testing.assert_allclose(c, rc.numpy(), atol=1e-4)
     np.testing.assert_allclose(f, rf.numpy(), atol=1e-4)
     np.testing.assert_allclose(u, ru.numpy(), rtol=1e-3, atol=1e-7)

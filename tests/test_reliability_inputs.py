@@ -283,7 +283,7 @@ def test_infer_refuses_missing_input_folder_artifact_and_empty_folder(art, tmp_p
     ("--max-growth", "0.5"), ("--max-growth", "-1"), ("--max-growth", "nan"), ("--max-growth", "inf"),
     ("--margin", "-0.1"), ("--margin", "nan"), ("--chunk", "0"), ("--query", "dense"),
     ("--min-confidence", "1.5"), ("--min-confidence", "nan"), ("--track-core", "0.6"), ("--track-core", "-0.1"),
-    ("--track-core", "nan"),
+    ("--track-core", "nan"), ("--search", "1"), ("--search", "-0.1"), ("--search", "nan"),
 ])
 def test_infer_refuses_bad_options(art, tmp_path, option, value):
     out = tmp_path / "out"

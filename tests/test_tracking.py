@@ -137,8 +137,8 @@ def test_the_shipped_model_on_the_real_clip_does_not_inflate_its_box(tmp_path, s
     """The shipped tiny model segments the colon fold above the polyp as well: unbounded, its tracked box
     stretches to the frame's height within 40 frames and every frame says "tracked"; bounded, the frames
     whose mask outgrows 2x the given box are reported lost and no reported mask is that large."""
-    free = _follow(shipped_artifact, clip_40, TrackConfig(max_growth=0, core=0), tmp_path / "free")
-    bounded = _follow(shipped_artifact, clip_40, TrackConfig(core=0), tmp_path / "bounded")
+    free = _follow(shipped_artifact, clip_40, TrackConfig(max_growth=0, core=0, appearance=False), tmp_path / "free")
+    bounded = _follow(shipped_artifact, clip_40, TrackConfig(core=0, appearance=False), tmp_path / "bounded")
     assert len(free) == len(bounded) == 40
     assert {r["status"] for r in free} == {"given", "tracked"}
     assert max(r["y1"] - r["y0"] for r in free) > 2.5 * 118  # the feedback is real on this clip

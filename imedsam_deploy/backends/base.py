@@ -78,6 +78,11 @@ class Backend(abc.ABC):
         decodes and merges on the host."""
         return None
 
+    def host_embedding(self, embedding: Embedding) -> np.ndarray | None:
+        """The embedding as a host array (1, C, G, G), for the video tracker's appearance check
+        (``appearance.py``); None where the backend cannot hand it over (the check is then skipped)."""
+        return embedding if isinstance(embedding, np.ndarray) else None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release device memory and sessions."""
 

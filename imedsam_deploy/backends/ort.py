@@ -146,8 +146,10 @@ class OrtBackend(Backend):
     def _repeat(self, embedding: Embedding, b: int) -> Embedding:
         if b == 1:
             return embedding
-        host = embedding if isinstance(embedding, np.ndarray) else embedding.numpy()
-        return np.repeat(host, b, axis=0)  # one row per box
+        return np.repeat(self.host_embedding(embedding), b, axis=0)  # one row per box
+
+    def host_embedding(self, embedding: Embedding) -> np.ndarray:
+        return embedding if isinstance(embedding, np.ndarray) else embedding.numpy()  # an OrtValue on the device
 
     def decode(self, embedding: Embedding, boxes: np.ndarray, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self.split:

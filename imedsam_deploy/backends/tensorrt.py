@@ -253,6 +253,13 @@ class TensorRTBackend(Backend):
         coarse, fine, unc = (v.astype(np.float32, copy=True) for v in views)  # pinned buffers are reused
         return coarse, fine, unc
 
+    def host_embedding(self, embedding: Embedding) -> np.ndarray:
+        if not isinstance(embedding, _DeviceEmbedding) or embedding.generation != self.generation:
+            raise ValueError("stale embedding handle: read an image's embedding before encoding the next batch")
+        view = self.enc.download(contract.ENC_OUT_EMBEDDING, self.stream)
+        _check(self.cudart.cudaStreamSynchronize(self.stream))
+        return view[embedding.row : embedding.row + 1].astype(np.float32, copy=True)  # pinned buffers are reused
+
     def close(self) -> None:
         if getattr(self, "stream", None) is not None:
             self.cudart.cudaStreamSynchronize(self.stream)

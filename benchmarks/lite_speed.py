@@ -11,6 +11,12 @@ Runtime CPU in the ``sparse`` query mode (resize, min-max, encoder, decoder, pla
 from the RGB array to the mask. Then, untimed, the artifact in the ``full`` query mode (the export's
 reference): the sparse masks' Dice and pixel agreement against it. One warm-up image for each first.
 Prints a table and writes every per-image figure to --json.
+
+``--bound`` adds what this CPU allows: the encoders' floating-point work (``torch.utils.flop_counter``: LiteMedSAM's
+TinyViT, and the lite model's encoder with its frequency adapter and LoRA), the machine's fp32 matrix-multiply
+rate on the same threads (the best of 5 2048^3 products), and from them the fastest our frame could be if the
+encoder alone ran at that rate, so the highest speed-up over LiteMedSAM's measured frame that fp32 allows here
+(with nothing else in our frame, and with the rest of our frame as measured).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--bound", action="store_true", help="add the fp32 compute bound of this CPU (see above)")
     a = ap.parse_args(argv)
 
     import cv2
@@ -57,8 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     def run_base(rgb: np.ndarray, box: np.ndarray) -> np.ndarray:
         return (base.logits(rgb, box[None], rgb.shape[:2])[0] > 0).numpy()
 
+    encode_ms: list[float] = []
+
     def run_ours(rgb: np.ndarray, box: np.ndarray) -> np.ndarray:
-        return ours.segment(rgb, box[None]).objects[0].mask()
+        res = ours.segment(rgb, box[None])
+        encode_ms.append(res.encode_ms)
+        return res.objects[0].mask()
 
     for i, stem in enumerate(stems):
         img_p = next((a.data / "images").glob(f"{stem}.*"))
@@ -77,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         ref = full.segment(rgb, box[None]).objects[0].mask()
         if i == 0:  # warm-up
             continue
-        row = {"stem": stem, "hw": list(rgb.shape[:2]), "seconds": times,
+        row = {"stem": stem, "hw": list(rgb.shape[:2]), "seconds": times, "ours_encode_seconds": encode_ms[-1] / 1e3,
                "dice_gt": {k: dice(m, gt) for k, m in masks.items()},
                "ours_vs_full": {"dice": dice(masks["ours"], ref), "pixels": float((masks["ours"] == ref).mean())}}
         rows.append(row)
@@ -86,11 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "images": len(rows), "threads": a.threads, "artifact": str(a.artifact),
         "median_seconds": med, "speedup": med["litemedsam"] / med["ours"],
+        "ours_encode_median_seconds": statistics.median(r["ours_encode_seconds"] for r in rows),
         "dice_gt_mean": {k: statistics.mean(r["dice_gt"][k] for r in rows) for k in ("litemedsam", "ours")},
         "ours_sparse_vs_full_dice_mean": statistics.mean(r["ours_vs_full"]["dice"] for r in rows),
         "ours_sparse_vs_full_dice_min": min(r["ours_vs_full"]["dice"] for r in rows),
         "ours_sparse_vs_full_pixels_mean": statistics.mean(r["ours_vs_full"]["pixels"] for r in rows),
     }
+    if a.bound:
+        summary["bound"] = compute_bound(base, med["litemedsam"], med["ours"] - summary["ours_encode_median_seconds"])
     if a.json:
         a.json.write_text(json.dumps({"summary": summary, "rows": rows}, indent=2) + "\n")
     print(f"{'pipeline':<34}{'median s/frame':>15}{'Dice vs GT':>12}")
@@ -98,8 +112,45 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'lite artifact, ORT CPU, sparse':<34}{med['ours']:>15.3f}{summary['dice_gt_mean']['ours']:>12.2f}")
     print(f"speed-up {summary['speedup']:.2f}x on {len(rows)} images, {a.threads} threads; sparse vs full: "
           f"Dice {summary['ours_sparse_vs_full_dice_mean']:.3f} (min {summary['ours_sparse_vs_full_dice_min']:.3f}), "
-          f"pixels {100 * summary['ours_sparse_vs_full_pixels_mean']:.3f}%")
+          f"pixels {100 * summary['ours_sparse_vs_full_pixels_mean']:.3f}%; our encoder "
+          f"{summary['ours_encode_median_seconds']:.3f} s of our frame")
+    if a.bound:
+        b = summary["bound"]
+        print(f"fp32 bound: encoders {b['litemedsam_encoder_gflop']:.1f} / {b['lite_encoder_gflop']:.1f} GFLOP "
+              f"(LiteMedSAM / ours), matmul {b['matmul_gflops']:.0f} GFLOP/s on {a.threads} threads: our encoder "
+              f"takes at least {b['lite_encoder_floor_seconds']:.3f} s, so at most {b['max_speedup']:.2f}x; with the "
+              f"rest of our frame as measured, at most {b['max_speedup_with_rest']:.2f}x")
     return 0
+
+
+def compute_bound(base: object, litemedsam_seconds: float, rest_seconds: float) -> dict[str, float]:
+    """The encoders' FLOPs and this CPU's fp32 matmul rate (see the module docstring); ``rest_seconds``: the
+    measured part of our frame outside the encoder (decoder, planner, pre- and post-processing)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from imedsam_train.build import build
+
+    def gflop(fn: object, x: torch.Tensor) -> float:
+        fc = FlopCounterMode(display=False)
+        with torch.no_grad(), fc:
+            fn(x)  # type: ignore[operator]
+        return float(fc.get_total_flops()) / 1e9
+
+    x = torch.rand(1, 3, 256, 256)
+    lite, _ = build("lite", input_size=256)
+    theirs = gflop(base.model.image_encoder, x)  # type: ignore[attr-defined]
+    ours = gflop(lite.eval().encode, x)
+    a = torch.rand(2048, 2048)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        torch.mm(a, a)
+        best = min(best, time.perf_counter() - t)
+    rate = 2 * 2048**3 / best / 1e9
+    return {"litemedsam_encoder_gflop": theirs, "lite_encoder_gflop": ours, "matmul_gflops": rate,
+            "lite_encoder_floor_seconds": ours / rate, "max_speedup": litemedsam_seconds / (ours / rate),
+            "max_speedup_with_rest": litemedsam_seconds / (ours / rate + rest_seconds)}
 
 
 if __name__ == "__main__":

@@ -31,14 +31,16 @@ def lost_runs(frames: list[int]) -> list[tuple[int, int]]:
 
 
 def summary(records: list[dict[str, Any]], area_until: int) -> dict[str, Any]:
-    """Counts by status, the lost runs, and the min/max of the area over the frames 1..area_until that were not
-    lost, as a fraction of frame 0's."""
+    """Counts by status, the lost runs, the frames where the tracker's search picked the object up (a note of
+    ``found by ...``), and the min/max of the area over the frames 1..area_until that were not lost, as a fraction
+    of frame 0's."""
     obj0 = [r for r in records if int(r.get("object", 0)) == 0]
     by = {s: sum(1 for r in obj0 if r["status"] == s) for s in ("given", "tracked", "lost")}
     lost = sorted(int(r["frame"]) for r in obj0 if r["status"] == "lost")
     area = {int(r["frame"]): int(r["area"]) for r in obj0 if r["status"] != "lost"}  # a lost mask is not reported
     window = [area[t] / area[0] for t in range(1, area_until + 1) if t in area and area.get(0)]
-    return {"frames": len(obj0), **by, "lost_runs": lost_runs(lost),
+    found = [int(r["frame"]) for r in obj0 if str(r.get("note", "")).startswith("found by")]
+    return {"frames": len(obj0), **by, "lost_runs": lost_runs(lost), "found_by_search": found,
             "area_ratio": [round(min(window), 2), round(max(window), 2)] if window else None}
 
 

@@ -197,7 +197,7 @@ def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, back
         for ev in outs.events:
             # numbered as in results.csv/json and --boxes (from 0)
             say_line(console, f"object {ev['object']} {ev['event']} at frame {ev['frame']}"
-                     + (f" ({ev['reason']})" if "reason" in ev else ""))
+                     + "".join(f" ({ev[k]})" for k in ("reason", "how") if k in ev))
         n = info["frames"]
         what = {"video": "frame", "volume": "slice"}.get(spec.kind, "image") + ("" if n == 1 else "s")
         say_line(console, f"{n} {what} in {elapsed:.1f} s ({n / max(elapsed, 1e-9):.1f} fps) -> {out_dir}")

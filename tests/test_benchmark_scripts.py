@@ -184,3 +184,16 @@ def test_gpu_lite_summary_takes_medians_of_times_and_means_of_dice():
     assert s["n"] == 3 and s["lite_s"] == 0.02 and s["lite_amp_s"] == 0.01 and s["dice_lite"] == 94.0
     assert abs(s["speedup_fp32"] - 1.5) < 1e-12 and abs(s["speedup_amp"] - 3.0) < 1e-12
     assert "20.00" in table([s], "H200") and "1.50x/3.00x" in table([s], "H200")
+
+
+def test_video_frames_summary_counts_lost_runs_and_frames_found_by_the_search():
+    from benchmarks.video_frames import summary
+
+    status = ["given", "tracked", "lost", "lost", "tracked", "tracked", "lost"]
+    notes = ["", "", "empty mask", "empty mask", "found by its appearance", "", "unlike the object"]
+    recs = [{"frame": t, "object": 0, "status": s, "note": n, "area": 0 if s == "lost" else 100 + 10 * t}
+            for t, (s, n) in enumerate(zip(status, notes, strict=True))]
+    recs.append({"frame": 0, "object": 1, "status": "given", "note": "", "area": 5})  # another object: not counted
+    got = summary(recs, area_until=5)
+    assert got == {"frames": 7, "given": 1, "tracked": 3, "lost": 3, "lost_runs": [(2, 3), (6, 6)],
+                   "found_by_search": [4], "area_ratio": [1.1, 1.5]}

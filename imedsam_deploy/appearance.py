@@ -11,7 +11,9 @@ cosine to the background's; a mask's *likeness* is its cells' mean score, weight
 covers. A likeness under 0 means the mask looks more like that frame's background than like the object: on the
 clip, every frame tracked on the polyp scored 0.04-0.26, every frame on the fold -0.28 to -0.09
 (benchmarks/RESULTS.md). A lost object is searched for on the score map: the connected cells scoring over a
-fraction of the given mask's own likeness, the group with the largest total score, make the next prompt.
+fraction of the given mask's own likeness, the group with the largest total score, make the next prompt. (With
+several look-alike objects in view, such as two polyps, the search may pick up the other one; only the mask checks
+stand in its way.)
 """
 
 from __future__ import annotations

@@ -179,13 +179,12 @@ def follow(tr: Track, decode: Callable[[np.ndarray], tuple[R, np.ndarray, float]
     status, whether the search picked the object up)."""
     assert tr.box is not None
     res, mask, p = decode(tr.box)
-    use = frame is not None and tr.cfg.appearance
-    if given and use:
-        assert frame is not None
+    frame = frame if tr.cfg.appearance else None
+    if given and frame is not None:
         tr.look = frame.learn(mask)
-    look = tr.look if use else None
-    st = tr.observe(mask, p, given, None if look is None or frame is None else frame.likeness(look, mask))
-    if st != "lost" or look is None or frame is None or tr.cfg.search <= 0:
+    look = tr.look if frame is not None else None
+    st = tr.observe(mask, p, given, frame.likeness(look, mask) if frame is not None and look is not None else None)
+    if st != "lost" or frame is None or look is None or tr.cfg.search <= 0:
         return res, st, False
     cand = frame.search(look, tr.cfg.search)
     if cand is None:

@@ -130,9 +130,11 @@ class Track:
         self.given_size = (float(self.box[2] - self.box[0]), float(self.box[3] - self.box[1]))
         self.status = "given"
 
-    def observe(self, mask: np.ndarray, mean_probability: float, given: bool, likeness: float | None = None) -> Status:
+    def observe(self, mask: np.ndarray, mean_probability: float, given: bool, likeness: float | None = None,
+                searched: bool = False) -> Status:
         """Update from this frame's mask (image size) and, where known, its likeness to the object (not checked on
-        a given frame). Returns this frame's status."""
+        a given frame); ``searched``: the mask of a search's box, held to the shrink bound even at the frame's
+        edge. Returns this frame's status."""
         area = int(mask.sum())
         if area < self.cfg.min_area_px:
             reason = "empty mask" if area == 0 else f"mask of {area} px"
@@ -144,7 +146,7 @@ class Track:
             reason = ""
         found = core_box(mask, self.cfg.core) if not reason else None
         if found is not None:
-            reason = self._out_of_scale(found)
+            reason = self._out_of_scale(found, None if searched else mask.shape[:2])
         if reason:
             self.lost_reason = reason
             self.status = "given" if given else "lost"
@@ -155,14 +157,20 @@ class Track:
         self.lost_reason = ""
         return self.status
 
-    def _out_of_scale(self, found: np.ndarray) -> str:
+    def _out_of_scale(self, found: np.ndarray, image_hw: tuple[int, int] | None) -> str:
         g, limit = self.given_size, self.cfg.max_growth
         if g is None or limit <= 0:
             return ""
         w, h = float(found[2] - found[0]), float(found[3] - found[1])
         if w > limit * g[0] or h > limit * g[1]:
             return f"mask {w:.0f}x{h:.0f} px, over {limit:g}x the given box ({g[0]:.0f}x{g[1]:.0f})"
-        if w * limit < g[0] or h * limit < g[1]:  # shrunk onto a part, or onto something beside the object
+        # shrunk onto a part, or onto something beside the object; but not along a side cut by the frame's edge
+        # (image_hw given), where a tracked object may be leaving the view (on the shared clip the polyp leaves at
+        # the bottom edge). A search's find is held to it: at the clip's end, with the polyp gone, the search
+        # found the screen recording's window title in a corner, a sliver cut by two edges
+        cut_x = image_hw is not None and (found[0] <= 0 or found[2] >= image_hw[1])
+        cut_y = image_hw is not None and (found[1] <= 0 or found[3] >= image_hw[0])
+        if (w * limit < g[0] and not cut_x) or (h * limit < g[1] and not cut_y):
             return f"mask {w:.0f}x{h:.0f} px, under 1/{limit:g} of the given box ({g[0]:.0f}x{g[1]:.0f})"
         return ""
 
@@ -191,7 +199,7 @@ def follow(tr: Track, decode: Callable[[np.ndarray], tuple[R, np.ndarray, float]
         return res, st, False
     reason = tr.lost_reason
     res2, mask2, p2 = decode(grow_box(cand, frame.image_hw, tr.cfg.margin, tr.cfg.min_margin_px))
-    if tr.observe(mask2, p2, False, frame.likeness(look, mask2)) == "lost":
+    if tr.observe(mask2, p2, False, frame.likeness(look, mask2), searched=True) == "lost":
         tr.lost_reason = reason  # the frame's own reason, not the failed search's
         return res, st, False
     return res2, tr.status, True

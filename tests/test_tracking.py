@@ -148,3 +148,18 @@ def test_the_shipped_model_on_the_real_clip_does_not_inflate_its_box(tmp_path, s
     for r in bounded:  # the box prompting each frame stays within the bound (plus the tracking margin)
         assert r["y1"] - r["y0"] <= 2 * 118 * 1.3 + 1 and r["x1"] - r["x0"] <= 2 * 75 * 1.3 + 1
     assert all(r["area"] == 0 for r in lost)  # a lost object's mask is not reported
+
+
+def test_a_mask_cut_by_the_frames_edge_is_not_held_to_the_shrink_bound_on_that_side():
+    """An object leaving the view at the bottom edge: its visible part may be short, not narrow."""
+    tr = Track(0, TrackConfig(margin=0.0, min_margin_px=0, max_growth=2.0, core=0))
+    tr.give(np.array([100.0, 100, 166, 216]))  # 66 x 116
+    assert tr.observe(_square((400, 400), 110, 360, 60, 40), 0.9, given=False) == "tracked"  # cut at the bottom
+    assert tr.observe(_square((400, 400), 110, 350, 60, 40), 0.9, given=False) == "lost"  # as short, not cut
+    assert "under 1/2" in tr.lost_reason
+    assert tr.observe(_square((400, 400), 0, 200, 20, 100), 0.9, given=False) == "tracked"  # cut at the left
+    assert tr.observe(_square((400, 400), 370, 200, 30, 100), 0.9, given=False) == "tracked"  # cut at the right
+    assert tr.observe(_square((400, 400), 370, 380, 30, 20), 0.9, given=False) == "tracked"  # in the corner
+    assert tr.observe(_square((400, 400), 110, 360, 20, 40), 0.9, given=False) == "lost"  # narrow, cut below only
+    # a search's find is held to the bound even there: a sliver in a corner is no evidence of the object
+    assert tr.observe(_square((400, 400), 370, 380, 30, 20), 0.9, given=False, searched=True) == "lost"

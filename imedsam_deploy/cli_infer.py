@@ -69,7 +69,7 @@ def infer(
     margin: float = typer.Option(0.25, "--margin", help="Box-query margin, a fraction of the box size per side."),
     chunk: int = typer.Option(32768, "--chunk", help="Query points per decoder call (bounds memory)."),
     min_confidence: float = typer.Option(TrackConfig.min_confidence, "--min-confidence", help="Video: a mask below this mean probability means lost."),
-    max_growth: float = typer.Option(TrackConfig.max_growth, "--max-growth", help="Video: a tracked object may grow to this many times its given box's width or height, or shrink to 1/this; a mask beyond means lost (0: no limit)."),
+    max_growth: float = typer.Option(TrackConfig.max_growth, "--max-growth", help="Video: a tracked object may grow to this many times its given box's width or height, or shrink to 1/this (except along a side cut by the frame's edge); a mask beyond means lost (0: no limit)."),
     track_core: float = typer.Option(TrackConfig.core, "--track-core", help="Video: the next box is the mask's core, its largest component opened by a disc of this fraction of the square root of its area (thin spikes along a fold left out; 0: the whole component)."),
     appearance: bool = typer.Option(TrackConfig.appearance, "--appearance/--no-appearance", help="Video: a tracked mask must look like the object did where its box was given (in the encoder's features), and a lost object is searched for on the whole frame."),
     search: float = typer.Option(TrackConfig.search, "--search", help="Video: the search for a lost object takes the frame's cells scoring over this fraction of the given mask's own likeness (0: no search)."),

@@ -192,7 +192,8 @@ def run_video(seg: Segmenter, reader: VideoReader, prompts: Prompts, outs: Outpu
                     elif t > 0 and st == "tracked" and (was == "lost" or searched):
                         event = {"frame": t, "object": obj, "event": "found", "box": fmt_box(om.box)}
                         if searched:  # the box is the search's, not the last frame's
-                            notes[obj] = event["how"] = "found by its appearance"
+                            event["how"] = "by its appearance"
+                            notes[obj] = "found by its appearance"
                         outs.events.append(event)
                     masks[obj] = _class_masks(om, st != "lost", union)  # a lost object's mask is not reported
                 dec_ms = (time.perf_counter() - tt) * 1e3

@@ -11,7 +11,8 @@ box from the polyp to the frame's full height by frame 16 and reported that as t
 grow to at most ``max_growth`` times the width and height of its last given box; a larger component is no
 evidence of the object and marks it ``lost`` like a low-confidence mask (box kept, mask not reported); so does
 one under 1/``max_growth`` of either side: a box that has slid off the object onto a strip beside it (the lite
-model's, on that clip, once the polyp moved out of the box faster than the box followed) is not the object.
+model's, on that clip, once the polyp moved out of the box faster than the box followed) is not the object,
+unless the short side is cut by the frame's edge (the object leaving the view).
 The shipped lite model, on the same clip, follows the polyp but adds a thin spike up the fold above it; the box
 fed back from it stretched and the object was lost on 131 of the first 400 frames. So the next box is taken from
 the mask's core (``core``): the largest component opened by a disc whose radius is a fraction of its size, which

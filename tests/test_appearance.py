@@ -224,7 +224,7 @@ def test_run_video_reports_an_object_found_by_its_appearance(tmp_path):
     assert recs[3]["note"] == "found by its appearance" and recs[3]["x0"] > 100 and recs[3]["area"] > 0
     assert all(r["note"] == "" for i, r in enumerate(recs) if i != 3) and recs[4]["x0"] > 100
     found = [e for e in res["events"] if e["event"] == "found"]
-    assert len(found) == 1 and found[0]["frame"] == 3 and found[0]["how"] == "found by its appearance"
+    assert len(found) == 1 and found[0]["frame"] == 3 and found[0]["how"] == "by its appearance"
 
 
 def test_the_ort_backend_hands_over_its_embedding_on_the_host(shipped_artifact):

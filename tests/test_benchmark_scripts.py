@@ -197,3 +197,17 @@ def test_video_frames_summary_counts_lost_runs_and_frames_found_by_the_search():
     got = summary(recs, area_until=5)
     assert got == {"frames": 7, "given": 1, "tracked": 3, "lost": 3, "lost_runs": [(2, 3), (6, 6)],
                    "found_by_search": [4], "area_ratio": [1.1, 1.5]}
+
+
+def test_lite_speed_bound_counts_both_encoders_and_bounds_the_speed_up():
+    """``lite_speed --bound``: our encoder does LiteMedSAM's TinyViT's work and more (the frequency adapter and
+    LoRA), the matmul rate is a rate, and the bound with the rest of our frame is below the bound without."""
+    from benchmarks.lite_speed import compute_bound
+    from imedsam_train.pretrained import LiteMedSAMBaseline, lite_medsam
+
+    b = compute_bound(LiteMedSAMBaseline(lite_medsam()), litemedsam_seconds=1.0, rest_seconds=0.07)
+    assert 60 < b["litemedsam_encoder_gflop"] < b["lite_encoder_gflop"] < 1.5 * b["litemedsam_encoder_gflop"]
+    assert b["matmul_gflops"] > 1
+    assert b["lite_encoder_floor_seconds"] == b["lite_encoder_gflop"] / b["matmul_gflops"]
+    assert b["max_speedup"] == 1.0 / b["lite_encoder_floor_seconds"]
+    assert b["max_speedup_with_rest"] == 1.0 / (b["lite_encoder_floor_seconds"] + 0.07) < b["max_speedup"]

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from imedsam_core.errors import UserError
 from imedsam_train.data.boxes import jitter_box, mask_box, stable_seed
-from imedsam_train.metrics import dice
+from imedsam_train.metrics import dice, hausdorff
 from imedsam_train.pretrained import (
     BASE_SIZE,
     base_file,
@@ -138,7 +138,10 @@ def test_eval_cli_litemedsam_baseline_on_the_same_boxes(sessile, tmp_path):
     assert s["baselines"]["litemedsam"] > s["baselines"]["ellipse"]
     assert "litemedsam" in res.output
     rows = out.with_suffix(".csv").read_text().splitlines()
-    assert rows[0].endswith("box_dice,ellipse_dice,litemedsam_dice") and len(rows) == 3
+    assert rows[0].endswith("box_dice,ellipse_dice,litemedsam_dice,box_hd95,ellipse_hd95,litemedsam_hd95")
+    assert len(rows) == 3
+    per_case = [float(r.split(",")[-1]) for r in rows[1:]]  # LiteMedSAM's HD95 per case, as in the summary
+    assert np.mean(per_case) == pytest.approx(s["baseline_metrics"]["litemedsam"]["hd95"]["mean"], abs=1e-4)
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     # the same jittered boxes as the other baselines: recompute one case by hand
     from imedsam_train.evaluate import resize_mask
@@ -148,8 +151,9 @@ def test_eval_cli_litemedsam_baseline_on_the_same_boxes(sessile, tmp_path):
     h, w = gt.shape
     box = jitter_box(mask_box(gt), 20.0, w, h, np.random.default_rng(stable_seed(0, stem, 0)))
     pred = LiteMedSAMBaseline(lite_medsam())(read_rgb(sessile / "images" / f"{stem}.jpg"), box, 96)
-    row = next(r for r in rows if r.startswith(stem)).split(",")
-    assert float(row[-1]) == pytest.approx(dice(pred, resize_mask(gt, 96)), abs=1e-3)
+    row = dict(zip(rows[0].split(","), next(r for r in rows if r.startswith(stem)).split(","), strict=True))
+    assert float(row["litemedsam_dice"]) == pytest.approx(dice(pred, resize_mask(gt, 96)), abs=1e-3)
+    assert float(row["litemedsam_hd95"]) == pytest.approx(hausdorff(pred, resize_mask(gt, 96))[0], abs=1e-3)
     # refusals, in one line
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"x")

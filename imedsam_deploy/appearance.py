@@ -19,6 +19,7 @@ stand in its way.)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -63,8 +64,13 @@ class FrameFeatures:
         self.image_hw, self.size, self.grid = image_hw, pre.size, int(emb.shape[1])
         self.valid = pre.valid(image_hw)  # (h, w) model-input pixels the image fills
         self.cells = tuple(min(self.grid, int(np.ceil(v * self.grid / self.size))) for v in self.valid)
-        f = emb[:, : self.cells[0], : self.cells[1]]
-        self.features = f / (np.linalg.norm(f, axis=0, keepdims=True) + _EPS)
+        self._raw = emb[:, : self.cells[0], : self.cells[1]]  # a view: cells are normalised where they are read
+
+    @cached_property
+    def features(self) -> np.ndarray:
+        """(C, h, w) unit vectors of every cell: only learning and the search read them all (a tracked frame's
+        check reads the cells under its mask, ``likeness``)."""
+        return _unit_cells(self._raw)
 
     def cover(self, mask: np.ndarray) -> np.ndarray:
         """(H, W) bool mask at the image size -> (h, w) fraction of each cell it covers."""
@@ -85,13 +91,19 @@ class FrameFeatures:
         obj, bg = _unit(np.tensordot(self.features, weight, axes=2)), _unit(np.tensordot(self.features, outside, axes=2))
         if obj is None or bg is None:
             return None
-        app = Appearance(obj, bg, 0.0)
-        ref = _weighted_mean(app.scores(self.features), cover)
+        ref = self._likeness(Appearance(obj, bg, 0.0), cover)
         return Appearance(obj, bg, ref) if ref >= MIN_REFERENCE else None
 
     def likeness(self, app: Appearance, mask: np.ndarray) -> float:
         """The mask's cells' mean score (weighted by cover); -1 for an empty mask."""
-        return _weighted_mean(app.scores(self.features), self.cover(mask))
+        return self._likeness(app, self.cover(mask))
+
+    def _likeness(self, app: Appearance, cover: np.ndarray) -> float:
+        under = cover > 0  # once per tracked frame: only these cells are normalised and scored
+        if not under.any():
+            return -1.0
+        scores = (app.object - app.background) @ _unit_cells(self._raw[:, under])
+        return float(scores @ cover[under] / cover[under].sum())
 
     def search(self, app: Appearance, fraction: float) -> np.ndarray | None:
         """The box (image pixels, x0, y0, x1, y1) of the 8-connected cells scoring over ``fraction`` x the
@@ -114,6 +126,6 @@ class FrameFeatures:
         return np.array([c0 * sx, r0 * sy, min(c1 * sx, w), min(r1 * sy, h)], dtype=np.float64)
 
 
-def _weighted_mean(scores: np.ndarray, weight: np.ndarray) -> float:
-    total = float(weight.sum())
-    return float((scores * weight).sum() / total) if total > 0 else -1.0
+def _unit_cells(x: np.ndarray) -> np.ndarray:
+    """(C, ...) -> each cell's C-vector at unit length."""
+    return x / (np.linalg.norm(x, axis=0, keepdims=True) + _EPS)

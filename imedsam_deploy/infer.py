@@ -171,7 +171,9 @@ def run_video(seg: Segmenter, reader: VideoReader, prompts: Prompts, outs: Outpu
             enc_ms = dec_ms = 0.0
             if active:
                 (emb,), enc_ms = seg.embed([rgb])
-                host = seg.backend.host_embedding(emb) if track_cfg.appearance else None
+                # the embedding crosses to the host only for a frame that learns or checks an appearance
+                looked = track_cfg.appearance and any(obj in given or tr.look is not None for obj, tr in active.items())
+                host = seg.backend.host_embedding(emb) if looked else None
                 frame = FrameFeatures(host, hw, seg.pre) if host is not None else None
 
                 def decode(box: np.ndarray) -> tuple[tuple[ObjectMask, np.ndarray], np.ndarray, float]:

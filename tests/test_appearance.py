@@ -68,6 +68,11 @@ def test_likeness_tells_the_object_from_the_background_and_search_finds_it_moved
     np.testing.assert_allclose(later.search(app, 0.3), [125, 50, 175, 87.5])
     assert later.likeness(app, obj) < 0 < later.likeness(app, _rect(hw, 125, 50, 175, 87))
     assert later.search(app, 2.0) is None  # nothing scores twice the given mask's own likeness
+    # the check scores only the cells under the mask: the same as the whole map's cover-weighted mean
+    for m in (obj, _rect(hw, 110, 40, 190, 100), _rect(hw, 3, 3, 9, 7)):
+        cover = later.cover(m)
+        want = float((app.scores(later.features) * cover).sum() / cover.sum())
+        assert later.likeness(app, m) == pytest.approx(want, abs=1e-6)
 
 
 def test_nothing_is_learnt_from_an_empty_mask_a_whole_frame_or_an_object_like_its_background():
@@ -195,9 +200,11 @@ def test_run_video_reports_an_object_found_by_its_appearance(tmp_path):
         pre = LETTERBOX
 
         class backend:  # noqa: N801 - stands in for a Backend instance
-            @staticmethod
-            def host_embedding(emb: int) -> np.ndarray:
-                scene.t = emb
+            copies = 0
+
+            @classmethod
+            def host_embedding(cls, emb: int) -> np.ndarray:
+                cls.copies += 1
                 cells = (slice(2, 5), slice(4, 8)) if emb < 3 else (slice(4, 7), slice(10, 14))
                 return _features((8, 16), cells, seed=emb)
 
@@ -205,20 +212,29 @@ def test_run_video_reports_an_object_found_by_its_appearance(tmp_path):
 
         def embed(self, images: list[np.ndarray]) -> tuple[list[int], float]:
             self.frames += 1
-            return [self.frames - 1], 1.0
+            scene.t = self.frames - 1
+            return [scene.t], 1.0
 
         def decode_box(self, emb: int, box: np.ndarray, hw: tuple[int, int], ohw: tuple[int, int]) -> ObjectMask:
             _, mask, _ = scene.decode(box)
             logits = np.where(mask, 5.0, -5.0).astype(np.float32)[None]
             return ObjectMask(np.asarray(box, float), ohw, Region(0, 0, *ohw), logits, mask.size)
 
-    reader = VideoReader(path)
-    outs = OutputSet(tmp_path / "out", "video", reader.fps, (reader.width, reader.height))
-    info = run_video(FakeSegmenter(), reader, Prompts([np.array(scene.obj0, float)]), outs, None,  # type: ignore[arg-type]
-                     TrackConfig(), lambda n: None, overlap_io=False)
-    outs.finish(info)
-    reader.close()
-    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    def run(cfg: TrackConfig, name: str) -> dict:
+        reader = VideoReader(path)
+        outs = OutputSet(tmp_path / name, "video", reader.fps, (reader.width, reader.height))
+        info = run_video(FakeSegmenter(), reader, Prompts([np.array(scene.obj0, float)]), outs, None,  # type: ignore[arg-type]
+                         cfg, lambda n: None, overlap_io=False)
+        outs.finish(info)
+        reader.close()
+        return json.loads((tmp_path / name / "results.json").read_text())
+
+    # no appearance: the embedding never crosses to the host, and the fold is reported as the object from frame 3
+    off = run(TrackConfig(appearance=False), "off")
+    assert FakeSegmenter.backend.copies == 0 and [r["status"] for r in off["records"]][3:] == ["tracked"] * 3
+    assert all(r["x0"] < 100 for r in off["records"])
+    res = run(TrackConfig(), "out")
+    assert FakeSegmenter.backend.copies == 6
     recs = res["records"]
     assert [r["status"] for r in recs] == ["given"] + ["tracked"] * 5
     assert recs[3]["note"] == "found by its appearance" and recs[3]["x0"] > 100 and recs[3]["area"] > 0

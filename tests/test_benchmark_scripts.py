@@ -211,3 +211,11 @@ def test_lite_speed_bound_counts_both_encoders_and_bounds_the_speed_up():
     assert b["lite_encoder_floor_seconds"] == b["lite_encoder_gflop"] / b["matmul_gflops"]
     assert b["max_speedup"] == 1.0 / b["lite_encoder_floor_seconds"]
     assert b["max_speedup_with_rest"] == 1.0 / (b["lite_encoder_floor_seconds"] + 0.07) < b["max_speedup"]
+
+
+def test_appearance_cost_runs(capsys):
+    from benchmarks import appearance_cost
+
+    assert appearance_cost.main(["--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name, _, _ in appearance_cost.SHAPES)

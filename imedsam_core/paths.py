@@ -35,7 +35,7 @@ FINISHED_NAME = "finished.json"  # in the run folder; its checkpoints' sha256s t
 SHIPPED_ARTIFACT = Path(__file__).resolve().parents[1] / "imedsam_deploy" / "shipped"
 # sha256 of the shipped lite checkpoint (imedsam_train/weights; tests/test_defaults.py checks it): an export of
 # it under runs/ is "the shipped model's" and is taken before the bundled artifact
-SHIPPED_CHECKPOINT_SHA256 = "946187bb02c99d37cfef45620c2ad1969c2826c3a0c9b6721e1036857bf0347f"
+SHIPPED_CHECKPOINT_SHA256 = "4e39305c9846e051347dae0a99e990257b24724555bcdbbb173476785e1e67f4"
 CACHE_ENV = "IMEDSAM_CACHE"  # what the commands make for themselves: random-weight artifacts, tunings
 
 

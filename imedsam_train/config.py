@@ -63,6 +63,15 @@ class DecoderConfig:
     # SAM's own mask_downscaling). Not in the paper (off for the SAM sizes): a from-scratch model has no
     # pretrained box understanding, and this makes "inside the box" visible to every image token.
     box_mask_prompt: bool = False
+    # Residual read-out only (lite): sigma, in pixels of the base logit map (4g x 4g, the lite input's pixels),
+    # of a Gaussian applied to the base mask head's logit map before it is read at the points, in every
+    # forward. 0: off. Chosen on val after training (benchmarks/base_smoothing.py): it removes the specks and
+    # pinholes that carry the mean HD95 without moving the edge.
+    base_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.base_smoothing <= 16.0):  # also refuses NaN
+            raise ValueError(f"decoder base_smoothing {self.base_smoothing}: expected 0 .. 16 pixels")
 
 
 @dataclass(frozen=True)

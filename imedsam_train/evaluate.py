@@ -140,6 +140,15 @@ def predict_logits(
     return ugs_merge(coarse, fine, unc, model.cfg.decoder.refine_fraction)[0].float().cpu()
 
 
+def case_logits(model: IMedSAM, c: Case, out_size: int,
+                encode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """One case's full-grid logits (K, O*O) in the stretched output frame (eval mode; see ``predict_logits``)."""
+    s, pre = model.cfg.input_size, model.cfg.preprocess
+    valid = c.valid or (s, s)
+    box_in = input_boxes(c.box[None], pre, c.orig_size, s)
+    return predict_logits(model, to_input(c.image, pre, valid)[None], box_in, out_size, valid=valid, encode=encode)
+
+
 def run_cases(model: IMedSAM, cases: Iterable[Case], out_size: int,
               progress: Callable[[int], None] | None = None,
               channel_map: list[int] | None = None,
@@ -148,14 +157,12 @@ def run_cases(model: IMedSAM, cases: Iterable[Case], out_size: int,
     """channel_map: model output channel of each data class (default: the same index). encode: see
     ``predict_logits``."""
     model.eval()
-    s, pre = model.cfg.input_size, model.cfg.preprocess
+    s = model.cfg.input_size
     results = []
     for n, c in enumerate(cases):
         h, w = c.orig_size
         valid = c.valid or (s, s)
-        box_in = input_boxes(c.box[None], pre, (h, w), s)
-        image = to_input(c.image, pre, valid)[None]
-        logits = predict_logits(model, image, box_in, out_size, valid=valid, encode=encode)
+        logits = case_logits(model, c, out_size, encode)
         logits = logits[channel_map[c.cls] if channel_map else c.cls]
         pred = (logits > 0).numpy().reshape(out_size, out_size)
         box_out = scale_box(c.box, out_size / w, out_size / h)

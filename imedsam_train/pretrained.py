@@ -111,15 +111,20 @@ class LiteMedSAMBaseline:
         self._cached: tuple[torch.Tensor, float, tuple[int, int]] | None = None
 
     @torch.no_grad()
-    def logits(self, image: np.ndarray, boxes: np.ndarray, out_hw: tuple[int, int]) -> torch.Tensor:
-        """(K, out_h, out_w) float logits on the CPU; boxes (K, 4) pixel-edge, original-image pixels."""
+    def low_logits(self, image: np.ndarray, boxes: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The mask decoder's (K, 1, 256, 256) float logits and the unpadded (h, w) they cover; boxes (K, 4)
+        pixel-edge, original-image pixels."""
         if self._cached is None or image is not self._image:
             x, scale, valid = preprocess(image)
             self._cached = (self.model.encode(x.to(self.device)), scale, valid)
             self._image = image
         emb, scale, valid = self._cached
-        low = self.model.decode(emb, sam_boxes(boxes, scale).to(self.device))
-        return postprocess(low.float(), valid, out_hw).cpu()
+        return self.model.decode(emb, sam_boxes(boxes, scale).to(self.device)).float(), valid
+
+    def logits(self, image: np.ndarray, boxes: np.ndarray, out_hw: tuple[int, int]) -> torch.Tensor:
+        """(K, out_h, out_w) float logits on the CPU; boxes (K, 4) pixel-edge, original-image pixels."""
+        low, valid = self.low_logits(image, boxes)
+        return postprocess(low, valid, out_hw).cpu()
 
     def __call__(self, image: np.ndarray, box: np.ndarray, out_size: int) -> np.ndarray:
         """The mask (out_size, out_size) bool for one box, the image stretched to the square output frame."""

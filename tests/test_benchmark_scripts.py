@@ -219,3 +219,49 @@ def test_appearance_cost_runs(capsys):
     assert appearance_cost.main(["--repeat", "1"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name, _, _ in appearance_cost.SHAPES)
+
+
+def test_base_smoothing_chooses_on_val_and_writes_the_checkpoint_with_its_sigma(sessile, tmp_path, capsys):
+    """Two real val images, sigma 0 and 1.5: the scan scores both models at both sigmas, its sigma-0 LiteMedSAM
+    row is zero-shot LiteMedSAM as eval scores it, the choice follows the stated rule, and the written
+    checkpoint holds that sigma and the same weights."""
+    from benchmarks import base_smoothing
+    from imedsam_train.build import safe_torch_load
+    from imedsam_train.checkpoint import load_checkpoint
+    from imedsam_train.evaluate import cases_from_dataset
+    from imedsam_train.metrics import all_metrics
+    from imedsam_train.pretrained import LiteMedSAMBaseline, lite_medsam
+    from imedsam_train.weights import shipped_checkpoint
+    from tests.conftest import SESSILE_STEMS
+
+    data = tmp_path / "data"
+    for sub in ("images", "masks"):
+        (data / sub).mkdir(parents=True)
+        for stem in SESSILE_STEMS[:2]:
+            (data / sub / f"{stem}.jpg").symlink_to(sessile / sub / f"{stem}.jpg")
+    (data / "splits").mkdir()
+    (data / "splits" / "val.txt").write_text("\n".join(SESSILE_STEMS[:2]) + "\n")
+    out, js = tmp_path / "s.pt", tmp_path / "s.json"
+    rc = base_smoothing.main(["--data", str(data), "--sigmas", "0", "1.5", "--threads", "1", "--json", str(js),
+                              "--write", str(out)])
+    assert rc == 0
+    res = json.loads(js.read_text())
+    val = res["scores"]["val"]
+    assert set(val) == {"0", "1.5"} and "test" not in res["scores"]
+    ok = [k for k in val if val[k]["ours"]["hd95"] <= val["0"]["ours"]["hd95"]]
+    assert res["chosen_sigma"] == float(max(ok, key=lambda k: (round(val[k]["ours"]["dice"], 6),
+                                                              -val[k]["ours"]["hd95"])))
+    from imedsam_train.eval_cli import load_data
+
+    lm = LiteMedSAMBaseline(lite_medsam())
+    cases = list(cases_from_dataset(load_data(data, "auto", data / "splits" / "val.txt"), 256, 256, 20.0, 0,
+                                    keep_original=True))
+    ref = [all_metrics(lm(c.original, c.box, 256), c.gt)["dice"] for c in cases]
+    assert abs(val["0"]["litemedsam"]["dice"] - sum(ref) / len(ref)) < 1e-9
+    back, _ = load_checkpoint(out)
+    assert back.cfg.decoder.base_smoothing == res["chosen_sigma"]
+    new, old = safe_torch_load(out), safe_torch_load(shipped_checkpoint())
+    assert new["model"].keys() == old["model"].keys()
+    assert all(new["model"][k].equal(old["model"][k]) for k in old["model"])
+    assert new["train_meta"]["base_smoothing"]["chosen_sigma"] == res["chosen_sigma"]
+    assert "chosen on val" in capsys.readouterr().out

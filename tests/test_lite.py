@@ -65,6 +65,45 @@ def test_untrained_lite_is_litemedsam_on_real_polyps(sessile, lite):
             assert torch.equal(ours > 0, ref > 0)
 
 
+@torch.no_grad()
+def test_base_smoothing_smooths_the_base_map_as_litemedsams_and_rides_in_the_checkpoint(sessile, lite, tmp_path):
+    """Untrained, the lite model's logit is LiteMedSAM's: with ``base_smoothing`` it is LiteMedSAM's logit map
+    through the same Gaussian (what benchmarks/base_smoothing.py scores LiteMedSAM with), at every pixel
+    centre; the edge hardly moves; a checkpoint saved from the model rebuilds it with its sigma."""
+    from imedsam_train.model.smoothing import LogitSmoothing
+
+    base = LiteMedSAMBaseline(lite_medsam())
+    pre = lite.cfg.preprocess
+    image, box = _case(sessile, STEMS[1], 20.0)
+    u8, valid = prepare_image(image, pre, 256)
+    x = to_input(u8, pre, valid)[None]
+    b = input_boxes(box[None], pre, image.shape[:2], 256)
+    emb = lite.encode(x)
+    raw = lite.base_features(emb, b)[2]
+    try:
+        lite.set_base_smoothing(1.5)
+        assert lite.cfg.decoder.base_smoothing == 1.5
+        smooth = lite.base_features(emb, b)[2]
+        torch.testing.assert_close(smooth, LogitSmoothing(1.5)(raw), atol=1e-6, rtol=0)
+        assert float((smooth - raw).abs().max()) > 0.1  # it did something
+        lm_low, lm_valid = base.low_logits(image, box[None])
+        assert lm_valid == valid
+        torch.testing.assert_close(lite(x, b).fine[0, 0].reshape(256, 256), LogitSmoothing(1.5)(lm_low)[0, 0],
+                                   atol=1e-4, rtol=0)
+        m_s, m_r = (smooth > 0), (raw > 0)
+        assert 2 * float((m_s & m_r).sum()) / float(m_s.sum() + m_r.sum()) > 0.99  # the edge stays
+        path = tmp_path / "s.pt"
+        save_checkpoint(path, model_payload(lite, "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",
+                                            "lite_medsam.pth"))
+        back, _ = load_checkpoint(path)
+        assert back.cfg.decoder.base_smoothing == 1.5
+        assert torch.equal(back(x, b).fine, lite(x, b).fine)
+        assert not any("smoothing" in k for k in safe_torch_load(path)["model"])  # the taps come from the config
+    finally:
+        lite.set_base_smoothing(0.0)
+    assert lite.base_smoothing is None and torch.equal(lite.base_features(emb, b)[2], raw)
+
+
 def test_lora_updates_q_and_v_of_each_head_and_merges():
     torch.manual_seed(0)
     q = HeadInterleavedLoRAQKV(20, 4, heads=4)

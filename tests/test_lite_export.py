@@ -37,6 +37,7 @@ def moved() -> LiteIMedSAM:
         for n, p in m.named_parameters():
             if p.requires_grad and (".lora_b" in n or ".up." in n or n.startswith("inr.")):
                 p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    m.set_base_smoothing(1.5)  # as the shipped model: the Gaussian on the base logit map goes through the export
     return m.eval()
 
 
@@ -99,6 +100,7 @@ def test_lite_graphs_match_pytorch_and_manifest_declares_the_letterbox(exported)
     assert par["random"]["split_decoder_max_abs_diff"] <= 1e-3
     assert par["real"]["fp32"]["logit_max_abs_diff"] <= 1e-3 and par["real"]["fp32"]["mask_agreement"] >= 0.999
     assert m["merge"]["lora_merged_layers"] == 10  # every TinyViT attention block's qkv
+    assert m["model"]["decoder"]["base_smoothing"] == 1.5
     art = load_artifact(exported)
     assert art.resize == C.LETTERBOX_MODE
 

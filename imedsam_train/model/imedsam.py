@@ -36,6 +36,8 @@ class IMedSAM(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        if cfg.decoder.base_smoothing:
+            raise ValueError("decoder base_smoothing needs a base logit map: only the lite model has one")
         self.cfg = cfg
         d, dec, g = cfg.encoder.out_chans, cfg.decoder, cfg.grid_size
         self.image_encoder = ImageEncoder(cfg.encoder, cfg.input_size, cfg.lora, cfg.frequency)

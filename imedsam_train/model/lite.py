@@ -20,13 +20,16 @@ encoding at each query point into the coarse and fine INRs (uncertainty-guided s
 uncertainty at inference). Residual read-out: the base mask head's own logit, computed as SAM does (the first
 mask token's hypernetwork MLP dotted with the upscaled map, on the 4g x 4g grid) and sampled bilinearly at
 the point, is added to both INR logits. The INR heads' logit rows start at zero, so the untrained model's
-per-point logit is LiteMedSAM's low-resolution logit at that point.
+per-point logit is LiteMedSAM's low-resolution logit at that point. ``DecoderConfig.base_smoothing`` (off by
+default; the shipped model's config sets it) smooths the base logit map with a fixed Gaussian first.
 
 Frozen BatchNorm: the encoder's BatchNorm layers stay in eval mode in ``train()`` (batch statistics would
 change the frozen function).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +43,7 @@ from imedsam_train.model.imedsam import IMedSAM
 from imedsam_train.model.inr import INR, PointPredictions
 from imedsam_train.model.litemedsam import MASK_IN_CHANS
 from imedsam_train.model.lora import LoRAQKV
+from imedsam_train.model.smoothing import LogitSmoothing
 from imedsam_train.model.tinyvit import AttentionStage, TinyViT, TinyViTBlock, WindowAttention
 
 
@@ -169,6 +173,8 @@ class LiteIMedSAM(IMedSAM):
             d // 8 + d + fourier_dim(dec.fourier_levels, dec.fourier_include_input), cfg.num_classes,
             dec.coarse_hidden, dec.coarse_feature, dec.fine_hidden, dec.dropout, dec.mc_samples, dec.refine_fraction,
         )
+        # the base logit map smoothed before its points read it (``DecoderConfig.base_smoothing``; 0: off)
+        self.base_smoothing = LogitSmoothing(dec.base_smoothing) if dec.base_smoothing else None
         with torch.no_grad():  # residual read-out: the INR's logits start at 0 (its coarse feature does not)
             self.inr.coarse_head.weight[: cfg.num_classes].zero_()
             self.inr.coarse_head.bias[: cfg.num_classes].zero_()
@@ -176,6 +182,14 @@ class LiteIMedSAM(IMedSAM):
             self.inr.fine_head.bias.zero_()
         self.apply_freeze_policy()
         self.train()  # a new module is in training mode: the frozen BatchNorm layers must not be
+
+    def set_base_smoothing(self, sigma: float) -> None:
+        """Smooth the base logit map with a Gaussian of ``sigma`` pixels from now on (0: off); the config
+        follows, so a checkpoint saved from this model rebuilds it."""
+        dec = dataclasses.replace(self.cfg.decoder, base_smoothing=sigma)  # validates sigma
+        self.cfg = self.cfg.replace(decoder=dec)
+        dev = self.inr.fine_head.weight.device
+        self.base_smoothing = LogitSmoothing(sigma).to(dev) if sigma else None
 
     def is_trainable_name(self, name: str) -> bool:
         if name.startswith(self.unused_prefixes):
@@ -200,7 +214,8 @@ class LiteIMedSAM(IMedSAM):
     def base_features(self, embedding: torch.Tensor, boxes: torch.Tensor,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Upscaled map (B, C/8, 4g, 4g), dense positional map (1, C, g, g) and the base mask head's logits
-        (B, 1, 4g, 4g): SAM's ``predict_masks`` for the first mask token. boxes (B, 4), SAM's convention."""
+        (B, 1, 4g, 4g): SAM's ``predict_masks`` for the first mask token, smoothed if the config says so.
+        boxes (B, 4), SAM's convention."""
         md = self.mask_decoder
         sparse, dense = self.prompt_encoder(points=None, boxes=boxes, masks=None)
         tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
@@ -212,6 +227,8 @@ class LiteIMedSAM(IMedSAM):
         up = md.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
         hyper = md.output_hypernetworks_mlps[0](hs[:, 1, :])  # (B, C/8)
         low = (hyper[:, None, :] @ up.flatten(2)).view(b, 1, up.shape[-2], up.shape[-1])
+        if self.base_smoothing is not None:
+            low = self.base_smoothing(low)
         return up, pe, low
 
     def decoder_features(self, embedding: torch.Tensor, boxes: torch.Tensor, tokens: torch.Tensor | None = None,

@@ -98,12 +98,34 @@ class FrameFeatures:
         """The mask's cells' mean score (weighted by cover); -1 for an empty mask."""
         return self._likeness(app, self.cover(mask))
 
+    def judge(self, app: Appearance, mask: np.ndarray) -> tuple[float, np.ndarray]:
+        """``likeness`` and the mask's part that looks like the object: its pixels on cells scoring >= 0
+        ((H, W) bool; empty for an empty mask). One scoring of the cells under the mask serves both."""
+        cover = self.cover(mask)
+        under = cover > 0
+        if not under.any():
+            return -1.0, np.zeros(mask.shape, bool)
+        scores = self._scores(app, under)
+        like = np.zeros(under.shape, np.uint8)
+        like[under] = scores >= 0
+        return float(scores @ cover[under] / cover[under].sum()), mask & self.cells_to_pixels(like)
+
     def _likeness(self, app: Appearance, cover: np.ndarray) -> float:
         under = cover > 0  # once per tracked frame: only these cells are normalised and scored
         if not under.any():
             return -1.0
-        scores = (app.object - app.background) @ _unit_cells(self._raw[:, under])
-        return float(scores @ cover[under] / cover[under].sum())
+        return float(self._scores(app, under) @ cover[under] / cover[under].sum())
+
+    def _scores(self, app: Appearance, under: np.ndarray) -> np.ndarray:
+        return np.asarray((app.object - app.background) @ _unit_cells(self._raw[:, under]))
+
+    def cells_to_pixels(self, cells: np.ndarray) -> np.ndarray:
+        """(h, w) per-cell values (uint8) -> (H, W) bool at the image size, each pixel its cell's (nearest)."""
+        (vh, vw), g = self.valid, self.grid
+        canvas = np.zeros((g, g), np.uint8)
+        canvas[: cells.shape[0], : cells.shape[1]] = cells
+        px = cv2.resize(canvas, (self.size, self.size), interpolation=cv2.INTER_NEAREST)[:vh, :vw]
+        return cv2.resize(px, (self.image_hw[1], self.image_hw[0]), interpolation=cv2.INTER_NEAREST).astype(bool)
 
     def search(self, app: Appearance, fraction: float) -> np.ndarray | None:
         """The box (image pixels, x0, y0, x1, y1) of the 8-connected cells scoring over ``fraction`` x the

@@ -22,7 +22,9 @@ later slid onto the fold and reported it as tracked while the polyp sat elsewher
 backend hands its embedding to the host, a tracked mask must also look like the object (``appearance.py``:
 its likeness, against the frame where the box was given, at least ``min_likeness``), and a lost object is
 searched for on the whole frame by that likeness (``search``) and picked up again where the search's box
-gives a mask that passes every check (``follow``).
+gives a mask that passes every check (``follow``). A mask can pass the checks and still spill onto the fold
+beside the polyp (its mean likeness stays over 0): the next box then comes from the core of the mask's part
+that looks like the object (``like_part``), so the spill does not widen the next prompt.
 """
 
 from __future__ import annotations
@@ -60,6 +62,11 @@ class TrackConfig:
     # the search's cells score over this fraction of the given mask's own likeness (0: no search). On the clip
     # 0.3 and 0.5 both picked the polyp up again; 0.3 sooner (RESULTS.md)
     search: float = 0.3
+    # the next box from the core of the mask's part that looks like the object (its pixels on cells scoring >= 0),
+    # not of the whole mask: a mask that spills onto the fold beside the polyp still passes the checks (its mean
+    # likeness stays over 0), but its spill no longer widens the next prompt. On the clip: frames over 1.5x the
+    # given mask's area before the cross-fade 69 -> 0 (RESULTS.md)
+    like_part: bool = True
 
 
 def _largest_component(mask: np.ndarray) -> tuple[int, int, np.ndarray, np.ndarray] | None:
@@ -132,10 +139,11 @@ class Track:
         self.status = "given"
 
     def observe(self, mask: np.ndarray, mean_probability: float, given: bool, likeness: float | None = None,
-                searched: bool = False) -> Status:
+                searched: bool = False, like_part: np.ndarray | None = None) -> Status:
         """Update from this frame's mask (image size) and, where known, its likeness to the object (not checked on
         a given frame); ``searched``: the mask of a search's box, held to the shrink bound even at the frame's
-        edge. Returns this frame's status."""
+        edge; ``like_part``: the mask's part that looks like the object, whose core (where it has one) gives the
+        next box instead of the whole mask's (not on a given frame). Returns this frame's status."""
         area = int(mask.sum())
         if area < self.cfg.min_area_px:
             reason = "empty mask" if area == 0 else f"mask of {area} px"
@@ -153,6 +161,9 @@ class Track:
             self.status = "given" if given else "lost"
             return self.status  # keep the last confident box
         assert found is not None
+        if like_part is not None and not given:
+            part = core_box(like_part, self.cfg.core)
+            found = found if part is None else part
         self.box = grow_box(found, mask.shape[:2], self.cfg.margin, self.cfg.min_margin_px)
         self.status = "given" if given else "tracked"
         self.lost_reason = ""
@@ -192,7 +203,15 @@ def follow(tr: Track, decode: Callable[[np.ndarray], tuple[R, np.ndarray, float]
     if given and frame is not None:
         tr.look = frame.learn(mask)
     look = tr.look if frame is not None else None
-    st = tr.observe(mask, p, given, frame.likeness(look, mask) if frame is not None and look is not None else None)
+
+    def judged(m: np.ndarray) -> tuple[float | None, np.ndarray | None]:
+        if frame is None or look is None:
+            return None, None
+        lk, part = frame.judge(look, m)
+        return lk, part if tr.cfg.like_part else None
+
+    lk, part = judged(mask)
+    st = tr.observe(mask, p, given, lk, like_part=part)
     if st != "lost" or frame is None or look is None or tr.cfg.search <= 0:
         return res, st, False
     cand = frame.search(look, tr.cfg.search)
@@ -200,7 +219,8 @@ def follow(tr: Track, decode: Callable[[np.ndarray], tuple[R, np.ndarray, float]
         return res, st, False
     reason = tr.lost_reason
     res2, mask2, p2 = decode(grow_box(cand, frame.image_hw, tr.cfg.margin, tr.cfg.min_margin_px))
-    if tr.observe(mask2, p2, False, frame.likeness(look, mask2), searched=True) == "lost":
+    lk2, part2 = judged(mask2)
+    if tr.observe(mask2, p2, False, lk2, searched=True, like_part=part2) == "lost":
         tr.lost_reason = reason  # the frame's own reason, not the failed search's
         return res, st, False
     return res2, tr.status, True

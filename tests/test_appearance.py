@@ -129,6 +129,43 @@ def test_a_box_left_on_a_look_alike_is_caught_and_the_object_found_again(appeara
     assert tr.box[0] > 100  # and frame 4 is prompted there
 
 
+def test_judge_gives_the_likeness_and_the_part_on_object_like_cells():
+    hw = (100, 200)  # letterboxed into 64: 8 x 16 cells of 12.5 px
+    obj = _rect(hw, 50, 25, 100, 62)  # cells rows 2-4, cols 4-7
+    f = FrameFeatures(_features((8, 16), (slice(2, 5), slice(4, 8))), hw, LETTERBOX)
+    look = f.learn(obj)
+    assert look is not None
+    spill = _rect(hw, 100, 0, 125, 62)  # a strip up the background beside it, still joined to it
+    mask = obj | spill
+    lk, part = f.judge(look, mask)
+    assert lk == pytest.approx(f.likeness(look, mask), abs=1e-6) and 0 < lk < f.likeness(look, obj)
+    assert np.array_equal(part, obj)  # the object's pixels, none of the strip's
+    lk0, part0 = f.judge(look, np.zeros(hw, bool))
+    assert lk0 == -1.0 and not part0.any()
+    one = np.zeros((8, 16), np.uint8)
+    one[1, 3] = 1
+    px = f.cells_to_pixels(one)  # cell (1, 3): rows 12.5-25, columns 37.5-50 of the image (pixel centres inside)
+    ys, xs = np.nonzero(px)
+    assert (ys.min(), ys.max(), xs.min(), xs.max(), len(ys)) == (13, 24, 38, 49, 12 * 12)
+
+
+@pytest.mark.parametrize("like_part", [False, True])
+def test_a_spill_onto_unlike_cells_does_not_widen_the_next_box(like_part):
+    hw = (100, 200)
+    obj, spill = _rect(hw, 50, 25, 100, 62), _rect(hw, 100, 0, 125, 62)
+    f = FrameFeatures(_features((8, 16), (slice(2, 5), slice(4, 8))), hw, LETTERBOX)
+    tr = Track(0, TrackConfig(like_part=like_part))
+    tr.give(np.array([50.0, 25.0, 100.0, 62.0]))
+    follow(tr, lambda box: ("obj", obj, 0.9), f, given=True)
+    res, st, searched = follow(tr, lambda box: ("spill", obj | spill, 0.9), f, given=False)
+    assert (res, st, searched) == ("spill", "tracked", False)  # the mask passes, spill and all, and is reported
+    assert tr.box is not None
+    if like_part:  # the object's box plus the margin (15 % of 50 px: 7.5 px)
+        np.testing.assert_allclose(tr.box, [42.5, 25 - 0.15 * 37, 107.5, 62 + 0.15 * 37])
+    else:  # the whole mask's: the strip widens it to x 125 and up to the top
+        assert tr.box[2] > 125 and tr.box[1] == 0
+
+
 def test_a_failed_search_keeps_the_frames_own_reason_and_the_box():
     scene = _Scene()
     tr = Track(0, TrackConfig())

@@ -1,5 +1,6 @@
 """Host time of the video tracker's appearance check per tracked frame (``imedsam_deploy.appearance``): the frame's
-features built from a host embedding and one mask's likeness; and of a search (a lost frame), on random
+features built from a host embedding and one mask judged (its likeness and its part that looks like the object,
+with that part's core for the next box: ``tracking.follow`` with ``like_part``); and of a search (a lost frame), on random
 embeddings of the shapes the presets produce, a 410 x 470 frame (the shared clip's) with a polyp-sized mask.
 A GPU backend adds the embedding's copy to the host (not timed here).
 
@@ -16,6 +17,7 @@ import numpy as np
 from imedsam_core.contract import LETTERBOX_MODE, RESIZE_MODE
 from imedsam_deploy.appearance import FrameFeatures
 from imedsam_deploy.preprocess import Preprocessing
+from imedsam_deploy.tracking import TrackConfig, core_box
 
 # (name, preprocessing, embedding grid): lite; vit_b at 384 and at SAM's 1024
 SHAPES = (("lite 256", Preprocessing(LETTERBOX_MODE, 256), 64), ("vit_b 384", Preprocessing(RESIZE_MODE, 384), 24),
@@ -36,7 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         app = FrameFeatures(emb, hw, pre).learn(mask)
         assert app is not None
         times = {}
-        for what, fn in (("check", lambda: FrameFeatures(emb, hw, pre).likeness(app, mask)),  # noqa: B023
+        def check() -> object:
+            return core_box(FrameFeatures(emb, hw, pre).judge(app, mask)[1], TrackConfig().core)  # noqa: B023
+
+        for what, fn in (("check", check),
                          ("search", lambda: FrameFeatures(emb, hw, pre).search(app, 0.3))):  # noqa: B023
             fn()
             t = time.perf_counter()

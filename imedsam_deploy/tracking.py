@@ -207,8 +207,7 @@ def follow(tr: Track, decode: Callable[[np.ndarray], tuple[R, np.ndarray, float]
     def judged(m: np.ndarray) -> tuple[float | None, np.ndarray | None]:
         if frame is None or look is None:
             return None, None
-        lk, part = frame.judge(look, m)
-        return lk, part if tr.cfg.like_part else None
+        return frame.judge(look, m) if tr.cfg.like_part else (frame.likeness(look, m), None)
 
     lk, part = judged(mask)
     st = tr.observe(mask, p, given, lk, like_part=part)

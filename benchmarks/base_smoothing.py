@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     trained_sigma, s_in = model.cfg.decoder.base_smoothing, model.cfg.input_size
 
-    def litemedsam_mask(image: np.ndarray, box: np.ndarray, sigma: float) -> np.ndarray:
-        """Zero-shot LiteMedSAM's mask, its 256 x 256 logits first smoothed like ours (sigma 0: as shipped)."""
-        low, valid = lm.low_logits(image, box[None])
+    def litemedsam_mask(low: torch.Tensor, valid: tuple[int, int], sigma: float) -> np.ndarray:
+        """Zero-shot LiteMedSAM's mask from its 256 x 256 logits (``low_logits``), first smoothed like ours
+        (sigma 0: as shipped)."""
         if sigma:
             low = LogitSmoothing(sigma)(low)
         return (postprocess(low, valid, (a.out_size, a.out_size)).cpu()[0] > 0).numpy()
@@ -89,11 +89,12 @@ def main(argv: list[str] | None = None) -> int:
                 return e
 
             assert c.original is not None
+            lm_low, lm_valid = lm.low_logits(c.original, c.box[None])  # once a case: sigma acts after it
             for s in sigmas:
                 model.set_base_smoothing(s)
                 pred = (case_logits(model, c, a.out_size, encode=cached)[c.cls] > 0).numpy()
                 per[f"{s:g}"]["ours"].append(all_metrics(pred.reshape(a.out_size, a.out_size), c.gt))
-                per[f"{s:g}"]["litemedsam"].append(all_metrics(litemedsam_mask(c.original, c.box, s), c.gt))
+                per[f"{s:g}"]["litemedsam"].append(all_metrics(litemedsam_mask(lm_low, lm_valid, s), c.gt))
             print(f"{split}: {n + 1}/{len(cases)}", file=sys.stderr, flush=True)
         table[split] = {k: {who: {m: float(np.mean([r[m] for r in rows])) for m in ("dice", "hd95", "hd")}
                              for who, rows in v.items()} for k, v in per.items()}

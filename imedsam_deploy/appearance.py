@@ -101,23 +101,24 @@ class FrameFeatures:
     def judge(self, app: Appearance, mask: np.ndarray) -> tuple[float, np.ndarray]:
         """``likeness`` and the mask's part that looks like the object: its pixels on cells scoring >= 0
         ((H, W) bool; empty for an empty mask). One scoring of the cells under the mask serves both."""
-        cover = self.cover(mask)
-        under = cover > 0
-        if not under.any():
-            return -1.0, np.zeros(mask.shape, bool)
-        scores = self._scores(app, under)
+        lk, under, scores = self._scored(app, self.cover(mask))
+        if scores is None:
+            return lk, np.zeros(mask.shape, bool)
         like = np.zeros(under.shape, np.uint8)
         like[under] = scores >= 0
-        return float(scores @ cover[under] / cover[under].sum()), mask & self.cells_to_pixels(like)
+        return lk, mask & self.cells_to_pixels(like)
 
     def _likeness(self, app: Appearance, cover: np.ndarray) -> float:
-        under = cover > 0  # once per tracked frame: only these cells are normalised and scored
-        if not under.any():
-            return -1.0
-        return float(self._scores(app, under) @ cover[under] / cover[under].sum())
+        return self._scored(app, cover)[0]
 
-    def _scores(self, app: Appearance, under: np.ndarray) -> np.ndarray:
-        return np.asarray((app.object - app.background) @ _unit_cells(self._raw[:, under]))
+    def _scored(self, app: Appearance, cover: np.ndarray) -> tuple[float, np.ndarray, np.ndarray | None]:
+        """(cover-weighted mean score, the cells under the mask, their scores); (-1, ., None) for no cell.
+        Only the cells under the mask are normalised and scored (once per tracked frame)."""
+        under = cover > 0
+        if not under.any():
+            return -1.0, under, None
+        scores = np.asarray((app.object - app.background) @ _unit_cells(self._raw[:, under]))
+        return float(scores @ cover[under] / cover[under].sum()), under, scores
 
     def cells_to_pixels(self, cells: np.ndarray) -> np.ndarray:
         """(h, w) per-cell values (uint8) -> (H, W) bool at the image size, each pixel its cell's (nearest)."""

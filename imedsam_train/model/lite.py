@@ -174,12 +174,13 @@ class LiteIMedSAM(IMedSAM):
             dec.coarse_hidden, dec.coarse_feature, dec.fine_hidden, dec.dropout, dec.mc_samples, dec.refine_fraction,
         )
         # the base logit map smoothed before its points read it (``DecoderConfig.base_smoothing``; 0: off)
-        self.base_smoothing = LogitSmoothing(dec.base_smoothing) if dec.base_smoothing else None
+        self.base_smoothing: LogitSmoothing | None = None
         with torch.no_grad():  # residual read-out: the INR's logits start at 0 (its coarse feature does not)
             self.inr.coarse_head.weight[: cfg.num_classes].zero_()
             self.inr.coarse_head.bias[: cfg.num_classes].zero_()
             self.inr.fine_head.weight.zero_()
             self.inr.fine_head.bias.zero_()
+        self.set_base_smoothing(dec.base_smoothing)
         self.apply_freeze_policy()
         self.train()  # a new module is in training mode: the frozen BatchNorm layers must not be
 

@@ -72,6 +72,7 @@ def infer(
     max_growth: float = typer.Option(TrackConfig.max_growth, "--max-growth", help="Video: a tracked object may grow to this many times its given box's width or height, or shrink to 1/this (except along a side cut by the frame's edge); a mask beyond means lost (0: no limit)."),
     track_core: float = typer.Option(TrackConfig.core, "--track-core", help="Video: the next box is the mask's core, its largest component opened by a disc of this fraction of the square root of its area (thin spikes along a fold left out; 0: the whole component)."),
     appearance: bool = typer.Option(TrackConfig.appearance, "--appearance/--no-appearance", help="Video: a tracked mask must look like the object did where its box was given (in the encoder's features), and a lost object is searched for on the whole frame."),
+    like_part: bool = typer.Option(TrackConfig.like_part, "--like-part/--whole-mask", help="Video, with --appearance: the next box from the core of the mask's part that looks like the object (a spill onto unlike tissue does not widen the next prompt), or from the whole mask's core."),
     search: float = typer.Option(TrackConfig.search, "--search", help="Video: the search for a lost object takes the frame's cells scoring over this fraction of the given mask's own likeness (0: no search)."),
     window: str | None = typer.Option(None, "--window", help="Volumes: intensity window LEVEL,WIDTH (default: CT 40,400, else percentiles)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder."),
@@ -118,7 +119,7 @@ def infer(
     _prepare_out(out_dir, force)
     _run(spec, prompts, artifact, out_dir, backend, precision, size, query, margin, chunk,
          TrackConfig(min_confidence=min_confidence, max_growth=max_growth, core=track_core, appearance=appearance,
-                     search=search), win, quiet, options)
+                     search=search, like_part=like_part), win, quiet, options)
 
 
 def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, backend_name: str, precision: str | None,

@@ -209,7 +209,7 @@ def follow(tr: Track, decode: Callable[[np.ndarray], tuple[R, np.ndarray, float]
             return None, None
         return frame.judge(look, m) if tr.cfg.like_part else (frame.likeness(look, m), None)
 
-    lk, part = judged(mask)
+    lk, part = judged(mask) if not given else (None, None)  # a given frame's mask is not judged
     st = tr.observe(mask, p, given, lk, like_part=part)
     if st != "lost" or frame is None or look is None or tr.cfg.search <= 0:
         return res, st, False

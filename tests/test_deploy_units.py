@@ -440,6 +440,22 @@ def test_cli_passes_the_backend_options_to_the_backend_named(tmp_path):
     assert "--backend-option" not in res.output and not out.exists()
 
 
+@pytest.mark.parametrize(("args", "want"), [
+    ([], {"like_part": True, "appearance": True}),
+    (["--whole-mask"], {"like_part": False, "appearance": True}),
+    (["--no-appearance", "--search", "0.5", "--track-core", "0.2"], {"appearance": False, "search": 0.5, "core": 0.2}),
+])
+def test_cli_passes_the_video_options_to_the_tracker(tmp_path, monkeypatch, args, want):
+    import imedsam_deploy.cli_infer as ci
+
+    seen = {}
+    monkeypatch.setattr(ci, "_run", lambda *a, **k: seen.update(track=a[10]))
+    img = next((SAMPLE_DATA / "images").glob("*.jpg"))
+    res = CliRunner().invoke(app, [str(img), "--box", "1,1,50,50", "--out", str(tmp_path / "out"), *args])
+    assert res.exit_code == 0, res.output
+    assert {k: getattr(seen["track"], k) for k in want} == want
+
+
 def test_torch_cuda_runs_the_checkpoint_given_as_a_backend_option(tmp_path, monkeypatch):
     """``checkpoint=PATH`` stands in for the manifest's source checkpoint (the artifact here names none)."""
     from imedsam_cuda import torch_cuda

@@ -2,7 +2,7 @@
 boxes, same run, on the CPU.
 
     python -m benchmarks.lite_speed --artifact DIR --data ../shared/data/Kvasir-Sessile \
-        [--split .../splits/test.txt] [--limit 12] [--threads 2] [--json FILE]
+        [--split .../splits/test.txt] [--limit 12] [--threads 2] [--json FILE] [--tta] [--bound]
 
 Per image (its ground-truth mask's tight box, the output at the image's own size), interleaved, the order
 alternating per image: LiteMedSAM (``imedsam_train.pretrained.LiteMedSAMBaseline``: preprocess, TinyViT,
@@ -10,6 +10,7 @@ prompt encoder and mask decoder, crop and resize, threshold) and ``imedsam-infer
 Runtime CPU in the ``sparse`` query mode (resize, min-max, encoder, decoder, planner, mask), each end to end
 from the RGB array to the mask. Then, untimed, the artifact in the ``full`` query mode (the export's
 reference): the sparse masks' Dice and pixel agreement against it. One warm-up image for each first.
+``--tta``: ours (and its full-grid reference) with ``imedsam-infer --tta``'s mirrored average.
 Prints a table and writes every per-image figure to --json.
 
 ``--bound`` adds what this CPU allows: the encoders' floating-point work (``torch.utils.flop_counter``: LiteMedSAM's
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--bound", action="store_true", help="add the fp32 compute bound of this CPU (see above)")
+    ap.add_argument("--tta", action="store_true", help="ours with the mirrored average (imedsam-infer --tta)")
     a = ap.parse_args(argv)
 
     import cv2
@@ -53,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(a.threads)
     art = load_artifact(a.artifact)
-    ours = Segmenter(OrtBackend(art, "cpu", "fp32", threads=a.threads), art, query="sparse")
-    full = Segmenter(OrtBackend(art, "cpu", "fp32", threads=a.threads), art, query="full")
+    ours = Segmenter(OrtBackend(art, "cpu", "fp32", threads=a.threads), art, query="sparse", tta=a.tta)
+    full = Segmenter(OrtBackend(art, "cpu", "fp32", threads=a.threads), art, query="full", tta=a.tta)
     base = LiteMedSAMBaseline(lite_medsam())
     split = a.split or a.data / "splits" / "test.txt"
     stems = split.read_text().split()[: a.limit + 1]
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{stem}: litemedsam {times['litemedsam']:.3f}s ours {times['ours']:.3f}s", file=sys.stderr)
     med = {k: statistics.median(r["seconds"][k] for r in rows) for k in ("litemedsam", "ours")}
     summary = {
-        "images": len(rows), "threads": a.threads, "artifact": str(a.artifact),
+        "images": len(rows), "threads": a.threads, "artifact": str(a.artifact), "tta": a.tta,
         "median_seconds": med, "speedup": med["litemedsam"] / med["ours"],
         "ours_encode_median_seconds": statistics.median(r["ours_encode_seconds"] for r in rows),
         "dice_gt_mean": {k: statistics.mean(r["dice_gt"][k] for r in rows) for k in ("litemedsam", "ours")},
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         a.json.write_text(json.dumps({"summary": summary, "rows": rows}, indent=2) + "\n")
     print(f"{'pipeline':<34}{'median s/frame':>15}{'Dice vs GT':>12}")
     print(f"{'LiteMedSAM, eager PyTorch':<34}{med['litemedsam']:>15.3f}{summary['dice_gt_mean']['litemedsam']:>12.2f}")
-    print(f"{'lite artifact, ORT CPU, sparse':<34}{med['ours']:>15.3f}{summary['dice_gt_mean']['ours']:>12.2f}")
+    print(f"{'lite artifact, ORT CPU, sparse' + (', tta' if a.tta else ''):<34}{med['ours']:>15.3f}{summary['dice_gt_mean']['ours']:>12.2f}")
     print(f"speed-up {summary['speedup']:.2f}x on {len(rows)} images, {a.threads} threads; sparse vs full: "
           f"Dice {summary['ours_sparse_vs_full_dice_mean']:.3f} (min {summary['ours_sparse_vs_full_dice_min']:.3f}), "
           f"pixels {100 * summary['ours_sparse_vs_full_pixels_mean']:.3f}%; our encoder "

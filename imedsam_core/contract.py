@@ -12,6 +12,7 @@ image's box scaled by INPUT_SIZE / width and INPUT_SIZE / height.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Final
 
 # --- preprocessing (the released code feeds RGB / 255 with no mean/std normalisation) ---
@@ -73,6 +74,18 @@ def preprocessing_manifest(input_size: int, resize: str = RESIZE_MODE) -> dict[s
         "box_frame": "model-input pixels (x0, y0, x1, y1)",
         "coord_frame": "normalised [-1, 1], (x, y), align_corners=False",
     }
+
+
+# --- test-time augmentation ---
+# ``--tta``: a prediction's logits averaged with those of the horizontally mirrored image and box, mirrored
+# back (two encoder passes). The training and deploy paths both mirror with ``mirror_box``.
+
+
+def mirror_box(box: Iterable[float], width: float) -> tuple[float, float, float, float]:
+    """A pixel-edge box (x0, y0, x1, y1) on an image ``width`` pixels wide -> the same box on the image mirrored
+    left to right (pixel edges: the box covering columns x0 .. x1 - 1 covers width - x1 .. width - x0 - 1 there)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return width - x1, y0, width - x0, y1
 
 
 # --- graph I/O names ---

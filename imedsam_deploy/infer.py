@@ -118,9 +118,9 @@ def _class_masks(om: ObjectMask, keep: bool, union: np.ndarray | None = None) ->
 def _segment_given(seg: Segmenter, rgb: np.ndarray, given: dict[int, np.ndarray], hw: tuple[int, int],
                    ohw: tuple[int, int]) -> tuple[dict[int, ObjectMask], dict[int, list[np.ndarray]], float, float]:
     """Every given box on one image (one embedding for all): objects, their class masks, encode/decode ms."""
-    (emb,), enc_ms = seg.embed([rgb])
+    embs, enc_ms = seg.embed_frame(rgb)
     t = time.perf_counter()
-    objs = {obj: seg.decode_box(emb, b, hw, ohw) for obj, b in sorted(given.items())}
+    objs = {obj: seg.decode_frame_box(embs, b, hw, ohw) for obj, b in sorted(given.items())}
     dec_ms = (time.perf_counter() - t) * 1e3
     return objs, {obj: _class_masks(om, True) for obj, om in objs.items()}, enc_ms, dec_ms
 
@@ -170,14 +170,15 @@ def run_video(seg: Segmenter, reader: VideoReader, prompts: Prompts, outs: Outpu
             masks: dict[int, list[np.ndarray]] = {}
             enc_ms = dec_ms = 0.0
             if active:
-                (emb,), enc_ms = seg.embed([rgb])
-                # the embedding crosses to the host only for a frame that learns or checks an appearance
+                embs, enc_ms = seg.embed_frame(rgb)
+                # the embedding crosses to the host only for a frame that learns or checks an appearance (the
+                # image's own, not the mirror's of --tta)
                 looked = track_cfg.appearance and any(obj in given or tr.look is not None for obj, tr in active.items())
-                host = seg.backend.host_embedding(emb) if looked else None
+                host = seg.backend.host_embedding(embs[0]) if looked else None
                 frame = FrameFeatures(host, hw, seg.pre) if host is not None else None
 
                 def decode(box: np.ndarray) -> tuple[tuple[ObjectMask, np.ndarray], np.ndarray, float]:
-                    om = seg.decode_box(emb, box, hw, ohw)  # noqa: B023 - called within this frame only
+                    om = seg.decode_frame_box(embs, box, hw, ohw)  # noqa: B023 - called within this frame only
                     union = om.mask()
                     return (om, union), _to_image(union, hw), om.mean_probability
 

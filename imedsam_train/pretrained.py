@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imedsam_core.contract import letterbox_shape
+from imedsam_core.contract import letterbox_shape, mirror_box
 from imedsam_core.errors import UserError
 from imedsam_train.build import safe_torch_load, sha256_file
 from imedsam_train.model.litemedsam import INPUT_SIZE, MINMAX_EPS, LiteMedSAM
@@ -102,29 +102,41 @@ def postprocess(logits: torch.Tensor, valid: tuple[int, int], out_hw: tuple[int,
 
 class LiteMedSAMBaseline:
     """Zero-shot LiteMedSAM on an original image and boxes; the last image's embedding is kept, so several
-    classes of one image cost one encoder pass."""
+    classes of one image cost one encoder pass. tta: the logits averaged with the mirrored image's, as ours
+    with ``--tta`` (``contract.mirror_box``)."""
 
-    def __init__(self, model: LiteMedSAM, device: torch.device | str = "cpu") -> None:
+    def __init__(self, model: LiteMedSAM, device: torch.device | str = "cpu", tta: bool = False) -> None:
         self.model = model.eval().to(device)
         self.device = torch.device(device)
+        self.tta = tta
         self._image: np.ndarray | None = None
-        self._cached: tuple[torch.Tensor, float, tuple[int, int]] | None = None
+        # the last image's embedding, and its mirror's (tta), with the scale and unpadded size
+        self._cached: dict[bool, tuple[torch.Tensor, float, tuple[int, int]]] = {}
 
     @torch.no_grad()
-    def low_logits(self, image: np.ndarray, boxes: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+    def low_logits(self, image: np.ndarray, boxes: np.ndarray, mirrored: bool = False,
+                   ) -> tuple[torch.Tensor, tuple[int, int]]:
         """The mask decoder's (K, 1, 256, 256) float logits and the unpadded (h, w) they cover; boxes (K, 4)
-        pixel-edge, original-image pixels."""
-        if self._cached is None or image is not self._image:
-            x, scale, valid = preprocess(image)
-            self._cached = (self.model.encode(x.to(self.device)), scale, valid)
-            self._image = image
-        emb, scale, valid = self._cached
+        pixel-edge, original-image pixels. mirrored: of the image mirrored left to right and the boxes with it
+        (the logits stay in the mirrored frame)."""
+        if image is not self._image:
+            self._cached, self._image = {}, image
+        if mirrored not in self._cached:
+            x, scale, valid = preprocess(np.ascontiguousarray(image[:, ::-1]) if mirrored else image)
+            self._cached[mirrored] = (self.model.encode(x.to(self.device)), scale, valid)
+        emb, scale, valid = self._cached[mirrored]
+        if mirrored:
+            boxes = np.array([mirror_box(b, image.shape[1]) for b in np.asarray(boxes).reshape(-1, 4)])
         return self.model.decode(emb, sam_boxes(boxes, scale).to(self.device)).float(), valid
 
     def logits(self, image: np.ndarray, boxes: np.ndarray, out_hw: tuple[int, int]) -> torch.Tensor:
         """(K, out_h, out_w) float logits on the CPU; boxes (K, 4) pixel-edge, original-image pixels."""
         low, valid = self.low_logits(image, boxes)
-        return postprocess(low, valid, out_hw).cpu()
+        out = postprocess(low, valid, out_hw).cpu()
+        if not self.tta:
+            return out
+        low_m, valid_m = self.low_logits(image, boxes, mirrored=True)
+        return (out + postprocess(low_m, valid_m, out_hw).cpu().flip(-1)) / 2
 
     def __call__(self, image: np.ndarray, box: np.ndarray, out_size: int) -> np.ndarray:
         """The mask (out_size, out_size) bool for one box, the image stretched to the square output frame."""

@@ -490,3 +490,22 @@ def test_chunk_coords_are_the_region_coords_piecewise():
     full = region_coords(r, 50, 90)
     parts = np.concatenate([region_chunk_coords(r, 50, 90, s, min(r.size, s + 101)) for s in range(0, r.size, 101)])
     assert np.array_equal(full, parts)
+
+
+def test_mirrored_average_mirrors_the_second_region_back_and_keeps_the_first_where_it_does_not_reach():
+    from imedsam_deploy.preprocess import Region
+    from imedsam_deploy.runtime import ObjectMask, mirrored_average
+
+    ow = 20
+    rng = np.random.default_rng(0)
+    a = ObjectMask(np.zeros(4), (10, ow), Region(2, 3, 8, 12), rng.normal(size=(1, 6, 9)).astype(np.float32), 54)
+    # the mirrored box's region one column narrower on its left: original columns 3 .. 10 (ow - 11 .. ow - 3)
+    b = ObjectMask(np.zeros(4), (10, ow), Region(2, 9, 8, 17), rng.normal(size=(1, 6, 8)).astype(np.float32), 48)
+    m = mirrored_average(a, b)
+    assert m.region == a.region and m.queried == 102
+    full_b = np.full((10, ow), np.nan, np.float32)
+    full_b[2:8, 9:17] = b.logits[0]
+    back = full_b[:, ::-1][2:8, 3:12]  # b mirrored into a's region
+    want = np.where(np.isnan(back), a.logits[0], (a.logits[0] + back) / 2)
+    np.testing.assert_allclose(m.logits[0], want, rtol=0, atol=1e-6)
+    assert np.isnan(back[:, -1]).all() and np.array_equal(m.logits[0][:, -1], a.logits[0][:, -1])

@@ -265,3 +265,25 @@ def test_shipped_lite_model_holds_its_own_against_litemedsam_on_held_out_polyps(
     # shipped model carries, 88.25 without: it trades a little Dice for HD95 here); the comparison that counts,
     # on the 39 test images, is in benchmarks/RESULTS.md
     assert s["dice"] >= s["baselines"]["litemedsam"] - 0.5, s
+
+
+def test_eval_tta_scores_the_mirrored_average_beside_litemedsams_own(tmp_path, monkeypatch):
+    """--tta: the model's logits averaged with the mirrored image's, recorded in the JSON; litemedsam-tta is
+    LiteMedSAM with the same average (its own test: tests/test_lite.py), scored on the same boxes."""
+    monkeypatch.chdir(tmp_path)
+    two = tmp_path / "two.txt"
+    two.write_text("\n".join(TEST_SPLIT.read_text().split()[:2]) + "\n")
+    runs = {}
+    for tta in (False, True):
+        out = tmp_path / f"s{int(tta)}.json"
+        args = ["--data", str(SAMPLE_DATA), "--split", str(two), "--box-jitter", "20", "--json", str(out),
+                "--baseline", "litemedsam", "--baseline", "litemedsam-tta"]
+        code, text = _eval(args + (["--tta"] if tta else []))
+        assert code == 0, text
+        runs[tta] = json.loads(out.read_text())
+    assert runs[True]["tta"] == "flip" and runs[False]["tta"] is None
+    assert runs[True]["baselines"] == runs[False]["baselines"]  # the baselines do not depend on --tta
+    assert runs[True]["baselines"]["litemedsam-tta"] != runs[True]["baselines"]["litemedsam"]
+    assert (runs[True]["dice"], runs[True]["metrics"]["hd95"]["mean"]) != (runs[False]["dice"], runs[False]["metrics"]["hd95"]["mean"])
+    code, text = _eval(["--data", str(SAMPLE_DATA), "--split", str(two), "--base-checkpoint", str(two)])
+    assert code != 0 and "--baseline litemedsam" in text

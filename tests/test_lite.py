@@ -66,6 +66,40 @@ def test_untrained_lite_is_litemedsam_on_real_polyps(sessile, lite):
 
 
 @torch.no_grad()
+def test_tta_is_mirror_equivariant_and_litemedsams_own_tta_when_untrained(sessile, lite):
+    """--tta: the mirrored image's logits, mirrored back, averaged in. On an image whose longest side is the input
+    size (no resize: the mirrored image prepares exactly to the mirrored frame), the average is exactly
+    mirror-equivariant; untrained, it is zero-shot LiteMedSAM's with ``tta`` (two mirror paths, one result); and the
+    mirrored pass changes the logits (the model is not mirror-symmetric)."""
+    import cv2
+
+    from imedsam_core.contract import mirror_box
+    from imedsam_train.evaluate import Case, case_logits
+
+    image, box = _case(sessile, STEMS[1], 20.0)
+    h, w = image.shape[:2]
+    image = cv2.resize(image, (200, 256), interpolation=cv2.INTER_AREA)  # 256 high: no resize inside
+    box = np.array([box[0] * 200 / w, box[1] * 256 / h, box[2] * 200 / w, box[3] * 256 / h])
+    pre = lite.cfg.preprocess
+
+    def case(img: np.ndarray, b: np.ndarray) -> Case:
+        u8, valid = prepare_image(img, pre, 256)
+        return Case("x", 0, u8, np.zeros((80, 80), bool), b, (256, 200), img, valid)
+
+    c = case(image, box)
+    cm = case(np.ascontiguousarray(image[:, ::-1]), np.array(mirror_box(box, 200)))
+    assert np.array_equal(mirror_box(mirror_box(box, 200), 200), box)
+    out = 80
+    plain = case_logits(lite, c, out).view(out, out)
+    tta = case_logits(lite, c, out, tta=True).view(out, out)
+    tta_m = case_logits(lite, cm, out, tta=True).view(out, out)
+    torch.testing.assert_close(tta_m, tta.flip(-1), atol=1e-4, rtol=0)
+    assert (tta - plain).abs().max() > 0.05
+    ref = LiteMedSAMBaseline(lite_medsam(), tta=True).logits(image, box[None], (out, out))[0]
+    torch.testing.assert_close(tta, ref, atol=3e-4, rtol=0)
+
+
+@torch.no_grad()
 def test_base_smoothing_smooths_the_base_map_as_litemedsams_and_rides_in_the_checkpoint(sessile, lite, tmp_path):
     """Untrained, the lite model's logit is LiteMedSAM's: with ``base_smoothing`` it is LiteMedSAM's logit map
     through the same Gaussian (what benchmarks/base_smoothing.py scores LiteMedSAM with), at every pixel

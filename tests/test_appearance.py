@@ -247,12 +247,13 @@ def test_run_video_reports_an_object_found_by_its_appearance(tmp_path):
 
         frames = 0
 
-        def embed(self, images: list[np.ndarray]) -> tuple[list[int], float]:
+        def embed_frame(self, rgb: np.ndarray) -> tuple[list[int], float]:
             self.frames += 1
             scene.t = self.frames - 1
             return [scene.t], 1.0
 
-        def decode_box(self, emb: int, box: np.ndarray, hw: tuple[int, int], ohw: tuple[int, int]) -> ObjectMask:
+        def decode_frame_box(self, embs: list[int], box: np.ndarray, hw: tuple[int, int],
+                             ohw: tuple[int, int]) -> ObjectMask:
             _, mask, _ = scene.decode(box)
             logits = np.where(mask, 5.0, -5.0).astype(np.float32)[None]
             return ObjectMask(np.asarray(box, float), ohw, Region(0, 0, *ohw), logits, mask.size)

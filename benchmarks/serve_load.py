@@ -85,8 +85,8 @@ def main() -> None:
             seg.segment(rgb, boxes.astype(np.float64))
             local["segment"].append((time.perf_counter() - t) * 1e3)
             t = time.perf_counter()
-            (emb,), _ = seg.embed([rgb])
-            seg.segment_embedded(emb, rgb.shape[:2], boxes.astype(np.float64))
+            embs, _ = seg.embed([rgb])
+            seg.segment_embedded(embs, rgb.shape[:2], boxes.astype(np.float64))
             local["encode+decode"].append((time.perf_counter() - t) * 1e3)
 
     socks = [socket.socket() for _ in range(3)]

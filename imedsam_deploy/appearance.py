@@ -91,12 +91,12 @@ class FrameFeatures:
         obj, bg = _unit(np.tensordot(self.features, weight, axes=2)), _unit(np.tensordot(self.features, outside, axes=2))
         if obj is None or bg is None:
             return None
-        ref = self._likeness(Appearance(obj, bg, 0.0), cover)
+        ref = self._scored(Appearance(obj, bg, 0.0), cover)[0]
         return Appearance(obj, bg, ref) if ref >= MIN_REFERENCE else None
 
     def likeness(self, app: Appearance, mask: np.ndarray) -> float:
         """The mask's cells' mean score (weighted by cover); -1 for an empty mask."""
-        return self._likeness(app, self.cover(mask))
+        return self._scored(app, self.cover(mask))[0]
 
     def judge(self, app: Appearance, mask: np.ndarray) -> tuple[float, np.ndarray]:
         """``likeness`` and the mask's part that looks like the object: its pixels on cells scoring >= 0
@@ -107,9 +107,6 @@ class FrameFeatures:
         like = np.zeros(under.shape, np.uint8)
         like[under] = scores >= 0
         return lk, mask & self.cells_to_pixels(like)
-
-    def _likeness(self, app: Appearance, cover: np.ndarray) -> float:
-        return self._scored(app, cover)[0]
 
     def _scored(self, app: Appearance, cover: np.ndarray) -> tuple[float, np.ndarray, np.ndarray | None]:
         """(cover-weighted mean score, the cells under the mask, their scores); (-1, ., None) for no cell.

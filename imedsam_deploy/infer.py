@@ -115,14 +115,13 @@ def _class_masks(om: ObjectMask, keep: bool, union: np.ndarray | None = None) ->
     return [om.mask(c) if keep else np.zeros(om.out_hw, bool) for c in range(om.num_classes)]
 
 
-def _segment_given(seg: Segmenter, rgb: np.ndarray, given: dict[int, np.ndarray], hw: tuple[int, int],
-                   ohw: tuple[int, int]) -> tuple[dict[int, ObjectMask], dict[int, list[np.ndarray]], float, float]:
+def _segment_given(seg: Segmenter, rgb: np.ndarray, given: dict[int, np.ndarray], ohw: tuple[int, int],
+                   ) -> tuple[dict[int, ObjectMask], dict[int, list[np.ndarray]], float, float]:
     """Every given box on one image (one embedding for all): objects, their class masks, encode/decode ms."""
-    embs, enc_ms = seg.embed_frame(rgb)
-    t = time.perf_counter()
-    objs = {obj: seg.decode_frame_box(embs, b, hw, ohw) for obj, b in sorted(given.items())}
-    dec_ms = (time.perf_counter() - t) * 1e3
-    return objs, {obj: _class_masks(om, True) for obj, om in objs.items()}, enc_ms, dec_ms
+    keys = sorted(given)
+    res = seg.segment(rgb, np.array([given[k] for k in keys], np.float64), ohw)
+    objs = dict(zip(keys, res.objects, strict=True))
+    return objs, {obj: _class_masks(om, True) for obj, om in objs.items()}, res.encode_ms, res.decode_ms
 
 
 def run_images(seg: Segmenter, spec: InputSpec, prompts: Prompts, outs: OutputSet,
@@ -141,7 +140,7 @@ def run_images(seg: Segmenter, spec: InputSpec, prompts: Prompts, outs: OutputSe
             masks: dict[int, list[np.ndarray]] = {}
             enc_ms = dec_ms = 0.0
             if given:
-                objs, masks, enc_ms, dec_ms = _segment_given(seg, rgb, given, hw, ohw)
+                objs, masks, enc_ms, dec_ms = _segment_given(seg, rgb, given, ohw)
             status = dict.fromkeys(objs, "given")
             write(outs.add_frame, path.stem, rgb, ohw, _layers(objs, status, masks),
                   _records(i, path.name, objs, status, masks, enc_ms, dec_ms, {}))
@@ -226,7 +225,7 @@ def run_volume(seg: Segmenter, vol: Volume, prompts: Prompts, outs: OutputSet,
     prompted = ((z, given, vol.slice_rgb(z)) for z, given in enumerate(per_slice) if given)
     with overlapped(prompted, overlap_io) as (slices, write):
         for z, given, rgb in slices:
-            objs, masks, enc_ms, dec_ms = _segment_given(seg, rgb, given, hw, hw)
+            objs, masks, enc_ms, dec_ms = _segment_given(seg, rgb, given, hw)
             n_bad = vol.nonfinite.get(z, 0)
             status = dict.fromkeys(objs, "nonfinite" if n_bad else "given")
             notes = dict.fromkeys(objs, f"{n_bad} NaN/Inf voxels set to the volume minimum") if n_bad else {}

@@ -270,18 +270,19 @@ class Segmenter:
         box_m = np.asarray(mirror_box(box, image_hw[1]), np.float64)
         return mirrored_average(om, self.decode_box(embeddings[1], box_m, image_hw, out_hw))
 
-    def segment_embedded(self, embedding: Embedding, image_hw: tuple[int, int], boxes: np.ndarray,
+    def segment_embedded(self, embeddings: list[Embedding], image_hw: tuple[int, int], boxes: np.ndarray,
                          out_hw: tuple[int, int] | None = None) -> tuple[list[ObjectMask], float]:
+        """Every box on one image's ``embed_frame`` handles (or its one ``embed`` handle, in a list), and the time
+        in ms."""
         t = time.perf_counter()
         out_hw = out_hw or image_hw
-        objs = [self.decode_box(embedding, b, image_hw, out_hw) for b in np.asarray(boxes, np.float64).reshape(-1, 4)]
+        objs = [self.decode_frame_box(embeddings, b, image_hw, out_hw)
+                for b in np.asarray(boxes, np.float64).reshape(-1, 4)]
         return objs, (time.perf_counter() - t) * 1e3
 
     def segment(self, rgb: np.ndarray, boxes: np.ndarray, out_hw: tuple[int, int] | None = None) -> FrameResult:
         """Segment every box on one RGB image: the embedding is computed once and reused for every box."""
         embs, enc_ms = self.embed_frame(rgb)
         hw = (int(rgb.shape[0]), int(rgb.shape[1]))
-        t = time.perf_counter()
-        ohw = out_hw or hw
-        objs = [self.decode_frame_box(embs, b, hw, ohw) for b in np.asarray(boxes, np.float64).reshape(-1, 4)]
-        return FrameResult(objs, hw, ohw, enc_ms, (time.perf_counter() - t) * 1e3)
+        objs, dec_ms = self.segment_embedded(embs, hw, boxes, out_hw)
+        return FrameResult(objs, hw, out_hw or hw, enc_ms, dec_ms)

@@ -245,7 +245,7 @@ class Service:
                 assert entry.pixels is not None
                 (emb,) = self.seg.encode_pixels(entry.pixels[None], [entry.image_hw])
                 self._live = {key: emb}
-            objs, _ = self.seg.segment_embedded(emb, entry.image_hw, b, ohw)
+            objs, _ = self.seg.segment_embedded([emb], entry.image_hw, b, ohw)
         return self._respond(objs)
 
 

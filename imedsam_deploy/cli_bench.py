@@ -48,7 +48,8 @@ def bench(
     out_size: list[int] | None = typer.Option(None, "--out-size", help="Output side in pixels (repeatable). [the input size, 1/3 and 7/3 of it; with --reference the input size]"),
     points: int | None = typer.Option(None, "--points", help="Decoder points per call (chunk size)."),
     query: list[str] | None = typer.Option(None, "--query", help="full | box | sparse (repeatable). [sparse, box]"),
-    reference: bool = typer.Option(False, "--reference", help="Also time the released code's compute (PyTorch)."),
+    reference: bool = typer.Option(False, "--reference", help="Also time the reference, interleaved, on the same images and boxes: for a SAM-ViT artifact the released code's compute (PyTorch, same weights); for a lite artifact zero-shot LiteMedSAM's own eager pipeline (its file from imedsam[train])."),
+    tta: bool = typer.Option(False, "--tta", help="Time imedsam-infer --tta: every box also decoded on the image mirrored left to right (two images an encoder call); with --reference on a lite artifact, LiteMedSAM with the same average."),
     model: str | None = typer.Option(None, "--model", help="Benchmark this architecture (random weights, exported "
                                      "on the fly and cached; with torch backends alone, run in process and not "
                                      "exported) when no artifact of that size exists."),
@@ -79,6 +80,9 @@ def bench(
         raise UserError(f"--model {model!r}: choose one of {', '.join(MODELS)}")
     if precision is not None and precision not in PRECISIONS:
         raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if tta and reference and model is not None:  # a random-weight --model is a SAM-ViT one: refused before its export
+        raise UserError("--tta with --reference: the released code's reference has no mirrored average (its masks "
+                        "would not be comparable); leave out one of them")
     if image is not None and not image.is_file():
         raise UserError(f"{image}: no such image")
     options = split_options(backend_option)
@@ -114,7 +118,7 @@ def bench(
         batches=tuple(batch or (1,)), out_sizes=tuple(out_size) if out_size else None,
         queries=tuple(query or ("sparse", "box")), chunk=points, warmup=warmup, repeat=repeat,
         margin=margin if margin is not None else DEFAULT_MARGIN,
-        sparse=SparseConfig(stride=sparse_stride), reference=reference, threads=threads, tune=tune,
+        sparse=SparseConfig(stride=sparse_stride), reference=reference, tta=tta, threads=threads, tune=tune,
         backend_options=options,
     )
     if any(b < 1 for b in opts.batches) or any(o < 1 for o in opts.out_sizes or ()):

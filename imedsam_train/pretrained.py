@@ -113,6 +113,10 @@ class LiteMedSAMBaseline:
         # the last image's embedding, and its mirror's (tta), with the scale and unpadded size
         self._cached: dict[bool, tuple[torch.Tensor, float, tuple[int, int]]] = {}
 
+    def forget(self) -> None:
+        """Drop the kept embeddings: the next call encodes again (a benchmark timing whole frames)."""
+        self._cached, self._image = {}, None
+
     @torch.no_grad()
     def low_logits(self, image: np.ndarray, boxes: np.ndarray, mirrored: bool = False,
                    ) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -694,6 +694,8 @@ def test_bench_cli_no_arguments_uses_latest_artifact_and_reports_skips(tiny_arti
     (["--backend-option", "tuned"], "--backend-option 'tuned': expected KEY=VALUE"),
     (["--backend", "ort-cpu", "--reference", "--backend-option", "checkpoint=/nonexistent.pt"],
      "--backend-option checkpoint=/nonexistent.pt: no such file"),
+    # the released code's reference has no mirrored average: refused before anything is timed
+    (["--backend", "ort-cpu", "--reference", "--tta"], "--tta with --reference: the released code's reference"),
 ])
 def test_bench_cli_bad_input_is_one_line(tiny_artifact, tmp_path, args, msg):
     out = tmp_path / "bench"
@@ -731,6 +733,42 @@ def test_bench_backend_options_reach_the_torch_backend(tmp_path, monkeypatch):
     untuned, settings = row("--backend-option", "tuned=0")
     assert "tuned" not in untuned["description"] and "aligned" not in untuned["description"]
     assert settings["backend_options"] == {"tuned": "0"}
+
+
+def test_bench_tta_times_what_infer_runs_and_refuses_a_one_image_artifact(tiny_artifact, tmp_path):
+    """``--tta``: the bench's frame gives ``Segmenter(tta=True)``'s masks (the mirror made in preprocessing, each
+    image with its mirror in one encoder call), with more points decoded than without; an artifact that takes one
+    image a call is refused in one line, nothing written."""
+    from imedsam_deploy.backends import open_backend
+    from imedsam_deploy.bench import BenchOptions, FrameRunner, synthetic_inputs
+    from imedsam_deploy.bench.timing import Timings
+    from imedsam_deploy.manifest import load_artifact
+    from imedsam_deploy.runtime import Segmenter
+
+    art = load_artifact(tiny_artifact)
+    be, _ = open_backend("ort-cpu", art)
+    inputs = synthetic_inputs(64, 3)  # three images: with max_batch 2, one image (and its mirror) a call
+    inputs.images[1] = np.ascontiguousarray(inputs.images[1][:, 5:])  # and not all square
+    points = {}
+    for tta in (False, True):
+        fr = FrameRunner(be, art, "sparse", BenchOptions(tta=tta))
+        t = Timings()
+        masks = fr.run(inputs, (80, 80), t)
+        seg = Segmenter(be, art, query="sparse", tta=tta)
+        for m, im, box in zip(masks, inputs.images, inputs.boxes, strict=True):
+            assert np.array_equal(m[0], seg.segment(im, box[None], (80, 80)).objects[0].mask())
+        points[tta] = t.points
+    assert points[True] > points[False] > 0
+    one = tmp_path / "one"
+    shutil.copytree(tiny_artifact, one)
+    m = json.loads((one / "manifest.json").read_text())
+    m["max_batch"] = 1
+    (one / "manifest.json").write_text(json.dumps(m))
+    out = tmp_path / "bench"
+    res = CliRunner().invoke(app, [str(one), "--backend", "ort-cpu", "--tta", "--repeat", "1", "--out", str(out)])
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert res.exit_code == 2 and len(errors) == 1 and "--tta" in errors[0] and "--batch 2" in errors[0], res.output
+    assert "Traceback" not in res.output and not out.exists()
 
 
 def test_bench_reference_runs_the_checkpoint_given_as_a_backend_option(tiny_artifact, tmp_path):

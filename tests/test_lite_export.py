@@ -132,6 +132,33 @@ def test_infer_on_the_lite_artifact_gives_pytorchs_masks_at_the_images_size(sess
     assert mask.shape == ref.shape and (mask == ref).mean() >= 0.999
 
 
+def test_bench_reference_of_a_lite_artifact_is_litemedsam(sessile, exported, tmp_path):
+    """``imedsam-bench --reference`` on a lite artifact times zero-shot LiteMedSAM's own pipeline on the same image
+    and box, with ``--tta`` its mirrored average. The perturbed model is LiteMedSAM plus small updates, so its
+    masks must be LiteMedSAM's nearly everywhere: a reference in another frame (box unscaled, mask unmirrored, the
+    letterbox not cropped) would fail this."""
+    from imedsam_deploy.cli_bench import app
+
+    rgb, _, box = _case(sessile, STEMS[0])
+    rows = {}
+    for tta in (False, True):
+        js = tmp_path / f"b{int(tta)}.json"
+        res = CliRunner().invoke(app, [
+            str(exported), "--reference", "--backend", "ort-cpu", "--precision", "fp32", "--query", "sparse",
+            "--image", str(sessile / "images" / f"{STEMS[0]}.jpg"), "--box", ",".join(str(v) for v in box),
+            "--repeat", "1", "--warmup", "0", "--out", str(tmp_path / "out"), "--json", str(js),
+        ] + (["--tta"] if tta else []))
+        assert res.exit_code == 0, res.output
+        rep = json.loads(js.read_text())
+        assert rep["settings"]["reference"] == "litemedsam" and rep["settings"]["tta"] is tta
+        assert rep["reference"][0]["e2e_ms"]["p50"] > 0 and rep["reference"][0]["out_size"] == S
+        (rows[tta],) = rep["results"]
+        assert rows[tta]["speedup_vs_reference"] > 0
+        assert rows[tta]["agreement"]["dice_in_box"] >= 0.9, rows[tta]["agreement"]
+        assert "LiteMedSAM" in res.output
+    assert rows[True]["decoder_points_per_frame"] > 1.5 * rows[False]["decoder_points_per_frame"]
+
+
 def test_torch_cuda_refuses_a_lite_artifact_in_one_line(exported):
     from imedsam_cuda import torch_cuda
 

@@ -39,6 +39,7 @@ TORCH_PARTS: dict[str, str] = {
     "random_artifact": "imedsam_cuda.torch_models:random_artifact",
     "in_process_artifact": "imedsam_cuda.torch_models:in_process_artifact",
     "reference_runner": "imedsam_cuda.torch_models:reference_runner",
+    "litemedsam_runner": "imedsam_cuda.torch_models:litemedsam_runner",
     "torch_model_for": "imedsam_cuda.torch_models:torch_model_for",
     "tuning": "imedsam_cuda.torch_tuning",
     # what torch-cpu (the bench's in-process CPU torch backend, ``open_model`` on "cpu") takes: ``accepted_options``

@@ -8,7 +8,7 @@ Query modes (see ``runtime`` and ``sparse``): ``full`` decodes every output pixe
 plus a margin; ``sparse`` the box plus margin, multiresolution (``sparse.py``).
 
 With ``reference`` the released code's compute (``imedsam_cuda/reference.py``, eager PyTorch fp32, same
-weights) runs on the same inputs, interleaved with ours repeat by repeat, and every row gets
+weights; for a lite artifact zero-shot LiteMedSAM's own pipeline) runs on the same inputs, interleaved with ours repeat by repeat, and every row gets
 ``speedup_vs_reference`` and the pixel agreement of its mask with the reference's, inside the box and over the
 whole output (``reference``). With it the process also holds the PyTorch model and the heap the reference freed
 but glibc kept, so measure memory (``peak_rss_mb``) without it.

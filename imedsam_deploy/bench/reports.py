@@ -67,7 +67,8 @@ def table(report: dict[str, Any]) -> list[list[str]]:
             f"{100 * r['agreement']['pixel_in_box']:.2f}%" if r.get("agreement") else "-",
         ])
     for ref in report["reference"]:
-        rows.append(["reference", "full", str(ref["batch"]), str(ref["out_size"]), "", "", "", "",
+        name = "LiteMedSAM" if report["settings"].get("reference") == "litemedsam" else "reference"
+        rows.append([name, "full", str(ref["batch"]), str(ref["out_size"]), "", "", "", "",
                      f"{ref['e2e_ms']['p50']:.1f}", f"{ref['e2e_ms']['p95']:.1f}", f"{ref['e2e_ms']['p99']:.1f}",
                      f"{ref['fps']:.2f}", "-", "-", "1.0x", "100%"])
     return rows
@@ -134,7 +135,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
             a2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{k[0]} {k[1]}")
         refs = sorted((r["out_size"], r["e2e_ms"]["p50"]) for r in report["reference"] if r["batch"] == b0)
         if refs:
-            a2.plot([p[0] for p in refs], [p[1] for p in refs], marker="s", color="k", label="reference")
+            ref_name = "LiteMedSAM" if report["settings"].get("reference") == "litemedsam" else "reference"
+            a2.plot([p[0] for p in refs], [p[1] for p in refs], marker="s", color="k", label=ref_name)
         a2.set_xlabel("output size (pixels per side)")
         a2.set_ylabel("end-to-end ms (p50)")
         a2.set_yscale("log")

@@ -12,7 +12,7 @@ from typing import Any, cast
 from imedsam_core.errors import UserError
 from imedsam_deploy.bench.inputs import Inputs, synthetic_inputs
 from imedsam_deploy.bench.options import BenchOptions
-from imedsam_deploy.bench.reference import against_reference, open_reference
+from imedsam_deploy.bench.reference import against_reference, check_reference, open_reference, reference_kind
 from imedsam_deploy.bench.reports import row_line, summarise
 from imedsam_deploy.bench.targets import open_backends, share_options
 from imedsam_deploy.bench.timing import (
@@ -54,10 +54,15 @@ def run_bench(artifact_path: Path | Artifact, opts: BenchOptions, model: Any | N
     for q in opts.queries:
         if q not in QUERIES:
             raise UserError(f"query mode {q!r} not one of {', '.join(QUERIES)}")
+    if opts.tta and artifact.max_batch < 2:
+        raise UserError(f"{artifact.path}: --tta encodes two images a call and this artifact takes "
+                        f"{artifact.max_batch} (export it with --batch 2 or more)")
+    if opts.reference:
+        check_reference(artifact, opts.tta)
     shares = share_options(opts.backends, opts.backend_options, opts.reference)
     backends, skipped = open_backends(artifact, opts.backends, opts.precision, model, opts.threads, log, shares)
     checkpoint = shares.get("reference", {}).get("checkpoint")
-    ref = open_reference(artifact, model, opts.threads, Path(checkpoint) if checkpoint else None) \
+    ref = open_reference(artifact, model, opts.threads, Path(checkpoint) if checkpoint else None, opts.tta) \
         if opts.reference else None
     make_inputs = inputs_for or (lambda size, batch: synthetic_inputs(size, batch))
     sizes = opts.out_sizes or default_out_sizes(s, opts.reference)
@@ -132,7 +137,8 @@ def run_bench(artifact_path: Path | Artifact, opts: BenchOptions, model: Any | N
                      "chunk": opts.chunk or DEFAULT_CHUNK, "warmup": opts.warmup, "repeat": opts.repeat,
                      "margin": opts.margin, "sparse": opts.sparse.__dict__, "threads": opts.threads,
                      "backend_options": dict(opts.backend_options),
-                     "reference_device": str(ref.device) if ref else None},
+                     "tta": opts.tta, "reference_device": str(ref.device) if ref else None,
+                     "reference": reference_kind(artifact) if ref else None},
         "skipped": skipped, "results": results, "reference": reference_rows,
         "backends": summarise(results),
     }

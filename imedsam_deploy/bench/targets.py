@@ -17,7 +17,8 @@ from imedsam_deploy.manifest import Artifact
 
 # what the reference (``--reference``) takes of the ``--backend-option``s: the checkpoint, as torch-cuda does
 REFERENCE_OPTIONS = {"checkpoint": backend_options.BackendOption(
-    backend_options.FILE, "the PyTorch checkpoint the artifact was exported from")}
+    backend_options.FILE, "the PyTorch checkpoint the artifact was exported from (for a lite artifact, whose "
+    "reference is LiteMedSAM: LiteMedSAM's own file, checked by sha256)")}
 
 
 def random_artifact(name: str, input_size: int, log: Callable[[str], None]) -> tuple[Path, Any]:

@@ -155,7 +155,8 @@ class FrameRunner:
         self.backend, self.s, self.k_cls = backend, artifact.input_size, artifact.num_classes
         self.clock = StageClock(backend)
         self.timed = TimedDecode(backend, self.clock)
-        self.seg = Segmenter(self.timed, artifact, query=query, margin=opts.margin, chunk=opts.chunk or DEFAULT_CHUNK)
+        self.seg = Segmenter(self.timed, artifact, query=query, margin=opts.margin, chunk=opts.chunk or DEFAULT_CHUNK,
+                             tta=opts.tta)
         self.seg.sparse_cfg = opts.sparse
 
     def run(self, inputs: Inputs, out_hw: tuple[int, int], t: Timings | None) -> list[np.ndarray]:
@@ -163,7 +164,8 @@ class FrameRunner:
 
         Images are encoded max_batch at a time and each group is decoded before the next is encoded: an
         embedding handle is only valid until the backend's next ``encode`` (TensorRT's point into one
-        output buffer)."""
+        output buffer). With tta each image goes in with its mirror (max_batch // 2 images a call; the mirror
+        is made in preprocessing) and each box is decoded on both (``Segmenter.decode_frame_box``)."""
         seg = self.seg
         clock = self.clock
         t0 = time.perf_counter()
@@ -172,17 +174,20 @@ class FrameRunner:
         self.timed.intervals.clear()
         points = 0
         masks = []
-        mb = self.backend.max_batch
+        per = 2 if seg.tta else 1  # encoder inputs an image
+        mb = self.backend.max_batch // per
         for i in range(0, len(inputs.images), mb):
+            group = inputs.images[i : i + mb]
             tp = time.perf_counter()
-            pixels = seg.pixels(inputs.images[i : i + mb])  # resized on the host; the rest in encode_pixels
+            flat = [v for im in group for v in ((im, np.ascontiguousarray(im[:, ::-1])) if seg.tta else (im,))]
+            pixels = seg.pixels(flat)  # resized on the host; the rest in encode_pixels
             pre_s += time.perf_counter() - tp
             a = clock.mark()
-            embs = seg.encode_pixels(pixels, [(int(im.shape[0]), int(im.shape[1])) for im in inputs.images[i : i + mb]])
+            embs = seg.encode_pixels(pixels, [(int(im.shape[0]), int(im.shape[1])) for im in flat])
             enc_marks.append((a, clock.mark()))
-            for emb, im, box in zip(embs, inputs.images[i : i + mb], inputs.boxes[i : i + mb], strict=True):
+            for j, (im, box) in enumerate(zip(group, inputs.boxes[i : i + mb], strict=True)):
                 hw = (int(im.shape[0]), int(im.shape[1]))
-                obj = seg.decode_box(emb, np.asarray(box, np.float64), hw, out_hw)
+                obj = seg.decode_frame_box(embs[j * per : (j + 1) * per], np.asarray(box, np.float64), hw, out_hw)
                 m = np.zeros((self.k_cls, *out_hw), dtype=bool)
                 r = obj.region
                 m[:, r.r0 : r.r1, r.c0 : r.c1] = obj.logits > 0

@@ -37,6 +37,7 @@ def serve(
     max_batch: int | None = typer.Option(None, "--max-batch", help="Most images one encode batch merges (default: the artifact's batch)."),
     queue_delay_us: int = typer.Option(2000, "--queue-delay-us", help="How long an encode waits for others to batch with."),
     query: str = typer.Option(DEFAULT_QUERY, "--query", help="full|box|sparse, as in imedsam-infer."),
+    tta: bool = typer.Option(False, "--tta", help="As imedsam-infer --tta: every box also decoded on the image mirrored left to right, the logits averaged (an encode keeps both embeddings; twice the work)."),
     max_boxes: int = typer.Option(16, "--max-boxes", help="Most boxes a request may carry."),
     cache_size: int = typer.Option(64, "--cache-size", help="Embeddings kept for decode (least recently used dropped first)."),
     ttl: float = typer.Option(600.0, "--ttl", help="Seconds an unused embedding is kept."),
@@ -65,13 +66,13 @@ def serve(
     require("pytriton", "serve")
     console = Console(stderr=True)
     serve_artifact(artifact, backend, precision, host, (http_port, grpc_port, metrics_port), max_batch,
-                   queue_delay_us, query, max_boxes, cache_size, ttl, workspace, console, options)
+                   queue_delay_us, query, max_boxes, cache_size, ttl, workspace, console, options, tta)
 
 
 def serve_artifact(artifact_dir: Path | None, backend_name: str, precision: str | None, host: str,
                    ports: tuple[int, int, int], max_batch: int | None, queue_delay_us: int, query: str,
                    max_boxes: int, cache_size: int, ttl: float, workspace: Path | None, console: object,
-                   options: dict[str, str] | None = None) -> None:
+                   options: dict[str, str] | None = None, tta: bool = False) -> None:
     from imedsam_core.paths import latest_artifact
     from imedsam_deploy import backends as bk
     from imedsam_deploy.manifest import load_artifact
@@ -83,9 +84,12 @@ def serve_artifact(artifact_dir: Path | None, backend_name: str, precision: str 
         if artifact_dir is None:
             raise UserError("no artifact found under runs/*/export: pass ARTIFACT (see imedsam-export)")
     art = load_artifact(artifact_dir)
+    if tta and art.max_batch < 2:  # refused before the backend opens, as imedsam-infer does
+        raise UserError(f"{art.path}: --tta encodes two images a call and this artifact takes {art.max_batch} "
+                        "(export it with --batch 2 or more)")
     be, how = bk.open_backend(backend_name, art, precision, options)
     say_line(console, how)
-    seg = Segmenter(be, art, query=query)  # type: ignore[arg-type]
+    seg = Segmenter(be, art, query=query, tta=tta)  # type: ignore[arg-type]
     svc = Service(seg, ServeLimits(max_boxes=max_boxes, cache_size=cache_size, ttl_s=ttl))
     cfg = ServerConfig(host=host, http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2],
                        max_batch=max_batch, queue_delay_us=queue_delay_us, workspace=workspace)

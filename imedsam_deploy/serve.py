@@ -9,7 +9,8 @@ Three models, each answering over HTTP and gRPC (tritonclient, or ``imedsam_depl
     decode    handle (1,) bytes, boxes (K, 4) float32 [, out_size] -> as segment
 
 ``segment`` and ``decode`` run exactly ``Segmenter.segment`` / ``segment_embedded`` (what imedsam-infer
-runs), so their masks are the in-process ones. Bad requests are refused with an error response and the
+runs), so their masks are the in-process ones; with the Segmenter's tta (``imedsam-serve --tta``) a handle keeps
+the image's embedding and its mirror's, encoded in one call. Bad requests are refused with an error response and the
 model keeps serving. PyTriton fails every request of a batch when its callable raises, so only ``encode``
 is batched: its refusals depend on the image's shape alone, and Triton's batcher only puts requests of one
 shape together, so a batch is all good or all bad. ``segment`` and ``decode`` get one request per call.
@@ -64,8 +65,9 @@ class ServeLimits:
 @dataclass
 class _Entry:
     image_hw: tuple[int, int]
-    embedding: Embedding | None  # None where the backend's handles do not outlive its next encode
-    pixels: np.ndarray | None  # the resized image, to encode again in that case
+    embeddings: list[Embedding] | None  # the image's (and with tta its mirror's); None where the backend's
+    # handles do not outlive its next encode
+    pixels: np.ndarray | None  # (1 or 2, S, S, 3): the resized image(s), to encode again in that case
     used: float
 
 
@@ -137,7 +139,7 @@ class Service:
         self._lock = threading.Lock()
         # TensorRT keeps one encoder output buffer: its handles die at the next encode
         self._stable = seg.backend.name != "tensorrt"
-        self._live: dict[str, Embedding] = {}
+        self._live: dict[str, list[Embedding]] = {}
 
     # --- validation (RequestError: one line naming the input and the problem) ---
     def _image(self, image: Any) -> np.ndarray:
@@ -210,24 +212,27 @@ class Service:
         self.stats.encode_batches[len(images)] += 1
         imgs = [self._image(im) for im in images]
         handles: list[str] = []
-        step = self.seg.backend.max_batch
+        per = 2 if self.seg.tta else 1  # encoder inputs an image: with tta, the image and its mirror
+        step = self.seg.backend.max_batch // per
         with self._lock:
             self._live.clear()
             for s in range(0, len(imgs), step):
                 group = imgs[s : s + step]
-                embs, _ = self.seg.embed(group)
-                for im, emb in zip(group, embs, strict=True):
+                flat = [v for im in group for v in ((im, np.ascontiguousarray(im[:, ::-1])) if per == 2 else (im,))]
+                embs, _ = self.seg.embed(flat)
+                pairs = [embs[i * per : (i + 1) * per] for i in range(len(group))]
+                for j, (im, pair) in enumerate(zip(group, pairs, strict=True)):
                     hw = (int(im.shape[0]), int(im.shape[1]))
                     if self._stable:
                         # a handle may view the whole batch's output: keep its own copy of a host array
-                        kept = emb.copy() if isinstance(emb, np.ndarray) else emb
+                        kept = [e.copy() if isinstance(e, np.ndarray) else e for e in pair]
                         h = self.cache.put(_Entry(hw, kept, None, self.cache.clock()))
                     else:
-                        px = self.seg.pixels([im])[0].copy()
+                        px = self.seg.pixels(flat[j * per : (j + 1) * per]).copy()
                         h = self.cache.put(_Entry(hw, None, px, self.cache.clock()))
                     handles.append(h)
                 if not self._stable:
-                    self._live = dict(zip(handles[s:], embs, strict=True))
+                    self._live = dict(zip(handles[s:], pairs, strict=True))
         return handles
 
     def decode(self, handle: Any, boxes: Any, out_size: Any = None) -> dict[str, np.ndarray]:
@@ -240,12 +245,12 @@ class Service:
         b = self._boxes(boxes, entry.image_hw)
         ohw = self._out_hw(out_size, entry.image_hw, len(b))
         with self._lock:
-            emb = entry.embedding if entry.embedding is not None else self._live.get(key)
-            if emb is None:  # its device buffer was overwritten since: encode its pixels again
+            embs = entry.embeddings if entry.embeddings is not None else self._live.get(key)
+            if embs is None:  # its device buffer was overwritten since: encode its pixels again
                 assert entry.pixels is not None
-                (emb,) = self.seg.encode_pixels(entry.pixels[None], [entry.image_hw])
-                self._live = {key: emb}
-            objs, _ = self.seg.segment_embedded([emb], entry.image_hw, b, ohw)
+                embs = self.seg.encode_pixels(entry.pixels, [entry.image_hw] * len(entry.pixels))
+                self._live = {key: embs}
+            objs, _ = self.seg.segment_embedded(embs, entry.image_hw, b, ohw)
         return self._respond(objs)
 
 

@@ -239,6 +239,32 @@ def test_evicted_handle_refused(server, reference):
         assert np.array_equal(c.decode(c.encode(rgb), boxes).masks, expected(reference, rgb, boxes)[0])
 
 
+@pytest.mark.parametrize("stable", [True, False])
+def test_tta_segment_and_encode_decode_equal_in_process(artifact, stable):
+    """--tta: segment and decode give the in-process ``Segmenter(tta=True)``'s masks; encode keeps each image's
+    pair of embeddings across calls of max_batch // 2 images. ``stable`` False is TensorRT's case (handles die at
+    the next encode): the pair is encoded again from its kept pixels."""
+    from imedsam_deploy.serve import OUT_MASKS, OUT_PROB
+
+    art = load_artifact(artifact)
+    be, _ = open_backend("ort-cpu", art)
+    with be:
+        ref, plain = Segmenter(be, art, tta=True), Segmenter(be, art)
+        svc = Service(Segmenter(be, art, tta=True), LIMITS)
+        svc._stable = stable
+        images = samples(3)
+        rgbs = [rgb for rgb, _ in images] + [np.ascontiguousarray(images[0][0][:, ::-1]), images[1][0][:, 7:].copy()]
+        boxes = [b for _, b in images] + [images[0][1], images[1][1] - np.array([7, 0, 7, 0], np.float32)]
+        want0, prob0 = expected(ref, rgbs[0], boxes[0])
+        assert not np.array_equal(prob0, expected(plain, rgbs[0], boxes[0])[1])  # the average changes the output
+        got = svc.segment(rgbs[0], boxes[0])
+        assert np.array_equal(got[OUT_MASKS], want0) and np.array_equal(got[OUT_PROB], prob0)
+        handles = svc.encode(rgbs)  # 5 images: two encoder calls of (up to) 4 image pairs with max_batch 8
+        assert len(set(handles)) == 5
+        for h, rgb, b in zip(handles, rgbs, boxes, strict=True):
+            assert np.array_equal(svc.decode(np.array([h.encode()], np.object_), b)[OUT_MASKS], expected(ref, rgb, b)[0])
+
+
 def test_cache_ttl_and_lru():
     now = [0.0]
     cache = EmbeddingCache(2, ttl_s=10.0, clock=lambda: now[0])
@@ -249,7 +275,7 @@ def test_cache_ttl_and_lru():
     c = cache.put(_Entry((4, 4), 3, None, now[0]))  # evicts b
     with pytest.raises(RequestError, match="unknown or expired"):
         cache.get(b)
-    assert cache.get(a).embedding == 1 and cache.get(c).embedding == 3
+    assert cache.get(a).embeddings == 1 and cache.get(c).embeddings == 3
     now[0] = 16.0  # 11 s unused
     with pytest.raises(RequestError, match="unknown or expired"):
         cache.get(a)
@@ -507,6 +533,24 @@ def test_cli_refusals(args, needle, tmp_path):
 
     res = CliRunner().invoke(app, args if args[0].startswith("/") else [str(tmp_path / "missing"), *args])
     assert_one_line_error(res, needle)
+
+
+def test_cli_tta_refuses_a_one_image_artifact(artifact, tmp_path):
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from imedsam_deploy.cli_serve import app
+
+    from .reliability_helpers import assert_one_line_error
+
+    one = tmp_path / "one"
+    shutil.copytree(artifact, one)
+    m = json.loads((one / "manifest.json").read_text())
+    m["max_batch"] = 1
+    (one / "manifest.json").write_text(json.dumps(m))
+    assert_one_line_error(CliRunner().invoke(app, [str(one), "--tta"]), "--batch 2")
 
 
 def test_numpy2_refused(monkeypatch):

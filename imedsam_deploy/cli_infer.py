@@ -136,7 +136,7 @@ def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, back
     from imedsam_deploy.infer import iter_frames_count, run_images, run_video, run_volume
     from imedsam_deploy.manifest import load_artifact
     from imedsam_deploy.outputs import OutputSet
-    from imedsam_deploy.runtime import Segmenter
+    from imedsam_deploy.runtime import Segmenter, check_tta
     from imedsam_deploy.video import VideoReader, read_image
     from imedsam_deploy.volume import load_volume
 
@@ -158,9 +158,8 @@ def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, back
             raise UserError("no artifact of a finished run under runs/ and no shipped artifact in this install: "
                             "pass --artifact DIR (see imedsam-export)")
         art = load_artifact(choice.path)
-        if tta and art.max_batch < 2:
-            raise UserError(f"{choice.path}: --tta encodes two images a call and this artifact takes {art.max_batch} "
-                            "(export it with --batch 2 or more)")
+        if tta:
+            check_tta(art)
         be, how = bk.open_backend(backend_name, art, precision, options)
         say_line(console, choice.line())  # once it opened: a refused artifact gets its one error line only
         say_line(console, how)

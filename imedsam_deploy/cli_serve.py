@@ -76,7 +76,7 @@ def serve_artifact(artifact_dir: Path | None, backend_name: str, precision: str 
     from imedsam_core.paths import latest_artifact
     from imedsam_deploy import backends as bk
     from imedsam_deploy.manifest import load_artifact
-    from imedsam_deploy.runtime import Segmenter
+    from imedsam_deploy.runtime import Segmenter, check_tta
     from imedsam_deploy.serve import ServeLimits, Server, ServerConfig, Service
 
     if artifact_dir is None:
@@ -84,9 +84,8 @@ def serve_artifact(artifact_dir: Path | None, backend_name: str, precision: str 
         if artifact_dir is None:
             raise UserError("no artifact found under runs/*/export: pass ARTIFACT (see imedsam-export)")
     art = load_artifact(artifact_dir)
-    if tta and art.max_batch < 2:  # refused before the backend opens, as imedsam-infer does
-        raise UserError(f"{art.path}: --tta encodes two images a call and this artifact takes {art.max_batch} "
-                        "(export it with --batch 2 or more)")
+    if tta:
+        check_tta(art)
     be, how = bk.open_backend(backend_name, art, precision, options)
     say_line(console, how)
     seg = Segmenter(be, art, query=query, tta=tta)  # type: ignore[arg-type]

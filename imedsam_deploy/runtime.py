@@ -25,6 +25,7 @@ from typing import Literal
 import numpy as np
 
 from imedsam_core.contract import mirror_box, refine_count
+from imedsam_core.errors import UserError
 from imedsam_deploy.backends.base import Backend, Embedding
 from imedsam_deploy.manifest import Artifact
 from imedsam_deploy.preprocess import Preprocessing, Region, box_region, region_chunk_coords
@@ -150,6 +151,14 @@ def mirrored_average(om: ObjectMask, om_m: ObjectMask) -> ObjectMask:
     return ObjectMask(om.box, om.out_hw, r, logits, om.queried + om_m.queried)
 
 
+def check_tta(artifact: Artifact) -> None:
+    """Refuse ``--tta``, in one line naming the artifact, before a backend opens on an artifact whose encoder takes
+    one image a call (the image and its mirror must be encoded together)."""
+    if artifact.max_batch < 2:
+        raise UserError(f"{artifact.path}: --tta encodes two images a call and this artifact takes "
+                        f"{artifact.max_batch} (export it with --batch 2 or more)")
+
+
 class Segmenter:
     """Segment boxes on images with an exported artifact through one backend. tta: every box also decoded on
     the image mirrored left to right and the logits averaged (``mirrored_average``): one encoder call of two
@@ -203,10 +212,27 @@ class Segmenter:
         out = self.encode_pixels(self.pixels(images), [(int(im.shape[0]), int(im.shape[1])) for im in images])
         return out, (time.perf_counter() - t) * 1e3
 
+    @property
+    def per_image(self) -> int:
+        """Encoder inputs an image: with tta 2, the image and its mirror."""
+        return 2 if self.tta else 1
+
+    @property
+    def images_per_call(self) -> int:
+        """Images one encoder call takes, with their mirrors (tta)."""
+        return self.backend.max_batch // self.per_image
+
+    def frame_images(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """What the encoder takes for ``images``: with tta each followed by its mirror (left to right); their
+        handles, ``per_image`` a frame, go to ``decode_frame_box`` together."""
+        if not self.tta:
+            return list(images)
+        return [v for im in images for v in (im, np.ascontiguousarray(im[:, ::-1]))]
+
     def embed_frame(self, rgb: np.ndarray) -> tuple[list[Embedding], float]:
         """One image's embedding handle and, with tta, its mirror's (one call: valid together until the next
         embed), and the time in ms."""
-        return self.embed([rgb, np.ascontiguousarray(rgb[:, ::-1])] if self.tta else [rgb])
+        return self.embed(self.frame_images([rgb]))
 
     # --- decoder ---
     def region_for(self, box: np.ndarray, image_hw: tuple[int, int], out_hw: tuple[int, int]) -> Region:

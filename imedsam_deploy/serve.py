@@ -212,13 +212,12 @@ class Service:
         self.stats.encode_batches[len(images)] += 1
         imgs = [self._image(im) for im in images]
         handles: list[str] = []
-        per = 2 if self.seg.tta else 1  # encoder inputs an image: with tta, the image and its mirror
-        step = self.seg.backend.max_batch // per
+        per, step = self.seg.per_image, self.seg.images_per_call
         with self._lock:
             self._live.clear()
             for s in range(0, len(imgs), step):
                 group = imgs[s : s + step]
-                flat = [v for im in group for v in ((im, np.ascontiguousarray(im[:, ::-1])) if per == 2 else (im,))]
+                flat = self.seg.frame_images(group)
                 embs, _ = self.seg.embed(flat)
                 pairs = [embs[i * per : (i + 1) * per] for i in range(len(group))]
                 for j, (im, pair) in enumerate(zip(group, pairs, strict=True)):

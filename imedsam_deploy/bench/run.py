@@ -26,7 +26,7 @@ from imedsam_deploy.bench.timing import (
 )
 from imedsam_deploy.bench.tuning import tune_backends
 from imedsam_deploy.manifest import Artifact, load_artifact
-from imedsam_deploy.runtime import DEFAULT_CHUNK, QUERY_MODES, QueryMode
+from imedsam_deploy.runtime import DEFAULT_CHUNK, QUERY_MODES, QueryMode, check_tta
 
 QUERIES = QUERY_MODES
 
@@ -54,9 +54,8 @@ def run_bench(artifact_path: Path | Artifact, opts: BenchOptions, model: Any | N
     for q in opts.queries:
         if q not in QUERIES:
             raise UserError(f"query mode {q!r} not one of {', '.join(QUERIES)}")
-    if opts.tta and artifact.max_batch < 2:
-        raise UserError(f"{artifact.path}: --tta encodes two images a call and this artifact takes "
-                        f"{artifact.max_batch} (export it with --batch 2 or more)")
+    if opts.tta:
+        check_tta(artifact)
     if opts.reference:
         check_reference(artifact, opts.tta)
     shares = share_options(opts.backends, opts.backend_options, opts.reference)

@@ -174,12 +174,11 @@ class FrameRunner:
         self.timed.intervals.clear()
         points = 0
         masks = []
-        per = 2 if seg.tta else 1  # encoder inputs an image
-        mb = self.backend.max_batch // per
+        per, mb = seg.per_image, seg.images_per_call
         for i in range(0, len(inputs.images), mb):
             group = inputs.images[i : i + mb]
             tp = time.perf_counter()
-            flat = [v for im in group for v in ((im, np.ascontiguousarray(im[:, ::-1])) if seg.tta else (im,))]
+            flat = seg.frame_images(group)
             pixels = seg.pixels(flat)  # resized on the host; the rest in encode_pixels
             pre_s += time.perf_counter() - tp
             a = clock.mark()

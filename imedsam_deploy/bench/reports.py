@@ -35,6 +35,11 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def reference_name(report: dict[str, Any]) -> str:
+    """What the reference rows are called: LiteMedSAM for a lite artifact's, else the released code's."""
+    return "LiteMedSAM" if report["settings"].get("reference") == "litemedsam" else "reference"
+
+
 def label(r: dict[str, Any]) -> str:
     """A result row's backend and precision, e.g. 'ort-cpu int8'."""
     return f"{r['backend']} {r['precision']}" if r.get("precision") else str(r["backend"])
@@ -67,8 +72,7 @@ def table(report: dict[str, Any]) -> list[list[str]]:
             f"{100 * r['agreement']['pixel_in_box']:.2f}%" if r.get("agreement") else "-",
         ])
     for ref in report["reference"]:
-        name = "LiteMedSAM" if report["settings"].get("reference") == "litemedsam" else "reference"
-        rows.append([name, "full", str(ref["batch"]), str(ref["out_size"]), "", "", "", "",
+        rows.append([reference_name(report), "full", str(ref["batch"]), str(ref["out_size"]), "", "", "", "",
                      f"{ref['e2e_ms']['p50']:.1f}", f"{ref['e2e_ms']['p95']:.1f}", f"{ref['e2e_ms']['p99']:.1f}",
                      f"{ref['fps']:.2f}", "-", "-", "1.0x", "100%"])
     return rows
@@ -135,8 +139,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
             a2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{k[0]} {k[1]}")
         refs = sorted((r["out_size"], r["e2e_ms"]["p50"]) for r in report["reference"] if r["batch"] == b0)
         if refs:
-            ref_name = "LiteMedSAM" if report["settings"].get("reference") == "litemedsam" else "reference"
-            a2.plot([p[0] for p in refs], [p[1] for p in refs], marker="s", color="k", label=ref_name)
+            a2.plot([p[0] for p in refs], [p[1] for p in refs], marker="s", color="k", label=reference_name(report))
         a2.set_xlabel("output size (pixels per side)")
         a2.set_ylabel("end-to-end ms (p50)")
         a2.set_yscale("log")

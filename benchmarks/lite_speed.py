@@ -2,14 +2,15 @@
 boxes, same run, on the CPU.
 
     python -m benchmarks.lite_speed --artifact DIR --data ../shared/data/Kvasir-Sessile \
-        [--split .../splits/test.txt] [--limit 12] [--threads 2] [--json FILE] [--tta] [--bound]
+        [--split .../splits/test.txt] [--limit 12] [--threads 2] [--json FILE] [--tta] [--bound] \
+        [--backend ort-cpu|ov-cpu] [--precision fp32|bf16|int8]
 
 Per image (its ground-truth mask's tight box, the output at the image's own size), interleaved, the order
 alternating per image: LiteMedSAM (``imedsam_train.pretrained.LiteMedSAMBaseline``: preprocess, TinyViT,
 prompt encoder and mask decoder, crop and resize, threshold) and ``imedsam-infer``'s ``Segmenter`` on ONNX
-Runtime CPU in the ``sparse`` query mode (resize, min-max, encoder, decoder, planner, mask), each end to end
+Runtime CPU (or ``--backend ov-cpu``: OpenVINO, bf16 where the CPU has it) in the ``sparse`` query mode (resize, min-max, encoder, decoder, planner, mask), each end to end
 from the RGB array to the mask. Then, untimed, the artifact in the ``full`` query mode (the export's
-reference): the sparse masks' Dice and pixel agreement against it. One warm-up image for each first.
+reference, ONNX Runtime fp32 whatever ``--backend``): the sparse masks' Dice and pixel agreement against it. One warm-up image for each first.
 ``--tta``: ours (and its full-grid reference) with ``imedsam-infer --tta``'s mirrored average.
 Prints a table and writes every per-image figure to --json.
 
@@ -28,6 +29,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--bound", action="store_true", help="add the fp32 compute bound of this CPU (see above)")
     ap.add_argument("--tta", action="store_true", help="ours with the mirrored average (imedsam-infer --tta)")
+    ap.add_argument("--backend", choices=("ort-cpu", "ov-cpu"), default="ort-cpu", help="ours on this backend")
+    ap.add_argument("--precision", default=None, help="ours at this precision (default: the backend's)")
     a = ap.parse_args(argv)
 
     import cv2
@@ -55,7 +59,14 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(a.threads)
     art = load_artifact(a.artifact)
-    ours = Segmenter(OrtBackend(art, "cpu", "fp32", threads=a.threads), art, query="sparse", tta=a.tta)
+    if a.backend == "ov-cpu":
+        from imedsam_deploy.backends.openvino import OvBackend
+
+        mine: Any = OvBackend(art, a.precision, threads=a.threads)
+    else:
+        mine = OrtBackend(art, "cpu", a.precision or "fp32", threads=a.threads)
+    print(f"ours: {mine.description}", file=sys.stderr)
+    ours = Segmenter(mine, art, query="sparse", tta=a.tta)
     full = Segmenter(OrtBackend(art, "cpu", "fp32", threads=a.threads), art, query="full", tta=a.tta)
     base = LiteMedSAMBaseline(lite_medsam())
     split = a.split or a.data / "splits" / "test.txt"
@@ -98,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     med = {k: statistics.median(r["seconds"][k] for r in rows) for k in ("litemedsam", "ours")}
     summary = {
         "images": len(rows), "threads": a.threads, "artifact": str(a.artifact), "tta": a.tta,
+        "backend": mine.description,
         "median_seconds": med, "speedup": med["litemedsam"] / med["ours"],
         "ours_encode_median_seconds": statistics.median(r["ours_encode_seconds"] for r in rows),
         "dice_gt_mean": {k: statistics.mean(r["dice_gt"][k] for r in rows) for k in ("litemedsam", "ours")},
@@ -111,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         a.json.write_text(json.dumps({"summary": summary, "rows": rows}, indent=2) + "\n")
     print(f"{'pipeline':<34}{'median s/frame':>15}{'Dice vs GT':>12}")
     print(f"{'LiteMedSAM, eager PyTorch':<34}{med['litemedsam']:>15.3f}{summary['dice_gt_mean']['litemedsam']:>12.2f}")
-    print(f"{'lite artifact, ORT CPU, sparse' + (', tta' if a.tta else ''):<34}{med['ours']:>15.3f}{summary['dice_gt_mean']['ours']:>12.2f}")
+    print(f"{'lite, ' + mine.name + ' ' + mine.precision + ', sparse' + (', tta' if a.tta else ''):<34}{med['ours']:>15.3f}{summary['dice_gt_mean']['ours']:>12.2f}")
     print(f"speed-up {summary['speedup']:.2f}x on {len(rows)} images, {a.threads} threads; sparse vs full: "
           f"Dice {summary['ours_sparse_vs_full_dice_mean']:.3f} (min {summary['ours_sparse_vs_full_dice_min']:.3f}), "
           f"pixels {100 * summary['ours_sparse_vs_full_pixels_mean']:.3f}%; our encoder "

@@ -27,7 +27,7 @@ def _port(value: int, name: str) -> int:
 @guarded
 def serve(
     artifact: Path | None = typer.Argument(None, help="Artifact folder (default: the newest runs/*/export)."),
-    backend: str = typer.Option("auto", "--backend", help="auto|ort-cpu|ort-cuda|ort-trt|tensorrt|torch-cuda."),
+    backend: str = typer.Option("auto", "--backend", help="auto|ov-cpu|ort-cpu|ort-cuda|ort-trt|tensorrt|torch-cuda."),
     precision: str | None = typer.Option(None, "--precision", help="fp32|fp16|bf16|int8 (default: the backend's)."),
     backend_option: list[str] | None = typer.Option(None, "--backend-option", help=BACKEND_OPTION_HELP),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (HTTP, gRPC and metrics)."),

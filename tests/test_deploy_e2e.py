@@ -283,7 +283,7 @@ def test_runtime_runs_where_torch_cannot_be_imported(exported, tmp_path):
     """)
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "OK backend auto -> ort-cpu" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "OK backend auto -> ov-cpu" in proc.stdout, proc.stdout + proc.stderr
     out = tmp_path / "out"
     cli = [sys.executable, "-c", "from imedsam_deploy.cli_infer import main; main()", str(img), "--box", "40,40,200,180",
            "--artifact", str(art), "--out", str(out), "-q"]

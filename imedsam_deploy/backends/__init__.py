@@ -27,6 +27,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "ort-trt": ("imedsam_deploy.backends.ort", "trt"),
     "ort-cuda": ("imedsam_deploy.backends.ort", "cuda"),
     "torch-cuda": ("imedsam_cuda.torch_cuda", ""),
+    "ov-cpu": ("imedsam_deploy.backends.openvino", ""),
     "ort-cpu": ("imedsam_deploy.backends.ort", "cpu"),
 }
 NAMES = tuple(_REGISTRY)

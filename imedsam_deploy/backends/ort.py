@@ -49,7 +49,8 @@ def _trt_profile(artifact: Artifact, part: str, level: str) -> str:
 
 
 class OrtBackend(Backend):
-    def __init__(self, artifact: Artifact, provider: str, precision: str | None = "fp32", threads: int | None = None) -> None:
+    def __init__(self, artifact: Artifact, provider: str, precision: str | None = "fp32", threads: int | None = None,
+                 with_encoder: bool = True) -> None:
         import onnxruntime as ort
 
         super().__init__(artifact.max_batch, artifact.max_points)
@@ -75,7 +76,9 @@ class OrtBackend(Backend):
         # (prompt encoder, two-way transformer, upscaling) then runs once per box instead of once per chunk
         # (not under the TensorRT provider, whose optimisation profiles are written for the one-graph decoder)
         self.split = provider != "trt" and artifact.has_split_decoder(precision)
-        parts = ("encoder", "decoder_prompt", "decoder_points") if self.split else ("encoder", "decoder")
+        parts: tuple[str, ...] = ("encoder", "decoder_prompt", "decoder_points") if self.split else ("encoder", "decoder")
+        if not with_encoder:  # another runtime encodes (ov-cpu); this one decodes
+            parts = parts[1:]
         self._box_cache: tuple[Any, np.ndarray, Any] | None = None
         for part in parts:
             path = artifact.graph(part, precision)

@@ -106,6 +106,10 @@ def open_backends(artifact: Artifact, names: list[str] | None, precision: str | 
                 # with no --precision, the int8 encoder (the fastest CPU path) runs beside fp32 when exported
                 precs = [precision] if precision else ["fp32", *(["int8"] if "int8" in artifact.graphs else [])]
                 opened.extend(OrtBackend(artifact, "cpu", p, threads=threads) for p in precs)
+            elif name == "ov-cpu":
+                from imedsam_deploy.backends.openvino import OvBackend
+
+                opened.append(OvBackend(artifact, precision, threads=threads))  # bf16 where the CPU has it
             else:
                 be, _ = registry.open_backend(name, artifact, precision, mine)
                 opened.append(be)

@@ -1,0 +1,118 @@
+"""``ov-cpu``: the encoder compiled by OpenVINO's CPU plugin, the decoder on ONNX Runtime's CPU provider in fp32.
+
+Why: on a CPU with AMX or AVX-512 BF16 (Intel Xeon since Sapphire Rapids) OpenVINO runs the encoder's matrix
+products and convolutions in bf16 on the matrix units, which ONNX Runtime's CPU provider does not: the lite
+encoder took 0.26 s there against ONNX Runtime's 0.67 s (2-core VM, benchmarks/RESULTS.md). The decoder stays on
+ONNX Runtime: OpenVINO ran it about twice as slowly (its query-point count changes every call) and in bf16 it
+moved the masks as much as the bf16 encoder did.
+
+``bf16`` is an execution precision, not a stored graph: the artifact's fp32 encoder graph is compiled with
+OpenVINO's ``INFERENCE_PRECISION_HINT`` (OpenVINO keeps its own fp32 islands). Where the CPU has no native bf16
+OpenVINO would emulate it slowly, so ``bf16`` is refused there in one line and the default is fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from imedsam_core import contract
+from imedsam_core.errors import UserError
+from imedsam_deploy.backends.base import Embedding
+from imedsam_deploy.backends.ort import OrtBackend
+from imedsam_deploy.manifest import Artifact
+
+PRECISIONS = ("fp32", "bf16")  # the encoder's execution precision; both from the artifact's fp32 graph
+_HINT = {"fp32": "f32", "bf16": "bf16"}  # OpenVINO's INFERENCE_PRECISION_HINT values
+
+
+def native_bf16(core: Any) -> bool:
+    """Whether this CPU runs bf16 natively (OpenVINO's CPU plugin then reports the BF16 capability)."""
+    return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def probe(artifact: Artifact) -> str | None:
+    try:
+        import onnxruntime  # noqa: F401
+        import openvino  # noqa: F401
+    except ImportError as e:
+        return f"{e.name} is not installed (pip install 'imedsam[openvino]')"
+    if "fp32" not in artifact.graphs:
+        return "the artifact has no fp32 graphs, which ov-cpu runs"
+    return None
+
+
+def create(artifact: Artifact, precision: str | None = None) -> OvBackend:
+    return OvBackend(artifact, precision)
+
+
+class OvEncoder:
+    """The artifact's fp32 encoder graph compiled by OpenVINO for the CPU at ``precision`` (default: bf16 where
+    the CPU runs it natively, else fp32)."""
+
+    def __init__(self, artifact: Artifact, precision: str | None = None, threads: int | None = None) -> None:
+        import openvino as ov
+
+        core = ov.Core()
+        self.version = ov.__version__.split("-")[0]  # "2026.4.1-22982-<hash>-releases/..." -> "2026.4.1"
+        precision = precision or ("bf16" if native_bf16(core) else "fp32")
+        if precision not in PRECISIONS:
+            raise UserError(f"{artifact.path}: ov-cpu runs its encoder in {' or '.join(PRECISIONS)}, not {precision} "
+                            "(int8 is ort-cpu's; fp16 is for GPUs)")
+        if precision == "bf16" and not native_bf16(core):
+            raise UserError(f"{artifact.path}: this CPU has no native bf16 (AMX or AVX-512 BF16) for ov-cpu; "
+                            "use --precision fp32")
+        self.precision = precision
+        self.core, self.path, self.size = core, artifact.graph("encoder", "fp32"), artifact.input_size
+        self.config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _HINT[precision], "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = threads
+        # one compiled model per batch size, made on first use: with the batch fixed OpenVINO picks faster kernels
+        # (the lite encoder at batch 1: 0.19 s against 0.235 s with the batch left dynamic, bf16, 2 threads)
+        self.requests: dict[int, Any] = {}
+        self._request(1)  # compiled now, so a graph OpenVINO cannot compile is refused when the backend opens
+
+    def _request(self, batch: int) -> Any:
+        req = self.requests.get(batch)
+        if req is None:
+            try:
+                model = self.core.read_model(str(self.path))
+                model.reshape({contract.ENC_IN_IMAGE: [batch, 3, self.size, self.size]})
+                req = self.core.compile_model(model, "CPU", self.config).create_infer_request()
+            except Exception as e:  # OpenVINO raises RuntimeError subclasses of its own
+                raise UserError(f"{self.path}: OpenVINO cannot compile it ({' '.join(str(e).split())[:200]})") from None
+            self.requests[batch] = req
+        return req
+
+    def encode(self, images: np.ndarray) -> list[np.ndarray]:
+        """(B, 3, S, S) float32 -> B embeddings (1, C, G, G) float32, copied out of the request's buffers (the
+        next call overwrites them)."""
+        req = self._request(images.shape[0])
+        res = req.infer({contract.ENC_IN_IMAGE: np.ascontiguousarray(images, np.float32)})
+        emb = np.array(res[contract.ENC_OUT_EMBEDDING], np.float32)
+        return [emb[i : i + 1] for i in range(emb.shape[0])]
+
+
+class OvBackend(OrtBackend):
+    """OpenVINO's encoder (``OvEncoder``) and ONNX Runtime's fp32 CPU decoder (``OrtBackend``'s, split per box
+    and per point where the artifact has it)."""
+
+    def __init__(self, artifact: Artifact, precision: str | None = None, threads: int | None = None) -> None:
+        self.encoder = OvEncoder(artifact, precision, threads)  # first: a refused precision opens nothing else
+        super().__init__(artifact, "cpu", "fp32", threads=threads, with_encoder=False)
+        self.name = "ov-cpu"
+        self.precision = self.encoder.precision
+
+    @property
+    def description(self) -> str:
+        return (f"{self.name} (openvino {self.encoder.version} encoder in {self.precision}, onnxruntime "
+                f"{self.ort.__version__} fp32 decoder)")
+
+    def encode(self, images: np.ndarray) -> Sequence[Embedding]:
+        return self.encoder.encode(images)
+
+    def close(self) -> None:
+        super().close()
+        self.encoder.requests.clear()

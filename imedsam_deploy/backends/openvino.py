@@ -2,13 +2,13 @@
 
 Why: on a CPU with AMX or AVX-512 BF16 (Intel Xeon since Sapphire Rapids) OpenVINO runs the encoder's matrix
 products and convolutions in bf16 on the matrix units, which ONNX Runtime's CPU provider does not: the lite
-encoder took 0.26 s there against ONNX Runtime's 0.67 s (2-core VM, benchmarks/RESULTS.md). The decoder stays on
-ONNX Runtime: OpenVINO ran it about twice as slowly (its query-point count changes every call) and in bf16 it
-moved the masks as much as the bf16 encoder did.
+encoder took 0.21 s there against ONNX Runtime's 0.66 s (2-core VM with AMX, benchmarks/RESULTS.md). The decoder
+stays on ONNX Runtime: OpenVINO ran it about twice as slowly (its query-point count changes every call) and in
+bf16 it moved the masks as much as the bf16 encoder did.
 
 ``bf16`` is an execution precision, not a stored graph: the artifact's fp32 encoder graph is compiled with
-OpenVINO's ``INFERENCE_PRECISION_HINT`` (OpenVINO keeps its own fp32 islands). Where the CPU has no native bf16
-OpenVINO would emulate it slowly, so ``bf16`` is refused there in one line and the default is fp32.
+OpenVINO's ``INFERENCE_PRECISION_HINT`` (OpenVINO keeps its own fp32 islands). It is the default where OpenVINO
+reports the CPU's native BF16 capability, and refused in one line elsewhere (where the default is fp32).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def probe(artifact: Artifact) -> str | None:
         import onnxruntime  # noqa: F401
         import openvino  # noqa: F401
     except ImportError as e:
-        return f"{e.name} is not installed (pip install 'imedsam[openvino]')"
+        return f"{e.name} is not installed (pip install {e.name}: imedsam's install brings it)"
     if "fp32" not in artifact.graphs:
         return "the artifact has no fp32 graphs, which ov-cpu runs"
     return None

@@ -219,8 +219,9 @@ def test_ov_cpu_fp32_gives_ort_cpus_embedding_and_masks(sessile, moved, exported
 
 
 def test_ov_cpu_bf16_masks_agree_with_fp32_on_real_polyps(sessile, moved, exported):
-    """bf16 on the matrix units moves the embedding but not the masks: on the shipped model, Kvasir-Sessile test, Dice 94.57 against fp32's 94.62, 99.94 % of
-    the pixels the same (benchmarks/encoder_backend_eval.py, RESULTS.md)."""
+    """bf16 on the matrix units moves the embedding but not the masks: on the shipped model, Kvasir-Sessile
+    test, Dice 94.57 against fp32's 94.62, 99.94 % of the pixels the same (benchmarks/encoder_backend_eval.py,
+    RESULTS.md)."""
     import openvino as ov_mod
 
     from imedsam_deploy.backends.openvino import OvBackend, native_bf16

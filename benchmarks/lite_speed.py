@@ -8,7 +8,7 @@ boxes, same run, on the CPU.
 Per image (its ground-truth mask's tight box, the output at the image's own size), interleaved, the order
 alternating per image: LiteMedSAM (``imedsam_train.pretrained.LiteMedSAMBaseline``: preprocess, TinyViT,
 prompt encoder and mask decoder, crop and resize, threshold) and ``imedsam-infer``'s ``Segmenter`` on ONNX
-Runtime CPU (or ``--backend ov-cpu``: OpenVINO, bf16 where the CPU has it) in the ``sparse`` query mode (resize, min-max, encoder, decoder, planner, mask), each end to end
+Runtime CPU (or ``--backend ov-cpu``: OpenVINO, bf16 where the CPU has AMX) in the ``sparse`` query mode (resize, min-max, encoder, decoder, planner, mask), each end to end
 from the RGB array to the mask. Then, untimed, the artifact in the ``full`` query mode (the export's
 reference, ONNX Runtime fp32 whatever ``--backend``): the sparse masks' Dice and pixel agreement against it. One warm-up image for each first.
 ``--tta``: ours (and its full-grid reference) with ``imedsam-infer --tta``'s mirrored average.

@@ -7,6 +7,9 @@ INR all move the output: an untrained lite model would be LiteMedSAM and hide a 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -184,7 +187,7 @@ def test_an_unknown_preprocessing_is_refused_in_one_line(exported, tmp_path):
         load_artifact(bad)
 
 
-# --- ov-cpu: the encoder on OpenVINO (bf16 where the CPU has it), ONNX Runtime's fp32 decoder ---
+# --- ov-cpu: the encoder on OpenVINO (bf16 where the CPU has AMX), ONNX Runtime's fp32 decoder ---
 
 def _model_input(m: LiteIMedSAM, rgb: np.ndarray) -> np.ndarray:
     u8, valid = prepare_image(rgb, m.cfg.preprocess, S)
@@ -232,8 +235,8 @@ def test_ov_cpu_bf16_masks_agree_with_fp32_on_real_polyps(sessile, moved, export
     if not native_bf16(ov_mod.Core()):
         pytest.skip("this CPU has no native bf16 (AMX or AVX-512 BF16); the refusal is tested below")
     art = load_artifact(exported)
-    bf, fp = OvBackend(art), OrtBackend(art, "cpu", "fp32")
-    assert bf.precision == "bf16"  # the default where the CPU has it
+    bf, fp = OvBackend(art, "bf16"), OrtBackend(art, "cpu", "fp32")
+    assert bf.precision == "bf16"
     for stem in STEMS[:3]:
         rgb, _, box = _case(sessile, stem)
         x = _model_input(moved, rgb)
@@ -261,6 +264,12 @@ def test_ov_cpu_refuses_what_it_cannot_run_in_one_line(sessile, exported, tmp_pa
     res = CliRunner().invoke(app, [str(img), "--box", "10,10,100,100", "--artifact", str(exported), "--out",
                                    str(out), "--backend", "ov-cpu", "--precision", "int8", "-q"])
     assert res.exit_code != 0 and "int8" in res.output and not out.exists()
+    # AVX-512 BF16 without AMX: fp32 by default (it was faster there), bf16 when asked for
+    monkeypatch.setattr(openvino, "native_bf16", lambda core: True)
+    monkeypatch.setattr(openvino, "amx_bf16", lambda: False)
+    be, how = open_backend("ov-cpu", art)
+    assert be.precision == "fp32" and "in fp32" in how
+    assert openvino.OvBackend(art, "bf16").precision == "bf16"
     # a CPU without native bf16: fp32 by default, bf16 refused
     monkeypatch.setattr(openvino, "native_bf16", lambda core: False)
     be, how = open_backend("ov-cpu", art)
@@ -272,6 +281,26 @@ def test_ov_cpu_refuses_what_it_cannot_run_in_one_line(sessile, exported, tmp_pa
     assert "openvino is not installed" in (probe("ov-cpu", art) or "")
     be, how = open_backend("auto", art)
     assert be.name == "ort-cpu" and "ov-cpu" in how
+
+
+_PROBE = ("import openvino as ov; from imedsam_deploy.backends.openvino import amx_bf16, default_precision; "
+          "print(amx_bf16(), default_precision(ov.Core()))")
+
+
+def test_ov_cpu_defaults_to_bf16_only_where_openvino_runs_it_on_amx():
+    """The AMX probe reads the kernel OpenVINO really picked: with AMX masked off (``ONEDNN_MAX_CPU_ISA``, as on a
+    CPU with AVX-512 BF16 but no AMX, where bf16 was slower than fp32) it says no and the default is fp32; it
+    never says yes on a CPU whose flags lack AMX."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
+    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "fp32"], out
+    env.pop("ONEDNN_MAX_CPU_ISA")
+    amx, default = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True,
+                                  check=True).stdout.split()
+    assert default == ("bf16" if amx == "True" else "fp32")
+    cpuinfo = Path("/proc/cpuinfo")
+    if amx == "True" and cpuinfo.exists():
+        assert "amx_bf16" in cpuinfo.read_text()
 
 
 def test_auto_and_the_commands_run_ov_cpu(sessile, moved, exported, tmp_path):

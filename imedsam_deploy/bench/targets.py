@@ -109,7 +109,7 @@ def open_backends(artifact: Artifact, names: list[str] | None, precision: str | 
             elif name == "ov-cpu":
                 from imedsam_deploy.backends.openvino import OvBackend
 
-                opened.append(OvBackend(artifact, precision, threads=threads))  # bf16 where the CPU has it
+                opened.append(OvBackend(artifact, precision, threads=threads))  # bf16 where the CPU has AMX
             else:
                 be, _ = registry.open_backend(name, artifact, precision, mine)
                 opened.append(be)

@@ -849,3 +849,22 @@ def test_bench_model_with_torch_backends_alone_exports_nothing(tmp_path, monkeyp
     assert row["backend"] == "torch-cpu" and row["speedup_vs_reference"] > 0
     assert row["agreement"]["pixel_in_box"] >= 0.999  # the full grid in fp32 against the fp32 reference
     assert (out / "bench.csv").is_file() and (out / "bench.png").is_file()
+
+
+def test_threads_reach_the_backends_with_a_cpu_pool_and_only_those(tiny_artifact):
+    """``open_backend(threads=)``: ONNX Runtime's sessions and OpenVINO's compiled encoder get that many threads
+    (named or through ``auto``); a backend module that does not declare ``TAKES_THREADS`` is not given it."""
+    import types
+
+    from imedsam_deploy import backends
+    from imedsam_deploy.manifest import load_artifact
+
+    art = load_artifact(tiny_artifact)
+    for name in ("ort-cpu", "ov-cpu", "auto"):
+        be, _ = backends.open_backend(name, art, threads=1)
+        assert be.sessions and all(s.get_session_options().intra_op_num_threads == 1 for s in be.sessions.values())
+        if be.name == "ov-cpu":
+            compiled = be.encoder.requests[1].get_compiled_model()
+            assert int(compiled.get_property("INFERENCE_NUM_THREADS")) == 1
+        be.close()
+    assert backends._create_kwargs(types.ModuleType("gpu_only"), {}, 1) == {}

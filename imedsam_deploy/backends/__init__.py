@@ -6,7 +6,9 @@ the torch-cuda backend, the bench's torch models, the tuner) is found the same w
 this package's code never imports it, so the base runtime stays torch-free. Both tables name code as
 "module" or "module:attribute", imported by ``_load``. What a backend takes besides its precision
 (``--backend-option KEY=VALUE``) it declares itself (``options``): ``parse_options`` checks what a command was
-given against that, and ``open_backend`` passes the typed values on.
+given against that, and ``open_backend`` passes the typed values on. A module whose backends run CPU work on a
+thread pool of their own (ONNX Runtime, OpenVINO) says so with ``TAKES_THREADS = True``; ``open_backend``'s
+``threads`` reaches only those.
 """
 
 from __future__ import annotations
@@ -104,6 +106,14 @@ def _with(values: Mapping[str, Any]) -> dict[str, Any]:
     return {"options": dict(values)} if values else {}
 
 
+def _create_kwargs(mod: ModuleType, values: Mapping[str, Any], threads: int | None) -> dict[str, Any]:
+    """``_with(values)``, plus ``threads`` where given and the module takes it (``TAKES_THREADS``)."""
+    kwargs = _with(values)
+    if threads and getattr(mod, "TAKES_THREADS", False):
+        kwargs["threads"] = threads
+    return kwargs
+
+
 def probe(name: str, artifact: Artifact, options: Mapping[str, str] | None = None) -> str | None:
     """None if backend ``name`` can run ``artifact`` here (opened with ``options``), else a one-line reason."""
     if name not in _REGISTRY:
@@ -125,16 +135,17 @@ def _probe(name: str, artifact: Artifact, values: Mapping[str, Any]) -> str | No
 
 
 def open_backend(name: str, artifact: Artifact, precision: str | None = None,
-                 options: Mapping[str, str] | None = None) -> tuple[Backend, str]:
+                 options: Mapping[str, str] | None = None, threads: int | None = None) -> tuple[Backend, str]:
     """Open backend ``name`` (or the fastest usable one for ``auto``) with ``options`` (``--backend-option``s,
-    split; none for ``auto``). Returns it and a line saying why."""
+    split; none for ``auto``) and ``threads`` CPU threads (default: the runtime's own; only backends with a CPU
+    thread pool of their own take it). Returns it and a line saying why."""
     values = parse_options(name, options)
     if name == "auto":
         skipped: dict[str, str] = {}
         for cand in NAMES:
             reason = probe(cand, artifact)
             if reason is None:
-                chosen, _ = open_backend(cand, artifact, precision)
+                chosen, _ = open_backend(cand, artifact, precision, threads=threads)
                 note = f" (unavailable here: {', '.join(skipped)})" if skipped else ""
                 return chosen, f"backend auto -> {chosen.description}{note}"
             skipped[cand] = reason
@@ -148,9 +159,10 @@ def open_backend(name: str, artifact: Artifact, precision: str | None = None,
     mod = _module(name)
     assert mod is not None
     provider = _REGISTRY[name][1]
+    kwargs = _create_kwargs(mod, values, threads)
     backend: Backend = (
-        mod.create(artifact, provider, precision=precision, **_with(values)) if provider
-        else mod.create(artifact, precision=precision, **_with(values))
+        mod.create(artifact, provider, precision=precision, **kwargs) if provider
+        else mod.create(artifact, precision=precision, **kwargs)
     )
     return backend, f"backend {backend.description}"
 

@@ -72,8 +72,11 @@ def probe(artifact: Artifact) -> str | None:
     return None
 
 
-def create(artifact: Artifact, precision: str | None = None) -> OvBackend:
-    return OvBackend(artifact, precision)
+TAKES_THREADS = True  # OpenVINO's inference threads and ONNX Runtime's decoder sessions
+
+
+def create(artifact: Artifact, precision: str | None = None, threads: int | None = None) -> OvBackend:
+    return OvBackend(artifact, precision, threads)
 
 
 class OvEncoder:

@@ -33,8 +33,11 @@ def probe(artifact: Artifact, provider: str) -> str | None:
     return None
 
 
-def create(artifact: Artifact, provider: str, precision: str | None = None) -> OrtBackend:
-    return OrtBackend(artifact, provider, precision or "fp32")
+TAKES_THREADS = True  # its sessions' intra-op pools
+
+
+def create(artifact: Artifact, provider: str, precision: str | None = None, threads: int | None = None) -> OrtBackend:
+    return OrtBackend(artifact, provider, precision or "fp32", threads=threads)
 
 
 def _trt_profile(artifact: Artifact, part: str, level: str) -> str:

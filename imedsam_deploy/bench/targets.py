@@ -99,20 +99,12 @@ def open_backends(artifact: Artifact, names: list[str] | None, precision: str | 
         if reason is not None:
             skipped[name] = reason
             continue
+        # with no --precision, ort-cpu's int8 encoder runs beside fp32 where the artifact has one
+        precs: list[str | None] = [precision]
+        if name == "ort-cpu" and not precision:
+            precs = ["fp32", *(["int8"] if "int8" in artifact.graphs else [])]
         try:
-            if name == "ort-cpu":
-                from imedsam_deploy.backends.ort import OrtBackend
-
-                # with no --precision, the int8 encoder (the fastest CPU path) runs beside fp32 when exported
-                precs = [precision] if precision else ["fp32", *(["int8"] if "int8" in artifact.graphs else [])]
-                opened.extend(OrtBackend(artifact, "cpu", p, threads=threads) for p in precs)
-            elif name == "ov-cpu":
-                from imedsam_deploy.backends.openvino import OvBackend
-
-                opened.append(OvBackend(artifact, precision, threads=threads))  # bf16 where the CPU has AMX
-            else:
-                be, _ = registry.open_backend(name, artifact, precision, mine)
-                opened.append(be)
+            opened.extend(registry.open_backend(name, artifact, p, mine, threads=threads)[0] for p in precs)
         except UserError as e:
             skipped[name] = str(e)
     for n, why in skipped.items():

@@ -15,7 +15,6 @@ same boxes (jitter and seed), same output grid as ``imedsam-eval``; ``torch`` is
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -67,16 +66,19 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from imedsam_core.atomic import atomic_write_text
     from imedsam_deploy.manifest import load_artifact
+    from imedsam_train.build import sha256_file
     from imedsam_train.checkpoint import load_checkpoint
     from imedsam_train.data import folder_dataset
     from imedsam_train.evaluate import cases_from_dataset, run_cases
+    from imedsam_train.metrics import summarise
     from imedsam_train.weights import shipped_checkpoint
 
     torch.set_num_threads(a.threads)
     ckpt = a.checkpoint or shipped_checkpoint()
     art = load_artifact(a.artifact)
-    sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    sha = sha256_file(ckpt)
     if art.manifest.get("source", {}).get("sha256") != sha:
         raise SystemExit(f"{a.artifact}: not exported from {ckpt} (the manifest's source sha256 differs)")
     model, _ = load_checkpoint(ckpt)
@@ -96,11 +98,13 @@ def main(argv: list[str] | None = None) -> int:
             baselines = {"litemedsam": LiteMedSAMBaseline(lite_medsam())}
         t = time.time()
         res = run_cases(model, cases, o, image_baselines=baselines, encode=encoder_fn(name, art, a.threads))
-        out[name] = {m: float(np.mean([r.metrics[m] for r in res])) for m in ("dice", "hd95")}
+        # imedsam-eval's means (``summarise``: an undefined HD95, of an empty mask, is left out there too)
+        out[name] = {m: summarise([r.metrics[m] for r in res])["mean"] for m in ("dice", "hd95")}
         per_case[name] = [r.metrics["dice"] for r in res]
         preds[name] = [r.pred for r in res]
         if baselines:
-            out["litemedsam"] = {m: float(np.mean([r.baselines["litemedsam"][m] for r in res])) for m in ("dice", "hd95")}
+            out["litemedsam"] = {m: summarise([r.baselines["litemedsam"][m] for r in res])["mean"]
+                                 for m in ("dice", "hd95")}
         print(f"{name}: Dice {out[name]['dice']:.2f} HD95 {out[name]['hd95']:.2f} ({time.time() - t:.0f} s)",
               file=sys.stderr, flush=True)
     first = next(iter(preds))
@@ -112,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         pix = f"{100 * agreement[n]:.3f}%" if n in agreement else ""
         print(f"{n:<12}{v['dice']:>8.2f}{v['hd95']:>8.2f}{pix:>10}")
     if a.json:
-        a.json.write_text(json.dumps({"settings": {"artifact": str(a.artifact), "checkpoint": str(ckpt),
+        atomic_write_text(a.json, json.dumps({"settings": {"artifact": str(a.artifact), "checkpoint": str(ckpt),
                                                    "box_jitter": a.box_jitter, "seed": a.seed, "out_size": o,
                                                    "cases": len(cases)},
                                       "means": out, "pixel_agreement": agreement, "dice_per_case": per_case},

@@ -265,3 +265,40 @@ def test_base_smoothing_chooses_on_val_and_writes_the_checkpoint_with_its_sigma(
     assert all(new["model"][k].equal(old["model"][k]) for k in old["model"])
     assert new["train_meta"]["base_smoothing"]["chosen_sigma"] == res["chosen_sigma"]
     assert "chosen on val" in capsys.readouterr().out
+
+
+def test_encoder_backend_eval_scores_each_encoder_on_the_same_cases(tmp_path, capsys):
+    """A tiny model and its export on the bundled sample's test split: the fp32 graphs (ONNX Runtime, OpenVINO)
+    score what the checkpoint's own encoder scores, with the same masks; a checkpoint the artifact was not exported
+    from is refused before anything runs."""
+    import pytest
+    import torch
+
+    from benchmarks import encoder_backend_eval
+    from imedsam_export.api import export_artifact
+    from imedsam_train.checkpoint import model_payload, save_checkpoint
+    from imedsam_train.config import preset
+    from imedsam_train.model import IMedSAM
+    from tests.conftest import SAMPLE_DATA
+
+    cks = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        cks.append(tmp_path / f"tiny{seed}.pt")
+        save_checkpoint(cks[-1], model_payload(IMedSAM(preset("tiny", input_size=64)).eval(), None))
+    art = export_artifact(cks[0], tmp_path / "art", verify=False, max_points=4096, batch=1)
+    js = tmp_path / "e.json"
+    args = ["--artifact", str(art), "--data", str(SAMPLE_DATA), "--threads", "1", "--json", str(js),
+            "--encoder", "torch", "--encoder", "ort-fp32", "--encoder", "ov-fp32"]
+    assert encoder_backend_eval.main([*args, "--checkpoint", str(cks[0])]) == 0
+    res = json.loads(js.read_text())
+    assert res["settings"]["cases"] == 8 and set(res["means"]) == {"torch", "ort-fp32", "ov-fp32"}
+    for name in ("ort-fp32", "ov-fp32"):
+        assert res["pixel_agreement"][name] >= 0.999
+        assert abs(res["means"][name]["dice"] - res["means"]["torch"]["dice"]) < 0.2
+    assert res["means"]["torch"]["dice"] > 1.0  # masks that are not empty, so their agreement means something
+    assert "ov-fp32" in capsys.readouterr().out
+    js.unlink()
+    with pytest.raises(SystemExit, match="not exported from"):
+        encoder_backend_eval.main([*args, "--checkpoint", str(cks[1])])
+    assert not js.exists()

@@ -68,6 +68,7 @@ def infer(
     query: str = typer.Option(DEFAULT_QUERY, "--query", help="sparse: the box plus --margin at multiple resolutions (fastest; 99.99% of pixels as full on Kvasir-Sessile test); box: every pixel of the box plus --margin; full: every pixel (the export's reference, slowest)."),
     margin: float = typer.Option(0.25, "--margin", help="Box-query margin, a fraction of the box size per side."),
     chunk: int = typer.Option(32768, "--chunk", help="Query points per decoder call (bounds memory)."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads for ov-cpu and ort-cpu (default: the runtimes' own, one per core); e.g. to leave cores to a device's other software."),
     tta: bool = typer.Option(False, "--tta", help="Average each mask's logits with those of the frame mirrored left to right (two encoder passes and twice the decoding a frame; the lite model on Kvasir-Sessile test: Dice 94.62 -> 95.04, mean HD95 4.92 -> 5.39 with jittered boxes: README)."),
     min_confidence: float = typer.Option(TrackConfig.min_confidence, "--min-confidence", help="Video: a mask below this mean probability means lost."),
     max_growth: float = typer.Option(TrackConfig.max_growth, "--max-growth", help="Video: a tracked object may grow to this many times its given box's width or height, or shrink to 1/this (except along a side cut by the frame's edge); a mask beyond means lost (0: no limit)."),
@@ -98,6 +99,8 @@ def infer(
         raise UserError(f"--margin {margin}: expected a fraction between 0 and 10")
     if chunk < 1:
         raise UserError(f"--chunk {chunk}: must be positive")
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads {threads}: must be at least 1")
     if not 0 <= min_confidence <= 1:
         raise UserError(f"--min-confidence {min_confidence}: expected a probability between 0 and 1")
     if not (max_growth == 0 or 1 <= max_growth <= 1e6):
@@ -120,12 +123,12 @@ def infer(
     _prepare_out(out_dir, force)
     _run(spec, prompts, artifact, out_dir, backend, precision, size, query, margin, chunk,
          TrackConfig(min_confidence=min_confidence, max_growth=max_growth, core=track_core, appearance=appearance,
-                     search=search, like_part=like_part), win, quiet, options, tta)
+                     search=search, like_part=like_part), win, quiet, options, tta, threads)
 
 
 def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, backend_name: str, precision: str | None,
          size: Any, query: Any, margin: float, chunk: int, track: TrackConfig, win: Any, quiet: bool,
-         options: dict[str, str], tta: bool = False) -> None:
+         options: dict[str, str], tta: bool = False, threads: int | None = None) -> None:
     from rich.console import Console
 
     from imedsam_core.atomic import atomic_dir
@@ -160,7 +163,7 @@ def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, back
         art = load_artifact(choice.path)
         if tta:
             check_tta(art)
-        be, how = bk.open_backend(backend_name, art, precision, options)
+        be, how = bk.open_backend(backend_name, art, precision, options, threads=threads)
         say_line(console, choice.line())  # once it opened: a refused artifact gets its one error line only
         say_line(console, how)
         seg = Segmenter(be, art, query=query, margin=margin, chunk=chunk, tta=tta)

@@ -42,6 +42,7 @@ def serve(
     cache_size: int = typer.Option(64, "--cache-size", help="Embeddings kept for decode (least recently used dropped first)."),
     ttl: float = typer.Option(600.0, "--ttl", help="Seconds an unused embedding is kept."),
     workspace: Path | None = typer.Option(None, "--workspace", help="PyTriton's working folder (default: a temporary one)."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads for ov-cpu and ort-cpu (default: the runtimes' own, one per core)."),
 ) -> None:
     """Serve `segment`, `encode` and `decode` (see imedsam_deploy.serve) until Ctrl-C or SIGTERM."""
     from rich.console import Console
@@ -63,16 +64,18 @@ def serve(
         raise UserError(f"--max-batch {max_batch}: must be positive")
     if max_boxes < 1 or cache_size < 1 or ttl <= 0 or queue_delay_us < 0:
         raise UserError("--max-boxes, --cache-size and --ttl must be positive, --queue-delay-us not negative")
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads {threads}: must be at least 1")
     require("pytriton", "serve")
     console = Console(stderr=True)
     serve_artifact(artifact, backend, precision, host, (http_port, grpc_port, metrics_port), max_batch,
-                   queue_delay_us, query, max_boxes, cache_size, ttl, workspace, console, options, tta)
+                   queue_delay_us, query, max_boxes, cache_size, ttl, workspace, console, options, tta, threads)
 
 
 def serve_artifact(artifact_dir: Path | None, backend_name: str, precision: str | None, host: str,
                    ports: tuple[int, int, int], max_batch: int | None, queue_delay_us: int, query: str,
                    max_boxes: int, cache_size: int, ttl: float, workspace: Path | None, console: object,
-                   options: dict[str, str] | None = None, tta: bool = False) -> None:
+                   options: dict[str, str] | None = None, tta: bool = False, threads: int | None = None) -> None:
     from imedsam_core.paths import latest_artifact
     from imedsam_deploy import backends as bk
     from imedsam_deploy.manifest import load_artifact
@@ -86,7 +89,7 @@ def serve_artifact(artifact_dir: Path | None, backend_name: str, precision: str 
     art = load_artifact(artifact_dir)
     if tta:
         check_tta(art)
-    be, how = bk.open_backend(backend_name, art, precision, options)
+    be, how = bk.open_backend(backend_name, art, precision, options, threads=threads)
     say_line(console, how)
     seg = Segmenter(be, art, query=query, tta=tta)  # type: ignore[arg-type]
     svc = Service(seg, ServeLimits(max_boxes=max_boxes, cache_size=cache_size, ttl_s=ttl))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import json
 from pathlib import Path
 
@@ -456,6 +457,29 @@ def test_cli_passes_the_video_options_to_the_tracker(tmp_path, monkeypatch, args
     assert {k: getattr(seen["track"], k) for k in want} == want
 
 
+def test_cli_threads_reach_the_backend_and_a_bad_count_is_refused(tmp_path, monkeypatch):
+    from imedsam_deploy import backends as bk
+
+    img = next((SAMPLE_DATA / "images").glob("*.jpg"))
+    res = CliRunner().invoke(app, [str(img), "--box", "1,1,50,50", "--out", str(tmp_path / "bad"), "--threads", "0"])
+    assert res.exit_code == 2 and res.output.startswith("error: --threads 0: must be at least 1")
+    assert not (tmp_path / "bad").exists()
+    opened = []
+    real = bk.open_backend
+
+    def spy(*a, **k):
+        be, how = real(*a, **k)
+        opened.append((k.get("threads"), be))
+        return be, how
+
+    monkeypatch.setattr(bk, "open_backend", spy)
+    res = CliRunner().invoke(app, [str(img), "--box", "1,1,50,50", "--out", str(tmp_path / "out"), "--threads", "1",
+                                   "--backend", "ort-cpu", "-q"])
+    assert res.exit_code == 0, res.output
+    (threads, be), = opened
+    assert threads == 1 and all(s.get_session_options().intra_op_num_threads == 1 for s in be.sessions.values())
+
+
 def test_torch_cuda_runs_the_checkpoint_given_as_a_backend_option(tmp_path, monkeypatch):
     """``checkpoint=PATH`` stands in for the manifest's source checkpoint (the artifact here names none)."""
     from imedsam_cuda import torch_cuda
@@ -481,6 +505,34 @@ def test_serve_refuses_bad_backend_options_before_it_starts(tmp_path):
         res = CliRunner().invoke(serve_app, [str(art), *args])
         assert res.exit_code == 2 and res.output.startswith(f"error: --backend-option {args[-1]}: {msg}"), res.output
         assert len(res.output.strip().splitlines()) == 1
+    res = CliRunner().invoke(serve_app, [str(art), "--threads", "0"])
+    assert res.exit_code == 2 and res.output.startswith("error: --threads 0: must be at least 1"), res.output
+
+
+def test_serve_passes_threads_to_the_backend(tmp_path, monkeypatch):
+    """What ``imedsam-serve --threads`` opens the backend with (the server itself replaced: it needs PyTriton)."""
+    from imedsam_deploy import backends as bk
+    from imedsam_deploy import serve
+    from imedsam_deploy.cli_serve import serve_artifact
+
+    opened = []
+    real = bk.open_backend
+
+    def spy(*a, **k):
+        be, how = real(*a, **k)
+        opened.append((k.get("threads"), be))
+        return be, how
+
+    monkeypatch.setattr(bk, "open_backend", spy)
+    monkeypatch.setattr(serve, "Server", lambda svc, cfg: type("NoServer", (), {"serve": lambda self: None})())
+    from rich.console import Console
+
+    from imedsam_core.paths import SHIPPED_ARTIFACT
+
+    serve_artifact(SHIPPED_ARTIFACT, "ort-cpu", None, "127.0.0.1", (8000, 8001, 8002), None, 0, "sparse", 4, 4, 60.0, None,
+                   Console(file=io.StringIO()), None, False, 1)
+    (threads, be), = opened
+    assert threads == 1 and all(s.get_session_options().intra_op_num_threads == 1 for s in be.sessions.values())
 
 
 def test_chunk_coords_are_the_region_coords_piecewise():

@@ -1,5 +1,5 @@
 """``imedsam-eval``'s protocol with the encoder run by an exported graph on a deployment backend: what a
-reduced-precision CPU encoder (OpenVINO bf16, ONNX Runtime int8) costs in Dice and HD95 on real cases.
+reduced-precision CPU encoder (OpenVINO bf16 or int8, ONNX Runtime int8) costs in Dice and HD95 on real cases.
 
     python -m benchmarks.encoder_backend_eval --artifact EXPORT --data ../shared/data/Kvasir-Sessile \\
         [--checkpoint CKPT] [--split .../splits/test.txt] [--box-jitter 20] [--out-size 256] [--seed 0] \\
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-ENCODERS = ("torch", "ort-fp32", "ort-int8", "ov-fp32", "ov-bf16")
+ENCODERS = ("torch", "ort-fp32", "ort-int8", "ov-fp32", "ov-bf16", "ov-int8")
 
 
 def encoder_fn(name: str, artifact: object, threads: int) -> Callable[..., object] | None:

@@ -120,6 +120,10 @@ DECODER_ONNX: Final = "decoder.onnx"
 ENCODER_ONNX_FP16: Final = "encoder.fp16.onnx"
 DECODER_ONNX_FP16: Final = "decoder.fp16.onnx"
 ENCODER_ONNX_INT8: Final = "encoder.int8.onnx"  # CPU only; pairs with the fp32 decoder
+# OpenVINO's int8 encoder (``--ov-int8``): an OpenVINO model (this .xml, its weights in the .bin beside it) that
+# pairs with the fp32 decoder graphs; its manifest graphs key is OV_INT8, ``ov-cpu --precision int8`` runs it
+ENCODER_OV_INT8: Final = "encoder.ov-int8.xml"
+OV_INT8: Final = "ov-int8"
 DECODER_PROMPT_ONNX: Final = "decoder_prompt.onnx"  # the decoder split in two (see PROMPT_INPUTS)
 DECODER_POINTS_ONNX: Final = "decoder_points.onnx"
 # precisions an artifact can hold; "int8" = int8-weight encoder (ONNX Runtime CPU) + fp32 decoder

@@ -62,7 +62,7 @@ def infer(
     artifact: Path | None = typer.Option(None, "--artifact", help="Artifact folder (default: the newest export of a finished run or of the shipped lite model under runs/, else the bundled tiny model's)."),
     out: Path | None = typer.Option(None, "--out", help="Output folder (default: runs/infer/<input name>)."),
     backend: str = typer.Option("auto", "--backend", help="auto|ov-cpu|ort-cpu|ort-cuda|ort-trt|tensorrt|torch-cuda."),
-    precision: str | None = typer.Option(None, "--precision", help="fp32|fp16|bf16|int8 (int8: the int8 encoder on ort-cpu; bf16 on ov-cpu: its encoder; default: the backend's)."),
+    precision: str | None = typer.Option(None, "--precision", help="fp32|fp16|bf16|int8 (int8: ort-cpu's int8 encoder, or ov-cpu's from imedsam-export --ov-int8; bf16: ov-cpu's encoder; default: the backend's)."),
     backend_option: list[str] | None = typer.Option(None, "--backend-option", help=BACKEND_OPTION_HELP),
     out_size: str | None = typer.Option(None, "--out-size", help="Mask size: N (long side) or WxH (default: the input's)."),
     query: str = typer.Option(DEFAULT_QUERY, "--query", help="sparse: the box plus --margin at multiple resolutions (fastest; 99.99% of pixels as full on Kvasir-Sessile test); box: every pixel of the box plus --margin; full: every pixel (the export's reference, slowest)."),

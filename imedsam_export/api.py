@@ -105,6 +105,8 @@ def export_artifact(
     model: IMedSAM | None = None,
     fp16: bool = False,
     int8: bool = False,
+    ov_int8: bool = False,
+    calibration: Path | None = None,
     max_points: int = DEFAULT_MAX_POINTS,
     batch: int = DEFAULT_BATCH,
     opset: int = DEFAULT_OPSET,
@@ -123,6 +125,13 @@ def export_artifact(
     """
     say: Log = log or (lambda _msg: None)
     _check_options(max_points, batch, opset)
+    if calibration is not None and not ov_int8:
+        raise UserError(f"--calibration {calibration}: calibrates the --ov-int8 encoder; add --ov-int8")
+    calib: tuple[list[Any], str] | None = None
+    if ov_int8:  # read now: a bad folder is refused before the slow steps
+        from imedsam_export.ov_int8 import calibration_images
+
+        calib = calibration_images(Path(calibration) if calibration is not None else None)
     source: dict[str, Any]
     if model is None:
         choice, shipped = resolve_source_choice(checkpoint)
@@ -174,6 +183,16 @@ def export_artifact(
             graphs["int8"] = {"encoder": C.ENCODER_ONNX_INT8, "decoder": C.DECODER_ONNX, **split}
             int8_report = quantize_int8(enc_p, tmp / C.ENCODER_ONNX_INT8)
             say(f"wrote {C.ENCODER_ONNX_INT8} ({int8_report['quantized_matmuls']} weight matrices in int8)")
+        ov_int8_report: dict[str, Any] = {}
+        if calib is not None:
+            from imedsam_export.ov_int8 import calibration_inputs, quantize_ov_int8
+
+            inputs, where = calibration_inputs(calib[0], cfg.input_size, cfg.preprocess), calib[1]
+            say(f"quantising the encoder for OpenVINO (NNCF), calibrated on {where}")
+            graphs[C.OV_INT8] = {"encoder": C.ENCODER_OV_INT8, "decoder": C.DECODER_ONNX, **split}
+            ov_int8_report = {**quantize_ov_int8(enc_p, tmp / C.ENCODER_OV_INT8, inputs, cfg.input_size),
+                              "calibration": where}
+            say(f"wrote {C.ENCODER_OV_INT8} ({ov_int8_report['fake_quantize_nodes']} quantisers)")
         parity: dict[str, Any] = {"verified": verify, "tolerances": {
             "fp32_logit_abs": V.FP32_LOGIT_TOL, "mask_agreement_min": V.MASK_AGREEMENT_MIN,
             "fp16_dice_points": V.FP16_DICE_TOL,
@@ -218,7 +237,8 @@ def export_artifact(
             say(f"wrote Triton model repository {triton_dir}/")
         manifest = build_manifest(
             tmp, cfg, opset=opset, max_points=max_points, max_batch=batch, graphs=graphs, parity=parity,
-            merge={**merge_report.to_dict(), "fp16": fp16_report, "int8": int8_report}, engines=engines, source=source,
+            merge={**merge_report.to_dict(), "fp16": fp16_report, "int8": int8_report, C.OV_INT8: ov_int8_report},
+            engines=engines, source=source,
             triton=triton_dir,
         )
         if engines_skipped:
@@ -232,7 +252,7 @@ def _parity_line(parity: dict[str, Any]) -> str:
     rnd, real = parity["random"], parity["real"]
     parts = [f"parity: random max|diff| enc {rnd['encoder_max_abs_diff']:.1e} dec {rnd['decoder_logit_max_abs_diff']:.1e}"]
     if real.get("images"):
-        for prec in ("fp32", "fp16", "fp16_reference", "int8"):
+        for prec in ("fp32", "fp16", "fp16_reference", "int8", C.OV_INT8):
             if prec in real:
                 r = real[prec]
                 parts.append(f"{prec} on {r['images']} images: max|diff| {r['logit_max_abs_diff']:.1e}, "

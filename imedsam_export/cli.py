@@ -23,6 +23,12 @@ def export(
     fp16: Annotated[bool, typer.Option("--fp16", help="also write fp16 graphs (fp32 islands kept)")] = False,
     int8: Annotated[bool, typer.Option(
         "--int8", help="also write an int8 encoder for ONNX Runtime on CPUs (checked against fp32)")] = False,
+    ov_int8: Annotated[bool, typer.Option(
+        "--ov-int8", help="also write an int8 encoder for OpenVINO (ov-cpu's default on CPUs without AMX where int8 "
+                          "pays: AVX-512 or AVX-VNNI), calibrated on real images (checked against fp32)")] = False,
+    calibration: Annotated[Path | None, typer.Option(
+        "--calibration", help="folder of images to calibrate --ov-int8 on (default: the bundled sample's train "
+                              "split); like the images the model will see, never the ones you score on")] = None,
     max_points: Annotated[int, typer.Option("--max-points", help="max query points per decoder call")] = 65536,
     batch: Annotated[int, typer.Option("--batch", help="max boxes/images per call")] = 8,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset: 18 (tested) or 19")] = 18,
@@ -37,7 +43,7 @@ def export(
     from imedsam_export.api import export_artifact
 
     folder = export_artifact(
-        checkpoint, out, fp16=fp16, int8=int8, max_points=max_points, batch=batch, opset=opset, engine=engine,
+        checkpoint, out, fp16=fp16, int8=int8, ov_int8=ov_int8, calibration=calibration, max_points=max_points, batch=batch, opset=opset, engine=engine,
         triton=triton, force=force, verify=not no_verify, sam_checkpoint=sam_checkpoint,
         log=lambda msg: typer.echo(msg),
     )

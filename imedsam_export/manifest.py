@@ -74,7 +74,10 @@ def build_manifest(folder: Path, cfg: ModelConfig, *, opset: int, max_points: in
                               "spectrum, the prompt encoder's random-Fourier positional encoding, the point "
                               "sampling taps, the Fourier encoding and the uncertainty; graph I/O float32",
                       "int8": "encoder with int8 weight matrices (7-bit range) and uint8 activations quantised "
-                              "per tensor at run time (ONNX Runtime CPU); the fp32 decoder; graph I/O float32"},
+                              "per tensor at run time (ONNX Runtime CPU); the fp32 decoder; graph I/O float32",
+                      C.OV_INT8: "OpenVINO encoder with int8 matrix products (NNCF, calibrated; convolutions, "
+                                 "softmax and norms float, weights stored fp16, computed fp32; ov-cpu); the fp32 "
+                                 "decoder graphs"},
         "io": {"encoder": graph_io(folder / fp32["encoder"]), "decoder": graph_io(folder / fp32["decoder"])},
         "decoder_outputs": "coarse, fine (at every point) and uncertainty; the runtime applies the UGS merge",
         "merge": merge,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,8 @@ from imedsam_train.build import build
 from imedsam_train.model import ugs_merge
 from imedsam_train.model.lite import LiteIMedSAM
 from imedsam_train.preprocess import input_boxes, output_coords, prepare_image, to_input
+from tests.conftest import SAMPLE_DATA, read_mask, read_rgb
 from tests.conftest import SESSILE_STEMS as STEMS
-from tests.conftest import read_mask, read_rgb
 
 S = 256
 
@@ -48,8 +49,15 @@ def moved() -> LiteIMedSAM:
 def exported(moved, tmp_path_factory) -> Path:
     from imedsam_export.api import export_artifact
 
-    out = tmp_path_factory.mktemp("lite") / "artifact"
-    export_artifact(None, out, model=moved, batch=2, max_points=8192, real_images=2)
+    root = tmp_path_factory.mktemp("lite")
+    # OpenVINO's int8 encoder too, calibrated on four of the bundled sample's train images (the export's default
+    # is its whole train split): the parity check below then runs it on real polyps
+    calib = root / "calibration"
+    calib.mkdir()
+    for stem in (SAMPLE_DATA / "splits" / "train.txt").read_text().split()[:4]:
+        (calib / f"{stem}.jpg").symlink_to(SAMPLE_DATA / "images" / f"{stem}.jpg")
+    out = root / "artifact"
+    export_artifact(None, out, model=moved, batch=2, max_points=8192, real_images=2, ov_int8=True, calibration=calib)
     return out
 
 
@@ -255,15 +263,22 @@ def test_ov_cpu_refuses_what_it_cannot_run_in_one_line(sessile, exported, tmp_pa
     from imedsam_deploy.cli_infer import app
 
     art = load_artifact(exported)
-    for prec in ("int8", "fp16"):
-        with pytest.raises(UserError) as e:
-            openvino.OvBackend(art, prec)
-        assert prec in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(UserError, match="fp16") as e:
+        openvino.OvBackend(art, "fp16")
+    assert "\n" not in str(e.value)
+    # int8 needs the OpenVINO int8 encoder (imedsam-export --ov-int8): an artifact without it is refused
+    bare = tmp_path / "bare"
+    shutil.copytree(exported, bare)
+    man = json.loads((bare / C.MANIFEST_NAME).read_text())
+    del man["graphs"][C.OV_INT8]
+    (bare / C.MANIFEST_NAME).write_text(json.dumps(man))
+    with pytest.raises(UserError, match="export with imedsam-export --ov-int8"):
+        openvino.OvBackend(load_artifact(bare), "int8")
     img = sessile / "images" / f"{STEMS[0]}.jpg"
     out = tmp_path / "out"
-    res = CliRunner().invoke(app, [str(img), "--box", "10,10,100,100", "--artifact", str(exported), "--out",
+    res = CliRunner().invoke(app, [str(img), "--box", "10,10,100,100", "--artifact", str(bare), "--out",
                                    str(out), "--backend", "ov-cpu", "--precision", "int8", "-q"])
-    assert res.exit_code != 0 and "int8" in res.output and not out.exists()
+    assert res.exit_code != 0 and "--ov-int8" in res.output and not out.exists()
     # AVX-512 BF16 without AMX: fp32 by default (it was faster there), bf16 when asked for
     monkeypatch.setattr(openvino, "native_bf16", lambda core: True)
     monkeypatch.setattr(openvino, "amx_bf16", lambda: False)
@@ -281,6 +296,67 @@ def test_ov_cpu_refuses_what_it_cannot_run_in_one_line(sessile, exported, tmp_pa
     assert "openvino is not installed" in (probe("ov-cpu", art) or "")
     be, how = open_backend("auto", art)
     assert be.name == "ort-cpu" and "ov-cpu" in how
+
+
+def test_ov_int8_encoder_is_exported_verified_and_keeps_the_masks(sessile, moved, exported, monkeypatch):
+    """``--ov-int8``: NNCF's int8 encoder in the artifact (its .bin listed with a sha256), run by the export's
+    parity check on real polyps, and by ``ov-cpu --precision int8``: the embedding moves (it is int8), the masks
+    hold against fp32 on three real polyps. Never the default, even where bf16 is not."""
+    from imedsam_deploy.backends import open_backend, openvino
+    from imedsam_deploy.backends.ort import OrtBackend
+    from imedsam_deploy.runtime import Segmenter
+    from imedsam_train.metrics import dice
+
+    man = json.loads((exported / C.MANIFEST_NAME).read_text())
+    assert man["graphs"][C.OV_INT8]["encoder"] == C.ENCODER_OV_INT8
+    assert {C.ENCODER_OV_INT8, C.ENCODER_OV_INT8.replace(".xml", ".bin")} <= set(man["files"])
+    assert man["merge"][C.OV_INT8]["fake_quantize_nodes"] > 20 and "4 images" in man["merge"][C.OV_INT8]["calibration"]
+    real = man["parity"]["real"][C.OV_INT8]
+    assert real["images"] == 2 and real["mask_agreement"] >= 0.99 and "openvino" in real["runner"]
+    art = load_artifact(exported)
+    q, fp = openvino.OvBackend(art, "int8"), OrtBackend(art, "cpu", "fp32")
+    assert q.precision == "int8" and "encoder in int8" in q.description
+    for stem in STEMS:
+        rgb, _, box = _case(sessile, stem)
+        x = _model_input(moved, rgb)
+        (e_q,), (e_fp,) = q.encode(x), fp.encode(x)
+        rel = float(np.linalg.norm(e_q - e_fp) / np.linalg.norm(e_fp))
+        assert 1e-3 < rel < 0.2, rel
+        got = Segmenter(q, art, query="sparse").segment(rgb, box[None]).objects[0].mask()
+        ref = Segmenter(fp, art, query="sparse").segment(rgb, box[None]).objects[0].mask()
+        assert (got == ref).mean() >= 0.99 and dice(got, ref) >= 95.0, (stem, dice(got, ref))
+    monkeypatch.setattr(openvino, "amx_bf16", lambda: False)
+    be, how = open_backend("ov-cpu", art)
+    assert be.precision == "fp32" and "in fp32" in how
+
+
+def test_ov_int8_export_refuses_bad_calibration_in_one_line(tmp_path):
+    from imedsam_export.cli import app as export_app
+    from imedsam_export.ov_int8 import calibration_images, calibration_inputs
+    from imedsam_train.config import PreprocessConfig
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "x.png").write_bytes(b"not a png")
+    for args, msg in (
+        (["--calibration", str(empty)], "calibrates the --ov-int8 encoder; add --ov-int8"),
+        (["--ov-int8", "--calibration", str(tmp_path / "nowhere")], "not a folder"),
+        (["--ov-int8", "--calibration", str(empty)], "no images"),
+        (["--ov-int8", "--calibration", str(broken)], "not a readable image"),
+    ):
+        out = tmp_path / "art"
+        res = CliRunner().invoke(export_app, ["--out", str(out), "--no-verify", *args])
+        lines = [ln for ln in res.output.splitlines() if ln.strip() and not ln.startswith("using")]
+        assert res.exit_code == 2 and lines[-1].startswith("error: --") and msg in lines[-1], res.output
+        assert not out.exists()
+    # the default calibration set: the bundled sample's train split, in the model's preprocessing
+    images, where = calibration_images()
+    assert len(images) == 24 and images[0].ndim == 3 and "train split (24 images)" in where
+    xs = calibration_inputs(images[:2], 64, PreprocessConfig())
+    assert len(xs) == 2 and xs[0].shape == (1, 3, 64, 64) and xs[0].dtype == np.float32
 
 
 _PROBE = ("import openvino as ov; from imedsam_deploy.backends.openvino import amx_bf16, default_precision; "
@@ -327,5 +403,11 @@ def test_auto_and_the_commands_run_ov_cpu(sessile, moved, exported, tmp_path):
                                          "--box", ",".join(str(v) for v in box), "--repeat", "1", "--warmup", "0",
                                          "--threads", "2", "--out", str(tmp_path / "bo"), "--json", str(js)])
     assert res.exit_code == 0, res.output
-    rows = json.loads(js.read_text())["results"]  # one per output size
+    rows = json.loads(js.read_text())["results"]  # one per output size and precision
     assert rows and all(r["backend"] == "ov-cpu" and r["e2e_ms"]["p50"] > 0 for r in rows), rows
+    # no --precision: the OpenVINO int8 encoder the artifact holds is timed beside ov-cpu's default
+    import openvino as ov_mod
+
+    from imedsam_deploy.backends.openvino import default_precision
+
+    assert {r["precision"] for r in rows} == {default_precision(ov_mod.Core()), "int8"}

@@ -12,6 +12,13 @@ runs bf16 matrix products on AMX (``amx_bf16``), and refused in one line where t
 Between the two (AVX-512 BF16 without AMX: AMD Zen 4, Intel Cooper Lake) bf16 runs when asked for but fp32 is the
 default: on the dev VM with AMX masked off (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``) bf16 took 0.51 s against fp32's
 0.42 s, and fp32 keeps the embedding exact.
+
+``int8`` is a stored graph, run only when asked for (``--precision int8``): the artifact's OpenVINO int8 encoder
+(``imedsam-export --ov-int8``: NNCF, calibrated; ``imedsam_export.ov_int8``), its float parts in fp32. It pays on a
+CPU without AMX whose int8 matrix products OpenVINO runs with its brgemm kernels (AVX-512, AVX-VNNI): with AMX
+masked off the lite encoder took 0.26 s against fp32's 0.40 s. Not with AVX2 alone (0.74 s against 0.53 s), nor
+with AMX, where bf16 is faster. It is not a default: on Kvasir-Sessile test its mean HD95 fell behind LiteMedSAM's
+(benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -28,8 +35,8 @@ from imedsam_deploy.backends.base import Embedding
 from imedsam_deploy.backends.ort import OrtBackend
 from imedsam_deploy.manifest import Artifact
 
-PRECISIONS = ("fp32", "bf16")  # the encoder's execution precision; both from the artifact's fp32 graph
-_HINT = {"fp32": "f32", "bf16": "bf16"}  # OpenVINO's INFERENCE_PRECISION_HINT values
+PRECISIONS = ("fp32", "bf16", "int8")  # fp32 and bf16 run the artifact's fp32 graph, int8 its ov-int8 one
+_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # OpenVINO's INFERENCE_PRECISION_HINT values
 
 
 def native_bf16(core: Any) -> bool:
@@ -38,22 +45,28 @@ def native_bf16(core: Any) -> bool:
 
 
 @cache
-def amx_bf16() -> bool:
-    """Whether OpenVINO runs bf16 matrix products on AMX here: one small MatMul compiled in bf16, and the kernel
-    its CPU plugin picked read back (about 40 ms, once per process). Asking the plugin rather than reading the
-    CPU's flags gives what it will really run, on any OS, and honours ``ONEDNN_MAX_CPU_ISA``."""
+def bf16_matmul_kernel() -> str:
+    """The kernel OpenVINO's CPU plugin picks here for one small matrix product compiled in bf16, read back from
+    its profile ("" where it cannot compile one). About 40 ms once per process. Asking the plugin rather than
+    reading the CPU's flags gives what it will really run, on any OS, and honours ``ONEDNN_MAX_CPU_ISA``."""
     import openvino as ov
     import openvino.opset13 as ops
 
     x = ops.parameter([32, 64], ov.Type.f32, name="x")
-    model = ov.Model([ops.matmul(x, ops.constant(np.ones((64, 64), np.float32)), False, False)], [x], "amx_probe")
+    model = ov.Model([ops.matmul(x, ops.constant(np.ones((64, 64), np.float32)), False, False)], [x], "bf16_probe")
     try:
         req = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16", "PERF_COUNT": True,
                                                      "INFERENCE_NUM_THREADS": 1}).create_infer_request()
         req.infer({"x": np.ones((32, 64), np.float32)})
-    except RuntimeError:  # no bf16 kernel at all: certainly no AMX
-        return False
-    return any("amx" in p.exec_type for p in req.get_profiling_info())
+    except RuntimeError:  # no bf16 kernel at all
+        return ""
+    return next((p.exec_type for p in req.get_profiling_info() if p.node_type.startswith(("FullyConnected", "MatMul"))),
+                "")
+
+
+def amx_bf16() -> bool:
+    """Whether OpenVINO runs bf16 matrix products on AMX here."""
+    return "amx" in bf16_matmul_kernel()
 
 
 def default_precision(core: Any) -> str:
@@ -90,13 +103,17 @@ class OvEncoder:
         self.version = ov.__version__.split("-")[0]  # "2026.4.1-22982-<hash>-releases/..." -> "2026.4.1"
         precision = precision or default_precision(core)
         if precision not in PRECISIONS:
-            raise UserError(f"{artifact.path}: ov-cpu runs its encoder in {' or '.join(PRECISIONS)}, not {precision} "
-                            "(int8 is ort-cpu's; fp16 is for GPUs)")
+            raise UserError(f"{artifact.path}: ov-cpu runs its encoder in {', '.join(PRECISIONS)}, not {precision} "
+                            "(fp16 is for GPUs)")
+        if precision == "int8" and contract.OV_INT8 not in artifact.graphs:
+            raise UserError(f"{artifact.path}: no OpenVINO int8 encoder for ov-cpu --precision int8 (export with "
+                            "imedsam-export --ov-int8)")
         if precision == "bf16" and not native_bf16(core):
             raise UserError(f"{artifact.path}: this CPU has no native bf16 (AMX or AVX-512 BF16) for ov-cpu; "
                             "use --precision fp32")
         self.precision = precision
-        self.core, self.path, self.size = core, artifact.graph("encoder", "fp32"), artifact.input_size
+        graphs = contract.OV_INT8 if precision == "int8" else "fp32"
+        self.core, self.path, self.size = core, artifact.graph("encoder", graphs), artifact.input_size
         self.config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _HINT[precision], "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads

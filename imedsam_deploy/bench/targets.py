@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from imedsam_core import contract
 from imedsam_core.errors import UserError
 from imedsam_core.paths import Choice
 from imedsam_deploy import backends as registry
@@ -99,10 +100,12 @@ def open_backends(artifact: Artifact, names: list[str] | None, precision: str | 
         if reason is not None:
             skipped[name] = reason
             continue
-        # with no --precision, ort-cpu's int8 encoder runs beside fp32 where the artifact has one
+        # with no --precision, ort-cpu's and ov-cpu's int8 encoders run beside their defaults where exported
         precs: list[str | None] = [precision]
         if name == "ort-cpu" and not precision:
             precs = ["fp32", *(["int8"] if "int8" in artifact.graphs else [])]
+        elif name == "ov-cpu" and not precision and contract.OV_INT8 in artifact.graphs:
+            precs = [None, "int8"]
         try:
             opened.extend(registry.open_backend(name, artifact, p, mine, threads=threads)[0] for p in precs)
         except UserError as e:

@@ -457,13 +457,10 @@ def test_cli_passes_the_video_options_to_the_tracker(tmp_path, monkeypatch, args
     assert {k: getattr(seen["track"], k) for k in want} == want
 
 
-def test_cli_threads_reach_the_backend_and_a_bad_count_is_refused(tmp_path, monkeypatch):
+def _spy_open_backend(monkeypatch) -> list:
+    """Every backend the registry opens from now on, with the ``threads`` it was opened with."""
     from imedsam_deploy import backends as bk
 
-    img = next((SAMPLE_DATA / "images").glob("*.jpg"))
-    res = CliRunner().invoke(app, [str(img), "--box", "1,1,50,50", "--out", str(tmp_path / "bad"), "--threads", "0"])
-    assert res.exit_code == 2 and res.output.startswith("error: --threads 0: must be at least 1")
-    assert not (tmp_path / "bad").exists()
     opened = []
     real = bk.open_backend
 
@@ -473,6 +470,16 @@ def test_cli_threads_reach_the_backend_and_a_bad_count_is_refused(tmp_path, monk
         return be, how
 
     monkeypatch.setattr(bk, "open_backend", spy)
+    return opened
+
+
+def test_cli_threads_reach_the_backend_and_a_bad_count_is_refused(tmp_path, monkeypatch):
+
+    img = next((SAMPLE_DATA / "images").glob("*.jpg"))
+    res = CliRunner().invoke(app, [str(img), "--box", "1,1,50,50", "--out", str(tmp_path / "bad"), "--threads", "0"])
+    assert res.exit_code == 2 and res.output.startswith("error: --threads 0: must be at least 1")
+    assert not (tmp_path / "bad").exists()
+    opened = _spy_open_backend(monkeypatch)
     res = CliRunner().invoke(app, [str(img), "--box", "1,1,50,50", "--out", str(tmp_path / "out"), "--threads", "1",
                                    "--backend", "ort-cpu", "-q"])
     assert res.exit_code == 0, res.output
@@ -511,19 +518,10 @@ def test_serve_refuses_bad_backend_options_before_it_starts(tmp_path):
 
 def test_serve_passes_threads_to_the_backend(tmp_path, monkeypatch):
     """What ``imedsam-serve --threads`` opens the backend with (the server itself replaced: it needs PyTriton)."""
-    from imedsam_deploy import backends as bk
     from imedsam_deploy import serve
     from imedsam_deploy.cli_serve import serve_artifact
 
-    opened = []
-    real = bk.open_backend
-
-    def spy(*a, **k):
-        be, how = real(*a, **k)
-        opened.append((k.get("threads"), be))
-        return be, how
-
-    monkeypatch.setattr(bk, "open_backend", spy)
+    opened = _spy_open_backend(monkeypatch)
     monkeypatch.setattr(serve, "Server", lambda svc, cfg: type("NoServer", (), {"serve": lambda self: None})())
     from rich.console import Console
 

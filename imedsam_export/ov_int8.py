@@ -4,7 +4,8 @@ encoder's matrix products, calibrated on real images.
 Why: where the CPU has no AMX, ``ov-cpu`` runs the encoder in fp32 (bf16 without AMX was slower still). With int8
 matrix products on AVX-512 VNNI the lite encoder took 0.26 s against fp32's 0.40 s (the dev VM with AMX masked off,
 ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``; benchmarks/RESULTS.md). Where int8 runs without VNNI (AVX2 alone) it was
-slower than fp32, and with AMX slower than bf16: ``imedsam_deploy.backends.openvino`` picks it only where it pays.
+slower than fp32, and with AMX slower than bf16. ``ov-cpu`` runs it only when asked (``--precision int8``): its
+mean HD95 on Kvasir-Sessile test fell behind LiteMedSAM's with jittered boxes, which a default may not.
 
 What is quantised: NNCF's transformer scheme (``ModelType.TRANSFORMER``: matrix products with SmoothQuant; softmax,
 LayerNorm and the rest float), with every convolution left float: quantising the convolutions too (NNCF's default)
@@ -41,9 +42,13 @@ def calibration_images(folder: Path | None = None) -> tuple[list[np.ndarray], st
         if not split.is_file():
             raise UserError("--ov-int8: the bundled sample (data/sample/kvasir-sessile) is not in this install; "
                             "pass --calibration DIR (a folder of images like the ones the model will see)")
+        found = {p.stem: p for p in (SAMPLE_DIR / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
         stems = split.read_text().split()
-        files = [next(p for p in (SAMPLE_DIR / "images").glob(f"{s}.*") if p.suffix.lower() in IMAGE_SUFFIXES)
-                 for s in stems][:CALIBRATION_MAX]
+        missing = [s for s in stems if s not in found]
+        if missing:
+            raise UserError(f"{split}: {len(missing)} of its images are missing from {SAMPLE_DIR / 'images'} "
+                            f"(e.g. {missing[0]}); pass --calibration DIR")
+        files = [found[s] for s in stems][:CALIBRATION_MAX]
         where = f"the bundled {SAMPLE_DIR.name} sample's train split ({len(files)} images)"
     else:
         if not folder.is_dir():

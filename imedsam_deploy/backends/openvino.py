@@ -93,8 +93,8 @@ def create(artifact: Artifact, precision: str | None = None, threads: int | None
 
 
 class OvEncoder:
-    """The artifact's fp32 encoder graph compiled by OpenVINO for the CPU at ``precision`` (default: bf16 where
-    it runs on AMX, else fp32: ``default_precision``)."""
+    """The artifact's encoder compiled by OpenVINO for the CPU at ``precision``: fp32 or bf16 from its fp32 graph
+    (default: bf16 where it runs on AMX, else fp32: ``default_precision``), int8 from its ov-int8 model."""
 
     def __init__(self, artifact: Artifact, precision: str | None = None, threads: int | None = None) -> None:
         import openvino as ov

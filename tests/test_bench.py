@@ -868,3 +868,15 @@ def test_threads_reach_the_backends_with_a_cpu_pool_and_only_those(tiny_artifact
             assert int(compiled.get_property("INFERENCE_NUM_THREADS")) == 1
         be.close()
     assert backends._create_kwargs(types.ModuleType("gpu_only"), {}, 1) == {}
+
+
+def test_machine_records_what_chooses_the_cpu_kernels(monkeypatch):
+    """A result says which OpenVINO and bf16 kernel ran, and the settings that change the kernels."""
+    from imedsam_deploy.backends.openvino import bf16_matmul_kernel
+    from imedsam_deploy.bench.timing import machine
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    info = machine()
+    assert info["env"] == {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
+    assert info["openvino"][:4].isdigit() and info["openvino_bf16_kernel"] == bf16_matmul_kernel()

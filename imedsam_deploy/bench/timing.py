@@ -73,6 +73,17 @@ def machine() -> dict[str, Any]:
         info["onnxruntime"] = ort.__version__
     except ImportError:
         pass
+    try:
+        import openvino as ov
+
+        from imedsam_deploy.backends.openvino import bf16_matmul_kernel
+
+        info["openvino"] = ov.__version__.split("-")[0]
+        info["openvino_bf16_kernel"] = bf16_matmul_kernel()  # says whether ov-cpu's bf16 ran on AMX
+    except ImportError:
+        pass
+    # settings that change which CPU kernels run, recorded so a result says what it measured
+    info["env"] = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS") if k in os.environ}
     return info
 
 class StageClock:

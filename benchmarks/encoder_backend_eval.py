@@ -32,18 +32,13 @@ def encoder_fn(name: str, artifact: object, threads: int) -> Callable[..., objec
 
     if name == "torch":
         return None
+    from imedsam_deploy.backends import open_backend
+
     kind, prec = name.split("-")
-    if kind == "ort":
-        from imedsam_deploy.backends.ort import OrtBackend
-
-        be: object = OrtBackend(artifact, "cpu", prec, threads=threads)  # type: ignore[arg-type]
-    else:
-        from imedsam_deploy.backends.openvino import OvEncoder
-
-        be = OvEncoder(artifact, prec, threads=threads)  # type: ignore[arg-type]
+    be, _ = open_backend(f"{kind}-cpu", artifact, prec, threads=threads)  # type: ignore[arg-type]
 
     def encode(x: torch.Tensor) -> torch.Tensor:
-        (emb,) = be.encode(np.ascontiguousarray(x.numpy(), np.float32))  # type: ignore[attr-defined]
+        (emb,) = be.encode(np.ascontiguousarray(x.numpy(), np.float32))
         return torch.from_numpy(np.asarray(emb, np.float32))
 
     return encode

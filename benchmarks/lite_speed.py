@@ -8,9 +8,10 @@ boxes, same run, on the CPU.
 Per image (its ground-truth mask's tight box, the output at the image's own size), interleaved, the order
 alternating per image: LiteMedSAM (``imedsam_train.pretrained.LiteMedSAMBaseline``: preprocess, TinyViT,
 prompt encoder and mask decoder, crop and resize, threshold) and ``imedsam-infer``'s ``Segmenter`` on ONNX
-Runtime CPU (or ``--backend ov-cpu``: OpenVINO, bf16 where the CPU has AMX) in the ``sparse`` query mode (resize, min-max, encoder, decoder, planner, mask), each end to end
-from the RGB array to the mask. Then, untimed, the artifact in the ``full`` query mode (the export's
-reference, ONNX Runtime fp32 whatever ``--backend``): the sparse masks' Dice and pixel agreement against it. One warm-up image for each first.
+Runtime CPU (or ``--backend ov-cpu``: OpenVINO, bf16 where the CPU has AMX) in the ``sparse`` query mode
+(resize, min-max, encoder, decoder, planner, mask), each end to end from the RGB array to the mask. Then,
+untimed, the artifact in the ``full`` query mode (the export's reference, ONNX Runtime fp32 whatever
+``--backend``): the sparse masks' Dice and pixel agreement against it. One warm-up image for each first.
 ``--tta``: ours (and its full-grid reference) with ``imedsam-infer --tta``'s mirrored average.
 Prints a table and writes every per-image figure to --json.
 
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     import cv2
     import torch
 
+    from imedsam_core.atomic import atomic_write_text
+    from imedsam_deploy.backends import open_backend
     from imedsam_deploy.backends.ort import OrtBackend
     from imedsam_deploy.manifest import load_artifact
     from imedsam_deploy.runtime import Segmenter
@@ -59,12 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(a.threads)
     art = load_artifact(a.artifact)
-    if a.backend == "ov-cpu":
-        from imedsam_deploy.backends.openvino import OvBackend
-
-        mine: Any = OvBackend(art, a.precision, threads=a.threads)
-    else:
-        mine = OrtBackend(art, "cpu", a.precision or "fp32", threads=a.threads)
+    mine: Any = open_backend(a.backend, art, a.precision, threads=a.threads)[0]  # as imedsam-infer opens it
     print(f"ours: {mine.description}", file=sys.stderr)
     ours = Segmenter(mine, art, query="sparse", tta=a.tta)
     full = Segmenter(OrtBackend(art, "cpu", "fp32", threads=a.threads), art, query="full", tta=a.tta)
@@ -120,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.bound:
         summary["bound"] = compute_bound(base, med["litemedsam"], med["ours"] - summary["ours_encode_median_seconds"])
     if a.json:
-        a.json.write_text(json.dumps({"summary": summary, "rows": rows}, indent=2) + "\n")
+        atomic_write_text(a.json, json.dumps({"summary": summary, "rows": rows}, indent=2) + "\n")
     print(f"{'pipeline':<34}{'median s/frame':>15}{'Dice vs GT':>12}")
     print(f"{'LiteMedSAM, eager PyTorch':<34}{med['litemedsam']:>15.3f}{summary['dice_gt_mean']['litemedsam']:>12.2f}")
     print(f"{'lite, ' + mine.name + ' ' + mine.precision + ', sparse' + (', tta' if a.tta else ''):<34}{med['ours']:>15.3f}{summary['dice_gt_mean']['ours']:>12.2f}")

@@ -39,6 +39,13 @@ PRECISIONS = ("fp32", "bf16", "int8")  # fp32 and bf16 run the artifact's fp32 g
 _HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # OpenVINO's INFERENCE_PRECISION_HINT values
 
 
+def openvino_version() -> str:
+    """OpenVINO's release: "2026.4.1-22982-<hash>-releases/..." -> "2026.4.1"."""
+    import openvino as ov
+
+    return str(ov.__version__).split("-")[0]
+
+
 def native_bf16(core: Any) -> bool:
     """Whether this CPU runs bf16 natively (OpenVINO's CPU plugin then reports the BF16 capability)."""
     return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
@@ -100,7 +107,7 @@ class OvEncoder:
         import openvino as ov
 
         core = ov.Core()
-        self.version = ov.__version__.split("-")[0]  # "2026.4.1-22982-<hash>-releases/..." -> "2026.4.1"
+        self.version = openvino_version()
         precision = precision or default_precision(core)
         if precision not in PRECISIONS:
             raise UserError(f"{artifact.path}: ov-cpu runs its encoder in {', '.join(PRECISIONS)}, not {precision} "

@@ -74,11 +74,9 @@ def machine() -> dict[str, Any]:
     except ImportError:
         pass
     try:
-        import openvino as ov
+        from imedsam_deploy.backends.openvino import bf16_matmul_kernel, openvino_version
 
-        from imedsam_deploy.backends.openvino import bf16_matmul_kernel
-
-        info["openvino"] = ov.__version__.split("-")[0]
+        info["openvino"] = openvino_version()
         info["openvino_bf16_kernel"] = bf16_matmul_kernel()  # says whether ov-cpu's bf16 ran on AMX
     except ImportError:
         pass

@@ -24,8 +24,8 @@ def export(
     int8: Annotated[bool, typer.Option(
         "--int8", help="also write an int8 encoder for ONNX Runtime on CPUs (checked against fp32)")] = False,
     ov_int8: Annotated[bool, typer.Option(
-        "--ov-int8", help="also write an int8 encoder for OpenVINO (ov-cpu's default on CPUs without AMX where int8 "
-                          "pays: AVX-512 or AVX-VNNI), calibrated on real images (checked against fp32)")] = False,
+        "--ov-int8", help="also write an int8 encoder for OpenVINO (ov-cpu --precision int8: for CPUs without AMX, "
+                          "with AVX-512 or AVX-VNNI), calibrated on real images (checked against fp32)")] = False,
     calibration: Annotated[Path | None, typer.Option(
         "--calibration", help="folder of images to calibrate --ov-int8 on (default: the bundled sample's train "
                               "split); like the images the model will see, never the ones you score on")] = None,
@@ -43,7 +43,8 @@ def export(
     from imedsam_export.api import export_artifact
 
     folder = export_artifact(
-        checkpoint, out, fp16=fp16, int8=int8, ov_int8=ov_int8, calibration=calibration, max_points=max_points, batch=batch, opset=opset, engine=engine,
+        checkpoint, out, fp16=fp16, int8=int8, ov_int8=ov_int8, calibration=calibration, max_points=max_points,
+        batch=batch, opset=opset, engine=engine,
         triton=triton, force=force, verify=not no_verify, sam_checkpoint=sam_checkpoint,
         log=lambda msg: typer.echo(msg),
     )

@@ -559,3 +559,20 @@ def test_mirrored_average_mirrors_the_second_region_back_and_keeps_the_first_whe
     want = np.where(np.isnan(back), a.logits[0], (a.logits[0] + back) / 2)
     np.testing.assert_allclose(m.logits[0], want, rtol=0, atol=1e-6)
     assert np.isnan(back[:, -1]).all() and np.array_equal(m.logits[0][:, -1], a.logits[0][:, -1])
+
+
+def test_opt_in_precisions_come_from_the_backend_modules():
+    """What ``imedsam-bench`` times beside a backend's default with no --precision: the stored int8 encoders, each
+    named by the backend that runs it, only where the artifact holds it and only on the CPU."""
+    from types import SimpleNamespace
+
+    from imedsam_core import contract as C
+    from imedsam_deploy import backends as bk
+
+    both = SimpleNamespace(graphs={"fp32": {}, "int8": {}, C.OV_INT8: {}})
+    plain = SimpleNamespace(graphs={"fp32": {}})
+    assert bk.opt_in_precisions("ort-cpu", both) == ("int8",)
+    assert bk.opt_in_precisions("ort-cuda", both) == ()  # ORT's int8 encoder is the CPU provider's
+    assert bk.opt_in_precisions("ov-cpu", both) == ("int8",)
+    assert bk.opt_in_precisions("ort-cpu", plain) == bk.opt_in_precisions("ov-cpu", plain) == ()
+    assert bk.opt_in_precisions("tensorrt", both) == ()  # declares none

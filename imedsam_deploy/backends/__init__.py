@@ -8,7 +8,8 @@ this package's code never imports it, so the base runtime stays torch-free. Both
 (``--backend-option KEY=VALUE``) it declares itself (``options``): ``parse_options`` checks what a command was
 given against that, and ``open_backend`` passes the typed values on. A module whose backends run CPU work on a
 thread pool of their own (ONNX Runtime, OpenVINO) says so with ``TAKES_THREADS = True``; ``open_backend``'s
-``threads`` reaches only those.
+``threads`` reaches only those. A module whose backends also run stored graphs only when asked for (the CPU int8
+encoders) names them for an artifact with ``opt_in_precisions``: ``imedsam-bench`` times those beside the default.
 """
 
 from __future__ import annotations
@@ -132,6 +133,17 @@ def _probe(name: str, artifact: Artifact, values: Mapping[str, Any]) -> str | No
     except ImportError as e:  # an optional dependency that is present but broken, or blocked
         return f"cannot import {e.name or 'a dependency'}"
     return reason
+
+
+def opt_in_precisions(name: str, artifact: Artifact) -> tuple[str, ...]:
+    """The precisions backend ``name`` runs from ``artifact`` only when asked for (its module's
+    ``opt_in_precisions``; none where it declares none or is not part of this install)."""
+    mod = _module(name)
+    fn = getattr(mod, "opt_in_precisions", None)
+    if fn is None:
+        return ()
+    provider = _REGISTRY[name][1]
+    return tuple(fn(artifact, provider) if provider else fn(artifact))
 
 
 def open_backend(name: str, artifact: Artifact, precision: str | None = None,

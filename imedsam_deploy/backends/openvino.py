@@ -95,6 +95,11 @@ def probe(artifact: Artifact) -> str | None:
 TAKES_THREADS = True  # OpenVINO's inference threads and ONNX Runtime's decoder sessions
 
 
+def opt_in_precisions(artifact: Artifact) -> tuple[str, ...]:
+    """The ov-int8 encoder, where exported: never the default (module docstring), run with ``--precision int8``."""
+    return ("int8",) if contract.OV_INT8 in artifact.graphs else ()
+
+
 def create(artifact: Artifact, precision: str | None = None, threads: int | None = None) -> OvBackend:
     return OvBackend(artifact, precision, threads)
 

@@ -36,6 +36,11 @@ def probe(artifact: Artifact, provider: str) -> str | None:
 TAKES_THREADS = True  # its sessions' intra-op pools
 
 
+def opt_in_precisions(artifact: Artifact, provider: str) -> tuple[str, ...]:
+    """The int8 encoder on the CPU provider, where exported: run only with ``--precision int8``."""
+    return ("int8",) if provider == "cpu" and "int8" in artifact.graphs else ()
+
+
 def create(artifact: Artifact, provider: str, precision: str | None = None, threads: int | None = None) -> OrtBackend:
     return OrtBackend(artifact, provider, precision or "fp32", threads=threads)
 

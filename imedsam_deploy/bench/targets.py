@@ -8,7 +8,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from imedsam_core import contract
 from imedsam_core.errors import UserError
 from imedsam_core.paths import Choice
 from imedsam_deploy import backends as registry
@@ -100,12 +99,9 @@ def open_backends(artifact: Artifact, names: list[str] | None, precision: str | 
         if reason is not None:
             skipped[name] = reason
             continue
-        # with no --precision, ort-cpu's and ov-cpu's int8 encoders run beside their defaults where exported
-        precs: list[str | None] = [precision]
-        if name == "ort-cpu" and not precision:
-            precs = ["fp32", *(["int8"] if "int8" in artifact.graphs else [])]
-        elif name == "ov-cpu" and not precision and contract.OV_INT8 in artifact.graphs:
-            precs = [None, "int8"]
+        # with no --precision, what a backend runs only when asked for (the CPU int8 encoders) is timed beside
+        # its default
+        precs = [precision] if precision else [None, *registry.opt_in_precisions(name, artifact)]
         try:
             opened.extend(registry.open_backend(name, artifact, p, mine, threads=threads)[0] for p in precs)
         except UserError as e:

@@ -26,7 +26,7 @@ import numpy as np
 
 from imedsam_core import contract as C
 from imedsam_core.errors import UserError
-from imedsam_export.verify import IMAGE_SUFFIXES, SAMPLE_DIR, make_sample
+from imedsam_export.verify import IMAGE_SUFFIXES, SAMPLE_DIR, make_sample, sample_file
 from imedsam_train.config import PreprocessConfig
 
 CALIBRATION_MAX = 300  # images; NNCF's statistics settle well before this, and each costs an encoder pass
@@ -42,13 +42,13 @@ def calibration_images(folder: Path | None = None) -> tuple[list[np.ndarray], st
         if not split.is_file():
             raise UserError("--ov-int8: the bundled sample (data/sample/kvasir-sessile) is not in this install; "
                             "pass --calibration DIR (a folder of images like the ones the model will see)")
-        found = {p.stem: p for p in (SAMPLE_DIR / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-        stems = split.read_text().split()
-        missing = [s for s in stems if s not in found]
+        stems = split.read_text().split()[:CALIBRATION_MAX]
+        found = [sample_file(SAMPLE_DIR, "images", s) for s in stems]
+        missing = [s for s, f in zip(stems, found, strict=True) if f is None]
         if missing:
             raise UserError(f"{split}: {len(missing)} of its images are missing from {SAMPLE_DIR / 'images'} "
                             f"(e.g. {missing[0]}); pass --calibration DIR")
-        files = [found[s] for s in stems][:CALIBRATION_MAX]
+        files = [f for f in found if f is not None]
         where = f"the bundled {SAMPLE_DIR.name} sample's train split ({len(files)} images)"
     else:
         if not folder.is_dir():

@@ -95,6 +95,11 @@ def make_sample(name: str, rgb: np.ndarray, box: np.ndarray, mask: np.ndarray | 
     return RealSample(name, x, b, mask, output_coords(pre, size, size, valid, size).numpy())
 
 
+def sample_file(root: Path, folder: str, stem: str) -> Path | None:
+    """``root/folder/<stem>.<an image suffix>`` (a split names its cases by stem), or None where there is none."""
+    return next((p for p in (root / folder).glob(f"{stem}.*") if p.suffix.lower() in IMAGE_SUFFIXES), None)
+
+
 def load_real_samples(size: int, limit: int, root: Path = SAMPLE_DIR, split: Path | None = None,
                       pre: PreprocessConfig | None = None) -> list[RealSample]:
     """Test-split images of the bundled sample (image, tight mask box, mask), or [] when it is absent."""
@@ -107,8 +112,7 @@ def load_real_samples(size: int, limit: int, root: Path = SAMPLE_DIR, split: Pat
         return []
     out: list[RealSample] = []
     for stem in split.read_text().split():
-        img_p = next((p for p in (root / "images").glob(f"{stem}.*") if p.suffix.lower() in IMAGE_SUFFIXES), None)
-        msk_p = next((p for p in (root / "masks").glob(f"{stem}.*") if p.suffix.lower() in IMAGE_SUFFIXES), None)
+        img_p, msk_p = sample_file(root, "images", stem), sample_file(root, "masks", stem)
         if img_p is None or msk_p is None:
             continue
         bgr = cv2.imread(str(img_p), cv2.IMREAD_COLOR)

@@ -92,6 +92,17 @@ def _fmt(x: float) -> str:
     return "n/a" if isinstance(x, float) and math.isnan(x) else f"{x:.2f}"
 
 
+def _signed(x: float) -> str:
+    return "n/a" if isinstance(x, float) and math.isnan(x) else f"{x:+.2f}"
+
+
+def _paired_line(baseline: str, p: dict[str, Any]) -> str:
+    """``model - litemedsam  Dice +0.43 (95% CI -0.06 .. +0.92; better on 22 of 39)  HD95 ...``"""
+    parts = [f"{label} {_signed(q['mean'])} (95% CI {_signed(q['ci95'][0])} .. {_signed(q['ci95'][1])}; "
+             f"better on {q['better']} of {q['n']})" for label, q in (("Dice", p["dice"]), ("HD95", p["hd95"]))]
+    return f"model - {baseline}  " + "  ".join(parts)
+
+
 @app.command()
 @guarded
 def main_cmd(
@@ -182,6 +193,8 @@ def main_cmd(
     for b, bm in summary["baseline_metrics"].items():
         typer.echo(f"{b:<14} Dice {_fmt(bm['dice']['mean'])} ± {_fmt(bm['dice']['std'])}  IoU {_fmt(bm['iou']['mean'])}  "
                    f"HD95 {_fmt(bm['hd95']['mean'])}  HD {_fmt(bm['hd']['mean'])}")
+    for b in extra:  # the models a user compares against: is the margin one the cases establish?
+        typer.echo(_paired_line(b, summary["paired"][b]))
     for name, pc in summary.get("per_class", {}).items():
         typer.echo(f"  {name:<24} n={pc['n']:<4} Dice {_fmt(pc['dice']['mean'])}  ellipse {_fmt(pc['baselines']['ellipse'])}")
     if csv_out is not None:

@@ -26,7 +26,7 @@ from imedsam_train.baselines import BASELINES
 from imedsam_train.config import PreprocessConfig
 from imedsam_train.data.boxes import jitter_box, mask_box, scale_box, stable_seed
 from imedsam_train.data.records import Dataset
-from imedsam_train.metrics import all_metrics, summarise
+from imedsam_train.metrics import all_metrics, paired, summarise
 from imedsam_train.model import IMedSAM, ugs_merge
 from imedsam_train.preprocess import input_boxes, output_coords, prepare_image, to_input
 
@@ -72,7 +72,7 @@ class EvalResult:
     tta: bool = False  # the model's logits averaged with the mirrored image's (``case_logits``)
 
     def summary(self) -> dict[str, object]:
-        """JSON-ready: n, dice (mean %), per-metric mean/std, baselines, per-class breakdown."""
+        """JSON-ready: n, dice (mean %), per-metric mean/std, baselines, paired differences, per-class breakdown."""
         out: dict[str, object] = {"n": len(self.cases), "out_size": self.out_size, "box_jitter": self.box_jitter,
                                   "seed": self.seed, "tta": "flip" if self.tta else None, "skipped": dict(self.skipped)}
         model = {m: summarise([c.metrics[m] for c in self.cases]) for m in METRICS}
@@ -82,6 +82,11 @@ class EvalResult:
         out["baselines"] = {b: summarise([c.baselines[b]["dice"] for c in self.cases])["mean"] for b in names}
         out["baseline_metrics"] = {
             b: {m: summarise([c.baselines[b][m] for c in self.cases]) for m in METRICS} for b in names
+        }
+        # per case, model minus baseline: whether a margin between two means is one the cases establish
+        out["paired"] = {
+            b: {m: paired([c.metrics[m] for c in self.cases], [c.baselines[b][m] for c in self.cases],
+                          lower_is_better=m in ("hd95", "hd")) for m in ("dice", "hd95")} for b in names
         }
         if len(self.class_names) > 1:
             per: dict[str, object] = {}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, stats
 
 
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -64,3 +64,23 @@ def summarise(values: list[float]) -> dict[str, float]:
         "n": int(v.size),
         "undefined": len(values) - int(v.size),
     }
+
+
+def paired(model: list[float], base: list[float], lower_is_better: bool = False) -> dict[str, object]:
+    """The model minus a baseline on the same cases (those where both are defined): the mean difference, its
+    95 % confidence interval (paired t, scipy's ``ttest_rel``; NaN with fewer than two cases), and on how many
+    cases the model is better and worse. A margin whose interval spans 0 is not one the cases establish."""
+    pairs = np.array([(a, b) for a, b in zip(model, base, strict=True) if not (math.isnan(a) or math.isnan(b))],
+                     dtype=np.float64).reshape(-1, 2)
+    d = pairs[:, 0] - pairs[:, 1]
+    mean = float(d.mean()) if d.size else math.nan
+    if d.size < 2:
+        lo = hi = math.nan
+    elif not d.std() > 0:  # every case moved by the same amount: no spread to widen the interval
+        lo = hi = mean
+    else:
+        ci = stats.ttest_rel(pairs[:, 0], pairs[:, 1]).confidence_interval(0.95)
+        lo, hi = float(ci.low), float(ci.high)
+    ahead = d < 0 if lower_is_better else d > 0
+    behind = d > 0 if lower_is_better else d < 0
+    return {"mean": mean, "ci95": [lo, hi], "n": int(d.size), "better": int(ahead.sum()), "worse": int(behind.sum())}

@@ -302,3 +302,32 @@ def test_encoder_backend_eval_scores_each_encoder_on_the_same_cases(tmp_path, ca
     with pytest.raises(SystemExit, match="not exported from"):
         encoder_backend_eval.main([*args, "--checkpoint", str(cks[1])])
     assert not js.exists()
+
+
+def test_downscaled_copy_keeps_each_pair_aligned_at_the_new_size(tmp_path, capsys):
+    import cv2
+    import numpy as np
+
+    from benchmarks import downscaled_copy
+    from tests.conftest import SAMPLE_DATA, read_mask
+
+    out = tmp_path / "small"
+    assert downscaled_copy.main([str(SAMPLE_DATA), "--out", str(out), "--max-side", "64"]) == 0
+    stems = (SAMPLE_DATA / "splits" / "test.txt").read_text().split()
+    assert sorted(p.stem for p in (out / "images").iterdir()) == sorted(stems)
+    assert (out / "splits" / "test.txt").read_text() == (SAMPLE_DATA / "splits" / "test.txt").read_text()
+    for stem in stems:
+        src = read_mask(SAMPLE_DATA / "masks" / f"{stem}.png")
+        img = cv2.imread(str(out / "images" / f"{stem}.jpg"))
+        m = cv2.imread(str(out / "masks" / f"{stem}.png"), cv2.IMREAD_GRAYSCALE)
+        assert max(img.shape[:2]) == 64 and img.shape[:2] == m.shape and set(np.unique(m)) <= {0, 255}
+        h, w = src.shape
+        assert abs(m.shape[1] / m.shape[0] - w / h) < 0.05  # the aspect ratio kept
+        # the mask covers the same fraction of its frame as at full size (to a pixel's worth along its edge)
+        assert abs((m > 0).mean() - src.mean()) < 0.03, stem
+        back = cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST) > 0
+        assert (back == src).mean() > 0.95, stem  # and in the same place (no flip, no shift)
+    # an existing folder is refused in one line, and left as it was
+    before = sorted(p.name for p in out.rglob("*"))
+    assert downscaled_copy.main([str(SAMPLE_DATA), "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err and sorted(p.name for p in out.rglob("*")) == before

@@ -17,7 +17,7 @@ from imedsam_train.build import build
 from imedsam_train.checkpoint import model_payload, save_checkpoint
 from imedsam_train.eval_cli import app
 from imedsam_train.evaluate import predict_logits
-from imedsam_train.metrics import all_metrics, dice, hausdorff, iou, surface_distances
+from imedsam_train.metrics import all_metrics, dice, hausdorff, iou, paired, surface_distances
 from tests.conftest import SAMPLE_DATA, read_mask
 
 TEST_SPLIT = SAMPLE_DATA / "splits" / "test.txt"
@@ -130,6 +130,21 @@ def test_hausdorff_is_nan_when_a_mask_is_empty():
         assert all(math.isnan(v) for v in hausdorff(x, y))
 
 
+def test_paired_difference_by_hand():
+    # d = model - base = [2, -1, 10]: mean 11/3, sample sd 5.859, t(0.975, 2 dof) = 4.3027
+    p = paired([90.0, 80.0, 70.0], [88.0, 81.0, 60.0])
+    half = 4.302653 * math.sqrt(((2 - 11 / 3) ** 2 + (-1 - 11 / 3) ** 2 + (10 - 11 / 3) ** 2) / 2) / math.sqrt(3)
+    assert p["mean"] == pytest.approx(11 / 3) and p["n"] == 3 and (p["better"], p["worse"]) == (2, 1)
+    assert p["ci95"] == pytest.approx([11 / 3 - half, 11 / 3 + half], abs=1e-4)
+    # distances: lower is better; a case undefined on either side is left out of every figure
+    h = paired([3.0, 5.0, math.nan, 4.0], [4.0, 4.0, 1.0, 6.0], lower_is_better=True)
+    assert h["n"] == 3 and h["mean"] == pytest.approx(-2 / 3) and (h["better"], h["worse"]) == (2, 1)
+    # no spread: the interval is the point; one case: no interval
+    assert paired([5.0, 6.0], [4.0, 5.0])["ci95"] == [1.0, 1.0]
+    one = paired([5.0], [4.0])
+    assert one["mean"] == 1.0 and all(math.isnan(x) for x in one["ci95"])
+
+
 def test_baselines():
     box = np.array([10.0, 5.0, 50.0, 25.0])
     bm, em = box_mask(box, 40, 60), ellipse_mask(box, 40, 60)
@@ -175,6 +190,8 @@ def test_eval_cli_json_csv_png_and_baselines(random_ckpt, tmp_path):
     assert s["baselines"]["box"] == pytest.approx(float(np.mean(want)))
     rows = out.with_suffix(".csv").read_text().splitlines()
     assert len(rows) == 9 and rows[0].startswith("stem,class,dice")
+    assert s["paired"]["ellipse"]["dice"]["mean"] == pytest.approx(s["dice"] - s["baselines"]["ellipse"])
+    assert "model - " not in text  # printed only beside the models a user asked to compare with
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
     jit = tmp_path / "jit.json"

@@ -142,6 +142,15 @@ def test_eval_cli_litemedsam_baseline_on_the_same_boxes(sessile, tmp_path):
     assert len(rows) == 3
     per_case = [float(r.split(",")[-1]) for r in rows[1:]]  # LiteMedSAM's HD95 per case, as in the summary
     assert np.mean(per_case) == pytest.approx(s["baseline_metrics"]["litemedsam"]["hd95"]["mean"], abs=1e-4)
+    # the paired difference is the model's per-case figure minus LiteMedSAM's, on the same cases
+    cols = rows[0].split(",")
+    diffs = [float(r.split(",")[cols.index("dice")]) - float(r.split(",")[cols.index("litemedsam_dice")]) for r in rows[1:]]
+    pd = s["paired"]["litemedsam"]["dice"]
+    assert pd["n"] == 2 and pd["mean"] == pytest.approx(np.mean(diffs), abs=1e-3)
+    assert pd["better"] == sum(d > 0 for d in diffs) and pd["worse"] == sum(d < 0 for d in diffs)
+    assert pd["ci95"][0] <= pd["mean"] <= pd["ci95"][1]
+    assert set(s["paired"]) == {"box", "ellipse", "litemedsam"}
+    assert f"model - litemedsam  Dice {pd['mean']:+.2f} (95% CI" in res.output
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     # the same jittered boxes as the other baselines: recompute one case by hand
     from imedsam_train.evaluate import resize_mask

@@ -97,9 +97,9 @@ def _signed(x: float) -> str:
 
 
 def _paired_line(baseline: str, p: dict[str, Any]) -> str:
-    """``model - litemedsam  Dice +0.43 (95% CI -0.06 .. +0.92; better on 22 of 39)  HD95 ...``"""
+    """``model - litemedsam  Dice +0.43 (95% CI -0.42 .. +1.29; better on 24, worse on 15 of 39)  HD95 ...``"""
     parts = [f"{label} {_signed(q['mean'])} (95% CI {_signed(q['ci95'][0])} .. {_signed(q['ci95'][1])}; "
-             f"better on {q['better']} of {q['n']})" for label, q in (("Dice", p["dice"]), ("HD95", p["hd95"]))]
+             f"better on {q['better']}, worse on {q['worse']} of {q['n']})" for label, q in (("Dice", p["dice"]), ("HD95", p["hd95"]))]
     return f"model - {baseline}  " + "  ".join(parts)
 
 

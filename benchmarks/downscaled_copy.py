@@ -6,7 +6,8 @@
 
 The bundled sample's recipe (data/sample/kvasir-sessile/README.md), applied to a whole split: each image
 resized so its long side is --max-side (INTER_AREA), written as JPEG quality 90; each mask resized the same
-way and thresholded at half (PNG, 0/255); splits/ copied. Kvasir-Sessile's test images have long sides of
+way and thresholded at half (PNG, 0/255); that split's stem list copied (only it: another split's list
+would name images the copy does not have). Kvasir-Sessile's test images have long sides of
 469-720 px (median 621), so at 320 px a box jittered by 0-10 px covers about what 0-20 px does at their own
 size. Frames from video are often this small (the shared colonoscopy clip is 470 x 410).
 """
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     from imedsam_core.errors import UserError
-    from imedsam_train.data.folder import kvasir_dataset
+    from imedsam_train.data.folder import kvasir_dataset, split_path
 
     try:
         if a.out.exists():
@@ -43,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "images").mkdir(parents=True)
         (tmp / "masks").mkdir()
-        shutil.copytree(a.data / "splits", tmp / "splits")
+        (tmp / "splits").mkdir()
+        src = split_path(a.data, a.split)
+        assert src is not None  # --split always has a value
+        shutil.copyfile(src, tmp / "splits" / src.name)
         for rec in ds.records:
             s = rec.load()
             h, w = s.image.shape[:2]

@@ -88,17 +88,13 @@ def _no_nan(x: Any) -> Any:
     return None if isinstance(x, float) and math.isnan(x) else x
 
 
-def _fmt(x: float) -> str:
-    return "n/a" if isinstance(x, float) and math.isnan(x) else f"{x:.2f}"
-
-
-def _signed(x: float) -> str:
-    return "n/a" if isinstance(x, float) and math.isnan(x) else f"{x:+.2f}"
+def _fmt(x: float, spec: str = ".2f") -> str:
+    return "n/a" if isinstance(x, float) and math.isnan(x) else format(x, spec)
 
 
 def _paired_line(baseline: str, p: dict[str, Any]) -> str:
     """``model - litemedsam  Dice +0.43 (95% CI -0.42 .. +1.29; better on 24, worse on 15 of 39)  HD95 ...``"""
-    parts = [f"{label} {_signed(q['mean'])} (95% CI {_signed(q['ci95'][0])} .. {_signed(q['ci95'][1])}; "
+    parts = [f"{label} {_fmt(q['mean'], '+.2f')} (95% CI {_fmt(q['ci95'][0], '+.2f')} .. {_fmt(q['ci95'][1], '+.2f')}; "
              f"better on {q['better']}, worse on {q['worse']} of {q['n']})" for label, q in (("Dice", p["dice"]), ("HD95", p["hd95"]))]
     return f"model - {baseline}  " + "  ".join(parts)
 

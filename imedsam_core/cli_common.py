@@ -26,6 +26,13 @@ def fail(message: str) -> None:
     raise typer.Exit(EXIT_USER_ERROR)
 
 
+def check_threads(threads: int | None) -> None:
+    """``--threads`` of the deploy CLIs: None (the runtimes' own count, one per core) or at least 1 (ONNX Runtime
+    reads 0 as "its own count" and torch refuses it, so 0 would mean different things to different backends)."""
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads {threads}: must be at least 1")
+
+
 def run_app(app: typer.Typer, argv: list[str] | None = None) -> Any:
     """Console-script entry: run a Typer app, turning UserError (and Ctrl-C) into one line + exit code."""
     try:

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from imedsam_core.atomic import check_writable_parent
-from imedsam_core.cli_common import guarded, run_app, say_line
+from imedsam_core.cli_common import check_threads, guarded, run_app, say_line
 from imedsam_core.contract import PRECISIONS
 from imedsam_core.errors import UserError
 from imedsam_deploy.backends.options import split as split_options
@@ -86,6 +86,7 @@ def bench(
         raise UserError(NO_TTA)
     if image is not None and not image.is_file():
         raise UserError(f"{image}: no such image")
+    check_threads(threads)
     options = split_options(backend_option)
     B.share_options(list(backend) if backend else None, options, reference)  # refused now, not after the export
     # refuse an output that cannot be written now, not after the whole benchmark

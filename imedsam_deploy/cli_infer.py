@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from imedsam_core.cli_common import guarded, run_app, say_line
+from imedsam_core.cli_common import check_threads, guarded, run_app, say_line
 from imedsam_core.contract import PRECISIONS
 from imedsam_core.errors import UserError
 from imedsam_deploy.backends.options import HELP as BACKEND_OPTION_HELP
@@ -99,8 +99,7 @@ def infer(
         raise UserError(f"--margin {margin}: expected a fraction between 0 and 10")
     if chunk < 1:
         raise UserError(f"--chunk {chunk}: must be positive")
-    if threads is not None and threads < 1:
-        raise UserError(f"--threads {threads}: must be at least 1")
+    check_threads(threads)
     if not 0 <= min_confidence <= 1:
         raise UserError(f"--min-confidence {min_confidence}: expected a probability between 0 and 1")
     if not (max_growth == 0 or 1 <= max_growth <= 1e6):

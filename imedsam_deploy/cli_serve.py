@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from imedsam_core.cli_common import guarded, require, run_app, say_line
+from imedsam_core.cli_common import check_threads, guarded, require, run_app, say_line
 from imedsam_core.contract import PRECISIONS
 from imedsam_core.errors import UserError
 from imedsam_deploy.backends.options import HELP as BACKEND_OPTION_HELP
@@ -64,8 +64,7 @@ def serve(
         raise UserError(f"--max-batch {max_batch}: must be positive")
     if max_boxes < 1 or cache_size < 1 or ttl <= 0 or queue_delay_us < 0:
         raise UserError("--max-boxes, --cache-size and --ttl must be positive, --queue-delay-us not negative")
-    if threads is not None and threads < 1:
-        raise UserError(f"--threads {threads}: must be at least 1")
+    check_threads(threads)
     require("pytriton", "serve")
     console = Console(stderr=True)
     serve_artifact(artifact, backend, precision, host, (http_port, grpc_port, metrics_port), max_batch,

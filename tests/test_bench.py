@@ -685,6 +685,7 @@ def test_bench_cli_no_arguments_uses_latest_artifact_and_reports_skips(tiny_arti
     (["--model", "vit_z"], "--model"),
     (["--query", "dense"], "query mode"),
     (["--image", "/nonexistent.png"], "no such image"),
+    (["--threads", "0"], "--threads 0: must be at least 1"),  # as imedsam-infer and imedsam-serve
     # --backend-option: a key none of the backends timed takes, a bad value or form, a missing checkpoint
     (["--backend", "ort-cpu", "--backend-option", "compile=1"],
      "--backend-option compile=1: no backend timed takes it (ort-cpu takes none)"),

@@ -103,8 +103,10 @@ def test_an_unfinished_runs_export_is_not_the_default(tmp_path, monkeypatch):
 
 
 def test_eval_and_export_take_only_finished_runs_and_say_so(tmp_path, monkeypatch):
+    from imedsam_export.api import default_out, resolve_source_choice
     from imedsam_export.cli import app as export_app
     from imedsam_train.eval_cli import app as eval_app
+    from imedsam_train.weights import shipped_checkpoint
 
     data = tmp_path / "data"
     for sub in ("images", "masks"):
@@ -123,13 +125,16 @@ def test_eval_and_export_take_only_finished_runs_and_say_so(tmp_path, monkeypatc
     assert "the shipped model: no finished run under runs/; not finished, so skipped: runs/demo-train" in res.output
     assert "n=1" in res.output and "test split" in res.output  # the data's test split, not its 3 images
     assert "1 cases done" not in res.output  # one case: no closing progress line of its own
-    res = CliRunner().invoke(export_app, ["--out", "out", "--no-verify"])
-    assert res.exit_code == 0 and "not finished, so skipped: runs/demo-train" in res.output
+    # export's choice, without exporting the lite model (a minute; its export is tested in test_lite_export.py):
+    # the same function picks and words it; the CLI's printing of it is checked with the finished run below
+    choice, shipped = resolve_source_choice(None)
+    assert shipped and choice.path == shipped_checkpoint() and "not finished, so skipped: runs/demo-train" in choice.line()
+    assert default_out(choice.path, shipped) == tmp_path / "runs" / "shipped" / "export"
 
     _run(tmp_path, "good", finished=True)
     res = CliRunner().invoke(eval_app, ["--data", str(data), "--out-size", "64", "--split", str(data / "splits" / "test.txt")])
     assert res.exit_code == 0 and "using runs/good/checkpoints/best.pt (newest finished run)" in res.output
-    res = CliRunner().invoke(export_app, ["--out", "out", "--no-verify", "--force"])
+    res = CliRunner().invoke(export_app, ["--out", "out", "--no-verify"])
     assert res.exit_code == 0 and "using runs/good/checkpoints/best.pt (newest finished run)" in res.output
 
 

@@ -49,7 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default=None, help="ours at this precision (default: the backend's)")
     a = ap.parse_args(argv)
 
-    import cv2
     import torch
 
     from imedsam_core.atomic import atomic_write_text
@@ -57,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from imedsam_deploy.backends.ort import OrtBackend
     from imedsam_deploy.manifest import load_artifact
     from imedsam_deploy.runtime import Segmenter
+    from imedsam_export.verify import read_pair
     from imedsam_train.metrics import dice
     from imedsam_train.pretrained import LiteMedSAMBaseline, lite_medsam
 
@@ -83,10 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return res.objects[0].mask()
 
     for i, stem in enumerate(stems):
-        img_p = next((a.data / "images").glob(f"{stem}.*"))
-        msk_p = next((a.data / "masks").glob(f"{stem}.*"))
-        rgb = cv2.cvtColor(cv2.imread(str(img_p)), cv2.COLOR_BGR2RGB)
-        gt = cv2.imread(str(msk_p), cv2.IMREAD_GRAYSCALE) > 127
+        rgb, gt = read_pair(a.data, stem)
         ys, xs = np.nonzero(gt)
         box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float64)
         times: dict[str, float] = {}

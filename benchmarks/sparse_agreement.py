@@ -42,11 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give CHECKPOINT or --artifact DIR")
     a.out_size = a.out_size or 384
 
-    import cv2
     import torch
 
     from imedsam_deploy.preprocess import box_region, box_to_model, to_model_input
     from imedsam_deploy.sparse import SparseConfig, dense_decode, sparse_decode
+    from imedsam_export.verify import read_pair
     from imedsam_train.checkpoint import load_checkpoint
 
     torch.set_num_threads(2)
@@ -57,13 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     osz = a.out_size
     rows = []
     for stem in stems:
-        img_p = next((a.data / "images").glob(f"{stem}.*"))
-        msk_p = next((a.data / "masks").glob(f"{stem}.*"))
-        bgr, gray = cv2.imread(str(img_p), cv2.IMREAD_COLOR), cv2.imread(str(msk_p), cv2.IMREAD_GRAYSCALE)
-        if bgr is None or gray is None:
-            sys.exit(f"{img_p} / {msk_p}: unreadable")
-        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-        gt = np.asarray(gray) > 127
+        rgb, gt = read_pair(a.data, stem)
         ys, xs = np.nonzero(gt)
         if ys.size == 0:
             continue
@@ -123,11 +117,10 @@ def runtime_agreement(a: argparse.Namespace) -> int:
     """``--query sparse`` vs ``--query full`` through the deploy runtime (ort-cpu), whole images."""
     import time
 
-    import cv2
-
     from imedsam_deploy import backends as bk
     from imedsam_deploy.manifest import load_artifact
     from imedsam_deploy.runtime import Segmenter
+    from imedsam_export.verify import read_pair
 
     art = load_artifact(a.artifact)
     be, how = bk.open_backend("ort-cpu", art, None)
@@ -137,9 +130,7 @@ def runtime_agreement(a: argparse.Namespace) -> int:
     rows = []
     secs = dict.fromkeys(modes, 0.0)
     for stem in _stems(a):
-        bgr = cv2.imread(str(next((a.data / "images").glob(f"{stem}.*"))), cv2.IMREAD_COLOR)
-        gt = cv2.imread(str(next((a.data / "masks").glob(f"{stem}.*"))), cv2.IMREAD_GRAYSCALE) > 127
-        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        rgb, gt = read_pair(a.data, stem)
         ys, xs = np.nonzero(gt)
         if ys.size == 0:
             continue

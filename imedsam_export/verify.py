@@ -127,19 +127,16 @@ def load_real_samples(size: int, limit: int, root: Path = SAMPLE_DIR, split: Pat
         return []
     out: list[RealSample] = []
     for stem in split.read_text().split():
-        img_p, msk_p = sample_file(root, "images", stem), sample_file(root, "masks", stem)
-        if img_p is None or msk_p is None:
+        try:
+            rgb, gt = read_pair(root, stem)
+        except UserError:  # a sample, not a data set: a missing or unreadable pair is skipped
             continue
-        bgr = cv2.imread(str(img_p), cv2.IMREAD_COLOR)
-        m = cv2.imread(str(msk_p), cv2.IMREAD_GRAYSCALE)
-        if bgr is None or m is None:
-            continue
-        ys, xs = np.nonzero(m > 127)
+        ys, xs = np.nonzero(gt)
         if xs.size == 0:
             continue
         box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
-        mask = cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST) > 127
-        out.append(make_sample(stem, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), box, mask, size, pre))
+        mask = cv2.resize(gt.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
+        out.append(make_sample(stem, rgb, box, mask, size, pre))
         if len(out) >= limit:
             break
     return out

@@ -31,6 +31,7 @@ from imedsam_train.model import IMedSAM, ugs_merge
 from imedsam_train.preprocess import input_boxes, output_coords, prepare_image, to_input
 
 METRICS = ("dice", "iou", "hd95", "hd")
+DISTANCES = ("hd95", "hd")  # of METRICS, those where lower is better (output pixels)
 
 # (original RGB image, box in its pixels, output size) -> (O, O) bool mask in the stretched output frame
 ImageBaseline = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
@@ -86,7 +87,7 @@ class EvalResult:
         # per case, model minus baseline: whether a margin between two means is one the cases establish
         out["paired"] = {
             b: {m: paired([c.metrics[m] for c in self.cases], [c.baselines[b][m] for c in self.cases],
-                          lower_is_better=m in ("hd95", "hd")) for m in ("dice", "hd95")} for b in names
+                          lower_is_better=m in DISTANCES) for m in ("dice", "hd95")} for b in names
         }
         if len(self.class_names) > 1:
             per: dict[str, object] = {}

@@ -26,8 +26,9 @@ import numpy as np
 
 from imedsam_core import contract as C
 from imedsam_core.errors import UserError
-from imedsam_export.verify import IMAGE_SUFFIXES, SAMPLE_DIR, make_sample, sample_file
+from imedsam_export.verify import SAMPLE_DIR, make_sample
 from imedsam_train.config import PreprocessConfig
+from imedsam_train.data.io import IMAGE_SUFFIXES, find_image
 
 CALIBRATION_MAX = 300  # images; NNCF's statistics settle well before this, and each costs an encoder pass
 IGNORED_TYPES = ("Convolution", "GroupConvolution")  # OpenVINO's op types for the convolutions left float
@@ -43,7 +44,7 @@ def calibration_images(folder: Path | None = None) -> tuple[list[np.ndarray], st
             raise UserError("--ov-int8: the bundled sample (data/sample/kvasir-sessile) is not in this install; "
                             "pass --calibration DIR (a folder of images like the ones the model will see)")
         stems = split.read_text().split()[:CALIBRATION_MAX]
-        found = [sample_file(SAMPLE_DIR, "images", s) for s in stems]
+        found = [find_image(SAMPLE_DIR / "images", s) for s in stems]
         missing = [s for s, f in zip(stems, found, strict=True) if f is None]
         if missing:
             raise UserError(f"{split}: {len(missing)} of its images are missing from {SAMPLE_DIR / 'images'} "

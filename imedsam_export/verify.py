@@ -25,6 +25,7 @@ import torch
 from imedsam_core import contract as C
 from imedsam_core.errors import UserError
 from imedsam_train.config import PreprocessConfig
+from imedsam_train.data.io import find_image, read_image, read_mask
 from imedsam_train.metrics import dice
 from imedsam_train.model import IMedSAM, ugs_merge
 
@@ -35,7 +36,6 @@ FP16_DICE_TOL = 0.5  # Dice points (%)
 INT8_MASK_AGREEMENT_MIN = 0.99
 INT8_DICE_TOL = 1.0  # Dice points (%)
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample" / "kvasir-sessile"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 
 @dataclass
@@ -96,23 +96,13 @@ def make_sample(name: str, rgb: np.ndarray, box: np.ndarray, mask: np.ndarray | 
     return RealSample(name, x, b, mask, output_coords(pre, size, size, valid, size).numpy())
 
 
-def sample_file(root: Path, folder: str, stem: str) -> Path | None:
-    """``root/folder/<stem>.<an image suffix>`` (a split names its cases by stem), or None where there is none."""
-    return next((p for p in (root / folder).glob(f"{stem}.*") if p.suffix.lower() in IMAGE_SUFFIXES), None)
-
-
 def read_pair(root: Path, stem: str) -> tuple[np.ndarray, np.ndarray]:
-    """``stem``'s RGB image and boolean mask (pixels over 127) under ``root/images`` and ``root/masks``; a
-    missing or unreadable file is a UserError naming it."""
-    import cv2
-
-    img_p, msk_p = sample_file(root, "images", stem), sample_file(root, "masks", stem)
+    """``stem``'s RGB image and boolean mask (pixels over 127) under ``root/images`` and ``root/masks``, read as
+    training and evaluation read them; a missing or unreadable file is a UserError naming it."""
+    img_p, msk_p = find_image(root / "images", stem), find_image(root / "masks", stem)
     if img_p is None or msk_p is None:
         raise UserError(f"{root / ('images' if img_p is None else 'masks')}: no file for the stem {stem!r}")
-    bgr, gray = cv2.imread(str(img_p), cv2.IMREAD_COLOR), cv2.imread(str(msk_p), cv2.IMREAD_GRAYSCALE)
-    if bgr is None or gray is None:
-        raise UserError(f"{img_p if bgr is None else msk_p}: not a readable image")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), np.asarray(gray) > 127
+    return read_image(img_p), read_mask(msk_p)
 
 
 def load_real_samples(size: int, limit: int, root: Path = SAMPLE_DIR, split: Path | None = None,

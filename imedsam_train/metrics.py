@@ -81,6 +81,5 @@ def paired(model: list[float], base: list[float], lower_is_better: bool = False)
     else:
         ci = stats.ttest_rel(pairs[:, 0], pairs[:, 1]).confidence_interval(0.95)
         lo, hi = float(ci.low), float(ci.high)
-    ahead = d < 0 if lower_is_better else d > 0
-    behind = d > 0 if lower_is_better else d < 0
-    return {"mean": mean, "ci95": [lo, hi], "n": int(d.size), "better": int(ahead.sum()), "worse": int(behind.sum())}
+    gain = -d if lower_is_better else d  # > 0 where the model is better
+    return {"mean": mean, "ci95": [lo, hi], "n": int(d.size), "better": int((gain > 0).sum()), "worse": int((gain < 0).sum())}

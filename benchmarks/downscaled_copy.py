@@ -56,10 +56,9 @@ def main(argv: list[str] | None = None) -> int:
             img = cv2.resize(s.image, size, interpolation=cv2.INTER_AREA)
             cv2.imwrite(str(tmp / "images" / f"{s.stem}.jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
                         [cv2.IMWRITE_JPEG_QUALITY, 90])
-            union = np.zeros((h, w), bool)  # one class (polyp): the union of its mask files
-            for _, m0 in s.masks:
-                union |= m0
-            m = cv2.resize(union.astype(np.float32), size, interpolation=cv2.INTER_AREA) >= 0.5
+            # one class (polyp), its mask files already OR-ed by Record.load; none: an empty mask
+            gt = s.masks[0][1] if s.masks else np.zeros((h, w), bool)
+            m = cv2.resize(gt.astype(np.float32), size, interpolation=cv2.INTER_AREA) >= 0.5
             cv2.imwrite(str(tmp / "masks" / f"{s.stem}.png"), m.astype(np.uint8) * 255)
         tmp.rename(a.out)  # a folder appears whole or not at all
     except UserError as e:

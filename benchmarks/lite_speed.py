@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from imedsam_deploy.backends.ort import OrtBackend
     from imedsam_deploy.manifest import load_artifact
     from imedsam_deploy.runtime import Segmenter
-    from imedsam_export.verify import read_pair
+    from imedsam_train.data.folder import read_pair
     from imedsam_train.metrics import dice
     from imedsam_train.pretrained import LiteMedSAMBaseline, lite_medsam
 

@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from imedsam_deploy.preprocess import box_region, box_to_model, to_model_input
     from imedsam_deploy.sparse import SparseConfig, dense_decode, sparse_decode
-    from imedsam_export.verify import read_pair
     from imedsam_train.checkpoint import load_checkpoint
+    from imedsam_train.data.folder import read_pair
 
     torch.set_num_threads(2)
     model, _ = load_checkpoint(a.checkpoint)
@@ -120,7 +120,7 @@ def runtime_agreement(a: argparse.Namespace) -> int:
     from imedsam_deploy import backends as bk
     from imedsam_deploy.manifest import load_artifact
     from imedsam_deploy.runtime import Segmenter
-    from imedsam_export.verify import read_pair
+    from imedsam_train.data.folder import read_pair
 
     art = load_artifact(a.artifact)
     be, how = bk.open_backend("ort-cpu", art, None)

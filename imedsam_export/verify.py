@@ -25,7 +25,7 @@ import torch
 from imedsam_core import contract as C
 from imedsam_core.errors import UserError
 from imedsam_train.config import PreprocessConfig
-from imedsam_train.data.io import find_image, read_image, read_mask
+from imedsam_train.data.folder import read_pair
 from imedsam_train.metrics import dice
 from imedsam_train.model import IMedSAM, ugs_merge
 
@@ -94,15 +94,6 @@ def make_sample(name: str, rgb: np.ndarray, box: np.ndarray, mask: np.ndarray | 
     x = to_input(u8, pre, valid).numpy()
     b = input_boxes(np.asarray(box, np.float64)[None], pre, rgb.shape[:2], size)[0].numpy()
     return RealSample(name, x, b, mask, output_coords(pre, size, size, valid, size).numpy())
-
-
-def read_pair(root: Path, stem: str) -> tuple[np.ndarray, np.ndarray]:
-    """``stem``'s RGB image and boolean mask (pixels over 127) under ``root/images`` and ``root/masks``, read as
-    training and evaluation read them; a missing or unreadable file is a UserError naming it."""
-    img_p, msk_p = find_image(root / "images", stem), find_image(root / "masks", stem)
-    if img_p is None or msk_p is None:
-        raise UserError(f"{root / ('images' if img_p is None else 'masks')}: no file for the stem {stem!r}")
-    return read_image(img_p), read_mask(msk_p)
 
 
 def load_real_samples(size: int, limit: int, root: Path = SAMPLE_DIR, split: Path | None = None,

@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from imedsam_deploy.backends.ort import OrtBackend
     from imedsam_deploy.manifest import load_artifact
     from imedsam_deploy.runtime import Segmenter
+    from imedsam_train.data.boxes import mask_box
     from imedsam_train.data.folder import read_pair
     from imedsam_train.metrics import dice
     from imedsam_train.pretrained import LiteMedSAMBaseline, lite_medsam
@@ -84,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
 
     for i, stem in enumerate(stems):
         rgb, gt = read_pair(a.data, stem)
-        ys, xs = np.nonzero(gt)
-        box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float64)
+        box = mask_box(gt)
+        if box is None:  # no polyp in this case: nothing to prompt
+            continue
         times: dict[str, float] = {}
         masks: dict[str, np.ndarray] = {}
         order = [("litemedsam", run_base), ("ours", run_ours)]

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from imedsam_deploy.preprocess import box_region, box_to_model, to_model_input
     from imedsam_deploy.sparse import SparseConfig, dense_decode, sparse_decode
     from imedsam_train.checkpoint import load_checkpoint
+    from imedsam_train.data.boxes import mask_box
     from imedsam_train.data.folder import read_pair
 
     torch.set_num_threads(2)
@@ -58,11 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for stem in stems:
         rgb, gt = read_pair(a.data, stem)
-        ys, xs = np.nonzero(gt)
-        if ys.size == 0:
+        box = mask_box(gt)
+        if box is None:
             continue
         h, w = gt.shape
-        box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
         with torch.no_grad():
             emb = model.encode(torch.from_numpy(to_model_input(rgb, s))[None])
         mbox = torch.from_numpy(box_to_model(box[None], (h, w), s))
@@ -120,6 +120,7 @@ def runtime_agreement(a: argparse.Namespace) -> int:
     from imedsam_deploy import backends as bk
     from imedsam_deploy.manifest import load_artifact
     from imedsam_deploy.runtime import Segmenter
+    from imedsam_train.data.boxes import mask_box
     from imedsam_train.data.folder import read_pair
 
     art = load_artifact(a.artifact)
@@ -131,11 +132,10 @@ def runtime_agreement(a: argparse.Namespace) -> int:
     secs = dict.fromkeys(modes, 0.0)
     for stem in _stems(a):
         rgb, gt = read_pair(a.data, stem)
-        ys, xs = np.nonzero(gt)
-        if ys.size == 0:
+        box = mask_box(gt)
+        if box is None:
             continue
         h, w = gt.shape
-        box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
         ohw = (h, w) if a.out_size is None else (max(1, round(h * a.out_size / max(h, w))),
                                                    max(1, round(w * a.out_size / max(h, w))))
         masks = {}

@@ -25,6 +25,7 @@ import torch
 from imedsam_core import contract as C
 from imedsam_core.errors import UserError
 from imedsam_train.config import PreprocessConfig
+from imedsam_train.data.boxes import mask_box
 from imedsam_train.data.folder import read_pair
 from imedsam_train.metrics import dice
 from imedsam_train.model import IMedSAM, ugs_merge
@@ -112,10 +113,9 @@ def load_real_samples(size: int, limit: int, root: Path = SAMPLE_DIR, split: Pat
             rgb, gt = read_pair(root, stem)
         except UserError:  # a sample, not a data set: a missing or unreadable pair is skipped
             continue
-        ys, xs = np.nonzero(gt)
-        if xs.size == 0:
+        box = mask_box(gt)
+        if box is None:
             continue
-        box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.float64)
         mask = cv2.resize(gt.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
         out.append(make_sample(stem, rgb, box, mask, size, pre))
         if len(out) >= limit:

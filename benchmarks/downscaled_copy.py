@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     from imedsam_core.errors import UserError
+    from imedsam_deploy.infer import out_shape
     from imedsam_train.data.folder import kvasir_dataset, split_path
 
     try:
@@ -51,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         for rec in ds.records:
             s = rec.load()
             h, w = s.image.shape[:2]
-            f = a.max_side / max(h, w)
-            size = (max(1, round(w * f)), max(1, round(h * f)))
+            size = out_shape((h, w), a.max_side)[::-1]  # (W, H), cv2's order
             img = cv2.resize(s.image, size, interpolation=cv2.INTER_AREA)
             cv2.imwrite(str(tmp / "images" / f"{s.stem}.jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
                         [cv2.IMWRITE_JPEG_QUALITY, 90])

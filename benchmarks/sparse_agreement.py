@@ -44,11 +44,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from imedsam_core.atomic import atomic_write_text
     from imedsam_deploy.preprocess import box_region, box_to_model, to_model_input
     from imedsam_deploy.sparse import SparseConfig, dense_decode, sparse_decode
     from imedsam_train.checkpoint import load_checkpoint
     from imedsam_train.data.boxes import mask_box
     from imedsam_train.data.folder import read_pair
+    from imedsam_train.metrics import dice
 
     torch.set_num_threads(2)
     model, _ = load_checkpoint(a.checkpoint)
@@ -76,17 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         reg = box_region(box, (h, w), (osz, osz), a.margin)
         region = (reg.r0, reg.r1, reg.c0, reg.c1)
         dense = dense_decode(decode, (osz, osz), frac, region)
-        bo = box * [osz / w, osz / h, osz / w, osz / h]
-        r0, r1, c0, c1 = int(np.floor(bo[1])), int(np.ceil(bo[3])), int(np.floor(bo[0])), int(np.ceil(bo[2]))
-        row = {"stem": stem, "box_fraction": float((bo[2] - bo[0]) * (bo[3] - bo[1]) / osz**2),
+        ib = _in_box(box, (h, w), (osz, osz))
+        row = {"stem": stem, "box_fraction": float((box[2] - box[0]) * (box[3] - box[1]) / (h * w)),
                "region_fraction": reg.size / osz**2}
         for st in a.strides:
             res = sparse_decode(decode, (osz, osz), frac, region, SparseConfig(stride=st))
-            inter = np.logical_and(res.mask, dense).sum()
-            den = res.mask.sum() + dense.sum()
             row[f"s{st}"] = {
-                "in_box": float((res.mask[:, r0:r1, c0:c1] == dense[:, r0:r1, c0:c1]).mean()),
-                "dice": float(2 * inter / den) if den else 1.0,
+                "in_box": float((res.mask[(..., *ib)] == dense[(..., *ib)]).mean()),
+                "dice": dice(res.mask, dense) / 100,  # a fraction here, as the planner's other figures
                 "queried_of_region": res.queried / max(1, reg.size),
                 "queried_of_image": res.queried / osz**2,
             }
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["region_fraction_mean"] = float(np.mean([r["region_fraction"] for r in rows]))
     print(json.dumps(summary, indent=1))
     if a.json:
-        a.json.write_text(json.dumps({"summary": summary, "images": rows}, indent=1) + "\n")
+        atomic_write_text(a.json, json.dumps({"summary": summary, "images": rows}, indent=1) + "\n")
     return 0
 
 
@@ -113,15 +112,26 @@ def _stems(a: argparse.Namespace) -> list[str]:
     return (a.split.read_text().split() if a.split else sorted(p.stem for p in (a.data / "images").iterdir()))[: a.limit]
 
 
+def _in_box(box: np.ndarray, image_hw: tuple[int, int], out_hw: tuple[int, int]) -> tuple[slice, slice]:
+    """The output rows and columns the box (image pixels) covers: the runtime's query region without a margin."""
+    from imedsam_deploy.preprocess import box_region
+
+    r = box_region(box, image_hw, out_hw, margin=0.0, min_margin_px=0.0)
+    return slice(r.r0, r.r1), slice(r.c0, r.c1)
+
+
 def runtime_agreement(a: argparse.Namespace) -> int:
     """``--query sparse`` vs ``--query full`` through the deploy runtime (ort-cpu), whole images."""
     import time
 
+    from imedsam_core.atomic import atomic_write_text
     from imedsam_deploy import backends as bk
+    from imedsam_deploy.infer import out_shape
     from imedsam_deploy.manifest import load_artifact
     from imedsam_deploy.runtime import Segmenter
     from imedsam_train.data.boxes import mask_box
     from imedsam_train.data.folder import read_pair
+    from imedsam_train.metrics import dice
 
     art = load_artifact(a.artifact)
     be, how = bk.open_backend("ort-cpu", art, None)
@@ -136,8 +146,7 @@ def runtime_agreement(a: argparse.Namespace) -> int:
         if box is None:
             continue
         h, w = gt.shape
-        ohw = (h, w) if a.out_size is None else (max(1, round(h * a.out_size / max(h, w))),
-                                                   max(1, round(w * a.out_size / max(h, w))))
+        ohw = out_shape((h, w), a.out_size)
         masks = {}
         for q, seg in segs.items():
             t = time.perf_counter()
@@ -145,14 +154,12 @@ def runtime_agreement(a: argparse.Namespace) -> int:
             secs[q] += time.perf_counter() - t
             masks[q] = res.objects[0].mask()
         f = masks["full"]
-        bo = box * [ohw[1] / w, ohw[0] / h, ohw[1] / w, ohw[0] / h]
-        r0, r1, c0, c1 = int(np.floor(bo[1])), int(np.ceil(bo[3])), int(np.floor(bo[0])), int(np.ceil(bo[2]))
+        ib = _in_box(box, (h, w), ohw)
         row: dict = {"stem": stem, "out_hw": list(ohw)}
         for q in modes[1:]:
             m = masks[q]
-            den = int(f.sum() + m.sum())
-            row[q] = {"all": float((f == m).mean()), "in_box": float((f[r0:r1, c0:c1] == m[r0:r1, c0:c1]).mean()),
-                      "dice": float(2 * np.logical_and(f, m).sum() / den) if den else 1.0}
+            row[q] = {"all": float((f == m).mean()), "in_box": float((f[ib] == m[ib]).mean()),
+                      "dice": dice(m, f) / 100}
         rows.append(row)
         print(json.dumps(row), flush=True)
     n = len(rows)
@@ -166,7 +173,7 @@ def runtime_agreement(a: argparse.Namespace) -> int:
                       "speedup_vs_full": secs["full"] / max(secs[q], 1e-9)}
     print(json.dumps(summary, indent=1))
     if a.json:
-        a.json.write_text(json.dumps({"summary": summary, "images": rows}, indent=1) + "\n")
+        atomic_write_text(a.json, json.dumps({"summary": summary, "images": rows}, indent=1) + "\n")
     return 0
 
 

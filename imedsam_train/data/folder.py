@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from imedsam_core.errors import UserError
-from imedsam_train.data.io import IMAGE_SUFFIXES, find_image, read_image, read_mask
+from imedsam_train.data.io import IMAGE_SUFFIXES, find_image
 from imedsam_train.data.records import Dataset, Record, apply_split
 
 
@@ -39,12 +39,15 @@ def pair_records(images: Path, masks: Path) -> list[Record]:
 
 
 def read_pair(root: Path, stem: str) -> tuple[np.ndarray, np.ndarray]:
-    """``stem``'s RGB image and boolean mask (pixels over 127) under ``root/images`` and ``root/masks``, read as
-    training and evaluation read them; a missing or unreadable file is a UserError naming it."""
+    """``stem``'s RGB image and boolean mask under ``root/images`` and ``root/masks``, read by ``Record.load`` as
+    training and evaluation read them (pixels over 127, specks dropped, sizes checked): a stray pixel would
+    otherwise stretch the tight box to the image's corner. A missing, unreadable or mismatched file is a
+    UserError naming it."""
     img_p, msk_p = find_image(root / "images", stem), find_image(root / "masks", stem)
     if img_p is None or msk_p is None:
         raise UserError(f"{root / ('images' if img_p is None else 'masks')}: no file for the stem {stem!r}")
-    return read_image(img_p), read_mask(msk_p)
+    s = Record(stem, img_p, [(0, msk_p)]).load()
+    return s.image, s.masks[0][1]
 
 
 def folder_dataset(root: str | Path, split: str | Path | None = None, name: str = "foreground") -> Dataset:

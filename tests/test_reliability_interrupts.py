@@ -41,10 +41,15 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 def _popen(module: str, args: list[str], cwd: Path) -> subprocess.Popen[bytes]:
     """The command's real entry point (``main``: run_app) in a child process; stderr goes to a file (an unread
-    pipe could fill up and stall the child), kept as ``proc.err_path``."""
+    pipe could fill up and stall the child), kept as ``proc.err_path``.
+
+    The child gets Python's Ctrl-C handler, as in a terminal. A child inherits an ignored SIGINT, and a shell
+    starts a background command with SIGINT ignored (``nohup pytest ... &``): there Python installs no handler,
+    the child ignored the Ctrl-C and finished with exit 0, and the test failed on how pytest had been started."""
     err_path = cwd.parent / f"{cwd.name}.{module}.{time.monotonic_ns()}.stderr"
+    code = f"import signal; signal.signal(signal.SIGINT, signal.default_int_handler); from {module} import main; main()"
     with open(err_path, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-c", f"from {module} import main; main()", *args], cwd=cwd,
+        proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=cwd,
                                 env=ENV, stdout=subprocess.DEVNULL, stderr=err)
     proc.err_path = err_path  # type: ignore[attr-defined]
     return proc

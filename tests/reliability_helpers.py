@@ -83,16 +83,28 @@ def assert_nothing_left(folder: Path, also: list[Path] | None = None) -> None:
         assert not p.exists(), p
 
 
+CONSOLE_SCRIPTS = {
+    "imedsam-train": ("imedsam_train.cli", "main"), "imedsam-eval": ("imedsam_train.eval_cli", "main"),
+    "imedsam-export": ("imedsam_export.cli", "main"), "imedsam-infer": ("imedsam_deploy.cli_infer", "main"),
+    "imedsam-bench": ("imedsam_deploy.cli_bench", "main"),
+}
+CHILD_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def console_argv(name: str, args: list[str]) -> list[str]:
+    """The command line that runs console script ``name``'s real entry point in a fresh interpreter, with
+    Python's Ctrl-C handler as in a terminal. A child inherits an ignored SIGINT, and a shell starts a background
+    command with SIGINT ignored (``nohup pytest ... &``): there Python installs no handler, so a Ctrl-C test
+    failed on how pytest had been started."""
+    module, func = CONSOLE_SCRIPTS[name]
+    code = (f"import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            f"from {module} import {func}; sys.argv[0] = {name!r}; {func}()")
+    return [sys.executable, "-c", code, *args]
+
+
 def console_script(name: str, args: list[str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     """Run an installed console script (its real entry point) in a subprocess."""
-    module, func = {
-        "imedsam-train": ("imedsam_train.cli", "main"), "imedsam-eval": ("imedsam_train.eval_cli", "main"),
-        "imedsam-export": ("imedsam_export.cli", "main"), "imedsam-infer": ("imedsam_deploy.cli_infer", "main"),
-        "imedsam-bench": ("imedsam_deploy.cli_bench", "main"),
-    }[name]
-    code = f"import sys; from {module} import {func}; sys.argv[0] = {name!r}; {func}()"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True,
+    return subprocess.run(console_argv(name, args), cwd=cwd, env=CHILD_ENV, capture_output=True, text=True,
                           timeout=timeout)
 
 

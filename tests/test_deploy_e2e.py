@@ -34,6 +34,7 @@ from imedsam_export.verify import FP32_LOGIT_TOL, MASK_AGREEMENT_MIN
 from imedsam_train.build import build
 
 from .conftest import REPO, SAMPLE_DATA, SHARED_DATA, cut_video, read_mask
+from .reliability_helpers import console_argv
 
 S = 128
 VIDEO = SHARED_DATA / "colonoscopy-video" / "video_coloscopy.mp4"
@@ -285,8 +286,8 @@ def test_runtime_runs_where_torch_cannot_be_imported(exported, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "OK backend auto -> ov-cpu" in proc.stdout, proc.stdout + proc.stderr
     out = tmp_path / "out"
-    cli = [sys.executable, "-c", "from imedsam_deploy.cli_infer import main; main()", str(img), "--box", "40,40,200,180",
-           "--artifact", str(art), "--out", str(out), "-q"]
+    cli = console_argv("imedsam-infer", [str(img), "--box", "40,40,200,180", "--artifact", str(art), "--out", str(out),
+                                         "-q"])
     proc = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (out / "masks" / f"{img.stem}.png").is_file() and (out / "results.csv").is_file()

@@ -8,11 +8,9 @@
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,30 +25,23 @@ from imedsam_train.build import safe_torch_load
 from imedsam_train.cli import app as train_app
 from tests.conftest import cut_video
 from tests.reliability_helpers import (
-    REPO,
+    CHILD_ENV,
     SAMPLE_DATA,
     SAMPLE_IMAGES,
     VIDEO,
+    console_argv,
     tiny_artifact,
     tiny_checkpoint,
 )
 
 SEED = 20261127  # the kill moments are drawn from this
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
-
-
-def _popen(module: str, args: list[str], cwd: Path) -> subprocess.Popen[bytes]:
-    """The command's real entry point (``main``: run_app) in a child process; stderr goes to a file (an unread
-    pipe could fill up and stall the child), kept as ``proc.err_path``.
-
-    The child gets Python's Ctrl-C handler, as in a terminal. A child inherits an ignored SIGINT, and a shell
-    starts a background command with SIGINT ignored (``nohup pytest ... &``): there Python installs no handler,
-    the child ignored the Ctrl-C and finished with exit 0, and the test failed on how pytest had been started."""
-    err_path = cwd.parent / f"{cwd.name}.{module}.{time.monotonic_ns()}.stderr"
-    code = f"import signal; signal.signal(signal.SIGINT, signal.default_int_handler); from {module} import main; main()"
+def _popen(name: str, args: list[str], cwd: Path) -> subprocess.Popen[bytes]:
+    """Console script ``name``'s real entry point (``main``: run_app) in a child process; stderr goes to a file
+    (an unread pipe could fill up and stall the child), kept as ``proc.err_path``."""
+    err_path = cwd.parent / f"{cwd.name}.{name}.{time.monotonic_ns()}.stderr"
     with open(err_path, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-c", code, *args], cwd=cwd,
-                                env=ENV, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(console_argv(name, args), cwd=cwd, env=CHILD_ENV, stdout=subprocess.DEVNULL,
+                                stderr=err)
     proc.err_path = err_path  # type: ignore[attr-defined]
     return proc
 
@@ -125,7 +116,7 @@ def test_training_killed_three_times_resumes_to_identical_weights(tmp_path, monk
     resume = False
     while kills < 3:
         done_before = _epochs_logged(run)
-        proc = _popen("imedsam_train.cli", _args(data) + (["--resume"] if resume else []), killed_cwd)
+        proc = _popen("imedsam-train", _args(data) + (["--resume"] if resume else []), killed_cwd)
         # a random moment after this process saved one more epoch: mid-epoch, mid-validation or mid-write
         _wait_for(lambda d=done_before: _epochs_logged(run) > d, proc, 300, "an epoch to be saved")
         time.sleep(rng.uniform(0.0, 1.0))
@@ -138,7 +129,7 @@ def test_training_killed_three_times_resumes_to_identical_weights(tmp_path, monk
         leftovers = [p.name for p in ck.iterdir() if p.name not in (LAST_CHECKPOINT, BEST_CHECKPOINT)]
         assert all(n.startswith(".") and n.endswith(".tmp") for n in leftovers), leftovers
         resume = True
-    proc = _popen("imedsam_train.cli", [*_args(data), "--resume"], killed_cwd)
+    proc = _popen("imedsam-train", [*_args(data), "--resume"], killed_cwd)
     assert proc.wait(timeout=600) == 0, _stderr(proc)
 
     clean_cwd = tmp_path / "clean"
@@ -168,7 +159,7 @@ def test_export_killed_midway_leaves_no_complete_looking_artifact(tmp_path_facto
     ckpt = tiny_checkpoint(tmp_path_factory)
     out = tmp_path / "runs" / "r" / "export"
     rng = random.Random(SEED + 1)
-    proc = _popen("imedsam_export.cli", [str(ckpt), "--out", str(out), "--max-points", "1024", "--batch", "1"],
+    proc = _popen("imedsam-export", [str(ckpt), "--out", str(out), "--max-points", "1024", "--batch", "1"],
                   tmp_path)
     staging = lambda: [p for p in out.parent.iterdir() if p.name.startswith(".export.")] if out.parent.is_dir() else []  # noqa: E731
     _wait_for(lambda: bool(staging()), proc, 300, "the export's staging folder")
@@ -193,7 +184,7 @@ def test_inference_killed_midway_leaves_no_complete_looking_output(tmp_path_fact
     art = tiny_artifact(tmp_path_factory)
     out = tmp_path / "out"
     rng = random.Random(SEED + 2)
-    proc = _popen("imedsam_deploy.cli_infer", [str(video_cut), "--box", "150,120,300,260", "--artifact", str(art),
+    proc = _popen("imedsam-infer", [str(video_cut), "--box", "150,120,300,260", "--artifact", str(art),
                                                "--out", str(out), "--backend", "ort-cpu", "-q"], tmp_path)
 
     def masks_written() -> int:
@@ -214,7 +205,7 @@ def test_inference_interrupted_with_ctrl_c_stops_its_threads_and_leaves_nothing(
     it alive), with no traceback, no output folder and no staging folder."""
     art = tiny_artifact(tmp_path_factory)
     out = tmp_path / "out"
-    proc = _popen("imedsam_deploy.cli_infer", [str(video_cut), "--box", "150,120,300,260", "--artifact", str(art),
+    proc = _popen("imedsam-infer", [str(video_cut), "--box", "150,120,300,260", "--artifact", str(art),
                                                "--out", str(out), "--backend", "ort-cpu", "-q"], tmp_path)
 
     def masks_written() -> int:

@@ -11,15 +11,21 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import cut_video
-from tests.reliability_helpers import GOOD_BOX, REPO, SAMPLE_IMAGES, VIDEO, tiny_artifact
+from tests.reliability_helpers import (
+    CHILD_ENV,
+    GOOD_BOX,
+    REPO,
+    SAMPLE_IMAGES,
+    VIDEO,
+    console_argv,
+    tiny_artifact,
+)
 
 MAX_GROWTH_MB = 50.0
 
@@ -74,16 +80,15 @@ def test_cpu_backend_masks_are_bit_identical_across_processes(tmp_path_factory, 
         (images / img.name).write_bytes(img.read_bytes())
     clip = _cut(tmp_path / "clip.avi", 12)  # real frames, so tracking (box from the previous mask) is covered
 
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    code = "from imedsam_deploy.cli_infer import main; main()"
     runs = []
     for k in range(2):
         for name, inp, box in (("images", images, GOOD_BOX), ("video", clip, "150,120,300,260")):
             out = tmp_path / f"{name}{k}"
             runs.append((name, out, subprocess.Popen(
-                [sys.executable, "-c", code, str(inp), "--box", box, "--artifact", str(art), "--out", str(out),
-                 "--backend", "ort-cpu", "--min-confidence", "0", "--out-size", "128", "-q"],
-                cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
+                console_argv("imedsam-infer", [str(inp), "--box", box, "--artifact", str(art), "--out", str(out),
+                                               "--backend", "ort-cpu", "--min-confidence", "0", "--out-size", "128",
+                                               "-q"]),
+                cwd=tmp_path, env=CHILD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
     for _, _, proc in runs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err.decode()[-2000:]

@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -83,11 +84,6 @@ def assert_nothing_left(folder: Path, also: list[Path] | None = None) -> None:
         assert not p.exists(), p
 
 
-CONSOLE_SCRIPTS = {
-    "imedsam-train": ("imedsam_train.cli", "main"), "imedsam-eval": ("imedsam_train.eval_cli", "main"),
-    "imedsam-export": ("imedsam_export.cli", "main"), "imedsam-infer": ("imedsam_deploy.cli_infer", "main"),
-    "imedsam-bench": ("imedsam_deploy.cli_bench", "main"),
-}
 CHILD_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
@@ -96,7 +92,10 @@ def console_argv(name: str, args: list[str]) -> list[str]:
     Python's Ctrl-C handler as in a terminal. A child inherits an ignored SIGINT, and a shell starts a background
     command with SIGINT ignored (``nohup pytest ... &``): there Python installs no handler, so a Ctrl-C test
     failed on how pytest had been started."""
-    module, func = CONSOLE_SCRIPTS[name]
+    # the installed package's own entry point (pyproject.toml's [project.scripts]), not a copy of the table
+    eps = list(metadata.entry_points(group="console_scripts", name=name))
+    assert len(eps) == 1, f"{name}: {len(eps)} installed console scripts by that name (pip install -e . once)"
+    module, func = eps[0].module, eps[0].attr
     code = (f"import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
             f"from {module} import {func}; sys.argv[0] = {name!r}; {func}()")
     return [sys.executable, "-c", code, *args]

@@ -221,7 +221,7 @@ model = model.eval()
 be = TorchBackend(model, "cpu", TorchCudaSettings(precision="fp32", lean_encoder=True, lean_box_part=True,
                                                   device_planner=True))
 runner = FrameRunner(be, model_artifact(model, 1), "sparse", BenchOptions())
-inputs = synthetic_inputs(96, 1)
+inputs = synthetic_inputs(model.cfg.input_size, 1)
 now = [0.0]
 def frame():
     masks = runner.run(inputs, (32, 32), None)

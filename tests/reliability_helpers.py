@@ -84,7 +84,10 @@ def assert_nothing_left(folder: Path, also: list[Path] | None = None) -> None:
         assert not p.exists(), p
 
 
-CHILD_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+def child_env() -> dict[str, str]:
+    """The environment of a child the tests start: this one's as it is now (a test may have set a variable), with
+    the repository importable."""
+    return {**os.environ, "PYTHONPATH": str(REPO)}
 
 
 def console_argv(name: str, args: list[str]) -> list[str]:
@@ -103,7 +106,7 @@ def console_argv(name: str, args: list[str]) -> list[str]:
 
 def console_script(name: str, args: list[str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     """Run an installed console script (its real entry point) in a subprocess."""
-    return subprocess.run(console_argv(name, args), cwd=cwd, env=CHILD_ENV, capture_output=True, text=True,
+    return subprocess.run(console_argv(name, args), cwd=cwd, env=child_env(), capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -25,10 +25,10 @@ from imedsam_train.build import safe_torch_load
 from imedsam_train.cli import app as train_app
 from tests.conftest import cut_video
 from tests.reliability_helpers import (
-    CHILD_ENV,
     SAMPLE_DATA,
     SAMPLE_IMAGES,
     VIDEO,
+    child_env,
     console_argv,
     tiny_artifact,
     tiny_checkpoint,
@@ -40,7 +40,7 @@ def _popen(name: str, args: list[str], cwd: Path) -> subprocess.Popen[bytes]:
     (an unread pipe could fill up and stall the child), kept as ``proc.err_path``."""
     err_path = cwd.parent / f"{cwd.name}.{name}.{time.monotonic_ns()}.stderr"
     with open(err_path, "wb") as err:
-        proc = subprocess.Popen(console_argv(name, args), cwd=cwd, env=CHILD_ENV, stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(console_argv(name, args), cwd=cwd, env=child_env(), stdout=subprocess.DEVNULL,
                                 stderr=err)
     proc.err_path = err_path  # type: ignore[attr-defined]
     return proc

@@ -18,11 +18,11 @@ import pytest
 
 from tests.conftest import cut_video
 from tests.reliability_helpers import (
-    CHILD_ENV,
     GOOD_BOX,
     REPO,
     SAMPLE_IMAGES,
     VIDEO,
+    child_env,
     console_argv,
     tiny_artifact,
 )
@@ -88,7 +88,7 @@ def test_cpu_backend_masks_are_bit_identical_across_processes(tmp_path_factory, 
                 console_argv("imedsam-infer", [str(inp), "--box", box, "--artifact", str(art), "--out", str(out),
                                                "--backend", "ort-cpu", "--min-confidence", "0", "--out-size", "128",
                                                "-q"]),
-                cwd=tmp_path, env=CHILD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
+                cwd=tmp_path, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
     for _, _, proc in runs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err.decode()[-2000:]

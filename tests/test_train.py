@@ -3,10 +3,8 @@ final weights to an uninterrupted run), DDP at world size 1 on CPU, CLI defaults
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,8 +18,9 @@ from imedsam_train.checkpoint import load_checkpoint
 from imedsam_train.cli import app
 from imedsam_train.losses import ce_dice, fine_weight, imedsam_loss
 from imedsam_train.train import rng_state, set_rng_state
-from tests.conftest import REPO, SAMPLE_DATA
+from tests.conftest import SAMPLE_DATA
 from tests.ddp_helpers import plain_and_ddp_world_one
+from tests.reliability_helpers import child_env, console_argv
 
 RUN_ARGS = ["folder", str(SAMPLE_DATA), "--model", "tiny", "--input-size", "64", "--epochs", "2",
             "--batch-size", "4", "--points", "256", "--workers", "0", "--threads", "1", "--seed", "5"]
@@ -64,9 +63,8 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, monkeypatch):
     # A real run in a subprocess, killed with SIGKILL during its second (last) epoch.
     killed = tmp_path / "killed"
     killed.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "imedsam_train.cli", *RUN_ARGS, "--name", "r"], cwd=killed,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(console_argv("imedsam-train", [*RUN_ARGS, "--name", "r"]), cwd=killed, env=child_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     log = killed / "runs" / "r" / "log.csv"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:

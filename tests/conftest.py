@@ -13,6 +13,13 @@ SHARED_DATA = Path(os.environ.get("IMEDSAM_SHARED_DATA", REPO.parent / "shared" 
 SAMPLE_DATA = REPO / "data" / "sample" / "kvasir-sessile"
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child process a test starts: this one's as it is now (a test may have set a variable),
+    plus ``extra``, with the repository first on the path and whatever the path had after it."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, **extra, "PYTHONPATH": path}
+
+
 def run_in_triton_interpreter(script: str) -> dict:
     """Run ``script`` (which prints one JSON object last) in a subprocess with ``TRITON_INTERPRET=1``: Triton
     kernels then run on the CPU. The interpreter must be on before a kernel is defined, hence the process."""
@@ -20,8 +27,8 @@ def run_in_triton_interpreter(script: str) -> dict:
     import subprocess
     import sys
 
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO,
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=child_env(TRITON_INTERPRET="1"), cwd=REPO,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])

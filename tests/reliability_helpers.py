@@ -3,7 +3,6 @@ makers, and the assertion every bad input must pass (one-line error, non-zero ex
 
 from __future__ import annotations
 
-import os
 import struct
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from tests.conftest import REPO, SAMPLE_DATA, SHARED_DATA
+from tests.conftest import SAMPLE_DATA, SHARED_DATA, child_env
 
 S = 64  # tiny model input size
 VIDEO = SHARED_DATA / "colonoscopy-video" / "video_coloscopy.mp4"
@@ -82,12 +81,6 @@ def assert_nothing_left(folder: Path, also: list[Path] | None = None) -> None:
         assert not staged, staged
     for p in also or []:
         assert not p.exists(), p
-
-
-def child_env() -> dict[str, str]:
-    """The environment of a child the tests start: this one's as it is now (a test may have set a variable), with
-    the repository importable."""
-    return {**os.environ, "PYTHONPATH": str(REPO)}
 
 
 def console_argv(name: str, args: list[str]) -> list[str]:

@@ -26,7 +26,7 @@ from imedsam_train.preprocess import input_boxes, prepare_image, to_input
 from imedsam_train.pretrained import LiteMedSAMBaseline, lite_medsam
 from imedsam_train.train import Reporter, TrainConfig, train
 from tests.conftest import SESSILE_STEMS as STEMS
-from tests.conftest import read_mask, read_rgb
+from tests.conftest import child_env, read_mask, read_rgb
 from tests.ddp_helpers import free_port, plain_and_ddp_world_one
 
 
@@ -309,7 +309,6 @@ def test_ddp_world_size_one_matches_the_plain_run_in_both_phases(sessile, tmp_pa
 def test_torchrun_two_ranks_shard_the_cache_and_rank0_writes_the_run(sessile, tmp_path):
     """Two CPU processes (gloo): each encodes half of the inputs into the shared cache, gradients are averaged,
     rank 0 alone validates and writes the checkpoints and the finished marker."""
-    import os
     import subprocess
     import sys
 
@@ -323,8 +322,7 @@ def test_torchrun_two_ranks_shard_the_cache_and_rank0_writes_the_run(sessile, tm
             (data / sub / f"{s}.jpg").symlink_to(sessile / sub / f"{s}.jpg")
     (data / "splits/train.txt").write_text("\n".join(STEMS[:3]) + "\n")
     (data / "splits/val.txt").write_text(STEMS[0] + "\n")
-    env = {**os.environ, "IMEDSAM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
-           "IMEDSAM_PROGRESS_SECONDS": "1000"}
+    env = child_env(IMEDSAM_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", IMEDSAM_PROGRESS_SECONDS="1000")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), "-m", "imedsam_train.cli", "folder", str(data), "--model", "lite", "--name", "t2",
            "--decoder-epochs", "2", "--epochs", "0", "--batch-size", "1", "--points", "128", "--device", "cpu",

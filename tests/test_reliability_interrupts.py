@@ -23,12 +23,11 @@ from imedsam_core.paths import BEST_CHECKPOINT, CHECKPOINT_DIR, LAST_CHECKPOINT,
 from imedsam_deploy.manifest import load_artifact
 from imedsam_train.build import safe_torch_load
 from imedsam_train.cli import app as train_app
-from tests.conftest import cut_video
+from tests.conftest import child_env, cut_video
 from tests.reliability_helpers import (
     SAMPLE_DATA,
     SAMPLE_IMAGES,
     VIDEO,
-    child_env,
     console_argv,
     tiny_artifact,
     tiny_checkpoint,

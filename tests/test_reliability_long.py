@@ -16,13 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import cut_video
+from tests.conftest import REPO, child_env, cut_video
 from tests.reliability_helpers import (
     GOOD_BOX,
-    REPO,
     SAMPLE_IMAGES,
     VIDEO,
-    child_env,
     console_argv,
     tiny_artifact,
 )

@@ -41,17 +41,12 @@ from imedsam_deploy.serve import (  # noqa: E402
     _Entry,
 )
 
-from .conftest import REPO, SAMPLE_DATA, read_mask  # noqa: E402
+from .conftest import SAMPLE_DATA, child_env, read_mask  # noqa: E402
 
 MODELS = (SEGMENT, ENCODE, DECODE)
 # room for every load-test client's handle at once (8), small enough to evict cheaply
 LIMITS = ServeLimits(max_boxes=4, cache_size=10, ttl_s=600.0)
 READY_S = 90  # a cold start on 2 busy cores: three Python backend stubs
-
-
-def _env() -> dict[str, str]:
-    """This process's environment with the repository first on the path (and whatever else it had)."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
 
 
 def free_ports(n: int) -> list[int]:
@@ -460,7 +455,7 @@ def test_stop_with_requests_in_flight_leaves_nothing(artifact, tmp_path):
     ws = tmp_path / "ws"
     cmd = [sys.executable, "-m", "imedsam_deploy.cli_serve", str(artifact), "--backend", "ort-cpu",
            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--workspace", str(ws)]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     tree: list[int] = []
     try:
@@ -513,7 +508,7 @@ def test_stop_with_requests_in_flight_leaves_nothing(artifact, tmp_path):
 def test_serve_is_torch_free():
     code = ("import sys; import imedsam_deploy.serve, imedsam_deploy.client, imedsam_deploy.cli_serve, "
             "pytriton.triton, tritonclient.grpc; assert 'torch' not in sys.modules, 'torch imported'")
-    res = subprocess.run([sys.executable, "-c", code], env=_env(),
+    res = subprocess.run([sys.executable, "-c", code], env=child_env(),
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
 

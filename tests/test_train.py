@@ -18,9 +18,9 @@ from imedsam_train.checkpoint import load_checkpoint
 from imedsam_train.cli import app
 from imedsam_train.losses import ce_dice, fine_weight, imedsam_loss
 from imedsam_train.train import rng_state, set_rng_state
-from tests.conftest import SAMPLE_DATA
+from tests.conftest import SAMPLE_DATA, child_env
 from tests.ddp_helpers import plain_and_ddp_world_one
-from tests.reliability_helpers import child_env, console_argv
+from tests.reliability_helpers import console_argv
 
 RUN_ARGS = ["folder", str(SAMPLE_DATA), "--model", "tiny", "--input-size", "64", "--epochs", "2",
             "--batch-size", "4", "--points", "256", "--workers", "0", "--threads", "1", "--seed", "5"]

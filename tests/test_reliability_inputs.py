@@ -27,10 +27,10 @@ from imedsam_deploy.cli_infer import app as infer_app
 from imedsam_export.cli import app as export_app
 from imedsam_train.cli import app as train_app
 from imedsam_train.eval_cli import app as eval_app
+from tests.conftest import REPO
 from tests.reliability_helpers import (
     GOOD_BOX,
     IMAGE,
-    REPO,
     SAMPLE_DATA,
     SAMPLE_IMAGES,
     VIDEO,

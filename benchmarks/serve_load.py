@@ -25,6 +25,7 @@ from imedsam_deploy.client import ServeClient, ServeError  # noqa: E402
 from imedsam_deploy.manifest import load_artifact  # noqa: E402
 from imedsam_deploy.runtime import Segmenter  # noqa: E402
 from imedsam_deploy.serve import Server, ServerConfig, Service  # noqa: E402
+from imedsam_deploy.triton_leftovers import descendants  # noqa: E402
 from imedsam_deploy.video import read_image  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "kvasir-sessile"
@@ -36,23 +37,6 @@ def rss_mb(pid: int) -> float:
             return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS")) / 1024
     except (OSError, StopIteration):
         return 0.0
-
-
-def tree(pid: int) -> list[int]:
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    kids.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(d))
-            except (OSError, IndexError, ValueError):
-                pass
-    out, todo = [], [pid]
-    while todo:
-        for k in kids.get(todo.pop(), []):
-            out.append(k)
-            todo.append(k)
-    return out
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -102,7 +86,7 @@ def main() -> None:
     t0 = time.perf_counter()
     srv.start()
     start_s = time.perf_counter() - t0
-    servers = [p for p in tree(me)]
+    servers = descendants(me)
     rss_srv0 = sum(rss_mb(p) for p in servers)
     rss1 = rss_mb(me)
     # one client, one request at a time: the serving overhead per request without contention

@@ -44,7 +44,8 @@ def serve(
     workspace: Path | None = typer.Option(None, "--workspace", help="PyTriton's working folder (default: a temporary one)."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads for ov-cpu and ort-cpu (default: the runtimes' own, one per core)."),
 ) -> None:
-    """Serve `segment`, `encode` and `decode` (see imedsam_deploy.serve) until Ctrl-C or SIGTERM."""
+    """Serve `segment`, `encode` and `decode` (see imedsam_deploy.serve) until Ctrl-C or SIGTERM (exit 0), or
+    until tritonserver or one of its models dies (exit 1)."""
     from rich.console import Console
 
     from imedsam_deploy import backends as bk
@@ -67,14 +68,16 @@ def serve(
     check_threads(threads)
     require("pytriton", "serve")
     console = Console(stderr=True)
-    serve_artifact(artifact, backend, precision, host, (http_port, grpc_port, metrics_port), max_batch,
-                   queue_delay_us, query, max_boxes, cache_size, ttl, workspace, console, options, tta, threads)
+    if not serve_artifact(artifact, backend, precision, host, (http_port, grpc_port, metrics_port), max_batch,
+                          queue_delay_us, query, max_boxes, cache_size, ttl, workspace, console, options, tta, threads):
+        raise typer.Exit(1)  # a supervisor restarts a server that died, not one that was stopped
 
 
 def serve_artifact(artifact_dir: Path | None, backend_name: str, precision: str | None, host: str,
                    ports: tuple[int, int, int], max_batch: int | None, queue_delay_us: int, query: str,
                    max_boxes: int, cache_size: int, ttl: float, workspace: Path | None, console: object,
-                   options: dict[str, str] | None = None, tta: bool = False, threads: int | None = None) -> None:
+                   options: dict[str, str] | None = None, tta: bool = False, threads: int | None = None) -> bool:
+    """Serve until stopped (True) or until tritonserver or one of its models dies (False)."""
     from imedsam_core.paths import latest_artifact
     from imedsam_deploy import backends as bk
     from imedsam_deploy.manifest import load_artifact
@@ -101,9 +104,10 @@ def serve_artifact(artifact_dir: Path | None, backend_name: str, precision: str 
              "(models segment, encode, decode; Ctrl-C stops)")
     with be:
         try:
-            Server(svc, cfg).serve()
+            asked = Server(svc, cfg).serve()
         finally:
             say_line(console, f"stopped; {svc.stats.summary()}")
+    return asked
 
 
 def main() -> None:

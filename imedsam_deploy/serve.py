@@ -20,7 +20,6 @@ Health, readiness and metrics are Triton's own (``/v2/health/live``, ``/v2/healt
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
@@ -39,6 +38,7 @@ from imedsam_core.errors import UserError
 from imedsam_deploy.backends.base import Embedding
 from imedsam_deploy.boxes import check_box_values, validate_box
 from imedsam_deploy.runtime import ObjectMask, Segmenter
+from imedsam_deploy.triton_leftovers import Leftovers, adopt_orphans
 
 LOG = logging.getLogger("imedsam.serve")
 
@@ -280,73 +280,6 @@ def check_numpy() -> None:
                         f"{np.__version__}): pip install 'imedsam[serve]' 'numpy<2' 'opencv-python-headless<5'")
 
 
-def _children() -> dict[int, list[int]]:
-    out: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            out.setdefault(ppid, []).append(int(d))
-    return out
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (Linux /proc; empty elsewhere)."""
-    if not Path("/proc/self/stat").exists():
-        return []
-    children, out, todo = _children(), [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def _shm_mapped(pids: Sequence[int]) -> set[str]:
-    """Names of the /dev/shm segments that ``pids`` map."""
-    names: set[str] = set()
-    for p in pids:
-        with contextlib.suppress(OSError):
-            names |= {ln.split("/dev/shm/", 1)[1].split()[0] for ln in Path(f"/proc/{p}/maps").read_text().splitlines()
-                      if "/dev/shm/" in ln}
-    return names
-
-
-def _running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _end_processes(pids: Sequence[int], grace_s: float = 5.0) -> None:
-    """Give ``pids`` (the server's processes, noted before its stop) ``grace_s`` to exit, then kill those left.
-    A process id is only reused after its process is gone, and these were noted seconds ago."""
-    import signal
-
-    end = time.monotonic() + grace_s
-    while time.monotonic() < end and any(_running(p) for p in pids):
-        time.sleep(0.1)
-    for p in pids:
-        if _running(p):
-            with contextlib.suppress(OSError):
-                os.kill(p, signal.SIGKILL)
-    for p in pids:  # those adopted as our children (see _adopt_orphans) are reaped here
-        with contextlib.suppress(OSError):
-            os.waitpid(p, 0)
-
-
-def _adopt_orphans() -> None:
-    """Make this process the reaper of its orphaned descendants (Linux): a stub whose tritonserver exited
-    stays below us, where stop() finds it, instead of moving to the machine's init."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-
-
 def _python_lib_first() -> None:
     """The Python backend stub links libpython: a pyenv (or other non-system) Python's own must come first,
     or the stub loads another 3.x build's and the model fails to load (``_thread.RLock`` errors)."""
@@ -384,6 +317,7 @@ class Server:
         self.service, self.cfg = service, cfg or ServerConfig()
         self._triton: Any = None
         self._tmp: Any = None
+        self._left = Leftovers()
 
     def _bind(self, triton: Any) -> None:
         from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
@@ -429,7 +363,8 @@ class Server:
 
         from pytriton.triton import Triton, TritonConfig
 
-        _adopt_orphans()
+        adopt_orphans()
+        self._left.before_start()
         c = self.cfg
         ws = c.workspace
         if ws is None:
@@ -449,42 +384,44 @@ class Server:
         try:
             self._bind(self._triton)
             self._triton.run()
+            self._left.started()
         except BaseException:
             self.stop()
             raise
         return self
 
-    def serve(self) -> None:
-        """Start and block until Ctrl-C / SIGTERM, then stop."""
+    def serve(self, poll_s: float = 1.0) -> bool:
+        """Start and block until Ctrl-C / SIGTERM (True) or until tritonserver or a model dies (False), then stop.
+        Not PyTriton's own ``serve()``: that stops tritonserver itself on Ctrl-C, before ``stop()`` could note
+        what it leaves."""
         import signal
 
         def interrupt(*_: object) -> None:
-            raise KeyboardInterrupt  # PyTriton's serve() stops cleanly on it; SIGTERM would orphan tritonserver
+            raise KeyboardInterrupt  # SIGTERM ends the loop below as Ctrl-C does; left alone it would orphan tritonserver
 
-        check_numpy()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, interrupt)
-        self._triton = self._triton_obj()
         try:
-            self._bind(self._triton)
-            self._triton.serve()
+            self.start()
+            while self._triton.is_alive():
+                time.sleep(poll_s)
+            LOG.error("tritonserver or one of its models died; stopping")
+            return False
+        except KeyboardInterrupt:
+            return True
         finally:
             self.stop()
 
     def stop(self) -> None:
         if self._triton is not None:
-            # Triton's stop can orphan a Python backend stub (and its multiprocessing helpers) that was busy
-            # with a request: note the server's processes and shared memory first, then end what is left.
-            procs = _descendants(os.getpid())
-            shm = _shm_mapped(procs)
+            # Triton's stop can leave a busy Python backend stub (and its multiprocessing helpers), their shared
+            # memory and the models' directory copies: note them first, then end what is left.
+            self._left.note()
             try:
                 self._triton.stop()
             finally:
                 self._triton = None
-                _end_processes(procs)
-                for name in shm:
-                    with contextlib.suppress(OSError):
-                        os.unlink(f"/dev/shm/{name}")
+                self._left.end()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

@@ -1,10 +1,11 @@
 """imedsam-serve: a real Triton server (PyTriton) on 127.0.0.1, talked to with tritonclient over HTTP and gRPC.
 Masks must equal the in-process runtime's (what imedsam-infer runs) on real Kvasir images; bad requests are
 refused without taking a model down; a load of concurrent clients loses nothing; a stop with requests in
-flight leaves no process and no shared memory behind."""
+flight, or a tritonserver that dies, leaves no process, no shared memory and nothing of Triton's in /tmp behind."""
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import socket
@@ -392,6 +393,12 @@ def _shm_mapped(pids: list[int]) -> set[str]:
     return names
 
 
+def _triton_tmp() -> set[str]:
+    """What Triton made in /tmp: its copies of the model directories and its Python backend's environment
+    directories (named in Triton's sources; the server's own code finds them another way)."""
+    return set(glob.glob("/tmp/folder??????")) | set(glob.glob("/tmp/python_env_??????"))
+
+
 def test_clients_that_disconnect_mid_request_leave_nothing_behind(server, reference):
     """Clients that hang up mid-upload, right after sending a whole request, or with a gRPC call in flight: the
     server answers the next client correctly and keeps the same processes, and no shared memory is left."""
@@ -448,15 +455,22 @@ def _alive(pids: list[int]) -> list[str]:
     return out
 
 
-def test_stop_with_requests_in_flight_leaves_nothing(artifact, tmp_path):
-    """The real command in a subprocess, SIGTERM with 4 clients mid-request: it exits, and no tritonserver or
-    Python backend stub process, and no shared-memory segment of theirs, is left."""
+def _serve_command(artifact: Path, ws: Path) -> tuple[subprocess.Popen, int]:
+    """imedsam-serve in a subprocess (output piped, text): the process and its HTTP port."""
     http, grpc, metrics = free_ports(3)
-    ws = tmp_path / "ws"
     cmd = [sys.executable, "-m", "imedsam_deploy.cli_serve", str(artifact), "--backend", "ort-cpu",
            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--workspace", str(ws)]
-    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), http
+
+
+def test_stop_with_requests_in_flight_leaves_nothing(artifact, tmp_path):
+    """The real command in a subprocess, SIGTERM with 4 clients mid-request: it exits, and no tritonserver or
+    Python backend stub process, no shared-memory segment of theirs, no model copy and no Python environment
+    directory of Triton's in /tmp, is left. The clients hold their connections through Triton's exit timeout,
+    so it exits without unloading the models: what it leaves, the server removes."""
+    tmp_before = _triton_tmp()
+    ws = tmp_path / "ws"
+    proc, http = _serve_command(artifact, ws)
     tree: list[int] = []
     try:
         wait_ready(http, proc=proc)
@@ -468,6 +482,8 @@ def test_stop_with_requests_in_flight_leaves_nothing(artifact, tmp_path):
         assert any("tritonserver" in c for c in cmdlines) and any("python_backend_stub" in c for c in cmdlines)
         shm = _shm_mapped([proc.pid, *tree])
         assert shm, "expected the server's shared-memory segments"
+        made = _triton_tmp() - tmp_before
+        assert len([d for d in made if "/folder" in d]) == len(MODELS), f"expected a model copy each: {made}"
         rgb, boxes = samples(1)[0]
         started = threading.Event()
         answered: list[str] = []
@@ -503,6 +519,33 @@ def test_stop_with_requests_in_flight_leaves_nothing(artifact, tmp_path):
     assert not _alive(tree), f"processes left behind: {_alive(tree)}"
     assert not [n for n in shm if os.path.exists(f"/dev/shm/{n}")], "shared memory left behind"
     assert not (ws.exists() and any(ws.iterdir())), "workspace left behind"
+    assert not _triton_tmp() - tmp_before, f"left behind in /tmp: {sorted(_triton_tmp() - tmp_before)}"
+
+
+def test_a_dead_tritonserver_ends_the_command_with_exit_1(artifact, tmp_path):
+    """tritonserver killed under it: the command notices, stops, exits 1 (so a supervisor restarts it) and leaves
+    no process and nothing of Triton's in /tmp."""
+    tmp_before = _triton_tmp()
+    proc, http = _serve_command(artifact, tmp_path / "ws")
+    tree: list[int] = []
+    try:
+        wait_ready(http, proc=proc)
+        tree = _descendants(proc.pid)
+        server = [p for p in tree if Path(f"/proc/{p}/comm").read_text().strip() == "tritonserver"]
+        assert len(server) == 1, tree
+        os.kill(server[0], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 1, out[-3000:]
+        assert "died; stopping" in out and "stopped; requests:" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and _alive(tree):
+        time.sleep(0.2)
+    assert not _alive(tree), f"processes left behind: {_alive(tree)}"
+    assert not _triton_tmp() - tmp_before, f"left behind in /tmp: {sorted(_triton_tmp() - tmp_before)}"
 
 
 def test_serve_is_torch_free():

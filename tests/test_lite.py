@@ -322,7 +322,10 @@ def test_torchrun_two_ranks_shard_the_cache_and_rank0_writes_the_run(sessile, tm
             (data / sub / f"{s}.jpg").symlink_to(sessile / sub / f"{s}.jpg")
     (data / "splits/train.txt").write_text("\n".join(STEMS[:3]) + "\n")
     (data / "splits/val.txt").write_text(STEMS[0] + "\n")
-    env = child_env(IMEDSAM_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", IMEDSAM_PROGRESS_SECONDS="1000")
+    # TMPDIR: torchrun keeps its workers' log folders (/tmp/torchelastic_*) after a run; here they go with tmp_path
+    (tmp_path / "tmp").mkdir()
+    env = child_env(IMEDSAM_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", IMEDSAM_PROGRESS_SECONDS="1000",
+                    TMPDIR=str(tmp_path / "tmp"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), "-m", "imedsam_train.cli", "folder", str(data), "--model", "lite", "--name", "t2",
            "--decoder-epochs", "2", "--epochs", "0", "--batch-size", "1", "--points", "128", "--device", "cpu",

@@ -41,6 +41,7 @@ from imedsam_deploy.serve import (  # noqa: E402
     Service,
     _Entry,
 )
+from imedsam_deploy.triton_leftovers import descendants, shm_mapped  # noqa: E402
 
 from .conftest import SAMPLE_DATA, child_env, read_mask  # noqa: E402
 
@@ -364,38 +365,9 @@ def test_simultaneous_encodes_are_batched(server, reference):
     assert max(formed) > 1, f"no batch formed: {formed}"
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def _shm_mapped(pids: list[int]) -> set[str]:
-    names = set()
-    for p in pids:
-        try:
-            with open(f"/proc/{p}/maps") as f:
-                names |= {ln.split("/dev/shm/", 1)[1].split()[0] for ln in f if "/dev/shm/" in ln}
-        except OSError:
-            pass
-    return names
-
-
 def _triton_tmp() -> set[str]:
     """What Triton made in /tmp: its copies of the model directories and its Python backend's environment
-    directories (named in Triton's sources; the server's own code finds them another way)."""
+    directories (named in Triton's sources; the server's own code finds them another way, from its stubs' command lines)."""
     return set(glob.glob("/tmp/folder??????")) | set(glob.glob("/tmp/python_env_??????"))
 
 
@@ -411,7 +383,7 @@ def test_clients_that_disconnect_mid_request_leave_nothing_behind(server, refere
     with client(server, "http") as c:  # warm: every model instance and its buffers exist before the count
         assert np.array_equal(c.segment(rgb, boxes).masks, want)
         c.decode(c.encode(rgb), boxes)
-    procs = sorted(_descendants(os.getpid()))
+    procs = sorted(descendants(os.getpid()))
     shm_before = set(os.listdir("/dev/shm"))
 
     inputs = [hc.InferInput("image", list(rgb.shape), "UINT8"), hc.InferInput("boxes", list(boxes.shape), "FP32")]
@@ -433,7 +405,7 @@ def test_clients_that_disconnect_mid_request_leave_nothing_behind(server, refere
     time.sleep(2)  # what the server does with the orphaned requests happens now
     with client(server, "grpc") as c:
         assert np.array_equal(c.segment(rgb, boxes).masks, want)
-    assert sorted(_descendants(os.getpid())) == procs, "the server's processes changed"
+    assert sorted(descendants(os.getpid())) == procs, "the server's processes changed"
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and set(os.listdir("/dev/shm")) - shm_before:
         time.sleep(0.2)
@@ -474,13 +446,13 @@ def test_stop_with_requests_in_flight_leaves_nothing(artifact, tmp_path):
     tree: list[int] = []
     try:
         wait_ready(http, proc=proc)
-        tree = _descendants(proc.pid)
+        tree = descendants(proc.pid)
         cmdlines = []
         for p in tree:
             with open(f"/proc/{p}/cmdline", "rb") as f:
                 cmdlines.append(f.read().replace(b"\0", b" ").decode())
         assert any("tritonserver" in c for c in cmdlines) and any("python_backend_stub" in c for c in cmdlines)
-        shm = _shm_mapped([proc.pid, *tree])
+        shm = shm_mapped([proc.pid, *tree])
         assert shm, "expected the server's shared-memory segments"
         made = _triton_tmp() - tmp_before
         assert len([d for d in made if "/folder" in d]) == len(MODELS), f"expected a model copy each: {made}"
@@ -530,7 +502,7 @@ def test_a_dead_tritonserver_ends_the_command_with_exit_1(artifact, tmp_path):
     tree: list[int] = []
     try:
         wait_ready(http, proc=proc)
-        tree = _descendants(proc.pid)
+        tree = descendants(proc.pid)
         server = [p for p in tree if Path(f"/proc/{p}/comm").read_text().strip() == "tritonserver"]
         assert len(server) == 1, tree
         os.kill(server[0], signal.SIGKILL)

@@ -38,7 +38,7 @@ def bench(
     artifact: Path | None = typer.Argument(None, help="Artifact folder (default: the newest export of a finished run or of the shipped lite model under runs/, else the bundled tiny model's)."),
     backend: list[str] | None = typer.Option(None, "--backend", "-b",
                                              help="Backend(s) (repeatable; default: every one available here)."),
-    precision: str | None = typer.Option(None, help="fp32 | fp16 | bf16 | int8 (default: each backend's own, ov-cpu's bf16 where the CPU has AMX; ort-cpu also runs int8 when exported; ov-cpu's int8 only when asked for)."),
+    precision: str | None = typer.Option(None, help="fp32 | fp16 | bf16 | int8 (default: each backend's own, ov-cpu's bf16 where it pays (AMX, or an AMD CPU's AVX-512 BF16); ort-cpu also runs int8 when exported; ov-cpu's int8 only when asked for)."),
     backend_option: list[str] | None = typer.Option(None, "--backend-option", help="KEY=VALUE (repeatable), to "
                                                     "every backend timed that takes KEY: torch-cuda takes compile=1, "
                                                     "triton=1, tuned=0 and checkpoint=PATH (with --reference the "

@@ -24,7 +24,7 @@ def export(
     int8: Annotated[bool, typer.Option(
         "--int8", help="also write an int8 encoder for ONNX Runtime on CPUs (checked against fp32)")] = False,
     ov_int8: Annotated[bool, typer.Option(
-        "--ov-int8", help="also write an int8 encoder for OpenVINO (ov-cpu --precision int8: for CPUs without AMX, "
+        "--ov-int8", help="also write an int8 encoder for OpenVINO (ov-cpu --precision int8: for Intel CPUs without AMX, "
                           "with AVX-512 or AVX-VNNI), calibrated on real images (checked against fp32)")] = False,
     calibration: Annotated[Path | None, typer.Option(
         "--calibration", help="folder of images to calibrate --ov-int8 on (default: the bundled sample's train "

@@ -1,10 +1,11 @@
-"""An int8 encoder for OpenVINO on CPUs without AMX (``--ov-int8``): NNCF's post-training quantisation of the
+"""An int8 encoder for OpenVINO on Intel CPUs without AMX (``--ov-int8``): NNCF's post-training quantisation of the
 encoder's matrix products, calibrated on real images.
 
-Why: where the CPU has no AMX, ``ov-cpu`` runs the encoder in fp32 (bf16 without AMX was slower still). With int8
+Why: where an Intel CPU has no AMX, ``ov-cpu`` runs the encoder in fp32 (bf16 there was slower still). With int8
 matrix products on AVX-512 VNNI the lite encoder took 0.26 s against fp32's 0.40 s (the dev VM with AMX masked off,
 ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``; benchmarks/RESULTS.md). Where int8 runs without VNNI (AVX2 alone) it was
-slower than fp32, and with AMX slower than bf16. ``ov-cpu`` runs it only when asked (``--precision int8``): its
+slower than fp32, and where ``ov-cpu`` defaults to bf16 slower than bf16 (AMX; a real AMD Zen 4: 0.39 s against
+0.30 s). ``ov-cpu`` runs it only when asked (``--precision int8``): its
 mean HD95 on Kvasir-Sessile test fell behind LiteMedSAM's with jittered boxes, which a default may not.
 
 What is quantised: NNCF's transformer scheme (``ModelType.TRANSFORMER``: matrix products with SmoothQuant; softmax,

@@ -872,7 +872,9 @@ def test_threads_reach_the_backends_with_a_cpu_pool_and_only_those(tiny_artifact
 
 
 def test_machine_records_what_chooses_the_cpu_kernels(monkeypatch):
-    """A result says which OpenVINO and bf16 kernel ran, and the settings that change the kernels."""
+    """A result says which CPU, OpenVINO and bf16 kernel ran, and the settings that change the kernels."""
+    import openvino as ov
+
     from imedsam_deploy.backends.openvino import bf16_matmul_kernel
     from imedsam_deploy.bench.timing import machine
 
@@ -881,3 +883,4 @@ def test_machine_records_what_chooses_the_cpu_kernels(monkeypatch):
     info = machine()
     assert info["env"] == {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
     assert info["openvino"][:4].isdigit() and info["openvino_bf16_kernel"] == bf16_matmul_kernel()
+    assert info["cpu"] == ov.Core().get_property("CPU", "FULL_DEVICE_NAME") and info["cpu"]

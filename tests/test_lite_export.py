@@ -286,12 +286,17 @@ def test_ov_cpu_refuses_what_it_cannot_run_in_one_line(sessile, exported, tmp_pa
     res = CliRunner().invoke(app, [str(img), "--box", "10,10,100,100", "--artifact", str(bare), "--out",
                                    str(out), "--backend", "ov-cpu", "--precision", "int8", "-q"])
     assert res.exit_code != 0 and "--ov-int8" in res.output and not out.exists()
-    # AVX-512 BF16 without AMX: fp32 by default (it was faster there), bf16 when asked for
+    # AVX-512 BF16 without AMX on an Intel core: fp32 by default (it was faster there), bf16 when asked for; on an
+    # AMD core bf16 (faster there)
     monkeypatch.setattr(openvino, "native_bf16", lambda core: True)
-    monkeypatch.setattr(openvino, "amx_bf16", lambda: False)
+    monkeypatch.setattr(openvino, "bf16_matmul_kernel", lambda: "brgemm_avx512_bf16")
+    monkeypatch.setattr(openvino, "cpu_name", lambda: "Intel(R) Xeon(R) Gold 6348H CPU @ 2.30GHz")
     be, how = open_backend("ov-cpu", art)
     assert be.precision == "fp32" and "in fp32" in how
     assert openvino.OvBackend(art, "bf16").precision == "bf16"
+    monkeypatch.setattr(openvino, "cpu_name", lambda: "AMD EPYC 9654 96-Core Processor")
+    be, how = open_backend("ov-cpu", art)
+    assert be.precision == "bf16" and "in bf16" in how
     # a CPU without native bf16: fp32 by default, bf16 refused
     monkeypatch.setattr(openvino, "native_bf16", lambda core: False)
     be, how = open_backend("ov-cpu", art)
@@ -322,7 +327,7 @@ def test_ov_int8_encoder_is_exported_verified_and_keeps_the_masks(sessile, moved
     q, fp = openvino.OvBackend(art, "int8"), OrtBackend(art, "cpu", "fp32")
     assert q.precision == "int8" and "encoder in int8" in q.description
     _moves_embedding_keeps_masks(q, fp, art, moved, sessile, rel_max=0.2, dice_min=95.0)
-    monkeypatch.setattr(openvino, "amx_bf16", lambda: False)
+    monkeypatch.setattr(openvino, "bf16_pays", lambda kernel, cpu: False)
     be, how = open_backend("ov-cpu", art)
     assert be.precision == "fp32" and "in fp32" in how
 
@@ -356,24 +361,44 @@ def test_ov_int8_export_refuses_bad_calibration_in_one_line(tmp_path):
     assert len(xs) == 2 and xs[0].shape == (1, 3, 64, 64) and xs[0].dtype == np.float32
 
 
-_PROBE = ("import openvino as ov; from imedsam_deploy.backends.openvino import amx_bf16, default_precision; "
-          "print(amx_bf16(), default_precision(ov.Core()))")
+_PROBE = ("import openvino as ov; from imedsam_deploy.backends.openvino import bf16_matmul_kernel, cpu_name, "
+          "default_precision; print(bf16_matmul_kernel(), default_precision(ov.Core()), 'AMD' in cpu_name(), sep='|')")
 
 
-def test_ov_cpu_defaults_to_bf16_only_where_openvino_runs_it_on_amx():
-    """The AMX probe reads the kernel OpenVINO really picked: with AMX masked off (``ONEDNN_MAX_CPU_ISA``, as on a
-    CPU with AVX-512 BF16 but no AMX, where bf16 was slower than fp32) it says no and the default is fp32; it
-    never says yes on a CPU whose flags lack AMX."""
-    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
+def _probe(isa: str | None) -> tuple[str, str, bool]:
+    """(bf16 kernel, default precision, AMD?) in a fresh process: oneDNN reads ONEDNN_MAX_CPU_ISA once."""
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"} | ({"ONEDNN_MAX_CPU_ISA": isa} if isa else {})
     out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "fp32"], out
-    env.pop("ONEDNN_MAX_CPU_ISA")
-    amx, default = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True,
-                                  check=True).stdout.split()
-    assert default == ("bf16" if amx == "True" else "fp32")
+    kernel, default, amd = out.stdout.strip().split("|")
+    return kernel, default, amd == "True"
+
+
+def test_bf16_pays_on_amx_and_on_amds_avx512_bf16_only():
+    from imedsam_deploy.backends.openvino import bf16_pays
+
+    intel, amd = "Intel(R) Xeon(R) Platinum 8480+", "AMD EPYC 9654 96-Core Processor"
+    assert bf16_pays("brgemm_avx512_amx_bf16", intel) and bf16_pays("brgemm_avx512_amx_bf16", amd)
+    assert bf16_pays("brgemm_avx512_bf16", amd) and bf16_pays("brgemm_avx512_bf16", "AMD Ryzen 9 7950X")
+    assert not bf16_pays("brgemm_avx512_bf16", intel)  # slower than fp32 there (emulated Cooper Lake)
+    assert not bf16_pays("jit_gemm_bf16", amd) and not bf16_pays("", amd)  # OpenVINO's emulation, or none
+
+
+def test_ov_cpu_defaults_to_bf16_only_where_it_pays():
+    """The probe reads the kernel OpenVINO really picked, so the default follows ``ONEDNN_MAX_CPU_ISA``: with AMX
+    masked off (AVX-512 BF16 left, as on Zen 4 or Cooper Lake) bf16 only on an AMD core; with AVX-512 BF16 masked
+    off too (bf16 emulated, where the CPU has AVX-512 VNNI) fp32 on any CPU; AMX is never claimed on a CPU whose
+    flags lack it."""
+    kernel, default, amd = _probe("AVX512_CORE_BF16")
+    assert "amx" not in kernel and default == ("bf16" if amd and "avx512" in kernel else "fp32"), (kernel, default)
     cpuinfo = Path("/proc/cpuinfo")
-    if amx == "True" and cpuinfo.exists():
-        assert "amx_bf16" in cpuinfo.read_text()
+    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
+    if "avx512_vnni" in flags:
+        kernel, default, _ = _probe("AVX512_CORE_VNNI")
+        assert "avx512" not in kernel and default == "fp32", (kernel, default)
+    kernel, default, amd = _probe(None)
+    assert default == ("bf16" if "amx" in kernel or (amd and "avx512" in kernel and "bf16" in kernel) else "fp32")
+    if "amx" in kernel and flags:
+        assert "amx_bf16" in flags
 
 
 def test_auto_and_the_commands_run_ov_cpu(sessile, moved, exported, tmp_path):

@@ -7,18 +7,19 @@ stays on ONNX Runtime: OpenVINO ran it about twice as slowly (its query-point co
 bf16 it moved the masks as much as the bf16 encoder did.
 
 ``bf16`` is an execution precision, not a stored graph: the artifact's fp32 encoder graph is compiled with
-OpenVINO's ``INFERENCE_PRECISION_HINT`` (OpenVINO keeps its own fp32 islands). It is the default where OpenVINO
-runs bf16 matrix products on AMX (``amx_bf16``), and refused in one line where the CPU has no native bf16 at all.
-Between the two (AVX-512 BF16 without AMX: AMD Zen 4, Intel Cooper Lake) bf16 runs when asked for but fp32 is the
-default: on the dev VM with AMX masked off (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``) bf16 took 0.51 s against fp32's
-0.42 s, and fp32 keeps the embedding exact.
+OpenVINO's ``INFERENCE_PRECISION_HINT`` (OpenVINO keeps its own fp32 islands). It is the default where it was
+measured faster than fp32 (``bf16_pays``): where OpenVINO runs bf16 matrix products on AMX, and where it runs them
+with AVX-512 BF16 on an AMD core (a real Zen 4, 2 cores: 0.30 s against fp32's 0.55 s). On an Intel core without
+AMX (Cooper Lake; emulated on the AMX Xeon with ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``) bf16 took 0.51 s against
+fp32's 0.42 s, so fp32 is the default there and bf16 runs when asked for; on a CPU with no native bf16 at all it is
+refused in one line.
 
 ``int8`` is a stored graph, run only when asked for (``--precision int8``): the artifact's OpenVINO int8 encoder
-(``imedsam-export --ov-int8``: NNCF, calibrated; ``imedsam_export.ov_int8``), its float parts in fp32. It pays on a
-CPU without AMX whose int8 matrix products OpenVINO runs with its brgemm kernels (AVX-512, AVX-VNNI): with AMX
+(``imedsam-export --ov-int8``: NNCF, calibrated; ``imedsam_export.ov_int8``), its float parts in fp32. It pays on an
+Intel CPU without AMX whose int8 matrix products OpenVINO runs with its brgemm kernels (AVX-512, AVX-VNNI): with AMX
 masked off the lite encoder took 0.26 s against fp32's 0.40 s. Not with AVX2 alone (0.74 s against 0.53 s), nor
-with AMX, where bf16 is faster. It is not a default: on Kvasir-Sessile test its mean HD95 fell behind LiteMedSAM's
-(benchmarks/RESULTS.md).
+where bf16 is the default (AMX: 0.18 s against 0.17; Zen 4: 0.39 s against 0.30). It is not a default: on
+Kvasir-Sessile test its mean HD95 fell behind LiteMedSAM's (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -71,14 +72,25 @@ def bf16_matmul_kernel() -> str:
                 "")
 
 
-def amx_bf16() -> bool:
-    """Whether OpenVINO runs bf16 matrix products on AMX here."""
-    return "amx" in bf16_matmul_kernel()
+@cache
+def cpu_name() -> str:
+    """The CPU's brand string as OpenVINO reads it ("AMD EPYC ...", "Intel(R) Xeon(R) ..."), on any OS."""
+    import openvino as ov
+
+    return str(ov.Core().get_property("CPU", "FULL_DEVICE_NAME"))
+
+
+def bf16_pays(kernel: str, cpu: str) -> bool:
+    """Whether bf16 was measured faster than fp32 with this bf16 matrix-product kernel on this CPU: on AMX (2.5x
+    on the lite encoder), and with AVX-512 BF16 on AMD (Zen 4: 1.8x). Not on Intel's AVX-512 BF16 cores (0.8x, emulated), nor with OpenVINO's emulated
+    ``jit_gemm_bf16`` (a CPU without the instructions, or masked off)."""
+    avx512_bf16 = "avx512" in kernel and "bf16" in kernel  # brgemm_avx512_bf16; the emulation is jit_gemm_bf16
+    return "amx" in kernel or (avx512_bf16 and "AMD" in cpu.upper())
 
 
 def default_precision(core: Any) -> str:
-    """bf16 where it runs on AMX (2.5x fp32's speed on the lite encoder), else fp32 (see the module's docstring)."""
-    return "bf16" if native_bf16(core) and amx_bf16() else "fp32"
+    """bf16 where it pays (``bf16_pays``), else fp32 (see the module's docstring)."""
+    return "bf16" if native_bf16(core) and bf16_pays(bf16_matmul_kernel(), cpu_name()) else "fp32"
 
 
 def probe(artifact: Artifact) -> str | None:
@@ -106,7 +118,7 @@ def create(artifact: Artifact, precision: str | None = None, threads: int | None
 
 class OvEncoder:
     """The artifact's encoder compiled by OpenVINO for the CPU at ``precision``: fp32 or bf16 from its fp32 graph
-    (default: bf16 where it runs on AMX, else fp32: ``default_precision``), int8 from its ov-int8 model."""
+    (default: bf16 where it pays, else fp32: ``default_precision``), int8 from its ov-int8 model."""
 
     def __init__(self, artifact: Artifact, precision: str | None = None, threads: int | None = None) -> None:
         import openvino as ov

@@ -74,10 +74,11 @@ def machine() -> dict[str, Any]:
     except ImportError:
         pass
     try:
-        from imedsam_deploy.backends.openvino import bf16_matmul_kernel, openvino_version
+        from imedsam_deploy.backends.openvino import bf16_matmul_kernel, cpu_name, openvino_version
 
         info["openvino"] = openvino_version()
-        info["openvino_bf16_kernel"] = bf16_matmul_kernel()  # says whether ov-cpu's bf16 ran on AMX
+        info["cpu"] = cpu_name()  # the brand string (platform.processor() is often just the architecture)
+        info["openvino_bf16_kernel"] = bf16_matmul_kernel()  # with "cpu", says whether ov-cpu defaults to bf16
     except ImportError:
         pass
     # settings that change which CPU kernels run, recorded so a result says what it measured

@@ -82,8 +82,9 @@ def cpu_name() -> str:
 
 def bf16_pays(kernel: str, cpu: str) -> bool:
     """Whether bf16 was measured faster than fp32 with this bf16 matrix-product kernel on this CPU: on AMX (2.5x
-    on the lite encoder), and with AVX-512 BF16 on AMD (Zen 4: 1.8x). Not on Intel's AVX-512 BF16 cores (0.8x, emulated), nor with OpenVINO's emulated
-    ``jit_gemm_bf16`` (a CPU without the instructions, or masked off)."""
+    on the lite encoder), and with AVX-512 BF16 on AMD (Zen 4: 1.8x). Not with AVX-512 BF16 on an Intel core
+    (0.8x, emulated), nor with OpenVINO's emulated ``jit_gemm_bf16`` (a CPU without the instructions, or masked
+    off)."""
     avx512_bf16 = "avx512" in kernel and "bf16" in kernel  # brgemm_avx512_bf16; the emulation is jit_gemm_bf16
     return "amx" in kernel or (avx512_bf16 and "AMD" in cpu.upper())
 

@@ -46,6 +46,7 @@ SEGMENT, ENCODE, DECODE = "segment", "encode", "decode"
 IN_IMAGE, IN_BOXES, IN_OUT_SIZE, IN_HANDLE = "image", "boxes", "out_size", "handle"
 OUT_MASKS, OUT_STATUS, OUT_PROB, OUT_HANDLE = "masks", "status", "mean_probability", "handle"
 MAX_SIDE = 16384  # pixels a side, of an image or of an output mask
+ALIVE_POLL_S = 1.0  # how often serve() checks that tritonserver and its models are still up
 
 
 class RequestError(ValueError):
@@ -390,7 +391,7 @@ class Server:
             raise
         return self
 
-    def serve(self, poll_s: float = 1.0) -> bool:
+    def serve(self) -> bool:
         """Start and block until Ctrl-C / SIGTERM (True) or until tritonserver or a model dies (False), then stop.
         Not PyTriton's own ``serve()``: that stops tritonserver itself on Ctrl-C, before ``stop()`` could note
         what it leaves."""
@@ -404,7 +405,7 @@ class Server:
         try:
             self.start()
             while self._triton.is_alive():
-                time.sleep(poll_s)
+                time.sleep(ALIVE_POLL_S)
             LOG.error("tritonserver or one of its models died; stopping")
             return False
         except KeyboardInterrupt:

@@ -396,6 +396,8 @@ def test_ov_cpu_defaults_to_bf16_only_where_it_pays():
     masked off (AVX-512 BF16 left, as on Zen 4 or Cooper Lake) bf16 only on an AMD core; with AVX-512 BF16 masked
     off too (bf16 emulated, where the CPU has AVX-512 VNNI) fp32 on any CPU; AMX is never claimed on a CPU whose
     flags lack it."""
+    from imedsam_deploy.backends.openvino import bf16_pays
+
     kernel, default, amd = _probe("AVX512_CORE_BF16")
     assert "amx" not in kernel and default == ("bf16" if amd and "avx512" in kernel else "fp32"), (kernel, default)
     cpuinfo = Path("/proc/cpuinfo")
@@ -404,7 +406,7 @@ def test_ov_cpu_defaults_to_bf16_only_where_it_pays():
         kernel, default, _ = _probe("AVX512_CORE_VNNI")
         assert "avx512" not in kernel and default == "fp32", (kernel, default)
     kernel, default, amd = _probe(None)
-    assert default == ("bf16" if "amx" in kernel or (amd and "avx512" in kernel and "bf16" in kernel) else "fp32")
+    assert default == ("bf16" if bf16_pays(kernel, "AMD" if amd else "Intel") else "fp32")  # the rule: test above
     if "amx" in kernel and flags:
         assert "amx_bf16" in flags
 

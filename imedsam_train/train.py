@@ -20,7 +20,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -272,6 +272,59 @@ class Reporter:
     progress: bool = True
 
 
+def optimizer_step(loss: torch.Tensor, opt: Any, scaler: Any, sched: Any) -> None:
+    """One step of either trainer: the gradients through the AMP scaler (a pass-through where AMP is off), the
+    optimizer, the schedule."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+
+
+@dataclass
+class EpochRecord:
+    """Rank 0's record of a run (the history, the best epoch so far) and what the end of every epoch writes, in
+    either trainer: the log row, the best and last checkpoints, log.csv, the curve and one line."""
+
+    cfg: TrainConfig
+    out: Path
+    best_path: Path
+    last_path: Path
+    opt: Any
+    sched: Any
+    scaler: Any
+    rep: Reporter
+    total: int  # epochs in the run, for the line
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=lambda: {"epoch": -1, "val_dice": -1.0})
+
+    def close(self, epoch: int, stage: str, losses: np.ndarray, val_dice: float, images: int, t_epoch: float,
+              t_val: float, payload: dict[str, Any]) -> None:
+        """losses: the epoch's mean (loss, coarse, fine) over its steps and ranks; images: over all ranks;
+        t_val: when validation began (the rate leaves it out)."""
+        # plain floats: numpy scalars would make the checkpoint unloadable with weights_only=True
+        row = {"epoch": epoch + 1, "stage": stage, "loss": float(losses[0]), "loss_coarse": float(losses[1]),
+               "loss_fine": float(losses[2]), "val_dice": float(val_dice),
+               "lr_inr": float(self.opt.param_groups[0]["lr"]), "lr_rest": float(self.opt.param_groups[1]["lr"]),
+               "images_per_s": float(images / max(t_val - t_epoch, 1e-9)), "seconds": float(time.time() - t_epoch)}
+        self.history.append(row)
+        improved = val_dice > self.best["val_dice"]
+        if improved:
+            self.best = {"epoch": epoch + 1, "val_dice": val_dice}
+        meta = {"epoch": epoch, "val_dice": val_dice, "config": asdict(self.cfg), "best": dict(self.best)}
+        if improved:  # best first: a kill between the two writes replays this epoch from the previous last
+            save_checkpoint(self.best_path, {**payload, "train_meta": meta})
+        save_checkpoint(self.last_path, {**payload, "train": {
+            **meta, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": rng_state(), "history": self.history}})
+        write_log(self.out / LOG_NAME, self.history)
+        _curve(self.out / CURVE_NAME, self.history)
+        self.rep.echo(f"epoch {epoch + 1}/{self.total} [{stage}] loss {row['loss']:.4f} val Dice {val_dice:.2f} "
+                      f"best {self.best['val_dice']:.2f}@{self.best['epoch']} "
+                      f"{row['images_per_s']:.1f} img/s {row['seconds']:.0f}s")
+
+
 def train(
     cfg: TrainConfig, train_ds: Dataset, val_ds: Dataset, pretrain_ds: Dataset | None = None,
     root: Path | None = None, resume: bool = False, device: str = "auto", reporter: Reporter | None = None,
@@ -343,10 +396,9 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
     start_epoch = 0
-    history: list[dict[str, Any]] = []
-    best = {"epoch": -1, "val_dice": -1.0}
+    rec = EpochRecord(cfg, out, best_path, last_path, opt, sched, scaler, rep, cfg.epochs)
     if resume:
-        start_epoch, history, best = restore_training_state(ck, opt, sched, scaler)
+        start_epoch, rec.history, rec.best = restore_training_state(ck, opt, sched, scaler)
         if d.main:
             rep.echo(f"resumed {last_path} at epoch {start_epoch}")
 
@@ -376,11 +428,7 @@ def train(
             with torch.autocast(dev.type, dtype=torch.float16, enabled=amp):
                 coarse, fine = step_mod(image, batch["box"].to(dev), batch["coords"].to(dev))
             loss, lc, lf = imedsam_loss(coarse, fine, batch["labels"].to(dev), batch["cls"].to(dev), epoch)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
+            optimizer_step(loss, opt, scaler, sched)
             sums += [loss.item(), lc.item(), lf.item()]
             n_img += image.shape[0]
             steps_done += 1
@@ -397,33 +445,13 @@ def train(
             # are long; their val scores are not candidates worth the time).
             validate = st == "train" or epoch == cfg.pretrain_epochs - 1
             vd = mean_dice(run_cases(model, val_cases, cfg.input_size)) if validate else math.nan
-            # plain floats: numpy scalars would make the checkpoint unloadable with weights_only=True
-            row = {"epoch": epoch + 1, "stage": st, "loss": float(sums[0] / n_b),
-                   "loss_coarse": float(sums[1] / n_b), "loss_fine": float(sums[2] / n_b), "val_dice": float(vd),
-                   "lr_inr": float(opt.param_groups[0]["lr"]), "lr_rest": float(opt.param_groups[1]["lr"]),
-                   "images_per_s": float(n_img * d.world / max(t_val - t_epoch, 1e-9)),
-                   "seconds": float(time.time() - t_epoch)}
-            history.append(row)
-            improved = vd > best["val_dice"]
-            if improved:
-                best = {"epoch": epoch + 1, "val_dice": vd}
             payload = model_payload(model, base_sha, Path(cfg.sam_checkpoint).name if cfg.sam_checkpoint else None)
             payload["classes"] = list(train_ds.class_names)  # output channel names, for evaluation by name
-            meta = {"epoch": epoch, "val_dice": vd, "config": asdict(cfg), "best": dict(best)}
-            if improved:  # best first: a kill between the two writes replays this epoch from the previous last
-                save_checkpoint(best_path, {**payload, "train_meta": meta})
-            save_checkpoint(last_path, {**payload, "train": {
-                **meta, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rng_state(), "history": history}})
-            write_log(out / LOG_NAME, history)
-            _curve(out / CURVE_NAME, history)
-            rep.echo(f"epoch {epoch + 1}/{cfg.epochs} [{st}] loss {row['loss']:.4f} val Dice {vd:.2f} "
-                     f"best {best['val_dice']:.2f}@{best['epoch']} "
-                     f"{row['images_per_s']:.1f} img/s {row['seconds']:.0f}s")
+            rec.close(epoch, st, sums / n_b, vd, n_img * d.world, t_epoch, t_val, payload)
         barrier(d)
     if d.main:
-        _mark_finished(out, cfg.epochs, best, [best_path, last_path])
-    return {"run": str(out), "best_epoch": best["epoch"], "best_val_dice": best["val_dice"],
+        _mark_finished(out, cfg.epochs, rec.best, [best_path, last_path])
+    return {"run": str(out), "best_epoch": rec.best["epoch"], "best_val_dice": rec.best["val_dice"],
             "skipped": skipped, "epochs": cfg.epochs, "checkpoint": str(best_path)}
 
 

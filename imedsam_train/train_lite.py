@@ -52,10 +52,9 @@ from imedsam_train.losses import imedsam_loss
 from imedsam_train.model.lite import HeadInterleavedLoRAQKV, LiteIMedSAM, StageFrequency
 from imedsam_train.preprocess import input_boxes, letterbox_shape, prepare_image, prepare_mask, to_input
 from imedsam_train.train import (
-    LOG_NAME,
+    EpochRecord,
     Reporter,
     TrainConfig,
-    _curve,
     _init_model,
     _make_dir,
     _mark_finished,
@@ -66,13 +65,12 @@ from imedsam_train.train import (
     init_distributed,
     lr_lambda_factory,
     mean_over_ranks,
+    optimizer_step,
     param_groups,
     pick_device,
     rank_share,
     restore_training_state,
-    rng_state,
     run_paths,
-    write_log,
 )
 
 EMBEDDING_CACHE = "lite-embeddings"  # under cache_dir(): content-addressed, shared by runs
@@ -284,19 +282,18 @@ def train_lite(
         return "decoder" if epoch < cfg.decoder_epochs else "end-to-end"
 
     start_epoch = 0
-    history: list[dict[str, Any]] = []
     steps_per_epoch = math.ceil(len(items) / (cfg.batch_size * d.world))
     opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.resolved_lr_rest()), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda_factory(total * steps_per_epoch, cfg.warmup_steps))
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    best: dict[str, Any] = {"epoch": -1, "val_dice": -1.0}
+    rec = EpochRecord(cfg, out, best_path, last_path, opt, sched, scaler, rep, total)
 
     def validate(epoch_phase: str) -> float:
         enc = cache.encode if epoch_phase == "decoder" and encoder_is_base(model) else None
         return mean_dice(run_cases(model, val_cases, size, encode=enc))
 
     if resume:
-        start_epoch, history, best = restore_training_state(ck, opt, sched, scaler)
+        start_epoch, rec.history, rec.best = restore_training_state(ck, opt, sched, scaler)
         if d.main:
             rep.echo(f"resumed {last_path} at epoch {start_epoch}")
     if cfg.decoder_epochs > start_epoch:
@@ -318,11 +315,11 @@ def train_lite(
         barrier(d)  # every shard is on disk before any rank reads another's
     if not resume and d.main:  # the base itself is the first candidate: training is selected only if it beats it
         vd = validate(phase(0))
-        best = {"epoch": 0, "val_dice": vd}
+        rec.best = {"epoch": 0, "val_dice": vd}
         payload = model_payload(model, base_sha, base_path.name)
         payload["classes"] = list(train_ds.class_names)
         save_checkpoint(best_path, {**payload, "train_meta": {"epoch": -1, "val_dice": vd, "config": asdict(cfg),
-                                                              "best": dict(best)}})
+                                                              "best": dict(rec.best)}})
         start = f"the --init-from model {cfg.init_from}" if cfg.init_from else "untrained: LiteMedSAM"
         rep.echo(f"epoch 0 ({start}) val Dice {vd:.2f}")
 
@@ -355,11 +352,7 @@ def train_lite(
             labels = torch.stack([r["labels"] for r in draws]).to(dev)
             cls = torch.stack([r["cls"] for r in draws]).to(dev)
             loss, lc, lf = imedsam_loss(coarse, fine, labels, cls, epoch)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
+            optimizer_step(loss, opt, scaler, sched)
             sums += [loss.item(), lc.item(), lf.item()]
             n_img += len(batch)
             steps_done += 1
@@ -375,29 +368,11 @@ def train_lite(
             continue
         t_val = time.time()
         vd = validate(ph)
-        row = {"epoch": epoch + 1, "stage": ph, "loss": float(sums[0] / n_b), "loss_coarse": float(sums[1] / n_b),
-               "loss_fine": float(sums[2] / n_b), "val_dice": float(vd),
-               "lr_inr": float(opt.param_groups[0]["lr"]), "lr_rest": float(opt.param_groups[1]["lr"]),
-               "images_per_s": float(n_img * d.world / max(t_val - t_epoch, 1e-9)),
-               "seconds": float(time.time() - t_epoch)}
-        history.append(row)
-        improved = vd > best["val_dice"]
-        if improved:
-            best = {"epoch": epoch + 1, "val_dice": vd}
         payload = model_payload(model, base_sha, base_path.name)
         payload["classes"] = list(train_ds.class_names)
-        meta = {"epoch": epoch, "val_dice": vd, "config": asdict(cfg), "best": dict(best)}
-        if improved:
-            save_checkpoint(best_path, {**payload, "train_meta": meta})
-        save_checkpoint(last_path, {**payload, "train": {
-            **meta, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-            "rng": rng_state(), "history": history}})
-        write_log(out / LOG_NAME, history)
-        _curve(out / "curve.png", history)
-        rep.echo(f"epoch {epoch + 1}/{total} [{ph}] loss {row['loss']:.4f} val Dice {vd:.2f} "
-                 f"best {best['val_dice']:.2f}@{best['epoch']} {row['images_per_s']:.1f} img/s {row['seconds']:.0f}s")
+        rec.close(epoch, ph, sums / n_b, vd, n_img * d.world, t_epoch, t_val, payload)
         barrier(d)
     if d.main:
-        _mark_finished(out, total, best, [best_path, last_path])
-    return {"run": str(out), "best_epoch": best["epoch"], "best_val_dice": best["val_dice"], "skipped": skipped,
+        _mark_finished(out, total, rec.best, [best_path, last_path])
+    return {"run": str(out), "best_epoch": rec.best["epoch"], "best_val_dice": rec.best["val_dice"], "skipped": skipped,
             "epochs": total, "checkpoint": str(best_path)}

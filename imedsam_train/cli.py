@@ -146,7 +146,7 @@ def _run(train_ds, val_ds, name, model, sam_checkpoint, input_size, epochs, batc
     pre = folder_dataset(pretrain_data, pretrain_split) if pretrain_data else None
     summary = train(cfg, train_ds, val_ds, pre, resume=resume, device=device, reporter=Reporter(echo=typer.echo))
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 holds the run's figures
-            typer.echo(f"done: best val Dice {summary['best_val_dice']:.2f} at epoch {summary['best_epoch']}; "
+        typer.echo(f"done: best val Dice {summary['best_val_dice']:.2f} at epoch {summary['best_epoch']}; "
                    f"skipped {summary['skipped']}; checkpoint {summary['checkpoint']}")
 
 

@@ -299,6 +299,15 @@ class EpochRecord:
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] = field(default_factory=lambda: {"epoch": -1, "val_dice": -1.0})
 
+    def _meta(self, epoch: int, val_dice: float) -> dict[str, Any]:
+        return {"epoch": epoch, "val_dice": val_dice, "config": asdict(self.cfg), "best": dict(self.best)}
+
+    def start_from(self, val_dice: float, payload: dict[str, Any]) -> None:
+        """The model before any training as the first candidate (the lite trainer's base): the best at epoch 0,
+        written as the best checkpoint only (no training state yet: a resume starts from scratch)."""
+        self.best = {"epoch": 0, "val_dice": val_dice}
+        save_checkpoint(self.best_path, {**payload, "train_meta": self._meta(-1, val_dice)})
+
     def close(self, epoch: int, stage: str, losses: np.ndarray, val_dice: float, images: int, t_epoch: float,
               t_val: float, payload: dict[str, Any]) -> None:
         """losses: the epoch's mean (loss, coarse, fine) over its steps and ranks; images: over all ranks;
@@ -312,7 +321,7 @@ class EpochRecord:
         improved = val_dice > self.best["val_dice"]
         if improved:
             self.best = {"epoch": epoch + 1, "val_dice": val_dice}
-        meta = {"epoch": epoch, "val_dice": val_dice, "config": asdict(self.cfg), "best": dict(self.best)}
+        meta = self._meta(epoch, val_dice)
         if improved:  # best first: a kill between the two writes replays this epoch from the previous last
             save_checkpoint(self.best_path, {**payload, "train_meta": meta})
         save_checkpoint(self.last_path, {**payload, "train": {

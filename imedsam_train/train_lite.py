@@ -41,7 +41,7 @@ from imedsam_core.paths import (
     cache_dir,
 )
 from imedsam_train.build import build, safe_torch_load
-from imedsam_train.checkpoint import model_payload, save_checkpoint
+from imedsam_train.checkpoint import model_payload
 from imedsam_train.config import PreprocessConfig
 from imedsam_train.data.augment import apply_seeded, train_transforms
 from imedsam_train.data.boxes import jitter_box, mask_box, stable_seed
@@ -288,6 +288,9 @@ def train_lite(
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     rec = EpochRecord(cfg, out, best_path, last_path, opt, sched, scaler, rep, total)
 
+    def payload() -> dict[str, Any]:  # what a checkpoint stores of the model, with its output channels' names
+        return {**model_payload(model, base_sha, base_path.name), "classes": list(train_ds.class_names)}
+
     def validate(epoch_phase: str) -> float:
         enc = cache.encode if epoch_phase == "decoder" and encoder_is_base(model) else None
         return mean_dice(run_cases(model, val_cases, size, encode=enc))
@@ -315,11 +318,7 @@ def train_lite(
         barrier(d)  # every shard is on disk before any rank reads another's
     if not resume and d.main:  # the base itself is the first candidate: training is selected only if it beats it
         vd = validate(phase(0))
-        rec.best = {"epoch": 0, "val_dice": vd}
-        payload = model_payload(model, base_sha, base_path.name)
-        payload["classes"] = list(train_ds.class_names)
-        save_checkpoint(best_path, {**payload, "train_meta": {"epoch": -1, "val_dice": vd, "config": asdict(cfg),
-                                                              "best": dict(rec.best)}})
+        rec.start_from(vd, payload())
         start = f"the --init-from model {cfg.init_from}" if cfg.init_from else "untrained: LiteMedSAM"
         rep.echo(f"epoch 0 ({start}) val Dice {vd:.2f}")
 
@@ -368,9 +367,7 @@ def train_lite(
             continue
         t_val = time.time()
         vd = validate(ph)
-        payload = model_payload(model, base_sha, base_path.name)
-        payload["classes"] = list(train_ds.class_names)
-        rec.close(epoch, ph, sums / n_b, vd, n_img * d.world, t_epoch, t_val, payload)
+        rec.close(epoch, ph, sums / n_b, vd, n_img * d.world, t_epoch, t_val, payload())
         barrier(d)
     if d.main:
         _mark_finished(out, total, rec.best, [best_path, last_path])

@@ -6,6 +6,7 @@ same base file (checked by sha256) supplies the frozen weights.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +22,25 @@ FORMAT = "imedsam-checkpoint"
 VERSION = 1
 
 
-def model_payload(model: IMedSAM, base_sha256: str | None, base_name: str | None = None) -> dict[str, Any]:
-    """What a checkpoint needs to rebuild ``model``: trainable parameters and all buffers, plus the config.
+def model_payload(model: IMedSAM, base_sha256: str | None, base_name: str | None = None,
+                  classes: Sequence[str] | None = None) -> dict[str, Any]:
+    """What a checkpoint needs to rebuild ``model``: trainable parameters and all buffers, plus the config, and
+    the output channels' names where given (``classes``: evaluation by name reads them).
 
     Without a base checkpoint every used weight is stored (frozen ones too: they are the random init).
     """
     keep = stored_keys(model, with_base=base_sha256 is not None)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in keep}
-    return {
+    payload: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
         "config": model.cfg.to_dict(),
         "model": state,
         "base": None if base_sha256 is None else {"sha256": base_sha256, "file": base_name},
     }
+    if classes is not None:
+        payload["classes"] = list(classes)
+    return payload
 
 
 def stored_keys(model: IMedSAM, with_base: bool) -> set[str]:

@@ -308,6 +308,21 @@ class EpochRecord:
         self.best = {"epoch": 0, "val_dice": val_dice}
         save_checkpoint(self.best_path, {**payload, "train_meta": self._meta(-1, val_dice)})
 
+    def resume(self, ck: dict[str, Any], main: bool) -> int:
+        """Optimizer, scheduler, scaler, RNG, history and best from the last checkpoint ``ck``; returns the epoch
+        to start at."""
+        start, self.history, self.best = restore_training_state(ck, self.opt, self.sched, self.scaler)
+        if main:
+            self.rep.echo(f"resumed {self.last_path} at epoch {start}")
+        return start
+
+    def finish(self, skipped: dict[str, int], main: bool) -> dict[str, Any]:
+        """The run marked finished (rank 0) and its summary, which the CLIs print (skipped: counts by reason)."""
+        if main:
+            _mark_finished(self.out, self.total, self.best, [self.best_path, self.last_path])
+        return {"run": str(self.out), "best_epoch": self.best["epoch"], "best_val_dice": self.best["val_dice"],
+                "skipped": skipped, "epochs": self.total, "checkpoint": str(self.best_path)}
+
     def close(self, epoch: int, stage: str, losses: np.ndarray, val_dice: float, images: int, t_epoch: float,
               t_val: float, payload: dict[str, Any]) -> None:
         """losses: the epoch's mean (loss, coarse, fine) over its steps and ranks; images: over all ranks;
@@ -404,12 +419,8 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda_factory(sum(steps_of), cfg.warmup_steps))
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
 
-    start_epoch = 0
     rec = EpochRecord(cfg, out, best_path, last_path, opt, sched, scaler, rep, cfg.epochs)
-    if resume:
-        start_epoch, rec.history, rec.best = restore_training_state(ck, opt, sched, scaler)
-        if d.main:
-            rep.echo(f"resumed {last_path} at epoch {start_epoch}")
+    start_epoch = rec.resume(ck, d.main) if resume else 0
 
     step_mod: nn.Module = _Step(model)
     if d.world > 1:
@@ -454,14 +465,11 @@ def train(
             # are long; their val scores are not candidates worth the time).
             validate = st == "train" or epoch == cfg.pretrain_epochs - 1
             vd = mean_dice(run_cases(model, val_cases, cfg.input_size)) if validate else math.nan
-            payload = model_payload(model, base_sha, Path(cfg.sam_checkpoint).name if cfg.sam_checkpoint else None)
-            payload["classes"] = list(train_ds.class_names)  # output channel names, for evaluation by name
+            payload = model_payload(model, base_sha, Path(cfg.sam_checkpoint).name if cfg.sam_checkpoint else None,
+                                    train_ds.class_names)
             rec.close(epoch, st, sums / n_b, vd, n_img * d.world, t_epoch, t_val, payload)
         barrier(d)
-    if d.main:
-        _mark_finished(out, cfg.epochs, rec.best, [best_path, last_path])
-    return {"run": str(out), "best_epoch": rec.best["epoch"], "best_val_dice": rec.best["val_dice"],
-            "skipped": skipped, "epochs": cfg.epochs, "checkpoint": str(best_path)}
+    return rec.finish(skipped, d.main)
 
 
 def _mark_finished(out: Path, epochs: int, best: dict[str, Any], checkpoints: list[Path]) -> None:

@@ -57,7 +57,6 @@ from imedsam_train.train import (
     TrainConfig,
     _init_model,
     _make_dir,
-    _mark_finished,
     _progress,
     _resume_model,
     _Step,
@@ -69,7 +68,6 @@ from imedsam_train.train import (
     param_groups,
     pick_device,
     rank_share,
-    restore_training_state,
     run_paths,
 )
 
@@ -281,24 +279,20 @@ def train_lite(
     def phase(epoch: int) -> str:
         return "decoder" if epoch < cfg.decoder_epochs else "end-to-end"
 
-    start_epoch = 0
     steps_per_epoch = math.ceil(len(items) / (cfg.batch_size * d.world))
     opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.resolved_lr_rest()), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda_factory(total * steps_per_epoch, cfg.warmup_steps))
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     rec = EpochRecord(cfg, out, best_path, last_path, opt, sched, scaler, rep, total)
 
-    def payload() -> dict[str, Any]:  # what a checkpoint stores of the model, with its output channels' names
-        return {**model_payload(model, base_sha, base_path.name), "classes": list(train_ds.class_names)}
+    def payload() -> dict[str, Any]:
+        return model_payload(model, base_sha, base_path.name, train_ds.class_names)
 
     def validate(epoch_phase: str) -> float:
         enc = cache.encode if epoch_phase == "decoder" and encoder_is_base(model) else None
         return mean_dice(run_cases(model, val_cases, size, encode=enc))
 
-    if resume:
-        start_epoch, rec.history, rec.best = restore_training_state(ck, opt, sched, scaler)
-        if d.main:
-            rep.echo(f"resumed {last_path} at epoch {start_epoch}")
+    start_epoch = rec.resume(ck, d.main) if resume else 0
     if cfg.decoder_epochs > start_epoch:
         from imedsam_core.cli_common import Progress
 
@@ -369,7 +363,4 @@ def train_lite(
         vd = validate(ph)
         rec.close(epoch, ph, sums / n_b, vd, n_img * d.world, t_epoch, t_val, payload())
         barrier(d)
-    if d.main:
-        _mark_finished(out, total, rec.best, [best_path, last_path])
-    return {"run": str(out), "best_epoch": rec.best["epoch"], "best_val_dice": rec.best["val_dice"], "skipped": skipped,
-            "epochs": total, "checkpoint": str(best_path)}
+    return rec.finish(skipped, d.main)

@@ -440,25 +440,21 @@ def train(
                                              worker_init_fn=_collate_threads if cfg.workers else None)
         torch.manual_seed(stable_seed(cfg.seed, "torch", epoch, d.rank))  # dropout draws of this epoch
         model.train()
-        sums = np.zeros(3)
-        t_epoch, n_img = time.time(), 0
-        prog = _progress(rep, d.main, f"epoch {epoch + 1}/{cfg.epochs} [{st}]", len(batches))
+        tally = EpochTally(rep, d.main, f"epoch {epoch + 1}/{cfg.epochs} [{st}]", len(batches))
         for batch in loader:
             image = batch["image"].to(dev, non_blocking=True)
             with torch.autocast(dev.type, dtype=torch.float16, enabled=amp):
                 coarse, fine = step_mod(image, batch["box"].to(dev), batch["coords"].to(dev))
             loss, lc, lf = imedsam_loss(coarse, fine, batch["labels"].to(dev), batch["cls"].to(dev), epoch)
             optimizer_step(loss, opt, scaler, sched)
-            sums += [loss.item(), lc.item(), lf.item()]
-            n_img += image.shape[0]
+            tally.add(loss, lc, lf, image.shape[0])
             steps_done += 1
-            prog.advance(loss.item(), n_img / max(time.time() - t_epoch, 1e-9))
             if stop_after_steps is not None and steps_done >= stop_after_steps:
-                prog.close()
+                tally.close()
                 return {"stopped": True, "run": str(out)}
-        prog.close()
+        tally.close()
         n_b = max(len(batches), 1)
-        sums = mean_over_ranks(sums, d, dev)
+        sums = mean_over_ranks(tally.sums, d, dev)
         if d.main:
             t_val = time.time()
             # Validated: every epoch on the target data and the last pretraining one (pretraining epochs
@@ -467,7 +463,7 @@ def train(
             vd = mean_dice(run_cases(model, val_cases, cfg.input_size)) if validate else math.nan
             payload = model_payload(model, base_sha, Path(cfg.sam_checkpoint).name if cfg.sam_checkpoint else None,
                                     train_ds.class_names)
-            rec.close(epoch, st, sums / n_b, vd, n_img * d.world, t_epoch, t_val, payload)
+            rec.close(epoch, st, sums / n_b, vd, tally.images * d.world, tally.t0, t_val, payload)
         barrier(d)
     return rec.finish(skipped, d.main)
 
@@ -574,5 +570,22 @@ class _Prog:
             self.p = None
 
 
-def _progress(rep: Reporter, enabled: bool, desc: str, total: int) -> _Prog:
-    return _Prog(rep, enabled, desc, total)
+class EpochTally:
+    """One epoch's running figures in either trainer: the sums of (loss, coarse, fine) over its steps, the images
+    seen, the progress bar, the start time."""
+
+    def __init__(self, rep: Reporter, enabled: bool, desc: str, total: int) -> None:
+        self.prog = _Prog(rep, enabled, desc, total)
+        self.t0 = time.time()
+        self.sums = np.zeros(3)
+        self.images = 0
+
+    def add(self, loss: torch.Tensor, coarse: torch.Tensor, fine: torch.Tensor, images: int) -> None:
+        # one copy to the host per step for all three (an .item() each, and again for the bar, synced four times)
+        vals = torch.stack([t.detach().float() for t in (loss, coarse, fine)]).cpu().numpy()
+        self.sums += vals
+        self.images += images
+        self.prog.advance(float(vals[0]), self.images / max(time.time() - self.t0, 1e-9))
+
+    def close(self) -> None:
+        self.prog.close()

@@ -53,11 +53,11 @@ from imedsam_train.model.lite import HeadInterleavedLoRAQKV, LiteIMedSAM, StageF
 from imedsam_train.preprocess import input_boxes, letterbox_shape, prepare_image, prepare_mask, to_input
 from imedsam_train.train import (
     EpochRecord,
+    EpochTally,
     Reporter,
     TrainConfig,
     _init_model,
     _make_dir,
-    _progress,
     _resume_model,
     _Step,
     barrier,
@@ -330,9 +330,7 @@ def train_lite(
         batches = [mine_i[i : i + cfg.batch_size] for i in range(0, len(mine_i), cfg.batch_size)]
         torch.manual_seed(stable_seed(cfg.seed, "torch", epoch, d.rank))
         model.train()
-        sums = np.zeros(3)
-        t_epoch, n_img = time.time(), 0
-        prog = _progress(rep, d.main, f"epoch {epoch + 1}/{total} [{ph}]", len(batches))
+        tally = EpochTally(rep, d.main, f"epoch {epoch + 1}/{total} [{ph}]", len(batches))
         for batch in batches:
             draws = [item_draw(items[i], pre, size, cfg.seed, epoch, i, cfg.points, jit,
                                tf if ph == "end-to-end" else None) for i in batch]
@@ -346,21 +344,19 @@ def train_lite(
             cls = torch.stack([r["cls"] for r in draws]).to(dev)
             loss, lc, lf = imedsam_loss(coarse, fine, labels, cls, epoch)
             optimizer_step(loss, opt, scaler, sched)
-            sums += [loss.item(), lc.item(), lf.item()]
-            n_img += len(batch)
+            tally.add(loss, lc, lf, len(batch))
             steps_done += 1
-            prog.advance(loss.item(), n_img / max(time.time() - t_epoch, 1e-9))
             if stop_after_steps is not None and steps_done >= stop_after_steps:
-                prog.close()
+                tally.close()
                 return {"stopped": True, "run": str(out)}
-        prog.close()
+        tally.close()
         n_b = max(len(batches), 1)
-        sums = mean_over_ranks(sums, d, dev)
+        sums = mean_over_ranks(tally.sums, d, dev)
         if not d.main:
             barrier(d)
             continue
         t_val = time.time()
         vd = validate(ph)
-        rec.close(epoch, ph, sums / n_b, vd, n_img * d.world, t_epoch, t_val, payload())
+        rec.close(epoch, ph, sums / n_b, vd, tally.images * d.world, tally.t0, t_val, payload())
         barrier(d)
     return rec.finish(skipped, d.main)

@@ -323,10 +323,11 @@ class EpochRecord:
         return {"run": str(self.out), "best_epoch": self.best["epoch"], "best_val_dice": self.best["val_dice"],
                 "skipped": skipped, "epochs": self.total, "checkpoint": str(self.best_path)}
 
-    def close(self, epoch: int, stage: str, losses: np.ndarray, val_dice: float, images: int, t_epoch: float,
-              t_val: float, payload: dict[str, Any]) -> None:
-        """losses: the epoch's mean (loss, coarse, fine) over its steps and ranks; images: over all ranks;
-        t_val: when validation began (the rate leaves it out)."""
+    def close(self, epoch: int, stage: str, tally: EpochTally, val_dice: float, t_val: float,
+              payload: dict[str, Any]) -> None:
+        """tally: the epoch's figures after ``finish`` (over all ranks); t_val: when validation began (the rate
+        leaves it out)."""
+        losses, images, t_epoch = tally.losses, tally.all_images, tally.t0
         # plain floats: numpy scalars would make the checkpoint unloadable with weights_only=True
         row = {"epoch": epoch + 1, "stage": stage, "loss": float(losses[0]), "loss_coarse": float(losses[1]),
                "loss_fine": float(losses[2]), "val_dice": float(val_dice),
@@ -452,9 +453,7 @@ def train(
             if stop_after_steps is not None and steps_done >= stop_after_steps:
                 tally.close()
                 return {"stopped": True, "run": str(out)}
-        tally.close()
-        n_b = max(len(batches), 1)
-        sums = mean_over_ranks(tally.sums, d, dev)
+        tally.finish(d, dev)
         if d.main:
             t_val = time.time()
             # Validated: every epoch on the target data and the last pretraining one (pretraining epochs
@@ -463,7 +462,7 @@ def train(
             vd = mean_dice(run_cases(model, val_cases, cfg.input_size)) if validate else math.nan
             payload = model_payload(model, base_sha, Path(cfg.sam_checkpoint).name if cfg.sam_checkpoint else None,
                                     train_ds.class_names)
-            rec.close(epoch, st, sums / n_b, vd, tally.images * d.world, tally.t0, t_val, payload)
+            rec.close(epoch, st, tally, vd, t_val, payload)
         barrier(d)
     return rec.finish(skipped, d.main)
 
@@ -576,9 +575,12 @@ class EpochTally:
 
     def __init__(self, rep: Reporter, enabled: bool, desc: str, total: int) -> None:
         self.prog = _Prog(rep, enabled, desc, total)
+        self.steps = total
         self.t0 = time.time()
         self.sums = np.zeros(3)
         self.images = 0
+        self.losses = np.full(3, math.nan)  # set by finish: the mean per step over all ranks
+        self.all_images = 0  # set by finish: the images over all ranks
 
     def add(self, loss: torch.Tensor, coarse: torch.Tensor, fine: torch.Tensor, images: int) -> None:
         # one copy to the host per step for all three (an .item() each, and again for the bar, synced four times)
@@ -589,3 +591,10 @@ class EpochTally:
 
     def close(self) -> None:
         self.prog.close()
+
+    def finish(self, d: Dist, dev: torch.device) -> None:
+        """The end of the epoch's steps: closes the bar and makes the figures rank-wide (a collective under DDP:
+        every rank calls it)."""
+        self.close()
+        self.losses = mean_over_ranks(self.sums, d, dev) / max(self.steps, 1)
+        self.all_images = self.images * d.world

@@ -63,7 +63,6 @@ from imedsam_train.train import (
     barrier,
     init_distributed,
     lr_lambda_factory,
-    mean_over_ranks,
     optimizer_step,
     param_groups,
     pick_device,
@@ -349,14 +348,12 @@ def train_lite(
             if stop_after_steps is not None and steps_done >= stop_after_steps:
                 tally.close()
                 return {"stopped": True, "run": str(out)}
-        tally.close()
-        n_b = max(len(batches), 1)
-        sums = mean_over_ranks(tally.sums, d, dev)
+        tally.finish(d, dev)
         if not d.main:
             barrier(d)
             continue
         t_val = time.time()
         vd = validate(ph)
-        rec.close(epoch, ph, sums / n_b, vd, tally.images * d.world, tally.t0, t_val, payload())
+        rec.close(epoch, ph, tally, vd, t_val, payload())
         barrier(d)
     return rec.finish(skipped, d.main)

@@ -145,12 +145,14 @@ class Progress:
                     f"{r:.1f} {self.rate_unit}, " + (f"{_duration(left)} left" if left is not None else "time left unknown"))
         return f"{self.desc}: {self.done} {self.unit}, {r:.1f} {self.rate_unit}, {_duration(self._clock() - self.t0)} so far"
 
-    def update(self, done: int) -> None:
+    def update(self, done: int, note: str = "") -> None:
+        """``note``: shown after the rate on the terminal bar only (e.g. training's loss), not in plain lines."""
         self.done = done
         if not self.enabled:
             return
         if self._bar is not None:
-            self._bar.update(self._task, completed=done, rate=f"{self.rate():.1f} {self.rate_unit}")
+            self._bar.update(self._task, completed=done,
+                             rate=f"{self.rate():.1f} {self.rate_unit}" + (f"  {note}" if note else ""))
             return
         now = self._clock()
         decile = 10 * done // self.total if self.total else 0

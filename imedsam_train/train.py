@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from imedsam_core.atomic import atomic_write_text, check_writable_parent
+from imedsam_core.cli_common import Progress
 from imedsam_core.errors import UserError
 from imedsam_core.paths import BEST_CHECKPOINT, CHECKPOINT_DIR, FINISHED_NAME, LAST_CHECKPOINT, run_dir
 from imedsam_train.build import build, sha256_file
@@ -533,48 +534,16 @@ def _curve(path: Path, history: list[dict[str, Any]]) -> None:
     training_curve(history, path)
 
 
-class _Prog:
-    def __init__(self, rep: Reporter, enabled: bool, desc: str, total: int) -> None:
-        self.p: Any = None
-        self.plain: Any = None
-        if enabled and rep.progress:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            from imedsam_core.cli_common import Progress as PlainProgress
-
-            console = Console()
-            if not console.is_terminal:  # a log file: plain lines (steps, rate, time left), no bar leftovers
-                self.plain = PlainProgress(desc, total, "steps", "steps/s", console=console, echo=rep.echo)
-                return
-
-            self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                              TextColumn("loss {task.fields[loss]:.4f}  {task.fields[speed]:.1f} img/s"),
-                              TimeRemainingColumn(), console=console, transient=True)
-            self.p.start()
-            self.task = self.p.add_task(desc, total=total, loss=float("nan"), speed=0.0)
-
-    def advance(self, loss: float, speed: float) -> None:
-        if self.p is not None:
-            self.p.update(self.task, advance=1, loss=loss, speed=speed)
-        if self.plain is not None:
-            self.plain.update(self.plain.done + 1)
-
-    def close(self) -> None:
-        if self.plain is not None:
-            self.plain.enabled = False  # the epoch line follows: no closing line of its own
-            self.plain = None
-        if self.p is not None:
-            self.p.stop()
-            self.p = None
-
-
 class EpochTally:
     """One epoch's running figures in either trainer: the sums of (loss, coarse, fine) over its steps, the images
     seen, the progress bar, the start time."""
 
     def __init__(self, rep: Reporter, enabled: bool, desc: str, total: int) -> None:
-        self.prog = _Prog(rep, enabled, desc, total)
+        from rich.console import Console
+
+        # the bar on stdout beside the epoch lines; piped, Progress's plain lines (steps, rate, time left)
+        self.prog = Progress(desc, total, "steps", "steps/s", console=Console(), echo=rep.echo,
+                             enabled=enabled and rep.progress)
         self.steps = total
         self.t0 = time.time()
         self.sums = np.zeros(3)
@@ -587,9 +556,11 @@ class EpochTally:
         vals = torch.stack([t.detach().float() for t in (loss, coarse, fine)]).cpu().numpy()
         self.sums += vals
         self.images += images
-        self.prog.advance(float(vals[0]), self.images / max(time.time() - self.t0, 1e-9))
+        speed = self.images / max(time.time() - self.t0, 1e-9)
+        self.prog.update(self.prog.done + 1, note=f"loss {vals[0]:.4f}  {speed:.1f} img/s")
 
     def close(self) -> None:
+        self.prog.enabled = False  # the epoch line follows: no closing line of Progress's own
         self.prog.close()
 
     def finish(self, d: Dist, dev: torch.device) -> None:

@@ -161,12 +161,13 @@ class Progress:
             if not (self.total and done >= self.total):  # the end has its own line
                 self.echo(self.status())
 
-    def close(self) -> None:
-        """Stop the bar; when piped, the final line (unless nothing was done)."""
+    def close(self, line: bool = True) -> None:
+        """Stop the bar; when piped, the final line (unless nothing was done, or ``line`` is False: the caller
+        prints its own, e.g. training's epoch line)."""
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
-        elif self.enabled and self.done > 1:  # one image: the command's own closing line says it
+        elif line and self.enabled and self.done > 1:  # one image: the command's own closing line says it
             self.echo(f"{self.desc}: {self.done} {self.unit} done, {self.rate():.1f} {self.rate_unit}, "
                       f"{_duration(self._clock() - self.t0)} in all")
 

@@ -544,7 +544,6 @@ class EpochTally:
         # the bar on stdout beside the epoch lines; piped, Progress's plain lines (steps, rate, time left)
         self.prog = Progress(desc, total, "steps", "steps/s", console=Console(), echo=rep.echo,
                              enabled=enabled and rep.progress)
-        self.steps = total
         self.t0 = time.time()
         self.sums = np.zeros(3)
         self.images = 0
@@ -560,12 +559,11 @@ class EpochTally:
         self.prog.update(self.prog.done + 1, note=f"loss {vals[0]:.4f}  {speed:.1f} img/s")
 
     def close(self) -> None:
-        self.prog.enabled = False  # the epoch line follows: no closing line of Progress's own
-        self.prog.close()
+        self.prog.close(line=False)  # the epoch line follows: no closing line of Progress's own
 
     def finish(self, d: Dist, dev: torch.device) -> None:
         """The end of the epoch's steps: closes the bar and makes the figures rank-wide (a collective under DDP:
         every rank calls it)."""
         self.close()
-        self.losses = mean_over_ranks(self.sums, d, dev) / max(self.steps, 1)
+        self.losses = mean_over_ranks(self.sums, d, dev) / max(self.prog.done, 1)  # the steps added
         self.all_images = self.images * d.world

@@ -168,6 +168,7 @@ def test_training_marks_a_run_finished_only_at_its_end(tmp_path, monkeypatch):
         torch.set_num_threads(threads)
     assert res.exit_code == 0, res.output
     assert "steps/s" in res.output and "left" in res.output  # piped: plain progress lines within the epoch
+    assert "steps done" not in res.output  # the epoch line closes the epoch, not a progress line of its own
     info = json.loads((tmp_path / "runs/ok" / FINISHED_NAME).read_text())
     assert info["finished"] is True and info["epochs"] == 1
     assert info["sha256"]["best.pt"] == sha256_file(tmp_path / "runs/ok/checkpoints/best.pt")

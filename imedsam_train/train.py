@@ -267,7 +267,9 @@ def _collate_threads(_: int) -> None:
 
 @dataclass
 class Reporter:
-    """Where progress goes (the CLI passes a rich console; tests pass nothing)."""
+    """Where progress goes: ``echo`` takes the lines (the CLI passes typer.echo; quiet tests a no-op) and
+    ``progress`` turns the progress bars (the epoch's, lite's embedding cache), or their plain lines when piped,
+    on or off."""
 
     echo: Callable[[str], None] = print
     progress: bool = True

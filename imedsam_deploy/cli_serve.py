@@ -67,6 +67,11 @@ def serve(
         raise UserError("--max-boxes, --cache-size and --ttl must be positive, --queue-delay-us not negative")
     check_threads(threads)
     require("pytriton", "serve")
+    from imedsam_deploy.serve import ServerConfig, check_config
+
+    # before the model loads; Server.start checks again, as something may take a port meanwhile
+    check_config(ServerConfig(host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                              workspace=workspace))
     console = Console(stderr=True)
     if not serve_artifact(artifact, backend, precision, host, (http_port, grpc_port, metrics_port), max_batch,
                           queue_delay_us, query, max_boxes, cache_size, ttl, workspace, console, options, tta, threads):

@@ -20,6 +20,7 @@ Health, readiness and metrics are Triton's own (``/v2/health/live``, ``/v2/healt
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
 import sys
@@ -47,6 +48,10 @@ IN_IMAGE, IN_BOXES, IN_OUT_SIZE, IN_HANDLE = "image", "boxes", "out_size", "hand
 OUT_MASKS, OUT_STATUS, OUT_PROB, OUT_HANDLE = "masks", "status", "mean_probability", "handle"
 MAX_SIDE = 16384  # pixels a side, of an image or of an output mask
 ALIVE_POLL_S = 1.0  # how often serve() checks that tritonserver and its models are still up
+
+
+class ServerDied(RuntimeError):
+    """tritonserver exited while the server started."""
 
 
 class RequestError(ValueError):
@@ -281,6 +286,28 @@ def check_numpy() -> None:
                         f"{np.__version__}): pip install 'imedsam[serve]' 'numpy<2' 'opencv-python-headless<5'")
 
 
+def check_config(cfg: ServerConfig) -> None:
+    """Refuse, in one line, a workspace that exists (PyTriton makes it, and removes it on stop) and a port that
+    something else holds (tritonserver would exit on it after seconds of start-up, with a log of its own)."""
+    import socket
+
+    if cfg.workspace is not None and cfg.workspace.exists():
+        raise UserError(f"--workspace {cfg.workspace}: already exists (the server makes it, and removes it when "
+                        "it stops): name a new folder")
+    for flag, port in (("--http-port", cfg.http_port), ("--grpc-port", cfg.grpc_port),
+                       ("--metrics-port", cfg.metrics_port)):
+        try:
+            family, kind, proto, _, addr = socket.getaddrinfo(cfg.host, port, type=socket.SOCK_STREAM)[0]
+        except socket.gaierror as e:
+            raise UserError(f"--host {cfg.host}: {e.strerror}") from None
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: a closing socket is no holder
+            try:
+                s.bind(addr)
+            except OSError as e:
+                raise UserError(f"{flag} {port}: cannot bind {cfg.host}:{port} ({e.strerror})") from None
+
+
 def _python_lib_first() -> None:
     """The Python backend stub links libpython: a pyenv (or other non-system) Python's own must come first,
     or the stub loads another 3.x build's and the model fails to load (``_thread.RLock`` errors)."""
@@ -319,6 +346,10 @@ class Server:
         self._triton: Any = None
         self._tmp: Any = None
         self._left = Leftovers()
+        self._died = threading.Event()  # set on the thread that sees tritonserver exit
+        self._lock = threading.Lock()
+        self._starting_main = False  # start() runs on the main thread, where a death can interrupt it
+        self._interrupted = False  # we interrupted start(), for a death
 
     def _bind(self, triton: Any) -> None:
         from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
@@ -376,18 +407,50 @@ class Server:
                               allow_cpu_metrics=True, allow_gpu_metrics=False, log_verbose=c.log_verbose,
                               exit_timeout_secs=c.exit_timeout_s)
         _python_lib_first()
-        return Triton(config=config, workspace=ws)
+        server = self
+
+        class WatchedTriton(Triton):
+            def _on_tritonserver_exit(self, *_: object) -> None:
+                # PyTriton 0.7 stops itself here, on the thread that saw tritonserver exit. During start-up that
+                # stop waits for the lock the start-up holds while it polls the dead server for a minute or two;
+                # later it races our stop(). The one stop is ours, on the thread that serves.
+                server._on_death()
+
+        return WatchedTriton(config=config, workspace=ws)
+
+    def _on_death(self) -> None:
+        self._died.set()
+        with self._lock:
+            if self._starting_main and not self._interrupted:
+                self._interrupted = True
+                _thread.interrupt_main()  # ends start()'s wait on the dead server (a KeyboardInterrupt there)
 
     def start(self) -> Server:
-        """Start the server and return once every model is ready."""
+        """Start the server and return once every model is ready; ServerDied if tritonserver exits meanwhile
+        (at once where start() runs on the main thread, else once PyTriton's start-up waits give up)."""
         check_numpy()
+        check_config(self.cfg)
+        self._died.clear()
+        self._interrupted = False
         self._triton = self._triton_obj()
         try:
             self._bind(self._triton)
-            self._triton.run()
+            with self._lock:
+                self._starting_main = threading.current_thread() is threading.main_thread()
+            try:
+                self._triton.run()
+            finally:
+                with self._lock:  # no interrupt after this; one asked for before arrives by the lock's release
+                    self._starting_main = False
+            if self._died.is_set():
+                raise ServerDied("tritonserver died during start-up")
             self._left.started()
-        except BaseException:
+        except BaseException as e:
+            # our interrupt, or whatever PyTriton raised on the dead server: a death; a user's Ctrl-C: itself
+            died = self._interrupted or (self._died.is_set() and not isinstance(e, KeyboardInterrupt))
             self.stop()
+            if died and not isinstance(e, ServerDied):
+                raise ServerDied("tritonserver died during start-up") from None
             raise
         return self
 
@@ -404,9 +467,12 @@ class Server:
             signal.signal(signal.SIGTERM, interrupt)
         try:
             self.start()
-            while self._triton.is_alive():
-                time.sleep(ALIVE_POLL_S)
+            while not self._died.wait(ALIVE_POLL_S) and self._triton.is_alive():
+                pass
             LOG.error("tritonserver or one of its models died; stopping")
+            return False
+        except ServerDied:
+            LOG.error("tritonserver died during start-up; stopping")
             return False
         except KeyboardInterrupt:
             return True

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -496,9 +497,11 @@ def test_stop_with_requests_in_flight_leaves_nothing(artifact, tmp_path):
 
 def test_a_dead_tritonserver_ends_the_command_with_exit_1(artifact, tmp_path):
     """tritonserver killed under it: the command notices, stops, exits 1 (so a supervisor restarts it) and leaves
-    no process and nothing of Triton's in /tmp."""
+    no process, no workspace and nothing of Triton's in /tmp. The kill comes as soon as the models answer ready,
+    which can still be inside PyTriton's own start-up."""
     tmp_before = _triton_tmp()
-    proc, http = _serve_command(artifact, tmp_path / "ws")
+    ws = tmp_path / "ws"
+    proc, http = _serve_command(artifact, ws)
     tree: list[int] = []
     try:
         wait_ready(http, proc=proc)
@@ -508,7 +511,7 @@ def test_a_dead_tritonserver_ends_the_command_with_exit_1(artifact, tmp_path):
         os.kill(server[0], signal.SIGKILL)
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 1, out[-3000:]
-        assert "died; stopping" in out and "stopped; requests:" in out
+        assert re.search(r"died( during start-up)?; stopping", out) and "stopped; requests:" in out, out[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -517,7 +520,75 @@ def test_a_dead_tritonserver_ends_the_command_with_exit_1(artifact, tmp_path):
     while time.monotonic() < deadline and _alive(tree):
         time.sleep(0.2)
     assert not _alive(tree), f"processes left behind: {_alive(tree)}"
+    assert not (ws.exists() and any(ws.iterdir())), "workspace left behind"
     assert not _triton_tmp() - tmp_before, f"left behind in /tmp: {sorted(_triton_tmp() - tmp_before)}"
+
+
+def test_a_tritonserver_dead_during_start_up_ends_the_command_at_once(artifact, tmp_path):
+    """tritonserver killed while it starts (PyTriton then polls the dead server for a minute or two, holding
+    the lock its own clean-up waits for): the command notices at once, exits 1 and leaves nothing behind."""
+    tmp_before = _triton_tmp()
+    ws = tmp_path / "ws"
+    proc, _ = _serve_command(artifact, ws)
+    tree: list[int] = []
+    try:
+        end = time.monotonic() + READY_S
+        server: list[int] = []
+        while not server and time.monotonic() < end and proc.poll() is None:
+            time.sleep(0.05)
+            tree = descendants(proc.pid)
+            server = [p for p in tree if _alive([p]) and Path(f"/proc/{p}/comm").read_text().strip() == "tritonserver"]
+        assert server, "tritonserver never started"
+        os.kill(server[0], signal.SIGKILL)
+        out, _ = proc.communicate(timeout=45)  # PyTriton's own start-up waits would hold it 60 s or more
+        assert proc.returncode == 1, out[-3000:]
+        assert "died during start-up; stopping" in out and "stopped; requests:" in out, out[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and _alive(tree):
+        time.sleep(0.2)
+    assert not _alive(tree), f"processes left behind: {_alive(tree)}"
+    assert not (ws.exists() and any(ws.iterdir())), "workspace left behind"
+    assert not _triton_tmp() - tmp_before, f"left behind in /tmp: {sorted(_triton_tmp() - tmp_before)}"
+
+
+@pytest.mark.parametrize("flag", ["--http-port", "--grpc-port", "--metrics-port"])
+def test_a_port_in_use_is_refused_in_one_line(artifact, flag):
+    """A port something else listens on: refused before the model loads, naming the option, in one line
+    (tritonserver would exit on it with a log of its own)."""
+    from typer.testing import CliRunner
+
+    from imedsam_deploy.cli_serve import app
+
+    from .reliability_helpers import assert_one_line_error
+
+    ports = dict(zip(["--http-port", "--grpc-port", "--metrics-port"], free_ports(3), strict=True))
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        ports[flag] = held.getsockname()[1]
+        args = [str(artifact), *[a for k, v in ports.items() for a in (k, str(v))]]
+        assert_one_line_error(CliRunner().invoke(app, args), f"{flag} {ports[flag]}", "in use")
+
+
+def test_an_existing_workspace_is_refused_in_one_line(artifact, tmp_path):
+    from typer.testing import CliRunner
+
+    from imedsam_deploy.cli_serve import app
+
+    from .reliability_helpers import assert_one_line_error
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "keep.txt").write_text("mine")
+    http, grpc, metrics = free_ports(3)
+    res = CliRunner().invoke(app, [str(artifact), "--http-port", str(http), "--grpc-port", str(grpc),
+                                   "--metrics-port", str(metrics), "--workspace", str(ws)])
+    assert_one_line_error(res, f"--workspace {ws}", "already exists")
+    assert (ws / "keep.txt").read_text() == "mine"
 
 
 def test_serve_is_torch_free():

@@ -20,9 +20,9 @@ Health, readiness and metrics are Triton's own (``/v2/health/live``, ``/v2/healt
 
 from __future__ import annotations
 
-import _thread
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -48,6 +48,7 @@ IN_IMAGE, IN_BOXES, IN_OUT_SIZE, IN_HANDLE = "image", "boxes", "out_size", "hand
 OUT_MASKS, OUT_STATUS, OUT_PROB, OUT_HANDLE = "masks", "status", "mean_probability", "handle"
 MAX_SIDE = 16384  # pixels a side, of an image or of an output mask
 ALIVE_POLL_S = 1.0  # how often serve() checks that tritonserver and its models are still up
+INTERRUPT_EVERY_S = 0.5  # how often a start-up whose tritonserver died is interrupted, until it ends
 
 
 class ServerDied(RuntimeError):
@@ -349,7 +350,7 @@ class Server:
         self._died = threading.Event()  # set on the thread that sees tritonserver exit
         self._lock = threading.Lock()
         self._starting_main = False  # start() runs on the main thread, where a death can interrupt it
-        self._interrupted = False  # we interrupted start(), for a death
+        self._interrupted = False  # start() was interrupted for a death
 
     def _bind(self, triton: Any) -> None:
         from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
@@ -396,12 +397,12 @@ class Server:
         from pytriton.triton import Triton, TritonConfig
 
         adopt_orphans()
-        self._left.before_start()
         c = self.cfg
         ws = c.workspace
         if ws is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="imedsam-serve-")
             ws = Path(self._tmp.name) / "workspace"
+        self._left.before_start(ws)
         config = TritonConfig(http_address=c.host, http_port=c.http_port, grpc_address=c.host,
                               grpc_port=c.grpc_port, metrics_address=c.host, metrics_port=c.metrics_port,
                               allow_cpu_metrics=True, allow_gpu_metrics=False, log_verbose=c.log_verbose,
@@ -421,9 +422,34 @@ class Server:
     def _on_death(self) -> None:
         self._died.set()
         with self._lock:
-            if self._starting_main and not self._interrupted:
-                self._interrupted = True
-                _thread.interrupt_main()  # ends start()'s wait on the dead server (a KeyboardInterrupt there)
+            if not self._starting_main or self._interrupted:
+                return
+            self._interrupted = True
+        threading.Thread(target=self._interrupt_start, name="imedsam-serve-death", daemon=True).start()
+
+    def _interrupt_start(self) -> None:
+        """SIGINT to the main thread until start() ends, which start()'s handler turns into a KeyboardInterrupt:
+        a real signal, so a blocking call returns too, and again and again, as one that lands in gevent's hub
+        (tritonclient's HTTP) can be lost there."""
+        main = threading.main_thread().ident
+        assert main is not None
+        while True:
+            with self._lock:
+                if not self._starting_main:
+                    return
+                signal.pthread_kill(main, signal.SIGINT)
+            time.sleep(INTERRUPT_EVERY_S)
+
+    def _sigint_while_starting(self, before: Any) -> Any:
+        """start()'s SIGINT handler: ours after a death (whatever SIGINT was: a background process ignores it),
+        else what it was."""
+        def handler(signum: int, frame: Any) -> None:
+            if self._died.is_set() or before == signal.SIG_DFL:
+                raise KeyboardInterrupt
+            if callable(before):
+                before(signum, frame)
+
+        return handler
 
     def start(self) -> Server:
         """Start the server and return once every model is ready; ServerDied if tritonserver exits meanwhile
@@ -433,15 +459,21 @@ class Server:
         self._died.clear()
         self._interrupted = False
         self._triton = self._triton_obj()
+        on_main = threading.current_thread() is threading.main_thread()
+        before = signal.getsignal(signal.SIGINT) if on_main else None  # None also where C code set it
         try:
             self._bind(self._triton)
+            if before is not None:
+                signal.signal(signal.SIGINT, self._sigint_while_starting(before))
             with self._lock:
-                self._starting_main = threading.current_thread() is threading.main_thread()
+                self._starting_main = before is not None
             try:
                 self._triton.run()
             finally:
-                with self._lock:  # no interrupt after this; one asked for before arrives by the lock's release
+                with self._lock:  # no interrupt after this
                     self._starting_main = False
+                if before is not None:
+                    signal.signal(signal.SIGINT, before)
             if self._died.is_set():
                 raise ServerDied("tritonserver died during start-up")
             self._left.started()
@@ -458,7 +490,6 @@ class Server:
         """Start and block until Ctrl-C / SIGTERM (True) or until tritonserver or a model dies (False), then stop.
         Not PyTriton's own ``serve()``: that stops tritonserver itself on Ctrl-C, before ``stop()`` could note
         what it leaves."""
-        import signal
 
         def interrupt(*_: object) -> None:
             raise KeyboardInterrupt  # SIGTERM ends the loop below as Ctrl-C does; left alone it would orphan tritonserver
@@ -475,7 +506,7 @@ class Server:
             LOG.error("tritonserver died during start-up; stopping")
             return False
         except KeyboardInterrupt:
-            return True
+            return not self._interrupted  # ours only in a start-up that a death interrupted
         finally:
             self.stop()
 

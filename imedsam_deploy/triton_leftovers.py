@@ -10,6 +10,8 @@ the server then "exits immediately" without unloading, and leaves
 
 ``Leftovers`` records the first two exactly (the stubs' command lines name their model copies) once the models
 are ready and again just before the stop, and ``end()`` after the stop ends the processes and removes the rest.
+A copy whose stub has gone (a tritonserver killed while it started: the stubs exit before anything notes them)
+is named by its config, where PyTriton writes its workspace, which is the server's own (PyTriton makes it).
 Nothing names the environment directory: ours is the one that appeared in /tmp while our server started.
 Elsewhere than Linux every step finds nothing and does nothing.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -96,6 +99,23 @@ def model_copies(pids: Sequence[int]) -> set[Path]:
     return out
 
 
+_WORKSPACE_PARAM = re.compile(r'key:\s*"workspace-path"\s*value\s*\{\s*string_value:\s*"([^"]*)"')
+
+
+def copies_naming(workspace: Path) -> set[Path]:
+    """Triton's model copies whose config names ``workspace`` (PyTriton's ``workspace-path`` parameter)."""
+    want = str(workspace.resolve())  # as PyTriton writes it
+    out: set[Path] = set()
+    for d in TRITON_TMP.glob("folder??????"):
+        try:
+            m = _WORKSPACE_PARAM.search((d / "config.pbtxt").read_text())
+        except (OSError, UnicodeDecodeError):
+            continue
+        if m is not None and m.group(1) == want:
+            out.add(d)
+    return out
+
+
 def python_envs() -> set[Path]:
     return set(TRITON_TMP.glob("python_env_??????"))
 
@@ -129,12 +149,14 @@ class Leftovers:
 
     envs_before: set[Path] | None = None
     env: Path | None = None
+    workspace: Path | None = None  # PyTriton's, which each of its model configs names
     procs: list[int] = field(default_factory=list)
     shm: set[str] = field(default_factory=set)
     copies: set[Path] = field(default_factory=set)
 
-    def before_start(self) -> None:
+    def before_start(self, workspace: Path | None = None) -> None:
         self.envs_before = python_envs()
+        self.workspace = workspace
 
     def _find_env(self) -> None:
         # ours is the one directory that appeared while we started; two mean another server started meanwhile
@@ -157,6 +179,8 @@ class Leftovers:
     def end(self) -> None:
         self._find_env()  # a start that failed before its models were ready
         end_processes(self.procs)
+        if self.workspace is not None:
+            self.copies |= copies_naming(self.workspace)
         for name in self.shm:
             with contextlib.suppress(OSError):
                 os.unlink(f"/dev/shm/{name}")

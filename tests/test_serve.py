@@ -428,11 +428,14 @@ def _alive(pids: list[int]) -> list[str]:
     return out
 
 
-def _serve_command(artifact: Path, ws: Path) -> tuple[subprocess.Popen, int]:
-    """imedsam-serve in a subprocess (output piped, text): the process and its HTTP port."""
+def _serve_command(artifact: Path, ws: Path, sigint_ignored: bool = False) -> tuple[subprocess.Popen, int]:
+    """imedsam-serve in a subprocess (output piped, text): the process and its HTTP port. ``sigint_ignored``: as
+    a shell starts a background job (the process keeps its pid: the shell execs it)."""
     http, grpc, metrics = free_ports(3)
     cmd = [sys.executable, "-m", "imedsam_deploy.cli_serve", str(artifact), "--backend", "ort-cpu",
            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--workspace", str(ws)]
+    if sigint_ignored:
+        cmd = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *cmd]
     return subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), http
 
 
@@ -524,21 +527,36 @@ def test_a_dead_tritonserver_ends_the_command_with_exit_1(artifact, tmp_path):
     assert not _triton_tmp() - tmp_before, f"left behind in /tmp: {sorted(_triton_tmp() - tmp_before)}"
 
 
-def test_a_tritonserver_dead_during_start_up_ends_the_command_at_once(artifact, tmp_path):
-    """tritonserver killed while it starts (PyTriton then polls the dead server for a minute or two, holding
-    the lock its own clean-up waits for): the command notices at once, exits 1 and leaves nothing behind."""
+def _named(pid: int, name: str) -> bool:
+    try:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    except OSError:
+        return False
+    return Path(argv0).name == name and bool(_alive([pid]))
+
+
+@pytest.mark.parametrize("when, sigint_ignored", [("tritonserver", False), ("triton_python_backend_stub", False),
+                                                   ("tritonserver", True)])
+def test_a_tritonserver_dead_during_start_up_ends_the_command_at_once(artifact, tmp_path, when, sigint_ignored):
+    """tritonserver killed while it starts, as soon as it runs or as soon as its first model's stub does
+    (PyTriton then polls the dead server for a minute or two, holding the lock its own clean-up waits for): the
+    command notices at once (also run as a background job, which ignores SIGINT), exits 1 and leaves nothing
+    behind: the stubs exit by themselves before anything notes them, so their model copies in /tmp are found by
+    the workspace their configs name."""
     tmp_before = _triton_tmp()
     ws = tmp_path / "ws"
-    proc, _ = _serve_command(artifact, ws)
+    proc, _ = _serve_command(artifact, ws, sigint_ignored)
     tree: list[int] = []
     try:
         end = time.monotonic() + READY_S
-        server: list[int] = []
-        while not server and time.monotonic() < end and proc.poll() is None:
-            time.sleep(0.05)
+        seen: list[int] = []
+        while not seen and time.monotonic() < end and proc.poll() is None:
+            time.sleep(0.02)
             tree = descendants(proc.pid)
-            server = [p for p in tree if _alive([p]) and Path(f"/proc/{p}/comm").read_text().strip() == "tritonserver"]
-        assert server, "tritonserver never started"
+            seen = [p for p in tree if _named(p, when)]
+        assert seen, f"no {when} process started"
+        server = [p for p in tree if _named(p, "tritonserver")]
+        assert len(server) == 1, tree
         os.kill(server[0], signal.SIGKILL)
         out, _ = proc.communicate(timeout=45)  # PyTriton's own start-up waits would hold it 60 s or more
         assert proc.returncode == 1, out[-3000:]

@@ -69,3 +69,28 @@ def test_an_environment_directory_it_cannot_tell_apart_is_left(tmp_path, monkeyp
     left.started()
     left.end()
     assert full.is_dir()
+
+
+def _copy_with_config(d: Path, workspace: str) -> Path:
+    (d / "1").mkdir(parents=True)
+    (d / "config.pbtxt").write_text(f'name: "encode"\nparameters {{\n  key: "workspace-path"\n  value {{\n'
+                                    f'    string_value: "{workspace}"\n  }}\n}}\nbackend: "python"\n')
+    return d
+
+
+def test_a_copy_whose_stub_is_gone_is_found_by_the_workspace_its_config_names(tmp_path, monkeypatch):
+    """A tritonserver killed while it started: its stubs exit before anything notes them, so only the copies'
+    configs (PyTriton writes its workspace there) say whose they are."""
+    monkeypatch.setattr(triton_leftovers, "TRITON_TMP", tmp_path / "tmp")
+    ws = tmp_path / "ws"
+    ours = _copy_with_config(tmp_path / "tmp" / "folderAAAAAA", str(ws.resolve()))
+    other = _copy_with_config(tmp_path / "tmp" / "folderBBBBBB", str(ws.resolve()) + "2")  # another server's
+    nested = _copy_with_config(tmp_path / "tmp" / "folderCCCCCC", str(ws.resolve() / "x"))
+    bare = tmp_path / "tmp" / "folderDDDDDD"  # being copied, or not Triton's: no config
+    bare.mkdir()
+    left = Leftovers()
+    left.before_start(ws)
+    left.note()  # no stub runs
+    left.end()
+    assert not ours.exists()
+    assert other.is_dir() and nested.is_dir() and bare.is_dir(), "removed what was not this server's"

@@ -428,6 +428,17 @@ def _alive(pids: list[int]) -> list[str]:
     return out
 
 
+def _assert_nothing_left(tree: list[int], ws: Path, tmp_before: set[str]) -> None:
+    """After the command: no process of its tree (orphaned stubs notice their parent is gone within a few
+    seconds), no workspace and nothing new of Triton's in /tmp."""
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and _alive(tree):
+        time.sleep(0.2)
+    assert not _alive(tree), f"processes left behind: {_alive(tree)}"
+    assert not (ws.exists() and any(ws.iterdir())), "workspace left behind"
+    assert not _triton_tmp() - tmp_before, f"left behind in /tmp: {sorted(_triton_tmp() - tmp_before)}"
+
+
 def _serve_command(artifact: Path, ws: Path, sigint_ignored: bool = False) -> tuple[subprocess.Popen, int]:
     """imedsam-serve in a subprocess (output piped, text): the process and its HTTP port. ``sigint_ignored``: as
     a shell starts a background job (the process keeps its pid: the shell execs it)."""
@@ -489,13 +500,8 @@ def test_stop_with_requests_in_flight_leaves_nothing(artifact, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-    deadline = time.monotonic() + 15  # orphaned stubs notice their parent is gone within a few seconds
-    while time.monotonic() < deadline and _alive(tree):
-        time.sleep(0.2)
-    assert not _alive(tree), f"processes left behind: {_alive(tree)}"
+    _assert_nothing_left(tree, ws, tmp_before)
     assert not [n for n in shm if os.path.exists(f"/dev/shm/{n}")], "shared memory left behind"
-    assert not (ws.exists() and any(ws.iterdir())), "workspace left behind"
-    assert not _triton_tmp() - tmp_before, f"left behind in /tmp: {sorted(_triton_tmp() - tmp_before)}"
 
 
 def test_a_dead_tritonserver_ends_the_command_with_exit_1(artifact, tmp_path):
@@ -519,12 +525,7 @@ def test_a_dead_tritonserver_ends_the_command_with_exit_1(artifact, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and _alive(tree):
-        time.sleep(0.2)
-    assert not _alive(tree), f"processes left behind: {_alive(tree)}"
-    assert not (ws.exists() and any(ws.iterdir())), "workspace left behind"
-    assert not _triton_tmp() - tmp_before, f"left behind in /tmp: {sorted(_triton_tmp() - tmp_before)}"
+    _assert_nothing_left(tree, ws, tmp_before)
 
 
 def _named(pid: int, name: str) -> bool:
@@ -565,12 +566,7 @@ def test_a_tritonserver_dead_during_start_up_ends_the_command_at_once(artifact, 
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and _alive(tree):
-        time.sleep(0.2)
-    assert not _alive(tree), f"processes left behind: {_alive(tree)}"
-    assert not (ws.exists() and any(ws.iterdir())), "workspace left behind"
-    assert not _triton_tmp() - tmp_before, f"left behind in /tmp: {sorted(_triton_tmp() - tmp_before)}"
+    _assert_nothing_left(tree, ws, tmp_before)
 
 
 @pytest.mark.parametrize("flag", ["--http-port", "--grpc-port", "--metrics-port"])

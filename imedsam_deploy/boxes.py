@@ -54,7 +54,10 @@ def validate_box(box: np.ndarray, image_hw: tuple[int, int], where: str) -> None
     h, w = image_hw
     x0, y0, x1, y1 = box
     if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
-        raise UserError(f"{where}: box {fmt_box(box)} is outside the {w}x{h} image")
+        # Partly outside counts too: the caller's box, not a silently clipped one, is what gets segmented.
+        raise UserError(
+            f"{where}: box {fmt_box(box)} reaches outside the {w}x{h} image (x in 0..{w}, y in 0..{h})"
+        )
 
 
 def fmt_box(box: np.ndarray) -> str:

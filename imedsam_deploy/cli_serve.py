@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -13,6 +14,9 @@ from imedsam_core.errors import UserError
 from imedsam_deploy.backends.options import HELP as BACKEND_OPTION_HELP
 from imedsam_deploy.backends.options import split as split_options
 from imedsam_deploy.runtime import DEFAULT_QUERY, QUERY_MODES
+
+if TYPE_CHECKING:
+    from imedsam_deploy.serve import ServerConfig
 
 app = typer.Typer(add_completion=False, help="Serve box-prompted segmentation over HTTP and gRPC (Triton).")
 
@@ -69,25 +73,24 @@ def serve(
     require("pytriton", "serve")
     from imedsam_deploy.serve import ServerConfig, check_config
 
-    # before the model loads; Server.start checks again, as something may take a port meanwhile
-    check_config(ServerConfig(host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                              workspace=workspace))
+    cfg = ServerConfig(host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                       max_batch=max_batch, queue_delay_us=queue_delay_us, workspace=workspace)
+    check_config(cfg)  # before the model loads; Server.start checks again, as something may take a port meanwhile
     console = Console(stderr=True)
-    if not serve_artifact(artifact, backend, precision, host, (http_port, grpc_port, metrics_port), max_batch,
-                          queue_delay_us, query, max_boxes, cache_size, ttl, workspace, console, options, tta, threads):
+    if not serve_artifact(artifact, backend, precision, cfg, query, max_boxes, cache_size, ttl, console, options, tta,
+                          threads):
         raise typer.Exit(1)  # a supervisor restarts a server that died, not one that was stopped
 
 
-def serve_artifact(artifact_dir: Path | None, backend_name: str, precision: str | None, host: str,
-                   ports: tuple[int, int, int], max_batch: int | None, queue_delay_us: int, query: str,
-                   max_boxes: int, cache_size: int, ttl: float, workspace: Path | None, console: object,
+def serve_artifact(artifact_dir: Path | None, backend_name: str, precision: str | None, cfg: ServerConfig,
+                   query: str, max_boxes: int, cache_size: int, ttl: float, console: object,
                    options: dict[str, str] | None = None, tta: bool = False, threads: int | None = None) -> bool:
     """Serve until stopped (True) or until tritonserver or one of its models dies (False)."""
     from imedsam_core.paths import latest_artifact
     from imedsam_deploy import backends as bk
     from imedsam_deploy.manifest import load_artifact
     from imedsam_deploy.runtime import Segmenter, check_tta
-    from imedsam_deploy.serve import ServeLimits, Server, ServerConfig, Service
+    from imedsam_deploy.serve import ServeLimits, Server, Service
 
     if artifact_dir is None:
         artifact_dir = latest_artifact()
@@ -100,12 +103,11 @@ def serve_artifact(artifact_dir: Path | None, backend_name: str, precision: str 
     say_line(console, how)
     seg = Segmenter(be, art, query=query, tta=tta)  # type: ignore[arg-type]
     svc = Service(seg, ServeLimits(max_boxes=max_boxes, cache_size=cache_size, ttl_s=ttl))
-    cfg = ServerConfig(host=host, http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2],
-                       max_batch=max_batch, queue_delay_us=queue_delay_us, workspace=workspace)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("pytriton", "pytriton.client"):  # its own per-request tracebacks; ours are one line
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    say_line(console, f"serving {art.path} on {host}: HTTP {ports[0]}, gRPC {ports[1]}, metrics {ports[2]} "
+    say_line(console, f"serving {art.path} on {cfg.host}: HTTP {cfg.http_port}, gRPC {cfg.grpc_port}, "
+             f"metrics {cfg.metrics_port} "
              "(models segment, encode, decode; Ctrl-C stops)")
     with be:
         try:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -290,8 +291,6 @@ def check_numpy() -> None:
 def check_config(cfg: ServerConfig) -> None:
     """Refuse, in one line, a workspace that exists (PyTriton makes it, and removes it on stop) and a port that
     something else holds (tritonserver would exit on it after seconds of start-up, with a log of its own)."""
-    import socket
-
     if cfg.workspace is not None and cfg.workspace.exists():
         raise UserError(f"--workspace {cfg.workspace}: already exists (the server makes it, and removes it when "
                         "it stops): name a new folder")

@@ -527,7 +527,7 @@ def test_serve_passes_threads_to_the_backend(tmp_path, monkeypatch):
 
     from imedsam_core.paths import SHIPPED_ARTIFACT
 
-    serve_artifact(SHIPPED_ARTIFACT, "ort-cpu", None, "127.0.0.1", (8000, 8001, 8002), None, 0, "sparse", 4, 4, 60.0, None,
+    serve_artifact(SHIPPED_ARTIFACT, "ort-cpu", None, serve.ServerConfig(queue_delay_us=0), "sparse", 4, 4, 60.0,
                    Console(file=io.StringIO()), None, False, 1)
     (threads, be), = opened
     assert threads == 1 and all(s.get_session_options().intra_op_num_threads == 1 for s in be.sessions.values())

@@ -5,7 +5,8 @@ image. ``--boxes`` files give boxes per frame / slice / image:
 - CSV with a header ``frame,x0,y0,x1,y1`` and optionally ``object`` (default 0);
 - JSON ``{"<frame>": [[x0,y0,x1,y1], ...]}`` (list position = object), or a list of
   ``{"frame": ..., "box": [x0,y0,x1,y1], "object": k}`` records.
-``frame`` is a 0-based frame / slice / image index, or an image file name (for folders).
+``frame`` is a 0-based frame / slice / image index, or an image file name (for folders); one that names
+nothing in the input is refused (``unmatched``), not skipped.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +165,19 @@ def load_boxes_file(path: Path) -> BoxTable:
     if not table:
         raise UserError(f"{path}: no boxes in the file")
     return table
+
+
+def unmatched(table: BoxTable, count: int | None, names: Sequence[str] = ()) -> FrameKey | None:
+    """The first key of ``table`` that ``lookup`` can never return: not an index in 0..count-1 (any
+    non-negative index while ``count`` is unknown) nor one of ``names`` (file names) or their stems."""
+    known = set(names) | {Path(n).stem for n in names}
+    for k in table:
+        if isinstance(k, int) and k >= 0 and (count is None or k < count):
+            continue
+        if k in known:
+            continue
+        return k
+    return None
 
 
 def lookup(table: BoxTable, index: int, name: str | None = None) -> dict[int, np.ndarray]:

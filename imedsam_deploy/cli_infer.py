@@ -114,7 +114,7 @@ def infer(
     bk.parse_options(backend, options)  # refused now, not once the artifact has loaded
     size = _parse_out_size(out_size)
     win = _parse_window(window)
-    prompts = Prompts([parse_box(b) for b in (box or [])], load_boxes_file(boxes) if boxes is not None else None)
+    prompts = Prompts([parse_box(b) for b in (box or [])], load_boxes_file(boxes) if boxes is not None else None, boxes)
     if not prompts.boxes and prompts.table is None:
         raise UserError("no prompt: give --box x0,y0,x1,y1 (repeatable) or --boxes FILE")
     spec = detect_input(input)

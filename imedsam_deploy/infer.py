@@ -19,7 +19,7 @@ import numpy as np
 from imedsam_core.errors import UserError
 from imedsam_deploy._cv import cv2
 from imedsam_deploy.appearance import FrameFeatures
-from imedsam_deploy.boxes import BoxTable, fmt_box, lookup, validate_box
+from imedsam_deploy.boxes import BoxTable, fmt_box, lookup, unmatched, validate_box
 from imedsam_deploy.outputs import Layer, OutputSet, Record
 from imedsam_deploy.pipeline import overlapped
 from imedsam_deploy.runtime import ObjectMask, Segmenter
@@ -34,6 +34,7 @@ Progress = Callable[[int], None]  # called with the number of frames done
 class Prompts:
     boxes: list[np.ndarray]  # --box, objects 0..n-1 (first frame of a video, every image / slice otherwise)
     table: BoxTable | None = None  # --boxes
+    source: Path | None = None  # the --boxes file, named in errors
 
     def for_frame(self, index: int, name: str | None, first_only: bool) -> dict[int, np.ndarray]:
         given: dict[int, np.ndarray] = {}
@@ -42,6 +43,19 @@ class Prompts:
         if self.table is not None:
             given.update(lookup(self.table, index, name))
         return given
+
+    def check_frames(self, count: int | None, unit: str, where: Path, names: list[str] | None = None) -> None:
+        """Refuse a --boxes entry that names no frame of the input (``count`` of them, None: not known
+        yet): it would otherwise be skipped without a word."""
+        if self.table is None:
+            return
+        k = unmatched(self.table, count, names or [])
+        if k is None:
+            return
+        have = f"{unit} 0..{count - 1}" if count is not None else f"{unit} numbered from 0"
+        if names:
+            have += " or an image's file name"
+        raise UserError(f"{self.source or '--boxes'}: {unit[:-1]} {k!r} is not in {where.name} ({have})")
 
 
 @dataclass
@@ -126,6 +140,7 @@ def _segment_given(seg: Segmenter, rgb: np.ndarray, given: dict[int, np.ndarray]
 
 def run_images(seg: Segmenter, spec: InputSpec, prompts: Prompts, outs: OutputSet,
                out_size: tuple[int, int] | int | None, progress: Progress, overlap_io: bool = True) -> dict[str, Any]:
+    prompts.check_frames(len(spec.files), "images", spec.path, [p.name for p in spec.files])
     frames = 0
     # read_image silences fd 2 around each decode (libpng's own error lines); on the reader thread that window
     # can also swallow a progress-bar refresh, never an error: errors are printed after the threads stop
@@ -155,6 +170,8 @@ def run_video(seg: Segmenter, reader: VideoReader, prompts: Prompts, outs: Outpu
     hw = (reader.height, reader.width)
     ohw = out_shape(hw, out_size)
     tracks: dict[int, Track] = {}
+    # the container's frame count is an estimate: frames past the end are refused once the video has been read
+    prompts.check_frames(None, "frames", reader.path)
     frames = 0
     with overlapped(reader, overlap_io) as (video, write):
         for t, rgb in enumerate(video):
@@ -203,6 +220,7 @@ def run_video(seg: Segmenter, reader: VideoReader, prompts: Prompts, outs: Outpu
                   _records(t, f"{t:06d}", objs, status, masks, enc_ms, dec_ms, notes))
             frames += 1
             progress(frames)
+    prompts.check_frames(frames, "frames", reader.path)
     return {"frames": frames, "fps": reader.fps, "size": [reader.width, reader.height]}
 
 
@@ -215,10 +233,7 @@ def run_volume(seg: Segmenter, vol: Volume, prompts: Prompts, outs: OutputSet,
     for z, given in enumerate(per_slice):
         for obj, b in given.items():
             validate_box(b, hw, f"{vol.path} slice {z} object {obj}")
-    if prompts.table is not None:
-        bad = [k for k in prompts.table if not isinstance(k, int) or not 0 <= k < vol.num_slices]
-        if bad:
-            raise UserError(f"{vol.path}: --boxes names slice {bad[0]!r}, the volume has slices 0..{vol.num_slices - 1}")
+    prompts.check_frames(vol.num_slices, "slices", vol.path)
     labels = np.zeros((vol.num_slices, *hw), np.uint8)
     segmented = 0
     channels = 0

@@ -853,6 +853,35 @@ def test_infer_refuses_zero_length_video(art, tmp_path):
         assert_nothing_left(out)
 
 
+def test_infer_refuses_boxes_for_frames_the_input_lacks(art, tmp_path):
+    """A --boxes entry that names no image / frame would be skipped without a word; it is refused, naming the
+    boxes file, the entry and the input. A video's frames past its end are refused once it has been read."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for img in SAMPLE_IMAGES[:2]:
+        shutil.copy(img, folder / img.name)
+    video = _avi(tmp_path / "clip.avi")
+    out = tmp_path / "out"
+    cases = [(IMAGE, "5", "image 5", IMAGE.name), (folder, "2", "image 2", "imgs"),
+             (folder, "nope.jpg", "'nope.jpg'", "imgs"), (folder, "-1", "image -1", "imgs"),
+             (video, "40", "frame 40", "clip.avi"), (video, "a.png", "frame 'a.png'", "clip.avi")]
+    for i, (inp, frame, what, name) in enumerate(cases):
+        f = tmp_path / f"b{i}.csv"
+        f.write_text(f"frame,x0,y0,x1,y1\n0,1,1,30,30\n{frame},1,1,30,30\n")
+        assert_one_line_error(_infer(inp, art, out, "--boxes", str(f)), f.name, what, f"not in {name}")
+        assert_nothing_left(out)
+    # what does name a frame still runs: an image's stem, an index, a video's last frame
+    ok = tmp_path / "ok.csv"
+    ok.write_text(f"frame,x0,y0,x1,y1\n{SAMPLE_IMAGES[1].stem},1,1,30,30\n0,1,1,30,30\n")
+    res = _infer(folder, art, tmp_path / "f", "--boxes", str(ok))
+    assert res.exit_code == 0, res.output
+    assert len(json.loads((tmp_path / "f" / "results.json").read_text())["records"]) == 2
+    ok.write_text("frame,x0,y0,x1,y1\n39,1,1,30,30\n")
+    res = _infer(video, art, tmp_path / "v", "--boxes", str(ok))
+    assert res.exit_code == 0, res.output
+    assert [r["frame"] for r in json.loads((tmp_path / "v" / "results.json").read_text())["records"]] == [39]
+
+
 def test_train_refuses_nifti_with_nan(tmp_path, monkeypatch):
     root = tmp_path / "BCV"
     for sub in ("img", "label"):

@@ -167,23 +167,20 @@ def load_boxes_file(path: Path) -> BoxTable:
     return table
 
 
+def _keys(index: int, name: str | None) -> tuple[FrameKey, ...]:
+    """The keys that name one frame / slice / image, in the order ``lookup`` tries them."""
+    return (index,) if name is None else (name, Path(name).stem, index)
+
+
 def unmatched(table: BoxTable, count: int | None, names: Sequence[str] = ()) -> FrameKey | None:
-    """The first key of ``table`` that ``lookup`` can never return: not an index in 0..count-1 (any
-    non-negative index while ``count`` is unknown) nor one of ``names`` (file names) or their stems."""
-    known = set(names) | {Path(n).stem for n in names}
-    for k in table:
-        if isinstance(k, int) and k >= 0 and (count is None or k < count):
-            continue
-        if k in known:
-            continue
-        return k
-    return None
+    """The first key of ``table`` that ``lookup`` can never return for frames 0..count-1 (``names``: their
+    file names, if any); while ``count`` is unknown, any non-negative index may still come."""
+    if count is None:
+        return next((k for k in table if not (isinstance(k, int) and k >= 0)), None)
+    known = {k for i in range(count) for k in _keys(i, names[i] if names else None)}
+    return next((k for k in table if k not in known), None)
 
 
 def lookup(table: BoxTable, index: int, name: str | None = None) -> dict[int, np.ndarray]:
     """Boxes of one frame: by file name, then stem, then index."""
-    if name is not None:
-        for key in (name, Path(name).stem):
-            if key in table:
-                return table[key]
-    return table.get(index, {})
+    return next((table[k] for k in _keys(index, name) if k in table), {})

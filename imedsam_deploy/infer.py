@@ -9,7 +9,7 @@ and volume slices are read ahead and their outputs written behind on threads of 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,12 +44,12 @@ class Prompts:
             given.update(lookup(self.table, index, name))
         return given
 
-    def check_frames(self, count: int | None, unit: str, where: Path, names: list[str] | None = None) -> None:
+    def check_frames(self, count: int | None, unit: str, where: Path, names: Sequence[str] = ()) -> None:
         """Refuse a --boxes entry that names no frame of the input (``count`` of them, None: not known
         yet): it would otherwise be skipped without a word."""
         if self.table is None:
             return
-        k = unmatched(self.table, count, names or [])
+        k = unmatched(self.table, count, names)
         if k is None:
             return
         have = f"{unit} 0..{count - 1}" if count is not None else f"{unit} numbered from 0"

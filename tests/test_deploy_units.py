@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from imedsam_core import contract
 from imedsam_core.errors import UserError
-from imedsam_deploy.boxes import load_boxes_file, parse_box, validate_box
+from imedsam_deploy.boxes import load_boxes_file, lookup, parse_box, unmatched, validate_box
 from imedsam_deploy.cli_infer import app
 from imedsam_deploy.manifest import load_artifact
 from imedsam_deploy.outputs import Layer, OutputSet, Record, draw_overlay, label_image
@@ -576,3 +576,15 @@ def test_opt_in_precisions_come_from_the_backend_modules():
     assert bk.opt_in_precisions("ov-cpu", both) == ("int8",)
     assert bk.opt_in_precisions("ort-cpu", plain) == bk.opt_in_precisions("ov-cpu", plain) == ()
     assert bk.opt_in_precisions("tensorrt", both) == ()  # declares none
+
+
+@pytest.mark.parametrize("names", [(), ("a.png", "b.jpg", "7.png")])
+def test_unmatched_keys_are_exactly_those_lookup_never_returns(names):
+    """``unmatched`` (the refusal) and ``lookup`` (the use) agree on which --boxes keys name a frame."""
+    count = len(names) or 3
+    keys: list = [0, 2, 3, -1, 7, "a.png", "a", "b", "b.png", "7", "nope.jpg"]
+    for key in keys:
+        table = {key: {0: np.array([1.0, 1, 5, 5])}}
+        used = any(lookup(table, i, names[i] if names else None) for i in range(count))
+        assert (unmatched(table, count, names) is None) == used, key
+        assert unmatched(table, None) == (None if isinstance(key, int) and key >= 0 else key)

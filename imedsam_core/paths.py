@@ -7,9 +7,11 @@
     $IMEDSAM_CACHE (~/.cache/imedsam)/       bench/ random-weight artifacts, tuning/ torch-cuda's tunings
 
 Commands that take an optional CHECKPOINT or ARTIFACT default to the newest FINISHED run in the current
-folder (for an artifact: the newest export of a finished run's checkpoint, or of the shipped lite checkpoint),
-then to the model shipped with the package (for an artifact: the bundled tiny model's, which needs no torch); an interrupted or still running run is never taken by default. Each command
-says which file it uses and why (``Choice.line``).
+folder (for an artifact: the newest export of a finished run's checkpoint, or of the shipped lite checkpoint,
+else of zero-shot LiteMedSAM), then to the model shipped with the package (for an artifact: the bundled tiny
+model's, which needs no torch); an interrupted or still running run is never taken by default. For a volume,
+zero-shot LiteMedSAM's export comes before the shipped polyp model's. Each command says which file it uses and
+why (``Choice.line``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ SHIPPED_ARTIFACT = Path(__file__).resolve().parents[1] / "imedsam_deploy" / "shi
 # sha256 of the shipped lite checkpoint (imedsam_train/weights; tests/test_defaults.py checks it): an export of
 # it under runs/ is "the shipped model's" and is taken before the bundled artifact
 SHIPPED_CHECKPOINT_SHA256 = "4e39305c9846e051347dae0a99e990257b24724555bcdbbb173476785e1e67f4"
+# sha256 of LiteMedSAM's lite_medsam.pth (the lite model's base): ``imedsam-export --zero-shot`` exports it with
+# nothing fine-tuned (manifest source ``zero_shot``); its export is taken for volumes before the shipped model,
+# which is fine-tuned on colonoscopy polyps and loses to LiteMedSAM on CT organs (benchmarks/RESULTS.md)
+LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+ZERO_SHOT_RUN = "zero-shot"  # `imedsam-export --zero-shot` writes ./runs/zero-shot/export by default
 CACHE_ENV = "IMEDSAM_CACHE"  # what the commands make for themselves: random-weight artifacts, tunings
 
 
@@ -159,15 +166,38 @@ def shipped_artifact() -> Path | None:
     return SHIPPED_ARTIFACT if (SHIPPED_ARTIFACT / MANIFEST_NAME).is_file() else None
 
 
-def _source_sha(folder: Path) -> str | None:
+def _source_kind(folder: Path, finished: set[str]) -> str | None:
+    """What the artifact was exported from: "run" (a finished run's checkpoint, matched by its sha256 recorded at
+    the end of training), "shipped" (the shipped lite checkpoint), "zero-shot" (LiteMedSAM's own weights), or None
+    (anything else: an unfinished run's checkpoint, a file from elsewhere)."""
     src = _manifest(folder).get("source")
-    sha = src.get("sha256") if isinstance(src, dict) else None
-    return sha if isinstance(sha, str) else None
+    if not isinstance(src, dict):
+        return None
+    sha = src.get("sha256")
+    if isinstance(sha, str) and sha in finished:
+        return "run"
+    if sha == SHIPPED_CHECKPOINT_SHA256:
+        return "shipped"
+    if src.get("zero_shot") == "LiteMedSAM" and src.get("base_sha256") == LITEMEDSAM_SHA256:
+        return "zero-shot"
+    return None
 
 
-def finished_artifact(root: Path | None = None) -> Choice | None:
-    """The newest artifact under ``root/runs`` exported from a finished run's checkpoint (matched by the
-    checkpoint's sha256 recorded at the end of training) or from the shipped checkpoint, or None."""
+# the shipped model loses to LiteMedSAM on CT organs: what a volume's "using ..." line suggests instead
+_ZERO_SHOT_HINT = ("for CT or MR `imedsam-export --zero-shot` (the [train] extra) exports zero-shot LiteMedSAM, "
+                   "taken for volumes from then on")
+
+
+_WHY = {"run": "newest export of a finished run", "shipped": "newest export of the shipped model",
+        "zero-shot": "newest export of zero-shot LiteMedSAM"}
+
+
+def finished_artifact(root: Path | None = None, volume: bool = False) -> Choice | None:
+    """The newest artifact under ``root/runs`` exported from a finished run's checkpoint or from the shipped
+    checkpoint, else one of zero-shot LiteMedSAM (``imedsam-export --zero-shot``), else None.
+
+    For a ``volume`` (CT, MR) the shipped model, fine-tuned on colonoscopy polyps, comes last: a finished run's
+    export, else zero-shot LiteMedSAM's, else the shipped model's, with a line saying how to get the former."""
     base = (root or Path.cwd()) / RUNS_DIR
     if not base.is_dir():
         return None
@@ -178,18 +208,24 @@ def finished_artifact(root: Path | None = None) -> Choice | None:
             finished.update(v for v in info["sha256"].values() if isinstance(v, str))
     found = [m.parent for m in base.glob(f"*/*/{MANIFEST_NAME}")] + [m.parent for m in base.glob(f"*/{MANIFEST_NAME}")]
     found = [d for d in found if not any(part.startswith(".") for part in d.relative_to(base).parts)]
-    for d in sorted(found, key=lambda p: (p / MANIFEST_NAME).stat().st_mtime, reverse=True):
-        sha = _source_sha(d)
-        if sha is not None and sha in finished:
-            return Choice(d, "newest export of a finished run")
-        if sha is not None and sha == SHIPPED_CHECKPOINT_SHA256:
-            return Choice(d, "newest export of the shipped model")
+    newest = sorted(found, key=lambda p: (p / MANIFEST_NAME).stat().st_mtime, reverse=True)
+    kinds = [(d, _source_kind(d, finished)) for d in newest]
+    order = [{"run"}, {"zero-shot"}, {"shipped"}] if volume else [{"run", "shipped"}, {"zero-shot"}]
+    for group in order:
+        for d, kind in kinds:
+            if kind in group:
+                why = _WHY[kind]
+                if volume and kind == "zero-shot":
+                    why += ", taken for a volume before the shipped polyp model"
+                elif volume and kind == "shipped":
+                    why += ", fine-tuned on colonoscopy polyps: " + _ZERO_SHOT_HINT
+                return Choice(d, why)
     return None
 
 
-def default_artifact(root: Path | None = None) -> Choice | None:
+def default_artifact(root: Path | None = None, volume: bool = False) -> Choice | None:
     """``finished_artifact``, else the bundled tiny artifact (None only if this install lacks it)."""
-    found = finished_artifact(root)
+    found = finished_artifact(root, volume)
     if found is not None:
         return found
     shipped = shipped_artifact()
@@ -199,6 +235,8 @@ def default_artifact(root: Path | None = None) -> Choice | None:
     ck = finished_checkpoint(root)
     if ck is not None:
         why += f"; {_show(ck.path)} is finished but not exported: imedsam-export"
+    elif volume:
+        why += "; " + _ZERO_SHOT_HINT
     else:
         why += "; `imedsam-export` (the [train] extra) exports the shipped lite model, taken from then on"
     return Choice(shipped, "the bundled tiny model's artifact, lower quality: " + why + _unfinished_note(root))

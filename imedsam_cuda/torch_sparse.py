@@ -74,7 +74,8 @@ class DevicePlanner:
         H, W = out_hw
         self.H, self.W, self.cfg, self.device = H, W, cfg, torch.device(device)
         dev = self.device
-        self.stride = initial_stride(cfg.stride, H, W)  # regions it handles start at this stride (``usable``)
+        # regions it handles start at this stride (``usable``)
+        self.stride = initial_stride(cfg.stride, H, W, cfg.min_cells_across)
         s0 = self.stride
         # the largest extended grid of a region of this output (h <= H)
         self.GH, self.GW = GH, GW = extended_size(H, s0), extended_size(W, s0)
@@ -178,10 +179,11 @@ class DevicePlanner:
 
     def usable(self, h: int, w: int) -> bool:
         """Whether the host planner would use this planner's initial stride on an h x w region (it uses a
-        smaller one on regions narrower than the stride, and a plain evaluation on 1-pixel-wide ones)."""
+        smaller one on regions narrower than the stride or than ``min_cells_across`` of its cells, and a plain
+        evaluation on 1-pixel-wide ones)."""
         if h <= 1 or w <= 1 or self.stride == 1 or h > self.H or w > self.W:
             return False
-        return initial_stride(self.cfg.stride, h, w) == self.stride
+        return initial_stride(self.cfg.stride, h, w, self.cfg.min_cells_across) == self.stride
 
     def plan(self, decode: TorchDecodeFn, region: torch.Tensor, table: torch.Tensor | None = None,
              ) -> tuple[torch.Tensor, ...]:

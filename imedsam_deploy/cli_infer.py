@@ -59,7 +59,7 @@ def infer(
     input: Path = typer.Argument(..., help="Image, folder of images, video (anything OpenCV reads) or .nii/.nii.gz volume."),
     box: list[str] = typer.Option(None, "--box", help="x0,y0,x1,y1 in input pixels; repeat for several objects."),
     boxes: Path | None = typer.Option(None, "--boxes", help="CSV (frame,x0,y0,x1,y1[,object]) or JSON boxes per frame/slice/image."),
-    artifact: Path | None = typer.Option(None, "--artifact", help="Artifact folder (default: the newest export of a finished run or of the shipped lite model under runs/, else the bundled tiny model's)."),
+    artifact: Path | None = typer.Option(None, "--artifact", help="Artifact folder (default: the newest export of a finished run or of the shipped lite model under runs/, else of zero-shot LiteMedSAM (imedsam-export --zero-shot), else the bundled tiny model's; for a volume zero-shot LiteMedSAM's comes before the shipped polyp model's)."),
     out: Path | None = typer.Option(None, "--out", help="Output folder (default: runs/infer/<input name>)."),
     backend: str = typer.Option("auto", "--backend", help="auto|ov-cpu|ort-cpu|ort-cuda|ort-trt|tensorrt|torch-cuda."),
     precision: str | None = typer.Option(None, "--precision", help="fp32|fp16|bf16|int8 (int8: ort-cpu's int8 encoder, or ov-cpu's from imedsam-export --ov-int8; bf16: ov-cpu's encoder; default: the backend's)."),
@@ -155,7 +155,8 @@ def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, back
         if hw is not None:  # refuse a bad --box before loading anything (folders: checked per image)
             for i, b in enumerate(prompts.boxes):
                 validate_box(b, hw, f"{spec.path} object {i} (--box {i + 1})")
-        choice = Choice(artifact_dir, "given") if artifact_dir is not None else default_artifact()
+        choice = (Choice(artifact_dir, "given") if artifact_dir is not None
+                  else default_artifact(volume=spec.kind == "volume"))
         if choice is None:
             raise UserError("no artifact of a finished run under runs/ and no shipped artifact in this install: "
                             "pass --artifact DIR (see imedsam-export)")

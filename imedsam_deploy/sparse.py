@@ -14,9 +14,10 @@ uniform lattice over the *whole* output (``threshold_stride``; its points inside
 because the ranking is global in the full-grid output, then decides every queried point with
 ``fine if unc >= tau else coarse``. A corner where coarse and fine disagree in sign counts as ambiguous (its
 decision hinges on tau), so its cells are refined. What this is not: exact. A structure smaller than a
-cell with all four corners agreeing is missed, and the quantile estimate may differ from the exact top-K
-at points where coarse and fine disagree; ``dilate`` (refining the neighbours of refined cells too) trades
-speed for agreement. Benchmarks report the agreement with the full-grid output beside the speed-up.
+cell with all four corners agreeing is missed (the first lattice has at least ``min_cells_across`` cells
+across the region's narrower side, so an object of about the box's size is not), and the quantile estimate
+may differ from the exact top-K at points where coarse and fine disagree; ``dilate`` (refining the
+neighbours of refined cells too) trades speed for agreement. Benchmarks report the agreement with the full-grid output beside the speed-up.
 """
 
 from __future__ import annotations
@@ -36,11 +37,13 @@ DecodeFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 class SparseConfig:
     """Planner settings. ``stride`` is rounded down to a power of two."""
 
-    stride: int = 8  # initial lattice stride in output pixels
+    stride: int = 8  # initial lattice stride in output pixels (at most; see ``initial_stride``)
     dilate: int = 1  # refine this many rings of cells around every refined cell
     threshold_stride: int = 16  # lattice stride over the whole output for the UGS threshold estimate
     refine_on_head_disagreement: bool = True  # coarse/fine sign disagreement at a corner = ambiguous
     logit_band: float = 0.0  # a corner whose coarse or fine |logit| is below this is ambiguous too
+    # the first lattice has at least this many cells across the region's narrower side (0: no such floor)
+    min_cells_across: int = 8
 
 
 @dataclass
@@ -74,11 +77,18 @@ def box_region(
     return r0, max(r0, r1), c0, max(c0, c1)
 
 
-def initial_stride(stride: int, h: int, w: int) -> int:
-    """The first lattice's stride on an h x w region: ``stride`` rounded down to a power of two, and no
-    wider than the region (1 on an empty one)."""
+def initial_stride(stride: int, h: int, w: int, min_cells: int = 0) -> int:
+    """The first lattice's stride on an h x w region: ``stride`` rounded down to a power of two, no wider than
+    the region, and with ``min_cells`` (``SparseConfig.min_cells_across``) no wider than that fraction of its
+    narrower side: a box's object must span several cells, or one whose cell corners all fall outside it is
+    never seen (at stride 8, small organ sections on CT were lost whole). 1 on an empty region."""
+    if h <= 0 or w <= 0:
+        return 1
     s = 1 << max(0, int(stride).bit_length() - 1)
-    return max(1, min(s, 1 << max(0, (max(h, w) - 1).bit_length() - 1))) if h > 0 and w > 0 else 1
+    s = min(s, 1 << max(0, (max(h, w) - 1).bit_length() - 1))
+    if min_cells > 0:
+        s = min(s, 1 << max(0, max(1, min(h, w) // min_cells).bit_length() - 1))
+    return max(1, s)
 
 
 def extended_size(n: int, stride: int) -> int:
@@ -152,7 +162,7 @@ def sparse_decode(
     t_coords = pixel_coords(tr.ravel(), tc.ravel(), H, W)
     n_t = t_coords.shape[0]
 
-    stride = initial_stride(cfg.stride, h, w)
+    stride = initial_stride(cfg.stride, h, w, cfg.min_cells_across)
     # Extended local grid: a lattice of ``stride`` nests all finer ones; points past the region clamp to it.
     he, we = extended_size(h, stride), extended_size(w, stride)
     known = np.zeros((he, we), dtype=bool)

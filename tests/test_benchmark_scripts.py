@@ -331,3 +331,30 @@ def test_downscaled_copy_keeps_each_pair_aligned_at_the_new_size(tmp_path, capsy
     before = sorted(p.name for p in out.rglob("*"))
     assert downscaled_copy.main([str(SAMPLE_DATA), "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err and sorted(p.name for p in out.rglob("*")) == before
+
+
+def test_ct_organs_scores_every_organ_against_litemedsam_on_the_same_boxes(shared_data, tmp_path, capsys):
+    """benchmarks/ct_organs.py on the real CT slices and volume with the bundled tiny artifact (fast; the figures
+    in RESULTS.md are the lite exports'): every labelled organ scored, one row per organ with each model's Dice,
+    LiteMedSAM's difference from itself 0, and the artifact really run (its masks are not LiteMedSAM's)."""
+    from benchmarks import ct_organs
+    from imedsam_core.paths import SHIPPED_ARTIFACT
+
+    vol = shared_data / "ct-volume-totalseg"
+    out = tmp_path / "ct.json"
+    assert ct_organs.main(["--artifact", str(SHIPPED_ARTIFACT), "--slices", str(shared_data / "ct-slices-amos-totalseg"),
+                           "--volume", str(vol / "images" / "example_ct_sm.nii.gz"),
+                           "--labels", str(vol / "masks" / "example_seg.nii.gz"), "--min-area", "1700",
+                           "--backend", "ort-cpu", "--threads", "1", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    rows, summary = got["rows"], got["summary"]
+    assert summary["slices"]["litemedsam"]["n"] == 28  # as imedsam-eval counts them (several k of an organ merged)
+    assert summary["volume"]["litemedsam"]["n"] == len([r for r in rows if r["source"] == "volume"]) >= 5
+    assert all(r["area"] >= 1700 for r in rows if r["source"] == "volume")
+    key = str(SHIPPED_ARTIFACT)
+    for src in ("slices", "volume"):
+        assert summary[src]["litemedsam"]["mean_minus_litemedsam"] == 0.0
+        assert 0.0 <= summary[src][key]["mean"] <= 100.0
+    assert any(abs(r["dice"][key] - r["dice"]["litemedsam"]) > 1 for r in rows)
+    assert summary["slices"]["litemedsam"]["mean"] > 50  # LiteMedSAM does segment CT organs from tight boxes
+    assert "vs LiteMedSAM" in capsys.readouterr().out

@@ -81,6 +81,58 @@ def test_an_export_of_the_shipped_lite_model_is_the_default(tmp_path, monkeypatc
     assert "using runs/shipped/export (newest export of the shipped model)" in res.output
 
 
+def _stand_in(folder: Path, source: dict) -> None:  # type: ignore[type-arg]
+    """The bundled artifact under another source (only the manifest's source is read to choose)."""
+    shutil.copytree(SHIPPED_ARTIFACT, folder)
+    m = json.loads((folder / "manifest.json").read_text())
+    m["source"] = source
+    (folder / "manifest.json").write_text(json.dumps(m))
+
+
+def test_zero_shot_litemedsam_is_the_default_for_volumes_and_after_the_shipped_model_for_images(tmp_path, monkeypatch):
+    """`imedsam-export --zero-shot`'s artifact (LiteMedSAM, nothing fine-tuned) is taken for a volume before the
+    shipped model, which is fine-tuned on colonoscopy polyps and loses to LiteMedSAM on CT organs; for images it
+    comes after the shipped model's export, whichever is newer, and before the bundled tiny model. A volume run
+    on the polyp model says how to get LiteMedSAM's."""
+    import nibabel as nib
+    import numpy as np
+
+    from imedsam_core.paths import LITEMEDSAM_SHA256, SHIPPED_CHECKPOINT_SHA256
+
+    monkeypatch.chdir(tmp_path)
+    vol = tmp_path / "ct.nii.gz"
+    hu = np.full((40, 32, 3), -1000, np.int16)
+    hu[10:25, 8:20] = 60  # an organ in soft-tissue HU
+    nib.save(nib.Nifti1Image(hu, np.eye(4)), vol)
+    zero = {"checkpoint": None, "zero_shot": "LiteMedSAM", "base_file": "lite_medsam.pth",
+            "base_sha256": LITEMEDSAM_SHA256, "shipped": False}
+    _stand_in(tmp_path / "runs" / "shipped" / "export",
+              {"checkpoint": str(LITE_CK), "sha256": SHIPPED_CHECKPOINT_SHA256, "shipped": True})
+    _stand_in(tmp_path / "runs" / "zero-shot" / "export", zero)  # the newer of the two
+
+    def using(inp: Path, out: str) -> str:
+        box = "6,8,22,27" if inp == vol else "20,20,100,100"
+        res = _infer([str(inp), "--box", box, "--out", out])
+        assert res.exit_code == 0, res.output
+        return next(line for line in res.output.splitlines() if line.startswith("using "))
+
+    assert using(IMAGE, "i1") == "using runs/shipped/export (newest export of the shipped model)"
+    assert using(vol, "v1") == ("using runs/zero-shot/export (newest export of zero-shot LiteMedSAM, taken for a "
+                                "volume before the shipped polyp model)")
+    assert json.loads((tmp_path / "v1" / "results.json").read_text())["artifact"].endswith("zero-shot/export")
+    # another base file's export is not LiteMedSAM's: the volume gets the polyp model, and a line saying so
+    _stand_in(tmp_path / "runs" / "other" / "export", {**zero, "base_sha256": "0" * 64})
+    shutil.rmtree(tmp_path / "runs" / "zero-shot")
+    line = using(vol, "v2")
+    assert line.startswith("using runs/shipped/export (newest export of the shipped model, fine-tuned on "
+                           "colonoscopy polyps: ") and "`imedsam-export --zero-shot`" in line
+    # without the shipped model's export: zero-shot LiteMedSAM for images too, before the bundled tiny model
+    shutil.rmtree(tmp_path / "runs" / "shipped")
+    assert "bundled tiny model's artifact" in using(IMAGE, "i2") and "--zero-shot" in using(vol, "v3")
+    _stand_in(tmp_path / "runs" / "zero-shot" / "export", zero)
+    assert using(IMAGE, "i3") == "using runs/zero-shot/export (newest export of zero-shot LiteMedSAM)"
+
+
 def test_an_unfinished_runs_export_is_not_the_default(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ck = _run(tmp_path, "x", finished=False)

@@ -63,7 +63,8 @@ def test_device_planner_makes_the_host_planners_decisions():
         dec, tdec = _field(rng, K)
         r0, c0 = int(rng.integers(0, H // 2)), int(rng.integers(0, W // 2))
         r1, c1 = int(rng.integers(r0 + 1, H + 1)), int(rng.integers(c0 + 1, W + 1))
-        cfg = SparseConfig(stride=int(rng.choice([2, 4, 8, 16])), dilate=int(rng.integers(0, 3)),
+        cfg = SparseConfig(stride=int(rng.choice([2, 4, 8, 16])), min_cells_across=0,
+                           dilate=int(rng.integers(0, 3)),
                            logit_band=float(rng.choice([0.0, 0.5])))
         planner = DevicePlanner((H, W), 0.125, cfg, "cpu")
         h, w = r1 - r0, c1 - c0
@@ -85,10 +86,28 @@ def test_device_planner_makes_the_host_planners_decisions():
     assert compared >= 45
 
 
+def test_device_planner_leaves_regions_under_the_cell_floor_to_the_host():
+    """With the runtime's floor of cells across a region (``SparseConfig().min_cells_across``), the planner takes
+    only regions the host would start at its stride (torch-cuda plans the others on the host: the same
+    decisions either way), and on those it decides as the host does."""
+    rng = np.random.default_rng(5)
+    dec, tdec = _field(rng, 1)
+    cfg = SparseConfig()
+    planner = DevicePlanner((256, 256), 0.125, cfg, "cpu")
+    assert planner.stride == 8 and cfg.min_cells_across == 8
+    assert planner.usable(64, 64) and planner.usable(64, 200) and planner.usable(256, 256)
+    assert not planner.usable(63, 200) and not planner.usable(12, 12)
+    for r0, h, c0, w in ((20, 64, 30, 90), (100, 150, 0, 256)):
+        host = sparse_decode(dec, (256, 256), 0.125, (r0, r0 + h, c0, c0 + w), cfg)
+        val, d, queried, overflow, _ = planner.plan(tdec, torch.tensor([r0, h, c0, w]))
+        assert not bool(overflow) and int(queried) == host.queried
+        np.testing.assert_array_equal(d[:, :h, :w].numpy(), host.mask[:, r0 : r0 + h, c0 : c0 + w])
+
+
 def test_device_planner_flags_a_level_over_its_budget():
     rng = np.random.default_rng(3)
     dec, tdec = _field(rng, 1)
-    cfg = SparseConfig()
+    cfg = SparseConfig(min_cells_across=0)
     host = sparse_decode(dec, (256, 256), 0.125, (0, 256, 0, 256), cfg)
     tight = DevicePlanner((256, 256), 0.125, cfg, "cpu", cap_per_side=1)  # 1024 points per level (CAP_UNIT)
     roomy = DevicePlanner((256, 256), 0.125, cfg, "cpu")
@@ -108,7 +127,7 @@ def test_device_planner_grows_the_budgets_to_what_the_levels_needed():
 
     rng = np.random.default_rng(3)
     dec, tdec = _field(rng, 1)
-    cfg = SparseConfig()
+    cfg = SparseConfig(min_cells_across=0)
     host = sparse_decode(dec, (256, 256), 0.125, (0, 256, 0, 256), cfg)
     region = torch.tensor([0, 256, 0, 256])
     planner = DevicePlanner((256, 256), 0.125, cfg, "cpu", cap_per_side=1)
@@ -221,7 +240,7 @@ def test_region_inputs_made_on_the_host_plan_alike():
         lg = ((0.3 - torch.hypot(c[:, 0] - 0.05, c[:, 1])) * 20 + 0.4 * torch.sin(15 * c[:, 0]))[None]
         return lg, lg + 0.1 * torch.cos(9 * c[:, 1]), torch.exp(-lg * lg)
 
-    planner = DevicePlanner((96, 80), 0.125, SparseConfig(), "cpu")
+    planner = DevicePlanner((96, 80), 0.125, SparseConfig(min_cells_across=0), "cpu")
     for r0, h, c0, w in ((10, 60, 12, 50), (0, 96, 0, 80), (40, 56, 30, 50), (5, 17, 70, 10)):
         assert planner.usable(h, w)
         reg, table = planner.region_inputs(r0, h, c0, w)
@@ -242,7 +261,7 @@ def test_device_planner_is_capturable(monkeypatch):
         lg = ((0.3 - torch.hypot(c[:, 0] - 0.05, c[:, 1])) * 20 + 0.4 * torch.sin(15 * c[:, 0]))[None]
         return lg, lg + 0.1 * torch.cos(9 * c[:, 1]), torch.exp(-lg * lg)
 
-    planner = DevicePlanner((96, 96), 0.125, SparseConfig(), "cpu")
+    planner = DevicePlanner((96, 96), 0.125, SparseConfig(min_cells_across=0), "cpu")
     region = torch.tensor([10, 60, 12, 70])
     want = planner.plan(field, region)
 
@@ -303,7 +322,8 @@ while len(out["cases"]) < 10:  # small outputs: the interpreter runs each progra
     dec, tdec = _field(rng, K)
     r0, c0 = int(rng.integers(0, H // 2)), int(rng.integers(0, W // 2))
     r1, c1 = int(rng.integers(r0 + 1, H + 1)), int(rng.integers(c0 + 1, W + 1))
-    cfg = SparseConfig(stride=int(rng.choice([2, 4, 8, 16])), dilate=int(rng.integers(0, 3)),
+    cfg = SparseConfig(stride=int(rng.choice([2, 4, 8, 16])), min_cells_across=0,
+                       dilate=int(rng.integers(0, 3)),
                        logit_band=float(rng.choice([0.0, 0.5])), refine_on_head_disagreement=bool(rng.integers(0, 4)))
     plain, fused = (DevicePlanner((H, W), 0.125, cfg, "cpu") for _ in range(2))
     fused.fused = True
@@ -323,7 +343,8 @@ while len(out["cases"]) < 10:  # small outputs: the interpreter runs each progra
                          "max_abs": float((a[0] - b[0]).abs().max())})
 # a plan over its budget: flagged alike, with the same needs
 dec, tdec = _field(np.random.default_rng(3), 1)
-plain, fused = (DevicePlanner((128, 128), 0.125, SparseConfig(), "cpu", cap_per_side=1) for _ in range(2))
+plain, fused = (DevicePlanner((128, 128), 0.125, SparseConfig(min_cells_across=0), "cpu", cap_per_side=1)
+                for _ in range(2))
 fused.fused = True
 reg = torch.tensor([0, 128, 0, 128])
 a, b = plain.plan(tdec, reg), fused.plan(tdec, reg)

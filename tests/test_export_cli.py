@@ -77,6 +77,25 @@ def test_bad_options(ckpt, tmp_path, opt):
     assert _listing(tmp_path) == before
 
 
+def test_zero_shot_refuses_a_checkpoint_a_wrong_base_file_and_an_existing_output(ckpt, tmp_path, monkeypatch):
+    """``--zero-shot`` exports LiteMedSAM's own weights: a CHECKPOINT beside it, a --sam-checkpoint that is not
+    LiteMedSAM's file, or an existing --out is refused in one line before anything is built or written. (The
+    zero-shot model itself: tests/test_lite.py; a lite model's export: tests/test_lite_export.py.)"""
+    monkeypatch.chdir(tmp_path)
+    before = _listing(tmp_path)
+    line = _one_line_error(CliRunner().invoke(app, [str(ckpt), "--zero-shot"]))
+    assert str(ckpt) in line and "--zero-shot" in line and "CHECKPOINT" in line
+    other = tmp_path / "other.pth"
+    other.write_bytes(b"\0" * 1000)
+    line = _one_line_error(CliRunner().invoke(app, ["--zero-shot", "--sam-checkpoint", str(other)]))
+    assert "other.pth" in line and "LiteMedSAM" in line
+    assert _listing(tmp_path) == sorted([*before, "other.pth"])  # no runs/zero-shot, no staging folder
+    out = tmp_path / "art"
+    out.mkdir()
+    line = _one_line_error(CliRunner().invoke(app, ["--zero-shot", "--out", str(out)]))
+    assert "already exists" in line and _listing(out) == []
+
+
 def test_defaults_latest_run_then_shipped(ckpt, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path, shipped = resolve_source(None)  # runs/r1 has not finished: not a default

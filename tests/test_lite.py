@@ -66,6 +66,34 @@ def test_untrained_lite_is_litemedsam_on_real_polyps(sessile, lite):
 
 
 @torch.no_grad()
+def test_zero_shot_lite_is_litemedsam_on_a_real_ct_slice(shared_data):
+    """``imedsam-export --zero-shot``'s model: LiteMedSAM's weights with nothing fine-tuned and no base smoothing,
+    so its logits are LiteMedSAM's own pipeline's, for every organ of a real CT slice
+    (the shipped polyp model's are not: it loses to LiteMedSAM there, benchmarks/RESULTS.md); built twice, the
+    same weights (LoRA's A and the adapters' inner weights are drawn from a fixed seed)."""
+    from imedsam_train.data.organ_png import organ_png_dataset
+    from imedsam_train.pretrained import zero_shot_lite
+
+    m = zero_shot_lite()
+    assert isinstance(m, LiteIMedSAM) and m.cfg.decoder.base_smoothing == 0.0 and not m.training
+    again = zero_shot_lite().state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in m.state_dict().items())
+    ds = organ_png_dataset(shared_data / "ct-slices-amos-totalseg")
+    s = next(r for r in ds.records if r.stem == "amos_0004_75").load()
+    boxes = np.stack([mask_box(mk) for _, mk in s.masks])
+    assert len(boxes) >= 3  # aorta, inferior vena cava, liver
+    pre, hw = m.cfg.preprocess, s.image.shape[:2]
+    u8, valid = prepare_image(s.image, pre, 256)
+    x = to_input(u8, pre, valid)[None]
+    base = LiteMedSAMBaseline(lite_medsam())
+    for box in boxes:  # evaluation's frame: the slice stretched to 384 x 384 (LiteMedSAM's crop and resize)
+        ours = predict_logits(m, x, input_boxes(box[None], pre, hw, 256), 384, valid=valid)[0].reshape(384, 384)
+        ref = base.logits(s.image, box[None], (384, 384))[0]
+        torch.testing.assert_close(ours, ref, atol=1e-3, rtol=0)  # the export's fp32 logit tolerance; logits ~30
+        assert torch.equal(ours > 0, ref > 0)
+
+
+@torch.no_grad()
 def test_tta_is_mirror_equivariant_and_litemedsams_own_tta_when_untrained(sessile, lite):
     """--tta: the mirrored image's logits, mirrored back, averaged in. On an image whose longest side is the input
     size (no resize: the mirrored image prepares exactly to the mirrored frame), the average is exactly

@@ -17,7 +17,8 @@ decision hinges on tau), so its cells are refined. What this is not: exact. A st
 cell with all four corners agreeing is missed (the first lattice has at least ``min_cells_across`` cells
 across the region's narrower side, so an object of about the box's size is not), and the quantile estimate
 may differ from the exact top-K at points where coarse and fine disagree; ``dilate`` (refining the
-neighbours of refined cells too) trades speed for agreement. Benchmarks report the agreement with the full-grid output beside the speed-up.
+neighbours of refined cells too) trades speed for agreement. Benchmarks report the agreement with the
+full-grid output beside the speed-up.
 """
 
 from __future__ import annotations

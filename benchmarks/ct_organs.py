@@ -2,8 +2,8 @@
 
     python -m benchmarks.ct_organs --artifact runs/shipped/export --artifact runs/zero-shot/export \
         [--slices ../shared/data/ct-slices-amos-totalseg] \
-        [--volume IMAGE.nii.gz --labels LABELS.nii.gz] [--min-area 50] \
-        [--backend auto|ort-cpu|ov-cpu] [--threads 2] [--json FILE]
+        [--volume IMAGE.nii.gz --labels LABELS.nii.gz] [--min-area 50] [--limit N] \
+        [--backend auto|ort-cpu|ov-cpu] [--query sparse|box|full] [--precision P] [--threads 2] [--json FILE]
 
 Cases: every organ of every labelled slice (``--slices``: AMOS / SA-Med2D style PNGs, one mask per organ, read as
 ``imedsam-eval`` reads them) and every organ of at least ``--min-area`` voxels on every slice of a volume
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--volume", type=Path, default=None, help="a NIfTI CT volume")
     ap.add_argument("--labels", type=Path, default=None, help="its label volume (integer per organ)")
     ap.add_argument("--min-area", type=int, default=50, help="volume: smallest organ section scored, in voxels")
+    ap.add_argument("--limit", type=int, default=None, help="at most this many slices of each source (the first)")
     ap.add_argument("--backend", default="auto", help="as imedsam-infer's --backend")
     ap.add_argument("--query", default="sparse", choices=("sparse", "box", "full"), help="as imedsam-infer's --query")
     ap.add_argument("--precision", default=None, help="as imedsam-infer's --precision (default: the backend's)")
@@ -101,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     base = LiteMedSAMBaseline(lite_medsam())
     sources: dict[str, list[Any]] = {}
     if a.slices is not None:
-        sources["slices"] = slice_cases(a.slices)
+        sources["slices"] = slice_cases(a.slices)[: a.limit]
     if a.volume is not None:
-        sources["volume"] = volume_cases(a.volume, a.labels, a.min_area)
+        sources["volume"] = volume_cases(a.volume, a.labels, a.min_area)[: a.limit]
 
     rows: list[dict[str, Any]] = []
     for src, cases in sources.items():

@@ -344,17 +344,18 @@ def test_ct_organs_scores_every_organ_against_litemedsam_on_the_same_boxes(share
     out = tmp_path / "ct.json"
     assert ct_organs.main(["--artifact", str(SHIPPED_ARTIFACT), "--slices", str(shared_data / "ct-slices-amos-totalseg"),
                            "--volume", str(vol / "images" / "example_ct_sm.nii.gz"),
-                           "--labels", str(vol / "masks" / "example_seg.nii.gz"), "--min-area", "2000",
-                           "--backend", "ort-cpu", "--threads", "1", "--json", str(out)]) == 0
+                           "--labels", str(vol / "masks" / "example_seg.nii.gz"), "--min-area", "1500",
+                           "--limit", "2", "--backend", "ort-cpu", "--threads", "2", "--json", str(out)]) == 0
     got = json.loads(out.read_text())
     rows, summary = got["rows"], got["summary"]
-    assert summary["slices"]["litemedsam"]["n"] == 28  # as imedsam-eval counts them (several k of an organ merged)
-    assert summary["volume"]["litemedsam"]["n"] == len([r for r in rows if r["source"] == "volume"]) == 5
-    assert all(r["area"] >= 2000 for r in rows if r["source"] == "volume")
+    # the first two slices' organs, counted as imedsam-eval counts them (several k of one organ merged)
+    assert [r["case"] for r in rows if r["source"] == "slices"] == ["amos_0004_75"] * 3 + ["amos_0006_90"] * 4
+    assert summary["volume"]["litemedsam"]["n"] == len({r["case"] for r in rows if r["source"] == "volume"}) == 2
+    assert all(r["area"] >= 1500 for r in rows if r["source"] == "volume")
     key = str(SHIPPED_ARTIFACT)
     for src in ("slices", "volume"):
         assert summary[src]["litemedsam"]["mean_minus_litemedsam"] == 0.0
         assert 0.0 <= summary[src][key]["mean"] <= 100.0
     assert any(abs(r["dice"][key] - r["dice"]["litemedsam"]) > 1 for r in rows)
-    assert summary["slices"]["litemedsam"]["mean"] > 50  # LiteMedSAM does segment CT organs from tight boxes
+    assert summary["slices"]["litemedsam"]["mean"] > 60  # LiteMedSAM does segment CT organs from tight boxes
     assert "vs LiteMedSAM" in capsys.readouterr().out

@@ -86,9 +86,9 @@ def test_zero_shot_lite_is_litemedsam_on_a_real_ct_slice(shared_data):
     u8, valid = prepare_image(s.image, pre, 256)
     x = to_input(u8, pre, valid)[None]
     base = LiteMedSAMBaseline(lite_medsam())
-    for box in boxes:  # evaluation's frame: the slice stretched to 384 x 384 (LiteMedSAM's crop and resize)
-        ours = predict_logits(m, x, input_boxes(box[None], pre, hw, 256), 384, valid=valid)[0].reshape(384, 384)
-        ref = base.logits(s.image, box[None], (384, 384))[0]
+    for box in boxes:  # evaluation's frame: the slice stretched to 192 x 192 (LiteMedSAM's crop and resize)
+        ours = predict_logits(m, x, input_boxes(box[None], pre, hw, 256), 192, valid=valid)[0].reshape(192, 192)
+        ref = base.logits(s.image, box[None], (192, 192))[0]
         torch.testing.assert_close(ours, ref, atol=1e-3, rtol=0)  # the export's fp32 logit tolerance; logits ~30
         assert torch.equal(ours > 0, ref > 0)
 

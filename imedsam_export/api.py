@@ -270,10 +270,10 @@ def export_artifact(
 def _zero_shot(base_checkpoint: Path | None, say: Log) -> tuple[IMedSAM, dict[str, Any]]:
     """Zero-shot LiteMedSAM and the manifest's ``source`` that tells the runtime what it is
     (``imedsam_core.paths``: for volumes its export comes before the shipped polyp model's)."""
-    from imedsam_train.pretrained import BASE_SHA256, base_file, zero_shot_lite
+    from imedsam_train.pretrained import BASE_SHA256, installed_base_file, zero_shot_lite
 
-    base = base_file(base_checkpoint)
-    model = zero_shot_lite(base)
+    base = Path(base_checkpoint) if base_checkpoint is not None else installed_base_file()
+    model = zero_shot_lite(base)  # verifies the file (size, sha256) as it loads it
     say(f"using {base} (zero-shot LiteMedSAM: its own weights, nothing fine-tuned)")
     return model, {"checkpoint": None, "zero_shot": "LiteMedSAM", "base_file": str(base),
                    "base_sha256": BASE_SHA256, "shipped": False}

@@ -80,12 +80,11 @@ def zero_shot_lite(base_checkpoint: str | Path | None = None) -> IMedSAM:
     nothing fine-tuned (LoRA's B, the frequency adapter's output and the INR start at zero, so its masks are
     LiteMedSAM's), no base smoothing. ``imedsam-export --zero-shot`` exports it for data the shipped model, fine-
     tuned on colonoscopy polyps, was not tuned on (CT organs: benchmarks/RESULTS.md)."""
-    from imedsam_train.build import build_lite
-    from imedsam_train.config import lite_config
+    from imedsam_train.build import lite
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # LoRA's A and the adapters' inner weights, which only ever meet zeros: one export
-        model, _ = build_lite(lite_config(), base_checkpoint)
+        model, _ = lite(sam_checkpoint=base_checkpoint)
     return model.eval()
 
 

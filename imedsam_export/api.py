@@ -35,7 +35,7 @@ from imedsam_export.merge import merge_for_export
 from imedsam_export.onnx_export import (
     DEFAULT_OPSET,
     check_opset,
-    export_decoder,
+    compose_decoder,
     export_encoder,
     export_split_decoder,
 )
@@ -186,11 +186,12 @@ def export_artifact(
         # the traced dynamic axes need a range of at least 2; the manifest declares the requested maxima
         export_encoder(EncoderGraph(folded), enc_p, cfg.input_size, max(batch, 2), opset)
         say(f"wrote {C.ENCODER_ONNX}")
-        export_decoder(DecoderGraph(folded), dec_p, emb_shape, cfg.input_size, max(batch, 2), max(max_points, 2), opset)
-        say(f"wrote {C.DECODER_ONNX}")
         export_split_decoder(DecoderGraph(folded), tmp / C.DECODER_PROMPT_ONNX, tmp / C.DECODER_POINTS_ONNX,
                              emb_shape, cfg.input_size, max(batch, 2), max(max_points, 2), opset)
         say(f"wrote {C.DECODER_PROMPT_ONNX}, {C.DECODER_POINTS_ONNX} (the decoder split per box / per point)")
+        # the whole decoder (TensorRT's engine, fp16, parity) is that pair joined, not a third trace
+        compose_decoder(tmp / C.DECODER_PROMPT_ONNX, tmp / C.DECODER_POINTS_ONNX, dec_p, opset)
+        say(f"wrote {C.DECODER_ONNX}")
         fp16_report: dict[str, Any] = {}
         if fp16:
             graphs["fp16"] = {"encoder": C.ENCODER_ONNX_FP16, "decoder": C.DECODER_ONNX_FP16}

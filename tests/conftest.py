@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,23 @@ def run_in_triton_interpreter(script: str) -> dict:
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]) -> Path:
+    """``build(path)`` run once per test session, whichever pytest-xdist worker asks first; the others wait for it
+    and share the result. For what several modules need alike (a tiny export takes half a minute on one core).
+    ``build`` must create ``path`` atomically (the exporter and ``save_checkpoint`` do): it exists only whole."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    # under xdist each worker's base is a folder of this session's root, which they share; alone, the base is it
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path = root / f"built-once-{name}"
+    with FileLock(str(path) + ".lock"):
+        if not path.exists():
+            build(path)
+    assert path.exists(), path
+    return path
 
 
 def not_interpreted() -> None:
@@ -121,4 +139,5 @@ def shipped_artifact(tmp_path_factory) -> Path:
     from imedsam_export.api import export_artifact
 
     ck = REPO / "imedsam_train" / "weights" / "imedsam_tiny_kvasir.pt"
-    return Path(export_artifact(ck, tmp_path_factory.mktemp("shipped_art") / "art", max_points=16384, verify=False))
+    return built_once(tmp_path_factory, "shipped-art",
+                      lambda out: export_artifact(ck, out, max_points=16384, verify=False))

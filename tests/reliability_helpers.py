@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from tests.conftest import SAMPLE_DATA, SHARED_DATA, child_env
+from tests.conftest import SAMPLE_DATA, SHARED_DATA, built_once, child_env
 
 S = 64  # tiny model input size
 VIDEO = SHARED_DATA / "colonoscopy-video" / "video_coloscopy.mp4"
@@ -21,7 +21,7 @@ SAMPLE_IMAGES = sorted((SAMPLE_DATA / "images").iterdir())
 IMAGE = SAMPLE_IMAGES[0]  # 320 x 254 JPEG
 GOOD_BOX = "60,50,200,180"
 
-_cache: dict[str, Any] = {}  # one export per session, shared by every reliability module
+_cache: dict[str, Any] = {}  # one checkpoint per worker, shared by every reliability module
 
 
 def tiny_model(seed: int = 0) -> Any:
@@ -46,13 +46,11 @@ def tiny_checkpoint(tmp_path_factory: Any) -> Path:
 
 
 def tiny_artifact(tmp_path_factory: Any) -> Path:
-    """The seeded random tiny model exported once per session (ONNX fp32, no parity run: speed)."""
-    if "art" not in _cache:
-        from imedsam_export.api import export_artifact
+    """The seeded random tiny model exported once per session, shared by the workers (ONNX fp32, no parity run)."""
+    from imedsam_export.api import export_artifact
 
-        out = tmp_path_factory.mktemp("rel_art") / "art"
-        _cache["art"] = Path(export_artifact(None, out, model=tiny_model(), max_points=4096, batch=2, verify=False))
-    return _cache["art"]
+    return built_once(tmp_path_factory, "reliability-art",
+                      lambda out: export_artifact(None, out, model=tiny_model(), max_points=4096, batch=2, verify=False))
 
 
 # --- the contract every refusal must meet ---

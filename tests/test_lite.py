@@ -37,6 +37,20 @@ def lite() -> LiteIMedSAM:
     return m.eval()
 
 
+def _encode_once(model: LiteIMedSAM):
+    """``model.encode`` remembered per input (its bytes): a test that reads one image several ways pays one
+    encoder pass (1.7 s on a core) for each distinct input, not each read-out."""
+    seen: dict[bytes, torch.Tensor] = {}
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        key = x.numpy().tobytes()
+        if key not in seen:
+            seen[key] = model.encode(x)
+        return seen[key]
+
+    return encode
+
+
 def _case(sessile: Path, stem: str, jitter: float) -> tuple[np.ndarray, np.ndarray]:
     image = read_rgb(sessile / "images" / f"{stem}.jpg")
     gt = read_mask(sessile / "masks" / f"{stem}.jpg")
@@ -58,8 +72,9 @@ def test_untrained_lite_is_litemedsam_on_real_polyps(sessile, lite):
         full = lite(x, b).fine[0, 0].reshape(256, 256)
         torch.testing.assert_close(full, low, atol=1e-4, rtol=0)
         # evaluation's frame (the original stretched to O x O, padding never read): its crop-and-resize
+        encode = _encode_once(lite)
         for out in (256, 192):
-            ours = predict_logits(lite, x, b, out, valid=valid)[0].reshape(out, out)
+            ours = predict_logits(lite, x, b, out, valid=valid, encode=encode)[0].reshape(out, out)
             ref = base.logits(image, box[None], (out, out))[0]
             torch.testing.assert_close(ours, ref, atol=3e-4, rtol=0)
             assert torch.equal(ours > 0, ref > 0)
@@ -85,9 +100,10 @@ def test_zero_shot_lite_is_litemedsam_on_a_real_ct_slice(shared_data):
     pre, hw = m.cfg.preprocess, s.image.shape[:2]
     u8, valid = prepare_image(s.image, pre, 256)
     x = to_input(u8, pre, valid)[None]
-    base = LiteMedSAMBaseline(lite_medsam())
+    base, encode = LiteMedSAMBaseline(lite_medsam()), _encode_once(m)
     for box in boxes:  # evaluation's frame: the slice stretched to 192 x 192 (LiteMedSAM's crop and resize)
-        ours = predict_logits(m, x, input_boxes(box[None], pre, hw, 256), 192, valid=valid)[0].reshape(192, 192)
+        ours = predict_logits(m, x, input_boxes(box[None], pre, hw, 256), 192, valid=valid,
+                              encode=encode)[0].reshape(192, 192)
         ref = base.logits(s.image, box[None], (192, 192))[0]
         torch.testing.assert_close(ours, ref, atol=1e-3, rtol=0)  # the export's fp32 logit tolerance; logits ~30
         assert torch.equal(ours > 0, ref > 0)
@@ -117,10 +133,10 @@ def test_tta_is_mirror_equivariant_and_litemedsams_own_tta_when_untrained(sessil
     c = case(image, box)
     cm = case(np.ascontiguousarray(image[:, ::-1]), np.array(mirror_box(box, 200)))
     assert np.array_equal(mirror_box(mirror_box(box, 200), 200), box)
-    out = 80
-    plain = case_logits(lite, c, out).view(out, out)
-    tta = case_logits(lite, c, out, tta=True).view(out, out)
-    tta_m = case_logits(lite, cm, out, tta=True).view(out, out)
+    out, encode = 80, _encode_once(lite)  # two distinct inputs: the image and its mirror
+    plain = case_logits(lite, c, out, encode).view(out, out)
+    tta = case_logits(lite, c, out, encode, tta=True).view(out, out)
+    tta_m = case_logits(lite, cm, out, encode, tta=True).view(out, out)
     torch.testing.assert_close(tta_m, tta.flip(-1), atol=1e-4, rtol=0)
     assert (tta - plain).abs().max() > 0.05
     ref = LiteMedSAMBaseline(lite_medsam(), tta=True).logits(image, box[None], (out, out))[0]
@@ -323,10 +339,11 @@ def test_init_from_starts_from_another_lite_run_and_refuses_phase1_after_end_to_
 def test_ddp_world_size_one_matches_the_plain_run_in_both_phases(sessile, tmp_path, monkeypatch):
     monkeypatch.setenv("IMEDSAM_CACHE", str(tmp_path / "cache"))
     (tmp_path / "tr.txt").write_text("\n".join(STEMS[:2]) + "\n")
-    ds = kvasir_dataset(sessile, tmp_path / "tr.txt")
+    (tmp_path / "va.txt").write_text(STEMS[0] + "\n")  # one val image: validation is not what is compared
+    ds, va = kvasir_dataset(sessile, tmp_path / "tr.txt"), kvasir_dataset(sessile, tmp_path / "va.txt")
     cfg = TrainConfig(name="w", model="lite", input_size=256, epochs=1, decoder_epochs=1, batch_size=2, points=128,
                       warmup_steps=1, lr_rest=1e-3)
-    a, b = plain_and_ddp_world_one(cfg, ds, ds, tmp_path, monkeypatch)
+    a, b = plain_and_ddp_world_one(cfg, ds, va, tmp_path, monkeypatch)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k].float(), b[k].float(), atol=1e-6, rtol=0, msg=k)

@@ -271,7 +271,7 @@ def test_every_environment_variable_is_in_the_readme_table():
         names |= set(re.findall(r"\$\{([A-Z][A-Z0-9_]+):[-+]", text))
         for n in names:
             read.setdefault(n, p)
-    known_elsewhere = {"PYTEST_XDIST_WORKER_COUNT", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "PYTHONPATH", "PATH"}  # not ours
+    known_elsewhere = {"PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_WORKER", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "PYTHONPATH", "PATH"}  # not ours
     missing = {n: str(p.relative_to(REPO)) for n, p in read.items() if n not in documented | known_elsewhere}
     assert not missing, f"read but not in the README's environment table: {missing}"
     assert all(row.count(" | ") >= 3 and row.split(" | ")[1].strip() for row in rows)  # each with its default

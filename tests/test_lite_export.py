@@ -246,19 +246,24 @@ def test_ov_cpu_fp32_gives_ort_cpus_embedding_and_masks(sessile, moved, exported
 
 def _moves_embedding_keeps_masks(low, fp, art, moved, sessile, rel_max: float, dice_min: float,
                                  pixels_min: float = 0.99) -> None:
-    """``low`` (a reduced-precision encoder) against ``fp`` (fp32) on the three real polyps: the embedding moves
-    (the lower bound catches a precision OpenVINO ignored) but the sparse masks hold."""
+    """``low`` (a reduced-precision encoder) against ``fp`` (fp32, ONNX Runtime; its results kept for the next
+    caller) on the three real polyps: the embedding moves (the lower bound catches a precision OpenVINO ignored)
+    but the sparse masks hold."""
     from imedsam_deploy.runtime import Segmenter
     from imedsam_train.metrics import dice
 
     for stem in STEMS:
         rgb, _, box = _case(sessile, stem)
         x = _model_input(moved, rgb)
-        (e_low,), (e_fp,) = low.encode(x), fp.encode(x)
+        key = (id(moved), x.tobytes(), b"fp32 sparse")  # fp32's embedding and mask: the same for every caller
+        if key not in _REFERENCES:
+            (e,) = fp.encode(x)
+            _REFERENCES[key] = e, Segmenter(fp, art, query="sparse").segment(rgb, box[None]).objects[0].mask()
+        e_fp, ref = _REFERENCES[key]
+        (e_low,) = low.encode(x)
         rel = float(np.linalg.norm(e_low - e_fp) / np.linalg.norm(e_fp))
         assert 1e-3 < rel < rel_max, rel
         got = Segmenter(low, art, query="sparse").segment(rgb, box[None]).objects[0].mask()
-        ref = Segmenter(fp, art, query="sparse").segment(rgb, box[None]).objects[0].mask()
         assert (got == ref).mean() >= pixels_min and dice(got, ref) >= dice_min, (stem, (got == ref).mean(),
                                                                                   dice(got, ref))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -50,6 +51,20 @@ def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Calla
             build(path)
     assert path.exists(), path
     return path
+
+
+def encode_once(model: Any) -> Callable[[Any], Any]:
+    """``model.encode`` remembered per input (its bytes): a test that reads one image several ways pays one
+    encoder pass (1.7 s on a core for the lite model) for each distinct input, not each read-out."""
+    seen: dict[bytes, Any] = {}
+
+    def encode(x: Any) -> Any:
+        key = x.numpy().tobytes()
+        if key not in seen:
+            seen[key] = model.encode(x)
+        return seen[key]
+
+    return encode
 
 
 def not_interpreted() -> None:

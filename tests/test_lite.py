@@ -26,7 +26,7 @@ from imedsam_train.preprocess import input_boxes, prepare_image, to_input
 from imedsam_train.pretrained import LiteMedSAMBaseline, lite_medsam
 from imedsam_train.train import Reporter, TrainConfig, train
 from tests.conftest import SESSILE_STEMS as STEMS
-from tests.conftest import child_env, read_mask, read_rgb
+from tests.conftest import child_env, encode_once, read_mask, read_rgb
 from tests.ddp_helpers import free_port, plain_and_ddp_world_one
 
 
@@ -35,20 +35,6 @@ def lite() -> LiteIMedSAM:
     m, digest = build("lite", input_size=256)
     assert isinstance(m, LiteIMedSAM) and digest is not None
     return m.eval()
-
-
-def _encode_once(model: LiteIMedSAM):
-    """``model.encode`` remembered per input (its bytes): a test that reads one image several ways pays one
-    encoder pass (1.7 s on a core) for each distinct input, not each read-out."""
-    seen: dict[bytes, torch.Tensor] = {}
-
-    def encode(x: torch.Tensor) -> torch.Tensor:
-        key = x.numpy().tobytes()
-        if key not in seen:
-            seen[key] = model.encode(x)
-        return seen[key]
-
-    return encode
 
 
 def _case(sessile: Path, stem: str, jitter: float) -> tuple[np.ndarray, np.ndarray]:
@@ -72,7 +58,7 @@ def test_untrained_lite_is_litemedsam_on_real_polyps(sessile, lite):
         full = lite(x, b).fine[0, 0].reshape(256, 256)
         torch.testing.assert_close(full, low, atol=1e-4, rtol=0)
         # evaluation's frame (the original stretched to O x O, padding never read): its crop-and-resize
-        encode = _encode_once(lite)
+        encode = encode_once(lite)
         for out in (256, 192):
             ours = predict_logits(lite, x, b, out, valid=valid, encode=encode)[0].reshape(out, out)
             ref = base.logits(image, box[None], (out, out))[0]
@@ -100,7 +86,7 @@ def test_zero_shot_lite_is_litemedsam_on_a_real_ct_slice(shared_data):
     pre, hw = m.cfg.preprocess, s.image.shape[:2]
     u8, valid = prepare_image(s.image, pre, 256)
     x = to_input(u8, pre, valid)[None]
-    base, encode = LiteMedSAMBaseline(lite_medsam()), _encode_once(m)
+    base, encode = LiteMedSAMBaseline(lite_medsam()), encode_once(m)
     for box in boxes:  # evaluation's frame: the slice stretched to 192 x 192 (LiteMedSAM's crop and resize)
         ours = predict_logits(m, x, input_boxes(box[None], pre, hw, 256), 192, valid=valid,
                               encode=encode)[0].reshape(192, 192)
@@ -133,7 +119,7 @@ def test_tta_is_mirror_equivariant_and_litemedsams_own_tta_when_untrained(sessil
     c = case(image, box)
     cm = case(np.ascontiguousarray(image[:, ::-1]), np.array(mirror_box(box, 200)))
     assert np.array_equal(mirror_box(mirror_box(box, 200), 200), box)
-    out, encode = 80, _encode_once(lite)  # two distinct inputs: the image and its mirror
+    out, encode = 80, encode_once(lite)  # two distinct inputs: the image and its mirror
     plain = case_logits(lite, c, out, encode).view(out, out)
     tta = case_logits(lite, c, out, encode, tta=True).view(out, out)
     tta_m = case_logits(lite, cm, out, encode, tta=True).view(out, out)

@@ -27,7 +27,7 @@ from imedsam_train.build import build
 from imedsam_train.model import ugs_merge
 from imedsam_train.model.lite import LiteIMedSAM
 from imedsam_train.preprocess import input_boxes, output_coords, prepare_image, to_input
-from tests.conftest import SAMPLE_DATA, read_mask, read_rgb
+from tests.conftest import SAMPLE_DATA, encode_once, read_mask, read_rgb
 from tests.conftest import SESSILE_STEMS as STEMS
 
 S = 256
@@ -73,8 +73,11 @@ def _case(sessile: Path, stem: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return rgb, gt, np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float64)
 
 
-# the PyTorch references several tests compare with, made once: (model, input[, box]) -> embedding / mask
-_REFERENCES: dict[tuple[int, bytes, bytes], Any] = {}
+# what several tests compare with, made once: the PyTorch model's embeddings (``encode_once``, per model) and
+# masks, and ONNX Runtime fp32's embedding and sparse mask; keyed by the model input's (and box's) bytes
+_ENCODERS: dict[int, Any] = {}
+_MASKS: dict[tuple[bytes, bytes], np.ndarray] = {}
+_FP32: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
 
 
 @torch.no_grad()
@@ -83,14 +86,12 @@ def _torch_mask(m: LiteIMedSAM, rgb: np.ndarray, box: np.ndarray) -> np.ndarray:
     pre, (h, w) = m.cfg.preprocess, rgb.shape[:2]
     u8, valid = prepare_image(rgb, pre, S)
     x = to_input(u8, pre, valid)[None]
-    key = (id(m), x.numpy().tobytes(), np.asarray(box, np.float64).tobytes())
-    if key not in _REFERENCES:
-        if key[:2] + (b"",) not in _REFERENCES:
-            _REFERENCES[key[:2] + (b"",)] = m.encode(x)
-        emb = _REFERENCES[key[:2] + (b"",)]
+    key = (x.numpy().tobytes(), np.asarray(box, np.float64).tobytes())
+    if key not in _MASKS:
+        emb = _ENCODERS.setdefault(id(m), encode_once(m))(x)
         c, f, u = m.decode_dense(emb, input_boxes(box[None], pre, (h, w), S), output_coords(pre, h, w, valid, S)[None])
-        _REFERENCES[key] = (ugs_merge(c, f, u, m.cfg.decoder.refine_fraction)[0, 0].reshape(h, w) > 0).numpy()
-    return _REFERENCES[key].copy()
+        _MASKS[key] = (ugs_merge(c, f, u, m.cfg.decoder.refine_fraction)[0, 0].reshape(h, w) > 0).numpy()
+    return _MASKS[key].copy()
 
 
 def test_runtime_letterbox_equals_training_preprocessing(sessile, moved):
@@ -255,11 +256,10 @@ def _moves_embedding_keeps_masks(low, fp, art, moved, sessile, rel_max: float, d
     for stem in STEMS:
         rgb, _, box = _case(sessile, stem)
         x = _model_input(moved, rgb)
-        key = (id(moved), x.tobytes(), b"fp32 sparse")  # fp32's embedding and mask: the same for every caller
-        if key not in _REFERENCES:
+        if x.tobytes() not in _FP32:
             (e,) = fp.encode(x)
-            _REFERENCES[key] = e, Segmenter(fp, art, query="sparse").segment(rgb, box[None]).objects[0].mask()
-        e_fp, ref = _REFERENCES[key]
+            _FP32[x.tobytes()] = e, Segmenter(fp, art, query="sparse").segment(rgb, box[None]).objects[0].mask()
+        e_fp, ref = _FP32[x.tobytes()]
         (e_low,) = low.encode(x)
         rel = float(np.linalg.norm(e_low - e_fp) / np.linalg.norm(e_fp))
         assert 1e-3 < rel < rel_max, rel

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from imedsam_core.errors import UserError
+from imedsam_core.pixels import nonfinite_count, to_uint8
 from imedsam_deploy._cv import cv2, quiet_stderr
 
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".mpg", ".mpeg", ".wmv", ".webm", ".ogv", ".flv"}
@@ -15,18 +16,26 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 def read_image(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB, or a one-line UserError."""
+    """(H, W, 3) uint8 RGB, or a one-line UserError. Decoded at the file's own depth, then brought to 8 bits by
+    the rule training uses (``imedsam_core.pixels``): IMREAD_COLOR's own conversion keeps only the top byte of a
+    16-bit pixel (a 12-bit CT slice in 16 bits became 7 grey levels) and refuses float TIFFs."""
     if not path.is_file():
         raise UserError(f"{path}: file does not exist")
     data = np.fromfile(str(path), dtype=np.uint8)
     try:
         with quiet_stderr():  # libpng's own "libpng error: ..." line; ours below names the file
-            img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+            # ANYDEPTH | ANYCOLOR, not UNCHANGED: EXIF orientation is still applied and an alpha channel dropped
+            img = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if data.size else None
     except cv2.error as e:  # a header past OpenCV's pixel limit raises where a plain corrupt file returns None
         raise UserError(f"{path}: {_decode_problem(e)}") from None
     if img is None:
         raise UserError(f"{path}: not a readable image")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if bad := nonfinite_count(img):
+        raise UserError(f"{path}: {bad} NaN or infinite pixel values")
+    img = to_uint8(img)
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if img.shape[2] == 4 else cv2.COLOR_BGR2RGB)
 
 
 def _decode_problem(e: Exception) -> str:

@@ -3,6 +3,7 @@
 Every failure is a ``UserError`` naming the file, including headers past Pillow's decompression-bomb limit
 and float images holding NaN or Inf (no sensible 8-bit value). Masks are binarised with ``> 127`` (JPEG masks carry
 compression noise); 3-channel masks (Kvasir-SEG) are reduced to their first channel.
+Other depths than 8 bits (16-bit, float) become 8-bit by ``imedsam_core.pixels``' rule, the runtime's too.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from imedsam_core.errors import UserError
+from imedsam_core.pixels import nonfinite_count, to_uint8
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 
@@ -36,8 +38,8 @@ def _read_array(path: Path) -> np.ndarray:
                 raise UserError(f"{path}: unreadable TIFF ({type(e).__name__}: {e})") from None
         else:
             raise UserError(f"{path}: unreadable image ({pil_error})") from None
-    if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
-        raise UserError(f"{path}: {int((~np.isfinite(a)).sum())} NaN or infinite pixel values")
+    if bad := nonfinite_count(a):
+        raise UserError(f"{path}: {bad} NaN or infinite pixel values")
     return a
 
 
@@ -52,25 +54,10 @@ def _pil_array(path: Path) -> np.ndarray:
         return np.asarray(im)
 
 
-def _to_uint8(a: np.ndarray) -> np.ndarray:
-    if a.dtype == np.uint8:
-        return a
-    if a.dtype == bool:
-        return a.astype(np.uint8) * 255
-    floating = np.issubdtype(a.dtype, np.floating)
-    a = a.astype(np.float64)
-    hi = float(a.max()) if a.size else 0.0
-    if floating and hi <= 1.0:  # float images in [0, 1]
-        a = a * 255.0
-    elif hi > 255:  # 16-bit / large-range images: scale by their own maximum
-        a = a / hi * 255.0
-    return np.clip(a + 0.5 if floating else a, 0, 255).astype(np.uint8)
-
-
 def read_image(path: str | Path) -> np.ndarray:
     """RGB uint8 (H, W, 3)."""
     p = Path(path)
-    a = _to_uint8(_read_array(p))
+    a = to_uint8(_read_array(p))
     if a.ndim == 2:
         a = np.repeat(a[:, :, None], 3, axis=2)
     elif a.ndim == 3 and a.shape[2] == 4:
@@ -94,7 +81,7 @@ def read_mask(path: str | Path) -> np.ndarray:
         raise UserError(f"{p}: not a 2-D mask (shape {a.shape})")
     if a.dtype != np.uint8 and a.size and a.max() <= 1:  # 0/1 label images
         return a > 0
-    return _to_uint8(a) > 127
+    return to_uint8(a) > 127
 
 
 def find_image(folder: Path, stem: str) -> Path | None:

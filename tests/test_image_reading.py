@@ -1,0 +1,95 @@
+"""The runtime reads an image file into the same 8-bit RGB pixels as training and evaluation do.
+
+Training reads with Pillow/tifffile, the runtime with OpenCV. Before the shared rule (``imedsam_core.pixels``),
+OpenCV's IMREAD_COLOR kept the top byte of 16-bit pixels, so a CT slice stored in 16 bits (values up to ~2000)
+reached the model as a handful of grey levels, and it refused float TIFFs that training reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from imedsam_core.errors import UserError
+from imedsam_core.pixels import to_uint8
+from imedsam_deploy.video import read_image as runtime_read
+from imedsam_train.data.io import read_image as train_read
+from tests.conftest import SAMPLE_DATA
+
+IMAGE = sorted((SAMPLE_DATA / "images").glob("*.jpg"))[0]
+
+
+def _ct_like(seed: int = 0) -> np.ndarray:
+    """A smooth 12-bit slice (0 .. ~1800, as CT stored with a +1024 offset): 64 x 80."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:64, 0:80]
+    body = ((yy - 32) ** 2 / 28**2 + (xx - 40) ** 2 / 36**2) < 1
+    return (body * (1000 + 30 * xx) + rng.integers(0, 40, (64, 80))).astype(np.uint16)
+
+
+def _files(d: Path) -> dict[str, Path]:
+    bgr = cv2.imread(str(IMAGE))
+    grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
+    ct = _ct_like()
+    out = {}
+
+    def put(name: str, write) -> None:
+        out[name] = d / name
+        write(out[name])
+
+    put("rgb.png", lambda p: cv2.imwrite(str(p), bgr))
+    put("grey.png", lambda p: cv2.imwrite(str(p), grey))
+    put("rgba.png", lambda p: cv2.imwrite(str(p), np.dstack([bgr, np.full(grey.shape, 90, np.uint8)])))
+    put("palette.png", lambda p: Image.fromarray(bgr[..., ::-1]).convert("P").save(p))
+    put("bilevel.png", lambda p: Image.fromarray(grey > 100).save(p))
+    put("rgb16.png", lambda p: cv2.imwrite(str(p), bgr.astype(np.uint16) * 257))
+    put("ct16.png", lambda p: cv2.imwrite(str(p), ct))
+    put("ct16.tif", lambda p: tifffile.imwrite(p, ct))
+    put("float01.tif", lambda p: tifffile.imwrite(p, (grey / 255.0).astype(np.float32)))
+    put("hu.tif", lambda p: tifffile.imwrite(p, ct.astype(np.float32) - 1024))
+    put("hu_int16.tif", lambda p: tifffile.imwrite(p, ct.astype(np.int16) - 1024))
+    return out
+
+
+def test_runtime_reads_the_pixels_training_reads(tmp_path):
+    files = _files(tmp_path)
+    for name, path in files.items():
+        want, got = train_read(path), runtime_read(path)
+        assert got.dtype == np.uint8 and got.shape == want.shape, name
+        np.testing.assert_array_equal(got, want, err_msg=name)
+    # the 12-bit slice keeps its grey levels (the top byte alone left it 8: 0 .. 7)
+    ct = runtime_read(files["ct16.png"])
+    assert ct.max() == 255 and len(np.unique(ct)) > 150
+    # and the same slice as float HU with negative values, or signed 16-bit, is the same picture up to rounding
+    assert np.abs(runtime_read(files["hu.tif"]).astype(int) - ct).max() <= 1
+    np.testing.assert_array_equal(runtime_read(files["hu_int16.tif"]), runtime_read(files["hu.tif"]))
+    # 8-bit files as before: the 16-bit copy of an 8-bit image (x 257) is that image, alpha is dropped
+    rgb = runtime_read(files["rgb.png"])
+    for name in ("rgb16.png", "rgba.png"):
+        np.testing.assert_array_equal(runtime_read(files[name]), rgb, err_msg=name)
+
+
+def test_to_uint8_rule():
+    np.testing.assert_array_equal(to_uint8(np.array([False, True])), [0, 255])
+    np.testing.assert_array_equal(to_uint8(np.array([0.0, 0.5, 1.0])), [0, 128, 255])
+    np.testing.assert_array_equal(to_uint8(np.arange(256, dtype=np.uint16) * 257), np.arange(256))
+    np.testing.assert_array_equal(to_uint8(np.array([0, 1000, 2000], np.uint16)), [0, 127, 255])
+    np.testing.assert_array_equal(to_uint8(np.array([-1000.0, 0.0, 1000.0])), [0, 128, 255])
+    np.testing.assert_array_equal(to_uint8(np.array([3, 200], np.int32)), [3, 200])  # within 0..255: as it is
+    flat = np.full((4, 4), -7, np.int16)
+    assert (to_uint8(flat) == 0).all()  # one value below zero: no division by zero
+
+
+def test_nonfinite_float_image_is_refused_by_both(tmp_path):
+    p = tmp_path / "nan.tif"
+    a = np.zeros((8, 8), np.float32)
+    a[2, 3] = np.nan
+    tifffile.imwrite(p, a)
+    for read in (train_read, runtime_read):
+        with pytest.raises(UserError, match=r"nan\.tif: 1 NaN or infinite"):
+            read(p)

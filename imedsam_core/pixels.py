@@ -5,7 +5,8 @@ at its own depth, to ``to_uint8`` so a 16-bit or float file gives the model the 
 8-bit as it is; booleans to 0/255; floats within [0, 1] times 255; anything else that leaves 0..255 is stretched
 over its own range (divided by its maximum, or min-max scaled when it holds negative values such as signed
 Hounsfield units). A 12-bit CT slice stored in 16 bits thus keeps its grey levels instead of the 4 to 7 that
-OpenCV's own 8-bit conversion (the top byte) leaves it.
+OpenCV's own 8-bit conversion (the top byte) leaves it. An explicit window (``window_to_uint8``) replaces the
+rule where the user gives one.
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ import numpy as np
 def nonfinite_count(a: np.ndarray) -> int:
     """Pixels without a sensible 8-bit value (NaN or infinite floats); 0 for integer arrays."""
     return int((~np.isfinite(a)).sum()) if np.issubdtype(a.dtype, np.floating) else 0
+
+
+def window_to_uint8(a: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """Values from ``window``'s low to its high end mapped linearly onto 0..255 (rounded), clipped outside it: an
+    intensity window (``imedsam-infer --window``, a volume's CT window) in the array's own units."""
+    lo, hi = window
+    return np.clip((a - lo) / max(hi - lo, 1e-6) * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
 def to_uint8(a: np.ndarray) -> np.ndarray:

@@ -76,7 +76,7 @@ def infer(
     appearance: bool = typer.Option(TrackConfig.appearance, "--appearance/--no-appearance", help="Video: a tracked mask must look like the object did where its box was given (in the encoder's features), and a lost object is searched for on the whole frame."),
     like_part: bool = typer.Option(TrackConfig.like_part, "--like-part/--whole-mask", help="Video, with --appearance: the next box from the core of the mask's part that looks like the object (a spill onto unlike tissue does not widen the next prompt), or from the whole mask's core."),
     search: float = typer.Option(TrackConfig.search, "--search", help="Video: the search for a lost object takes the frame's cells scoring over this fraction of the given mask's own likeness (0: no search)."),
-    window: str | None = typer.Option(None, "--window", help="Volumes: intensity window LEVEL,WIDTH (default: CT 40,400, else percentiles)."),
+    window: str | None = typer.Option(None, "--window", help="Volumes and images: intensity window LEVEL,WIDTH in the file's own values (default: a volume gets CT 40,400, else its percentiles; an image its own range)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out folder."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -118,6 +118,8 @@ def infer(
     if not prompts.boxes and prompts.table is None:
         raise UserError("no prompt: give --box x0,y0,x1,y1 (repeatable) or --boxes FILE")
     spec = detect_input(input)
+    if win is not None and spec.kind == "video":
+        raise UserError(f"--window: {input} is a video, whose frames are 8-bit; the window is for volumes and images")
     out_dir = out if out is not None else Path("runs") / "infer" / input.name.split(".")[0]
     _prepare_out(out_dir, force)
     _run(spec, prompts, artifact, out_dir, backend, precision, size, query, margin, chunk,
@@ -148,7 +150,7 @@ def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, back
     try:
         hw: tuple[int, int] | None
         if spec.kind == "image":
-            first = read_image(spec.path)
+            first = read_image(spec.path, win)
             hw = (int(first.shape[0]), int(first.shape[1]))
         else:
             hw = (reader.height, reader.width) if reader is not None else vol.slice_hw if vol is not None else None
@@ -183,7 +185,7 @@ def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, back
                                  mask_pngs=spec.kind != "volume")
             try:
                 if spec.kind in ("image", "folder"):
-                    info = run_images(seg, spec, prompts, outs, size, progress)
+                    info = run_images(seg, spec, prompts, outs, size, progress, window=win)
                 elif spec.kind == "video":
                     assert reader is not None
                     info = run_video(seg, reader, prompts, outs, size, track, progress)

@@ -8,17 +8,18 @@ from pathlib import Path
 import numpy as np
 
 from imedsam_core.errors import UserError
-from imedsam_core.pixels import nonfinite_count, to_uint8
+from imedsam_core.pixels import nonfinite_count, to_uint8, window_to_uint8
 from imedsam_deploy._cv import cv2, quiet_stderr
 
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".mpg", ".mpeg", ".wmv", ".webm", ".ogv", ".flv"}
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-def read_image(path: Path) -> np.ndarray:
+def read_image(path: Path, window: tuple[float, float] | None = None) -> np.ndarray:
     """(H, W, 3) uint8 RGB, or a one-line UserError. Decoded at the file's own depth, then brought to 8 bits by
-    the rule training uses (``imedsam_core.pixels``): IMREAD_COLOR's own conversion keeps only the top byte of a
-    16-bit pixel (a 12-bit CT slice in 16 bits became 7 grey levels) and refuses float TIFFs."""
+    the rule training uses (``imedsam_core.pixels``), or by ``window`` (low, high) in the file's own values where
+    given: IMREAD_COLOR's own conversion keeps only the top byte of a 16-bit pixel (a 12-bit CT slice in 16 bits
+    became 7 grey levels) and refuses float TIFFs."""
     if not path.is_file():
         raise UserError(f"{path}: file does not exist")
     data = np.fromfile(str(path), dtype=np.uint8)
@@ -32,7 +33,7 @@ def read_image(path: Path) -> np.ndarray:
         raise UserError(f"{path}: not a readable image")
     if bad := nonfinite_count(img):
         raise UserError(f"{path}: {bad} NaN or infinite pixel values")
-    img = to_uint8(img)
+    img = to_uint8(img) if window is None else window_to_uint8(img, window)
     if img.ndim == 2:
         return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
     return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if img.shape[2] == 4 else cv2.COLOR_BGR2RGB)

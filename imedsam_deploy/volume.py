@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from imedsam_core.errors import UserError
+from imedsam_core.pixels import window_to_uint8
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -46,9 +47,7 @@ class Volume:
 
     def slice_rgb(self, z: int) -> np.ndarray:
         """(Y, X, 3) uint8 RGB of slice z (grey replicated)."""
-        lo, hi = self.window
-        s = self.data[:, :, z].T
-        g = np.clip((s - lo) / max(hi - lo, 1e-6) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        g = window_to_uint8(self.data[:, :, z].T, self.window)
         return np.repeat(g[:, :, None], 3, axis=2)
 
 

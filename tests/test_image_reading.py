@@ -93,3 +93,53 @@ def test_nonfinite_float_image_is_refused_by_both(tmp_path):
     for read in (train_read, runtime_read):
         with pytest.raises(UserError, match=r"nan\.tif: 1 NaN or infinite"):
             read(p)
+
+
+def test_window_on_a_16bit_slice_gives_the_volume_path_picture(shipped_artifact, tmp_path, shared_data):
+    """A CT slice as a 16-bit PNG with the usual +1024 offset, given ``--window 1064,400``, is segmented on the
+    same picture as that slice of the NIfTI volume under its default CT window (40,400): same overlay, same mask."""
+    import nibabel as nib
+    from typer.testing import CliRunner
+
+    from imedsam_deploy.cli_infer import app
+
+    volume = shared_data / "ct-volume-totalseg" / "images" / "example_ct_sm.nii.gz"
+    z, box = 15, "45,26,105,85"
+    png = tmp_path / "slice.png"
+    hu = np.asarray(nib.load(str(volume)).dataobj)[:, :, z].T  # (Y, X), as imedsam-infer shows slice z
+    assert hu.min() < -500 and np.array_equal(hu, np.round(hu))  # HU, integers: exactly representable offset
+    # (air below -1024 HU, which a +1024 offset cannot store, clipped to 0: black under the window either way)
+    assert cv2.imwrite(str(png), np.clip(hu + 1024, 0, None).astype(np.uint16))
+
+    def infer(inp: Path, out: Path, *extra: str) -> None:
+        res = CliRunner().invoke(app, [str(inp), *extra, "--artifact", str(shipped_artifact), "--out", str(out),
+                                       "--backend", "ort-cpu", "-q"])
+        assert res.exit_code == 0, res.output
+
+    boxes = tmp_path / "slices.csv"
+    boxes.write_text(f"frame,x0,y0,x1,y1\n{z},{box}\n")
+    infer(volume, tmp_path / "vol", "--boxes", str(boxes))
+    infer(png, tmp_path / "win", "--box", box, "--window", "1064,400")
+    infer(png, tmp_path / "own", "--box", box)
+    read = lambda p: cv2.imread(str(p), cv2.IMREAD_UNCHANGED)  # noqa: E731
+    vol_overlay = read(tmp_path / "vol" / "overlay" / f"slice_{z:04d}.png")
+    win_overlay = read(tmp_path / "win" / "overlay" / "slice.png")
+    np.testing.assert_array_equal(win_overlay, vol_overlay)
+    vol_mask = np.asarray(nib.load(str(tmp_path / "vol" / "mask.nii.gz")).dataobj)[:, :, z].T > 0
+    win_mask = read(tmp_path / "win" / "masks" / "slice.png") > 0
+    assert vol_mask.any() and np.array_equal(win_mask, vol_mask)
+    # without the window the PNG is its own range: another picture
+    assert not np.array_equal(read(tmp_path / "own" / "overlay" / "slice.png"), win_overlay)
+
+
+def test_window_refused_for_video(tmp_path):
+    from typer.testing import CliRunner
+
+    from imedsam_deploy.cli_infer import app
+    from tests.conftest import cut_video
+    from tests.reliability_helpers import assert_nothing_left, assert_one_line_error
+
+    video, out = cut_video(tmp_path / "clip.avi", 2), tmp_path / "out"
+    res = CliRunner().invoke(app, [str(video), "--box", "10,10,60,60", "--window", "40,400", "--out", str(out)])
+    assert_one_line_error(res, "--window", "clip.avi", "video")
+    assert_nothing_left(out)

@@ -1,9 +1,9 @@
 """NIfTI volumes (nibabel): axial slices as RGB images for the model, label volumes back out.
 
-Slice z is shown as an image with x = the first voxel axis (columns) and y = the second (rows), so a box
-``x0,y0,x1,y1`` on slice z covers voxels i in [x0, x1), j in [y0, y1) of ``data[:, :, z]``. Intensities are
-windowed to 8 bits: a CT soft-tissue window (level 40, width 400 HU) when the volume looks like CT
-(values below -500), else its 0.5-99.5 percentile range; ``--window L,W`` overrides.
+Slice z is shown as ``imedsam_core.volume_view`` declares for training too: x = the first voxel axis (columns),
+y = the second (rows), so a box ``x0,y0,x1,y1`` on slice z covers voxels i in [x0, x1), j in [y0, y1) of
+``data[:, :, z]``; intensities windowed to 8 bits, a CT soft-tissue window (level 40, width 400 HU) when the volume
+looks like CT (values below -500), else its 0.5-99.5 percentile range; ``--window L,W`` overrides.
 
 Non-finite voxels (NaN, +-Inf) carry no intensity: a volume with no finite voxel is refused; otherwise they
 are set to the volume's finite minimum (background under any window) before the window is chosen, and the
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from imedsam_core.errors import UserError
-from imedsam_core.pixels import window_to_uint8
+from imedsam_core.volume_view import auto_window, slice_rgb
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -47,15 +47,7 @@ class Volume:
 
     def slice_rgb(self, z: int) -> np.ndarray:
         """(Y, X, 3) uint8 RGB of slice z (grey replicated)."""
-        g = window_to_uint8(self.data[:, :, z].T, self.window)
-        return np.repeat(g[:, :, None], 3, axis=2)
-
-
-def auto_window(data: np.ndarray) -> tuple[float, float]:
-    if float(np.min(data)) < -500:  # Hounsfield units
-        return 40 - 200.0, 40 + 200.0
-    lo, hi = np.percentile(data, [0.5, 99.5])
-    return float(lo), float(hi) if hi > lo else float(lo) + 1.0
+        return slice_rgb(self.data, z, self.window)
 
 
 def load_volume(path: Path, window: tuple[float, float] | None = None) -> Volume:

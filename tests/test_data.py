@@ -248,7 +248,8 @@ def _write_volume(root: Path, case: str, shape=(40, 30, 6)) -> tuple[np.ndarray,
 
 
 def test_bcv_volumes_to_slices(tmp_path):
-    from imedsam_train.data.volumes import BCV_CLASSES, HU_WINDOW, bcv_dataset
+    from imedsam_core.volume_view import CT_WINDOW
+    from imedsam_train.data.volumes import BCV_CLASSES, bcv_dataset
 
     root = tmp_path / "BCV"
     _write_volume(root, "0001")
@@ -262,7 +263,7 @@ def test_bcv_volumes_to_slices(tmp_path):
     s = {r.stem: r.load() for r in ds.records}["case0002_z002"]
     assert sorted(c for c, _ in s.masks) == [BCV_CLASSES.index("spleen"), BCV_CLASSES.index("liver")]
     assert sorted(int(m.sum()) for _, m in s.masks) == [32, 80]
-    lo, hi = HU_WINDOW
+    lo, hi = CT_WINDOW
     assert s.image[0, 0, 0] == 0 and s.image[15, 15, 0] == round((40 - lo) / (hi - lo) * 255)
     assert all(mask_box(m) is not None for _, m in s.masks)  # one box per organ per slice
     (root / "splits" / "val.txt").write_text("0009\n")
@@ -279,6 +280,21 @@ def test_bcv_label_shape_mismatch(tmp_path):
     _write_volume(root, "0003")
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), root / "label" / "label0003.nii.gz")
     with pytest.raises(UserError, match="label0003.nii.gz.*does not match"):
+        bcv_dataset(root)
+
+
+def test_bcv_label_stored_in_another_orientation(tmp_path):
+    """Slices are taken in stored voxel order, so a label volume stored otherwise than its image is refused
+    (it would not lie on the image's voxels)."""
+    import nibabel as nib
+
+    from imedsam_train.data.volumes import bcv_dataset
+
+    root = tmp_path / "BCV"
+    _, lab = _write_volume(root, "0004")
+    flipped = np.diag([-1.0, 1.0, 1.0, 1.0])  # first axis stored right-to-left: LAS where the image is RAS
+    nib.save(nib.Nifti1Image(lab[::-1], flipped), root / "label" / "label0004.nii.gz")
+    with pytest.raises(UserError, match="label0004.nii.gz: stored in LAS voxel order, its image img0004.nii.gz in RAS"):
         bcv_dataset(root)
 
 

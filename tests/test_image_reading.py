@@ -143,3 +143,36 @@ def test_window_refused_for_video(tmp_path):
     res = CliRunner().invoke(app, [str(video), "--box", "10,10,60,60", "--window", "40,400", "--out", str(out)])
     assert_one_line_error(res, "--window", "clip.avi", "video")
     assert_nothing_left(out)
+
+
+@pytest.mark.parametrize("stored", ["as shipped", "flipped"])
+def test_training_slices_are_the_runtime_slices(shared_data, tmp_path, stored):
+    """``imedsam-train bcv`` / ``imedsam-eval`` and ``imedsam-infer`` show a volume's slice z to the model as the same
+    picture, with the labels on the same pixels: the real CT volume (RAS; training's old radiological flip showed it
+    turned 180 degrees, and under TransUNet's window), and the same volume stored with its first two axes reversed."""
+    import nibabel as nib
+
+    from imedsam_deploy.volume import load_volume
+    from imedsam_train.data.volumes import volume_records
+
+    root = shared_data / "ct-volume-totalseg"
+    image, label = root / "images" / "example_ct_sm.nii.gz", root / "masks" / "example_seg.nii.gz"
+    if stored == "flipped":
+        for src in (image, label):
+            img = nib.load(str(src))
+            flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+            flip[:2, 3] = [s - 1 for s in img.shape[:2]]
+            nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[::-1, ::-1], img.affine @ flip, img.header),
+                     tmp_path / src.name)
+        image, label = tmp_path / image.name, tmp_path / label.name
+    lab = np.asarray(nib.load(str(label)).dataobj).astype(int)
+    vol = load_volume(image)
+    recs = volume_records(image, label, {5: 0, 1: 1}, "ts")  # two organs of the TotalSegmentator labels
+    assert len(recs) >= 10
+    for rec in recs:
+        z = int(rec.stem.rsplit("_z", 1)[1])
+        sample = rec.load()
+        np.testing.assert_array_equal(sample.image, vol.slice_rgb(z), err_msg=rec.stem)
+        for cls, m in sample.masks:
+            value = (5, 1)[cls]
+            np.testing.assert_array_equal(m, np.equal(lab[:, :, z].T, value), err_msg=rec.stem)

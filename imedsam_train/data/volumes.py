@@ -1,7 +1,9 @@
 """CT volumes (BCV / Synapse, NIfTI) as 2-D axial slices: HU window, one mask per organ present.
 
-Slices are shown in the radiological view of the RAS-reoriented volume (anterior up, the patient's right
-on the image left), windowed to [-125, 275] HU (TransUNet's Synapse preprocessing) and replicated to RGB.
+Slices are the pictures ``imedsam-infer`` shows the model for the same volume (``imedsam_core.volume_view``: the
+stored voxel order, MedSAM's CT window 40,400 for HU volumes, else the volume's percentiles), replicated to RGB,
+so a model trained here meets the same view at inference. (Before, training reoriented to RAS with a radiological
+flip and used TransUNet's [-125, 275] HU window: on an RAS volume the runtime's view was this one turned 180 deg.)
 A slice with no labelled organ is skipped and counted (``Dataset.skipped['empty_slice']``).
 """
 
@@ -10,10 +12,12 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from imedsam_core.errors import UserError
+from imedsam_core.volume_view import auto_window, axial, slice_rgb
 from imedsam_train.data.folder import split_path
 from imedsam_train.data.records import Dataset, Record, Sample, read_split
 
@@ -22,21 +26,19 @@ BCV_CLASSES = [
     "spleen", "kidney_right", "kidney_left", "gallbladder", "esophagus", "liver", "stomach", "aorta",
     "inferior_vena_cava", "portal_splenic_vein", "pancreas", "adrenal_gland_right", "adrenal_gland_left",
 ]
-HU_WINDOW = (-125.0, 275.0)
 NIFTI = (".nii.gz", ".nii")
 
 
-def window(hu: np.ndarray, lo: float = HU_WINDOW[0], hi: float = HU_WINDOW[1]) -> np.ndarray:
-    return (np.clip((hu.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
 @lru_cache(maxsize=2)  # slices of one volume are read together; keep memory bounded
-def _load_volume(path: str) -> np.ndarray:
+def _load_volume(path: str, intensities: bool = False) -> np.ndarray:
+    """The voxel array; ``intensities``: as float32, as the runtime loads an image volume (same window, same
+    pixels), else as stored (labels)."""
     import nibabel as nib
 
     try:
-        img = nib.as_closest_canonical(nib.load(path))
-        data = np.asarray(img.dataobj)
+        img: Any = nib.load(path)  # a Nifti1Image; typed as the base class, which has no dataobj
+        obj = img.dataobj
+        data = np.asarray(obj, dtype=np.float32) if intensities else np.asarray(obj)
     except Exception as e:  # nibabel raises many types for corrupt files
         raise UserError(f"{path}: unreadable NIfTI volume ({type(e).__name__}: {e})") from None
     if data.ndim == 4 and data.shape[3] == 1:
@@ -48,9 +50,20 @@ def _load_volume(path: str) -> np.ndarray:
     return data
 
 
-def axial(vol: np.ndarray, z: int) -> np.ndarray:
-    """(X, Y, Z) RAS volume -> axial slice z in the radiological view (rows: anterior first)."""
-    return np.ascontiguousarray(vol[::-1, ::-1, z].T)
+def _axis_codes(path: str) -> tuple[str, ...]:
+    import nibabel as nib
+
+    try:
+        img: Any = nib.load(path)
+        return tuple(nib.aff2axcodes(img.affine))
+    except Exception as e:  # nibabel raises many types for corrupt files
+        raise UserError(f"{path}: unreadable NIfTI volume ({type(e).__name__}: {e})") from None
+
+
+@lru_cache(maxsize=2)
+def _window(path: str) -> tuple[float, float]:
+    """The whole volume's window, as the runtime chooses it by default (computed once per volume)."""
+    return auto_window(_load_volume(path, True))
 
 
 def volume_records(
@@ -59,9 +72,13 @@ def volume_records(
 ) -> list[Record]:
     """One record per axial slice with at least one organ. class_values: label value -> class index."""
     lab = _load_volume(str(label))
-    img_shape = _load_volume(str(image)).shape
+    img_shape = _load_volume(str(image), True).shape
     if img_shape != lab.shape:
         raise UserError(f"{label}: label volume {lab.shape} does not match image {Path(image).name} {img_shape}")
+    axes = _axis_codes(str(image)), _axis_codes(str(label))
+    if axes[0] != axes[1]:  # slices are taken in stored voxel order: both must be stored alike
+        raise UserError(f"{label}: stored in {''.join(axes[1])} voxel order, its image {Path(image).name} in "
+                        f"{''.join(axes[0])}")
     wanted = np.array(sorted(class_values))
     records = []
     for z in range(lab.shape[2]):
@@ -72,9 +89,8 @@ def volume_records(
             continue
 
         def reader(z: int = z, present: np.ndarray = present) -> Sample:
-            hu = axial(_load_volume(str(image)), z)
+            rgb = slice_rgb(_load_volume(str(image), True), z, _window(str(image)))
             lz = axial(_load_volume(str(label)), z)
-            rgb = np.repeat(window(hu)[:, :, None], 3, axis=2)
             return Sample(f"{case}_z{z:03d}", rgb, [(class_values[int(v)], lz == v) for v in present])
 
         records.append(Record(f"{case}_z{z:03d}", reader=reader))

@@ -185,19 +185,21 @@ def _source_kind(folder: Path, finished: set[str]) -> str | None:
 
 # the shipped model loses to LiteMedSAM on CT organs: what a volume's "using ..." line suggests instead
 _ZERO_SHOT_HINT = ("for CT or MR `imedsam-export --zero-shot` (the [train] extra) exports zero-shot LiteMedSAM, "
-                   "taken for volumes from then on")
+                   "taken for volumes and grey images from then on")
 
 
 _WHY = {"run": "newest export of a finished run", "shipped": "newest export of the shipped model",
         "zero-shot": "newest export of zero-shot LiteMedSAM"}
 
 
-def finished_artifact(root: Path | None = None, volume: bool = False) -> Choice | None:
+def finished_artifact(root: Path | None = None, radiology: str | None = None) -> Choice | None:
     """The newest artifact under ``root/runs`` exported from a finished run's checkpoint or from the shipped
     checkpoint, else one of zero-shot LiteMedSAM (``imedsam-export --zero-shot``), else None.
 
-    For a ``volume`` (CT, MR) the shipped model, fine-tuned on colonoscopy polyps, comes last: a finished run's
-    export, else zero-shot LiteMedSAM's, else the shipped model's, with a line saying how to get the former."""
+    For ``radiology`` input (a volume, grey images or a grey video: CT, MR, ultrasound; named for the "using" line)
+    the shipped model, fine-tuned on colour colonoscopy, comes last: a finished run's export, else zero-shot
+    LiteMedSAM's, else the shipped model's, with a line saying how to get the former."""
+    volume = radiology is not None
     base = (root or Path.cwd()) / RUNS_DIR
     if not base.is_dir():
         return None
@@ -216,16 +218,16 @@ def finished_artifact(root: Path | None = None, volume: bool = False) -> Choice 
             if kind in group:
                 why = _WHY[kind]
                 if volume and kind == "zero-shot":
-                    why += ", taken for a volume before the shipped polyp model"
+                    why += f", taken for {radiology} before the shipped polyp model"
                 elif volume and kind == "shipped":
                     why += ", fine-tuned on colonoscopy polyps: " + _ZERO_SHOT_HINT
                 return Choice(d, why)
     return None
 
 
-def default_artifact(root: Path | None = None, volume: bool = False) -> Choice | None:
+def default_artifact(root: Path | None = None, radiology: str | None = None) -> Choice | None:
     """``finished_artifact``, else the bundled tiny artifact (None only if this install lacks it)."""
-    found = finished_artifact(root, volume)
+    found = finished_artifact(root, radiology)
     if found is not None:
         return found
     shipped = shipped_artifact()
@@ -235,7 +237,7 @@ def default_artifact(root: Path | None = None, volume: bool = False) -> Choice |
     ck = finished_checkpoint(root)
     if ck is not None:
         why += f"; {_show(ck.path)} is finished but not exported: imedsam-export"
-    elif volume:
+    elif radiology is not None:
         why += "; " + _ZERO_SHOT_HINT
     else:
         why += "; `imedsam-export` (the [train] extra) exports the shipped lite model, taken from then on"

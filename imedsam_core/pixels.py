@@ -26,6 +26,13 @@ def window_to_uint8(a: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     return np.clip((a - lo) / max(hi - lo, 1e-6) * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
+def looks_grey(rgb: np.ndarray) -> bool:
+    """An (H, W, 3) image whose channels agree to within compression noise (mean |R-G| and |G-B| under 2 grey
+    levels): CT, MR or ultrasound, not a colour endoscopy frame (mean |R-G| in the tens on the shared clip)."""
+    a = rgb.astype(np.int16)
+    return bool(np.abs(a[..., 0] - a[..., 1]).mean() < 2 and np.abs(a[..., 1] - a[..., 2]).mean() < 2)
+
+
 def to_uint8(a: np.ndarray) -> np.ndarray:
     """The array's values as uint8 by the rule above; the shape is kept. Expects finite values."""
     if a.dtype == np.uint8:

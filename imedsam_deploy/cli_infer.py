@@ -59,7 +59,7 @@ def infer(
     input: Path = typer.Argument(..., help="Image, folder of images, video (anything OpenCV reads) or .nii/.nii.gz volume."),
     box: list[str] = typer.Option(None, "--box", help="x0,y0,x1,y1 in input pixels; repeat for several objects."),
     boxes: Path | None = typer.Option(None, "--boxes", help="CSV (frame,x0,y0,x1,y1[,object]) or JSON boxes per frame/slice/image."),
-    artifact: Path | None = typer.Option(None, "--artifact", help="Artifact folder (default: the newest export of a finished run or of the shipped lite model under runs/, else of zero-shot LiteMedSAM (imedsam-export --zero-shot), else the bundled tiny model's; for a volume zero-shot LiteMedSAM's comes before the shipped polyp model's)."),
+    artifact: Path | None = typer.Option(None, "--artifact", help="Artifact folder (default: the newest export of a finished run or of the shipped lite model under runs/, else of zero-shot LiteMedSAM (imedsam-export --zero-shot), else the bundled tiny model's; for a volume, grey images or a grey video (CT, MR, ultrasound) zero-shot LiteMedSAM's comes before the shipped polyp model's)."),
     out: Path | None = typer.Option(None, "--out", help="Output folder (default: runs/infer/<input name>)."),
     backend: str = typer.Option("auto", "--backend", help="auto|ov-cpu|ort-cpu|ort-cuda|ort-trt|tensorrt|torch-cuda."),
     precision: str | None = typer.Option(None, "--precision", help="fp32|fp16|bf16|int8 (int8: ort-cpu's int8 encoder, or ov-cpu's from imedsam-export --ov-int8; bf16: ov-cpu's encoder; default: the backend's)."),
@@ -127,6 +127,19 @@ def infer(
                      search=search, like_part=like_part), win, quiet, options, tta, threads)
 
 
+def _radiology(spec: Any, first: Any, reader: Any) -> str | None:
+    """How the default artifact's line names radiology input (a volume, grey images or a grey video, judged by
+    its first image or frame), or None for colour input (colonoscopy: the shipped model's domain)."""
+    from imedsam_core.pixels import looks_grey
+
+    if spec.kind == "volume":
+        return "a volume"
+    frame = reader.first_frame() if reader is not None else first
+    if frame is None or not looks_grey(frame):
+        return None
+    return "a grey video" if spec.kind == "video" else "grey images"
+
+
 def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, backend_name: str, precision: str | None,
          size: Any, query: Any, margin: float, chunk: int, track: TrackConfig, win: Any, quiet: bool,
          options: dict[str, str], tta: bool = False, threads: int | None = None) -> None:
@@ -149,8 +162,10 @@ def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, back
     vol = load_volume(spec.path, win) if spec.kind == "volume" else None
     try:
         hw: tuple[int, int] | None
-        if spec.kind == "image":
-            first = read_image(spec.path, win)
+        first = None
+        if spec.kind in ("image", "folder"):  # a folder's first image: only to choose the default artifact
+            first = read_image(spec.files[0], win)
+        if spec.kind == "image" and first is not None:
             hw = (int(first.shape[0]), int(first.shape[1]))
         else:
             hw = (reader.height, reader.width) if reader is not None else vol.slice_hw if vol is not None else None
@@ -158,7 +173,7 @@ def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, back
             for i, b in enumerate(prompts.boxes):
                 validate_box(b, hw, f"{spec.path} object {i} (--box {i + 1})")
         choice = (Choice(artifact_dir, "given") if artifact_dir is not None
-                  else default_artifact(volume=spec.kind == "volume"))
+                  else default_artifact(radiology=_radiology(spec, first, reader)))
         if choice is None:
             raise UserError("no artifact of a finished run under runs/ and no shipped artifact in this install: "
                             "pass --artifact DIR (see imedsam-export)")

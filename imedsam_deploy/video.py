@@ -77,6 +77,10 @@ class VideoReader:
         self.fps = float(fps) if fps and fps > 0 else 25.0
         self.frame_count = int(self.cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)  # container estimate
 
+    def first_frame(self) -> np.ndarray | None:
+        """Frame 0 as RGB before iteration starts (kept for it), else None."""
+        return None if self._first is None else cv2.cvtColor(self._first, cv2.COLOR_BGR2RGB)
+
     def _read(self) -> tuple[bool, np.ndarray | None]:
         try:
             return self.cap.read()

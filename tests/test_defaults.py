@@ -87,10 +87,11 @@ def test_an_export_of_the_shipped_lite_model_is_the_default(tmp_path, monkeypatc
 
 
 def test_zero_shot_litemedsam_is_the_default_for_volumes_and_after_the_shipped_model_for_images(tmp_path, monkeypatch):
-    """`imedsam-export --zero-shot`'s artifact (LiteMedSAM, nothing fine-tuned) is taken for a volume before the
-    shipped model, which is fine-tuned on colonoscopy polyps and loses to LiteMedSAM on CT organs; for images it
-    comes after the shipped model's export, whichever is newer, and before the bundled tiny model. A volume run
-    on the polyp model says how to get LiteMedSAM's."""
+    """`imedsam-export --zero-shot`'s artifact (LiteMedSAM, nothing fine-tuned) is taken for a volume, grey images
+    and a grey video before the shipped model, which is fine-tuned on colour colonoscopy and loses to LiteMedSAM on
+    CT organs; for colour images it comes after the shipped model's export, whichever is newer, and before the
+    bundled tiny model. A volume run on the polyp model says how to get LiteMedSAM's."""
+    import cv2
     import nibabel as nib
     import numpy as np
 
@@ -107,6 +108,15 @@ def test_zero_shot_litemedsam_is_the_default_for_volumes_and_after_the_shipped_m
               {"checkpoint": str(LITE_CK), "sha256": SHIPPED_CHECKPOINT_SHA256, "shipped": True})
     _stand_in(tmp_path / "runs" / "zero-shot" / "export", zero)  # the newer of the two
 
+    grey = tmp_path / "grey" / "slice.png"  # a CT-like slice as an 8-bit RGB file (R = G = B), as SA-Med2D ships them
+    grey.parent.mkdir()
+    cv2.imwrite(str(grey), cv2.cvtColor(cv2.imread(str(IMAGE), cv2.IMREAD_GRAYSCALE), cv2.COLOR_GRAY2BGR))
+    grey_video = tmp_path / "us.avi"  # ultrasound-like: grey frames
+    w = cv2.VideoWriter(str(grey_video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (320, 254))
+    for _ in range(2):
+        w.write(cv2.cvtColor(cv2.imread(str(grey)), cv2.COLOR_BGR2GRAY)[:, :, None].repeat(3, axis=2))
+    w.release()
+
     def using(inp: Path, out: str) -> str:
         box = "6,8,22,27" if inp == vol else "20,20,100,100"
         res = _infer([str(inp), "--box", box, "--out", out])
@@ -117,6 +127,9 @@ def test_zero_shot_litemedsam_is_the_default_for_volumes_and_after_the_shipped_m
     assert using(vol, "v1") == ("using runs/zero-shot/export (newest export of zero-shot LiteMedSAM, taken for a "
                                 "volume before the shipped polyp model)")
     assert json.loads((tmp_path / "v1" / "results.json").read_text())["artifact"].endswith("zero-shot/export")
+    for inp, what in ((grey, "grey images"), (grey.parent, "grey images"), (grey_video, "a grey video")):
+        assert using(inp, f"g-{inp.name}") == ("using runs/zero-shot/export (newest export of zero-shot LiteMedSAM, "
+                                              f"taken for {what} before the shipped polyp model)")
     # another base file's export is not LiteMedSAM's: the volume gets the polyp model, and a line saying so
     _stand_in(tmp_path / "runs" / "other" / "export", {**zero, "base_sha256": "0" * 64})
     shutil.rmtree(tmp_path / "runs" / "zero-shot")

@@ -359,3 +359,25 @@ def test_ct_organs_scores_every_organ_against_litemedsam_on_the_same_boxes(share
     assert any(abs(r["dice"][key] - r["dice"]["litemedsam"]) > 1 for r in rows)
     assert summary["slices"]["litemedsam"]["mean"] > 60  # LiteMedSAM does segment CT organs from tight boxes
     assert "vs LiteMedSAM" in capsys.readouterr().out
+
+
+def test_ct_slice_inputs_scores_each_road_on_the_same_cases(shared_data, tmp_path, capsys):
+    """benchmarks/ct_slice_inputs.py with the bundled tiny artifact on two slices of the real CT volume: every road
+    scores the same organ sections; a 16-bit PNG given the CT window in its stored units is the NIfTI picture (same
+    Dice), while OpenCV's top byte is another."""
+    from benchmarks import ct_slice_inputs
+    from imedsam_core.paths import SHIPPED_ARTIFACT
+
+    out = tmp_path / "roads.json"
+    assert ct_slice_inputs.main(["--artifact", str(SHIPPED_ARTIFACT), "--min-area", "1500", "--limit", "2",
+                                 "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    by: dict[str, list[float]] = {}
+    for r in got["rows"]:
+        by.setdefault(r["road"], []).append(r["dice"])
+    assert set(by) == {"nifti", "png16 top byte", "png16", "png16 --window 1064,400", "rot180", "transunet window",
+                       "rot180 + transunet window"}
+    assert len({len(v) for v in by.values()}) == 1 and len(by["nifti"]) >= 2
+    assert by["png16 --window 1064,400"] == by["nifti"]
+    assert by["png16 top byte"] != by["nifti"]
+    assert "png16 top byte" in capsys.readouterr().out

@@ -11,6 +11,7 @@ import typer
 from imedsam_core.cli_common import check_threads, guarded, require, run_app, say_line
 from imedsam_core.contract import PRECISIONS
 from imedsam_core.errors import UserError
+from imedsam_core.paths import Choice
 from imedsam_deploy.backends.options import HELP as BACKEND_OPTION_HELP
 from imedsam_deploy.backends.options import split as split_options
 from imedsam_deploy.runtime import DEFAULT_QUERY, QUERY_MODES
@@ -30,7 +31,7 @@ def _port(value: int, name: str) -> int:
 @app.command()
 @guarded
 def serve(
-    artifact: Path | None = typer.Argument(None, help="Artifact folder (default: the newest runs/*/export)."),
+    artifact: Path | None = typer.Argument(None, help="Artifact folder (default: imedsam-infer's for colour images: the newest export of a finished run or of the shipped lite model under runs/, else of zero-shot LiteMedSAM, else the bundled tiny model's)."),
     backend: str = typer.Option("auto", "--backend", help="auto|ov-cpu|ort-cpu|ort-cuda|ort-trt|tensorrt|torch-cuda."),
     precision: str | None = typer.Option(None, "--precision", help="fp32|fp16|bf16|int8 (default: the backend's)."),
     backend_option: list[str] | None = typer.Option(None, "--backend-option", help=BACKEND_OPTION_HELP),
@@ -82,24 +83,35 @@ def serve(
         raise typer.Exit(1)  # a supervisor restarts a server that died, not one that was stopped
 
 
+def choose_artifact(artifact_dir: Path | None) -> Choice:
+    """The given folder, else ``imedsam-infer``'s default for colour images (``paths.default_artifact``): a finished
+    run's export, never one exported mid-training; serving cannot tell a request's modality in advance."""
+    from imedsam_core.paths import default_artifact
+
+    if artifact_dir is not None:
+        return Choice(artifact_dir, "given")
+    choice = default_artifact()
+    if choice is None:
+        raise UserError("no artifact of a finished run under runs/ and no shipped artifact in this install: "
+                        "pass ARTIFACT (see imedsam-export)")
+    return choice
+
+
 def serve_artifact(artifact_dir: Path | None, backend_name: str, precision: str | None, cfg: ServerConfig,
                    query: str, max_boxes: int, cache_size: int, ttl: float, console: object,
                    options: dict[str, str] | None = None, tta: bool = False, threads: int | None = None) -> bool:
     """Serve until stopped (True) or until tritonserver or one of its models dies (False)."""
-    from imedsam_core.paths import latest_artifact
     from imedsam_deploy import backends as bk
     from imedsam_deploy.manifest import load_artifact
     from imedsam_deploy.runtime import Segmenter, check_tta
     from imedsam_deploy.serve import ServeLimits, Server, Service
 
-    if artifact_dir is None:
-        artifact_dir = latest_artifact()
-        if artifact_dir is None:
-            raise UserError("no artifact found under runs/*/export: pass ARTIFACT (see imedsam-export)")
-    art = load_artifact(artifact_dir)
+    choice = choose_artifact(artifact_dir)
+    art = load_artifact(choice.path)
     if tta:
         check_tta(art)
     be, how = bk.open_backend(backend_name, art, precision, options, threads=threads)
+    say_line(console, choice.line())  # once it opened: a refused artifact gets its one error line only
     say_line(console, how)
     seg = Segmenter(be, art, query=query, tta=tta)  # type: ignore[arg-type]
     svc = Service(seg, ServeLimits(max_boxes=max_boxes, cache_size=cache_size, ttl_s=ttl))

@@ -288,3 +288,22 @@ def test_every_environment_variable_is_in_the_readme_table():
     missing = {n: str(p.relative_to(REPO)) for n, p in read.items() if n not in documented | known_elsewhere}
     assert not missing, f"read but not in the README's environment table: {missing}"
     assert all(row.count(" | ") >= 3 and row.split(" | ")[1].strip() for row in rows)  # each with its default
+
+
+def test_serve_takes_the_default_infer_takes(tmp_path, monkeypatch):
+    """`imedsam-serve` with no ARTIFACT serves what `imedsam-infer` would use on colour images, and says which: it
+    used to take the newest runs/*/export, even one exported mid-training, and had no bundled fallback."""
+    from imedsam_deploy.cli_serve import choose_artifact
+
+    monkeypatch.chdir(tmp_path)
+    ck = _run(tmp_path, "x", finished=False)
+    _stand_in(tmp_path / "runs" / "x" / "export", {"checkpoint": str(ck), "sha256": "0" * 64, "shipped": False})
+    choice = choose_artifact(None)
+    assert choice.path == SHIPPED_ARTIFACT
+    assert "bundled tiny model's artifact" in choice.line() and "not finished, so skipped: runs/x" in choice.line()
+    _run(tmp_path, "y", finished=True)
+    ck_y = tmp_path / "runs" / "y" / "checkpoints" / "best.pt"
+    _stand_in(tmp_path / "runs" / "y" / "export", {"checkpoint": str(ck_y), "sha256": sha256_file(ck_y), "shipped": False})
+    assert choose_artifact(None).line() == "using runs/y/export (newest export of a finished run)"
+    given = tmp_path / "runs" / "x" / "export"
+    assert choose_artifact(given).path == given and choose_artifact(given).why == "given"

@@ -176,3 +176,19 @@ def test_training_slices_are_the_runtime_slices(shared_data, tmp_path, stored):
         for cls, m in sample.masks:
             value = (5, 1)[cls]
             np.testing.assert_array_equal(m, np.equal(lab[:, :, z].T, value), err_msg=rec.stem)
+
+
+def test_looks_grey():
+    from imedsam_core.pixels import looks_grey
+
+    colour = runtime_read(IMAGE)
+    grey = np.repeat(cv2.cvtColor(colour, cv2.COLOR_RGB2GRAY)[:, :, None], 3, axis=2)
+    assert looks_grey(grey) and not looks_grey(colour)
+    noisy = np.clip(grey.astype(int) + np.random.default_rng(0).integers(-3, 4, grey.shape), 0, 255).astype(np.uint8)
+    assert looks_grey(noisy)  # chroma noise of a compressed grey picture
+    tinted = grey.copy()
+    tinted[..., 0] = np.clip(grey[..., 0].astype(int) + 10, 0, 255)  # a grey picture with a red cast is colour
+    assert not looks_grey(tinted)
+    black = np.zeros_like(colour)
+    black[:5, :5] = 200  # a black frame with a speck of light: too little to judge, so not grey
+    assert not looks_grey(black)

@@ -36,7 +36,7 @@ def _files(d: Path) -> dict[str, Path]:
     bgr = cv2.imread(str(IMAGE))
     grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
     ct = _ct_like()
-    out = {}
+    out = {"sample.jpg": IMAGE}  # JPEG: Pillow and OpenCV decode it to the same pixels
 
     def put(name: str, write) -> None:
         out[name] = d / name

@@ -260,6 +260,10 @@ def test_infer_refuses_nifti_that_is_not_a_volume_and_boxes_outside_slices(art, 
     bfile = tmp_path / "slices.csv"
     bfile.write_text("frame,x0,y0,x1,y1\n7,1,1,5,5\n")  # the volume has slices 0..2
     assert_one_line_error(_infer(vol, art, out, "--boxes", str(bfile)), "vol.nii.gz", "slice")
+    # the mask keeps the voxel grid: another --out-size is refused before the artifact loads (no "using" line)
+    res = _infer(vol, art, out, "--box", "1,1,5,5", "--out-size", "64")
+    assert_one_line_error(res, "vol.nii.gz", "--out-size")
+    assert "using " not in res.output
     assert_nothing_left(out)
 
 

@@ -10,7 +10,7 @@ Commands that take an optional CHECKPOINT or ARTIFACT default to the newest FINI
 folder (for an artifact: the newest export of a finished run's checkpoint, or of the shipped lite checkpoint,
 else of zero-shot LiteMedSAM), then to the model shipped with the package (for an artifact: the bundled tiny
 model's, which needs no torch); an interrupted or still running run is never taken by default. For a volume,
-zero-shot LiteMedSAM's export comes before the shipped polyp model's. Each command says which file it uses and
+grey images or a grey video, zero-shot LiteMedSAM's export comes before the shipped polyp model's. Each command says which file it uses and
 why (``Choice.line``).
 """
 
@@ -39,7 +39,8 @@ SHIPPED_ARTIFACT = Path(__file__).resolve().parents[1] / "imedsam_deploy" / "shi
 # it under runs/ is "the shipped model's" and is taken before the bundled artifact
 SHIPPED_CHECKPOINT_SHA256 = "4e39305c9846e051347dae0a99e990257b24724555bcdbbb173476785e1e67f4"
 # sha256 of LiteMedSAM's lite_medsam.pth (the lite model's base): ``imedsam-export --zero-shot`` exports it with
-# nothing fine-tuned (manifest source ``zero_shot``); its export is taken for volumes before the shipped model,
+# nothing fine-tuned (manifest source ``zero_shot``); its export is taken for volumes and grey input before the
+# shipped model,
 # which is fine-tuned on colonoscopy polyps and loses to LiteMedSAM on CT organs (benchmarks/RESULTS.md)
 LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 ZERO_SHOT_RUN = "zero-shot"  # `imedsam-export --zero-shot` writes ./runs/zero-shot/export by default
@@ -183,7 +184,7 @@ def _source_kind(folder: Path, finished: set[str]) -> str | None:
     return None
 
 
-# the shipped model loses to LiteMedSAM on CT organs: what a volume's "using ..." line suggests instead
+# the shipped model loses to LiteMedSAM on CT organs: what the "using ..." line of a volume or grey input suggests
 _ZERO_SHOT_HINT = ("for CT or MR `imedsam-export --zero-shot` (the [train] extra) exports zero-shot LiteMedSAM, "
                    "taken for volumes and grey images from then on")
 
@@ -199,7 +200,7 @@ def finished_artifact(root: Path | None = None, radiology: str | None = None) ->
     For ``radiology`` input (a volume, grey images or a grey video: CT, MR, ultrasound; named for the "using" line)
     the shipped model, fine-tuned on colour colonoscopy, comes last: a finished run's export, else zero-shot
     LiteMedSAM's, else the shipped model's, with a line saying how to get the former."""
-    volume = radiology is not None
+    radiological = radiology is not None
     base = (root or Path.cwd()) / RUNS_DIR
     if not base.is_dir():
         return None
@@ -212,14 +213,14 @@ def finished_artifact(root: Path | None = None, radiology: str | None = None) ->
     found = [d for d in found if not any(part.startswith(".") for part in d.relative_to(base).parts)]
     newest = sorted(found, key=lambda p: (p / MANIFEST_NAME).stat().st_mtime, reverse=True)
     kinds = [(d, _source_kind(d, finished)) for d in newest]
-    order = [{"run"}, {"zero-shot"}, {"shipped"}] if volume else [{"run", "shipped"}, {"zero-shot"}]
+    order = [{"run"}, {"zero-shot"}, {"shipped"}] if radiological else [{"run", "shipped"}, {"zero-shot"}]
     for group in order:
         for d, kind in kinds:
             if kind in group:
                 why = _WHY[kind]
-                if volume and kind == "zero-shot":
+                if radiological and kind == "zero-shot":
                     why += f", taken for {radiology} before the shipped polyp model"
-                elif volume and kind == "shipped":
+                elif radiological and kind == "shipped":
                     why += ", fine-tuned on colonoscopy polyps: " + _ZERO_SHOT_HINT
                 return Choice(d, why)
     return None

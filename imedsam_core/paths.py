@@ -40,8 +40,7 @@ SHIPPED_ARTIFACT = Path(__file__).resolve().parents[1] / "imedsam_deploy" / "shi
 SHIPPED_CHECKPOINT_SHA256 = "4e39305c9846e051347dae0a99e990257b24724555bcdbbb173476785e1e67f4"
 # sha256 of LiteMedSAM's lite_medsam.pth (the lite model's base): ``imedsam-export --zero-shot`` exports it with
 # nothing fine-tuned (manifest source ``zero_shot``); its export is taken for volumes and grey input before the
-# shipped model,
-# which is fine-tuned on colonoscopy polyps and loses to LiteMedSAM on CT organs (benchmarks/RESULTS.md)
+# shipped model, which is fine-tuned on colonoscopy polyps and loses to LiteMedSAM on CT organs (RESULTS.md)
 LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 ZERO_SHOT_RUN = "zero-shot"  # `imedsam-export --zero-shot` writes ./runs/zero-shot/export by default
 CACHE_ENV = "IMEDSAM_CACHE"  # what the commands make for themselves: random-weight artifacts, tunings

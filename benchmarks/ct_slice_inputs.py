@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     import nibabel as nib
 
     from imedsam_core.atomic import atomic_write_text
-    from imedsam_core.pixels import window_to_uint8
-    from imedsam_core.volume_view import CT_LEVEL, CT_WIDTH, axial
+    from imedsam_core.volume_view import CT_LEVEL, CT_WIDTH, axial, slice_rgb
     from imedsam_deploy.backends import open_backend
     from imedsam_deploy.manifest import load_artifact
     from imedsam_deploy.runtime import Segmenter
@@ -69,9 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     if lab.shape != vol.data.shape:
         raise SystemExit(f"{a.labels}: shape {lab.shape} is not the volume's {vol.data.shape}")
     window16 = (CT_LEVEL + OFFSET - CT_WIDTH / 2, CT_LEVEL + OFFSET + CT_WIDTH / 2)
-
-    def grey(g: np.ndarray) -> np.ndarray:
-        return np.repeat(g[:, :, None], 3, axis=2)
 
     rows: list[dict[str, Any]] = []
     slices = 0
@@ -94,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                 "png16": (read_image(png), False),
                 "png16 --window 1064,400": (read_image(png, window16), False),
                 "rot180": (vol.slice_rgb(z)[::-1, ::-1], True),
-                "transunet window": (grey(window_to_uint8(hu, TRANSUNET_WINDOW)), False),
-                "rot180 + transunet window": (grey(window_to_uint8(hu, TRANSUNET_WINDOW))[::-1, ::-1], True),
+                "transunet window": (slice_rgb(vol.data, z, TRANSUNET_WINDOW), False),
+                "rot180 + transunet window": (slice_rgb(vol.data, z, TRANSUNET_WINDOW)[::-1, ::-1], True),
             }
             for road, (rgb, turned) in roads.items():
                 gts = [m[::-1, ::-1] if turned else m for _, m in organs]

@@ -37,5 +37,6 @@ def axial(data: np.ndarray, z: int) -> np.ndarray:
 
 def slice_rgb(data: np.ndarray, z: int, window: tuple[float, float]) -> np.ndarray:
     """(Y, X, 3) uint8 RGB of slice z under ``window`` (grey replicated)."""
-    g = window_to_uint8(axial(data, z).astype(np.float32, copy=False), window)
+    # the transposed view, not axial()'s contiguous copy: the window makes a new array anyway
+    g = window_to_uint8(data[:, :, z].T.astype(np.float32, copy=False), window)
     return np.repeat(g[:, :, None], 3, axis=2)

@@ -150,7 +150,13 @@ def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, back
     from imedsam_core.paths import Choice, default_artifact
     from imedsam_deploy import backends as bk
     from imedsam_deploy.boxes import validate_box
-    from imedsam_deploy.infer import iter_frames_count, out_shape, run_images, run_video, run_volume
+    from imedsam_deploy.infer import (
+        check_volume_out_size,
+        iter_frames_count,
+        run_images,
+        run_video,
+        run_volume,
+    )
     from imedsam_deploy.manifest import load_artifact
     from imedsam_deploy.outputs import OutputSet
     from imedsam_deploy.runtime import Segmenter, check_tta
@@ -172,8 +178,8 @@ def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, back
         if hw is not None:  # refuse a bad --box before loading anything (folders: checked per image)
             for i, b in enumerate(prompts.boxes):
                 validate_box(b, hw, f"{spec.path} object {i} (--box {i + 1})")
-        if vol is not None and size is not None and out_shape(vol.slice_hw, size) != vol.slice_hw:
-            raise UserError(f"{spec.path}: --out-size is not supported for volumes (the mask keeps the voxel grid)")
+        if vol is not None:
+            check_volume_out_size(vol, size)
         choice = (Choice(artifact_dir, "given") if artifact_dir is not None
                   else default_artifact(radiology=_radiology(spec, first, reader)))
         if choice is None:

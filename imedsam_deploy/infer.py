@@ -225,11 +225,16 @@ def run_video(seg: Segmenter, reader: VideoReader, prompts: Prompts, outs: Outpu
     return {"frames": frames, "fps": reader.fps, "size": [reader.width, reader.height]}
 
 
+def check_volume_out_size(vol: Volume, out_size: tuple[int, int] | int | None) -> None:
+    """A volume's mask keeps its voxel grid: an --out-size other than the slice's own is refused."""
+    if out_size is not None and out_shape(vol.slice_hw, out_size) != vol.slice_hw:
+        raise UserError(f"{vol.path}: --out-size is not supported for volumes (the mask keeps the voxel grid)")
+
+
 def run_volume(seg: Segmenter, vol: Volume, prompts: Prompts, outs: OutputSet,
                out_size: tuple[int, int] | int | None, progress: Progress, overlap_io: bool = True) -> dict[str, Any]:
     hw = vol.slice_hw
-    if out_size is not None and out_shape(hw, out_size) != hw:
-        raise UserError(f"{vol.path}: --out-size is not supported for volumes (the mask keeps the voxel grid)")
+    check_volume_out_size(vol, out_size)
     per_slice = [prompts.for_frame(z, None, first_only=False) for z in range(vol.num_slices)]
     for z, given in enumerate(per_slice):
         for obj, b in given.items():

@@ -21,9 +21,6 @@ SAMPLE_IMAGES = sorted((SAMPLE_DATA / "images").iterdir())
 IMAGE = SAMPLE_IMAGES[0]  # 320 x 254 JPEG
 GOOD_BOX = "60,50,200,180"
 
-_cache: dict[str, Any] = {}  # one checkpoint per worker, shared by every reliability module
-
-
 def tiny_model(seed: int = 0) -> Any:
     import torch
 
@@ -35,14 +32,11 @@ def tiny_model(seed: int = 0) -> Any:
 
 
 def tiny_checkpoint(tmp_path_factory: Any) -> Path:
-    """An imedsam checkpoint of the seeded random tiny model."""
-    if "ckpt" not in _cache:
-        from imedsam_train.checkpoint import model_payload, save_checkpoint
+    """An imedsam checkpoint of the seeded random tiny model, saved once per session for every worker."""
+    from imedsam_train.checkpoint import model_payload, save_checkpoint
 
-        path = tmp_path_factory.mktemp("rel_ckpt") / "tiny.pt"
-        save_checkpoint(path, model_payload(tiny_model(), None))
-        _cache["ckpt"] = path
-    return _cache["ckpt"]
+    return built_once(tmp_path_factory, "reliability-ckpt.pt",
+                      lambda path: save_checkpoint(path, model_payload(tiny_model(), None)))
 
 
 def tiny_artifact(tmp_path_factory: Any) -> Path:

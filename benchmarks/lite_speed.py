@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default=None, help="ours at this precision (default: the backend's)")
     a = ap.parse_args(argv)
 
+    from imedsam_core import malloc
+
+    malloc.keep_freed_memory()  # LiteMedSAM's eager pipeline as our torch commands run it (a faster reference)
     import torch
 
     from imedsam_core.atomic import atomic_write_text
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{stem}: litemedsam {times['litemedsam']:.3f}s ours {times['ours']:.3f}s", file=sys.stderr)
     med = {k: statistics.median(r["seconds"][k] for r in rows) for k in ("litemedsam", "ours")}
     summary = {
-        "images": len(rows), "threads": a.threads, "artifact": str(a.artifact), "tta": a.tta,
+        "images": len(rows), "threads": a.threads, "artifact": str(a.artifact), "tta": a.tta, "malloc": malloc.state,
         "backend": mine.description,
         "median_seconds": med, "speedup": med["litemedsam"] / med["ours"],
         "ours_encode_median_seconds": statistics.median(r["ours_encode_seconds"] for r in rows),

@@ -33,9 +33,14 @@ def check_threads(threads: int | None) -> None:
         raise UserError(f"--threads {threads}: must be at least 1")
 
 
-def run_app(app: typer.Typer, argv: list[str] | None = None) -> Any:
-    """Console-script entry: run a Typer app, turning UserError (and Ctrl-C) into one line + exit code."""
+def run_app(app: typer.Typer, argv: list[str] | None = None, eager_torch: bool = False) -> Any:
+    """Console-script entry: run a Typer app, turning UserError (and Ctrl-C) into one line + exit code.
+    ``eager_torch``: the command runs PyTorch on the CPU, so malloc keeps freed memory (``imedsam_core.malloc``)."""
     try:
+        if eager_torch:
+            from imedsam_core.malloc import keep_freed_memory
+
+            keep_freed_memory()
         return app(args=argv, standalone_mode=True)
     except UserError as e:
         typer.echo(f"error: {' '.join(str(e).split())}", err=True)

@@ -57,7 +57,7 @@ def export(
 
 
 def main() -> None:
-    run_app(app)
+    run_app(app, eager_torch=True)
 
 
 if __name__ == "__main__":

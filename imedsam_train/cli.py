@@ -221,7 +221,7 @@ def folder(
 
 
 def main() -> None:
-    run_app(app)
+    run_app(app, eager_torch=True)
 
 
 if __name__ == "__main__":

@@ -203,7 +203,7 @@ def main_cmd(
 
 
 def main() -> None:
-    run_app(app)
+    run_app(app, eager_torch=True)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,10 @@ def pytest_configure(config: pytest.Config) -> None:
     except ImportError:  # the serving tests' environment is torch-free
         return
 
+    from imedsam_core.malloc import keep_freed_memory
+
+    keep_freed_memory()  # the tests run the torch commands in process (CliRunner): malloc as their main() sets it
+
     # Under pytest-xdist the cores are shared between the workers: more threads than cores only contend.
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // workers)))

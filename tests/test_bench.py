@@ -899,15 +899,19 @@ def test_threads_reach_the_backends_with_a_cpu_pool_and_only_those(tiny_artifact
 
 
 def test_machine_records_what_chooses_the_cpu_kernels(monkeypatch):
-    """A result says which CPU, OpenVINO and bf16 kernel ran, and the settings that change the kernels."""
+    """A result says which CPU, OpenVINO and bf16 kernel ran, the settings that change the kernels, and malloc's."""
     import openvino as ov
 
+    from imedsam_core import malloc
     from imedsam_deploy.backends.openvino import bf16_matmul_kernel
     from imedsam_deploy.bench.timing import machine
 
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("IMEDSAM_MALLOC", "glibc")
+    monkeypatch.setattr(malloc, "state", "left as glibc's defaults ($IMEDSAM_MALLOC=glibc)")
     info = machine()
-    assert info["env"] == {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}
+    assert info["env"] == {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "IMEDSAM_MALLOC": "glibc"}
+    assert info["malloc"] == malloc.state  # what malloc was when the torch reference ran (None: torch never loaded)
     assert info["openvino"][:4].isdigit() and info["openvino_bf16_kernel"] == bf16_matmul_kernel()
     assert info["cpu"] == ov.Core().get_property("CPU", "FULL_DEVICE_NAME") and info["cpu"]

@@ -381,3 +381,18 @@ def test_ct_slice_inputs_scores_each_road_on_the_same_cases(shared_data, tmp_pat
     assert by["png16 --window 1064,400"] == by["nifti"]
     assert by["png16 top byte"] != by["nifti"]
     assert "png16 top byte" in capsys.readouterr().out
+
+
+def test_malloc_effect_times_each_workload_under_both_settings(tmp_path, capsys):
+    """Each setting in a process of its own (malloc is set once a process), as the setting says it ran."""
+    from benchmarks import malloc_effect
+    from imedsam_core.malloc import is_glibc
+
+    js = tmp_path / "m.json"
+    assert malloc_effect.main(["--workload", "litemedsam", "--rounds", "1", "--repeat", "1", "--threads", "1",
+                               "--json", str(js)]) == 0
+    runs = json.loads(js.read_text())["runs"]["litemedsam"]
+    assert runs["tuned"][0]["malloc"] == ("tuned" if is_glibc() else "left: the C library is not glibc")
+    assert runs["glibc"][0]["malloc"] == "left as glibc's defaults ($IMEDSAM_MALLOC=glibc)"
+    assert all(r[0]["seconds"] > 0 and r[0]["peak_rss_mb"] > 100 for r in runs.values())
+    assert "litemedsam" in capsys.readouterr().out

@@ -65,7 +65,12 @@ def _load(spec: str, missing_ok: bool = False) -> Any:
 
 
 def torch_part(name: str) -> Any:
-    """The module or attribute that ``TORCH_PARTS[name]`` names, imported now (torch with it)."""
+    """The module or attribute that ``TORCH_PARTS[name]`` names, imported now (torch with it). Eager PyTorch on
+    the CPU (the bench's LiteMedSAM reference, torch-cpu) then runs with malloc keeping freed memory, as the
+    training side's commands do (``imedsam_core.malloc``; ONNX Runtime and OpenVINO do not need it)."""
+    from imedsam_core.malloc import keep_freed_memory
+
+    keep_freed_memory()
     return _load(TORCH_PARTS[name])
 
 

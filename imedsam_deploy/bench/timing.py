@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from imedsam_core import malloc
 from imedsam_deploy.backends.base import Backend, Embedding
 from imedsam_deploy.bench.inputs import Inputs
 from imedsam_deploy.bench.options import BenchOptions
@@ -82,7 +83,8 @@ def machine() -> dict[str, Any]:
     except ImportError:
         pass
     # settings that change which CPU kernels run, recorded so a result says what it measured
-    info["env"] = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS") if k in os.environ}
+    info["env"] = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS", malloc.ENV) if k in os.environ}
+    info["malloc"] = malloc.state  # None: torch never loaded, malloc as glibc's (imedsam_core.malloc)
     return info
 
 class StageClock:

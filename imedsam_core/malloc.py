@@ -13,7 +13,7 @@ The torch-side commands call ``keep_freed_memory`` first thing (``imedsam-train`
 ``imedsam-export``, and the runtime where it loads torch: ``imedsam-bench``'s reference and torch backends).
 ONNX Runtime and OpenVINO keep arenas of their own and gain nothing, so the runtime leaves malloc alone otherwise.
 The cost is memory held for reuse: the process keeps up to ``TRIM_THRESHOLD`` of freed heap instead of returning
-it (11 % more peak memory for a lite training step, 10 % for LiteMedSAM's pipeline: benchmarks/malloc_effect.py).
+it (peak memory 10-31 % higher: a lite training step, LiteMedSAM's pipeline, ``imedsam-eval``; RESULTS.md).
 """
 
 from __future__ import annotations

@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
+
+    from imedsam_core.malloc import keep_freed_memory
+
+    keep_freed_memory()  # eager PyTorch (LiteMedSAM, the lite model) as the torch commands run it
     if (a.volume is None) != (a.labels is None):
         ap.error("--volume and --labels go together")
     if a.slices is None and a.volume is None:

@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
 
+    from imedsam_core.malloc import keep_freed_memory
+
+    keep_freed_memory()  # eager PyTorch (LiteMedSAM, the lite model) as the torch commands run it
+
     import torch
 
     from imedsam_core.atomic import atomic_write_text

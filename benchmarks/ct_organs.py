@@ -44,23 +44,31 @@ def slice_cases(folder: Path) -> list[tuple[str, np.ndarray, list[tuple[str, np.
     return out
 
 
-def volume_cases(image: Path, labels: Path, min_area: int) -> list[tuple[str, np.ndarray, list[tuple[str, np.ndarray]]]]:
-    """(slice_<z>, RGB as imedsam-infer shows it, [(label, mask), ...]) per slice with an organ of ``min_area``."""
+def labelled_slices(vol: Any, labels: Path, min_area: int) -> list[tuple[int, list[tuple[str, np.ndarray]]]]:
+    """(z, [(label, mask), ...]) per slice of ``vol`` (``imedsam_deploy.volume.Volume``) with an organ of
+    ``min_area`` voxels; the masks in the view ``slice_rgb`` shows (``imedsam_core.volume_view.axial``)."""
     import nibabel as nib
 
-    from imedsam_deploy.volume import load_volume
+    from imedsam_core.volume_view import axial
 
-    vol = load_volume(image)
     lab = np.asarray(nib.load(str(labels)).dataobj).astype(np.int64)
     if lab.shape != vol.data.shape:
         raise SystemExit(f"{labels}: shape {lab.shape} is not the volume's {vol.data.shape}")
     out = []
     for z in range(vol.num_slices):
-        sl = lab[:, :, z].T  # (Y, X), as slice_rgb
+        sl = axial(lab, z)
         organs = [(str(int(v)), sl == v) for v in np.unique(sl) if v != 0 and int((sl == v).sum()) >= min_area]
         if organs:
-            out.append((f"slice_{z:04d}", vol.slice_rgb(z), organs))
+            out.append((z, organs))
     return out
+
+
+def volume_cases(image: Path, labels: Path, min_area: int) -> list[tuple[str, np.ndarray, list[tuple[str, np.ndarray]]]]:
+    """(slice_<z>, RGB as imedsam-infer shows it, [(label, mask), ...]) per slice with an organ of ``min_area``."""
+    from imedsam_deploy.volume import load_volume
+
+    vol = load_volume(image)
+    return [(f"slice_{z:04d}", vol.slice_rgb(z), organs) for z, organs in labelled_slices(vol, labels, min_area)]
 
 
 def main(argv: list[str] | None = None) -> int:

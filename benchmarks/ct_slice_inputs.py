@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     import cv2
-    import nibabel as nib
 
+    from benchmarks.ct_organs import labelled_slices
     from imedsam_core.atomic import atomic_write_text
     from imedsam_core.volume_view import CT_LEVEL, CT_WIDTH, axial, slice_rgb
     from imedsam_deploy.backends import open_backend
@@ -64,34 +64,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{a.artifact}: {how}", file=sys.stderr)
     seg = Segmenter(be, art, query=a.query)
     vol = load_volume(a.volume)
-    lab = np.asarray(nib.load(str(a.labels)).dataobj).astype(np.int64)
-    if lab.shape != vol.data.shape:
-        raise SystemExit(f"{a.labels}: shape {lab.shape} is not the volume's {vol.data.shape}")
     window16 = (CT_LEVEL + OFFSET - CT_WIDTH / 2, CT_LEVEL + OFFSET + CT_WIDTH / 2)
 
     rows: list[dict[str, Any]] = []
-    slices = 0
     with tempfile.TemporaryDirectory() as tmp:
         png = Path(tmp) / "slice.png"
-        for z in range(vol.num_slices):
-            sl = axial(lab, z)
-            organs = [(int(v), sl == v) for v in np.unique(sl) if v != 0 and int((sl == v).sum()) >= a.min_area]
-            if not organs:
-                continue
-            slices += 1
-            if a.limit is not None and slices > a.limit:
-                break
+        for z, organs in labelled_slices(vol, a.labels, a.min_area)[: a.limit]:
             hu = axial(vol.data, z)
             assert cv2.imwrite(str(png), np.clip(hu + OFFSET, 0, 65535).astype(np.uint16))
             top = cv2.cvtColor(cv2.imdecode(np.fromfile(str(png), np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+            nifti, transunet = vol.slice_rgb(z), slice_rgb(vol.data, z, TRANSUNET_WINDOW)
             roads: dict[str, tuple[np.ndarray, bool]] = {  # (picture, turned 180 degrees)
-                "nifti": (vol.slice_rgb(z), False),
+                "nifti": (nifti, False),
                 "png16 top byte": (top, False),
                 "png16": (read_image(png), False),
                 "png16 --window 1064,400": (read_image(png, window16), False),
-                "rot180": (vol.slice_rgb(z)[::-1, ::-1], True),
-                "transunet window": (slice_rgb(vol.data, z, TRANSUNET_WINDOW), False),
-                "rot180 + transunet window": (slice_rgb(vol.data, z, TRANSUNET_WINDOW)[::-1, ::-1], True),
+                "rot180": (nifti[::-1, ::-1], True),
+                "transunet window": (transunet, False),
+                "rot180 + transunet window": (transunet[::-1, ::-1], True),
             }
             for road, (rgb, turned) in roads.items():
                 gts = [m[::-1, ::-1] if turned else m for _, m in organs]

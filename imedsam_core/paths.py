@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from imedsam_core.contract import MANIFEST_NAME
+from imedsam_core.errors import UserError
 
 RUNS_DIR = Path("runs")
 CHECKPOINT_DIR = "checkpoints"
@@ -223,6 +224,18 @@ def finished_artifact(root: Path | None = None, radiology: str | None = None) ->
                     why += ", fine-tuned on colonoscopy polyps: " + _ZERO_SHOT_HINT
                 return Choice(d, why)
     return None
+
+
+def artifact_choice(given: Path | None, how_to_pass: str, radiology: str | None = None) -> Choice:
+    """``given`` where there is one, else ``default_artifact``; neither is a one-line error ending in
+    ``how_to_pass`` (the command's way to name an artifact)."""
+    if given is not None:
+        return Choice(given, "given")
+    choice = default_artifact(radiology=radiology)
+    if choice is None:
+        raise UserError("no artifact of a finished run under runs/ and no shipped artifact in this install: "
+                        f"{how_to_pass} (see imedsam-export)")
+    return choice
 
 
 def default_artifact(root: Path | None = None, radiology: str | None = None) -> Choice | None:

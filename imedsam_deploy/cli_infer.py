@@ -147,7 +147,7 @@ def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, back
 
     from imedsam_core.atomic import atomic_dir
     from imedsam_core.cli_common import Progress
-    from imedsam_core.paths import Choice, default_artifact
+    from imedsam_core.paths import artifact_choice
     from imedsam_deploy import backends as bk
     from imedsam_deploy.boxes import validate_box
     from imedsam_deploy.infer import (
@@ -169,7 +169,7 @@ def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, back
     try:
         hw: tuple[int, int] | None
         first = None
-        if spec.kind in ("image", "folder"):  # a folder's first image: only to choose the default artifact
+        if spec.kind in ("image", "folder"):  # to choose the default artifact; run_images takes it on
             first = read_image(spec.files[0], win)
         if spec.kind == "image" and first is not None:
             hw = (int(first.shape[0]), int(first.shape[1]))
@@ -180,11 +180,8 @@ def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, back
                 validate_box(b, hw, f"{spec.path} object {i} (--box {i + 1})")
         if vol is not None:
             check_volume_out_size(vol, size)
-        choice = (Choice(artifact_dir, "given") if artifact_dir is not None
-                  else default_artifact(radiology=_radiology(spec, first, reader)))
-        if choice is None:
-            raise UserError("no artifact of a finished run under runs/ and no shipped artifact in this install: "
-                            "pass --artifact DIR (see imedsam-export)")
+        choice = artifact_choice(artifact_dir, "pass --artifact DIR",
+                                 None if artifact_dir is not None else _radiology(spec, first, reader))
         art = load_artifact(choice.path)
         if tta:
             check_tta(art)
@@ -208,7 +205,7 @@ def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, back
                                  mask_pngs=spec.kind != "volume")
             try:
                 if spec.kind in ("image", "folder"):
-                    info = run_images(seg, spec, prompts, outs, size, progress, window=win)
+                    info = run_images(seg, spec, prompts, outs, size, progress, window=win, first=first)
                 elif spec.kind == "video":
                     assert reader is not None
                     info = run_video(seg, reader, prompts, outs, size, track, progress)

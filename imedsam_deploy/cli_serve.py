@@ -11,7 +11,7 @@ import typer
 from imedsam_core.cli_common import check_threads, guarded, require, run_app, say_line
 from imedsam_core.contract import PRECISIONS
 from imedsam_core.errors import UserError
-from imedsam_core.paths import Choice
+from imedsam_core.paths import Choice, artifact_choice
 from imedsam_deploy.backends.options import HELP as BACKEND_OPTION_HELP
 from imedsam_deploy.backends.options import split as split_options
 from imedsam_deploy.runtime import DEFAULT_QUERY, QUERY_MODES
@@ -86,15 +86,7 @@ def serve(
 def choose_artifact(artifact_dir: Path | None) -> Choice:
     """The given folder, else ``imedsam-infer``'s default for colour images (``paths.default_artifact``): a finished
     run's export, never one exported mid-training; serving cannot tell a request's modality in advance."""
-    from imedsam_core.paths import default_artifact
-
-    if artifact_dir is not None:
-        return Choice(artifact_dir, "given")
-    choice = default_artifact()
-    if choice is None:
-        raise UserError("no artifact of a finished run under runs/ and no shipped artifact in this install: "
-                        "pass ARTIFACT (see imedsam-export)")
-    return choice
+    return artifact_choice(artifact_dir, "pass ARTIFACT")
 
 
 def serve_artifact(artifact_dir: Path | None, backend_name: str, precision: str | None, cfg: ServerConfig,

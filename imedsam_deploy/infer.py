@@ -140,12 +140,15 @@ def _segment_given(seg: Segmenter, rgb: np.ndarray, given: dict[int, np.ndarray]
 
 def run_images(seg: Segmenter, spec: InputSpec, prompts: Prompts, outs: OutputSet,
                out_size: tuple[int, int] | int | None, progress: Progress, overlap_io: bool = True,
-               window: tuple[float, float] | None = None) -> dict[str, Any]:
+               window: tuple[float, float] | None = None, first: np.ndarray | None = None) -> dict[str, Any]:
+    """``first``: the first file's picture where the caller has read it already (``imedsam-infer`` does, to choose
+    the default artifact), so it is not decoded twice."""
     prompts.check_frames(len(spec.files), "images", spec.path, [p.name for p in spec.files])
     frames = 0
     # read_image silences fd 2 around each decode (libpng's own error lines); on the reader thread that window
     # can also swallow a progress-bar refresh, never an error: errors are printed after the threads stop
-    with overlapped(((p, read_image(p, window)) for p in spec.files), overlap_io) as (images, write):
+    pictures = ((p, first if i == 0 and first is not None else read_image(p, window)) for i, p in enumerate(spec.files))
+    with overlapped(pictures, overlap_io) as (images, write):
         for i, (path, rgb) in enumerate(images):
             hw = (int(rgb.shape[0]), int(rgb.shape[1]))
             given = prompts.for_frame(i, path.name, first_only=False)

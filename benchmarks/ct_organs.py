@@ -47,11 +47,10 @@ def slice_cases(folder: Path) -> list[tuple[str, np.ndarray, list[tuple[str, np.
 def labelled_slices(vol: Any, labels: Path, min_area: int) -> list[tuple[int, list[tuple[str, np.ndarray]]]]:
     """(z, [(label, mask), ...]) per slice of ``vol`` (``imedsam_deploy.volume.Volume``) with an organ of
     ``min_area`` voxels; the masks in the view ``slice_rgb`` shows (``imedsam_core.volume_view.axial``)."""
-    import nibabel as nib
-
+    from imedsam_core.nifti import read_nifti
     from imedsam_core.volume_view import axial
 
-    lab = np.asarray(nib.load(str(labels)).dataobj).astype(np.int64)
+    lab = read_nifti(labels, float32=False).data.astype(np.int64)
     if lab.shape != vol.data.shape:
         raise SystemExit(f"{labels}: shape {lab.shape} is not the volume's {vol.data.shape}")
     out = []

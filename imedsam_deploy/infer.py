@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from imedsam_core.errors import UserError
+from imedsam_core.nifti import is_nifti
 from imedsam_deploy._cv import cv2
 from imedsam_deploy.appearance import FrameFeatures
 from imedsam_deploy.boxes import BoxTable, fmt_box, lookup, unmatched, validate_box
@@ -25,7 +26,7 @@ from imedsam_deploy.pipeline import overlapped
 from imedsam_deploy.runtime import ObjectMask, Segmenter
 from imedsam_deploy.tracking import Track, TrackConfig, follow
 from imedsam_deploy.video import IMAGE_EXTS, VIDEO_EXTS, VideoReader, read_image
-from imedsam_deploy.volume import Volume, is_nifti, save_labels
+from imedsam_deploy.volume import Volume, save_labels
 
 Progress = Callable[[int], None]  # called with the number of frames done
 

@@ -19,13 +19,8 @@ from typing import Any
 import numpy as np
 
 from imedsam_core.errors import UserError
+from imedsam_core.nifti import read_nifti
 from imedsam_core.volume_view import auto_window, slice_rgb
-
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
-def is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
 @dataclass
@@ -51,19 +46,8 @@ class Volume:
 
 
 def load_volume(path: Path, window: tuple[float, float] | None = None) -> Volume:
-    import nibabel as nib
-
-    if not path.is_file():
-        raise UserError(f"{path}: file does not exist")
-    try:
-        img: Any = nib.load(str(path))
-        data = np.asarray(img.dataobj, dtype=np.float32)
-    except Exception as e:  # nibabel raises several types for corrupt files
-        raise UserError(f"{path}: not a readable NIfTI volume ({type(e).__name__})") from None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3 or min(data.shape) < 1:
-        raise UserError(f"{path}: expected a 3-D volume, got shape {data.shape}")
+    nii = read_nifti(path)
+    data = nii.data
     nonfinite: dict[int, int] = {}
     bad = ~np.isfinite(data)
     if bad.any():
@@ -72,7 +56,7 @@ def load_volume(path: Path, window: tuple[float, float] | None = None) -> Volume
         per_slice = bad.sum(axis=(0, 1))
         nonfinite = {int(z): int(n) for z, n in enumerate(per_slice) if n}
         data = np.where(bad, data[~bad].min(), data)  # a new array: the loaded one may be a read-only map
-    return Volume(path, data, np.asarray(img.affine), img.header, window or auto_window(data), nonfinite)
+    return Volume(path, data, nii.affine, nii.header, window or auto_window(data), nonfinite)
 
 
 def save_labels(vol: Volume, labels: np.ndarray, path: Path) -> None:

@@ -298,6 +298,65 @@ def test_bcv_label_stored_in_another_orientation(tmp_path):
         bcv_dataset(root)
 
 
+def test_bcv_reads_each_volume_once(tmp_path, monkeypatch):
+    """The header's axis order comes from the volume already read, not from opening the file again."""
+    import nibabel as nib
+
+    from imedsam_train.data import volumes
+
+    root = tmp_path / "BCV"
+    _write_volume(root, "0005")
+    opened: list[str] = []
+    real = nib.load
+    monkeypatch.setattr(nib, "load", lambda p, *a, **k: opened.append(Path(p).name) or real(p, *a, **k))
+    ds = volumes.bcv_dataset(root)
+    [r.load() for r in ds.records]
+    assert sorted(opened) == ["img0005.nii.gz", "label0005.nii.gz"]
+
+
+@pytest.mark.parametrize("data, problem", [
+    (np.zeros((8, 8), np.int16), "expected a 3-D volume, got shape (8, 8)"),
+    (np.zeros((8, 8, 4, 2), np.int16), "expected a 3-D volume, got shape (8, 8, 4, 2)"),
+    (None, "not a readable NIfTI volume"),
+])
+def test_training_and_runtime_refuse_a_volume_alike(tmp_path, data, problem):
+    """One reader (imedsam_core.nifti) for imedsam-train bcv and imedsam-infer: the same file, the same error."""
+    import nibabel as nib
+
+    from imedsam_deploy.volume import load_volume
+    from imedsam_train.data.volumes import bcv_dataset
+
+    root = tmp_path / "BCV"
+    _write_volume(root, "0006")
+    bad = root / "img" / "img0006.nii.gz"
+    if data is None:
+        bad.write_bytes(bad.read_bytes()[:100])  # truncated
+    else:
+        nib.save(nib.Nifti1Image(data, np.eye(4)), bad)
+    with pytest.raises(UserError) as train_err:
+        bcv_dataset(root)
+    with pytest.raises(UserError) as infer_err:
+        load_volume(bad)
+    assert str(train_err.value).startswith(f"{bad}: {problem}"), train_err.value
+    assert str(infer_err.value).startswith(f"{bad}: {problem}"), infer_err.value
+
+
+def test_a_one_frame_4d_volume_reads_as_3d_in_training_and_runtime(tmp_path):
+    import nibabel as nib
+
+    from imedsam_deploy.volume import load_volume
+    from imedsam_train.data.volumes import bcv_dataset
+
+    root = tmp_path / "BCV"
+    hu, _ = _write_volume(root, "0007")
+    nib.save(nib.Nifti1Image(hu[..., None], np.eye(4)), root / "img" / "img0007.nii.gz")
+    ds = bcv_dataset(root)
+    s = {r.stem: r.load() for r in ds.records}["case0007_z002"]
+    vol = load_volume(root / "img" / "img0007.nii.gz")
+    assert vol.data.shape == hu.shape
+    assert np.array_equal(s.image, vol.slice_rgb(2))  # training sees the runtime's picture
+
+
 def test_real_ct_volume_slices(shared_data):
     import json
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from imedsam_core.errors import UserError
+from imedsam_core.nifti import NIFTI_SUFFIXES, Nifti, read_nifti
 from imedsam_core.volume_view import auto_window, axial, slice_rgb
 from imedsam_train.data.folder import split_path
 from imedsam_train.data.records import Dataset, Record, Sample, read_split
@@ -26,38 +26,21 @@ BCV_CLASSES = [
     "spleen", "kidney_right", "kidney_left", "gallbladder", "esophagus", "liver", "stomach", "aorta",
     "inferior_vena_cava", "portal_splenic_vein", "pancreas", "adrenal_gland_right", "adrenal_gland_left",
 ]
-NIFTI = (".nii.gz", ".nii")
 
 
 @lru_cache(maxsize=2)  # slices of one volume are read together; keep memory bounded
-def _load_volume(path: str, intensities: bool = False) -> np.ndarray:
-    """The voxel array; ``intensities``: as float32, as the runtime loads an image volume (same window, same
-    pixels), else as stored (labels)."""
-    import nibabel as nib
-
-    try:
-        img: Any = nib.load(path)  # a Nifti1Image; typed as the base class, which has no dataobj
-        obj = img.dataobj
-        data = np.asarray(obj, dtype=np.float32) if intensities else np.asarray(obj)
-    except Exception as e:  # nibabel raises many types for corrupt files
-        raise UserError(f"{path}: unreadable NIfTI volume ({type(e).__name__}: {e})") from None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise UserError(f"{path}: expected a 3-D volume, got shape {data.shape}")
+def _read(path: str, intensities: bool) -> Nifti:
+    """``intensities``: voxels as float32, as the runtime loads an image volume (same window, same pixels),
+    else as stored (labels)."""
+    nii = read_nifti(path, float32=intensities)
+    data = nii.data
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():  # no HU to window, no label
         raise UserError(f"{path}: {int((~np.isfinite(data)).sum())} NaN or infinite voxels")
-    return data
+    return nii
 
 
-def _axis_codes(path: str) -> tuple[str, ...]:
-    import nibabel as nib
-
-    try:
-        img: Any = nib.load(path)
-        return tuple(nib.aff2axcodes(img.affine))
-    except Exception as e:  # nibabel raises many types for corrupt files
-        raise UserError(f"{path}: unreadable NIfTI volume ({type(e).__name__}: {e})") from None
+def _load_volume(path: str, intensities: bool = False) -> np.ndarray:
+    return _read(path, intensities).data
 
 
 @lru_cache(maxsize=2)
@@ -75,7 +58,7 @@ def volume_records(
     img_shape = _load_volume(str(image), True).shape
     if img_shape != lab.shape:
         raise UserError(f"{label}: label volume {lab.shape} does not match image {Path(image).name} {img_shape}")
-    axes = _axis_codes(str(image)), _axis_codes(str(label))
+    axes = _read(str(image), True).axis_codes, _read(str(label), False).axis_codes
     if axes[0] != axes[1]:  # slices are taken in stored voxel order: both must be stored alike
         raise UserError(f"{label}: stored in {''.join(axes[1])} voxel order, its image {Path(image).name} in "
                         f"{''.join(axes[0])}")
@@ -108,10 +91,10 @@ def find_volume_pairs(root: Path) -> list[tuple[str, Path, Path]]:
                              ("RawData/Training/img", "RawData/Training/label")):
         i, lab = root / img_dir, root / lab_dir
         if i.is_dir() and lab.is_dir():
-            labels = {_case_id(p.name): p for p in lab.iterdir() if p.name.endswith(NIFTI)}
+            labels = {_case_id(p.name): p for p in lab.iterdir() if p.name.lower().endswith(NIFTI_SUFFIXES)}
             pairs = []
             for p in sorted(i.iterdir()):
-                if not p.name.endswith(NIFTI):
+                if not p.name.lower().endswith(NIFTI_SUFFIXES):
                     continue
                 cid = _case_id(p.name.replace("_0000.nii", ".nii"))
                 if cid not in labels:

@@ -148,7 +148,6 @@ def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, back
     from imedsam_core.atomic import atomic_dir
     from imedsam_core.cli_common import Progress
     from imedsam_core.paths import artifact_choice
-    from imedsam_deploy import backends as bk
     from imedsam_deploy.boxes import validate_box
     from imedsam_deploy.infer import (
         check_volume_out_size,
@@ -157,9 +156,8 @@ def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, back
         run_video,
         run_volume,
     )
-    from imedsam_deploy.manifest import load_artifact
     from imedsam_deploy.outputs import OutputSet
-    from imedsam_deploy.runtime import Segmenter, check_tta
+    from imedsam_deploy.runtime import open_segmenter
     from imedsam_deploy.video import VideoReader, read_image
     from imedsam_deploy.volume import load_volume
 
@@ -182,13 +180,11 @@ def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, back
             check_volume_out_size(vol, size)
         choice = artifact_choice(artifact_dir, "pass --artifact DIR",
                                  None if artifact_dir is not None else _radiology(spec, first, reader))
-        art = load_artifact(choice.path)
-        if tta:
-            check_tta(art)
-        be, how = bk.open_backend(backend_name, art, precision, options, threads=threads)
+        seg, how = open_segmenter(choice.path, backend_name, precision, options, threads, tta,
+                                  query=query, margin=margin, chunk=chunk)
+        be = seg.backend
         say_line(console, choice.line())  # once it opened: a refused artifact gets its one error line only
         say_line(console, how)
-        seg = Segmenter(be, art, query=query, margin=margin, chunk=chunk, tta=tta)
         total = iter_frames_count(spec, reader, vol)
         t0 = time.perf_counter()
         unit = {"video": "frames", "volume": "slices"}.get(spec.kind, "images")
@@ -213,7 +209,7 @@ def _run(spec: Any, prompts: Any, artifact_dir: Path | None, out_dir: Path, back
                     assert vol is not None
                     info = run_volume(seg, vol, prompts, outs, size, progress)
                 elapsed = time.perf_counter() - t0
-                summary = {"input": str(spec.path), "kind": spec.kind, "artifact": str(art.path),
+                summary = {"input": str(spec.path), "kind": spec.kind, "artifact": str(seg.artifact.path),
                            "backend": be.description, "query": query, "margin": margin, **info,
                            "seconds": round(elapsed, 3),
                            "fps": round(info["frames"] / elapsed, 3) if elapsed else None}

@@ -93,19 +93,14 @@ def serve_artifact(artifact_dir: Path | None, backend_name: str, precision: str 
                    query: str, max_boxes: int, cache_size: int, ttl: float, console: object,
                    options: dict[str, str] | None = None, tta: bool = False, threads: int | None = None) -> bool:
     """Serve until stopped (True) or until tritonserver or one of its models dies (False)."""
-    from imedsam_deploy import backends as bk
-    from imedsam_deploy.manifest import load_artifact
-    from imedsam_deploy.runtime import Segmenter, check_tta
+    from imedsam_deploy.runtime import open_segmenter
     from imedsam_deploy.serve import ServeLimits, Server, Service
 
     choice = choose_artifact(artifact_dir)
-    art = load_artifact(choice.path)
-    if tta:
-        check_tta(art)
-    be, how = bk.open_backend(backend_name, art, precision, options, threads=threads)
+    seg, how = open_segmenter(choice.path, backend_name, precision, options, threads, tta, query=query)
+    be, art = seg.backend, seg.artifact
     say_line(console, choice.line())  # once it opened: a refused artifact gets its one error line only
     say_line(console, how)
-    seg = Segmenter(be, art, query=query, tta=tta)  # type: ignore[arg-type]
     svc = Service(seg, ServeLimits(max_boxes=max_boxes, cache_size=cache_size, ttl_s=ttl))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for name in ("pytriton", "pytriton.client"):  # its own per-request tracebacks; ours are one line

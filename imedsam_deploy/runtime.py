@@ -18,9 +18,11 @@ output size; the UGS merge is done after, over all of a box's points, so chunkin
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 
@@ -157,6 +159,25 @@ def check_tta(artifact: Artifact) -> None:
     if artifact.max_batch < 2:
         raise UserError(f"{artifact.path}: --tta encodes two images a call and this artifact takes "
                         f"{artifact.max_batch} (export it with --batch 2 or more)")
+
+
+def open_segmenter(path: Path, backend_name: str, precision: str | None, options: Mapping[str, str] | None,
+                   threads: int | None, tta: bool = False, **kw: Any) -> tuple[Segmenter, str]:
+    """What ``imedsam-infer`` and ``imedsam-serve`` do to start: load the artifact at ``path``, refuse ``--tta`` it
+    cannot take before anything opens, open the backend (``backends.open_backend``), wrap it (``kw``: query, margin,
+    chunk). Returns the segmenter (its backend to be closed by the caller) and the backend's line."""
+    from imedsam_deploy.backends import open_backend
+    from imedsam_deploy.manifest import load_artifact
+
+    art = load_artifact(path)
+    if tta:
+        check_tta(art)
+    be, how = open_backend(backend_name, art, precision, options, threads=threads)
+    try:
+        return Segmenter(be, art, tta=tta, **kw), how
+    except BaseException:
+        be.close()
+        raise
 
 
 class Segmenter:

@@ -62,12 +62,14 @@ def labelled_slices(vol: Any, labels: Path, min_area: int) -> list[tuple[int, li
     return out
 
 
-def volume_cases(image: Path, labels: Path, min_area: int) -> list[tuple[str, np.ndarray, list[tuple[str, np.ndarray]]]]:
-    """(slice_<z>, RGB as imedsam-infer shows it, [(label, mask), ...]) per slice with an organ of ``min_area``."""
+def volume_cases(image: Path, labels: Path, min_area: int,
+                 limit: int | None = None) -> list[tuple[str, np.ndarray, list[tuple[str, np.ndarray]]]]:
+    """(slice_<z>, RGB as imedsam-infer shows it, [(label, mask), ...]) per slice with an organ of ``min_area``
+    (the first ``limit`` such slices; pictures made for those only)."""
     from imedsam_deploy.volume import load_volume
 
     vol = load_volume(image)
-    return [(f"slice_{z:04d}", vol.slice_rgb(z), organs) for z, organs in labelled_slices(vol, labels, min_area)]
+    return [(f"slice_{z:04d}", vol.slice_rgb(z), organs) for z, organs in labelled_slices(vol, labels, min_area)[:limit]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,9 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from imedsam_core.atomic import atomic_write_text
-    from imedsam_deploy.backends import open_backend
-    from imedsam_deploy.manifest import load_artifact
-    from imedsam_deploy.runtime import Segmenter
+    from imedsam_deploy.runtime import open_segmenter
     from imedsam_train.data.boxes import mask_box
     from imedsam_train.metrics import dice
     from imedsam_train.pretrained import LiteMedSAMBaseline, lite_medsam
@@ -106,16 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     models: dict[str, Any] = {}
     for path in a.artifact:
-        art = load_artifact(path)
-        be, how = open_backend(a.backend, art, a.precision, threads=a.threads)
+        models[str(path)], how = open_segmenter(path, a.backend, a.precision, None, a.threads, query=a.query)
         print(f"{path}: {how}", file=sys.stderr)
-        models[str(path)] = Segmenter(be, art, query=a.query)
     base = LiteMedSAMBaseline(lite_medsam())
     sources: dict[str, list[Any]] = {}
     if a.slices is not None:
         sources["slices"] = slice_cases(a.slices)[: a.limit]
     if a.volume is not None:
-        sources["volume"] = volume_cases(a.volume, a.labels, a.min_area)[: a.limit]
+        sources["volume"] = volume_cases(a.volume, a.labels, a.min_area, a.limit)
 
     rows: list[dict[str, Any]] = []
     for src, cases in sources.items():

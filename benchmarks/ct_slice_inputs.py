@@ -51,18 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.ct_organs import labelled_slices
     from imedsam_core.atomic import atomic_write_text
     from imedsam_core.volume_view import CT_LEVEL, CT_WIDTH, axial, slice_rgb
-    from imedsam_deploy.backends import open_backend
-    from imedsam_deploy.manifest import load_artifact
-    from imedsam_deploy.runtime import Segmenter
+    from imedsam_deploy.runtime import open_segmenter
     from imedsam_deploy.video import read_image
     from imedsam_deploy.volume import load_volume
     from imedsam_train.data.boxes import mask_box
     from imedsam_train.metrics import dice
 
-    art = load_artifact(a.artifact)
-    be, how = open_backend(a.backend, art, None, threads=a.threads)
+    seg, how = open_segmenter(a.artifact, a.backend, None, None, a.threads, query=a.query)
     print(f"{a.artifact}: {how}", file=sys.stderr)
-    seg = Segmenter(be, art, query=a.query)
     vol = load_volume(a.volume)
     window16 = (CT_LEVEL + OFFSET - CT_WIDTH / 2, CT_LEVEL + OFFSET + CT_WIDTH / 2)
 

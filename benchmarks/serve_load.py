@@ -20,10 +20,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imedsam_deploy.backends import open_backend  # noqa: E402
 from imedsam_deploy.client import ServeClient, ServeError  # noqa: E402
-from imedsam_deploy.manifest import load_artifact  # noqa: E402
-from imedsam_deploy.runtime import Segmenter  # noqa: E402
+from imedsam_deploy.runtime import open_segmenter  # noqa: E402
 from imedsam_deploy.serve import Server, ServerConfig, Service  # noqa: E402
 from imedsam_deploy.triton_leftovers import descendants  # noqa: E402
 from imedsam_deploy.video import read_image  # noqa: E402
@@ -58,9 +56,8 @@ def main() -> None:
         rgb = read_image(path)
         h, w = rgb.shape[:2]
         images.append((rgb, np.array([[w * 0.2, h * 0.2, w * 0.7, h * 0.8]], np.float32)))
-    art = load_artifact(a.artifact)
-    be, how = open_backend(a.backend, art)
-    seg = Segmenter(be, art)
+    seg, how = open_segmenter(a.artifact, a.backend, None, None, None)
+    be, art = seg.backend, seg.artifact
     # in process: the same requests through the runtime directly
     local: dict[str, list[float]] = {"segment": [], "encode+decode": []}
     for _ in range(3):

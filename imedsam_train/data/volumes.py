@@ -39,14 +39,10 @@ def _read(path: str, intensities: bool) -> Nifti:
     return nii
 
 
-def _load_volume(path: str, intensities: bool = False) -> np.ndarray:
-    return _read(path, intensities).data
-
-
 @lru_cache(maxsize=2)
 def _window(path: str) -> tuple[float, float]:
     """The whole volume's window, as the runtime chooses it by default (computed once per volume)."""
-    return auto_window(_load_volume(path, True))
+    return auto_window(_read(path, True).data)
 
 
 def volume_records(
@@ -54,8 +50,8 @@ def volume_records(
     skipped: dict[str, int] | None = None,
 ) -> list[Record]:
     """One record per axial slice with at least one organ. class_values: label value -> class index."""
-    lab = _load_volume(str(label))
-    img_shape = _load_volume(str(image), True).shape
+    lab = _read(str(label), False).data
+    img_shape = _read(str(image), True).data.shape
     if img_shape != lab.shape:
         raise UserError(f"{label}: label volume {lab.shape} does not match image {Path(image).name} {img_shape}")
     axes = _read(str(image), True).axis_codes, _read(str(label), False).axis_codes
@@ -72,8 +68,8 @@ def volume_records(
             continue
 
         def reader(z: int = z, present: np.ndarray = present) -> Sample:
-            rgb = slice_rgb(_load_volume(str(image), True), z, _window(str(image)))
-            lz = axial(_load_volume(str(label)), z)
+            rgb = slice_rgb(_read(str(image), True).data, z, _window(str(image)))
+            lz = axial(_read(str(label), False).data, z)
             return Sample(f"{case}_z{z:03d}", rgb, [(class_values[int(v)], lz == v) for v in present])
 
         records.append(Record(f"{case}_z{z:03d}", reader=reader))

@@ -6,8 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
-# --no-compile: see scripts/test.sh (Python compiles what it imports, on first import)
-python -m pip install -q --no-compile --disable-pip-version-check -e '.[train]'
+python "${PIP_INSTALL[@]}" -e '.[train]'
 
 SAMPLE=data/sample/kvasir-sessile
 SHIPPED=$(python -c "from imedsam_train.weights import shipped_checkpoint; print(shipped_checkpoint())")

@@ -7,16 +7,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
 start=$SECONDS
-# --no-compile: pip byte-compiles every file it installs (torch's thousands: 45 s of a 100 s install on two
-# cores); Python compiles only what is imported, once, on first import
-python -m pip install -q --no-compile --disable-pip-version-check -e '.[train,test]'
+python "${PIP_INSTALL[@]}" -e '.[train,test]'
 if [ $# -eq 0 ]; then
   # the serving environment installs while ruff and mypy run (mypy keeps one core busy), after the main
   # install, so the two editable builds never write imedsam.egg-info at once
   [ -x .venv-serve/bin/python ] || python -m venv .venv-serve
   serve_log=$(mktemp)
-  .venv-serve/bin/python -m pip install -q --no-compile --disable-pip-version-check -e '.[serve]' 'pytest>=8,<10' \
-    > "$serve_log" 2>&1 &
+  .venv-serve/bin/python "${PIP_INSTALL[@]}" -e '.[serve]' 'pytest>=8,<10' > "$serve_log" 2>&1 &
   serve_pid=$!  # pip itself, so a failed run stops it
   trap 'kill "$serve_pid" 2>/dev/null || true; rm -f "$serve_log"' EXIT
 fi

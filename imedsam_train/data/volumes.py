@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from imedsam_core.errors import UserError
-from imedsam_core.nifti import NIFTI_SUFFIXES, Nifti, read_nifti
+from imedsam_core.nifti import Nifti, is_nifti, read_nifti
 from imedsam_core.volume_view import auto_window, axial, slice_rgb
 from imedsam_train.data.folder import split_path
 from imedsam_train.data.records import Dataset, Record, Sample, read_split
@@ -50,11 +50,11 @@ def volume_records(
     skipped: dict[str, int] | None = None,
 ) -> list[Record]:
     """One record per axial slice with at least one organ. class_values: label value -> class index."""
-    lab = _read(str(label), False).data
-    img_shape = _read(str(image), True).data.shape
-    if img_shape != lab.shape:
-        raise UserError(f"{label}: label volume {lab.shape} does not match image {Path(image).name} {img_shape}")
-    axes = _read(str(image), True).axis_codes, _read(str(label), False).axis_codes
+    img, labels = _read(str(image), True), _read(str(label), False)
+    lab = labels.data
+    if img.data.shape != lab.shape:
+        raise UserError(f"{label}: label volume {lab.shape} does not match image {Path(image).name} {img.data.shape}")
+    axes = img.axis_codes, labels.axis_codes
     if axes[0] != axes[1]:  # slices are taken in stored voxel order: both must be stored alike
         raise UserError(f"{label}: stored in {''.join(axes[1])} voxel order, its image {Path(image).name} in "
                         f"{''.join(axes[0])}")
@@ -87,10 +87,10 @@ def find_volume_pairs(root: Path) -> list[tuple[str, Path, Path]]:
                              ("RawData/Training/img", "RawData/Training/label")):
         i, lab = root / img_dir, root / lab_dir
         if i.is_dir() and lab.is_dir():
-            labels = {_case_id(p.name): p for p in lab.iterdir() if p.name.lower().endswith(NIFTI_SUFFIXES)}
+            labels = {_case_id(p.name): p for p in lab.iterdir() if is_nifti(p)}
             pairs = []
             for p in sorted(i.iterdir()):
-                if not p.name.lower().endswith(NIFTI_SUFFIXES):
+                if not is_nifti(p):
                     continue
                 cid = _case_id(p.name.replace("_0000.nii", ".nii"))
                 if cid not in labels:
